@@ -1,0 +1,125 @@
+//! Command handling on one stream with optimistic concurrency: load → decide → append, retried on conflict.
+//!
+//! The decision function sees the stream's state at a known version and returns the events to append (or
+//! a rejection); the append expects exactly that version, so two writers in any number of processes can
+//! never both pass a rule that only one fits under. States are cached per stream and brought up to date
+//! from the store before each decision.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use nsml_eventstore::{Appended, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent};
+use tokio::sync::Mutex;
+
+/// State rebuilt from one stream.
+pub trait Aggregate: Default + Clone + Send + Sync + 'static {
+    /// Applies one event of the stream.
+    fn apply(&mut self, event: &StoredEvent);
+}
+
+struct Entry<A> {
+    state: A,
+    version: u64,
+}
+
+/// Per-stream cache of aggregate states.
+pub struct Aggregates<A> {
+    store: Arc<dyn EventStore>,
+    streams: Mutex<HashMap<String, Arc<Mutex<Entry<A>>>>>,
+}
+
+/// The outcome of a command.
+pub enum Outcome<A, R> {
+    /// Events appended; the state after them.
+    Committed { appended: Appended, state: A },
+    /// Nothing to append (idempotent repeat); the current state.
+    Unchanged { state: A, version: u64 },
+    /// Refused by a rule.
+    Rejected(R),
+}
+
+impl<A: Aggregate> Aggregates<A> {
+    /// Creates an empty cache over `store`.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Self {
+            store,
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn entry(&self, stream: &str) -> Arc<Mutex<Entry<A>>> {
+        let mut map = self.streams.lock().await;
+        map.entry(stream.to_string())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Entry {
+                    state: A::default(),
+                    version: 0,
+                }))
+            })
+            .clone()
+    }
+
+    async fn refresh(&self, stream: &str, entry: &mut Entry<A>) -> Result<(), StoreError> {
+        let events = self.store.read_stream(stream, entry.version).await?;
+        for ev in &events {
+            entry.state.apply(ev);
+            entry.version = ev.version;
+        }
+        Ok(())
+    }
+
+    /// Loads the current state of a stream and its version.
+    pub async fn load(&self, stream: &str) -> Result<(A, u64), StoreError> {
+        let entry = self.entry(stream).await;
+        let mut e = entry.lock().await;
+        self.refresh(stream, &mut e).await?;
+        Ok((e.state.clone(), e.version))
+    }
+
+    /// Runs `decide` against the stream's current state and appends what it returns, retrying on conflict.
+    ///
+    /// `decide` may run several times; it must be pure.
+    pub async fn execute<R>(
+        &self,
+        stream: &str,
+        mut decide: impl FnMut(&A, u64) -> Result<Vec<NewEvent>, R>,
+    ) -> Result<Outcome<A, R>, StoreError> {
+        let entry = self.entry(stream).await;
+        let mut e = entry.lock().await;
+        // Serialised within this process by the entry lock; across processes by the expected version.
+        self.refresh(stream, &mut e).await?;
+        for _ in 0..64 {
+            let events = match decide(&e.state, e.version) {
+                Ok(evs) => evs,
+                Err(r) => return Ok(Outcome::Rejected(r)),
+            };
+            if events.is_empty() {
+                return Ok(Outcome::Unchanged {
+                    state: e.state.clone(),
+                    version: e.version,
+                });
+            }
+            let expected = if e.version == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(e.version)
+            };
+            match self.store.append(stream, expected, events).await {
+                Ok(appended) => {
+                    self.refresh(stream, &mut e).await?;
+                    return Ok(Outcome::Committed {
+                        appended,
+                        state: e.state.clone(),
+                    });
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    self.refresh(stream, &mut e).await?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(StoreError::Corrupt(format!(
+            "stream `{stream}` kept changing under 64 consecutive appends"
+        )))
+    }
+}

@@ -1,0 +1,38 @@
+//! Typed events over the log: encoding payloads with their envelope, and decoding stored events.
+
+use nsml_eventstore::{Metadata, NewEvent, StoredEvent};
+use nsml_proto::v1::EventPayload;
+
+use crate::{now_ms, telemetry};
+
+/// Builds a new event from a payload, stamped with the actor, command id and the current trace.
+pub fn new_event<P: EventPayload>(payload: &P, actor: &str, command_id: &str) -> NewEvent {
+    NewEvent {
+        event_type: P::TYPE.to_string(),
+        payload: payload.encode_to_vec(),
+        metadata: Metadata {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            command_id: command_id.to_string(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            actor: actor.to_string(),
+            traceparent: telemetry::current_traceparent(),
+            recorded_at_ms: now_ms(),
+            schema_version: 1,
+        },
+    }
+}
+
+/// Decodes a stored event's payload if it is of type `P`.
+pub fn decode<P: EventPayload>(event: &StoredEvent) -> Option<P> {
+    if event.event_type != P::TYPE {
+        return None;
+    }
+    match P::decode(event.payload.as_slice()) {
+        Ok(p) => Some(p),
+        Err(err) => {
+            tracing::error!(position = event.position, event_type = %event.event_type, %err, "undecodable event payload");
+            None
+        }
+    }
+}

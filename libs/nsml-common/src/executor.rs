@@ -1,0 +1,18 @@
+//! The contract between the session service and whatever starts sessions' runners.
+
+use nsml_proto::v1::Session;
+
+/// Starts and stops runners for sessions. The local executor runs them on this machine; a cluster
+/// executor would submit them to a scheduler.
+#[async_trait::async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Starts the runner for an admitted session. Returns once the start is under way; the runner reports
+    /// progress to the session service itself.
+    async fn start(&self, session: Session, time_limit_secs: u64) -> Result<(), String>;
+
+    /// Asks a session's runner to stop its process; returns false when no runner is known for it.
+    async fn stop(&self, name: &str) -> bool;
+
+    /// Names of the sessions whose runners are alive.
+    async fn running(&self) -> Vec<String>;
+}

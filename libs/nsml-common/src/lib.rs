@@ -1,0 +1,23 @@
+//! What every NSML service shares: who is calling ([`caller`]), clients of the other services ([`clients`]),
+//! typed events over the log ([`event`]), in-memory read models fed by the log ([`projection`]),
+//! optimistic-concurrency command handling ([`aggregate`]), the runner contract ([`executor`]),
+//! the status mapping ([`status`]), tracing ([`telemetry`]) and serving ([`server`]).
+
+pub mod aggregate;
+pub mod caller;
+pub mod clients;
+pub mod context;
+pub mod event;
+pub mod executor;
+pub mod names;
+pub mod projection;
+pub mod server;
+pub mod status;
+pub mod telemetry;
+
+pub use context::ServiceContext;
+
+/// Milliseconds since the Unix epoch, the time unit of every event and API message.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

@@ -1,0 +1,128 @@
+//! In-memory read models fed by the whole log: rebuilt from the start at every boot, then kept live.
+//!
+//! A [`Projection`] subscribes through [`nsml_bus::subscribe_log`], applies every event to its state and
+//! publishes how far it got, so that a handler can wait until its own append is visible before answering
+//! (read-your-writes for `ps` right after `run`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use nsml_bus::{Bus, Delivery};
+use nsml_eventstore::{EventStore, StoredEvent};
+use parking_lot::RwLock;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// State that folds events.
+pub trait ReadModel: Default + Send + Sync + 'static {
+    /// Applies one event (of any type: ignore the ones that don't matter).
+    fn apply(&mut self, event: &StoredEvent);
+}
+
+/// A read model kept up to date from the log.
+pub struct Projection<S> {
+    state: RwLock<S>,
+    applied: RwLock<std::collections::BTreeSet<u64>>,
+    watermark: watch::Sender<u64>,
+    ready: watch::Sender<bool>,
+}
+
+impl<S: ReadModel> Projection<S> {
+    /// Starts the projection: catches up from the log, then follows the bus until `cancel`.
+    pub fn spawn(
+        name: &'static str,
+        store: Arc<dyn EventStore>,
+        bus: Arc<dyn Bus>,
+        cancel: CancellationToken,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let this = Arc::new(Self {
+            state: RwLock::new(S::default()),
+            applied: RwLock::new(Default::default()),
+            watermark: watch::channel(0).0,
+            ready: watch::channel(false).0,
+        });
+        let me = this.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let stream = match nsml_bus::subscribe_log(store.clone(), bus.clone(), 0).await {
+                    Ok(s) => s,
+                    Err(err) => {
+                        tracing::error!(projection = name, %err, "cannot subscribe to the log; retrying");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        }
+                    }
+                };
+                let mut stream = stream;
+                loop {
+                    let next = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        n = stream.next() => n,
+                    };
+                    match next {
+                        Some(Ok(Delivery::Event(ev))) => me.apply(&ev),
+                        Some(Ok(Delivery::CaughtUp)) => {
+                            tracing::debug!(projection = name, "caught up with the log");
+                            me.ready.send_replace(true);
+                        }
+                        Some(Err(err)) => {
+                            tracing::warn!(projection = name, %err, "log subscription error");
+                        }
+                        None => break,
+                    }
+                }
+                // The subscription ended: resubscribing re-delivers from the start; skip what was applied.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
+        (this, task)
+    }
+
+    fn apply(&self, ev: &StoredEvent) {
+        {
+            let mut applied = self.applied.write();
+            let wm = *self.watermark.borrow();
+            if ev.position <= wm || !applied.insert(ev.position) {
+                return;
+            }
+            self.state.write().apply(ev);
+            // Advance the watermark over the contiguous prefix of applied positions.
+            let mut w = wm;
+            while applied.remove(&(w + 1)) {
+                w += 1;
+            }
+            if w != wm {
+                self.watermark.send_replace(w);
+            }
+        }
+    }
+
+    /// Reads the state.
+    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(&self.state.read())
+    }
+
+    /// Waits until every event up to `position` has been applied (bounded by `timeout`).
+    pub async fn wait_for(&self, position: u64, timeout: Duration) -> bool {
+        let mut rx = self.watermark.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|w| *w >= position))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits until the projection has caught up with the log as it was at start-up.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Position of the last event applied without gaps.
+    pub fn position(&self) -> u64 {
+        *self.watermark.borrow()
+    }
+}

@@ -1,0 +1,265 @@
+//! The append-only event log: the contract every backend keeps, and the SQLite and Postgres backends.
+//!
+//! A log holds streams (`quota-acme`, `sessions-acme/t1-cls`), each an ordered sequence of events numbered from
+//! 1 (its version). Every event also has a global position in the whole log, and a hash chained to the event
+//! before it, so an edited, deleted, inserted or reordered event is detectable by [`EventStore::verify_chain`].
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+mod chain;
+mod error;
+mod hash;
+mod postgres;
+mod row;
+mod sqlite;
+
+pub use error::StoreError;
+pub use hash::{ChainBreak, ChainBreakKind, GENESIS_HASH, event_hash};
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
+/// What the writer expects the stream's current version to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's version is.
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream's last event must have exactly this version (0 = no events).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream at version `current` (0 = no events) satisfies this expectation.
+    pub fn matches(self, current: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current == 0,
+            ExpectedVersion::Exact(v) => current == v,
+        }
+    }
+
+    /// Fails with [`StoreError::Conflict`] when a stream at version `current` does not satisfy this expectation.
+    pub(crate) fn check(self, stream: &str, current: u64) -> Result<(), StoreError> {
+        if self.matches(current) {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict {
+                stream: stream.to_owned(),
+                expected: self,
+                actual: current,
+            })
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any version"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// Envelope metadata carried by every event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Unique id of this event (UUID v7); consumers drop duplicates by it.
+    pub event_id: String,
+    /// Id of the command that produced the event, for idempotency.
+    #[serde(default)]
+    pub command_id: String,
+    /// Id shared by every event of one request or workflow.
+    #[serde(default)]
+    pub correlation_id: String,
+    /// Id of the event or command that directly caused this one.
+    #[serde(default)]
+    pub causation_id: String,
+    /// Who caused it (`user:alice`, `service:quota`, `runner`).
+    #[serde(default)]
+    pub actor: String,
+    /// W3C `traceparent` of the span that appended it.
+    #[serde(default)]
+    pub traceparent: String,
+    /// Wall-clock time the event was recorded, in milliseconds since the Unix epoch.
+    pub recorded_at_ms: i64,
+    /// Schema version of the payload type.
+    #[serde(default = "one")]
+    pub schema_version: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An event to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Full type name of the payload, e.g. `nsml.v1.SessionRequested`.
+    pub event_type: String,
+    /// Protobuf-encoded payload.
+    pub payload: Vec<u8>,
+    /// Envelope metadata.
+    pub metadata: Metadata,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// Position in the whole log, from 1, without gaps.
+    pub position: u64,
+    /// The stream the event belongs to.
+    pub stream: String,
+    /// Version within the stream, from 1, without gaps.
+    pub version: u64,
+    /// Full type name of the payload.
+    pub event_type: String,
+    /// Protobuf-encoded payload.
+    pub payload: Vec<u8>,
+    /// Envelope metadata.
+    pub metadata: Metadata,
+    /// Hex SHA-256 over the previous event's hash and this event's content.
+    pub hash: String,
+}
+
+/// What a successful append returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The stream's version after the append (the last appended event's version).
+    pub version: u64,
+    /// Global position of the first appended event.
+    pub first_position: u64,
+    /// Global position of the last appended event.
+    pub last_position: u64,
+}
+
+/// A stream of stored events, in position order.
+pub type EventStream<'a> = Pin<Box<dyn Stream<Item = Result<StoredEvent, StoreError>> + Send + 'a>>;
+
+/// The append-only log.
+///
+/// Contract, kept by every backend and checked by the conformance suite:
+/// - `append` is atomic: once it returns `Ok`, all of its events are durable, have consecutive versions in the
+///   stream and consecutive global positions, are chained by hash, and are in the outbox. When it returns an
+///   error, none of them is stored.
+/// - If `expected` does not match the stream's version, `append` returns [`StoreError::Conflict`] and stores
+///   nothing; of two concurrent appends with the same expected version, exactly one succeeds.
+/// - Reads see every append that returned before the read began, in version (stream) or position (log) order.
+#[async_trait::async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends events to a stream if its version matches `expected`.
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, StoreError>;
+
+    /// Reads a stream's events with version > `after_version`, in version order.
+    async fn read_stream(
+        &self,
+        stream: &str,
+        after_version: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Reads up to `limit` events of the whole log with position > `after_position`, in position order.
+    async fn read_all(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The current stream version (0 when the stream has no events).
+    async fn stream_version(&self, stream: &str) -> Result<u64, StoreError>;
+
+    /// The position of the last event in the log (0 when empty).
+    async fn head_position(&self) -> Result<u64, StoreError>;
+
+    /// Takes up to `limit` events from the outbox (oldest first) without removing them.
+    async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Removes published events from the outbox.
+    async fn outbox_ack(&self, positions: &[u64]) -> Result<(), StoreError>;
+
+    /// Loads a consumer's saved position (0 when it has none).
+    async fn load_checkpoint(&self, consumer: &str) -> Result<u64, StoreError>;
+
+    /// Saves a consumer's position.
+    async fn save_checkpoint(&self, consumer: &str, position: u64) -> Result<(), StoreError>;
+
+    /// Walks the whole log and checks positions, versions and the hash chain; returns the first break found.
+    async fn verify_chain(&self) -> Result<Option<ChainBreak>, StoreError>;
+}
+
+/// How many events [`read_all_stream`] reads per page.
+pub const READ_PAGE: usize = 1000;
+
+/// Streams the whole log from `after_position` in pages, ending at the head as of each page read.
+///
+/// The stream ends after the first page shorter than [`READ_PAGE`], or after the first error.
+pub fn read_all_stream<'a>(store: &'a dyn EventStore, after_position: u64) -> EventStream<'a> {
+    Box::pin(paged(store, after_position))
+}
+
+/// Like [`read_all_stream`], for a shared store; the stream owns its handle and can outlive the caller.
+pub fn read_all_stream_shared(
+    store: Arc<dyn EventStore>,
+    after_position: u64,
+) -> EventStream<'static> {
+    Box::pin(paged(store, after_position))
+}
+
+/// State of a paged read: where the next page starts, the page being yielded, whether it was the last page.
+struct Paging<S> {
+    store: S,
+    after: u64,
+    page: std::vec::IntoIter<StoredEvent>,
+    last_page: bool,
+}
+
+fn paged<'a, S>(
+    store: S,
+    after_position: u64,
+) -> impl Stream<Item = Result<StoredEvent, StoreError>> + Send + 'a
+where
+    S: std::ops::Deref + Send + 'a,
+    S::Target: EventStore,
+{
+    let start = Paging {
+        store,
+        after: after_position,
+        page: Vec::new().into_iter(),
+        last_page: false,
+    };
+    futures::stream::unfold(start, |mut state| async move {
+        loop {
+            if let Some(event) = state.page.next() {
+                state.after = event.position;
+                return Some((Ok(event), state));
+            }
+            if state.last_page {
+                return None;
+            }
+            match state.store.read_all(state.after, READ_PAGE).await {
+                Ok(page) => {
+                    state.last_page = page.len() < READ_PAGE;
+                    state.page = page.into_iter();
+                }
+                Err(err) => {
+                    state.last_page = true;
+                    return Some((Err(err), state));
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,97 @@
+//! The conformance suite against Postgres: a fresh database per case, dropped afterwards.
+//!
+//! Set `NSML_TEST_POSTGRES=skip` to skip these tests, or to a URL to use another server.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use nsml_eventstore::conformance::{new_events, postgres_admin_url, with_fresh_postgres};
+use nsml_eventstore::{EventStore, ExpectedVersion, PostgresStore};
+
+async fn run<F>(case: F)
+where
+    F: FnOnce(Arc<PostgresStore>) -> BoxFuture<'static, ()>,
+{
+    let Some(admin) = postgres_admin_url() else {
+        eprintln!("NSML_TEST_POSTGRES=skip: not running Postgres tests");
+        return;
+    };
+    with_fresh_postgres(&admin, |url| async move {
+        let store = PostgresStore::connect(&url).await.expect("connecting");
+        case(Arc::new(store.clone())).await;
+        store.close().await;
+    })
+    .await;
+}
+
+nsml_eventstore::conformance_suite!(run);
+
+/// Stores with pools of their own stand for processes: appends from all of them stay serialized and gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_stores_on_one_database_serialize_appends() {
+    let Some(admin) = postgres_admin_url() else {
+        return;
+    };
+    with_fresh_postgres(&admin, |url| async move {
+        let mut stores = Vec::new();
+        for _ in 0..3 {
+            stores.push(Arc::new(
+                PostgresStore::connect(&url).await.expect("connect"),
+            ));
+        }
+        stores[0]
+            .append("race", ExpectedVersion::Any, new_events("start", 1))
+            .await
+            .expect("append");
+        let mut tasks = Vec::new();
+        for i in 0..30 {
+            let store = stores[i % 3].clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .append(
+                        "race",
+                        ExpectedVersion::Exact(1),
+                        new_events(&format!("w{i}"), 1),
+                    )
+                    .await
+            }));
+        }
+        let mut wins = 0;
+        for task in tasks {
+            match task.await.expect("task") {
+                Ok(_) => wins += 1,
+                Err(e) => assert!(e.is_conflict(), "unexpected error: {e}"),
+            }
+        }
+        assert_eq!(wins, 1);
+
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let store = stores[i % 3].clone();
+            tasks.push(tokio::spawn(async move {
+                for r in 0..20 {
+                    store
+                        .append(
+                            &format!("s{}", (i + r) % 4),
+                            ExpectedVersion::Any,
+                            new_events(&format!("{i}-{r}"), 2),
+                        )
+                        .await
+                        .expect("append");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        assert_eq!(
+            stores[1].head_position().await.expect("head"),
+            2 + 12 * 20 * 2
+        );
+        assert_eq!(stores[2].verify_chain().await.expect("verify"), None);
+        for store in stores {
+            store.close().await;
+        }
+    })
+    .await;
+}

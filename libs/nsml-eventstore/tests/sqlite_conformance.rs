@@ -1,0 +1,100 @@
+//! The conformance suite against SQLite: a database file in a temporary directory per case, and in memory.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use nsml_eventstore::conformance::{self, new_events};
+use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
+
+async fn run<F>(case: F)
+where
+    F: FnOnce(Arc<SqliteStore>) -> BoxFuture<'static, ()>,
+{
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = SqliteStore::open(&dir.path().join("log.db"))
+        .await
+        .expect("opening the store");
+    case(Arc::new(store.clone())).await;
+    store.close().await;
+}
+
+nsml_eventstore::conformance_suite!(run);
+
+mod in_memory {
+    use super::*;
+
+    async fn run<F>(case: F)
+    where
+        F: FnOnce(Arc<SqliteStore>) -> BoxFuture<'static, ()>,
+    {
+        let store = SqliteStore::in_memory().await.expect("opening the store");
+        case(Arc::new(store)).await;
+    }
+
+    nsml_eventstore::conformance_suite!(run);
+}
+
+/// Two stores on one file stand for two processes: `BEGIN IMMEDIATE` serializes their appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_stores_on_one_file_serialize_appends() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("log.db");
+    let a = Arc::new(SqliteStore::open(&path).await.expect("open"));
+    let b = Arc::new(SqliteStore::open(&path).await.expect("open"));
+    a.append("race", ExpectedVersion::Any, new_events("start", 1))
+        .await
+        .expect("append");
+
+    let mut tasks = Vec::new();
+    for (i, store) in [a.clone(), b.clone()]
+        .into_iter()
+        .cycle()
+        .take(20)
+        .enumerate()
+    {
+        tasks.push(tokio::spawn(async move {
+            store
+                .append(
+                    "race",
+                    ExpectedVersion::Exact(1),
+                    new_events(&format!("w{i}"), 1),
+                )
+                .await
+        }));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(_) => wins += 1,
+            Err(e) => assert!(e.is_conflict(), "unexpected error: {e}"),
+        }
+    }
+    assert_eq!(wins, 1);
+
+    let mut tasks = Vec::new();
+    for (i, store) in [a.clone(), b.clone()]
+        .into_iter()
+        .cycle()
+        .take(8)
+        .enumerate()
+    {
+        tasks.push(tokio::spawn(async move {
+            for r in 0..25 {
+                store
+                    .append(
+                        &format!("s{}", r % 3),
+                        ExpectedVersion::Any,
+                        new_events(&format!("{i}-{r}"), 2),
+                    )
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    assert_eq!(b.head_position().await.expect("head"), 2 + 8 * 25 * 2);
+    assert_eq!(a.verify_chain().await.expect("verify"), None);
+    let _ = conformance::new_event("x", b"");
+}

@@ -1,0 +1,61 @@
+//! The `nsml.v1` protobuf messages and gRPC services, generated from `proto/` at build time.
+
+#![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+
+pub mod v1 {
+    tonic::include_proto!("nsml.v1");
+
+    /// The encoded file descriptor set, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/nsml_descriptor.bin"));
+
+    /// Names an event payload by its full protobuf type name, as stored in the log.
+    pub trait EventPayload: prost::Message + Default {
+        const TYPE: &'static str;
+    }
+
+    macro_rules! events {
+        ($($name:ident),* $(,)?) => {
+            $(impl EventPayload for $name {
+                const TYPE: &'static str = concat!("nsml.v1.", stringify!($name));
+            })*
+        };
+    }
+
+    events!(
+        UserRegistered,
+        PasswordChanged,
+        TeamCreated,
+        MemberAdded,
+        CompetitionApplied,
+        PrivateRevealed,
+        TokenIssued,
+        TokenRevoked,
+        DatasetRegistered,
+        CodeUploaded,
+        CheckpointSaved,
+        CheckpointDeleted,
+        SessionRequested,
+        SessionAdmitted,
+        SessionRejected,
+        SessionStarted,
+        MetricsReported,
+        SessionExited,
+        SessionFailed,
+        SessionStopRequested,
+        SessionStopped,
+        SessionRemoved,
+        MemoChanged,
+        ResourcesGranted,
+        AdmissionDenied,
+        ResourcesReleased,
+        SubmitSucceeded,
+        SubmitEnded,
+        SubmissionRequested,
+        SubmissionAdmitted,
+        SubmissionRejected,
+        SubmissionScored,
+        SubmissionFailed,
+        SubmissionTimedOut,
+    );
+}

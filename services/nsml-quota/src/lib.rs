@@ -1,0 +1,43 @@
+//! The quota service: one ledger stream per team (`quota-TEAM`) that records every admission decision and
+//! every outside fact a decision depends on (a session ended, a submit succeeded), so that replaying one
+//! stream re-derives every decision for that team. Decisions are a pure function of the ledger, the
+//! competition policy, the request and its recorded time.
+
+pub mod domain;
+mod grpc;
+mod projection;
+mod reactor;
+
+use nsml_common::ServiceContext;
+use nsml_common::projection::Projection;
+use nsml_common::server::Started;
+use nsml_proto::v1::quota_service_server::QuotaServiceServer;
+
+pub use grpc::QuotaService;
+
+/// Why the quota service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("event store: {0}")]
+    Store(#[from] nsml_eventstore::StoreError),
+}
+
+/// Builds the quota service and its reactor, which records outside facts (sessions ending, submits
+/// finishing) in the teams' ledgers.
+pub async fn start(ctx: ServiceContext) -> Result<Started, QuotaError> {
+    let (proj, task) = Projection::<projection::Policies>::spawn(
+        "quota",
+        ctx.store.clone(),
+        ctx.bus.clone(),
+        ctx.cancel.clone(),
+    );
+    proj.wait_ready().await;
+    let svc = QuotaService::new(ctx.clone(), proj);
+    let reactor = tokio::spawn(reactor::run(svc.clone(), ctx.clone()));
+    let server = QuotaServiceServer::new(svc);
+    Ok(Started {
+        routes: tonic::service::Routes::new(server),
+        names: vec!["nsml.v1.QuotaService"],
+        tasks: vec![task, reactor],
+    })
+}

@@ -1,0 +1,148 @@
+//! Records outside facts in the teams' ledgers: a session that ended releases what it held (a trial submit
+//! session only when stopped or removed, as NSML had it), and a real submit's outcome starts or spares the
+//! submit interval. Every fact is recorded at most once, so replays and duplicate deliveries are harmless.
+
+use futures::StreamExt;
+use nsml_bus::Delivery;
+use nsml_common::ServiceContext;
+use nsml_common::event::{decode, new_event};
+use nsml_common::names::SessionName;
+use nsml_eventstore::StoredEvent;
+use nsml_proto::v1::{
+    ResourcesReleased, SessionExited, SessionFailed, SessionKind, SessionRemoved, SessionStopped,
+    Submission, SubmissionFailed, SubmissionScored, SubmissionTimedOut, SubmitEnded,
+    SubmitSucceeded,
+};
+
+use crate::grpc::QuotaService;
+
+/// Follows the log until cancelled.
+pub async fn run(svc: QuotaService, ctx: ServiceContext) {
+    loop {
+        let stream = nsml_bus::subscribe_log(ctx.store.clone(), ctx.bus.clone(), 0).await;
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::error!(%err, "quota reactor cannot subscribe; retrying");
+                tokio::select! {
+                    _ = ctx.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = ctx.cancel.cancelled() => return,
+                n = stream.next() => n,
+            };
+            match next {
+                Some(Ok(Delivery::Event(ev))) => {
+                    if let Err(err) = handle(&svc, &ev).await {
+                        tracing::error!(%err, position = ev.position, "quota reactor failed on an event");
+                    }
+                }
+                Some(Ok(Delivery::CaughtUp)) => {}
+                Some(Err(err)) => tracing::warn!(%err, "quota reactor subscription error"),
+                None => break,
+            }
+        }
+    }
+}
+
+fn release(session: &str, cause: &str, at_ms: i64, only_if: fn(SessionKind) -> bool) -> impl Fn(&crate::domain::Ledger) -> Option<nsml_eventstore::NewEvent> {
+    let session = session.to_string();
+    let cause = cause.to_string();
+    move |l| {
+        let h = l.holdings.get(&session)?;
+        if !only_if(h.kind) {
+            return None;
+        }
+        Some(new_event(
+            &ResourcesReleased {
+                session: session.clone(),
+                resources: Some(h.resources),
+                cause: cause.clone(),
+                at_ms,
+            },
+            "service:quota",
+            "",
+        ))
+    }
+}
+
+fn not_trial(k: SessionKind) -> bool {
+    k != SessionKind::TrialSubmit
+}
+
+fn any(_: SessionKind) -> bool {
+    true
+}
+
+fn submit_outcome(
+    sub: &Submission,
+    succeeded: bool,
+) -> impl Fn(&crate::domain::Ledger) -> Option<nsml_eventstore::NewEvent> {
+    let sub = sub.clone();
+    move |l| {
+        let (dataset, submitted_at) = l.granted_submits.get(&sub.id)?.clone();
+        let st = l.submits.get(&dataset)?;
+        if !st.in_flight.contains(&sub.id) {
+            return None;
+        }
+        Some(if succeeded {
+            new_event(
+                &SubmitSucceeded {
+                    dataset,
+                    submission_id: sub.id.clone(),
+                    at_ms: submitted_at,
+                },
+                "service:quota",
+                "",
+            )
+        } else {
+            new_event(
+                &SubmitEnded {
+                    dataset,
+                    submission_id: sub.id.clone(),
+                    succeeded: false,
+                    at_ms: sub.finished_at_ms,
+                },
+                "service:quota",
+                "",
+            )
+        })
+    }
+}
+
+async fn handle(svc: &QuotaService, ev: &StoredEvent) -> Result<(), nsml_eventstore::StoreError> {
+    let at = ev.metadata.recorded_at_ms;
+    let session_fact = if let Some(e) = decode::<SessionExited>(ev) {
+        Some((e.name, "exited", not_trial as fn(SessionKind) -> bool))
+    } else if let Some(e) = decode::<SessionFailed>(ev) {
+        Some((e.name, "failed", not_trial as fn(SessionKind) -> bool))
+    } else if let Some(e) = decode::<SessionStopped>(ev) {
+        Some((e.name, "stopped", any as fn(SessionKind) -> bool))
+    } else {
+        decode::<SessionRemoved>(ev).map(|e| (e.name, "removed", any as fn(SessionKind) -> bool))
+    };
+    if let Some((name, cause, only_if)) = session_fact {
+        let Ok(sn) = SessionName::parse(&name) else {
+            return Ok(());
+        };
+        return svc.record(&sn.team, release(&name, cause, at, only_if)).await;
+    }
+    let outcome = if let Some(e) = decode::<SubmissionScored>(ev) {
+        e.submission.map(|s| (s, true))
+    } else if let Some(e) = decode::<SubmissionFailed>(ev) {
+        e.submission.map(|s| (s, false))
+    } else {
+        decode::<SubmissionTimedOut>(ev).and_then(|e| e.submission.map(|s| (s, false)))
+    };
+    if let Some((sub, ok)) = outcome {
+        if sub.trial {
+            return Ok(());
+        }
+        return svc.record(&sub.team, submit_outcome(&sub, ok)).await;
+    }
+    Ok(())
+}

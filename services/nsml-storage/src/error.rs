@@ -1,0 +1,139 @@
+//! Everything the storage service can refuse or fail at, and the one mapping of it to gRPC statuses.
+
+use nsml_eventstore::StoreError;
+use tonic::Status;
+
+use crate::domain::human_bytes;
+
+/// The storage service's errors: refusals of a request (the caller can fix them) and failures of the
+/// infrastructure (logged in full, masked to the caller).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A request that is malformed in a way no other variant names.
+    #[error("{0}")]
+    BadRequest(String),
+
+    /// The metric is none the platform's scorer knows.
+    #[error(
+        "unknown metric `{metric}`: use accuracy, macro_f1, mse, rmse, mae, cer, wer, or custom with an evaluation script"
+    )]
+    UnknownMetric { metric: String },
+
+    /// An uploaded archive breaks a safety rule or cannot be read.
+    #[error("{what} archive refused: {reason}")]
+    BadArchive { what: String, reason: String },
+
+    /// A dataset archive lacks a part of the layout.
+    #[error(
+        "dataset `{dataset}` archive lacks `{part}`: expected train/train_data, train/train_label, test/test_data and test/test_label (optionally test_submit/test_data and test_submit/test_label)"
+    )]
+    MissingPart { dataset: String, part: String },
+
+    /// An upload is larger than the platform accepts.
+    #[error("{what} is larger than the {} limit{hint}", human_bytes(*.limit))]
+    TooLarge {
+        what: String,
+        limit: u64,
+        /// What the caller can do about it, starting with `; `.
+        hint: &'static str,
+    },
+
+    /// Saving a checkpoint would take the team over its storage quota.
+    #[error(
+        "storage quota exceeded for team `{team}`: {} used of {}, this checkpoint is {}; delete checkpoints with `nsml model rm`",
+        human_bytes(*.used), human_bytes(*.limit), human_bytes(*.adding)
+    )]
+    QuotaExceeded {
+        team: String,
+        used: u64,
+        limit: u64,
+        adding: u64,
+    },
+
+    /// The dataset name is taken by another competition.
+    #[error(
+        "dataset `{name}` already exists in competition `{competition}`; dataset names are unique across the platform"
+    )]
+    DatasetTaken { name: String, competition: String },
+
+    #[error("dataset `{name}` not found; `nsml dataset ls` lists them")]
+    DatasetNotFound { name: String },
+
+    /// An optional part of a dataset that this dataset does not have.
+    #[error("dataset `{dataset}` has no {part}")]
+    PartNotFound { dataset: String, part: &'static str },
+
+    #[error("code snapshot `{id}` not found")]
+    CodeNotFound { id: String },
+
+    #[error("checkpoint `{session}/{checkpoint}` not found; `nsml model ls {session}` lists them")]
+    CheckpointNotFound { session: String, checkpoint: String },
+
+    /// The caller has no team in the competition a dataset belongs to.
+    #[error(
+        "you are not in a team of competition `{competition}`, which dataset `{dataset}` belongs to"
+    )]
+    NotInCompetition { competition: String, dataset: String },
+
+    /// The caller may not see what belongs to another team.
+    #[error("{what} belongs to another team")]
+    OtherTeam { what: String },
+
+    /// The read model has not caught up with the log yet (just after start-up).
+    #[error("the storage service is still loading its state from the log; retry shortly")]
+    NotReady,
+
+    /// The client broke off an upload.
+    #[error("upload interrupted: {0}")]
+    Interrupted(String),
+
+    /// A blob the log refers to is missing from the blob store.
+    #[error("blob `{id}` is missing from the blob store")]
+    BlobMissing { id: String },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+
+    #[error("event store: {0}")]
+    Store(#[from] StoreError),
+
+    /// A refusal phrased by a shared helper (names, caller checks).
+    #[error("{}", .0.message())]
+    Status(#[from] Status),
+}
+
+impl StorageError {
+    /// Wraps an IO error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StorageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<StorageError> for Status {
+    fn from(err: StorageError) -> Self {
+        use StorageError::*;
+        let msg = err.to_string();
+        match err {
+            BadRequest(_) | UnknownMetric { .. } | BadArchive { .. } | MissingPart { .. }
+            | TooLarge { .. } => Status::invalid_argument(msg),
+            QuotaExceeded { .. } => Status::failed_precondition(msg),
+            DatasetTaken { .. } => Status::already_exists(msg),
+            DatasetNotFound { .. }
+            | PartNotFound { .. }
+            | CodeNotFound { .. }
+            | CheckpointNotFound { .. } => Status::not_found(msg),
+            NotInCompetition { .. } | OtherTeam { .. } => Status::permission_denied(msg),
+            NotReady => Status::unavailable(msg),
+            Interrupted(_) => Status::aborted(msg),
+            Status(status) => status,
+            Store(err) => nsml_common::status::store("storing the event", err),
+            BlobMissing { .. } | Io { .. } => nsml_common::status::internal("serving storage", msg),
+        }
+    }
+}
