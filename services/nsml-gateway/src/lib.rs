@@ -1,1 +1,184 @@
-//! nsml-gateway
+//! The gateway: the platform's one public endpoint for the CLI, the SDK and other clients.
+//!
+//! It serves the services' own gRPC APIs (`/nsml.v1.SessionService/Run`, …) by proxying each call to the
+//! owning service after: refusing internal-only methods, dropping any `x-nsml-*` metadata a client sent,
+//! resolving the bearer token to an identity through the auth service, rate-limiting per caller, and
+//! stamping the call with the deployment's internal secret. Services then decide what the identity may do.
+
+mod ratelimit;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY};
+use nsml_common::clients::{Clients, ServiceAddrs, channel};
+use nsml_proto::v1::AuthenticateRequest;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tower::ServiceExt;
+
+/// Methods only services and runners may call.
+const INTERNAL_METHODS: &[&str] = &[
+    "/nsml.v1.AuthService/Authenticate",
+    "/nsml.v1.StorageService/FetchDatasetPart",
+    "/nsml.v1.StorageService/SaveCheckpoint",
+    "/nsml.v1.SessionService/StartSubmit",
+    "/nsml.v1.SessionService/RunnerStarted",
+    "/nsml.v1.SessionService/RunnerLogs",
+    "/nsml.v1.SessionService/RunnerReport",
+    "/nsml.v1.SessionService/RunnerFinished",
+    "/nsml.v1.QuotaService/Admit",
+    "/nsml.v1.SubmissionService/RunnerPredictions",
+];
+
+/// Methods that need no login.
+const ANONYMOUS_METHODS: &[&str] = &["/nsml.v1.AuthService/Login"];
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("service clients: {0}")]
+    Clients(#[from] nsml_common::clients::ClientsError),
+    #[error("serving: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+struct Inner {
+    clients: Clients,
+    routes: HashMap<&'static str, Channel>,
+    secret: http::HeaderValue,
+    limiter: ratelimit::Limiter,
+}
+
+/// Serves the public API on `listener` until `cancel`.
+pub async fn serve(
+    listener: TcpListener,
+    addrs: &ServiceAddrs,
+    secret: &str,
+    cancel: CancellationToken,
+) -> Result<(), GatewayError> {
+    let mut routes = HashMap::new();
+    routes.insert("nsml.v1.AuthService", channel("auth", &addrs.auth)?);
+    routes.insert("nsml.v1.StorageService", channel("storage", &addrs.storage)?);
+    routes.insert("nsml.v1.SessionService", channel("session", &addrs.session)?);
+    routes.insert("nsml.v1.QuotaService", channel("quota", &addrs.quota)?);
+    routes.insert(
+        "nsml.v1.SubmissionService",
+        channel("submission", &addrs.submission)?,
+    );
+    routes.insert(
+        "nsml.v1.LeaderboardService",
+        channel("leaderboard", &addrs.leaderboard)?,
+    );
+    let inner = Arc::new(Inner {
+        clients: Clients::new(addrs, secret, "gateway")?,
+        routes,
+        secret: http::HeaderValue::from_str(secret)
+            .map_err(|_| GatewayError::Serve(std::io::Error::other("invalid internal secret")))?,
+        limiter: ratelimit::Limiter::new(ratelimit::DEFAULT_RATE, ratelimit::DEFAULT_BURST),
+    });
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(index))
+        .fallback(proxy)
+        .with_state(inner);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn index() -> impl IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "NSML gateway: use the `nsml` CLI or a gRPC client (package nsml.v1) on this address.\n",
+    )
+}
+
+fn status_response(s: Status) -> axum::response::Response {
+    let (parts, _) = s.into_http::<()>().into_parts();
+    axum::response::Response::from_parts(parts, Body::empty())
+}
+
+fn bearer(headers: &http::HeaderMap) -> Option<String> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+async fn proxy(
+    State(gw): State<Arc<Inner>>,
+    mut req: http::Request<Body>,
+) -> axum::response::Response {
+    let path = req.uri().path().to_string();
+    let Some(service) = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .map(|(s, _)| s.to_string())
+    else {
+        return status_response(Status::unimplemented(format!("no such method `{path}`")));
+    };
+    let Some(chan) = gw.routes.get(service.as_str()).cloned() else {
+        return status_response(Status::unimplemented(format!("no such service `{service}`")));
+    };
+    if INTERNAL_METHODS.contains(&path.as_str()) {
+        return status_response(Status::permission_denied(
+            "this method is internal to the platform",
+        ));
+    }
+    // Clients never vouch for themselves: drop whatever internal metadata they sent.
+    let spoofed: Vec<http::HeaderName> = req
+        .headers()
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-nsml-"))
+        .cloned()
+        .collect();
+    for k in spoofed {
+        req.headers_mut().remove(k);
+    }
+    let mut caller_key = "anonymous".to_string();
+    if let Some(token) = bearer(req.headers()) {
+        match gw
+            .clients
+            .auth
+            .clone()
+            .authenticate(AuthenticateRequest { token })
+            .await
+        {
+            Ok(id) => {
+                let id = id.into_inner();
+                caller_key = format!("user:{}", id.username);
+                let mut md = MetadataMap::from_headers(std::mem::take(req.headers_mut()));
+                Caller::attach_identity(&mut md, &id);
+                *req.headers_mut() = md.into_headers();
+            }
+            Err(s) if ANONYMOUS_METHODS.contains(&path.as_str()) => {
+                tracing::debug!(%s, "ignoring a stale token on login");
+            }
+            Err(s) => return status_response(s),
+        }
+    }
+    if let Err(retry_ms) = gw.limiter.check(&caller_key) {
+        return status_response(Status::resource_exhausted(format!(
+            "too many requests from {caller_key}: retry in {retry_ms} ms"
+        )));
+    }
+    req.headers_mut()
+        .insert(INTERNAL_SECRET_KEY, gw.secret.clone());
+    let req = req.map(tonic::body::Body::new);
+    match chan.oneshot(req).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(err) => {
+            tracing::error!(%err, %service, "cannot reach a service");
+            status_response(Status::unavailable(format!(
+                "the {service} is unavailable, retry shortly"
+            )))
+        }
+    }
+}

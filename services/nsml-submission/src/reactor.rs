@@ -1,0 +1,99 @@
+//! Ends submissions whose submit session ended without predictions, and those past their time limit.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use nsml_bus::Delivery;
+use nsml_common::event::decode;
+use nsml_common::{ServiceContext, now_ms};
+use nsml_eventstore::StoredEvent;
+use nsml_proto::v1::{SessionExited, SessionFailed, SessionStopped, SubmissionStatus};
+
+use crate::grpc::{Ending, SubmissionService};
+
+/// Grace after the time limit before the watchdog ends a submit the runner did not end.
+const GRACE_MS: i64 = 120_000;
+
+/// Follows the log and checks time limits until cancelled.
+pub async fn run(svc: SubmissionService, ctx: ServiceContext) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        let stream = nsml_bus::subscribe_log(ctx.store.clone(), ctx.bus.clone(), 0).await;
+        let mut stream = match stream {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::error!(%err, "submission reactor cannot subscribe; retrying");
+                tokio::select! {
+                    _ = ctx.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return,
+                _ = tick.tick() => watchdog(&svc).await,
+                next = stream.next() => match next {
+                    Some(Ok(Delivery::Event(ev))) => handle(&svc, &ev).await,
+                    Some(Ok(Delivery::CaughtUp)) => {}
+                    Some(Err(err)) => tracing::warn!(%err, "submission reactor subscription error"),
+                    None => break,
+                },
+            }
+        }
+    }
+}
+
+async fn handle(svc: &SubmissionService, ev: &StoredEvent) {
+    let ended = if let Some(e) = decode::<SessionExited>(ev) {
+        Some((
+            e.name,
+            Ending::Failed(
+                "the submit session exited without returning predictions: call `nsml.paused(scope=locals())` when `--pause` is set, after `nsml.bind(...)`".into(),
+            ),
+        ))
+    } else if let Some(e) = decode::<SessionFailed>(ev) {
+        let ending = if e.reason.starts_with("time limit") {
+            Ending::TimedOut(e.reason)
+        } else {
+            Ending::Failed(format!("the submit session failed: {}", e.reason))
+        };
+        Some((e.name, ending))
+    } else {
+        decode::<SessionStopped>(ev)
+            .map(|e| (e.name, Ending::Failed("the submit session was stopped".into())))
+    };
+    let Some((session, ending)) = ended else {
+        return;
+    };
+    let running = svc.projection().read(|p| {
+        p.by_session
+            .get(&session)
+            .and_then(|id| p.by_id.get(id))
+            .filter(|s| s.status() == SubmissionStatus::Running)
+            .map(|s| s.id.clone())
+    });
+    if let Some(id) = running {
+        if let Err(err) = svc.end(&id, ending).await {
+            tracing::error!(%err, submission = %id, "could not record a submit's end");
+        }
+    }
+}
+
+async fn watchdog(svc: &SubmissionService) {
+    let now = now_ms();
+    let overdue: Vec<(String, u64)> = svc.projection().read(|p| {
+        p.by_id
+            .values()
+            .filter(|s| s.status() == SubmissionStatus::Running)
+            .filter(|s| s.submitted_at_ms + s.time_limit_secs as i64 * 1000 + GRACE_MS < now)
+            .map(|s| (s.id.clone(), s.time_limit_secs))
+            .collect()
+    });
+    for (id, limit) in overdue {
+        let reason = format!("time limit exceeded: the inference must finish within {limit} seconds");
+        if let Err(err) = svc.end(&id, Ending::TimedOut(reason)).await {
+            tracing::error!(%err, submission = %id, "could not time out a submit");
+        }
+    }
+}
