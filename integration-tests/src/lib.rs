@@ -1,1 +1,376 @@
-//! nsml-integration-tests
+//! Drives whole deployments as real processes: `nsmld up` (embedded) or one `nsmld serve` process per
+//! service over Postgres and NATS JetStream (distributed), and the `nsml` CLI as a user would.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod scenario;
+
+use anyhow::{Context, bail};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A built binary of the workspace (`nsml`, `nsmld`), from the target directory the tests run from.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/test-hash → target/debug/NAME
+    for dir in exe.ancestors().skip(1) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    repo_root().join("target/debug").join(name)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// What a CLI invocation printed.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// Requires success.
+    pub fn ok(self) -> anyhow::Result<Self> {
+        if self.code != 0 {
+            bail!(
+                "command failed with {}:\nstdout: {}\nstderr: {}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
+        }
+        Ok(self)
+    }
+
+    /// Requires failure.
+    pub fn failed(self) -> anyhow::Result<Self> {
+        if self.code == 0 {
+            bail!("command unexpectedly succeeded:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        }
+        Ok(self)
+    }
+
+    /// Parses stdout as JSON.
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(&self.stdout).with_context(|| format!("not JSON: {}", self.stdout))
+    }
+
+    /// Everything printed.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// One user of the CLI: their own config directory (stored login), and optionally a token.
+#[derive(Clone)]
+pub struct User {
+    pub server: String,
+    pub config_dir: PathBuf,
+    pub token: Option<String>,
+}
+
+impl User {
+    /// Runs `nsml ARGS` in `cwd`, with `stdin` fed in.
+    pub fn nsml_in(&self, cwd: &Path, args: &[&str], stdin: &str) -> anyhow::Result<Output> {
+        let mut cmd = Command::new(bin("nsml"));
+        cmd.args(args)
+            .current_dir(cwd)
+            .env("NSML_SERVER", &self.server)
+            .env("NSML_CONFIG_DIR", &self.config_dir)
+            .env_remove("NSML_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(t) = &self.token {
+            cmd.env("NSML_TOKEN", t);
+        }
+        let mut child = cmd.spawn().context("cannot start nsml (is the workspace built?)")?;
+        if let Some(mut i) = child.stdin.take() {
+            let _ = i.write_all(stdin.as_bytes());
+        }
+        let out = child.wait_with_output()?;
+        Ok(Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs `nsml ARGS` in the repository root.
+    pub fn nsml(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.nsml_in(&repo_root(), args, "")
+    }
+}
+
+/// A running deployment.
+pub struct Deployment {
+    pub url: String,
+    pub data_dir: PathBuf,
+    procs: Vec<(Vec<String>, Child)>,
+    pub _tmp: Option<tempfile::TempDir>,
+    config: Option<PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+fn wait_ready(child: &mut Child, timeout: Duration) -> anyhow::Result<String> {
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("nsmld ready at ") {
+                let _ = tx.send(url.trim().to_string());
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .context("the server did not print `nsmld ready at` in time")
+}
+
+impl Deployment {
+    /// Starts `nsmld up` on a fresh data directory.
+    pub fn embedded() -> anyhow::Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let data_dir = tmp.path().join("data");
+        let mut d = Self {
+            url: String::new(),
+            data_dir,
+            procs: vec![],
+            _tmp: Some(tmp),
+            config: None,
+            env: vec![],
+        };
+        d.start_embedded()?;
+        Ok(d)
+    }
+
+    fn start_embedded(&mut self) -> anyhow::Result<()> {
+        let args: Vec<String> = vec![
+            "up".into(),
+            "--data-dir".into(),
+            self.data_dir.display().to_string(),
+            "--listen".into(),
+            if self.url.is_empty() {
+                "127.0.0.1:0".into()
+            } else {
+                self.url.trim_start_matches("http://").to_string()
+            },
+            "--gpus".into(),
+            "0".into(),
+        ];
+        let mut child = Command::new(bin("nsmld"))
+            .args(&args)
+            .current_dir(repo_root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start nsmld (is the workspace built?)")?;
+        self.url = wait_ready(&mut child, Duration::from_secs(90))?;
+        self.procs.push((args, child));
+        Ok(())
+    }
+
+    /// Starts every service as its own `nsmld serve` process over Postgres and NATS JetStream.
+    pub fn distributed(pg_url: &str, stream: &str) -> anyhow::Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let data_dir = tmp.path().join("data");
+        std::fs::create_dir_all(&data_dir)?;
+        let p = |_: &str| free_port();
+        let gateway_port = p("gateway");
+        let config = format!(
+            r#"data_dir = "{data}"
+store = "{pg_url}"
+bus = "nats://127.0.0.1:4222"
+bus_stream = "{stream}"
+internal_secret = "{secret}"
+public_listen = "127.0.0.1:{gateway_port}"
+
+[services]
+auth = "127.0.0.1:{a}"
+storage = "127.0.0.1:{s}"
+session = "127.0.0.1:{se}"
+quota = "127.0.0.1:{q}"
+submission = "127.0.0.1:{su}"
+leaderboard = "127.0.0.1:{l}"
+
+[runner]
+gpus = "0"
+"#,
+            data = data_dir.display(),
+            secret = uuid::Uuid::new_v4().simple(),
+            a = p("auth"),
+            s = p("storage"),
+            se = p("session"),
+            q = p("quota"),
+            su = p("submission"),
+            l = p("leaderboard"),
+        );
+        let cfg_path = tmp.path().join("nsmld.toml");
+        std::fs::write(&cfg_path, config)?;
+        let mut d = Self {
+            url: format!("http://127.0.0.1:{gateway_port}"),
+            data_dir,
+            procs: vec![],
+            _tmp: Some(tmp),
+            config: Some(cfg_path),
+            env: vec![],
+        };
+        d.start_distributed()?;
+        Ok(d)
+    }
+
+    fn start_distributed(&mut self) -> anyhow::Result<()> {
+        let cfg = self.config.clone().context("no config")?;
+        for svc in ["auth", "storage", "quota", "leaderboard", "submission", "session", "gateway"] {
+            let args: Vec<String> = vec![
+                "serve".into(),
+                svc.into(),
+                "--config".into(),
+                cfg.display().to_string(),
+            ];
+            let child = Command::new(bin("nsmld"))
+                .args(&args)
+                .current_dir(repo_root())
+                .envs(self.env.iter().cloned())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("cannot start nsmld")?;
+            self.procs.push((args, child));
+        }
+        let token_path = self.data_dir.join("admin.token");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !token_path.exists() || !port_open(&self.url) {
+            if Instant::now() > deadline {
+                bail!("the distributed deployment did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// The host token `nsmld` wrote.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir.join("admin.token"))?
+            .trim()
+            .to_string())
+    }
+
+    /// A CLI user with their own config directory.
+    pub fn user(&self, name: &str) -> User {
+        let dir = self.data_dir.parent().unwrap_or(&self.data_dir).join(format!("cli-{name}"));
+        let _ = std::fs::create_dir_all(&dir);
+        User {
+            server: self.url.clone(),
+            config_dir: dir,
+            token: None,
+        }
+    }
+
+    /// The host, signed in with the admin token.
+    pub fn host(&self) -> anyhow::Result<User> {
+        let mut u = self.user("admin");
+        u.token = Some(self.admin_token()?);
+        Ok(u)
+    }
+
+    /// Kills every process (SIGKILL: no graceful shutdown) and starts them again on the same data.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        if self.config.is_some() {
+            let _ = std::fs::remove_file(self.data_dir.join("admin.token"));
+            self.start_distributed()
+        } else {
+            self.start_embedded()
+        }
+    }
+
+    fn kill(&mut self) {
+        for (_, mut c) in self.procs.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn port_open(url: &str) -> bool {
+    std::net::TcpStream::connect(url.trim_start_matches("http://")).is_ok()
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fresh Postgres database for one test run; dropped at the end.
+pub struct FreshDb {
+    pub url: String,
+    name: String,
+}
+
+impl FreshDb {
+    /// Creates `nsml_it_<uuid>` on the local server.
+    pub async fn create() -> anyhow::Result<Self> {
+        use sqlx::Connection;
+        let name = format!("nsml_it_{}", uuid::Uuid::new_v4().simple());
+        let mut c = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await?;
+        Ok(Self {
+            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            name,
+        })
+    }
+
+    /// Drops the database.
+    pub async fn drop_db(self) {
+        use sqlx::Connection;
+        if let Ok(mut c) = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .execute(&mut c)
+                .await;
+        }
+    }
+}
+
+/// Deletes a JetStream stream made for a test run.
+pub async fn drop_stream(name: &str) {
+    if let Ok(c) = async_nats::connect("127.0.0.1:4222").await {
+        let js = async_nats::jetstream::new(c);
+        let _ = js.delete_stream(name).await;
+    }
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -24,9 +24,14 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
         }
         Ok(request)
     }
@@ -38,7 +43,6 @@ pub type Authed = InterceptedService<Channel, Bearer>;
 /// The gateway at one address, with or without a token.
 #[derive(Debug, Clone)]
 pub struct Api {
-    server: String,
     channel: Channel,
     bearer: Bearer,
     token: Option<String>,
@@ -66,20 +70,16 @@ impl Api {
             None => Bearer(None),
             Some(token) => match format!("Bearer {token}").parse() {
                 Ok(value) => Bearer(Some(value)),
-                Err(_) => bail!("the token holds characters that cannot be sent; run `nsml login` again"),
+                Err(_) => {
+                    bail!("the token holds characters that cannot be sent; run `nsml login` again")
+                }
             },
         };
         Ok(Self {
-            server: server.to_string(),
             channel: endpoint.connect_lazy(),
             bearer,
             token,
         })
-    }
-
-    /// Returns the server's address.
-    pub fn server(&self) -> &str {
-        &self.server
     }
 
     /// Returns the token calls carry.

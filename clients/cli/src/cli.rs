@@ -155,7 +155,12 @@ pub struct RunArgs {
     #[arg(short = 'd', long = "dataset", value_name = "DATASET")]
     pub dataset: String,
     /// Entry file, relative to the uploaded directory
-    #[arg(short = 'e', long = "entry", default_value = "main.py", value_name = "FILE")]
+    #[arg(
+        short = 'e',
+        long = "entry",
+        default_value = "main.py",
+        value_name = "FILE"
+    )]
     pub entry: String,
     /// GPUs (0 = CPU only)
     #[arg(short = 'g', long = "gpus", default_value_t = 1, value_name = "N")]
@@ -170,7 +175,13 @@ pub struct RunArgs {
     #[arg(long = "shm", visible_alias = "shm-size", default_value = "1G", value_parser = parse_size_arg, value_name = "SIZE")]
     pub shm: u64,
     /// Arguments passed to the entry file
-    #[arg(short = 'a', long = "args", default_value = "", allow_hyphen_values = true, value_name = "ARGS")]
+    #[arg(
+        short = 'a',
+        long = "args",
+        default_value = "",
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
     pub args: String,
     /// Memo shown in the Description column of `nsml ps`
     #[arg(short = 'm', long = "memo", default_value = "", value_name = "TEXT")]
@@ -301,8 +312,23 @@ mod tests {
     #[test]
     fn run_takes_nsml_flags_and_sizes() {
         let cli = Cli::try_parse_from([
-            "nsml", "run", "-d", "t1-cls", "-g", "0", "-c", "8", "--memory", "75G", "--shm-size", "10G", "-a",
-            "--epochs 3", "-m", "first try", "-i",
+            "nsml",
+            "run",
+            "-d",
+            "t1-cls",
+            "-g",
+            "0",
+            "-c",
+            "8",
+            "--memory",
+            "75G",
+            "--shm-size",
+            "10G",
+            "-a",
+            "--epochs 3",
+            "-m",
+            "first try",
+            "-i",
         ])
         .unwrap();
         let Command::Run(run) = cli.command else {
@@ -326,7 +352,8 @@ mod tests {
 
     #[test]
     fn server_is_accepted_after_the_subcommand() {
-        let cli = Cli::try_parse_from(["nsml", "ps", "-a", "--server", "http://h:1", "-j"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["nsml", "ps", "-a", "--server", "http://h:1", "-j"]).unwrap();
         assert_eq!(cli.server.as_deref(), Some("http://h:1"));
         let Command::Ps(ps) = cli.command else {
             panic!("not ps")

@@ -31,9 +31,11 @@ impl CredentialStore {
         if let Some(dir) = std::env::var_os("NSML_CONFIG_DIR").filter(|d| !d.is_empty()) {
             return Ok(Self::in_dir(dir.into()));
         }
-        let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).ok_or_else(|| {
-            anyhow!("neither NSML_CONFIG_DIR nor HOME is set; cannot find the credentials")
-        })?;
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| {
+                anyhow!("neither NSML_CONFIG_DIR nor HOME is set; cannot find the credentials")
+            })?;
         Ok(Self::in_dir(PathBuf::from(home).join(".nsml")))
     }
 
@@ -96,7 +98,10 @@ impl CredentialStore {
 #[cfg(unix)]
 fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 #[cfg(not(unix))]
@@ -116,7 +121,10 @@ fn private_file(path: &std::path::Path) -> std::io::Result<fs::File> {
 
 #[cfg(not(unix))]
 fn private_file(path: &std::path::Path) -> std::io::Result<fs::File> {
-    fs::OpenOptions::new().write(true).create_new(true).open(path)
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
 }
 
 /// The server and token a command uses.
@@ -169,7 +177,10 @@ mod tests {
     fn bare_addresses_get_a_scheme() {
         assert_eq!(normalize_server("127.0.0.1:7100"), "http://127.0.0.1:7100");
         assert_eq!(normalize_server("http://h:1/"), "http://h:1");
-        assert_eq!(normalize_server("https://nsml.example"), "https://nsml.example");
+        assert_eq!(
+            normalize_server("https://nsml.example"),
+            "https://nsml.example"
+        );
     }
 
     fn stored() -> Credentials {
@@ -183,10 +194,20 @@ mod tests {
     #[test]
     fn flags_beat_the_environment_which_beats_the_login() {
         let s = Some(stored());
-        let t = resolve(Some("flag:2".into()), Some("http://env:3".into()), None, s.as_ref());
+        let t = resolve(
+            Some("flag:2".into()),
+            Some("http://env:3".into()),
+            None,
+            s.as_ref(),
+        );
         assert_eq!(t.server, "http://flag:2");
         assert_eq!(t.token.as_deref(), Some("stored-token"));
-        let t = resolve(None, Some("http://env:3".into()), Some("env-token".into()), s.as_ref());
+        let t = resolve(
+            None,
+            Some("http://env:3".into()),
+            Some("env-token".into()),
+            s.as_ref(),
+        );
         assert_eq!(t.server, "http://env:3");
         assert_eq!(t.token.as_deref(), Some("env-token"));
         let t = resolve(None, None, None, s.as_ref());

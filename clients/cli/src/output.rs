@@ -2,7 +2,7 @@
 //! printed them.
 
 use chrono::{Local, TimeZone};
-use nsml_proto::v1::{Direction, Session, SessionKind, SessionStatus, SubmissionStatus};
+use nsml_proto::v1::{Direction, Session, SessionKind, SessionStatus};
 use serde_json::Value;
 
 /// A plain-text table: a header row and left-aligned columns two spaces apart, no trailing spaces.
@@ -115,7 +115,11 @@ pub fn significant(value: f64, digits: i32) -> String {
     } else {
         &text
     };
-    if text == "-0" { "0".to_string() } else { text.to_string() }
+    if text == "-0" {
+        "0".to_string()
+    } else {
+        text.to_string()
+    }
 }
 
 /// Formats a leaderboard score: six significant digits, enough to tell close scores apart.
@@ -143,7 +147,9 @@ pub fn summary(json: &str) -> String {
 fn metric_value(value: &Value) -> String {
     match value {
         Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
-        Value::Number(n) => n.as_f64().map_or_else(|| n.to_string(), |f| significant(f, 4)),
+        Value::Number(n) => n
+            .as_f64()
+            .map_or_else(|| n.to_string(), |f| significant(f, 4)),
         Value::String(s) => s.clone(),
         other => other.to_string(),
     }
@@ -199,17 +205,6 @@ pub fn is_submit(kind: SessionKind) -> bool {
     matches!(kind, SessionKind::TrialSubmit | SessionKind::Submit)
 }
 
-pub fn submission_status_name(status: SubmissionStatus) -> &'static str {
-    match status {
-        SubmissionStatus::Unspecified => "unknown",
-        SubmissionStatus::Running => "running",
-        SubmissionStatus::Scoring => "scoring",
-        SubmissionStatus::Scored => "scored",
-        SubmissionStatus::Failed => "failed",
-        SubmissionStatus::TimedOut => "timed_out",
-    }
-}
-
 /// Returns the metric as a leaderboard header names it: `Accuracy`, `Macro F1`, `MSE`, `CER`.
 pub fn metric_label(metric: &str) -> String {
     match metric {
@@ -261,7 +256,11 @@ mod tests {
     fn tables_align_columns_without_trailing_spaces() {
         let mut table = Table::new(&["Name", "Status", "Summary"]);
         table.row(vec!["demo/t1-cls/1".into(), "Running".into(), "".into()]);
-        table.row(vec!["demo/t1-cls/12".into(), "Exited (exit 1)".into(), "loss=0.5".into()]);
+        table.row(vec![
+            "demo/t1-cls/12".into(),
+            "Exited (exit 1)".into(),
+            "loss=0.5".into(),
+        ]);
         assert_eq!(
             table.render(),
             "Name            Status           Summary\n\
@@ -286,7 +285,10 @@ mod tests {
         assert_eq!(relative_time(now + 5_000, now), "just now");
         assert_eq!(relative_time(now - 42_000, now), "42 seconds ago");
         assert_eq!(relative_time(now - 60_000, now), "1 minute ago");
-        assert_eq!(relative_time(now - 7 * 60_000 - 59_000, now), "7 minutes ago");
+        assert_eq!(
+            relative_time(now - 7 * 60_000 - 59_000, now),
+            "7 minutes ago"
+        );
         assert_eq!(relative_time(now - 3_600_000, now), "1 hour ago");
         assert_eq!(relative_time(now - 3 * 86_400_000, now), "3 days ago");
         assert_eq!(relative_time(now - 400 * 86_400_000, now), "1 year ago");
@@ -311,7 +313,10 @@ mod tests {
             summary(r#"{"epoch":0,"train_loss":2.87123,"val_cer":0.957123}"#),
             "epoch=0, train_loss=2.871, val_cer=0.9571"
         );
-        assert_eq!(summary(r#"{"note":"ok","best":true}"#), "best=true, note=ok");
+        assert_eq!(
+            summary(r#"{"note":"ok","best":true}"#),
+            "best=true, note=ok"
+        );
         assert_eq!(summary(""), "");
         assert_eq!(summary("not json"), "not json");
     }

@@ -66,7 +66,9 @@ pub async fn apply(
 fn authorize<T>(bearer: &Option<MetadataValue<Ascii>>, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(bearer) = bearer {
-        request.metadata_mut().insert("authorization", bearer.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.clone());
     }
     request
 }

@@ -15,5 +15,5 @@ pub mod units;
 
 pub use apply::{CHUNK_SIZE, apply};
 pub use error::ManifestError;
-pub use manifest::{DatasetSpec, Manifest, METRICS, PolicySpec, TeamSpec, UserSpec, load};
+pub use manifest::{DatasetSpec, METRICS, Manifest, PolicySpec, TeamSpec, UserSpec, load};
 pub use units::{format_size, parse_duration, parse_size};

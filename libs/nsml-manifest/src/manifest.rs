@@ -203,10 +203,7 @@ impl Validator<'_> {
                 let key = format!("teams[{i}].members[{j}]");
                 self.identifier(&key, m)?;
                 if !members.insert(m.clone()) {
-                    return Err(self.invalid(
-                        key,
-                        format!("user `{m}` is in more than one team"),
-                    ));
+                    return Err(self.invalid(key, format!("user `{m}` is in more than one team")));
                 }
             }
             teams.push(TeamSpec {
@@ -297,7 +294,11 @@ impl Validator<'_> {
         let policy = PolicySpec {
             team_gpus: raw.team_gpus.unwrap_or(d.team_gpus),
             team_cpus: raw.team_cpus.unwrap_or(d.team_cpus),
-            team_memory_bytes: self.size("policy.team_memory", raw.team_memory, d.team_memory_bytes)?,
+            team_memory_bytes: self.size(
+                "policy.team_memory",
+                raw.team_memory,
+                d.team_memory_bytes,
+            )?,
             team_sessions: raw.team_sessions.unwrap_or(d.team_sessions),
             team_storage_bytes: self.size(
                 "policy.team_storage",
@@ -366,7 +367,12 @@ impl Validator<'_> {
                 "metric `custom` needs an eval_script that prints the score",
             ));
         }
-        let direction = match raw.direction.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let direction = match raw
+            .direction
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None => default_direction(&raw.metric),
             Some("descending") => pb::Direction::Descending,
             Some("ascending") => pb::Direction::Ascending,
@@ -386,7 +392,8 @@ impl Validator<'_> {
         }
 
         let root = base_dir.join(&raw.path);
-        let part = |value: Option<String>, default: &str| root.join(value.as_deref().unwrap_or(default));
+        let part =
+            |value: Option<String>, default: &str| root.join(value.as_deref().unwrap_or(default));
         let trial_required = raw.trial_data.is_some() || raw.trial_label.is_some();
         let private_keys_file = raw.private_keys_file.as_ref().map(|f| root.join(f));
         let private_keys = match &private_keys_file {
@@ -406,7 +413,10 @@ impl Validator<'_> {
             }
         };
         let eval_script = raw.eval_script.as_ref().map(|s| root.join(s));
-        if eval_script.as_ref().is_some_and(|p| p.file_name().is_none()) {
+        if eval_script
+            .as_ref()
+            .is_some_and(|p| p.file_name().is_none())
+        {
             return Err(self.invalid(format!("{key}.eval_script"), "must name a file"));
         }
 

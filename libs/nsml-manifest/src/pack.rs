@@ -40,7 +40,8 @@ impl Manifest {
             packer.path(&dataset.trial_data, "test_submit/test_data")?;
             packer.path(&dataset.trial_label, "test_submit/test_label")?;
         }
-        if let (Some(script), Some(file_name)) = (&dataset.eval_script, dataset.eval_script_name()) {
+        if let (Some(script), Some(file_name)) = (&dataset.eval_script, dataset.eval_script_name())
+        {
             packer.path(script, &format!("eval/{file_name}"))?;
         }
         if dataset.private_keys_file.is_some() {

@@ -105,12 +105,19 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused_with_the_format() {
-        for bad in ["", "G", "24X", "1.2.3G", "-1G", "5i", ".5G", "24GG", "99999999999T"] {
+        for bad in [
+            "",
+            "G",
+            "24X",
+            "1.2.3G",
+            "-1G",
+            "5i",
+            ".5G",
+            "24GG",
+            "99999999999T",
+        ] {
             let err = parse_size(bad).unwrap_err();
-            assert!(
-                err.to_string().contains("e.g. 24G, 512M"),
-                "{bad}: {err}"
-            );
+            assert!(err.to_string().contains("e.g. 24G, 512M"), "{bad}: {err}");
         }
     }
 

@@ -78,7 +78,11 @@ fn the_demo_competition_loads() {
     assert_eq!(manifest.id(), "demo");
     assert_eq!(manifest.hosts(), ["host"]);
     assert_eq!(manifest.policy(), &PolicySpec::default());
-    let names: Vec<_> = manifest.datasets().iter().map(|d| d.name.as_str()).collect();
+    let names: Vec<_> = manifest
+        .datasets()
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
     assert_eq!(names, ["t1-cls", "t2-reg"]);
 
     let request = manifest.competition_request();
@@ -106,8 +110,18 @@ fn the_demo_competition_loads() {
     assert_eq!(policy.submit_interval_secs, 3600);
     assert_eq!(policy.submit_time_limit_secs, 3600);
     assert_eq!(policy.submit_max_cpus, 4);
-    let teams: Vec<_> = competition.teams.iter().map(|t| (t.name.as_str(), t.members.clone())).collect();
-    assert_eq!(teams, [("demo", vec!["alice".to_string()]), ("rivals", vec!["bob".to_string()])]);
+    let teams: Vec<_> = competition
+        .teams
+        .iter()
+        .map(|t| (t.name.as_str(), t.members.clone()))
+        .collect();
+    assert_eq!(
+        teams,
+        [
+            ("demo", vec!["alice".to_string()]),
+            ("rivals", vec!["bob".to_string()])
+        ]
+    );
     let users: Vec<_> = request.users.iter().map(|u| u.username.as_str()).collect();
     assert_eq!(users, ["alice", "bob", "host"]);
     assert!(request.users.iter().all(|u| !u.password.is_empty()));
@@ -135,11 +149,19 @@ fn the_demo_datasets_pack_into_the_canonical_layout() {
         "test_submit/test_data/data.csv",
         "test_submit/test_label",
     ] {
-        assert!(files.contains_key(expected), "{expected} missing from {:?}", files.keys());
+        assert!(
+            files.contains_key(expected),
+            "{expected} missing from {:?}",
+            files.keys()
+        );
     }
     let on_disk = fs::read(manifest.base_dir().join("datasets/t1-cls/test/test_label")).unwrap();
     assert_eq!(files["test/test_label"], on_disk);
-    assert_eq!(manifest.pack_dataset("t1-cls").unwrap(), archive, "packing is reproducible");
+    assert_eq!(
+        manifest.pack_dataset("t1-cls").unwrap(),
+        archive,
+        "packing is reproducible"
+    );
     assert!(matches!(
         manifest.pack_dataset("nope"),
         Err(ManifestError::UnknownDataset { .. })
@@ -152,7 +174,11 @@ fn omitted_keys_take_their_defaults() {
     let manifest = load(&fixture.manifest(MINIMAL)).unwrap();
     assert_eq!(manifest.policy(), &PolicySpec::default());
     let dataset = &manifest.datasets()[0];
-    assert_eq!(dataset.direction, pb::Direction::Ascending, "mse ranks smaller first");
+    assert_eq!(
+        dataset.direction,
+        pb::Direction::Ascending,
+        "mse ranks smaller first"
+    );
     assert_eq!(dataset.private_fraction, 0.5);
     assert_eq!(dataset.split_seed, 0);
     assert!(manifest.teams().is_empty());
@@ -222,10 +248,22 @@ fn trial_parts_are_packed_when_present_and_required_when_named() {
     assert_eq!(files["test_submit/test_data"], b"x");
     assert_eq!(files["test_submit/test_label"], b"y");
 
-    let named = MINIMAL.replace("metric = \"mse\"", "metric = \"mse\"\ntrial_data = \"elsewhere\"");
+    let named = MINIMAL.replace(
+        "metric = \"mse\"",
+        "metric = \"mse\"\ntrial_data = \"elsewhere\"",
+    );
     let manifest = load(&fixture.manifest(&named)).unwrap();
     let err = manifest.check_files().unwrap_err();
-    assert!(matches!(err, ManifestError::MissingPart { what: "trial data", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ManifestError::MissingPart {
+                what: "trial data",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -243,7 +281,10 @@ fn error_of(toml: &str) -> String {
     let fixture = Fixture::new();
     let path = fixture.manifest(toml);
     let err = load(&path).unwrap_err().to_string();
-    assert!(err.contains("competition.toml"), "the error names the file: {err}");
+    assert!(
+        err.contains("competition.toml"),
+        "the error names the file: {err}"
+    );
     err
 }
 
@@ -258,10 +299,14 @@ fn unknown_keys_are_errors_naming_the_key() {
     let err = error_of(&format!("{MINIMAL}\n[policy]\nteam_gpu = 1\n"));
     assert!(err.contains("unknown field `team_gpu`"), "{err}");
 
-    let err = error_of(&format!("{MINIMAL}\n[[teams]]\nname = \"t\"\nmember = [\"a\"]\n"));
+    let err = error_of(&format!(
+        "{MINIMAL}\n[[teams]]\nname = \"t\"\nmember = [\"a\"]\n"
+    ));
     assert!(err.contains("unknown field `member`"), "{err}");
 
-    let err = error_of(&format!("{MINIMAL}\n[[users]]\nname = \"a\"\npasswd = \"x\"\n"));
+    let err = error_of(&format!(
+        "{MINIMAL}\n[[users]]\nname = \"a\"\npasswd = \"x\"\n"
+    ));
     assert!(err.contains("unknown field `passwd`"), "{err}");
 }
 
@@ -285,11 +330,17 @@ fn invalid_values_are_errors_naming_the_key() {
             "`datasets[0].direction`",
         ),
         (
-            MINIMAL.replace("metric = \"mse\"", "metric = \"mse\"\nprivate_fraction = 1.5"),
+            MINIMAL.replace(
+                "metric = \"mse\"",
+                "metric = \"mse\"\nprivate_fraction = 1.5",
+            ),
             "`datasets[0].private_fraction`",
         ),
         (
-            MINIMAL.replace("metric = \"mse\"", "metric = \"mse\"\nprivate_keys_file = \"none.txt\""),
+            MINIMAL.replace(
+                "metric = \"mse\"",
+                "metric = \"mse\"\nprivate_keys_file = \"none.txt\"",
+            ),
             "`datasets[0].private_keys_file`: cannot read",
         ),
         (
@@ -321,7 +372,9 @@ fn invalid_values_are_errors_naming_the_key() {
             "`datasets[1].name`: dataset `ds` is listed twice",
         ),
         (
-            format!("{MINIMAL}\n[[teams]]\nname = \"a\"\nmembers = [\"u\"]\n[[teams]]\nname = \"b\"\nmembers = [\"u\"]\n"),
+            format!(
+                "{MINIMAL}\n[[teams]]\nname = \"a\"\nmembers = [\"u\"]\n[[teams]]\nname = \"b\"\nmembers = [\"u\"]\n"
+            ),
             "`teams[1].members[0]`: user `u` is in more than one team",
         ),
         (
@@ -342,6 +395,11 @@ fn invalid_values_are_errors_naming_the_key() {
 
 #[test]
 fn a_missing_file_is_named() {
-    let err = load(Path::new("/nonexistent/competition.toml")).unwrap_err().to_string();
-    assert!(err.starts_with("cannot read `/nonexistent/competition.toml`"), "{err}");
+    let err = load(Path::new("/nonexistent/competition.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("cannot read `/nonexistent/competition.toml`"),
+        "{err}"
+    );
 }

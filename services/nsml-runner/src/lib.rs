@@ -1,1 +1,33 @@
-//! nsml-runner
+//! The NSML runner: the only part of the platform that touches participant code.
+//!
+//! Given a session, the [`LocalExecutor`] fetches the code snapshot (and for a submit the checkpoint)
+//! from storage, lays out the session directory with the dataset part the session may see, takes the
+//! session's GPUs, starts `python -u ENTRY ARGS` with a clean environment, streams its output to the
+//! session service, serves the Python SDK on a Unix socket (`report`, `save`, `load`, `predictions`),
+//! and reports the exit.
+//!
+//! The crate reads top-down:
+//! - [`executor`]: the [`Executor`](nsml_common::executor::Executor) implementation and session layout;
+//! - [`process`]: running one process (exit status, time limit, stop), testable without services;
+//! - [`launch`]: the child's environment and the one function that builds its command (the sandbox seam);
+//! - [`sdk`]: the SDK socket protocol; [`platform`]: what the process asks of the services;
+//! - [`logs`]: output lines and their batched stream; [`archive`]: safe tar extraction and packing;
+//! - [`dataset`]: which dataset part a session sees and its layout; [`gpu`]: the GPU inventory;
+//!   [`args`]: shell-like argument splitting.
+
+pub mod archive;
+pub mod args;
+pub mod dataset;
+pub mod error;
+pub mod executor;
+pub mod gpu;
+pub mod launch;
+pub mod logs;
+pub mod platform;
+pub mod process;
+pub mod sdk;
+
+pub use error::RunnerError;
+pub use executor::{LocalExecutor, RunnerConfig};
+pub use gpu::{GpuInfo, GpuInventory, GpuLease, GpuSource};
+pub use process::{ProcessOutcome, ProcessSpec, run_process};

@@ -89,13 +89,13 @@ impl Staging {
         })
     }
 
-    /// Writes an upload's data chunks to a staged file. More than `limit` bytes fail with `too_large()`,
-    /// as soon as the limit is passed.
+    /// Writes an upload's data chunks to a staged file. More than `limit` bytes fail with `too_large(n)`
+    /// (`n` = the bytes received so far), as soon as the limit is passed.
     pub async fn spool<S>(
         &self,
         mut data: S,
         limit: u64,
-        too_large: impl FnOnce() -> StorageError,
+        too_large: impl FnOnce(u64) -> StorageError,
     ) -> Result<Staged, StorageError>
     where
         S: Stream<Item = Result<Vec<u8>, StorageError>> + Unpin,
@@ -110,7 +110,7 @@ impl Staging {
             let chunk = chunk?;
             size += chunk.len() as u64;
             if size > limit {
-                return Err(too_large());
+                return Err(too_large(size));
             }
             hasher.update(&chunk);
             file.write_all(&chunk)
@@ -272,7 +272,7 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         let staged = staging
-            .spool(input, u64::MAX, || StorageError::BadRequest("too large".into()))
+            .spool(input, u64::MAX, |_| StorageError::BadRequest("too large".into()))
             .await
             .unwrap();
         let expected = hex::encode(Sha256::digest(&data));
@@ -301,7 +301,7 @@ mod tests {
         let staging = Staging::new(dir.path().join("tmp")).await.unwrap();
         let input = futures::stream::iter(vec![Ok(vec![0u8; 600]), Ok(vec![0u8; 600])]);
         let err = staging
-            .spool(input, 1000, || StorageError::BadRequest("too large".into()))
+            .spool(input, 1000, |_| StorageError::BadRequest("too large".into()))
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "too large");

@@ -79,6 +79,10 @@ pub enum StorageError {
     #[error("{what} belongs to another team")]
     OtherTeam { what: String },
 
+    /// The caller asked about a team that is not theirs.
+    #[error("you may see your own team's usage only, not team `{team}`'s")]
+    NotYourTeam { team: String },
+
     /// The read model has not caught up with the log yet (just after start-up).
     #[error("the storage service is still loading its state from the log; retry shortly")]
     NotReady,
@@ -102,7 +106,7 @@ pub enum StorageError {
 
     /// A refusal phrased by a shared helper (names, caller checks).
     #[error("{}", .0.message())]
-    Status(#[from] Status),
+    Refused(#[from] Status),
 }
 
 impl StorageError {
@@ -128,10 +132,10 @@ impl From<StorageError> for Status {
             | PartNotFound { .. }
             | CodeNotFound { .. }
             | CheckpointNotFound { .. } => Status::not_found(msg),
-            NotInCompetition { .. } | OtherTeam { .. } => Status::permission_denied(msg),
+            NotInCompetition { .. } | OtherTeam { .. } | NotYourTeam { .. } => Status::permission_denied(msg),
             NotReady => Status::unavailable(msg),
             Interrupted(_) => Status::aborted(msg),
-            Status(status) => status,
+            Refused(status) => status,
             Store(err) => nsml_common::status::store("storing the event", err),
             BlobMissing { .. } | Io { .. } => nsml_common::status::internal("serving storage", msg),
         }

@@ -1,0 +1,111 @@
+//! One function per command; [`dispatch`] routes the parsed command line to it.
+
+mod account;
+mod admin;
+mod boards;
+mod models;
+mod run;
+mod sessions;
+mod submit;
+
+use anyhow::Result;
+
+use crate::api::Api;
+use crate::cli::{
+    AdminBoardCommand, AdminCommand, AdminCompetitionCommand, AdminUserCommand, Command,
+    DatasetCommand, ModelCommand,
+};
+use crate::config::{CredentialStore, Target};
+
+/// What every command may need: where credentials live, what was stored, and the server and token to use.
+#[derive(Debug)]
+pub struct Context {
+    pub store: CredentialStore,
+    pub target: Target,
+}
+
+impl Context {
+    /// Returns the gateway client carrying the token.
+    pub fn api(&self) -> Result<Api> {
+        Api::new(&self.target.server, self.target.token.clone())
+    }
+}
+
+/// Runs one command.
+pub async fn dispatch(ctx: &Context, command: Command) -> Result<()> {
+    match command {
+        Command::Login {
+            username,
+            password_stdin,
+        } => account::login(ctx, username, password_stdin).await,
+        Command::Logout => account::logout(ctx).await,
+        Command::Whoami { json } => account::whoami(ctx, json.json).await,
+        Command::Dataset(DatasetCommand::Ls { json }) => boards::datasets(ctx, json.json).await,
+        Command::Dataset(DatasetCommand::Board {
+            dataset,
+            private,
+            json,
+        }) => boards::dataset_board(ctx, &dataset, private, json.json).await,
+        Command::Board {
+            competition,
+            private,
+            json,
+        } => boards::overall(ctx, competition, private, json.json).await,
+        Command::History { dataset, json } => boards::history(ctx, dataset, json.json).await,
+        Command::Run(args) => run::run(ctx, args).await,
+        Command::Ps(args) => sessions::ps(ctx, args).await,
+        Command::Logs { follow, session } => sessions::logs(ctx, &session, follow).await,
+        Command::Stop { session } => sessions::stop(ctx, &session).await,
+        Command::Rm { force, patterns } => sessions::rm(ctx, &patterns, force).await,
+        Command::Memo { session, text } => sessions::memo(ctx, &session, &text).await,
+        Command::Model(ModelCommand::Ls { json, session }) => {
+            models::ls(ctx, &session, json.json).await
+        }
+        Command::Model(ModelCommand::Rm {
+            session,
+            checkpoint,
+        }) => models::rm(ctx, &session, &checkpoint).await,
+        Command::Model(ModelCommand::Pull {
+            session,
+            checkpoint,
+            path,
+        }) => models::pull(ctx, &session, &checkpoint, path).await,
+        Command::Submit {
+            trial,
+            session,
+            checkpoint,
+        } => submit::submit(ctx, &session, &checkpoint, trial).await,
+        Command::Admin(AdminCommand::Competition(AdminCompetitionCommand::Apply { file })) => {
+            admin::apply(ctx, &file).await
+        }
+        Command::Admin(AdminCommand::Competition(AdminCompetitionCommand::Ls { json })) => {
+            admin::competitions(ctx, json.json).await
+        }
+        Command::Admin(AdminCommand::User(AdminUserCommand::Add {
+            name,
+            team,
+            competition,
+            password_stdin,
+        })) => admin::add_user(ctx, name, team, competition, password_stdin).await,
+        Command::Admin(AdminCommand::Board(AdminBoardCommand::Reveal { competition })) => {
+            admin::reveal(ctx, &competition).await
+        }
+    }
+}
+
+/// Reads a password: the first line of standard input with `--password-stdin`, else a prompt on the terminal.
+pub fn read_password(from_stdin: bool, prompt: &str) -> Result<String> {
+    let password = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    } else {
+        rpassword::prompt_password(prompt).map_err(|e| {
+            anyhow::anyhow!("cannot prompt for a password ({e}); pass it with --password-stdin")
+        })?
+    };
+    if password.is_empty() {
+        anyhow::bail!(crate::UsageError("the password is empty".into()));
+    }
+    Ok(password)
+}

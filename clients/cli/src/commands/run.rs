@@ -1,0 +1,186 @@
+//! `run`: upload the working directory and start a training session.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use nsml_manifest::{CHUNK_SIZE, format_size};
+use nsml_proto::v1::upload_code_chunk::Kind;
+use nsml_proto::v1::{
+    CodeSnapshot, GetSessionRequest, RemoveRequest, Resources, RunRequest, Session, SessionStatus,
+    StopRequest, UploadCodeChunk, UploadCodeMeta,
+};
+
+use super::Context;
+use super::sessions::print_logs;
+use crate::api::Api;
+use crate::archive;
+use crate::cli::RunArgs;
+use crate::ignore::IgnoreRules;
+use crate::output::{session_ended, session_status};
+use crate::{Exit, UsageError};
+
+/// Uploads above this size get a warning: they are usually data or checkpoints that belong in `.nsmlignore`.
+const LARGE_UPLOAD: usize = 10 * 1024 * 1024;
+
+pub async fn run(ctx: &Context, args: RunArgs) -> Result<()> {
+    let dir = args.dir.clone();
+    if !dir.is_dir() {
+        bail!(UsageError(format!("{} is not a directory", dir.display())));
+    }
+    println!(".nsmlignore check - start");
+    let rules = load_rules(&dir)?;
+    let collected = archive::collect(&dir, &rules)?;
+    for skipped in &collected.skipped {
+        eprintln!("Warning: skipping {skipped}: not a regular file or directory");
+    }
+    println!(".nsmlignore check - done");
+    if !collected.contains_file(&args.entry) {
+        bail!("entry file {} not found in {}", args.entry, dir.display());
+    }
+    let pack_dir = dir.clone();
+    let upload = tokio::task::spawn_blocking(move || archive::pack(&pack_dir, &collected))
+        .await
+        .context("packing the upload stopped")??;
+    if upload.len() > LARGE_UPLOAD {
+        eprintln!(
+            "Warning: the upload is {}, over 10 MB; consider .nsmlignore",
+            format_size(upload.len() as u64)
+        );
+    }
+
+    let api = ctx.api()?;
+    let snapshot = upload_code(&api, &args.dataset, upload).await?;
+    let session = api
+        .session()
+        .run(RunRequest {
+            dataset: args.dataset.clone(),
+            entry: args.entry.clone(),
+            args: args.args.clone(),
+            resources: Some(Resources {
+                gpus: args.gpus,
+                cpus: args.cpus,
+                memory_bytes: args.memory,
+                shm_bytes: args.shm,
+            }),
+            memo: args.memo.clone(),
+            code_snapshot: snapshot.id,
+            interactive: args.interactive,
+        })
+        .await?
+        .into_inner();
+    println!("Session {} is started", session.name);
+    if args.interactive {
+        return interact(&api, &session.name).await;
+    }
+    Ok(())
+}
+
+fn load_rules(dir: &Path) -> Result<IgnoreRules> {
+    let path = dir.join(".nsmlignore");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => IgnoreRules::parse(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(IgnoreRules::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Streams the archive to `StorageService.UploadCode`: a `meta` message, then chunks, with a progress bar on a
+/// terminal.
+async fn upload_code(api: &Api, dataset: &str, archive: Vec<u8>) -> Result<CodeSnapshot> {
+    let bar = progress_bar(archive.len() as u64);
+    let total = archive.len();
+    let meta = UploadCodeChunk {
+        kind: Some(Kind::Meta(UploadCodeMeta {
+            dataset: dataset.to_string(),
+        })),
+    };
+    let counter = bar.clone();
+    let data = futures::stream::iter((0..total).step_by(CHUNK_SIZE)).map(move |start| {
+        let end = (start + CHUNK_SIZE).min(total);
+        counter.inc((end - start) as u64);
+        UploadCodeChunk {
+            kind: Some(Kind::Data(archive[start..end].to_vec())),
+        }
+    });
+    let stream = futures::stream::iter([meta]).chain(data);
+    let result = api.storage().upload_code(stream).await;
+    bar.finish_and_clear();
+    Ok(result?.into_inner())
+}
+
+/// Returns a byte progress bar drawn on stderr, or a hidden one when stderr is not a terminal.
+pub fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("Uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// `run -i`: follows the output until the session ends (Ctrl-C stops it), then removes it; fails when the
+/// session did.
+async fn interact(api: &Api, name: &str) -> Result<()> {
+    let mut stopping = false;
+    let follow = print_logs(api, name, true);
+    tokio::pin!(follow);
+    loop {
+        tokio::select! {
+            result = &mut follow => { result?; break; }
+            _ = tokio::signal::ctrl_c(), if !stopping => {
+                stopping = true;
+                eprintln!("Stopping {name}");
+                api.session().stop(StopRequest { name: name.to_string() }).await?;
+            }
+        }
+    }
+    // The log stream ends with the session; give the final status a moment to be recorded.
+    let mut ended = get_session(api, name).await?;
+    for _ in 0..60 {
+        if session_ended(ended.status()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ended = get_session(api, name).await?;
+    }
+    let failed = ended.status() == SessionStatus::Failed || ended.exit_code != 0;
+    if failed {
+        let reason = if ended.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", ended.reason)
+        };
+        eprintln!("Session {name} ended {}{reason}", session_status(&ended));
+    }
+    let removed = api
+        .session()
+        .remove(RemoveRequest {
+            pattern: name.to_string(),
+            force: true,
+        })
+        .await?
+        .into_inner();
+    for name in removed.removed {
+        println!("Removed {name}");
+    }
+    if failed {
+        bail!(Exit(1));
+    }
+    Ok(())
+}
+
+async fn get_session(api: &Api, name: &str) -> Result<Session> {
+    let request = GetSessionRequest {
+        name: name.to_string(),
+    };
+    Ok(api.session().get(request).await?.into_inner())
+}

@@ -1,0 +1,244 @@
+//! `ps`, `logs`, `stop`, `rm`, `memo`, and following a session's output.
+
+use anyhow::{Result, bail};
+use nsml_proto::v1::{
+    ListSessionsRequest, LogsRequest, MemoRequest, RemoveRequest, Session, SessionStatus,
+    StopRequest,
+};
+
+use super::Context;
+use crate::api::Api;
+use crate::cli::PsArgs;
+use crate::output::{
+    Table, is_submit, kind_name, now_ms, relative_time, session_ended, session_status, status_name,
+    summary,
+};
+use crate::{Exit, json};
+use nsml_manifest::format_size;
+
+/// The arguments the platform passes to the entry file of a submit session.
+pub const SUBMIT_ARGS: &str = "--mode test --pause 1";
+
+pub async fn ps(ctx: &Context, args: PsArgs) -> Result<()> {
+    let response = ctx
+        .api()?
+        .session()
+        .list(ListSessionsRequest {
+            all: args.all,
+            last: args.last.unwrap_or(0),
+            dataset: args.dataset.unwrap_or_default(),
+            search: args.search.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    if args.json.json {
+        json::print(&response.sessions.iter().map(json::session).collect());
+        return Ok(());
+    }
+    print!("{}", render_ps(&response.sessions, now_ms()));
+    Ok(())
+}
+
+/// Renders `nsml ps`: the table, then why each failed or stopped session ended.
+pub fn render_ps(sessions: &[Session], now: i64) -> String {
+    let mut table = Table::new(&[
+        "Name",
+        "Created",
+        "Args",
+        "Status",
+        "Summary",
+        "Description",
+        "# of Models",
+        "Size",
+        "Type",
+    ]);
+    for s in sessions {
+        let submit = is_submit(s.kind());
+        table.row(vec![
+            s.name.clone(),
+            relative_time(s.created_at_ms, now),
+            if submit && s.args.is_empty() {
+                SUBMIT_ARGS.to_string()
+            } else {
+                s.args.clone()
+            },
+            session_status(s),
+            summary(&s.summary_json),
+            if submit {
+                format!("submit of {}", s.source_session)
+            } else {
+                s.memo.clone()
+            },
+            s.checkpoint_count.to_string(),
+            format_size(s.checkpoint_bytes),
+            kind_name(s.kind()).to_string(),
+        ]);
+    }
+    let mut out = table.render();
+    let reasons: Vec<String> = sessions
+        .iter()
+        .filter(|s| {
+            !s.reason.is_empty()
+                && matches!(s.status(), SessionStatus::Failed | SessionStatus::Stopped)
+        })
+        .map(|s| {
+            format!(
+                "{} {}: {}",
+                s.name,
+                status_name(s.status()).to_ascii_lowercase(),
+                s.reason
+            )
+        })
+        .collect();
+    if !reasons.is_empty() {
+        out.push('\n');
+        for line in reasons {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub async fn logs(ctx: &Context, session: &str, follow: bool) -> Result<()> {
+    print_logs(&ctx.api()?, session, follow).await
+}
+
+/// Prints a session's log lines as they arrive, stderr lines on stderr; with `follow`, until the session ends.
+pub async fn print_logs(api: &Api, session: &str, follow: bool) -> Result<()> {
+    let mut stream = api
+        .session()
+        .logs(LogsRequest {
+            name: session.to_string(),
+            follow,
+        })
+        .await?
+        .into_inner();
+    while let Some(line) = stream.message().await? {
+        let text = line.text.strip_suffix('\n').unwrap_or(&line.text);
+        if line.stream == "stderr" {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn stop(ctx: &Context, session: &str) -> Result<()> {
+    let stopped = ctx
+        .api()?
+        .session()
+        .stop(StopRequest {
+            name: session.to_string(),
+        })
+        .await?
+        .into_inner();
+    if session_ended(stopped.status()) {
+        println!(
+            "Session {} is {}",
+            stopped.name,
+            session_status(&stopped).to_ascii_lowercase()
+        );
+    } else {
+        println!("Session {} is stopping", stopped.name);
+    }
+    Ok(())
+}
+
+pub async fn rm(ctx: &Context, patterns: &[String], force: bool) -> Result<()> {
+    let api = ctx.api()?;
+    let mut failed = false;
+    for pattern in patterns {
+        match api
+            .session()
+            .remove(RemoveRequest {
+                pattern: pattern.clone(),
+                force,
+            })
+            .await
+        {
+            Ok(response) => {
+                let removed = response.into_inner().removed;
+                if removed.is_empty() {
+                    eprintln!("No session matches {pattern}");
+                    failed = true;
+                }
+                for name in removed {
+                    println!("Removed {name}");
+                }
+            }
+            // One refused pattern (a running session without -f) must not keep the others from going.
+            Err(status) if patterns.len() > 1 && !crate::api::is_local(&status) => {
+                eprintln!("Error: {pattern}: {}", status.message());
+                failed = true;
+            }
+            Err(status) => return Err(status.into()),
+        }
+    }
+    if failed {
+        bail!(Exit(1));
+    }
+    Ok(())
+}
+
+pub async fn memo(ctx: &Context, session: &str, text: &str) -> Result<()> {
+    let updated = ctx
+        .api()?
+        .session()
+        .memo(MemoRequest {
+            name: session.to_string(),
+            memo: text.to_string(),
+        })
+        .await?
+        .into_inner();
+    println!("Memo of {} updated", updated.name);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use nsml_proto::v1::SessionKind;
+
+    use super::*;
+
+    #[test]
+    fn ps_shows_submits_like_nsml_and_explains_failures() {
+        let now = 1_700_000_000_000;
+        let sessions = vec![
+            Session {
+                name: "demo/t1-cls/1".into(),
+                kind: SessionKind::Train as i32,
+                status: SessionStatus::Running as i32,
+                created_at_ms: now - 180_000,
+                args: "--epochs 3".into(),
+                memo: "baseline".into(),
+                summary_json: r#"{"epoch":2,"loss":0.123456}"#.into(),
+                checkpoint_count: 2,
+                checkpoint_bytes: 1229,
+                ..Default::default()
+            },
+            Session {
+                name: "demo/t1-cls/2".into(),
+                kind: SessionKind::Submit as i32,
+                status: SessionStatus::Failed as i32,
+                exit_code: 137,
+                reason: "Killed (out of memory: limit 24G)".into(),
+                created_at_ms: now - 60_000,
+                source_session: "demo/t1-cls/1".into(),
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            render_ps(&sessions, now),
+            "Name           Created        Args                   Status             Summary                \
+             Description               # of Models  Size    Type\n\
+             demo/t1-cls/1  3 minutes ago  --epochs 3             Running            epoch=2, loss=0.1235   \
+             baseline                  2            1.2 KB  train\n\
+             demo/t1-cls/2  1 minute ago   --mode test --pause 1  Failed (exit 137)                         \
+             submit of demo/t1-cls/1   0            0 B     submit\n\
+             \n\
+             demo/t1-cls/2 failed: Killed (out of memory: limit 24G)\n"
+        );
+    }
+}

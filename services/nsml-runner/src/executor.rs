@@ -1,0 +1,491 @@
+//! The local executor: runs each session as a child process on this machine.
+//!
+//! For every started session a task lays out the session directory, fetches what the session needs
+//! from storage, takes its GPUs, runs the entry through [`run_process`], flushes the logs, reports the
+//! finish (retried through a service restart) and removes the directory.
+//!
+//! ```text
+//! WORK_DIR/
+//!   datasets/DATASET/PART-VERSION/   extracted dataset parts, shared by sessions (copied, never linked)
+//!   sessions/TEAM/DATASET/N/         HOME, NSML_SESSION_DIR
+//!     code/                          the code snapshot; the entry's working directory
+//!     data/                          NSML_DATASET_PATH: train/... or test/test_data
+//!     ckpt/                          NSML_CHECKPOINT_DIR: the submitted checkpoint (submits)
+//!     tmp/                           TMPDIR; loaded checkpoints under tmp/load-*
+//!     nsml.sock                      NSML_SOCKET: the SDK socket
+//!   sockets/                         SDK sockets of sessions whose path would be too long for a socket
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use nsml_common::clients::Clients;
+use nsml_common::executor::Executor;
+use nsml_proto::v1::{
+    DatasetPart, DownloadCodeRequest, FetchDatasetPartRequest, GetDatasetRequest, PullCheckpointRequest,
+    RunnerFinishedRequest, Session, SessionKind,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::archive::{self, ExtractLimits};
+use crate::args::entry_args;
+use crate::dataset::{normalize_part, part_for, part_slug};
+use crate::error::{Result, RunnerError};
+use crate::gpu::{GpuInventory, GpuLease};
+use crate::launch::{EnvSpec, LaunchSpec, build_command, session_env};
+use crate::logs::{LogSender, forward_logs};
+use crate::platform::{FINISH_ATTEMPTS, GrpcPlatform, Platform, extract_download, with_retry};
+use crate::process::{ProcessOutcome, ProcessSpec, STOP_GRACE, run_process};
+use crate::sdk::SdkContext;
+
+/// The longest socket path used; the kernel's limit is 107 bytes.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// How the local executor runs sessions.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Sessions under `work_dir/sessions/TEAM/DATASET/N`, the dataset cache under `work_dir/datasets`.
+    pub work_dir: PathBuf,
+    /// The Python interpreter, looked up on `PATH` (default `python3`).
+    pub python: String,
+    /// The directory holding the `nsml` Python package; it is the child's `PYTHONPATH`.
+    pub sdk_path: PathBuf,
+    /// The GPUs sessions are given.
+    pub gpus: GpuInventory,
+}
+
+impl RunnerConfig {
+    /// A configuration with `python3` and the GPUs `nvidia-smi` lists.
+    pub fn new(work_dir: PathBuf, sdk_path: PathBuf) -> Self {
+        Self {
+            work_dir,
+            python: "python3".to_string(),
+            sdk_path,
+            gpus: GpuInventory::detect(),
+        }
+    }
+}
+
+/// Runs sessions as child processes of this process.
+pub struct LocalExecutor {
+    /// This executor, for the tasks it spawns (`Executor::start` only gets `&self`).
+    me: Weak<LocalExecutor>,
+    cfg: RunnerConfig,
+    clients: Clients,
+    live: Mutex<HashMap<String, CancellationToken>>,
+    dataset_locks: Mutex<HashMap<(String, i32), Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The paths of one session's directory.
+#[derive(Debug, Clone)]
+struct SessionDirs {
+    root: PathBuf,
+    code: PathBuf,
+    data: PathBuf,
+    ckpt: PathBuf,
+    tmp: PathBuf,
+    socket: PathBuf,
+}
+
+impl SessionDirs {
+    fn new(root: PathBuf, work_dir: &Path) -> Self {
+        let mut socket = root.join("nsml.sock");
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            socket = work_dir
+                .join("sockets")
+                .join(format!("{}.sock", uuid::Uuid::new_v4().simple()));
+        }
+        Self {
+            code: root.join("code"),
+            data: root.join("data"),
+            ckpt: root.join("ckpt"),
+            tmp: root.join("tmp"),
+            socket,
+            root,
+        }
+    }
+}
+
+/// Checks that `entry` names a file inside `code` (after resolving links) and returns it relative.
+fn check_entry(code: &Path, entry: &str) -> Result<PathBuf> {
+    let missing = || RunnerError::EntryNotFound {
+        entry: entry.to_string(),
+    };
+    let rel = Path::new(entry);
+    if entry.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(missing());
+    }
+    let code = code.canonicalize().map_err(|_| missing())?;
+    let full = code.join(rel).canonicalize().map_err(|_| missing())?;
+    if !full.starts_with(&code) || !full.is_file() {
+        return Err(missing());
+    }
+    Ok(rel.to_path_buf())
+}
+
+fn is_submit(kind: SessionKind) -> bool {
+    matches!(kind, SessionKind::Submit | SessionKind::TrialSubmit)
+}
+
+impl LocalExecutor {
+    /// An executor running sessions with `cfg`, talking to the services through `clients`.
+    pub fn new(cfg: RunnerConfig, clients: Clients) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
+            cfg,
+            clients,
+            live: Mutex::new(HashMap::new()),
+            dataset_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The GPUs this executor hands out.
+    pub fn gpus(&self) -> &GpuInventory {
+        &self.cfg.gpus
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        // A map of tokens stays consistent through a panic elsewhere: recovering from poison is sound.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn session_root(&self, session: &Session) -> Result<PathBuf> {
+        let bad = |why: String| RunnerError::Session {
+            name: session.name.clone(),
+            why,
+        };
+        for (what, v) in [("team", &session.team), ("dataset", &session.dataset)] {
+            nsml_common::names::check_ident(what, v).map_err(|s| bad(s.message().to_string()))?;
+        }
+        let expected = format!("{}/{}/{}", session.team, session.dataset, session.number);
+        if session.name != expected {
+            return Err(bad(format!("the name does not match its parts `{expected}`")));
+        }
+        Ok(self
+            .cfg
+            .work_dir
+            .join("sessions")
+            .join(&session.team)
+            .join(&session.dataset)
+            .join(session.number.to_string()))
+    }
+
+    /// Runs one session from setup to reported finish.
+    async fn run_session(self: Arc<Self>, session: Session, time_limit_secs: u64, stop: CancellationToken) {
+        let name = session.name.clone();
+        let (logs, rx) = LogSender::channel();
+        let clients = self.clients.clone();
+        let forwarder = tokio::spawn(forward_logs(name.clone(), rx, move || {
+            let mut client = clients.session.clone();
+            async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                let call = tokio::spawn(async move {
+                    client
+                        .runner_logs(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await
+                        .map(|_| ())
+                });
+                (tx, call)
+            }
+        }));
+
+        let mut dirs = None;
+        let outcome = self
+            .prepare_and_run(&session, time_limit_secs, &logs, &stop, &mut dirs)
+            .await;
+        if outcome.pid.is_none() {
+            logs.nsml(format!("Session failed: {}", outcome.reason)).await;
+        }
+        // Every line must be in before the finish: the session service closes the log on finish.
+        drop(logs);
+        if let Err(e) = forwarder.await {
+            tracing::warn!(session = %name, error = %e, "log forwarder failed");
+        }
+        let req = RunnerFinishedRequest {
+            name: name.clone(),
+            exit_code: outcome.exit_code,
+            reason: outcome.reason.clone(),
+            stopped: outcome.stopped,
+        };
+        let finished = with_retry("RunnerFinished", FINISH_ATTEMPTS, || {
+            let mut c = self.clients.session.clone();
+            let req = req.clone();
+            async move { c.runner_finished(req).await }
+        })
+        .await;
+        match finished {
+            Ok(_) => tracing::info!(session = %name, exit_code = outcome.exit_code, reason = %outcome.reason, "session finished"),
+            Err(e) => tracing::error!(session = %name, error = %e, "could not report the finish"),
+        }
+        if let Some(dirs) = dirs {
+            archive::remove_tree(&dirs.root).await;
+            if !dirs.socket.starts_with(&dirs.root) {
+                let _ = std::fs::remove_file(&dirs.socket);
+            }
+        }
+        self.live().remove(&name);
+    }
+
+    /// Sets the session up and runs it; setup failures and stops during setup become outcomes.
+    async fn prepare_and_run(
+        &self,
+        session: &Session,
+        time_limit_secs: u64,
+        logs: &LogSender,
+        stop: &CancellationToken,
+        dirs_out: &mut Option<SessionDirs>,
+    ) -> ProcessOutcome {
+        let root = match self.session_root(session) {
+            Ok(root) => root,
+            Err(e) => return ProcessOutcome::setup_failed(e.to_string(), false),
+        };
+        let dirs = SessionDirs::new(root, &self.cfg.work_dir);
+        *dirs_out = Some(dirs.clone());
+        let prepared = tokio::select! {
+            p = self.prepare(session, &dirs, logs) => p,
+            _ = stop.cancelled() => {
+                return ProcessOutcome::setup_failed("stopped before the process started", true);
+            }
+        };
+        let (launch, lease) = match prepared {
+            Ok(p) => p,
+            Err(e) => return ProcessOutcome::setup_failed(e.to_string(), false),
+        };
+        let platform: Arc<dyn Platform> = Arc::new(GrpcPlatform::new(
+            self.clients.clone(),
+            session.name.clone(),
+            lease.ids().to_vec(),
+        ));
+        let kind = session.kind();
+        let sdk = match SdkContext::new(
+            session.name.clone(),
+            kind,
+            &dirs.root,
+            dirs.tmp.clone(),
+            vec![dirs.data.clone()],
+            Arc::clone(&platform),
+        ) {
+            Ok(sdk) => sdk,
+            Err(e) => return ProcessOutcome::setup_failed(e.to_string(), false),
+        };
+        let time_limit = (time_limit_secs > 0).then(|| Duration::from_secs(time_limit_secs));
+        let time_limit_text = if is_submit(kind) {
+            format!("the inference must finish within {time_limit_secs} seconds")
+        } else {
+            format!("the session must finish within {time_limit_secs} seconds")
+        };
+        if is_submit(kind) && time_limit.is_some() {
+            logs.nsml(format!(
+                "Infer test set. The inference should be completed within {time_limit_secs} seconds."
+            ))
+            .await;
+        }
+        let spec = ProcessSpec {
+            command: build_command(&launch),
+            socket_path: dirs.socket.clone(),
+            sdk,
+            time_limit,
+            stop_grace: STOP_GRACE,
+            time_limit_text,
+        };
+        let outcome = run_process(spec, platform, logs.clone(), stop.clone()).await;
+        drop(lease);
+        outcome
+    }
+
+    /// Lays out the session directory and builds the launch; holds the session's GPUs on success.
+    async fn prepare(
+        &self,
+        session: &Session,
+        dirs: &SessionDirs,
+        logs: &LogSender,
+    ) -> Result<(LaunchSpec, GpuLease)> {
+        let kind = session.kind();
+        let resources = session.resources.unwrap_or_default();
+        let lease = self.cfg.gpus.assign(resources.gpus)?;
+        let part = part_for(kind).ok_or_else(|| RunnerError::Session {
+            name: session.name.clone(),
+            why: "unknown session kind".into(),
+        })?;
+        let args = entry_args(&session.args, is_submit(kind))?;
+
+        archive::remove_tree(&dirs.root).await;
+        for d in [&dirs.root, &dirs.tmp, &dirs.ckpt] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| RunnerError::io(format!("cannot create {}", d.display()), e))?;
+        }
+        if let Some(parent) = dirs.socket.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| RunnerError::io(format!("cannot create {}", parent.display()), e))?;
+        }
+
+        logs.nsml("Fetching code").await;
+        let code = self
+            .clients
+            .storage
+            .clone()
+            .download_code(DownloadCodeRequest {
+                id: session.code_snapshot.clone(),
+            })
+            .await
+            .map_err(|s| RunnerError::rpc("DownloadCode", s))?
+            .into_inner();
+        extract_download("DownloadCode", code, &dirs.code, ExtractLimits::CODE).await?;
+        let entry_name = if session.entry.is_empty() { "main.py" } else { &session.entry };
+        let entry = check_entry(&dirs.code, entry_name)?;
+
+        logs.nsml(format!("Preparing dataset {} ({})", session.dataset, part_slug(part))).await;
+        self.place_dataset(&session.dataset, part, &dirs.data).await?;
+
+        if is_submit(kind) {
+            logs.nsml(format!(
+                "Fetching checkpoint {} of {}",
+                session.source_checkpoint, session.source_session
+            ))
+            .await;
+            let stream = self
+                .clients
+                .storage
+                .clone()
+                .pull_checkpoint(PullCheckpointRequest {
+                    session: session.source_session.clone(),
+                    checkpoint: session.source_checkpoint.clone(),
+                })
+                .await
+                .map_err(|s| RunnerError::rpc("PullCheckpoint", s))?
+                .into_inner();
+            std::fs::remove_dir(&dirs.ckpt)
+                .map_err(|e| RunnerError::io(format!("cannot prepare {}", dirs.ckpt.display()), e))?;
+            extract_download("PullCheckpoint", stream, &dirs.ckpt, ExtractLimits::CHECKPOINT).await?;
+        }
+
+        let env = session_env(&EnvSpec {
+            name: session.name.clone(),
+            dataset: session.dataset.clone(),
+            kind,
+            session_dir: dirs.root.clone(),
+            dataset_dir: dirs.data.clone(),
+            tmp_dir: dirs.tmp.clone(),
+            checkpoint_dir: dirs.ckpt.clone(),
+            socket: dirs.socket.clone(),
+            sdk_path: self.cfg.sdk_path.clone(),
+            gpu_ids: lease.ids().to_vec(),
+            resources,
+        });
+        let launch = LaunchSpec {
+            python: self.cfg.python.clone(),
+            entry,
+            args,
+            cwd: dirs.code.clone(),
+            env,
+            gpu_ids: lease.ids().to_vec(),
+            resources,
+        };
+        Ok((launch, lease))
+    }
+
+    /// Copies dataset `dataset`'s `part` into `dest`, fetching it into the cache first if needed.
+    async fn place_dataset(&self, dataset: &str, part: DatasetPart, dest: &Path) -> Result<()> {
+        let lock = {
+            let mut locks = self.dataset_locks.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(locks.entry((dataset.to_string(), part as i32)).or_default())
+        };
+        // One session at a time per part: the first fetches, the others copy the cached tree.
+        let _held = lock.lock().await;
+        let info = self
+            .clients
+            .storage
+            .clone()
+            .get_dataset(GetDatasetRequest {
+                name: dataset.to_string(),
+            })
+            .await
+            .map_err(|s| RunnerError::rpc("GetDataset", s))?
+            .into_inner();
+        let base = self.cfg.work_dir.join("datasets").join(dataset);
+        let slug = part_slug(part);
+        // A re-registered dataset gets a new version, so a stale cache is never used.
+        let cached = base.join(format!("{slug}-{}", info.updated_at_ms));
+        if !cached.is_dir() {
+            let staging = base.join(format!(".{slug}-{}", uuid::Uuid::new_v4().simple()));
+            let stream = self
+                .clients
+                .storage
+                .clone()
+                .fetch_dataset_part(FetchDatasetPartRequest {
+                    name: dataset.to_string(),
+                    part: part as i32,
+                })
+                .await
+                .map_err(|s| RunnerError::rpc("FetchDatasetPart", s))?
+                .into_inner();
+            let extracted = staging.join("archive");
+            extract_download("FetchDatasetPart", stream, &extracted, ExtractLimits::DATASET).await?;
+            let (ds, root, from) = (dataset.to_string(), staging.join("root"), extracted.clone());
+            let normalized = tokio::task::spawn_blocking(move || normalize_part(&ds, part, &from, &root))
+                .await
+                .map_err(|e| RunnerError::io("dataset layout stopped", std::io::Error::other(e)))
+                .and_then(|r| r);
+            let installed = normalized.and_then(|()| {
+                std::fs::rename(staging.join("root"), &cached)
+                    .map_err(|e| RunnerError::io(format!("cannot install {}", cached.display()), e))
+            });
+            archive::remove_tree(&staging).await;
+            installed?;
+            // Older versions of this part are no longer needed.
+            if let Ok(entries) = std::fs::read_dir(&base) {
+                for e in entries.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with(&format!("{slug}-")) && e.path() != cached {
+                        archive::remove_tree(&e.path()).await;
+                    }
+                }
+            }
+        }
+        let (from, to) = (cached.clone(), dest.to_path_buf());
+        tokio::task::spawn_blocking(move || archive::copy_tree(&from, &to))
+            .await
+            .map_err(|e| RunnerError::io("dataset copy stopped", std::io::Error::other(e)))??;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for LocalExecutor {
+    async fn start(&self, session: Session, time_limit_secs: u64) -> std::result::Result<(), String> {
+        // `self` is reachable only through the Arc made by `new`, so the upgrade succeeds.
+        let Some(me) = self.me.upgrade() else {
+            return Err("the runner is shutting down".to_string());
+        };
+        let stop = CancellationToken::new();
+        {
+            let mut live = self.live();
+            if live.contains_key(&session.name) {
+                return Err(RunnerError::AlreadyRunning(session.name).to_string());
+            }
+            live.insert(session.name.clone(), stop.clone());
+        }
+        let span = tracing::info_span!("session", name = %session.name, kind = ?session.kind());
+        tokio::spawn(me.run_session(session, time_limit_secs, stop).instrument(span));
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> bool {
+        match self.live().get(name) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn running(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.live().keys().cloned().collect();
+        names.sort();
+        names
+    }
+}

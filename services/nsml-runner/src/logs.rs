@@ -1,0 +1,308 @@
+//! A session's output on its way to the session service.
+//!
+//! Readers cut the child's stdout and stderr into lines ([`pump_lines`]); platform messages join them
+//! as stream `nsml`. Every line goes through one channel to [`forward_logs`], which numbers the lines
+//! (`seq` from 1, in the order the channel delivers them) and sends them as batches on one long-lived
+//! client stream per session. A batch is whatever has arrived by the time the previous one left, so a
+//! line never waits for company: under load batches grow, when idle each line goes at once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use nsml_proto::v1::{LogLine, RunnerLogBatch};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// The longest line sent; longer output (including output with no newline at all) is cut into pieces.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Text per batch, well under the gRPC message limit.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Lines buffered between the readers and the forwarder; when full, the child blocks on its writes.
+const LINE_BUFFER: usize = 4096;
+/// Reopen attempts before lines are dropped for good.
+const MAX_REOPENS: u32 = 6;
+
+/// The `stream` of a line.
+pub const STDOUT: &str = "stdout";
+/// The `stream` of a line.
+pub const STDERR: &str = "stderr";
+/// The `stream` of a platform message.
+pub const NSML: &str = "nsml";
+
+/// Hands a session's lines to its forwarder. Cheap to clone; the forwarder finishes once every clone
+/// is dropped.
+#[derive(Debug, Clone)]
+pub struct LogSender {
+    tx: mpsc::Sender<LogLine>,
+}
+
+impl LogSender {
+    /// A sender and the receiving end for [`forward_logs`] (or a test).
+    pub fn channel() -> (Self, mpsc::Receiver<LogLine>) {
+        let (tx, rx) = mpsc::channel(LINE_BUFFER);
+        (Self { tx }, rx)
+    }
+
+    /// Queues one line of `stream`; `seq` is set by the forwarder.
+    pub async fn send(&self, stream: &str, text: impl Into<String>) {
+        let line = LogLine {
+            seq: 0,
+            at_ms: nsml_common::now_ms(),
+            stream: stream.to_string(),
+            text: text.into(),
+        };
+        // A closed channel means the session is over and its logs flushed: nothing left to tell.
+        let _ = self.tx.send(line).await;
+    }
+
+    /// Queues a platform message (stream `nsml`).
+    pub async fn nsml(&self, text: impl Into<String>) {
+        self.send(NSML, text).await;
+    }
+}
+
+/// Where `bytes` can be cut without splitting a UTF-8 character at its end.
+fn utf8_cut(bytes: &[u8]) -> usize {
+    let n = bytes.len();
+    for back in 1..=n.min(4) {
+        let b = bytes[n - back];
+        if b & 0xC0 != 0x80 {
+            let need = match b {
+                0x00..=0x7F => 1,
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            return if need > back { n - back } else { n };
+        }
+    }
+    n
+}
+
+/// Reads `reader` to its end and sends each line as `stream`. A line ends at `\n`, `\r\n` or a lone `\r`
+/// (progress bars redraw with `\r`); a line longer than [`MAX_LINE_BYTES`] is sent in pieces; invalid
+/// UTF-8 is replaced.
+pub async fn pump_lines<R: AsyncRead + Unpin>(reader: R, stream: &'static str, logs: LogSender) {
+    let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, reader);
+    let mut line: Vec<u8> = Vec::new();
+    let mut after_cr = false;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok([]) => break,
+            Ok(buf) => buf,
+            Err(e) => {
+                tracing::debug!(error = %e, stream, "output read failed");
+                break;
+            }
+        };
+        let mut start = 0;
+        if after_cr {
+            after_cr = false;
+            if buf[0] == b'\n' {
+                start = 1;
+            }
+        }
+        let room = MAX_LINE_BYTES - line.len();
+        let window = &buf[start..buf.len().min(start + room)];
+        let (used, done) = match window.iter().position(|&b| b == b'\n' || b == b'\r') {
+            Some(p) => {
+                line.extend_from_slice(&window[..p]);
+                after_cr = window[p] == b'\r';
+                (start + p + 1, true)
+            }
+            None => {
+                line.extend_from_slice(window);
+                (start + window.len(), false)
+            }
+        };
+        reader.consume(used);
+        if done {
+            logs.send(stream, String::from_utf8_lossy(&line)).await;
+            line.clear();
+        } else if line.len() >= MAX_LINE_BYTES {
+            let cut = utf8_cut(&line);
+            let rest = line.split_off(cut);
+            logs.send(stream, String::from_utf8_lossy(&line)).await;
+            line = rest;
+        }
+    }
+    if !line.is_empty() {
+        logs.send(stream, String::from_utf8_lossy(&line)).await;
+    }
+}
+
+/// An open log stream: the sending side of its batches and the call that ends when the stream does.
+pub type LogStream = (
+    mpsc::Sender<RunnerLogBatch>,
+    JoinHandle<Result<(), tonic::Status>>,
+);
+
+/// Numbers and batches the lines of `rx` and sends them on streams made by `open`, reopening (with
+/// backoff) when a stream breaks. Returns once `rx` is closed and the last stream has been answered,
+/// i.e. when every line has reached the service (or, if it stayed away through every reopen, been
+/// given up on with a warning).
+pub async fn forward_logs<F, Fut>(name: String, mut rx: mpsc::Receiver<LogLine>, open: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = LogStream>,
+{
+    let mut seq = 0u64;
+    let mut current: Option<LogStream> = None;
+    let mut failures = 0u32;
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.text.len();
+        let mut lines = vec![first];
+        while bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(line) => {
+                    bytes += line.text.len();
+                    lines.push(line);
+                }
+                Err(_) => break,
+            }
+        }
+        for line in &mut lines {
+            seq += 1;
+            line.seq = seq;
+        }
+        let mut batch = RunnerLogBatch {
+            name: name.clone(),
+            lines,
+        };
+        loop {
+            if current.as_ref().is_some_and(|(_, call)| call.is_finished()) {
+                end_stream(&name, current.take()).await;
+            }
+            if current.is_none() {
+                current = Some(open().await);
+            }
+            let Some((tx, _)) = current.as_ref() else {
+                continue;
+            };
+            match tx.send(batch).await {
+                Ok(()) => {
+                    failures = 0;
+                    break;
+                }
+                Err(mpsc::error::SendError(back)) => {
+                    batch = back;
+                    end_stream(&name, current.take()).await;
+                    failures += 1;
+                    if failures > MAX_REOPENS {
+                        tracing::warn!(session = %name, lines = batch.lines.len(), "session service unreachable, dropping log lines");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
+                }
+            }
+        }
+    }
+    end_stream(&name, current).await;
+}
+
+/// Closes a stream and waits for the service's answer, which says whether all of it arrived.
+async fn end_stream(name: &str, stream: Option<LogStream>) {
+    let Some((tx, call)) = stream else { return };
+    drop(tx);
+    match tokio::time::timeout(Duration::from_secs(30), call).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(status))) => {
+            tracing::warn!(session = %name, code = ?status.code(), message = status.message(), "log stream failed");
+        }
+        Ok(Err(e)) => tracing::warn!(session = %name, error = %e, "log stream task failed"),
+        Err(_) => tracing::warn!(session = %name, "log stream not answered in 30 s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines_of(input: &[u8]) -> Vec<String> {
+        let (logs, mut rx) = LogSender::channel();
+        pump_lines(input, STDOUT, logs).await;
+        let mut out = Vec::new();
+        while let Some(l) = rx.recv().await {
+            out.push(l.text);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn cuts_lines_at_newlines_and_carriage_returns() {
+        assert_eq!(lines_of(b"a\nb\r\nc\rd\n\ne").await, ["a", "b", "c", "d", "", "e"]);
+        assert_eq!(lines_of(b"").await, Vec::<String>::new());
+        assert_eq!(lines_of(b"x\r").await, ["x"]);
+    }
+
+    #[tokio::test]
+    async fn cuts_long_lines_at_64_kib_on_character_boundaries() {
+        let long = "é".repeat(MAX_LINE_BYTES); // two bytes each
+        let out = lines_of(format!("{long}\nend").as_bytes()).await;
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|l| l.len() <= MAX_LINE_BYTES));
+        assert_eq!(out[0].len() + out[1].len(), long.len());
+        assert_eq!(out[0].chars().chain(out[1].chars()).filter(|&c| c == 'é').count(), MAX_LINE_BYTES);
+        assert_eq!(out[2], "end");
+        // With no newline at all, output still flows out in pieces.
+        let out = lines_of(&vec![b'x'; 3 * MAX_LINE_BYTES + 5]).await;
+        assert_eq!(out.iter().map(String::len).collect::<Vec<_>>(), [MAX_LINE_BYTES, MAX_LINE_BYTES, MAX_LINE_BYTES, 5]);
+    }
+
+    #[test]
+    fn utf8_cut_keeps_partial_characters() {
+        assert_eq!(utf8_cut("ab".as_bytes()), 2);
+        assert_eq!(utf8_cut(&"aé".as_bytes()[..2]), 1);
+        assert_eq!(utf8_cut("aé".as_bytes()), 3);
+        assert_eq!(utf8_cut(&"a😀".as_bytes()[..4]), 1);
+    }
+
+    fn fake_stream(
+        got: std::sync::Arc<std::sync::Mutex<Vec<RunnerLogBatch>>>,
+        fail_first: bool,
+    ) -> LogStream {
+        let (tx, mut rx) = mpsc::channel::<RunnerLogBatch>(4);
+        let call = tokio::spawn(async move {
+            if fail_first {
+                return Err(tonic::Status::unavailable("restarting"));
+            }
+            while let Some(b) = rx.recv().await {
+                got.lock().unwrap().push(b);
+            }
+            Ok(())
+        });
+        (tx, call)
+    }
+
+    #[tokio::test]
+    async fn numbers_lines_and_survives_a_broken_stream() {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (logs, rx) = LogSender::channel();
+        for i in 0..5 {
+            logs.send(if i % 2 == 0 { STDOUT } else { STDERR }, format!("l{i}")).await;
+        }
+        drop(logs);
+        let (g, o) = (got.clone(), opened.clone());
+        forward_logs("t/d/1".into(), rx, move || {
+            let first = o.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            let g = g.clone();
+            async move {
+                // The first stream dies at once, as when the session service restarts.
+                let s = fake_stream(g, first);
+                if first {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                s
+            }
+        })
+        .await;
+        let batches = got.lock().unwrap();
+        let lines: Vec<_> = batches.iter().flat_map(|b| b.lines.iter()).collect();
+        assert_eq!(lines.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert_eq!(lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["l0", "l1", "l2", "l3", "l4"]);
+        assert!(batches.iter().all(|b| b.name == "t/d/1"));
+        assert!(opened.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    }
+}

@@ -1,0 +1,270 @@
+//! What a running session asks of the platform, behind one trait so the process side can be tested
+//! without the services, and its implementation over the services' gRPC clients.
+
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::StreamExt;
+use nsml_common::clients::Clients;
+use nsml_proto::v1::{
+    CheckpointMeta, MetricPoint, PullCheckpointRequest, RunnerPredictionsRequest, RunnerReportRequest,
+    RunnerStartedRequest, SaveCheckpointChunk, save_checkpoint_chunk,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::archive::{self, ExtractLimits};
+use crate::error::{Result, RunnerError};
+
+/// The platform as one session's process sees it. Calls act for that session only.
+#[async_trait::async_trait]
+pub trait Platform: Send + Sync + 'static {
+    /// Tells the session service the process is running.
+    async fn started(&self, pid: u32) -> Result<()>;
+    /// Records a metrics point.
+    async fn report(&self, point: MetricPoint) -> Result<()>;
+    /// Stores the directory `dir` as checkpoint `checkpoint` of this session.
+    async fn save_checkpoint(&self, checkpoint: &str, summary_json: &str, dir: &Path) -> Result<()>;
+    /// Fetches checkpoint `checkpoint` of `session` and extracts it into `dest`, which must not exist.
+    async fn load_checkpoint(&self, session: &str, checkpoint: &str, dest: &Path) -> Result<()>;
+    /// Hands a submit's predictions (JSON) to the submission service.
+    async fn predictions(&self, predictions_json: String) -> Result<()>;
+}
+
+/// Attempts of a call retried on `UNAVAILABLE` (a service restarting).
+pub const RETRY_ATTEMPTS: u32 = 6;
+/// Attempts for the finish, which must not be lost: about a minute of backoff in all.
+pub const FINISH_ATTEMPTS: u32 = 16;
+
+/// Runs `call` until it succeeds, fails with anything but `UNAVAILABLE`, or `attempts` run out,
+/// backing off from 200 ms up to 5 s between attempts.
+pub async fn with_retry<T, F, Fut>(what: &'static str, attempts: u32, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(status) if status.code() == tonic::Code::Unavailable && attempt < attempts => {
+                tracing::warn!(call = what, attempt, message = status.message(), "service unavailable, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            Err(status) => return Err(RunnerError::rpc(what, status)),
+        }
+    }
+}
+
+/// Extracts a downloaded gzip'd tar (a stream of `Chunk`s) into `dest`.
+pub async fn extract_download(
+    what: &'static str,
+    stream: tonic::Streaming<nsml_proto::v1::Chunk>,
+    dest: &Path,
+    limits: ExtractLimits,
+) -> Result<()> {
+    let chunks = stream.map(move |r| r.map(|c| c.data).map_err(|s| RunnerError::rpc(what, s)));
+    archive::extract_stream(chunks, dest, limits).await.map(|_| ())
+}
+
+/// The platform over the services' gRPC clients, for one session.
+#[derive(Clone)]
+pub struct GrpcPlatform {
+    clients: Clients,
+    name: String,
+    gpu_ids: Vec<u32>,
+}
+
+impl GrpcPlatform {
+    /// The platform for session `name`, which holds GPUs `gpu_ids`.
+    pub fn new(clients: Clients, name: String, gpu_ids: Vec<u32>) -> Self {
+        Self {
+            clients,
+            name,
+            gpu_ids,
+        }
+    }
+}
+
+/// A piece of a checkpoint archive on its way from the packing thread to the upload.
+enum Piece {
+    Data(Vec<u8>),
+    Done,
+}
+
+/// A blocking writer that ships what is written in 256 KiB chunks over a channel.
+struct ChunkWriter {
+    tx: mpsc::Sender<Piece>,
+    buf: Vec<u8>,
+}
+
+const UPLOAD_CHUNK: usize = 256 * 1024;
+
+impl ChunkWriter {
+    fn ship(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(UPLOAD_CHUNK));
+        self.tx
+            .blocking_send(Piece::Data(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload ended"))
+    }
+
+    fn done(mut self) -> io::Result<()> {
+        self.ship()?;
+        self.tx
+            .blocking_send(Piece::Done)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload ended"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= UPLOAD_CHUNK {
+            self.ship()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Platform for GrpcPlatform {
+    async fn started(&self, pid: u32) -> Result<()> {
+        let req = RunnerStartedRequest {
+            name: self.name.clone(),
+            pid,
+            gpu_ids: self.gpu_ids.clone(),
+        };
+        with_retry("RunnerStarted", RETRY_ATTEMPTS, || {
+            let mut c = self.clients.session.clone();
+            let req = req.clone();
+            async move { c.runner_started(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn report(&self, point: MetricPoint) -> Result<()> {
+        let req = RunnerReportRequest {
+            name: self.name.clone(),
+            point: Some(point),
+        };
+        with_retry("RunnerReport", RETRY_ATTEMPTS, || {
+            let mut c = self.clients.session.clone();
+            let req = req.clone();
+            async move { c.runner_report(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn save_checkpoint(&self, checkpoint: &str, summary_json: &str, dir: &Path) -> Result<()> {
+        let (tx, rx) = mpsc::channel::<Piece>(8);
+        let dir: PathBuf = dir.to_path_buf();
+        let packer = tokio::task::spawn_blocking(move || {
+            let writer = ChunkWriter {
+                tx,
+                buf: Vec::with_capacity(UPLOAD_CHUNK),
+            };
+            let writer = archive::pack_dir(&dir, writer)?;
+            writer.done().map_err(|e| RunnerError::io("cannot upload checkpoint", e))
+        });
+        let meta = SaveCheckpointChunk {
+            kind: Some(save_checkpoint_chunk::Kind::Meta(CheckpointMeta {
+                session: self.name.clone(),
+                checkpoint: checkpoint.to_string(),
+                summary_json: summary_json.to_string(),
+            })),
+        };
+        // The stream ends cleanly only after `Done`: if packing fails, it stays open and the call is
+        // dropped below, so the service sees a cancelled upload, never a truncated checkpoint.
+        let finished = Arc::new(AtomicBool::new(false));
+        let seen_done = Arc::clone(&finished);
+        let data = ReceiverStream::new(rx)
+            .take_while(move |piece| {
+                let is_data = matches!(piece, Piece::Data(_));
+                if !is_data {
+                    seen_done.store(true, Ordering::SeqCst);
+                }
+                futures::future::ready(is_data)
+            })
+            .filter_map(|piece| {
+                futures::future::ready(match piece {
+                    Piece::Data(data) => Some(SaveCheckpointChunk {
+                        kind: Some(save_checkpoint_chunk::Kind::Data(data)),
+                    }),
+                    Piece::Done => None,
+                })
+            })
+            // Without `Done` the packer failed: stay pending, never end the upload cleanly.
+            .chain(futures::stream::poll_fn(move |_| {
+                if finished.load(Ordering::SeqCst) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                }
+            }));
+        let request = futures::stream::iter([meta]).chain(data);
+        let mut client = self.clients.storage.clone();
+        let call = client.save_checkpoint(request);
+        tokio::pin!(call);
+        let packed = tokio::select! {
+            answered = &mut call => {
+                return answered.map(|_| ()).map_err(|s| RunnerError::rpc("SaveCheckpoint", s));
+            }
+            packed = packer => packed,
+        };
+        match packed {
+            Ok(Ok(())) => call
+                .await
+                .map(|_| ())
+                .map_err(|s| RunnerError::rpc("SaveCheckpoint", s)),
+            Ok(Err(e)) => Err(e),
+            Err(join) => Err(RunnerError::io("checkpoint packing stopped", io::Error::other(join))),
+        }
+    }
+
+    async fn load_checkpoint(&self, session: &str, checkpoint: &str, dest: &Path) -> Result<()> {
+        let req = PullCheckpointRequest {
+            session: session.to_string(),
+            checkpoint: checkpoint.to_string(),
+        };
+        let stream = self
+            .clients
+            .storage
+            .clone()
+            .pull_checkpoint(req)
+            .await
+            .map_err(|s| RunnerError::rpc("PullCheckpoint", s))?
+            .into_inner();
+        extract_download("PullCheckpoint", stream, dest, ExtractLimits::CHECKPOINT).await
+    }
+
+    async fn predictions(&self, predictions_json: String) -> Result<()> {
+        let req = RunnerPredictionsRequest {
+            session: self.name.clone(),
+            predictions_json,
+        };
+        self.clients
+            .submission
+            .clone()
+            .runner_predictions(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| RunnerError::rpc("RunnerPredictions", s))
+    }
+}

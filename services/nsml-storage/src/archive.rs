@@ -1,0 +1,668 @@
+//! Reading uploaded gzip'd tars safely: checking code and checkpoint archives, and splitting a dataset
+//! archive into its stored parts.
+//!
+//! Archives come from participants (code, checkpoints written by their programs) and hosts (datasets), and
+//! are unpacked later by the runner and the scorer, so every entry must stay inside the directory it is
+//! unpacked into: no absolute paths, no `..`, no device files, and (code and checkpoints only) no links that
+//! lead out of the tree, directly or through another link. These functions block; run them on a blocking
+//! thread.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Component, Path};
+
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use nsml_proto::v1::{DatasetMeta, DatasetPart};
+use tar::{EntryType, Header};
+
+use crate::blobs::{Staged, StagedWriter, Staging};
+use crate::error::StorageError;
+
+/// Largest `private_keys.txt` a dataset archive may hold.
+const MAX_PRIVATE_KEYS_BYTES: u64 = 64 * 1024 * 1024;
+
+type Reader = tar::Archive<GzDecoder<BufReader<File>>>;
+
+fn open(path: &Path) -> Result<Reader, StorageError> {
+    let file =
+        File::open(path).map_err(|e| StorageError::io("opening a staged upload", e))?;
+    Ok(tar::Archive::new(GzDecoder::new(BufReader::with_capacity(
+        256 * 1024,
+        file,
+    ))))
+}
+
+/// Refusals of one archive, phrased with what the archive is (``dataset `t1-cls` ``, `code`).
+struct Refuse<'a>(&'a str);
+
+impl Refuse<'_> {
+    fn because(&self, reason: impl Into<String>) -> StorageError {
+        StorageError::BadArchive {
+            what: self.0.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn unreadable(&self, err: io::Error) -> StorageError {
+        self.because(format!("it is not a readable gzip'd tar ({err})"))
+    }
+}
+
+/// Turns an entry's path into a relative `a/b/c` path (dropping `.` components), refusing absolute paths,
+/// `..` and names that are not UTF-8.
+fn normalize(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    let mut parts = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(s) => parts.push(
+                s.to_str()
+                    .ok_or_else(|| format!("entry `{shown}` has a name that is not UTF-8"))?,
+            ),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(format!("entry `{shown}` leaves the archive through `..`"));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("entry `{shown}` has an absolute path"));
+            }
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Proper ancestors of `a/b/c`: `a`, `a/b`.
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
+}
+
+/// Resolves a symlink's target against the link's directory without touching any file system. Returns the
+/// paths the resolution walks through (which must not be links themselves, or the lexical answer would not
+/// be the real one); refuses absolute targets and targets above the archive's root.
+fn resolve_symlink(link: &str, target: &Path) -> Result<Vec<String>, String> {
+    let mut at: Vec<&str> = link.split('/').collect();
+    at.pop();
+    let mut through = Vec::new();
+    let mut last_pushed = false;
+    for c in target.components() {
+        match c {
+            Component::Normal(s) => {
+                let s = s
+                    .to_str()
+                    .ok_or_else(|| format!("symlink `{link}` has a target that is not UTF-8"))?;
+                at.push(s);
+                through.push(at.join("/"));
+                last_pushed = true;
+            }
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if at.pop().is_none() {
+                    return Err(format!(
+                        "symlink `{link}` points outside the archive (`{}`)",
+                        target.display()
+                    ));
+                }
+                last_pushed = false;
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "symlink `{link}` points to an absolute path (`{}`)",
+                    target.display()
+                ));
+            }
+        }
+    }
+    if last_pushed {
+        // The target itself may be a link (checked on its own); only what lies before it is walked through.
+        through.pop();
+    }
+    Ok(through)
+}
+
+/// Checks a code or checkpoint archive: every entry a file, directory or link that stays inside the tree,
+/// at most `max_entries` entries. Returns the number of entries.
+pub fn check_tree(
+    path: &Path,
+    what: &str,
+    max_entries: usize,
+    too_many_hint: &str,
+) -> Result<usize, StorageError> {
+    let refuse = Refuse(what);
+    let mut archive = open(path)?;
+    let mut count = 0usize;
+    let mut placed: Vec<String> = Vec::new();
+    let mut symlinks: HashSet<String> = HashSet::new();
+    // (link, path its target walks through or names), checked once every link is known.
+    let mut walks: Vec<(String, String)> = Vec::new();
+    let mut hard_targets: Vec<(String, String)> = Vec::new();
+    for entry in archive.entries().map_err(|e| refuse.unreadable(e))? {
+        let entry = entry.map_err(|e| refuse.unreadable(e))?;
+        let ty = entry.header().entry_type();
+        if ty.is_pax_global_extensions() {
+            continue;
+        }
+        count += 1;
+        if count > max_entries {
+            return Err(refuse.because(format!(
+                "it has more than {max_entries} entries{too_many_hint}"
+            )));
+        }
+        let raw = entry.path().map_err(|e| refuse.unreadable(e))?;
+        let path = normalize(&raw).map_err(|r| refuse.because(r))?;
+        match ty {
+            EntryType::Regular | EntryType::Continuous | EntryType::Directory => {}
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| refuse.unreadable(e))?
+                    .ok_or_else(|| refuse.because(format!("symlink `{path}` has no target")))?;
+                for through in resolve_symlink(&path, &target).map_err(|r| refuse.because(r))? {
+                    walks.push((path.clone(), through));
+                }
+                symlinks.insert(path.clone());
+            }
+            EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| refuse.unreadable(e))?
+                    .ok_or_else(|| refuse.because(format!("hard link `{path}` has no target")))?;
+                let target = normalize(&target).map_err(|r| {
+                    refuse.because(format!("hard link `{path}` points outside the archive: {r}"))
+                })?;
+                hard_targets.push((path.clone(), target));
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                return Err(refuse.because(format!("entry `{path}` is a device file or pipe")));
+            }
+            other => {
+                return Err(refuse.because(format!(
+                    "entry `{path}` has an unsupported type ({other:?}); use plain files, directories and links"
+                )));
+            }
+        }
+        if path.is_empty() && !ty.is_dir() {
+            return Err(refuse.because("an entry has an empty name"));
+        }
+        placed.push(path);
+    }
+    // Unpacking an entry beneath a link would write wherever the link points.
+    for path in &placed {
+        if let Some(link) = ancestors(path).find(|a| symlinks.contains(*a)) {
+            return Err(refuse.because(format!("entry `{path}` lies beneath symlink `{link}`")));
+        }
+    }
+    for (link, through) in &walks {
+        if let Some(other) = std::iter::once(through.as_str())
+            .chain(ancestors(through))
+            .find(|a| symlinks.contains(*a))
+        {
+            return Err(refuse.because(format!(
+                "symlink `{link}` resolves through symlink `{other}`"
+            )));
+        }
+    }
+    for (link, target) in &hard_targets {
+        if symlinks.contains(target) {
+            return Err(refuse.because(format!("hard link `{link}` points to symlink `{target}`")));
+        }
+        if let Some(other) = ancestors(target).find(|a| symlinks.contains(*a)) {
+            return Err(refuse.because(format!(
+                "hard link `{link}` resolves through symlink `{other}`"
+            )));
+        }
+    }
+    Ok(count)
+}
+
+/// A dataset archive split into its stored parts.
+#[derive(Debug)]
+pub struct SplitDataset {
+    pub parts: Vec<(DatasetPart, Staged)>,
+    /// Rows of `test/test_label`, less its header line.
+    pub test_items: u64,
+    /// Keys listed in `private_keys.txt`, if the archive has one.
+    pub private_keys: Option<Vec<String>>,
+}
+
+enum Route {
+    /// Goes into a part, under this path.
+    Part(DatasetPart, String),
+    PrivateKeys,
+    /// Refused: a label path that is not a file.
+    LabelNotFile(&'static str),
+    /// Not part of the layout (a README, `test/` itself): not stored.
+    Skip,
+}
+
+fn route(path: &str) -> Route {
+    let under = |root: &str| {
+        path == root || (path.starts_with(root) && path.as_bytes().get(root.len()) == Some(&b'/'))
+    };
+    if under("train") {
+        Route::Part(DatasetPart::Train, path.to_string())
+    } else if under("test/test_data") {
+        Route::Part(DatasetPart::TestData, path.to_string())
+    } else if path == "test/test_label" {
+        Route::Part(DatasetPart::TestLabel, path.to_string())
+    } else if under("test/test_label") {
+        Route::LabelNotFile("test/test_label")
+    } else if under("test_submit/test_data") {
+        // The trial set stands in for the test set at a trial submit: it is stored where the test set lies.
+        Route::Part(
+            DatasetPart::TrialData,
+            format!("test/{}", &path["test_submit/".len()..]),
+        )
+    } else if path == "test_submit/test_label" {
+        Route::Part(DatasetPart::TrialLabel, "test/test_label".to_string())
+    } else if under("test_submit/test_label") {
+        Route::LabelNotFile("test_submit/test_label")
+    } else if under("eval") {
+        Route::Part(DatasetPart::EvalScript, path.to_string())
+    } else if path == "private_keys.txt" {
+        Route::PrivateKeys
+    } else {
+        Route::Skip
+    }
+}
+
+/// Reads through an entry, remembering whether reading failed (a broken archive, not a broken disk) and
+/// counting its non-empty lines.
+struct Source<R> {
+    inner: R,
+    failed: bool,
+    lines: u64,
+    line_has_content: bool,
+}
+
+impl<R: Read> Source<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            failed: false,
+            lines: 0,
+            line_has_content: false,
+        }
+    }
+
+    fn lines(&self) -> u64 {
+        self.lines + u64::from(self.line_has_content)
+    }
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf).inspect_err(|_| self.failed = true)?;
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                self.lines += u64::from(self.line_has_content);
+                self.line_has_content = false;
+            } else if !b.is_ascii_whitespace() {
+                self.line_has_content = true;
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn new_part(staging: &Staging) -> Result<tar::Builder<GzEncoder<StagedWriter>>, StorageError> {
+    Ok(tar::Builder::new(GzEncoder::new(
+        staging.writer()?,
+        Compression::default(),
+    )))
+}
+
+/// Splits a dataset archive into its parts, each written to the staging area as a gzip'd tar (see
+/// [`crate::domain::DatasetBlobs`] for their layout). Links, device files and entries outside the layout's
+/// paths are refused or left out; missing required parts are refused, naming the part.
+pub fn split_dataset(
+    path: &Path,
+    meta: &DatasetMeta,
+    staging: &Staging,
+) -> Result<SplitDataset, StorageError> {
+    let what = format!("dataset `{}`", meta.name);
+    let refuse = Refuse(&what);
+    let mut archive = open(path)?;
+    let mut parts: HashMap<DatasetPart, tar::Builder<GzEncoder<StagedWriter>>> = HashMap::new();
+    let mut files: HashMap<DatasetPart, u64> = HashMap::new();
+    let mut eval_files: HashSet<String> = HashSet::new();
+    let mut test_items = 0u64;
+    let mut private_keys = None;
+    for entry in archive.entries().map_err(|e| refuse.unreadable(e))? {
+        let mut entry = entry.map_err(|e| refuse.unreadable(e))?;
+        let ty = entry.header().entry_type();
+        if ty.is_pax_global_extensions() {
+            continue;
+        }
+        let raw = entry.path().map_err(|e| refuse.unreadable(e))?;
+        let path = normalize(&raw).map_err(|r| refuse.because(r))?;
+        let is_file = match ty {
+            EntryType::Regular | EntryType::Continuous => true,
+            EntryType::Directory => false,
+            EntryType::Symlink | EntryType::Link => {
+                return Err(refuse.because(format!(
+                    "entry `{path}` is a link; a dataset holds plain files and directories only"
+                )));
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                return Err(refuse.because(format!("entry `{path}` is a device file or pipe")));
+            }
+            other => {
+                return Err(refuse.because(format!(
+                    "entry `{path}` has an unsupported type ({other:?}); use plain files and directories"
+                )));
+            }
+        };
+        let (part, inner) = match route(&path) {
+            Route::Skip => continue,
+            Route::LabelNotFile(label) => {
+                return Err(refuse.because(format!(
+                    "`{label}` must be a file with a header line and one row per test item"
+                )));
+            }
+            Route::PrivateKeys => {
+                if !is_file {
+                    return Err(refuse.because("`private_keys.txt` must be a file"));
+                }
+                let mut text = String::new();
+                let mut src = Source::new((&mut entry).take(MAX_PRIVATE_KEYS_BYTES + 1));
+                src.read_to_string(&mut text).map_err(|e| {
+                    refuse.because(format!("`private_keys.txt` is unreadable or not UTF-8 ({e})"))
+                })?;
+                if text.len() as u64 > MAX_PRIVATE_KEYS_BYTES {
+                    return Err(refuse.because("`private_keys.txt` is larger than 64 MB"));
+                }
+                private_keys = Some(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from)
+                        .collect(),
+                );
+                continue;
+            }
+            Route::Part(part, inner) => (part, inner),
+        };
+        if !is_file && matches!(part, DatasetPart::TestLabel | DatasetPart::TrialLabel) {
+            return Err(refuse.because(format!(
+                "`{path}` must be a file with a header line and one row per test item"
+            )));
+        }
+        let builder = match parts.entry(part) {
+            std::collections::hash_map::Entry::Occupied(b) => b.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(new_part(staging)?),
+        };
+        let mut header = Header::new_gnu();
+        header.set_entry_type(if is_file {
+            EntryType::Regular
+        } else {
+            EntryType::Directory
+        });
+        header.set_size(if is_file { entry.size() } else { 0 });
+        let default_mode = if is_file { 0o644 } else { 0o755 };
+        // Keep permission bits only: no set-uid, set-gid or sticky bits in what the runner unpacks.
+        header.set_mode(entry.header().mode().unwrap_or(default_mode) & 0o777);
+        header.set_mtime(entry.header().mtime().unwrap_or(0));
+        let mut src = Source::new(&mut entry);
+        if let Err(e) = builder.append_data(&mut header, &inner, &mut src) {
+            return Err(if src.failed {
+                refuse.unreadable(e)
+            } else {
+                StorageError::io(format!("writing dataset `{}` part", meta.name), e)
+            });
+        }
+        if is_file {
+            *files.entry(part).or_default() += 1;
+            if part == DatasetPart::TestLabel {
+                test_items = src.lines().saturating_sub(1);
+            }
+            if part == DatasetPart::EvalScript {
+                eval_files.insert(path);
+            }
+        }
+    }
+    let missing = |part: &str| StorageError::MissingPart {
+        dataset: meta.name.clone(),
+        part: part.to_string(),
+    };
+    let has = |part| files.get(&part).copied().unwrap_or(0) > 0;
+    if !has(DatasetPart::Train) {
+        return Err(missing("train/"));
+    }
+    if !has(DatasetPart::TestData) {
+        return Err(missing("test/test_data"));
+    }
+    if !has(DatasetPart::TestLabel) {
+        return Err(missing("test/test_label"));
+    }
+    match (has(DatasetPart::TrialData), has(DatasetPart::TrialLabel)) {
+        (true, false) => return Err(missing("test_submit/test_label")),
+        (false, true) => return Err(missing("test_submit/test_data")),
+        _ => {}
+    }
+    if !meta.eval_script.is_empty() {
+        let script = format!("eval/{}", meta.eval_script);
+        if !eval_files.contains(&script) {
+            return Err(missing(&script));
+        }
+    }
+    let mut stored = Vec::with_capacity(parts.len());
+    for (part, builder) in parts {
+        if part == DatasetPart::TrialData && !has(DatasetPart::TrialData) {
+            // Only directories under test_submit/test_data: no trial set.
+            continue;
+        }
+        let staged = builder
+            .into_inner()
+            .and_then(GzEncoder::finish)
+            .and_then(StagedWriter::finish)
+            .map_err(|e| StorageError::io(format!("writing dataset `{}` part", meta.name), e))?;
+        stored.push((part, staged));
+    }
+    stored.sort_by_key(|(part, _)| *part);
+    Ok(SplitDataset {
+        parts: stored,
+        test_items,
+        private_keys,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// An archive entry for tests.
+    enum E<'a> {
+        File(&'a str, &'a [u8]),
+        Dir(&'a str),
+        Symlink(&'a str, &'a str),
+        HardLink(&'a str, &'a str),
+        Fifo(&'a str),
+    }
+
+    /// Writes a gzip'd tar with raw names (the tar crate's builder refuses `..` and absolute paths, which
+    /// is what these tests need to send).
+    fn targz(entries: &[E]) -> tempfile::NamedTempFile {
+        let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+        for e in entries {
+            let mut h = Header::new_gnu();
+            let (name, ty, data, link): (&str, EntryType, &[u8], Option<&str>) = match e {
+                E::File(n, d) => (n, EntryType::Regular, d, None),
+                E::Dir(n) => (n, EntryType::Directory, b"", None),
+                E::Symlink(n, t) => (n, EntryType::Symlink, b"", Some(t)),
+                E::HardLink(n, t) => (n, EntryType::Link, b"", Some(t)),
+                E::Fifo(n) => (n, EntryType::Fifo, b"", None),
+            };
+            h.set_entry_type(ty);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            {
+                let gnu = h.as_gnu_mut().unwrap();
+                gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+                if let Some(t) = link {
+                    gnu.linkname[..t.len()].copy_from_slice(t.as_bytes());
+                }
+            }
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        let bytes = b.into_inner().unwrap().finish().unwrap();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&bytes).unwrap();
+        f
+    }
+
+    fn check(entries: &[E]) -> Result<usize, String> {
+        let f = targz(entries);
+        check_tree(f.path(), "code", 100, "").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn plain_trees_and_inside_links_pass() {
+        assert_eq!(
+            check(&[
+                E::Dir("./"),
+                E::File("main.py", b"print(1)"),
+                E::File("lib/a.py", b""),
+                E::Symlink("lib/b.py", "a.py"),
+                E::Symlink("lib/c.py", "../main.py"),
+                E::Symlink("up.py", "lib/../main.py"),
+                E::HardLink("c.py", "lib/a.py"),
+            ]),
+            Ok(7)
+        );
+    }
+
+    #[test]
+    fn escapes_are_refused_with_the_entry_named() {
+        let err = check(&[E::File("/etc/passwd", b"x")]).unwrap_err();
+        assert_eq!(err, "code archive refused: entry `/etc/passwd` has an absolute path");
+        let err = check(&[E::File("a/../../x", b"x")]).unwrap_err();
+        assert!(err.contains("entry `a/../../x` leaves the archive through `..`"), "{err}");
+        let err = check(&[E::Symlink("lib", "/usr/lib")]).unwrap_err();
+        assert!(err.contains("symlink `lib` points to an absolute path"), "{err}");
+        let err = check(&[E::Symlink("cfg", "../x/cfg.py")]).unwrap_err();
+        assert!(err.contains("symlink `cfg` points outside the archive"), "{err}");
+        let err = check(&[E::Symlink("a/b", "../../etc")]).unwrap_err();
+        assert!(err.contains("symlink `a/b` points outside the archive"), "{err}");
+        let err = check(&[E::HardLink("h", "../secret")]).unwrap_err();
+        assert!(err.contains("hard link `h` points outside the archive"), "{err}");
+        let err = check(&[E::Fifo("p")]).unwrap_err();
+        assert!(err.contains("entry `p` is a device file or pipe"), "{err}");
+    }
+
+    #[test]
+    fn links_cannot_be_chained_out_of_the_tree() {
+        // `y -> .` and `z -> y/..`: each looks inside alone, together `z` is the root's parent.
+        let err = check(&[E::Symlink("y", "."), E::Symlink("z", "y/..")]).unwrap_err();
+        assert!(err.contains("symlink `z` resolves through symlink `y`"), "{err}");
+        // Writing through a link: `d -> sub`, then `d/x` would land wherever `d` points.
+        let err = check(&[E::Dir("sub/"), E::Symlink("d", "sub"), E::File("d/x", b"")]).unwrap_err();
+        assert!(err.contains("entry `d/x` lies beneath symlink `d`"), "{err}");
+        let err = check(&[E::Symlink("s", "a"), E::HardLink("h", "s")]).unwrap_err();
+        assert!(err.contains("hard link `h` points to symlink `s`"), "{err}");
+    }
+
+    #[test]
+    fn too_many_entries_are_refused() {
+        let names: Vec<String> = (0..101).map(|i| format!("f{i}")).collect();
+        let entries: Vec<E> = names.iter().map(|n| E::File(n, b"")).collect();
+        let f = targz(&entries);
+        let err = check_tree(f.path(), "code", 100, "; use .nsmlignore").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "code archive refused: it has more than 100 entries; use .nsmlignore"
+        );
+    }
+
+    #[test]
+    fn garbage_is_not_an_archive() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"definitely not gzip").unwrap();
+        let err = check_tree(f.path(), "code", 100, "").unwrap_err().to_string();
+        assert!(err.starts_with("code archive refused: it is not a readable gzip'd tar"), "{err}");
+    }
+
+    fn meta() -> DatasetMeta {
+        DatasetMeta {
+            name: "t1-cls".into(),
+            ..Default::default()
+        }
+    }
+
+    fn unpack(staged: &Staged) -> Vec<(String, Vec<u8>)> {
+        let mut a = tar::Archive::new(GzDecoder::new(File::open(staged.path()).unwrap()));
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let p = e.path().unwrap().to_string_lossy().trim_end_matches('/').to_string();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (p, data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_dataset_splits_into_its_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let staging = rt.block_on(Staging::new(dir.path().join("tmp"))).unwrap();
+        let f = targz(&[
+            E::Dir("./train/"),
+            E::File("./train/train_data/data.csv", b"id,f1\n1,0.5\n"),
+            E::File("./train/train_label", b"id,label\n1,0\n"),
+            E::File("test/test_data/data.csv", b"id,f1\n2,0.1\n3,0.2\n"),
+            E::File("test/test_label", b"id,label\n2,1\n3,0\n\n"),
+            E::File("test_submit/test_data/data.csv", b"id,f1\n4,0.3\n"),
+            E::File("test_submit/test_label", b"id,label\n4,1"),
+            E::File("private_keys.txt", b"3\n"),
+            E::File("README.md", b"not stored"),
+        ]);
+        let split = split_dataset(f.path(), &meta(), &staging).unwrap();
+        assert_eq!(split.test_items, 2);
+        assert_eq!(split.private_keys, Some(vec!["3".to_string()]));
+        let parts: HashMap<DatasetPart, Vec<(String, Vec<u8>)>> =
+            split.parts.iter().map(|(p, s)| (*p, unpack(s))).collect();
+        let names = |p| parts[&p].iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(DatasetPart::Train),
+            ["train", "train/train_data/data.csv", "train/train_label"]
+        );
+        assert_eq!(names(DatasetPart::TestData), ["test/test_data/data.csv"]);
+        assert_eq!(names(DatasetPart::TestLabel), ["test/test_label"]);
+        assert_eq!(names(DatasetPart::TrialData), ["test/test_data/data.csv"]);
+        assert_eq!(parts[&DatasetPart::TrialLabel][0].1, b"id,label\n4,1");
+        assert!(!parts.contains_key(&DatasetPart::EvalScript));
+    }
+
+    #[test]
+    fn a_dataset_lacking_a_part_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let staging = rt.block_on(Staging::new(dir.path().join("tmp"))).unwrap();
+        let f = targz(&[
+            E::File("train/train_label", b"id,label\n"),
+            E::File("test/test_data/x", b""),
+        ]);
+        let err = split_dataset(f.path(), &meta(), &staging).unwrap_err();
+        assert!(matches!(&err, StorageError::MissingPart { part, .. } if part == "test/test_label"), "{err}");
+        let f = targz(&[
+            E::File("train/train_label", b"id,label\n"),
+            E::File("test/test_data/x", b""),
+            E::File("test/test_label", b"id\n"),
+            E::File("test_submit/test_data/x", b""),
+        ]);
+        let err = split_dataset(f.path(), &meta(), &staging).unwrap_err();
+        assert!(matches!(&err, StorageError::MissingPart { part, .. } if part == "test_submit/test_label"), "{err}");
+        let f = targz(&[E::File("train/a", b""), E::Symlink("test/test_data", "/data")]);
+        let err = split_dataset(f.path(), &meta(), &staging).unwrap_err().to_string();
+        assert!(err.contains("entry `test/test_data` is a link"), "{err}");
+        // Failed splits leave nothing staged.
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,334 @@
+//! Command handling: check what was uploaded, store its blobs, decide against the stream's state and append
+//! the event, then wait until the read model shows it (so a `List` right after sees the write).
+//!
+//! Blobs are stored before their event is appended: a crash in between leaves an unreferenced blob (garbage,
+//! harmless), never an event naming a blob that is not there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nsml_common::aggregate::{Aggregates, Outcome};
+use nsml_common::event::new_event;
+use nsml_common::names::SessionName;
+use nsml_common::projection::Projection;
+use nsml_common::now_ms;
+use nsml_eventstore::{Appended, EventStore, ExpectedVersion};
+use nsml_proto::v1::{
+    Checkpoint, CodeSnapshot, CodeUploaded, Dataset, DatasetMeta, DatasetPart, DatasetRegistered,
+};
+
+use crate::archive;
+use crate::blobs::{BlobStore, ByteStream, Staged, Staging};
+use crate::domain::{DatasetBlobs, DatasetOwner, SaveCheckpoint, TeamCheckpoints};
+use crate::error::StorageError;
+use crate::projection::StorageView;
+use crate::Limits;
+
+/// How long a write waits for the read model to show it before answering anyway.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a read waits for the read model to catch up with the log after start-up.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The storage service's state and command handlers, shared by every call.
+pub struct Storage {
+    store: Arc<dyn EventStore>,
+    view: Arc<Projection<StorageView>>,
+    blobs: Arc<dyn BlobStore>,
+    staging: Staging,
+    datasets: Aggregates<DatasetOwner>,
+    checkpoints: Aggregates<TeamCheckpoints>,
+    limits: Limits,
+}
+
+/// Stream of a team's checkpoints.
+fn checkpoints_stream(team: &str) -> String {
+    format!("checkpoints-{team}")
+}
+
+fn command_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Runs a blocking check over a staged file on a blocking thread, handing the file back.
+async fn blocking<T: Send + 'static>(
+    staged: Staged,
+    f: impl FnOnce(&Staged) -> Result<T, StorageError> + Send + 'static,
+) -> Result<(Staged, T), StorageError> {
+    let (staged, result) = tokio::task::spawn_blocking(move || {
+        let r = f(&staged);
+        (staged, r)
+    })
+    .await
+    .map_err(|e| StorageError::io("checking an archive", std::io::Error::other(e)))?;
+    Ok((staged, result?))
+}
+
+impl Storage {
+    /// Builds the handlers over a running projection.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        view: Arc<Projection<StorageView>>,
+        blobs: Arc<dyn BlobStore>,
+        staging: Staging,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            datasets: Aggregates::new(store.clone()),
+            checkpoints: Aggregates::new(store.clone()),
+            store,
+            view,
+            blobs,
+            staging,
+            limits,
+        }
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The staging area uploads are spooled to.
+    pub fn staging(&self) -> &Staging {
+        &self.staging
+    }
+
+    /// Waits until the read model has caught up with the log as it was at start-up.
+    pub async fn ready(&self) -> Result<(), StorageError> {
+        tokio::time::timeout(READY_TIMEOUT, self.view.wait_ready())
+            .await
+            .map_err(|_| StorageError::NotReady)
+    }
+
+    /// Reads the read model.
+    pub fn read<R>(&self, f: impl FnOnce(&StorageView) -> R) -> R {
+        self.view.read(f)
+    }
+
+    /// Waits until the read model shows an append.
+    async fn settle(&self, appended: &Appended) {
+        if !self
+            .view
+            .wait_for(appended.last_position, SETTLE_TIMEOUT)
+            .await
+        {
+            tracing::warn!(
+                position = appended.last_position,
+                "the read model did not show an append in time; answering anyway"
+            );
+        }
+    }
+
+    /// Streams a blob.
+    pub async fn blob(&self, id: &str) -> Result<ByteStream, StorageError> {
+        self.blobs.get(id).await
+    }
+
+    /// Refuses early (before the upload is read) a dataset name that another competition owns.
+    pub fn check_dataset_owner(&self, meta: &DatasetMeta) -> Result<(), StorageError> {
+        let owner = DatasetOwner {
+            competition: self.read(|v| v.competition_of(&meta.name).map(String::from)),
+        };
+        owner.decide_register(&meta.name, &meta.competition)
+    }
+
+    /// Registers (or replaces) a dataset from its staged archive.
+    pub async fn register_dataset(
+        &self,
+        meta: DatasetMeta,
+        author: String,
+        actor: &str,
+        archive: Staged,
+    ) -> Result<Dataset, StorageError> {
+        let staging = self.staging.clone();
+        let checked = meta.clone();
+        let (archive, split) = blocking(archive, move |a| {
+            archive::split_dataset(a.path(), &checked, &staging)
+        })
+        .await?;
+        let mut blobs = DatasetBlobs::default();
+        let mut has_trial = false;
+        for (part, staged) in split.parts {
+            let id = self.blobs.put(staged).await?;
+            match part {
+                DatasetPart::Train => blobs.train = id,
+                DatasetPart::TestData => blobs.test_data = id,
+                DatasetPart::TestLabel => blobs.test_label = id,
+                DatasetPart::TrialData => {
+                    has_trial = true;
+                    blobs.trial_data = Some(id);
+                }
+                DatasetPart::TrialLabel => blobs.trial_label = Some(id),
+                DatasetPart::EvalScript => blobs.eval_script = Some(id),
+                DatasetPart::Unspecified => {}
+            }
+        }
+        let mut meta = meta;
+        if meta.private_keys.is_empty() {
+            meta.private_keys = split.private_keys.unwrap_or_default();
+        }
+        let dataset = Dataset {
+            meta: Some(meta),
+            size_bytes: archive.size(),
+            updated_at_ms: now_ms(),
+            author,
+            has_trial,
+            test_items: split.test_items,
+        };
+        let event = DatasetRegistered {
+            dataset: Some(dataset.clone()),
+            blob: serde_json::to_string(&blobs)
+                .map_err(|e| StorageError::io("recording a dataset's blobs", e.into()))?,
+        };
+        let name = dataset.meta.as_ref().map_or("", |m| m.name.as_str());
+        let competition = dataset.meta.as_ref().map_or("", |m| m.competition.as_str());
+        let cmd = command_id();
+        let outcome = self
+            .datasets
+            .execute(&format!("dataset-{name}"), |owner, _| {
+                owner.decide_register(name, competition)?;
+                Ok(vec![new_event(&event, actor, &cmd)])
+            })
+            .await?;
+        match outcome {
+            Outcome::Committed { appended, .. } => self.settle(&appended).await,
+            Outcome::Rejected(err) => return Err(err),
+            Outcome::Unchanged { .. } => {}
+        }
+        tracing::info!(dataset = %name, %competition, size = dataset.size_bytes, "dataset registered");
+        Ok(dataset)
+    }
+
+    /// Stores a team's code snapshot from its staged archive.
+    pub async fn upload_code(
+        &self,
+        team: &str,
+        uploaded_by: String,
+        actor: &str,
+        archive: Staged,
+    ) -> Result<CodeSnapshot, StorageError> {
+        let max = self.limits.code_entries;
+        let (archive, _) = blocking(archive, move |a| {
+            archive::check_tree(
+                a.path(),
+                "code",
+                max,
+                "; leave generated files, data and environments out with `.nsmlignore`",
+            )
+        })
+        .await?;
+        let size = archive.size();
+        let id = self.blobs.put(archive).await?;
+        let snapshot = CodeSnapshot {
+            id: id.clone(),
+            size_bytes: size,
+            team: team.to_string(),
+        };
+        let event = CodeUploaded {
+            snapshot: Some(snapshot.clone()),
+            uploaded_by,
+        };
+        let appended = self
+            .store
+            .append(
+                &format!("code-{id}"),
+                ExpectedVersion::Any,
+                vec![new_event(&event, actor, &command_id())],
+            )
+            .await?;
+        self.settle(&appended).await;
+        Ok(snapshot)
+    }
+
+    /// A team's checkpoint storage limit, from the competition of the session's dataset.
+    pub fn storage_limit(&self, session: &SessionName) -> u64 {
+        self.read(|v| v.storage_limit(v.competition_of(&session.dataset)))
+    }
+
+    /// Saves (or overwrites) a checkpoint of a session from its staged archive, within the team's quota.
+    pub async fn save_checkpoint(
+        &self,
+        session: &SessionName,
+        name: &str,
+        summary_json: String,
+        actor: &str,
+        archive: Staged,
+    ) -> Result<Checkpoint, StorageError> {
+        let what = format!("checkpoint `{session}/{name}`");
+        let max = self.limits.checkpoint_entries;
+        let (archive, _) = blocking(archive, move |a| {
+            archive::check_tree(a.path(), &what, max, "")
+        })
+        .await?;
+        let now = now_ms();
+        let (limit, started) = self.read(|v| {
+            (
+                v.storage_limit(v.competition_of(&session.dataset)),
+                v.started_at_ms(&session.to_string()),
+            )
+        });
+        let mut cmd = SaveCheckpoint {
+            team: session.team.clone(),
+            checkpoint: Checkpoint {
+                session: session.to_string(),
+                name: name.to_string(),
+                size_bytes: archive.size(),
+                saved_at_ms: now,
+                summary_json,
+                elapsed_secs: started.map_or(0.0, |s| (now - s).max(0) as f64 / 1000.0),
+            },
+            blob: archive.sha256().to_string(),
+            limit,
+        };
+        let stream = checkpoints_stream(&session.team);
+        // Refuse before storing the blob when the quota is already known to be short; the decision below
+        // is the one that counts.
+        let (state, _) = self.checkpoints.load(&stream).await?;
+        state.decide_save(&cmd)?;
+        cmd.blob = self.blobs.put(archive).await?;
+        let command = command_id();
+        let outcome = self
+            .checkpoints
+            .execute(&stream, |state, _| {
+                let event = state.decide_save(&cmd)?;
+                Ok(vec![new_event(&event, actor, &command)])
+            })
+            .await?;
+        match outcome {
+            Outcome::Committed { appended, .. } => self.settle(&appended).await,
+            Outcome::Rejected(err) => return Err(err),
+            Outcome::Unchanged { .. } => {}
+        }
+        tracing::info!(session = %session, checkpoint = %name, size = cmd.checkpoint.size_bytes, "checkpoint saved");
+        Ok(cmd.checkpoint)
+    }
+
+    /// Deletes a session's checkpoints matching `pattern` (`*` = all); returns the names deleted.
+    pub async fn delete_checkpoints(
+        &self,
+        session: &SessionName,
+        pattern: &str,
+        actor: &str,
+    ) -> Result<Vec<String>, StorageError> {
+        let name = session.to_string();
+        let command = command_id();
+        let mut deleted = Vec::new();
+        let outcome = self
+            .checkpoints
+            .execute(&checkpoints_stream(&session.team), |state, _| {
+                let events = state.decide_delete(&session.team, &name, pattern)?;
+                deleted = events.iter().map(|e| e.checkpoint.clone()).collect();
+                Ok(events
+                    .iter()
+                    .map(|e| new_event(e, actor, &command))
+                    .collect())
+            })
+            .await?;
+        match outcome {
+            Outcome::Committed { appended, .. } => self.settle(&appended).await,
+            Outcome::Rejected(err) => return Err(err),
+            Outcome::Unchanged { .. } => {}
+        }
+        Ok(deleted)
+    }
+}

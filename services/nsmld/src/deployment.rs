@@ -1,0 +1,430 @@
+//! The one place that knows embedded from distributed: which store, which bus, which addresses, which
+//! services in this process. Services themselves only see a [`ServiceContext`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use nsml_bus::Bus;
+use nsml_common::ServiceContext;
+use nsml_common::clients::{Clients, ServiceAddrs};
+use nsml_common::executor::Executor;
+use nsml_common::server::Started;
+use nsml_eventstore::EventStore;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A service `nsmld serve` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServiceName {
+    Auth,
+    Storage,
+    Session,
+    Quota,
+    Submission,
+    Leaderboard,
+    Gateway,
+}
+
+/// Where each internal service listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub auth: SocketAddr,
+    pub storage: SocketAddr,
+    pub session: SocketAddr,
+    pub quota: SocketAddr,
+    pub submission: SocketAddr,
+    pub leaderboard: SocketAddr,
+}
+
+/// The local runner's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunnerSection {
+    /// A GPU count, or `auto` to ask nvidia-smi.
+    pub gpus: String,
+    pub python: String,
+    /// The directory holding the `nsml` Python package; found next to the binary when unset.
+    pub sdk_path: Option<PathBuf>,
+}
+
+impl Default for RunnerSection {
+    fn default() -> Self {
+        Self {
+            gpus: "auto".into(),
+            python: "python3".into(),
+            sdk_path: None,
+        }
+    }
+}
+
+/// A deployment's configuration: file, then `NSML_…` environment overrides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// `sqlite:PATH` or `postgres://…`.
+    pub store: String,
+    /// `inprocess` or `nats://HOST:PORT`.
+    pub bus: String,
+    #[serde(default = "default_stream")]
+    pub bus_stream: String,
+    pub internal_secret: String,
+    pub public_listen: SocketAddr,
+    /// Internal listen addresses; `None` in the embedded deployment, where one internal port serves all.
+    pub services: Option<Listen>,
+    #[serde(default)]
+    pub runner: RunnerSection,
+}
+
+fn default_stream() -> String {
+    "NSML".into()
+}
+
+impl Config {
+    /// The embedded default: everything under `data_dir`.
+    pub fn embedded(data_dir: PathBuf, listen: SocketAddr, gpus: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        let data_dir = data_dir.canonicalize()?;
+        Ok(Self {
+            store: format!("sqlite:{}", data_dir.join("nsml.db").display()),
+            data_dir,
+            bus: "inprocess".into(),
+            bus_stream: default_stream(),
+            internal_secret: nsml_common::server::random_secret(),
+            public_listen: listen,
+            services: None,
+            runner: RunnerSection {
+                gpus: gpus.to_string(),
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Reads a configuration file, then applies `NSML_STORE`, `NSML_BUS`, `NSML_BUS_STREAM`,
+    /// `NSML_INTERNAL_SECRET` and `NSML_DATA_DIR` from the environment.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+        let mut c: Config = toml::from_str(&text)
+            .with_context(|| format!("invalid configuration {}", path.display()))?;
+        if let Ok(v) = std::env::var("NSML_STORE") {
+            c.store = v;
+        }
+        if let Ok(v) = std::env::var("NSML_BUS") {
+            c.bus = v;
+        }
+        if let Ok(v) = std::env::var("NSML_BUS_STREAM") {
+            c.bus_stream = v;
+        }
+        if let Ok(v) = std::env::var("NSML_INTERNAL_SECRET") {
+            c.internal_secret = v;
+        }
+        if let Ok(v) = std::env::var("NSML_DATA_DIR") {
+            c.data_dir = v.into();
+        }
+        if c.internal_secret.len() < 16 {
+            anyhow::bail!("internal_secret must be at least 16 characters");
+        }
+        if c.services.is_none() {
+            anyhow::bail!("a distributed deployment needs a [services] table with every service's address");
+        }
+        std::fs::create_dir_all(&c.data_dir)?;
+        Ok(c)
+    }
+}
+
+/// An opened deployment: its store and bus, ready to run services.
+pub struct Deployment {
+    config: Config,
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn Bus>,
+    cancel: CancellationToken,
+}
+
+fn http(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+fn find_beside_binary(rel: &str) -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok()?.join(rel);
+    if cwd.exists() {
+        return Some(cwd);
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .skip(1)
+        .map(|a| a.join(rel))
+        .find(|p| p.exists())
+}
+
+impl Deployment {
+    /// Opens the store and the bus named by the configuration.
+    pub async fn open(config: Config) -> anyhow::Result<Self> {
+        let store: Arc<dyn EventStore> = if let Some(path) = config.store.strip_prefix("sqlite:") {
+            Arc::new(
+                nsml_eventstore::SqliteStore::open(Path::new(path))
+                    .await
+                    .with_context(|| format!("cannot open the SQLite log {path}"))?,
+            )
+        } else if config.store.starts_with("postgres") {
+            Arc::new(
+                nsml_eventstore::PostgresStore::connect(&config.store)
+                    .await
+                    .context("cannot open the Postgres log")?,
+            )
+        } else {
+            anyhow::bail!("unknown store `{}`: use sqlite:PATH or postgres://…", config.store);
+        };
+        let bus: Arc<dyn Bus> = if config.bus == "inprocess" {
+            nsml_bus::InProcessBus::new()
+        } else if config.bus.starts_with("nats://") {
+            nsml_bus::NatsBus::connect(&config.bus, &config.bus_stream)
+                .await
+                .context("cannot connect to NATS")?
+        } else {
+            anyhow::bail!("unknown bus `{}`: use inprocess or nats://HOST:PORT", config.bus);
+        };
+        Ok(Self {
+            config,
+            store,
+            bus,
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    fn context(&self, addrs: &ServiceAddrs, executor: Option<Arc<dyn Executor>>) -> ServiceContext {
+        ServiceContext {
+            store: self.store.clone(),
+            bus: self.bus.clone(),
+            addrs: addrs.clone(),
+            secret: self.config.internal_secret.as_str().into(),
+            data_dir: self.config.data_dir.clone(),
+            cancel: self.cancel.clone(),
+            executor,
+        }
+    }
+
+    fn executor(&self, addrs: &ServiceAddrs) -> anyhow::Result<Arc<dyn Executor>> {
+        let r = &self.config.runner;
+        let sdk_path = match &r.sdk_path {
+            Some(p) => p.clone(),
+            None => std::env::var_os("NSML_SDK_PATH")
+                .map(PathBuf::from)
+                .or_else(|| find_beside_binary("clients/python"))
+                .context("cannot find the Python SDK (clients/python): set NSML_SDK_PATH")?,
+        };
+        let gpus = if r.gpus == "auto" {
+            nsml_runner::GpuSource::Auto
+        } else {
+            nsml_runner::GpuSource::Count(
+                r.gpus
+                    .parse()
+                    .with_context(|| format!("runner gpus must be a count or `auto`, got `{}`", r.gpus))?,
+            )
+        };
+        let clients = Clients::new(addrs, &self.config.internal_secret, "runner")?;
+        let cfg = nsml_runner::RunnerConfig {
+            work_dir: self.config.data_dir.join("runs"),
+            python: r.python.clone(),
+            sdk_path,
+            gpus,
+        };
+        Ok(nsml_runner::LocalExecutor::new(cfg, clients))
+    }
+
+    async fn start(&self, name: ServiceName, ctx: ServiceContext) -> anyhow::Result<Started> {
+        Ok(match name {
+            ServiceName::Auth => nsml_auth::start(ctx).await?,
+            ServiceName::Storage => nsml_storage::start(ctx).await?,
+            ServiceName::Session => nsml_session::start(ctx).await?,
+            ServiceName::Quota => nsml_quota::start(ctx).await?,
+            ServiceName::Submission => {
+                nsml_submission::start(ctx, self.config.runner.python.clone()).await?
+            }
+            ServiceName::Leaderboard => nsml_leaderboard::start(ctx).await?,
+            ServiceName::Gateway => anyhow::bail!("the gateway is not a gRPC service"),
+        })
+    }
+
+    fn spawn_shutdown_on_signal(&self) {
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+            cancel.cancel();
+        });
+    }
+
+    /// Runs every service in this process, applies the competitions and serves until a signal.
+    pub async fn run_embedded(self, competitions: Vec<PathBuf>) -> anyhow::Result<()> {
+        self.spawn_shutdown_on_signal();
+        let relay = nsml_bus::spawn_relay(self.store.clone(), self.bus.clone(), self.cancel.clone());
+        let internal = TcpListener::bind("127.0.0.1:0").await?;
+        let iaddr = http(internal.local_addr()?);
+        let addrs = ServiceAddrs {
+            auth: iaddr.clone(),
+            storage: iaddr.clone(),
+            session: iaddr.clone(),
+            quota: iaddr.clone(),
+            submission: iaddr.clone(),
+            leaderboard: iaddr.clone(),
+        };
+        let public = TcpListener::bind(self.config.public_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.config.public_listen))?;
+        let public_addr = public.local_addr()?;
+        let executor = self.executor(&addrs)?;
+        let mut router = axum_free_routes();
+        let mut names = Vec::new();
+        let mut tasks = Vec::new();
+        for name in [
+            ServiceName::Auth,
+            ServiceName::Storage,
+            ServiceName::Quota,
+            ServiceName::Leaderboard,
+            ServiceName::Submission,
+            ServiceName::Session,
+        ] {
+            let exec = (name == ServiceName::Session).then(|| executor.clone());
+            let started = self.start(name, self.context(&addrs, exec)).await?;
+            router = router.merge(started.routes.into_axum_router());
+            names.extend(started.names);
+            tasks.extend(started.tasks);
+        }
+        let routes = tonic::service::Routes::from(router);
+        let secret: Arc<str> = self.config.internal_secret.as_str().into();
+        let cancel = self.cancel.clone();
+        let internal_server = tokio::spawn(async move {
+            nsml_common::server::serve(internal, routes, &names, secret, cancel).await
+        });
+        let gw_cancel = self.cancel.clone();
+        let gw_addrs = addrs.clone();
+        let gw_secret = self.config.internal_secret.clone();
+        let gateway = tokio::spawn(async move {
+            nsml_gateway::serve(public, &gw_addrs, &gw_secret, gw_cancel).await
+        });
+        let url = http(public_addr);
+        let competitions = if competitions.is_empty() {
+            match find_beside_binary("examples/competition.toml") {
+                Some(p) => vec![p],
+                None => {
+                    tracing::warn!("no competition given and examples/competition.toml not found");
+                    vec![]
+                }
+            }
+        } else {
+            competitions
+        };
+        let token = std::fs::read_to_string(self.config.data_dir.join("admin.token"))?;
+        let channel = nsml_common::clients::channel("gateway", &url)?;
+        for path in competitions {
+            let manifest = nsml_manifest::load(&path)?;
+            let c = nsml_manifest::apply(channel.clone(), token.trim(), &manifest)
+                .await
+                .with_context(|| format!("cannot apply the competition {}", path.display()))?;
+            tracing::info!(competition = %c.id, "competition applied");
+        }
+        println!("nsmld ready at {url}");
+        println!(
+            "host token in {} (export NSML_TOKEN=$(cat {}))",
+            self.config.data_dir.join("admin.token").display(),
+            self.config.data_dir.join("admin.token").display()
+        );
+        let (a, b) = tokio::join!(internal_server, gateway);
+        a??;
+        b??;
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = relay.await;
+        Ok(())
+    }
+
+    /// Runs the named services of a distributed deployment until a signal.
+    pub async fn run_services(self, services: &[ServiceName]) -> anyhow::Result<()> {
+        self.spawn_shutdown_on_signal();
+        let relay = nsml_bus::spawn_relay(self.store.clone(), self.bus.clone(), self.cancel.clone());
+        let listen = self
+            .config
+            .services
+            .clone()
+            .context("a distributed deployment needs a [services] table")?;
+        let addrs = ServiceAddrs {
+            auth: http(listen.auth),
+            storage: http(listen.storage),
+            session: http(listen.session),
+            quota: http(listen.quota),
+            submission: http(listen.submission),
+            leaderboard: http(listen.leaderboard),
+        };
+        let mut servers = Vec::new();
+        let mut tasks = Vec::new();
+        for &name in services {
+            if name == ServiceName::Gateway {
+                let public = TcpListener::bind(self.config.public_listen).await?;
+                let url = http(public.local_addr()?);
+                let (a, s, c) = (addrs.clone(), self.config.internal_secret.clone(), self.cancel.clone());
+                servers.push(tokio::spawn(async move {
+                    nsml_gateway::serve(public, &a, &s, c)
+                        .await
+                        .map_err(anyhow::Error::from)
+                }));
+                println!("nsmld ready at {url}");
+                continue;
+            }
+            let addr = match name {
+                ServiceName::Auth => listen.auth,
+                ServiceName::Storage => listen.storage,
+                ServiceName::Session => listen.session,
+                ServiceName::Quota => listen.quota,
+                ServiceName::Submission => listen.submission,
+                ServiceName::Leaderboard => listen.leaderboard,
+                ServiceName::Gateway => continue,
+            };
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let exec = if name == ServiceName::Session {
+                Some(self.executor(&addrs)?)
+            } else {
+                None
+            };
+            let started = self.start(name, self.context(&addrs, exec)).await?;
+            tasks.extend(started.tasks);
+            let secret: Arc<str> = self.config.internal_secret.as_str().into();
+            let cancel = self.cancel.clone();
+            let names = started.names;
+            let routes = started.routes;
+            servers.push(tokio::spawn(async move {
+                nsml_common::server::serve(listener, routes, &names, secret, cancel)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }));
+            println!("nsmld serving {name:?} at {}", http(addr));
+        }
+        for s in servers {
+            s.await??;
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = relay.await;
+        Ok(())
+    }
+}
+
+fn axum_free_routes() -> tonic::service::AxumRouter {
+    tonic::service::AxumRouter::new()
+}
