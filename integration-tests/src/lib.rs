@@ -268,6 +268,11 @@ gpus = "0"
         Ok(())
     }
 
+    /// Process ids of the deployment's server processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|(_, c)| c.id()).collect()
+    }
+
     /// The host token `nsmld` wrote.
     pub fn admin_token(&self) -> anyhow::Result<String> {
         Ok(std::fs::read_to_string(self.data_dir.join("admin.token"))?
