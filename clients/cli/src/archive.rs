@@ -16,8 +16,8 @@ use crate::ignore::IgnoreRules;
 #[derive(Debug, Default)]
 pub struct Collected {
     pub entries: Vec<CollectedEntry>,
-    /// Relative paths left out because they are symlinks or special files.
-    pub skipped: Vec<String>,
+    /// Relative paths left out, with what they are: `symlink` or `special file`.
+    pub skipped: Vec<(String, &'static str)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,8 +82,10 @@ fn walk(dir: &Path, prefix: &str, rules: &IgnoreRules, out: &mut Collected) -> R
                 path,
                 is_dir: false,
             });
+        } else if kind.is_symlink() {
+            out.skipped.push((path, "symlink"));
         } else {
-            out.skipped.push(path);
+            out.skipped.push((path, "special file"));
         }
     }
     Ok(())
@@ -228,7 +230,7 @@ mod tests {
         let paths: Vec<_> = collected.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, [".nsmlignore", "main.py", "model", "model/net.py"]);
         #[cfg(unix)]
-        assert_eq!(collected.skipped, ["link.py"]);
+        assert_eq!(collected.skipped, [("link.py".to_string(), "symlink")]);
         assert!(collected.contains_file("main.py"));
         assert!(collected.contains_file("./model//net.py"));
         assert!(!collected.contains_file("model"));

@@ -184,7 +184,13 @@ pub struct RunArgs {
     )]
     pub args: String,
     /// Memo shown in the Description column of `nsml ps`
-    #[arg(short = 'm', long = "memo", default_value = "", value_name = "TEXT")]
+    #[arg(
+        short = 'm',
+        long = "memo",
+        default_value = "",
+        hide_default_value = true,
+        value_name = "TEXT"
+    )]
     pub memo: String,
     /// Follow the session's output, and remove the session when it ends
     #[arg(short = 'i', long = "interactive")]

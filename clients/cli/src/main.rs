@@ -103,8 +103,25 @@ fn report(err: &anyhow::Error, server: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    eprintln!("Error: {err:#}");
+    eprintln!("Error: {}", describe(err));
     ExitCode::FAILURE
+}
+
+/// Joins the error's chain of causes, skipping a cause whose text the message already holds (errors that
+/// print their source as well as expose it).
+fn describe(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 fn report_status(err: &anyhow::Error, status: &tonic::Status, server: &str) {
@@ -177,6 +194,16 @@ mod tests {
             status_message(&err, status),
             "registering dataset `d`: hosts only"
         );
+    }
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err = anyhow::Error::from(io).context("cannot read x.toml: no such file");
+        assert_eq!(describe(&err), "cannot read x.toml: no such file");
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err = anyhow::Error::from(io).context("cannot read x.toml");
+        assert_eq!(describe(&err), "cannot read x.toml: no such file");
     }
 
     #[test]

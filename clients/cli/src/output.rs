@@ -1,6 +1,8 @@
 //! How things look on the terminal: aligned tables without colour, relative times, numbers and labels as NSML
 //! printed them.
 
+use std::io::Write;
+
 use chrono::{Local, TimeZone};
 use nsml_proto::v1::{Direction, Session, SessionKind, SessionStatus};
 use serde_json::Value;
@@ -60,6 +62,19 @@ impl Table {
             out.push('\n');
         }
         out
+    }
+}
+
+/// Writes to stdout; when the reader went away (`nsml logs -f x | head`), ends the program quietly instead of
+/// failing, as `cat` would.
+pub fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
     }
 }
 

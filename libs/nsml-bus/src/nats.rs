@@ -1,73 +1,129 @@
-//! The distributed deployment's bus: NATS JetStream. Each event is one message on
-//! `<stream>.<event type>`, its body the protobuf payload and its envelope in headers, so any language can
-//! read it; `Nats-Msg-Id` (the event id) lets JetStream drop republished duplicates.
+//! The NATS JetStream bus: one JetStream stream holds every published event, deduplicated by event id.
 
 use std::sync::Arc;
 
-use async_nats::jetstream;
-use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use nsml_eventstore::{Metadata, StoredEvent};
 
 use crate::{Bus, BusError};
 
-/// A bus over one JetStream stream.
-pub struct NatsBus {
-    js: jetstream::Context,
-    stream: String,
-}
+/// Header carrying the event id; JetStream drops a second message with the same id within its duplicate window.
+const MSG_ID: &str = "Nats-Msg-Id";
+/// Header carrying the event's global position.
+const POSITION: &str = "Nsml-Position";
+/// Header carrying the event's stream.
+const STREAM: &str = "Nsml-Stream";
+/// Header carrying the event's version in its stream.
+const VERSION: &str = "Nsml-Version";
+/// Header carrying the event's payload type.
+const TYPE: &str = "Nsml-Type";
+/// Header carrying the event's hash.
+const HASH: &str = "Nsml-Hash";
+/// Header carrying the event's metadata as JSON.
+const METADATA: &str = "Nsml-Metadata";
+/// Header carrying the W3C trace context of the span that appended the event.
+const TRACEPARENT: &str = "traceparent";
 
-fn nats_err(e: impl std::fmt::Display) -> BusError {
-    BusError::Nats(e.to_string())
+/// A bus on a NATS JetStream stream.
+///
+/// The stream `<name>` (file storage) takes subjects `<name>.>`; each event is published to
+/// `<name>.<event type, '.' replaced by '_'>` with the protobuf payload as body and the envelope in headers.
+#[derive(Debug)]
+pub struct NatsBus {
+    jetstream: jetstream::Context,
+    stream: stream::Stream,
+    stream_name: String,
 }
 
 impl NatsBus {
-    /// Connects and makes sure the stream exists.
-    pub async fn connect(url: &str, stream: &str) -> Result<Arc<Self>, BusError> {
-        let client = async_nats::connect(url).await.map_err(nats_err)?;
-        let js = jetstream::new(client);
-        js.get_or_create_stream(jetstream::stream::Config {
-            name: stream.to_string(),
-            subjects: vec![format!("{stream}.>")],
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(nats_err)?;
-        Ok(Arc::new(Self {
-            js,
-            stream: stream.to_string(),
+    /// Connects to the NATS server at `url` and creates the JetStream stream `stream_name` unless it exists.
+    pub async fn connect(url: &str, stream_name: &str) -> Result<Arc<NatsBus>, BusError> {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|e| BusError::nats("connect", e))?;
+        let jetstream = jetstream::new(client);
+        let stream = jetstream
+            .get_or_create_stream(stream::Config {
+                name: stream_name.to_owned(),
+                subjects: vec![format!("{stream_name}.>")],
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::nats("create stream", e))?;
+        Ok(Arc::new(NatsBus {
+            jetstream,
+            stream,
+            stream_name: stream_name.to_owned(),
         }))
+    }
+
+    /// The JetStream stream's name.
+    pub fn stream_name(&self) -> &str {
+        &self.stream_name
+    }
+
+    /// The subject an event type is published to.
+    pub fn subject(&self, event_type: &str) -> String {
+        let token: String = event_type
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{}.{token}", self.stream_name)
     }
 }
 
-fn header<'a>(h: &'a async_nats::HeaderMap, k: &str) -> Result<&'a str, BusError> {
-    h.get(k)
-        .map(|v| v.as_str())
-        .ok_or_else(|| BusError::Malformed(format!("missing header {k}")))
+/// The headers describing an event.
+fn headers(event: &StoredEvent) -> HeaderMap {
+    let metadata = serde_json::to_string(&event.metadata).unwrap_or_default();
+    let mut headers = HeaderMap::new();
+    headers.insert(MSG_ID, event.metadata.event_id.as_str());
+    headers.insert(POSITION, event.position.to_string().as_str());
+    headers.insert(STREAM, event.stream.as_str());
+    headers.insert(VERSION, event.version.to_string().as_str());
+    headers.insert(TYPE, event.event_type.as_str());
+    headers.insert(HASH, event.hash.as_str());
+    headers.insert(METADATA, metadata.as_str());
+    if !event.metadata.traceparent.is_empty() {
+        headers.insert(TRACEPARENT, event.metadata.traceparent.as_str());
+    }
+    headers
 }
 
-fn decode(msg: &async_nats::Message) -> Result<StoredEvent, BusError> {
-    let h = msg
-        .headers
-        .as_ref()
-        .ok_or_else(|| BusError::Malformed("no headers".into()))?;
-    let num = |k: &str| -> Result<u64, BusError> {
-        header(h, k)?
-            .parse()
-            .map_err(|_| BusError::Malformed(format!("header {k} is not a number")))
+/// Rebuilds an event from a message's headers and body.
+fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<StoredEvent, BusError> {
+    let headers = headers.ok_or_else(|| BusError::Malformed("message without headers".into()))?;
+    let text = |name: &str| -> Result<String, BusError> {
+        headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .ok_or_else(|| BusError::Malformed(format!("missing header {name}")))
     };
-    let metadata: Metadata = serde_json::from_str(header(h, "Nsml-Metadata")?)
-        .map_err(|e| BusError::Malformed(e.to_string()))?;
+    let number = |name: &str| -> Result<u64, BusError> {
+        text(name)?
+            .parse()
+            .map_err(|_| BusError::Malformed(format!("header {name} is not a number")))
+    };
+    let metadata: Metadata = serde_json::from_str(&text(METADATA)?)
+        .map_err(|e| BusError::Malformed(format!("header {METADATA} is not valid: {e}")))?;
     Ok(StoredEvent {
-        position: num("Nsml-Position")?,
-        stream: header(h, "Nsml-Stream")?.to_string(),
-        version: num("Nsml-Version")?,
-        event_type: header(h, "Nsml-Type")?.to_string(),
-        payload: msg.payload.to_vec(),
+        position: number(POSITION)?,
+        stream: text(STREAM)?,
+        version: number(VERSION)?,
+        event_type: text(TYPE)?,
+        payload: payload.to_vec(),
         metadata,
-        hash: header(h, "Nsml-Hash")?.to_string(),
+        hash: text(HASH)?,
     })
 }
 
@@ -75,59 +131,82 @@ fn decode(msg: &async_nats::Message) -> Result<StoredEvent, BusError> {
 impl Bus for NatsBus {
     async fn publish(&self, events: &[StoredEvent]) -> Result<(), BusError> {
         let mut acks = Vec::with_capacity(events.len());
-        for e in events {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Msg-Id", e.metadata.event_id.as_str());
-            h.insert("Nsml-Position", e.position.to_string().as_str());
-            h.insert("Nsml-Stream", e.stream.as_str());
-            h.insert("Nsml-Version", e.version.to_string().as_str());
-            h.insert("Nsml-Type", e.event_type.as_str());
-            h.insert("Nsml-Hash", e.hash.as_str());
-            let md = serde_json::to_string(&e.metadata).map_err(|x| BusError::Malformed(x.to_string()))?;
-            h.insert("Nsml-Metadata", md.as_str());
-            if !e.metadata.traceparent.is_empty() {
-                h.insert("traceparent", e.metadata.traceparent.as_str());
-            }
-            let subject = format!("{}.{}", self.stream, e.event_type.replace('.', "_"));
+        for event in events {
             let ack = self
-                .js
-                .publish_with_headers(subject, h, e.payload.clone().into())
+                .jetstream
+                .publish_with_headers(
+                    self.subject(&event.event_type),
+                    headers(event),
+                    Bytes::from(event.payload.clone()),
+                )
                 .await
-                .map_err(nats_err)?;
+                .map_err(|e| BusError::nats("publish", e))?;
             acks.push(ack);
         }
-        for a in acks {
-            a.await.map_err(nats_err)?;
+        for ack in acks {
+            ack.await.map_err(|e| BusError::nats("publish ack", e))?;
         }
         Ok(())
     }
 
     async fn subscribe(&self) -> Result<BoxStream<'static, StoredEvent>, BusError> {
-        let stream = self.js.get_stream(&self.stream).await.map_err(nats_err)?;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::New,
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::New,
                 ..Default::default()
             })
             .await
-            .map_err(nats_err)?;
-        let msgs = consumer.messages().await.map_err(nats_err)?;
-        Ok(msgs
-            .filter_map(|m| async move {
-                match m {
-                    Ok(m) => match decode(&m) {
-                        Ok(e) => Some(e),
-                        Err(err) => {
-                            tracing::warn!(%err, "dropping a malformed bus message");
-                            None
-                        }
-                    },
-                    Err(err) => {
-                        tracing::warn!(%err, "bus consumer error");
-                        None
-                    }
+            .map_err(|e| BusError::nats("create consumer", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| BusError::nats("consume", e))?;
+        let stream_name = self.stream_name.clone();
+        let events = messages.filter_map(move |message| {
+            let result = match message {
+                Ok(message) => decode(message.headers.as_ref(), &message.payload).map_err(|e| {
+                    tracing::warn!(stream = %stream_name, subject = %message.subject, error = %e, "skipping a bus message");
+                }),
+                Err(e) => {
+                    tracing::warn!(stream = %stream_name, error = %e, "nats consumer error");
+                    Err(())
                 }
-            })
-            .boxed())
+            };
+            async move { result.ok() }
+        });
+        Ok(events.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip() {
+        let event = StoredEvent {
+            position: 17,
+            stream: "sessions-acme/t1-cls".into(),
+            version: 3,
+            event_type: "nsml.v1.SessionRequested".into(),
+            payload: vec![1, 2, 3],
+            metadata: Metadata {
+                event_id: "e-1".into(),
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+                recorded_at_ms: 5,
+                schema_version: 1,
+                ..Default::default()
+            },
+            hash: "ab".repeat(32),
+        };
+        let headers = headers(&event);
+        assert_eq!(headers.get(MSG_ID).map(|v| v.as_str()), Some("e-1"));
+        assert_eq!(
+            headers.get(TRACEPARENT).map(|v| v.as_str()),
+            Some(event.metadata.traceparent.as_str())
+        );
+        assert_eq!(decode(Some(&headers), &[1, 2, 3]).expect("decodes"), event);
+        assert!(decode(None, &[]).is_err());
     }
 }

@@ -131,7 +131,8 @@ pub fn random_secret() -> String {
 /// A service that is built and ready to be served: its routes, its gRPC service names (for health) and its
 /// background tasks (projections, reactors), which end when the context's cancellation token fires.
 pub struct Started {
-    pub routes: Routes,
+    /// Adds the service to a set of routes (several services share one server in the embedded deployment).
+    pub routes: Box<dyn FnOnce(Routes) -> Routes + Send>,
     pub names: Vec<&'static str>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }

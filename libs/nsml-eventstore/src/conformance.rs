@@ -92,6 +92,7 @@ macro_rules! conformance_suite {
             conflict_message_names_stream_and_versions,
             multi_event_append_is_atomic,
             empty_append_checks_version_and_stores_nothing,
+            stream_version_clash_is_recognized,
             concurrent_appends_with_same_expected_version_one_wins,
             concurrent_appends_keep_positions_and_versions_gapless,
             outbox_peek_and_ack,
@@ -534,6 +535,36 @@ pub async fn empty_append_checks_version_and_stores_nothing<S: Tamper>(store: Ar
             .await,
     );
     assert_eq!(store.head_position().await.expect("head"), 2);
+}
+
+/// The database error of a second event with the same stream and version is recognized as a version clash (so
+/// an append hitting it reports a conflict); a clash on position is not.
+pub async fn stream_version_clash_is_recognized<S: Tamper>(store: Arc<S>) {
+    store
+        .append("s", ExpectedVersion::Any, new_events("s", 2))
+        .await
+        .expect("append");
+    let insert = |position: u64, stream: &str, version: u64| {
+        format!(
+            "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
+             SELECT {position}, '{stream}', {version}, event_type, payload, metadata, prev_hash, hash \
+             FROM events WHERE position = 1"
+        )
+    };
+    match store.execute_sql(&insert(99, "s", 2)).await {
+        Err(StoreError::Database(e)) => assert!(
+            crate::error::is_stream_version_violation(&e),
+            "not recognized: {e}"
+        ),
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
+    match store.execute_sql(&insert(1, "other", 1)).await {
+        Err(StoreError::Database(e)) => assert!(
+            !crate::error::is_stream_version_violation(&e),
+            "a position clash taken for a version clash: {e}"
+        ),
+        other => panic!("expected a unique violation, got {other:?}"),
+    }
 }
 
 /// Of many concurrent appends with the same expected version, exactly one succeeds.

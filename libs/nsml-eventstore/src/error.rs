@@ -32,3 +32,42 @@ impl StoreError {
         matches!(self, StoreError::Conflict { .. })
     }
 }
+
+/// Whether an error is a violation of the unique key on (stream, version) of the `events` table.
+///
+/// Postgres names the constraint (`events_stream_version_key`); SQLite names the columns in its message
+/// (`UNIQUE constraint failed: events.stream, events.version`).
+pub(crate) fn is_stream_version_violation(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation()
+                && (db.constraint() == Some("events_stream_version_key")
+                    || db.message().contains("events.stream, events.version"))
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ExpectedVersion;
+
+    use super::StoreError;
+
+    #[test]
+    fn conflict_messages() {
+        let conflict = |expected| StoreError::Conflict {
+            stream: "quota-acme".into(),
+            expected,
+            actual: 5,
+        };
+        assert_eq!(
+            conflict(ExpectedVersion::Exact(4)).to_string(),
+            "stream `quota-acme` is at version 5, expected 4"
+        );
+        assert_eq!(
+            conflict(ExpectedVersion::NoStream).to_string(),
+            "stream `quota-acme` is at version 5, expected no stream"
+        );
+    }
+}

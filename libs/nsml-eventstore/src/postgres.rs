@@ -6,6 +6,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
+use crate::error::is_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
 use crate::row::{ChainRow, EventRow, into_events, metadata_json, to_i64, to_u64};
 use crate::{Appended, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent};
@@ -42,15 +43,15 @@ impl PostgresStore {
         self.pool.close().await;
     }
 
-    /// A unique-key violation on (stream, version) means another writer got there first: a conflict.
+    /// A unique-key violation on (stream, version) means another writer got there first: a conflict. Any other
+    /// error (a clash on `position` included) stays a database error.
     async fn map_insert_error(
         &self,
         err: sqlx::Error,
         stream: &str,
         expected: ExpectedVersion,
     ) -> StoreError {
-        let unique = matches!(&err, sqlx::Error::Database(db) if db.is_unique_violation());
-        if !unique {
+        if !is_stream_version_violation(&err) {
             return err.into();
         }
         match self.stream_version(stream).await {

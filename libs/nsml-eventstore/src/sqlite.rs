@@ -10,6 +10,7 @@ use sqlx::sqlite::{
 };
 
 use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
+use crate::error::is_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
 use crate::row::{ChainRow, EventRow, into_events, metadata_json, to_i64, to_u64};
 use crate::{Appended, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent};
@@ -82,19 +83,17 @@ impl SqliteStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, StoreError> {
+        // The write lock is held from BEGIN IMMEDIATE on, so version and head can be read in one statement.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let current: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?")
-                .bind(stream)
-                .fetch_one(&mut *tx)
-                .await?;
+        let (current, head_position, head_hash): (i64, i64, String) = sqlx::query_as(
+            "SELECT (SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?), position, hash \
+             FROM log_head WHERE id = 1",
+        )
+        .bind(stream)
+        .fetch_one(&mut *tx)
+        .await?;
         let current = to_u64(current, "version")?;
         expected.check(stream, current)?;
-
-        let (head_position, head_hash): (i64, String) =
-            sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
         let head_position = to_u64(head_position, "position")?;
         if events.is_empty() {
             return Ok(Appended {
@@ -158,15 +157,15 @@ impl SqliteStore {
         })
     }
 
-    /// A unique-key violation on (stream, version) means another writer got there first: a conflict.
+    /// A unique-key violation on (stream, version) means another writer got there first: a conflict. Any other
+    /// error (a clash on `position` included) stays a database error.
     async fn map_insert_error(
         &self,
         err: sqlx::Error,
         stream: &str,
         expected: ExpectedVersion,
     ) -> StoreError {
-        let unique = matches!(&err, sqlx::Error::Database(db) if db.is_unique_violation());
-        if !unique {
+        if !is_stream_version_violation(&err) {
             return err.into();
         }
         match self.stream_version(stream).await {

@@ -472,22 +472,27 @@ impl Manifest {
         &self.base_dir
     }
 
+    /// Returns the competition id.
     pub fn id(&self) -> &str {
         &self.id
     }
 
+    /// Returns the competition title.
     pub fn title(&self) -> &str {
         &self.title
     }
 
+    /// Returns the users who host the competition.
     pub fn hosts(&self) -> &[String] {
         &self.hosts
     }
 
+    /// Returns the per-team resource rules.
     pub fn policy(&self) -> &PolicySpec {
         &self.policy
     }
 
+    /// Returns the datasets, in manifest order.
     pub fn datasets(&self) -> &[DatasetSpec] {
         &self.datasets
     }
@@ -502,10 +507,12 @@ impl Manifest {
             })
     }
 
+    /// Returns the teams, in manifest order.
     pub fn teams(&self) -> &[TeamSpec] {
         &self.teams
     }
 
+    /// Returns the users the manifest creates, in manifest order.
     pub fn users(&self) -> &[UserSpec] {
         &self.users
     }

@@ -53,7 +53,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, AuthError> {
         .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
     Ok(Started {
-        routes: tonic::service::Routes::new(server),
+        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
         names: vec!["nsml.v1.AuthService"],
         tasks: vec![task],
     })

@@ -1,1 +1,59 @@
-//! nsml-leaderboard
+//! The leaderboard service: per-dataset boards (each team's best score, its count of submits, its last submit and
+//! the model behind the best), a competition's overall ranking, and each team's history of real submits, on the
+//! public or the private part of the test set.
+//!
+//! It is a pure projection: it appends no events of its own. Its read model ([`projection`]) is folded from the
+//! log — `CompetitionApplied`, `DatasetRegistered`, `PrivateRevealed` and `SubmissionScored` — and rebuilt from
+//! the start at every boot; the ranking rules are pure functions ([`domain`]); [`grpc`] checks who calls and
+//! answers.
+
+pub mod domain;
+pub mod grpc;
+pub mod projection;
+
+use nsml_common::ServiceContext;
+use nsml_common::projection::Projection;
+use nsml_common::server::Started;
+use nsml_proto::v1::leaderboard_service_server::LeaderboardServiceServer;
+
+pub use grpc::LeaderboardService;
+
+/// Why a leaderboard request was refused. Each maps to one gRPC status in [`grpc`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaderboardError {
+    #[error("dataset `{0}` not found; `nsml dataset ls` lists them")]
+    DatasetNotFound(String),
+    #[error("competition `{0}` not found")]
+    CompetitionNotFound(String),
+    #[error("the private leaderboard of `{0}` is hidden until the host reveals it")]
+    PrivateHidden(String),
+    #[error("name a dataset, e.g. `nsml dataset board DATASET`")]
+    NoDataset,
+    #[error("name the competition: you are in {0}")]
+    AmbiguousCompetition(String),
+    #[error("there is no competition yet")]
+    NoCompetition,
+    #[error("you are not in a team of competition `{0}`")]
+    NotInCompetition(String),
+    #[error("the leaderboard is still reading the log; retry in a few seconds")]
+    Loading,
+}
+
+/// Builds the leaderboard service: starts its projection of the log (which catches up in the background; calls
+/// wait for it) and returns its routes.
+pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
+    let (proj, task) = Projection::<projection::LeaderboardState>::spawn(
+        "leaderboard",
+        ctx.store.clone(),
+        ctx.bus.clone(),
+        ctx.cancel.clone(),
+    );
+    let svc = LeaderboardService::new(proj);
+    Ok(Started {
+        routes: Box::new(move |r: tonic::service::Routes| {
+            r.add_service(LeaderboardServiceServer::new(svc))
+        }),
+        names: vec!["nsml.v1.LeaderboardService"],
+        tasks: vec![task],
+    })
+}

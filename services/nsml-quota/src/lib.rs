@@ -36,7 +36,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, QuotaError> {
     let reactor = tokio::spawn(reactor::run(svc.clone(), ctx.clone()));
     let server = QuotaServiceServer::new(svc);
     Ok(Started {
-        routes: tonic::service::Routes::new(server),
+        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
         names: vec!["nsml.v1.QuotaService"],
         tasks: vec![task, reactor],
     })

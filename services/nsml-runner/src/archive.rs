@@ -98,7 +98,12 @@ fn real_dirs(root: &Path, rel: &Path, entry: &Path) -> Result<()> {
             Ok(_) => return Err(unsafe_entry(entry, "path passes through a file")),
             Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&cur)
                 .map_err(|e| RunnerError::io(format!("cannot create {}", cur.display()), e))?,
-            Err(e) => return Err(RunnerError::io(format!("cannot inspect {}", cur.display()), e)),
+            Err(e) => {
+                return Err(RunnerError::io(
+                    format!("cannot inspect {}", cur.display()),
+                    e,
+                ));
+            }
         }
     }
     Ok(())
@@ -117,7 +122,10 @@ fn place(root: &Path, rel: &Path, entry: &Path) -> Result<PathBuf> {
             .map_err(|e| RunnerError::io(format!("cannot replace {}", dst.display()), e))
             .map(|()| dst),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(dst),
-        Err(e) => Err(RunnerError::io(format!("cannot inspect {}", dst.display()), e)),
+        Err(e) => Err(RunnerError::io(
+            format!("cannot inspect {}", dst.display()),
+            e,
+        )),
     }
 }
 
@@ -160,18 +168,26 @@ fn check_link_resolves_inside(root: &Path, rel: &Path) -> Result<()> {
                 Component::ParentDir => out.push(Step::Up),
                 Component::CurDir => {}
                 Component::RootDir | Component::Prefix(_) => {
-                    return Err(unsafe_entry(entry, "symlink chain reaches an absolute target"));
+                    return Err(unsafe_entry(
+                        entry,
+                        "symlink chain reaches an absolute target",
+                    ));
                 }
             }
         }
         Ok(out)
     }
     let read_link = |p: &Path| {
-        fs::read_link(p).map_err(|e| RunnerError::io(format!("cannot read link {}", p.display()), e))
+        fs::read_link(p)
+            .map_err(|e| RunnerError::io(format!("cannot read link {}", p.display()), e))
     };
     let mut at: Vec<OsString> = rel
         .parent()
-        .map(|p| p.components().map(|c| c.as_os_str().to_os_string()).collect())
+        .map(|p| {
+            p.components()
+                .map(|c| c.as_os_str().to_os_string())
+                .collect()
+        })
         .unwrap_or_default();
     let mut todo: VecDeque<Step> = steps(&read_link(&root.join(rel))?, rel)?.into();
     let mut hops = 0;
@@ -206,7 +222,11 @@ fn check_link_resolves_inside(root: &Path, rel: &Path) -> Result<()> {
 
 /// Extracts the gzip'd tar read from `reader` into `dest` (an existing, empty directory that nothing
 /// else writes to meanwhile). See the module documentation for what is refused.
-pub fn extract_tar_gz<R: Read>(reader: R, dest: &Path, limits: ExtractLimits) -> Result<ExtractStats> {
+pub fn extract_tar_gz<R: Read>(
+    reader: R,
+    dest: &Path,
+    limits: ExtractLimits,
+) -> Result<ExtractStats> {
     let bad_archive = |e: io::Error| RunnerError::io("cannot read archive", e);
     let mut archive = tar::Archive::new(GzDecoder::new(reader));
     let mut stats = ExtractStats::default();
@@ -216,7 +236,10 @@ pub fn extract_tar_gz<R: Read>(reader: R, dest: &Path, limits: ExtractLimits) ->
         let kind = entry.header().entry_type();
         if matches!(
             kind,
-            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
         ) {
             continue;
         }
@@ -232,7 +255,10 @@ pub fn extract_tar_gz<R: Read>(reader: R, dest: &Path, limits: ExtractLimits) ->
             if kind.is_dir() {
                 continue;
             }
-            return Err(unsafe_entry(&raw, "non-directory entry at the archive root"));
+            return Err(unsafe_entry(
+                &raw,
+                "non-directory entry at the archive root",
+            ));
         };
         match kind {
             EntryType::Directory => real_dirs(dest, &rel, &raw)?,
@@ -265,8 +291,9 @@ pub fn extract_tar_gz<R: Read>(reader: R, dest: &Path, limits: ExtractLimits) ->
                     .into_owned();
                 check_link_target(&rel, &target, &raw)?;
                 let dst = place(dest, &rel, &raw)?;
-                std::os::unix::fs::symlink(&target, &dst)
-                    .map_err(|e| RunnerError::io(format!("cannot create link {}", dst.display()), e))?;
+                std::os::unix::fs::symlink(&target, &dst).map_err(|e| {
+                    RunnerError::io(format!("cannot create link {}", dst.display()), e)
+                })?;
                 links.push(rel);
             }
             EntryType::Link => {
@@ -307,7 +334,12 @@ pub fn extract_tar_gz<R: Read>(reader: R, dest: &Path, limits: ExtractLimits) ->
                 return Err(unsafe_entry(&raw, "device file"));
             }
             EntryType::Fifo => return Err(unsafe_entry(&raw, "FIFO")),
-            other => return Err(unsafe_entry(&raw, format!("unsupported entry type {other:?}"))),
+            other => {
+                return Err(unsafe_entry(
+                    &raw,
+                    format!("unsupported entry type {other:?}"),
+                ));
+            }
         }
     }
     for rel in &links {
@@ -326,7 +358,8 @@ pub fn pack_dir<W: Write>(dir: &Path, writer: W) -> Result<W> {
     let gz = builder
         .into_inner()
         .map_err(|e| RunnerError::io("cannot finish archive", e))?;
-    gz.finish().map_err(|e| RunnerError::io("cannot finish archive", e))
+    gz.finish()
+        .map_err(|e| RunnerError::io("cannot finish archive", e))
 }
 
 fn pack_tree<W: Write>(builder: &mut tar::Builder<W>, root: &Path, rel: &Path) -> Result<()> {
@@ -386,13 +419,18 @@ impl Read for ChannelReader {
 
 /// Extracts a gzip'd tar arriving as a stream of byte chunks (a gRPC download) into `dest`, which is
 /// created and must not exist yet. On failure `dest` is removed.
-pub async fn extract_stream<S>(stream: S, dest: &Path, limits: ExtractLimits) -> Result<ExtractStats>
+pub async fn extract_stream<S>(
+    stream: S,
+    dest: &Path,
+    limits: ExtractLimits,
+) -> Result<ExtractStats>
 where
     S: Stream<Item = Result<Vec<u8>>> + Send,
 {
     fs::create_dir_all(dest.parent().unwrap_or(Path::new("/")))
         .map_err(|e| RunnerError::io(format!("cannot create {}", dest.display()), e))?;
-    fs::create_dir(dest).map_err(|e| RunnerError::io(format!("cannot create {}", dest.display()), e))?;
+    fs::create_dir(dest)
+        .map_err(|e| RunnerError::io(format!("cannot create {}", dest.display()), e))?;
     let (tx, rx) = mpsc::channel(16);
     let target = dest.to_path_buf();
     let extract = tokio::task::spawn_blocking(move || {
@@ -427,7 +465,10 @@ where
     let result = match (fed, extracted) {
         (Err(e), _) => Err(e),
         (Ok(()), Ok(r)) => r,
-        (Ok(()), Err(join)) => Err(RunnerError::io("archive extraction stopped", io::Error::other(join))),
+        (Ok(()), Err(join)) => Err(RunnerError::io(
+            "archive extraction stopped",
+            io::Error::other(join),
+        )),
     };
     if result.is_err() {
         remove_tree(dest).await;
@@ -452,8 +493,10 @@ pub async fn remove_tree(path: &Path) {
 /// with the source, so a session cannot write through it into a cache.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<u64> {
     let mut bytes = 0;
-    fs::create_dir_all(dst).map_err(|e| RunnerError::io(format!("cannot create {}", dst.display()), e))?;
-    let entries = fs::read_dir(src).map_err(|e| RunnerError::io(format!("cannot list {}", src.display()), e))?;
+    fs::create_dir_all(dst)
+        .map_err(|e| RunnerError::io(format!("cannot create {}", dst.display()), e))?;
+    let entries = fs::read_dir(src)
+        .map_err(|e| RunnerError::io(format!("cannot list {}", src.display()), e))?;
     for e in entries {
         let e = e.map_err(|e| RunnerError::io(format!("cannot list {}", src.display()), e))?;
         let (from, to) = (e.path(), dst.join(e.file_name()));
@@ -463,14 +506,18 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<u64> {
         if ft.is_dir() {
             bytes += copy_tree(&from, &to)?;
         } else if ft.is_symlink() {
-            let target = fs::read_link(&from)
-                .map_err(|err| RunnerError::io(format!("cannot read link {}", from.display()), err))?;
-            std::os::unix::fs::symlink(target, &to)
-                .map_err(|err| RunnerError::io(format!("cannot create link {}", to.display()), err))?;
+            let target = fs::read_link(&from).map_err(|err| {
+                RunnerError::io(format!("cannot read link {}", from.display()), err)
+            })?;
+            std::os::unix::fs::symlink(target, &to).map_err(|err| {
+                RunnerError::io(format!("cannot create link {}", to.display()), err)
+            })?;
         } else if ft.is_file() {
             bytes += fs::copy(&from, &to)
                 .map_err(|err| RunnerError::io(format!("cannot copy {}", from.display()), err))?;
-            let mode = fs::metadata(&to).map(|m| m.permissions().mode()).unwrap_or(0o644);
+            let mode = fs::metadata(&to)
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0o644);
             let _ = fs::set_permissions(&to, fs::Permissions::from_mode(mode | 0o600));
         }
     }
@@ -483,7 +530,10 @@ mod tests {
 
     #[test]
     fn cleans_relative_paths() {
-        assert_eq!(clean_relative(Path::new("./a/./b")).unwrap(), Some(PathBuf::from("a/b")));
+        assert_eq!(
+            clean_relative(Path::new("./a/./b")).unwrap(),
+            Some(PathBuf::from("a/b"))
+        );
         assert_eq!(clean_relative(Path::new("./")).unwrap(), None);
         assert!(clean_relative(Path::new("/etc/passwd")).is_err());
         assert!(clean_relative(Path::new("a/../../b")).is_err());
@@ -491,7 +541,8 @@ mod tests {
 
     #[test]
     fn link_targets_are_checked_by_name() {
-        let ok = |rel: &str, t: &str| check_link_target(Path::new(rel), Path::new(t), Path::new(rel));
+        let ok =
+            |rel: &str, t: &str| check_link_target(Path::new(rel), Path::new(t), Path::new(rel));
         assert!(ok("a/link", "../b").is_ok());
         assert!(ok("a/link", "../../b").is_err());
         assert!(ok("link", "/etc").is_err());

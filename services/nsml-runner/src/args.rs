@@ -96,14 +96,20 @@ mod tests {
 
     #[test]
     fn splits_on_whitespace() {
-        assert_eq!(split("  --epochs 10\t--lr  0.1 \n"), ["--epochs", "10", "--lr", "0.1"]);
+        assert_eq!(
+            split("  --epochs 10\t--lr  0.1 \n"),
+            ["--epochs", "10", "--lr", "0.1"]
+        );
         assert!(split("").is_empty());
         assert!(split("   ").is_empty());
     }
 
     #[test]
     fn honours_quotes_and_escapes() {
-        assert_eq!(split(r#"--name "my model" --tag 'a b'"#), ["--name", "my model", "--tag", "a b"]);
+        assert_eq!(
+            split(r#"--name "my model" --tag 'a b'"#),
+            ["--name", "my model", "--tag", "a b"]
+        );
         assert_eq!(split(r#"--x="a \"q\" \$b \n""#), [r#"--x=a "q" $b \n"#]);
         assert_eq!(split(r"a\ b c"), ["a b", "c"]);
         assert_eq!(split(r"'it'\''s'"), ["it's"]);
@@ -122,7 +128,10 @@ mod tests {
     #[test]
     fn submits_get_nsml_test_mode_once() {
         assert_eq!(entry_args("", true).unwrap(), SUBMIT_ARGS);
-        assert_eq!(entry_args("--mode test --pause 1", true).unwrap(), SUBMIT_ARGS);
+        assert_eq!(
+            entry_args("--mode test --pause 1", true).unwrap(),
+            SUBMIT_ARGS
+        );
         assert_eq!(
             entry_args("--epochs 3", true).unwrap(),
             ["--epochs", "3", "--mode", "test", "--pause", "1"]

@@ -133,7 +133,8 @@ pub fn normalize_part(dataset: &str, part: DatasetPart, staging: &Path, root: &P
         return Err(layout_error("nested too deeply".into()));
     };
     let target = root.join(shape.section);
-    fs::create_dir_all(root).map_err(|e| RunnerError::io(format!("cannot create {}", root.display()), e))?;
+    fs::create_dir_all(root)
+        .map_err(|e| RunnerError::io(format!("cannot create {}", root.display()), e))?;
     let moved = match shape.keep_only {
         None => fs::rename(&section_dir, &target),
         Some(keep) => {
@@ -144,7 +145,12 @@ pub fn normalize_part(dataset: &str, part: DatasetPart, staging: &Path, root: &P
             fs::create_dir(&target).and_then(|()| fs::rename(&from, target.join(keep)))
         }
     };
-    moved.map_err(|e| RunnerError::io(format!("cannot move the dataset into {}", target.display()), e))
+    moved.map_err(|e| {
+        RunnerError::io(
+            format!("cannot move the dataset into {}", target.display()),
+            e,
+        )
+    })
 }
 
 #[cfg(test)]
@@ -188,7 +194,10 @@ mod tests {
         assert_eq!(normalized(DatasetPart::Train, &files).unwrap(), want);
         let bare = ["train_data/data.csv", "train_label"];
         assert_eq!(normalized(DatasetPart::Train, &bare).unwrap(), want);
-        let wrapped = ["t1-cls/train/train_data/data.csv", "t1-cls/train/train_label"];
+        let wrapped = [
+            "t1-cls/train/train_data/data.csv",
+            "t1-cls/train/train_label",
+        ];
         assert_eq!(normalized(DatasetPart::Train, &wrapped).unwrap(), want);
     }
 
@@ -197,7 +206,10 @@ mod tests {
         let want = ["test/test_data/data.csv"];
         let files = ["test/test_data/data.csv", "test/test_label"];
         assert_eq!(normalized(DatasetPart::TestData, &files).unwrap(), want);
-        assert_eq!(normalized(DatasetPart::TestData, &["test_data/data.csv"]).unwrap(), want);
+        assert_eq!(
+            normalized(DatasetPart::TestData, &["test_data/data.csv"]).unwrap(),
+            want
+        );
     }
 
     #[test]
@@ -211,18 +223,29 @@ mod tests {
 
     #[test]
     fn unknown_layouts_fail_with_what_was_found() {
-        let err = normalized(DatasetPart::TestData, &["a.csv", "b.csv"]).unwrap_err().to_string();
+        let err = normalized(DatasetPart::TestData, &["a.csv", "b.csv"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("found [a.csv, b.csv]"), "{err}");
-        let err = normalized(DatasetPart::TestData, &["test/other"]).unwrap_err().to_string();
+        let err = normalized(DatasetPart::TestData, &["test/other"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no `test_data`"), "{err}");
         assert!(normalized(DatasetPart::TestLabel, &["test/test_label"]).is_err());
     }
 
     #[test]
     fn kinds_never_map_to_label_parts() {
-        for kind in [SessionKind::Train, SessionKind::Submit, SessionKind::TrialSubmit] {
+        for kind in [
+            SessionKind::Train,
+            SessionKind::Submit,
+            SessionKind::TrialSubmit,
+        ] {
             let part = part_for(kind).unwrap();
-            assert!(!matches!(part, DatasetPart::TestLabel | DatasetPart::TrialLabel | DatasetPart::EvalScript));
+            assert!(!matches!(
+                part,
+                DatasetPart::TestLabel | DatasetPart::TrialLabel | DatasetPart::EvalScript
+            ));
         }
         assert_eq!(part_for(SessionKind::Unspecified), None);
     }

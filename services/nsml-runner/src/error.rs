@@ -69,7 +69,9 @@ impl RunnerError {
     /// quota refusal) rather than the runner's wrapping of it.
     pub fn reply_text(&self) -> String {
         match self {
-            Self::Rpc { status, .. } if !status.message().is_empty() => status.message().to_string(),
+            Self::Rpc { status, .. } if !status.message().is_empty() => {
+                status.message().to_string()
+            }
             other => other.to_string(),
         }
     }

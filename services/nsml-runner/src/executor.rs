@@ -24,8 +24,8 @@ use std::time::Duration;
 use nsml_common::clients::Clients;
 use nsml_common::executor::Executor;
 use nsml_proto::v1::{
-    DatasetPart, DownloadCodeRequest, FetchDatasetPartRequest, GetDatasetRequest, PullCheckpointRequest,
-    RunnerFinishedRequest, Session, SessionKind,
+    DatasetPart, DownloadCodeRequest, FetchDatasetPartRequest, GetDatasetRequest,
+    PullCheckpointRequest, RunnerFinishedRequest, Session, SessionKind,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -69,6 +69,9 @@ impl RunnerConfig {
     }
 }
 
+/// Held while one dataset part is fetched into the cache or copied out of it.
+type PartLock = Arc<tokio::sync::Mutex<()>>;
+
 /// Runs sessions as child processes of this process.
 pub struct LocalExecutor {
     /// This executor, for the tasks it spawns (`Executor::start` only gets `&self`).
@@ -76,7 +79,7 @@ pub struct LocalExecutor {
     cfg: RunnerConfig,
     clients: Clients,
     live: Mutex<HashMap<String, CancellationToken>>,
-    dataset_locks: Mutex<HashMap<(String, i32), Arc<tokio::sync::Mutex<()>>>>,
+    dataset_locks: Mutex<HashMap<(String, i32), PartLock>>,
 }
 
 /// The paths of one session's directory.
@@ -115,7 +118,11 @@ fn check_entry(code: &Path, entry: &str) -> Result<PathBuf> {
         entry: entry.to_string(),
     };
     let rel = Path::new(entry);
-    if entry.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if entry.is_empty()
+        || !rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
         return Err(missing());
     }
     let code = code.canonicalize().map_err(|_| missing())?;
@@ -162,7 +169,9 @@ impl LocalExecutor {
         }
         let expected = format!("{}/{}/{}", session.team, session.dataset, session.number);
         if session.name != expected {
-            return Err(bad(format!("the name does not match its parts `{expected}`")));
+            return Err(bad(format!(
+                "the name does not match its parts `{expected}`"
+            )));
         }
         Ok(self
             .cfg
@@ -174,7 +183,12 @@ impl LocalExecutor {
     }
 
     /// Runs one session from setup to reported finish.
-    async fn run_session(self: Arc<Self>, session: Session, time_limit_secs: u64, stop: CancellationToken) {
+    async fn run_session(
+        self: Arc<Self>,
+        session: Session,
+        time_limit_secs: u64,
+        stop: CancellationToken,
+    ) {
         let name = session.name.clone();
         let (logs, rx) = LogSender::channel();
         let clients = self.clients.clone();
@@ -197,13 +211,27 @@ impl LocalExecutor {
             .prepare_and_run(&session, time_limit_secs, &logs, &stop, &mut dirs)
             .await;
         if outcome.pid.is_none() {
-            logs.nsml(format!("Session failed: {}", outcome.reason)).await;
+            let what = if outcome.stopped {
+                "Session stopped"
+            } else {
+                "Session failed"
+            };
+            logs.nsml(format!("{what}: {}", outcome.reason)).await;
         }
         // Every line must be in before the finish: the session service closes the log on finish.
         drop(logs);
         if let Err(e) = forwarder.await {
             tracing::warn!(session = %name, error = %e, "log forwarder failed");
         }
+        // Everything the session held is given back before the finish is reported: a session admitted
+        // on the strength of that finish finds the GPUs (dropped with the process) and the disk free.
+        if let Some(dirs) = dirs {
+            archive::remove_tree(&dirs.root).await;
+            if !dirs.socket.starts_with(&dirs.root) {
+                let _ = std::fs::remove_file(&dirs.socket);
+            }
+        }
+        self.live().remove(&name);
         let req = RunnerFinishedRequest {
             name: name.clone(),
             exit_code: outcome.exit_code,
@@ -217,16 +245,11 @@ impl LocalExecutor {
         })
         .await;
         match finished {
-            Ok(_) => tracing::info!(session = %name, exit_code = outcome.exit_code, reason = %outcome.reason, "session finished"),
+            Ok(_) => {
+                tracing::info!(session = %name, exit_code = outcome.exit_code, reason = %outcome.reason, "session finished")
+            }
             Err(e) => tracing::error!(session = %name, error = %e, "could not report the finish"),
         }
-        if let Some(dirs) = dirs {
-            archive::remove_tree(&dirs.root).await;
-            if !dirs.socket.starts_with(&dirs.root) {
-                let _ = std::fs::remove_file(&dirs.socket);
-            }
-        }
-        self.live().remove(&name);
     }
 
     /// Sets the session up and runs it; setup failures and stops during setup become outcomes.
@@ -334,11 +357,21 @@ impl LocalExecutor {
             .map_err(|s| RunnerError::rpc("DownloadCode", s))?
             .into_inner();
         extract_download("DownloadCode", code, &dirs.code, ExtractLimits::CODE).await?;
-        let entry_name = if session.entry.is_empty() { "main.py" } else { &session.entry };
+        let entry_name = if session.entry.is_empty() {
+            "main.py"
+        } else {
+            &session.entry
+        };
         let entry = check_entry(&dirs.code, entry_name)?;
 
-        logs.nsml(format!("Preparing dataset {} ({})", session.dataset, part_slug(part))).await;
-        self.place_dataset(&session.dataset, part, &dirs.data).await?;
+        logs.nsml(format!(
+            "Preparing dataset {} ({})",
+            session.dataset,
+            part_slug(part)
+        ))
+        .await;
+        self.place_dataset(&session.dataset, part, &dirs.data)
+            .await?;
 
         if is_submit(kind) {
             logs.nsml(format!(
@@ -357,9 +390,16 @@ impl LocalExecutor {
                 .await
                 .map_err(|s| RunnerError::rpc("PullCheckpoint", s))?
                 .into_inner();
-            std::fs::remove_dir(&dirs.ckpt)
-                .map_err(|e| RunnerError::io(format!("cannot prepare {}", dirs.ckpt.display()), e))?;
-            extract_download("PullCheckpoint", stream, &dirs.ckpt, ExtractLimits::CHECKPOINT).await?;
+            std::fs::remove_dir(&dirs.ckpt).map_err(|e| {
+                RunnerError::io(format!("cannot prepare {}", dirs.ckpt.display()), e)
+            })?;
+            extract_download(
+                "PullCheckpoint",
+                stream,
+                &dirs.ckpt,
+                ExtractLimits::CHECKPOINT,
+            )
+            .await?;
         }
 
         let env = session_env(&EnvSpec {
@@ -423,23 +463,33 @@ impl LocalExecutor {
                 .map_err(|s| RunnerError::rpc("FetchDatasetPart", s))?
                 .into_inner();
             let extracted = staging.join("archive");
-            extract_download("FetchDatasetPart", stream, &extracted, ExtractLimits::DATASET).await?;
+            extract_download(
+                "FetchDatasetPart",
+                stream,
+                &extracted,
+                ExtractLimits::DATASET,
+            )
+            .await?;
             let (ds, root, from) = (dataset.to_string(), staging.join("root"), extracted.clone());
-            let normalized = tokio::task::spawn_blocking(move || normalize_part(&ds, part, &from, &root))
-                .await
-                .map_err(|e| RunnerError::io("dataset layout stopped", std::io::Error::other(e)))
-                .and_then(|r| r);
+            let normalized =
+                tokio::task::spawn_blocking(move || normalize_part(&ds, part, &from, &root))
+                    .await
+                    .map_err(|e| {
+                        RunnerError::io("dataset layout stopped", std::io::Error::other(e))
+                    })
+                    .and_then(|r| r);
             let installed = normalized.and_then(|()| {
                 std::fs::rename(staging.join("root"), &cached)
                     .map_err(|e| RunnerError::io(format!("cannot install {}", cached.display()), e))
             });
             archive::remove_tree(&staging).await;
             installed?;
-            // Older versions of this part are no longer needed.
             if let Ok(entries) = std::fs::read_dir(&base) {
                 for e in entries.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
-                    if n.starts_with(&format!("{slug}-")) && e.path() != cached {
+                    // Older versions, and staging left by a runner that died mid-fetch.
+                    let stale = n.starts_with(&format!("{slug}-")) || n.starts_with(&format!(".{slug}-"));
+                    if stale && e.path() != cached {
                         archive::remove_tree(&e.path()).await;
                     }
                 }
@@ -455,7 +505,11 @@ impl LocalExecutor {
 
 #[async_trait::async_trait]
 impl Executor for LocalExecutor {
-    async fn start(&self, session: Session, time_limit_secs: u64) -> std::result::Result<(), String> {
+    async fn start(
+        &self,
+        session: Session,
+        time_limit_secs: u64,
+    ) -> std::result::Result<(), String> {
         // `self` is reachable only through the Arc made by `new`, so the upgrade succeeds.
         let Some(me) = self.me.upgrade() else {
             return Err("the runner is shutting down".to_string());
@@ -469,7 +523,10 @@ impl Executor for LocalExecutor {
             live.insert(session.name.clone(), stop.clone());
         }
         let span = tracing::info_span!("session", name = %session.name, kind = ?session.kind());
-        tokio::spawn(me.run_session(session, time_limit_secs, stop).instrument(span));
+        tokio::spawn(
+            me.run_session(session, time_limit_secs, stop)
+                .instrument(span),
+        );
         Ok(())
     }
 

@@ -69,7 +69,10 @@ pub fn parse_nvidia_smi(out: &str) -> Result<Vec<GpuInfo>> {
             )));
         }
         let index = fields[0].parse::<u32>().map_err(|_| {
-            RunnerError::GpuList(format!("GPU index `{}` is not a number in `{line}`", fields[0]))
+            RunnerError::GpuList(format!(
+                "GPU index `{}` is not a number in `{line}`",
+                fields[0]
+            ))
         })?;
         gpus.push(GpuInfo {
             index,
@@ -77,18 +80,27 @@ pub fn parse_nvidia_smi(out: &str) -> Result<Vec<GpuInfo>> {
             name: fields[2].to_string(),
             memory_total_mib: number_with_unit(fields[3], "MiB"),
             memory_used_mib: number_with_unit(fields[4], "MiB"),
-            utilization_percent: number_with_unit(fields[5], "%").and_then(|v| u32::try_from(v).ok()),
+            utilization_percent: number_with_unit(fields[5], "%")
+                .and_then(|v| u32::try_from(v).ok()),
         });
     }
     let mut seen = BTreeSet::new();
     if let Some(dup) = gpus.iter().find(|g| !seen.insert(g.index)) {
-        return Err(RunnerError::GpuList(format!("GPU index {} is listed twice", dup.index)));
+        return Err(RunnerError::GpuList(format!(
+            "GPU index {} is listed twice",
+            dup.index
+        )));
     }
     Ok(gpus)
 }
 
 fn number_with_unit(field: &str, unit: &str) -> Option<u64> {
-    field.strip_suffix(unit).unwrap_or(field).trim().parse().ok()
+    field
+        .strip_suffix(unit)
+        .unwrap_or(field)
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs `nvidia-smi` from `PATH`; `None` when it is absent, fails or hangs.

@@ -87,7 +87,10 @@ pub fn session_env(spec: &EnvSpec) -> Vec<(String, String)> {
     };
     if let Some(kind) = submit_kind {
         env.push(("NSML_MODE".to_string(), "test".to_string()));
-        env.push(("NSML_CHECKPOINT_DIR".to_string(), path(&spec.checkpoint_dir)));
+        env.push((
+            "NSML_CHECKPOINT_DIR".to_string(),
+            path(&spec.checkpoint_dir),
+        ));
         env.push(("NSML_SUBMIT_KIND".to_string(), kind.to_string()));
     }
     env

@@ -9,6 +9,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use nsml_proto::v1::{LogLine, RunnerLogBatch};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -22,6 +24,8 @@ const MAX_BATCH_BYTES: usize = 1024 * 1024;
 const LINE_BUFFER: usize = 4096;
 /// Reopen attempts before lines are dropped for good.
 const MAX_REOPENS: u32 = 6;
+/// How long a log stream must have been open to count as healthy again.
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
 /// The `stream` of a line.
 pub const STDOUT: &str = "stdout";
@@ -87,6 +91,8 @@ pub async fn pump_lines<R: AsyncRead + Unpin>(reader: R, stream: &'static str, l
     let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, reader);
     let mut line: Vec<u8> = Vec::new();
     let mut after_cr = false;
+    // The current line so far was sent in pieces and nothing came since: its newline ends it silently.
+    let mut just_cut = false;
     loop {
         let buf = match reader.fill_buf().await {
             Ok([]) => break,
@@ -118,13 +124,19 @@ pub async fn pump_lines<R: AsyncRead + Unpin>(reader: R, stream: &'static str, l
         };
         reader.consume(used);
         if done {
-            logs.send(stream, String::from_utf8_lossy(&line)).await;
+            if !(just_cut && line.is_empty()) {
+                logs.send(stream, String::from_utf8_lossy(&line)).await;
+            }
             line.clear();
+            just_cut = false;
         } else if line.len() >= MAX_LINE_BYTES {
             let cut = utf8_cut(&line);
             let rest = line.split_off(cut);
             logs.send(stream, String::from_utf8_lossy(&line)).await;
             line = rest;
+            just_cut = line.is_empty();
+        } else if !line.is_empty() {
+            just_cut = false;
         }
     }
     if !line.is_empty() {
@@ -148,7 +160,9 @@ where
     Fut: Future<Output = LogStream>,
 {
     let mut seq = 0u64;
-    let mut current: Option<LogStream> = None;
+    let mut current: Option<(LogStream, Instant)> = None;
+    // Reopens since a stream last proved healthy; past the cap, batches that fail are dropped at once
+    // rather than holding up the session (whose output would otherwise back up behind the retries).
     let mut failures = 0u32;
     while let Some(first) = rx.recv().await {
         let mut bytes = first.text.len();
@@ -171,23 +185,27 @@ where
             lines,
         };
         loop {
-            if current.as_ref().is_some_and(|(_, call)| call.is_finished()) {
-                end_stream(&name, current.take()).await;
+            if current
+                .as_ref()
+                .is_some_and(|((_, call), _)| call.is_finished())
+            {
+                end_stream(&name, current.take().map(|(s, _)| s)).await;
             }
-            if current.is_none() {
-                current = Some(open().await);
-            }
-            let Some((tx, _)) = current.as_ref() else {
-                continue;
+            let ((tx, _), opened) = match &mut current {
+                Some(c) => c,
+                None => current.insert((open().await, Instant::now())),
             };
             match tx.send(batch).await {
                 Ok(()) => {
-                    failures = 0;
+                    // A send only reaches a buffer; a stream that has lived a while is really up.
+                    if opened.elapsed() >= HEALTHY_AFTER {
+                        failures = 0;
+                    }
                     break;
                 }
                 Err(mpsc::error::SendError(back)) => {
                     batch = back;
-                    end_stream(&name, current.take()).await;
+                    end_stream(&name, current.take().map(|(s, _)| s)).await;
                     failures += 1;
                     if failures > MAX_REOPENS {
                         tracing::warn!(session = %name, lines = batch.lines.len(), "session service unreachable, dropping log lines");
@@ -198,7 +216,7 @@ where
             }
         }
     }
-    end_stream(&name, current).await;
+    end_stream(&name, current.map(|(s, _)| s)).await;
 }
 
 /// Closes a stream and waits for the service's answer, which says whether all of it arrived.
@@ -231,23 +249,37 @@ mod tests {
 
     #[tokio::test]
     async fn cuts_lines_at_newlines_and_carriage_returns() {
-        assert_eq!(lines_of(b"a\nb\r\nc\rd\n\ne").await, ["a", "b", "c", "d", "", "e"]);
+        assert_eq!(
+            lines_of(b"a\nb\r\nc\rd\n\ne").await,
+            ["a", "b", "c", "d", "", "e"]
+        );
         assert_eq!(lines_of(b"").await, Vec::<String>::new());
         assert_eq!(lines_of(b"x\r").await, ["x"]);
     }
 
     #[tokio::test]
     async fn cuts_long_lines_at_64_kib_on_character_boundaries() {
-        let long = "é".repeat(MAX_LINE_BYTES); // two bytes each
+        // Three-byte characters do not divide 64 KiB: a cut must not split one.
+        let long = "한".repeat(MAX_LINE_BYTES / 2);
         let out = lines_of(format!("{long}\nend").as_bytes()).await;
-        assert_eq!(out.len(), 3);
-        assert!(out.iter().all(|l| l.len() <= MAX_LINE_BYTES));
-        assert_eq!(out[0].len() + out[1].len(), long.len());
-        assert_eq!(out[0].chars().chain(out[1].chars()).filter(|&c| c == 'é').count(), MAX_LINE_BYTES);
+        assert_eq!(
+            out.iter().map(String::len).collect::<Vec<_>>(),
+            [MAX_LINE_BYTES - 1, long.len() - (MAX_LINE_BYTES - 1), 3]
+        );
+        assert_eq!(out[..2].concat(), long);
         assert_eq!(out[2], "end");
+        // A line of exactly 64 KiB is one line, not a line and an empty one.
+        let exact = "x".repeat(MAX_LINE_BYTES);
+        assert_eq!(
+            lines_of(format!("{exact}\nnext\n").as_bytes()).await,
+            [exact.as_str(), "next"]
+        );
         // With no newline at all, output still flows out in pieces.
         let out = lines_of(&vec![b'x'; 3 * MAX_LINE_BYTES + 5]).await;
-        assert_eq!(out.iter().map(String::len).collect::<Vec<_>>(), [MAX_LINE_BYTES, MAX_LINE_BYTES, MAX_LINE_BYTES, 5]);
+        assert_eq!(
+            out.iter().map(String::len).collect::<Vec<_>>(),
+            [MAX_LINE_BYTES, MAX_LINE_BYTES, MAX_LINE_BYTES, 5]
+        );
     }
 
     #[test]
@@ -281,7 +313,8 @@ mod tests {
         let opened = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let (logs, rx) = LogSender::channel();
         for i in 0..5 {
-            logs.send(if i % 2 == 0 { STDOUT } else { STDERR }, format!("l{i}")).await;
+            logs.send(if i % 2 == 0 { STDOUT } else { STDERR }, format!("l{i}"))
+                .await;
         }
         drop(logs);
         let (g, o) = (got.clone(), opened.clone());
@@ -300,8 +333,14 @@ mod tests {
         .await;
         let batches = got.lock().unwrap();
         let lines: Vec<_> = batches.iter().flat_map(|b| b.lines.iter()).collect();
-        assert_eq!(lines.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
-        assert_eq!(lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["l0", "l1", "l2", "l3", "l4"]);
+        assert_eq!(
+            lines.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(
+            lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
+            ["l0", "l1", "l2", "l3", "l4"]
+        );
         assert!(batches.iter().all(|b| b.name == "t/d/1"));
         assert!(opened.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     }

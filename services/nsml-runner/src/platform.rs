@@ -12,8 +12,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use nsml_common::clients::Clients;
 use nsml_proto::v1::{
-    CheckpointMeta, MetricPoint, PullCheckpointRequest, RunnerPredictionsRequest, RunnerReportRequest,
-    RunnerStartedRequest, SaveCheckpointChunk, save_checkpoint_chunk,
+    CheckpointMeta, MetricPoint, PullCheckpointRequest, RunnerPredictionsRequest,
+    RunnerReportRequest, RunnerStartedRequest, SaveCheckpointChunk, save_checkpoint_chunk,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,7 +29,8 @@ pub trait Platform: Send + Sync + 'static {
     /// Records a metrics point.
     async fn report(&self, point: MetricPoint) -> Result<()>;
     /// Stores the directory `dir` as checkpoint `checkpoint` of this session.
-    async fn save_checkpoint(&self, checkpoint: &str, summary_json: &str, dir: &Path) -> Result<()>;
+    async fn save_checkpoint(&self, checkpoint: &str, summary_json: &str, dir: &Path)
+    -> Result<()>;
     /// Fetches checkpoint `checkpoint` of `session` and extracts it into `dest`, which must not exist.
     async fn load_checkpoint(&self, session: &str, checkpoint: &str, dest: &Path) -> Result<()>;
     /// Hands a submit's predictions (JSON) to the submission service.
@@ -54,7 +55,12 @@ where
         match call().await {
             Ok(v) => return Ok(v),
             Err(status) if status.code() == tonic::Code::Unavailable && attempt < attempts => {
-                tracing::warn!(call = what, attempt, message = status.message(), "service unavailable, retrying");
+                tracing::warn!(
+                    call = what,
+                    attempt,
+                    message = status.message(),
+                    "service unavailable, retrying"
+                );
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
                 attempt += 1;
@@ -72,7 +78,9 @@ pub async fn extract_download(
     limits: ExtractLimits,
 ) -> Result<()> {
     let chunks = stream.map(move |r| r.map(|c| c.data).map_err(|s| RunnerError::rpc(what, s)));
-    archive::extract_stream(chunks, dest, limits).await.map(|_| ())
+    archive::extract_stream(chunks, dest, limits)
+        .await
+        .map(|_| ())
 }
 
 /// The platform over the services' gRPC clients, for one session.
@@ -172,7 +180,12 @@ impl Platform for GrpcPlatform {
         .map(|_| ())
     }
 
-    async fn save_checkpoint(&self, checkpoint: &str, summary_json: &str, dir: &Path) -> Result<()> {
+    async fn save_checkpoint(
+        &self,
+        checkpoint: &str,
+        summary_json: &str,
+        dir: &Path,
+    ) -> Result<()> {
         let (tx, rx) = mpsc::channel::<Piece>(8);
         let dir: PathBuf = dir.to_path_buf();
         let packer = tokio::task::spawn_blocking(move || {
@@ -181,7 +194,9 @@ impl Platform for GrpcPlatform {
                 buf: Vec::with_capacity(UPLOAD_CHUNK),
             };
             let writer = archive::pack_dir(&dir, writer)?;
-            writer.done().map_err(|e| RunnerError::io("cannot upload checkpoint", e))
+            writer
+                .done()
+                .map_err(|e| RunnerError::io("cannot upload checkpoint", e))
         });
         let meta = SaveCheckpointChunk {
             kind: Some(save_checkpoint_chunk::Kind::Meta(CheckpointMeta {
@@ -234,7 +249,10 @@ impl Platform for GrpcPlatform {
                 .map(|_| ())
                 .map_err(|s| RunnerError::rpc("SaveCheckpoint", s)),
             Ok(Err(e)) => Err(e),
-            Err(join) => Err(RunnerError::io("checkpoint packing stopped", io::Error::other(join))),
+            Err(join) => Err(RunnerError::io(
+                "checkpoint packing stopped",
+                io::Error::other(join),
+            )),
         }
     }
 
@@ -266,5 +284,52 @@ impl Platform for GrpcPlatform {
             .await
             .map(|_| ())
             .map_err(|s| RunnerError::rpc("RunnerPredictions", s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_unavailable_then_succeeds() {
+        let calls = AtomicU32::new(0);
+        let got = with_retry("RunnerFinished", FINISH_ATTEMPTS, || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 3 {
+                    Err(tonic::Status::unavailable("restarting"))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_on_other_errors_and_after_the_attempts() {
+        let calls = AtomicU32::new(0);
+        let err = with_retry("RunnerReport", RETRY_ATTEMPTS, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(tonic::Status::invalid_argument("bad point")) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(err.reply_text(), "bad point");
+
+        calls.store(0, Ordering::SeqCst);
+        let err = with_retry("RunnerStarted", RETRY_ATTEMPTS, || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(tonic::Status::unavailable("down")) }
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), RETRY_ATTEMPTS);
+        assert_eq!(err.to_string(), "RunnerStarted failed: down");
     }
 }

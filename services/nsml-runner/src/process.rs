@@ -83,7 +83,11 @@ pub fn describe_exit(status: ExitStatus) -> (i32, String) {
 
 /// Sends `sig` to the process group led by `pid`; never to group 0 or 1.
 fn signal_group(pid: u32, sig: Signal) {
-    let Some(pid) = i32::try_from(pid).ok().filter(|p| *p > 1).and_then(Pid::from_raw) else {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .and_then(Pid::from_raw)
+    else {
         return;
     };
     if let Err(e) = kill_process_group(pid, sig)
@@ -120,7 +124,9 @@ pub async fn run_process(
     let name = sdk.name.clone();
     let server = match SdkServer::bind(&socket_path, sdk) {
         Ok(s) => s,
-        Err(e) => return ProcessOutcome::setup_failed(format!("cannot open the SDK socket: {e}"), false),
+        Err(e) => {
+            return ProcessOutcome::setup_failed(format!("cannot open the SDK socket: {e}"), false);
+        }
     };
     let serving = CancellationToken::new();
     let server_task = tokio::spawn(server.serve(serving.clone()));
@@ -131,27 +137,32 @@ pub async fn run_process(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    logs.nsml("Session ready").await;
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
             serving.cancel();
             let _ = server_task.await;
-            let program = command.as_std().get_program().to_string_lossy().into_owned();
+            let program = command
+                .as_std()
+                .get_program()
+                .to_string_lossy()
+                .into_owned();
             return ProcessOutcome::setup_failed(format!("cannot start {program}: {e}"), false);
         }
     };
     let pid = child.id().unwrap_or(0);
     tracing::info!(session = %name, pid, "process started");
-    if let Err(e) = platform.started(pid).await {
-        tracing::warn!(session = %name, error = %e, "cannot report the start");
-    }
+    // Sent before the readers start, so it comes before anything the process prints.
+    logs.nsml("Session ready").await;
     let mut readers = tokio::task::JoinSet::new();
     if let Some(out) = child.stdout.take() {
         readers.spawn(logs::pump_lines(out, logs::STDOUT, logs.clone()));
     }
     if let Some(err) = child.stderr.take() {
         readers.spawn(logs::pump_lines(err, logs::STDERR, logs.clone()));
+    }
+    if let Err(e) = platform.started(pid).await {
+        tracing::warn!(session = %name, error = %e, "cannot report the start");
     }
 
     let limit = async {
@@ -169,7 +180,12 @@ pub async fn run_process(
         Ended::Exited(status) => match status {
             Ok(status) => {
                 let (exit_code, reason) = describe_exit(status);
-                ProcessOutcome { pid: Some(pid), exit_code, reason, stopped: false }
+                ProcessOutcome {
+                    pid: Some(pid),
+                    exit_code,
+                    reason,
+                    stopped: false,
+                }
             }
             Err(e) => ProcessOutcome {
                 pid: Some(pid),
@@ -184,20 +200,34 @@ pub async fn run_process(
             let status = match tokio::time::timeout(stop_grace, child.wait()).await {
                 Ok(status) => status,
                 Err(_) => {
-                    logs.nsml(format!("Still running {} s after SIGTERM: sending SIGKILL", stop_grace.as_secs())).await;
+                    logs.nsml(format!(
+                        "Still running {} s after SIGTERM: sending SIGKILL",
+                        stop_grace.as_secs()
+                    ))
+                    .await;
                     signal_group(pid, Signal::KILL);
                     child.wait().await
                 }
             };
             let exit_code = status.map(|s| describe_exit(s).0).unwrap_or(-1);
-            ProcessOutcome { pid: Some(pid), exit_code, reason: "stopped".to_string(), stopped: true }
+            ProcessOutcome {
+                pid: Some(pid),
+                exit_code,
+                reason: "stopped".to_string(),
+                stopped: true,
+            }
         }
         Ended::TimeLimit => {
             signal_group(pid, Signal::KILL);
             let _ = child.wait().await;
             let reason = format!("time limit exceeded: {time_limit_text}");
             logs.nsml(reason.clone()).await;
-            ProcessOutcome { pid: Some(pid), exit_code: TIME_LIMIT_EXIT_CODE, reason, stopped: false }
+            ProcessOutcome {
+                pid: Some(pid),
+                exit_code: TIME_LIMIT_EXIT_CODE,
+                reason,
+                stopped: false,
+            }
         }
     };
     // The session is over: nothing it started may outlive it.
@@ -213,7 +243,8 @@ pub async fn run_process(
     serving.cancel();
     let _ = server_task.await;
     if outcome.exit_code != 0 && !outcome.stopped && outcome.exit_code != TIME_LIMIT_EXIT_CODE {
-        logs.nsml(format!("Session ended: {}", outcome.reason)).await;
+        logs.nsml(format!("Session ended: {}", outcome.reason))
+            .await;
     }
     outcome
 }

@@ -33,6 +33,10 @@ use crate::platform::Platform;
 /// The longest request line accepted (predictions of a large test set); the gRPC limit is the same.
 pub const MAX_REQUEST_BYTES: usize = nsml_common::clients::MAX_MESSAGE_BYTES;
 
+/// Connections served at once; more are closed on arrival (each may buffer a request of up to
+/// [`MAX_REQUEST_BYTES`], so the count bounds the runner's memory).
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// What the SDK socket of one session knows about it.
 pub struct SdkContext {
     /// `TEAM/DATASET/N`.
@@ -67,7 +71,10 @@ impl SdkContext {
             kind,
             session_dir: canon(session_dir)?,
             tmp_dir,
-            no_save: no_save.iter().filter_map(|p| p.canonicalize().ok()).collect(),
+            no_save: no_save
+                .iter()
+                .filter_map(|p| p.canonicalize().ok())
+                .collect(),
             platform,
             last_summary: Mutex::new("{}".to_string()),
         })
@@ -79,7 +86,10 @@ impl SdkContext {
 
     /// The last `report(summary=True)` metrics, as JSON (`{}` before any).
     pub fn last_summary(&self) -> String {
-        self.last_summary.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.last_summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -122,7 +132,10 @@ impl SdkServer {
     pub fn bind(path: &Path, ctx: SdkContext) -> Result<Self> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(RunnerError::io(format!("cannot remove {}", path.display()), e));
+                return Err(RunnerError::io(
+                    format!("cannot remove {}", path.display()),
+                    e,
+                ));
             }
             _ => {}
         }
@@ -147,6 +160,10 @@ impl SdkServer {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) if conns.len() >= MAX_CONNECTIONS => {
+                        tracing::warn!(session = %self.ctx.name, "too many SDK connections, closing a new one");
+                        drop(stream);
+                    }
                     Ok((stream, _)) => {
                         let ctx = Arc::clone(&self.ctx);
                         let (r, w) = stream.into_split();
@@ -280,7 +297,9 @@ async fn handle(ctx: &SdkContext, req: Request) -> Result<Value> {
             session,
         } => {
             check_checkpoint(&checkpoint)?;
-            let session = session.filter(|s| !s.is_empty()).unwrap_or_else(|| ctx.name.clone());
+            let session = session
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| ctx.name.clone());
             nsml_common::names::SessionName::parse(&session)
                 .map_err(|s| RunnerError::Refused(s.message().to_string()))?;
             let dest = ctx
@@ -304,7 +323,8 @@ async fn handle(ctx: &SdkContext, req: Request) -> Result<Value> {
 }
 
 fn check_checkpoint(name: &str) -> Result<()> {
-    nsml_common::names::check_checkpoint(name).map_err(|s| RunnerError::Refused(s.message().to_string()))
+    nsml_common::names::check_checkpoint(name)
+        .map_err(|s| RunnerError::Refused(s.message().to_string()))
 }
 
 /// Resolves the directory a `save` names and checks it lies inside the session directory.
@@ -316,9 +336,15 @@ fn save_dir(ctx: &SdkContext, path: &str) -> Result<PathBuf> {
     }
     let dir = p.canonicalize().map_err(|_| refuse("no such directory"))?;
     if !dir.starts_with(&ctx.session_dir) || dir == ctx.session_dir {
-        return Err(refuse("checkpoints must be saved from a directory inside the session directory"));
+        return Err(refuse(
+            "checkpoints must be saved from a directory inside the session directory",
+        ));
     }
-    if ctx.no_save.iter().any(|n| dir.starts_with(n) || n.starts_with(&dir)) {
+    if ctx
+        .no_save
+        .iter()
+        .any(|n| dir.starts_with(n) || n.starts_with(&dir))
+    {
         return Err(refuse("the dataset cannot be saved as a checkpoint"));
     }
     if !dir.is_dir() {

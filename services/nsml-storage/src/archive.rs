@@ -27,8 +27,7 @@ const MAX_PRIVATE_KEYS_BYTES: u64 = 64 * 1024 * 1024;
 type Reader = tar::Archive<GzDecoder<BufReader<File>>>;
 
 fn open(path: &Path) -> Result<Reader, StorageError> {
-    let file =
-        File::open(path).map_err(|e| StorageError::io("opening a staged upload", e))?;
+    let file = File::open(path).map_err(|e| StorageError::io("opening a staged upload", e))?;
     Ok(tar::Archive::new(GzDecoder::new(BufReader::with_capacity(
         256 * 1024,
         file,
@@ -170,7 +169,9 @@ pub fn check_tree(
                     .map_err(|e| refuse.unreadable(e))?
                     .ok_or_else(|| refuse.because(format!("hard link `{path}` has no target")))?;
                 let target = normalize(&target).map_err(|r| {
-                    refuse.because(format!("hard link `{path}` points outside the archive: {r}"))
+                    refuse.because(format!(
+                        "hard link `{path}` points outside the archive: {r}"
+                    ))
                 })?;
                 hard_targets.push((path.clone(), target));
             }
@@ -369,7 +370,9 @@ pub fn split_dataset(
                 let mut text = String::new();
                 let mut src = Source::new((&mut entry).take(MAX_PRIVATE_KEYS_BYTES + 1));
                 src.read_to_string(&mut text).map_err(|e| {
-                    refuse.because(format!("`private_keys.txt` is unreadable or not UTF-8 ({e})"))
+                    refuse.because(format!(
+                        "`private_keys.txt` is unreadable or not UTF-8 ({e})"
+                    ))
                 })?;
                 if text.len() as u64 > MAX_PRIVATE_KEYS_BYTES {
                     return Err(refuse.because("`private_keys.txt` is larger than 64 MB"));
@@ -539,17 +542,35 @@ mod tests {
     #[test]
     fn escapes_are_refused_with_the_entry_named() {
         let err = check(&[E::File("/etc/passwd", b"x")]).unwrap_err();
-        assert_eq!(err, "code archive refused: entry `/etc/passwd` has an absolute path");
+        assert_eq!(
+            err,
+            "code archive refused: entry `/etc/passwd` has an absolute path"
+        );
         let err = check(&[E::File("a/../../x", b"x")]).unwrap_err();
-        assert!(err.contains("entry `a/../../x` leaves the archive through `..`"), "{err}");
+        assert!(
+            err.contains("entry `a/../../x` leaves the archive through `..`"),
+            "{err}"
+        );
         let err = check(&[E::Symlink("lib", "/usr/lib")]).unwrap_err();
-        assert!(err.contains("symlink `lib` points to an absolute path"), "{err}");
+        assert!(
+            err.contains("symlink `lib` points to an absolute path"),
+            "{err}"
+        );
         let err = check(&[E::Symlink("cfg", "../x/cfg.py")]).unwrap_err();
-        assert!(err.contains("symlink `cfg` points outside the archive"), "{err}");
+        assert!(
+            err.contains("symlink `cfg` points outside the archive"),
+            "{err}"
+        );
         let err = check(&[E::Symlink("a/b", "../../etc")]).unwrap_err();
-        assert!(err.contains("symlink `a/b` points outside the archive"), "{err}");
+        assert!(
+            err.contains("symlink `a/b` points outside the archive"),
+            "{err}"
+        );
         let err = check(&[E::HardLink("h", "../secret")]).unwrap_err();
-        assert!(err.contains("hard link `h` points outside the archive"), "{err}");
+        assert!(
+            err.contains("hard link `h` points outside the archive"),
+            "{err}"
+        );
         let err = check(&[E::Fifo("p")]).unwrap_err();
         assert!(err.contains("entry `p` is a device file or pipe"), "{err}");
     }
@@ -558,10 +579,17 @@ mod tests {
     fn links_cannot_be_chained_out_of_the_tree() {
         // `y -> .` and `z -> y/..`: each looks inside alone, together `z` is the root's parent.
         let err = check(&[E::Symlink("y", "."), E::Symlink("z", "y/..")]).unwrap_err();
-        assert!(err.contains("symlink `z` resolves through symlink `y`"), "{err}");
+        assert!(
+            err.contains("symlink `z` resolves through symlink `y`"),
+            "{err}"
+        );
         // Writing through a link: `d -> sub`, then `d/x` would land wherever `d` points.
-        let err = check(&[E::Dir("sub/"), E::Symlink("d", "sub"), E::File("d/x", b"")]).unwrap_err();
-        assert!(err.contains("entry `d/x` lies beneath symlink `d`"), "{err}");
+        let err =
+            check(&[E::Dir("sub/"), E::Symlink("d", "sub"), E::File("d/x", b"")]).unwrap_err();
+        assert!(
+            err.contains("entry `d/x` lies beneath symlink `d`"),
+            "{err}"
+        );
         let err = check(&[E::Symlink("s", "a"), E::HardLink("h", "s")]).unwrap_err();
         assert!(err.contains("hard link `h` points to symlink `s`"), "{err}");
     }
@@ -582,8 +610,13 @@ mod tests {
     fn garbage_is_not_an_archive() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"definitely not gzip").unwrap();
-        let err = check_tree(f.path(), "code", 100, "").unwrap_err().to_string();
-        assert!(err.starts_with("code archive refused: it is not a readable gzip'd tar"), "{err}");
+        let err = check_tree(f.path(), "code", 100, "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("code archive refused: it is not a readable gzip'd tar"),
+            "{err}"
+        );
     }
 
     fn meta() -> DatasetMeta {
@@ -599,7 +632,12 @@ mod tests {
             .unwrap()
             .map(|e| {
                 let mut e = e.unwrap();
-                let p = e.path().unwrap().to_string_lossy().trim_end_matches('/').to_string();
+                let p = e
+                    .path()
+                    .unwrap()
+                    .to_string_lossy()
+                    .trim_end_matches('/')
+                    .to_string();
                 let mut data = Vec::new();
                 e.read_to_end(&mut data).unwrap();
                 (p, data)
@@ -610,7 +648,10 @@ mod tests {
     #[test]
     fn a_dataset_splits_into_its_parts() {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let staging = rt.block_on(Staging::new(dir.path().join("tmp"))).unwrap();
         let f = targz(&[
             E::Dir("./train/"),
@@ -643,14 +684,20 @@ mod tests {
     #[test]
     fn a_dataset_lacking_a_part_names_it() {
         let dir = tempfile::tempdir().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let staging = rt.block_on(Staging::new(dir.path().join("tmp"))).unwrap();
         let f = targz(&[
             E::File("train/train_label", b"id,label\n"),
             E::File("test/test_data/x", b""),
         ]);
         let err = split_dataset(f.path(), &meta(), &staging).unwrap_err();
-        assert!(matches!(&err, StorageError::MissingPart { part, .. } if part == "test/test_label"), "{err}");
+        assert!(
+            matches!(&err, StorageError::MissingPart { part, .. } if part == "test/test_label"),
+            "{err}"
+        );
         let f = targz(&[
             E::File("train/train_label", b"id,label\n"),
             E::File("test/test_data/x", b""),
@@ -658,11 +705,62 @@ mod tests {
             E::File("test_submit/test_data/x", b""),
         ]);
         let err = split_dataset(f.path(), &meta(), &staging).unwrap_err();
-        assert!(matches!(&err, StorageError::MissingPart { part, .. } if part == "test_submit/test_label"), "{err}");
-        let f = targz(&[E::File("train/a", b""), E::Symlink("test/test_data", "/data")]);
-        let err = split_dataset(f.path(), &meta(), &staging).unwrap_err().to_string();
+        assert!(
+            matches!(&err, StorageError::MissingPart { part, .. } if part == "test_submit/test_label"),
+            "{err}"
+        );
+        let f = targz(&[
+            E::File("train/a", b""),
+            E::Symlink("test/test_data", "/data"),
+        ]);
+        let err = split_dataset(f.path(), &meta(), &staging)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("entry `test/test_data` is a link"), "{err}");
         // Failed splits leave nothing staged.
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_custom_metric_needs_its_script_in_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let staging = rt.block_on(Staging::new(dir.path().join("tmp"))).unwrap();
+        let meta = DatasetMeta {
+            name: "speech".into(),
+            metric: "custom".into(),
+            eval_script: "score.py".into(),
+            ..Default::default()
+        };
+        let base = [
+            E::File("train/train_label", b"id,text\n"),
+            // A single file as the test inputs is a layout NSML allowed too.
+            E::File("test/test_data", b"id\n1\n"),
+            E::File("test/test_label", b"id,text\n1,hi\n"),
+        ];
+        let f = targz(&base);
+        let err = split_dataset(f.path(), &meta, &staging).unwrap_err();
+        assert!(
+            matches!(&err, StorageError::MissingPart { part, .. } if part == "eval/score.py"),
+            "{err}"
+        );
+        let f = targz(&[
+            E::File("train/train_label", b"id,text\n"),
+            E::File("test/test_data", b"id\n1\n"),
+            E::File("test/test_label", b"id,text\n1,hi\n"),
+            E::File("eval/score.py", b"print(1.0)\n"),
+        ]);
+        let split = split_dataset(f.path(), &meta, &staging).unwrap();
+        let parts: HashMap<DatasetPart, Vec<(String, Vec<u8>)>> =
+            split.parts.iter().map(|(p, s)| (*p, unpack(s))).collect();
+        assert_eq!(parts[&DatasetPart::EvalScript][0].0, "eval/score.py");
+        assert_eq!(parts[&DatasetPart::TestData][0].0, "test/test_data");
+        assert_eq!(split.test_items, 1);
     }
 }

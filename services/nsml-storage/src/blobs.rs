@@ -103,7 +103,8 @@ impl Staging {
         let file = tempfile::NamedTempFile::new_in(&self.dir)
             .map_err(|e| StorageError::io("creating a staging file", e))?;
         let (file, path) = file.into_parts();
-        let mut file = tokio::io::BufWriter::with_capacity(CHUNK_BYTES, tokio::fs::File::from_std(file));
+        let mut file =
+            tokio::io::BufWriter::with_capacity(CHUNK_BYTES, tokio::fs::File::from_std(file));
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         while let Some(chunk) = data.next().await {
@@ -184,7 +185,11 @@ impl LocalBlobStore {
 
     fn path_of(&self, id: &str) -> Result<PathBuf, StorageError> {
         // Ids come from the log; refuse anything but a digest so that no id can name a path elsewhere.
-        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if id.len() != 64
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(StorageError::BlobMissing { id: id.to_string() });
         }
         Ok(self.root.join(&id[..2]).join(id))
@@ -225,35 +230,32 @@ impl BlobStore for LocalBlobStore {
 
 /// Reads a file in full chunks of [`CHUNK_BYTES`].
 fn chunks(file: tokio::fs::File, id: String) -> ByteStream {
-    Box::pin(futures::stream::try_unfold(
-        Some(file),
-        move |file| {
-            let id = id.clone();
-            async move {
-                let Some(mut file) = file else {
-                    return Ok(None);
-                };
-                let mut buf = vec![0u8; CHUNK_BYTES];
-                let mut filled = 0;
-                while filled < CHUNK_BYTES {
-                    let n = file
-                        .read(&mut buf[filled..])
-                        .await
-                        .map_err(|e| StorageError::io(format!("reading blob `{id}`"), e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    filled += n;
+    Box::pin(futures::stream::try_unfold(Some(file), move |file| {
+        let id = id.clone();
+        async move {
+            let Some(mut file) = file else {
+                return Ok(None);
+            };
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < CHUNK_BYTES {
+                let n = file
+                    .read(&mut buf[filled..])
+                    .await
+                    .map_err(|e| StorageError::io(format!("reading blob `{id}`"), e))?;
+                if n == 0 {
+                    break;
                 }
-                buf.truncate(filled);
-                match filled {
-                    0 => Ok(None),
-                    n if n < CHUNK_BYTES => Ok(Some((buf, None))),
-                    _ => Ok(Some((buf, Some(file)))),
-                }
+                filled += n;
             }
-        },
-    ))
+            buf.truncate(filled);
+            match filled {
+                0 => Ok(None),
+                n if n < CHUNK_BYTES => Ok(Some((buf, None))),
+                _ => Ok(Some((buf, Some(file)))),
+            }
+        }
+    }))
 }
 
 #[cfg(test)]
@@ -272,7 +274,9 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         let staged = staging
-            .spool(input, u64::MAX, |_| StorageError::BadRequest("too large".into()))
+            .spool(input, u64::MAX, |_| {
+                StorageError::BadRequest("too large".into())
+            })
             .await
             .unwrap();
         let expected = hex::encode(Sha256::digest(&data));
@@ -288,7 +292,10 @@ mod tests {
             .await;
         assert_eq!(sizes, vec![CHUNK_BYTES, CHUNK_BYTES, 10]);
         // Nothing is left in staging once stored.
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
         assert!(matches!(
             store.get("../../etc/passwd").await,
             Err(StorageError::BlobMissing { .. })
@@ -301,10 +308,15 @@ mod tests {
         let staging = Staging::new(dir.path().join("tmp")).await.unwrap();
         let input = futures::stream::iter(vec![Ok(vec![0u8; 600]), Ok(vec![0u8; 600])]);
         let err = staging
-            .spool(input, 1000, |_| StorageError::BadRequest("too large".into()))
+            .spool(input, 1000, |_| {
+                StorageError::BadRequest("too large".into())
+            })
             .await
             .unwrap_err();
         assert_eq!(err.to_string(), "too large");
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 }

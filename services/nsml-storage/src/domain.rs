@@ -38,14 +38,10 @@ pub fn human_bytes(n: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    // One decimal, but never rounded up to the next whole number: 449.96 GB used of 450 GB must not read
-    // "450 GB used of 450 GB".
-    let tenths = (value * 10.0).floor() / 10.0;
-    if tenths.fract() == 0.0 {
-        format!("{tenths:.0} {}", UNITS[unit])
-    } else {
-        format!("{tenths:.1} {}", UNITS[unit])
-    }
+    // Two decimals at most, as `model ls` printed them, without trailing zeros.
+    let text = format!("{value:.2}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text} {}", UNITS[unit])
 }
 
 /// The metrics the platform's scorer computes, with the direction each ranks in.
@@ -207,10 +203,8 @@ impl DatasetOwner {
 
 impl Aggregate for DatasetOwner {
     fn apply(&mut self, event: &StoredEvent) {
-        if let Some(ev) = decode::<DatasetRegistered>(event) {
-            if let Some(meta) = ev.dataset.and_then(|d| d.meta) {
-                self.competition = Some(meta.competition);
-            }
+        if let Some(meta) = decode::<DatasetRegistered>(event).and_then(|e| e.dataset?.meta) {
+            self.competition = Some(meta.competition);
         }
     }
 }
@@ -273,24 +267,23 @@ impl TeamCheckpoints {
 
     /// A session's checkpoints, by name.
     pub fn of_session(&self, session: &str) -> impl Iterator<Item = &StoredCheckpoint> {
-        self.sessions.get(session).into_iter().flat_map(|s| s.values())
+        self.sessions
+            .get(session)
+            .into_iter()
+            .flat_map(|s| s.values())
     }
 
     /// Applies a save (a save of an existing name overwrites it).
     pub fn apply_saved(&mut self, ev: CheckpointSaved) {
         let Some(cp) = ev.checkpoint else { return };
         let size = cp.size_bytes;
-        let previous = self
-            .sessions
-            .entry(cp.session.clone())
-            .or_default()
-            .insert(
-                cp.name.clone(),
-                StoredCheckpoint {
-                    checkpoint: cp,
-                    blob: ev.blob,
-                },
-            );
+        let previous = self.sessions.entry(cp.session.clone()).or_default().insert(
+            cp.name.clone(),
+            StoredCheckpoint {
+                checkpoint: cp,
+                blob: ev.blob,
+            },
+        );
         if let Some(p) = previous {
             self.used = self.used.saturating_sub(p.checkpoint.size_bytes);
         }
@@ -430,8 +423,16 @@ mod tests {
     fn overwriting_a_checkpoint_frees_the_old_one() {
         let state = given(&[("demo/ds/1", "best", 80)]);
         // 80 used, limit 100: a new 90-byte `best` replaces the 80-byte one.
-        assert!(state.decide_save(&save("demo/ds/1", "best", 90, 100)).is_ok());
-        assert!(state.decide_save(&save("demo/ds/1", "other", 90, 100)).is_err());
+        assert!(
+            state
+                .decide_save(&save("demo/ds/1", "best", 90, 100))
+                .is_ok()
+        );
+        assert!(
+            state
+                .decide_save(&save("demo/ds/1", "other", 90, 100))
+                .is_err()
+        );
         let mut after = state.clone();
         after.apply_saved(CheckpointSaved {
             checkpoint: Some(cp("demo/ds/1", "best", 90)),
@@ -444,7 +445,11 @@ mod tests {
 
     #[test]
     fn deleting_all_checkpoints_of_a_session() {
-        let state = given(&[("demo/ds/1", "0", 1), ("demo/ds/1", "1", 2), ("demo/ds/2", "0", 4)]);
+        let state = given(&[
+            ("demo/ds/1", "0", 1),
+            ("demo/ds/1", "1", 2),
+            ("demo/ds/2", "0", 4),
+        ]);
         let evs = state.decide_delete("demo", "demo/ds/1", "*").unwrap();
         assert_eq!(evs.len(), 2);
         let mut after = state.clone();
@@ -454,18 +459,27 @@ mod tests {
         assert_eq!(after.used(), 4);
         assert_eq!(after.of_session("demo/ds/1").count(), 0);
         // `*` over nothing is fine: the session service deletes on `rm -f` whether or not there are any.
-        assert!(after.decide_delete("demo", "demo/ds/1", "*").unwrap().is_empty());
+        assert!(
+            after
+                .decide_delete("demo", "demo/ds/1", "*")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn deleting_an_unknown_checkpoint_is_not_found() {
         let state = given(&[("demo/ds/1", "0", 1)]);
-        let err = state.decide_delete("demo", "demo/ds/1", "best").unwrap_err();
+        let err = state
+            .decide_delete("demo", "demo/ds/1", "best")
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "checkpoint `demo/ds/1/best` not found; `nsml model ls demo/ds/1` lists them"
         );
-        let evs = state.decide_delete("demo", "demo/ds/1", "e*").map(|v| v.len());
+        let evs = state
+            .decide_delete("demo", "demo/ds/1", "e*")
+            .map(|v| v.len());
         assert!(evs.is_err());
     }
 
@@ -477,7 +491,11 @@ mod tests {
         assert!(owner.decide_register("t1-cls", "demo").is_ok());
         let err = owner.decide_register("t1-cls", "other").unwrap_err();
         assert!(matches!(err, StorageError::DatasetTaken { .. }));
-        assert!(DatasetOwner::default().decide_register("t1-cls", "x").is_ok());
+        assert!(
+            DatasetOwner::default()
+                .decide_register("t1-cls", "x")
+                .is_ok()
+        );
     }
 
     #[test]
@@ -517,5 +535,6 @@ mod tests {
         assert_eq!(human_bytes(100 * MIB), "100 MB");
         assert_eq!(human_bytes(450 * GIB - 100 * MIB), "449.9 GB");
         assert_eq!(human_bytes(GIB + GIB / 5), "1.2 GB");
+        assert_eq!(human_bytes(628_539_392), "599.42 MB");
     }
 }

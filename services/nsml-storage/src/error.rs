@@ -73,7 +73,10 @@ pub enum StorageError {
     #[error(
         "you are not in a team of competition `{competition}`, which dataset `{dataset}` belongs to"
     )]
-    NotInCompetition { competition: String, dataset: String },
+    NotInCompetition {
+        competition: String,
+        dataset: String,
+    },
 
     /// The caller may not see what belongs to another team.
     #[error("{what} belongs to another team")]
@@ -124,7 +127,10 @@ impl From<StorageError> for Status {
         use StorageError::*;
         let msg = err.to_string();
         match err {
-            BadRequest(_) | UnknownMetric { .. } | BadArchive { .. } | MissingPart { .. }
+            BadRequest(_)
+            | UnknownMetric { .. }
+            | BadArchive { .. }
+            | MissingPart { .. }
             | TooLarge { .. } => Status::invalid_argument(msg),
             QuotaExceeded { .. } => Status::failed_precondition(msg),
             DatasetTaken { .. } => Status::already_exists(msg),
@@ -132,7 +138,9 @@ impl From<StorageError> for Status {
             | PartNotFound { .. }
             | CodeNotFound { .. }
             | CheckpointNotFound { .. } => Status::not_found(msg),
-            NotInCompetition { .. } | OtherTeam { .. } | NotYourTeam { .. } => Status::permission_denied(msg),
+            NotInCompetition { .. } | OtherTeam { .. } | NotYourTeam { .. } => {
+                Status::permission_denied(msg)
+            }
             NotReady => Status::unavailable(msg),
             Interrupted(_) => Status::aborted(msg),
             Refused(status) => status,

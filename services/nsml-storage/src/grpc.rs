@@ -65,9 +65,17 @@ macro_rules! upload_chunk {
     };
 }
 
-upload_chunk!(RegisterDatasetChunk, DatasetMeta, register_dataset_chunk::Kind);
+upload_chunk!(
+    RegisterDatasetChunk,
+    DatasetMeta,
+    register_dataset_chunk::Kind
+);
 upload_chunk!(UploadCodeChunk, UploadCodeMeta, upload_code_chunk::Kind);
-upload_chunk!(SaveCheckpointChunk, CheckpointMeta, save_checkpoint_chunk::Kind);
+upload_chunk!(
+    SaveCheckpointChunk,
+    CheckpointMeta,
+    save_checkpoint_chunk::Kind
+);
 
 /// Reads an upload's first message, which must carry the metadata.
 async fn first_meta<C: UploadChunk>(stream: &mut Streaming<C>) -> Result<C::Meta, StorageError> {
@@ -108,17 +116,21 @@ fn download(bytes: ByteStream) -> Response<ChunkStream> {
 
 /// Hides what only the dataset's hosts may see: which test items are private.
 fn as_seen_by(caller: &Caller, mut dataset: Dataset) -> Dataset {
-    if let Some(meta) = dataset.meta.as_mut() {
-        if !caller.is_host_of(&meta.competition) {
-            meta.private_keys.clear();
-        }
+    if let Some(meta) = dataset.meta.as_mut()
+        && !caller.is_host_of(&meta.competition)
+    {
+        meta.private_keys.clear();
     }
     dataset
 }
 
 impl StorageApi {
     /// Checks that the caller may see what belongs to a session's team.
-    fn authorize_session(&self, caller: &Caller, session: &SessionName) -> Result<(), StorageError> {
+    fn authorize_session(
+        &self,
+        caller: &Caller,
+        session: &SessionName,
+    ) -> Result<(), StorageError> {
         if caller.is_service() {
             return Ok(());
         }
@@ -149,10 +161,9 @@ impl StorageApi {
             let allowed = caller.is_service()
                 || caller.is_admin()
                 || caller.is_member_of(&team)
-                || self.core.read(|v| {
-                    v.competitions_of_team(&team)
-                        .any(|c| caller.is_host_of(c))
-                });
+                || self
+                    .core
+                    .read(|v| v.competitions_of_team(&team).any(|c| caller.is_host_of(c)));
             return if allowed {
                 Ok(team)
             } else {
@@ -324,7 +335,10 @@ impl StorageService for StorageApi {
             .core
             .read(|v| v.code(&id).map(|c| c.teams.clone()))
             .ok_or_else(|| StorageError::CodeNotFound { id: id.clone() })?;
-        if !(caller.is_service() || caller.is_admin() || teams.iter().any(|t| caller.is_member_of(t))) {
+        if !(caller.is_service()
+            || caller.is_admin()
+            || teams.iter().any(|t| caller.is_member_of(t)))
+        {
             return Err(StorageError::OtherTeam {
                 what: format!("code snapshot `{id}`"),
             }
@@ -361,11 +375,13 @@ impl StorageService for StorageApi {
         let archive = self
             .core
             .staging()
-            .spool(data_of(stream), limit, |adding| StorageError::QuotaExceeded {
-                team,
-                used,
-                limit,
-                adding,
+            .spool(data_of(stream), limit, |adding| {
+                StorageError::QuotaExceeded {
+                    team,
+                    used,
+                    limit,
+                    adding,
+                }
             })
             .await?;
         let checkpoint = self

@@ -10,19 +10,19 @@ use std::time::Duration;
 use nsml_common::aggregate::{Aggregates, Outcome};
 use nsml_common::event::new_event;
 use nsml_common::names::SessionName;
-use nsml_common::projection::Projection;
 use nsml_common::now_ms;
+use nsml_common::projection::Projection;
 use nsml_eventstore::{Appended, EventStore, ExpectedVersion};
 use nsml_proto::v1::{
     Checkpoint, CodeSnapshot, CodeUploaded, Dataset, DatasetMeta, DatasetPart, DatasetRegistered,
 };
 
+use crate::Limits;
 use crate::archive;
 use crate::blobs::{BlobStore, ByteStream, Staged, Staging};
 use crate::domain::{DatasetBlobs, DatasetOwner, SaveCheckpoint, TeamCheckpoints};
 use crate::error::StorageError;
 use crate::projection::StorageView;
-use crate::Limits;
 
 /// How long a write waits for the read model to show it before answering anyway.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,6 +117,19 @@ impl Storage {
                 "the read model did not show an append in time; answering anyway"
             );
         }
+    }
+
+    /// Waits until the read model shows the whole log as it is now, so that a decision reads the latest
+    /// facts other services recorded (a competition's new storage limit, a session's start).
+    async fn catch_up(&self) -> Result<(), StorageError> {
+        let head = self.store.head_position().await?;
+        if !self.view.wait_for(head, SETTLE_TIMEOUT).await {
+            tracing::warn!(
+                position = head,
+                "the read model lags behind the log; deciding on what it shows"
+            );
+        }
+        Ok(())
     }
 
     /// Streams a blob.
@@ -260,6 +273,7 @@ impl Storage {
             archive::check_tree(a.path(), &what, max, "")
         })
         .await?;
+        self.catch_up().await?;
         let now = now_ms();
         let (limit, started) = self.read(|v| {
             (

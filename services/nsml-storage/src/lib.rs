@@ -83,12 +83,18 @@ pub async fn start_with_limits(
         ctx.bus.clone(),
         ctx.cancel.clone(),
     );
-    let core = Arc::new(Storage::new(ctx.store.clone(), view, blobs, staging, limits));
+    let core = Arc::new(Storage::new(
+        ctx.store.clone(),
+        view,
+        blobs,
+        staging,
+        limits,
+    ));
     let server = StorageServiceServer::new(StorageApi::new(core))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     Ok(Started {
-        routes: tonic::service::Routes::new(server),
+        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
         names: vec!["nsml.v1.StorageService"],
         tasks: vec![task],
     })

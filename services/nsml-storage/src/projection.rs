@@ -175,13 +175,13 @@ impl ReadModel for StorageView {
             self.on_dataset(ev, event.position);
         } else if let Some(ev) = decode::<CompetitionApplied>(event) {
             self.on_competition(ev);
-        } else if let Some(ev) = decode::<MemberAdded>(event) {
-            if !ev.competition.is_empty() {
-                self.team_competitions
-                    .entry(ev.team)
-                    .or_default()
-                    .insert(ev.competition);
-            }
+        } else if let Some(ev) = decode::<MemberAdded>(event)
+            && !ev.competition.is_empty()
+        {
+            self.team_competitions
+                .entry(ev.team)
+                .or_default()
+                .insert(ev.competition);
         }
     }
 }

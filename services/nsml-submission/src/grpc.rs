@@ -209,12 +209,12 @@ impl SubmissionService {
             Ok(l) => l,
             Err(e) => return Err(status::internal("parsing hidden labels", e)),
         };
-        let keys: Vec<String> = labels.rows.iter().map(|(k, _)| k.clone()).collect();
+        let keys = labels.keys();
         let preds = match scoring::normalize_predictions(&pred, &labels) {
             Ok(p) => p,
             Err(e) => return Ok(Ending::Failed(e.to_string())),
         };
-        let label_map: HashMap<String, String> = labels.rows.iter().cloned().collect();
+        let label_map: HashMap<String, String> = labels.to_map();
         if sub.trial {
             return Ok(match scoring::score(metric, &label_map, &preds, &keys) {
                 Ok(score) => Ending::Scored {

@@ -42,7 +42,7 @@ pub async fn start(ctx: ServiceContext, python: String) -> Result<Started, Submi
         .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
     let _ = Arc::new(());
     Ok(Started {
-        routes: tonic::service::Routes::new(server),
+        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
         names: vec!["nsml.v1.SubmissionService"],
         tasks: vec![task, reactor],
     })

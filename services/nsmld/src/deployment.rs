@@ -232,7 +232,7 @@ impl Deployment {
             work_dir: self.config.data_dir.join("runs"),
             python: r.python.clone(),
             sdk_path,
-            gpus,
+            gpus: nsml_runner::GpuInventory::from_source(&gpus),
         };
         Ok(nsml_runner::LocalExecutor::new(cfg, clients))
     }
@@ -286,7 +286,7 @@ impl Deployment {
             .with_context(|| format!("cannot listen on {}", self.config.public_listen))?;
         let public_addr = public.local_addr()?;
         let executor = self.executor(&addrs)?;
-        let mut router = axum_free_routes();
+        let mut routes = tonic::service::Routes::default();
         let mut names = Vec::new();
         let mut tasks = Vec::new();
         for name in [
@@ -299,11 +299,10 @@ impl Deployment {
         ] {
             let exec = (name == ServiceName::Session).then(|| executor.clone());
             let started = self.start(name, self.context(&addrs, exec)).await?;
-            router = router.merge(started.routes.into_axum_router());
+            routes = (started.routes)(routes);
             names.extend(started.names);
             tasks.extend(started.tasks);
         }
-        let routes = tonic::service::Routes::from(router);
         let secret: Arc<str> = self.config.internal_secret.as_str().into();
         let cancel = self.cancel.clone();
         let internal_server = tokio::spawn(async move {
@@ -406,7 +405,7 @@ impl Deployment {
             let secret: Arc<str> = self.config.internal_secret.as_str().into();
             let cancel = self.cancel.clone();
             let names = started.names;
-            let routes = started.routes;
+            let routes = (started.routes)(tonic::service::Routes::default());
             servers.push(tokio::spawn(async move {
                 nsml_common::server::serve(listener, routes, &names, secret, cancel)
                     .await
@@ -423,8 +422,4 @@ impl Deployment {
         let _ = relay.await;
         Ok(())
     }
-}
-
-fn axum_free_routes() -> tonic::service::AxumRouter {
-    tonic::service::AxumRouter::new()
 }

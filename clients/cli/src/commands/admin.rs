@@ -8,7 +8,7 @@ use nsml_proto::v1::{AddUserRequest, Empty, RevealPrivateRequest};
 
 use super::{Context, read_password};
 use crate::json;
-use crate::output::{Table, metric_label};
+use crate::output::{Table, emit, metric_label};
 
 pub async fn apply(ctx: &Context, file: &Path) -> Result<()> {
     let manifest = nsml_manifest::load(file)?;
@@ -98,7 +98,7 @@ pub async fn competitions(ctx: &Context, as_json: bool) -> Result<()> {
             .to_string(),
         ]);
     }
-    print!("{}", table.render());
+    emit(&table.render());
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use super::Context;
 use crate::UsageError;
 use crate::json;
 use crate::output::{
-    Table, datetime, direction_label, metric_label, now_ms, or_dash, relative_time, score,
+    Table, datetime, direction_label, emit, metric_label, now_ms, or_dash, relative_time, score,
     significant,
 };
 use nsml_manifest::format_size;
@@ -54,7 +54,7 @@ pub async fn datasets(ctx: &Context, as_json: bool) -> Result<()> {
             ),
         ]);
     }
-    print!("{}", table.render());
+    emit(&table.render());
     Ok(())
 }
 
@@ -77,7 +77,7 @@ pub async fn dataset_board(
         json::print(&json::board(&board));
         return Ok(());
     }
-    print!("{}", render_board(&board));
+    emit(&render_board(&board));
     Ok(())
 }
 
@@ -151,7 +151,7 @@ pub async fn overall(
         json::print(&json::overall(&response));
         return Ok(());
     }
-    print!("{}", render_overall(&response));
+    emit(&render_overall(&response));
     Ok(())
 }
 
@@ -216,7 +216,7 @@ pub async fn history(ctx: &Context, dataset: Option<String>, as_json: bool) -> R
             e.private_score.map_or_else(|| "-".to_string(), score),
         ]);
     }
-    print!("{}", table.render());
+    emit(&table.render());
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use nsml_proto::v1::{DeleteCheckpointRequest, ListCheckpointsRequest, PullCheckp
 use super::Context;
 use crate::archive;
 use crate::json;
-use crate::output::{Table, now_ms, relative_time, summary};
+use crate::output::{Table, emit, now_ms, relative_time, summary};
 
 pub async fn ls(ctx: &Context, session: &str, as_json: bool) -> Result<()> {
     let response = ctx
@@ -35,7 +35,7 @@ pub async fn ls(ctx: &Context, session: &str, as_json: bool) -> Result<()> {
             format_size(c.size_bytes),
         ]);
     }
-    print!("{}", table.render());
+    emit(&table.render());
     Ok(())
 }
 

@@ -34,8 +34,8 @@ pub async fn run(ctx: &Context, args: RunArgs) -> Result<()> {
     println!(".nsmlignore check - start");
     let rules = load_rules(&dir)?;
     let collected = archive::collect(&dir, &rules)?;
-    for skipped in &collected.skipped {
-        eprintln!("Warning: skipping {skipped}: not a regular file or directory");
+    for (path, kind) in &collected.skipped {
+        eprintln!("Warning: skipping {kind} {path}");
     }
     println!(".nsmlignore check - done");
     if !collected.contains_file(&args.entry) {

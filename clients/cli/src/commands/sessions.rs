@@ -10,8 +10,8 @@ use super::Context;
 use crate::api::Api;
 use crate::cli::PsArgs;
 use crate::output::{
-    Table, is_submit, kind_name, now_ms, relative_time, session_ended, session_status, status_name,
-    summary,
+    Table, emit, is_submit, kind_name, now_ms, relative_time, session_ended, session_status,
+    status_name, summary,
 };
 use crate::{Exit, json};
 use nsml_manifest::format_size;
@@ -35,7 +35,7 @@ pub async fn ps(ctx: &Context, args: PsArgs) -> Result<()> {
         json::print(&response.sessions.iter().map(json::session).collect());
         return Ok(());
     }
-    print!("{}", render_ps(&response.sessions, now_ms()));
+    emit(&render_ps(&response.sessions, now_ms()));
     Ok(())
 }
 
@@ -119,7 +119,7 @@ pub async fn print_logs(api: &Api, session: &str, follow: bool) -> Result<()> {
         if line.stream == "stderr" {
             eprintln!("{text}");
         } else {
-            println!("{text}");
+            emit(&format!("{text}\n"));
         }
     }
     Ok(())
@@ -229,16 +229,17 @@ mod tests {
                 ..Default::default()
             },
         ];
-        assert_eq!(
-            render_ps(&sessions, now),
-            "Name           Created        Args                   Status             Summary                \
-             Description               # of Models  Size    Type\n\
-             demo/t1-cls/1  3 minutes ago  --epochs 3             Running            epoch=2, loss=0.1235   \
-             baseline                  2            1.2 KB  train\n\
-             demo/t1-cls/2  1 minute ago   --mode test --pause 1  Failed (exit 137)                         \
-             submit of demo/t1-cls/1   0            0 B     submit\n\
-             \n\
-             demo/t1-cls/2 failed: Killed (out of memory: limit 24G)\n"
-        );
+        let expected = [
+            "Name           Created        Args                   Status             Summary               \
+             Description              # of Models  Size    Type",
+            "demo/t1-cls/1  3 minutes ago  --epochs 3             Running            epoch=2, loss=0.1235  \
+             baseline                 2            1.2 KB  train",
+            "demo/t1-cls/2  1 minute ago   --mode test --pause 1  Failed (exit 137)                        \
+             submit of demo/t1-cls/1  0            0 B     submit",
+            "",
+            "demo/t1-cls/2 failed: Killed (out of memory: limit 24G)",
+            "",
+        ];
+        assert_eq!(render_ps(&sessions, now), expected.join("\n"));
     }
 }

@@ -1,0 +1,136 @@
+//! The outbox relay: publishes the store's outbox to the bus, then acknowledges it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nsml_eventstore::EventStore;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::Bus;
+
+/// How many outbox events one round publishes.
+const BATCH: usize = 500;
+/// How long the relay waits before polling an empty outbox again (unless woken).
+const IDLE_POLL: Duration = Duration::from_millis(5);
+/// First wait after a failure; doubles on each consecutive failure.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest wait after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A running relay task, with a handle to wake it when new events were appended.
+///
+/// Several relays (in several processes) over one store may publish the same event twice; consumers drop
+/// duplicates. An event leaves the outbox only after the bus accepted it.
+#[derive(Debug)]
+pub struct Relay {
+    wake: Arc<Notify>,
+    handle: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Starts relaying from `store`'s outbox to `bus` until `cancel` is cancelled.
+    pub fn spawn(
+        store: Arc<dyn EventStore>,
+        bus: Arc<dyn Bus>,
+        cancel: CancellationToken,
+    ) -> Relay {
+        let wake = Arc::new(Notify::new());
+        let handle = tokio::spawn(run(store, bus, cancel, wake.clone()));
+        Relay { wake, handle }
+    }
+
+    /// Makes the relay poll the outbox now instead of after its idle wait.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A handle that wakes the relay (see [`Relay::wake`]), for the code that appends.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// The relay task; it ends after cancellation.
+    pub fn into_handle(self) -> JoinHandle<()> {
+        self.handle
+    }
+}
+
+/// Starts relaying from `store`'s outbox to `bus` until `cancel` is cancelled; see [`Relay`].
+pub fn spawn_relay(
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn Bus>,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    Relay::spawn(store, bus, cancel).into_handle()
+}
+
+/// What one round of the relay did.
+enum Round {
+    /// Published and acknowledged a batch.
+    Relayed,
+    /// The outbox was empty.
+    Idle,
+    /// Reading the outbox, publishing or acknowledging failed.
+    Failed,
+}
+
+async fn run(
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn Bus>,
+    cancel: CancellationToken,
+    wake: Arc<Notify>,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let round = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            round = relay_once(&*store, &*bus) => round,
+        };
+        match round {
+            Round::Relayed => backoff = FIRST_BACKOFF,
+            Round::Idle => {
+                backoff = FIRST_BACKOFF;
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return,
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(IDLE_POLL) => {}
+                }
+            }
+            Round::Failed => {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn relay_once(store: &dyn EventStore, bus: &dyn Bus) -> Round {
+    let events = match store.outbox_peek(BATCH).await {
+        Ok(events) if events.is_empty() => return Round::Idle,
+        Ok(events) => events,
+        Err(error) => {
+            tracing::warn!(%error, "relay could not read the outbox");
+            return Round::Failed;
+        }
+    };
+    if let Err(error) = bus.publish(&events).await {
+        tracing::warn!(%error, count = events.len(), "relay could not publish; will retry");
+        return Round::Failed;
+    }
+    let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
+    if let Err(error) = store.outbox_ack(&positions).await {
+        // The events were published; they stay in the outbox and will be published again (consumers deduplicate).
+        tracing::warn!(%error, count = positions.len(), "relay could not acknowledge published events");
+        return Round::Failed;
+    }
+    tracing::trace!(count = positions.len(), "relayed events");
+    Round::Relayed
+}

@@ -1,0 +1,279 @@
+//! Subscriptions to the log: catch-up from the store, then live events from the bus, each event exactly once.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use nsml_eventstore::{EventStore, StoredEvent};
+
+use crate::{Bus, BusError};
+
+/// How many events one store read takes, while catching up or filling a gap.
+const PAGE: usize = 1000;
+
+/// What a log subscription yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "nearly every delivery is an event; boxing it would cost an allocation each"
+)]
+pub enum Delivery {
+    /// The next event for the subscriber (each event once per subscription).
+    Event(StoredEvent),
+    /// Every event stored when the subscription started has been delivered; live events follow. Sent once.
+    CaughtUp,
+}
+
+/// Subscribes to the log after `after_position`.
+///
+/// Yields the stored events with position > `after_position` (read from the store in pages), then one
+/// [`Delivery::CaughtUp`], then live events from the bus. The bus is subscribed to before the catch-up starts, so
+/// no event falls between the two. Each event is delivered exactly once per subscription: duplicates from the bus
+/// are dropped, and when a live event shows a gap in positions (events still in flight from another relay, or
+/// missed by a subscriber that fell behind), the missing events are read from the store and delivered first. If
+/// the store does not have them yet, the live event is delivered ahead of them and they follow when they arrive.
+///
+/// The subscription also checks the store for events past everything delivered every
+/// [`STORE_POLL`] (so an event the bus never carries, e.g. while no relay runs, still arrives),
+/// and follows the store alone, more often, if the bus ends the live subscription. A failed store read is yielded
+/// as an error item and retried after a pause; the stream itself does not end.
+pub async fn subscribe_log(
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn Bus>,
+    after_position: u64,
+) -> Result<BoxStream<'static, Result<Delivery, BusError>>, BusError> {
+    let live = bus.subscribe().await?;
+    let subscription = LogSubscription {
+        store,
+        live: Some(live),
+        delivered: Delivered::after(after_position),
+        ready: VecDeque::new(),
+        phase: Phase::CatchingUp,
+        next_poll: Instant::now() + STORE_POLL,
+        failed: false,
+    };
+    Ok(futures::stream::unfold(subscription, |mut s| async move {
+        s.next().await.map(|item| (item, s))
+    })
+    .boxed())
+}
+
+/// How often a live subscription checks the store for events the bus has not brought.
+pub const STORE_POLL: Duration = Duration::from_millis(500);
+/// How often a subscription whose bus ended reads the store.
+const STORE_POLL_WITHOUT_BUS: Duration = Duration::from_millis(50);
+/// Pause after a failed store read.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Where a subscription is.
+enum Phase {
+    /// Reading stored events from the store.
+    CatchingUp,
+    /// The catch-up ended; `CaughtUp` is next.
+    CaughtUp,
+    /// Following the bus (and the store, now and then).
+    Live,
+}
+
+/// Which positions were delivered, in bounded memory: everything up to the watermark, and the few above it
+/// that arrived ahead of a gap.
+#[derive(Debug)]
+struct Delivered {
+    watermark: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Delivered {
+    fn after(position: u64) -> Self {
+        Delivered {
+            watermark: position,
+            above: BTreeSet::new(),
+        }
+    }
+
+    fn contains(&self, position: u64) -> bool {
+        position <= self.watermark || self.above.contains(&position)
+    }
+
+    /// Records a delivery; returns false when the position was already delivered.
+    fn insert(&mut self, position: u64) -> bool {
+        if self.contains(position) {
+            return false;
+        }
+        if position == self.watermark + 1 {
+            self.watermark = position;
+            while self.above.remove(&(self.watermark + 1)) {
+                self.watermark += 1;
+            }
+        } else {
+            self.above.insert(position);
+        }
+        true
+    }
+}
+
+struct LogSubscription {
+    store: Arc<dyn EventStore>,
+    /// The bus subscription; `None` once the bus ended it.
+    live: Option<BoxStream<'static, StoredEvent>>,
+    delivered: Delivered,
+    ready: VecDeque<StoredEvent>,
+    phase: Phase,
+    next_poll: Instant,
+    /// The last store read failed: pause before the next one.
+    failed: bool,
+}
+
+/// What woke a live subscription.
+enum Wake {
+    Event(StoredEvent),
+    BusEnded,
+    Poll,
+}
+
+impl LogSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(Ok(Delivery::Event(event)));
+            }
+            if std::mem::take(&mut self.failed) {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            let step = match self.phase {
+                Phase::CatchingUp => self.catch_up_page().await,
+                Phase::CaughtUp => {
+                    self.phase = Phase::Live;
+                    return Some(Ok(Delivery::CaughtUp));
+                }
+                Phase::Live => self.follow().await,
+            };
+            if let Err(error) = step {
+                self.failed = true;
+                return Some(Err(error));
+            }
+        }
+    }
+
+    /// Reads the next page of stored events; moves on to `CaughtUp` after the last one.
+    async fn catch_up_page(&mut self) -> Result<(), BusError> {
+        if self.read_store_page().await? < PAGE {
+            self.phase = Phase::CaughtUp;
+        }
+        Ok(())
+    }
+
+    /// Waits for the next live event or store poll, and queues what it brings.
+    async fn follow(&mut self) -> Result<(), BusError> {
+        let poll_at = self.next_poll;
+        let wake = match self.live.as_mut() {
+            Some(live) => tokio::select! {
+                biased;
+                event = live.next() => event.map_or(Wake::BusEnded, Wake::Event),
+                () = tokio::time::sleep_until(poll_at) => Wake::Poll,
+            },
+            None => {
+                tokio::time::sleep_until(poll_at).await;
+                Wake::Poll
+            }
+        };
+        match wake {
+            Wake::Event(event) => self.accept(event).await,
+            Wake::BusEnded => {
+                tracing::warn!("the bus ended the live subscription; following the store alone");
+                self.live = None;
+                self.next_poll = Instant::now();
+                Ok(())
+            }
+            Wake::Poll => {
+                let every = if self.live.is_some() {
+                    STORE_POLL
+                } else {
+                    STORE_POLL_WITHOUT_BUS
+                };
+                // One page at a time, so a long backlog is not queued in memory: a full page polls again at once.
+                self.next_poll = if self.read_store_page().await? == PAGE {
+                    Instant::now()
+                } else {
+                    Instant::now() + every
+                };
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues the next page of stored events after the watermark that were not delivered yet; returns the page
+    /// size.
+    async fn read_store_page(&mut self) -> Result<usize, BusError> {
+        let page = self.store.read_all(self.delivered.watermark, PAGE).await?;
+        let len = page.len();
+        for event in page {
+            if self.delivered.insert(event.position) {
+                self.ready.push_back(event);
+            }
+        }
+        Ok(len)
+    }
+
+    /// Takes a live event: drops it if delivered already, otherwise queues it, after whatever the store has of
+    /// the positions missing below it.
+    async fn accept(&mut self, event: StoredEvent) -> Result<(), BusError> {
+        let position = event.position;
+        if self.delivered.contains(position) {
+            return Ok(());
+        }
+        if position > self.delivered.watermark + 1 {
+            self.fill_gap_below(position).await?;
+        }
+        if self.delivered.insert(position) {
+            self.ready.push_back(event);
+        }
+        Ok(())
+    }
+
+    /// Queues the stored events between the watermark and `position` that were not delivered yet.
+    async fn fill_gap_below(&mut self, position: u64) -> Result<(), BusError> {
+        let mut after = self.delivered.watermark;
+        while after + 1 < position {
+            let want = usize::try_from(position - after - 1).map_or(PAGE, |n| n.min(PAGE));
+            let page = self.store.read_all(after, want).await?;
+            let short = page.len() < want;
+            for stored in page {
+                if stored.position >= position {
+                    return Ok(());
+                }
+                after = stored.position;
+                if self.delivered.insert(stored.position) {
+                    self.ready.push_back(stored);
+                }
+            }
+            if short {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Delivered;
+
+    #[test]
+    fn delivered_tracks_a_watermark_and_positions_above_it() {
+        let mut d = Delivered::after(3);
+        assert!(d.contains(1) && d.contains(3) && !d.contains(4));
+        assert!(!d.insert(2));
+        assert!(d.insert(6));
+        assert!(d.insert(5));
+        assert_eq!(d.watermark, 3);
+        assert!(!d.insert(6));
+        assert!(d.insert(4));
+        assert_eq!(d.watermark, 6);
+        assert!(d.above.is_empty());
+    }
+}

@@ -1,0 +1,344 @@
+//! The leaderboard's read model, folded from the log: competitions (their datasets, hosts and whether the private
+//! board is revealed), datasets (metric, direction, competition) and every scored real submit.
+//!
+//! Applying is idempotent per submission id: a redelivered or repeated `SubmissionScored` replaces the submit it
+//! names instead of counting twice. Trial submits never reach a board.
+
+use std::collections::{BTreeMap, HashMap};
+
+use nsml_common::event::decode;
+use nsml_common::projection::ReadModel;
+use nsml_eventstore::StoredEvent;
+use nsml_proto::v1::{
+    CompetitionApplied, DatasetRegistered, Direction, PrivateRevealed, SubmissionScored,
+};
+
+use crate::LeaderboardError;
+use crate::domain::{self, Scored, Side, Standing};
+
+/// A competition as the boards need it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CompetitionView {
+    /// Datasets in the competition's own order (as applied).
+    pub datasets: Vec<String>,
+    pub hosts: Vec<String>,
+    pub private_revealed: bool,
+}
+
+/// A dataset as the boards need it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DatasetView {
+    pub competition: String,
+    /// The metric's name as the manifest has it (`accuracy`, `cer`, …).
+    pub metric: String,
+    pub direction: Direction,
+}
+
+impl DatasetView {
+    /// The direction its board ranks in.
+    pub fn ranking_direction(&self) -> Direction {
+        domain::ranking_direction(self.direction, &self.metric)
+    }
+}
+
+/// The leaderboard's state.
+#[derive(Debug, Default)]
+pub struct LeaderboardState {
+    pub competitions: BTreeMap<String, CompetitionView>,
+    pub datasets: BTreeMap<String, DatasetView>,
+    /// Datasets in the order the log first named them, to list a competition's datasets that its manifest does not.
+    dataset_order: Vec<String>,
+    /// dataset → submission id → the scored real submit.
+    submits: HashMap<String, BTreeMap<String, Scored>>,
+}
+
+impl LeaderboardState {
+    /// The dataset named `name`.
+    pub fn dataset(&self, name: &str) -> Result<&DatasetView, LeaderboardError> {
+        self.datasets
+            .get(name)
+            .ok_or_else(|| LeaderboardError::DatasetNotFound(name.to_string()))
+    }
+
+    /// The competition `id`.
+    pub fn competition(&self, id: &str) -> Result<&CompetitionView, LeaderboardError> {
+        self.competitions
+            .get(id)
+            .ok_or_else(|| LeaderboardError::CompetitionNotFound(id.to_string()))
+    }
+
+    /// A competition's hosts and whether its private board is revealed (none and no for an unknown one).
+    pub fn privacy(&self, competition: &str) -> (&[String], bool) {
+        match self.competitions.get(competition) {
+            Some(c) => (&c.hosts, c.private_revealed),
+            None => (&[], false),
+        }
+    }
+
+    /// A competition's datasets: its manifest's, in order, then any other dataset registered for it.
+    pub fn competition_datasets(&self, id: &str) -> Vec<String> {
+        let mut out = self
+            .competitions
+            .get(id)
+            .map(|c| c.datasets.clone())
+            .unwrap_or_default();
+        for name in &self.dataset_order {
+            let theirs = self.datasets.get(name).is_some_and(|d| d.competition == id);
+            if theirs && !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+        out
+    }
+
+    /// The scored real submits on `dataset`.
+    pub fn submits_on(&self, dataset: &str) -> impl Iterator<Item = &Scored> {
+        self.submits
+            .get(dataset)
+            .into_iter()
+            .flat_map(|m| m.values())
+    }
+
+    /// Every scored real submit.
+    pub fn all_submits(&self) -> impl Iterator<Item = &Scored> {
+        self.submits.values().flat_map(|m| m.values())
+    }
+
+    /// The board of `dataset` on `side`.
+    pub fn board(&self, dataset: &str, side: Side) -> Result<Vec<Standing>, LeaderboardError> {
+        let d = self.dataset(dataset)?;
+        Ok(domain::board(
+            self.submits_on(dataset),
+            d.ranking_direction(),
+            side,
+        ))
+    }
+
+    fn note_dataset(&mut self, name: &str) -> &mut DatasetView {
+        if !self.datasets.contains_key(name) {
+            self.dataset_order.push(name.to_string());
+        }
+        self.datasets.entry(name.to_string()).or_default()
+    }
+
+    fn apply_competition(&mut self, e: CompetitionApplied) {
+        let Some(c) = e.competition else { return };
+        for d in &c.datasets {
+            let view = self.note_dataset(&d.name);
+            view.competition = c.id.clone();
+            if !d.metric.is_empty() {
+                view.metric = d.metric.clone();
+            }
+            if d.direction() != Direction::Unspecified {
+                view.direction = d.direction();
+            }
+        }
+        let view = self.competitions.entry(c.id.clone()).or_default();
+        view.datasets = c.datasets.iter().map(|d| d.name.clone()).collect();
+        view.hosts = c.hosts;
+        // Revealing cannot be taken back; a later manifest apply keeps it revealed.
+        view.private_revealed |= c.private_revealed;
+    }
+
+    fn apply_dataset(&mut self, e: DatasetRegistered) {
+        let Some(meta) = e.dataset.and_then(|d| d.meta) else {
+            return;
+        };
+        let view = self.note_dataset(&meta.name);
+        if !meta.competition.is_empty() {
+            view.competition = meta.competition.clone();
+        }
+        if !meta.metric.is_empty() {
+            view.metric = meta.metric.clone();
+        }
+        if meta.direction() != Direction::Unspecified {
+            view.direction = meta.direction();
+        }
+    }
+
+    fn apply_scored(&mut self, e: SubmissionScored) {
+        let Some(s) = e.submission else { return };
+        if s.trial || s.id.is_empty() {
+            return;
+        }
+        let view = self.note_dataset(&s.dataset);
+        if view.competition.is_empty() {
+            view.competition = s.competition.clone();
+        }
+        if view.metric.is_empty() {
+            view.metric = s.metric.clone();
+        }
+        let competition = if s.competition.is_empty() {
+            view.competition.clone()
+        } else {
+            s.competition.clone()
+        };
+        let scored = Scored {
+            model: format!("{}/{}", s.source_session, s.checkpoint),
+            id: s.id.clone(),
+            team: s.team,
+            dataset: s.dataset.clone(),
+            competition,
+            score: s.score,
+            private_score: s.private_score,
+            submitted_at_ms: s.submitted_at_ms,
+            finished_at_ms: s.finished_at_ms,
+        };
+        self.submits
+            .entry(s.dataset)
+            .or_default()
+            .insert(s.id, scored);
+    }
+}
+
+impl ReadModel for LeaderboardState {
+    fn apply(&mut self, ev: &StoredEvent) {
+        if let Some(e) = decode::<SubmissionScored>(ev) {
+            self.apply_scored(e);
+        } else if let Some(e) = decode::<CompetitionApplied>(ev) {
+            self.apply_competition(e);
+        } else if let Some(e) = decode::<DatasetRegistered>(ev) {
+            self.apply_dataset(e);
+        } else if let Some(e) = decode::<PrivateRevealed>(ev) {
+            self.competitions
+                .entry(e.competition)
+                .or_default()
+                .private_revealed = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nsml_common::event::new_event;
+    use nsml_eventstore::StoredEvent;
+    use nsml_proto::v1::{Competition, Dataset, DatasetMeta, DatasetRef, EventPayload, Submission};
+
+    fn stored<P: EventPayload>(position: u64, payload: &P) -> StoredEvent {
+        let e = new_event(payload, "test", "");
+        StoredEvent {
+            position,
+            stream: "test".into(),
+            version: position,
+            event_type: e.event_type,
+            payload: e.payload,
+            metadata: e.metadata,
+            hash: String::new(),
+        }
+    }
+
+    fn scored(id: &str, team: &str, dataset: &str, score: f64, trial: bool) -> SubmissionScored {
+        SubmissionScored {
+            submission: Some(Submission {
+                id: id.into(),
+                team: team.into(),
+                dataset: dataset.into(),
+                competition: "demo".into(),
+                source_session: format!("{team}/{dataset}/3"),
+                checkpoint: "best".into(),
+                trial,
+                score,
+                private_score: Some(score / 2.0),
+                submitted_at_ms: 1000,
+                finished_at_ms: 2000,
+                metric: "accuracy".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn competition(datasets: &[(&str, &str, Direction)]) -> CompetitionApplied {
+        CompetitionApplied {
+            competition: Some(Competition {
+                id: "demo".into(),
+                datasets: datasets
+                    .iter()
+                    .map(|(name, metric, direction)| DatasetRef {
+                        name: name.to_string(),
+                        metric: metric.to_string(),
+                        direction: *direction as i32,
+                    })
+                    .collect(),
+                hosts: vec!["hal".into()],
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn given_scored_submits_then_real_ones_are_kept_once_per_id() {
+        let mut s = LeaderboardState::default();
+        s.apply(&stored(1, &scored("s1", "ants", "cls", 0.5, false)));
+        s.apply(&stored(2, &scored("s1", "ants", "cls", 0.5, false)));
+        s.apply(&stored(3, &scored("t1", "ants", "cls", 0.9, true)));
+        s.apply(&stored(4, &scored("s2", "bees", "cls", 0.7, false)));
+        let rows = s.board("cls", Side::Public).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].team, "bees");
+        assert_eq!(rows[1].count, 1, "a redelivered event counts once");
+        assert_eq!(rows[1].model, "ants/cls/3/best");
+        let d = s.dataset("cls").unwrap();
+        assert_eq!(
+            (d.competition.as_str(), d.metric.as_str()),
+            ("demo", "accuracy")
+        );
+    }
+
+    #[test]
+    fn given_a_competition_and_registered_datasets_then_their_metrics_and_order_are_known() {
+        let mut s = LeaderboardState::default();
+        s.apply(&stored(
+            1,
+            &competition(&[
+                ("t2", "cer", Direction::Ascending),
+                ("t1", "accuracy", Direction::Unspecified),
+            ]),
+        ));
+        s.apply(&stored(
+            2,
+            &DatasetRegistered {
+                dataset: Some(Dataset {
+                    meta: Some(DatasetMeta {
+                        name: "t3".into(),
+                        competition: "demo".into(),
+                        metric: "mse".into(),
+                        direction: Direction::Ascending as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                blob: String::new(),
+            },
+        ));
+        assert_eq!(s.competition_datasets("demo"), ["t2", "t1", "t3"]);
+        assert_eq!(
+            s.dataset("t2").unwrap().ranking_direction(),
+            Direction::Ascending
+        );
+        assert_eq!(
+            s.dataset("t1").unwrap().ranking_direction(),
+            Direction::Descending
+        );
+        assert_eq!(s.dataset("t3").unwrap().metric, "mse");
+        assert!(matches!(
+            s.dataset("nope"),
+            Err(LeaderboardError::DatasetNotFound(_))
+        ));
+        assert_eq!(s.privacy("demo"), (&["hal".to_string()][..], false));
+    }
+
+    #[test]
+    fn given_a_reveal_then_a_later_apply_keeps_it_revealed() {
+        let mut s = LeaderboardState::default();
+        s.apply(&stored(1, &competition(&[])));
+        s.apply(&stored(
+            2,
+            &PrivateRevealed {
+                competition: "demo".into(),
+            },
+        ));
+        s.apply(&stored(3, &competition(&[])));
+        assert!(s.competition("demo").unwrap().private_revealed);
+    }
+}

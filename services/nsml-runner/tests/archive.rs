@@ -1,0 +1,324 @@
+//! Safe extraction: what hostile archives try, and that nothing lands outside the destination.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use nsml_runner::archive::{ExtractLimits, extract_tar_gz, pack_dir};
+use tar::{EntryType, Header};
+
+/// One raw tar entry; names are written byte for byte, bypassing `tar`'s own path checks.
+struct Raw<'a> {
+    name: &'a str,
+    kind: EntryType,
+    link: &'a str,
+    data: &'a [u8],
+    mode: u32,
+}
+
+fn entry<'a>(name: &'a str, kind: EntryType) -> Raw<'a> {
+    Raw {
+        name,
+        kind,
+        link: "",
+        data: b"",
+        mode: if kind == EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        },
+    }
+}
+
+fn file<'a>(name: &'a str, data: &'a [u8]) -> Raw<'a> {
+    Raw {
+        data,
+        ..entry(name, EntryType::Regular)
+    }
+}
+
+fn link<'a>(name: &'a str, kind: EntryType, target: &'a str) -> Raw<'a> {
+    Raw {
+        link: target,
+        ..entry(name, kind)
+    }
+}
+
+fn tar_gz(entries: &[Raw]) -> Vec<u8> {
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+    for e in entries {
+        let mut h = Header::new_gnu();
+        {
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..e.name.len()].copy_from_slice(e.name.as_bytes());
+            gnu.linkname[..e.link.len()].copy_from_slice(e.link.as_bytes());
+        }
+        h.set_entry_type(e.kind);
+        h.set_size(e.data.len() as u64);
+        h.set_mode(e.mode);
+        h.set_cksum();
+        b.append(&h, e.data).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+/// Extracts into `root/dest`; `root/outside` is a sibling that must stay empty.
+fn extract(entries: &[Raw]) -> (tempfile::TempDir, Result<(), String>) {
+    extract_with(entries, ExtractLimits::CODE)
+}
+
+fn extract_with(entries: &[Raw], limits: ExtractLimits) -> (tempfile::TempDir, Result<(), String>) {
+    let root = tempfile::tempdir().unwrap();
+    fs::create_dir(root.path().join("dest")).unwrap();
+    fs::create_dir(root.path().join("outside")).unwrap();
+    let bytes = tar_gz(entries);
+    let res = extract_tar_gz(&bytes[..], &root.path().join("dest"), limits)
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    let outside: Vec<_> = fs::read_dir(root.path().join("outside")).unwrap().collect();
+    assert!(
+        outside.is_empty(),
+        "something was written outside the destination"
+    );
+    assert!(
+        !root.path().join("evil").exists(),
+        "something was written next to the destination"
+    );
+    (root, res)
+}
+
+fn refused(entries: &[Raw], why: &str) {
+    let (_root, res) = extract(entries);
+    let err = res.expect_err("a hostile archive was accepted");
+    assert!(err.contains(why), "expected `{why}` in `{err}`");
+}
+
+#[test]
+fn extracts_an_ordinary_archive() {
+    let (root, res) = extract(&[
+        entry("./", EntryType::Directory),
+        entry("./pkg/", EntryType::Directory),
+        file("./main.py", b"print('hi')\n"),
+        Raw {
+            mode: 0o4755,
+            ..file("pkg/run.sh", b"#!/bin/sh\n")
+        },
+        link("pkg/link", EntryType::Symlink, "../main.py"),
+        link("pkg/copy.py", EntryType::Link, "main.py"),
+    ]);
+    res.unwrap();
+    let dest = root.path().join("dest");
+    assert_eq!(
+        fs::read_to_string(dest.join("main.py")).unwrap(),
+        "print('hi')\n"
+    );
+    assert_eq!(
+        fs::read_to_string(dest.join("pkg/link")).unwrap(),
+        "print('hi')\n"
+    );
+    assert_eq!(
+        fs::read_to_string(dest.join("pkg/copy.py")).unwrap(),
+        "print('hi')\n"
+    );
+    let mode = fs::metadata(dest.join("pkg/run.sh"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o755, "executable kept, set-uid dropped");
+    // The hard link became a copy: writing one does not change the other.
+    fs::write(dest.join("pkg/copy.py"), "changed").unwrap();
+    assert_eq!(
+        fs::read_to_string(dest.join("main.py")).unwrap(),
+        "print('hi')\n"
+    );
+}
+
+#[test]
+fn refuses_absolute_paths() {
+    refused(&[file("/evil", b"x")], "absolute path");
+}
+
+#[test]
+fn refuses_parent_directory_paths() {
+    refused(&[file("../evil", b"x")], "`..`");
+    refused(&[file("a/../../evil", b"x")], "`..`");
+    refused(&[file("./../outside/x", b"x")], "`..`");
+}
+
+#[test]
+fn refuses_symlinks_pointing_outside() {
+    refused(
+        &[link("l", EntryType::Symlink, "/etc/passwd")],
+        "absolute target",
+    );
+    refused(
+        &[link("l", EntryType::Symlink, "../outside")],
+        "outside the archive",
+    );
+    refused(
+        &[link("a/b/l", EntryType::Symlink, "../../../outside")],
+        "outside the archive",
+    );
+}
+
+#[test]
+fn refuses_writing_through_a_symlink() {
+    // The link itself stays inside, but a later entry must not be written through it.
+    refused(
+        &[
+            entry("sub/", EntryType::Directory),
+            link("l", EntryType::Symlink, "sub"),
+            file("l/x", b"x"),
+        ],
+        "passes through a symlink",
+    );
+    // A link replaced by a file of the same name is fine; a file written through a link is not.
+    refused(
+        &[link("up", EntryType::Symlink, "."), file("up/up/x", b"x")],
+        "passes through a symlink",
+    );
+}
+
+#[test]
+fn refuses_symlink_chains_that_escape() {
+    // `a -> .` and `b -> a/..` look harmless by name but `b` resolves to the parent of the root.
+    refused(
+        &[
+            link("a", EntryType::Symlink, "."),
+            link("b", EntryType::Symlink, "a/../outside"),
+        ],
+        "resolves outside",
+    );
+    // A link re-aimed by a later entry is checked after the whole archive.
+    refused(
+        &[
+            entry("d/", EntryType::Directory),
+            entry("d/e/", EntryType::Directory),
+            link("x", EntryType::Symlink, "d/e"),
+            link("y", EntryType::Symlink, "x/../../.."),
+        ],
+        "outside",
+    );
+}
+
+#[test]
+fn refuses_hard_links_outside_or_to_nothing() {
+    refused(
+        &[link("h", EntryType::Link, "/etc/passwd")],
+        "absolute path",
+    );
+    refused(&[link("h", EntryType::Link, "../outside/x")], "`..`");
+    refused(
+        &[link("h", EntryType::Link, "missing")],
+        "not a file extracted earlier",
+    );
+    // A hard link through a symlink would read outside: refused.
+    refused(
+        &[
+            link("l", EntryType::Symlink, "."),
+            link("h", EntryType::Link, "l/anything"),
+        ],
+        "not a file extracted earlier",
+    );
+}
+
+#[test]
+fn refuses_devices_and_fifos() {
+    refused(&[entry("null", EntryType::Char)], "device file");
+    refused(&[entry("sda", EntryType::Block)], "device file");
+    refused(&[entry("pipe", EntryType::Fifo)], "FIFO");
+}
+
+#[test]
+fn refuses_archives_past_the_limits() {
+    let limits = ExtractLimits {
+        max_bytes: 10,
+        max_entries: 100,
+    };
+    let (_r, res) = extract_with(&[file("a", b"123456"), file("b", b"123456")], limits);
+    assert!(res.unwrap_err().contains("limit of 10 bytes"));
+    let limits = ExtractLimits {
+        max_bytes: 1000,
+        max_entries: 2,
+    };
+    let (_r, res) = extract_with(&[file("a", b"1"), file("b", b"2"), file("c", b"3")], limits);
+    assert!(res.unwrap_err().contains("limit of 2 entries"));
+}
+
+#[test]
+fn refuses_a_truncated_stream() {
+    let bytes = tar_gz(&[file("a", &[7u8; 100_000])]);
+    let dest = tempfile::tempdir().unwrap();
+    let cut = &bytes[..bytes.len() / 2];
+    assert!(extract_tar_gz(cut, dest.path(), ExtractLimits::CODE).is_err());
+}
+
+#[test]
+fn packs_without_following_symlinks_and_round_trips() {
+    let src = tempfile::tempdir().unwrap();
+    let secret = tempfile::tempdir().unwrap();
+    fs::write(secret.path().join("secret"), "do not pack me").unwrap();
+    fs::create_dir(src.path().join("sub")).unwrap();
+    fs::write(src.path().join("sub/model.bin"), [1u8, 2, 3]).unwrap();
+    fs::write(src.path().join("run.sh"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(src.path().join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(secret.path().join("secret"), src.path().join("leak")).unwrap();
+    std::os::unix::fs::symlink("sub/model.bin", src.path().join("alias")).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(src.path().join("a.sock")).unwrap();
+
+    let packed = pack_dir(src.path(), Vec::new()).unwrap();
+    let mut names = Vec::new();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&packed[..]));
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut e, &mut body).ok();
+        assert!(!body.contains("do not pack me"), "a symlink was followed");
+        names.push(e.path().unwrap().display().to_string());
+    }
+    names.sort();
+    assert_eq!(names, ["alias", "leak", "run.sh", "sub", "sub/model.bin"]);
+
+    // Unpacking refuses the link that points outside, and accepts the rest.
+    let dest = tempfile::tempdir().unwrap();
+    let err = extract_tar_gz(&packed[..], dest.path(), ExtractLimits::CHECKPOINT).unwrap_err();
+    assert!(err.to_string().contains("absolute target"), "{err}");
+    fs::remove_file(src.path().join("leak")).unwrap();
+    let packed = pack_dir(src.path(), Vec::new()).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    extract_tar_gz(&packed[..], dest.path(), ExtractLimits::CHECKPOINT).unwrap();
+    assert_eq!(fs::read(dest.path().join("alias")).unwrap(), [1, 2, 3]);
+    let mode = fs::metadata(dest.path().join("run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111);
+}
+
+#[test]
+fn a_gnu_long_name_still_gets_checked() {
+    // Paths longer than 100 bytes travel in an extra GNU entry; the check applies to the full name.
+    let long = format!("{}/../../evil", "d/".repeat(60));
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
+    let mut h = Header::new_gnu();
+    h.set_size(1);
+    h.set_entry_type(EntryType::Regular);
+    // `append_data` writes a GNU long-name entry but refuses `..`: write it by hand.
+    let mut ln = Header::new_gnu();
+    ln.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    ln.set_entry_type(EntryType::GNULongName);
+    ln.set_size(long.len() as u64 + 1);
+    ln.set_cksum();
+    let mut name = long.clone().into_bytes();
+    name.push(0);
+    b.append(&ln, &name[..]).unwrap();
+    h.as_gnu_mut().unwrap().name[..5].copy_from_slice(b"short");
+    h.set_cksum();
+    b.append(&h, &b"x"[..]).unwrap();
+    let bytes = b.into_inner().unwrap().finish().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let err = extract_tar_gz(&bytes[..], dest.path(), ExtractLimits::CODE).unwrap_err();
+    assert!(err.to_string().contains("`..`"), "{err}");
+}
