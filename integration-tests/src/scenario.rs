@@ -196,7 +196,7 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
 }
 
 /// Bad input: each refused with a clear message, nothing stored lost.
-pub fn bad_input(dep: &Deployment, work: &Path, left: &Left) -> anyhow::Result<()> {
+pub fn bad_input(dep: &Deployment, work: &Path, left: &mut Left) -> anyhow::Result<()> {
     let alice = dep.user("alice");
     let anon = dep.user("nobody");
     let out = anon.nsml(&["ps"])?.failed()?;
@@ -232,9 +232,8 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &Left) -> anyhow::Result<(
     let flaky = work.join("flaky");
     baseline_copy(&flaky)?;
     let main = std::fs::read_to_string(flaky.join("main.py"))?;
-    let broken = main.replace(
-        "import nsml",
-        "import nsml\nimport os as _os\nif _os.environ.get('NSML_MODE') == 'test' and _os.environ.get('NSML_SUBMIT_KIND') == 'submit':\n    raise SystemExit(5)",
+    let broken = format!(
+        "import os as _os\nif _os.environ.get('NSML_MODE') == 'test' and _os.environ.get('NSML_SUBMIT_KIND') == 'submit':\n    raise SystemExit(5)\n{main}"
     );
     std::fs::write(flaky.join("main.py"), broken)?;
     let fs = run(&alice, &flaky, "t2-reg", &["-a", "--epochs 1"])?;
@@ -264,6 +263,8 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &Left) -> anyhow::Result<(
     // Nothing stored was lost along the way.
     let ckpts = alice.nsml(&["model", "ls", &left.alice_session, "-j"])?.ok()?.json()?;
     ensure!(ckpts == left.checkpoints, "checkpoints changed: {ckpts}");
+    left.board = alice.nsml(&["dataset", "board", "t1-cls", "-j"])?.ok()?.json()?;
+    left.overall = alice.nsml(&["board", "demo", "-j"])?.ok()?.json()?;
     Ok(())
 }
 

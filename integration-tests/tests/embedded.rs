@@ -6,8 +6,8 @@ use nsml_integration_tests::{Deployment, scenario};
 fn embedded_participant_loop_survives_restart() -> anyhow::Result<()> {
     let mut dep = Deployment::embedded()?;
     let work = tempfile::tempdir()?;
-    let left = scenario::participant_loop(&dep, work.path())?;
-    scenario::bad_input(&dep, work.path(), &left)?;
+    let mut left = scenario::participant_loop(&dep, work.path())?;
+    scenario::bad_input(&dep, work.path(), &mut left)?;
     dep.kill_and_restart()?;
     scenario::still_there(&dep, &left)?;
     Ok(())

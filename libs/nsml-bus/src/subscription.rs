@@ -129,6 +129,10 @@ struct LogSubscription {
 }
 
 /// What woke a live subscription.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a short-lived local value; boxing the event would cost an allocation per event"
+)]
 enum Wake {
     Event(StoredEvent),
     BusEnded,

@@ -21,6 +21,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures::FutureExt;
 use nsml_common::clients::Clients;
 use nsml_common::executor::Executor;
 use nsml_proto::v1::{
@@ -207,9 +208,15 @@ impl LocalExecutor {
         }));
 
         let mut dirs = None;
-        let outcome = self
-            .prepare_and_run(&session, time_limit_secs, &logs, &stop, &mut dirs)
-            .await;
+        // A bug here must still end in a reported finish, or the session would hang in Running.
+        let run = self.prepare_and_run(&session, time_limit_secs, &logs, &stop, &mut dirs);
+        let outcome = match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(session = %name, "the runner failed while running the session");
+                ProcessOutcome::setup_failed("internal runner error", false)
+            }
+        };
         if outcome.pid.is_none() {
             let what = if outcome.stopped {
                 "Session stopped"
@@ -488,7 +495,8 @@ impl LocalExecutor {
                 for e in entries.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
                     // Older versions, and staging left by a runner that died mid-fetch.
-                    let stale = n.starts_with(&format!("{slug}-")) || n.starts_with(&format!(".{slug}-"));
+                    let stale =
+                        n.starts_with(&format!("{slug}-")) || n.starts_with(&format!(".{slug}-"));
                     if stale && e.path() != cached {
                         archive::remove_tree(&e.path()).await;
                     }

@@ -5,6 +5,7 @@
 //! so a lease cannot leak on an early return.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -103,9 +104,9 @@ fn number_with_unit(field: &str, unit: &str) -> Option<u64> {
         .ok()
 }
 
-/// Runs `nvidia-smi` from `PATH`; `None` when it is absent, fails or hangs.
-fn query_nvidia_smi() -> Option<String> {
-    let mut child = match Command::new("nvidia-smi")
+/// Runs `program` (normally `nvidia-smi` from `PATH`); `None` when it is absent, fails or hangs.
+fn query_nvidia_smi(program: &OsStr) -> Option<String> {
+    let mut child = match Command::new(program)
         .args(NVIDIA_SMI_ARGS)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -175,7 +176,12 @@ impl GpuInventory {
 
     /// Reads the GPUs from `nvidia-smi` on `PATH`; none when it is absent or unreadable.
     pub fn detect() -> Self {
-        let gpus = match query_nvidia_smi().map(|out| parse_nvidia_smi(&out)) {
+        Self::detect_with("nvidia-smi")
+    }
+
+    /// Reads the GPUs from the `nvidia-smi` at `program`; none when it is absent or unreadable.
+    pub fn detect_with(program: impl AsRef<OsStr>) -> Self {
+        let gpus = match query_nvidia_smi(program.as_ref()).map(|out| parse_nvidia_smi(&out)) {
             Some(Ok(gpus)) => gpus,
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "ignoring nvidia-smi output: this runner has no GPUs");

@@ -1,6 +1,6 @@
 //! The GPU inventory: reading `nvidia-smi`, handing out and taking back devices.
 
-use nsml_runner::gpu::{GpuInventory, parse_nvidia_smi};
+use nsml_runner::gpu::{GpuInventory, GpuSource, NVIDIA_SMI_ARGS, parse_nvidia_smi};
 
 /// Read off an NVIDIA H200 machine (docs: reference/gpu-machine.md).
 const H200: &str =
@@ -97,4 +97,39 @@ fn a_machine_without_gpus_has_none() {
         "not enough free GPUs: asked 1, free 0 of 0"
     );
     assert!(inv.assign(0).is_ok());
+}
+
+/// Writes an executable stand-in for `nvidia-smi` that prints `out` when called with the runner's query.
+fn fake_nvidia_smi(dir: &std::path::Path, out: &str, status: i32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("nvidia-smi");
+    let script = format!(
+        "#!/bin/sh\n[ \"$1\" = \"{}\" ] && [ \"$2\" = \"{}\" ] || exit 9\nprintf '%s' '{out}'\nexit {status}\n",
+        NVIDIA_SMI_ARGS[0], NVIDIA_SMI_ARGS[1]
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn detects_gpus_through_nvidia_smi() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = GpuInventory::detect_with(fake_nvidia_smi(dir.path(), H200, 0));
+    assert_eq!(inv.total(), 1);
+    assert_eq!(inv.gpus()[0].name, "NVIDIA H200");
+}
+
+#[test]
+fn a_missing_or_failing_nvidia_smi_means_no_gpus() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(
+        GpuInventory::detect_with(dir.path().join("absent")).total(),
+        0
+    );
+    let failing = fake_nvidia_smi(dir.path(), H200, 6);
+    assert_eq!(GpuInventory::detect_with(failing).total(), 0);
+    let garbage = fake_nvidia_smi(dir.path(), "No devices were found", 0);
+    assert_eq!(GpuInventory::detect_with(garbage).total(), 0);
+    assert_eq!(GpuInventory::from_source(&GpuSource::Count(3)).total(), 3);
 }

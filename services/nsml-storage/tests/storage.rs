@@ -65,7 +65,7 @@ impl Service {
         let server = tokio::spawn(async move {
             nsml_common::server::serve(
                 listener,
-                started.routes,
+                (started.routes)(tonic::service::Routes::default()),
                 &started.names,
                 serve_secret,
                 serve_cancel,
