@@ -65,7 +65,11 @@ impl Output {
     /// Requires failure.
     pub fn failed(self) -> anyhow::Result<Self> {
         if self.code == 0 {
-            bail!("command unexpectedly succeeded:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+            bail!(
+                "command unexpectedly succeeded:\nstdout: {}\nstderr: {}",
+                self.stdout,
+                self.stderr
+            );
         }
         Ok(self)
     }
@@ -104,7 +108,9 @@ impl User {
         if let Some(t) = &self.token {
             cmd.env("NSML_TOKEN", t);
         }
-        let mut child = cmd.spawn().context("cannot start nsml (is the workspace built?)")?;
+        let mut child = cmd
+            .spawn()
+            .context("cannot start nsml (is the workspace built?)")?;
         if let Some(mut i) = child.stdin.take() {
             let _ = i.write_all(stdin.as_bytes());
         }
@@ -240,7 +246,15 @@ gpus = "0"
 
     fn start_distributed(&mut self) -> anyhow::Result<()> {
         let cfg = self.config.clone().context("no config")?;
-        for svc in ["auth", "storage", "quota", "leaderboard", "submission", "session", "gateway"] {
+        for svc in [
+            "auth",
+            "storage",
+            "quota",
+            "leaderboard",
+            "submission",
+            "session",
+            "gateway",
+        ] {
             let args: Vec<String> = vec![
                 "serve".into(),
                 svc.into(),
@@ -282,7 +296,11 @@ gpus = "0"
 
     /// A CLI user with their own config directory.
     pub fn user(&self, name: &str) -> User {
-        let dir = self.data_dir.parent().unwrap_or(&self.data_dir).join(format!("cli-{name}"));
+        let dir = self
+            .data_dir
+            .parent()
+            .unwrap_or(&self.data_dir)
+            .join(format!("cli-{name}"));
         let _ = std::fs::create_dir_all(&dir);
         User {
             server: self.url.clone(),
@@ -339,8 +357,11 @@ impl FreshDb {
     pub async fn create() -> anyhow::Result<Self> {
         use sqlx::Connection;
         let name = format!("nsml_it_{}", uuid::Uuid::new_v4().simple());
-        let mut c = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut c).await?;
+        let mut c =
+            sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut c)
+            .await?;
         Ok(Self {
             url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
             name,
@@ -350,10 +371,15 @@ impl FreshDb {
     /// Drops the database.
     pub async fn drop_db(self) {
         use sqlx::Connection;
-        if let Ok(mut c) = sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
-                .execute(&mut c)
-                .await;
+        if let Ok(mut c) =
+            sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await
+        {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut c)
+            .await;
         }
     }
 }
@@ -367,7 +393,10 @@ pub async fn drop_stream(name: &str) {
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
-pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> anyhow::Result<Option<T>>) -> anyhow::Result<T> {
+pub fn eventually<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f()? {

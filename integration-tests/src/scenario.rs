@@ -23,9 +23,17 @@ pub fn baseline_copy(dir: &Path) -> anyhow::Result<()> {
 /// Logs a user in with their password.
 pub fn login(dep: &Deployment, name: &str, password: &str) -> anyhow::Result<User> {
     let u = dep.user(name);
-    let out = u.nsml_in(&repo_root(), &["login", "-u", name, "--password-stdin"], &format!("{password}\n"))?;
+    let out = u.nsml_in(
+        &repo_root(),
+        &["login", "-u", name, "--password-stdin"],
+        &format!("{password}\n"),
+    )?;
     let out = out.ok()?;
-    ensure!(out.stdout.contains("Welcome to NSML!"), "login printed {}", out.all());
+    ensure!(
+        out.stdout.contains("Welcome to NSML!"),
+        "login printed {}",
+        out.all()
+    );
     Ok(u)
 }
 
@@ -48,7 +56,10 @@ pub fn wait_ended(u: &User, name: &str) -> anyhow::Result<Value> {
 
 /// Starts a training session in `dir`; returns its name.
 pub fn run(u: &User, dir: &Path, dataset: &str, extra: &[&str]) -> anyhow::Result<String> {
-    let mut args = vec!["run", "-d", dataset, "-e", "main.py", "-g", "0", "-c", "1", "--memory", "2G", "--shm", "256M"];
+    let mut args = vec![
+        "run", "-d", dataset, "-e", "main.py", "-g", "0", "-c", "1", "--memory", "2G", "--shm",
+        "256M",
+    ];
     args.extend_from_slice(extra);
     let out = u.nsml_in(dir, &args, "")?.ok()?;
     let line = out
@@ -89,18 +100,30 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
     let a_dir = work.join("alice");
     baseline_copy(&a_dir)?;
     // Alice trains briefly; her first checkpoint is a weak model.
-    let s = run(&alice, &a_dir, "t1-cls", &["-a", "--epochs 3", "-m", "baseline"])?;
+    let s = run(
+        &alice,
+        &a_dir,
+        "t1-cls",
+        &["-a", "--epochs 3", "-m", "baseline"],
+    )?;
     ensure!(s.starts_with("demo/t1-cls/"), "session name {s}");
     let first = session(&alice, &s)?;
     ensure!(
-        matches!(first["status"].as_str(), Some("queued" | "running" | "exited")),
+        matches!(
+            first["status"].as_str(),
+            Some("queued" | "running" | "exited")
+        ),
         "fresh session status {first}"
     );
     let ended = wait_ended(&alice, &s)?;
     ensure!(ended["status"] == "exited", "session ended as {ended}");
     ensure!(!ended["summary"].is_null(), "no summary in {ended}");
     let table = alice.nsml(&["ps", "-a"])?.ok()?;
-    ensure!(table.stdout.contains(&s) && table.stdout.contains("Exited"), "ps: {}", table.stdout);
+    ensure!(
+        table.stdout.contains(&s) && table.stdout.contains("Exited"),
+        "ps: {}",
+        table.stdout
+    );
 
     let logs = alice.nsml(&["logs", &s])?.ok()?;
     ensure!(logs.all().contains("epoch 3/3"), "logs: {}", logs.all());
@@ -112,16 +135,24 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    ensure!(names.contains(&"0") && names.contains(&"2"), "checkpoints {ckpts}");
     ensure!(
-        ckpts.as_array().is_some_and(|a| a.iter().all(|c| c["size_bytes"].as_u64().unwrap_or(0) > 0 && !c["summary"].is_null())),
+        names.contains(&"0") && names.contains(&"2"),
+        "checkpoints {ckpts}"
+    );
+    ensure!(
+        ckpts.as_array().is_some_and(|a| a
+            .iter()
+            .all(|c| c["size_bytes"].as_u64().unwrap_or(0) > 0 && !c["summary"].is_null())),
         "checkpoint sizes and summaries {ckpts}"
     );
 
     // Trial submit: a score, and readable logs.
     let trial = alice.nsml(&["submit", "-t", &s, "0"])?.ok()?;
     let trial_score = score_of(&trial.stdout)?;
-    ensure!((0.0..=1.0).contains(&trial_score), "trial score {trial_score}");
+    ensure!(
+        (0.0..=1.0).contains(&trial_score),
+        "trial score {trial_score}"
+    );
     let ps = alice.nsml(&["ps", "-a", "-j"])?.ok()?.json()?;
     let trial_session = ps
         .as_array()
@@ -130,7 +161,11 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
         .context("no trial session in ps")?
         .to_string();
     let tl = alice.nsml(&["logs", &trial_session])?.ok()?;
-    ensure!(tl.all().contains("Infer done") || !tl.all().is_empty(), "trial logs {}", tl.all());
+    ensure!(
+        tl.all().contains("Infer done") || !tl.all().is_empty(),
+        "trial logs {}",
+        tl.all()
+    );
     // The trial session holds quota until removed.
     alice.nsml(&["rm", "-f", &trial_session])?.ok()?;
 
@@ -145,11 +180,21 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
         .context("no submit session in ps")?
         .to_string();
     let hidden = alice.nsml(&["logs", &submit_session])?.failed()?;
-    ensure!(hidden.stderr.contains("hidden"), "submit logs refusal: {}", hidden.all());
+    ensure!(
+        hidden.stderr.contains("hidden"),
+        "submit logs refusal: {}",
+        hidden.all()
+    );
 
-    let board = alice.nsml(&["dataset", "board", "t1-cls", "-j"])?.ok()?.json()?;
+    let board = alice
+        .nsml(&["dataset", "board", "t1-cls", "-j"])?
+        .ok()?
+        .json()?;
     let rows = board["rows"].as_array().context("board rows")?;
-    ensure!(rows.len() == 1 && rows[0]["team"] == "demo" && rows[0]["count"] == 1, "board {board}");
+    ensure!(
+        rows.len() == 1 && rows[0]["team"] == "demo" && rows[0]["count"] == 1,
+        "board {board}"
+    );
 
     // A second real submit inside the interval is refused with the time to retry.
     let again = alice.nsml(&["submit", &s, "2"])?.failed()?;
@@ -167,10 +212,17 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
     wait_ended(&bob, &bs)?;
     let b_real = bob.nsml(&["submit", &bs, "7"])?.ok()?;
     let b_score = score_of(&b_real.stdout)?;
-    let board = alice.nsml(&["dataset", "board", "t1-cls", "-j"])?.ok()?.json()?;
+    let board = alice
+        .nsml(&["dataset", "board", "t1-cls", "-j"])?
+        .ok()?
+        .json()?;
     let rows = board["rows"].as_array().context("board rows")?.clone();
     ensure!(rows.len() == 2, "board {board}");
-    let (best, other) = if b_score > a_score { ("rivals", "demo") } else { ("demo", "rivals") };
+    let (best, other) = if b_score > a_score {
+        ("rivals", "demo")
+    } else {
+        ("demo", "rivals")
+    };
     ensure!(
         rows[0]["team"] == best && rows[1]["team"] == other,
         "board order for scores demo={a_score} rivals={b_score}: {board}"
@@ -183,9 +235,17 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
 
     // Another team's session is not yours.
     let theirs = bob.nsml(&["model", "ls", &s])?.failed()?;
-    ensure!(theirs.stderr.contains("another team"), "other team's session: {}", theirs.all());
+    ensure!(
+        theirs.stderr.contains("another team"),
+        "other team's session: {}",
+        theirs.all()
+    );
     let theirs = bob.nsml(&["logs", &s])?.failed()?;
-    ensure!(theirs.stderr.contains("another team"), "other team's logs: {}", theirs.all());
+    ensure!(
+        theirs.stderr.contains("another team"),
+        "other team's logs: {}",
+        theirs.all()
+    );
 
     Ok(Left {
         alice_session: s,
@@ -200,32 +260,74 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &mut Left) -> anyhow::Resu
     let alice = dep.user("alice");
     let anon = dep.user("nobody");
     let out = anon.nsml(&["ps"])?.failed()?;
-    ensure!(out.stderr.contains("nsml login"), "not logged in: {}", out.all());
+    ensure!(
+        out.stderr.contains("nsml login"),
+        "not logged in: {}",
+        out.all()
+    );
     let out = anon
-        .nsml_in(&repo_root(), &["login", "-u", "alice", "--password-stdin"], "wrong\n")?
+        .nsml_in(
+            &repo_root(),
+            &["login", "-u", "alice", "--password-stdin"],
+            "wrong\n",
+        )?
         .failed()?;
-    ensure!(out.stderr.contains("wrong username or password"), "wrong password: {}", out.all());
+    ensure!(
+        out.stderr.contains("wrong username or password"),
+        "wrong password: {}",
+        out.all()
+    );
 
     let dir = work.join("bad");
     baseline_copy(&dir)?;
-    let out = alice.nsml_in(&dir, &["run", "-d", "no-such-set", "-g", "0"], "")?.failed()?;
-    ensure!(out.stderr.contains("dataset `no-such-set` not found"), "unknown dataset: {}", out.all());
-    let out = alice.nsml(&["logs", "demo/t1-cls/999"])?.failed()?;
-    ensure!(out.stderr.contains("not found"), "unknown session: {}", out.all());
-    let out = alice.nsml(&["submit", "-t", &left.alice_session, "nope"])?.failed()?;
-    ensure!(out.stderr.contains("checkpoint `nope` not found"), "unknown checkpoint: {}", out.all());
     let out = alice
-        .nsml_in(&dir, &["run", "-d", "t1-cls", "-g", "0", "-e", "missing.py"], "")?
+        .nsml_in(&dir, &["run", "-d", "no-such-set", "-g", "0"], "")?
         .failed()?;
-    ensure!(out.stderr.contains("missing.py"), "missing entry: {}", out.all());
+    ensure!(
+        out.stderr.contains("dataset `no-such-set` not found"),
+        "unknown dataset: {}",
+        out.all()
+    );
+    let out = alice.nsml(&["logs", "demo/t1-cls/999"])?.failed()?;
+    ensure!(
+        out.stderr.contains("not found"),
+        "unknown session: {}",
+        out.all()
+    );
+    let out = alice
+        .nsml(&["submit", "-t", &left.alice_session, "nope"])?
+        .failed()?;
+    ensure!(
+        out.stderr.contains("checkpoint `nope` not found"),
+        "unknown checkpoint: {}",
+        out.all()
+    );
+    let out = alice
+        .nsml_in(
+            &dir,
+            &["run", "-d", "t1-cls", "-g", "0", "-e", "missing.py"],
+            "",
+        )?
+        .failed()?;
+    ensure!(
+        out.stderr.contains("missing.py"),
+        "missing entry: {}",
+        out.all()
+    );
 
     // A crashing main.py: the session fails with its exit code.
     let crash = work.join("crash");
     std::fs::create_dir_all(&crash)?;
-    std::fs::write(crash.join("main.py"), "import sys\nprint('about to fail')\nsys.exit(3)\n")?;
+    std::fs::write(
+        crash.join("main.py"),
+        "import sys\nprint('about to fail')\nsys.exit(3)\n",
+    )?;
     let cs = run(&alice, &crash, "t2-reg", &[])?;
     let ended = wait_ended(&alice, &cs)?;
-    ensure!(ended["status"] == "failed" && ended["exit_code"] == 3, "crash: {ended}");
+    ensure!(
+        ended["status"] == "failed" && ended["exit_code"] == 3,
+        "crash: {ended}"
+    );
 
     // A model that trains but crashes at submit time, and one that returns the wrong shape: both submits
     // fail with the reason, and neither starts the submit interval on t2-reg.
@@ -239,18 +341,29 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &mut Left) -> anyhow::Resu
     let fs = run(&alice, &flaky, "t2-reg", &["-a", "--epochs 1"])?;
     wait_ended(&alice, &fs)?;
     let out = alice.nsml(&["submit", &fs, "0"])?.failed()?;
-    ensure!(out.all().contains("failed"), "crashing submit: {}", out.all());
+    ensure!(
+        out.all().contains("failed"),
+        "crashing submit: {}",
+        out.all()
+    );
 
     let shape = work.join("shape");
     baseline_copy(&shape)?;
     let main = std::fs::read_to_string(shape.join("main.py"))?;
-    let wrong = main.replace("nsml.bind(save=save, load=load, infer=infer)", "nsml.bind(save=save, load=load, infer=lambda p: [1, 2, 3])");
+    let wrong = main.replace(
+        "nsml.bind(save=save, load=load, infer=infer)",
+        "nsml.bind(save=save, load=load, infer=lambda p: [1, 2, 3])",
+    );
     ensure!(wrong != main, "the baseline's bind line changed");
     std::fs::write(shape.join("main.py"), wrong)?;
     let ss = run(&alice, &shape, "t2-reg", &["-a", "--epochs 1"])?;
     wait_ended(&alice, &ss)?;
     let out = alice.nsml(&["submit", &ss, "0"])?.failed()?;
-    ensure!(out.all().contains("predictions have 3 items"), "wrong shape: {}", out.all());
+    ensure!(
+        out.all().contains("predictions have 3 items"),
+        "wrong shape: {}",
+        out.all()
+    );
 
     // The interval is untouched: a good submit on t2-reg is still admitted.
     let good = work.join("good");
@@ -261,9 +374,15 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &mut Left) -> anyhow::Resu
     score_of(&out.stdout)?;
 
     // Nothing stored was lost along the way.
-    let ckpts = alice.nsml(&["model", "ls", &left.alice_session, "-j"])?.ok()?.json()?;
+    let ckpts = alice
+        .nsml(&["model", "ls", &left.alice_session, "-j"])?
+        .ok()?
+        .json()?;
     ensure!(ckpts == left.checkpoints, "checkpoints changed: {ckpts}");
-    left.board = alice.nsml(&["dataset", "board", "t1-cls", "-j"])?.ok()?.json()?;
+    left.board = alice
+        .nsml(&["dataset", "board", "t1-cls", "-j"])?
+        .ok()?
+        .json()?;
     left.overall = alice.nsml(&["board", "demo", "-j"])?.ok()?.json()?;
     Ok(())
 }
@@ -275,16 +394,35 @@ pub fn still_there(dep: &Deployment, left: &Left) -> anyhow::Result<()> {
         Ok(s) => Ok(Some(s)),
         Err(_) => Ok(None),
     })?;
-    ensure!(s["status"] == "exited" && !s["summary"].is_null(), "session after restart {s}");
-    let ckpts = alice.nsml(&["model", "ls", &left.alice_session, "-j"])?.ok()?.json()?;
-    ensure!(ckpts == left.checkpoints, "checkpoints after restart {ckpts}");
-    let board = alice.nsml(&["dataset", "board", "t1-cls", "-j"])?.ok()?.json()?;
+    ensure!(
+        s["status"] == "exited" && !s["summary"].is_null(),
+        "session after restart {s}"
+    );
+    let ckpts = alice
+        .nsml(&["model", "ls", &left.alice_session, "-j"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        ckpts == left.checkpoints,
+        "checkpoints after restart {ckpts}"
+    );
+    let board = alice
+        .nsml(&["dataset", "board", "t1-cls", "-j"])?
+        .ok()?
+        .json()?;
     if board["rows"] != left.board["rows"] {
         bail!("board after restart {board}\nbefore {}", left.board);
     }
     let overall = alice.nsml(&["board", "demo", "-j"])?.ok()?.json()?;
-    ensure!(overall["rows"] == left.overall["rows"], "overall after restart {overall}");
+    ensure!(
+        overall["rows"] == left.overall["rows"],
+        "overall after restart {overall}"
+    );
     let logs = alice.nsml(&["logs", &left.alice_session])?.ok()?;
-    ensure!(logs.all().contains("epoch 3/3"), "logs after restart: {}", logs.all());
+    ensure!(
+        logs.all().contains("epoch 3/3"),
+        "logs after restart: {}",
+        logs.all()
+    );
     Ok(())
 }

@@ -38,7 +38,10 @@ fn now_ms_f() -> f64 {
 }
 
 fn tar_gz(files: &[(&str, &str)]) -> anyhow::Result<Vec<u8>> {
-    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
     for (name, body) in files {
         let mut h = tar::Header::new_gnu();
         h.set_size(body.len() as u64);
@@ -51,8 +54,10 @@ fn tar_gz(files: &[(&str, &str)]) -> anyhow::Result<Vec<u8>> {
 
 fn authed<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
     let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", MetadataValue::try_from(format!("Bearer {token}"))?);
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}"))?,
+    );
     Ok(r)
 }
 
@@ -151,18 +156,30 @@ async fn main() -> anyhow::Result<()> {
         while let Some(l) = logs.next().await {
             let l = l?;
             let seen = now_ms_f();
-            if let Some(v) = l.text.strip_prefix("tick ").and_then(|v| v.trim().parse::<f64>().ok()) {
+            if let Some(v) = l
+                .text
+                .strip_prefix("tick ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+            {
                 line_ms.push(seen - v);
             }
         }
         let done = sessions
             .get(authed(
-                nsml_proto::v1::GetSessionRequest { name: s.name.clone() },
+                nsml_proto::v1::GetSessionRequest {
+                    name: s.name.clone(),
+                },
                 &token,
             )?)
             .await?
             .into_inner();
-        anyhow::ensure!(done.status() == SessionStatus::Exited, "bench session {} ended as {:?}: {}", s.name, done.status(), done.reason);
+        anyhow::ensure!(
+            done.status() == SessionStatus::Exited,
+            "bench session {} ended as {:?}: {}",
+            s.name,
+            done.status(),
+            done.reason
+        );
         start_ms.push(done.started_at_ms as f64 - t0);
     }
 
@@ -170,20 +187,48 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..ps_n {
         let t = Instant::now();
         sessions
-            .list(authed(ListSessionsRequest { all: true, ..Default::default() }, &token)?)
+            .list(authed(
+                ListSessionsRequest {
+                    all: true,
+                    ..Default::default()
+                },
+                &token,
+            )?)
             .await
             .context("ps")?;
         ps_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let _ = scenario::score_of;
 
-    println!("nsml-bench (embedded, `nsmld up`, {} runs, {} ps calls)", runs, ps_n);
+    println!(
+        "nsml-bench (embedded, `nsmld up`, {} runs, {} ps calls)",
+        runs, ps_n
+    );
     println!("{:<44} {:>10} {:>10}", "measure", "p50", "p99");
-    println!("{:<44} {:>8.1}ms {:>10}", "run -> entry process started", pct(start_ms.clone(), 0.5), "");
-    println!("{:<44} {:>8.2}ms {:>8.2}ms", "ps round trip through the gateway", pct(ps_ms.clone(), 0.5), pct(ps_ms, 0.99));
-    println!("{:<44} {:>8.1}ms {:>8.1}ms", "line printed -> seen by logs -f", pct(line_ms.clone(), 0.5), pct(line_ms, 0.99));
+    println!(
+        "{:<44} {:>8.1}ms {:>10}",
+        "run -> entry process started",
+        pct(start_ms.clone(), 0.5),
+        ""
+    );
+    println!(
+        "{:<44} {:>8.2}ms {:>8.2}ms",
+        "ps round trip through the gateway",
+        pct(ps_ms.clone(), 0.5),
+        pct(ps_ms, 0.99)
+    );
+    println!(
+        "{:<44} {:>8.1}ms {:>8.1}ms",
+        "line printed -> seen by logs -f",
+        pct(line_ms.clone(), 0.5),
+        pct(line_ms, 0.99)
+    );
     match idle_rss {
-        Some(k) => println!("{:<44} {:>8.1}MB", "idle nsmld up resident memory", k as f64 / 1024.0),
+        Some(k) => println!(
+            "{:<44} {:>8.1}MB",
+            "idle nsmld up resident memory",
+            k as f64 / 1024.0
+        ),
         None => println!("{:<44} {:>10}", "idle nsmld up resident memory", "n/a"),
     }
     Ok(())

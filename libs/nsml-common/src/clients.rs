@@ -44,10 +44,10 @@ impl Interceptor for Internal {
         md.insert(INTERNAL_SECRET_KEY, self.secret.clone());
         md.insert(SERVICE_KEY, self.service.clone());
         let tp = telemetry::current_traceparent();
-        if let Ok(v) = tp.parse() {
-            if !tp.is_empty() {
-                md.insert("traceparent", v);
-            }
+        if !tp.is_empty()
+            && let Ok(v) = tp.parse()
+        {
+            md.insert("traceparent", v);
         }
         Ok(req)
     }
@@ -116,9 +116,12 @@ impl Clients {
             )
             .max_decoding_message_size(m)
             .max_encoding_message_size(m),
-            quota: QuotaServiceClient::with_interceptor(channel("quota", &addrs.quota)?, ic.clone())
-                .max_decoding_message_size(m)
-                .max_encoding_message_size(m),
+            quota: QuotaServiceClient::with_interceptor(
+                channel("quota", &addrs.quota)?,
+                ic.clone(),
+            )
+            .max_decoding_message_size(m)
+            .max_encoding_message_size(m),
             submission: SubmissionServiceClient::with_interceptor(
                 channel("submission", &addrs.submission)?,
                 ic.clone(),

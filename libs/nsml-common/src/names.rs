@@ -52,8 +52,7 @@ pub fn check_ident(kind: &str, s: &str) -> Result<(), Status> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if ok {
         Ok(())
@@ -117,7 +116,10 @@ mod tests {
     #[test]
     fn parses_session_names() {
         let s = SessionName::parse("demo/t1-cls/3").unwrap();
-        assert_eq!((s.team.as_str(), s.dataset.as_str(), s.number), ("demo", "t1-cls", 3));
+        assert_eq!(
+            (s.team.as_str(), s.dataset.as_str(), s.number),
+            ("demo", "t1-cls", 3)
+        );
         assert!(SessionName::parse("demo/t1-cls").is_err());
         assert!(SessionName::parse("demo/t1-cls/x").is_err());
         assert_eq!(s.to_string(), "demo/t1-cls/3");

@@ -6,13 +6,17 @@ use tonic::Status;
 /// Logs an internal failure and returns a masked `INTERNAL` status.
 pub fn internal(context: &str, err: impl std::fmt::Display) -> Status {
     tracing::error!(%err, "{context}");
-    Status::internal(format!("internal error while {context}; the operators have the details in the server log"))
+    Status::internal(format!(
+        "internal error while {context}; the operators have the details in the server log"
+    ))
 }
 
 /// Maps a store error: a version conflict is `ABORTED` (retry), anything else internal.
 pub fn store(context: &str, err: StoreError) -> Status {
     match err {
-        StoreError::Conflict { .. } => Status::aborted(format!("{context}: concurrent change, retry")),
+        StoreError::Conflict { .. } => {
+            Status::aborted(format!("{context}: concurrent change, retry"))
+        }
         other => internal(context, other),
     }
 }
@@ -25,7 +29,9 @@ pub fn upstream(context: &str, status: Status) -> Status {
         | ResourceExhausted | AlreadyExists | Aborted | OutOfRange | DeadlineExceeded => status,
         Unavailable => {
             tracing::error!(%status, "{context}");
-            Status::unavailable(format!("{context}: a platform service is unavailable, retry shortly"))
+            Status::unavailable(format!(
+                "{context}: a platform service is unavailable, retry shortly"
+            ))
         }
         _ => internal(context, status),
     }

@@ -23,7 +23,11 @@ pub fn init(service: &str) {
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if json {
         registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     } else {
         registry
@@ -65,6 +69,6 @@ pub fn current_traceparent() -> String {
 pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
     if headers.contains_key("traceparent") {
         let cx = TraceContextPropagator::new().extract(&HeaderCarrier(headers));
-        let _ = span.set_parent(cx);
+        span.set_parent(cx);
     }
 }

@@ -85,7 +85,12 @@ impl AuthService {
         }
     }
 
-    async fn issue_token(&self, username: &str, ttl_ms: i64, actor: &str) -> Result<(String, i64), Status> {
+    async fn issue_token(
+        &self,
+        username: &str,
+        ttl_ms: i64,
+        actor: &str,
+    ) -> Result<(String, i64), Status> {
         let token = domain::new_token();
         let hash = domain::hash_token(&token);
         let expires = now_ms() + ttl_ms;
@@ -98,9 +103,13 @@ impl AuthService {
             actor,
             "",
         );
-        self.append(&format!("token-{hash}"), ExpectedVersion::NoStream, vec![ev])
-            .await
-            .map_err(|e| status::store("issuing a token", e))?;
+        self.append(
+            &format!("token-{hash}"),
+            ExpectedVersion::NoStream,
+            vec![ev],
+        )
+        .await
+        .map_err(|e| status::store("issuing a token", e))?;
         Ok((token, expires))
     }
 
@@ -109,7 +118,8 @@ impl AuthService {
         let exists = self.proj.read(|s| s.users.contains_key(ADMIN_USER));
         if !exists {
             // The administrator signs in with tokens only: its password is random and never shown.
-            let hash = domain::hash_password(&domain::new_token()).map_err(crate::AuthError::Hash)?;
+            let hash =
+                domain::hash_password(&domain::new_token()).map_err(crate::AuthError::Hash)?;
             let ev = new_event(
                 &UserRegistered {
                     username: ADMIN_USER.into(),
@@ -119,8 +129,12 @@ impl AuthService {
                 "service:auth",
                 "bootstrap-admin",
             );
-            self.append(&format!("user-{ADMIN_USER}"), ExpectedVersion::NoStream, vec![ev])
-                .await?;
+            self.append(
+                &format!("user-{ADMIN_USER}"),
+                ExpectedVersion::NoStream,
+                vec![ev],
+            )
+            .await?;
         }
         let ten_years = 10 * 365 * 24 * 3600 * 1000;
         self.issue_token(ADMIN_USER, ten_years, "service:auth")
@@ -152,7 +166,8 @@ impl AuthService {
                     "the password for `{username}` is too short: use at least 4 characters"
                 )));
             }
-            domain::hash_password(password).map_err(|e| status::internal("hashing a password", e))?
+            domain::hash_password(password)
+                .map_err(|e| status::internal("hashing a password", e))?
         };
         let stream = format!("user-{username}");
         if exists {
@@ -243,7 +258,8 @@ impl AuthApi for AuthService {
         let hash = self
             .proj
             .read(|s| s.users.get(&r.username).map(|u| u.password_hash.clone()));
-        let ok = matches!(&hash, Some(h) if !h.is_empty() && domain::verify_password(&r.password, h));
+        let ok =
+            matches!(&hash, Some(h) if !h.is_empty() && domain::verify_password(&r.password, h));
         if !ok {
             self.attempts
                 .lock()
@@ -268,7 +284,13 @@ impl AuthApi for AuthService {
         caller.user()?;
         let token = Self::bearer(&req).ok_or_else(|| Status::unauthenticated("no token to end"))?;
         let hash = domain::hash_token(&token);
-        let ev = new_event(&TokenRevoked { token_hash: hash.clone() }, &caller.actor(), "");
+        let ev = new_event(
+            &TokenRevoked {
+                token_hash: hash.clone(),
+            },
+            &caller.actor(),
+            "",
+        );
         self.append(&format!("token-{hash}"), ExpectedVersion::Any, vec![ev])
             .await
             .map_err(|e| status::store("ending a login", e))?;
@@ -295,7 +317,10 @@ impl AuthApi for AuthService {
             }
             cs
         } else {
-            if !self.proj.read(|s| s.competitions.contains_key(&r.competition)) {
+            if !self
+                .proj
+                .read(|s| s.competitions.contains_key(&r.competition))
+            {
                 return Err(Status::not_found(format!(
                     "competition `{}` not found",
                     r.competition
@@ -315,9 +340,9 @@ impl AuthApi for AuthService {
         self.ensure_user(&r.username, &r.password, &actor).await?;
         self.ensure_team(&r.team, &actor).await?;
         for c in competitions {
-            let ev = self.proj.read(|s| {
-                self.membership_event(s, &r.team, &r.username, &c, &actor)
-            })?;
+            let ev = self
+                .proj
+                .read(|s| self.membership_event(s, &r.team, &r.username, &c, &actor))?;
             if let Some(ev) = ev {
                 self.append(&format!("competition-{c}"), ExpectedVersion::Any, vec![ev])
                     .await
@@ -399,9 +424,13 @@ impl AuthApi for AuthService {
                 events.extend(ev);
             }
         }
-        self.append(&format!("competition-{}", c.id), ExpectedVersion::Any, events)
-            .await
-            .map_err(|e| status::store("applying a competition", e))?;
+        self.append(
+            &format!("competition-{}", c.id),
+            ExpectedVersion::Any,
+            events,
+        )
+        .await
+        .map_err(|e| status::store("applying a competition", e))?;
         let view = self.proj.read(|s| s.competition_view(&c.id)).unwrap_or(c);
         Ok(Response::new(view))
     }
@@ -442,7 +471,13 @@ impl AuthApi for AuthService {
             return Err(Status::not_found(format!("competition `{id}` not found")));
         }
         caller.require_host_of(&id)?;
-        let ev = new_event(&PrivateRevealed { competition: id.clone() }, &caller.actor(), "");
+        let ev = new_event(
+            &PrivateRevealed {
+                competition: id.clone(),
+            },
+            &caller.actor(),
+            "",
+        );
         self.append(&format!("competition-{id}"), ExpectedVersion::Any, vec![ev])
             .await
             .map_err(|e| status::store("revealing the private leaderboard", e))?;

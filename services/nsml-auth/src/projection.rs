@@ -114,7 +114,9 @@ impl ReadModel for AuthState {
         } else if let Some(e) = decode::<CompetitionApplied>(ev) {
             if let Some(c) = e.competition {
                 for t in &c.teams {
-                    self.members.entry((t.name.clone(), c.id.clone())).or_default();
+                    self.members
+                        .entry((t.name.clone(), c.id.clone()))
+                        .or_default();
                 }
                 self.competitions.insert(c.id.clone(), c);
             }

@@ -65,8 +65,14 @@ pub async fn serve(
 ) -> Result<(), GatewayError> {
     let mut routes = HashMap::new();
     routes.insert("nsml.v1.AuthService", channel("auth", &addrs.auth)?);
-    routes.insert("nsml.v1.StorageService", channel("storage", &addrs.storage)?);
-    routes.insert("nsml.v1.SessionService", channel("session", &addrs.session)?);
+    routes.insert(
+        "nsml.v1.StorageService",
+        channel("storage", &addrs.storage)?,
+    );
+    routes.insert(
+        "nsml.v1.SessionService",
+        channel("session", &addrs.session)?,
+    );
     routes.insert("nsml.v1.QuotaService", channel("quota", &addrs.quota)?);
     routes.insert(
         "nsml.v1.SubmissionService",
@@ -125,7 +131,9 @@ async fn proxy(
         return status_response(Status::unimplemented(format!("no such method `{path}`")));
     };
     let Some(chan) = gw.routes.get(service.as_str()).cloned() else {
-        return status_response(Status::unimplemented(format!("no such service `{service}`")));
+        return status_response(Status::unimplemented(format!(
+            "no such service `{service}`"
+        )));
     };
     if INTERNAL_METHODS.contains(&path.as_str()) {
         return status_response(Status::permission_denied(

@@ -57,7 +57,13 @@ mod tests {
         assert!(l.check_at("a", t0).is_ok());
         assert!(l.check_at("a", t0).is_ok());
         assert_eq!(l.check_at("a", t0), Err(100));
-        assert!(l.check_at("b", t0).is_ok(), "callers have their own buckets");
-        assert!(l.check_at("a", t0 + std::time::Duration::from_millis(100)).is_ok());
+        assert!(
+            l.check_at("b", t0).is_ok(),
+            "callers have their own buckets"
+        );
+        assert!(
+            l.check_at("a", t0 + std::time::Duration::from_millis(100))
+                .is_ok()
+        );
     }
 }

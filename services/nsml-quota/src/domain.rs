@@ -42,13 +42,15 @@ pub struct Ledger {
 impl Ledger {
     /// The sum of what the team holds.
     pub fn held(&self) -> Resources {
-        self.holdings.values().fold(Resources::default(), |mut acc, h| {
-            acc.gpus += h.resources.gpus;
-            acc.cpus += h.resources.cpus;
-            acc.memory_bytes += h.resources.memory_bytes;
-            acc.shm_bytes += h.resources.shm_bytes;
-            acc
-        })
+        self.holdings
+            .values()
+            .fold(Resources::default(), |mut acc, h| {
+                acc.gpus += h.resources.gpus;
+                acc.cpus += h.resources.cpus;
+                acc.memory_bytes += h.resources.memory_bytes;
+                acc.shm_bytes += h.resources.shm_bytes;
+                acc
+            })
     }
 
     fn holders(&self, f: impl Fn(&Resources) -> u64, unit: impl Fn(u64) -> String) -> String {
@@ -87,8 +89,10 @@ impl Aggregate for Ledger {
                     .or_default()
                     .in_flight
                     .insert(req.submission_id.clone());
-                self.granted_submits
-                    .insert(req.submission_id.clone(), (req.dataset.clone(), d.decided_at_ms));
+                self.granted_submits.insert(
+                    req.submission_id.clone(),
+                    (req.dataset.clone(), d.decided_at_ms),
+                );
             }
             self.decisions.insert(req.command_id, d);
         } else if let Some(e) = decode::<AdmissionDenied>(ev) {
@@ -171,7 +175,11 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
         );
     }
     if req.kind() == SessionKind::Submit {
-        let st = ledger.submits.get(&req.dataset).cloned().unwrap_or_default();
+        let st = ledger
+            .submits
+            .get(&req.dataset)
+            .cloned()
+            .unwrap_or_default();
         if let Some(other) = st.in_flight.iter().next() {
             return deny(
                 "submit_in_flight",

@@ -49,7 +49,12 @@ pub async fn run(svc: QuotaService, ctx: ServiceContext) {
     }
 }
 
-fn release(session: &str, cause: &str, at_ms: i64, only_if: fn(SessionKind) -> bool) -> impl Fn(&crate::domain::Ledger) -> Option<nsml_eventstore::NewEvent> {
+fn release(
+    session: &str,
+    cause: &str,
+    at_ms: i64,
+    only_if: fn(SessionKind) -> bool,
+) -> impl Fn(&crate::domain::Ledger) -> Option<nsml_eventstore::NewEvent> {
     let session = session.to_string();
     let cause = cause.to_string();
     move |l| {
@@ -129,7 +134,9 @@ async fn handle(svc: &QuotaService, ev: &StoredEvent) -> Result<(), nsml_eventst
         let Ok(sn) = SessionName::parse(&name) else {
             return Ok(());
         };
-        return svc.record(&sn.team, release(&name, cause, at, only_if)).await;
+        return svc
+            .record(&sn.team, release(&name, cause, at, only_if))
+            .await;
     }
     let outcome = if let Some(e) = decode::<SubmissionScored>(ev) {
         e.submission.map(|s| (s, true))

@@ -108,7 +108,10 @@ mod tests {
     #[test]
     fn finishing_maps_to_nsml_states() {
         assert_eq!(finish_status(0, "", false), SessionStatus::Exited);
-        assert_eq!(finish_status(1, "exited with code 1", false), SessionStatus::Failed);
+        assert_eq!(
+            finish_status(1, "exited with code 1", false),
+            SessionStatus::Failed
+        );
         assert_eq!(finish_status(137, "", false), SessionStatus::Failed);
         assert_eq!(finish_status(143, "", true), SessionStatus::Stopped);
     }

@@ -112,10 +112,12 @@ impl SessionService {
         let sn = SessionName::parse(name)?;
         let outcome = self
             .streams
-            .execute(&sn.stream(), |state, _| match state.sessions.get(&sn.number) {
-                None => Err(Status::not_found(format!("session `{name}` not found"))),
-                Some(l) if skip(l) => Ok(vec![]),
-                Some(_) => Ok(events()),
+            .execute(&sn.stream(), |state, _| {
+                match state.sessions.get(&sn.number) {
+                    None => Err(Status::not_found(format!("session `{name}` not found"))),
+                    Some(l) if skip(l) => Ok(vec![]),
+                    Some(_) => Ok(events()),
+                }
             })
             .await
             .map_err(|e| status::store("recording a session change", e))?;
@@ -158,7 +160,8 @@ impl SessionService {
             Outcome::Unchanged { .. } => {}
             Outcome::Rejected(s) => return Err(s),
         }
-        template = made.ok_or_else(|| status::internal("requesting a session", "no session made"))?;
+        template =
+            made.ok_or_else(|| status::internal("requesting a session", "no session made"))?;
         Ok(template)
     }
 
@@ -179,38 +182,31 @@ impl SessionService {
         match decision {
             Ok(d) if d.get_ref().granted => {
                 let d = d.into_inner();
-                self.transition(&name, actor, |_| false, || {
-                    vec![new_event(
-                        &SessionAdmitted {
-                            name: name.clone(),
-                            decision_id: d.id.clone(),
-                        },
-                        actor,
-                        "",
-                    )]
-                })
+                self.transition(
+                    &name,
+                    actor,
+                    |_| false,
+                    || {
+                        vec![new_event(
+                            &SessionAdmitted {
+                                name: name.clone(),
+                                decision_id: d.id.clone(),
+                            },
+                            actor,
+                            "",
+                        )]
+                    },
+                )
                 .await
             }
             Ok(d) => {
                 let d = d.into_inner();
                 let reason = d.reason.clone();
-                self.transition(&name, actor, |_| false, || {
-                    vec![new_event(
-                        &SessionRejected {
-                            name: name.clone(),
-                            reason: reason.clone(),
-                        },
-                        actor,
-                        "",
-                    )]
-                })
-                .await?;
-                Err(Status::failed_precondition(reason))
-            }
-            Err(st) => {
-                let reason = format!("admission failed: {}", st.message());
-                let _ = self
-                    .transition(&name, actor, |_| false, || {
+                self.transition(
+                    &name,
+                    actor,
+                    |_| false,
+                    || {
                         vec![new_event(
                             &SessionRejected {
                                 name: name.clone(),
@@ -219,7 +215,29 @@ impl SessionService {
                             actor,
                             "",
                         )]
-                    })
+                    },
+                )
+                .await?;
+                Err(Status::failed_precondition(reason))
+            }
+            Err(st) => {
+                let reason = format!("admission failed: {}", st.message());
+                let _ = self
+                    .transition(
+                        &name,
+                        actor,
+                        |_| false,
+                        || {
+                            vec![new_event(
+                                &SessionRejected {
+                                    name: name.clone(),
+                                    reason: reason.clone(),
+                                },
+                                actor,
+                                "",
+                            )]
+                        },
+                    )
                     .await;
                 Err(status::upstream("asking the quota service", st))
             }
@@ -239,18 +257,23 @@ impl SessionService {
     }
 
     async fn fail(&self, name: &str, exit_code: i32, reason: &str) -> Result<(), Status> {
-        self.transition(name, "service:session", |l| l.ended(), || {
-            vec![new_event(
-                &SessionFailed {
-                    name: name.to_string(),
-                    exit_code,
-                    reason: reason.to_string(),
-                    at_ms: now_ms(),
-                },
-                "service:session",
-                "",
-            )]
-        })
+        self.transition(
+            name,
+            "service:session",
+            |l| l.ended(),
+            || {
+                vec![new_event(
+                    &SessionFailed {
+                        name: name.to_string(),
+                        exit_code,
+                        reason: reason.to_string(),
+                        at_ms: now_ms(),
+                    },
+                    "service:session",
+                    "",
+                )]
+            },
+        )
         .await?;
         self.logs.end(name);
         Ok(())
@@ -316,27 +339,37 @@ impl SessionService {
         if ended {
             return Ok(());
         }
-        self.transition(name, &actor, |l| l.ended(), || {
-            vec![new_event(
-                &SessionStopRequested {
-                    name: name.to_string(),
-                },
-                &actor,
-                "",
-            )]
-        })
-        .await?;
-        if !self.executor.stop(name).await {
-            self.transition(name, &actor, |l| l.ended(), || {
+        self.transition(
+            name,
+            &actor,
+            |l| l.ended(),
+            || {
                 vec![new_event(
-                    &SessionStopped {
+                    &SessionStopRequested {
                         name: name.to_string(),
-                        at_ms: now_ms(),
                     },
                     &actor,
                     "",
                 )]
-            })
+            },
+        )
+        .await?;
+        if !self.executor.stop(name).await {
+            self.transition(
+                name,
+                &actor,
+                |l| l.ended(),
+                || {
+                    vec![new_event(
+                        &SessionStopped {
+                            name: name.to_string(),
+                            at_ms: now_ms(),
+                        },
+                        &actor,
+                        "",
+                    )]
+                },
+            )
             .await?;
             self.logs.end(name);
         }
@@ -386,7 +419,11 @@ impl SessionApi for SessionService {
                 r.dataset
             ))
         })?;
-        let entry = if r.entry.is_empty() { "main.py".to_string() } else { r.entry };
+        let entry = if r.entry.is_empty() {
+            "main.py".to_string()
+        } else {
+            r.entry
+        };
         check_entry(&entry)?;
         if r.code_snapshot.is_empty() {
             return Err(Status::invalid_argument(
@@ -523,7 +560,10 @@ impl SessionApi for SessionService {
         Ok(Response::new(out))
     }
 
-    async fn stop(&self, req: Request<nsml_proto::v1::StopRequest>) -> Result<Response<Session>, Status> {
+    async fn stop(
+        &self,
+        req: Request<nsml_proto::v1::StopRequest>,
+    ) -> Result<Response<Session>, Status> {
         let caller = Caller::of(&req)?;
         let name = req.into_inner().name;
         self.authorize(&caller, &name)?;
@@ -532,7 +572,10 @@ impl SessionApi for SessionService {
         Ok(Response::new(view(&e)))
     }
 
-    async fn remove(&self, req: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
+    async fn remove(
+        &self,
+        req: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveResponse>, Status> {
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
@@ -593,9 +636,18 @@ impl SessionApi for SessionService {
                     }
                 }
             }
-            self.transition(&name, &actor, |l| l.removed, || {
-                vec![new_event(&SessionRemoved { name: name.clone() }, &actor, "")]
-            })
+            self.transition(
+                &name,
+                &actor,
+                |l| l.removed,
+                || {
+                    vec![new_event(
+                        &SessionRemoved { name: name.clone() },
+                        &actor,
+                        "",
+                    )]
+                },
+            )
             .await?;
             self.logs.remove(&name);
             removed.push(name);
@@ -608,16 +660,21 @@ impl SessionApi for SessionService {
         let r = req.into_inner();
         self.authorize(&caller, &r.name)?;
         let actor = caller.actor();
-        self.transition(&r.name, &actor, |_| false, || {
-            vec![new_event(
-                &MemoChanged {
-                    name: r.name.clone(),
-                    memo: r.memo.clone(),
-                },
-                &actor,
-                "",
-            )]
-        })
+        self.transition(
+            &r.name,
+            &actor,
+            |_| false,
+            || {
+                vec![new_event(
+                    &MemoChanged {
+                        name: r.name.clone(),
+                        memo: r.memo.clone(),
+                    },
+                    &actor,
+                    "",
+                )]
+            },
+        )
         .await?;
         let e = self.authorize(&caller, &r.name)?;
         Ok(Response::new(view(&e)))
@@ -744,7 +801,11 @@ impl SessionApi for SessionService {
         let a = self
             .ctx
             .store
-            .append(&sn.stream(), nsml_eventstore::ExpectedVersion::Any, vec![ev])
+            .append(
+                &sn.stream(),
+                nsml_eventstore::ExpectedVersion::Any,
+                vec![ev],
+            )
             .await
             .map_err(|e| status::store("recording metrics", e))?;
         self.settle(a.last_position).await;

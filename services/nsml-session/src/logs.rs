@@ -41,7 +41,8 @@ impl LogStore {
     }
 
     fn path(&self, session: &str) -> PathBuf {
-        self.dir.join(format!("{}.jsonl", session.replace('/', "__")))
+        self.dir
+            .join(format!("{}.jsonl", session.replace('/', "__")))
     }
 
     fn sender(&self, session: &str) -> broadcast::Sender<Live> {

@@ -23,7 +23,9 @@ impl SubmitState {
             || self.submission.as_ref().is_some_and(|s| {
                 matches!(
                     s.status(),
-                    SubmissionStatus::Scored | SubmissionStatus::Failed | SubmissionStatus::TimedOut
+                    SubmissionStatus::Scored
+                        | SubmissionStatus::Failed
+                        | SubmissionStatus::TimedOut
                 )
             })
     }

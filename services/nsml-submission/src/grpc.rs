@@ -17,11 +17,10 @@ use nsml_eventstore::NewEvent;
 use nsml_proto::v1::submission_service_server::SubmissionService as SubmissionApi;
 use nsml_proto::v1::{
     DatasetPart, FetchDatasetPartRequest, GetDatasetRequest, GetSessionRequest,
-    GetSubmissionRequest, ListCheckpointsRequest, ListSubmissionsRequest,
-    ListSubmissionsResponse, Resources, RunnerPredictionsRequest, RunnerPredictionsResponse,
-    SessionKind, StartSubmitRequest, SubmitRequest, Submission, SubmissionAdmitted,
-    SubmissionFailed, SubmissionRejected, SubmissionRequested, SubmissionScored,
-    SubmissionStatus, SubmissionTimedOut,
+    GetSubmissionRequest, ListCheckpointsRequest, ListSubmissionsRequest, ListSubmissionsResponse,
+    Resources, RunnerPredictionsRequest, RunnerPredictionsResponse, SessionKind,
+    StartSubmitRequest, Submission, SubmissionAdmitted, SubmissionFailed, SubmissionRejected,
+    SubmissionRequested, SubmissionScored, SubmissionStatus, SubmissionTimedOut, SubmitRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
@@ -69,7 +68,11 @@ impl SubmissionService {
         &self.proj
     }
 
-    async fn append(&self, id: &str, ev: impl Fn(&SubmitState) -> Vec<NewEvent>) -> Result<(), Status> {
+    async fn append(
+        &self,
+        id: &str,
+        ev: impl Fn(&SubmitState) -> Vec<NewEvent>,
+    ) -> Result<(), Status> {
         let out = self
             .streams
             .execute(&stream_of(id), |s, _| Ok::<_, Status>(ev(s)))
@@ -102,17 +105,35 @@ impl SubmissionService {
                     s.set_status(SubmissionStatus::Scored);
                     s.score = *score;
                     s.private_score = *private;
-                    new_event(&SubmissionScored { submission: Some(s) }, "service:submission", "")
+                    new_event(
+                        &SubmissionScored {
+                            submission: Some(s),
+                        },
+                        "service:submission",
+                        "",
+                    )
                 }
                 Ending::Failed(reason) => {
                     s.set_status(SubmissionStatus::Failed);
                     s.reason = reason.clone();
-                    new_event(&SubmissionFailed { submission: Some(s) }, "service:submission", "")
+                    new_event(
+                        &SubmissionFailed {
+                            submission: Some(s),
+                        },
+                        "service:submission",
+                        "",
+                    )
                 }
                 Ending::TimedOut(reason) => {
                     s.set_status(SubmissionStatus::TimedOut);
                     s.reason = reason.clone();
-                    new_event(&SubmissionTimedOut { submission: Some(s) }, "service:submission", "")
+                    new_event(
+                        &SubmissionTimedOut {
+                            submission: Some(s),
+                        },
+                        "service:submission",
+                        "",
+                    )
                 }
             };
             vec![ev]
@@ -144,7 +165,10 @@ impl SubmissionService {
             .into_inner();
         let mut buf = Vec::new();
         while let Some(c) = stream.next().await {
-            buf.extend_from_slice(&c.map_err(|s| status::upstream("fetching hidden labels", s))?.data);
+            buf.extend_from_slice(
+                &c.map_err(|s| status::upstream("fetching hidden labels", s))?
+                    .data,
+            );
         }
         Ok(buf)
     }
@@ -168,15 +192,19 @@ impl SubmissionService {
             DatasetPart::TestLabel
         };
         let archive = self.fetch_part(&sub.dataset, part).await?;
-        let labels_csv = first_file(&archive)
-            .map_err(|e| status::internal("reading hidden labels", e))?;
+        let labels_csv =
+            first_file(&archive).map_err(|e| status::internal("reading hidden labels", e))?;
         if !meta.eval_script.is_empty() {
-            let script_archive = self.fetch_part(&sub.dataset, DatasetPart::EvalScript).await?;
-            let dir = tempfile::tempdir().map_err(|e| status::internal("preparing the scorer", e))?;
+            let script_archive = self
+                .fetch_part(&sub.dataset, DatasetPart::EvalScript)
+                .await?;
+            let dir =
+                tempfile::tempdir().map_err(|e| status::internal("preparing the scorer", e))?;
             let script = dir.path().join("eval.py");
             let code = first_file(&script_archive)
                 .map_err(|e| status::internal("reading the evaluation script", e))?;
-            std::fs::write(&script, code).map_err(|e| status::internal("preparing the scorer", e))?;
+            std::fs::write(&script, code)
+                .map_err(|e| status::internal("preparing the scorer", e))?;
             return Ok(
                 match scoring::run_eval_script(
                     &self.python,
@@ -203,7 +231,11 @@ impl SubmissionService {
         };
         let pred: serde_json::Value = match serde_json::from_str(predictions_json) {
             Ok(v) => v,
-            Err(e) => return Ok(Ending::Failed(format!("predictions are not valid JSON: {e}"))),
+            Err(e) => {
+                return Ok(Ending::Failed(format!(
+                    "predictions are not valid JSON: {e}"
+                )));
+            }
         };
         let labels = match scoring::parse_labels(&labels_csv) {
             Ok(l) => l,
@@ -414,7 +446,10 @@ impl SubmissionApi for SubmissionService {
         }
     }
 
-    async fn get(&self, req: Request<GetSubmissionRequest>) -> Result<Response<Submission>, Status> {
+    async fn get(
+        &self,
+        req: Request<GetSubmissionRequest>,
+    ) -> Result<Response<Submission>, Status> {
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let id = req.into_inner().id;

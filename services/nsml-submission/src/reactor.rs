@@ -60,8 +60,12 @@ async fn handle(svc: &SubmissionService, ev: &StoredEvent) {
         };
         Some((e.name, ending))
     } else {
-        decode::<SessionStopped>(ev)
-            .map(|e| (e.name, Ending::Failed("the submit session was stopped".into())))
+        decode::<SessionStopped>(ev).map(|e| {
+            (
+                e.name,
+                Ending::Failed("the submit session was stopped".into()),
+            )
+        })
     };
     let Some((session, ending)) = ended else {
         return;
@@ -91,7 +95,8 @@ async fn watchdog(svc: &SubmissionService) {
             .collect()
     });
     for (id, limit) in overdue {
-        let reason = format!("time limit exceeded: the inference must finish within {limit} seconds");
+        let reason =
+            format!("time limit exceeded: the inference must finish within {limit} seconds");
         if let Err(err) = svc.end(&id, Ending::TimedOut(reason)).await {
             tracing::error!(%err, submission = %id, "could not time out a submit");
         }

@@ -131,7 +131,9 @@ impl Config {
             anyhow::bail!("internal_secret must be at least 16 characters");
         }
         if c.services.is_none() {
-            anyhow::bail!("a distributed deployment needs a [services] table with every service's address");
+            anyhow::bail!(
+                "a distributed deployment needs a [services] table with every service's address"
+            );
         }
         std::fs::create_dir_all(&c.data_dir)?;
         Ok(c)
@@ -178,7 +180,10 @@ impl Deployment {
                     .context("cannot open the Postgres log")?,
             )
         } else {
-            anyhow::bail!("unknown store `{}`: use sqlite:PATH or postgres://…", config.store);
+            anyhow::bail!(
+                "unknown store `{}`: use sqlite:PATH or postgres://…",
+                config.store
+            );
         };
         let bus: Arc<dyn Bus> = if config.bus == "inprocess" {
             nsml_bus::InProcessBus::new()
@@ -187,7 +192,10 @@ impl Deployment {
                 .await
                 .context("cannot connect to NATS")?
         } else {
-            anyhow::bail!("unknown bus `{}`: use inprocess or nats://HOST:PORT", config.bus);
+            anyhow::bail!(
+                "unknown bus `{}`: use inprocess or nats://HOST:PORT",
+                config.bus
+            );
         };
         Ok(Self {
             config,
@@ -221,11 +229,9 @@ impl Deployment {
         let gpus = if r.gpus == "auto" {
             nsml_runner::GpuSource::Auto
         } else {
-            nsml_runner::GpuSource::Count(
-                r.gpus
-                    .parse()
-                    .with_context(|| format!("runner gpus must be a count or `auto`, got `{}`", r.gpus))?,
-            )
+            nsml_runner::GpuSource::Count(r.gpus.parse().with_context(|| {
+                format!("runner gpus must be a count or `auto`, got `{}`", r.gpus)
+            })?)
         };
         let clients = Clients::new(addrs, &self.config.internal_secret, "runner")?;
         let cfg = nsml_runner::RunnerConfig {
@@ -254,10 +260,11 @@ impl Deployment {
     fn spawn_shutdown_on_signal(&self) {
         let cancel = self.cancel.clone();
         tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -270,7 +277,8 @@ impl Deployment {
     /// Runs every service in this process, applies the competitions and serves until a signal.
     pub async fn run_embedded(self, competitions: Vec<PathBuf>) -> anyhow::Result<()> {
         self.spawn_shutdown_on_signal();
-        let relay = nsml_bus::spawn_relay(self.store.clone(), self.bus.clone(), self.cancel.clone());
+        let relay =
+            nsml_bus::spawn_relay(self.store.clone(), self.bus.clone(), self.cancel.clone());
         let internal = TcpListener::bind("127.0.0.1:0").await?;
         let iaddr = http(internal.local_addr()?);
         let addrs = ServiceAddrs {
@@ -354,7 +362,8 @@ impl Deployment {
     /// Runs the named services of a distributed deployment until a signal.
     pub async fn run_services(self, services: &[ServiceName]) -> anyhow::Result<()> {
         self.spawn_shutdown_on_signal();
-        let relay = nsml_bus::spawn_relay(self.store.clone(), self.bus.clone(), self.cancel.clone());
+        let relay =
+            nsml_bus::spawn_relay(self.store.clone(), self.bus.clone(), self.cancel.clone());
         let listen = self
             .config
             .services
@@ -374,7 +383,11 @@ impl Deployment {
             if name == ServiceName::Gateway {
                 let public = TcpListener::bind(self.config.public_listen).await?;
                 let url = http(public.local_addr()?);
-                let (a, s, c) = (addrs.clone(), self.config.internal_secret.clone(), self.cancel.clone());
+                let (a, s, c) = (
+                    addrs.clone(),
+                    self.config.internal_secret.clone(),
+                    self.cancel.clone(),
+                );
                 servers.push(tokio::spawn(async move {
                     nsml_gateway::serve(public, &a, &s, c)
                         .await
