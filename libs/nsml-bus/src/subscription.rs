@@ -231,6 +231,7 @@ impl LogSubscription {
             return Ok(());
         }
         if position > self.delivered.watermark + 1 {
+            // If this read fails the event is not queued; it is in the store, so the next store poll delivers it.
             self.fill_gap_below(position).await?;
         }
         if self.delivered.insert(position) {

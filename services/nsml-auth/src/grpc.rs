@@ -152,12 +152,10 @@ impl AuthService {
     async fn ensure_user(&self, username: &str, password: &str, actor: &str) -> Result<(), Status> {
         check_ident("user", username)?;
         let exists = self.proj.read(|s| s.users.contains_key(username));
-        if password.is_empty() {
-            if exists {
-                return Ok(());
-            }
-            // A user listed without a password can't log in until a host sets one.
+        if password.is_empty() && exists {
+            return Ok(());
         }
+        // A user listed without a password can't log in until a host sets one.
         let hash = if password.is_empty() {
             String::new()
         } else {
@@ -407,13 +405,13 @@ impl AuthApi for AuthService {
         for t in &c.teams {
             for m in &t.members {
                 check_ident("user", m)?;
-                if let Some(other) = seen.insert(m, &t.name) {
-                    if other != t.name {
-                        return Err(Status::invalid_argument(format!(
-                            "user `{m}` is listed in teams `{other}` and `{}`; a user is in at most one team per competition",
-                            t.name
-                        )));
-                    }
+                if let Some(other) = seen.insert(m, &t.name)
+                    && other != t.name
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "user `{m}` is listed in teams `{other}` and `{}`; a user is in at most one team per competition",
+                        t.name
+                    )));
                 }
                 if !self.proj.read(|s| s.users.contains_key(m)) {
                     self.ensure_user(m, "", &actor).await?;

@@ -119,7 +119,7 @@ impl Aggregate for Ledger {
 pub fn gib(b: u64) -> String {
     const G: u64 = 1024 * 1024 * 1024;
     const M: u64 = 1024 * 1024;
-    if b % G == 0 {
+    if b.is_multiple_of(G) {
         format!("{}G", b / G)
     } else if b >= G {
         format!("{:.1}G", b as f64 / G as f64)
@@ -283,9 +283,9 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
 }
 
 fn human_secs(s: u64) -> String {
-    if s % 3600 == 0 {
+    if s.is_multiple_of(3600) {
         format!("{} hour{}", s / 3600, if s == 3600 { "" } else { "s" })
-    } else if s % 60 == 0 {
+    } else if s.is_multiple_of(60) {
         format!("{} minutes", s / 60)
     } else {
         format!("{s} seconds")

@@ -15,11 +15,11 @@ pub struct Policies {
 
 impl ReadModel for Policies {
     fn apply(&mut self, ev: &StoredEvent) {
-        if let Some(e) = decode::<CompetitionApplied>(ev) {
-            if let Some(c) = e.competition {
-                self.policies
-                    .insert(c.id, (c.policy.unwrap_or_default(), c.policy_version));
-            }
+        if let Some(e) = decode::<CompetitionApplied>(ev)
+            && let Some(c) = e.competition
+        {
+            self.policies
+                .insert(c.id, (c.policy.unwrap_or_default(), c.policy_version));
         }
     }
 }

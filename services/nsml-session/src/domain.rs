@@ -44,6 +44,9 @@ impl TeamDataset {
     }
 }
 
+/// A change to one session's state.
+type Mark = Box<dyn Fn(&mut Lite)>;
+
 fn number_of(name: &str) -> Option<u64> {
     name.rsplit('/').next()?.parse().ok()
 }
@@ -64,26 +67,25 @@ impl Aggregate for TeamDataset {
             }
             return;
         }
-        let (name, f): (String, Box<dyn Fn(&mut Lite)>) =
-            if let Some(e) = decode::<SessionRejected>(ev) {
-                (e.name, Box::new(|l| l.rejected = true))
-            } else if let Some(e) = decode::<SessionAdmitted>(ev) {
-                (e.name, Box::new(|_| {}))
-            } else if let Some(e) = decode::<SessionStarted>(ev) {
-                (e.name, Box::new(|l| l.status = SessionStatus::Running))
-            } else if let Some(e) = decode::<SessionStopRequested>(ev) {
-                (e.name, Box::new(|l| l.status = SessionStatus::Stopping))
-            } else if let Some(e) = decode::<SessionExited>(ev) {
-                (e.name, Box::new(|l| l.status = SessionStatus::Exited))
-            } else if let Some(e) = decode::<SessionFailed>(ev) {
-                (e.name, Box::new(|l| l.status = SessionStatus::Failed))
-            } else if let Some(e) = decode::<SessionStopped>(ev) {
-                (e.name, Box::new(|l| l.status = SessionStatus::Stopped))
-            } else if let Some(e) = decode::<SessionRemoved>(ev) {
-                (e.name, Box::new(|l| l.removed = true))
-            } else {
-                return;
-            };
+        let (name, f): (String, Mark) = if let Some(e) = decode::<SessionRejected>(ev) {
+            (e.name, Box::new(|l| l.rejected = true))
+        } else if let Some(e) = decode::<SessionAdmitted>(ev) {
+            (e.name, Box::new(|_| {}))
+        } else if let Some(e) = decode::<SessionStarted>(ev) {
+            (e.name, Box::new(|l| l.status = SessionStatus::Running))
+        } else if let Some(e) = decode::<SessionStopRequested>(ev) {
+            (e.name, Box::new(|l| l.status = SessionStatus::Stopping))
+        } else if let Some(e) = decode::<SessionExited>(ev) {
+            (e.name, Box::new(|l| l.status = SessionStatus::Exited))
+        } else if let Some(e) = decode::<SessionFailed>(ev) {
+            (e.name, Box::new(|l| l.status = SessionStatus::Failed))
+        } else if let Some(e) = decode::<SessionStopped>(ev) {
+            (e.name, Box::new(|l| l.status = SessionStatus::Stopped))
+        } else if let Some(e) = decode::<SessionRemoved>(ev) {
+            (e.name, Box::new(|l| l.removed = true))
+        } else {
+            return;
+        };
         if let Some(l) = number_of(&name).and_then(|n| self.sessions.get_mut(&n)) {
             f(l);
         }

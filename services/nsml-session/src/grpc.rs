@@ -630,10 +630,10 @@ impl SessionApi for SessionService {
                         checkpoint: "*".into(),
                     })
                     .await;
-                if let Err(st) = del {
-                    if st.code() != tonic::Code::NotFound {
-                        return Err(status::upstream("deleting the session's checkpoints", st));
-                    }
+                if let Err(st) = del
+                    && st.code() != tonic::Code::NotFound
+                {
+                    return Err(status::upstream("deleting the session's checkpoints", st));
                 }
             }
             self.transition(

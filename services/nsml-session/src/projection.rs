@@ -120,14 +120,14 @@ impl ReadModel for Sessions {
             if let Some(meta) = e.dataset.and_then(|d| d.meta) {
                 self.datasets.insert(meta.name, meta.competition);
             }
-        } else if let Some(e) = decode::<CompetitionApplied>(ev) {
-            if let Some(c) = e.competition {
-                for d in &c.datasets {
-                    self.datasets.insert(d.name.clone(), c.id.clone());
-                }
-                if let Some(p) = c.policy {
-                    self.policies.insert(c.id, p);
-                }
+        } else if let Some(e) = decode::<CompetitionApplied>(ev)
+            && let Some(c) = e.competition
+        {
+            for d in &c.datasets {
+                self.datasets.insert(d.name.clone(), c.id.clone());
+            }
+            if let Some(p) = c.policy {
+                self.policies.insert(c.id, p);
             }
         }
         let _ = at;

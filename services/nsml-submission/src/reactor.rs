@@ -77,10 +77,10 @@ async fn handle(svc: &SubmissionService, ev: &StoredEvent) {
             .filter(|s| s.status() == SubmissionStatus::Running)
             .map(|s| s.id.clone())
     });
-    if let Some(id) = running {
-        if let Err(err) = svc.end(&id, ending).await {
-            tracing::error!(%err, submission = %id, "could not record a submit's end");
-        }
+    if let Some(id) = running
+        && let Err(err) = svc.end(&id, ending).await
+    {
+        tracing::error!(%err, submission = %id, "could not record a submit's end");
     }
 }
 
