@@ -93,6 +93,12 @@ pub async fn serve(
         .route("/", axum::routing::get(index))
         .fallback(proxy)
         .with_state(inner);
+    // gRPC calls are small writes: without TCP_NODELAY, Nagle's algorithm adds ~40 ms per round trip.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::warn!(%err, "cannot set TCP_NODELAY on a gateway connection");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await?;
