@@ -161,13 +161,41 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
         .context("no trial session in ps")?
         .to_string();
     let tl = alice.nsml(&["logs", &trial_session])?.ok()?;
+    ensure!(tl.all().contains("Infer done"), "trial logs {}", tl.all());
+    // The trial session holds quota until removed: a run that fits only without it is refused, naming it.
+    let big = [
+        "run",
+        "-d",
+        "t1-cls",
+        "-g",
+        "0",
+        "-c",
+        "1",
+        "--memory",
+        "169G",
+        "--shm",
+        "256M",
+        "-a",
+        "--epochs 1",
+    ];
+    let refused = alice.nsml_in(&a_dir, &big, "")?.failed()?;
     ensure!(
-        tl.all().contains("Infer done") || !tl.all().is_empty(),
-        "trial logs {}",
-        tl.all()
+        refused.stderr.contains("memory") && refused.stderr.contains(&trial_session),
+        "quota refusal while the trial session holds memory: {}",
+        refused.all()
     );
-    // The trial session holds quota until removed.
     alice.nsml(&["rm", "-f", &trial_session])?.ok()?;
+    let admitted = alice.nsml_in(&a_dir, &big, "")?.ok()?;
+    let big_session = admitted
+        .stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Session ")
+                .and_then(|l| l.strip_suffix(" is started"))
+        })
+        .with_context(|| format!("no session started: {}", admitted.all()))?
+        .to_string();
+    wait_ended(&alice, &big_session)?;
 
     // Real submit: a score; logs hidden from the participant.
     let real = alice.nsml(&["submit", &s, "0"])?.ok()?;

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use nsml_integration_tests::{Deployment, scenario};
+use nsml_integration_tests::Deployment;
 use nsml_proto::v1::session_service_client::SessionServiceClient;
 use nsml_proto::v1::storage_service_client::StorageServiceClient;
 use nsml_proto::v1::{
@@ -198,7 +198,6 @@ async fn main() -> anyhow::Result<()> {
             .context("ps")?;
         ps_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let _ = scenario::score_of;
 
     println!(
         "nsml-bench (embedded, `nsmld up`, {} runs, {} ps calls)",

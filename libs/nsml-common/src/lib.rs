@@ -11,6 +11,7 @@ pub mod event;
 pub mod executor;
 pub mod names;
 pub mod projection;
+pub mod reactor;
 pub mod server;
 pub mod status;
 pub mod telemetry;

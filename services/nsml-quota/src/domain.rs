@@ -128,28 +128,11 @@ pub fn gib(b: u64) -> String {
     }
 }
 
+/// Formats a recorded time as RFC 3339 UTC, seconds precision.
 fn fmt_time(ms: i64) -> String {
-    chrono_like(ms)
-}
-
-fn chrono_like(ms: i64) -> String {
-    // RFC 3339 in UTC without pulling a date library into the rule: seconds precision.
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if mo <= 2 { y + 1 } else { y };
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|| format!("{ms} ms after the epoch"))
 }
 
 /// A refusal: the rule, the explanation, when to retry.
@@ -289,5 +272,224 @@ fn human_secs(s: u64) -> String {
         format!("{} minutes", s / 60)
     } else {
         format!("{s} seconds")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nsml_common::event::new_event;
+    use nsml_eventstore::StoredEvent;
+    use nsml_proto::v1::EventPayload;
+
+    const G: u64 = 1024 * 1024 * 1024;
+    const HOUR: i64 = 3_600_000;
+
+    fn seed_policy() -> Policy {
+        Policy {
+            team_gpus: 2,
+            team_cpus: 16,
+            team_memory_bytes: 170 * G,
+            team_sessions: 2,
+            team_storage_bytes: 450 * G,
+            submit_interval_secs: 3600,
+            submit_time_limit_secs: 3600,
+            submit_max_cpus: 4,
+        }
+    }
+
+    fn req(kind: SessionKind, session: &str, gpus: u32, cpus: u32, sub: &str) -> AdmitRequest {
+        AdmitRequest {
+            team: "demo".into(),
+            competition: "demo".into(),
+            kind: kind as i32,
+            session: session.into(),
+            dataset: "t1-cls".into(),
+            resources: Some(Resources {
+                gpus,
+                cpus,
+                memory_bytes: 75 * G,
+                shm_bytes: 10 * G,
+            }),
+            submission_id: sub.into(),
+            command_id: session.into(),
+        }
+    }
+
+    fn stored<P: EventPayload>(p: &P) -> StoredEvent {
+        let e = new_event(p, "test", "");
+        StoredEvent {
+            position: 1,
+            stream: "quota-demo".into(),
+            version: 1,
+            event_type: e.event_type,
+            payload: e.payload,
+            metadata: e.metadata,
+            hash: String::new(),
+        }
+    }
+
+    /// Given the events, the ledger they fold into.
+    fn given(events: &[StoredEvent]) -> Ledger {
+        let mut l = Ledger::default();
+        for e in events {
+            l.apply(e);
+        }
+        l
+    }
+
+    fn granted(r: AdmitRequest, at: i64) -> StoredEvent {
+        stored(&ResourcesGranted {
+            request: Some(r),
+            decision: Some(Decision {
+                granted: true,
+                decided_at_ms: at,
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn released(session: &str) -> StoredEvent {
+        stored(&ResourcesReleased {
+            session: session.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn gpus_are_refused_when_training_holds_both() {
+        let l = given(&[granted(
+            req(SessionKind::Train, "demo/t1-cls/1", 2, 8, ""),
+            0,
+        )]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Train, "demo/t1-cls/2", 1, 4, ""),
+            0,
+        );
+        assert!(!d.granted);
+        assert_eq!(d.rule, "team_gpus");
+        assert!(
+            d.reason
+                .contains("holds 2 GPUs (demo/t1-cls/1: 2), asked 1, limit 2"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn a_submit_is_capped_at_four_cpus() {
+        let l = given(&[]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/2", 1, 8, "s1"),
+            0,
+        );
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_cpus"));
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/2", 1, 4, "s1"),
+            0,
+        );
+        assert!(d.granted, "{}", d.reason);
+    }
+
+    #[test]
+    fn the_interval_counts_from_the_last_successful_submit() {
+        let sub = req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1");
+        let l = given(&[
+            granted(sub, 10 * HOUR),
+            released("demo/t1-cls/2"),
+            stored(&SubmitSucceeded {
+                dataset: "t1-cls".into(),
+                submission_id: "s1".into(),
+                at_ms: 10 * HOUR,
+            }),
+        ]);
+        let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+        let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 2);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+        assert_eq!(d.retry_after_ms, 11 * HOUR);
+        assert!(decide(&l, &seed_policy(), &next, 11 * HOUR).granted);
+    }
+
+    #[test]
+    fn failed_submits_do_not_start_the_interval() {
+        let l = given(&[
+            granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), HOUR),
+            released("demo/t1-cls/2"),
+            stored(&SubmitEnded {
+                dataset: "t1-cls".into(),
+                submission_id: "s1".into(),
+                succeeded: false,
+                at_ms: HOUR,
+            }),
+        ]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+            HOUR + 1,
+        );
+        assert!(d.granted, "{}", d.reason);
+    }
+
+    #[test]
+    fn one_real_submit_in_flight_per_dataset() {
+        let l = given(&[granted(
+            req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+            0,
+        )]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+            1,
+        );
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_in_flight"));
+    }
+
+    #[test]
+    fn a_trial_session_holds_quota_until_released() {
+        let trial = req(SessionKind::TrialSubmit, "demo/t1-cls/2", 1, 4, "t1");
+        let train = granted(req(SessionKind::Train, "demo/t1-cls/1", 1, 8, ""), 0);
+        let held = given(&[train.clone(), granted(trial.clone(), 0)]);
+        let d = decide(
+            &held,
+            &seed_policy(),
+            &req(SessionKind::Train, "demo/t1-cls/3", 1, 4, ""),
+            0,
+        );
+        assert_eq!((d.granted, d.rule.as_str()), (false, "team_sessions"));
+        let freed = given(&[train, granted(trial, 0), released("demo/t1-cls/2")]);
+        assert!(
+            decide(
+                &freed,
+                &seed_policy(),
+                &req(SessionKind::Train, "demo/t1-cls/3", 1, 4, ""),
+                0
+            )
+            .granted
+        );
+    }
+
+    #[test]
+    fn memory_counts_shared_memory() {
+        let l = given(&[granted(
+            req(SessionKind::Train, "demo/t1-cls/1", 1, 8, ""),
+            0,
+        )]);
+        let mut big = req(SessionKind::Train, "demo/t1-cls/2", 1, 4, "");
+        big.resources = Some(Resources {
+            gpus: 1,
+            cpus: 4,
+            memory_bytes: 80 * G,
+            shm_bytes: 10 * G,
+        });
+        let d = decide(&l, &seed_policy(), &big, 0);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "team_memory"));
     }
 }

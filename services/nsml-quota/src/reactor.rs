@@ -2,8 +2,6 @@
 //! session only when stopped or removed, as NSML had it), and a real submit's outcome starts or spares the
 //! submit interval. Every fact is recorded at most once, so replays and duplicate deliveries are harmless.
 
-use futures::StreamExt;
-use nsml_bus::Delivery;
 use nsml_common::ServiceContext;
 use nsml_common::event::{decode, new_event};
 use nsml_common::names::SessionName;
@@ -16,37 +14,19 @@ use nsml_proto::v1::{
 
 use crate::grpc::QuotaService;
 
-/// Follows the log until cancelled.
+/// Follows the log until cancelled, resuming where it stopped.
 pub async fn run(svc: QuotaService, ctx: ServiceContext) {
-    loop {
-        let stream = nsml_bus::subscribe_log(ctx.store.clone(), ctx.bus.clone(), 0).await;
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(err) => {
-                tracing::error!(%err, "quota reactor cannot subscribe; retrying");
-                tokio::select! {
-                    _ = ctx.cancel.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => continue,
-                }
-            }
-        };
-        loop {
-            let next = tokio::select! {
-                _ = ctx.cancel.cancelled() => return,
-                n = stream.next() => n,
-            };
-            match next {
-                Some(Ok(Delivery::Event(ev))) => {
-                    if let Err(err) = handle(&svc, &ev).await {
-                        tracing::error!(%err, position = ev.position, "quota reactor failed on an event");
-                    }
-                }
-                Some(Ok(Delivery::CaughtUp)) => {}
-                Some(Err(err)) => tracing::warn!(%err, "quota reactor subscription error"),
-                None => break,
-            }
-        }
-    }
+    nsml_common::reactor::run(
+        "quota",
+        ctx.store.clone(),
+        ctx.bus.clone(),
+        ctx.cancel.clone(),
+        |ev| {
+            let svc = svc.clone();
+            async move { handle(&svc, &ev).await }
+        },
+    )
+    .await;
 }
 
 fn release(

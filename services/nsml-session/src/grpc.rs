@@ -101,13 +101,12 @@ impl SessionService {
         self.proj.wait_for(position, Duration::from_secs(5)).await;
     }
 
-    /// Appends events to a session's stream unless `skip` says the transition already happened.
+    /// Appends an event to a session's stream unless `skip` says the transition already happened.
     async fn transition(
         &self,
         name: &str,
-        actor: &str,
         skip: impl Fn(&crate::domain::Lite) -> bool,
-        events: impl Fn() -> Vec<NewEvent>,
+        event: NewEvent,
     ) -> Result<(), Status> {
         let sn = SessionName::parse(name)?;
         let outcome = self
@@ -116,12 +115,11 @@ impl SessionService {
                 match state.sessions.get(&sn.number) {
                     None => Err(Status::not_found(format!("session `{name}` not found"))),
                     Some(l) if skip(l) => Ok(vec![]),
-                    Some(_) => Ok(events()),
+                    Some(_) => Ok(vec![event.clone()]),
                 }
             })
             .await
             .map_err(|e| status::store("recording a session change", e))?;
-        let _ = actor;
         match outcome {
             Outcome::Committed { appended, .. } => {
                 self.settle(appended.last_position).await;
@@ -179,66 +177,36 @@ impl SessionService {
         };
         let decision = self.clients.quota.clone().admit(req).await;
         let name = s.name.clone();
-        match decision {
-            Ok(d) if d.get_ref().granted => {
-                let d = d.into_inner();
-                self.transition(
-                    &name,
-                    actor,
-                    |_| false,
-                    || {
-                        vec![new_event(
-                            &SessionAdmitted {
-                                name: name.clone(),
-                                decision_id: d.id.clone(),
-                            },
-                            actor,
-                            "",
-                        )]
+        let reject = |reason: String| {
+            let ev = new_event(
+                &SessionRejected {
+                    name: name.clone(),
+                    reason,
+                },
+                actor,
+                "",
+            );
+            self.transition(&name, |_| false, ev)
+        };
+        match decision.map(|d| d.into_inner()) {
+            Ok(d) if d.granted => {
+                let ev = new_event(
+                    &SessionAdmitted {
+                        name: name.clone(),
+                        decision_id: d.id,
                     },
-                )
-                .await
+                    actor,
+                    "",
+                );
+                self.transition(&name, |_| false, ev).await
             }
             Ok(d) => {
-                let d = d.into_inner();
-                let reason = d.reason.clone();
-                self.transition(
-                    &name,
-                    actor,
-                    |_| false,
-                    || {
-                        vec![new_event(
-                            &SessionRejected {
-                                name: name.clone(),
-                                reason: reason.clone(),
-                            },
-                            actor,
-                            "",
-                        )]
-                    },
-                )
-                .await?;
-                Err(Status::failed_precondition(reason))
+                reject(d.reason.clone()).await?;
+                Err(Status::failed_precondition(d.reason))
             }
             Err(st) => {
-                let reason = format!("admission failed: {}", st.message());
-                let _ = self
-                    .transition(
-                        &name,
-                        actor,
-                        |_| false,
-                        || {
-                            vec![new_event(
-                                &SessionRejected {
-                                    name: name.clone(),
-                                    reason: reason.clone(),
-                                },
-                                actor,
-                                "",
-                            )]
-                        },
-                    )
-                    .await;
+                // Recorded so the session does not linger as requested; the caller gets the cause either way.
+                let _ = reject(format!("admission failed: {}", st.message())).await;
                 Err(status::upstream("asking the quota service", st))
             }
         }
@@ -259,20 +227,17 @@ impl SessionService {
     async fn fail(&self, name: &str, exit_code: i32, reason: &str) -> Result<(), Status> {
         self.transition(
             name,
-            "service:session",
             |l| l.ended(),
-            || {
-                vec![new_event(
-                    &SessionFailed {
-                        name: name.to_string(),
-                        exit_code,
-                        reason: reason.to_string(),
-                        at_ms: now_ms(),
-                    },
-                    "service:session",
-                    "",
-                )]
-            },
+            new_event(
+                &SessionFailed {
+                    name: name.to_string(),
+                    exit_code,
+                    reason: reason.to_string(),
+                    at_ms: now_ms(),
+                },
+                "service:session",
+                "",
+            ),
         )
         .await?;
         self.logs.end(name);
@@ -341,34 +306,28 @@ impl SessionService {
         }
         self.transition(
             name,
-            &actor,
             |l| l.ended(),
-            || {
-                vec![new_event(
-                    &SessionStopRequested {
-                        name: name.to_string(),
-                    },
-                    &actor,
-                    "",
-                )]
-            },
+            new_event(
+                &SessionStopRequested {
+                    name: name.to_string(),
+                },
+                &actor,
+                "",
+            ),
         )
         .await?;
         if !self.executor.stop(name).await {
             self.transition(
                 name,
-                &actor,
                 |l| l.ended(),
-                || {
-                    vec![new_event(
-                        &SessionStopped {
-                            name: name.to_string(),
-                            at_ms: now_ms(),
-                        },
-                        &actor,
-                        "",
-                    )]
-                },
+                new_event(
+                    &SessionStopped {
+                        name: name.to_string(),
+                        at_ms: now_ms(),
+                    },
+                    &actor,
+                    "",
+                ),
             )
             .await?;
             self.logs.end(name);
@@ -638,15 +597,8 @@ impl SessionApi for SessionService {
             }
             self.transition(
                 &name,
-                &actor,
                 |l| l.removed,
-                || {
-                    vec![new_event(
-                        &SessionRemoved { name: name.clone() },
-                        &actor,
-                        "",
-                    )]
-                },
+                new_event(&SessionRemoved { name: name.clone() }, &actor, ""),
             )
             .await?;
             self.logs.remove(&name);
@@ -662,18 +614,15 @@ impl SessionApi for SessionService {
         let actor = caller.actor();
         self.transition(
             &r.name,
-            &actor,
             |_| false,
-            || {
-                vec![new_event(
-                    &MemoChanged {
-                        name: r.name.clone(),
-                        memo: r.memo.clone(),
-                    },
-                    &actor,
-                    "",
-                )]
-            },
+            new_event(
+                &MemoChanged {
+                    name: r.name.clone(),
+                    memo: r.memo.clone(),
+                },
+                &actor,
+                "",
+            ),
         )
         .await?;
         let e = self.authorize(&caller, &r.name)?;
@@ -749,20 +698,17 @@ impl SessionApi for SessionService {
         let r = req.into_inner();
         self.transition(
             &r.name,
-            "runner",
             |l| l.ended() || l.status == SessionStatus::Running,
-            || {
-                vec![new_event(
-                    &SessionStarted {
-                        name: r.name.clone(),
-                        pid: r.pid,
-                        gpu_ids: r.gpu_ids.clone(),
-                        at_ms: now_ms(),
-                    },
-                    "runner",
-                    "",
-                )]
-            },
+            new_event(
+                &SessionStarted {
+                    name: r.name.clone(),
+                    pid: r.pid,
+                    gpu_ids: r.gpu_ids.clone(),
+                    at_ms: now_ms(),
+                },
+                "runner",
+                "",
+            ),
         )
         .await?;
         Ok(Response::new(Empty {}))
@@ -853,8 +799,7 @@ impl SessionApi for SessionService {
                 "",
             ),
         };
-        self.transition(&r.name, "runner", |l| l.ended(), || vec![ev.clone()])
-            .await?;
+        self.transition(&r.name, |l| l.ended(), ev).await?;
         self.logs.end(&r.name);
         Ok(Response::new(Empty {}))
     }

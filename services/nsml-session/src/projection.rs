@@ -48,7 +48,6 @@ impl Sessions {
 
 impl ReadModel for Sessions {
     fn apply(&mut self, ev: &StoredEvent) {
-        let at = ev.metadata.recorded_at_ms;
         if let Some(e) = decode::<SessionRequested>(ev) {
             if let Some(s) = e.session {
                 self.sessions.insert(
@@ -130,7 +129,6 @@ impl ReadModel for Sessions {
                 self.policies.insert(c.id, p);
             }
         }
-        let _ = at;
     }
 }
 

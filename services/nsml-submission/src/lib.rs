@@ -8,8 +8,6 @@ mod projection;
 mod reactor;
 pub mod scoring;
 
-use std::sync::Arc;
-
 use nsml_common::ServiceContext;
 use nsml_common::projection::Projection;
 use nsml_common::server::Started;
@@ -40,7 +38,6 @@ pub async fn start(ctx: ServiceContext, python: String) -> Result<Started, Submi
     let server = SubmissionServiceServer::new(svc)
         .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
-    let _ = Arc::new(());
     Ok(Started {
         routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
         names: vec!["nsml.v1.SubmissionService"],

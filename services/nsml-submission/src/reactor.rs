@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use nsml_bus::Delivery;
 use nsml_common::event::decode;
 use nsml_common::{ServiceContext, now_ms};
 use nsml_eventstore::StoredEvent;
@@ -14,34 +12,34 @@ use crate::grpc::{Ending, SubmissionService};
 /// Grace after the time limit before the watchdog ends a submit the runner did not end.
 const GRACE_MS: i64 = 120_000;
 
-/// Follows the log and checks time limits until cancelled.
+/// Follows the log, resuming where it stopped, and checks time limits until cancelled.
 pub async fn run(svc: SubmissionService, ctx: ServiceContext) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        let stream = nsml_bus::subscribe_log(ctx.store.clone(), ctx.bus.clone(), 0).await;
-        let mut stream = match stream {
-            Ok(s) => s,
-            Err(err) => {
-                tracing::error!(%err, "submission reactor cannot subscribe; retrying");
+    let watchdog = {
+        let (svc, cancel) = (svc.clone(), ctx.cancel.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
                 tokio::select! {
-                    _ = ctx.cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => watchdog(&svc).await,
                 }
             }
-        };
-        loop {
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => return,
-                _ = tick.tick() => watchdog(&svc).await,
-                next = stream.next() => match next {
-                    Some(Ok(Delivery::Event(ev))) => handle(&svc, &ev).await,
-                    Some(Ok(Delivery::CaughtUp)) => {}
-                    Some(Err(err)) => tracing::warn!(%err, "submission reactor subscription error"),
-                    None => break,
-                },
-            }
         }
-    }
+    };
+    let reactor = nsml_common::reactor::run(
+        "submission",
+        ctx.store.clone(),
+        ctx.bus.clone(),
+        ctx.cancel.clone(),
+        |ev| {
+            let svc = svc.clone();
+            async move {
+                handle(&svc, &ev).await;
+                Ok::<(), std::convert::Infallible>(())
+            }
+        },
+    );
+    tokio::join!(watchdog, reactor);
 }
 
 async fn handle(svc: &SubmissionService, ev: &StoredEvent) {
