@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod grpc;
 pub mod scenario;
 
 use anyhow::{Context, bail};
@@ -136,6 +137,7 @@ pub struct Deployment {
     pub _tmp: Option<tempfile::TempDir>,
     config: Option<PathBuf>,
     env: Vec<(String, String)>,
+    competitions: Vec<PathBuf>,
 }
 
 fn wait_ready(child: &mut Child, timeout: Duration) -> anyhow::Result<String> {
@@ -155,6 +157,11 @@ fn wait_ready(child: &mut Child, timeout: Duration) -> anyhow::Result<String> {
 impl Deployment {
     /// Starts `nsmld up` on a fresh data directory.
     pub fn embedded() -> anyhow::Result<Self> {
+        Self::embedded_with(&[])
+    }
+
+    /// Starts `nsmld up` with the given competition manifests instead of the example.
+    pub fn embedded_with(competitions: &[PathBuf]) -> anyhow::Result<Self> {
         let tmp = tempfile::tempdir()?;
         let data_dir = tmp.path().join("data");
         let mut d = Self {
@@ -164,6 +171,7 @@ impl Deployment {
             _tmp: Some(tmp),
             config: None,
             env: vec![],
+            competitions: competitions.to_vec(),
         };
         d.start_embedded()?;
         Ok(d)
@@ -183,6 +191,11 @@ impl Deployment {
             "--gpus".into(),
             "0".into(),
         ];
+        let mut args = args;
+        for c in &self.competitions {
+            args.push("--competition".into());
+            args.push(c.display().to_string());
+        }
         let mut child = Command::new(bin("nsmld"))
             .args(&args)
             .current_dir(repo_root())
@@ -239,6 +252,7 @@ gpus = "0"
             _tmp: Some(tmp),
             config: Some(cfg_path),
             env: vec![],
+            competitions: vec![],
         };
         d.start_distributed()?;
         Ok(d)
@@ -280,6 +294,11 @@ gpus = "0"
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
+    }
+
+    /// The distributed deployment's configuration file.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
     }
 
     /// Process ids of the deployment's server processes.

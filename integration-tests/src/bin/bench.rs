@@ -3,23 +3,21 @@
 //! - `run` → entry process started (p50), over sequential runs of a trivial entry;
 //! - `ps` round trip through the gateway (p50/p99);
 //! - a line printed by the entry → seen by `logs -f` (p50);
+//! - admission decisions through the gateway: `run` requests decided by the quota service while the team's
+//!   sessions are all taken, from concurrent clients (decisions/s, p50/p99);
 //! - idle `nsmld up` resident memory.
 //!
-//! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]`.
+//! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
+//! [--admissions N] [--clients N]`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use nsml_integration_tests::Deployment;
+use nsml_integration_tests::grpc::{Client, authed, small};
 use nsml_proto::v1::session_service_client::SessionServiceClient;
-use nsml_proto::v1::storage_service_client::StorageServiceClient;
-use nsml_proto::v1::{
-    ListSessionsRequest, LoginRequest, LogsRequest, Resources, RunRequest, SessionStatus,
-    UploadCodeChunk, UploadCodeMeta, auth_service_client::AuthServiceClient, upload_code_chunk,
-};
+use nsml_proto::v1::{GetSessionRequest, ListSessionsRequest, LogsRequest, SessionStatus};
 use tokio_stream::StreamExt;
-use tonic::Request;
-use tonic::metadata::MetadataValue;
 
 fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     if v.is_empty() {
@@ -35,30 +33,6 @@ fn now_ms_f() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64() * 1000.0)
         .unwrap_or(0.0)
-}
-
-fn tar_gz(files: &[(&str, &str)]) -> anyhow::Result<Vec<u8>> {
-    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-        Vec::new(),
-        flate2::Compression::fast(),
-    ));
-    for (name, body) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(body.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, body.as_bytes())?;
-    }
-    Ok(b.into_inner()?.finish()?)
-}
-
-fn authed<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        MetadataValue::try_from(format!("Bearer {token}"))?,
-    );
-    Ok(r)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -83,66 +57,30 @@ async fn main() -> anyhow::Result<()> {
     };
     let runs = get("--runs", 10);
     let ps_n = get("--ps", 2000);
+    let admissions = get("--admissions", 5000);
+    let clients = get("--clients", 16);
 
     let dep = Deployment::embedded()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = dep.pids().first().and_then(|p| rss_kib(*p));
-    let channel = tonic::transport::Endpoint::from_shared(dep.url.clone())?
-        .tcp_nodelay(true)
-        .connect()
+    let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+    let token = alice.token.clone();
+    let mut sessions = SessionServiceClient::new(alice.channel.clone());
+    let snap = alice
+        .upload(
+            "t1-cls",
+            &[(
+                "main.py",
+                "import time\nfor i in range(20):\n    print('tick %.3f' % (time.time() * 1000), flush=True)\n    time.sleep(0.05)\n",
+            )],
+        )
         .await?;
-    let token = AuthServiceClient::new(channel.clone())
-        .login(LoginRequest {
-            username: "alice".into(),
-            password: "alice-pass".into(),
-        })
-        .await?
-        .into_inner()
-        .token;
-    let mut storage = StorageServiceClient::new(channel.clone());
-    let mut sessions = SessionServiceClient::new(channel.clone());
-    let code = tar_gz(&[(
-        "main.py",
-        "import time\nfor i in range(20):\n    print('tick %.3f' % (time.time() * 1000), flush=True)\n    time.sleep(0.05)\n",
-    )])?;
-    let chunks = vec![
-        UploadCodeChunk {
-            kind: Some(upload_code_chunk::Kind::Meta(UploadCodeMeta {
-                dataset: "t1-cls".into(),
-            })),
-        },
-        UploadCodeChunk {
-            kind: Some(upload_code_chunk::Kind::Data(code)),
-        },
-    ];
-    let snap = storage
-        .upload_code(authed(tokio_stream::iter(chunks), &token)?)
-        .await?
-        .into_inner()
-        .id;
 
     let mut start_ms = Vec::new();
     let mut line_ms = Vec::new();
     for _ in 0..runs {
         let t0 = now_ms_f();
-        let s = sessions
-            .run(authed(
-                RunRequest {
-                    dataset: "t1-cls".into(),
-                    entry: "main.py".into(),
-                    code_snapshot: snap.clone(),
-                    resources: Some(Resources {
-                        gpus: 0,
-                        cpus: 1,
-                        memory_bytes: 1 << 30,
-                        shm_bytes: 64 << 20,
-                    }),
-                    ..Default::default()
-                },
-                &token,
-            )?)
-            .await?
-            .into_inner();
+        let s = alice.run("t1-cls", &snap, "", small()).await?;
         let mut logs = sessions
             .logs(authed(
                 LogsRequest {
@@ -166,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let done = sessions
             .get(authed(
-                nsml_proto::v1::GetSessionRequest {
+                GetSessionRequest {
                     name: s.name.clone(),
                 },
                 &token,
@@ -199,15 +137,50 @@ async fn main() -> anyhow::Result<()> {
         ps_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
 
+    // Take both of the team's session slots with sleepers, then let concurrent clients ask for more: every
+    // request goes gateway → session (number allocated) → quota (decision appended) → session (recorded).
+    let sleeper = alice
+        .upload("t1-cls", &[("main.py", "import time\ntime.sleep(600)\n")])
+        .await?;
+    for _ in 0..2 {
+        alice.run("t1-cls", &sleeper, "", small()).await?;
+    }
+    let per_client = admissions.div_ceil(clients);
+    let t_all = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (c, snap) = (alice.clone(), sleeper.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let t = Instant::now();
+                    let r = c.run("t1-cls", &snap, "", small()).await;
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if let Err(st) = r {
+                        if st.code() != tonic::Code::FailedPrecondition {
+                            return Err(anyhow::anyhow!("unexpected answer: {st}"));
+                        }
+                    }
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut adm_ms = Vec::new();
+    for t in tasks {
+        adm_ms.extend(t.await??);
+    }
+    let adm_rate = adm_ms.len() as f64 / t_all.elapsed().as_secs_f64();
+
     println!(
-        "nsml-bench (embedded, `nsmld up`, {} runs, {} ps calls)",
-        runs, ps_n
+        "nsml-bench (embedded, `nsmld up`, {runs} runs, {ps_n} ps calls, {} admissions from {clients} clients)",
+        adm_ms.len()
     );
     println!("{:<44} {:>10} {:>10}", "measure", "p50", "p99");
     println!(
         "{:<44} {:>8.1}ms {:>10}",
         "run -> entry process started",
-        pct(start_ms.clone(), 0.5),
+        pct(start_ms, 0.5),
         ""
     );
     println!(
@@ -221,6 +194,13 @@ async fn main() -> anyhow::Result<()> {
         "line printed -> seen by logs -f",
         pct(line_ms.clone(), 0.5),
         pct(line_ms, 0.99)
+    );
+    println!(
+        "{:<44} {:>8.2}ms {:>8.2}ms   {:.0}/s",
+        "admission decision through the gateway",
+        pct(adm_ms.clone(), 0.5),
+        pct(adm_ms, 0.99),
+        adm_rate
     );
     match idle_rss {
         Some(k) => println!(
