@@ -156,10 +156,10 @@ async fn main() -> anyhow::Result<()> {
                     let t = Instant::now();
                     let r = c.run("t1-cls", &snap, "", small()).await;
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                    if let Err(st) = r {
-                        if st.code() != tonic::Code::FailedPrecondition {
-                            return Err(anyhow::anyhow!("unexpected answer: {st}"));
-                        }
+                    if let Err(st) = r
+                        && st.code() != tonic::Code::FailedPrecondition
+                    {
+                        return Err(anyhow::anyhow!("unexpected answer: {st}"));
                     }
                 }
                 Ok(lat)
