@@ -16,12 +16,14 @@ mod in_process;
 mod nats;
 mod relay;
 mod subscription;
+mod waking;
 
 pub use error::BusError;
 pub use in_process::InProcessBus;
 pub use nats::NatsBus;
 pub use relay::{Relay, spawn_relay};
 pub use subscription::{Delivery, STORE_POLL, subscribe_log};
+pub use waking::WakingStore;
 
 /// A publish/subscribe channel for stored events.
 #[async_trait::async_trait]

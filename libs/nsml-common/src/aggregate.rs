@@ -20,6 +20,8 @@ pub trait Aggregate: Default + Clone + Send + Sync + 'static {
 struct Entry<A> {
     state: A,
     version: u64,
+    /// Whether the stream has been read from the store at least once.
+    loaded: bool,
 }
 
 /// Per-stream cache of aggregate states.
@@ -54,6 +56,7 @@ impl<A: Aggregate> Aggregates<A> {
                 Arc::new(Mutex::new(Entry {
                     state: A::default(),
                     version: 0,
+                    loaded: false,
                 }))
             })
             .clone()
@@ -65,6 +68,7 @@ impl<A: Aggregate> Aggregates<A> {
             entry.state.apply(ev);
             entry.version = ev.version;
         }
+        entry.loaded = true;
         Ok(())
     }
 
@@ -78,7 +82,10 @@ impl<A: Aggregate> Aggregates<A> {
 
     /// Runs `decide` against the stream's current state and appends what it returns, retrying on conflict.
     ///
-    /// `decide` may run several times; it must be pure.
+    /// The first decision uses the cached state without reading the store: an append expects the cached
+    /// version, so a state made stale by another process shows up as a conflict, and the stream is re-read and
+    /// decided again. A decision that appends nothing (a refusal, an idempotent repeat) is only trusted on a
+    /// freshly read state. `decide` may run several times; it must be pure.
     pub async fn execute<R>(
         &self,
         stream: &str,
@@ -87,26 +94,50 @@ impl<A: Aggregate> Aggregates<A> {
         let entry = self.entry(stream).await;
         let mut e = entry.lock().await;
         // Serialised within this process by the entry lock; across processes by the expected version.
-        self.refresh(stream, &mut e).await?;
+        let mut fresh = false;
+        if !e.loaded {
+            self.refresh(stream, &mut e).await?;
+            fresh = true;
+        }
         for _ in 0..64 {
-            let events = match decide(&e.state, e.version) {
-                Ok(evs) => evs,
+            let decided = decide(&e.state, e.version);
+            let events = match decided {
+                Ok(evs) if !evs.is_empty() => evs,
+                _ if !fresh => {
+                    self.refresh(stream, &mut e).await?;
+                    fresh = true;
+                    continue;
+                }
+                Ok(_) => {
+                    return Ok(Outcome::Unchanged {
+                        state: e.state.clone(),
+                        version: e.version,
+                    });
+                }
                 Err(r) => return Ok(Outcome::Rejected(r)),
             };
-            if events.is_empty() {
-                return Ok(Outcome::Unchanged {
-                    state: e.state.clone(),
-                    version: e.version,
-                });
-            }
             let expected = if e.version == 0 {
                 ExpectedVersion::NoStream
             } else {
                 ExpectedVersion::Exact(e.version)
             };
-            match self.store.append(stream, expected, events).await {
+            match self.store.append(stream, expected, events.clone()).await {
                 Ok(appended) => {
-                    self.refresh(stream, &mut e).await?;
+                    // The cache follows its own append without reading it back.
+                    let first_version = appended.version + 1 - events.len() as u64;
+                    for (i, ev) in events.into_iter().enumerate() {
+                        let stored = StoredEvent {
+                            position: appended.first_position + i as u64,
+                            stream: stream.to_string(),
+                            version: first_version + i as u64,
+                            event_type: ev.event_type,
+                            payload: ev.payload,
+                            metadata: ev.metadata,
+                            hash: String::new(),
+                        };
+                        e.state.apply(&stored);
+                        e.version = stored.version;
+                    }
                     return Ok(Outcome::Committed {
                         appended,
                         state: e.state.clone(),
@@ -114,6 +145,7 @@ impl<A: Aggregate> Aggregates<A> {
                 }
                 Err(StoreError::Conflict { .. }) => {
                     self.refresh(stream, &mut e).await?;
+                    fresh = true;
                 }
                 Err(err) => return Err(err),
             }

@@ -143,9 +143,11 @@ impl Config {
 /// An opened deployment: its store and bus, ready to run services.
 pub struct Deployment {
     config: Config,
+    /// The log as services see it: appends wake the relay.
     store: Arc<dyn EventStore>,
     bus: Arc<dyn Bus>,
     cancel: CancellationToken,
+    relay: tokio::task::JoinHandle<()>,
 }
 
 fn http(addr: SocketAddr) -> String {
@@ -197,11 +199,16 @@ impl Deployment {
                 config.bus
             );
         };
+        // One relay per process moves this process's appends from the outbox to the bus.
+        let cancel = CancellationToken::new();
+        let relay = nsml_bus::Relay::spawn(store.clone(), bus.clone(), cancel.clone());
+        let store = nsml_bus::WakingStore::new(store, relay.waker());
         Ok(Self {
             config,
             store,
             bus,
-            cancel: CancellationToken::new(),
+            cancel,
+            relay: relay.into_handle(),
         })
     }
 
@@ -277,8 +284,6 @@ impl Deployment {
     /// Runs every service in this process, applies the competitions and serves until a signal.
     pub async fn run_embedded(self, competitions: Vec<PathBuf>) -> anyhow::Result<()> {
         self.spawn_shutdown_on_signal();
-        let relay =
-            nsml_bus::spawn_relay(self.store.clone(), self.bus.clone(), self.cancel.clone());
         let internal = TcpListener::bind("127.0.0.1:0").await?;
         let iaddr = http(internal.local_addr()?);
         let addrs = ServiceAddrs {
@@ -355,15 +360,13 @@ impl Deployment {
         for t in tasks {
             let _ = t.await;
         }
-        let _ = relay.await;
+        let _ = self.relay.await;
         Ok(())
     }
 
     /// Runs the named services of a distributed deployment until a signal.
     pub async fn run_services(self, services: &[ServiceName]) -> anyhow::Result<()> {
         self.spawn_shutdown_on_signal();
-        let relay =
-            nsml_bus::spawn_relay(self.store.clone(), self.bus.clone(), self.cancel.clone());
         let listen = self
             .config
             .services
@@ -432,7 +435,7 @@ impl Deployment {
         for t in tasks {
             let _ = t.await;
         }
-        let _ = relay.await;
+        let _ = self.relay.await;
         Ok(())
     }
 }

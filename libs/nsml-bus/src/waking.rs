@@ -1,0 +1,82 @@
+//! A store that wakes the relay after every append, so events reach the bus without waiting for the
+//! relay's next poll.
+
+use std::sync::Arc;
+
+use nsml_eventstore::{
+    Appended, ChainBreak, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent,
+};
+use tokio::sync::Notify;
+
+/// Wraps a store; appends through it wake `relay` (see [`crate::Relay::waker`]).
+pub struct WakingStore {
+    inner: Arc<dyn EventStore>,
+    relay: Arc<Notify>,
+}
+
+impl WakingStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn EventStore>, relay: Arc<Notify>) -> Arc<Self> {
+        Arc::new(Self { inner, relay })
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for WakingStore {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, StoreError> {
+        let r = self.inner.append(stream, expected, events).await;
+        if r.is_ok() {
+            self.relay.notify_one();
+        }
+        r
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &str,
+        after_version: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.read_stream(stream, after_version).await
+    }
+
+    async fn read_all(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.read_all(after_position, limit).await
+    }
+
+    async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(stream).await
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        self.inner.head_position().await
+    }
+
+    async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner.outbox_peek(limit).await
+    }
+
+    async fn outbox_ack(&self, positions: &[u64]) -> Result<(), StoreError> {
+        self.inner.outbox_ack(positions).await
+    }
+
+    async fn load_checkpoint(&self, consumer: &str) -> Result<u64, StoreError> {
+        self.inner.load_checkpoint(consumer).await
+    }
+
+    async fn save_checkpoint(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        self.inner.save_checkpoint(consumer, position).await
+    }
+
+    async fn verify_chain(&self) -> Result<Option<ChainBreak>, StoreError> {
+        self.inner.verify_chain().await
+    }
+}
