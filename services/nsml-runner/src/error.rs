@@ -49,6 +49,18 @@ pub enum RunnerError {
     /// The SDK asked for something its session may not do.
     #[error("{0}")]
     Refused(String),
+    /// Participant code cannot be confined on this machine (a tool or kernel feature is missing).
+    #[error("{0}")]
+    Sandbox(String),
+    /// A session's cgroup cannot be made, limited or read.
+    #[error("cannot set up the session's cgroup: {what}: {source}")]
+    Cgroup {
+        what: String,
+        source: std::io::Error,
+    },
+    /// A runner setting has a value the runner cannot use.
+    #[error("invalid runner setting {what}: {why}")]
+    Config { what: String, why: String },
 }
 
 impl RunnerError {

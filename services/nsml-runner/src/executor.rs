@@ -1,20 +1,26 @@
 //! The local executor: runs each session as a child process on this machine.
 //!
 //! For every started session a task lays out the session directory, fetches what the session needs
-//! from storage, takes its GPUs, runs the entry through [`run_process`], flushes the logs, reports the
-//! finish (retried through a service restart) and removes the directory.
+//! from storage, takes its GPUs, makes its cgroup, runs the entry in its sandbox through
+//! [`run_process`], flushes the logs, reports the finish (retried through a service restart) and
+//! removes the directory.
 //!
 //! ```text
 //! WORK_DIR/
 //!   datasets/DATASET/PART-VERSION/   extracted dataset parts, shared by sessions (copied, never linked)
-//!   sessions/TEAM/DATASET/N/         HOME, NSML_SESSION_DIR
-//!     code/                          the code snapshot; the entry's working directory
-//!     data/                          NSML_DATASET_PATH: train/... or test/test_data
-//!     ckpt/                          NSML_CHECKPOINT_DIR: the submitted checkpoint (submits)
-//!     tmp/                           TMPDIR; loaded checkpoints under tmp/load-*
+//!   sessions/TEAM/DATASET/N/         HOME, NSML_SESSION_DIR: writable by the session (its own uid)
+//!     code/                          the code snapshot; the entry's working directory (read-only)
+//!     data/                          NSML_DATASET_PATH: train/... or test/test_data (read-only)
+//!     ckpt/                          NSML_CHECKPOINT_DIR: the submitted checkpoint (read-only)
+//!     tmp/                           TMPDIR
 //!     nsml.sock                      NSML_SOCKET: the SDK socket
+//!   loads/ID/                        checkpoints loaded through the SDK (read-only to the session,
+//!                                    written by the runner only, out of the session's reach)
 //!   sockets/                         SDK sockets of sessions whose path would be too long for a socket
+//!   sandbox/                         the sandbox's /etc/passwd and /etc/group
 //! ```
+//!
+//! Inside the sandbox these paths are the same as outside; nothing else of `WORK_DIR` exists there.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -33,13 +39,18 @@ use tracing::Instrument;
 
 use crate::archive::{self, ExtractLimits};
 use crate::args::entry_args;
+use crate::cgroup::{CgroupLimits, SessionCgroup};
 use crate::dataset::{normalize_part, part_for, part_slug};
 use crate::error::{Result, RunnerError};
 use crate::gpu::{GpuInventory, GpuLease};
 use crate::launch::{EnvSpec, LaunchSpec, build_command, session_env};
+use crate::limits::LimitsConfig;
 use crate::logs::{LogSender, forward_logs};
 use crate::platform::{FINISH_ATTEMPTS, GrpcPlatform, Platform, extract_download, with_retry};
-use crate::process::{ProcessOutcome, ProcessSpec, STOP_GRACE, run_process};
+use crate::process::{
+    Confinement, DiskWatch, ProcessOutcome, ProcessSpec, STOP_GRACE, run_process,
+};
+use crate::sandbox::{SandboxHost, SandboxSpec, dev_entries, gpu_device_nodes};
 use crate::sdk::SdkContext;
 
 /// The longest socket path used; the kernel's limit is 107 bytes.
@@ -56,16 +67,19 @@ pub struct RunnerConfig {
     pub sdk_path: PathBuf,
     /// The GPUs sessions are given.
     pub gpus: GpuInventory,
+    /// The runner's own limits on every session (processes, disk, log volume).
+    pub limits: LimitsConfig,
 }
 
 impl RunnerConfig {
-    /// A configuration with `python3` and the GPUs `nvidia-smi` lists.
+    /// A configuration with `python3`, the GPUs `nvidia-smi` lists and the default limits.
     pub fn new(work_dir: PathBuf, sdk_path: PathBuf) -> Self {
         Self {
             work_dir,
             python: "python3".to_string(),
             sdk_path,
             gpus: GpuInventory::detect(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -81,6 +95,9 @@ pub struct LocalExecutor {
     clients: Clients,
     live: Mutex<HashMap<String, CancellationToken>>,
     dataset_locks: Mutex<HashMap<(String, i32), PartLock>>,
+    /// What this machine offers the sandbox, found on the first session (and again after a failure,
+    /// so installing bubblewrap needs no restart).
+    sandbox: tokio::sync::OnceCell<Arc<SandboxHost>>,
 }
 
 /// The paths of one session's directory.
@@ -91,22 +108,23 @@ struct SessionDirs {
     data: PathBuf,
     ckpt: PathBuf,
     tmp: PathBuf,
+    loads: PathBuf,
     socket: PathBuf,
 }
 
 impl SessionDirs {
     fn new(root: PathBuf, work_dir: &Path) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
         let mut socket = root.join("nsml.sock");
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            socket = work_dir
-                .join("sockets")
-                .join(format!("{}.sock", uuid::Uuid::new_v4().simple()));
+            socket = work_dir.join("sockets").join(format!("{id}.sock"));
         }
         Self {
             code: root.join("code"),
             data: root.join("data"),
             ckpt: root.join("ckpt"),
             tmp: root.join("tmp"),
+            loads: work_dir.join("loads").join(id),
             socket,
             root,
         }
@@ -140,14 +158,39 @@ fn is_submit(kind: SessionKind) -> bool {
 
 impl LocalExecutor {
     /// An executor running sessions with `cfg`, talking to the services through `clients`.
-    pub fn new(cfg: RunnerConfig, clients: Clients) -> Arc<Self> {
+    pub fn new(mut cfg: RunnerConfig, clients: Clients) -> Arc<Self> {
+        // Session paths are bound into sandboxes at the same place, which needs them absolute.
+        if let Ok(abs) = std::path::absolute(&cfg.work_dir) {
+            cfg.work_dir = abs;
+        }
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             cfg,
             clients,
             live: Mutex::new(HashMap::new()),
             dataset_locks: Mutex::new(HashMap::new()),
+            sandbox: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// What this machine offers the sandbox; an error (bubblewrap missing, no cgroups) refuses the
+    /// session rather than running its code unconfined.
+    async fn sandbox_host(&self) -> Result<Arc<SandboxHost>> {
+        self.sandbox
+            .get_or_try_init(|| async {
+                let python = self.cfg.python.clone();
+                let work = self.cfg.work_dir.clone();
+                let state = work.join("sandbox");
+                let mut protected = vec![work.clone()];
+                protected.extend(work.parent().map(Path::to_path_buf));
+                tokio::task::spawn_blocking(move || {
+                    SandboxHost::detect(&python, &state, &protected).map(Arc::new)
+                })
+                .await
+                .map_err(|e| RunnerError::Sandbox(format!("sandbox detection stopped: {e}")))?
+            })
+            .await
+            .cloned()
     }
 
     /// The GPUs this executor hands out.
@@ -234,6 +277,7 @@ impl LocalExecutor {
         // on the strength of that finish finds the GPUs (dropped with the process) and the disk free.
         if let Some(dirs) = dirs {
             archive::remove_tree(&dirs.root).await;
+            archive::remove_tree(&dirs.loads).await;
             if !dirs.socket.starts_with(&dirs.root) {
                 let _ = std::fs::remove_file(&dirs.socket);
             }
@@ -280,7 +324,7 @@ impl LocalExecutor {
                 return ProcessOutcome::setup_failed("stopped before the process started", true);
             }
         };
-        let (launch, lease) = match prepared {
+        let (launch, lease, cgroup) = match prepared {
             Ok(p) => p,
             Err(e) => return ProcessOutcome::setup_failed(e.to_string(), false),
         };
@@ -294,12 +338,15 @@ impl LocalExecutor {
             session.name.clone(),
             kind,
             &dirs.root,
-            dirs.tmp.clone(),
+            dirs.loads.clone(),
             vec![dirs.data.clone()],
             Arc::clone(&platform),
         ) {
             Ok(sdk) => sdk,
-            Err(e) => return ProcessOutcome::setup_failed(e.to_string(), false),
+            Err(e) => {
+                cgroup.remove().await;
+                return ProcessOutcome::setup_failed(e.to_string(), false);
+            }
         };
         let time_limit = (time_limit_secs > 0).then(|| Duration::from_secs(time_limit_secs));
         let time_limit_text = if is_submit(kind) {
@@ -313,6 +360,20 @@ impl LocalExecutor {
             ))
             .await;
         }
+        let limits = &self.cfg.limits;
+        let confinement = Confinement {
+            cgroup,
+            socket_owner: launch.sandbox.host.owner(),
+            memory_bytes: launch.resources.memory_bytes,
+            cpus: launch.resources.cpus,
+            pids_limit: limits.pids,
+            log_limit: limits.log_bytes,
+            disk: Some(DiskWatch {
+                root: dirs.root.clone(),
+                exclude: vec![dirs.code.clone(), dirs.data.clone(), dirs.ckpt.clone()],
+                limit: limits.disk_bytes,
+            }),
+        };
         let spec = ProcessSpec {
             command: build_command(&launch),
             socket_path: dirs.socket.clone(),
@@ -320,19 +381,22 @@ impl LocalExecutor {
             time_limit,
             stop_grace: STOP_GRACE,
             time_limit_text,
+            confinement,
         };
         let outcome = run_process(spec, platform, logs.clone(), stop.clone()).await;
         drop(lease);
         outcome
     }
 
-    /// Lays out the session directory and builds the launch; holds the session's GPUs on success.
+    /// Lays out the session directory, makes the session's cgroup and builds the launch; holds the
+    /// session's GPUs on success.
     async fn prepare(
         &self,
         session: &Session,
         dirs: &SessionDirs,
         logs: &LogSender,
-    ) -> Result<(LaunchSpec, GpuLease)> {
+    ) -> Result<(LaunchSpec, GpuLease, SessionCgroup)> {
+        let host = self.sandbox_host().await?;
         let kind = session.kind();
         let resources = session.resources.unwrap_or_default();
         let lease = self.cfg.gpus.assign(resources.gpus)?;
@@ -343,7 +407,7 @@ impl LocalExecutor {
         let args = entry_args(&session.args, is_submit(kind))?;
 
         archive::remove_tree(&dirs.root).await;
-        for d in [&dirs.root, &dirs.tmp, &dirs.ckpt] {
+        for d in [&dirs.root, &dirs.tmp, &dirs.ckpt, &dirs.loads] {
             std::fs::create_dir_all(d)
                 .map_err(|e| RunnerError::io(format!("cannot create {}", d.display()), e))?;
         }
@@ -409,6 +473,24 @@ impl LocalExecutor {
             .await?;
         }
 
+        // The session writes as the sandbox's user: its directory and TMPDIR are handed over; the
+        // code, data and checkpoint stay the runner's, and are mounted read-only anyway.
+        if let Some((uid, gid)) = host.owner() {
+            for d in [&dirs.root, &dirs.tmp] {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid)).map_err(|e| {
+                    RunnerError::io(format!("cannot hand {} to the sandbox", d.display()), e)
+                })?;
+            }
+        }
+        let sdk_path = self.cfg.sdk_path.canonicalize().map_err(|e| {
+            RunnerError::io(
+                format!(
+                    "cannot find the Python SDK at {}",
+                    self.cfg.sdk_path.display()
+                ),
+                e,
+            )
+        })?;
         let env = session_env(&EnvSpec {
             name: session.name.clone(),
             dataset: session.dataset.clone(),
@@ -418,20 +500,46 @@ impl LocalExecutor {
             tmp_dir: dirs.tmp.clone(),
             checkpoint_dir: dirs.ckpt.clone(),
             socket: dirs.socket.clone(),
-            sdk_path: self.cfg.sdk_path.clone(),
+            sdk_path: sdk_path.clone(),
             gpu_ids: lease.ids().to_vec(),
             resources,
+            search_path: host.search_path(),
         });
+        let cgroup = host.cgroups().create(
+            &session.name,
+            CgroupLimits {
+                memory_bytes: resources.memory_bytes,
+                cpus: resources.cpus,
+                pids: self.cfg.limits.pids,
+            },
+        )?;
+        let sandbox = SandboxSpec {
+            host: Arc::clone(&host),
+            writable: vec![dirs.root.clone()],
+            read_only: vec![
+                dirs.code.clone(),
+                dirs.data.clone(),
+                dirs.ckpt.clone(),
+                dirs.loads.clone(),
+                sdk_path,
+            ],
+            socket: dirs.socket.clone(),
+            devices: gpu_device_nodes(&dev_entries(), lease.ids()),
+            shm_bytes: resources.shm_bytes,
+            tmp_bytes: resources.memory_bytes,
+            cgroup_procs: cgroup.procs_files(),
+        };
         let launch = LaunchSpec {
-            python: self.cfg.python.clone(),
+            python: host.python().display().to_string(),
             entry,
             args,
             cwd: dirs.code.clone(),
             env,
             gpu_ids: lease.ids().to_vec(),
             resources,
+            sandbox,
         };
-        Ok((launch, lease))
+        Ok((launch, lease, cgroup))
     }
 
     /// Copies dataset `dataset`'s `part` into `dest`, fetching it into the cache first if needed.

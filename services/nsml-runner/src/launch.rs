@@ -1,17 +1,30 @@
 //! How a session's entry is started: its environment and the one function that builds the command.
 //!
-//! [`build_command`] is the single place where the child process is described. A sandbox wraps the
-//! command here (namespaces, cgroup limits, device binding) and nowhere else.
+//! [`build_command`] is the single place where the child process is described, and it always
+//! describes a confined one: `/bin/sh` joins the session's cgroup and `exec`s bubblewrap, which
+//! builds the sandbox ([`crate::sandbox`]) and runs the interpreter in it, unprivileged.
+//!
+//! ```text
+//! /bin/sh -c JOIN nsml-sandbox N PROCS… BWRAP ARGS… -- [setpriv …] PYTHON -u ENTRY ARGS…
+//! ```
+//!
+//! Joining happens before anything of the session runs, so every process it ever starts is held by
+//! the cgroup's limits and reachable through it.
 
 use std::path::PathBuf;
 
 use nsml_proto::v1::{Resources, SessionKind};
 use tokio::process::Command;
 
+use crate::sandbox::SandboxSpec;
+
+/// Writes the shell's pid into each `cgroup.procs` given (their count first), then runs the rest.
+const JOIN_CGROUP: &str = "n=$1; shift; while [ \"$n\" -gt 0 ]; do echo $$ > \"$1\" || exit 125; shift; n=$((n-1)); done; exec \"$@\"";
+
 /// Everything needed to start a session's entry.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
-    /// The Python interpreter (`python3`, looked up on `PATH`).
+    /// The Python interpreter, by its path (the same inside the sandbox as outside).
     pub python: String,
     /// The entry, relative to `cwd`.
     pub entry: PathBuf,
@@ -24,6 +37,8 @@ pub struct LaunchSpec {
     pub gpu_ids: Vec<u32>,
     /// The resources the session asked for (for a sandbox's limits).
     pub resources: Resources,
+    /// The sandbox it runs in.
+    pub sandbox: SandboxSpec,
 }
 
 /// What the environment of a session is made from.
@@ -40,15 +55,12 @@ pub struct EnvSpec {
     pub sdk_path: PathBuf,
     pub gpu_ids: Vec<u32>,
     pub resources: Resources,
-}
-
-/// The search path the child gets: the runner's own `PATH`, or a standard one.
-fn search_path() -> String {
-    std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_string())
+    /// `PATH` inside the sandbox ([`crate::sandbox::SandboxHost::search_path`]).
+    pub search_path: String,
 }
 
 /// The child's whole environment. Nothing else from the runner's environment (credentials, service
-/// addresses, secrets) reaches participant code.
+/// addresses, secrets) reaches participant code; bubblewrap adds only `PWD`, the working directory.
 pub fn session_env(spec: &EnvSpec) -> Vec<(String, String)> {
     let path = |p: &PathBuf| p.display().to_string();
     let gpus = spec
@@ -59,7 +71,7 @@ pub fn session_env(spec: &EnvSpec) -> Vec<(String, String)> {
         .join(",");
     let r = &spec.resources;
     let mut env = vec![
-        ("PATH".to_string(), search_path()),
+        ("PATH".to_string(), spec.search_path.clone()),
         ("HOME".to_string(), path(&spec.session_dir)),
         ("TMPDIR".to_string(), path(&spec.tmp_dir)),
         ("LANG".to_string(), "C.UTF-8".to_string()),
@@ -96,11 +108,22 @@ pub fn session_env(spec: &EnvSpec) -> Vec<(String, String)> {
     env
 }
 
-/// Builds the command that runs `python -u ENTRY ARGS...` in the code directory with exactly the given
-/// environment. The caller adds the plumbing (pipes, process group). This is the sandbox's seam.
+/// Builds the command that runs `python -u ENTRY ARGS...` in the code directory, inside the session's
+/// sandbox and cgroup, with exactly the given environment. The caller adds the plumbing (pipes,
+/// process group). This is the sandbox's seam.
 pub fn build_command(spec: &LaunchSpec) -> Command {
-    let mut cmd = Command::new(&spec.python);
-    cmd.arg("-u")
+    let sb = &spec.sandbox;
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(JOIN_CGROUP)
+        .arg("nsml-sandbox")
+        .arg(sb.cgroup_procs.len().to_string())
+        .args(&sb.cgroup_procs)
+        .arg(sb.bwrap())
+        .args(sb.bwrap_args(&spec.cwd))
+        .args(sb.privilege_drop())
+        .arg(&spec.python)
+        .arg("-u")
         .arg(&spec.entry)
         .args(&spec.args)
         .current_dir(&spec.cwd)

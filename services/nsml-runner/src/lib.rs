@@ -4,12 +4,16 @@
 //! from storage, lays out the session directory with the dataset part the session may see, takes the
 //! session's GPUs, starts `python -u ENTRY ARGS` with a clean environment, streams its output to the
 //! session service, serves the Python SDK on a Unix socket (`report`, `save`, `load`, `predictions`),
-//! and reports the exit.
+//! and reports the exit. Participant code runs only inside a sandbox (bubblewrap namespaces, an
+//! unprivileged uid, a cgroup with the session's memory, CPU and process limits); the runner refuses
+//! to start a session where it cannot build one.
 //!
 //! The crate reads top-down:
 //! - [`executor`]: the [`Executor`](nsml_common::executor::Executor) implementation and session layout;
 //! - [`process`]: running one process (exit status, time limit, stop), testable without services;
 //! - [`launch`]: the child's environment and the one function that builds its command (the sandbox seam);
+//! - [`sandbox`]: what the sandbox shows and hides; [`cgroup`]: the session's limits and accounting;
+//!   [`limits`]: the runner's own limits (processes, disk, log volume) and how limits read;
 //! - [`sdk`]: the SDK socket protocol; [`platform`]: what the process asks of the services;
 //! - [`logs`]: output lines and their batched stream; [`archive`]: safe tar extraction and packing;
 //! - [`dataset`]: which dataset part a session sees and its layout; [`gpu`]: the GPU inventory;
@@ -17,17 +21,21 @@
 
 pub mod archive;
 pub mod args;
+pub mod cgroup;
 pub mod dataset;
 pub mod error;
 pub mod executor;
 pub mod gpu;
 pub mod launch;
+pub mod limits;
 pub mod logs;
 pub mod platform;
 pub mod process;
+pub mod sandbox;
 pub mod sdk;
 
 pub use error::RunnerError;
 pub use executor::{LocalExecutor, RunnerConfig};
 pub use gpu::{GpuInfo, GpuInventory, GpuLease, GpuSource};
+pub use limits::LimitsConfig;
 pub use process::{ProcessOutcome, ProcessSpec, run_process};

@@ -5,8 +5,13 @@
 //! (`seq` from 1, in the order the channel delivers them) and sends them as batches on one long-lived
 //! client stream per session. A batch is whatever has arrived by the time the previous one left, so a
 //! line never waits for company: under load batches grow, when idle each line goes at once.
+//!
+//! A session's output is capped ([`LogBudget`]): past the cap one platform line says so and the rest
+//! is read and dropped, so the process never blocks on a full pipe and the log store never fills.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -66,6 +71,47 @@ impl LogSender {
     }
 }
 
+/// The output a session may still log, shared by its stdout and stderr readers.
+#[derive(Debug)]
+pub struct LogBudget {
+    limit: u64,
+    used: AtomicU64,
+    announced: AtomicBool,
+}
+
+impl LogBudget {
+    /// A budget of `limit` bytes (each line counts its text and its newline).
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicU64::new(0),
+            announced: AtomicBool::new(false),
+        })
+    }
+
+    /// No cap.
+    pub fn unlimited() -> Arc<Self> {
+        Self::new(u64::MAX)
+    }
+
+    /// Whether output has been dropped.
+    pub fn exceeded(&self) -> bool {
+        self.announced.load(Ordering::Relaxed)
+    }
+
+    /// Sends one line of output if the budget allows; the first line that does not fit is replaced
+    /// by the notice, the later ones by nothing.
+    async fn emit(&self, logs: &LogSender, stream: &str, line: &[u8]) {
+        let n = line.len() as u64 + 1;
+        let before = self.used.fetch_add(n, Ordering::Relaxed);
+        if before.saturating_add(n) <= self.limit {
+            logs.send(stream, String::from_utf8_lossy(line)).await;
+        } else if !self.announced.swap(true, Ordering::Relaxed) {
+            logs.nsml(crate::limits::log_limit_line(self.limit)).await;
+        }
+    }
+}
+
 /// Where `bytes` can be cut without splitting a UTF-8 character at its end.
 fn utf8_cut(bytes: &[u8]) -> usize {
     let n = bytes.len();
@@ -86,8 +132,13 @@ fn utf8_cut(bytes: &[u8]) -> usize {
 
 /// Reads `reader` to its end and sends each line as `stream`. A line ends at `\n`, `\r\n` or a lone `\r`
 /// (progress bars redraw with `\r`); a line longer than [`MAX_LINE_BYTES`] is sent in pieces; invalid
-/// UTF-8 is replaced.
-pub async fn pump_lines<R: AsyncRead + Unpin>(reader: R, stream: &'static str, logs: LogSender) {
+/// UTF-8 is replaced. Lines past `budget` are dropped.
+pub async fn pump_lines<R: AsyncRead + Unpin>(
+    reader: R,
+    stream: &'static str,
+    logs: LogSender,
+    budget: Arc<LogBudget>,
+) {
     let mut reader = BufReader::with_capacity(MAX_LINE_BYTES, reader);
     let mut line: Vec<u8> = Vec::new();
     let mut after_cr = false;
@@ -125,14 +176,14 @@ pub async fn pump_lines<R: AsyncRead + Unpin>(reader: R, stream: &'static str, l
         reader.consume(used);
         if done {
             if !(just_cut && line.is_empty()) {
-                logs.send(stream, String::from_utf8_lossy(&line)).await;
+                budget.emit(&logs, stream, &line).await;
             }
             line.clear();
             just_cut = false;
         } else if line.len() >= MAX_LINE_BYTES {
             let cut = utf8_cut(&line);
             let rest = line.split_off(cut);
-            logs.send(stream, String::from_utf8_lossy(&line)).await;
+            budget.emit(&logs, stream, &line).await;
             line = rest;
             just_cut = line.is_empty();
         } else if !line.is_empty() {
@@ -140,7 +191,7 @@ pub async fn pump_lines<R: AsyncRead + Unpin>(reader: R, stream: &'static str, l
         }
     }
     if !line.is_empty() {
-        logs.send(stream, String::from_utf8_lossy(&line)).await;
+        budget.emit(&logs, stream, &line).await;
     }
 }
 
@@ -239,7 +290,7 @@ mod tests {
 
     async fn lines_of(input: &[u8]) -> Vec<String> {
         let (logs, mut rx) = LogSender::channel();
-        pump_lines(input, STDOUT, logs).await;
+        pump_lines(input, STDOUT, logs, LogBudget::unlimited()).await;
         let mut out = Vec::new();
         while let Some(l) = rx.recv().await {
             out.push(l.text);
@@ -280,6 +331,31 @@ mod tests {
             out.iter().map(String::len).collect::<Vec<_>>(),
             [MAX_LINE_BYTES, MAX_LINE_BYTES, MAX_LINE_BYTES, 5]
         );
+    }
+
+    #[tokio::test]
+    async fn output_past_the_budget_is_dropped_after_one_notice() {
+        let (logs, mut rx) = LogSender::channel();
+        let budget = LogBudget::new(10);
+        // Two readers share the budget: 4 + 4 bytes fit, the next line does not.
+        pump_lines(&b"abc\n"[..], STDOUT, logs.clone(), budget.clone()).await;
+        pump_lines(&b"def\nghi\njkl\n"[..], STDERR, logs, budget.clone()).await;
+        let mut out = Vec::new();
+        while let Some(l) = rx.recv().await {
+            out.push((l.stream, l.text));
+        }
+        assert_eq!(
+            out,
+            [
+                ("stdout".to_string(), "abc".to_string()),
+                ("stderr".to_string(), "def".to_string()),
+                (
+                    "nsml".to_string(),
+                    "log limit of 10 reached; further output is dropped".to_string()
+                ),
+            ]
+        );
+        assert!(budget.exceeded());
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub struct SdkContext {
     pub kind: SessionKind,
     /// The session directory, canonical; `save` paths must lie inside it.
     pub session_dir: PathBuf,
-    /// Where loaded checkpoints are extracted (`tmp/load-…`).
+    /// Where loaded checkpoints are extracted (`load-…` inside it): a directory the session can read
+    /// but not write, so the runner never writes where the session could redirect it.
     pub tmp_dir: PathBuf,
     /// Directories not to be saved as checkpoints (the dataset).
     pub no_save: Vec<PathBuf>,

@@ -377,6 +377,7 @@ async fn env(gpus: u32) -> Env {
         python: "python3".into(),
         sdk_path: sdk_path(),
         gpus: GpuInventory::with_count(gpus),
+        limits: Default::default(),
     };
     Env {
         fake,

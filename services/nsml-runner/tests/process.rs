@@ -1,5 +1,5 @@
-//! Runs real Python children through `run_process` with a fake platform: the SDK socket protocol,
-//! output streaming, exit statuses, the time limit and stop.
+//! Runs real Python children through `run_process`, in the real sandbox, with a fake platform: the
+//! SDK socket protocol, output streaming, exit statuses, the time limit and stop.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -8,11 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nsml_proto::v1::{LogLine, MetricPoint, Resources, SessionKind};
+use nsml_runner::cgroup::CgroupLimits;
 use nsml_runner::error::{Result, RunnerError};
 use nsml_runner::launch::{EnvSpec, LaunchSpec, build_command, session_env};
+use nsml_runner::limits::LimitsConfig;
 use nsml_runner::logs::LogSender;
 use nsml_runner::platform::Platform;
-use nsml_runner::process::{ProcessOutcome, ProcessSpec, run_process};
+use nsml_runner::process::{Confinement, DiskWatch, ProcessOutcome, ProcessSpec, run_process};
+use nsml_runner::sandbox::{SandboxHost, SandboxSpec};
 use nsml_runner::sdk::SdkContext;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -122,12 +125,54 @@ fn python() -> String {
         .clone()
 }
 
+/// This machine's sandbox, found once for all tests (it needs bubblewrap, and root for cgroups).
+fn host() -> Arc<SandboxHost> {
+    static HOST: std::sync::OnceLock<Arc<SandboxHost>> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let state = tempfile::tempdir().unwrap().keep();
+        Arc::new(
+            SandboxHost::detect("python3", &state, &[])
+                .expect("the runner's tests need bubblewrap and cgroups (run as root)"),
+        )
+    })
+    .clone()
+}
+
+/// The resources sessions of these tests ask for.
+const RESOURCES: Resources = Resources {
+    gpus: 0,
+    cpus: 2,
+    memory_bytes: 1 << 30,
+    shm_bytes: 1 << 20,
+};
+
 /// A session directory with `code/main.py` = `script`, and the process spec to run it.
 fn prepare(kind: SessionKind, script: &str, time_limit: Option<Duration>) -> Run {
+    prepare_with(kind, script, time_limit, RESOURCES, LimitsConfig::default())
+}
+
+/// [`prepare`] with the resources and runner limits given.
+fn prepare_with(
+    kind: SessionKind,
+    script: &str,
+    time_limit: Option<Duration>,
+    resources: Resources,
+    limits: LimitsConfig,
+) -> Run {
+    let host = host();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("s");
     for d in ["code", "data/train", "tmp", "ckpt"] {
         fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let loads = tmp.path().join("loads");
+    fs::create_dir_all(&loads).unwrap();
+    // Something of the host beside the session, which the session must not see.
+    fs::write(tmp.path().join("secret"), "host secret").unwrap();
+    if let Some((uid, gid)) = host.owner() {
+        for d in [root.clone(), root.join("tmp")] {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+        }
     }
     fs::write(root.join("code/main.py"), script).unwrap();
     fs::write(root.join("data/train/train_label"), "labels").unwrap();
@@ -144,13 +189,36 @@ fn prepare(kind: SessionKind, script: &str, time_limit: Option<Duration>) -> Run
         socket: socket.clone(),
         sdk_path: sdk_path(),
         gpu_ids: vec![],
-        resources: Resources {
-            gpus: 0,
-            cpus: 2,
-            memory_bytes: 1 << 30,
-            shm_bytes: 1 << 20,
-        },
+        resources,
+        search_path: host.search_path(),
     });
+    let cgroup = host
+        .cgroups()
+        .create(
+            "demo/t1-cls/3",
+            CgroupLimits {
+                memory_bytes: resources.memory_bytes,
+                cpus: resources.cpus,
+                pids: limits.pids,
+            },
+        )
+        .unwrap();
+    let sandbox = SandboxSpec {
+        host: host.clone(),
+        writable: vec![root.clone()],
+        read_only: vec![
+            root.join("code"),
+            root.join("data"),
+            root.join("ckpt"),
+            loads.clone(),
+            sdk_path(),
+        ],
+        socket: socket.clone(),
+        devices: vec![],
+        shm_bytes: resources.shm_bytes,
+        tmp_bytes: resources.memory_bytes,
+        cgroup_procs: cgroup.procs_files(),
+    };
     let launch = LaunchSpec {
         python: python(),
         entry: "main.py".into(),
@@ -159,14 +227,15 @@ fn prepare(kind: SessionKind, script: &str, time_limit: Option<Duration>) -> Run
         cwd: root.join("code"),
         env,
         gpu_ids: vec![],
-        resources: Resources::default(),
+        resources,
+        sandbox,
     };
     let platform: Arc<dyn Platform> = fake.clone();
     let sdk = SdkContext::new(
         "demo/t1-cls/3".into(),
         kind,
         &root,
-        root.join("tmp"),
+        loads,
         vec![root.join("data")],
         platform,
     )
@@ -178,6 +247,19 @@ fn prepare(kind: SessionKind, script: &str, time_limit: Option<Duration>) -> Run
         time_limit,
         stop_grace: Duration::from_secs(1),
         time_limit_text: "the inference must finish within 1 seconds".into(),
+        confinement: Confinement {
+            cgroup,
+            socket_owner: host.owner(),
+            memory_bytes: resources.memory_bytes,
+            cpus: resources.cpus,
+            pids_limit: limits.pids,
+            log_limit: limits.log_bytes,
+            disk: Some(DiskWatch {
+                root: root.clone(),
+                exclude: vec![root.join("code"), root.join("data"), root.join("ckpt")],
+                limit: limits.disk_bytes,
+            }),
+        },
     };
     Run {
         _tmp: tmp,
@@ -255,8 +337,9 @@ call({{"op": "save", "checkpoint": "best", "path": d}})
 call({{"op": "save", "checkpoint": "full", "path": os.environ["NSML_SESSION_DIR"] + "/code"}})
 call({{"op": "save", "checkpoint": "../x", "path": os.environ["NSML_SESSION_DIR"] + "/code"}})
 call({{"op": "save", "checkpoint": "etc", "path": "/etc"}})
-os.symlink("/etc", "escape")
-call({{"op": "save", "checkpoint": "link", "path": os.path.abspath("escape")}})
+escape = os.path.join(os.environ["NSML_SESSION_DIR"], "escape")
+os.symlink("/etc", escape)
+call({{"op": "save", "checkpoint": "link", "path": escape}})
 call({{"op": "save", "checkpoint": "data", "path": os.environ["NSML_DATASET_PATH"] + "/train"}})
 r = call({{"op": "load", "checkpoint": "best", "session": None}})
 print("loaded", open(os.path.join(r["path"], "weights")).read(), flush=True)
@@ -315,10 +398,14 @@ sys.exit(3)
     assert!(err(11).starts_with("invalid request"), "{}", err(11));
     assert!(err(12).starts_with("invalid request"), "{}", err(12));
     assert!(
-        rs[8]["path"]
-            .as_str()
-            .unwrap()
-            .starts_with(r.root.join("tmp/load-").to_str().unwrap())
+        rs[8]["path"].as_str().unwrap().starts_with(
+            r.root
+                .parent()
+                .unwrap()
+                .join("loads/load-")
+                .to_str()
+                .unwrap()
+        )
     );
 
     let reports = r.fake.reports.lock().unwrap();
@@ -370,8 +457,9 @@ async fn a_submit_session_gets_test_mode_and_may_send_predictions() {
 print("args", sys.argv[1:], flush=True)
 print("env", os.environ["NSML_MODE"], os.environ["NSML_SUBMIT_KIND"], os.environ["NSML_CHECKPOINT_DIR"], flush=True)
 call({{"op": "predictions", "predictions": [{{"id": 1, "label": "a"}}]}})
-os.makedirs("out")
-call({{"op": "save", "checkpoint": "steal", "path": os.path.abspath("out")}})
+out = os.path.join(os.environ["NSML_SESSION_DIR"], "out")
+os.makedirs(out)
+call({{"op": "save", "checkpoint": "steal", "path": out}})
 "#
     );
     let mut r = prepare(SessionKind::TrialSubmit, &script, None);
@@ -440,6 +528,8 @@ print(json.dumps(dict(os.environ)), flush=True)
         "NSML_MODE",
         "NSML_CHECKPOINT_DIR",
         "NSML_SUBMIT_KIND",
+        // Set by the sandbox to the working directory.
+        "PWD",
     ]
     .into();
     assert_eq!(keys, want, "nothing of the runner's environment may leak");
@@ -450,6 +540,7 @@ print(json.dumps(dict(os.environ)), flush=True)
         r.root.join("data").display().to_string()
     );
     assert_eq!(s("HOME"), r.root.display().to_string());
+    assert_eq!(s("PWD"), r.root.join("code").display().to_string());
     assert_eq!(s("CUDA_VISIBLE_DEVICES"), "");
     assert_eq!(s("NSML_GPU_NUM"), "0");
     assert_eq!(s("NSML_CPUS"), "2");
@@ -548,12 +639,12 @@ async fn a_kill_signal_reads_as_killed_137() {
 #[tokio::test]
 async fn the_time_limit_kills_the_whole_group() {
     let script = r#"
-import subprocess, time
-p = subprocess.Popen(["sleep", "300"])
-print("child", p.pid, flush=True)
+import subprocess, sys, time
+p = subprocess.Popen(["sleep", sys.argv[-1]])
+print("child", sys.argv[-1], flush=True)
 time.sleep(300)
 "#;
-    let mut r = prepare(SessionKind::Submit, script, Some(Duration::from_secs(1)));
+    let mut r = prepare_marked(SessionKind::Submit, script, Some(Duration::from_secs(1)));
     let t = Instant::now();
     let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
     assert!(
@@ -604,11 +695,11 @@ time.sleep(300)
 async fn an_exited_leader_takes_its_leftover_children_with_it() {
     // A background child keeps the output pipe open; the session still ends promptly.
     let script = r#"
-import subprocess
-p = subprocess.Popen(["sleep", "300"])
-print("child", p.pid, flush=True)
+import subprocess, sys
+p = subprocess.Popen(["sleep", sys.argv[-1]])
+print("child", sys.argv[-1], flush=True)
 "#;
-    let mut r = prepare(SessionKind::Train, script, None);
+    let mut r = prepare_marked(SessionKind::Train, script, None);
     let t = Instant::now();
     let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
     assert_eq!(outcome.exit_code, 0);
@@ -620,29 +711,54 @@ print("child", p.pid, flush=True)
     assert_child_gone(&lines).await;
 }
 
-/// Checks that the process whose pid the script printed as `child PID` is dead (gone or a zombie).
+/// Checks that no process of the host still runs `sleep MARKER` for the marker the script printed as
+/// `child MARKER` (its pid inside the sandbox means nothing outside).
 async fn assert_child_gone(lines: &[LogLine]) {
-    let pid: u32 = texts(lines, "stdout")
+    let marker = texts(lines, "stdout")
         .iter()
         .find_map(|t| t.strip_prefix("child "))
         .expect("the script printed its child")
-        .parse()
-        .unwrap();
+        .to_string();
     for _ in 0..100 {
-        match fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return,
-            Ok(stat)
-                if stat
-                    .rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z')) =>
-            {
-                return;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        if processes_running(&format!("sleep\0{marker}")).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("child `sleep {marker}` outlived its session");
+}
+
+/// Pids of live (not zombie) processes whose command line contains `needle` (arguments joined by NUL).
+fn processes_running(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let zombie = fs::read_to_string(e.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        });
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(needle) {
+            found.push(pid);
         }
     }
-    panic!("child {pid} outlived its session");
+    found
+}
+
+/// [`prepare`] with a unique `sleep` duration as the entry's last argument, to find its child by.
+fn prepare_marked(kind: SessionKind, script: &str, time_limit: Option<Duration>) -> Run {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let marker = format!("300.{nanos:09}");
+    let mut r = prepare(kind, script, time_limit);
+    let spec = r.spec.as_mut().unwrap();
+    spec.command.arg(&marker);
+    r
 }
 
 #[tokio::test]
@@ -661,4 +777,301 @@ async fn a_missing_interpreter_is_a_setup_failure() {
         outcome.reason
     );
     assert!(r.fake.started.lock().unwrap().is_empty());
+}
+
+/// The lines the runner added on stream `nsml` that start with `prefix`.
+fn nsml_lines<'a>(lines: &'a [LogLine], prefix: &str) -> Vec<&'a str> {
+    texts(lines, "nsml")
+        .into_iter()
+        .filter(|t| t.starts_with(prefix))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_sandbox_shows_the_session_and_nothing_else_of_the_host() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        r#"
+import errno, json, os, signal, socket
+home = os.environ["NSML_SESSION_DIR"]
+out = {{}}
+def attempt(name, f):
+    try:
+        out[name] = ["ok", f()]
+    except Exception as e:
+        out[name] = ["error", type(e).__name__]
+def write(p, n=10):
+    with open(p, "wb") as fh:
+        fh.write(b"x" * n)
+    return True
+out["uid"] = [os.getuid(), os.getgid(), os.getgroups()]
+out["procs"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+out["beside"] = sorted(os.listdir(os.path.dirname(home)))
+attempt("secret", lambda: open(os.path.join(os.path.dirname(home), "secret")).read())
+attempt("home", lambda: write(os.path.join(home, "x")))
+attempt("tmp", lambda: write("/tmp/x"))
+attempt("code", lambda: write("written"))
+attempt("data", lambda: write(os.path.join(os.environ["NSML_DATASET_PATH"], "x")))
+attempt("shm", lambda: write("/dev/shm/big", 2 << 20))
+attempt("outside", lambda: socket.create_connection(("192.0.2.1", 80), timeout=1) and True)
+attempt("loopback", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=1) and True)
+attempt("kill_init", lambda: os.kill(1, signal.SIGKILL))
+attempt("init_root", lambda: os.listdir("/proc/1/root"))
+out["sys"] = os.path.exists("/sys")
+out["etc"] = sorted(os.listdir("/etc"))
+print("R " + json.dumps(out), flush=True)
+"#
+    );
+    let mut r = prepare(SessionKind::Train, &script, None);
+    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+    assert_eq!(outcome.exit_code, 0, "{lines:?}");
+    let out = &replies(&lines)[0];
+    if host().owner().is_some() {
+        assert_eq!(out["uid"], serde_json::json!([65534, 65534, []]));
+    }
+    // Its own processes only: the sandbox's init and the entry.
+    assert_eq!(out["procs"], serde_json::json!([1, 2]));
+    // Beside the session directory: only what is mounted for it, never the host's files.
+    assert_eq!(out["beside"], serde_json::json!(["loads", "s"]));
+    let failed = |k: &str| out[k][0] == "error";
+    for k in [
+        "secret",
+        "code",
+        "data",
+        "shm",
+        "outside",
+        "loopback",
+        "kill_init",
+        "init_root",
+    ] {
+        assert!(failed(k), "{k} should have failed: {out}");
+    }
+    assert!(!failed("home") && !failed("tmp"), "{out}");
+    assert_eq!(out["outside"][1], "OSError", "no route out: {out}");
+    assert_eq!(out["loopback"][1], "ConnectionRefusedError", "{out}");
+    assert_eq!(out["sys"], false);
+    let etc: Vec<&str> = out["etc"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        etc.contains(&"passwd") && etc.contains(&"ld.so.cache"),
+        "{etc:?}"
+    );
+    assert!(!etc.contains(&"shadow") && !etc.contains(&"ssh"), "{etc:?}");
+    drop(listener);
+}
+
+#[tokio::test]
+async fn memory_past_the_limit_is_an_out_of_memory_kill() {
+    let resources = Resources {
+        memory_bytes: 64 << 20,
+        ..RESOURCES
+    };
+    let script = "b = bytearray(256 << 20)\nprint('allocated', len(b), flush=True)\n";
+    let mut r = prepare_with(
+        SessionKind::Train,
+        script,
+        None,
+        resources,
+        LimitsConfig::default(),
+    );
+    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+    assert_eq!(
+        (outcome.exit_code, outcome.reason.as_str()),
+        (137, "Killed (out of memory: limit 64M)"),
+        "{lines:?}"
+    );
+    assert!(
+        !texts(&lines, "stdout")
+            .iter()
+            .any(|t| t.starts_with("allocated"))
+    );
+    assert_eq!(
+        nsml_lines(&lines, "Session ended"),
+        ["Session ended: Killed (out of memory: limit 64M)"]
+    );
+}
+
+/// The CPUs a session used on average, from the runner's usage line (the cgroup's accounting).
+fn cpus_used(lines: &[LogLine]) -> f64 {
+    let line = nsml_lines(lines, "Resources used:")
+        .first()
+        .copied()
+        .unwrap_or_else(|| panic!("no usage line in {lines:?}"));
+    line.split('(')
+        .nth(1)
+        .and_then(|r| r.split(" CPUs").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable usage line {line}"))
+}
+
+#[tokio::test]
+async fn four_busy_threads_stay_near_one_cpu() {
+    // hashlib releases the GIL on large inputs, so these threads really run in parallel.
+    let script = r#"
+import hashlib, threading, time
+data = b"x" * (1 << 20)
+def spin():
+    end = time.time() + 3
+    while time.time() < end:
+        hashlib.sha256(data).digest()
+threads = [threading.Thread(target=spin) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+"#;
+    let one_cpu = Resources {
+        cpus: 1,
+        ..RESOURCES
+    };
+    let mut r = prepare_with(
+        SessionKind::Train,
+        script,
+        None,
+        one_cpu,
+        LimitsConfig::default(),
+    );
+    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+    assert_eq!(outcome.exit_code, 0, "{lines:?}");
+    let used = cpus_used(&lines);
+    // The floor only shows the threads ran (other tests share this machine's cores).
+    assert!((0.2..=1.3).contains(&used), "used {used} CPUs with -c 1");
+    assert!(nsml_lines(&lines, "Resources used:")[0].contains("limit 1)"));
+}
+
+#[tokio::test]
+async fn filling_the_session_directory_ends_at_the_disk_limit() {
+    let script = r#"
+import os
+with open(os.path.join(os.environ["NSML_SESSION_DIR"], "fill"), "wb") as fh:
+    for i in range(2000):
+        fh.write(b"x" * (1 << 20))
+        fh.flush()
+        os.fsync(fh.fileno())
+print("wrote 2G", flush=True)
+"#;
+    let limits = LimitsConfig {
+        disk_bytes: 16 << 20,
+        ..LimitsConfig::default()
+    };
+    let mut r = prepare_with(SessionKind::Train, script, None, RESOURCES, limits);
+    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+    assert_eq!(
+        (outcome.exit_code, outcome.reason.as_str()),
+        (
+            137,
+            "Killed (disk limit: the session directory holds more than 16M)"
+        ),
+        "{lines:?}"
+    );
+    assert!(!texts(&lines, "stdout").contains(&"wrote 2G"));
+}
+
+#[tokio::test]
+async fn output_past_the_log_limit_is_dropped_with_one_notice() {
+    let script = r#"
+import sys
+line = "y" * 1023 + "\n"
+for i in range(10 * 1024):
+    sys.stdout.write(line)
+sys.stdout.flush()
+print("done", file=sys.stderr, flush=True)
+"#;
+    let limits = LimitsConfig {
+        log_bytes: 64 << 10,
+        ..LimitsConfig::default()
+    };
+    let mut r = prepare_with(SessionKind::Train, script, None, RESOURCES, limits);
+    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+    assert_eq!((outcome.exit_code, outcome.reason.as_str()), (0, ""));
+    let kept: usize = lines
+        .iter()
+        .filter(|l| l.stream != "nsml")
+        .map(|l| l.text.len() + 1)
+        .sum();
+    assert_eq!(kept, 64 << 10, "exactly the budget of output is kept");
+    assert_eq!(
+        nsml_lines(&lines, "log limit"),
+        ["log limit of 64K reached; further output is dropped"]
+    );
+    assert!(!texts(&lines, "stderr").contains(&"done"));
+}
+
+#[tokio::test]
+async fn a_fork_bomb_stops_at_the_process_limit() {
+    let script = r#"
+import os, sys, time
+n = 0
+try:
+    while True:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print("forked", n, "then", e.errno, flush=True)
+    sys.exit(1)
+"#;
+    let limits = LimitsConfig {
+        pids: 32,
+        ..LimitsConfig::default()
+    };
+    let t = Instant::now();
+    let mut r = prepare_with(SessionKind::Train, script, None, RESOURCES, limits);
+    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    let forked = texts(&lines, "stdout")
+        .iter()
+        .find_map(|t| t.strip_prefix("forked "))
+        .unwrap_or_else(|| panic!("{lines:?}"))
+        .to_string();
+    let n: u32 = forked.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(n < 32, "forked {n} processes under a limit of 32");
+    assert!(forked.ends_with("then 11"), "EAGAIN: {forked}");
+    assert_eq!(
+        (outcome.exit_code, outcome.reason.as_str()),
+        (1, "exited with code 1 (process limit of 32 reached)")
+    );
+}
+
+#[tokio::test]
+async fn stop_reaches_the_participant_process_with_sigterm() {
+    let script = r#"
+import signal, sys, time
+def bye(*_):
+    print("got SIGTERM, saving", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("ready", flush=True)
+time.sleep(300)
+"#;
+    let mut r = prepare(SessionKind::Train, script, None);
+    let (logs, mut rx) = LogSender::channel();
+    let platform: Arc<dyn Platform> = r.fake.clone();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run_process(
+        r.spec.take().unwrap(),
+        platform,
+        logs,
+        stop.clone(),
+    ));
+    while rx.recv().await.unwrap().text != "ready" {}
+    stop.cancel();
+    let outcome = task.await.unwrap();
+    let mut rest = Vec::new();
+    while let Some(l) = rx.recv().await {
+        rest.push(l.text);
+    }
+    assert!(
+        rest.contains(&"got SIGTERM, saving".to_string()),
+        "{rest:?}"
+    );
+    assert_eq!((outcome.exit_code, outcome.stopped), (0, true));
 }

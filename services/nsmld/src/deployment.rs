@@ -246,6 +246,7 @@ impl Deployment {
             python: r.python.clone(),
             sdk_path,
             gpus: nsml_runner::GpuInventory::from_source(&gpus),
+            limits: nsml_runner::LimitsConfig::from_env()?,
         };
         Ok(nsml_runner::LocalExecutor::new(cfg, clients))
     }

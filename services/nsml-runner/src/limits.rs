@@ -1,0 +1,255 @@
+//! The limits a session runs under beyond what it asked for, and how they read to people.
+//!
+//! Memory, CPUs and shared memory come from the session's request ([`nsml_proto::v1::Resources`]);
+//! the process count, the disk written in the session directory and the log volume are the runner's
+//! own policy ([`LimitsConfig`]), the same for every session.
+//!
+//! Disk is enforced by a periodic walk of the session directory ([`disk_usage`]) rather than a
+//! size-capped mount: a tmpfs would hold checkpoints in memory, and a loop-mounted image per session
+//! costs seconds to make. The walk charges every entry at least one 4 KiB block, so a session cannot
+//! exhaust inodes with millions of empty files either. A writer can overshoot the limit by what it
+//! writes between two walks (about a second); the session is then killed and its directory removed.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, RunnerError};
+
+/// Processes and threads a session may have at once (fork bombs stop here).
+pub const DEFAULT_PIDS_LIMIT: u64 = 1024;
+/// Bytes a session may keep in its directory (outside the code, data and checkpoint it was given).
+pub const DEFAULT_DISK_LIMIT: u64 = 100 << 30;
+/// Bytes of output a session may log; later output is read and dropped.
+pub const DEFAULT_LOG_LIMIT: u64 = 100 << 20;
+
+/// The smallest charge for one directory entry in [`disk_usage`].
+const MIN_ENTRY_BYTES: u64 = 4096;
+
+/// The runner's own limits, the same for every session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// `pids.max` of each session's cgroup.
+    pub pids: u64,
+    /// What a session may keep in its directory; past it the session is killed.
+    pub disk_bytes: u64,
+    /// What a session may print; past it output is dropped with one notice.
+    pub log_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            pids: DEFAULT_PIDS_LIMIT,
+            disk_bytes: DEFAULT_DISK_LIMIT,
+            log_bytes: DEFAULT_LOG_LIMIT,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The defaults, overridden by `NSML_RUNNER_PIDS_LIMIT` (a count), `NSML_RUNNER_DISK_LIMIT` and
+    /// `NSML_RUNNER_LOG_LIMIT` (sizes such as `100G`, `64M`).
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// The defaults, overridden by the variables `get` returns.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut cfg = Self::default();
+        let bad = |var: &str, value: &str| RunnerError::Config {
+            what: var.to_string(),
+            why: format!("`{value}` is not a size such as 64M or 100G"),
+        };
+        if let Some(v) = get("NSML_RUNNER_PIDS_LIMIT") {
+            cfg.pids =
+                v.trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| RunnerError::Config {
+                        what: "NSML_RUNNER_PIDS_LIMIT".into(),
+                        why: format!("`{v}` is not a positive count"),
+                    })?;
+        }
+        for (var, slot) in [
+            ("NSML_RUNNER_DISK_LIMIT", &mut cfg.disk_bytes),
+            ("NSML_RUNNER_LOG_LIMIT", &mut cfg.log_bytes),
+        ] {
+            if let Some(v) = get(var) {
+                *slot = parse_size(&v)
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| bad(var, &v))?;
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Parses `64M`, `24G`, `1.5G`, `4096` (binary units, as `--memory` takes them).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit = unit.trim().to_ascii_uppercase();
+    let unit = unit
+        .strip_suffix("IB")
+        .or_else(|| unit.strip_suffix('B'))
+        .unwrap_or(&unit);
+    let power = match unit {
+        "" => 0,
+        "K" => 1,
+        "M" => 2,
+        "G" => 3,
+        "T" => 4,
+        _ => return None,
+    };
+    let value: f64 = num.parse().ok()?;
+    let bytes = (value * 1024f64.powi(power)).round();
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+/// A limit as NSML printed it: `64M`, `24G`, `1.5G`, `512K`, `100` (bytes).
+pub fn size_text(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    for (size, unit) in UNITS {
+        if bytes >= size {
+            if bytes.is_multiple_of(size) {
+                return format!("{}{unit}", bytes / size);
+            }
+            let text = format!("{:.2}", bytes as f64 / size as f64);
+            return format!("{}{unit}", text.trim_end_matches('0').trim_end_matches('.'));
+        }
+    }
+    bytes.to_string()
+}
+
+/// The reason of a session the kernel killed for memory: `Killed (out of memory: limit 24G)`.
+pub fn out_of_memory_reason(limit: u64) -> String {
+    format!("Killed (out of memory: limit {})", size_text(limit))
+}
+
+/// The reason of a session killed for what it kept in its directory.
+pub fn disk_reason(limit: u64) -> String {
+    format!(
+        "Killed (disk limit: the session directory holds more than {})",
+        size_text(limit)
+    )
+}
+
+/// The line that replaces a session's output once it has printed `limit` bytes.
+pub fn log_limit_line(limit: u64) -> String {
+    format!(
+        "log limit of {} reached; further output is dropped",
+        size_text(limit)
+    )
+}
+
+/// What is added to a failed session's reason when it ran into its process limit.
+pub fn pids_note(limit: u64) -> String {
+    format!("process limit of {limit} reached")
+}
+
+/// Bytes kept under `root`, not counting the trees in `exclude` (mount points the session cannot
+/// write). Each entry counts its allocated blocks, and at least [`MIN_ENTRY_BYTES`]; symlinks are not
+/// followed. Entries that vanish during the walk are skipped.
+pub fn disk_usage(root: &Path, exclude: &[PathBuf]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if exclude.contains(&path) {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            total = total.saturating_add((meta.blocks() * 512).max(MIN_ENTRY_BYTES));
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_nsml() {
+        assert_eq!(size_text(64 << 20), "64M");
+        assert_eq!(size_text(24 << 30), "24G");
+        assert_eq!(size_text(3 << 29), "1.5G");
+        assert_eq!(size_text(1536 << 20), "1.5G");
+        assert_eq!(size_text(512 << 10), "512K");
+        assert_eq!(size_text(100), "100");
+        assert_eq!(size_text(2 << 40), "2T");
+        assert_eq!(
+            out_of_memory_reason(64 << 20),
+            "Killed (out of memory: limit 64M)"
+        );
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("1.5g"), Some(3 << 29));
+        assert_eq!(parse_size("100GiB"), Some(100 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("5X"), None);
+    }
+
+    #[test]
+    fn the_environment_overrides_the_defaults() {
+        let vars = |k: &str| match k {
+            "NSML_RUNNER_DISK_LIMIT" => Some("64M".to_string()),
+            "NSML_RUNNER_PIDS_LIMIT" => Some("256".to_string()),
+            _ => None,
+        };
+        let cfg = LimitsConfig::from_vars(vars).unwrap();
+        assert_eq!(
+            cfg,
+            LimitsConfig {
+                pids: 256,
+                disk_bytes: 64 << 20,
+                log_bytes: DEFAULT_LOG_LIMIT
+            }
+        );
+        let err = LimitsConfig::from_vars(|k| {
+            (k == "NSML_RUNNER_LOG_LIMIT").then(|| "plenty".to_string())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("NSML_RUNNER_LOG_LIMIT"), "{err}");
+    }
+
+    #[test]
+    fn disk_usage_counts_blocks_and_entries_but_not_excluded_trees() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("code")).unwrap();
+        std::fs::write(root.join("code/big"), vec![1u8; 1 << 20]).unwrap();
+        std::fs::create_dir_all(root.join("out/deep")).unwrap();
+        std::fs::write(root.join("out/deep/f"), vec![1u8; 256 << 10]).unwrap();
+        for i in 0..10 {
+            std::fs::write(root.join(format!("out/empty{i}")), b"").unwrap();
+        }
+        std::os::unix::fs::symlink("/usr", root.join("out/link")).unwrap();
+        let used = disk_usage(root, &[root.join("code")]);
+        // 256 KiB of data, two directories, ten empty files and a link at 4 KiB each at least.
+        let floor = (256 << 10) + 13 * MIN_ENTRY_BYTES;
+        assert!(used >= floor && used < floor + (64 << 10), "{used}");
+    }
+}
