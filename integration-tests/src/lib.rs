@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod grpc;
+pub mod hostile;
 pub mod scenario;
 
 use anyhow::{Context, bail};
@@ -162,6 +163,11 @@ impl Deployment {
 
     /// Starts `nsmld up` with the given competition manifests instead of the example.
     pub fn embedded_with(competitions: &[PathBuf]) -> anyhow::Result<Self> {
+        Self::embedded_env(competitions, &[])
+    }
+
+    /// Starts `nsmld up` with competition manifests and extra environment for the server.
+    pub fn embedded_env(competitions: &[PathBuf], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let tmp = tempfile::tempdir()?;
         let data_dir = tmp.path().join("data");
         let mut d = Self {
@@ -170,7 +176,10 @@ impl Deployment {
             procs: vec![],
             _tmp: Some(tmp),
             config: None,
-            env: vec![],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             competitions: competitions.to_vec(),
         };
         d.start_embedded()?;
@@ -199,6 +208,7 @@ impl Deployment {
         let mut child = Command::new(bin("nsmld"))
             .args(&args)
             .current_dir(repo_root())
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

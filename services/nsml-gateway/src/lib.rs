@@ -87,7 +87,7 @@ pub async fn serve(
         routes,
         secret: http::HeaderValue::from_str(secret)
             .map_err(|_| GatewayError::Serve(std::io::Error::other("invalid internal secret")))?,
-        limiter: ratelimit::Limiter::new(ratelimit::DEFAULT_RATE, ratelimit::DEFAULT_BURST),
+        limiter: ratelimit::Limiter::from_env(),
     });
     let app = axum::Router::new()
         .route("/", axum::routing::get(index))

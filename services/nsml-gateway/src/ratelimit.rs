@@ -17,6 +17,18 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// The default limiter, or `NSML_RATE_LIMIT` requests per second per caller (burst four times that).
+    pub fn from_env() -> Self {
+        match std::env::var("NSML_RATE_LIMIT")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|r| *r > 0.0)
+        {
+            Some(rate) => Self::new(rate, rate * 4.0),
+            None => Self::new(DEFAULT_RATE, DEFAULT_BURST),
+        }
+    }
+
     pub fn new(rate: f64, burst: f64) -> Self {
         Self {
             rate,
