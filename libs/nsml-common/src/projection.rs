@@ -23,7 +23,6 @@ pub trait ReadModel: Default + Send + Sync + 'static {
 /// A read model kept up to date from the log.
 pub struct Projection<S> {
     state: RwLock<S>,
-    applied: RwLock<std::collections::BTreeSet<u64>>,
     watermark: watch::Sender<u64>,
     ready: watch::Sender<bool>,
 }
@@ -38,7 +37,6 @@ impl<S: ReadModel> Projection<S> {
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let this = Arc::new(Self {
             state: RwLock::new(S::default()),
-            applied: RwLock::new(Default::default()),
             watermark: watch::channel(0).0,
             ready: watch::channel(false).0,
         });
@@ -84,22 +82,14 @@ impl<S: ReadModel> Projection<S> {
     }
 
     fn apply(&self, ev: &StoredEvent) {
-        {
-            let mut applied = self.applied.write();
-            let wm = *self.watermark.borrow();
-            if ev.position <= wm || !applied.insert(ev.position) {
-                return;
-            }
-            self.state.write().apply(ev);
-            // Advance the watermark over the contiguous prefix of applied positions.
-            let mut w = wm;
-            while applied.remove(&(w + 1)) {
-                w += 1;
-            }
-            if w != wm {
-                self.watermark.send_replace(w);
-            }
+        // `subscribe_log` delivers each event once and in position order; a resubscription starts over from
+        // the beginning, so anything at or below the watermark was applied already.
+        let mut state = self.state.write();
+        if ev.position <= *self.watermark.borrow() {
+            return;
         }
+        state.apply(ev);
+        self.watermark.send_replace(ev.position);
     }
 
     /// Reads the state.
