@@ -14,7 +14,8 @@ fn distributed_participant_loop_survives_restart() -> anyhow::Result<()> {
         host.nsml(&["admin", "competition", "apply", "examples/competition.toml"])?
             .ok()?;
         let work = tempfile::tempdir()?;
-        let left = scenario::participant_loop(&dep, work.path())?;
+        let mut left = scenario::participant_loop(&dep, work.path())?;
+        scenario::bad_input(&dep, work.path(), &mut left)?;
         dep.kill_and_restart()?;
         scenario::still_there(&dep, &left)?;
         Ok::<_, anyhow::Error>(())
