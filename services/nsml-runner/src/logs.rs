@@ -153,6 +153,13 @@ pub async fn pump_lines<R: AsyncRead + Unpin>(
                 break;
             }
         };
+        if budget.exceeded() {
+            // Nothing more will be sent: drain without cutting lines.
+            let n = buf.len();
+            reader.consume(n);
+            line.clear();
+            continue;
+        }
         let mut start = 0;
         if after_cr {
             after_cr = false;

@@ -13,8 +13,8 @@
 //! A refusal is `{"ok":false,"error":"..."}` (a service's own message where a service refused). The
 //! socket acts for its own session only: nothing in a request names the session it acts for.
 //! `save` takes a directory inside the session directory only (checked after resolving symlinks) and
-//! is refused in submit sessions, which must not carry test inputs out; `predictions` is accepted
-//! from submit sessions only.
+//! is refused in submit sessions, which must not carry test inputs out; `load` reaches the checkpoints
+//! of the session's own team only; `predictions` is accepted from submit sessions only.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -301,8 +301,16 @@ async fn handle(ctx: &SdkContext, req: Request) -> Result<Value> {
             let session = session
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| ctx.name.clone());
-            nsml_common::names::SessionName::parse(&session)
+            let wanted = nsml_common::names::SessionName::parse(&session)
                 .map_err(|s| RunnerError::Refused(s.message().to_string()))?;
+            // The services trust the runner, so the runner checks: a session loads its own team's
+            // checkpoints only.
+            let own_team = ctx.name.split('/').next().unwrap_or_default();
+            if wanted.team != own_team {
+                return Err(RunnerError::Refused(format!(
+                    "session {session} belongs to another team"
+                )));
+            }
             let dest = ctx
                 .tmp_dir
                 .join(format!("load-{}", uuid::Uuid::new_v4().simple()));

@@ -390,6 +390,11 @@ sys.exit(3)
     );
     assert!(err(7).contains("dataset cannot be saved"), "{}", err(7));
     assert_eq!(err(9), "session rivals/t1-cls/1 belongs to another team");
+    assert_eq!(
+        *r.fake.loads.lock().unwrap(),
+        [("demo/t1-cls/3".to_string(), "best".to_string())],
+        "another team's checkpoint is refused by the runner, never asked of the platform"
+    );
     assert!(
         err(10).contains("only accepted from a submit session"),
         "{}",
