@@ -10,8 +10,8 @@ use nsml_proto::v1::storage_service_client::StorageServiceClient;
 use nsml_proto::v1::submission_service_client::SubmissionServiceClient;
 use nsml_proto::v1::{
     GetSessionRequest, GetSubmissionRequest, LoginRequest, Resources, RunRequest, Session,
-    SessionStatus, Submission, SubmissionStatus, SubmitRequest, UploadCodeChunk, UploadCodeMeta,
-    auth_service_client::AuthServiceClient, upload_code_chunk,
+    SessionStatus, StopRequest, Submission, SubmissionStatus, SubmitRequest, UploadCodeChunk,
+    UploadCodeMeta, auth_service_client::AuthServiceClient, upload_code_chunk,
 };
 use tonic::Request;
 use tonic::metadata::MetadataValue;
@@ -150,6 +150,33 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         anyhow::bail!("session {name} did not end")
+    }
+
+    /// Waits for a session to be running.
+    pub async fn wait_running(&self, name: &str) -> anyhow::Result<()> {
+        for _ in 0..600 {
+            let s = SessionServiceClient::new(self.channel.clone())
+                .get(authed(
+                    GetSessionRequest { name: name.into() },
+                    &self.token,
+                )?)
+                .await?
+                .into_inner();
+            match s.status() {
+                SessionStatus::Running => return Ok(()),
+                SessionStatus::Queued => tokio::time::sleep(Duration::from_millis(50)).await,
+                other => anyhow::bail!("session {name} is {other:?}: {}", s.reason),
+            }
+        }
+        anyhow::bail!("session {name} never ran")
+    }
+
+    /// Stops a session.
+    pub async fn stop(&self, name: &str) -> anyhow::Result<Session> {
+        Ok(SessionServiceClient::new(self.channel.clone())
+            .stop(authed(StopRequest { name: name.into() }, &self.token)?)
+            .await?
+            .into_inner())
     }
 
     /// Submits a checkpoint.

@@ -357,6 +357,28 @@ gpus = "0"
         }
     }
 
+    /// Kills one service's process of a distributed deployment (SIGKILL) and starts it again.
+    pub fn restart_service(&mut self, service: &str) -> anyhow::Result<()> {
+        let i = self
+            .procs
+            .iter()
+            .position(|(args, _)| args.get(1).is_some_and(|a| a == service))
+            .with_context(|| format!("no `{service}` process"))?;
+        let (args, mut child) = self.procs.remove(i);
+        let _ = child.kill();
+        let _ = child.wait();
+        let child = Command::new(bin("nsmld"))
+            .args(&args)
+            .current_dir(repo_root())
+            .envs(self.env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start nsmld")?;
+        self.procs.push((args, child));
+        Ok(())
+    }
+
     fn kill(&mut self) {
         for (_, mut c) in self.procs.drain(..) {
             let _ = c.kill();
