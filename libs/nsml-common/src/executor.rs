@@ -2,6 +2,13 @@
 
 use nsml_proto::v1::Session;
 
+/// What the machines behind an executor offer all sessions at once; `None` is no limit on that resource.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub gpus: Option<u32>,
+    pub cpus: Option<u32>,
+}
+
 /// Starts and stops runners for sessions. The local executor runs them on this machine; a cluster
 /// executor would submit them to a scheduler.
 #[async_trait::async_trait]
@@ -15,4 +22,9 @@ pub trait Executor: Send + Sync + 'static {
 
     /// Names of the sessions whose runners are alive.
     async fn running(&self) -> Vec<String>;
+
+    /// The cluster's capacity: admitted sessions beyond it wait as Queued until capacity frees.
+    fn capacity(&self) -> Capacity {
+        Capacity::default()
+    }
 }

@@ -17,6 +17,7 @@
 //!   loads/ID/                        checkpoints loaded through the SDK (read-only to the session,
 //!                                    written by the runner only, out of the session's reach)
 //!   sockets/                         SDK sockets of sessions whose path would be too long for a socket
+//!   staging/ID/                      a checkpoint being saved, copied there by the session's user
 //!   sandbox/                         the sandbox's /etc/passwd and /etc/group
 //! ```
 //!
@@ -50,7 +51,7 @@ use crate::platform::{FINISH_ATTEMPTS, GrpcPlatform, Platform, extract_download,
 use crate::process::{
     Confinement, DiskWatch, ProcessOutcome, ProcessSpec, STOP_GRACE, run_process,
 };
-use crate::sandbox::{SandboxHost, SandboxSpec, dev_entries, gpu_device_nodes};
+use crate::sandbox::{CheckpointStager, SandboxHost, SandboxSpec, dev_entries, gpu_device_nodes};
 use crate::sdk::SdkContext;
 
 /// The longest socket path used; the kernel's limit is 107 bytes.
@@ -69,6 +70,8 @@ pub struct RunnerConfig {
     pub gpus: GpuInventory,
     /// The runner's own limits on every session (processes, disk, log volume).
     pub limits: LimitsConfig,
+    /// CPUs all sessions on this machine may hold at once (`None`: no limit beyond the teams' quotas).
+    pub cpus: Option<u32>,
 }
 
 impl RunnerConfig {
@@ -80,6 +83,7 @@ impl RunnerConfig {
             sdk_path,
             gpus: GpuInventory::detect(),
             limits: LimitsConfig::default(),
+            cpus: None,
         }
     }
 }
@@ -341,6 +345,11 @@ impl LocalExecutor {
             dirs.loads.clone(),
             vec![dirs.data.clone()],
             Arc::clone(&platform),
+            CheckpointStager::new(
+                launch.sandbox.clone(),
+                dirs.code.clone(),
+                self.cfg.work_dir.join("staging"),
+            ),
         ) {
             Ok(sdk) => sdk,
             Err(e) => {
@@ -660,5 +669,12 @@ impl Executor for LocalExecutor {
         let mut names: Vec<String> = self.live().keys().cloned().collect();
         names.sort();
         names
+    }
+
+    fn capacity(&self) -> nsml_common::executor::Capacity {
+        nsml_common::executor::Capacity {
+            gpus: Some(self.cfg.gpus.total()),
+            cpus: self.cfg.cpus,
+        }
     }
 }

@@ -378,6 +378,7 @@ async fn env(gpus: u32) -> Env {
         sdk_path: sdk_path(),
         gpus: GpuInventory::with_count(gpus),
         limits: Default::default(),
+        cpus: None,
     };
     Env {
         fake,

@@ -27,6 +27,7 @@ use nsml_proto::v1::{
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::dispatch::Dispatcher;
 use crate::domain::{TeamDataset, finish_status};
 use crate::logs::{Live, LogStore};
 use crate::projection::{Entry, Sessions, view};
@@ -42,6 +43,7 @@ pub struct SessionService {
     executor: Arc<dyn Executor>,
     logs: Arc<LogStore>,
     streams: Arc<Aggregates<TeamDataset>>,
+    dispatch: Arc<Dispatcher>,
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<LogLine, Status>> + Send>>;
@@ -94,6 +96,7 @@ impl SessionService {
             executor,
             logs,
             streams,
+            dispatch: Arc::default(),
         }
     }
 
@@ -213,18 +216,54 @@ impl SessionService {
     }
 
     /// Hands an admitted session to the executor; a start failure fails the session.
+    /// Queues an admitted session and starts whatever fits the cluster now; a start failure of this
+    /// session is the caller's error.
     async fn launch(&self, s: &Session, time_limit_secs: u64) -> Result<(), Status> {
-        if let Err(reason) = self.executor.start(s.clone(), time_limit_secs).await {
-            self.fail(&s.name, -1, &reason).await?;
-            return Err(Status::failed_precondition(format!(
+        self.dispatch.enqueue(s.clone(), time_limit_secs);
+        self.pump().await;
+        let failed = self.proj.read(|st| {
+            st.sessions
+                .get(&s.name)
+                .filter(|e| e.session.status() == SessionStatus::Failed)
+                .map(|e| e.session.reason.clone())
+        });
+        match failed {
+            Some(reason) => Err(Status::failed_precondition(format!(
                 "session {} could not start: {reason}",
                 s.name
-            )));
+            ))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    async fn fail(&self, name: &str, exit_code: i32, reason: &str) -> Result<(), Status> {
+    /// Hands every queued session that fits the cluster to the executor.
+    async fn pump(&self) {
+        loop {
+            let ready = self.dispatch.take_ready(self.executor.capacity());
+            if ready.is_empty() {
+                return;
+            }
+            for w in ready {
+                let name = w.session.name.clone();
+                if let Err(reason) = self.executor.start(w.session, w.time_limit_secs).await {
+                    if let Err(err) = self.record_failure(&name, -1, &reason).await {
+                        tracing::error!(session = %name, %err, "could not record a failed start");
+                    }
+                    self.logs.end(&name);
+                    self.dispatch.forget(&name);
+                }
+            }
+        }
+    }
+
+    /// What every ended session needs: followers told, its cluster resources freed for the queue.
+    async fn ended(&self, name: &str) {
+        self.logs.end(name);
+        self.dispatch.forget(name);
+        self.pump().await;
+    }
+
+    async fn record_failure(&self, name: &str, exit_code: i32, reason: &str) -> Result<(), Status> {
         self.transition(
             name,
             |l| l.ended(),
@@ -239,9 +278,16 @@ impl SessionService {
                 "",
             ),
         )
-        .await?;
-        self.logs.end(name);
-        Ok(())
+        .await
+    }
+
+    /// The session as the API shows it, saying why a queued session has not started.
+    fn shown(&self, e: &Entry) -> Session {
+        let mut s = view(e);
+        if self.dispatch.is_waiting(&s.name) {
+            s.reason = "Allocated, not created yet: waiting for free cluster capacity".into();
+        }
+        s
     }
 
     /// Finds a session the caller may see.
@@ -265,7 +311,7 @@ impl SessionService {
     /// stays held by a session that is not running.
     pub(crate) async fn recover_lost_runners(&self) {
         let running = self.executor.running().await;
-        let orphans: Vec<String> = self.proj.read(|s| {
+        let (lost, waiting): (Vec<Entry>, Vec<Entry>) = self.proj.read(|s| {
             s.sessions
                 .values()
                 .filter(|e| !e.rejected && !e.removed)
@@ -275,19 +321,37 @@ impl SessionService {
                         SessionStatus::Queued | SessionStatus::Running | SessionStatus::Stopping
                     )
                 })
-                .map(|e| e.session.name.clone())
-                .filter(|n| !running.contains(n))
-                .collect()
+                .filter(|e| !running.contains(&e.session.name))
+                .cloned()
+                .partition(|e| !(e.admitted && e.session.status() == SessionStatus::Queued))
         });
-        for name in orphans {
-            tracing::warn!(session = %name, "runner lost across a restart; marking the session failed");
-            if let Err(err) = self
-                .fail(&name, -1, "the runner was lost when the platform restarted")
-                .await
-            {
+        // Admitted sessions that were waiting for capacity wait again, in their original order.
+        let mut waiting = waiting;
+        waiting.sort_by_key(|e| (e.session.created_at_ms, e.session.name.clone()));
+        for e in waiting {
+            let limit = match e.session.kind() {
+                SessionKind::Train => 0,
+                _ => self.proj.read(|s| {
+                    s.policies
+                        .get(&e.session.competition)
+                        .map_or(3600, |p| p.submit_time_limit_secs)
+                }),
+            };
+            self.dispatch.enqueue(e.session, limit);
+        }
+        for e in lost {
+            let name = e.session.name;
+            let reason = if e.admitted {
+                "the runner was lost when the platform restarted"
+            } else {
+                "the admission was interrupted by a platform restart; run it again"
+            };
+            tracing::warn!(session = %name, reason, "marking a session failed after a restart");
+            if let Err(err) = self.record_failure(&name, -1, reason).await {
                 tracing::error!(session = %name, %err, "could not mark a lost session");
             }
         }
+        self.pump().await;
     }
 
     async fn stop_session(&self, caller: &Caller, name: &str) -> Result<(), Status> {
@@ -330,7 +394,7 @@ impl SessionService {
                 ),
             )
             .await?;
-            self.logs.end(name);
+            self.ended(name).await;
         }
         Ok(())
     }
@@ -410,7 +474,7 @@ impl SessionApi for SessionService {
         self.launch(&s, 0).await?;
         let out = self
             .proj
-            .read(|st| st.sessions.get(&s.name).map(view))
+            .read(|st| st.sessions.get(&s.name).map(|e| self.shown(e)))
             .unwrap_or(s);
         Ok(Response::new(out))
     }
@@ -441,7 +505,7 @@ impl SessionApi for SessionService {
                         || e.session.memo.contains(&r.search)
                         || e.session.args.contains(&r.search)
                 })
-                .map(view)
+                .map(|e| self.shown(e))
                 .collect()
         });
         sessions.sort_by_key(|s| (s.created_at_ms, s.name.clone()));
@@ -454,7 +518,7 @@ impl SessionApi for SessionService {
     async fn get(&self, req: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
         let caller = Caller::of(&req)?;
         let e = self.authorize(&caller, &req.get_ref().name)?;
-        Ok(Response::new(view(&e)))
+        Ok(Response::new(self.shown(&e)))
     }
 
     type LogsStream = LogStream;
@@ -528,7 +592,7 @@ impl SessionApi for SessionService {
         self.authorize(&caller, &name)?;
         self.stop_session(&caller, &name).await?;
         let e = self.authorize(&caller, &name)?;
-        Ok(Response::new(view(&e)))
+        Ok(Response::new(self.shown(&e)))
     }
 
     async fn remove(
@@ -626,7 +690,7 @@ impl SessionApi for SessionService {
         )
         .await?;
         let e = self.authorize(&caller, &r.name)?;
-        Ok(Response::new(view(&e)))
+        Ok(Response::new(self.shown(&e)))
     }
 
     async fn metrics(
@@ -685,7 +749,7 @@ impl SessionApi for SessionService {
         self.launch(&s, r.time_limit_secs).await?;
         let out = self
             .proj
-            .read(|st| st.sessions.get(&s.name).map(view))
+            .read(|st| st.sessions.get(&s.name).map(|e| self.shown(e)))
             .unwrap_or(s);
         Ok(Response::new(out))
     }
@@ -800,7 +864,7 @@ impl SessionApi for SessionService {
             ),
         };
         self.transition(&r.name, |l| l.ended(), ev).await?;
-        self.logs.end(&r.name);
+        self.ended(&r.name).await;
         Ok(Response::new(Empty {}))
     }
 }

@@ -1,6 +1,7 @@
 //! The session service: training and submit sessions `TEAM/DATASET/N`, from request through admission by the
 //! quota service to the runner's report of the exit, with their logs and metrics.
 
+mod dispatch;
 mod domain;
 mod grpc;
 mod logs;

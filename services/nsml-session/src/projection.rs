@@ -8,9 +8,9 @@ use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     CheckpointDeleted, CheckpointSaved, CompetitionApplied, DatasetRegistered, MemoChanged,
-    MetricPoint, MetricsReported, Policy, Session, SessionExited, SessionFailed, SessionRejected,
-    SessionRemoved, SessionRequested, SessionStarted, SessionStatus, SessionStopRequested,
-    SessionStopped,
+    MetricPoint, MetricsReported, Policy, Session, SessionAdmitted, SessionExited, SessionFailed,
+    SessionRejected, SessionRemoved, SessionRequested, SessionStarted, SessionStatus,
+    SessionStopRequested, SessionStopped,
 };
 
 /// A session as listed, with what only the read model tracks.
@@ -19,6 +19,8 @@ pub struct Entry {
     pub session: Session,
     pub removed: bool,
     pub rejected: bool,
+    /// The quota service granted its resources.
+    pub admitted: bool,
     pub checkpoints: BTreeMap<String, u64>,
     pub metrics: Vec<MetricPoint>,
 }
@@ -56,6 +58,7 @@ impl ReadModel for Sessions {
                         session: s,
                         removed: false,
                         rejected: false,
+                        admitted: false,
                         checkpoints: BTreeMap::new(),
                         metrics: Vec::new(),
                     },
@@ -66,6 +69,8 @@ impl ReadModel for Sessions {
                 s.rejected = true;
                 s.session.reason = e.reason;
             });
+        } else if let Some(e) = decode::<SessionAdmitted>(ev) {
+            self.with(&e.name, |s| s.admitted = true);
         } else if let Some(e) = decode::<SessionStarted>(ev) {
             self.with(&e.name, |s| {
                 s.session.set_status(SessionStatus::Running);

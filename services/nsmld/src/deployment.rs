@@ -49,6 +49,8 @@ pub struct RunnerSection {
     pub python: String,
     /// The directory holding the `nsml` Python package; found next to the binary when unset.
     pub sdk_path: Option<PathBuf>,
+    /// CPUs all sessions may hold at once; admitted sessions beyond it wait as Queued (default: no limit).
+    pub cpus: Option<u32>,
 }
 
 impl Default for RunnerSection {
@@ -57,6 +59,7 @@ impl Default for RunnerSection {
             gpus: "auto".into(),
             python: "python3".into(),
             sdk_path: None,
+            cpus: None,
         }
     }
 }
@@ -86,7 +89,12 @@ fn default_stream() -> String {
 
 impl Config {
     /// The embedded default: everything under `data_dir`.
-    pub fn embedded(data_dir: PathBuf, listen: SocketAddr, gpus: &str) -> anyhow::Result<Self> {
+    pub fn embedded(
+        data_dir: PathBuf,
+        listen: SocketAddr,
+        gpus: &str,
+        cpus: Option<u32>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
         let data_dir = data_dir.canonicalize()?;
@@ -100,6 +108,7 @@ impl Config {
             services: None,
             runner: RunnerSection {
                 gpus: gpus.to_string(),
+                cpus,
                 ..Default::default()
             },
         })
@@ -247,6 +256,7 @@ impl Deployment {
             sdk_path,
             gpus: nsml_runner::GpuInventory::from_source(&gpus),
             limits: nsml_runner::LimitsConfig::from_env()?,
+            cpus: r.cpus,
         };
         Ok(nsml_runner::LocalExecutor::new(cfg, clients))
     }

@@ -37,6 +37,9 @@ enum Command {
         /// GPUs the local runner may hand out: a count, or `auto` to ask nvidia-smi.
         #[arg(long, env = "NSML_GPUS", default_value = "auto")]
         gpus: String,
+        /// CPUs all sessions may hold at once; admitted sessions beyond it wait as Queued (default: no limit).
+        #[arg(long = "cluster-cpus", env = "NSML_CLUSTER_CPUS")]
+        cluster_cpus: Option<u32>,
     },
     /// Runs the named services of a distributed deployment.
     Serve {
@@ -59,8 +62,9 @@ async fn main() -> anyhow::Result<()> {
             listen,
             competitions,
             gpus,
+            cluster_cpus,
         } => {
-            let config = Config::embedded(data_dir, listen, &gpus)?;
+            let config = Config::embedded(data_dir, listen, &gpus, cluster_cpus)?;
             let dep = Deployment::open(config).await?;
             dep.run_embedded(competitions).await
         }

@@ -1,0 +1,188 @@
+//! Admitted sessions wait as Queued ("Allocated, not created yet") until the cluster has room for them.
+//!
+//! A team's quota decides whether a session may hold resources at all; the cluster's capacity (the
+//! executor's configuration) decides when it starts. Sessions start first come, first served within a team,
+//! and a team whose next session does not fit yet does not hold back another team's that does.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use nsml_common::executor::Capacity;
+use nsml_proto::v1::{Resources, Session};
+use parking_lot::Mutex;
+
+/// A session waiting for capacity.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    pub session: Session,
+    pub time_limit_secs: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<Waiting>,
+    /// Sessions handed to the executor and not ended, with what they hold of the cluster.
+    launched: HashMap<String, Resources>,
+}
+
+/// The queue of admitted sessions and the cluster resources launched sessions hold.
+#[derive(Debug, Default)]
+pub struct Dispatcher {
+    state: Mutex<State>,
+}
+
+fn fits(cap: Capacity, used: &Resources, asked: &Resources) -> bool {
+    cap.gpus.is_none_or(|g| used.gpus + asked.gpus <= g)
+        && cap.cpus.is_none_or(|c| used.cpus + asked.cpus <= c)
+}
+
+impl Dispatcher {
+    /// Queues an admitted session.
+    pub fn enqueue(&self, session: Session, time_limit_secs: u64) {
+        let mut st = self.state.lock();
+        if st.launched.contains_key(&session.name)
+            || st.queue.iter().any(|w| w.session.name == session.name)
+        {
+            return;
+        }
+        st.queue.push_back(Waiting {
+            session,
+            time_limit_secs,
+        });
+    }
+
+    /// Takes the queued sessions that fit now and counts them as launched.
+    pub fn take_ready(&self, cap: Capacity) -> Vec<Waiting> {
+        let mut st = self.state.lock();
+        let mut used = st.launched.values().fold(Resources::default(), |mut a, r| {
+            a.gpus += r.gpus;
+            a.cpus += r.cpus;
+            a
+        });
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut ready = Vec::new();
+        let mut rest = VecDeque::new();
+        while let Some(w) = st.queue.pop_front() {
+            let asked = w.session.resources.unwrap_or_default();
+            if !blocked.contains(&w.session.team) && fits(cap, &used, &asked) {
+                used.gpus += asked.gpus;
+                used.cpus += asked.cpus;
+                ready.push(w);
+            } else {
+                // First come, first served within a team: its later sessions wait behind this one.
+                blocked.insert(w.session.team.clone());
+                rest.push_back(w);
+            }
+        }
+        st.queue = rest;
+        for w in &ready {
+            st.launched.insert(
+                w.session.name.clone(),
+                w.session.resources.unwrap_or_default(),
+            );
+        }
+        ready
+    }
+
+    /// Forgets a session that ended or was stopped; returns whether it was still waiting in the queue.
+    pub fn forget(&self, name: &str) -> bool {
+        let mut st = self.state.lock();
+        st.launched.remove(name);
+        let before = st.queue.len();
+        st.queue.retain(|w| w.session.name != name);
+        st.queue.len() != before
+    }
+
+    /// Whether a session is waiting for capacity.
+    pub fn is_waiting(&self, name: &str) -> bool {
+        self.state
+            .lock()
+            .queue
+            .iter()
+            .any(|w| w.session.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(name: &str, gpus: u32, cpus: u32) -> Session {
+        Session {
+            name: name.into(),
+            team: name.split('/').next().unwrap_or_default().into(),
+            resources: Some(Resources {
+                gpus,
+                cpus,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn names(w: &[Waiting]) -> Vec<&str> {
+        w.iter().map(|w| w.session.name.as_str()).collect()
+    }
+
+    const ONE_GPU: Capacity = Capacity {
+        gpus: Some(1),
+        cpus: None,
+    };
+
+    #[test]
+    fn given_a_busy_cluster_when_capacity_frees_then_the_next_session_starts() {
+        let d = Dispatcher::default();
+        d.enqueue(s("a/ds/1", 1, 2), 0);
+        d.enqueue(s("b/ds/1", 1, 2), 0);
+        assert_eq!(names(&d.take_ready(ONE_GPU)), ["a/ds/1"]);
+        assert!(
+            d.take_ready(ONE_GPU).is_empty(),
+            "b waits while a holds the GPU"
+        );
+        assert!(d.is_waiting("b/ds/1"));
+        d.forget("a/ds/1");
+        assert_eq!(names(&d.take_ready(ONE_GPU)), ["b/ds/1"]);
+    }
+
+    #[test]
+    fn a_team_whose_head_does_not_fit_does_not_block_other_teams() {
+        let d = Dispatcher::default();
+        let cap = Capacity {
+            gpus: Some(2),
+            cpus: None,
+        };
+        d.enqueue(s("a/ds/1", 1, 1), 0);
+        assert_eq!(names(&d.take_ready(cap)), ["a/ds/1"]);
+        d.enqueue(s("a/ds/2", 2, 1), 0);
+        d.enqueue(s("a/ds/3", 1, 1), 0);
+        d.enqueue(s("b/ds/1", 1, 1), 0);
+        // a/ds/2 does not fit; a/ds/3 waits behind it (first come, first served in team a); b goes.
+        assert_eq!(names(&d.take_ready(cap)), ["b/ds/1"]);
+        d.forget("a/ds/1");
+        d.forget("b/ds/1");
+        assert_eq!(names(&d.take_ready(cap)), ["a/ds/2"]);
+    }
+
+    #[test]
+    fn cpus_count_too_and_no_capacity_means_no_queue() {
+        let d = Dispatcher::default();
+        let cap = Capacity {
+            gpus: None,
+            cpus: Some(4),
+        };
+        d.enqueue(s("a/ds/1", 0, 3), 0);
+        d.enqueue(s("b/ds/1", 0, 2), 0);
+        assert_eq!(names(&d.take_ready(cap)), ["a/ds/1"]);
+        assert_eq!(names(&d.take_ready(Capacity::default())), ["b/ds/1"]);
+    }
+
+    #[test]
+    fn a_stopped_waiting_session_leaves_the_queue() {
+        let d = Dispatcher::default();
+        d.enqueue(s("a/ds/1", 1, 1), 0);
+        d.enqueue(s("a/ds/2", 1, 1), 0);
+        assert_eq!(names(&d.take_ready(ONE_GPU)), ["a/ds/1"]);
+        assert!(d.forget("a/ds/2"));
+        d.forget("a/ds/1");
+        assert!(d.take_ready(ONE_GPU).is_empty());
+    }
+}
