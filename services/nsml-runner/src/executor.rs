@@ -88,6 +88,28 @@ impl RunnerConfig {
     }
 }
 
+/// Tells the session service, every few seconds, which sessions' runners are alive, until the executor is
+/// dropped; a session whose runner goes silent is failed there, so it holds nothing.
+async fn heartbeats(exec: Weak<LocalExecutor>) {
+    let mut tick = tokio::time::interval(nsml_common::executor::HEARTBEAT_EVERY);
+    loop {
+        tick.tick().await;
+        let Some(me) = exec.upgrade() else {
+            return;
+        };
+        let names: Vec<String> = me.live().keys().cloned().collect();
+        let mut session = me.clients.session.clone();
+        drop(me);
+        if names.is_empty() {
+            continue;
+        }
+        let req = nsml_proto::v1::RunnerHeartbeatRequest { names };
+        if let Err(status) = session.runner_heartbeat(req).await {
+            tracing::warn!(%status, "cannot report the runner's heartbeat");
+        }
+    }
+}
+
 /// Held while one dataset part is fetched into the cache or copied out of it.
 type PartLock = Arc<tokio::sync::Mutex<()>>;
 
@@ -167,14 +189,18 @@ impl LocalExecutor {
         if let Ok(abs) = std::path::absolute(&cfg.work_dir) {
             cfg.work_dir = abs;
         }
-        Arc::new_cyclic(|me| Self {
+        let exec = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             cfg,
             clients,
             live: Mutex::new(HashMap::new()),
             dataset_locks: Mutex::new(HashMap::new()),
             sandbox: tokio::sync::OnceCell::new(),
-        })
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(heartbeats(Arc::downgrade(&exec)));
+        }
+        exec
     }
 
     /// What this machine offers the sandbox; an error (bubblewrap missing, no cgroups) refuses the

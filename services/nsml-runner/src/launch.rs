@@ -112,22 +112,30 @@ pub fn session_env(spec: &EnvSpec) -> Vec<(String, String)> {
 /// sandbox and cgroup, with exactly the given environment. The caller adds the plumbing (pipes,
 /// process group). This is the sandbox's seam.
 pub fn build_command(spec: &LaunchSpec) -> Command {
-    let sb = &spec.sandbox;
+    let mut cmd = sandboxed(&spec.sandbox, &spec.cwd);
+    cmd.arg(&spec.python)
+        .arg("-u")
+        .arg(&spec.entry)
+        .args(&spec.args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
+/// A command that runs, in `sandbox` (and its cgroup) with `cwd` as working directory, the program
+/// and arguments the caller appends, as the sandbox's user. The runner's own helpers that touch
+/// what participant code can change (see [`crate::sandbox::CheckpointStager`]) run this way.
+pub fn sandboxed(sandbox: &SandboxSpec, cwd: &std::path::Path) -> Command {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(JOIN_CGROUP)
         .arg("nsml-sandbox")
-        .arg(sb.cgroup_procs.len().to_string())
-        .args(&sb.cgroup_procs)
-        .arg(sb.bwrap())
-        .args(sb.bwrap_args(&spec.cwd))
-        .args(sb.privilege_drop())
-        .arg(&spec.python)
-        .arg("-u")
-        .arg(&spec.entry)
-        .args(&spec.args)
-        .current_dir(&spec.cwd)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)));
+        .arg(sandbox.cgroup_procs.len().to_string())
+        .args(&sandbox.cgroup_procs)
+        .arg(sandbox.bwrap())
+        .args(sandbox.bwrap_args(cwd))
+        .args(sandbox.privilege_drop())
+        .current_dir(cwd)
+        .env_clear();
     cmd
 }

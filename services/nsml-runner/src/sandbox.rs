@@ -479,6 +479,101 @@ impl SandboxSpec {
     }
 }
 
+/// Copies a directory participant code names (a checkpoint to save) out of its reach before the
+/// runner reads it.
+///
+/// The runner runs as root: reading a path the session can change meanwhile (a directory swapped for
+/// a symlink between the check and the read) could reach any file of the host. So the copy is made
+/// by the session's own user inside its own sandbox, where nothing but the session's view exists,
+/// into a directory that only the runner and that copy see; the runner then packs the copy, which
+/// nothing else can touch. Symlinks are copied as links, never followed.
+#[derive(Debug, Clone)]
+pub struct CheckpointStager {
+    sandbox: SandboxSpec,
+    cwd: PathBuf,
+    staging: PathBuf,
+}
+
+/// A staged copy; [`StagedDir::remove`] deletes it.
+#[derive(Debug)]
+pub struct StagedDir {
+    root: PathBuf,
+    /// The copied directory.
+    pub path: PathBuf,
+}
+
+impl StagedDir {
+    /// Deletes the copy.
+    pub async fn remove(self) {
+        crate::archive::remove_tree(&self.root).await;
+    }
+}
+
+impl CheckpointStager {
+    /// Copies run in `sandbox` (the session's) with working directory `cwd`, into fresh directories
+    /// under `staging` (the runner's, never mounted into the session's sandbox).
+    pub fn new(sandbox: SandboxSpec, cwd: PathBuf, staging: PathBuf) -> Self {
+        Self {
+            sandbox,
+            cwd,
+            staging,
+        }
+    }
+
+    /// Copies `src` (a path as the session sees it) and, when `consume`, removes `src` afterwards
+    /// (as far as the session could), both as the session's user in its sandbox; returns the copy.
+    pub async fn stage(&self, src: &Path, consume: bool) -> Result<StagedDir> {
+        let root = self.staging.join(uuid::Uuid::new_v4().simple().to_string());
+        std::fs::create_dir_all(&root)
+            .map_err(|e| RunnerError::io(format!("cannot create {}", root.display()), e))?;
+        if let Some((uid, gid)) = self.sandbox.host.owner() {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid)).map_err(|e| {
+                RunnerError::io(format!("cannot hand {} to the sandbox", root.display()), e)
+            })?;
+        }
+        let staged = StagedDir {
+            path: root.join("ckpt"),
+            root: root.clone(),
+        };
+        let mut sandbox = self.sandbox.clone();
+        sandbox.writable.push(root);
+        let mut cmd = crate::launch::sandboxed(&sandbox, &self.cwd);
+        cmd.args(["/bin/sh", "-c"])
+            .arg("cp -a --reflink=auto -- \"$1\" \"$2\" || exit 1; [ \"$3\" = 1 ] && rm -rf -- \"$1\"; exit 0")
+            .arg("nsml-stage")
+            .arg(src)
+            .arg(&staged.path)
+            .arg(if consume { "1" } else { "0" })
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let out = match cmd.output().await {
+            Ok(out) => out,
+            Err(e) => {
+                staged.remove().await;
+                return Err(RunnerError::io("cannot start the checkpoint copy", e));
+            }
+        };
+        // Only a real directory is packed: a link here would be read in the runner's view.
+        let is_dir = std::fs::symlink_metadata(&staged.path).is_ok_and(|m| m.is_dir());
+        if !out.status.success() || !is_dir {
+            let why = String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("not a directory")
+                .to_string();
+            staged.remove().await;
+            return Err(RunnerError::Refused(format!(
+                "cannot save `{}`: {why}",
+                src.display()
+            )));
+        }
+        Ok(staged)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,8 @@
 //!
 //! A refusal is `{"ok":false,"error":"..."}` (a service's own message where a service refused). The
 //! socket acts for its own session only: nothing in a request names the session it acts for.
-//! `save` takes a directory inside the session directory only (checked after resolving symlinks) and
+//! `save` takes a directory inside the session directory only (checked after resolving symlinks),
+//! read through a copy the session's own user makes in its sandbox (see [`CheckpointStager`]), and
 //! is refused in submit sessions, which must not carry test inputs out; `load` reaches the checkpoints
 //! of the session's own team only; `predictions` is accepted from submit sessions only.
 
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, RunnerError};
 use crate::platform::Platform;
+use crate::sandbox::CheckpointStager;
 
 /// The longest request line accepted (predictions of a large test set); the gRPC limit is the same.
 pub const MAX_REQUEST_BYTES: usize = nsml_common::clients::MAX_MESSAGE_BYTES;
@@ -50,6 +52,8 @@ pub struct SdkContext {
     /// Directories not to be saved as checkpoints (the dataset).
     pub no_save: Vec<PathBuf>,
     pub platform: Arc<dyn Platform>,
+    /// Copies a directory to save out of the session's reach before it is read.
+    pub stager: CheckpointStager,
     last_summary: Mutex<String>,
 }
 
@@ -62,6 +66,7 @@ impl SdkContext {
         tmp_dir: PathBuf,
         no_save: Vec<PathBuf>,
         platform: Arc<dyn Platform>,
+        stager: CheckpointStager,
     ) -> Result<Self> {
         let canon = |p: &Path| {
             p.canonicalize()
@@ -77,6 +82,7 @@ impl SdkContext {
                 .filter_map(|p| p.canonicalize().ok())
                 .collect(),
             platform,
+            stager,
             last_summary: Mutex::new("{}".to_string()),
         })
     }
@@ -284,13 +290,16 @@ async fn handle(ctx: &SdkContext, req: Request) -> Result<Value> {
             }
             check_checkpoint(&checkpoint)?;
             let dir = save_dir(ctx, &path)?;
-            ctx.platform
-                .save_checkpoint(&checkpoint, &ctx.last_summary(), &dir)
-                .await?;
-            // The SDK hands the directory over once saved; drop it so sessions do not fill the disk.
-            if dir.starts_with(ctx.session_dir.join("ckpt-tmp")) {
-                crate::archive::remove_tree(&dir).await;
-            }
+            // The SDK hands its own directories over once saved: they go, so sessions do not fill
+            // the disk (removed by the copy, as the session's user).
+            let consume = dir.starts_with(ctx.session_dir.join("ckpt-tmp"));
+            let staged = ctx.stager.stage(&dir, consume).await?;
+            let saved = ctx
+                .platform
+                .save_checkpoint(&checkpoint, &ctx.last_summary(), &staged.path)
+                .await;
+            staged.remove().await;
+            saved?;
             Ok(Value::Null)
         }
         Request::Load {

@@ -15,7 +15,7 @@ use nsml_runner::limits::LimitsConfig;
 use nsml_runner::logs::LogSender;
 use nsml_runner::platform::Platform;
 use nsml_runner::process::{Confinement, DiskWatch, ProcessOutcome, ProcessSpec, run_process};
-use nsml_runner::sandbox::{SandboxHost, SandboxSpec};
+use nsml_runner::sandbox::{CheckpointStager, SandboxHost, SandboxSpec};
 use nsml_runner::sdk::SdkContext;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -102,6 +102,7 @@ struct Run {
     root: PathBuf,
     fake: Arc<Fake>,
     spec: Option<ProcessSpec>,
+    stager: CheckpointStager,
 }
 
 const SDK_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../clients/python");
@@ -230,6 +231,11 @@ fn prepare_with(
         resources,
         sandbox,
     };
+    let stager = CheckpointStager::new(
+        launch.sandbox.clone(),
+        root.join("code"),
+        tmp.path().join("staging"),
+    );
     let platform: Arc<dyn Platform> = fake.clone();
     let sdk = SdkContext::new(
         "demo/t1-cls/3".into(),
@@ -238,6 +244,7 @@ fn prepare_with(
         loads,
         vec![root.join("data")],
         platform,
+        stager.clone(),
     )
     .unwrap();
     let spec = ProcessSpec {
@@ -266,6 +273,7 @@ fn prepare_with(
         root,
         fake,
         spec: Some(spec),
+        stager,
     }
 }
 
@@ -1079,4 +1087,49 @@ time.sleep(300)
         "{rest:?}"
     );
     assert_eq!((outcome.exit_code, outcome.stopped), (0, true));
+}
+
+#[tokio::test]
+async fn a_saved_directory_is_read_in_the_sessions_view_only() {
+    let r = prepare(SessionKind::Train, "", None);
+    // The socket exists while a session runs; the sandbox binds it.
+    fs::write(r.root.join("nsml.sock"), "").unwrap();
+    let host_dir = r.root.parent().unwrap().join("host-only");
+    fs::create_dir_all(&host_dir).unwrap();
+    fs::write(host_dir.join("key"), "host key").unwrap();
+    // What a swap after the runner's check leaves: a path in the session that leads out of it.
+    let out = r.root.join("out");
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join("weights"), "w").unwrap();
+    if let Some((uid, gid)) = host().owner() {
+        for p in [out.clone(), out.join("weights")] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(&host_dir, r.root.join("swapped")).unwrap();
+
+    let staged = r.stager.stage(&out, false).await.unwrap();
+    assert_eq!(
+        fs::read_to_string(staged.path.join("weights")).unwrap(),
+        "w"
+    );
+    staged.remove().await;
+    assert!(out.exists(), "kept unless handed over");
+
+    for path in [r.root.join("swapped"), r.root.join("swapped/.")] {
+        let err = r.stager.stage(&path, false).await.unwrap_err();
+        assert!(err.to_string().starts_with("cannot save"), "{err}");
+    }
+    let consumed = r.stager.stage(&out, true).await.unwrap();
+    assert!(!out.exists(), "a handed-over directory is removed");
+    consumed.remove().await;
+    assert_eq!(
+        fs::read_dir(r.root.parent().unwrap().join("staging"))
+            .unwrap()
+            .count(),
+        0,
+        "copies are removed"
+    );
+    let mut r = r;
+    r.spec.take().unwrap().confinement.cgroup.remove().await;
 }
