@@ -96,10 +96,9 @@ pub struct SandboxHost {
     cgroups: CgroupParent,
 }
 
-/// Finds `name` on the runner's `PATH`.
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+/// Finds `name` in the directories of `search` (a `PATH` value).
+fn which(search: Option<&std::ffi::OsStr>, name: &str) -> Option<PathBuf> {
+    std::env::split_paths(search?)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -149,7 +148,23 @@ impl SandboxHost {
     /// the interpreter's directories may contain a path of `protected` (the platform's data) or the
     /// runner's home directory.
     pub fn detect(python: &str, state_dir: &Path, protected: &[PathBuf]) -> Result<Self> {
-        let bwrap = which("bwrap").ok_or_else(|| RunnerError::Sandbox(BWRAP_MISSING.into()))?;
+        Self::detect_in(
+            std::env::var_os("PATH").as_deref(),
+            python,
+            state_dir,
+            protected,
+        )
+    }
+
+    /// [`detect`](Self::detect) with the tools looked up in `search` instead of the runner's `PATH`.
+    pub fn detect_in(
+        search: Option<&std::ffi::OsStr>,
+        python: &str,
+        state_dir: &Path,
+        protected: &[PathBuf],
+    ) -> Result<Self> {
+        let bwrap =
+            which(search, "bwrap").ok_or_else(|| RunnerError::Sandbox(BWRAP_MISSING.into()))?;
         let version = std::process::Command::new(&bwrap)
             .arg("--version")
             .output()
@@ -162,7 +177,7 @@ impl SandboxHost {
             );
         }
         let privilege = if rustix::process::geteuid().is_root() {
-            let setpriv = which("setpriv").ok_or_else(|| {
+            let setpriv = which(search, "setpriv").ok_or_else(|| {
                 RunnerError::Sandbox(
                     "setpriv (util-linux) is required to run participant code unprivileged: install it"
                         .into(),
@@ -761,6 +776,22 @@ mod tests {
         assert!(!nodes.iter().any(|n| n.ends_with("nvidia0")));
         // No driver, no nodes.
         assert!(gpu_device_nodes(&["null".to_string()], &[0]).is_empty());
+    }
+
+    #[test]
+    fn without_bubblewrap_nothing_runs_and_the_error_says_what_to_install() {
+        let empty = tempfile::tempdir().unwrap();
+        let err = SandboxHost::detect_in(
+            Some(empty.path().as_os_str()),
+            "python3",
+            &empty.path().join("state"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bubblewrap (bwrap) is required to run participant code: install it"
+        );
     }
 
     #[test]
