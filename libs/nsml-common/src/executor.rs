@@ -1,6 +1,13 @@
 //! The contract between the session service and whatever starts sessions' runners.
 
+use std::time::Duration;
+
 use nsml_proto::v1::Session;
+
+/// How often a runner reports that its sessions are alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// Silence after which a running session's runner counts as lost.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the machines behind an executor offer all sessions at once; `None` is no limit on that resource.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -33,6 +33,7 @@ const INTERNAL_METHODS: &[&str] = &[
     "/nsml.v1.SessionService/RunnerLogs",
     "/nsml.v1.SessionService/RunnerReport",
     "/nsml.v1.SessionService/RunnerFinished",
+    "/nsml.v1.SessionService/RunnerHeartbeat",
     "/nsml.v1.QuotaService/Admit",
     "/nsml.v1.SubmissionService/RunnerPredictions",
 ];

@@ -33,6 +33,7 @@ struct State {
     reports: Vec<RunnerReportRequest>,
     saved: Vec<(CheckpointMeta, Vec<u8>)>,
     predictions: Vec<RunnerPredictionsRequest>,
+    heartbeats: Vec<Vec<String>>,
 }
 
 #[derive(Clone, Default)]
@@ -134,6 +135,18 @@ impl SessionService for Fake {
         let open = st.log_streams_open;
         st.finished.push((r.into_inner(), open));
         self.finished.notify_waiters();
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn runner_heartbeat(
+        &self,
+        r: Request<nsml_proto::v1::RunnerHeartbeatRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.state
+            .lock()
+            .unwrap()
+            .heartbeats
+            .push(r.into_inner().names);
         Ok(Response::new(Empty {}))
     }
 }
@@ -740,4 +753,35 @@ fn is_empty_or_missing(p: &Path) -> bool {
     std::fs::read_dir(p)
         .map(|mut d| d.next().is_none())
         .unwrap_or(true)
+}
+
+#[tokio::test]
+async fn the_runner_reports_its_live_sessions_by_heartbeat() {
+    let e = env(0).await;
+    e.add_code("hb", &[("main.py", "import time\ntime.sleep(300)\n")]);
+    e.exec
+        .start(session("demo/t1-cls/11", SessionKind::Train, "hb", 0), 0)
+        .await
+        .unwrap();
+    let every = nsml_common::executor::HEARTBEAT_EVERY;
+    tokio::time::timeout(every * 3, async {
+        loop {
+            let beat = e
+                .fake
+                .state
+                .lock()
+                .unwrap()
+                .heartbeats
+                .iter()
+                .any(|names| names.iter().any(|n| n == "demo/t1-cls/11"));
+            if beat {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no heartbeat named the live session");
+    assert!(e.exec.stop("demo/t1-cls/11").await);
+    e.finished("demo/t1-cls/11").await;
 }

@@ -5,6 +5,7 @@
 //! and a team whose next session does not fit yet does not hold back another team's that does.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use nsml_common::executor::Capacity;
 use nsml_proto::v1::{Resources, Session};
@@ -21,7 +22,14 @@ pub struct Waiting {
 struct State {
     queue: VecDeque<Waiting>,
     /// Sessions handed to the executor and not ended, with what they hold of the cluster.
-    launched: HashMap<String, Resources>,
+    launched: HashMap<String, Launched>,
+}
+
+#[derive(Debug)]
+struct Launched {
+    resources: Resources,
+    /// When its runner last reported (or when it was launched).
+    last_seen: Instant,
 }
 
 /// The queue of admitted sessions and the cluster resources launched sessions hold.
@@ -52,10 +60,14 @@ impl Dispatcher {
 
     /// Takes the queued sessions that fit now and counts them as launched.
     pub fn take_ready(&self, cap: Capacity) -> Vec<Waiting> {
+        self.take_ready_at(cap, Instant::now())
+    }
+
+    fn take_ready_at(&self, cap: Capacity, now: Instant) -> Vec<Waiting> {
         let mut st = self.state.lock();
-        let mut used = st.launched.values().fold(Resources::default(), |mut a, r| {
-            a.gpus += r.gpus;
-            a.cpus += r.cpus;
+        let mut used = st.launched.values().fold(Resources::default(), |mut a, l| {
+            a.gpus += l.resources.gpus;
+            a.cpus += l.resources.cpus;
             a
         });
         let mut blocked: HashSet<String> = HashSet::new();
@@ -77,10 +89,36 @@ impl Dispatcher {
         for w in &ready {
             st.launched.insert(
                 w.session.name.clone(),
-                w.session.resources.unwrap_or_default(),
+                Launched {
+                    resources: w.session.resources.unwrap_or_default(),
+                    last_seen: now,
+                },
             );
         }
         ready
+    }
+
+    /// Records that the runners of `names` are alive.
+    pub fn heard_from(&self, names: &[String], now: Instant) {
+        let mut st = self.state.lock();
+        for n in names {
+            if let Some(l) = st.launched.get_mut(n) {
+                l.last_seen = now;
+            }
+        }
+    }
+
+    /// Launched sessions whose runner has not reported for longer than `timeout`.
+    pub fn silent(&self, timeout: Duration, now: Instant) -> Vec<String> {
+        let st = self.state.lock();
+        let mut names: Vec<String> = st
+            .launched
+            .iter()
+            .filter(|(_, l)| now.saturating_duration_since(l.last_seen) > timeout)
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// Forgets a session that ended or was stopped; returns whether it was still waiting in the queue.
@@ -173,6 +211,21 @@ mod tests {
         d.enqueue(s("b/ds/1", 0, 2), 0);
         assert_eq!(names(&d.take_ready(cap)), ["a/ds/1"]);
         assert_eq!(names(&d.take_ready(Capacity::default())), ["b/ds/1"]);
+    }
+
+    #[test]
+    fn a_runner_that_goes_silent_is_found() {
+        let d = Dispatcher::default();
+        let t0 = Instant::now();
+        d.enqueue(s("a/ds/1", 0, 1), 0);
+        d.enqueue(s("b/ds/1", 0, 1), 0);
+        assert_eq!(d.take_ready_at(Capacity::default(), t0).len(), 2);
+        let timeout = Duration::from_secs(30);
+        d.heard_from(&["a/ds/1".to_string()], t0 + Duration::from_secs(20));
+        assert!(d.silent(timeout, t0 + Duration::from_secs(25)).is_empty());
+        assert_eq!(d.silent(timeout, t0 + Duration::from_secs(31)), ["b/ds/1"]);
+        d.forget("b/ds/1");
+        assert_eq!(d.silent(timeout, t0 + Duration::from_secs(51)), ["a/ds/1"]);
     }
 
     #[test]

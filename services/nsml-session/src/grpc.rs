@@ -19,10 +19,10 @@ use nsml_proto::v1::{
     AdmitRequest, DeleteCheckpointRequest, Empty, GetSessionRequest, ListSessionsRequest,
     ListSessionsResponse, LogLine, LogsRequest, MemoChanged, MemoRequest, MetricsReported,
     MetricsRequest, MetricsResponse, RemoveRequest, RemoveResponse, Resources, RunRequest,
-    RunnerFinishedRequest, RunnerLogBatch, RunnerReportRequest, RunnerStartedRequest, Session,
-    SessionAdmitted, SessionExited, SessionFailed, SessionKind, SessionRejected, SessionRemoved,
-    SessionRequested, SessionStarted, SessionStatus, SessionStopRequested, SessionStopped,
-    StartSubmitRequest,
+    RunnerFinishedRequest, RunnerHeartbeatRequest, RunnerLogBatch, RunnerReportRequest,
+    RunnerStartedRequest, Session, SessionAdmitted, SessionExited, SessionFailed, SessionKind,
+    SessionRejected, SessionRemoved, SessionRequested, SessionStarted, SessionStatus,
+    SessionStopRequested, SessionStopped, StartSubmitRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -253,6 +253,24 @@ impl SessionService {
                     self.dispatch.forget(&name);
                 }
             }
+        }
+    }
+
+    /// Fails the launched sessions whose runner stopped reporting, so that they hold nothing.
+    pub(crate) async fn sweep_silent_runners(&self) {
+        let timeout = nsml_common::executor::HEARTBEAT_TIMEOUT;
+        for name in self.dispatch.silent(timeout, std::time::Instant::now()) {
+            let reason = format!(
+                "the runner stopped reporting: no heartbeat for {} seconds",
+                timeout.as_secs()
+            );
+            tracing::warn!(session = %name, "{reason}");
+            if let Err(err) = self.record_failure(&name, -1, &reason).await {
+                tracing::error!(session = %name, %err, "could not fail a session whose runner is lost");
+                continue;
+            }
+            self.executor.stop(&name).await;
+            self.ended(&name).await;
         }
     }
 
@@ -819,6 +837,16 @@ impl SessionApi for SessionService {
             .await
             .map_err(|e| status::store("recording metrics", e))?;
         self.settle(a.last_position).await;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn runner_heartbeat(
+        &self,
+        req: Request<RunnerHeartbeatRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        Caller::of(&req)?.require_service()?;
+        self.dispatch
+            .heard_from(&req.into_inner().names, std::time::Instant::now());
         Ok(Response::new(Empty {}))
     }
 

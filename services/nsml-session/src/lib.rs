@@ -55,12 +55,24 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, SessionError> {
         Arc::new(logs::LogStore::new(log_dir)),
     );
     svc.recover_lost_runners().await;
+    let sweeper = {
+        let (svc, cancel) = (svc.clone(), ctx.cancel.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(nsml_common::executor::HEARTBEAT_EVERY);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => svc.sweep_silent_runners().await,
+                }
+            }
+        })
+    };
     let server = SessionServiceServer::new(svc)
         .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
     Ok(Started {
         routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
         names: vec!["nsml.v1.SessionService"],
-        tasks: vec![task],
+        tasks: vec![task, sweeper],
     })
 }
