@@ -11,6 +11,9 @@
 //!
 //! A process joins by writing its pid to every `cgroup.procs` of its session before it runs anything
 //! (see [`crate::launch::build_command`]); everything it starts afterwards is held there too.
+//!
+//! Each runner keeps its sessions under `nsml/runner-PID/`, and at start-up removes what runners no
+//! longer alive left there (a runner killed outright cannot remove its sessions' cgroups itself).
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -132,11 +135,11 @@ impl CgroupParent {
         if root.join("cgroup.controllers").is_file() {
             Self::detect_v2(root, proc_self_cgroup, pid)
         } else {
-            Self::detect_v1(root, proc_self_cgroup)
+            Self::detect_v1(root, proc_self_cgroup, pid)
         }
     }
 
-    fn detect_v1(root: &Path, own: &str) -> Result<Self> {
+    fn detect_v1(root: &Path, own: &str, pid: u32) -> Result<Self> {
         let parent = |controller: &str| -> Result<PathBuf> {
             let mount = root.join(controller);
             if !mount.join("cgroup.procs").is_file() {
@@ -146,7 +149,9 @@ impl CgroupParent {
                     root.display()
                 )));
             }
-            let dir = below(&mount, own_path(own, controller).as_deref()).join("nsml");
+            let all = below(&mount, own_path(own, controller).as_deref()).join("nsml");
+            sweep(&all, pid);
+            let dir = all.join(format!("runner-{pid}"));
             std::fs::create_dir_all(&dir).map_err(|e| io_err("cannot create", &dir, e))?;
             Ok(dir)
         };
@@ -189,7 +194,11 @@ impl CgroupParent {
                 ))
             })?;
         }
-        let parent = base.join("nsml");
+        let all = base.join("nsml");
+        std::fs::create_dir_all(&all).map_err(|e| io_err("cannot create", &all, e))?;
+        write(&all.join("cgroup.subtree_control"), enable)?;
+        sweep(&all, pid);
+        let parent = all.join(format!("runner-{pid}"));
         std::fs::create_dir_all(&parent).map_err(|e| io_err("cannot create", &parent, e))?;
         write(&parent.join("cgroup.subtree_control"), enable)?;
         Ok(Self {
@@ -420,6 +429,32 @@ impl SessionCgroup {
     }
 }
 
+/// Removes, under `all`, the session cgroups of runners other than `own` that are no longer running
+/// (`runner-PID/` with no process PID), and their directories. Cgroups still holding processes stay.
+fn sweep(all: &Path, own: u32) {
+    let Ok(entries) = std::fs::read_dir(all) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("runner-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == own || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(sessions) = std::fs::read_dir(e.path()) {
+            for s in sessions.flatten().filter(|s| s.path().is_dir()) {
+                let _ = std::fs::remove_dir(s.path());
+            }
+        }
+        let _ = std::fs::remove_dir(e.path());
+    }
+}
+
 /// The parent pid of `pid`, from `/proc/PID/stat`.
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -535,7 +570,9 @@ mod tests {
         .unwrap();
         std::fs::write(mem.join("memory.max_usage_in_bytes"), "67108864\n").unwrap();
         std::fs::write(pids.join("pids.events"), "max 7\n").unwrap();
-        let cpuacct = root.join("cpuacct/nsml").join(mem.file_name().unwrap());
+        let cpuacct = root
+            .join("cpuacct/nsml/runner-42")
+            .join(mem.file_name().unwrap());
         std::fs::write(cpuacct.join("cpuacct.usage"), "2500000000\n").unwrap();
         assert_eq!(
             cg.usage(),
@@ -546,6 +583,24 @@ mod tests {
                 pids_limit_hits: 7
             }
         );
+    }
+
+    #[test]
+    fn cgroups_left_by_dead_runners_are_swept_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fake_v1(root);
+        let all = root.join("pids/svc/nsml");
+        // A runner that died (no such pid) left an empty session cgroup; pid 1 is alive.
+        let dead = all.join(format!("runner-{}", u32::MAX - 1));
+        std::fs::create_dir_all(dead.join("demo-t1-cls-1-0000")).unwrap();
+        std::fs::create_dir_all(all.join("runner-1/demo-t1-cls-2-0000")).unwrap();
+        std::fs::create_dir_all(all.join("elsewhere")).unwrap();
+        CgroupParent::detect_at(root, SELF_V1, 42).unwrap();
+        assert!(!dead.exists());
+        assert!(all.join("runner-1/demo-t1-cls-2-0000").exists());
+        assert!(all.join("elsewhere").exists());
+        assert!(all.join("runner-42").is_dir());
     }
 
     #[test]
