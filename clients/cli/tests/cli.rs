@@ -386,6 +386,7 @@ impl SessionService for Mock {
         runner_logs(Streaming<pb::RunnerLogBatch>) -> pb::Empty;
         runner_report(pb::RunnerReportRequest) -> pb::Empty;
         runner_finished(pb::RunnerFinishedRequest) -> pb::Empty;
+        runner_heartbeat(pb::RunnerHeartbeatRequest) -> pb::Empty;
     }
 }
 
