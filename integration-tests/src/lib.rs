@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod access;
 pub mod grpc;
 pub mod hostile;
 pub mod scenario;

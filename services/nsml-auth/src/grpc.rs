@@ -148,13 +148,56 @@ impl AuthService {
         v.strip_prefix("Bearer ").map(|t| t.trim().to_string())
     }
 
+    /// Refuses to change the password of an existing user whom `caller` does not manage. Administrators
+    /// (and the platform's services) manage everyone; a host manages the users who are not administrators
+    /// and belong, as members or hosts, to no competition the host does not host. Otherwise a host of one
+    /// competition could take over the administrator's account, or another competition's.
+    fn check_may_set_password(&self, caller: &Caller, username: &str) -> Result<(), Status> {
+        if caller.is_admin() || caller.is_service() {
+            return Ok(());
+        }
+        let refusal = self.proj.read(|s| {
+            let user = s.users.get(username)?;
+            if user.admin {
+                return Some(format!(
+                    "user `{username}` is a platform administrator: only an administrator may change their password"
+                ));
+            }
+            let id = s.identity(username)?;
+            id.memberships
+                .iter()
+                .map(|m| &m.competition)
+                .chain(&id.hosts)
+                .find(|c| !caller.is_host_of(c))
+                .map(|c| {
+                    format!(
+                        "user `{username}` takes part in competition `{c}`, which you do not host: only its hosts may change their password"
+                    )
+                })
+        });
+        match refusal {
+            Some(why) => Err(Status::permission_denied(why)),
+            None => Ok(()),
+        }
+    }
+
     /// Registers the user if new (with a password) or sets a new password.
-    async fn ensure_user(&self, username: &str, password: &str, actor: &str) -> Result<(), Status> {
+    async fn ensure_user(
+        &self,
+        caller: &Caller,
+        username: &str,
+        password: &str,
+    ) -> Result<(), Status> {
         check_ident("user", username)?;
         let exists = self.proj.read(|s| s.users.contains_key(username));
         if password.is_empty() && exists {
             return Ok(());
         }
+        if exists {
+            self.check_may_set_password(caller, username)?;
+        }
+        let actor = caller.actor();
+        let actor = actor.as_str();
         // A user listed without a password can't log in until a host sets one.
         let hash = if password.is_empty() {
             String::new()
@@ -335,7 +378,12 @@ impl AuthApi for AuthService {
             ));
         }
         let actor = caller.actor();
-        self.ensure_user(&r.username, &r.password, &actor).await?;
+        // Refused before anything changes: a user already in another team of one of the competitions.
+        for c in &competitions {
+            self.proj
+                .read(|s| self.membership_event(s, &r.team, &r.username, c, &actor))?;
+        }
+        self.ensure_user(&caller, &r.username, &r.password).await?;
         self.ensure_team(&r.team, &actor).await?;
         for c in competitions {
             let ev = self
@@ -377,6 +425,21 @@ impl AuthApi for AuthService {
                 ));
             }
         }
+        let taken = self.proj.read(|s| {
+            c.datasets.iter().find_map(|d| {
+                s.owner_of_dataset(&d.name)
+                    .filter(|owner| *owner != c.id)
+                    .map(|owner| (d.name.clone(), owner.to_string()))
+            })
+        });
+        if let Some((dataset, owner)) = taken {
+            return Err(Status::already_exists(format!(
+                "dataset `{dataset}` belongs to competition `{owner}`: a dataset is in one competition only"
+            )));
+        }
+        for u in r.users.iter().filter(|u| !u.password.is_empty()) {
+            self.check_may_set_password(&caller, &u.username)?;
+        }
         c.policy = Some(policy_defaults(c.policy));
         c.policy_version = match &existing {
             Some(old) if old.policy == c.policy => old.policy_version,
@@ -386,10 +449,10 @@ impl AuthApi for AuthService {
         c.private_revealed = existing.as_ref().is_some_and(|o| o.private_revealed);
         let actor = caller.actor();
         for u in &r.users {
-            self.ensure_user(&u.username, &u.password, &actor).await?;
+            self.ensure_user(&caller, &u.username, &u.password).await?;
         }
         for h in &c.hosts {
-            self.ensure_user(h, "", &actor).await?;
+            self.ensure_user(&caller, h, "").await?;
         }
         let mut events = vec![new_event(
             &CompetitionApplied {
@@ -414,7 +477,7 @@ impl AuthApi for AuthService {
                     )));
                 }
                 if !self.proj.read(|s| s.users.contains_key(m)) {
-                    self.ensure_user(m, "", &actor).await?;
+                    self.ensure_user(&caller, m, "").await?;
                 }
                 let ev = self
                     .proj

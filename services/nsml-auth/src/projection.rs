@@ -6,8 +6,8 @@ use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    Competition, CompetitionApplied, Identity, MemberAdded, Membership, PasswordChanged,
-    PrivateRevealed, TeamCreated, TokenIssued, TokenRevoked, UserRegistered,
+    Competition, CompetitionApplied, DatasetRegistered, Identity, MemberAdded, Membership,
+    PasswordChanged, PrivateRevealed, TeamCreated, TokenIssued, TokenRevoked, UserRegistered,
 };
 
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct AuthState {
     pub members: BTreeMap<(String, String), Vec<String>>,
     pub competitions: BTreeMap<String, Competition>,
     pub tokens: HashMap<String, Token>,
+    /// Dataset → the competition it was registered for (by the storage service).
+    pub registered_datasets: HashMap<String, String>,
 }
 
 impl AuthState {
@@ -74,6 +76,20 @@ impl AuthState {
             .filter(|c| c.teams.iter().any(|t| t.name == team))
             .map(|c| c.id.clone())
             .collect()
+    }
+
+    /// The competition a dataset belongs to: the one it was registered for, else the one whose manifest lists
+    /// it.
+    pub fn owner_of_dataset(&self, dataset: &str) -> Option<&str> {
+        self.registered_datasets
+            .get(dataset)
+            .map(String::as_str)
+            .or_else(|| {
+                self.competitions
+                    .values()
+                    .find(|c| c.datasets.iter().any(|d| d.name == dataset))
+                    .map(|c| c.id.as_str())
+            })
     }
 
     /// The competition with its current teams and members.
@@ -134,6 +150,10 @@ impl ReadModel for AuthState {
             );
         } else if let Some(e) = decode::<TokenRevoked>(ev) {
             self.tokens.remove(&e.token_hash);
+        } else if let Some(e) = decode::<DatasetRegistered>(ev)
+            && let Some(meta) = e.dataset.and_then(|d| d.meta)
+        {
+            self.registered_datasets.insert(meta.name, meta.competition);
         }
     }
 }

@@ -308,6 +308,26 @@ impl SessionService {
         s
     }
 
+    /// Requires `snapshot` to be code of the caller's own team: another team's snapshot id must not run
+    /// in this team's session, whose checkpoints and logs would hand that code over. The storage service
+    /// answers for the caller; the download it starts ends when the answer is dropped.
+    async fn check_code(&self, caller: &Caller, snapshot: &str) -> Result<(), Status> {
+        let Caller::User(id) = caller else {
+            return Ok(());
+        };
+        let mut req = Request::new(nsml_proto::v1::DownloadCodeRequest {
+            id: snapshot.to_string(),
+        });
+        Caller::attach_identity(req.metadata_mut(), id);
+        self.clients
+            .storage
+            .clone()
+            .download_code(req)
+            .await
+            .map(drop)
+            .map_err(|s| status::upstream("checking the code snapshot", s))
+    }
+
     /// Finds a session the caller may see.
     fn authorize(&self, caller: &Caller, name: &str) -> Result<Entry, Status> {
         caller.require_authenticated()?;
@@ -471,6 +491,7 @@ impl SessionApi for SessionService {
                 "no code snapshot: upload the code first (the nsml CLI does this for you)",
             ));
         }
+        self.check_code(&caller, &r.code_snapshot).await?;
         let actor = caller.actor();
         let template = Session {
             team: team.to_string(),
@@ -523,7 +544,7 @@ impl SessionApi for SessionService {
                         || e.session.memo.contains(&r.search)
                         || e.session.args.contains(&r.search)
                 })
-                .map(|e| self.shown(e))
+                .map(|e| as_seen_by(&caller, self.shown(e)))
                 .collect()
         });
         sessions.sort_by_key(|s| (s.created_at_ms, s.name.clone()));
@@ -536,7 +557,7 @@ impl SessionApi for SessionService {
     async fn get(&self, req: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
         let caller = Caller::of(&req)?;
         let e = self.authorize(&caller, &req.get_ref().name)?;
-        Ok(Response::new(self.shown(&e)))
+        Ok(Response::new(as_seen_by(&caller, self.shown(&e))))
     }
 
     type LogsStream = LogStream;
@@ -545,7 +566,7 @@ impl SessionApi for SessionService {
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         let e = self.authorize(&caller, &r.name)?;
-        if e.session.kind() == SessionKind::Submit && !caller.is_host_of(&e.session.competition) {
+        if hidden_output(&caller, &e.session) {
             return Err(Status::permission_denied(format!(
                 "logs of real submit sessions are hidden from participants; `nsml submit -t {} {}` runs the same code on the trial set with visible logs",
                 e.session.source_session, e.session.source_checkpoint
@@ -610,7 +631,7 @@ impl SessionApi for SessionService {
         self.authorize(&caller, &name)?;
         self.stop_session(&caller, &name).await?;
         let e = self.authorize(&caller, &name)?;
-        Ok(Response::new(self.shown(&e)))
+        Ok(Response::new(as_seen_by(&caller, self.shown(&e))))
     }
 
     async fn remove(
@@ -708,7 +729,7 @@ impl SessionApi for SessionService {
         )
         .await?;
         let e = self.authorize(&caller, &r.name)?;
-        Ok(Response::new(self.shown(&e)))
+        Ok(Response::new(as_seen_by(&caller, self.shown(&e))))
     }
 
     async fn metrics(
@@ -717,6 +738,12 @@ impl SessionApi for SessionService {
     ) -> Result<Response<MetricsResponse>, Status> {
         let caller = Caller::of(&req)?;
         let e = self.authorize(&caller, &req.get_ref().name)?;
+        if hidden_output(&caller, &e.session) {
+            return Err(Status::permission_denied(format!(
+                "metrics of real submit sessions are hidden from participants, as their logs are; `nsml submit -t {} {}` runs the same code on the trial set with visible output",
+                e.session.source_session, e.session.source_checkpoint
+            )));
+        }
         Ok(Response::new(MetricsResponse { points: e.metrics }))
     }
 
@@ -895,6 +922,20 @@ impl SessionApi for SessionService {
         self.ended(&r.name).await;
         Ok(Response::new(Empty {}))
     }
+}
+
+/// Whether what a session's program reported is hidden from `caller`: a real submit's program saw the hidden
+/// test inputs, so its output (logs, metrics, summary) reaches the competition's hosts only.
+fn hidden_output(caller: &Caller, s: &Session) -> bool {
+    s.kind() == SessionKind::Submit && !caller.is_host_of(&s.competition)
+}
+
+/// A session as `caller` may see it (see [`hidden_output`]).
+fn as_seen_by(caller: &Caller, mut s: Session) -> Session {
+    if hidden_output(caller, &s) {
+        s.summary_json.clear();
+    }
+    s
 }
 
 /// Streams stored lines, then (when following) whatever `follow` sends.

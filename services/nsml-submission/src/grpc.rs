@@ -307,10 +307,11 @@ impl SubmissionApi for SubmissionService {
             .await
             .map_err(|s| status::upstream("looking up the session", s))?
             .into_inner();
-        if !caller.may_access_team(&src.team, &src.competition) {
+        // A submit spends the team's submits and quota: its members submit, not hosts or administrators.
+        if caller.team_in(&src.competition) != Some(src.team.as_str()) {
             return Err(Status::permission_denied(format!(
-                "session `{}` belongs to another team",
-                r.session
+                "session `{}` belongs to another team: only team `{}` submits its checkpoints",
+                r.session, src.team
             )));
         }
         if src.kind() != SessionKind::Train {
