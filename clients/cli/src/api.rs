@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use nsml_proto::v1::auth_service_client::AuthServiceClient;
 use nsml_proto::v1::leaderboard_service_client::LeaderboardServiceClient;
+use nsml_proto::v1::quota_service_client::QuotaServiceClient;
 use nsml_proto::v1::session_service_client::SessionServiceClient;
 use nsml_proto::v1::storage_service_client::StorageServiceClient;
 use nsml_proto::v1::submission_service_client::SubmissionServiceClient;
@@ -97,6 +98,7 @@ impl Api {
     client!(session, SessionServiceClient);
     client!(leaderboard, LeaderboardServiceClient);
     client!(submission, SubmissionServiceClient);
+    client!(quota, QuotaServiceClient);
 }
 
 /// Returns whether a status was produced by the client's transport (no connection, connection lost) rather than

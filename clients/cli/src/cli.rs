@@ -125,6 +125,17 @@ pub enum Command {
         /// The checkpoint, as `nsml model ls` lists it
         checkpoint: String,
     },
+    /// Show your team's quota: usage against every limit, the sessions holding resources, storage, and when
+    /// the next real submit is allowed on each dataset, and why
+    Quota {
+        /// Competition id (default: your only competition)
+        competition: Option<String>,
+        /// Another team's quota (hosts only)
+        #[arg(long, value_name = "TEAM")]
+        team: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Host and administrator commands
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -256,6 +267,12 @@ pub enum AdminCommand {
     /// Manage leaderboards
     #[command(subcommand)]
     Board(AdminBoardCommand),
+    /// Grant a team an extra submit or a raised quota, recorded in its ledger with who, why and when
+    #[command(subcommand)]
+    Override(AdminOverrideCommand),
+    /// Audit admission decisions: replay them, explain one, verify the log, export a team's ledger
+    #[command(subcommand)]
+    Audit(AdminAuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,6 +314,99 @@ pub enum AdminBoardCommand {
         /// Competition id
         competition: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminOverrideCommand {
+    /// Let the team's next real submit on a dataset ignore the submit interval once (also re-opens the slot of
+    /// a failed submit)
+    Submit {
+        /// The team
+        #[arg(long, value_name = "TEAM")]
+        team: String,
+        /// The dataset
+        #[arg(long, short = 'd', value_name = "DATASET")]
+        dataset: String,
+        /// Why: recorded in the team's ledger and shown by `admin audit explain`
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// The failed submit whose slot this re-opens, for the record
+        #[arg(long, value_name = "SUBMISSION")]
+        submission: Option<String>,
+        /// Competition id [default: the dataset's]
+        #[arg(long, value_name = "ID")]
+        competition: Option<String>,
+    },
+    /// Raise the team's limits until a time (each given value is the new limit)
+    Quota {
+        /// The team
+        #[arg(long, value_name = "TEAM")]
+        team: String,
+        /// GPUs
+        #[arg(long, value_name = "N")]
+        gpus: Option<u32>,
+        /// CPUs
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        /// Memory, shared memory included (e.g. 200G)
+        #[arg(long, value_parser = parse_size_arg, value_name = "SIZE")]
+        memory: Option<u64>,
+        /// Concurrent sessions
+        #[arg(long, value_name = "N")]
+        sessions: Option<u32>,
+        /// When the raise ends (RFC 3339, e.g. 2026-12-01T00:00:00Z)
+        #[arg(long, value_parser = parse_time_arg, value_name = "TIME")]
+        until: i64,
+        /// Why: recorded in the team's ledger and shown by `admin audit explain`
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Competition id [default: the team's only competition]
+        #[arg(long, value_name = "ID")]
+        competition: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminAuditCommand {
+    /// Rebuild the ledgers from the log, re-derive every admission decision, and list the mismatches
+    Replay {
+        /// Only decisions of this competition
+        #[arg(long, value_name = "ID")]
+        competition: Option<String>,
+        /// Only this team's ledger
+        #[arg(long, value_name = "TEAM")]
+        team: Option<String>,
+        /// Only what was recorded until this time (RFC 3339, e.g. 2026-12-01T00:00:00Z)
+        #[arg(long, value_parser = parse_time_arg, value_name = "TIME")]
+        until: Option<i64>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Show the state a decision saw, the rule that fired and the ledger events it rests on
+    Explain {
+        /// A session name (TEAM/DATASET/N), a submission id or a decision id
+        id: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Check the hash chain of the whole log and name the first event edited, deleted, inserted or reordered
+    Verify {
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Print a team's ledger and decisions as JSON lines, to hand to the team in a dispute
+    Export {
+        /// The team
+        #[arg(long, value_name = "TEAM")]
+        team: String,
+    },
+}
+
+/// Parses a time given as RFC 3339 (`2026-12-01T00:00:00Z`) into milliseconds since the epoch.
+fn parse_time_arg(value: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(value.trim())
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("{e}: give a time as RFC 3339, e.g. 2026-12-01T00:00:00Z"))
 }
 
 /// Parses a `--memory`/`--shm` size, explaining the format when it is wrong.
@@ -354,6 +464,42 @@ mod tests {
         let err = Cli::try_parse_from(["nsml", "run", "-d", "x", "--memory", "lots"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("24G, 512M, 1.5G"), "{err}");
+    }
+
+    #[test]
+    fn overrides_take_sizes_and_times() {
+        let cli = Cli::try_parse_from([
+            "nsml",
+            "admin",
+            "override",
+            "quota",
+            "--team",
+            "demo",
+            "--gpus",
+            "4",
+            "--memory",
+            "200G",
+            "--until",
+            "2026-12-01T00:00:00Z",
+            "--reason",
+            "final week",
+        ])
+        .unwrap();
+        let Command::Admin(AdminCommand::Override(AdminOverrideCommand::Quota {
+            gpus,
+            memory,
+            until,
+            cpus,
+            ..
+        })) = cli.command
+        else {
+            panic!("not override quota")
+        };
+        assert_eq!((gpus, cpus, memory), (Some(4), None, Some(200 << 30)));
+        assert_eq!(until, 1_796_083_200_000);
+        let err = Cli::try_parse_from(["nsml", "admin", "audit", "replay", "--until", "tomorrow"])
+            .unwrap_err();
+        assert!(err.to_string().contains("RFC 3339"), "{err}");
     }
 
     #[test]

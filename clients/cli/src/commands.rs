@@ -2,8 +2,10 @@
 
 mod account;
 mod admin;
+mod audit;
 mod boards;
 mod models;
+mod quota;
 mod run;
 mod sessions;
 mod submit;
@@ -12,8 +14,8 @@ use anyhow::Result;
 
 use crate::api::Api;
 use crate::cli::{
-    AdminBoardCommand, AdminCommand, AdminCompetitionCommand, AdminUserCommand, Command,
-    DatasetCommand, ModelCommand,
+    AdminAuditCommand, AdminBoardCommand, AdminCommand, AdminCompetitionCommand,
+    AdminOverrideCommand, AdminUserCommand, Command, DatasetCommand, ModelCommand,
 };
 use crate::config::{CredentialStore, Target};
 
@@ -89,6 +91,51 @@ pub async fn dispatch(ctx: &Context, command: Command) -> Result<()> {
         })) => admin::add_user(ctx, name, team, competition, password_stdin).await,
         Command::Admin(AdminCommand::Board(AdminBoardCommand::Reveal { competition })) => {
             admin::reveal(ctx, &competition).await
+        }
+        Command::Quota {
+            competition,
+            team,
+            json,
+        } => quota::quota(ctx, competition, team, json.json).await,
+        Command::Admin(AdminCommand::Override(AdminOverrideCommand::Submit {
+            team,
+            dataset,
+            reason,
+            submission,
+            competition,
+        })) => audit::extra_submit(ctx, team, dataset, reason, submission, competition).await,
+        Command::Admin(AdminCommand::Override(AdminOverrideCommand::Quota {
+            team,
+            gpus,
+            cpus,
+            memory,
+            sessions,
+            until,
+            reason,
+            competition,
+        })) => {
+            let raise = nsml_proto::v1::QuotaRaise {
+                gpus: gpus.unwrap_or(0),
+                cpus: cpus.unwrap_or(0),
+                memory_bytes: memory.unwrap_or(0),
+                sessions: sessions.unwrap_or(0),
+            };
+            audit::raise_quota(ctx, team, raise, until, reason, competition).await
+        }
+        Command::Admin(AdminCommand::Audit(AdminAuditCommand::Replay {
+            competition,
+            team,
+            until,
+            json,
+        })) => audit::replay(ctx, competition, team, until, json.json).await,
+        Command::Admin(AdminCommand::Audit(AdminAuditCommand::Explain { id, json })) => {
+            audit::explain(ctx, &id, json.json).await
+        }
+        Command::Admin(AdminCommand::Audit(AdminAuditCommand::Verify { json })) => {
+            audit::verify(ctx, json.json).await
+        }
+        Command::Admin(AdminCommand::Audit(AdminAuditCommand::Export { team })) => {
+            audit::export(ctx, &team).await
         }
     }
 }

@@ -51,6 +51,8 @@ pub mod v1 {
         ResourcesReleased,
         SubmitSucceeded,
         SubmitEnded,
+        PolicyChanged,
+        OverrideGranted,
         SubmissionRequested,
         SubmissionAdmitted,
         SubmissionRejected,

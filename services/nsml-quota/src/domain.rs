@@ -1,14 +1,56 @@
 //! The team ledger and the pure admission rule: `decide(ledger, policy, request, now) -> Decision`.
+//!
+//! Everything a decision depends on is ledger state: the resources sessions hold, the submit history per
+//! dataset, the competition policy the ledger adopted (`PolicyChanged`) and the hosts' overrides
+//! (`OverrideGranted`). So folding one `quota-TEAM` stream alone re-derives every decision recorded in it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use nsml_common::aggregate::Aggregate;
 use nsml_common::event::decode;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    AdmissionDenied, AdmitRequest, Decision, Policy, Resources, ResourcesGranted,
-    ResourcesReleased, SessionKind, SubmitEnded, SubmitSucceeded,
+    AdmissionDenied, AdmitRequest, Decision, EventPayload, Override, OverrideGranted, OverrideKind,
+    Policy, PolicyChanged, Resources, ResourcesGranted, ResourcesReleased, SessionKind,
+    SubmitEnded, SubmitSucceeded,
 };
+
+/// A fast hash for the ledger's maps, in the manner of rustc's FxHash. Their keys are ids the platform mints
+/// (session names, UUIDs), so SipHash's defence against chosen keys buys nothing, and replay spends its time
+/// in these maps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by platform-minted ids.
+pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// Every team ledger's stream name starts with this.
+pub const LEDGER_PREFIX: &str = "quota-";
+
+/// The ledger stream of a team.
+pub fn ledger_stream(team: &str) -> String {
+    format!("{LEDGER_PREFIX}{team}")
+}
 
 /// Resources held by one session.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +59,8 @@ pub struct Holding {
     pub kind: SessionKind,
     pub dataset: String,
     pub submission_id: String,
+    /// Ledger version of the grant.
+    pub since: u64,
 }
 
 /// Submit history of one dataset.
@@ -24,8 +68,64 @@ pub struct Holding {
 pub struct SubmitState {
     /// Time of the last successful real submit (when it was submitted).
     pub last_success_ms: Option<i64>,
-    /// Real submits admitted and not yet ended.
-    pub in_flight: BTreeSet<String>,
+    /// The submission behind `last_success_ms` and the ledger version that recorded its success.
+    pub last_success: Option<(String, u64)>,
+    /// Real submits admitted and not yet ended → ledger version of their grant.
+    pub in_flight: BTreeMap<String, u64>,
+}
+
+/// A competition policy as the ledger adopted it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdoptedPolicy {
+    pub policy: Policy,
+    pub version: u64,
+    /// Ledger version of the `PolicyChanged` event.
+    pub since: u64,
+}
+
+/// A host's override and what became of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverrideState {
+    pub grant: Override,
+    /// Ledger version of the `OverrideGranted` event.
+    pub since: u64,
+    /// Extra submit: the admitted real submit using it (given back if that submit fails).
+    pub used_by: Option<String>,
+    /// Extra submit: used by a submit that succeeded.
+    pub spent: bool,
+}
+
+impl OverrideState {
+    /// The override with its use filled in, as the API shows it.
+    pub fn view(&self) -> Override {
+        let mut o = self.grant.clone();
+        o.used_by = self.used_by.clone().unwrap_or_default();
+        o
+    }
+
+    /// Whether it is an extra submit on `dataset` that no submit holds or spent.
+    fn extra_available(&self, dataset: &str) -> bool {
+        self.grant.kind() == OverrideKind::ExtraSubmit
+            && self.grant.dataset == dataset
+            && self.used_by.is_none()
+            && !self.spent
+    }
+
+    /// Whether it raises limits of `competition` at `now_ms`.
+    pub fn raises(&self, competition: &str, now_ms: i64) -> bool {
+        self.grant.kind() == OverrideKind::RaiseQuota
+            && self.grant.competition == competition
+            && now_ms < self.grant.until_ms
+    }
+
+    /// Whether it still matters: an unspent extra submit, or a raise not yet expired.
+    pub fn in_force(&self, now_ms: i64) -> bool {
+        match self.grant.kind() {
+            OverrideKind::ExtraSubmit => !self.spent,
+            OverrideKind::RaiseQuota => now_ms < self.grant.until_ms,
+            OverrideKind::Unspecified => false,
+        }
+    }
 }
 
 /// One team's ledger, folded from `quota-TEAM`.
@@ -33,10 +133,109 @@ pub struct SubmitState {
 pub struct Ledger {
     pub holdings: BTreeMap<String, Holding>,
     pub submits: BTreeMap<String, SubmitState>,
-    /// Decisions by command id, so a repeated request gets the first decision.
-    pub decisions: BTreeMap<String, Decision>,
-    /// Submission id → submitted-at time, for granted real submits.
-    pub granted_submits: BTreeMap<String, (String, i64)>,
+    /// Command id → ledger version of the decision taken for it, so a repeated request gets that first
+    /// decision (read back from the ledger) rather than a new one. Versions, not decisions: a ledger keeps one
+    /// entry per decision ever taken, and replay folds millions.
+    pub decisions: IdMap<String, u64>,
+    /// Submission id → (dataset, submitted-at time), for granted real submits not yet ended.
+    pub granted_submits: IdMap<String, (String, i64)>,
+    /// Competition → the policy the ledger adopted last.
+    pub policies: BTreeMap<String, AdoptedPolicy>,
+    /// Overrides by id (time-ordered ids, so iteration is in grant order).
+    pub overrides: BTreeMap<String, OverrideState>,
+    /// Indexes over `overrides`, so a decision never scans every override ever granted.
+    index: OverrideIndex,
+}
+
+/// Where each override stands, by what a decision or a fact looks it up by.
+#[derive(Debug, Clone, Default)]
+struct OverrideIndex {
+    /// Dataset → extra submits neither in use nor spent.
+    extra_free: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Submission → the extra submit it uses.
+    extra_in_use: IdMap<String, String>,
+    /// Raises that had not ended when the ledger's latest decision was taken.
+    raises: Vec<String>,
+    /// Command id → override id.
+    by_command: IdMap<String, String>,
+    /// The time of the latest decision recorded: a raise that ended before it can matter to no later one, as a
+    /// ledger's decisions are taken in order.
+    clock_ms: i64,
+}
+
+/// An event of a team's ledger, decoded.
+#[derive(Debug, Clone)]
+pub enum LedgerEvent {
+    Granted(ResourcesGranted),
+    Denied(AdmissionDenied),
+    Released(ResourcesReleased),
+    Succeeded(SubmitSucceeded),
+    Ended(SubmitEnded),
+    PolicyChanged(PolicyChanged),
+    Override(OverrideGranted),
+}
+
+impl LedgerEvent {
+    /// Decodes a stored event of a ledger stream; `None` for other types.
+    pub fn decode(ev: &StoredEvent) -> Option<Self> {
+        Some(match ev.event_type.as_str() {
+            ResourcesGranted::TYPE => Self::Granted(decode(ev)?),
+            AdmissionDenied::TYPE => Self::Denied(decode(ev)?),
+            ResourcesReleased::TYPE => Self::Released(decode(ev)?),
+            SubmitSucceeded::TYPE => Self::Succeeded(decode(ev)?),
+            SubmitEnded::TYPE => Self::Ended(decode(ev)?),
+            PolicyChanged::TYPE => Self::PolicyChanged(decode(ev)?),
+            OverrideGranted::TYPE => Self::Override(decode(ev)?),
+            _ => return None,
+        })
+    }
+
+    /// The recorded request and decision, when this is a decision.
+    pub fn decision(&self) -> Option<(&AdmitRequest, &Decision)> {
+        match self {
+            Self::Granted(ResourcesGranted {
+                request: Some(r),
+                decision: Some(d),
+            })
+            | Self::Denied(AdmissionDenied {
+                request: Some(r),
+                decision: Some(d),
+            }) => Some((r, d)),
+            _ => None,
+        }
+    }
+}
+
+/// The limits a decision applies: the policy's, raised by overrides in force.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    pub gpus: u32,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub sessions: u32,
+    /// For each raised limit, the override that raised it: (resource, override id, until).
+    pub raised: Vec<(&'static str, String, i64)>,
+}
+
+impl Limits {
+    /// How a limit reads in a refusal: the number, and the override behind it when raised.
+    fn note(&self, resource: &str, policy_value: String) -> String {
+        match self.raised.iter().find(|(r, _, _)| *r == resource) {
+            Some((_, id, until)) => format!(
+                " (raised from {policy_value} by override {id} until {})",
+                fmt_time(*until)
+            ),
+            None => String::new(),
+        }
+    }
+
+    /// Ids of the overrides that raised any limit, in grant order, without repeats.
+    fn override_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.raised.iter().map(|(_, id, _)| id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
 }
 
 impl Ledger {
@@ -66,51 +265,231 @@ impl Ledger {
             parts.join(", ")
         }
     }
+
+    /// The policy the ledger adopted for `competition`.
+    pub fn policy(&self, competition: &str) -> Option<&AdoptedPolicy> {
+        self.policies.get(competition)
+    }
+
+    /// The limits in force for `competition` at `now_ms`: the policy's, each raised to the highest value an
+    /// override in force sets for it.
+    pub fn limits(&self, competition: &str, policy: &Policy, now_ms: i64) -> Limits {
+        let mut l = Limits {
+            gpus: policy.team_gpus,
+            cpus: policy.team_cpus,
+            memory_bytes: policy.team_memory_bytes,
+            sessions: policy.team_sessions,
+            raised: Vec::new(),
+        };
+        for id in &self.index.raises {
+            let Some(o) = self.overrides.get(id) else {
+                continue;
+            };
+            if !o.raises(competition, now_ms) {
+                continue;
+            }
+            let r = o.grant.raise.unwrap_or_default();
+            let until = o.grant.until_ms;
+            let mut raise = |resource: &'static str, limit: u64, to: u64| -> Option<u64> {
+                (to > limit).then(|| {
+                    l.raised.retain(|(res, _, _)| *res != resource);
+                    l.raised.push((resource, id.clone(), until));
+                    to
+                })
+            };
+            if let Some(v) = raise("gpus", l.gpus.into(), r.gpus.into()) {
+                l.gpus = v as u32;
+            }
+            if let Some(v) = raise("cpus", l.cpus.into(), r.cpus.into()) {
+                l.cpus = v as u32;
+            }
+            if let Some(v) = raise("memory", l.memory_bytes, r.memory_bytes) {
+                l.memory_bytes = v;
+            }
+            if let Some(v) = raise("sessions", l.sessions.into(), r.sessions.into()) {
+                l.sessions = v as u32;
+            }
+        }
+        l
+    }
+
+    /// The first unused extra submit a host granted on `dataset`.
+    pub fn extra_submit(&self, dataset: &str) -> Option<&str> {
+        self.index
+            .extra_free
+            .get(dataset)
+            .and_then(|ids| ids.first())
+            .map(String::as_str)
+    }
+
+    /// Unused extra submits on `dataset`.
+    pub fn extra_submits(&self, dataset: &str) -> usize {
+        self.index
+            .extra_free
+            .get(dataset)
+            .map_or(0, |ids| ids.len())
+    }
+
+    /// The override recorded for a command id, if any.
+    pub fn override_by_command(&self, command_id: &str) -> Option<&OverrideState> {
+        self.index
+            .by_command
+            .get(command_id)
+            .and_then(|id| self.overrides.get(id))
+    }
+
+    /// Advances the ledger's clock to a decision's time, retiring the raises that ended before it.
+    fn advance(&mut self, decided_at_ms: i64) {
+        if decided_at_ms <= self.index.clock_ms {
+            return;
+        }
+        self.index.clock_ms = decided_at_ms;
+        let overrides = &self.overrides;
+        self.index.raises.retain(|id| {
+            overrides
+                .get(id)
+                .is_some_and(|o| o.grant.until_ms > decided_at_ms)
+        });
+    }
+
+    /// Applies one decoded ledger event recorded at `version`.
+    pub fn apply_event(&mut self, event: LedgerEvent, version: u64) {
+        match event {
+            LedgerEvent::Granted(e) => {
+                let (Some(req), Some(d)) = (e.request, e.decision) else {
+                    return;
+                };
+                let kind = req.kind();
+                let submit = kind == SessionKind::Submit;
+                self.advance(d.decided_at_ms);
+                if submit {
+                    for id in &d.overrides {
+                        if let Some(o) = self.overrides.get_mut(id)
+                            && o.extra_available(&req.dataset)
+                        {
+                            o.used_by = Some(req.submission_id.clone());
+                            if let Some(free) = self.index.extra_free.get_mut(&req.dataset) {
+                                free.remove(id);
+                            }
+                            self.index
+                                .extra_in_use
+                                .insert(req.submission_id.clone(), id.clone());
+                        }
+                    }
+                    self.submits
+                        .entry(req.dataset.clone())
+                        .or_default()
+                        .in_flight
+                        .insert(req.submission_id.clone(), version);
+                    self.granted_submits.insert(
+                        req.submission_id.clone(),
+                        (req.dataset.clone(), d.decided_at_ms),
+                    );
+                }
+                self.holdings.insert(
+                    req.session,
+                    Holding {
+                        resources: req.resources.unwrap_or_default(),
+                        kind,
+                        dataset: req.dataset,
+                        submission_id: req.submission_id,
+                        since: version,
+                    },
+                );
+                self.decisions.insert(req.command_id, version);
+            }
+            LedgerEvent::Denied(e) => {
+                if let (Some(req), Some(d)) = (e.request, e.decision) {
+                    self.advance(d.decided_at_ms);
+                    self.decisions.insert(req.command_id, version);
+                }
+            }
+            LedgerEvent::Released(e) => {
+                self.holdings.remove(&e.session);
+            }
+            LedgerEvent::Succeeded(e) => {
+                if let Some(id) = self.index.extra_in_use.remove(&e.submission_id)
+                    && let Some(o) = self.overrides.get_mut(&id)
+                {
+                    o.spent = true;
+                }
+                self.granted_submits.remove(&e.submission_id);
+                let s = self.submits.entry(e.dataset).or_default();
+                s.in_flight.remove(&e.submission_id);
+                if s.last_success_ms.is_none_or(|t| e.at_ms >= t) {
+                    s.last_success_ms = Some(e.at_ms);
+                    s.last_success = Some((e.submission_id, version));
+                }
+            }
+            LedgerEvent::Ended(e) => {
+                // A failed or timed-out submit gives back the extra submit it used, as it spares the interval.
+                if let Some(id) = self.index.extra_in_use.remove(&e.submission_id)
+                    && let Some(o) = self.overrides.get_mut(&id)
+                {
+                    o.used_by = None;
+                    self.index
+                        .extra_free
+                        .entry(o.grant.dataset.clone())
+                        .or_default()
+                        .insert(id);
+                }
+                self.granted_submits.remove(&e.submission_id);
+                self.submits
+                    .entry(e.dataset)
+                    .or_default()
+                    .in_flight
+                    .remove(&e.submission_id);
+            }
+            LedgerEvent::PolicyChanged(e) => {
+                self.policies.insert(
+                    e.competition,
+                    AdoptedPolicy {
+                        policy: e.policy.unwrap_or_default(),
+                        version: e.version,
+                        since: version,
+                    },
+                );
+            }
+            LedgerEvent::Override(e) => {
+                if let Some(grant) = e.grant {
+                    let id = grant.id.clone();
+                    if !grant.command_id.is_empty() {
+                        self.index
+                            .by_command
+                            .insert(grant.command_id.clone(), id.clone());
+                    }
+                    match grant.kind() {
+                        OverrideKind::ExtraSubmit => {
+                            self.index
+                                .extra_free
+                                .entry(grant.dataset.clone())
+                                .or_default()
+                                .insert(id.clone());
+                        }
+                        OverrideKind::RaiseQuota if grant.until_ms > self.index.clock_ms => {
+                            self.index.raises.push(id.clone());
+                        }
+                        _ => {}
+                    }
+                    self.overrides.insert(
+                        grant.id.clone(),
+                        OverrideState {
+                            grant,
+                            since: version,
+                            used_by: None,
+                            spent: false,
+                        },
+                    );
+                }
+            }
+        }
+    }
 }
 
 impl Aggregate for Ledger {
     fn apply(&mut self, ev: &StoredEvent) {
-        if let Some(e) = decode::<ResourcesGranted>(ev) {
-            let (Some(req), Some(d)) = (e.request, e.decision) else {
-                return;
-            };
-            self.holdings.insert(
-                req.session.clone(),
-                Holding {
-                    resources: req.resources.unwrap_or_default(),
-                    kind: req.kind(),
-                    dataset: req.dataset.clone(),
-                    submission_id: req.submission_id.clone(),
-                },
-            );
-            if req.kind() == SessionKind::Submit {
-                self.submits
-                    .entry(req.dataset.clone())
-                    .or_default()
-                    .in_flight
-                    .insert(req.submission_id.clone());
-                self.granted_submits.insert(
-                    req.submission_id.clone(),
-                    (req.dataset.clone(), d.decided_at_ms),
-                );
-            }
-            self.decisions.insert(req.command_id, d);
-        } else if let Some(e) = decode::<AdmissionDenied>(ev) {
-            if let (Some(req), Some(d)) = (e.request, e.decision) {
-                self.decisions.insert(req.command_id, d);
-            }
-        } else if let Some(e) = decode::<ResourcesReleased>(ev) {
-            self.holdings.remove(&e.session);
-        } else if let Some(e) = decode::<SubmitSucceeded>(ev) {
-            let s = self.submits.entry(e.dataset).or_default();
-            s.in_flight.remove(&e.submission_id);
-            s.last_success_ms = Some(s.last_success_ms.map_or(e.at_ms, |t| t.max(e.at_ms)));
-        } else if let Some(e) = decode::<SubmitEnded>(ev) {
-            self.submits
-                .entry(e.dataset)
-                .or_default()
-                .in_flight
-                .remove(&e.submission_id);
+        if let Some(e) = LedgerEvent::decode(ev) {
+            self.apply_event(e, ev.version);
         }
     }
 }
@@ -129,143 +508,197 @@ pub fn gib(b: u64) -> String {
 }
 
 /// Formats a recorded time as RFC 3339 UTC, seconds precision.
-fn fmt_time(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_else(|| format!("{ms} ms after the epoch"))
+pub fn fmt_time(ms: i64) -> String {
+    use chrono::{Datelike, Timelike};
+    // Field by field rather than through a format string: replay formats a time for every refusal it re-derives.
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        None => format!("{ms} ms after the epoch"),
+    }
 }
 
-/// A refusal: the rule, the explanation, when to retry.
-fn deny(rule: &str, reason: String, retry_after_ms: i64) -> Decision {
+/// Writes a reason into a string sized for it up front: replay re-derives every refusal's reason, and growing
+/// the string piece by piece would cost it more than the rest of `decide`.
+macro_rules! reason {
+    ($($arg:tt)*) => {{
+        let mut text = String::with_capacity(320);
+        let _ = std::fmt::Write::write_fmt(&mut text, format_args!($($arg)*));
+        text
+    }};
+}
+
+/// A refusal: the rule, the explanation, when to retry, the overrides in force.
+fn deny(rule: &str, reason: String, retry_after_ms: i64, limits: &Limits) -> Decision {
     Decision {
         granted: false,
         rule: rule.into(),
         reason,
         retry_after_ms,
+        overrides: limits.override_ids(),
         ..Default::default()
     }
 }
 
-/// Decides whether `req` may hold its resources now. Pure: everything it needs is passed in.
+/// Decides whether `req` may hold its resources now. Pure: everything it needs is passed in, and every
+/// override it honours is ledger state.
 pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64) -> Decision {
     let asked = req.resources.unwrap_or_default();
     let team = &req.team;
+    let limits = ledger.limits(&req.competition, policy, now_ms);
     if ledger.holdings.contains_key(&req.session) {
         return deny(
             "duplicate",
-            format!("session {} already holds resources", req.session),
+            reason!("session {} already holds resources", req.session),
             0,
+            &limits,
         );
     }
+    let mut extra = None;
     if req.kind() == SessionKind::Submit {
-        let st = ledger
-            .submits
-            .get(&req.dataset)
-            .cloned()
-            .unwrap_or_default();
-        if let Some(other) = st.in_flight.iter().next() {
+        let st = ledger.submits.get(&req.dataset);
+        if let Some(other) = st.and_then(|s| s.in_flight.keys().next()) {
             return deny(
                 "submit_in_flight",
-                format!(
+                reason!(
                     "team `{team}` already has a submit of dataset `{}` in flight (submission {other}); wait for it to finish",
                     req.dataset
                 ),
                 0,
+                &limits,
             );
         }
-        if let Some(last) = st.last_success_ms {
+        if let Some(last) = st.and_then(|s| s.last_success_ms) {
             let next = last + policy.submit_interval_secs as i64 * 1000;
             if now_ms < next {
-                let wait_s = (next - now_ms + 999) / 1000;
-                return deny(
-                    "submit_interval",
-                    format!(
-                        "submit limit: one real submit per {} per dataset, counted from the last successful one; team `{team}` last submitted `{}` successfully at {}, so the next submit is allowed at {} (in {}m {}s)",
-                        human_secs(policy.submit_interval_secs),
-                        req.dataset,
-                        fmt_time(last),
-                        fmt_time(next),
-                        wait_s / 60,
-                        wait_s % 60
-                    ),
-                    next,
-                );
+                match ledger.extra_submit(&req.dataset) {
+                    Some(id) => extra = Some(id.to_string()),
+                    None => {
+                        let wait_s = (next - now_ms + 999) / 1000;
+                        return deny(
+                            "submit_interval",
+                            reason!(
+                                "submit limit: one real submit per {} per dataset, counted from the last successful one; team `{team}` last submitted `{}` successfully at {}, so the next submit is allowed at {} (in {}m {}s)",
+                                human_secs(policy.submit_interval_secs),
+                                req.dataset,
+                                fmt_time(last),
+                                fmt_time(next),
+                                wait_s / 60,
+                                wait_s % 60
+                            ),
+                            next,
+                            &limits,
+                        );
+                    }
+                }
             }
         }
         if asked.cpus > policy.submit_max_cpus {
             return deny(
                 "submit_cpus",
-                format!(
+                reason!(
                     "a submit may use at most {} CPUs, asked {}",
-                    policy.submit_max_cpus, asked.cpus
+                    policy.submit_max_cpus,
+                    asked.cpus
                 ),
                 0,
+                &limits,
             );
         }
     }
     let held = ledger.held();
     let free_hint = "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them";
-    if ledger.holdings.len() as u32 + 1 > policy.team_sessions {
+    if ledger.holdings.len() as u32 + 1 > limits.sessions {
         let names: Vec<&str> = ledger.holdings.keys().map(|s| s.as_str()).collect();
         return deny(
             "team_sessions",
-            format!(
-                "team `{team}` already runs {} of its {} concurrent sessions ({}); {free_hint}",
+            reason!(
+                "team `{team}` already runs {} of its {}{} concurrent sessions ({}); {free_hint}",
                 ledger.holdings.len(),
-                policy.team_sessions,
+                limits.sessions,
+                limits.note("sessions", policy.team_sessions.to_string()),
                 names.join(", ")
             ),
             0,
+            &limits,
         );
     }
-    if held.gpus + asked.gpus > policy.team_gpus {
+    if held.gpus + asked.gpus > limits.gpus {
         return deny(
             "team_gpus",
-            format!(
-                "team `{team}` holds {} GPUs ({}), asked {}, limit {}; {free_hint}",
+            reason!(
+                "team `{team}` holds {} GPUs ({}), asked {}, limit {}{}; {free_hint}",
                 held.gpus,
                 ledger.holders(|r| r.gpus as u64, |v| v.to_string()),
                 asked.gpus,
-                policy.team_gpus
+                limits.gpus,
+                limits.note("gpus", policy.team_gpus.to_string()),
             ),
             0,
+            &limits,
         );
     }
-    if held.cpus + asked.cpus > policy.team_cpus {
+    if held.cpus + asked.cpus > limits.cpus {
         return deny(
             "team_cpus",
-            format!(
-                "team `{team}` holds {} CPUs ({}), asked {}, limit {}; {free_hint}",
+            reason!(
+                "team `{team}` holds {} CPUs ({}), asked {}, limit {}{}; {free_hint}",
                 held.cpus,
                 ledger.holders(|r| r.cpus as u64, |v| v.to_string()),
                 asked.cpus,
-                policy.team_cpus
+                limits.cpus,
+                limits.note("cpus", policy.team_cpus.to_string()),
             ),
             0,
+            &limits,
         );
     }
     let held_mem = held.memory_bytes + held.shm_bytes;
     let asked_mem = asked.memory_bytes + asked.shm_bytes;
-    if held_mem + asked_mem > policy.team_memory_bytes {
+    if held_mem + asked_mem > limits.memory_bytes {
         return deny(
             "team_memory",
-            format!(
-                "team `{team}` holds {} of memory including shared memory ({}), asked {}, limit {}; {free_hint}",
+            reason!(
+                "team `{team}` holds {} of memory including shared memory ({}), asked {}, limit {}{}; {free_hint}",
                 gib(held_mem),
                 ledger.holders(|r| r.memory_bytes + r.shm_bytes, gib),
                 gib(asked_mem),
-                gib(policy.team_memory_bytes)
+                gib(limits.memory_bytes),
+                limits.note("memory", gib(policy.team_memory_bytes)),
             ),
             0,
+            &limits,
         );
     }
+    let mut overrides = limits.override_ids();
+    let reason = match extra {
+        Some(id) => {
+            let reason = reason!(
+                "the submit interval on `{}` is waived once by override {id}",
+                req.dataset
+            );
+            overrides.push(id);
+            reason
+        }
+        None => String::new(),
+    };
     Decision {
         granted: true,
+        reason,
+        overrides,
         ..Default::default()
     }
 }
 
-fn human_secs(s: u64) -> String {
+/// Says a number of seconds as NSML's rules did (`1 hour`, `10 minutes`).
+pub fn human_secs(s: u64) -> String {
     if s.is_multiple_of(3600) {
         format!("{} hour{}", s / 3600, if s == 3600 { "" } else { "s" })
     } else if s.is_multiple_of(60) {
@@ -280,7 +713,7 @@ mod tests {
     use super::*;
     use nsml_common::event::new_event;
     use nsml_eventstore::StoredEvent;
-    use nsml_proto::v1::EventPayload;
+    use nsml_proto::v1::QuotaRaise;
 
     const G: u64 = 1024 * 1024 * 1024;
     const HOUR: i64 = 3_600_000;
@@ -329,21 +762,28 @@ mod tests {
         }
     }
 
-    /// Given the events, the ledger they fold into.
+    /// Given the events, the ledger they fold into (numbered as the stream would number them).
     fn given(events: &[StoredEvent]) -> Ledger {
         let mut l = Ledger::default();
-        for e in events {
-            l.apply(e);
+        for (i, e) in events.iter().enumerate() {
+            let mut e = e.clone();
+            e.version = i as u64 + 1;
+            l.apply(&e);
         }
         l
     }
 
     fn granted(r: AdmitRequest, at: i64) -> StoredEvent {
+        granted_with(r, at, &[])
+    }
+
+    fn granted_with(r: AdmitRequest, at: i64, overrides: &[&str]) -> StoredEvent {
         stored(&ResourcesGranted {
             request: Some(r),
             decision: Some(Decision {
                 granted: true,
                 decided_at_ms: at,
+                overrides: overrides.iter().map(|s| s.to_string()).collect(),
                 ..Default::default()
             }),
         })
@@ -353,6 +793,62 @@ mod tests {
         stored(&ResourcesReleased {
             session: session.into(),
             ..Default::default()
+        })
+    }
+
+    fn succeeded(sub: &str, at: i64) -> StoredEvent {
+        stored(&SubmitSucceeded {
+            dataset: "t1-cls".into(),
+            submission_id: sub.into(),
+            at_ms: at,
+        })
+    }
+
+    fn failed(sub: &str, at: i64) -> StoredEvent {
+        stored(&SubmitEnded {
+            dataset: "t1-cls".into(),
+            submission_id: sub.into(),
+            succeeded: false,
+            at_ms: at,
+        })
+    }
+
+    fn extra_submit(id: &str) -> StoredEvent {
+        stored(&OverrideGranted {
+            grant: Some(Override {
+                id: id.into(),
+                competition: "demo".into(),
+                team: "demo".into(),
+                kind: OverrideKind::ExtraSubmit as i32,
+                dataset: "t1-cls".into(),
+                reason: "scorer outage".into(),
+                granted_by: "user:host".into(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn raise(id: &str, raise: QuotaRaise, until_ms: i64) -> StoredEvent {
+        stored(&OverrideGranted {
+            grant: Some(Override {
+                id: id.into(),
+                competition: "demo".into(),
+                team: "demo".into(),
+                kind: OverrideKind::RaiseQuota as i32,
+                raise: Some(raise),
+                until_ms,
+                reason: "final week".into(),
+                granted_by: "user:host".into(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn policy_changed(policy: Policy, version: u64) -> StoredEvent {
+        stored(&PolicyChanged {
+            competition: "demo".into(),
+            policy: Some(policy),
+            version,
         })
     }
 
@@ -372,7 +868,7 @@ mod tests {
         assert_eq!(d.rule, "team_gpus");
         assert!(
             d.reason
-                .contains("holds 2 GPUs (demo/t1-cls/1: 2), asked 1, limit 2"),
+                .contains("holds 2 GPUs (demo/t1-cls/1: 2), asked 1, limit 2;"),
             "{}",
             d.reason
         );
@@ -398,16 +894,27 @@ mod tests {
     }
 
     #[test]
+    fn a_submit_with_the_training_sessions_gpus_is_refused_while_training_holds_them() {
+        let l = given(&[granted(
+            req(SessionKind::Train, "demo/t1-cls/1", 2, 8, ""),
+            0,
+        )]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/2", 2, 4, "s1"),
+            0,
+        );
+        assert_eq!((d.granted, d.rule.as_str()), (false, "team_gpus"));
+    }
+
+    #[test]
     fn the_interval_counts_from_the_last_successful_submit() {
         let sub = req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1");
         let l = given(&[
             granted(sub, 10 * HOUR),
             released("demo/t1-cls/2"),
-            stored(&SubmitSucceeded {
-                dataset: "t1-cls".into(),
-                submission_id: "s1".into(),
-                at_ms: 10 * HOUR,
-            }),
+            succeeded("s1", 10 * HOUR),
         ]);
         let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
         let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 2);
@@ -421,12 +928,7 @@ mod tests {
         let l = given(&[
             granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), HOUR),
             released("demo/t1-cls/2"),
-            stored(&SubmitEnded {
-                dataset: "t1-cls".into(),
-                submission_id: "s1".into(),
-                succeeded: false,
-                at_ms: HOUR,
-            }),
+            failed("s1", HOUR),
         ]);
         let d = decide(
             &l,
@@ -491,5 +993,212 @@ mod tests {
         });
         let d = decide(&l, &seed_policy(), &big, 0);
         assert_eq!((d.granted, d.rule.as_str()), (false, "team_memory"));
+    }
+
+    #[test]
+    fn an_extra_submit_waives_the_interval_once() {
+        let history = [
+            granted(
+                req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+                10 * HOUR,
+            ),
+            released("demo/t1-cls/2"),
+            succeeded("s1", 10 * HOUR),
+            extra_submit("o1"),
+        ];
+        let l = given(&history);
+        let second = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+        let d = decide(&l, &seed_policy(), &second, 10 * HOUR + HOUR / 4);
+        assert!(d.granted, "{}", d.reason);
+        assert_eq!(d.overrides, vec!["o1".to_string()]);
+        assert!(
+            d.reason.contains("waived once by override o1"),
+            "{}",
+            d.reason
+        );
+
+        // Used by a submit that succeeded: the interval now counts from that one, and no extra is left.
+        let mut after = history.to_vec();
+        after.extend([
+            granted_with(second, 10 * HOUR + HOUR / 4, &["o1"]),
+            released("demo/t1-cls/3"),
+            succeeded("s2", 10 * HOUR + HOUR / 4),
+        ]);
+        let l = given(&after);
+        assert_eq!(l.extra_submits("t1-cls"), 0);
+        let third = req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3");
+        let d = decide(&l, &seed_policy(), &third, 11 * HOUR + HOUR / 8);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+        assert_eq!(d.retry_after_ms, 11 * HOUR + HOUR / 4);
+        assert!(d.overrides.is_empty());
+    }
+
+    #[test]
+    fn a_failed_submit_gives_its_extra_submit_back() {
+        let second = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+        let l = given(&[
+            granted(
+                req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+                10 * HOUR,
+            ),
+            released("demo/t1-cls/2"),
+            succeeded("s1", 10 * HOUR),
+            extra_submit("o1"),
+            granted_with(second, 10 * HOUR + 60_000, &["o1"]),
+        ]);
+        // While the submit that uses it runs, the extra submit is taken.
+        assert_eq!(l.extra_submits("t1-cls"), 0);
+        let l = given(&[
+            granted(
+                req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+                10 * HOUR,
+            ),
+            released("demo/t1-cls/2"),
+            succeeded("s1", 10 * HOUR),
+            extra_submit("o1"),
+            granted_with(
+                req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+                10 * HOUR + 60_000,
+                &["o1"],
+            ),
+            released("demo/t1-cls/3"),
+            failed("s2", 10 * HOUR + 120_000),
+        ]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3"),
+            10 * HOUR + 180_000,
+        );
+        assert!(d.granted, "{}", d.reason);
+        assert_eq!(d.overrides, vec!["o1".to_string()]);
+    }
+
+    #[test]
+    fn an_extra_submit_does_not_bypass_the_other_rules() {
+        let l = given(&[
+            granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), 0),
+            extra_submit("o1"),
+        ]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+            1,
+        );
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_in_flight"));
+        assert_eq!(l.extra_submits("t1-cls"), 1);
+    }
+
+    #[test]
+    fn a_raised_quota_holds_until_it_expires() {
+        let until = 20 * HOUR;
+        let l = given(&[
+            granted(req(SessionKind::Train, "demo/t1-cls/1", 2, 8, ""), 0),
+            raise(
+                "o1",
+                QuotaRaise {
+                    gpus: 4,
+                    sessions: 3,
+                    ..Default::default()
+                },
+                until,
+            ),
+        ]);
+        let more = req(SessionKind::Train, "demo/t1-cls/2", 1, 4, "");
+        let d = decide(&l, &seed_policy(), &more, until - 1);
+        assert!(d.granted, "{}", d.reason);
+        assert_eq!(d.overrides, vec!["o1".to_string()]);
+
+        // At the deadline the policy's limit is back.
+        let d = decide(&l, &seed_policy(), &more, until);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "team_gpus"));
+        assert!(d.reason.contains("limit 2;"), "{}", d.reason);
+        assert!(d.overrides.is_empty());
+
+        // While raised, a refusal names the raise.
+        let huge = req(SessionKind::Train, "demo/t1-cls/2", 3, 4, "");
+        let d = decide(&l, &seed_policy(), &huge, HOUR);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "team_gpus"));
+        assert!(
+            d.reason
+                .contains("limit 4 (raised from 2 by override o1 until 1970-01-01T20:00:00Z)"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn a_raise_never_lowers_a_limit_and_the_highest_raise_wins() {
+        let l = given(&[
+            raise(
+                "o1",
+                QuotaRaise {
+                    gpus: 1,
+                    cpus: 32,
+                    ..Default::default()
+                },
+                HOUR,
+            ),
+            raise(
+                "o2",
+                QuotaRaise {
+                    cpus: 24,
+                    memory_bytes: 200 * G,
+                    ..Default::default()
+                },
+                HOUR,
+            ),
+        ]);
+        let limits = l.limits("demo", &seed_policy(), 0);
+        assert_eq!(
+            (limits.gpus, limits.cpus, limits.memory_bytes),
+            (2, 32, 200 * G)
+        );
+        assert_eq!(limits.override_ids(), vec!["o1", "o2"]);
+        // Another competition's limits are untouched.
+        assert_eq!(l.limits("other", &seed_policy(), 0).cpus, 16);
+    }
+
+    #[test]
+    fn the_ledger_adopts_the_newest_policy_and_decisions_follow_it() {
+        let quicker = Policy {
+            submit_interval_secs: 600,
+            ..seed_policy()
+        };
+        let l = given(&[
+            policy_changed(seed_policy(), 1),
+            granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), 0),
+            released("demo/t1-cls/2"),
+            succeeded("s1", 0),
+        ]);
+        let p = l.policy("demo").copied().unwrap();
+        assert_eq!((p.version, p.since), (1, 1));
+        let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+        let d = decide(&l, &p.policy, &next, 20 * 60_000);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+
+        let mut l = l;
+        let mut change = policy_changed(quicker, 2);
+        change.version = 5;
+        l.apply(&change);
+        let p = l.policy("demo").copied().unwrap();
+        assert_eq!((p.version, p.since), (2, 5));
+        assert!(decide(&l, &p.policy, &next, 20 * 60_000).granted);
+    }
+
+    #[test]
+    fn folding_remembers_which_events_the_state_rests_on() {
+        let l = given(&[
+            granted(req(SessionKind::Train, "demo/t1-cls/1", 1, 8, ""), 0),
+            granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), 0),
+            released("demo/t1-cls/2"),
+            succeeded("s1", 0),
+        ]);
+        assert_eq!(l.holdings["demo/t1-cls/1"].since, 1);
+        assert_eq!(
+            l.submits["t1-cls"].last_success,
+            Some(("s1".to_string(), 4))
+        );
     }
 }

@@ -1,42 +1,52 @@
-//! The `QuotaService` gRPC API: admission (load the team's ledger → decide → append with the expected
-//! version) and usage.
+//! The `QuotaService` gRPC API: admission (load the team's ledger → adopt the competition's newer policy →
+//! decide → append with the expected version), usage, hosts' overrides and the audit (replay, explain, verify,
+//! export). Authorisation and conversion only: the rules live in `domain`, the audit in `audit`.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use nsml_common::aggregate::{Aggregates, Outcome};
 use nsml_common::caller::Caller;
+use nsml_common::clients::Clients;
 use nsml_common::event::new_event;
+use nsml_common::names::SessionName;
 use nsml_common::projection::Projection;
 use nsml_common::{ServiceContext, now_ms, status};
-use nsml_eventstore::NewEvent;
+use nsml_eventstore::{ChainBreakKind, EventStore, NewEvent};
 use nsml_proto::v1::quota_service_server::QuotaService as QuotaApi;
 use nsml_proto::v1::{
-    AdmissionDenied, AdmitRequest, DatasetSubmitState, Decision, Holding, QuotaUsage,
-    QuotaUsageRequest, ResourcesGranted,
+    AdmissionDenied, AdmitRequest, DatasetSubmitState, Decision, ExplainRequest, Explanation,
+    ExportRequest, ExportResponse, Holding, Override, OverrideGranted, OverrideKind,
+    OverrideRequest, Policy, PolicyChanged, QuotaUsage, QuotaUsageRequest, ReplayMismatch,
+    ReplayReport, ReplayRequest, ResourcesGranted, UsageRequest, VerifyReport, VerifyRequest,
 };
 use tonic::{Request, Response, Status};
 
-use crate::domain::{Ledger, decide};
-use crate::projection::Policies;
+use crate::audit;
+use crate::domain::{Ledger, LedgerEvent, decide, fmt_time, human_secs, ledger_stream};
+use crate::projection::Catalog;
+use crate::replay::Scope;
 
 /// The quota service.
 #[derive(Clone)]
 pub struct QuotaService {
     pub(crate) ledgers: Arc<Aggregates<Ledger>>,
-    proj: Arc<Projection<Policies>>,
-}
-
-/// The ledger stream of a team.
-pub fn ledger_stream(team: &str) -> String {
-    format!("quota-{team}")
+    proj: Arc<Projection<Catalog>>,
+    store: Arc<dyn EventStore>,
+    clients: Clients,
 }
 
 impl QuotaService {
-    pub(crate) fn new(ctx: ServiceContext, proj: Arc<Projection<Policies>>) -> Self {
-        Self {
+    pub(crate) fn new(
+        ctx: ServiceContext,
+        proj: Arc<Projection<Catalog>>,
+    ) -> Result<Self, nsml_common::clients::ClientsError> {
+        Ok(Self {
             ledgers: Arc::new(Aggregates::new(ctx.store.clone())),
             proj,
-        }
+            store: ctx.store.clone(),
+            clients: ctx.clients("quota")?,
+        })
     }
 
     /// Appends `events` to a team's ledger if `pending` says they are still due (idempotent facts).
@@ -52,6 +62,102 @@ impl QuotaService {
             .await
             .map(|_| ())
     }
+
+    /// The competition's policy as the log has it now, with its version.
+    fn current_policy(&self, competition: &str) -> Option<(Policy, u64)> {
+        self.proj.read(|p| p.policies.get(competition).copied())
+    }
+
+    /// The competitions whose decisions the caller may audit (`None`: all of them).
+    fn hosted(caller: &Caller) -> Result<Option<Vec<String>>, Status> {
+        caller.require_authenticated()?;
+        match caller {
+            Caller::User(id) if id.admin => Ok(None),
+            Caller::User(id) if !id.hosts.is_empty() => Ok(Some(id.hosts.clone())),
+            Caller::Service(_) => Ok(None),
+            _ => Err(Status::permission_denied(
+                "the audit is for hosts: only hosts of a competition may do this",
+            )),
+        }
+    }
+}
+
+/// The policy a decision uses: the ledger's, unless the log has a newer version, which the ledger adopts first.
+fn adopt(
+    ledger: &Ledger,
+    competition: &str,
+    current: Option<(Policy, u64)>,
+) -> Option<(Policy, u64, Option<PolicyChanged>)> {
+    match (ledger.policy(competition), current) {
+        (Some(a), Some((_, v))) if a.version >= v => Some((a.policy, a.version, None)),
+        (Some(a), None) => Some((a.policy, a.version, None)),
+        (_, Some((p, v))) => Some((
+            p,
+            v,
+            Some(PolicyChanged {
+                competition: competition.to_string(),
+                policy: Some(p),
+                version: v,
+            }),
+        )),
+        (None, None) => None,
+    }
+}
+
+/// When the next real submit on a dataset is allowed, and why.
+fn next_submit(ledger: &Ledger, policy: &Policy, dataset: &str, now: i64) -> DatasetSubmitState {
+    let st = ledger.submits.get(dataset).cloned().unwrap_or_default();
+    let extra = ledger.extra_submits(dataset) as u32;
+    let interval = policy.submit_interval_secs as i64 * 1000;
+    let last_sub = st.last_success.clone().map(|(s, _)| s).unwrap_or_default();
+    let next = st.last_success_ms.map_or(0, |t| t + interval);
+    let rule = format!(
+        "one real submit per {} per dataset, counted from the last successful one",
+        human_secs(policy.submit_interval_secs)
+    );
+    let in_flight = st.in_flight.keys().next().cloned().unwrap_or_default();
+    let why = if !in_flight.is_empty() {
+        format!(
+            "not now: submission {in_flight} is in flight; the next real submit may be requested when it ends{}",
+            if next > now {
+                format!(" and the interval allows it (at {})", fmt_time(next))
+            } else {
+                String::new()
+            }
+        )
+    } else if let Some(last) = st.last_success_ms.filter(|_| next > now) {
+        if extra > 0 {
+            format!(
+                "now, once: a host granted an extra submit that waives the interval (otherwise at {}: {rule}; submission {last_sub} succeeded, submitted at {})",
+                fmt_time(next),
+                fmt_time(last)
+            )
+        } else {
+            format!(
+                "at {}: {rule}; submission {last_sub} succeeded, submitted at {}",
+                fmt_time(next),
+                fmt_time(last)
+            )
+        }
+    } else if let Some(last) = st.last_success_ms {
+        format!(
+            "now: the last successful submit (submission {last_sub}, submitted at {}) is more than {} ago",
+            fmt_time(last),
+            human_secs(policy.submit_interval_secs)
+        )
+    } else {
+        "now: no successful real submit yet (failed and timed-out submits do not count)".into()
+    };
+    DatasetSubmitState {
+        dataset: dataset.to_string(),
+        last_success_ms: st.last_success_ms.unwrap_or(0),
+        next_allowed_ms: if next > now { next } else { 0 },
+        in_flight: !in_flight.is_empty(),
+        last_success_submission_id: last_sub,
+        in_flight_submission_id: in_flight,
+        extra_submits: extra,
+        why,
+    }
 }
 
 #[tonic::async_trait]
@@ -65,32 +171,38 @@ impl QuotaApi for QuotaService {
                 "an admission needs a team, a session and a command id",
             ));
         }
-        let (policy, policy_version) = self
-            .proj
-            .read(|p| p.policies.get(&r.competition).cloned())
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "competition `{}` has no policy yet",
-                    r.competition
-                ))
-            })?;
+        let current = self.current_policy(&r.competition);
         let actor = caller.actor();
+        let stream = ledger_stream(&r.team);
         let mut made: Option<Decision> = None;
+        let mut repeated: Option<u64> = None;
         let outcome = self
             .ledgers
-            .execute(&ledger_stream(&r.team), |ledger, version| {
-                if let Some(d) = ledger.decisions.get(&r.command_id) {
-                    made = Some(d.clone());
+            .execute(&stream, |ledger, version| {
+                if let Some(v) = ledger.decisions.get(&r.command_id) {
+                    repeated = Some(*v);
                     return Ok::<_, Status>(vec![]);
+                }
+                let (policy, policy_version, change) = adopt(ledger, &r.competition, current)
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "competition `{}` has no policy yet",
+                            r.competition
+                        ))
+                    })?;
+                let mut events = Vec::new();
+                if let Some(change) = change {
+                    events.push(new_event(&change, "service:quota", ""));
                 }
                 let now = now_ms();
                 let mut d = decide(ledger, &policy, &r, now);
                 d.id = uuid::Uuid::now_v7().to_string();
                 d.policy_version = policy_version;
-                d.ledger_version = version;
+                // The state the decision saw: the ledger, and the policy it adopts first when it does.
+                d.ledger_version = version + events.len() as u64;
                 d.decided_at_ms = now;
                 made = Some(d.clone());
-                let ev = if d.granted {
+                events.push(if d.granted {
                     new_event(
                         &ResourcesGranted {
                             request: Some(r.clone()),
@@ -108,13 +220,25 @@ impl QuotaApi for QuotaService {
                         &actor,
                         &r.command_id,
                     )
-                };
-                Ok(vec![ev])
+                });
+                Ok(events)
             })
             .await
             .map_err(|e| status::store("recording an admission", e))?;
         if let Outcome::Rejected(s) = outcome {
             return Err(s);
+        }
+        if let Some(version) = repeated {
+            // A repeated command: the decision recorded for it the first time, read back from the ledger.
+            let events = self
+                .store
+                .read_stream(&stream, version.saturating_sub(1))
+                .await
+                .map_err(|e| status::store("reading a recorded admission", e))?;
+            made = events
+                .first()
+                .and_then(LedgerEvent::decode)
+                .and_then(|e| e.decision().map(|(_, d)| d.clone()));
         }
         made.map(Response::new)
             .ok_or_else(|| status::internal("deciding an admission", "no decision"))
@@ -124,7 +248,26 @@ impl QuotaApi for QuotaService {
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
-        let competition = r.competition.clone();
+        let competition = if r.competition.is_empty() {
+            let mine: std::collections::BTreeSet<String> = match &caller {
+                Caller::User(id) => id
+                    .memberships
+                    .iter()
+                    .map(|m| m.competition.clone())
+                    .collect(),
+                _ => Default::default(),
+            };
+            match mine.len() {
+                1 => mine.into_iter().next().unwrap_or_default(),
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "name the competition: nsml quota COMPETITION",
+                    ));
+                }
+            }
+        } else {
+            r.competition.clone()
+        };
         let team = if r.team.is_empty() {
             caller
                 .team_in(&competition)
@@ -142,19 +285,37 @@ impl QuotaApi for QuotaService {
                 "the quota of team `{team}` is visible to its members and hosts only"
             )));
         }
-        let (policy, policy_version) = self
-            .proj
-            .read(|p| p.policies.get(&competition).cloned())
-            .ok_or_else(|| Status::not_found(format!("competition `{competition}` not found")))?;
+        let current = self.current_policy(&competition);
         let (ledger, _) = self
             .ledgers
             .load(&ledger_stream(&team))
             .await
             .map_err(|e| status::store("reading a ledger", e))?;
-        let interval_ms = policy.submit_interval_secs as i64 * 1000;
+        let (policy, policy_version, _) = adopt(&ledger, &competition, current)
+            .ok_or_else(|| Status::not_found(format!("competition `{competition}` not found")))?;
+        let now = now_ms();
+        let limits = ledger.limits(&competition, &policy, now);
+        let storage = self
+            .clients
+            .storage
+            .clone()
+            .usage(UsageRequest { team: team.clone() })
+            .await;
+        let (storage_used_bytes, storage_known) = match storage {
+            Ok(u) => (u.into_inner().checkpoint_bytes, true),
+            Err(st) => {
+                tracing::warn!(%st, team, "storage usage unavailable for `quota`");
+                (0, false)
+            }
+        };
+        let mut datasets = self
+            .proj
+            .read(|c| c.datasets.get(&competition).cloned())
+            .unwrap_or_default();
+        if datasets.is_empty() {
+            datasets = ledger.submits.keys().cloned().collect();
+        }
         Ok(Response::new(QuotaUsage {
-            team,
-            competition,
             held: Some(ledger.held()),
             sessions: ledger.holdings.len() as u32,
             holdings: ledger
@@ -166,22 +327,348 @@ impl QuotaApi for QuotaService {
                     kind: h.kind as i32,
                 })
                 .collect(),
-            submits: ledger
-                .submits
+            submits: datasets
                 .iter()
-                .map(|(d, s)| DatasetSubmitState {
-                    dataset: d.clone(),
-                    last_success_ms: s.last_success_ms.unwrap_or(0),
-                    next_allowed_ms: s.last_success_ms.map_or(0, |t| t + interval_ms),
-                    in_flight: !s.in_flight.is_empty(),
-                })
+                .map(|d| next_submit(&ledger, &policy, d, now))
                 .collect(),
             policy_version,
-            limit_gpus: policy.team_gpus,
-            limit_cpus: policy.team_cpus,
-            limit_memory_bytes: policy.team_memory_bytes,
-            limit_sessions: policy.team_sessions,
+            limit_gpus: limits.gpus,
+            limit_cpus: limits.cpus,
+            limit_memory_bytes: limits.memory_bytes,
+            limit_sessions: limits.sessions,
             submit_interval_secs: policy.submit_interval_secs,
+            limit_storage_bytes: policy.team_storage_bytes,
+            storage_used_bytes,
+            storage_known,
+            submit_max_cpus: policy.submit_max_cpus,
+            submit_time_limit_secs: policy.submit_time_limit_secs,
+            overrides: ledger
+                .overrides
+                .values()
+                .filter(|o| o.grant.competition == competition && o.in_force(now))
+                .map(|o| o.view())
+                .collect(),
+            now_ms: now,
+            policy: Some(policy),
+            team,
+            competition,
+        }))
+    }
+
+    async fn grant_override(
+        &self,
+        req: Request<OverrideRequest>,
+    ) -> Result<Response<Override>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require_authenticated()?;
+        let r = req.into_inner();
+        if r.team.is_empty() {
+            return Err(Status::invalid_argument("an override needs a team"));
+        }
+        if r.reason.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "an override needs a reason: it is recorded in the team's ledger",
+            ));
+        }
+        let kind = r.kind();
+        let now = now_ms();
+        match kind {
+            OverrideKind::ExtraSubmit if r.dataset.is_empty() => {
+                return Err(Status::invalid_argument("an extra submit needs a dataset"));
+            }
+            OverrideKind::RaiseQuota => {
+                let raise = r.raise.unwrap_or_default();
+                if raise.gpus == 0
+                    && raise.cpus == 0
+                    && raise.memory_bytes == 0
+                    && raise.sessions == 0
+                {
+                    return Err(Status::invalid_argument(
+                        "a quota raise needs at least one new limit (GPUs, CPUs, memory or sessions)",
+                    ));
+                }
+                if r.until_ms <= now {
+                    return Err(Status::invalid_argument(format!(
+                        "a quota raise needs an end in the future, not {}",
+                        fmt_time(r.until_ms)
+                    )));
+                }
+            }
+            OverrideKind::Unspecified => {
+                return Err(Status::invalid_argument(
+                    "an override is an extra submit or a quota raise",
+                ));
+            }
+            OverrideKind::ExtraSubmit => {}
+        }
+        let competition = self.proj.read(|c| {
+            if !r.competition.is_empty() {
+                return Ok(r.competition.clone());
+            }
+            if kind == OverrideKind::ExtraSubmit {
+                return c
+                    .competition_of_dataset(&r.dataset)
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        Status::not_found(format!("dataset `{}` not found", r.dataset))
+                    });
+            }
+            let entered = c.competitions_of.get(&r.team).cloned().unwrap_or_default();
+            match entered.len() {
+                1 => Ok(entered.into_iter().next().unwrap_or_default()),
+                0 => Err(Status::not_found(format!(
+                    "team `{}` is in no competition",
+                    r.team
+                ))),
+                _ => Err(Status::invalid_argument(format!(
+                    "team `{}` is in several competitions ({}): name one with --competition",
+                    r.team,
+                    entered.into_iter().collect::<Vec<_>>().join(", ")
+                ))),
+            }
+        })?;
+        caller.require_host_of(&competition)?;
+        let known = self.proj.read(|c| {
+            let team_in = c
+                .competitions_of
+                .get(&r.team)
+                .is_some_and(|cs| cs.contains(&competition));
+            let dataset_in = kind != OverrideKind::ExtraSubmit
+                || c.datasets
+                    .get(&competition)
+                    .is_some_and(|ds| ds.contains(&r.dataset));
+            (team_in, dataset_in)
+        });
+        match known {
+            (false, _) => {
+                return Err(Status::not_found(format!(
+                    "team `{}` is not in competition `{competition}`",
+                    r.team
+                )));
+            }
+            (_, false) => {
+                return Err(Status::not_found(format!(
+                    "dataset `{}` is not in competition `{competition}`",
+                    r.dataset
+                )));
+            }
+            _ => {}
+        }
+        let command_id = if r.command_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            r.command_id.clone()
+        };
+        let grant = Override {
+            id: uuid::Uuid::now_v7().to_string(),
+            competition,
+            team: r.team.clone(),
+            kind: kind as i32,
+            dataset: if kind == OverrideKind::ExtraSubmit {
+                r.dataset.clone()
+            } else {
+                String::new()
+            },
+            submission_id: r.submission_id.clone(),
+            raise: if kind == OverrideKind::RaiseQuota {
+                r.raise
+            } else {
+                None
+            },
+            until_ms: if kind == OverrideKind::RaiseQuota {
+                r.until_ms
+            } else {
+                0
+            },
+            reason: r.reason.trim().to_string(),
+            granted_by: caller.actor(),
+            granted_at_ms: now,
+            command_id: command_id.clone(),
+            used_by: String::new(),
+        };
+        let actor = caller.actor();
+        let mut made = None;
+        self.ledgers
+            .execute(&ledger_stream(&r.team), |l, _| {
+                if let Some(o) = l.override_by_command(&command_id) {
+                    made = Some(o.view());
+                    return Ok::<_, ()>(vec![]);
+                }
+                made = Some(grant.clone());
+                Ok(vec![new_event(
+                    &OverrideGranted {
+                        grant: Some(grant.clone()),
+                    },
+                    &actor,
+                    &command_id,
+                )])
+            })
+            .await
+            .map_err(|e| status::store("recording an override", e))?;
+        made.map(Response::new)
+            .ok_or_else(|| status::internal("recording an override", "no override"))
+    }
+
+    async fn replay(&self, req: Request<ReplayRequest>) -> Result<Response<ReplayReport>, Status> {
+        let caller = Caller::of(&req)?;
+        let hosted = Self::hosted(&caller)?;
+        let r = req.into_inner();
+        if !r.competition.is_empty() {
+            caller.require_host_of(&r.competition)?;
+        }
+        let scope = Scope {
+            competition: (!r.competition.is_empty()).then(|| r.competition.clone()),
+            until_ms: (r.until_ms > 0).then_some(r.until_ms),
+            hosted,
+        };
+        let started = Instant::now();
+        let report = audit::replay(
+            self.store.as_ref(),
+            &scope,
+            (!r.team.is_empty()).then_some(r.team.as_str()),
+        )
+        .await
+        .map_err(|e| status::store("replaying the ledgers", e))?;
+        Ok(Response::new(ReplayReport {
+            ledgers: report.ledgers,
+            events: report.events,
+            decisions: report.decisions,
+            matched: report.matched,
+            mismatches: report
+                .mismatches
+                .into_iter()
+                .map(|m| ReplayMismatch {
+                    team: m.team,
+                    position: m.position,
+                    version: m.version,
+                    decision_id: m.recorded.id.clone(),
+                    session: m.request.session,
+                    submission_id: m.request.submission_id,
+                    recorded: Some(m.recorded),
+                    replayed: Some(m.replayed),
+                    differences: m.differences,
+                })
+                .collect(),
+            elapsed_micros: started.elapsed().as_micros() as u64,
+        }))
+    }
+
+    async fn explain(&self, req: Request<ExplainRequest>) -> Result<Response<Explanation>, Status> {
+        let caller = Caller::of(&req)?;
+        Self::hosted(&caller)?;
+        let id = req.into_inner().id.trim().to_string();
+        if id.is_empty() {
+            return Err(Status::invalid_argument(
+                "explain needs a session name, a submission id or a decision id",
+            ));
+        }
+        let teams: Vec<String> = match SessionName::parse(&id) {
+            Ok(name) => vec![name.team],
+            Err(_) => self.proj.read(|c| match c.recorded_in.get(&id) {
+                Some(team) => vec![team.clone()],
+                None => c.ledgers.iter().cloned().collect(),
+            }),
+        };
+        for team in teams {
+            let events = self
+                .store
+                .read_stream(&ledger_stream(&team), 0)
+                .await
+                .map_err(|e| status::store("reading a ledger", e))?;
+            let Some(at) = audit::find_decision(&events, &id) else {
+                continue;
+            };
+            let x = audit::explain(&team, &events, at)
+                .ok_or_else(|| status::internal("explaining a decision", "undecodable decision"))?;
+            let competition = x
+                .request
+                .as_ref()
+                .map(|r| r.competition.clone())
+                .unwrap_or_default();
+            caller.require_host_of(&competition)?;
+            return Ok(Response::new(x));
+        }
+        Err(Status::not_found(format!(
+            "no admission decision recorded for `{id}`: give a session name (TEAM/DATASET/N), a submission id or a decision id"
+        )))
+    }
+
+    async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<VerifyReport>, Status> {
+        let caller = Caller::of(&req)?;
+        Self::hosted(&caller)?;
+        let events = self
+            .store
+            .head_position()
+            .await
+            .map_err(|e| status::store("reading the log head", e))?;
+        let found = self
+            .store
+            .verify_chain()
+            .await
+            .map_err(|e| status::store("verifying the log", e))?;
+        Ok(Response::new(match found {
+            None => VerifyReport {
+                intact: true,
+                events,
+                ..Default::default()
+            },
+            Some(b) => VerifyReport {
+                intact: false,
+                events,
+                position: b.position,
+                stream: b.stream.clone(),
+                version: b.version,
+                event_id: b.event_id.clone(),
+                kind: match b.kind {
+                    ChainBreakKind::HashMismatch => "edited",
+                    ChainBreakKind::PositionGap => "deleted",
+                    ChainBreakKind::VersionGap => "version_gap",
+                    ChainBreakKind::BrokenLink => "inserted_or_reordered",
+                }
+                .into(),
+                message: b.to_string(),
+            },
+        }))
+    }
+
+    async fn export(
+        &self,
+        req: Request<ExportRequest>,
+    ) -> Result<Response<ExportResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        Self::hosted(&caller)?;
+        let team = req.into_inner().team;
+        if team.is_empty() {
+            return Err(Status::invalid_argument("export needs a team"));
+        }
+        let events = self
+            .store
+            .read_stream(&ledger_stream(&team), 0)
+            .await
+            .map_err(|e| status::store("reading a ledger", e))?;
+        if events.is_empty() {
+            return Err(Status::not_found(format!("team `{team}` has no ledger")));
+        }
+        let (ledger, _) = self
+            .ledgers
+            .load(&ledger_stream(&team))
+            .await
+            .map_err(|e| status::store("reading a ledger", e))?;
+        let mut competitions: std::collections::BTreeSet<String> =
+            ledger.policies.keys().cloned().collect();
+        competitions.extend(
+            self.proj
+                .read(|c| c.competitions_of.get(&team).cloned())
+                .unwrap_or_default(),
+        );
+        for c in &competitions {
+            caller.require_host_of(c)?;
+        }
+        Ok(Response::new(ExportResponse {
+            lines: events
+                .iter()
+                .map(|e| audit::event_json(e).to_string())
+                .collect(),
         }))
     }
 }

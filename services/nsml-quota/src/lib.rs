@@ -1,12 +1,15 @@
 //! The quota service: one ledger stream per team (`quota-TEAM`) that records every admission decision and
-//! every outside fact a decision depends on (a session ended, a submit succeeded), so that replaying one
-//! stream re-derives every decision for that team. Decisions are a pure function of the ledger, the
-//! competition policy, the request and its recorded time.
+//! every fact a decision depends on (the competition policy it adopted, a session ended, a submit succeeded,
+//! a host's override), so that replaying one stream re-derives every decision for that team. Decisions are a
+//! pure function of the ledger, the request and its recorded time; hosts audit them by replay.
 
+pub mod audit;
 pub mod domain;
 mod grpc;
 mod projection;
 mod reactor;
+pub mod replay;
+pub mod synthetic;
 
 use nsml_common::ServiceContext;
 use nsml_common::projection::Projection;
@@ -20,19 +23,21 @@ pub use grpc::QuotaService;
 pub enum QuotaError {
     #[error("event store: {0}")]
     Store(#[from] nsml_eventstore::StoreError),
+    #[error("service clients: {0}")]
+    Clients(#[from] nsml_common::clients::ClientsError),
 }
 
 /// Builds the quota service and its reactor, which records outside facts (sessions ending, submits
 /// finishing) in the teams' ledgers.
 pub async fn start(ctx: ServiceContext) -> Result<Started, QuotaError> {
-    let (proj, task) = Projection::<projection::Policies>::spawn(
+    let (proj, task) = Projection::<projection::Catalog>::spawn(
         "quota",
         ctx.store.clone(),
         ctx.bus.clone(),
         ctx.cancel.clone(),
     );
     proj.wait_ready().await;
-    let svc = QuotaService::new(ctx.clone(), proj);
+    let svc = QuotaService::new(ctx.clone(), proj)?;
     let reactor = tokio::spawn(reactor::run(svc.clone(), ctx.clone()));
     let server = QuotaServiceServer::new(svc);
     Ok(Started {

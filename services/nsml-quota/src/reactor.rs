@@ -71,7 +71,7 @@ fn submit_outcome(
     move |l| {
         let (dataset, submitted_at) = l.granted_submits.get(&sub.id)?.clone();
         let st = l.submits.get(&dataset)?;
-        if !st.in_flight.contains(&sub.id) {
+        if !st.in_flight.contains_key(&sub.id) {
             return None;
         }
         Some(if succeeded {

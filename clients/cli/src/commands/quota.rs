@@ -1,0 +1,357 @@
+//! `quota [COMPETITION] [--team TEAM] [-j]`: the team's usage against every limit, the sessions holding
+//! resources, checkpoint storage, and per dataset when the next real submit is allowed and why.
+
+use std::collections::BTreeSet;
+
+use anyhow::{Result, bail};
+use nsml_manifest::format_size;
+use nsml_proto::v1 as pb;
+use serde_json::{Value, json};
+
+use super::Context;
+use crate::UsageError;
+use crate::api::Api;
+use crate::json;
+use crate::output::{Table, datetime, emit, kind_name};
+
+pub async fn quota(
+    ctx: &Context,
+    competition: Option<String>,
+    team: Option<String>,
+    as_json: bool,
+) -> Result<()> {
+    let api = ctx.api()?;
+    let competition = match competition {
+        Some(c) => c,
+        None => only_competition(&api).await?,
+    };
+    let usage = api
+        .quota()
+        .usage(pb::QuotaUsageRequest {
+            team: team.unwrap_or_default(),
+            competition,
+        })
+        .await?
+        .into_inner();
+    if as_json {
+        json::print(&usage_json(&usage));
+    } else {
+        emit(&render(&usage));
+    }
+    Ok(())
+}
+
+/// The caller's only competition (as participant or host); a usage error listing them when there are several.
+async fn only_competition(api: &Api) -> Result<String> {
+    let identity = api.auth().who_am_i(pb::Empty {}).await?.into_inner();
+    let mine: BTreeSet<String> = identity
+        .memberships
+        .iter()
+        .map(|m| m.competition.clone())
+        .chain(identity.hosts.iter().cloned())
+        .collect();
+    if mine.len() == 1 {
+        return Ok(mine.into_iter().next().unwrap_or_default());
+    }
+    if !mine.is_empty() {
+        eprintln!(
+            "Competitions: {}",
+            mine.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    bail!(UsageError(
+        "name the competition: nsml quota COMPETITION".into()
+    ))
+}
+
+/// Says a duration to come the way a person would: `in 59m 30s`, `in 2h 5m`.
+fn in_time(at_ms: i64, now_ms: i64) -> String {
+    let secs = ((at_ms - now_ms).max(0) + 999) / 1000;
+    match secs {
+        0..60 => format!("in {secs}s"),
+        60..3600 => format!("in {}m {}s", secs / 60, secs % 60),
+        _ => format!("in {}h {}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+fn interval(secs: u64) -> String {
+    match secs {
+        s if s > 0 && s % 3600 == 0 => {
+            format!("{} hour{}", s / 3600, if s == 3600 { "" } else { "s" })
+        }
+        s if s > 0 && s % 60 == 0 => format!("{} minutes", s / 60),
+        s => format!("{s} seconds"),
+    }
+}
+
+/// Renders the usage as tables.
+pub fn render(u: &pb::QuotaUsage) -> String {
+    let held = u.held.unwrap_or_default();
+    let policy = u.policy.unwrap_or_default();
+    let mut out = format!(
+        "Quota of team {} in competition {} (policy version {})\n\n",
+        u.team, u.competition, u.policy_version
+    );
+    let raised = |limit: u64, base: u64| {
+        if limit > base {
+            format!("raised from {base}")
+        } else {
+            String::new()
+        }
+    };
+    let mut t = Table::new(&["Resource", "Held", "Limit", "Note"]);
+    t.row(vec![
+        "GPUs".into(),
+        held.gpus.to_string(),
+        u.limit_gpus.to_string(),
+        raised(u.limit_gpus.into(), policy.team_gpus.into()),
+    ]);
+    t.row(vec![
+        "CPUs".into(),
+        held.cpus.to_string(),
+        u.limit_cpus.to_string(),
+        raised(u.limit_cpus.into(), policy.team_cpus.into()),
+    ]);
+    t.row(vec![
+        "Memory".into(),
+        format_size(held.memory_bytes + held.shm_bytes),
+        format_size(u.limit_memory_bytes),
+        if u.limit_memory_bytes > policy.team_memory_bytes {
+            format!(
+                "shared memory included; raised from {}",
+                format_size(policy.team_memory_bytes)
+            )
+        } else {
+            "shared memory included".into()
+        },
+    ]);
+    t.row(vec![
+        "Sessions".into(),
+        u.sessions.to_string(),
+        u.limit_sessions.to_string(),
+        if u.limit_sessions > policy.team_sessions {
+            format!(
+                "training and submit sessions; raised from {}",
+                policy.team_sessions
+            )
+        } else {
+            "training and submit sessions".into()
+        },
+    ]);
+    t.row(vec![
+        "Storage".into(),
+        if u.storage_known {
+            format_size(u.storage_used_bytes)
+        } else {
+            "unknown".into()
+        },
+        format_size(u.limit_storage_bytes),
+        "checkpoints".into(),
+    ]);
+    out.push_str(&t.render());
+    out.push('\n');
+    if u.holdings.is_empty() {
+        out.push_str("No session holds resources.\n");
+    } else {
+        let mut t = Table::new(&["Session", "Type", "GPUs", "CPUs", "Memory", "Shm"]);
+        for h in &u.holdings {
+            let r = h.resources.unwrap_or_default();
+            t.row(vec![
+                h.session.clone(),
+                kind_name(h.kind()).to_string(),
+                r.gpus.to_string(),
+                r.cpus.to_string(),
+                format_size(r.memory_bytes),
+                format_size(r.shm_bytes),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "Real submits: one per {} per dataset, counted from the last successful one; a submit runs on the \
+         training session's GPUs and at most {} CPUs, and must finish within {}.\n",
+        interval(u.submit_interval_secs),
+        u.submit_max_cpus,
+        interval(u.submit_time_limit_secs)
+    ));
+    let mut t = Table::new(&["Dataset", "Last Success", "Next Submit", "Why"]);
+    for s in &u.submits {
+        let next = if s.in_flight {
+            "after the submit in flight".to_string()
+        } else if s.next_allowed_ms > u.now_ms && s.extra_submits == 0 {
+            format!(
+                "{} ({})",
+                datetime(s.next_allowed_ms),
+                in_time(s.next_allowed_ms, u.now_ms)
+            )
+        } else {
+            "now".into()
+        };
+        t.row(vec![
+            s.dataset.clone(),
+            datetime(s.last_success_ms),
+            next,
+            s.why.clone(),
+        ]);
+    }
+    out.push_str(&t.render());
+    if !u.overrides.is_empty() {
+        out.push_str("\nOverrides in force:\n");
+        for o in &u.overrides {
+            out.push_str(&format!("  {}\n", super::audit::describe_override(o)));
+        }
+    }
+    out
+}
+
+fn resources_json(r: Option<&pb::Resources>) -> Value {
+    let r = r.copied().unwrap_or_default();
+    json!({
+        "gpus": r.gpus,
+        "cpus": r.cpus,
+        "memory_bytes": r.memory_bytes,
+        "shm_bytes": r.shm_bytes,
+    })
+}
+
+/// The usage as JSON, fields named as in the API.
+pub fn usage_json(u: &pb::QuotaUsage) -> Value {
+    let p = u.policy.unwrap_or_default();
+    json!({
+        "team": u.team,
+        "competition": u.competition,
+        "policy_version": u.policy_version,
+        "now_ms": u.now_ms,
+        "held": resources_json(u.held.as_ref()),
+        "sessions": u.sessions,
+        "limits": {
+            "gpus": u.limit_gpus,
+            "cpus": u.limit_cpus,
+            "memory_bytes": u.limit_memory_bytes,
+            "sessions": u.limit_sessions,
+            "storage_bytes": u.limit_storage_bytes,
+        },
+        "policy": {
+            "team_gpus": p.team_gpus,
+            "team_cpus": p.team_cpus,
+            "team_memory_bytes": p.team_memory_bytes,
+            "team_sessions": p.team_sessions,
+            "team_storage_bytes": p.team_storage_bytes,
+            "submit_interval_secs": p.submit_interval_secs,
+            "submit_time_limit_secs": p.submit_time_limit_secs,
+            "submit_max_cpus": p.submit_max_cpus,
+        },
+        "storage_used_bytes": if u.storage_known { json!(u.storage_used_bytes) } else { Value::Null },
+        "submit_interval_secs": u.submit_interval_secs,
+        "submit_max_cpus": u.submit_max_cpus,
+        "submit_time_limit_secs": u.submit_time_limit_secs,
+        "holdings": u.holdings.iter().map(|h| json!({
+            "session": h.session,
+            "kind": kind_name(h.kind()),
+            "resources": resources_json(h.resources.as_ref()),
+        })).collect::<Vec<_>>(),
+        "submits": u.submits.iter().map(|s| json!({
+            "dataset": s.dataset,
+            "last_success_ms": s.last_success_ms,
+            "last_success_submission_id": s.last_success_submission_id,
+            "next_allowed_ms": s.next_allowed_ms,
+            "in_flight": s.in_flight,
+            "in_flight_submission_id": s.in_flight_submission_id,
+            "extra_submits": s.extra_submits,
+            "why": s.why,
+        })).collect::<Vec<_>>(),
+        "overrides": u.overrides.iter().map(super::audit::override_json).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_shows_every_limit_the_holders_and_the_next_submit() {
+        let g = 1u64 << 30;
+        let u = pb::QuotaUsage {
+            team: "demo".into(),
+            competition: "demo".into(),
+            held: Some(pb::Resources {
+                gpus: 1,
+                cpus: 8,
+                memory_bytes: 75 * g,
+                shm_bytes: 10 * g,
+            }),
+            sessions: 1,
+            holdings: vec![pb::Holding {
+                session: "demo/t1-cls/1".into(),
+                resources: Some(pb::Resources {
+                    gpus: 1,
+                    cpus: 8,
+                    memory_bytes: 75 * g,
+                    shm_bytes: 10 * g,
+                }),
+                kind: pb::SessionKind::Train as i32,
+            }],
+            submits: vec![pb::DatasetSubmitState {
+                dataset: "t1-cls".into(),
+                last_success_ms: 1_000_000,
+                next_allowed_ms: 1_000_000 + 3_600_000,
+                why: "at …: one real submit per 1 hour".into(),
+                ..Default::default()
+            }],
+            policy_version: 1,
+            limit_gpus: 4,
+            limit_cpus: 16,
+            limit_memory_bytes: 170 * g,
+            limit_sessions: 2,
+            submit_interval_secs: 3600,
+            limit_storage_bytes: 450 * g,
+            storage_used_bytes: 1234,
+            storage_known: true,
+            submit_max_cpus: 4,
+            submit_time_limit_secs: 3600,
+            now_ms: 1_000_000 + 60_000,
+            policy: Some(pb::Policy {
+                team_gpus: 2,
+                team_cpus: 16,
+                team_memory_bytes: 170 * g,
+                team_sessions: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = render(&u);
+        let row = |first: &str| -> Vec<&str> {
+            text.lines()
+                .find(|l| l.starts_with(first))
+                .map(|l| l.split_whitespace().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            row("GPUs"),
+            ["GPUs", "1", "4", "raised", "from", "2"],
+            "{text}"
+        );
+        assert_eq!(
+            row("Memory")[..5],
+            ["Memory", "85", "GB", "170", "GB"],
+            "{text}"
+        );
+        assert_eq!(
+            row("Storage")[..5],
+            ["Storage", "1.21", "KB", "450", "GB"],
+            "{text}"
+        );
+        assert_eq!(
+            row("demo/t1-cls/1")[..4],
+            ["demo/t1-cls/1", "train", "1", "8"],
+            "{text}"
+        );
+        assert!(text.contains("(in 59m 0s)"), "{text}");
+        let v = usage_json(&u);
+        assert_eq!(v["limits"]["gpus"], 4);
+        assert_eq!(v["policy"]["team_gpus"], 2);
+        assert_eq!(v["storage_used_bytes"], 1234);
+        assert_eq!(v["submits"][0]["next_allowed_ms"], 4_600_000);
+    }
+}

@@ -1,0 +1,130 @@
+//! Replay speed over a generated ledger of 1,000,000 events (`NSML_BENCH_EVENTS` to change it): first pure
+//! (decode, re-derive every decision, fold; no IO), then through a SQLite store read the way `audit replay`
+//! reads it (the whole log in pages, and the team's stream alone). Prints each run and the median.
+//!
+//! `cargo bench -p nsml-quota --bench replay` (add `-- --memory-only` to skip the store).
+
+use std::time::Instant;
+
+use nsml_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteStore};
+use nsml_quota::replay::{Report, Scope, replay_ledger};
+use nsml_quota::{audit, synthetic};
+
+const RUNS: usize = 5;
+
+/// CPU time this thread has used (Linux: `/proc/thread-self/stat`, in 10 ms ticks), so that a run on a busy
+/// machine can be told apart from a slow one.
+fn thread_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn median(mut rates: Vec<f64>) -> f64 {
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
+fn check(report: &Report, n: usize) {
+    assert_eq!(report.events, n as u64, "every event replayed");
+    assert!(
+        report.mismatches.is_empty(),
+        "a generated ledger replays without mismatches: {:?}",
+        report.mismatches.first()
+    );
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let n: usize = std::env::var("NSML_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let memory_only = std::env::args().any(|a| a == "--memory-only");
+    let started = Instant::now();
+    let events = synthetic::ledger("bench", n, 42);
+    println!(
+        "generated a ledger of {n} events in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut rates = Vec::new();
+    let mut cpu_rates = Vec::new();
+    for run in 1..=RUNS {
+        let cpu = thread_cpu_secs();
+        let started = Instant::now();
+        let mut report = Report::default();
+        replay_ledger("bench", &events, &Scope::default(), &mut report);
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = thread_cpu_secs().zip(cpu).map(|(b, a)| b - a);
+        check(&report, n);
+        let rate = n as f64 / secs;
+        let per_cpu = cpu.filter(|c| *c > 0.0).map(|c| n as f64 / c);
+        println!(
+            "in memory, run {run}: {n} events ({} decisions, {} matched) in {secs:.3}s = {rate:.0} events/s{}",
+            report.decisions,
+            report.matched,
+            per_cpu.map_or(String::new(), |r| format!(" ({r:.0} per CPU-second)"))
+        );
+        rates.push(rate);
+        cpu_rates.extend(per_cpu);
+    }
+    println!(
+        "replay in memory: median {:.0} events/s over {RUNS} runs{}",
+        median(rates),
+        if cpu_rates.is_empty() {
+            String::new()
+        } else {
+            format!(", {:.0} per CPU-second", median(cpu_rates))
+        }
+    );
+    if memory_only {
+        return Ok(());
+    }
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(&dir.path().join("bench.db")).await?;
+        let started = Instant::now();
+        for (i, chunk) in events.chunks(1000).enumerate() {
+            let expected = if i == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact((i * 1000) as u64)
+            };
+            let batch = chunk
+                .iter()
+                .map(|e| NewEvent {
+                    event_type: e.event_type.clone(),
+                    payload: e.payload.clone(),
+                    metadata: e.metadata.clone(),
+                })
+                .collect();
+            store.append("quota-bench", expected, batch).await?;
+        }
+        println!(
+            "stored the ledger in SQLite in {:.2}s",
+            started.elapsed().as_secs_f64()
+        );
+        for (label, team) in [("whole log", None), ("team stream", Some("bench"))] {
+            let mut rates = Vec::new();
+            for run in 1..=3 {
+                let started = Instant::now();
+                let report =
+                    audit::replay(&store as &dyn EventStore, &Scope::default(), team).await?;
+                let secs = started.elapsed().as_secs_f64();
+                check(&report, n);
+                let rate = n as f64 / secs;
+                println!("SQLite, {label}, run {run}: {secs:.3}s = {rate:.0} events/s");
+                rates.push(rate);
+            }
+            println!(
+                "replay from SQLite ({label}): median {:.0} events/s over 3 runs",
+                median(rates)
+            );
+        }
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}

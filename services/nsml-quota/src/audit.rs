@@ -1,0 +1,475 @@
+//! The hosts' audit over the log: replaying every ledger, explaining one decision from the ledger events it
+//! rests on, and a ledger as JSON lines to hand to a team in a dispute.
+
+use std::collections::HashMap;
+
+use nsml_common::aggregate::Aggregate;
+use nsml_eventstore::{EventStore, StoreError, StoredEvent};
+use nsml_proto::v1::{EventRef, Explanation, HeldBy, Override, OverrideKind, SessionKind};
+use serde_json::{Value, json};
+
+use crate::domain::{LEDGER_PREFIX, Ledger, LedgerEvent, fmt_time, gib, ledger_stream};
+use crate::replay::{LedgerReplay, Report, Scope, rederive, replay_ledger};
+
+/// How many events one read of the whole log takes.
+const PAGE: usize = 10_000;
+
+/// Replays `team`'s ledger, or every ledger in the log (read once, in position order).
+pub async fn replay(
+    store: &dyn EventStore,
+    scope: &Scope,
+    team: Option<&str>,
+) -> Result<Report, StoreError> {
+    let mut report = Report::default();
+    if let Some(team) = team {
+        let events = store.read_stream(&ledger_stream(team), 0).await?;
+        if !events.is_empty() {
+            replay_ledger(team, &events, scope, &mut report);
+        }
+        return Ok(report);
+    }
+    let mut ledgers: HashMap<String, LedgerReplay> = HashMap::new();
+    let mut after = 0;
+    loop {
+        let page = store.read_all(after, PAGE).await?;
+        for ev in &page {
+            if let Some(team) = ev.stream.strip_prefix(LEDGER_PREFIX) {
+                let r = match ledgers.get_mut(team) {
+                    Some(r) => r,
+                    None => ledgers
+                        .entry(team.to_string())
+                        .or_insert_with(|| LedgerReplay::new(team)),
+                };
+                r.step(ev, scope, &mut report);
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE => after = last.position,
+            _ => break,
+        }
+    }
+    report.ledgers = ledgers.len() as u64;
+    Ok(report)
+}
+
+/// The index of the last decision in `events` that `id` names: its decision id, its session or its
+/// submission.
+pub fn find_decision(events: &[StoredEvent], id: &str) -> Option<usize> {
+    events.iter().rposition(|ev| {
+        LedgerEvent::decode(ev)
+            .and_then(|e| {
+                e.decision()
+                    .map(|(r, d)| d.id == id || r.session == id || r.submission_id == id)
+            })
+            .unwrap_or(false)
+    })
+}
+
+fn describe(r: &nsml_proto::v1::Resources) -> String {
+    format!(
+        "{} GPUs, {} CPUs, {} memory + {} shared memory",
+        r.gpus,
+        r.cpus,
+        gib(r.memory_bytes),
+        gib(r.shm_bytes)
+    )
+}
+
+fn describe_override(o: &Override) -> String {
+    let what = match o.kind() {
+        OverrideKind::ExtraSubmit if o.submission_id.is_empty() => {
+            format!("an extra submit on `{}`", o.dataset)
+        }
+        OverrideKind::ExtraSubmit => format!(
+            "an extra submit on `{}` re-opening submission {}",
+            o.dataset, o.submission_id
+        ),
+        OverrideKind::RaiseQuota => {
+            let r = o.raise.unwrap_or_default();
+            let mut parts = Vec::new();
+            if r.gpus > 0 {
+                parts.push(format!("{} GPUs", r.gpus));
+            }
+            if r.cpus > 0 {
+                parts.push(format!("{} CPUs", r.cpus));
+            }
+            if r.memory_bytes > 0 {
+                parts.push(format!("{} memory", gib(r.memory_bytes)));
+            }
+            if r.sessions > 0 {
+                parts.push(format!("{} sessions", r.sessions));
+            }
+            format!(
+                "limits raised to {} until {}",
+                parts.join(", "),
+                fmt_time(o.until_ms)
+            )
+        }
+        OverrideKind::Unspecified => "an override of unknown kind".into(),
+    };
+    format!(
+        "override {}: {what}, granted by {} at {} ({})",
+        o.id,
+        o.granted_by,
+        fmt_time(o.granted_at_ms),
+        o.reason
+    )
+}
+
+/// Explains the decision recorded at `events[at]` of `team`'s ledger: the state it saw (folded from the
+/// events before it), the rule that fired, the decision re-derived now, and the events it rests on.
+pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanation> {
+    let ev = events.get(at)?;
+    let mut ledger = Ledger::default();
+    for e in &events[..at] {
+        ledger.apply(e);
+    }
+    let event = LedgerEvent::decode(ev)?;
+    let (req, d) = event.decision()?;
+    let refer = |version: u64, note: String| -> EventRef {
+        match events.binary_search_by_key(&version, |e| e.version) {
+            Ok(i) => EventRef {
+                position: events[i].position,
+                version,
+                event_type: events[i].event_type.clone(),
+                recorded_at_ms: events[i].metadata.recorded_at_ms,
+                note,
+            },
+            Err(_) => EventRef {
+                version,
+                note,
+                ..Default::default()
+            },
+        }
+    };
+    let (mut replayed, differences) = rederive(&ledger, req, d, ev.version);
+    replayed.id = d.id.clone();
+    let mut rests_on = Vec::new();
+    let adopted = ledger.policy(&req.competition).copied();
+    if let Some(a) = adopted {
+        rests_on.push(refer(
+            a.since,
+            format!(
+                "policy version {} of competition `{}` adopted by the ledger",
+                a.version, req.competition
+            ),
+        ));
+    }
+    let held: Vec<HeldBy> = ledger
+        .holdings
+        .iter()
+        .map(|(s, h)| HeldBy {
+            session: s.clone(),
+            resources: Some(h.resources),
+            kind: h.kind as i32,
+            submission_id: h.submission_id.clone(),
+            granted_by: Some(refer(
+                h.since,
+                format!("{s} holds {}", describe(&h.resources)),
+            )),
+        })
+        .collect();
+    rests_on.extend(held.iter().filter_map(|h| h.granted_by.clone()));
+    let submits = ledger
+        .submits
+        .get(&req.dataset)
+        .cloned()
+        .unwrap_or_default();
+    let is_submit = req.kind() == SessionKind::Submit;
+    if is_submit {
+        if let (Some((sub, v)), Some(t)) = (&submits.last_success, submits.last_success_ms) {
+            rests_on.push(refer(
+                *v,
+                format!(
+                    "submission {sub} on `{}` succeeded; it was submitted at {}, which starts the interval",
+                    req.dataset,
+                    fmt_time(t)
+                ),
+            ));
+        }
+        for (sub, v) in &submits.in_flight {
+            rests_on.push(refer(
+                *v,
+                format!(
+                    "submission {sub} on `{}` admitted and not ended",
+                    req.dataset
+                ),
+            ));
+        }
+    }
+    let overrides: Vec<Override> = ledger
+        .overrides
+        .values()
+        .filter(|o| o.grant.competition == req.competition && o.in_force(d.decided_at_ms))
+        .map(|o| o.view())
+        .collect();
+    for (id, o) in &ledger.overrides {
+        let relevant = d.overrides.contains(id)
+            || o.raises(&req.competition, d.decided_at_ms)
+            || (is_submit
+                && o.grant.kind() == OverrideKind::ExtraSubmit
+                && o.grant.dataset == req.dataset
+                && o.in_force(d.decided_at_ms));
+        if relevant {
+            rests_on.push(refer(o.since, describe_override(&o.view())));
+        }
+    }
+    rests_on.sort_by_key(|r| r.version);
+    rests_on.dedup_by_key(|r| r.version);
+    let other_decisions = events
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(i, _)| *i != at)
+        .filter_map(|(_, e)| {
+            let e = LedgerEvent::decode(e)?;
+            let (r, od) = e.decision()?;
+            let same = r.session == req.session
+                || (!req.submission_id.is_empty() && r.submission_id == req.submission_id);
+            same.then(|| {
+                format!(
+                    "{}: {} at {}",
+                    od.id,
+                    if od.granted {
+                        "granted".to_string()
+                    } else {
+                        format!("refused ({})", od.rule)
+                    },
+                    fmt_time(od.decided_at_ms)
+                )
+            })
+        })
+        .collect();
+    Some(Explanation {
+        team: team.to_string(),
+        request: Some(req.clone()),
+        decision: Some(d.clone()),
+        event: Some(refer(ev.version, "the decision".into())),
+        policy_version: adopted.map_or(0, |a| a.version),
+        policy: adopted.map(|a| a.policy),
+        held,
+        held_total: Some(ledger.held()),
+        last_success_ms: submits.last_success_ms.unwrap_or(0),
+        last_success_submission_id: submits.last_success.map(|(s, _)| s).unwrap_or_default(),
+        in_flight_submissions: submits.in_flight.keys().cloned().collect(),
+        overrides,
+        rule: if d.granted {
+            "granted".into()
+        } else {
+            d.rule.clone()
+        },
+        replayed: Some(replayed),
+        replay_matches: differences.is_empty(),
+        rests_on,
+        other_decisions,
+        differences,
+    })
+}
+
+fn time(ms: i64) -> Value {
+    if ms == 0 {
+        Value::Null
+    } else {
+        Value::String(fmt_time(ms))
+    }
+}
+
+fn resources_json(r: Option<&nsml_proto::v1::Resources>) -> Value {
+    let r = r.copied().unwrap_or_default();
+    json!({
+        "gpus": r.gpus,
+        "cpus": r.cpus,
+        "memory_bytes": r.memory_bytes,
+        "shm_bytes": r.shm_bytes,
+    })
+}
+
+fn kind_name(k: SessionKind) -> &'static str {
+    match k {
+        SessionKind::Train => "train",
+        SessionKind::TrialSubmit => "trial",
+        SessionKind::Submit => "submit",
+        SessionKind::Unspecified => "unspecified",
+    }
+}
+
+/// An override as JSON.
+pub fn override_json(o: &Override) -> Value {
+    let r = o.raise.unwrap_or_default();
+    json!({
+        "id": o.id,
+        "competition": o.competition,
+        "team": o.team,
+        "kind": match o.kind() {
+            OverrideKind::ExtraSubmit => "extra_submit",
+            OverrideKind::RaiseQuota => "raise_quota",
+            OverrideKind::Unspecified => "unspecified",
+        },
+        "dataset": o.dataset,
+        "submission_id": o.submission_id,
+        "raise": {
+            "gpus": r.gpus,
+            "cpus": r.cpus,
+            "memory_bytes": r.memory_bytes,
+            "sessions": r.sessions,
+        },
+        "until_ms": o.until_ms,
+        "until": time(o.until_ms),
+        "reason": o.reason,
+        "granted_by": o.granted_by,
+        "granted_at_ms": o.granted_at_ms,
+        "command_id": o.command_id,
+    })
+}
+
+fn decision_json(req: &nsml_proto::v1::AdmitRequest, d: &nsml_proto::v1::Decision) -> Value {
+    json!({
+        "request": {
+            "team": req.team,
+            "competition": req.competition,
+            "kind": kind_name(req.kind()),
+            "session": req.session,
+            "dataset": req.dataset,
+            "resources": resources_json(req.resources.as_ref()),
+            "submission_id": req.submission_id,
+            "command_id": req.command_id,
+        },
+        "decision": {
+            "id": d.id,
+            "granted": d.granted,
+            "rule": d.rule,
+            "reason": d.reason,
+            "retry_after_ms": d.retry_after_ms,
+            "retry_after": time(d.retry_after_ms),
+            "policy_version": d.policy_version,
+            "ledger_version": d.ledger_version,
+            "decided_at_ms": d.decided_at_ms,
+            "decided_at": time(d.decided_at_ms),
+            "overrides": d.overrides,
+        },
+    })
+}
+
+/// One ledger event as a JSON object: where it sits in the log, its envelope and its content.
+pub fn event_json(ev: &StoredEvent) -> Value {
+    let data = match LedgerEvent::decode(ev) {
+        Some(LedgerEvent::Granted(e)) => match (&e.request, &e.decision) {
+            (Some(r), Some(d)) => decision_json(r, d),
+            _ => Value::Null,
+        },
+        Some(LedgerEvent::Denied(e)) => match (&e.request, &e.decision) {
+            (Some(r), Some(d)) => decision_json(r, d),
+            _ => Value::Null,
+        },
+        Some(LedgerEvent::Released(e)) => json!({
+            "session": e.session,
+            "resources": resources_json(e.resources.as_ref()),
+            "cause": e.cause,
+            "at_ms": e.at_ms,
+        }),
+        Some(LedgerEvent::Succeeded(e)) => json!({
+            "dataset": e.dataset,
+            "submission_id": e.submission_id,
+            "submitted_at_ms": e.at_ms,
+            "submitted_at": time(e.at_ms),
+        }),
+        Some(LedgerEvent::Ended(e)) => json!({
+            "dataset": e.dataset,
+            "submission_id": e.submission_id,
+            "succeeded": e.succeeded,
+            "at_ms": e.at_ms,
+        }),
+        Some(LedgerEvent::PolicyChanged(e)) => {
+            let p = e.policy.unwrap_or_default();
+            json!({
+                "competition": e.competition,
+                "version": e.version,
+                "policy": {
+                    "team_gpus": p.team_gpus,
+                    "team_cpus": p.team_cpus,
+                    "team_memory_bytes": p.team_memory_bytes,
+                    "team_sessions": p.team_sessions,
+                    "team_storage_bytes": p.team_storage_bytes,
+                    "submit_interval_secs": p.submit_interval_secs,
+                    "submit_time_limit_secs": p.submit_time_limit_secs,
+                    "submit_max_cpus": p.submit_max_cpus,
+                },
+            })
+        }
+        Some(LedgerEvent::Override(e)) => e.grant.as_ref().map_or(Value::Null, override_json),
+        None => Value::Null,
+    };
+    json!({
+        "position": ev.position,
+        "stream": ev.stream,
+        "version": ev.version,
+        "type": ev.event_type.strip_prefix("nsml.v1.").unwrap_or(&ev.event_type),
+        "event_id": ev.metadata.event_id,
+        "command_id": ev.metadata.command_id,
+        "actor": ev.metadata.actor,
+        "recorded_at_ms": ev.metadata.recorded_at_ms,
+        "recorded_at": time(ev.metadata.recorded_at_ms),
+        "hash": ev.hash,
+        "data": data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic;
+
+    #[test]
+    fn a_refused_submit_is_explained_by_the_earlier_success() {
+        let events = synthetic::ledger("demo", 3_000, 11);
+        let at = events
+            .iter()
+            .position(|e| {
+                LedgerEvent::decode(e)
+                    .and_then(|e| e.decision().map(|(_, d)| d.rule == "submit_interval"))
+                    .unwrap_or(false)
+            })
+            .unwrap();
+        let id = LedgerEvent::decode(&events[at])
+            .and_then(|e| e.decision().map(|(r, _)| r.session.clone()))
+            .unwrap();
+        assert_eq!(find_decision(&events, &id), Some(at));
+        let x = explain("demo", &events, at).unwrap();
+        assert_eq!(x.rule, "submit_interval");
+        assert!(x.replay_matches, "{:?}", x.differences);
+        assert!(x.last_success_ms > 0);
+        assert!(!x.last_success_submission_id.is_empty());
+        let success = x
+            .rests_on
+            .iter()
+            .find(|r| r.event_type == "nsml.v1.SubmitSucceeded")
+            .expect("rests on the earlier success");
+        assert!(
+            success.note.contains(&x.last_success_submission_id),
+            "{}",
+            success.note
+        );
+        assert!(
+            x.rests_on
+                .iter()
+                .any(|r| r.event_type == "nsml.v1.PolicyChanged")
+        );
+        let retry = x.decision.unwrap().retry_after_ms;
+        let interval = x.policy.unwrap().submit_interval_secs as i64 * 1000;
+        assert_eq!(retry, x.last_success_ms + interval);
+    }
+
+    #[test]
+    fn export_lines_carry_the_decisions() {
+        let events = synthetic::ledger("demo", 50, 2);
+        let lines: Vec<Value> = events.iter().map(event_json).collect();
+        assert_eq!(lines[0]["type"], "PolicyChanged");
+        assert_eq!(lines[0]["data"]["policy"]["team_gpus"], 2);
+        let d = lines
+            .iter()
+            .find(|l| l["type"] == "AdmissionDenied" || l["type"] == "ResourcesGranted")
+            .unwrap();
+        assert!(d["data"]["decision"]["id"].as_str().is_some());
+        assert_eq!(d["data"]["request"]["team"], "demo");
+    }
+}

@@ -1,0 +1,354 @@
+//! Replay: folds ledgers from scratch and re-derives every recorded decision with `decide`, from the
+//! recorded request, its recorded time, the policy the ledger itself adopted and the ledger state just
+//! before the decision. Pure: the caller feeds the events (from the store, or generated for a bench).
+
+use nsml_eventstore::StoredEvent;
+use nsml_proto::v1::{AdmitRequest, Decision};
+
+use crate::domain::{Ledger, LedgerEvent, decide};
+
+/// Which decisions a replay checks.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Only decisions of this competition.
+    pub competition: Option<String>,
+    /// Only events recorded at or before this time; a ledger's later events are not read.
+    pub until_ms: Option<i64>,
+    /// Only decisions of these competitions (the ones the caller hosts); `None`: every competition.
+    pub hosted: Option<Vec<String>>,
+}
+
+impl Scope {
+    /// Whether decisions of `competition` are checked.
+    pub fn covers(&self, competition: &str) -> bool {
+        self.competition.as_deref().is_none_or(|c| c == competition)
+            && self
+                .hosted
+                .as_ref()
+                .is_none_or(|h| h.iter().any(|c| c == competition))
+    }
+}
+
+/// A recorded decision that replay re-derived differently.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    pub team: String,
+    pub position: u64,
+    pub version: u64,
+    pub request: AdmitRequest,
+    pub recorded: Decision,
+    pub replayed: Decision,
+    /// What differs, e.g. `granted: recorded true, replayed false`.
+    pub differences: Vec<String>,
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// Ledgers read.
+    pub ledgers: u64,
+    /// Ledger events folded.
+    pub events: u64,
+    /// Decisions re-derived.
+    pub decisions: u64,
+    /// Decisions re-derived exactly as recorded.
+    pub matched: u64,
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// One ledger being replayed, event by event.
+#[derive(Debug, Default)]
+pub struct LedgerReplay {
+    team: String,
+    ledger: Ledger,
+    stopped: bool,
+}
+
+impl LedgerReplay {
+    /// Starts the replay of `team`'s ledger from an empty state.
+    pub fn new(team: &str) -> Self {
+        Self {
+            team: team.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Takes the ledger's next event: re-derives it when it is a decision in scope, then folds it.
+    pub fn step(&mut self, ev: &StoredEvent, scope: &Scope, report: &mut Report) {
+        if self.stopped {
+            return;
+        }
+        if scope
+            .until_ms
+            .is_some_and(|u| ev.metadata.recorded_at_ms > u)
+        {
+            self.stopped = true;
+            return;
+        }
+        report.events += 1;
+        let Some(event) = LedgerEvent::decode(ev) else {
+            return;
+        };
+        if let Some((req, recorded)) = event.decision()
+            && scope.covers(&req.competition)
+        {
+            report.decisions += 1;
+            let (replayed, differences) = rederive(&self.ledger, req, recorded, ev.version);
+            if differences.is_empty() {
+                report.matched += 1;
+            } else {
+                let mut replayed = replayed;
+                replayed.id = recorded.id.clone();
+                report.mismatches.push(Mismatch {
+                    team: self.team.clone(),
+                    position: ev.position,
+                    version: ev.version,
+                    request: req.clone(),
+                    recorded: recorded.clone(),
+                    replayed,
+                    differences,
+                });
+            }
+        }
+        self.ledger.apply_event(event, ev.version);
+    }
+}
+
+/// Replays one ledger's events (in version order) into `report`.
+pub fn replay_ledger(team: &str, events: &[StoredEvent], scope: &Scope, report: &mut Report) {
+    let mut r = LedgerReplay::new(team);
+    report.ledgers += 1;
+    for ev in events {
+        r.step(ev, scope, report);
+    }
+}
+
+/// Re-derives a decision recorded at ledger `version` from the ledger state just before it; returns the
+/// re-derived decision (without an id of its own) and what differs from the recorded one (empty when they agree).
+pub fn rederive(
+    ledger: &Ledger,
+    req: &AdmitRequest,
+    recorded: &Decision,
+    version: u64,
+) -> (Decision, Vec<String>) {
+    let mut differences = Vec::new();
+    if ledger.decisions.contains_key(&req.command_id) {
+        differences.push(format!(
+            "command `{}` was already decided: a repeated request gets the first decision, not a new one",
+            req.command_id
+        ));
+    }
+    let mut replayed = match ledger.policy(&req.competition) {
+        Some(p) => {
+            let mut d = decide(ledger, &p.policy, req, recorded.decided_at_ms);
+            d.policy_version = p.version;
+            d
+        }
+        None => {
+            differences.push(format!(
+                "the ledger adopted no policy of competition `{}` before this decision",
+                req.competition
+            ));
+            Decision::default()
+        }
+    };
+    replayed.decided_at_ms = recorded.decided_at_ms;
+    replayed.ledger_version = version.saturating_sub(1);
+    // Compared field by field, and put in words only when they differ: replay must stay fast.
+    if recorded.granted != replayed.granted {
+        differences.push(format!(
+            "granted: recorded {}, replayed {}",
+            recorded.granted, replayed.granted
+        ));
+    }
+    if recorded.rule != replayed.rule {
+        differences.push(format!(
+            "rule: recorded `{}`, replayed `{}`",
+            recorded.rule, replayed.rule
+        ));
+    }
+    if recorded.retry_after_ms != replayed.retry_after_ms {
+        differences.push(format!(
+            "retry after: recorded {}, replayed {}",
+            recorded.retry_after_ms, replayed.retry_after_ms
+        ));
+    }
+    if recorded.policy_version != replayed.policy_version {
+        differences.push(format!(
+            "policy version: recorded {}, replayed {}",
+            recorded.policy_version, replayed.policy_version
+        ));
+    }
+    if recorded.ledger_version != replayed.ledger_version {
+        differences.push(format!(
+            "ledger version: recorded {}, replayed {}",
+            recorded.ledger_version, replayed.ledger_version
+        ));
+    }
+    if recorded.overrides != replayed.overrides {
+        differences.push(format!(
+            "overrides: recorded {:?}, replayed {:?}",
+            recorded.overrides, replayed.overrides
+        ));
+    }
+    if recorded.reason != replayed.reason {
+        differences.push(format!(
+            "reason: recorded {:?}, replayed {:?}",
+            recorded.reason, replayed.reason
+        ));
+    }
+    (replayed, differences)
+}
+
+#[cfg(test)]
+mod tests {
+    use nsml_proto::v1::{AdmissionDenied, EventPayload, ResourcesGranted};
+    use prost::Message;
+
+    use super::*;
+    use crate::synthetic;
+
+    fn replay(events: &[StoredEvent]) -> Report {
+        let mut report = Report::default();
+        replay_ledger("demo", events, &Scope::default(), &mut report);
+        report
+    }
+
+    #[test]
+    fn a_generated_ledger_replays_without_mismatches() {
+        let events = synthetic::ledger("demo", 20_000, 1);
+        let report = replay(&events);
+        assert!(
+            report.mismatches.is_empty(),
+            "{:#?}",
+            &report.mismatches[..1]
+        );
+        assert_eq!(report.events, 20_000);
+        assert!(report.decisions > 5_000, "{report:?}");
+        assert_eq!(report.matched, report.decisions);
+        // The generated history exercises every rule, both policy versions and both kinds of override.
+        let mut rules = std::collections::BTreeSet::new();
+        let mut versions = std::collections::BTreeSet::new();
+        let mut overridden = 0;
+        for ev in &events {
+            if let Some(e) = LedgerEvent::decode(ev)
+                && let Some((_, d)) = e.decision()
+            {
+                rules.insert(d.rule.clone());
+                versions.insert(d.policy_version);
+                overridden += usize::from(!d.overrides.is_empty());
+            }
+        }
+        for rule in [
+            "",
+            "submit_interval",
+            "submit_in_flight",
+            "team_sessions",
+            "team_gpus",
+            "team_cpus",
+            "team_memory",
+        ] {
+            assert!(rules.contains(rule), "no `{rule}` decision in {rules:?}");
+        }
+        assert_eq!(versions.into_iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert!(
+            overridden > 10,
+            "{overridden} decisions honoured an override"
+        );
+    }
+
+    /// Rewrites the payload of one recorded decision.
+    fn tamper(ev: &mut StoredEvent, f: impl FnOnce(&mut Decision)) {
+        if ev.event_type == AdmissionDenied::TYPE {
+            let mut e = AdmissionDenied::decode(ev.payload.as_slice()).unwrap();
+            f(e.decision.as_mut().unwrap());
+            ev.payload = e.encode_to_vec();
+        } else {
+            let mut e = ResourcesGranted::decode(ev.payload.as_slice()).unwrap();
+            f(e.decision.as_mut().unwrap());
+            ev.payload = e.encode_to_vec();
+        }
+    }
+
+    #[test]
+    fn a_tampered_decision_is_the_one_mismatch() {
+        let mut events = synthetic::ledger("demo", 5_000, 7);
+        assert_eq!(replay(&events).mismatches, vec![]);
+        let at = events
+            .iter()
+            .position(|e| {
+                LedgerEvent::decode(e)
+                    .and_then(|e| e.decision().map(|(_, d)| d.rule == "submit_interval"))
+                    .unwrap_or(false)
+            })
+            .expect("a refused submit");
+        // The host "moves" the retry time of one refusal an hour earlier.
+        tamper(&mut events[at], |d| d.retry_after_ms -= 3_600_000);
+        let report = replay(&events);
+        assert_eq!(report.mismatches.len(), 1, "{:#?}", report.mismatches);
+        let m = &report.mismatches[0];
+        assert_eq!(
+            (m.position, m.version),
+            (events[at].position, events[at].version)
+        );
+        assert_eq!(m.differences.len(), 1, "{:?}", m.differences);
+        assert!(
+            m.differences[0].starts_with("retry after: recorded "),
+            "{:?}",
+            m.differences
+        );
+        assert_eq!(report.matched, report.decisions - 1);
+    }
+
+    #[test]
+    fn a_grant_turned_into_a_refusal_is_found() {
+        let mut events = synthetic::ledger("demo", 2_000, 3);
+        let at = events
+            .iter()
+            .position(|e| e.event_type == ResourcesGranted::TYPE)
+            .unwrap();
+        tamper(&mut events[at], |d| {
+            d.granted = false;
+            d.rule = "team_gpus".into();
+        });
+        let report = replay(&events);
+        assert_eq!(report.mismatches[0].version, events[at].version);
+        assert!(
+            report.mismatches[0]
+                .differences
+                .contains(&"granted: recorded false, replayed true".to_string()),
+            "{:?}",
+            report.mismatches[0].differences
+        );
+    }
+
+    #[test]
+    fn scope_limits_the_checked_decisions() {
+        let events = synthetic::ledger("demo", 3_000, 5);
+        let mut all = Report::default();
+        replay_ledger("demo", &events, &Scope::default(), &mut all);
+        let mut other = Report::default();
+        let scope = Scope {
+            competition: Some("other".into()),
+            ..Default::default()
+        };
+        replay_ledger("demo", &events, &scope, &mut other);
+        assert_eq!((other.decisions, other.events), (0, 3_000));
+        let half = events[1_500].metadata.recorded_at_ms;
+        let mut early = Report::default();
+        let scope = Scope {
+            until_ms: Some(half),
+            ..Default::default()
+        };
+        replay_ledger("demo", &events, &scope, &mut early);
+        assert!(early.events <= 1_501 && early.events >= 1_500, "{early:?}");
+        assert!(early.decisions < all.decisions);
+        let hidden = Scope {
+            hosted: Some(vec!["elsewhere".into()]),
+            ..Default::default()
+        };
+        let mut none = Report::default();
+        replay_ledger("demo", &events, &hidden, &mut none);
+        assert_eq!(none.decisions, 0);
+    }
+}

@@ -1,0 +1,316 @@
+//! A generated team ledger, recorded as the service records one (every decision made by `decide` on the
+//! ledger as it stood), for replay's tests and bench: trainings, trial and real submits that succeed or fail,
+//! releases, a policy change halfway and hosts' overrides.
+
+use nsml_eventstore::{Metadata, StoredEvent};
+use nsml_proto::v1::{
+    AdmissionDenied, AdmitRequest, EventPayload, Override, OverrideGranted, OverrideKind, Policy,
+    PolicyChanged, QuotaRaise, Resources, ResourcesGranted, ResourcesReleased, SessionKind,
+    SubmitEnded, SubmitSucceeded,
+};
+
+use crate::domain::{Ledger, decide};
+
+const G: u64 = 1024 * 1024 * 1024;
+/// 2026-01-01T00:00:00Z.
+const START_MS: i64 = 1_767_225_600_000;
+const COMPETITION: &str = "demo";
+const DATASETS: [&str; 2] = ["t1-cls", "t2-reg"];
+
+/// The seed's policy (reference/NSML.md).
+pub fn seed_policy() -> Policy {
+    Policy {
+        team_gpus: 2,
+        team_cpus: 16,
+        team_memory_bytes: 170 * G,
+        team_sessions: 2,
+        team_storage_bytes: 450 * G,
+        submit_interval_secs: 3600,
+        submit_time_limit_secs: 3600,
+        submit_max_cpus: 4,
+    }
+}
+
+/// Generates `n` events of `team`'s ledger; the same seed gives the same ledger.
+pub fn ledger(team: &str, n: usize, seed: u64) -> Vec<StoredEvent> {
+    let mut g = Generator {
+        team: team.to_string(),
+        ledger: Ledger::default(),
+        events: Vec::with_capacity(n + 2),
+        rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        now: START_MS,
+        sessions: 0,
+    };
+    g.adopt(seed_policy(), 1);
+    while g.events.len() < n {
+        if g.events.len() == n / 2 {
+            g.adopt(
+                Policy {
+                    submit_interval_secs: 1800,
+                    team_memory_bytes: 200 * G,
+                    ..seed_policy()
+                },
+                2,
+            );
+            continue;
+        }
+        g.now += (g.next() % 600_000) as i64;
+        match g.next() % 100 {
+            0..=29 => g.train(),
+            30..=54 => g.submit(),
+            55..=71 => g.release(),
+            72..=90 => g.finish_submit(),
+            91..=98 => g.trial(),
+            _ if g.next().is_multiple_of(2) => g.extra_submit(),
+            _ => g.raise(),
+        }
+    }
+    g.events.truncate(n);
+    g.events
+}
+
+struct Generator {
+    team: String,
+    ledger: Ledger,
+    events: Vec<StoredEvent>,
+    rng: u64,
+    now: i64,
+    sessions: u64,
+}
+
+impl Generator {
+    /// xorshift64*: enough randomness for a varied history, the same for the same seed.
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn record<P: EventPayload>(&mut self, payload: &P, command_id: &str) {
+        let n = self.events.len() as u64 + 1;
+        let ev = StoredEvent {
+            position: n,
+            stream: format!("quota-{}", self.team),
+            version: n,
+            event_type: P::TYPE.to_string(),
+            payload: payload.encode_to_vec(),
+            metadata: Metadata {
+                event_id: format!("{:016x}{:016x}", self.rng, n),
+                command_id: command_id.to_string(),
+                actor: "service:quota".into(),
+                recorded_at_ms: self.now,
+                schema_version: 1,
+                ..Default::default()
+            },
+            hash: String::new(),
+        };
+        nsml_common::aggregate::Aggregate::apply(&mut self.ledger, &ev);
+        self.events.push(ev);
+    }
+
+    fn adopt(&mut self, policy: Policy, version: u64) {
+        self.record(
+            &PolicyChanged {
+                competition: COMPETITION.into(),
+                policy: Some(policy),
+                version,
+            },
+            "",
+        );
+    }
+
+    fn request(&mut self, kind: SessionKind, dataset: &str, resources: Resources) -> AdmitRequest {
+        self.sessions += 1;
+        let session = format!("{}/{dataset}/{}", self.team, self.sessions);
+        AdmitRequest {
+            team: self.team.clone(),
+            competition: COMPETITION.into(),
+            kind: kind as i32,
+            session: session.clone(),
+            dataset: dataset.into(),
+            resources: Some(resources),
+            submission_id: if kind == SessionKind::Train {
+                String::new()
+            } else {
+                format!("sub-{}", self.sessions)
+            },
+            command_id: session,
+        }
+    }
+
+    fn decide(&mut self, req: AdmitRequest) {
+        let Some(adopted) = self.ledger.policy(COMPETITION).copied() else {
+            return;
+        };
+        let mut d = decide(&self.ledger, &adopted.policy, &req, self.now);
+        d.id = format!("dec-{}", self.events.len() + 1);
+        d.policy_version = adopted.version;
+        d.ledger_version = self.events.len() as u64;
+        d.decided_at_ms = self.now;
+        let command_id = req.command_id.clone();
+        if d.granted {
+            self.record(
+                &ResourcesGranted {
+                    request: Some(req),
+                    decision: Some(d),
+                },
+                &command_id,
+            );
+        } else {
+            self.record(
+                &AdmissionDenied {
+                    request: Some(req),
+                    decision: Some(d),
+                },
+                &command_id,
+            );
+        }
+    }
+
+    fn dataset(&mut self) -> &'static str {
+        DATASETS[(self.next() % 2) as usize]
+    }
+
+    fn train(&mut self) {
+        let resources = Resources {
+            gpus: (self.next() % 3) as u32,
+            cpus: 1 + (self.next() % 12) as u32,
+            memory_bytes: (8 + self.next() % 93) * G,
+            shm_bytes: G,
+        };
+        let dataset = self.dataset();
+        let req = self.request(SessionKind::Train, dataset, resources);
+        self.decide(req);
+    }
+
+    fn submit(&mut self) {
+        let resources = Resources {
+            gpus: (self.next() % 2) as u32,
+            cpus: if self.next().is_multiple_of(20) { 8 } else { 4 },
+            memory_bytes: 24 * G,
+            shm_bytes: G,
+        };
+        let dataset = self.dataset();
+        let req = self.request(SessionKind::Submit, dataset, resources);
+        self.decide(req);
+    }
+
+    fn trial(&mut self) {
+        let resources = Resources {
+            gpus: 0,
+            cpus: 2,
+            memory_bytes: 8 * G,
+            shm_bytes: G,
+        };
+        let dataset = self.dataset();
+        let req = self.request(SessionKind::TrialSubmit, dataset, resources);
+        self.decide(req);
+    }
+
+    fn release(&mut self) {
+        let live: Vec<String> = self
+            .ledger
+            .holdings
+            .iter()
+            .filter(|(_, h)| h.kind != SessionKind::Submit)
+            .map(|(s, _)| s.clone())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let session = live[(self.next() % live.len() as u64) as usize].clone();
+        let resources = self.ledger.holdings[&session].resources;
+        self.record(
+            &ResourcesReleased {
+                session,
+                resources: Some(resources),
+                cause: "exited".into(),
+                at_ms: self.now,
+            },
+            "",
+        );
+    }
+
+    fn finish_submit(&mut self) {
+        let Some((session, sub, dataset)) = self
+            .ledger
+            .holdings
+            .iter()
+            .find(|(_, h)| h.kind == SessionKind::Submit)
+            .map(|(s, h)| (s.clone(), h.submission_id.clone(), h.dataset.clone()))
+        else {
+            return;
+        };
+        let resources = self.ledger.holdings[&session].resources;
+        self.record(
+            &ResourcesReleased {
+                session,
+                resources: Some(resources),
+                cause: "exited".into(),
+                at_ms: self.now,
+            },
+            "",
+        );
+        if self.next().is_multiple_of(4) {
+            self.record(
+                &SubmitEnded {
+                    dataset,
+                    submission_id: sub,
+                    succeeded: false,
+                    at_ms: self.now,
+                },
+                "",
+            );
+        } else {
+            let submitted_at = self
+                .ledger
+                .granted_submits
+                .get(&sub)
+                .map_or(self.now, |(_, at)| *at);
+            self.record(
+                &SubmitSucceeded {
+                    dataset,
+                    submission_id: sub,
+                    at_ms: submitted_at,
+                },
+                "",
+            );
+        }
+    }
+
+    fn grant(&mut self, mut grant: Override) {
+        let id = format!("ovr-{:012}", self.events.len() + 1);
+        grant.id = id.clone();
+        grant.competition = COMPETITION.into();
+        grant.team = self.team.clone();
+        grant.reason = "generated".into();
+        grant.granted_by = "user:host".into();
+        grant.granted_at_ms = self.now;
+        grant.command_id = id.clone();
+        self.record(&OverrideGranted { grant: Some(grant) }, &id);
+    }
+
+    fn extra_submit(&mut self) {
+        let dataset = self.dataset();
+        self.grant(Override {
+            kind: OverrideKind::ExtraSubmit as i32,
+            dataset: dataset.into(),
+            ..Default::default()
+        });
+    }
+
+    fn raise(&mut self) {
+        let until_ms = self.now + (1 + self.next() % 6) as i64 * 3_600_000;
+        self.grant(Override {
+            kind: OverrideKind::RaiseQuota as i32,
+            raise: Some(QuotaRaise {
+                gpus: 3,
+                sessions: 3,
+                ..Default::default()
+            }),
+            until_ms,
+            ..Default::default()
+        });
+    }
+}
