@@ -106,13 +106,27 @@ fn number_with_unit(field: &str, unit: &str) -> Option<u64> {
 
 /// Runs `program` (normally `nvidia-smi` from `PATH`); `None` when it is absent, fails or hangs.
 fn query_nvidia_smi(program: &OsStr) -> Option<String> {
-    let mut child = match Command::new(program)
-        .args(NVIDIA_SMI_ARGS)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-    {
+    let spawn = || {
+        Command::new(program)
+            .args(NVIDIA_SMI_ARGS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+    };
+    let mut spawned = spawn();
+    // A program written just now can be briefly "busy" while a process forked elsewhere still holds its
+    // write handle; that passes within milliseconds.
+    for _ in 0..10 {
+        match &spawned {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+                spawned = spawn();
+            }
+            _ => break,
+        }
+    }
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::info!("no nvidia-smi on PATH: this runner has no GPUs");
