@@ -358,11 +358,14 @@ impl LocalExecutor {
             Ok(p) => p,
             Err(e) => return ProcessOutcome::setup_failed(e.to_string(), false),
         };
-        let platform: Arc<dyn Platform> = Arc::new(GrpcPlatform::new(
-            self.clients.clone(),
-            session.name.clone(),
-            lease.ids().to_vec(),
-        ));
+        let platform: Arc<dyn Platform> = Arc::new(
+            GrpcPlatform::new(
+                self.clients.clone(),
+                session.name.clone(),
+                lease.ids().to_vec(),
+            )
+            .for_submission(session.submission_id.clone()),
+        );
         let kind = session.kind();
         let sdk = match SdkContext::new(
             session.name.clone(),

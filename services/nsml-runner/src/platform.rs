@@ -89,6 +89,7 @@ pub struct GrpcPlatform {
     clients: Clients,
     name: String,
     gpu_ids: Vec<u32>,
+    submission_id: String,
 }
 
 impl GrpcPlatform {
@@ -98,7 +99,14 @@ impl GrpcPlatform {
             clients,
             name,
             gpu_ids,
+            submission_id: String::new(),
         }
+    }
+
+    /// The platform for a submit session running submission `id`.
+    pub fn for_submission(mut self, id: String) -> Self {
+        self.submission_id = id;
+        self
     }
 }
 
@@ -276,6 +284,7 @@ impl Platform for GrpcPlatform {
         let req = RunnerPredictionsRequest {
             session: self.name.clone(),
             predictions_json,
+            submission_id: self.submission_id.clone(),
         };
         self.clients
             .submission

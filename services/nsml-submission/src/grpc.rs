@@ -90,6 +90,28 @@ impl SubmissionService {
         }
     }
 
+    /// Records the submit session running a submission, unless it is known or the submission already ended.
+    async fn record_session(&self, sub: &Submission, actor: &str) -> Result<(), Status> {
+        self.append(&sub.id, |st| {
+            let known = st
+                .submission
+                .as_ref()
+                .is_some_and(|s| !s.session.is_empty());
+            if st.ended() || known {
+                return vec![];
+            }
+            vec![new_event(
+                &SubmissionAdmitted {
+                    submission: Some(sub.clone()),
+                    decision_id: String::new(),
+                },
+                actor,
+                "",
+            )]
+        })
+        .await
+    }
+
     /// Records how a submission ended, once.
     pub(crate) async fn end(&self, id: &str, ending: Ending) -> Result<(), Status> {
         self.append(id, |st| {
@@ -412,18 +434,7 @@ impl SubmissionApi for SubmissionService {
         match started {
             Ok(session) => {
                 sub.session = session.into_inner().name;
-                let admitted = sub.clone();
-                self.append(&id, |_| {
-                    vec![new_event(
-                        &SubmissionAdmitted {
-                            submission: Some(admitted.clone()),
-                            decision_id: String::new(),
-                        },
-                        &actor,
-                        "",
-                    )]
-                })
-                .await?;
+                self.record_session(&sub, &actor).await?;
                 Ok(Response::new(self.visible(&caller, sub)))
             }
             Err(st) => {
@@ -491,17 +502,31 @@ impl SubmissionApi for SubmissionService {
     ) -> Result<Response<RunnerPredictionsResponse>, Status> {
         Caller::of(&req)?.require_service()?;
         let r = req.into_inner();
-        let sub = self
-            .proj
-            .read(|p| {
-                p.by_session
-                    .get(&r.session)
-                    .and_then(|id| p.by_id.get(id))
-                    .cloned()
-            })
-            .ok_or_else(|| {
-                Status::not_found(format!("session `{}` is not a submit session", r.session))
-            })?;
+        let not_submit =
+            || Status::not_found(format!("session `{}` is not a submit session", r.session));
+        let id = if r.submission_id.is_empty() {
+            self.proj
+                .read(|p| p.by_session.get(&r.session).cloned())
+                .ok_or_else(not_submit)?
+        } else {
+            r.submission_id.clone()
+        };
+        // The submission's own stream, not the read model: predictions can arrive before the read model
+        // (or even the submission) has recorded which session runs it.
+        let (state, _) = self
+            .streams
+            .load(&stream_of(&id))
+            .await
+            .map_err(|e| status::store("reading a submission", e))?;
+        let mut sub = state.submission.ok_or_else(not_submit)?;
+        let team = SessionName::parse(&r.session)?.team;
+        if sub.team != team || (!sub.session.is_empty() && sub.session != r.session) {
+            return Err(not_submit());
+        }
+        if sub.session.is_empty() {
+            sub.session = r.session.clone();
+            self.record_session(&sub, "service:submission").await?;
+        }
         if sub.status() != SubmissionStatus::Running {
             return Err(Status::failed_precondition(format!(
                 "submission {} already ended; predictions are taken once",

@@ -6,8 +6,9 @@ use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    CompetitionApplied, Policy, PrivateRevealed, Submission, SubmissionAdmitted, SubmissionFailed,
-    SubmissionRejected, SubmissionRequested, SubmissionScored, SubmissionTimedOut,
+    CompetitionApplied, Policy, PrivateRevealed, SessionRequested, Submission, SubmissionAdmitted,
+    SubmissionFailed, SubmissionRejected, SubmissionRequested, SubmissionScored,
+    SubmissionTimedOut,
 };
 
 #[derive(Debug, Default)]
@@ -34,7 +35,12 @@ impl ReadModel for Submissions {
         } else if let Some(e) = decode::<SubmissionTimedOut>(ev) {
             e.submission
         } else {
-            if let Some(e) = decode::<CompetitionApplied>(ev) {
+            if let Some(e) = decode::<SessionRequested>(ev) {
+                // A submit session is named before it starts, so its end always finds its submission.
+                if let Some(s) = e.session.filter(|s| !s.submission_id.is_empty()) {
+                    self.by_session.insert(s.name, s.submission_id);
+                }
+            } else if let Some(e) = decode::<CompetitionApplied>(ev) {
                 if let Some(c) = e.competition {
                     self.revealed.insert(c.id.clone(), c.private_revealed);
                     if let Some(p) = c.policy {
