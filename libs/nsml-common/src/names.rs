@@ -88,13 +88,14 @@ pub fn wildcard_match(pattern: &str, name: &str) -> bool {
     let (mut pi, mut ni) = (0usize, 0usize);
     let (mut star, mut mark) = (None::<usize>, 0usize);
     while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        // `*` first: a `*` in the name is matched by the pattern's `*`, not taken as a literal `*`.
+        if pi < p.len() && p[pi] == '*' {
             star = Some(pi);
             mark = ni;
             pi += 1;
+        } else if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
         } else if let Some(s) = star {
             pi = s + 1;
             mark += 1;
@@ -132,6 +133,7 @@ mod tests {
         assert!(!wildcard_match("me/kin/1?", "me/kin/123"));
         assert!(!wildcard_match("me/kin/1*", "me/kin/21"));
         assert!(wildcard_match("*", "a/b/1"));
+        assert!(wildcard_match("*", "*a"));
     }
 
     #[test]

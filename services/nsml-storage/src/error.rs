@@ -59,6 +59,14 @@ pub enum StorageError {
     #[error("dataset `{name}` not found; `nsml dataset ls` lists them")]
     DatasetNotFound { name: String },
 
+    /// A limit set in the server's environment is unreadable.
+    #[error("`{var}={value}` is not {expected}")]
+    Config {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+
     /// An optional part of a dataset that this dataset does not have.
     #[error("dataset `{dataset}` has no {part}")]
     PartNotFound { dataset: String, part: &'static str },
@@ -145,7 +153,9 @@ impl From<StorageError> for Status {
             Interrupted(_) => Status::aborted(msg),
             Refused(status) => status,
             Store(err) => nsml_common::status::store("storing the event", err),
-            BlobMissing { .. } | Io { .. } => nsml_common::status::internal("serving storage", msg),
+            BlobMissing { .. } | Io { .. } | Config { .. } => {
+                nsml_common::status::internal("serving storage", msg)
+            }
         }
     }
 }

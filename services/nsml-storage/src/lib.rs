@@ -64,9 +64,56 @@ impl Default for Limits {
     }
 }
 
-/// Starts the storage service with the default limits.
+impl Limits {
+    /// The defaults, overridden by the server's environment: `NSML_CODE_LIMIT` and `NSML_DATASET_LIMIT`
+    /// (sizes such as `100M` or `2G`), `NSML_CODE_FILES` and `NSML_CHECKPOINT_FILES` (entry counts).
+    pub fn from_env() -> Result<Self, StorageError> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// The defaults, overridden by the variables `get` returns.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, StorageError> {
+        let mut limits = Self::default();
+        for (var, slot) in [
+            ("NSML_CODE_LIMIT", &mut limits.code_bytes),
+            ("NSML_DATASET_LIMIT", &mut limits.dataset_bytes),
+        ] {
+            if let Some(value) = get(var) {
+                *slot = nsml_manifest::parse_size(&value)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(StorageError::Config {
+                        var,
+                        value,
+                        expected: "a size such as 100M or 2G",
+                    })?;
+            }
+        }
+        for (var, slot) in [
+            ("NSML_CODE_FILES", &mut limits.code_entries),
+            ("NSML_CHECKPOINT_FILES", &mut limits.checkpoint_entries),
+        ] {
+            if let Some(value) = get(var) {
+                *slot =
+                    value
+                        .trim()
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or(StorageError::Config {
+                            var,
+                            value,
+                            expected: "a positive number of files",
+                        })?;
+            }
+        }
+        Ok(limits)
+    }
+}
+
+/// Starts the storage service with the limits the environment sets (see [`Limits::from_env`]).
 pub async fn start(ctx: ServiceContext) -> Result<Started, StorageError> {
-    start_with_limits(ctx, Limits::default()).await
+    start_with_limits(ctx, Limits::from_env()?).await
 }
 
 /// Starts the storage service: spawns its read model (ended by `ctx.cancel`) and returns its routes. Blobs
@@ -98,4 +145,34 @@ pub async fn start_with_limits(
         names: vec!["nsml.v1.StorageService"],
         tasks: vec![task],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_come_from_the_environment() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let l = Limits::from_vars(vars(&[
+            ("NSML_CODE_LIMIT", "64K"),
+            ("NSML_CODE_FILES", "20"),
+        ]))
+        .unwrap();
+        assert_eq!((l.code_bytes, l.code_entries), (64 * 1024, 20));
+        assert_eq!(l.dataset_bytes, Limits::default().dataset_bytes);
+        let err = Limits::from_vars(vars(&[("NSML_CODE_FILES", "many")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`NSML_CODE_FILES=many` is not a positive number of files"
+        );
+        assert!(Limits::from_vars(vars(&[("NSML_CODE_LIMIT", "0")])).is_err());
+    }
 }
