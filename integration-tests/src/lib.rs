@@ -297,14 +297,31 @@ gpus = "0"
             self.procs.push((args, child));
         }
         let token_path = self.data_dir.join("admin.token");
+        let mut addrs: Vec<String> = self.service_addrs()?.into_iter().map(|(_, a)| a).collect();
+        addrs.push(self.url.clone());
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !token_path.exists() || !port_open(&self.url) {
+        while !token_path.exists() || !addrs.iter().all(|a| port_open(a)) {
             if Instant::now() > deadline {
                 bail!("the distributed deployment did not come up");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
+    }
+
+    /// The internal services' names and addresses, from the `[services]` table of the configuration.
+    fn service_addrs(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let cfg = std::fs::read_to_string(self.config.as_ref().context("no config")?)?;
+        let table = cfg
+            .split("[services]")
+            .nth(1)
+            .context("no [services] table")?;
+        Ok(table
+            .lines()
+            .take_while(|l| !l.trim_start().starts_with('['))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+            .collect())
     }
 
     /// The distributed deployment's configuration file.
@@ -377,6 +394,19 @@ gpus = "0"
             .spawn()
             .context("cannot start nsmld")?;
         self.procs.push((args, child));
+        let addr = self
+            .service_addrs()?
+            .into_iter()
+            .find(|(name, _)| name == service)
+            .map(|(_, a)| a)
+            .unwrap_or_else(|| self.url.clone());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !port_open(&addr) {
+            if Instant::now() > deadline {
+                bail!("the {service} service did not come back");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(())
     }
 
