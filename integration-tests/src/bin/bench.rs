@@ -1,6 +1,7 @@
 //! `nsml-bench`: figures for the embedded deployment, printed as a table.
 //!
-//! - `run` → entry process started (p50), over sequential runs of a trivial entry;
+//! - `run` → entry process started (p50): from the `Run` call to the entry's first statement, inside its
+//!   sandbox, over sequential runs of a trivial entry;
 //! - `ps` round trip through the gateway (p50/p99);
 //! - a line printed by the entry → seen by `logs -f` (p50);
 //! - admission decisions through the gateway: `run` requests decided by the quota service while the team's
@@ -92,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
             )?)
             .await?
             .into_inner();
+        let mut first_line_at = None;
         while let Some(l) = logs.next().await {
             let l = l?;
             let seen = now_ms_f();
@@ -100,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
                 .strip_prefix("tick ")
                 .and_then(|v| v.trim().parse::<f64>().ok())
             {
+                first_line_at.get_or_insert(v);
                 line_ms.push(seen - v);
             }
         }
@@ -119,7 +122,8 @@ async fn main() -> anyhow::Result<()> {
             done.status(),
             done.reason
         );
-        start_ms.push(done.started_at_ms as f64 - t0);
+        // The entry's first statement stamps the time it runs: sandbox and interpreter start-up included.
+        start_ms.push(first_line_at.context("the entry printed nothing")? - t0);
     }
 
     let mut ps_ms = Vec::new();
