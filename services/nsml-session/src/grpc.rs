@@ -308,24 +308,30 @@ impl SessionService {
         s
     }
 
-    /// Requires `snapshot` to be code of the caller's own team: another team's snapshot id must not run
-    /// in this team's session, whose checkpoints and logs would hand that code over. The storage service
-    /// answers for the caller; the download it starts ends when the answer is dropped.
-    async fn check_code(&self, caller: &Caller, snapshot: &str) -> Result<(), Status> {
-        let Caller::User(id) = caller else {
-            return Ok(());
-        };
-        let mut req = Request::new(nsml_proto::v1::DownloadCodeRequest {
-            id: snapshot.to_string(),
-        });
-        Caller::attach_identity(req.metadata_mut(), id);
-        self.clients
-            .storage
-            .clone()
-            .download_code(req)
-            .await
-            .map(drop)
-            .map_err(|s| status::upstream("checking the code snapshot", s))
+    /// Requires `snapshot` to be code that `team` uploaded: another team's snapshot id must not run in this
+    /// team's session, whose checkpoints and logs would hand that code over. The upload's event may reach this
+    /// service's read model a moment after the upload returned, so a snapshot not known yet is waited for.
+    async fn check_code(&self, team: &str, snapshot: &str) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let teams = self.proj.read(|s| s.code.get(snapshot).cloned());
+            match teams {
+                Some(t) if t.contains(team) => return Ok(()),
+                Some(_) => {
+                    return Err(Status::permission_denied(format!(
+                        "code snapshot `{snapshot}` belongs to another team"
+                    )));
+                }
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                None => {
+                    return Err(Status::not_found(format!(
+                        "code snapshot `{snapshot}` not found: upload the code first (the nsml CLI does this for you)"
+                    )));
+                }
+            }
+        }
     }
 
     /// Finds a session the caller may see.
@@ -491,7 +497,7 @@ impl SessionApi for SessionService {
                 "no code snapshot: upload the code first (the nsml CLI does this for you)",
             ));
         }
-        self.check_code(&caller, &r.code_snapshot).await?;
+        self.check_code(team, &r.code_snapshot).await?;
         let actor = caller.actor();
         let template = Session {
             team: team.to_string(),

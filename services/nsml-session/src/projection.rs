@@ -1,16 +1,16 @@
 //! The session read model: every session with its current status, summary and checkpoints, plus what the
 //! service needs to know of datasets and competitions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    CheckpointDeleted, CheckpointSaved, CompetitionApplied, DatasetRegistered, MemoChanged,
-    MetricPoint, MetricsReported, Policy, Session, SessionAdmitted, SessionExited, SessionFailed,
-    SessionRejected, SessionRemoved, SessionRequested, SessionStarted, SessionStatus,
-    SessionStopRequested, SessionStopped,
+    CheckpointDeleted, CheckpointSaved, CodeUploaded, CompetitionApplied, DatasetRegistered,
+    MemoChanged, MetricPoint, MetricsReported, Policy, Session, SessionAdmitted, SessionExited,
+    SessionFailed, SessionRejected, SessionRemoved, SessionRequested, SessionStarted,
+    SessionStatus, SessionStopRequested, SessionStopped,
 };
 
 /// A session as listed, with what only the read model tracks.
@@ -31,6 +31,8 @@ pub struct Sessions {
     /// Dataset → competition.
     pub datasets: HashMap<String, String>,
     pub policies: HashMap<String, Policy>,
+    /// Code snapshot → the teams that uploaded it (content-addressed: identical code shares an id).
+    pub code: HashMap<String, HashSet<String>>,
 }
 
 impl Sessions {
@@ -120,6 +122,10 @@ impl ReadModel for Sessions {
             self.with(&e.session, |s| {
                 s.checkpoints.remove(&e.checkpoint);
             });
+        } else if let Some(e) = decode::<CodeUploaded>(ev) {
+            if let Some(snap) = e.snapshot {
+                self.code.entry(snap.id).or_default().insert(snap.team);
+            }
         } else if let Some(e) = decode::<DatasetRegistered>(ev) {
             if let Some(meta) = e.dataset.and_then(|d| d.meta) {
                 self.datasets.insert(meta.name, meta.competition);
