@@ -75,15 +75,19 @@ fn describe(r: &nsml_proto::v1::Resources) -> String {
     )
 }
 
-fn describe_override(o: &Override) -> String {
+/// An override in words: the one rendering every client shows.
+pub(crate) fn describe_override(o: &Override) -> String {
     let what = match o.kind() {
-        OverrideKind::ExtraSubmit if o.submission_id.is_empty() => {
-            format!("an extra submit on `{}`", o.dataset)
+        OverrideKind::ExtraSubmit => {
+            let mut s = format!("an extra submit on `{}`", o.dataset);
+            if !o.submission_id.is_empty() {
+                s.push_str(&format!(" re-opening submission {}", o.submission_id));
+            }
+            if !o.used_by.is_empty() {
+                s.push_str(&format!(", in use by submission {}", o.used_by));
+            }
+            s
         }
-        OverrideKind::ExtraSubmit => format!(
-            "an extra submit on `{}` re-opening submission {}",
-            o.dataset, o.submission_id
-        ),
         OverrideKind::RaiseQuota => {
             let r = o.raise.unwrap_or_default();
             let mut parts = Vec::new();
@@ -211,7 +215,7 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
                 && o.grant.dataset == req.dataset
                 && o.in_force(d.decided_at_ms));
         if relevant {
-            rests_on.push(refer(o.since, describe_override(&o.view())));
+            rests_on.push(refer(o.since, o.view().description));
         }
     }
     rests_on.sort_by_key(|r| r.version);

@@ -100,6 +100,7 @@ impl OverrideState {
     pub fn view(&self) -> Override {
         let mut o = self.grant.clone();
         o.used_by = self.used_by.clone().unwrap_or_default();
+        o.description = crate::audit::describe_override(&o);
         o
     }
 

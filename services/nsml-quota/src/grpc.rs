@@ -485,6 +485,8 @@ impl QuotaApi for QuotaService {
             granted_at_ms: now,
             command_id: command_id.clone(),
             used_by: String::new(),
+            // Worded when shown, so the log keeps only the facts.
+            description: String::new(),
         };
         let actor = caller.actor();
         let mut made = None;
@@ -505,8 +507,11 @@ impl QuotaApi for QuotaService {
             })
             .await
             .map_err(|e| status::store("recording an override", e))?;
-        made.map(Response::new)
-            .ok_or_else(|| status::internal("recording an override", "no override"))
+        made.map(|mut o| {
+            o.description = crate::audit::describe_override(&o);
+            Response::new(o)
+        })
+        .ok_or_else(|| status::internal("recording an override", "no override"))
     }
 
     async fn replay(&self, req: Request<ReplayRequest>) -> Result<Response<ReplayReport>, Status> {

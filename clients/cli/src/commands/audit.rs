@@ -42,49 +42,9 @@ fn describe_resources(r: Option<&pb::Resources>) -> String {
     )
 }
 
-/// An override in one line: what it grants, who granted it, when and why.
+/// An override in one line, as the quota service words it: what it grants, who granted it, when and why.
 pub fn describe_override(o: &pb::Override) -> String {
-    let what = match o.kind() {
-        OverrideKind::ExtraSubmit => {
-            let mut s = format!("an extra submit on {}", o.dataset);
-            if !o.submission_id.is_empty() {
-                s.push_str(&format!(" re-opening submission {}", o.submission_id));
-            }
-            if !o.used_by.is_empty() {
-                s.push_str(&format!(", in use by submission {}", o.used_by));
-            }
-            s
-        }
-        OverrideKind::RaiseQuota => {
-            let r = o.raise.unwrap_or_default();
-            let mut parts = Vec::new();
-            if r.gpus > 0 {
-                parts.push(format!("{} GPUs", r.gpus));
-            }
-            if r.cpus > 0 {
-                parts.push(format!("{} CPUs", r.cpus));
-            }
-            if r.memory_bytes > 0 {
-                parts.push(format!("{} memory", format_size(r.memory_bytes)));
-            }
-            if r.sessions > 0 {
-                parts.push(format!("{} sessions", r.sessions));
-            }
-            format!(
-                "limits raised to {} until {}",
-                parts.join(", "),
-                utc(o.until_ms)
-            )
-        }
-        OverrideKind::Unspecified => "an override of unknown kind".into(),
-    };
-    format!(
-        "override {}: {what}; granted by {} at {}: {}",
-        o.id,
-        o.granted_by,
-        utc(o.granted_at_ms),
-        o.reason
-    )
+    o.description.clone()
 }
 
 /// An override as JSON.
