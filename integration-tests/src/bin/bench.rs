@@ -1,21 +1,22 @@
-//! `nsml-bench`: figures for the embedded deployment, printed as a table.
+//! `nsml-bench`: figures for the embedded deployment, and admissions in the distributed one, printed as a table.
 //!
 //! - `run` → entry process started (p50): from the `Run` call to the entry's first statement, inside its
 //!   sandbox, over sequential runs of a trivial entry;
 //! - `ps` round trip through the gateway (p50/p99);
 //! - a line printed by the entry → seen by `logs -f` (p50);
 //! - admission decisions through the gateway: `run` requests decided by the quota service while the team's
-//!   sessions are all taken, from concurrent clients (decisions/s, p50/p99);
+//!   sessions are all taken, from concurrent clients and from one (decisions/s, p50/p99), in the embedded
+//!   deployment and then in the distributed one (every service its own process, Postgres, NATS JetStream);
 //! - idle `nsmld up` resident memory.
 //!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
-//! [--admissions N] [--clients N]`.
+//! [--admissions N] [--clients N] [--embedded-only]`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use nsml_integration_tests::Deployment;
 use nsml_integration_tests::grpc::{Client, authed, small};
+use nsml_integration_tests::{Deployment, FreshDb, drop_stream};
 use nsml_proto::v1::session_service_client::SessionServiceClient;
 use nsml_proto::v1::{GetSessionRequest, ListSessionsRequest, LogsRequest, SessionStatus};
 use tokio_stream::StreamExt;
@@ -58,8 +59,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let runs = get("--runs", 10);
     let ps_n = get("--ps", 2000);
-    let admissions = get("--admissions", 5000);
+    let admissions_n = get("--admissions", 5000);
     let clients = get("--clients", 16);
+    let skip_distributed = args.iter().any(|a| a == "--embedded-only");
 
     // The bench is one caller making thousands of calls: lift the gateway's per-caller rate limit.
     let dep = Deployment::embedded_env(&[], &[("NSML_RATE_LIMIT", "1000000")])?;
@@ -142,40 +144,14 @@ async fn main() -> anyhow::Result<()> {
         ps_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
 
-    // Take both of the team's session slots with sleepers, then let concurrent clients ask for more: every
-    // request goes gateway → session (number allocated) → quota (decision appended) → session (recorded).
-    let sleeper = alice
-        .upload("t1-cls", &[("main.py", "import time\ntime.sleep(600)\n")])
-        .await?;
-    for _ in 0..2 {
-        alice.run("t1-cls", &sleeper, "", small()).await?;
-    }
-    let per_client = admissions.div_ceil(clients);
-    let t_all = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (c, snap) = (alice.clone(), sleeper.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(per_client);
-                for _ in 0..per_client {
-                    let t = Instant::now();
-                    let r = c.run("t1-cls", &snap, "", small()).await;
-                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                    if let Err(st) = r
-                        && st.code() != tonic::Code::FailedPrecondition
-                    {
-                        return Err(anyhow::anyhow!("unexpected answer: {st}"));
-                    }
-                }
-                Ok(lat)
-            })
-        })
-        .collect();
-    let mut adm_ms = Vec::new();
-    for t in tasks {
-        adm_ms.extend(t.await??);
-    }
-    let adm_rate = adm_ms.len() as f64 / t_all.elapsed().as_secs_f64();
+    let (adm_ms, adm_rate) = admissions(&alice, admissions_n, clients).await?;
+    let (one_ms, one_rate) = admissions(&alice, admissions_n.min(2000), 1).await?;
+    drop(dep);
+    let distributed = if skip_distributed {
+        None
+    } else {
+        Some(distributed_admissions(admissions_n, clients).await?)
+    };
 
     println!(
         "nsml-bench (embedded, `nsmld up`, {runs} runs, {ps_n} ps calls, {} admissions from {clients} clients)",
@@ -200,13 +176,29 @@ async fn main() -> anyhow::Result<()> {
         pct(line_ms.clone(), 0.5),
         pct(line_ms, 0.99)
     );
-    println!(
-        "{:<44} {:>8.2}ms {:>8.2}ms   {:.0}/s",
-        "admission decision through the gateway",
-        pct(adm_ms.clone(), 0.5),
-        pct(adm_ms, 0.99),
-        adm_rate
+    let row = |label: &str, ms: &[f64], rate: f64| {
+        println!(
+            "{:<44} {:>8.2}ms {:>8.2}ms   {:.0}/s",
+            label,
+            pct(ms.to_vec(), 0.5),
+            pct(ms.to_vec(), 0.99),
+            rate
+        );
+    };
+    row(
+        &format!("admissions, {clients} clients, embedded"),
+        &adm_ms,
+        adm_rate,
     );
+    row("admissions, 1 client, embedded", &one_ms, one_rate);
+    if let Some(((ms, rate), (one, one_rate))) = &distributed {
+        row(
+            &format!("admissions, {clients} clients, distributed"),
+            ms,
+            *rate,
+        );
+        row("admissions, 1 client, distributed", one, *one_rate);
+    }
     match idle_rss {
         Some(k) => println!(
             "{:<44} {:>8.1}MB",
@@ -216,4 +208,79 @@ async fn main() -> anyhow::Result<()> {
         None => println!("{:<44} {:>10}", "idle nsmld up resident memory", "n/a"),
     }
     Ok(())
+}
+
+type Figures = (Vec<f64>, f64);
+
+/// Admission decisions through the gateway: `n` `run` requests from `clients` concurrent clients of one team
+/// whose session slots are all taken, so every request is decided and refused. Each goes gateway → session
+/// (number allocated, request recorded) → quota (decision appended) → session (rejection recorded).
+async fn admissions(alice: &Client, n: usize, clients: usize) -> anyhow::Result<Figures> {
+    take_slots(alice).await?;
+    let sleeper = alice
+        .upload("t1-cls", &[("main.py", "import time\ntime.sleep(600)\n")])
+        .await?;
+    let per_client = n.div_ceil(clients);
+    let t_all = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (c, snap) = (alice.clone(), sleeper.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    let t = Instant::now();
+                    let r = c.run("t1-cls", &snap, "", small()).await;
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    if let Err(st) = r
+                        && st.code() != tonic::Code::FailedPrecondition
+                    {
+                        return Err(anyhow::anyhow!("unexpected answer: {st}"));
+                    }
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut adm_ms = Vec::new();
+    for t in tasks {
+        adm_ms.extend(t.await??);
+    }
+    let rate = adm_ms.len() as f64 / t_all.elapsed().as_secs_f64();
+    Ok((adm_ms, rate))
+}
+
+/// Fills the team's two concurrent-session slots with sleepers, unless they are taken already.
+async fn take_slots(alice: &Client) -> anyhow::Result<()> {
+    let sleeper = alice
+        .upload("t1-cls", &[("main.py", "import time\ntime.sleep(600)\n")])
+        .await?;
+    for _ in 0..2 {
+        match alice.run("t1-cls", &sleeper, "", small()).await {
+            Ok(_) => {}
+            Err(st) if st.code() == tonic::Code::FailedPrecondition => return Ok(()),
+            Err(st) => return Err(st.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The same admissions against the distributed deployment: every service its own process, the log in a
+/// fresh Postgres database, events over NATS JetStream.
+async fn distributed_admissions(n: usize, clients: usize) -> anyhow::Result<(Figures, Figures)> {
+    let db = FreshDb::create().await?;
+    let stream = format!("NSML_BENCH_{}", uuid::Uuid::new_v4().simple());
+    let figures = async {
+        let dep = Deployment::distributed(&db.url, &stream)?;
+        let host = dep.host()?;
+        host.nsml(&["admin", "competition", "apply", "examples/competition.toml"])?
+            .ok()?;
+        let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+        let many = admissions(&alice, n, clients).await?;
+        let one = admissions(&alice, n.min(2000), 1).await?;
+        anyhow::Ok((many, one))
+    }
+    .await;
+    drop_stream(&stream).await;
+    db.drop_db().await;
+    figures
 }

@@ -31,11 +31,11 @@ pub struct Aggregates<A> {
 }
 
 /// The outcome of a command.
-pub enum Outcome<A, R> {
-    /// Events appended; the state after them.
-    Committed { appended: Appended, state: A },
-    /// Nothing to append (idempotent repeat); the current state.
-    Unchanged { state: A, version: u64 },
+pub enum Outcome<R> {
+    /// Events appended.
+    Committed { appended: Appended },
+    /// Nothing to append (idempotent repeat); the stream's current version.
+    Unchanged { version: u64 },
     /// Refused by a rule.
     Rejected(R),
 }
@@ -90,7 +90,7 @@ impl<A: Aggregate> Aggregates<A> {
         &self,
         stream: &str,
         mut decide: impl FnMut(&A, u64) -> Result<Vec<NewEvent>, R>,
-    ) -> Result<Outcome<A, R>, StoreError> {
+    ) -> Result<Outcome<R>, StoreError> {
         let entry = self.entry(stream).await;
         let mut e = entry.lock().await;
         // Serialised within this process by the entry lock; across processes by the expected version.
@@ -109,10 +109,7 @@ impl<A: Aggregate> Aggregates<A> {
                     continue;
                 }
                 Ok(_) => {
-                    return Ok(Outcome::Unchanged {
-                        state: e.state.clone(),
-                        version: e.version,
-                    });
+                    return Ok(Outcome::Unchanged { version: e.version });
                 }
                 Err(r) => return Ok(Outcome::Rejected(r)),
             };
@@ -138,10 +135,7 @@ impl<A: Aggregate> Aggregates<A> {
                         e.state.apply(&stored);
                         e.version = stored.version;
                     }
-                    return Ok(Outcome::Committed {
-                        appended,
-                        state: e.state.clone(),
-                    });
+                    return Ok(Outcome::Committed { appended });
                 }
                 Err(StoreError::Conflict { .. }) => {
                     self.refresh(stream, &mut e).await?;

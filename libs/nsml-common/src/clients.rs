@@ -6,14 +6,21 @@ use nsml_proto::v1::{
     storage_service_client::StorageServiceClient,
     submission_service_client::SubmissionServiceClient,
 };
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
+use tonic::service::{Interceptor, Routes};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Service, ServiceExt};
 
 use crate::caller::{INTERNAL_SECRET_KEY, SERVICE_KEY};
+use crate::server::InternalGuard;
 use crate::telemetry;
 
 /// Largest gRPC message the platform sends or accepts (predictions of a big test set).
@@ -29,6 +36,81 @@ pub struct ServiceAddrs {
     pub quota: String,
     pub submission: String,
     pub leaderboard: String,
+    /// Set when every service runs in this process (the embedded deployment): calls go straight into its
+    /// router, behind the same internal guard as the network server, instead of over loopback TCP.
+    #[serde(skip)]
+    pub local: Option<LocalRoutes>,
+}
+
+/// How one service is reached: a network channel, or this process's own router.
+pub type Transport = BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    TransportError,
+>;
+
+/// Why a call could not reach its service. A concrete type rather than a boxed error, so that futures holding
+/// it stay `Send` for every lifetime inside `async_trait` methods.
+#[derive(Debug)]
+pub struct TransportError(BoxError);
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
+/// The routes of every service in this process, filled in once they are built (services need clients of each
+/// other before the routes exist). A call before then is answered `Unavailable`.
+#[derive(Clone, Default)]
+pub struct LocalRoutes(Arc<OnceLock<InternalGuard<Routes>>>);
+
+impl std::fmt::Debug for LocalRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "LocalRoutes(ready)"
+        } else {
+            "LocalRoutes(pending)"
+        })
+    }
+}
+
+impl LocalRoutes {
+    /// Makes `routes`, guarded by `secret`, the target of every local call; only the first call takes effect.
+    pub fn set(&self, routes: Routes, secret: Arc<str>) {
+        let _ = self.0.set(InternalGuard::new(routes, secret));
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for LocalRoutes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = TransportError;
+    type Future = BoxFuture<'static, Result<Self::Response, TransportError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        match self.0.get() {
+            Some(routes) => {
+                let call = routes.clone().oneshot(req);
+                Box::pin(async move { call.await.map_err(|e| TransportError(e.into())) })
+            }
+            None => Box::pin(async {
+                Ok(
+                    Status::unavailable("the platform is still starting, retry shortly")
+                        .into_http(),
+                )
+            }),
+        }
+    }
 }
 
 /// Stamps outgoing calls with the internal secret, the calling service and the trace context.
@@ -53,7 +135,7 @@ impl Interceptor for Internal {
     }
 }
 
-type Ic = InterceptedService<Channel, Internal>;
+type Ic = InterceptedService<Transport, Internal>;
 
 /// Lazily connected clients of every service, acting as one named service.
 #[derive(Clone)]
@@ -92,9 +174,24 @@ pub fn channel(service: &'static str, addr: &str) -> Result<Channel, ClientsErro
         .connect_lazy())
 }
 
+/// Reaches `service` at `addr`, or in this process when `addrs` says every service is local.
+pub fn transport(
+    service: &'static str,
+    addr: &str,
+    local: Option<&LocalRoutes>,
+) -> Result<Transport, ClientsError> {
+    Ok(match local {
+        Some(routes) => BoxCloneSyncService::new(routes.clone()),
+        None => BoxCloneSyncService::new(
+            channel(service, addr)?.map_err(|e| TransportError(BoxError::from(e))),
+        ),
+    })
+}
+
 impl Clients {
     /// Builds clients of every service for the service named `me`.
     pub fn new(addrs: &ServiceAddrs, secret: &str, me: &str) -> Result<Self, ClientsError> {
+        let channel = |service, addr: &str| transport(service, addr, addrs.local.as_ref());
         let ic = Internal {
             secret: secret.parse().map_err(|_| ClientsError::Metadata)?,
             service: me.parse().map_err(|_| ClientsError::Metadata)?,

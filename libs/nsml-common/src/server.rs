@@ -47,6 +47,13 @@ pub struct InternalGuard<S> {
     secret: Arc<str>,
 }
 
+impl<S> InternalGuard<S> {
+    /// Guards `inner` with `secret`.
+    pub fn new(inner: S, secret: Arc<str>) -> Self {
+        Self { inner, secret }
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

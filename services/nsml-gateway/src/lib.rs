@@ -14,13 +14,12 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY};
-use nsml_common::clients::{Clients, ServiceAddrs, channel};
+use nsml_common::clients::{Clients, ServiceAddrs, Transport, transport};
 use nsml_proto::v1::AuthenticateRequest;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
 use tower::ServiceExt;
 
 /// Methods only services and runners may call.
@@ -52,7 +51,7 @@ pub enum GatewayError {
 
 struct Inner {
     clients: Clients,
-    routes: HashMap<&'static str, Channel>,
+    routes: HashMap<&'static str, Transport>,
     secret: http::HeaderValue,
     limiter: ratelimit::Limiter,
 }
@@ -64,6 +63,8 @@ pub async fn serve(
     secret: &str,
     cancel: CancellationToken,
 ) -> Result<(), GatewayError> {
+    let local = addrs.local.as_ref();
+    let channel = |service, addr: &str| transport(service, addr, local);
     let mut routes = HashMap::new();
     routes.insert("nsml.v1.AuthService", channel("auth", &addrs.auth)?);
     routes.insert(

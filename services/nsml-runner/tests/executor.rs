@@ -382,6 +382,7 @@ async fn env(gpus: u32) -> Env {
         quota: addr.clone(),
         submission: addr.clone(),
         leaderboard: addr,
+        local: None,
     };
     let clients = Clients::new(&addrs, "secret", "runner").unwrap();
     let work = tempfile::tempdir().unwrap();

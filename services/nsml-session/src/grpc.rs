@@ -104,13 +104,28 @@ impl SessionService {
         self.proj.wait_for(position, Duration::from_secs(5)).await;
     }
 
-    /// Appends an event to a session's stream unless `skip` says the transition already happened.
+    /// Appends an event to a session's stream unless `skip` says the transition already happened, and waits
+    /// until this service's view shows it.
     async fn transition(
         &self,
         name: &str,
         skip: impl Fn(&crate::domain::Lite) -> bool,
         event: NewEvent,
     ) -> Result<(), Status> {
+        if let Some(position) = self.record(name, skip, event).await? {
+            self.settle(position).await;
+        }
+        Ok(())
+    }
+
+    /// Appends an event to a session's stream unless `skip` says the transition already happened; returns the
+    /// event's position when it was appended.
+    async fn record(
+        &self,
+        name: &str,
+        skip: impl Fn(&crate::domain::Lite) -> bool,
+        event: NewEvent,
+    ) -> Result<Option<u64>, Status> {
         let sn = SessionName::parse(name)?;
         let outcome = self
             .streams
@@ -124,11 +139,8 @@ impl SessionService {
             .await
             .map_err(|e| status::store("recording a session change", e))?;
         match outcome {
-            Outcome::Committed { appended, .. } => {
-                self.settle(appended.last_position).await;
-                Ok(())
-            }
-            Outcome::Unchanged { .. } => Ok(()),
+            Outcome::Committed { appended } => Ok(Some(appended.last_position)),
+            Outcome::Unchanged { .. } => Ok(None),
             Outcome::Rejected(s) => Err(s),
         }
     }
@@ -189,7 +201,9 @@ impl SessionService {
                 actor,
                 "",
             );
-            self.transition(&name, |_| false, ev)
+            // A rejected session is never shown, so the caller need not wait for the view to catch up.
+            let name = name.clone();
+            async move { self.record(&name, |_| false, ev).await.map(drop) }
         };
         match decision.map(|d| d.into_inner()) {
             Ok(d) if d.granted => {

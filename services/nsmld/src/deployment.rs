@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use nsml_bus::Bus;
 use nsml_common::ServiceContext;
-use nsml_common::clients::{Clients, ServiceAddrs};
+use nsml_common::clients::{Clients, LocalRoutes, ServiceAddrs};
 use nsml_common::executor::Executor;
 use nsml_common::server::Started;
 use nsml_eventstore::EventStore;
@@ -297,6 +297,9 @@ impl Deployment {
         self.spawn_shutdown_on_signal();
         let internal = TcpListener::bind("127.0.0.1:0").await?;
         let iaddr = http(internal.local_addr()?);
+        // Services, the gateway and the runner call each other in-process; the internal port stays for
+        // tools that reach a service directly.
+        let local = LocalRoutes::default();
         let addrs = ServiceAddrs {
             auth: iaddr.clone(),
             storage: iaddr.clone(),
@@ -304,6 +307,7 @@ impl Deployment {
             quota: iaddr.clone(),
             submission: iaddr.clone(),
             leaderboard: iaddr.clone(),
+            local: Some(local.clone()),
         };
         let public = TcpListener::bind(self.config.public_listen)
             .await
@@ -328,6 +332,7 @@ impl Deployment {
             tasks.extend(started.tasks);
         }
         let secret: Arc<str> = self.config.internal_secret.as_str().into();
+        local.set(routes.clone(), secret.clone());
         let cancel = self.cancel.clone();
         let internal_server = tokio::spawn(async move {
             nsml_common::server::serve(internal, routes, &names, secret, cancel).await
@@ -390,6 +395,7 @@ impl Deployment {
             quota: http(listen.quota),
             submission: http(listen.submission),
             leaderboard: http(listen.leaderboard),
+            local: None,
         };
         let mut servers = Vec::new();
         let mut tasks = Vec::new();
