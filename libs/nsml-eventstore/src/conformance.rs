@@ -41,20 +41,25 @@ pub trait Tamper: EventStore {
     async fn overwrite_payload(&self, position: u64, payload: &[u8]) -> Result<(), StoreError>;
 }
 
+/// Runs on the store's write connection, between append batches (for a log in memory, its only connection).
 #[async_trait::async_trait]
 impl Tamper for SqliteStore {
     async fn execute_sql(&self, sql: &str) -> Result<(), StoreError> {
-        sqlx::raw_sql(sql).execute(&self.pool).await?;
-        Ok(())
+        let sql = sql.to_owned();
+        self.on_writer(move |connection| Ok(connection.execute_batch(&sql)?))
+            .await
     }
 
     async fn overwrite_payload(&self, position: u64, payload: &[u8]) -> Result<(), StoreError> {
-        sqlx::query("UPDATE events SET payload = ? WHERE position = ?")
-            .bind(payload)
-            .bind(to_i64(position))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let payload = payload.to_vec();
+        self.on_writer(move |connection| {
+            connection.execute(
+                "UPDATE events SET payload = ?1 WHERE position = ?2",
+                rusqlite::params![payload, to_i64(position)],
+            )?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -95,6 +100,7 @@ macro_rules! conformance_suite {
             stream_version_clash_is_recognized,
             concurrent_appends_with_same_expected_version_one_wins,
             concurrent_appends_keep_positions_and_versions_gapless,
+            concurrent_appends_are_answered_each_on_its_own,
             outbox_peek_and_ack,
             checkpoints,
             verify_clean_log,
@@ -552,15 +558,15 @@ pub async fn stream_version_clash_is_recognized<S: Tamper>(store: Arc<S>) {
         )
     };
     match store.execute_sql(&insert(99, "s", 2)).await {
-        Err(StoreError::Database(e)) => assert!(
-            crate::error::is_stream_version_violation(&e),
+        Err(e @ (StoreError::Database(_) | StoreError::Sqlite(_))) => assert!(
+            crate::error::is_stream_version_clash(&e),
             "not recognized: {e}"
         ),
         other => panic!("expected a unique violation, got {other:?}"),
     }
     match store.execute_sql(&insert(1, "other", 1)).await {
-        Err(StoreError::Database(e)) => assert!(
-            !crate::error::is_stream_version_violation(&e),
+        Err(e @ (StoreError::Database(_) | StoreError::Sqlite(_))) => assert!(
+            !crate::error::is_stream_version_clash(&e),
             "a position clash taken for a version clash: {e}"
         ),
         other => panic!("expected a unique violation, got {other:?}"),
@@ -650,6 +656,97 @@ pub async fn concurrent_appends_keep_positions_and_versions_gapless<S: Tamper>(s
     for (stream, v) in versions {
         assert_eq!(store.stream_version(stream).await.expect("version"), v);
     }
+    assert_eq!(store.verify_chain().await.expect("verify"), None);
+}
+
+/// Many concurrent appends, most to streams of their own and some racing on one stream with the same expected
+/// version (a backend that commits appends together has both kinds in one transaction): every append to its own
+/// stream succeeds with what it would have got alone, exactly one racer wins, the others get a conflict naming
+/// the winner's version, and the log stays gapless and chained with every event in the outbox.
+pub async fn concurrent_appends_are_answered_each_on_its_own<S: Tamper>(store: Arc<S>) {
+    store
+        .append("shared", ExpectedVersion::Any, new_events("start", 1))
+        .await
+        .expect("append");
+    let writers = 200;
+    let barrier = Arc::new(tokio::sync::Barrier::new(writers));
+    let tasks: Vec<_> = (0..writers)
+        .map(|i| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let (stream, expected) = if i % 4 == 0 {
+                    ("shared".to_owned(), ExpectedVersion::Exact(1))
+                } else {
+                    (format!("own-{i}"), ExpectedVersion::NoStream)
+                };
+                let n = 1 + i % 3;
+                barrier.wait().await;
+                let result = store
+                    .append(&stream, expected, new_events(&format!("w{i}"), n))
+                    .await;
+                (stream, n as u64, result)
+            })
+        })
+        .collect();
+    let mut appended = HashMap::new();
+    let mut conflicts = Vec::new();
+    for task in tasks {
+        let (stream, n, result) = task.await.expect("writer task");
+        match result {
+            Ok(done) => {
+                let base = if stream == "shared" { 1 } else { 0 };
+                assert_eq!(done.version, base + n, "version of {stream}");
+                assert_eq!(done.last_position + 1 - done.first_position, n);
+                assert!(
+                    appended.insert(stream.clone(), done).is_none(),
+                    "two appends to {stream} succeeded"
+                );
+            }
+            Err(StoreError::Conflict { actual, .. }) if stream == "shared" => {
+                conflicts.push(actual)
+            }
+            Err(e) => panic!("unexpected error for {stream}: {e}"),
+        }
+    }
+    let winner = appended.get("shared").expect("one racer wins");
+    assert_eq!(
+        conflicts.len(),
+        writers / 4 - 1,
+        "all other racers conflict"
+    );
+    assert!(conflicts.iter().all(|&actual| actual == winner.version));
+    assert_eq!(appended.len(), writers - writers / 4 + 1);
+
+    let all = all_events(&*store).await;
+    let total = 1 + appended
+        .values()
+        .map(|a| a.last_position + 1 - a.first_position)
+        .sum::<u64>();
+    assert_eq!(all.len() as u64, total);
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.position, i as u64 + 1, "positions must be gapless");
+        if e.position == 1 {
+            continue;
+        }
+        let done = &appended[&e.stream];
+        assert!(
+            (done.first_position..=done.last_position).contains(&e.position),
+            "event at {} is outside its append's positions {done:?}",
+            e.position
+        );
+        assert_eq!(
+            e.version,
+            done.version - (done.last_position - e.position),
+            "version of the event at {}",
+            e.position
+        );
+    }
+    assert_eq!(store.head_position().await.expect("head"), total);
+    assert_eq!(
+        store.outbox_peek(1000).await.expect("peek").len() as u64,
+        total
+    );
     assert_eq!(store.verify_chain().await.expect("verify"), None);
 }
 

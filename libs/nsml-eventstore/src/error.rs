@@ -1,5 +1,7 @@
 //! The errors of the event store.
 
+use std::sync::Arc;
+
 use crate::ExpectedVersion;
 
 /// Everything that can go wrong when using the log.
@@ -18,12 +20,27 @@ pub enum StoreError {
     /// The database failed or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The SQLite database failed. Shared, because one failed commit fails every append of its batch.
+    #[error("database error: {0}")]
+    Sqlite(#[source] Arc<rusqlite::Error>),
     /// The schema migrations could not be applied.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A stored row cannot be read back as an event.
     #[error("corrupt log: {0}")]
     Corrupt(String),
+    /// The store was closed; it serves no more calls.
+    #[error("the event store is closed")]
+    Closed,
+    /// The SQLite store's writer thread could not be started.
+    #[error("cannot start the event log's writer thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(err: rusqlite::Error) -> Self {
+        StoreError::Sqlite(Arc::new(err))
+    }
 }
 
 impl StoreError {
@@ -33,17 +50,35 @@ impl StoreError {
     }
 }
 
-/// Whether an error is a violation of the unique key on (stream, version) of the `events` table.
-///
-/// Postgres names the constraint (`events_stream_version_key`); SQLite names the columns in its message
-/// (`UNIQUE constraint failed: events.stream, events.version`).
+/// Whether a Postgres error is a violation of the unique key on (stream, version) of the `events` table, which
+/// Postgres names `events_stream_version_key`.
 pub(crate) fn is_stream_version_violation(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Database(db) => {
-            db.is_unique_violation()
-                && (db.constraint() == Some("events_stream_version_key")
-                    || db.message().contains("events.stream, events.version"))
+            db.is_unique_violation() && db.constraint() == Some("events_stream_version_key")
         }
+        _ => false,
+    }
+}
+
+/// Whether a SQLite error is a violation of the unique key on (stream, version) of the `events` table; SQLite
+/// names the columns in its message (`UNIQUE constraint failed: events.stream, events.version`).
+pub(crate) fn is_sqlite_stream_version_violation(err: &rusqlite::Error) -> bool {
+    match err {
+        rusqlite::Error::SqliteFailure(failure, Some(message)) => {
+            failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                && message.contains("events.stream, events.version")
+        }
+        _ => false,
+    }
+}
+
+/// Whether a store error is a database's violation of the unique key on (stream, version), from either backend.
+#[cfg(any(test, feature = "conformance"))]
+pub(crate) fn is_stream_version_clash(err: &StoreError) -> bool {
+    match err {
+        StoreError::Database(err) => is_stream_version_violation(err),
+        StoreError::Sqlite(err) => is_sqlite_stream_version_violation(err),
         _ => false,
     }
 }

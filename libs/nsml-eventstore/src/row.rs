@@ -11,19 +11,25 @@ pub(crate) type ChainRow = (i64, String, i64, String, Vec<u8>, String, String, S
 /// Converts a read row into an event.
 pub(crate) fn into_event(row: EventRow) -> Result<StoredEvent, StoreError> {
     let (position, stream, version, event_type, payload, metadata, hash) = row;
-    let metadata: Metadata = serde_json::from_str(&metadata).map_err(|e| {
-        StoreError::Corrupt(format!(
-            "metadata of the event at position {position} is not valid: {e}"
-        ))
-    })?;
+    let position = to_u64(position, "position")?;
+    let metadata = decode_metadata(position, &metadata)?;
     Ok(StoredEvent {
-        position: to_u64(position, "position")?,
+        position,
         stream,
         version: to_u64(version, "version")?,
         event_type,
         payload,
         metadata,
         hash,
+    })
+}
+
+/// Parses an event's stored metadata.
+pub(crate) fn decode_metadata(position: u64, json: &str) -> Result<Metadata, StoreError> {
+    serde_json::from_str(json).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "metadata of the event at position {position} is not valid: {e}"
+        ))
     })
 }
 

@@ -1,18 +1,25 @@
-//! The SQLite backend: one database file (or memory), WAL journal, writers serialized by `BEGIN IMMEDIATE`.
+//! The SQLite backend: one database file (or memory) in WAL mode. A writer thread owns the write connection and
+//! commits the appends queued at any moment together; reads run on a small pool of connections of their own.
 
-use std::path::Path;
-use std::str::FromStr;
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
+use rusqlite::{Connection, OpenFlags, Row, params};
+use sqlx::Connection as _;
 use sqlx::migrate::Migrator;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode};
+use tokio::sync::oneshot;
 
-use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
-use crate::error::is_stream_version_violation;
+use crate::chain::{ChainWalker, beyond_head};
+use crate::error::is_sqlite_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
-use crate::row::{ChainRow, EventRow, into_events, metadata_json, to_i64, to_u64};
+use crate::row::{ChainRow, decode_metadata, metadata_json, to_i64, to_u64};
 use crate::{Appended, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -20,163 +27,609 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 /// How long a writer waits for another process's write transaction before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The most appends committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// How many idle read connections are kept open.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Prepared statements kept per connection; more than the backend has, so none is ever prepared twice.
+const STATEMENT_CACHE: usize = 32;
+
+/// How much of the database file a read connection maps into memory. Pages are then read in place instead of
+/// being copied through SQLite's page cache one system call each, which makes a scan of the log (`read_all`,
+/// `verify_chain`) about 1.6 times as fast.
+const READER_MMAP_BYTES: i64 = 1 << 30;
+
+/// The name of the writer thread (15 bytes, the most Linux keeps).
+const WRITER_THREAD: &str = "nsml-log-writer";
+
+/// A query selecting events' columns in the order [`event_from_row`] reads them, followed by `$rest`.
+macro_rules! select_events {
+    ($rest:literal) => {
+        concat!(
+            "SELECT position, stream, version, event_type, payload, metadata, hash ",
+            $rest
+        )
+    };
+}
+
 /// The log in a SQLite database.
 ///
-/// Appends from this value are serialized in-process first (so they never spin on SQLite's busy handler) and then
-/// by `BEGIN IMMEDIATE`, which also serializes them against other processes using the same file. The journal is
-/// WAL with `synchronous = NORMAL`: a committed append survives a crash of the process, and reads never block
-/// writes.
-#[derive(Debug, Clone)]
+/// One thread per store owns the write connection. `append` hands its events to that thread, which takes every
+/// append queued at that moment (up to 256) and commits them in one `BEGIN IMMEDIATE` transaction: each append
+/// runs in a savepoint of its own, so one that fails (a version conflict, a constraint) is undone and answered
+/// alone while the others commit. Nobody is answered before the `COMMIT` has succeeded; if it fails, every
+/// append of the batch fails and none is stored. `BEGIN IMMEDIATE` (with a 30 s busy timeout) also serializes
+/// the writer against other processes using the same file. Consumer checkpoints and outbox acknowledgements are
+/// written by the same thread, between batches.
+///
+/// Reads run on blocking threads with read connections of their own, kept in a small pool; WAL lets them run
+/// beside the writer and see every commit made before they start. A log in memory has a single connection, so
+/// there the writer thread serves reads as well.
+///
+/// The journal is WAL with `synchronous = NORMAL`: a committed append survives a crash of the process.
+///
+/// Clones share the writer and the pool. [`close`](SqliteStore::close), or dropping the last clone, stops the
+/// writer thread after it has answered the requests already queued; calls after `close` fail with
+/// [`StoreError::Closed`].
+#[derive(Clone)]
 pub struct SqliteStore {
-    pub(crate) pool: SqlitePool,
-    write_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    shared: Arc<Shared>,
+}
+
+/// What the clones of one store share.
+struct Shared {
+    /// The database file; `None` for a log in memory, whose reads go to the writer.
+    path: Option<PathBuf>,
+    /// The way to the writer thread; `None` once closed.
+    writer: Mutex<Option<mpsc::Sender<Request>>>,
+    /// The writer thread, joined when the store closes.
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Idle read connections.
+    readers: Mutex<Vec<Connection>>,
+    closed: AtomicBool,
+}
+
+/// What the writer thread is asked to do.
+enum Request {
+    /// An append, committed together with the other appends queued beside it.
+    Append(AppendRequest),
+    /// Any other work on the write connection, run on its own between batches.
+    Job(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+struct AppendRequest {
+    stream: String,
+    expected: ExpectedVersion,
+    events: Vec<EncodedEvent>,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// An event to append with its metadata already serialized, as it is stored and hashed.
+struct EncodedEvent {
+    event_type: String,
+    payload: Vec<u8>,
+    metadata: String,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the log in the database file at `path` and applies migrations.
+    ///
+    /// Migrations run through sqlx's migrator on a short-lived connection of their own, so a file keeps its
+    /// `_sqlx_migrations` history whichever version of the platform created it, and a later migration is applied
+    /// to old and new files alike.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT)
-            .pragma("temp_store", "memory");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .min_connections(1)
-            .connect_with(options)
-            .await?;
-        Self::with_pool(pool).await
+        migrate(path).await?;
+        let owned = path.to_owned();
+        let connection = blocking(move || open_writer(&owned)).await?;
+        Self::start(Some(path.to_owned()), connection)
     }
 
     /// A log in memory, gone when the value (and its clones) are dropped; for tests and tools.
+    ///
+    /// Every connection to `:memory:` is a database of its own, so the store has one connection, owned by the
+    /// writer thread, and the migrations' SQL is applied to it directly: a new database has nothing to upgrade.
     pub async fn in_memory() -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
-        // One connection that is never closed: every connection to `:memory:` is a database of its own.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options)
-            .await?;
-        Self::with_pool(pool).await
+        let connection = blocking(open_memory).await?;
+        Self::start(None, connection)
     }
 
-    async fn with_pool(pool: SqlitePool) -> Result<Self, StoreError> {
-        MIGRATOR.run(&pool).await?;
+    fn start(path: Option<PathBuf>, connection: Connection) -> Result<Self, StoreError> {
+        let (sender, requests) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(WRITER_THREAD.to_owned())
+            .spawn(move || run_writer(connection, requests))
+            .map_err(StoreError::Thread)?;
         Ok(SqliteStore {
-            pool,
-            write_lock: std::sync::Arc::new(tokio::sync::Mutex::new(())),
+            shared: Arc::new(Shared {
+                path,
+                writer: Mutex::new(Some(sender)),
+                thread: Mutex::new(Some(thread)),
+                readers: Mutex::new(Vec::new()),
+                closed: AtomicBool::new(false),
+            }),
         })
     }
 
-    /// Closes every connection; later calls fail.
+    /// Stops the writer thread once it has answered the requests already queued, and closes every connection;
+    /// later calls fail with [`StoreError::Closed`].
     pub async fn close(&self) {
-        self.pool.close().await;
+        if let Some(thread) = self.shared.stop() {
+            // Joining waits for the batch in progress, so it happens off the async threads.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        lock(&self.shared.readers).clear();
     }
 
-    async fn append_locked(
-        &self,
-        stream: &str,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<Appended, StoreError> {
-        // The write lock is held from BEGIN IMMEDIATE on, so version and head can be read in one statement.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let (current, head_position, head_hash): (i64, i64, String) = sqlx::query_as(
-            "SELECT (SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?), position, hash \
-             FROM log_head WHERE id = 1",
-        )
-        .bind(stream)
-        .fetch_one(&mut *tx)
-        .await?;
-        let current = to_u64(current, "version")?;
-        expected.check(stream, current)?;
-        let head_position = to_u64(head_position, "position")?;
-        if events.is_empty() {
-            return Ok(Appended {
-                version: current,
-                first_position: head_position + 1,
-                last_position: head_position,
-            });
+    /// Runs `work` on the writer thread, between append batches, with the write connection.
+    pub(crate) async fn on_writer<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Job(Box::new(move |connection| {
+            let _ = reply.send(catch_unwind(AssertUnwindSafe(|| work(connection))));
+        })))?;
+        match answer.await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => resume_unwind(panic),
+            Err(_) => Err(StoreError::Closed),
         }
+    }
 
-        let mut prev_hash = head_hash;
-        let mut position = head_position;
-        let mut version = current;
-        for event in &events {
-            position += 1;
-            version += 1;
-            let metadata = metadata_json(&event.metadata);
-            let hash = event_hash(
-                &prev_hash,
-                position,
-                stream,
-                version,
-                &event.event_type,
-                &event.payload,
-                &metadata,
-            );
-            let inserted = sqlx::query(
-                "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(to_i64(position))
-            .bind(stream)
-            .bind(to_i64(version))
-            .bind(&event.event_type)
-            .bind(&event.payload)
-            .bind(&metadata)
-            .bind(&prev_hash)
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await;
-            if let Err(err) = inserted {
-                tx.rollback().await?;
-                return Err(self.map_insert_error(err, stream, expected).await);
-            }
-            prev_hash = hash;
+    /// Runs `read` on a read connection on a blocking thread (or, for a log in memory, on the writer thread).
+    async fn read<T, F>(&self, read: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
         }
-        sqlx::query("INSERT INTO outbox (position) SELECT position FROM events WHERE position > ? AND position <= ?")
-            .bind(to_i64(head_position))
-            .bind(to_i64(position))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE log_head SET position = ?, hash = ? WHERE id = 1")
-            .bind(to_i64(position))
-            .bind(&prev_hash)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Appended {
-            version,
-            first_position: head_position + 1,
-            last_position: position,
+        if self.shared.path.is_none() {
+            return self.on_writer(move |connection| read(connection)).await;
+        }
+        let shared = self.shared.clone();
+        blocking(move || {
+            let connection = shared.take_reader()?;
+            let result = read(&connection);
+            shared.put_reader(connection);
+            result
         })
+        .await
     }
 
-    /// A unique-key violation on (stream, version) means another writer got there first: a conflict. Any other
-    /// error (a clash on `position` included) stays a database error.
-    async fn map_insert_error(
-        &self,
-        err: sqlx::Error,
-        stream: &str,
-        expected: ExpectedVersion,
-    ) -> StoreError {
-        if !is_stream_version_violation(&err) {
-            return err.into();
-        }
-        match self.stream_version(stream).await {
-            Ok(actual) => StoreError::Conflict {
-                stream: stream.to_owned(),
-                expected,
-                actual,
-            },
-            Err(e) => e,
+    fn send(&self, request: Request) -> Result<(), StoreError> {
+        match &*lock(&self.shared.writer) {
+            Some(writer) => writer.send(request).map_err(|_| StoreError::Closed),
+            None => Err(StoreError::Closed),
         }
     }
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.shared.path)
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Shared {
+    /// Marks the store closed and lets the writer thread end; returns the thread to join, if it still ran.
+    fn stop(&self) -> Option<JoinHandle<()>> {
+        self.closed.store(true, Ordering::Release);
+        // The writer ends when its channel closes: after the queued requests, with no sender left.
+        drop(lock(&self.writer).take());
+        lock(&self.thread).take()
+    }
+
+    fn take_reader(&self) -> Result<Connection, StoreError> {
+        if let Some(connection) = lock(&self.readers).pop() {
+            return Ok(connection);
+        }
+        // Invariant: only stores with a file have read connections (`read` sends the others to the writer).
+        let path = self.path.as_deref().ok_or(StoreError::Closed)?;
+        Ok(open_reader(path)?)
+    }
+
+    fn put_reader(&self, connection: Connection) {
+        if self.closed.load(Ordering::Acquire) || !connection.is_autocommit() {
+            return;
+        }
+        let mut idle = lock(&self.readers);
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(connection);
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(thread) = self.stop() {
+            // The last clone can only be dropped off the writer thread, which holds no store; the check keeps a
+            // future change from turning that into a self-join.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (each critical section is one push, pop
+/// or take).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs blocking work on tokio's blocking threads; a panic in it continues in the caller.
+async fn blocking<T, F>(work: F) -> Result<T, StoreError>
+where
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(err) if err.is_panic() => resume_unwind(err.into_panic()),
+        // Cancelled: the runtime is shutting down.
+        Err(_) => Err(StoreError::Closed),
+    }
+}
+
+/// Creates the file if needed and brings its schema up to date with sqlx's migrator, then closes the connection.
+async fn migrate(path: &Path) -> Result<(), StoreError> {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(BUSY_TIMEOUT);
+    let mut connection = SqliteConnection::connect_with(&options).await?;
+    let migrated = MIGRATOR.run(&mut connection).await;
+    connection.close().await?;
+    Ok(migrated?)
+}
+
+/// Settings every connection gets.
+fn configure(connection: &Connection) -> rusqlite::Result<()> {
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    connection.execute_batch(
+        "PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; PRAGMA foreign_keys = ON;",
+    )
+}
+
+fn open_memory() -> Result<Connection, StoreError> {
+    let connection = Connection::open_in_memory()?;
+    configure(&connection)?;
+    for migration in MIGRATOR.iter() {
+        if !migration.migration_type.is_down_migration() {
+            connection.execute_batch(&migration.sql)?;
+        }
+    }
+    Ok(connection)
+}
+
+/// Opens the (migrated) database file as a plain path, never as a `file:` URI; each connection is used by one
+/// thread at a time, so SQLite's own mutexes are left out.
+fn open_file(path: &Path) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
+fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let connection = open_file(path)?;
+    configure(&connection)?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    Ok(connection)
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = open_file(path)?;
+    configure(&connection)?;
+    connection.pragma_update(None, "mmap_size", READER_MMAP_BYTES)?;
+    connection.pragma_update(None, "query_only", true)?;
+    Ok(connection)
+}
+
+/// The writer thread: serves requests until every sender is gone, committing queued appends in batches.
+fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>) {
+    let mut held_back = None;
+    loop {
+        let request = match held_back.take() {
+            Some(request) => request,
+            None => match requests.recv() {
+                Ok(request) => request,
+                Err(mpsc::RecvError) => return,
+            },
+        };
+        match request {
+            Request::Job(job) => job(&mut connection),
+            Request::Append(first) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match requests.try_recv() {
+                        Ok(Request::Append(append)) => batch.push(append),
+                        Ok(job) => {
+                            held_back = Some(job);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit_batch(&connection, batch);
+            }
+        }
+    }
+}
+
+/// The last event's position and hash, as of the append being written.
+struct Head {
+    position: u64,
+    hash: String,
+}
+
+/// Writes a batch of appends in one transaction and answers each once the transaction has committed.
+fn commit_batch(connection: &Connection, batch: Vec<AppendRequest>) {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    match write_batch(connection, &batch, &mut outcomes) {
+        Ok(()) => {
+            for (request, outcome) in batch.into_iter().zip(outcomes) {
+                let _ = request.reply.send(outcome);
+            }
+        }
+        Err(err) => {
+            if !connection.is_autocommit() {
+                // Nothing of the batch may stay; if even the rollback fails, the next batch retries it.
+                let _ = connection.execute_batch("ROLLBACK");
+            }
+            let err = Arc::new(err);
+            for request in batch {
+                let _ = request.reply.send(Err(StoreError::Sqlite(err.clone())));
+            }
+        }
+    }
+}
+
+/// Runs the batch's appends, each in a savepoint, and commits. An `Err` fails the whole batch: nothing is stored.
+fn write_batch(
+    connection: &Connection,
+    batch: &[AppendRequest],
+    outcomes: &mut Vec<Result<Appended, StoreError>>,
+) -> rusqlite::Result<()> {
+    if !connection.is_autocommit() {
+        // A transaction left open by a job that failed half-way.
+        connection.execute_batch("ROLLBACK")?;
+    }
+    connection.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let (position, hash): (i64, String) = connection
+        .prepare_cached("SELECT position, hash FROM log_head WHERE id = 1")?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let position = u64::try_from(position)
+        .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, position))?;
+    let mut head = Head { position, hash };
+    let start = head.position;
+    // Each stream's version as of the append being written: earlier appends of the batch move it on.
+    let mut versions: HashMap<&str, u64> = HashMap::new();
+    for request in batch {
+        outcomes.push(append_one(connection, request, &mut head, &mut versions)?);
+    }
+    if head.position != start {
+        connection
+            .prepare_cached("UPDATE log_head SET position = ?1, hash = ?2 WHERE id = 1")?
+            .execute(params![to_i64(head.position), head.hash])?;
+    }
+    connection.prepare_cached("COMMIT")?.execute([])?;
+    Ok(())
+}
+
+/// Writes one append of a batch in a savepoint. The inner result is the append's own outcome; an outer `Err`
+/// means the transaction itself is lost.
+fn append_one<'a>(
+    connection: &Connection,
+    request: &'a AppendRequest,
+    head: &mut Head,
+    versions: &mut HashMap<&'a str, u64>,
+) -> rusqlite::Result<Result<Appended, StoreError>> {
+    let stream = request.stream.as_str();
+    let current = match versions.get(stream) {
+        Some(&version) => version,
+        None => match to_u64(stream_version_of(connection, stream)?, "version") {
+            Ok(version) => {
+                versions.insert(stream, version);
+                version
+            }
+            Err(corrupt) => return Ok(Err(corrupt)),
+        },
+    };
+    if let Err(conflict) = request.expected.check(stream, current) {
+        return Ok(Err(conflict));
+    }
+    if request.events.is_empty() {
+        return Ok(Ok(Appended {
+            version: current,
+            first_position: head.position + 1,
+            last_position: head.position,
+        }));
+    }
+
+    connection.prepare_cached("SAVEPOINT append")?.execute([])?;
+    match insert_events(connection, request, head, current) {
+        Ok((last_position, last_hash, version)) => {
+            connection.prepare_cached("RELEASE append")?.execute([])?;
+            let appended = Appended {
+                version,
+                first_position: head.position + 1,
+                last_position,
+            };
+            head.position = last_position;
+            head.hash = last_hash;
+            versions.insert(stream, version);
+            Ok(Ok(appended))
+        }
+        Err(err) => {
+            if connection.is_autocommit() {
+                // SQLite rolled the whole transaction back (out of disk or memory, I/O error).
+                return Err(err);
+            }
+            connection
+                .prepare_cached("ROLLBACK TO append")?
+                .execute([])?;
+            connection.prepare_cached("RELEASE append")?.execute([])?;
+            if !is_sqlite_stream_version_violation(&err) {
+                return Ok(Err(err.into()));
+            }
+            // A unique-key violation on (stream, version) means the stream moved on: a conflict.
+            let actual = stream_version_of(connection, stream)?;
+            Ok(Err(match to_u64(actual, "version") {
+                Ok(actual) => StoreError::Conflict {
+                    stream: stream.to_owned(),
+                    expected: request.expected,
+                    actual,
+                },
+                Err(corrupt) => corrupt,
+            }))
+        }
+    }
+}
+
+/// Inserts an append's events after `head` and puts them in the outbox; returns the last position, hash and
+/// stream version.
+fn insert_events(
+    connection: &Connection,
+    request: &AppendRequest,
+    head: &Head,
+    current: u64,
+) -> rusqlite::Result<(u64, String, u64)> {
+    let mut insert = connection.prepare_cached(
+        "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut outbox = connection.prepare_cached("INSERT INTO outbox (position) VALUES (?1)")?;
+    let mut position = head.position;
+    let mut version = current;
+    let mut prev_hash: Option<String> = None;
+    for event in &request.events {
+        position += 1;
+        version += 1;
+        let prev = prev_hash.as_deref().unwrap_or(&head.hash);
+        let hash = event_hash(
+            prev,
+            position,
+            &request.stream,
+            version,
+            &event.event_type,
+            &event.payload,
+            &event.metadata,
+        );
+        insert.execute(params![
+            to_i64(position),
+            request.stream,
+            to_i64(version),
+            event.event_type,
+            event.payload,
+            event.metadata,
+            prev,
+            hash,
+        ])?;
+        outbox.execute([to_i64(position)])?;
+        prev_hash = Some(hash);
+    }
+    // Invariant: the caller passes at least one event, so a hash was computed.
+    let last_hash = prev_hash.unwrap_or_else(|| head.hash.clone());
+    Ok((position, last_hash, version))
+}
+
+fn stream_version_of(connection: &Connection, stream: &str) -> rusqlite::Result<i64> {
+    connection
+        .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?1")?
+        .query_row([stream], |row| row.get(0))
+}
+
+/// Reads an event selected by [`select_events`].
+fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
+    let position = to_u64(row.get(0)?, "position")?;
+    let metadata = row.get_ref(5)?.as_str().map_err(|e| {
+        StoreError::Corrupt(format!(
+            "metadata of the event at position {position} is not text: {e}"
+        ))
+    })?;
+    let metadata = decode_metadata(position, metadata)?;
+    Ok(StoredEvent {
+        position,
+        stream: row.get(1)?,
+        version: to_u64(row.get(2)?, "version")?,
+        event_type: row.get(3)?,
+        payload: row.get(4)?,
+        metadata,
+        hash: row.get(6)?,
+    })
+}
+
+/// Runs an event query and reads every row.
+fn query_events<P: rusqlite::Params>(
+    connection: &Connection,
+    sql: &str,
+    params: P,
+    capacity: usize,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut statement = connection.prepare_cached(sql)?;
+    let mut rows = statement.query(params)?;
+    let mut events = Vec::with_capacity(capacity);
+    while let Some(row) = rows.next()? {
+        events.push(event_from_row(row)?);
+    }
+    Ok(events)
+}
+
+fn chain_row(row: &Row<'_>) -> rusqlite::Result<ChainRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+    ))
+}
+
+/// Walks the log up to its head in one read (so one snapshot) and checks the chain.
+fn verify(connection: &Connection) -> Result<Option<ChainBreak>, StoreError> {
+    let (head_position, head_hash, max_position): (i64, String, i64) = connection
+        .prepare_cached(
+            "SELECT h.position, h.hash, (SELECT COALESCE(MAX(position), 0) FROM events) \
+             FROM log_head h WHERE h.id = 1",
+        )?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    let head = to_u64(head_position, "position")?;
+    let select = "SELECT position, stream, version, event_type, payload, metadata, hash, prev_hash \
+                  FROM events WHERE position > ?1 AND position <= ?2 ORDER BY position LIMIT ?3";
+    let mut walker = ChainWalker::new();
+    {
+        let mut statement = connection.prepare_cached(select)?;
+        let mut rows = statement.query(params![0_i64, head_position, i64::MAX])?;
+        while let Some(row) = rows.next()? {
+            if let Some(found) = walker.check(&chain_row(row)?)? {
+                return Ok(Some(found));
+            }
+        }
+    }
+    if let Some(found) = walker.finish(head, &head_hash) {
+        return Ok(Some(found));
+    }
+    if max_position > head_position {
+        let row = connection
+            .prepare_cached(select)?
+            .query_row(params![head_position, i64::MAX, 1_i64], chain_row)?;
+        return beyond_head(&row, head).map(Some);
+    }
+    Ok(None)
 }
 
 #[async_trait::async_trait]
@@ -187,8 +640,23 @@ impl EventStore for SqliteStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, StoreError> {
-        let _writer = self.write_lock.lock().await;
-        self.append_locked(stream, expected, events).await
+        // Metadata is serialized here, so the writer thread only hashes and inserts.
+        let events = events
+            .into_iter()
+            .map(|event| EncodedEvent {
+                metadata: metadata_json(&event.metadata),
+                event_type: event.event_type,
+                payload: event.payload,
+            })
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Append(AppendRequest {
+            stream: stream.to_owned(),
+            expected,
+            events,
+            reply,
+        }))?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn read_stream(
@@ -196,15 +664,16 @@ impl EventStore for SqliteStore {
         stream: &str,
         after_version: u64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT position, stream, version, event_type, payload, metadata, hash \
-             FROM events WHERE stream = ? AND version > ? ORDER BY version",
-        )
-        .bind(stream)
-        .bind(to_i64(after_version))
-        .fetch_all(&self.pool)
-        .await?;
-        into_events(rows)
+        let stream = stream.to_owned();
+        self.read(move |connection| {
+            query_events(
+                connection,
+                select_events!("FROM events WHERE stream = ?1 AND version > ?2 ORDER BY version"),
+                params![stream, to_i64(after_version)],
+                0,
+            )
+        })
+        .await
     }
 
     async fn read_all(
@@ -212,42 +681,44 @@ impl EventStore for SqliteStore {
         after_position: u64,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT position, stream, version, event_type, payload, metadata, hash \
-             FROM events WHERE position > ? ORDER BY position LIMIT ?",
-        )
-        .bind(to_i64(after_position))
-        .bind(to_i64(limit as u64))
-        .fetch_all(&self.pool)
-        .await?;
-        into_events(rows)
+        self.read(move |connection| {
+            query_events(
+                connection,
+                select_events!("FROM events WHERE position > ?1 ORDER BY position LIMIT ?2"),
+                params![to_i64(after_position), to_i64(limit as u64)],
+                limit.min(crate::READ_PAGE * 10),
+            )
+        })
+        .await
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
-        let version: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?")
-                .bind(stream)
-                .fetch_one(&self.pool)
-                .await?;
-        to_u64(version, "version")
+        let stream = stream.to_owned();
+        self.read(move |connection| to_u64(stream_version_of(connection, &stream)?, "version"))
+            .await
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {
-        let position: i64 = sqlx::query_scalar("SELECT position FROM log_head WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
-        to_u64(position, "position")
+        self.read(|connection| {
+            let position = connection
+                .prepare_cached("SELECT position FROM log_head WHERE id = 1")?
+                .query_row([], |row| row.get(0))?;
+            to_u64(position, "position")
+        })
+        .await
     }
 
     async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT e.position, e.stream, e.version, e.event_type, e.payload, e.metadata, e.hash \
-             FROM outbox o JOIN events e ON e.position = o.position ORDER BY o.position LIMIT ?",
-        )
-        .bind(to_i64(limit as u64))
-        .fetch_all(&self.pool)
-        .await?;
-        into_events(rows)
+        self.read(move |connection| {
+            query_events(
+                connection,
+                "SELECT e.position, e.stream, e.version, e.event_type, e.payload, e.metadata, e.hash \
+                 FROM outbox o JOIN events e ON e.position = o.position ORDER BY o.position LIMIT ?1",
+                [to_i64(limit as u64)],
+                limit.min(crate::READ_PAGE),
+            )
+        })
+        .await
     }
 
     async fn outbox_ack(&self, positions: &[u64]) -> Result<(), StoreError> {
@@ -255,76 +726,210 @@ impl EventStore for SqliteStore {
             return Ok(());
         }
         let list =
-            serde_json::Value::from(positions.iter().map(|&p| to_i64(p)).collect::<Vec<_>>());
-        sqlx::query("DELETE FROM outbox WHERE position IN (SELECT value FROM json_each(?))")
-            .bind(list.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+            serde_json::Value::from(positions.iter().map(|&p| to_i64(p)).collect::<Vec<_>>())
+                .to_string();
+        self.on_writer(move |connection| {
+            connection
+                .prepare_cached(
+                    "DELETE FROM outbox WHERE position IN (SELECT value FROM json_each(?1))",
+                )?
+                .execute([list])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn load_checkpoint(&self, consumer: &str) -> Result<u64, StoreError> {
-        let position: Option<i64> =
-            sqlx::query_scalar("SELECT position FROM consumer_checkpoints WHERE consumer = ?")
-                .bind(consumer)
-                .fetch_optional(&self.pool)
-                .await?;
-        to_u64(position.unwrap_or(0), "checkpoint")
+        let consumer = consumer.to_owned();
+        self.read(move |connection| {
+            let mut statement = connection
+                .prepare_cached("SELECT position FROM consumer_checkpoints WHERE consumer = ?1")?;
+            let mut rows = statement.query([consumer])?;
+            match rows.next()? {
+                Some(row) => to_u64(row.get(0)?, "checkpoint"),
+                None => Ok(0),
+            }
+        })
+        .await
     }
 
     async fn save_checkpoint(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO consumer_checkpoints (consumer, position) VALUES (?, ?) \
-             ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
-        )
-        .bind(consumer)
-        .bind(to_i64(position))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let consumer = consumer.to_owned();
+        self.on_writer(move |connection| {
+            connection
+                .prepare_cached(
+                    "INSERT INTO consumer_checkpoints (consumer, position) VALUES (?1, ?2) \
+                     ON CONFLICT (consumer) DO UPDATE SET position = excluded.position",
+                )?
+                .execute(params![consumer, to_i64(position)])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn verify_chain(&self) -> Result<Option<ChainBreak>, StoreError> {
-        let (head_position, head_hash, max_position): (i64, String, i64) = sqlx::query_as(
-            "SELECT h.position, h.hash, (SELECT COALESCE(MAX(position), 0) FROM events) \
-             FROM log_head h WHERE h.id = 1",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        let head = to_u64(head_position, "position")?;
-        let select = "SELECT position, stream, version, event_type, payload, metadata, hash, prev_hash \
-                      FROM events WHERE position > ? AND position <= ? ORDER BY position LIMIT ?";
-        let mut walker = ChainWalker::new();
-        let mut after = 0_i64;
-        loop {
-            let rows: Vec<ChainRow> = sqlx::query_as(select)
-                .bind(after)
-                .bind(head_position)
-                .bind(VERIFY_PAGE)
-                .fetch_all(&self.pool)
-                .await?;
-            for row in &rows {
-                if let Some(found) = walker.check(row)? {
-                    return Ok(Some(found));
+        self.read(verify).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::new_events;
+
+    /// An append request and the receiver of its answer.
+    fn request(
+        stream: &str,
+        expected: ExpectedVersion,
+        events: usize,
+    ) -> (
+        AppendRequest,
+        oneshot::Receiver<Result<Appended, StoreError>>,
+    ) {
+        let (reply, answer) = oneshot::channel();
+        let events = new_events(stream, events)
+            .into_iter()
+            .map(|event| EncodedEvent {
+                metadata: metadata_json(&event.metadata),
+                event_type: event.event_type,
+                payload: event.payload,
+            })
+            .collect();
+        let request = AppendRequest {
+            stream: stream.to_owned(),
+            expected,
+            events,
+            reply,
+        };
+        (request, answer)
+    }
+
+    fn answer(
+        mut answer: oneshot::Receiver<Result<Appended, StoreError>>,
+    ) -> Result<Appended, StoreError> {
+        answer.try_recv().expect("every request is answered")
+    }
+
+    fn appended(version: u64, first_position: u64, last_position: u64) -> Appended {
+        Appended {
+            version,
+            first_position,
+            last_position,
+        }
+    }
+
+    fn head(connection: &Connection) -> (i64, String) {
+        connection
+            .query_row("SELECT position, hash FROM log_head", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .expect("head")
+    }
+
+    /// One batch holding appends that follow each other on one stream, a conflict, an append rejected by the
+    /// database and an empty append: each is answered as if it had run alone, in batch order.
+    #[test]
+    fn a_batch_answers_each_append_on_its_own() {
+        let connection = open_memory().expect("database");
+        connection
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.stream = 'poison' \
+                 BEGIN SELECT RAISE(ABORT, 'poisoned stream'); END;",
+            )
+            .expect("trigger");
+        let requests = [
+            request("a", ExpectedVersion::NoStream, 2),
+            request("b", ExpectedVersion::Any, 1),
+            request("a", ExpectedVersion::Exact(2), 1),
+            request("a", ExpectedVersion::Exact(2), 1),
+            request("poison", ExpectedVersion::Any, 3),
+            request("b", ExpectedVersion::Exact(1), 0),
+            request("c", ExpectedVersion::NoStream, 1),
+        ];
+        let (batch, answers): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+        commit_batch(&connection, batch);
+        let mut answers = answers.into_iter().map(answer);
+
+        assert_eq!(answers.next().unwrap().unwrap(), appended(2, 1, 2));
+        assert_eq!(answers.next().unwrap().unwrap(), appended(1, 3, 3));
+        assert_eq!(answers.next().unwrap().unwrap(), appended(3, 4, 4));
+        match answers.next().unwrap() {
+            Err(StoreError::Conflict {
+                stream, actual: 3, ..
+            }) if stream == "a" => {}
+            other => panic!("expected a conflict at version 3, got {other:?}"),
+        }
+        match answers.next().unwrap() {
+            Err(err @ StoreError::Sqlite(_)) => {
+                assert!(err.to_string().contains("poisoned stream"), "{err}")
+            }
+            other => panic!("expected the trigger's error, got {other:?}"),
+        }
+        assert_eq!(answers.next().unwrap().unwrap(), appended(1, 5, 4));
+        assert_eq!(answers.next().unwrap().unwrap(), appended(1, 5, 5));
+
+        let (position, hash) = head(&connection);
+        assert_eq!(position, 5);
+        let last_hash: String = connection
+            .query_row("SELECT hash FROM events WHERE position = 5", [], |row| {
+                row.get(0)
+            })
+            .expect("last event");
+        assert_eq!(hash, last_hash);
+        let outbox: i64 = connection
+            .query_row("SELECT COUNT(*) FROM outbox", [], |row| row.get(0))
+            .expect("outbox");
+        assert_eq!(outbox, 5);
+        assert_eq!(verify(&connection).expect("verify"), None);
+    }
+
+    /// A batch whose COMMIT fails stores nothing, and every append in it gets the error.
+    #[test]
+    fn a_failed_commit_fails_the_whole_batch() {
+        let connection = open_memory().expect("database");
+        // A deferred foreign key is checked at COMMIT: an event of stream `doom` makes the commit fail.
+        connection
+            .execute_batch(
+                "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
+                 CREATE TABLE guard (position INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED); \
+                 CREATE TRIGGER doom AFTER INSERT ON events WHEN NEW.stream = 'doom' \
+                 BEGIN INSERT INTO guard (position) VALUES (NEW.position); END;",
+            )
+            .expect("trap");
+        let (first, first_answer) = request("a", ExpectedVersion::Any, 1);
+        commit_batch(&connection, vec![first]);
+        assert_eq!(answer(first_answer).unwrap(), appended(1, 1, 1));
+        let head_before = head(&connection);
+
+        let requests = [
+            request("a", ExpectedVersion::Exact(1), 2),
+            request("doom", ExpectedVersion::Any, 1),
+            request("b", ExpectedVersion::Any, 1),
+        ];
+        let (batch, answers): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+        commit_batch(&connection, batch);
+        for outcome in answers.into_iter().map(answer) {
+            match outcome {
+                Err(err @ StoreError::Sqlite(_)) => {
+                    assert!(err.to_string().contains("FOREIGN KEY"), "{err}")
                 }
-            }
-            match rows.last() {
-                Some(last) if rows.len() as i64 == VERIFY_PAGE => after = last.0,
-                _ => break,
+                other => panic!("expected the failed commit's error, got {other:?}"),
             }
         }
-        if let Some(found) = walker.finish(head, &head_hash) {
-            return Ok(Some(found));
-        }
-        if max_position > head_position {
-            let row: ChainRow = sqlx::query_as(select)
-                .bind(head_position)
-                .bind(i64::MAX)
-                .bind(1_i64)
-                .fetch_one(&self.pool)
-                .await?;
-            return beyond_head(&row, head).map(Some);
-        }
-        Ok(None)
+        assert!(
+            connection.is_autocommit(),
+            "the transaction was rolled back"
+        );
+        assert_eq!(head(&connection), head_before);
+        let events: i64 = connection
+            .query_row("SELECT COUNT(*) FROM events", [], |row| row.get(0))
+            .expect("count");
+        assert_eq!(events, 1);
+
+        // The writer goes on: the next batch commits.
+        let (next, next_answer) = request("a", ExpectedVersion::Exact(1), 1);
+        commit_batch(&connection, vec![next]);
+        assert_eq!(answer(next_answer).unwrap(), appended(2, 2, 2));
+        assert_eq!(verify(&connection).expect("verify"), None);
     }
 }

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use nsml_eventstore::conformance::{self, new_events};
-use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
+use nsml_eventstore::conformance::{self, Tamper, new_events};
+use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore, StoreError};
 
 async fn run<F>(case: F)
 where
@@ -23,7 +23,7 @@ nsml_eventstore::conformance_suite!(run);
 mod in_memory {
     use super::*;
 
-    async fn run<F>(case: F)
+    pub(super) async fn run<F>(case: F)
     where
         F: FnOnce(Arc<SqliteStore>) -> BoxFuture<'static, ()>,
     {
@@ -97,4 +97,65 @@ async fn two_stores_on_one_file_serialize_appends() {
     assert_eq!(b.head_position().await.expect("head"), 2 + 8 * 25 * 2);
     assert_eq!(a.verify_chain().await.expect("verify"), None);
     let _ = conformance::new_event("x", b"");
+}
+
+/// Appends that the database rejects (here a trigger refuses one stream) fail alone: the appends committed in the
+/// same transactions beside them are stored.
+async fn rejected_appends_fail_alone(store: Arc<SqliteStore>) {
+    store
+        .execute_sql(
+            "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.stream LIKE 'poison-%' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned stream'); END;",
+        )
+        .await
+        .expect("trigger");
+    let writers = 200;
+    let barrier = Arc::new(tokio::sync::Barrier::new(writers));
+    let tasks: Vec<_> = (0..writers)
+        .map(|i| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let stream = if i % 5 == 0 {
+                    format!("poison-{i}")
+                } else {
+                    format!("own-{i}")
+                };
+                barrier.wait().await;
+                let result = store
+                    .append(&stream, ExpectedVersion::NoStream, new_events("e", 2))
+                    .await;
+                (stream, result)
+            })
+        })
+        .collect();
+    for task in tasks {
+        match task.await.expect("task") {
+            (stream, Ok(appended)) => {
+                assert!(stream.starts_with("own-"), "{stream} was stored");
+                assert_eq!(appended.version, 2);
+            }
+            (stream, Err(err @ StoreError::Sqlite(_))) if stream.starts_with("poison-") => {
+                assert!(err.to_string().contains("poisoned stream"), "{err}")
+            }
+            (stream, Err(err)) => panic!("unexpected error for {stream}: {err}"),
+        }
+    }
+    let stored = writers - writers / 5;
+    assert_eq!(
+        store.head_position().await.expect("head"),
+        2 * stored as u64
+    );
+    assert_eq!(store.stream_version("poison-0").await.expect("version"), 0);
+    assert_eq!(store.verify_chain().await.expect("verify"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejected_appends_fail_alone_in_a_file() {
+    run(|store| Box::pin(rejected_appends_fail_alone(store))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejected_appends_fail_alone_in_memory() {
+    in_memory::run(|store| Box::pin(rejected_appends_fail_alone(store))).await;
 }
