@@ -109,6 +109,10 @@ pub(crate) fn describe_override(o: &Override) -> String {
                 fmt_time(o.until_ms)
             )
         }
+        OverrideKind::ReopenSubmit => format!(
+            "re-opened the slot of submit {} on `{}`",
+            o.submission_id, o.dataset
+        ),
         OverrideKind::Unspecified => "an override of unknown kind".into(),
     };
     format!(
@@ -180,18 +184,20 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
         .cloned()
         .unwrap_or_default();
     let is_submit = req.kind() == SessionKind::Submit;
+    let last_success = submits.last_success();
     if is_submit {
-        if let (Some((sub, v)), Some(t)) = (&submits.last_success, submits.last_success_ms) {
+        if let Some(l) = last_success {
             rests_on.push(refer(
-                *v,
+                l.version,
                 format!(
-                    "submission {sub} on `{}` succeeded; it was submitted at {}, which starts the interval",
+                    "submission {} on `{}` succeeded; it was submitted at {}, which starts the interval",
+                    l.submission_id,
                     req.dataset,
-                    fmt_time(t)
+                    fmt_time(l.at_ms)
                 ),
             ));
         }
-        for (sub, v) in &submits.in_flight {
+        for (sub, v) in submits.counted_in_flight() {
             rests_on.push(refer(
                 *v,
                 format!(
@@ -209,6 +215,7 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
         .collect();
     for (id, o) in &ledger.overrides {
         let relevant = d.overrides.contains(id)
+            || replayed.overrides.contains(id)
             || o.raises(&req.competition, d.decided_at_ms)
             || (is_submit
                 && o.grant.kind() == OverrideKind::ExtraSubmit
@@ -253,9 +260,14 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
         policy: adopted.map(|a| a.policy),
         held,
         held_total: Some(ledger.held()),
-        last_success_ms: submits.last_success_ms.unwrap_or(0),
-        last_success_submission_id: submits.last_success.map(|(s, _)| s).unwrap_or_default(),
-        in_flight_submissions: submits.in_flight.keys().cloned().collect(),
+        last_success_ms: last_success.map_or(0, |l| l.at_ms),
+        last_success_submission_id: last_success
+            .map(|l| l.submission_id.to_string())
+            .unwrap_or_default(),
+        in_flight_submissions: submits
+            .counted_in_flight()
+            .map(|(s, _)| s.clone())
+            .collect(),
         overrides,
         rule: if d.granted {
             "granted".into()
@@ -307,6 +319,7 @@ pub fn override_json(o: &Override) -> Value {
         "kind": match o.kind() {
             OverrideKind::ExtraSubmit => "extra_submit",
             OverrideKind::RaiseQuota => "raise_quota",
+            OverrideKind::ReopenSubmit => "reopen_submit",
             OverrideKind::Unspecified => "unspecified",
         },
         "dataset": o.dataset,
@@ -461,6 +474,41 @@ mod tests {
         let retry = x.decision.unwrap().retry_after_ms;
         let interval = x.policy.unwrap().submit_interval_secs as i64 * 1000;
         assert_eq!(retry, x.last_success_ms + interval);
+    }
+
+    #[test]
+    fn a_submit_let_in_by_a_reopened_slot_is_explained_by_the_override() {
+        let mut s = synthetic::Script::new("demo");
+        let (stuck, _) = s.at(0).submit("t1-cls");
+        let reopened = s.at(60_000).reopen(&stuck);
+        let (next, granted) = s.at(120_000).submit("t1-cls");
+        assert!(granted);
+        let events = s.events().to_vec();
+        let at = find_decision(&events, &next).unwrap();
+        let x = explain("demo", &events, at).unwrap();
+        assert!(x.replay_matches, "{:?}", x.differences);
+        assert_eq!(
+            x.decision.as_ref().unwrap().overrides,
+            vec![reopened.clone()]
+        );
+        // The stuck submit runs on, but not as the team's submit in flight.
+        assert!(x.in_flight_submissions.is_empty(), "{x:?}");
+        assert!(x.held.iter().any(|h| h.submission_id == stuck));
+        let o = x.overrides.iter().find(|o| o.id == reopened).unwrap();
+        assert!(
+            o.description.starts_with(&format!(
+                "override {reopened}: re-opened the slot of submit {stuck} on `t1-cls`, granted by user:host at 2026-01-01T00:01:00Z (generated)"
+            )),
+            "{}",
+            o.description
+        );
+        let rests = x
+            .rests_on
+            .iter()
+            .find(|r| r.event_type == "nsml.v1.OverrideGranted")
+            .expect("rests on the override");
+        assert_eq!(rests.note, o.description);
+        assert_eq!(override_json(o)["kind"], "reopen_submit");
     }
 
     #[test]

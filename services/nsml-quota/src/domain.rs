@@ -3,6 +3,9 @@
 //! Everything a decision depends on is ledger state: the resources sessions hold, the submit history per
 //! dataset, the competition policy the ledger adopted (`PolicyChanged`) and the hosts' overrides
 //! (`OverrideGranted`). So folding one `quota-TEAM` stream alone re-derives every decision recorded in it.
+//!
+//! A host's override applies from its ledger version on: the decisions recorded before it saw a ledger without
+//! it, and replay re-derives them so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -63,15 +66,115 @@ pub struct Holding {
     pub since: u64,
 }
 
+/// Where a successful real submit sits in its dataset's history: when it was submitted, then the ledger version
+/// that recorded its success (so of two submitted in the same millisecond, the later recorded is the last).
+pub type SuccessKey = (i64, u64);
+
 /// Submit history of one dataset.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SubmitState {
-    /// Time of the last successful real submit (when it was submitted).
-    pub last_success_ms: Option<i64>,
-    /// The submission behind `last_success_ms` and the ledger version that recorded its success.
-    pub last_success: Option<(String, u64)>,
-    /// Real submits admitted and not yet ended → ledger version of their grant.
+    /// Successful real submits whose slot no host re-opened → submission. The last one starts the interval;
+    /// the earlier ones are kept because re-opening the last makes the one before it the last.
+    pub successes: BTreeMap<SuccessKey, String>,
+    /// Real submits admitted and not yet ended → ledger version of their grant. Re-opened ones stay here until
+    /// they end, as their outcome is still recorded; they do not count as in flight for a decision.
     pub in_flight: BTreeMap<String, u64>,
+    /// Submits in flight whose slot a host re-opened → the override.
+    pub reopened_in_flight: BTreeMap<String, String>,
+    /// Successes whose slot a host re-opened (after they succeeded, or while they ran) → (submission, override).
+    pub reopened_successes: BTreeMap<SuccessKey, (String, String)>,
+}
+
+/// The successful real submit that starts a dataset's interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LastSuccess<'a> {
+    pub submission_id: &'a str,
+    /// When it was submitted.
+    pub at_ms: i64,
+    /// Ledger version of its `SubmitSucceeded`.
+    pub version: u64,
+}
+
+impl SubmitState {
+    /// The last successful real submit whose slot no host re-opened.
+    pub fn last_success(&self) -> Option<LastSuccess<'_>> {
+        self.successes
+            .last_key_value()
+            .map(|(&(at_ms, version), sub)| LastSuccess {
+                submission_id: sub,
+                at_ms,
+                version,
+            })
+    }
+
+    /// The submits in flight that count against the one-in-flight rule (those whose slot no host re-opened),
+    /// with the ledger version of their grant.
+    pub fn counted_in_flight(&self) -> impl Iterator<Item = (&String, &u64)> {
+        self.in_flight
+            .iter()
+            .filter(|(sub, _)| !self.reopened_in_flight.contains_key(*sub))
+    }
+
+    /// The re-opened successes that would start a later interval than the last success does, and whose
+    /// interval of `interval_ms` has not passed at `now_ms`: those whose re-opening spares a submit the wait.
+    /// Each with (submitted at, submission, override), oldest first.
+    pub fn reopened_in_interval(
+        &self,
+        interval_ms: i64,
+        now_ms: i64,
+    ) -> impl Iterator<Item = (i64, &str, &str)> {
+        use std::ops::Bound;
+        let from = match self.successes.last_key_value() {
+            Some((k, _)) => Bound::Excluded(*k),
+            None => Bound::Unbounded,
+        };
+        self.reopened_successes
+            .range((from, Bound::Unbounded))
+            .filter(move |((at, _), _)| at + interval_ms > now_ms)
+            .map(|((at, _), (sub, id))| (*at, sub.as_str(), id.as_str()))
+    }
+}
+
+/// What became of a granted real submit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubmitFate {
+    /// Admitted and not ended.
+    InFlight,
+    /// Succeeded: its place among the dataset's successes.
+    Succeeded(SuccessKey),
+    /// Failed or timed out.
+    Failed,
+    /// Its slot re-opened by a host's override (the override's id), while in flight or after it succeeded.
+    Reopened(String),
+}
+
+/// A granted real submit, by submission id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RealSubmit {
+    pub dataset: String,
+    pub fate: SubmitFate,
+}
+
+/// Why a host cannot re-open a submit's slot.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReopenRefused {
+    #[error(
+        "team `{team}` has no admitted real submit `{submission}` (refused and trial submits take no slot): `nsml admin audit export --team {team}` lists the team's submits"
+    )]
+    Unknown { team: String, submission: String },
+    #[error(
+        "submission {submission} on `{dataset}` failed or timed out: failed submits never count against the submit limits, so there is no slot to re-open; to let the team submit before the interval ends, grant an extra submit (`nsml admin override submit`)"
+    )]
+    Failed { submission: String, dataset: String },
+    #[error(
+        "the slot of submission {submission} on `{dataset}` was already re-opened by override {by}: `nsml admin audit export --team {team}` shows it"
+    )]
+    AlreadyReopened {
+        team: String,
+        submission: String,
+        dataset: String,
+        by: String,
+    },
 }
 
 /// A competition policy as the ledger adopted it.
@@ -119,11 +222,13 @@ impl OverrideState {
             && now_ms < self.grant.until_ms
     }
 
-    /// Whether it still matters: an unspent extra submit, or a raise not yet expired.
+    /// Whether it still matters: an unspent extra submit, a raise not yet expired, or a re-opened slot (which
+    /// stays re-opened).
     pub fn in_force(&self, now_ms: i64) -> bool {
         match self.grant.kind() {
             OverrideKind::ExtraSubmit => !self.spent,
             OverrideKind::RaiseQuota => now_ms < self.grant.until_ms,
+            OverrideKind::ReopenSubmit => true,
             OverrideKind::Unspecified => false,
         }
     }
@@ -140,6 +245,8 @@ pub struct Ledger {
     pub decisions: IdMap<String, u64>,
     /// Submission id → (dataset, submitted-at time), for granted real submits not yet ended.
     pub granted_submits: IdMap<String, (String, i64)>,
+    /// Submission id → what became of it, for every granted real submit: what a host's re-opening checks.
+    pub real_submits: IdMap<String, RealSubmit>,
     /// Competition → the policy the ledger adopted last.
     pub policies: BTreeMap<String, AdoptedPolicy>,
     /// Overrides by id (time-ordered ids, so iteration is in grant order).
@@ -331,6 +438,30 @@ impl Ledger {
             .map_or(0, |ids| ids.len())
     }
 
+    /// Whether a host may re-open the slot of `submission`, a real submit of `team`: its dataset when it is in
+    /// flight or succeeded, else why not.
+    pub fn reopenable(&self, team: &str, submission: &str) -> Result<&str, ReopenRefused> {
+        let Some(r) = self.real_submits.get(submission) else {
+            return Err(ReopenRefused::Unknown {
+                team: team.to_string(),
+                submission: submission.to_string(),
+            });
+        };
+        match &r.fate {
+            SubmitFate::InFlight | SubmitFate::Succeeded(_) => Ok(&r.dataset),
+            SubmitFate::Failed => Err(ReopenRefused::Failed {
+                submission: submission.to_string(),
+                dataset: r.dataset.clone(),
+            }),
+            SubmitFate::Reopened(by) => Err(ReopenRefused::AlreadyReopened {
+                team: team.to_string(),
+                submission: submission.to_string(),
+                dataset: r.dataset.clone(),
+                by: by.clone(),
+            }),
+        }
+    }
+
     /// The override recorded for a command id, if any.
     pub fn override_by_command(&self, command_id: &str) -> Option<&OverrideState> {
         self.index
@@ -351,6 +482,29 @@ impl Ledger {
                 .get(id)
                 .is_some_and(|o| o.grant.until_ms > decided_at_ms)
         });
+    }
+
+    /// Re-opens the slot of `submission` by override `id`: in flight, it stops counting as in flight; succeeded,
+    /// it stops starting the interval. A submit that failed, is unknown or was re-opened already is left as it is
+    /// (the service refuses such an override before recording it).
+    fn reopen(&mut self, submission: &str, id: &str) {
+        let Some(r) = self.real_submits.get_mut(submission) else {
+            return;
+        };
+        let s = self.submits.entry(r.dataset.clone()).or_default();
+        match r.fate {
+            SubmitFate::InFlight => {
+                s.reopened_in_flight
+                    .insert(submission.to_string(), id.to_string());
+            }
+            SubmitFate::Succeeded(key) => {
+                s.successes.remove(&key);
+                s.reopened_successes
+                    .insert(key, (submission.to_string(), id.to_string()));
+            }
+            SubmitFate::Failed | SubmitFate::Reopened(_) => return,
+        }
+        r.fate = SubmitFate::Reopened(id.to_string());
     }
 
     /// Applies one decoded ledger event recorded at `version`.
@@ -386,6 +540,13 @@ impl Ledger {
                         req.submission_id.clone(),
                         (req.dataset.clone(), d.decided_at_ms),
                     );
+                    self.real_submits.insert(
+                        req.submission_id.clone(),
+                        RealSubmit {
+                            dataset: req.dataset.clone(),
+                            fate: SubmitFate::InFlight,
+                        },
+                    );
                 }
                 self.holdings.insert(
                     req.session,
@@ -415,11 +576,30 @@ impl Ledger {
                     o.spent = true;
                 }
                 self.granted_submits.remove(&e.submission_id);
-                let s = self.submits.entry(e.dataset).or_default();
+                let key = (e.at_ms, version);
+                let s = self.submits.entry(e.dataset.clone()).or_default();
                 s.in_flight.remove(&e.submission_id);
-                if s.last_success_ms.is_none_or(|t| e.at_ms >= t) {
-                    s.last_success_ms = Some(e.at_ms);
-                    s.last_success = Some((e.submission_id, version));
+                let r = self
+                    .real_submits
+                    .entry(e.submission_id.clone())
+                    .or_insert_with(|| RealSubmit {
+                        dataset: e.dataset,
+                        fate: SubmitFate::InFlight,
+                    });
+                match &mut r.fate {
+                    // Re-opened while it ran: its success does not start the interval either.
+                    SubmitFate::Reopened(by) => {
+                        s.reopened_in_flight.remove(&e.submission_id);
+                        s.reopened_successes
+                            .insert(key, (e.submission_id, by.clone()));
+                    }
+                    fate => {
+                        if let SubmitFate::Succeeded(earlier) = fate {
+                            s.successes.remove(earlier);
+                        }
+                        *fate = SubmitFate::Succeeded(key);
+                        s.successes.insert(key, e.submission_id);
+                    }
                 }
             }
             LedgerEvent::Ended(e) => {
@@ -435,11 +615,19 @@ impl Ledger {
                         .insert(id);
                 }
                 self.granted_submits.remove(&e.submission_id);
-                self.submits
-                    .entry(e.dataset)
-                    .or_default()
-                    .in_flight
-                    .remove(&e.submission_id);
+                let s = self.submits.entry(e.dataset.clone()).or_default();
+                s.in_flight.remove(&e.submission_id);
+                s.reopened_in_flight.remove(&e.submission_id);
+                let r = self
+                    .real_submits
+                    .entry(e.submission_id)
+                    .or_insert_with(|| RealSubmit {
+                        dataset: e.dataset,
+                        fate: SubmitFate::InFlight,
+                    });
+                if r.fate == SubmitFate::InFlight {
+                    r.fate = SubmitFate::Failed;
+                }
             }
             LedgerEvent::PolicyChanged(e) => {
                 self.policies.insert(
@@ -470,6 +658,7 @@ impl Ledger {
                         OverrideKind::RaiseQuota if grant.until_ms > self.index.clock_ms => {
                             self.index.raises.push(id.clone());
                         }
+                        OverrideKind::ReopenSubmit => self.reopen(&grant.submission_id, &id),
                         _ => {}
                     }
                     self.overrides.insert(
@@ -548,6 +737,13 @@ fn deny(rule: &str, reason: String, retry_after_ms: i64, limits: &Limits) -> Dec
     }
 }
 
+/// A refusal that also names the re-opened slots that spared the submit an earlier rule: without them it
+/// would have been refused by that rule instead.
+fn with_reopened(mut d: Decision, reopened: Vec<(String, String)>) -> Decision {
+    d.overrides.extend(reopened.into_iter().map(|(id, _)| id));
+    d
+}
+
 /// Decides whether `req` may hold its resources now. Pure: everything it needs is passed in, and every
 /// override it honours is ledger state.
 pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64) -> Decision {
@@ -563,9 +759,11 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
         );
     }
     let mut extra = None;
+    // Re-opened slots that spare this submit a rule: (override, what it spared), named in the decision.
+    let mut reopened: Vec<(String, String)> = Vec::new();
     if req.kind() == SessionKind::Submit {
         let st = ledger.submits.get(&req.dataset);
-        if let Some(other) = st.and_then(|s| s.in_flight.keys().next()) {
+        if let Some((other, _)) = st.and_then(|s| s.counted_in_flight().next()) {
             return deny(
                 "submit_in_flight",
                 reason!(
@@ -576,41 +774,69 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
                 &limits,
             );
         }
-        if let Some(last) = st.and_then(|s| s.last_success_ms) {
-            let next = last + policy.submit_interval_secs as i64 * 1000;
+        let interval_ms = policy.submit_interval_secs as i64 * 1000;
+        if let Some(st) = st {
+            for (sub, id) in &st.reopened_in_flight {
+                reopened.push((
+                    id.clone(),
+                    reason!(
+                        "submission {sub} on `{}` no longer counts as in flight: its slot was re-opened by override {id}",
+                        req.dataset
+                    ),
+                ));
+            }
+            for (at, sub, id) in st.reopened_in_interval(interval_ms, now_ms) {
+                reopened.push((
+                    id.to_string(),
+                    reason!(
+                        "the interval on `{}` does not count from submission {sub} (submitted at {}): its slot was re-opened by override {id}",
+                        req.dataset,
+                        fmt_time(at)
+                    ),
+                ));
+            }
+        }
+        if let Some(last) = st.and_then(|s| s.last_success()).map(|l| l.at_ms) {
+            let next = last + interval_ms;
             if now_ms < next {
                 match ledger.extra_submit(&req.dataset) {
                     Some(id) => extra = Some(id.to_string()),
                     None => {
                         let wait_s = (next - now_ms + 999) / 1000;
-                        return deny(
-                            "submit_interval",
-                            reason!(
-                                "submit limit: one real submit per {} per dataset, counted from the last successful one; team `{team}` last submitted `{}` successfully at {}, so the next submit is allowed at {} (in {}m {}s)",
-                                human_secs(policy.submit_interval_secs),
-                                req.dataset,
-                                fmt_time(last),
-                                fmt_time(next),
-                                wait_s / 60,
-                                wait_s % 60
-                            ),
-                            next,
-                            &limits,
+                        let mut reason = reason!(
+                            "submit limit: one real submit per {} per dataset, counted from the last successful one; team `{team}` last submitted `{}` successfully at {}, so the next submit is allowed at {} (in {}m {}s)",
+                            human_secs(policy.submit_interval_secs),
+                            req.dataset,
+                            fmt_time(last),
+                            fmt_time(next),
+                            wait_s / 60,
+                            wait_s % 60
+                        );
+                        for (_, spared) in &reopened {
+                            reason.push_str("; ");
+                            reason.push_str(spared);
+                        }
+                        return with_reopened(
+                            deny("submit_interval", reason, next, &limits),
+                            reopened,
                         );
                     }
                 }
             }
         }
         if asked.cpus > policy.submit_max_cpus {
-            return deny(
-                "submit_cpus",
-                reason!(
-                    "a submit may use at most {} CPUs, asked {}",
-                    policy.submit_max_cpus,
-                    asked.cpus
+            return with_reopened(
+                deny(
+                    "submit_cpus",
+                    reason!(
+                        "a submit may use at most {} CPUs, asked {}",
+                        policy.submit_max_cpus,
+                        asked.cpus
+                    ),
+                    0,
+                    &limits,
                 ),
-                0,
-                &limits,
+                reopened,
             );
         }
     }
@@ -618,78 +844,97 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
     let free_hint = "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them";
     if ledger.holdings.len() as u32 + 1 > limits.sessions {
         let names: Vec<&str> = ledger.holdings.keys().map(|s| s.as_str()).collect();
-        return deny(
-            "team_sessions",
-            reason!(
-                "team `{team}` already runs {} of its {}{} concurrent sessions ({}); {free_hint}",
-                ledger.holdings.len(),
-                limits.sessions,
-                limits.note("sessions", policy.team_sessions.to_string()),
-                names.join(", ")
+        return with_reopened(
+            deny(
+                "team_sessions",
+                reason!(
+                    "team `{team}` already runs {} of its {}{} concurrent sessions ({}); {free_hint}",
+                    ledger.holdings.len(),
+                    limits.sessions,
+                    limits.note("sessions", policy.team_sessions.to_string()),
+                    names.join(", ")
+                ),
+                0,
+                &limits,
             ),
-            0,
-            &limits,
+            reopened,
         );
     }
     if held.gpus + asked.gpus > limits.gpus {
-        return deny(
-            "team_gpus",
-            reason!(
-                "team `{team}` holds {} GPUs ({}), asked {}, limit {}{}; {free_hint}",
-                held.gpus,
-                ledger.holders(|r| r.gpus as u64, |v| v.to_string()),
-                asked.gpus,
-                limits.gpus,
-                limits.note("gpus", policy.team_gpus.to_string()),
+        return with_reopened(
+            deny(
+                "team_gpus",
+                reason!(
+                    "team `{team}` holds {} GPUs ({}), asked {}, limit {}{}; {free_hint}",
+                    held.gpus,
+                    ledger.holders(|r| r.gpus as u64, |v| v.to_string()),
+                    asked.gpus,
+                    limits.gpus,
+                    limits.note("gpus", policy.team_gpus.to_string()),
+                ),
+                0,
+                &limits,
             ),
-            0,
-            &limits,
+            reopened,
         );
     }
     if held.cpus + asked.cpus > limits.cpus {
-        return deny(
-            "team_cpus",
-            reason!(
-                "team `{team}` holds {} CPUs ({}), asked {}, limit {}{}; {free_hint}",
-                held.cpus,
-                ledger.holders(|r| r.cpus as u64, |v| v.to_string()),
-                asked.cpus,
-                limits.cpus,
-                limits.note("cpus", policy.team_cpus.to_string()),
+        return with_reopened(
+            deny(
+                "team_cpus",
+                reason!(
+                    "team `{team}` holds {} CPUs ({}), asked {}, limit {}{}; {free_hint}",
+                    held.cpus,
+                    ledger.holders(|r| r.cpus as u64, |v| v.to_string()),
+                    asked.cpus,
+                    limits.cpus,
+                    limits.note("cpus", policy.team_cpus.to_string()),
+                ),
+                0,
+                &limits,
             ),
-            0,
-            &limits,
+            reopened,
         );
     }
     let held_mem = held.memory_bytes + held.shm_bytes;
     let asked_mem = asked.memory_bytes + asked.shm_bytes;
     if held_mem + asked_mem > limits.memory_bytes {
-        return deny(
-            "team_memory",
-            reason!(
-                "team `{team}` holds {} of memory including shared memory ({}), asked {}, limit {}{}; {free_hint}",
-                gib(held_mem),
-                ledger.holders(|r| r.memory_bytes + r.shm_bytes, gib),
-                gib(asked_mem),
-                gib(limits.memory_bytes),
-                limits.note("memory", gib(policy.team_memory_bytes)),
+        return with_reopened(
+            deny(
+                "team_memory",
+                reason!(
+                    "team `{team}` holds {} of memory including shared memory ({}), asked {}, limit {}{}; {free_hint}",
+                    gib(held_mem),
+                    ledger.holders(|r| r.memory_bytes + r.shm_bytes, gib),
+                    gib(asked_mem),
+                    gib(limits.memory_bytes),
+                    limits.note("memory", gib(policy.team_memory_bytes)),
+                ),
+                0,
+                &limits,
             ),
-            0,
-            &limits,
+            reopened,
         );
     }
     let mut overrides = limits.override_ids();
-    let reason = match extra {
-        Some(id) => {
-            let reason = reason!(
-                "the submit interval on `{}` is waived once by override {id}",
-                req.dataset
-            );
-            overrides.push(id);
-            reason
+    let mut reason = String::new();
+    for (id, spared) in reopened {
+        if !reason.is_empty() {
+            reason.push_str("; ");
         }
-        None => String::new(),
-    };
+        reason.push_str(&spared);
+        overrides.push(id);
+    }
+    if let Some(id) = extra {
+        if !reason.is_empty() {
+            reason.push_str("; ");
+        }
+        reason.push_str(&reason!(
+            "the submit interval on `{}` is waived once by override {id}",
+            req.dataset
+        ));
+        overrides.push(id);
+    }
     Decision {
         granted: true,
         reason,
@@ -1197,9 +1442,257 @@ mod tests {
             succeeded("s1", 0),
         ]);
         assert_eq!(l.holdings["demo/t1-cls/1"].since, 1);
-        assert_eq!(
-            l.submits["t1-cls"].last_success,
-            Some(("s1".to_string(), 4))
+        let last = l.submits["t1-cls"].last_success().unwrap();
+        assert_eq!((last.submission_id, last.at_ms, last.version), ("s1", 0, 4));
+    }
+
+    fn reopen(id: &str, sub: &str) -> StoredEvent {
+        stored(&OverrideGranted {
+            grant: Some(Override {
+                id: id.into(),
+                competition: "demo".into(),
+                team: "demo".into(),
+                kind: OverrideKind::ReopenSubmit as i32,
+                dataset: "t1-cls".into(),
+                submission_id: sub.into(),
+                reason: "scorer stuck".into(),
+                granted_by: "user:host".into(),
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// A real submit `sub` in session `demo/t1-cls/N` granted at `at`, then released and succeeded.
+    fn success(n: u32, sub: &str, at: i64) -> [StoredEvent; 3] {
+        let session = format!("demo/t1-cls/{n}");
+        [
+            granted(req(SessionKind::Submit, &session, 0, 4, sub), at),
+            released(&session),
+            succeeded(sub, at),
+        ]
+    }
+
+    #[test]
+    fn a_reopened_stuck_submit_no_longer_blocks_the_next_but_keeps_its_resources() {
+        let stuck = [granted(
+            req(SessionKind::Submit, "demo/t1-cls/2", 1, 4, "s1"),
+            10 * HOUR,
+        )];
+        let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+        // Before the override the stuck submit blocks the next one.
+        let d = decide(&given(&stuck), &seed_policy(), &next, 11 * HOUR);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_in_flight"));
+
+        let mut history = stuck.to_vec();
+        history.push(reopen("r1", "s1"));
+        let l = given(&history);
+        let d = decide(&l, &seed_policy(), &next, 11 * HOUR);
+        assert!(d.granted, "{}", d.reason);
+        assert_eq!(d.overrides, vec!["r1".to_string()]);
+        assert!(
+            d.reason.contains(
+                "submission s1 on `t1-cls` no longer counts as in flight: its slot was re-opened by override r1"
+            ),
+            "{}",
+            d.reason
         );
+        // Its session still holds what it was granted, until it ends.
+        assert_eq!(l.held().gpus, 1);
+        assert!(l.holdings.contains_key("demo/t1-cls/2"));
+        let two_gpus = req(SessionKind::Train, "demo/t1-cls/4", 2, 4, "");
+        let d = decide(&l, &seed_policy(), &two_gpus, 11 * HOUR);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "team_gpus"));
+        // Once it ends, nothing is left for the override to spare.
+        history.extend([released("demo/t1-cls/2"), failed("s1", 11 * HOUR)]);
+        let d = decide(&given(&history), &seed_policy(), &next, 11 * HOUR);
+        assert!(d.granted, "{}", d.reason);
+        assert!(d.overrides.is_empty(), "{:?}", d.overrides);
+    }
+
+    #[test]
+    fn a_new_submit_after_a_reopened_one_is_in_flight_as_usual() {
+        let l = given(&[
+            granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), 0),
+            reopen("r1", "s1"),
+            granted(req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"), 1),
+        ]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3"),
+            2,
+        );
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_in_flight"));
+        assert!(d.reason.contains("(submission s2)"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_reopened_success_no_longer_starts_the_interval() {
+        let mut history = success(2, "s1", 10 * HOUR).to_vec();
+        history.push(reopen("r1", "s1"));
+        let l = given(&history);
+        let second = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+        let at = 10 * HOUR + HOUR / 4;
+        let d = decide(&l, &seed_policy(), &second, at);
+        assert!(d.granted, "{}", d.reason);
+        assert_eq!(d.overrides, vec!["r1".to_string()]);
+        assert!(
+            d.reason.contains(
+                "the interval on `t1-cls` does not count from submission s1 (submitted at 1970-01-01T10:00:00Z): its slot was re-opened by override r1"
+            ),
+            "{}",
+            d.reason
+        );
+        assert!(l.submits["t1-cls"].last_success().is_none());
+
+        // A second success counts the interval from itself, whatever was re-opened before it.
+        history.extend(success(3, "s2", at));
+        let l = given(&history);
+        let third = req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3");
+        let d = decide(&l, &seed_policy(), &third, 11 * HOUR);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+        assert_eq!(d.retry_after_ms, at + HOUR);
+        assert!(d.overrides.is_empty(), "{:?}", d.overrides);
+        assert!(decide(&l, &seed_policy(), &third, at + HOUR).granted);
+    }
+
+    #[test]
+    fn reopening_the_last_success_counts_the_interval_from_the_one_before() {
+        let mut history = success(2, "s0", 9 * HOUR + HOUR / 2).to_vec();
+        history.extend(success(3, "s1", 10 * HOUR));
+        history.push(reopen("r1", "s1"));
+        let l = given(&history);
+        let next = req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s2");
+        let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 4);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+        assert_eq!(d.retry_after_ms, 10 * HOUR + HOUR / 2);
+        assert!(
+            d.reason
+                .contains("successfully at 1970-01-01T09:30:00Z, so the next submit is allowed at 1970-01-01T10:30:00Z"),
+            "{}",
+            d.reason
+        );
+        // The refusal names the override: without it, the retry time would be an hour after s1.
+        assert_eq!(d.overrides, vec!["r1".to_string()]);
+        let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 2);
+        assert!(d.granted, "{}", d.reason);
+        assert_eq!(d.overrides, vec!["r1".to_string()]);
+        // Once s1's own interval has passed, the override changes nothing.
+        let d = decide(&l, &seed_policy(), &next, 11 * HOUR);
+        assert!(d.granted && d.overrides.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn a_submit_reopened_while_it_ran_does_not_start_the_interval_when_it_succeeds() {
+        let mut history = vec![
+            granted(
+                req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+                10 * HOUR,
+            ),
+            reopen("r1", "s1"),
+        ];
+        // The team submits again while the stuck one runs, and the new one succeeds first.
+        history.extend(success(3, "s2", 10 * HOUR + HOUR / 6));
+        // Then the stuck one succeeds too: it was submitted earlier, and re-opened, so s2 still counts.
+        history.extend([released("demo/t1-cls/2"), succeeded("s1", 10 * HOUR)]);
+        let l = given(&history);
+        let last = l.submits["t1-cls"].last_success().unwrap();
+        assert_eq!(last.submission_id, "s2");
+        let next = req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3");
+        let d = decide(&l, &seed_policy(), &next, 11 * HOUR);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+        assert_eq!(d.retry_after_ms, 11 * HOUR + HOUR / 6);
+
+        // Alone, its success starts no interval: the override spares the next submit the wait.
+        let l = given(&[
+            granted(
+                req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+                10 * HOUR,
+            ),
+            reopen("r1", "s1"),
+            released("demo/t1-cls/2"),
+            succeeded("s1", 10 * HOUR),
+        ]);
+        let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 2);
+        assert!(d.granted, "{}", d.reason);
+        assert_eq!(d.overrides, vec!["r1".to_string()]);
+        assert!(
+            d.reason.contains("does not count from submission s1"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn a_reopened_slot_does_not_use_an_extra_submit() {
+        let mut history = success(2, "s1", 10 * HOUR).to_vec();
+        history.extend([extra_submit("o1"), reopen("r1", "s1")]);
+        let l = given(&history);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+            10 * HOUR + 1,
+        );
+        assert!(d.granted, "{}", d.reason);
+        assert_eq!(d.overrides, vec!["r1".to_string()]);
+        assert_eq!(l.extra_submits("t1-cls"), 1);
+    }
+
+    #[test]
+    fn only_a_submit_in_flight_or_succeeded_can_be_reopened() {
+        let l = given(&[
+            granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "run"), 0),
+            granted(req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "ok"), 0),
+            released("demo/t1-cls/3"),
+            succeeded("ok", 0),
+            granted(req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "bad"), 0),
+            released("demo/t1-cls/4"),
+            failed("bad", 1),
+            granted(
+                req(SessionKind::TrialSubmit, "demo/t1-cls/5", 0, 2, "trial"),
+                1,
+            ),
+            granted(req(SessionKind::Submit, "demo/t1-cls/6", 0, 4, "again"), 2),
+            reopen("r1", "again"),
+        ]);
+        assert_eq!(l.reopenable("demo", "run"), Ok("t1-cls"));
+        assert_eq!(l.reopenable("demo", "ok"), Ok("t1-cls"));
+        let never_counted = l.reopenable("demo", "bad").unwrap_err();
+        assert!(
+            matches!(never_counted, ReopenRefused::Failed { .. })
+                && never_counted
+                    .to_string()
+                    .contains("failed submits never count"),
+            "{never_counted}"
+        );
+        for unknown in ["trial", "nope"] {
+            let e = l.reopenable("demo", unknown).unwrap_err();
+            assert!(
+                matches!(e, ReopenRefused::Unknown { .. })
+                    && e.to_string()
+                        .contains("`nsml admin audit export --team demo` lists the team's submits"),
+                "{e}"
+            );
+        }
+        let again = l.reopenable("demo", "again").unwrap_err();
+        assert!(
+            matches!(again, ReopenRefused::AlreadyReopened { ref by, .. } if by == "r1"),
+            "{again}"
+        );
+        // A refused override that is recorded anyway changes nothing.
+        let mut history = vec![
+            granted(req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "bad"), 0),
+            released("demo/t1-cls/4"),
+            failed("bad", 1),
+            reopen("r2", "bad"),
+        ];
+        history.extend(success(7, "s1", HOUR));
+        let l = given(&history);
+        assert!(matches!(
+            l.reopenable("demo", "bad"),
+            Err(ReopenRefused::Failed { .. })
+        ));
+        assert_eq!(l.submits["t1-cls"].last_success().unwrap().at_ms, HOUR);
     }
 }

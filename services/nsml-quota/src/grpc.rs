@@ -23,7 +23,9 @@ use nsml_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::audit;
-use crate::domain::{Ledger, LedgerEvent, decide, fmt_time, human_secs, ledger_stream};
+use crate::domain::{
+    Ledger, LedgerEvent, ReopenRefused, SubmitState, decide, fmt_time, human_secs, ledger_stream,
+};
 use crate::projection::Catalog;
 use crate::replay::Scope;
 
@@ -104,18 +106,60 @@ fn adopt(
     }
 }
 
+/// The dataset of `submission`, a real submit of `team` whose slot a host asks to re-open (`dataset`, when
+/// given, must be that one); else why its slot cannot be re-opened, as the status the caller gets.
+fn reopen_dataset(
+    ledger: &Ledger,
+    team: &str,
+    submission: &str,
+    dataset: &str,
+) -> Result<String, Status> {
+    let found = ledger.reopenable(team, submission).map_err(|e| match e {
+        ReopenRefused::Unknown { .. } => Status::not_found(e.to_string()),
+        ReopenRefused::Failed { .. } | ReopenRefused::AlreadyReopened { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+    })?;
+    if !dataset.is_empty() && dataset != found {
+        return Err(Status::invalid_argument(format!(
+            "submission {submission} is a submit on dataset `{found}`, not `{dataset}`: leave out the dataset or name `{found}`"
+        )));
+    }
+    Ok(found.to_string())
+}
+
 /// When the next real submit on a dataset is allowed, and why.
 fn next_submit(ledger: &Ledger, policy: &Policy, dataset: &str, now: i64) -> DatasetSubmitState {
-    let st = ledger.submits.get(dataset).cloned().unwrap_or_default();
+    let empty = SubmitState::default();
+    let st = ledger.submits.get(dataset).unwrap_or(&empty);
     let extra = ledger.extra_submits(dataset) as u32;
     let interval = policy.submit_interval_secs as i64 * 1000;
-    let last_sub = st.last_success.clone().map(|(s, _)| s).unwrap_or_default();
-    let next = st.last_success_ms.map_or(0, |t| t + interval);
+    let last = st.last_success();
+    let last_sub = last
+        .map(|l| l.submission_id.to_string())
+        .unwrap_or_default();
+    let last_success_ms = last.map(|l| l.at_ms);
+    let next = last_success_ms.map_or(0, |t| t + interval);
     let rule = format!(
         "one real submit per {} per dataset, counted from the last successful one",
         human_secs(policy.submit_interval_secs)
     );
-    let in_flight = st.in_flight.keys().next().cloned().unwrap_or_default();
+    let in_flight = st
+        .counted_in_flight()
+        .next()
+        .map(|(s, _)| s.clone())
+        .unwrap_or_default();
+    // Slots a host re-opened: they count neither as in flight nor towards the interval. Named in `why` while
+    // they make a difference: the submit still runs, or its interval would not have passed.
+    let spared: Vec<String> = st
+        .reopened_in_flight
+        .iter()
+        .map(|(s, id)| format!("{s} (in flight, override {id})"))
+        .chain(
+            st.reopened_in_interval(interval, now)
+                .map(|(_, s, id)| format!("{s} (succeeded, override {id})")),
+        )
+        .collect();
     let why = if !in_flight.is_empty() {
         format!(
             "not now: submission {in_flight} is in flight; the next real submit may be requested when it ends{}",
@@ -125,7 +169,7 @@ fn next_submit(ledger: &Ledger, policy: &Policy, dataset: &str, now: i64) -> Dat
                 String::new()
             }
         )
-    } else if let Some(last) = st.last_success_ms.filter(|_| next > now) {
+    } else if let Some(last) = last_success_ms.filter(|_| next > now) {
         if extra > 0 {
             format!(
                 "now, once: a host granted an extra submit that waives the interval (otherwise at {}: {rule}; submission {last_sub} succeeded, submitted at {})",
@@ -139,24 +183,40 @@ fn next_submit(ledger: &Ledger, policy: &Policy, dataset: &str, now: i64) -> Dat
                 fmt_time(last)
             )
         }
-    } else if let Some(last) = st.last_success_ms {
+    } else if let Some(last) = last_success_ms {
         format!(
             "now: the last successful submit (submission {last_sub}, submitted at {}) is more than {} ago",
             fmt_time(last),
             human_secs(policy.submit_interval_secs)
         )
+    } else if !st.reopened_successes.is_empty() {
+        "now: no successful real submit counts (failed and timed-out submits do not count, nor those whose slot a host re-opened)".into()
     } else {
         "now: no successful real submit yet (failed and timed-out submits do not count)".into()
     };
+    let why = if spared.is_empty() {
+        why
+    } else {
+        format!(
+            "{why}; not counted, as a host re-opened their slot: submission {}",
+            spared.join(", submission ")
+        )
+    };
     DatasetSubmitState {
         dataset: dataset.to_string(),
-        last_success_ms: st.last_success_ms.unwrap_or(0),
+        last_success_ms: last_success_ms.unwrap_or(0),
         next_allowed_ms: if next > now { next } else { 0 },
         in_flight: !in_flight.is_empty(),
         last_success_submission_id: last_sub,
         in_flight_submission_id: in_flight,
         extra_submits: extra,
         why,
+        reopened_submission_ids: st
+            .reopened_in_flight
+            .keys()
+            .cloned()
+            .chain(st.reopened_successes.values().map(|(s, _)| s.clone()))
+            .collect(),
     }
 }
 
@@ -376,6 +436,12 @@ impl QuotaApi for QuotaService {
             OverrideKind::ExtraSubmit if r.dataset.is_empty() => {
                 return Err(Status::invalid_argument("an extra submit needs a dataset"));
             }
+            OverrideKind::ReopenSubmit if r.submission_id.trim().is_empty() => {
+                return Err(Status::invalid_argument(format!(
+                    "re-opening a submit's slot needs the submission id: `nsml admin audit export --team {}` lists the team's submits",
+                    r.team
+                )));
+            }
             OverrideKind::RaiseQuota => {
                 let raise = r.raise.unwrap_or_default();
                 if raise.gpus == 0
@@ -396,22 +462,35 @@ impl QuotaApi for QuotaService {
             }
             OverrideKind::Unspecified => {
                 return Err(Status::invalid_argument(
-                    "an override is an extra submit or a quota raise",
+                    "an override is an extra submit, a quota raise or a re-opened submit",
                 ));
             }
-            OverrideKind::ExtraSubmit => {}
+            OverrideKind::ExtraSubmit | OverrideKind::ReopenSubmit => {}
         }
+        let submission = r.submission_id.trim().to_string();
+        // A re-opened submit's dataset is the submission's, as the team's ledger has it.
+        let dataset = if kind == OverrideKind::ReopenSubmit {
+            // Only hosts learn whether a team's submission exists.
+            Self::hosted(&caller)?;
+            let (ledger, _) = self
+                .ledgers
+                .load(&ledger_stream(&r.team))
+                .await
+                .map_err(|e| status::store("reading a ledger", e))?;
+            reopen_dataset(&ledger, &r.team, &submission, &r.dataset)?
+        } else {
+            r.dataset.clone()
+        };
+        let per_dataset = kind != OverrideKind::RaiseQuota;
         let competition = self.proj.read(|c| {
             if !r.competition.is_empty() {
                 return Ok(r.competition.clone());
             }
-            if kind == OverrideKind::ExtraSubmit {
+            if per_dataset {
                 return c
-                    .competition_of_dataset(&r.dataset)
+                    .competition_of_dataset(&dataset)
                     .map(str::to_string)
-                    .ok_or_else(|| {
-                        Status::not_found(format!("dataset `{}` not found", r.dataset))
-                    });
+                    .ok_or_else(|| Status::not_found(format!("dataset `{dataset}` not found")));
             }
             let entered = c.competitions_of.get(&r.team).cloned().unwrap_or_default();
             match entered.len() {
@@ -433,10 +512,10 @@ impl QuotaApi for QuotaService {
                 .competitions_of
                 .get(&r.team)
                 .is_some_and(|cs| cs.contains(&competition));
-            let dataset_in = kind != OverrideKind::ExtraSubmit
+            let dataset_in = !per_dataset
                 || c.datasets
                     .get(&competition)
-                    .is_some_and(|ds| ds.contains(&r.dataset));
+                    .is_some_and(|ds| ds.contains(&dataset));
             (team_in, dataset_in)
         });
         match known {
@@ -446,10 +525,14 @@ impl QuotaApi for QuotaService {
                     r.team
                 )));
             }
+            (_, false) if kind == OverrideKind::ReopenSubmit => {
+                return Err(Status::invalid_argument(format!(
+                    "submission {submission} is a submit on dataset `{dataset}`, which is not in competition `{competition}`: leave out the competition to use the dataset's"
+                )));
+            }
             (_, false) => {
                 return Err(Status::not_found(format!(
-                    "dataset `{}` is not in competition `{competition}`",
-                    r.dataset
+                    "dataset `{dataset}` is not in competition `{competition}`"
                 )));
             }
             _ => {}
@@ -464,12 +547,12 @@ impl QuotaApi for QuotaService {
             competition,
             team: r.team.clone(),
             kind: kind as i32,
-            dataset: if kind == OverrideKind::ExtraSubmit {
-                r.dataset.clone()
+            dataset: if per_dataset {
+                dataset.clone()
             } else {
                 String::new()
             },
-            submission_id: r.submission_id.clone(),
+            submission_id: submission.clone(),
             raise: if kind == OverrideKind::RaiseQuota {
                 r.raise
             } else {
@@ -490,11 +573,17 @@ impl QuotaApi for QuotaService {
         };
         let actor = caller.actor();
         let mut made = None;
-        self.ledgers
+        let outcome = self
+            .ledgers
             .execute(&ledger_stream(&r.team), |l, _| {
                 if let Some(o) = l.override_by_command(&command_id) {
                     made = Some(o.view());
-                    return Ok::<_, ()>(vec![]);
+                    return Ok::<_, Status>(vec![]);
+                }
+                // Checked again on the state the override is appended to: another host may have re-opened the
+                // slot, or the submit may have ended, since.
+                if kind == OverrideKind::ReopenSubmit {
+                    reopen_dataset(l, &r.team, &submission, &dataset)?;
                 }
                 made = Some(grant.clone());
                 Ok(vec![new_event(
@@ -507,6 +596,9 @@ impl QuotaApi for QuotaService {
             })
             .await
             .map_err(|e| status::store("recording an override", e))?;
+        if let Outcome::Rejected(s) = outcome {
+            return Err(s);
+        }
         made.map(|mut o| {
             o.description = crate::audit::describe_override(&o);
             Response::new(o)
@@ -675,5 +767,110 @@ impl QuotaApi for QuotaService {
                 .map(|e| audit::event_json(e).to_string())
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+    use crate::synthetic::{Script, seed_policy};
+
+    /// A ledger with a submit in flight, one succeeded, one failed and one already re-opened, on `t1-cls`.
+    fn ledger() -> (Ledger, [String; 4]) {
+        let mut s = Script::new("demo");
+        let (ok, _) = s.at(0).submit("t1-cls");
+        s.at(60_000).end(&ok, true);
+        let (bad, _) = s.at(2 * 3_600_000).submit("t1-cls");
+        s.at(2 * 3_600_000 + 60_000).end(&bad, false);
+        let (again, _) = s.at(3 * 3_600_000).submit("t1-cls");
+        s.reopen(&again);
+        let (running, granted) = s.at(3 * 3_600_000 + 60_000).submit("t1-cls");
+        assert!(granted);
+        (s.ledger().clone(), [running, ok, bad, again])
+    }
+
+    #[test]
+    fn a_slot_is_reopened_only_for_a_submit_in_flight_or_succeeded() {
+        let (l, [running, ok, bad, again]) = ledger();
+        assert_eq!(reopen_dataset(&l, "demo", &running, "").unwrap(), "t1-cls");
+        assert_eq!(reopen_dataset(&l, "demo", &ok, "t1-cls").unwrap(), "t1-cls");
+
+        let refused =
+            |sub: &str, dataset: &str| reopen_dataset(&l, "demo", sub, dataset).unwrap_err();
+        let failed = refused(&bad, "");
+        assert_eq!(failed.code(), Code::FailedPrecondition);
+        assert!(
+            failed.message().contains(&format!(
+                "submission {bad} on `t1-cls` failed or timed out: failed submits never count"
+            )),
+            "{}",
+            failed.message()
+        );
+        let twice = refused(&again, "");
+        assert_eq!(twice.code(), Code::FailedPrecondition);
+        assert!(
+            twice
+                .message()
+                .contains("was already re-opened by override ovr-"),
+            "{}",
+            twice.message()
+        );
+        let unknown = refused("sub-999", "");
+        assert_eq!(unknown.code(), Code::NotFound);
+        assert!(
+            unknown
+                .message()
+                .contains("`nsml admin audit export --team demo` lists the team's submits"),
+            "{}",
+            unknown.message()
+        );
+        let elsewhere = refused(&ok, "t2-reg");
+        assert_eq!(elsewhere.code(), Code::InvalidArgument);
+        assert!(
+            elsewhere
+                .message()
+                .contains("is a submit on dataset `t1-cls`, not `t2-reg`"),
+            "{}",
+            elsewhere.message()
+        );
+    }
+
+    #[test]
+    fn quota_names_the_reopened_submits() {
+        let mut s = Script::new("demo");
+        let (stuck, _) = s.at(0).submit("t1-cls");
+        s.at(60_000).reopen(&stuck);
+        let now = Script::time(120_000);
+        let st = next_submit(s.ledger(), &seed_policy(), "t1-cls", now);
+        assert!(!st.in_flight, "{st:?}");
+        assert_eq!(st.reopened_submission_ids, vec![stuck.clone()]);
+        assert!(
+            st.why.starts_with("now: no successful real submit yet")
+                && st.why.contains(&format!(
+                    "not counted, as a host re-opened their slot: submission {stuck} (in flight, override ovr-"
+                )),
+            "{}",
+            st.why
+        );
+
+        // Re-opened after it succeeded: no interval, and still named while its own interval runs.
+        s.at(30 * 60_000).end(&stuck, true);
+        let st = next_submit(
+            s.ledger(),
+            &seed_policy(),
+            "t1-cls",
+            Script::time(40 * 60_000),
+        );
+        assert_eq!((st.next_allowed_ms, st.last_success_ms), (0, 0));
+        assert!(
+            st.why.starts_with("now: no successful real submit counts")
+                && st
+                    .why
+                    .contains(&format!("submission {stuck} (succeeded, override ovr-")),
+            "{}",
+            st.why
+        );
     }
 }

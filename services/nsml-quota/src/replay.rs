@@ -202,7 +202,9 @@ pub fn rederive(
 
 #[cfg(test)]
 mod tests {
-    use nsml_proto::v1::{AdmissionDenied, EventPayload, ResourcesGranted};
+    use nsml_proto::v1::{
+        AdmissionDenied, EventPayload, OverrideGranted, OverrideKind, ResourcesGranted,
+    };
     use prost::Message;
 
     use super::*;
@@ -226,19 +228,37 @@ mod tests {
         assert_eq!(report.events, 20_000);
         assert!(report.decisions > 5_000, "{report:?}");
         assert_eq!(report.matched, report.decisions);
-        // The generated history exercises every rule, both policy versions and both kinds of override.
+        // The generated history exercises every rule, both policy versions and every kind of override.
         let mut rules = std::collections::BTreeSet::new();
         let mut versions = std::collections::BTreeSet::new();
         let mut overridden = 0;
+        let mut kinds = std::collections::HashMap::new();
+        let mut named_kinds = std::collections::BTreeSet::<OverrideKind>::new();
         for ev in &events {
-            if let Some(e) = LedgerEvent::decode(ev)
-                && let Some((_, d)) = e.decision()
-            {
-                rules.insert(d.rule.clone());
-                versions.insert(d.policy_version);
-                overridden += usize::from(!d.overrides.is_empty());
+            match LedgerEvent::decode(ev) {
+                Some(LedgerEvent::Override(OverrideGranted { grant: Some(o) })) => {
+                    kinds.insert(o.id.clone(), o.kind());
+                }
+                Some(e) => {
+                    if let Some((_, d)) = e.decision() {
+                        rules.insert(d.rule.clone());
+                        versions.insert(d.policy_version);
+                        overridden += usize::from(!d.overrides.is_empty());
+                        named_kinds
+                            .extend(d.overrides.iter().filter_map(|id| kinds.get(id).copied()));
+                    }
+                }
+                None => {}
             }
         }
+        assert_eq!(
+            named_kinds.into_iter().collect::<Vec<_>>(),
+            vec![
+                OverrideKind::ExtraSubmit,
+                OverrideKind::RaiseQuota,
+                OverrideKind::ReopenSubmit
+            ]
+        );
         for rule in [
             "",
             "submit_interval",
@@ -319,6 +339,83 @@ mod tests {
                 .contains(&"granted: recorded false, replayed true".to_string()),
             "{:?}",
             report.mismatches[0].differences
+        );
+    }
+
+    /// Points the override recorded in `ev` at a submission the ledger does not know, as if it re-opened nothing.
+    fn aim_elsewhere(ev: &mut StoredEvent) {
+        let mut e = OverrideGranted::decode(ev.payload.as_slice()).unwrap();
+        e.grant.as_mut().unwrap().submission_id = "elsewhere".into();
+        ev.payload = e.encode_to_vec();
+    }
+
+    #[test]
+    fn decisions_under_a_reopened_slot_replay_from_the_override_on() {
+        const MIN: i64 = 60_000;
+        let mut s = synthetic::Script::new("demo");
+        let (stuck, granted) = s.at(0).submit("t1-cls");
+        assert!(granted);
+        // Before the override, the stuck submit blocks the next one.
+        let (_, granted) = s.at(10 * MIN).submit("t1-cls");
+        assert!(!granted);
+        let stuck_reopened = s.at(20 * MIN).reopen(&stuck);
+        let (second, granted) = s.at(21 * MIN).submit("t1-cls");
+        assert!(granted);
+        s.at(30 * MIN).end(&second, true);
+        // The second one succeeded: the interval counts from it.
+        let (_, granted) = s.at(40 * MIN).submit("t1-cls");
+        assert!(!granted);
+        // It was scored wrongly: re-opened, it no longer starts the interval.
+        let second_reopened = s.at(45 * MIN).reopen(&second);
+        let (third, granted) = s.at(46 * MIN).submit("t1-cls");
+        assert!(granted);
+        s.at(50 * MIN).end(&third, false);
+        s.at(55 * MIN).end(&stuck, true);
+        let (_, granted) = s.at(56 * MIN).submit("t1-cls");
+        assert!(granted, "neither re-opened success starts the interval");
+        let mut events = s.events().to_vec();
+
+        let report = replay(&events);
+        assert_eq!(report.mismatches, vec![]);
+        assert_eq!((report.decisions, report.matched), (6, 6));
+        // Each decision names the re-opened slots that spared it a rule: the stuck submit while it runs, the
+        // wrongly scored one while its interval would not have passed.
+        let named: Vec<Vec<String>> = events
+            .iter()
+            .filter_map(|e| {
+                LedgerEvent::decode(e)?
+                    .decision()
+                    .map(|(_, d)| d.overrides.clone())
+            })
+            .collect();
+        let (a, b) = (stuck_reopened.clone(), second_reopened);
+        assert_eq!(
+            named,
+            vec![
+                vec![],
+                vec![],
+                vec![a.clone()],
+                vec![a.clone()],
+                vec![a.clone(), b.clone()],
+                vec![a, b],
+            ]
+        );
+
+        // Had the first override re-opened nothing, the submit it let in would not follow from the ledger.
+        let at = events
+            .iter()
+            .position(|e| e.metadata.command_id == stuck_reopened)
+            .unwrap();
+        aim_elsewhere(&mut events[at]);
+        let report = replay(&events);
+        let first = &report.mismatches[0];
+        assert_eq!(first.request.submission_id, second);
+        assert!(
+            first
+                .differences
+                .contains(&"granted: recorded true, replayed false".to_string()),
+            "{:?}",
+            first.differences
         );
     }
 

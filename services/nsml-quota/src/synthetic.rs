@@ -1,6 +1,6 @@
 //! A generated team ledger, recorded as the service records one (every decision made by `decide` on the
 //! ledger as it stood), for replay's tests and bench: trainings, trial and real submits that succeed or fail,
-//! releases, a policy change halfway and hosts' overrides.
+//! releases, a policy change halfway and hosts' overrides (extra submits, raised quotas, re-opened submit slots).
 
 use nsml_eventstore::{Metadata, StoredEvent};
 use nsml_proto::v1::{
@@ -61,12 +61,114 @@ pub fn ledger(team: &str, n: usize, seed: u64) -> Vec<StoredEvent> {
             55..=71 => g.release(),
             72..=90 => g.finish_submit(),
             91..=98 => g.trial(),
-            _ if g.next().is_multiple_of(2) => g.extra_submit(),
-            _ => g.raise(),
+            _ => match g.next() % 3 {
+                0 => g.extra_submit(),
+                1 => g.raise(),
+                _ => g.reopen(),
+            },
         }
     }
     g.events.truncate(n);
     g.events
+}
+
+/// A team ledger written step by step, every decision made by `decide` on the ledger as it stands, as the
+/// service records one: for tests that need a particular history. Times are relative to the start of the
+/// ledger; the competition is `demo` under the seed's policy.
+pub struct Script {
+    g: Generator,
+}
+
+impl Script {
+    /// A ledger that has adopted the seed's policy.
+    pub fn new(team: &str) -> Self {
+        let mut g = Generator {
+            team: team.to_string(),
+            ledger: Ledger::default(),
+            events: Vec::new(),
+            rng: 1,
+            now: START_MS,
+            sessions: 0,
+        };
+        g.adopt(seed_policy(), 1);
+        Self { g }
+    }
+
+    /// Moves the clock to `ms` after the ledger's start.
+    pub fn at(&mut self, ms: i64) -> &mut Self {
+        self.g.now = START_MS + ms;
+        self
+    }
+
+    /// The absolute time of `ms` after the ledger's start.
+    pub fn time(ms: i64) -> i64 {
+        START_MS + ms
+    }
+
+    /// Asks to start a real submit on `dataset` (no GPU, 4 CPUs); returns its submission id and whether it was
+    /// granted.
+    pub fn submit(&mut self, dataset: &str) -> (String, bool) {
+        let req = self.g.request(
+            SessionKind::Submit,
+            dataset,
+            Resources {
+                gpus: 0,
+                cpus: 4,
+                memory_bytes: 24 * G,
+                shm_bytes: G,
+            },
+        );
+        let sub = req.submission_id.clone();
+        self.g.decide(req);
+        let granted = self.g.ledger.real_submits.contains_key(&sub);
+        (sub, granted)
+    }
+
+    /// Ends a granted real submit: its session exits, then it succeeds or fails.
+    pub fn end(&mut self, submission: &str, succeeded: bool) -> &mut Self {
+        let l = &self.g.ledger;
+        let session = l
+            .holdings
+            .iter()
+            .find(|(_, h)| h.submission_id == submission)
+            .map(|(s, _)| s.clone())
+            .unwrap_or_default();
+        let dataset = l
+            .real_submits
+            .get(submission)
+            .map(|r| r.dataset.clone())
+            .unwrap_or_default();
+        self.g
+            .end_submit(session, submission.to_string(), dataset, succeeded);
+        self
+    }
+
+    /// Records a host's override re-opening the slot of `submission`; returns the override's id.
+    pub fn reopen(&mut self, submission: &str) -> String {
+        let dataset = self
+            .g
+            .ledger
+            .real_submits
+            .get(submission)
+            .map(|r| r.dataset.clone())
+            .unwrap_or_default();
+        self.g.grant(Override {
+            kind: OverrideKind::ReopenSubmit as i32,
+            dataset,
+            submission_id: submission.to_string(),
+            ..Default::default()
+        })
+    }
+
+    /// The ledger as it stands.
+    pub fn ledger(&self) -> &Ledger {
+        &self.g.ledger
+    }
+
+    /// The events recorded so far.
+    pub fn events(&self) -> &[StoredEvent] {
+        &self.g.events
+    }
 }
 
 struct Generator {
@@ -242,17 +344,25 @@ impl Generator {
         else {
             return;
         };
-        let resources = self.ledger.holdings[&session].resources;
-        self.record(
-            &ResourcesReleased {
-                session,
-                resources: Some(resources),
-                cause: "exited".into(),
-                at_ms: self.now,
-            },
-            "",
-        );
-        if self.next().is_multiple_of(4) {
+        let ok = !self.next().is_multiple_of(4);
+        self.end_submit(session, sub, dataset, ok);
+    }
+
+    /// Records a real submit's session ending, then its outcome, as the service's reactor does.
+    fn end_submit(&mut self, session: String, sub: String, dataset: String, ok: bool) {
+        if let Some(h) = self.ledger.holdings.get(&session) {
+            let resources = h.resources;
+            self.record(
+                &ResourcesReleased {
+                    session,
+                    resources: Some(resources),
+                    cause: "exited".into(),
+                    at_ms: self.now,
+                },
+                "",
+            );
+        }
+        if !ok {
             self.record(
                 &SubmitEnded {
                     dataset,
@@ -279,7 +389,7 @@ impl Generator {
         }
     }
 
-    fn grant(&mut self, mut grant: Override) {
+    fn grant(&mut self, mut grant: Override) -> String {
         let id = format!("ovr-{:012}", self.events.len() + 1);
         grant.id = id.clone();
         grant.competition = COMPETITION.into();
@@ -289,6 +399,7 @@ impl Generator {
         grant.granted_at_ms = self.now;
         grant.command_id = id.clone();
         self.record(&OverrideGranted { grant: Some(grant) }, &id);
+        id
     }
 
     fn extra_submit(&mut self) {
@@ -296,6 +407,29 @@ impl Generator {
         self.grant(Override {
             kind: OverrideKind::ExtraSubmit as i32,
             dataset: dataset.into(),
+            ..Default::default()
+        });
+    }
+
+    /// Re-opens the slot of a dataset's submit in flight (a stuck submit) or, when none runs, of its last
+    /// successful one (a submit scored wrongly).
+    fn reopen(&mut self) {
+        let dataset = self.dataset();
+        let Some(st) = self.ledger.submits.get(dataset) else {
+            return;
+        };
+        let Some(sub) = st
+            .counted_in_flight()
+            .next()
+            .map(|(s, _)| s.clone())
+            .or_else(|| st.last_success().map(|l| l.submission_id.to_string()))
+        else {
+            return;
+        };
+        self.grant(Override {
+            kind: OverrideKind::ReopenSubmit as i32,
+            dataset: dataset.into(),
+            submission_id: sub,
             ..Default::default()
         });
     }

@@ -57,6 +57,7 @@ pub fn override_json(o: &pb::Override) -> Value {
         "kind": match o.kind() {
             OverrideKind::ExtraSubmit => "extra_submit",
             OverrideKind::RaiseQuota => "raise_quota",
+            OverrideKind::ReopenSubmit => "reopen_submit",
             OverrideKind::Unspecified => "unspecified",
         },
         "dataset": o.dataset,

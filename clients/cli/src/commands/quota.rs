@@ -196,6 +196,17 @@ pub fn render(u: &pb::QuotaUsage) -> String {
         ]);
     }
     out.push_str(&t.render());
+    for s in u
+        .submits
+        .iter()
+        .filter(|s| !s.reopened_submission_ids.is_empty())
+    {
+        out.push_str(&format!(
+            "Re-opened by a host on {} (counted neither as in flight nor for the interval): {}\n",
+            s.dataset,
+            s.reopened_submission_ids.join(", ")
+        ));
+    }
     if !u.overrides.is_empty() {
         out.push_str("\nOverrides in force:\n");
         for o in &u.overrides {
@@ -259,6 +270,7 @@ pub fn usage_json(u: &pb::QuotaUsage) -> Value {
             "in_flight": s.in_flight,
             "in_flight_submission_id": s.in_flight_submission_id,
             "extra_submits": s.extra_submits,
+            "reopened_submission_ids": s.reopened_submission_ids,
             "why": s.why,
         })).collect::<Vec<_>>(),
         "overrides": u.overrides.iter().map(super::audit::override_json).collect::<Vec<_>>(),
@@ -348,10 +360,49 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("(in 59m 0s)"), "{text}");
+        assert!(!text.contains("Re-opened"), "{text}");
         let v = usage_json(&u);
         assert_eq!(v["limits"]["gpus"], 4);
         assert_eq!(v["policy"]["team_gpus"], 2);
         assert_eq!(v["storage_used_bytes"], 1234);
         assert_eq!(v["submits"][0]["next_allowed_ms"], 4_600_000);
+    }
+
+    #[test]
+    fn usage_shows_the_reopened_submits_and_their_override() {
+        let u = pb::QuotaUsage {
+            team: "demo".into(),
+            competition: "demo".into(),
+            submits: vec![pb::DatasetSubmitState {
+                dataset: "t1-cls".into(),
+                why: "now: no successful real submit counts".into(),
+                reopened_submission_ids: vec!["sub-1".into()],
+                ..Default::default()
+            }],
+            overrides: vec![pb::Override {
+                id: "o9".into(),
+                kind: pb::OverrideKind::ReopenSubmit as i32,
+                dataset: "t1-cls".into(),
+                submission_id: "sub-1".into(),
+                description: "override o9: re-opened the slot of submit sub-1 on `t1-cls`, granted by user:host at 2026-12-01T00:00:00Z (scorer fault)".into(),
+                ..Default::default()
+            }],
+            now_ms: 1,
+            ..Default::default()
+        };
+        let text = render(&u);
+        assert!(
+            text.contains(
+                "Re-opened by a host on t1-cls (counted neither as in flight nor for the interval): sub-1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  override o9: re-opened the slot of submit sub-1 on `t1-cls`"),
+            "{text}"
+        );
+        let v = usage_json(&u);
+        assert_eq!(v["submits"][0]["reopened_submission_ids"][0], "sub-1");
+        assert_eq!(v["overrides"][0]["kind"], "reopen_submit");
     }
 }
