@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use nsml_eventstore::{
-    Appended, ChainBreak, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent,
+    Appended, Chain, ChainBreak, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError,
+    StoredEvent,
 };
 use tokio::sync::Notify;
 
@@ -34,6 +35,24 @@ impl EventStore for WakingStore {
             self.relay.notify_one();
         }
         r
+    }
+
+    fn append_chained(
+        &self,
+        chain: &Arc<Chain>,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Option<PendingAppend> {
+        let pending = self.inner.append_chained(chain, stream, expected, events)?;
+        let relay = self.relay.clone();
+        Some(Box::pin(async move {
+            let r = pending.await;
+            if r.is_ok() {
+                relay.notify_one();
+            }
+            r
+        }))
     }
 
     async fn read_stream(

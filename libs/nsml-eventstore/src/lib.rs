@@ -7,6 +7,7 @@
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::Stream;
 use serde::{Deserialize, Serialize};
@@ -143,6 +144,38 @@ pub struct Appended {
     pub last_position: u64,
 }
 
+/// Appends queued one after another by one writer, each to commit only if every earlier one did.
+///
+/// A writer that decides its next append on state that includes appends not yet committed queues them on one
+/// chain: the store commits them in queue order, and once one fails, every later one fails with a conflict, so
+/// no append commits on a state that did not happen. A writer starts a new chain after it has re-read its
+/// state.
+#[derive(Debug, Default)]
+pub struct Chain {
+    broken: AtomicBool,
+}
+
+impl Chain {
+    /// A new, unbroken chain.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Whether an append of this chain has failed.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Marks the chain failed: its later appends fail.
+    pub fn fail(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+}
+
+/// An append already queued, to be awaited.
+pub type PendingAppend =
+    Pin<Box<dyn std::future::Future<Output = Result<Appended, StoreError>> + Send + 'static>>;
+
 /// A stream of stored events, in position order.
 pub type EventStream<'a> = Pin<Box<dyn Stream<Item = Result<StoredEvent, StoreError>> + Send + 'a>>;
 
@@ -164,6 +197,20 @@ pub trait EventStore: Send + Sync + 'static {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, StoreError>;
+
+    /// Queues an append on `chain` now, in call order, and returns its outcome to await: it commits only if
+    /// every append queued earlier on `chain` committed, and otherwise fails with [`StoreError::Conflict`].
+    /// `None` when the store cannot queue appends; the caller then appends with [`EventStore::append`] and
+    /// waits for each before deciding the next.
+    fn append_chained(
+        &self,
+        _chain: &Arc<Chain>,
+        _stream: &str,
+        _expected: ExpectedVersion,
+        _events: Vec<NewEvent>,
+    ) -> Option<PendingAppend> {
+        None
+    }
 
     /// Reads a stream's events with version > `after_version`, in version order.
     async fn read_stream(

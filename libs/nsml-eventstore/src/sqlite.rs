@@ -20,7 +20,9 @@ use crate::chain::{ChainWalker, beyond_head};
 use crate::error::is_sqlite_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
 use crate::row::{ChainRow, decode_metadata, metadata_json, to_i64, to_u64};
-use crate::{Appended, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent};
+use crate::{
+    Appended, Chain, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError, StoredEvent,
+};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -103,6 +105,9 @@ struct AppendRequest {
     stream: String,
     expected: ExpectedVersion,
     events: Vec<EncodedEvent>,
+    /// The chain the append was queued on: it fails if an earlier append of the chain failed, and a failure
+    /// of its own fails the chain.
+    chain: Option<Arc<Chain>>,
     reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
@@ -199,6 +204,35 @@ impl SqliteStore {
             result
         })
         .await
+    }
+
+    /// Hands an append to the writer thread now; the returned future waits for its answer.
+    fn queue_append(
+        &self,
+        chain: Option<Arc<Chain>>,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<impl Future<Output = Result<Appended, StoreError>> + Send + 'static, StoreError>
+    {
+        // Metadata is serialized here, so the writer thread only hashes and inserts.
+        let events = events
+            .into_iter()
+            .map(|event| EncodedEvent {
+                metadata: metadata_json(&event.metadata),
+                event_type: event.event_type,
+                payload: event.payload,
+            })
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Append(AppendRequest {
+            stream: stream.to_owned(),
+            expected,
+            events,
+            chain,
+            reply,
+        }))?;
+        Ok(async move { answer.await.map_err(|_| StoreError::Closed)? })
     }
 
     fn send(&self, request: Request) -> Result<(), StoreError> {
@@ -389,6 +423,9 @@ fn commit_batch(connection: &Connection, batch: Vec<AppendRequest>) {
             }
             let err = Arc::new(err);
             for request in batch {
+                if let Some(chain) = &request.chain {
+                    chain.fail();
+                }
                 let _ = request.reply.send(Err(StoreError::Sqlite(err.clone())));
             }
         }
@@ -416,7 +453,13 @@ fn write_batch(
     // Each stream's version as of the append being written: earlier appends of the batch move it on.
     let mut versions: HashMap<&str, u64> = HashMap::new();
     for request in batch {
-        outcomes.push(append_one(connection, request, &mut head, &mut versions)?);
+        let outcome = append_one(connection, request, &mut head, &mut versions)?;
+        if outcome.is_err()
+            && let Some(chain) = &request.chain
+        {
+            chain.fail();
+        }
+        outcomes.push(outcome);
     }
     if head.position != start {
         connection
@@ -448,6 +491,14 @@ fn append_one<'a>(
     };
     if let Err(conflict) = request.expected.check(stream, current) {
         return Ok(Err(conflict));
+    }
+    if request.chain.as_ref().is_some_and(|c| c.is_broken()) {
+        // An earlier append of its chain failed: this one was decided on a state that did not happen.
+        return Ok(Err(StoreError::Conflict {
+            stream: stream.to_owned(),
+            expected: request.expected,
+            actual: current,
+        }));
     }
     if request.events.is_empty() {
         return Ok(Ok(Appended {
@@ -640,23 +691,25 @@ impl EventStore for SqliteStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, StoreError> {
-        // Metadata is serialized here, so the writer thread only hashes and inserts.
-        let events = events
-            .into_iter()
-            .map(|event| EncodedEvent {
-                metadata: metadata_json(&event.metadata),
-                event_type: event.event_type,
-                payload: event.payload,
-            })
-            .collect();
-        let (reply, answer) = oneshot::channel();
-        self.send(Request::Append(AppendRequest {
-            stream: stream.to_owned(),
-            expected,
-            events,
-            reply,
-        }))?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.queue_append(None, stream, expected, events)?.await
+    }
+
+    fn append_chained(
+        &self,
+        chain: &Arc<Chain>,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Option<PendingAppend> {
+        Some(
+            match self.queue_append(Some(chain.clone()), stream, expected, events) {
+                Ok(answer) => Box::pin(answer),
+                Err(err) => {
+                    chain.fail();
+                    Box::pin(async move { Err(err) })
+                }
+            },
+        )
     }
 
     async fn read_stream(
@@ -799,8 +852,23 @@ mod tests {
             stream: stream.to_owned(),
             expected,
             events,
+            chain: None,
             reply,
         };
+        (request, answer)
+    }
+
+    fn chained(
+        chain: &Arc<Chain>,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: usize,
+    ) -> (
+        AppendRequest,
+        oneshot::Receiver<Result<Appended, StoreError>>,
+    ) {
+        let (mut request, answer) = request(stream, expected, events);
+        request.chain = Some(chain.clone());
         (request, answer)
     }
 
@@ -824,6 +892,44 @@ mod tests {
                 Ok((row.get(0)?, row.get(1)?))
             })
             .expect("head")
+    }
+
+    /// Once an append of a chain fails, every later append of the chain fails, in this batch and the next,
+    /// even one whose expected version matches; appends of other chains and unchained ones are unaffected.
+    #[test]
+    fn a_chain_stops_at_its_first_failed_append() {
+        let connection = open_memory().expect("database");
+        let (ours, theirs) = (Chain::new(), Chain::new());
+        let requests = [
+            chained(&ours, "a", ExpectedVersion::NoStream, 1),
+            chained(&ours, "a", ExpectedVersion::Exact(5), 1),
+            chained(&ours, "b", ExpectedVersion::NoStream, 1),
+            chained(&theirs, "c", ExpectedVersion::NoStream, 1),
+            request("d", ExpectedVersion::NoStream, 1),
+        ];
+        let (batch, answers): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+        commit_batch(&connection, batch);
+        let answers: Vec<_> = answers.into_iter().map(answer).collect();
+        assert_eq!(answers[0].as_ref().unwrap(), &appended(1, 1, 1));
+        assert!(matches!(
+            answers[1],
+            Err(StoreError::Conflict { actual: 1, .. })
+        ));
+        assert!(matches!(
+            answers[2],
+            Err(StoreError::Conflict { actual: 0, .. })
+        ));
+        assert_eq!(answers[3].as_ref().unwrap(), &appended(1, 2, 2));
+        assert_eq!(answers[4].as_ref().unwrap(), &appended(1, 3, 3));
+        assert!(ours.is_broken() && !theirs.is_broken());
+
+        let (later, answer_later) = chained(&ours, "e", ExpectedVersion::NoStream, 1);
+        commit_batch(&connection, vec![later]);
+        assert!(matches!(
+            answer(answer_later),
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(head(&connection).0, 3);
     }
 
     /// One batch holding appends that follow each other on one stream, a conflict, an append rejected by the
