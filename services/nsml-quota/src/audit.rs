@@ -29,24 +29,33 @@ pub async fn replay(
         return Ok(report);
     }
     let mut ledgers: HashMap<String, LedgerReplay> = HashMap::new();
-    let mut after = 0;
+    let mut page = store.read_all(0, PAGE).await?;
     loop {
-        let page = store.read_all(after, PAGE).await?;
-        for ev in &page {
-            if let Some(team) = ev.stream.strip_prefix(LEDGER_PREFIX) {
-                let r = match ledgers.get_mut(team) {
-                    Some(r) => r,
-                    None => ledgers
-                        .entry(team.to_string())
-                        .or_insert_with(|| LedgerReplay::new(team)),
-                };
-                r.step(ev, scope, &mut report);
+        // The next page is read while this one is replayed: a backend that reads off the async threads
+        // (SQLite) overlaps the two.
+        let next = match page.last() {
+            Some(last) if page.len() == PAGE => Some(store.read_all(last.position, PAGE)),
+            _ => None,
+        };
+        let replay_page = async {
+            for ev in &page {
+                if let Some(team) = ev.stream.strip_prefix(LEDGER_PREFIX) {
+                    let r = match ledgers.get_mut(team) {
+                        Some(r) => r,
+                        None => ledgers
+                            .entry(team.to_string())
+                            .or_insert_with(|| LedgerReplay::new(team)),
+                    };
+                    r.step(ev, scope, &mut report);
+                }
             }
-        }
-        match page.last() {
-            Some(last) if page.len() == PAGE => after = last.position,
-            _ => break,
-        }
+        };
+        let Some(next) = next else {
+            replay_page.await;
+            break;
+        };
+        let (read, ()) = futures::join!(next, replay_page);
+        page = read?;
     }
     report.ledgers = ledgers.len() as u64;
     Ok(report)
