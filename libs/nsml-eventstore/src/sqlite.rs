@@ -46,6 +46,11 @@ const READER_MMAP_BYTES: i64 = 1 << 30;
 /// The name of the writer thread (15 bytes, the most Linux keeps).
 const WRITER_THREAD: &str = "nsml-log-writer";
 
+/// How often the checkpointer copies the write-ahead log back into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+const CHECKPOINT_THREAD: &str = "nsml-log-checkpoint";
+
 /// A query selecting events' columns in the order [`event_from_row`] reads them, followed by `$rest`.
 macro_rules! select_events {
     ($rest:literal) => {
@@ -88,6 +93,8 @@ struct Shared {
     writer: Mutex<Option<mpsc::Sender<Request>>>,
     /// The writer thread, joined when the store closes.
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Keeps the checkpointer running (a log in a file only); dropped when the store closes.
+    checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     /// Idle read connections.
     readers: Mutex<Vec<Connection>>,
     closed: AtomicBool,
@@ -141,6 +148,20 @@ impl SqliteStore {
     }
 
     fn start(path: Option<PathBuf>, connection: Connection) -> Result<Self, StoreError> {
+        let checkpointer = match &path {
+            Some(path) => {
+                // Checkpoints (which sync the file) run beside the writer, never inside one of its commits.
+                connection.pragma_update(None, "wal_autocheckpoint", 0)?;
+                let own = open_checkpointer(path)?;
+                let (keep, running) = mpsc::channel();
+                let thread = std::thread::Builder::new()
+                    .name(CHECKPOINT_THREAD.to_owned())
+                    .spawn(move || run_checkpointer(&own, &running))
+                    .map_err(StoreError::Thread)?;
+                Some((keep, thread))
+            }
+            None => None,
+        };
         let (sender, requests) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(WRITER_THREAD.to_owned())
@@ -151,6 +172,7 @@ impl SqliteStore {
                 path,
                 writer: Mutex::new(Some(sender)),
                 thread: Mutex::new(Some(thread)),
+                checkpointer: Mutex::new(checkpointer),
                 readers: Mutex::new(Vec::new()),
                 closed: AtomicBool::new(false),
             }),
@@ -258,6 +280,11 @@ impl Shared {
         self.closed.store(true, Ordering::Release);
         // The writer ends when its channel closes: after the queued requests, with no sender left.
         drop(lock(&self.writer).take());
+        // The checkpointer ends at once when its channel closes; it holds no store, so joining cannot deadlock.
+        if let Some((keep, thread)) = lock(&self.checkpointer).take() {
+            drop(keep);
+            let _ = thread.join();
+        }
         lock(&self.thread).take()
     }
 
@@ -360,6 +387,25 @@ fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     configure(&connection)?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     Ok(connection)
+}
+
+fn open_checkpointer(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = open_file(path)?;
+    configure(&connection)?;
+    Ok(connection)
+}
+
+/// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`] until `running` closes. A
+/// passive checkpoint never waits for the writer or readers; what it cannot copy yet, the next one does.
+fn run_checkpointer(connection: &Connection, running: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = running.recv_timeout(CHECKPOINT_EVERY) {
+        let done = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            row.get::<_, i64>(0)
+        });
+        if let Err(err) = done {
+            tracing::warn!(%err, "cannot checkpoint the SQLite log");
+        }
+    }
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
