@@ -104,6 +104,9 @@ struct Shared {
 enum Request {
     /// An append, committed together with the other appends queued beside it.
     Append(AppendRequest),
+    /// A small write (an outbox acknowledgement, a consumer checkpoint) committed with the next batch of
+    /// appends rather than in a transaction of its own.
+    Write(WriteRequest),
     /// Any other work on the write connection, run on its own between batches.
     Job(Box<dyn FnOnce(&mut Connection) + Send>),
 }
@@ -116,6 +119,11 @@ struct AppendRequest {
     /// of its own fails the chain.
     chain: Option<Arc<Chain>>,
     reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+struct WriteRequest {
+    write: Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>,
+    reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// An event to append with its metadata already serialized, as it is stored and hashed.
@@ -204,6 +212,19 @@ impl SqliteStore {
             Ok(Err(panic)) => resume_unwind(panic),
             Err(_) => Err(StoreError::Closed),
         }
+    }
+
+    /// Runs `write` in the writer's next transaction, beside the appends queued with it.
+    async fn write_with_next_batch<F>(&self, write: F) -> Result<(), StoreError>
+    where
+        F: FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Write(WriteRequest {
+            write: Box::new(write),
+            reply,
+        }))?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `read` on a read connection on a blocking thread (or, for a log in memory, on the writer thread).
@@ -427,23 +448,27 @@ fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>) {
                 Err(mpsc::RecvError) => return,
             },
         };
+        let (mut batch, mut writes) = (Vec::new(), Vec::new());
         match request {
-            Request::Job(job) => job(&mut connection),
-            Request::Append(first) => {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match requests.try_recv() {
-                        Ok(Request::Append(append)) => batch.push(append),
-                        Ok(job) => {
-                            held_back = Some(job);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
+            Request::Job(job) => {
+                job(&mut connection);
+                continue;
+            }
+            Request::Append(append) => batch.push(append),
+            Request::Write(write) => writes.push(write),
+        }
+        while batch.len() + writes.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(Request::Append(append)) => batch.push(append),
+                Ok(Request::Write(write)) => writes.push(write),
+                Ok(job) => {
+                    held_back = Some(job);
+                    break;
                 }
-                commit_batch(&connection, batch);
+                Err(_) => break,
             }
         }
+        commit_batch_with(&connection, batch, writes);
     }
 }
 
@@ -454,12 +479,29 @@ struct Head {
 }
 
 /// Writes a batch of appends in one transaction and answers each once the transaction has committed.
+#[cfg(test)]
 fn commit_batch(connection: &Connection, batch: Vec<AppendRequest>) {
+    commit_batch_with(connection, batch, Vec::new());
+}
+
+/// Writes a batch of appends and small writes in one transaction and answers each once the transaction has
+/// committed.
+fn commit_batch_with(
+    connection: &Connection,
+    batch: Vec<AppendRequest>,
+    writes: Vec<WriteRequest>,
+) {
     let mut outcomes = Vec::with_capacity(batch.len());
-    match write_batch(connection, &batch, &mut outcomes) {
+    let mut written = Vec::with_capacity(writes.len());
+    let (replies, writes): (Vec<_>, Vec<_>) =
+        writes.into_iter().map(|w| (w.reply, w.write)).unzip();
+    match write_batch(connection, &batch, writes, &mut written, &mut outcomes) {
         Ok(()) => {
             for (request, outcome) in batch.into_iter().zip(outcomes) {
                 let _ = request.reply.send(outcome);
+            }
+            for (reply, outcome) in replies.into_iter().zip(written) {
+                let _ = reply.send(outcome);
             }
         }
         Err(err) => {
@@ -474,6 +516,9 @@ fn commit_batch(connection: &Connection, batch: Vec<AppendRequest>) {
                 }
                 let _ = request.reply.send(Err(StoreError::Sqlite(err.clone())));
             }
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Sqlite(err.clone())));
+            }
         }
     }
 }
@@ -482,6 +527,8 @@ fn commit_batch(connection: &Connection, batch: Vec<AppendRequest>) {
 fn write_batch(
     connection: &Connection,
     batch: &[AppendRequest],
+    writes: Vec<Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>>,
+    written: &mut Vec<Result<(), StoreError>>,
     outcomes: &mut Vec<Result<Appended, StoreError>>,
 ) -> rusqlite::Result<()> {
     if !connection.is_autocommit() {
@@ -489,6 +536,24 @@ fn write_batch(
         connection.execute_batch("ROLLBACK")?;
     }
     connection.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    for write in writes {
+        // Each in a savepoint: one that fails is undone and answered alone.
+        connection.prepare_cached("SAVEPOINT write")?.execute([])?;
+        let outcome = write(connection);
+        if connection.is_autocommit() {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some("the transaction was rolled back by a failed write".into()),
+            ));
+        }
+        if outcome.is_err() {
+            connection
+                .prepare_cached("ROLLBACK TO write")?
+                .execute([])?;
+        }
+        connection.prepare_cached("RELEASE write")?.execute([])?;
+        written.push(outcome);
+    }
     let (position, hash): (i64, String) = connection
         .prepare_cached("SELECT position, hash FROM log_head WHERE id = 1")?
         .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))?;
@@ -827,7 +892,7 @@ impl EventStore for SqliteStore {
         let list =
             serde_json::Value::from(positions.iter().map(|&p| to_i64(p)).collect::<Vec<_>>())
                 .to_string();
-        self.on_writer(move |connection| {
+        self.write_with_next_batch(move |connection| {
             connection
                 .prepare_cached(
                     "DELETE FROM outbox WHERE position IN (SELECT value FROM json_each(?1))",
@@ -854,7 +919,7 @@ impl EventStore for SqliteStore {
 
     async fn save_checkpoint(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
         let consumer = consumer.to_owned();
-        self.on_writer(move |connection| {
+        self.write_with_next_batch(move |connection| {
             connection
                 .prepare_cached(
                     "INSERT INTO consumer_checkpoints (consumer, position) VALUES (?1, ?2) \
