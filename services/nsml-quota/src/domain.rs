@@ -73,9 +73,10 @@ pub type SuccessKey = (i64, u64);
 /// Submit history of one dataset.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SubmitState {
-    /// Successful real submits whose slot no host re-opened → submission. The last one starts the interval;
-    /// the earlier ones are kept because re-opening the last makes the one before it the last.
-    pub successes: BTreeMap<SuccessKey, String>,
+    /// Successful real submits whose slot no host re-opened, in key order. The last one starts the interval;
+    /// the earlier ones are kept because re-opening the last makes the one before it the last. A vector, as
+    /// successes come in submit order but for rare exceptions: replay appends, and reads the last, in O(1).
+    pub successes: Vec<(SuccessKey, String)>,
     /// Real submits admitted and not yet ended → ledger version of their grant. Re-opened ones stay here until
     /// they end, as their outcome is still recorded; they do not count as in flight for a decision.
     pub in_flight: BTreeMap<String, u64>,
@@ -99,12 +100,38 @@ impl SubmitState {
     /// The last successful real submit whose slot no host re-opened.
     pub fn last_success(&self) -> Option<LastSuccess<'_>> {
         self.successes
-            .last_key_value()
-            .map(|(&(at_ms, version), sub)| LastSuccess {
+            .last()
+            .map(|((at_ms, version), sub)| LastSuccess {
                 submission_id: sub,
-                at_ms,
-                version,
+                at_ms: *at_ms,
+                version: *version,
             })
+    }
+
+    /// Records a success in key order.
+    fn add_success(&mut self, key: SuccessKey, submission: String) {
+        match self.successes.last() {
+            Some((last, _)) if *last > key => {
+                let at = self.successes.partition_point(|(k, _)| *k < key);
+                self.successes.insert(at, (key, submission));
+            }
+            _ => self.successes.push((key, submission)),
+        }
+    }
+
+    /// Takes `submission` out of the successes. Searched from the newest: the success a host re-opens is
+    /// most often a recent one.
+    fn take_success(&mut self, submission: &str) -> Option<SuccessKey> {
+        let at = self.successes.iter().rposition(|(_, s)| s == submission)?;
+        Some(self.successes.remove(at).0)
+    }
+
+    /// The override that re-opened the slot of `submission`, a success, if one did.
+    fn reopened_success_by(&self, submission: &str) -> Option<&str> {
+        self.reopened_successes
+            .values()
+            .find(|(s, _)| s == submission)
+            .map(|(_, id)| id.as_str())
     }
 
     /// The submits in flight that count against the one-in-flight rule (those whose slot no host re-opened),
@@ -124,7 +151,7 @@ impl SubmitState {
         now_ms: i64,
     ) -> impl Iterator<Item = (i64, &str, &str)> {
         use std::ops::Bound;
-        let from = match self.successes.last_key_value() {
+        let from = match self.successes.last() {
             Some((k, _)) => Bound::Excluded(*k),
             None => Bound::Unbounded,
         };
@@ -133,26 +160,6 @@ impl SubmitState {
             .filter(move |((at, _), _)| at + interval_ms > now_ms)
             .map(|((at, _), (sub, id))| (*at, sub.as_str(), id.as_str()))
     }
-}
-
-/// What became of a granted real submit.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SubmitFate {
-    /// Admitted and not ended.
-    InFlight,
-    /// Succeeded: its place among the dataset's successes.
-    Succeeded(SuccessKey),
-    /// Failed or timed out.
-    Failed,
-    /// Its slot re-opened by a host's override (the override's id), while in flight or after it succeeded.
-    Reopened(String),
-}
-
-/// A granted real submit, by submission id.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RealSubmit {
-    pub dataset: String,
-    pub fate: SubmitFate,
 }
 
 /// Why a host cannot re-open a submit's slot.
@@ -245,8 +252,6 @@ pub struct Ledger {
     pub decisions: IdMap<String, u64>,
     /// Submission id → (dataset, submitted-at time), for granted real submits not yet ended.
     pub granted_submits: IdMap<String, (String, i64)>,
-    /// Submission id → what became of it, for every granted real submit: what a host's re-opening checks.
-    pub real_submits: IdMap<String, RealSubmit>,
     /// Competition → the policy the ledger adopted last.
     pub policies: BTreeMap<String, AdoptedPolicy>,
     /// Overrides by id (time-ordered ids, so iteration is in grant order).
@@ -439,27 +444,55 @@ impl Ledger {
     }
 
     /// Whether a host may re-open the slot of `submission`, a real submit of `team`: its dataset when it is in
-    /// flight or succeeded, else why not.
+    /// flight or succeeded, else why not. The ledger keeps no failed submits (replay would pay for them on
+    /// every submit), so one that failed is `Unknown` here; the caller tells the two apart from the log.
     pub fn reopenable(&self, team: &str, submission: &str) -> Result<&str, ReopenRefused> {
-        let Some(r) = self.real_submits.get(submission) else {
-            return Err(ReopenRefused::Unknown {
-                team: team.to_string(),
-                submission: submission.to_string(),
-            });
-        };
-        match &r.fate {
-            SubmitFate::InFlight | SubmitFate::Succeeded(_) => Ok(&r.dataset),
-            SubmitFate::Failed => Err(ReopenRefused::Failed {
-                submission: submission.to_string(),
-                dataset: r.dataset.clone(),
-            }),
-            SubmitFate::Reopened(by) => Err(ReopenRefused::AlreadyReopened {
-                team: team.to_string(),
-                submission: submission.to_string(),
-                dataset: r.dataset.clone(),
-                by: by.clone(),
-            }),
+        if let Some((dataset, _)) = self.granted_submits.get(submission) {
+            let by = self
+                .submits
+                .get(dataset)
+                .and_then(|s| s.reopened_in_flight.get(submission));
+            return match by {
+                Some(by) => Err(ReopenRefused::AlreadyReopened {
+                    team: team.to_string(),
+                    submission: submission.to_string(),
+                    dataset: dataset.clone(),
+                    by: by.clone(),
+                }),
+                None => Ok(dataset),
+            };
         }
+        for (dataset, st) in &self.submits {
+            if st.successes.iter().rev().any(|(_, s)| s == submission) {
+                return Ok(dataset);
+            }
+            if let Some(by) = st.reopened_success_by(submission) {
+                return Err(ReopenRefused::AlreadyReopened {
+                    team: team.to_string(),
+                    submission: submission.to_string(),
+                    dataset: dataset.clone(),
+                    by: by.to_string(),
+                });
+            }
+        }
+        Err(ReopenRefused::Unknown {
+            team: team.to_string(),
+            submission: submission.to_string(),
+        })
+    }
+
+    /// The dataset of a granted real submit in flight or succeeded.
+    pub fn submit_dataset(&self, submission: &str) -> Option<&str> {
+        if let Some((dataset, _)) = self.granted_submits.get(submission) {
+            return Some(dataset);
+        }
+        self.submits
+            .iter()
+            .find(|(_, st)| {
+                st.successes.iter().any(|(_, s)| s == submission)
+                    || st.reopened_success_by(submission).is_some()
+            })
+            .map(|(dataset, _)| dataset.as_str())
     }
 
     /// The override recorded for a command id, if any.
@@ -484,27 +517,25 @@ impl Ledger {
         });
     }
 
-    /// Re-opens the slot of `submission` by override `id`: in flight, it stops counting as in flight; succeeded,
-    /// it stops starting the interval. A submit that failed, is unknown or was re-opened already is left as it is
-    /// (the service refuses such an override before recording it).
-    fn reopen(&mut self, submission: &str, id: &str) {
-        let Some(r) = self.real_submits.get_mut(submission) else {
+    /// Re-opens the slot of `submission` (a submit of `dataset`) by override `id`: in flight, it stops counting
+    /// as in flight; succeeded, it stops starting the interval. A submit that failed, is unknown or was
+    /// re-opened already is left as it is (the service refuses such an override before recording it).
+    fn reopen(&mut self, dataset: &str, submission: &str, id: &str) {
+        if let Some((dataset, _)) = self.granted_submits.get(submission) {
+            self.submits
+                .entry(dataset.clone())
+                .or_default()
+                .reopened_in_flight
+                .entry(submission.to_string())
+                .or_insert_with(|| id.to_string());
             return;
-        };
-        let s = self.submits.entry(r.dataset.clone()).or_default();
-        match r.fate {
-            SubmitFate::InFlight => {
-                s.reopened_in_flight
-                    .insert(submission.to_string(), id.to_string());
-            }
-            SubmitFate::Succeeded(key) => {
-                s.successes.remove(&key);
-                s.reopened_successes
-                    .insert(key, (submission.to_string(), id.to_string()));
-            }
-            SubmitFate::Failed | SubmitFate::Reopened(_) => return,
         }
-        r.fate = SubmitFate::Reopened(id.to_string());
+        if let Some(s) = self.submits.get_mut(dataset)
+            && let Some(key) = s.take_success(submission)
+        {
+            s.reopened_successes
+                .insert(key, (submission.to_string(), id.to_string()));
+        }
     }
 
     /// Applies one decoded ledger event recorded at `version`.
@@ -540,13 +571,6 @@ impl Ledger {
                         req.submission_id.clone(),
                         (req.dataset.clone(), d.decided_at_ms),
                     );
-                    self.real_submits.insert(
-                        req.submission_id.clone(),
-                        RealSubmit {
-                            dataset: req.dataset.clone(),
-                            fate: SubmitFate::InFlight,
-                        },
-                    );
                 }
                 self.holdings.insert(
                     req.session,
@@ -577,29 +601,14 @@ impl Ledger {
                 }
                 self.granted_submits.remove(&e.submission_id);
                 let key = (e.at_ms, version);
-                let s = self.submits.entry(e.dataset.clone()).or_default();
+                let s = self.submits.entry(e.dataset).or_default();
                 s.in_flight.remove(&e.submission_id);
-                let r = self
-                    .real_submits
-                    .entry(e.submission_id.clone())
-                    .or_insert_with(|| RealSubmit {
-                        dataset: e.dataset,
-                        fate: SubmitFate::InFlight,
-                    });
-                match &mut r.fate {
+                match s.reopened_in_flight.remove(&e.submission_id) {
                     // Re-opened while it ran: its success does not start the interval either.
-                    SubmitFate::Reopened(by) => {
-                        s.reopened_in_flight.remove(&e.submission_id);
-                        s.reopened_successes
-                            .insert(key, (e.submission_id, by.clone()));
+                    Some(by) => {
+                        s.reopened_successes.insert(key, (e.submission_id, by));
                     }
-                    fate => {
-                        if let SubmitFate::Succeeded(earlier) = fate {
-                            s.successes.remove(earlier);
-                        }
-                        *fate = SubmitFate::Succeeded(key);
-                        s.successes.insert(key, e.submission_id);
-                    }
+                    None => s.add_success(key, e.submission_id),
                 }
             }
             LedgerEvent::Ended(e) => {
@@ -615,19 +624,9 @@ impl Ledger {
                         .insert(id);
                 }
                 self.granted_submits.remove(&e.submission_id);
-                let s = self.submits.entry(e.dataset.clone()).or_default();
+                let s = self.submits.entry(e.dataset).or_default();
                 s.in_flight.remove(&e.submission_id);
                 s.reopened_in_flight.remove(&e.submission_id);
-                let r = self
-                    .real_submits
-                    .entry(e.submission_id)
-                    .or_insert_with(|| RealSubmit {
-                        dataset: e.dataset,
-                        fate: SubmitFate::InFlight,
-                    });
-                if r.fate == SubmitFate::InFlight {
-                    r.fate = SubmitFate::Failed;
-                }
             }
             LedgerEvent::PolicyChanged(e) => {
                 self.policies.insert(
@@ -658,7 +657,9 @@ impl Ledger {
                         OverrideKind::RaiseQuota if grant.until_ms > self.index.clock_ms => {
                             self.index.raises.push(id.clone());
                         }
-                        OverrideKind::ReopenSubmit => self.reopen(&grant.submission_id, &id),
+                        OverrideKind::ReopenSubmit => {
+                            self.reopen(&grant.dataset, &grant.submission_id, &id);
+                        }
                         _ => {}
                     }
                     self.overrides.insert(
@@ -1658,15 +1659,8 @@ mod tests {
         ]);
         assert_eq!(l.reopenable("demo", "run"), Ok("t1-cls"));
         assert_eq!(l.reopenable("demo", "ok"), Ok("t1-cls"));
-        let never_counted = l.reopenable("demo", "bad").unwrap_err();
-        assert!(
-            matches!(never_counted, ReopenRefused::Failed { .. })
-                && never_counted
-                    .to_string()
-                    .contains("failed submits never count"),
-            "{never_counted}"
-        );
-        for unknown in ["trial", "nope"] {
+        // The ledger keeps no failed submits: the service tells them apart from unknown ones by the log.
+        for unknown in ["bad", "trial", "nope"] {
             let e = l.reopenable("demo", unknown).unwrap_err();
             assert!(
                 matches!(e, ReopenRefused::Unknown { .. })
@@ -1691,7 +1685,7 @@ mod tests {
         let l = given(&history);
         assert!(matches!(
             l.reopenable("demo", "bad"),
-            Err(ReopenRefused::Failed { .. })
+            Err(ReopenRefused::Unknown { .. })
         ));
         assert_eq!(l.submits["t1-cls"].last_success().unwrap().at_ms, HOUR);
     }

@@ -12,13 +12,14 @@ use nsml_common::event::new_event;
 use nsml_common::names::SessionName;
 use nsml_common::projection::Projection;
 use nsml_common::{ServiceContext, now_ms, status};
-use nsml_eventstore::{ChainBreakKind, EventStore, NewEvent};
+use nsml_eventstore::{ChainBreakKind, EventStore, NewEvent, StoredEvent};
 use nsml_proto::v1::quota_service_server::QuotaService as QuotaApi;
 use nsml_proto::v1::{
-    AdmissionDenied, AdmitRequest, DatasetSubmitState, Decision, ExplainRequest, Explanation,
-    ExportRequest, ExportResponse, Holding, Override, OverrideGranted, OverrideKind,
+    AdmissionDenied, AdmitRequest, DatasetSubmitState, Decision, EventPayload, ExplainRequest,
+    Explanation, ExportRequest, ExportResponse, Holding, Override, OverrideGranted, OverrideKind,
     OverrideRequest, Policy, PolicyChanged, QuotaUsage, QuotaUsageRequest, ReplayMismatch,
-    ReplayReport, ReplayRequest, ResourcesGranted, UsageRequest, VerifyReport, VerifyRequest,
+    ReplayReport, ReplayRequest, ResourcesGranted, SubmitEnded, UsageRequest, VerifyReport,
+    VerifyRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -106,26 +107,51 @@ fn adopt(
     }
 }
 
-/// The dataset of `submission`, a real submit of `team` whose slot a host asks to re-open (`dataset`, when
-/// given, must be that one); else why its slot cannot be re-opened, as the status the caller gets.
+/// The dataset of a submit whose slot a host asks to re-open, given what the ledger knows of it (`known`) and,
+/// when the ledger does not know it, the dataset of the submit of that id that ended without success
+/// (`failed`); `dataset`, when given, must be the submit's. Else why its slot cannot be re-opened, as the
+/// status the caller gets.
 fn reopen_dataset(
-    ledger: &Ledger,
-    team: &str,
+    known: Result<&str, ReopenRefused>,
+    failed: Option<String>,
     submission: &str,
     dataset: &str,
 ) -> Result<String, Status> {
-    let found = ledger.reopenable(team, submission).map_err(|e| match e {
-        ReopenRefused::Unknown { .. } => Status::not_found(e.to_string()),
-        ReopenRefused::Failed { .. } | ReopenRefused::AlreadyReopened { .. } => {
-            Status::failed_precondition(e.to_string())
+    let found = match (known, failed) {
+        (Ok(found), _) => found,
+        (Err(ReopenRefused::Unknown { .. }), Some(failed)) => {
+            return Err(Status::failed_precondition(
+                ReopenRefused::Failed {
+                    submission: submission.to_string(),
+                    dataset: failed,
+                }
+                .to_string(),
+            ));
         }
-    })?;
+        (Err(e @ ReopenRefused::Unknown { .. }), None) => {
+            return Err(Status::not_found(e.to_string()));
+        }
+        (Err(e), _) => return Err(Status::failed_precondition(e.to_string())),
+    };
     if !dataset.is_empty() && dataset != found {
         return Err(Status::invalid_argument(format!(
             "submission {submission} is a submit on dataset `{found}`, not `{dataset}`: leave out the dataset or name `{found}`"
         )));
     }
     Ok(found.to_string())
+}
+
+/// The dataset of the real submit `submission` if the ledger's events record that it ended without success.
+fn failed_submit(events: &[StoredEvent], submission: &str) -> Option<String> {
+    events
+        .iter()
+        .filter(|ev| ev.event_type == SubmitEnded::TYPE)
+        .filter_map(|ev| match LedgerEvent::decode(ev) {
+            Some(LedgerEvent::Ended(e)) => Some(e),
+            _ => None,
+        })
+        .find(|e| e.submission_id == submission)
+        .map(|e| e.dataset)
 }
 
 /// When the next real submit on a dataset is allowed, and why.
@@ -477,7 +503,19 @@ impl QuotaApi for QuotaService {
                 .load(&ledger_stream(&r.team))
                 .await
                 .map_err(|e| status::store("reading a ledger", e))?;
-            reopen_dataset(&ledger, &r.team, &submission, &r.dataset)?
+            let known = ledger.reopenable(&r.team, &submission);
+            let failed = match known {
+                Err(ReopenRefused::Unknown { .. }) => {
+                    let events = self
+                        .store
+                        .read_stream(&ledger_stream(&r.team), 0)
+                        .await
+                        .map_err(|e| status::store("reading a ledger", e))?;
+                    failed_submit(&events, &submission)
+                }
+                _ => None,
+            };
+            reopen_dataset(known, failed, &submission, &r.dataset)?
         } else {
             r.dataset.clone()
         };
@@ -581,9 +619,14 @@ impl QuotaApi for QuotaService {
                     return Ok::<_, Status>(vec![]);
                 }
                 // Checked again on the state the override is appended to: another host may have re-opened the
-                // slot, or the submit may have ended, since.
+                // slot, or the submit may have failed (the ledger no longer knows it then), since.
                 if kind == OverrideKind::ReopenSubmit {
-                    reopen_dataset(l, &r.team, &submission, &dataset)?;
+                    reopen_dataset(
+                        l.reopenable(&r.team, &submission),
+                        Some(dataset.clone()),
+                        &submission,
+                        &dataset,
+                    )?;
                 }
                 made = Some(grant.clone());
                 Ok(vec![new_event(
@@ -778,7 +821,7 @@ mod tests {
     use crate::synthetic::{Script, seed_policy};
 
     /// A ledger with a submit in flight, one succeeded, one failed and one already re-opened, on `t1-cls`.
-    fn ledger() -> (Ledger, [String; 4]) {
+    fn script() -> (Script, [String; 4]) {
         let mut s = Script::new("demo");
         let (ok, _) = s.at(0).submit("t1-cls");
         s.at(60_000).end(&ok, true);
@@ -788,18 +831,26 @@ mod tests {
         s.reopen(&again);
         let (running, granted) = s.at(3 * 3_600_000 + 60_000).submit("t1-cls");
         assert!(granted);
-        (s.ledger().clone(), [running, ok, bad, again])
+        (s, [running, ok, bad, again])
     }
 
     #[test]
     fn a_slot_is_reopened_only_for_a_submit_in_flight_or_succeeded() {
-        let (l, [running, ok, bad, again]) = ledger();
-        assert_eq!(reopen_dataset(&l, "demo", &running, "").unwrap(), "t1-cls");
-        assert_eq!(reopen_dataset(&l, "demo", &ok, "t1-cls").unwrap(), "t1-cls");
+        let (s, [running, ok, bad, again]) = script();
+        let (l, events) = (s.ledger(), s.events());
+        // As the service checks a request: the ledger first, the log when the ledger does not know the submit.
+        let check = |sub: &str, dataset: &str| {
+            let known = l.reopenable("demo", sub);
+            let failed = match known {
+                Err(ReopenRefused::Unknown { .. }) => failed_submit(events, sub),
+                _ => None,
+            };
+            reopen_dataset(known, failed, sub, dataset)
+        };
+        assert_eq!(check(&running, "").unwrap(), "t1-cls");
+        assert_eq!(check(&ok, "t1-cls").unwrap(), "t1-cls");
 
-        let refused =
-            |sub: &str, dataset: &str| reopen_dataset(&l, "demo", sub, dataset).unwrap_err();
-        let failed = refused(&bad, "");
+        let failed = check(&bad, "").unwrap_err();
         assert_eq!(failed.code(), Code::FailedPrecondition);
         assert!(
             failed.message().contains(&format!(
@@ -808,7 +859,7 @@ mod tests {
             "{}",
             failed.message()
         );
-        let twice = refused(&again, "");
+        let twice = check(&again, "").unwrap_err();
         assert_eq!(twice.code(), Code::FailedPrecondition);
         assert!(
             twice
@@ -817,7 +868,7 @@ mod tests {
             "{}",
             twice.message()
         );
-        let unknown = refused("sub-999", "");
+        let unknown = check("sub-999", "").unwrap_err();
         assert_eq!(unknown.code(), Code::NotFound);
         assert!(
             unknown
@@ -826,7 +877,7 @@ mod tests {
             "{}",
             unknown.message()
         );
-        let elsewhere = refused(&ok, "t2-reg");
+        let elsewhere = check(&ok, "t2-reg").unwrap_err();
         assert_eq!(elsewhere.code(), Code::InvalidArgument);
         assert!(
             elsewhere
@@ -835,6 +886,15 @@ mod tests {
             "{}",
             elsewhere.message()
         );
+        // A submit that failed while the override was being recorded is refused as failed.
+        let raced = reopen_dataset(
+            l.reopenable("demo", &bad),
+            Some("t1-cls".into()),
+            &bad,
+            "t1-cls",
+        )
+        .unwrap_err();
+        assert_eq!(raced.code(), Code::FailedPrecondition);
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl Script {
         );
         let sub = req.submission_id.clone();
         self.g.decide(req);
-        let granted = self.g.ledger.real_submits.contains_key(&sub);
+        let granted = self.g.ledger.granted_submits.contains_key(&sub);
         (sub, granted)
     }
 
@@ -133,11 +133,7 @@ impl Script {
             .find(|(_, h)| h.submission_id == submission)
             .map(|(s, _)| s.clone())
             .unwrap_or_default();
-        let dataset = l
-            .real_submits
-            .get(submission)
-            .map(|r| r.dataset.clone())
-            .unwrap_or_default();
+        let dataset = l.submit_dataset(submission).unwrap_or_default().to_string();
         self.g
             .end_submit(session, submission.to_string(), dataset, succeeded);
         self
@@ -148,10 +144,9 @@ impl Script {
         let dataset = self
             .g
             .ledger
-            .real_submits
-            .get(submission)
-            .map(|r| r.dataset.clone())
-            .unwrap_or_default();
+            .submit_dataset(submission)
+            .unwrap_or_default()
+            .to_string();
         self.g.grant(Override {
             kind: OverrideKind::ReopenSubmit as i32,
             dataset,
