@@ -121,8 +121,11 @@ struct AppendRequest {
     reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
+/// A small write run inside the writer's transaction.
+type Write = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
+
 struct WriteRequest {
-    write: Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>,
+    write: Write,
     reply: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -527,7 +530,7 @@ fn commit_batch_with(
 fn write_batch(
     connection: &Connection,
     batch: &[AppendRequest],
-    writes: Vec<Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>>,
+    writes: Vec<Write>,
     written: &mut Vec<Result<(), StoreError>>,
     outcomes: &mut Vec<Result<Appended, StoreError>>,
 ) -> rusqlite::Result<()> {

@@ -12,6 +12,9 @@ use nsml_quota::{audit, synthetic};
 
 const RUNS: usize = 5;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// CPU time this thread has used (Linux: `/proc/thread-self/stat`, in 10 ms ticks), so that a run on a busy
 /// machine can be told apart from a slow one.
 fn thread_cpu_secs() -> Option<f64> {
