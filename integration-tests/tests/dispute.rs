@@ -240,6 +240,123 @@ fn a_dispute_is_settled_from_the_log() -> anyhow::Result<()> {
         "explain of the waived submit:\n{}",
         why.stdout
     );
+    // Both successes were scored during a platform fault: the host re-opens their slots, so no interval
+    // applies and the team submits again at once; a failed or unknown submission has no slot to re-open.
+    let third_id = waived["data"]["request"]["submission_id"]
+        .as_str()
+        .context("third submission")?
+        .to_string();
+    eventually(Duration::from_secs(60), || {
+        let st = submit_state(&alice, "t1-cls")?;
+        Ok((st["last_success_submission_id"] == third_id.as_str()).then_some(()))
+    })?;
+    for sub in [&succeeded, &third_id] {
+        let o = host
+            .nsml(&[
+                "admin",
+                "override",
+                "reopen-submit",
+                "--team",
+                "demo",
+                "--submission",
+                sub,
+                "--reason",
+                "scored during a scorer fault",
+                "-j",
+            ])?
+            .ok()?
+            .json()?;
+        ensure!(
+            o["kind"] == "reopen_submit"
+                && o["description"].as_str().is_some_and(|d| {
+                    d.contains(&format!("re-opened the slot of submit {sub} on `t1-cls`"))
+                }),
+            "reopen-submit -j: {o}"
+        );
+    }
+    let twice = host
+        .nsml(&[
+            "admin",
+            "override",
+            "reopen-submit",
+            "--team",
+            "demo",
+            "--submission",
+            &third_id,
+            "--reason",
+            "again",
+        ])?
+        .failed()?;
+    ensure!(
+        twice.stderr.contains("already re-opened"),
+        "twice: {}",
+        twice.all()
+    );
+    let unknown = host
+        .nsml(&[
+            "admin",
+            "override",
+            "reopen-submit",
+            "--team",
+            "demo",
+            "--submission",
+            "nope",
+            "--reason",
+            "typo",
+        ])?
+        .failed()?;
+    ensure!(
+        unknown
+            .stderr
+            .contains("nsml admin audit export --team demo"),
+        "unknown: {}",
+        unknown.all()
+    );
+    let state = submit_state(&alice, "t1-cls")?;
+    ensure!(
+        state["next_allowed_ms"] == 0
+            && state["reopened_submission_ids"].as_array().map(Vec::len) == Some(2),
+        "quota after re-opening: {state}"
+    );
+    let table = alice.nsml(&["quota"])?.ok()?;
+    ensure!(
+        table.stdout.contains("Re-opened by a host on t1-cls"),
+        "quota table: {}",
+        table.stdout
+    );
+    let fourth = alice.nsml(&["submit", &s, "0"])?.ok()?;
+    scenario::score_of(&fourth.stdout)?;
+    let ledger = export(&host, "demo")?;
+    let reopened = ledger
+        .iter()
+        .rev()
+        .find(|l| l["type"] == "ResourcesGranted" && l["data"]["request"]["kind"] == "submit")
+        .context("no granted submit")?;
+    ensure!(
+        reopened["data"]["decision"]["overrides"]
+            .as_array()
+            .map(Vec::len)
+            == Some(2),
+        "the submit names both re-opened slots: {reopened}"
+    );
+    let why = host
+        .nsml(&[
+            "admin",
+            "audit",
+            "explain",
+            reopened["data"]["request"]["session"]
+                .as_str()
+                .unwrap_or(""),
+        ])?
+        .ok()?;
+    ensure!(
+        why.stdout.contains("its slot was re-opened by override")
+            && why.stdout.contains("scored during a scorer fault")
+            && why.stdout.contains("the decision is the same"),
+        "explain of the submit under re-opened slots:\n{}",
+        why.stdout
+    );
+
     let replay = host.nsml(&["admin", "audit", "replay"])?.ok()?;
     ensure!(
         replay.stdout.contains(" 0 mismatches"),

@@ -267,7 +267,8 @@ pub enum AdminCommand {
     /// Manage leaderboards
     #[command(subcommand)]
     Board(AdminBoardCommand),
-    /// Grant a team an extra submit or a raised quota, recorded in its ledger with who, why and when
+    /// Grant a team an extra submit or a raised quota, or re-open a submit's slot, recorded in its ledger with
+    /// who, why and when
     #[command(subcommand)]
     Override(AdminOverrideCommand),
     /// Audit admission decisions: replay them, explain one, verify the log, export a team's ledger
@@ -336,6 +337,24 @@ pub enum AdminOverrideCommand {
         /// Competition id [default: the dataset's]
         #[arg(long, value_name = "ID")]
         competition: Option<String>,
+    },
+    /// Re-open the slot a real submit took: in flight (stuck), it no longer counts as the team's submit in
+    /// flight; succeeded (say, scored wrongly), the submit interval no longer counts from it
+    ReopenSubmit {
+        /// The team
+        #[arg(long, value_name = "TEAM")]
+        team: String,
+        /// The submission whose slot is re-opened (`admin audit export --team TEAM` lists the team's submits)
+        #[arg(long, value_name = "SUBMISSION")]
+        submission: String,
+        /// Why: recorded in the team's ledger and shown by `admin audit explain`
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Competition id [default: the submission's dataset's]
+        #[arg(long, value_name = "ID")]
+        competition: Option<String>,
+        #[command(flatten)]
+        json: Json,
     },
     /// Raise the team's limits until a time (each given value is the new limit)
     Quota {
@@ -497,6 +516,32 @@ mod tests {
         };
         assert_eq!((gpus, cpus, memory), (Some(4), None, Some(200 << 30)));
         assert_eq!(until, 1_796_083_200_000);
+        let cli = Cli::try_parse_from([
+            "nsml",
+            "admin",
+            "override",
+            "reopen-submit",
+            "--team",
+            "demo",
+            "--submission",
+            "sub-7",
+            "--reason",
+            "scorer stuck",
+            "-j",
+        ])
+        .unwrap();
+        let Command::Admin(AdminCommand::Override(AdminOverrideCommand::ReopenSubmit {
+            team,
+            submission,
+            json,
+            competition,
+            ..
+        })) = cli.command
+        else {
+            panic!("not override reopen-submit")
+        };
+        assert_eq!((team.as_str(), submission.as_str()), ("demo", "sub-7"));
+        assert!(json.json && competition.is_none());
         let err = Cli::try_parse_from(["nsml", "admin", "audit", "replay", "--until", "tomorrow"])
             .unwrap_err();
         assert!(err.to_string().contains("RFC 3339"), "{err}");

@@ -104,6 +104,13 @@ pub async fn dispatch(ctx: &Context, command: Command) -> Result<()> {
             submission,
             competition,
         })) => audit::extra_submit(ctx, team, dataset, reason, submission, competition).await,
+        Command::Admin(AdminCommand::Override(AdminOverrideCommand::ReopenSubmit {
+            team,
+            submission,
+            reason,
+            competition,
+            json,
+        })) => audit::reopen_submit(ctx, team, submission, reason, competition, json.json).await,
         Command::Admin(AdminCommand::Override(AdminOverrideCommand::Quota {
             team,
             gpus,

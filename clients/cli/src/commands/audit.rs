@@ -1,4 +1,4 @@
-//! `admin override submit|quota` and `admin audit replay|explain|verify|export`: hosts' overrides, recorded in
+//! `admin override submit|quota|reopen-submit` and `admin audit replay|explain|verify|export`: hosts' overrides, recorded in
 //! the team's ledger, and the audit that settles disputes from the log.
 
 use anyhow::Result;
@@ -73,18 +73,23 @@ pub fn override_json(o: &pb::Override) -> Value {
         "granted_by": o.granted_by,
         "granted_at_ms": o.granted_at_ms,
         "used_by": o.used_by,
+        "description": o.description,
     })
 }
 
-async fn grant(ctx: &Context, request: pb::OverrideRequest) -> Result<()> {
+async fn grant(ctx: &Context, request: pb::OverrideRequest, as_json: bool) -> Result<()> {
     let o = ctx
         .api()?
         .quota()
         .grant_override(request)
         .await?
         .into_inner();
-    println!("Recorded in the ledger of team {}:", o.team);
-    println!("  {}", describe_override(&o));
+    if as_json {
+        json::print(&override_json(&o));
+    } else {
+        println!("Recorded in the ledger of team {}:", o.team);
+        println!("  {}", describe_override(&o));
+    }
     Ok(())
 }
 
@@ -108,6 +113,31 @@ pub async fn extra_submit(
             command_id: uuid_like(),
             ..Default::default()
         },
+        false,
+    )
+    .await
+}
+
+pub async fn reopen_submit(
+    ctx: &Context,
+    team: String,
+    submission: String,
+    reason: String,
+    competition: Option<String>,
+    as_json: bool,
+) -> Result<()> {
+    grant(
+        ctx,
+        pb::OverrideRequest {
+            competition: competition.unwrap_or_default(),
+            team,
+            kind: OverrideKind::ReopenSubmit as i32,
+            submission_id: submission,
+            reason,
+            command_id: uuid_like(),
+            ..Default::default()
+        },
+        as_json,
     )
     .await
 }
@@ -132,6 +162,7 @@ pub async fn raise_quota(
             command_id: uuid_like(),
             ..Default::default()
         },
+        false,
     )
     .await
 }
