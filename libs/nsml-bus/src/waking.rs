@@ -63,6 +63,17 @@ impl EventStore for WakingStore {
         self.inner.read_stream(stream, after_version).await
     }
 
+    async fn read_stream_page(
+        &self,
+        stream: &str,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner
+            .read_stream_page(stream, after_version, limit)
+            .await
+    }
+
     async fn read_all(
         &self,
         after_position: u64,

@@ -341,6 +341,18 @@ pub async fn append_and_read_stream<S: Tamper>(store: Arc<S>) {
             .expect("read")
             .is_empty()
     );
+    // In pages: the same events, a page at a time, none of the other stream's.
+    let first = store
+        .read_stream_page("quota-acme", 0, 2)
+        .await
+        .expect("read");
+    let rest = store
+        .read_stream_page("quota-acme", 2, 2)
+        .await
+        .expect("read");
+    let versions: Vec<u64> = first.iter().chain(&rest).map(|e| e.version).collect();
+    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(first.iter().chain(&rest).cloned().collect::<Vec<_>>(), read);
 }
 
 /// Reads the whole log in position order, with `after_position` and `limit`.

@@ -219,6 +219,14 @@ pub trait EventStore: Send + Sync + 'static {
         after_version: u64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// Reads up to `limit` of a stream's events with version > `after_version`, in version order.
+    async fn read_stream_page(
+        &self,
+        stream: &str,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
     /// Reads up to `limit` events of the whole log with position > `after_position`, in position order.
     async fn read_all(
         &self,

@@ -181,6 +181,24 @@ impl EventStore for PostgresStore {
         into_events(rows)
     }
 
+    async fn read_stream_page(
+        &self,
+        stream: &str,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, stream, version, event_type, payload, metadata, hash \
+             FROM events WHERE stream = $1 AND version > $2 ORDER BY version LIMIT $3",
+        )
+        .bind(stream)
+        .bind(to_i64(after_version))
+        .bind(to_i64(limit as u64))
+        .fetch_all(&self.pool)
+        .await?;
+        into_events(rows)
+    }
+
     async fn read_all(
         &self,
         after_position: u64,

@@ -843,6 +843,26 @@ impl EventStore for SqliteStore {
         .await
     }
 
+    async fn read_stream_page(
+        &self,
+        stream: &str,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let stream = stream.to_owned();
+        self.read(move |connection| {
+            query_events(
+                connection,
+                select_events!(
+                    "FROM events WHERE stream = ?1 AND version > ?2 ORDER BY version LIMIT ?3"
+                ),
+                params![stream, to_i64(after_version), to_i64(limit as u64)],
+                limit.min(crate::READ_PAGE * 10),
+            )
+        })
+        .await
+    }
+
     async fn read_all(
         &self,
         after_position: u64,

@@ -9,7 +9,7 @@ use nsml_proto::v1::{EventRef, Explanation, HeldBy, Override, OverrideKind, Sess
 use serde_json::{Value, json};
 
 use crate::domain::{LEDGER_PREFIX, Ledger, LedgerEvent, fmt_time, gib, ledger_stream};
-use crate::replay::{LedgerReplay, Report, Scope, rederive, replay_ledger};
+use crate::replay::{LedgerReplay, Report, Scope, rederive};
 
 /// How many events one read of the whole log takes.
 const PAGE: usize = 10_000;
@@ -22,9 +22,29 @@ pub async fn replay(
 ) -> Result<Report, StoreError> {
     let mut report = Report::default();
     if let Some(team) = team {
-        let events = store.read_stream(&ledger_stream(team), 0).await?;
-        if !events.is_empty() {
-            replay_ledger(team, &events, scope, &mut report);
+        let stream = ledger_stream(team);
+        let mut ledger = LedgerReplay::new(team);
+        let mut page = store.read_stream_page(&stream, 0, PAGE).await?;
+        report.ledgers = u64::from(!page.is_empty());
+        loop {
+            // As for the whole log: the next page is read while this one is replayed.
+            let next = match page.last() {
+                Some(last) if page.len() == PAGE => {
+                    Some(store.read_stream_page(&stream, last.version, PAGE))
+                }
+                _ => None,
+            };
+            let replay_page = async {
+                for ev in &page {
+                    ledger.step(ev, scope, &mut report);
+                }
+            };
+            let Some(next) = next else {
+                replay_page.await;
+                break;
+            };
+            let (read, ()) = futures::join!(next, replay_page);
+            page = read?;
         }
         return Ok(report);
     }
