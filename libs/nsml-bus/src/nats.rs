@@ -11,6 +11,9 @@ use nsml_eventstore::{Metadata, StoredEvent};
 
 use crate::{Bus, BusError};
 
+/// Tries at creating (or finding) the stream before giving up.
+const CREATE_ATTEMPTS: u32 = 5;
+
 /// Header carrying the event id; JetStream drops a second message with the same id within its duplicate window.
 const MSG_ID: &str = "Nats-Msg-Id";
 /// Header carrying the event's global position.
@@ -46,15 +49,28 @@ impl NatsBus {
             .await
             .map_err(|e| BusError::nats("connect", e))?;
         let jetstream = jetstream::new(client);
-        let stream = jetstream
-            .get_or_create_stream(stream::Config {
-                name: stream_name.to_owned(),
-                subjects: vec![format!("{stream_name}.>")],
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| BusError::nats("create stream", e))?;
+        let config = stream::Config {
+            name: stream_name.to_owned(),
+            subjects: vec![format!("{stream_name}.>")],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        // Processes of one deployment start together: when another creates the stream between this one's
+        // lookup and its create, the server refuses the create (the subjects overlap); the stream exists
+        // then, and the next lookup finds it.
+        let mut attempt = 1;
+        let stream = loop {
+            match jetstream.get_or_create_stream(config.clone()).await {
+                Ok(stream) => break stream,
+                Err(err) if attempt < CREATE_ATTEMPTS => {
+                    tracing::debug!(%err, attempt, "creating the JetStream stream raced; looking again");
+                    tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt)))
+                        .await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(BusError::nats("create stream", err)),
+            }
+        };
         Ok(Arc::new(NatsBus {
             jetstream,
             stream,
