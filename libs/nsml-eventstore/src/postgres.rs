@@ -248,7 +248,13 @@ impl EventStore for PostgresStore {
             return Ok(());
         }
         let positions: Vec<i64> = positions.iter().map(|&p| to_i64(p)).collect();
-        sqlx::query("DELETE FROM outbox WHERE position = ANY($1)")
+        // Every process's relay reads the one outbox, so several acknowledge the same rows: rows another is
+        // deleting right now are skipped rather than waited for (should its delete fail, they stay and are
+        // published again, which consumers drop as duplicates).
+        sqlx::query(
+            "DELETE FROM outbox WHERE position IN \
+             (SELECT position FROM outbox WHERE position = ANY($1) FOR UPDATE SKIP LOCKED)",
+        )
             .bind(&positions)
             .execute(&self.pool)
             .await?;
