@@ -255,9 +255,9 @@ impl EventStore for PostgresStore {
             "DELETE FROM outbox WHERE position IN \
              (SELECT position FROM outbox WHERE position = ANY($1) FOR UPDATE SKIP LOCKED)",
         )
-            .bind(&positions)
-            .execute(&self.pool)
-            .await?;
+        .bind(&positions)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

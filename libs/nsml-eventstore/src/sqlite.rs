@@ -262,14 +262,7 @@ impl SqliteStore {
     ) -> Result<impl Future<Output = Result<Appended, StoreError>> + Send + 'static, StoreError>
     {
         // Metadata is serialized here, so the writer thread only hashes and inserts.
-        let events = events
-            .into_iter()
-            .map(|event| EncodedEvent {
-                metadata: metadata_json(&event.metadata),
-                event_type: event.event_type,
-                payload: event.payload,
-            })
-            .collect();
+        let events = encode(events);
         let (reply, answer) = oneshot::channel();
         self.send(Request::Append(AppendRequest {
             stream: stream.to_owned(),
@@ -342,6 +335,18 @@ impl Drop for Shared {
             }
         }
     }
+}
+
+/// Serializes events' metadata as it is stored and hashed.
+fn encode(events: Vec<NewEvent>) -> Vec<EncodedEvent> {
+    events
+        .into_iter()
+        .map(|event| EncodedEvent {
+            metadata: metadata_json(&event.metadata),
+            event_type: event.event_type,
+            payload: event.payload,
+        })
+        .collect()
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (each critical section is one push, pop
@@ -974,14 +979,7 @@ mod tests {
         oneshot::Receiver<Result<Appended, StoreError>>,
     ) {
         let (reply, answer) = oneshot::channel();
-        let events = new_events(stream, events)
-            .into_iter()
-            .map(|event| EncodedEvent {
-                metadata: metadata_json(&event.metadata),
-                event_type: event.event_type,
-                payload: event.payload,
-            })
-            .collect();
+        let events = encode(new_events(stream, events));
         let request = AppendRequest {
             stream: stream.to_owned(),
             expected,
