@@ -24,61 +24,59 @@ pub async fn replay(
     if let Some(team) = team {
         let stream = ledger_stream(team);
         let mut ledger = LedgerReplay::new(team);
-        let mut page = store.read_stream_page(&stream, 0, PAGE).await?;
-        report.ledgers = u64::from(!page.is_empty());
-        loop {
-            // As for the whole log: the next page is read while this one is replayed.
-            let next = match page.last() {
-                Some(last) if page.len() == PAGE => {
-                    Some(store.read_stream_page(&stream, last.version, PAGE))
-                }
-                _ => None,
-            };
-            let replay_page = async {
-                for ev in &page {
-                    ledger.step(ev, scope, &mut report);
-                }
-            };
-            let Some(next) = next else {
-                replay_page.await;
-                break;
-            };
-            let (read, ()) = futures::join!(next, replay_page);
-            page = read?;
-        }
+        let pages = |last: Option<&StoredEvent>| {
+            store.read_stream_page(&stream, last.map_or(0, |e| e.version), PAGE)
+        };
+        let events = in_pages(pages, |ev| ledger.step(ev, scope, &mut report)).await?;
+        report.ledgers = u64::from(events > 0);
         return Ok(report);
     }
     let mut ledgers: HashMap<String, LedgerReplay> = HashMap::new();
-    let mut page = store.read_all(0, PAGE).await?;
-    loop {
-        // The next page is read while this one is replayed: a backend that reads off the async threads
-        // (SQLite) overlaps the two.
-        let next = match page.last() {
-            Some(last) if page.len() == PAGE => Some(store.read_all(last.position, PAGE)),
-            _ => None,
-        };
-        let replay_page = async {
-            for ev in &page {
-                if let Some(team) = ev.stream.strip_prefix(LEDGER_PREFIX) {
-                    let r = match ledgers.get_mut(team) {
-                        Some(r) => r,
-                        None => ledgers
-                            .entry(team.to_string())
-                            .or_insert_with(|| LedgerReplay::new(team)),
-                    };
-                    r.step(ev, scope, &mut report);
-                }
-            }
-        };
-        let Some(next) = next else {
-            replay_page.await;
-            break;
-        };
-        let (read, ()) = futures::join!(next, replay_page);
-        page = read?;
-    }
+    let pages = |last: Option<&StoredEvent>| store.read_all(last.map_or(0, |e| e.position), PAGE);
+    in_pages(pages, |ev| {
+        if let Some(team) = ev.stream.strip_prefix(LEDGER_PREFIX) {
+            let r = match ledgers.get_mut(team) {
+                Some(r) => r,
+                None => ledgers
+                    .entry(team.to_string())
+                    .or_insert_with(|| LedgerReplay::new(team)),
+            };
+            r.step(ev, scope, &mut report);
+        }
+    })
+    .await?;
     report.ledgers = ledgers.len() as u64;
     Ok(report)
+}
+
+/// Feeds every event of a paged read to `step`; `read` gives the page after an event (the first page after
+/// `None`), and a page shorter than [`PAGE`] is the last. The next page is read while this one is stepped
+/// through: a backend that reads off the async threads (SQLite) overlaps the two. Returns the events read.
+async fn in_pages<R>(
+    read: impl Fn(Option<&StoredEvent>) -> R,
+    mut step: impl FnMut(&StoredEvent),
+) -> Result<u64, StoreError>
+where
+    R: Future<Output = Result<Vec<StoredEvent>, StoreError>>,
+{
+    let mut page = read(None).await?;
+    let mut events = 0;
+    loop {
+        events += page.len() as u64;
+        let next = match page.last() {
+            Some(last) if page.len() == PAGE => Some(read(Some(last))),
+            _ => None,
+        };
+        let step_page = async {
+            page.iter().for_each(&mut step);
+        };
+        let Some(next) = next else {
+            step_page.await;
+            return Ok(events);
+        };
+        let (read, ()) = futures::join!(next, step_page);
+        page = read?;
+    }
 }
 
 /// The index of the last decision in `events` that `id` names: its decision id, its session or its

@@ -745,6 +745,82 @@ fn with_reopened(mut d: Decision, reopened: Vec<(String, String)>) -> Decision {
     d
 }
 
+/// The team-wide limits a request must fit under with what the team already holds: concurrent sessions,
+/// GPUs, CPUs and memory including shared memory. `None` when it fits.
+fn team_refusal(
+    ledger: &Ledger,
+    policy: &Policy,
+    limits: &Limits,
+    team: &str,
+    asked: &Resources,
+) -> Option<Decision> {
+    let held = ledger.held();
+    let free_hint = "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them";
+    if ledger.holdings.len() as u32 + 1 > limits.sessions {
+        let names: Vec<&str> = ledger.holdings.keys().map(|s| s.as_str()).collect();
+        return Some(deny(
+            "team_sessions",
+            reason!(
+                "team `{team}` already runs {} of its {}{} concurrent sessions ({}); {free_hint}",
+                ledger.holdings.len(),
+                limits.sessions,
+                limits.note("sessions", policy.team_sessions.to_string()),
+                names.join(", ")
+            ),
+            0,
+            limits,
+        ));
+    }
+    if held.gpus + asked.gpus > limits.gpus {
+        return Some(deny(
+            "team_gpus",
+            reason!(
+                "team `{team}` holds {} GPUs ({}), asked {}, limit {}{}; {free_hint}",
+                held.gpus,
+                ledger.holders(|r| r.gpus as u64, |v| v.to_string()),
+                asked.gpus,
+                limits.gpus,
+                limits.note("gpus", policy.team_gpus.to_string()),
+            ),
+            0,
+            limits,
+        ));
+    }
+    if held.cpus + asked.cpus > limits.cpus {
+        return Some(deny(
+            "team_cpus",
+            reason!(
+                "team `{team}` holds {} CPUs ({}), asked {}, limit {}{}; {free_hint}",
+                held.cpus,
+                ledger.holders(|r| r.cpus as u64, |v| v.to_string()),
+                asked.cpus,
+                limits.cpus,
+                limits.note("cpus", policy.team_cpus.to_string()),
+            ),
+            0,
+            limits,
+        ));
+    }
+    let held_mem = held.memory_bytes + held.shm_bytes;
+    let asked_mem = asked.memory_bytes + asked.shm_bytes;
+    if held_mem + asked_mem > limits.memory_bytes {
+        return Some(deny(
+            "team_memory",
+            reason!(
+                "team `{team}` holds {} of memory including shared memory ({}), asked {}, limit {}{}; {free_hint}",
+                gib(held_mem),
+                ledger.holders(|r| r.memory_bytes + r.shm_bytes, gib),
+                gib(asked_mem),
+                gib(limits.memory_bytes),
+                limits.note("memory", gib(policy.team_memory_bytes)),
+            ),
+            0,
+            limits,
+        ));
+    }
+    None
+}
+
 /// Decides whether `req` may hold its resources now. Pure: everything it needs is passed in, and every
 /// override it honours is ledger state.
 pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64) -> Decision {
@@ -841,81 +917,8 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
             );
         }
     }
-    let held = ledger.held();
-    let free_hint = "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them";
-    if ledger.holdings.len() as u32 + 1 > limits.sessions {
-        let names: Vec<&str> = ledger.holdings.keys().map(|s| s.as_str()).collect();
-        return with_reopened(
-            deny(
-                "team_sessions",
-                reason!(
-                    "team `{team}` already runs {} of its {}{} concurrent sessions ({}); {free_hint}",
-                    ledger.holdings.len(),
-                    limits.sessions,
-                    limits.note("sessions", policy.team_sessions.to_string()),
-                    names.join(", ")
-                ),
-                0,
-                &limits,
-            ),
-            reopened,
-        );
-    }
-    if held.gpus + asked.gpus > limits.gpus {
-        return with_reopened(
-            deny(
-                "team_gpus",
-                reason!(
-                    "team `{team}` holds {} GPUs ({}), asked {}, limit {}{}; {free_hint}",
-                    held.gpus,
-                    ledger.holders(|r| r.gpus as u64, |v| v.to_string()),
-                    asked.gpus,
-                    limits.gpus,
-                    limits.note("gpus", policy.team_gpus.to_string()),
-                ),
-                0,
-                &limits,
-            ),
-            reopened,
-        );
-    }
-    if held.cpus + asked.cpus > limits.cpus {
-        return with_reopened(
-            deny(
-                "team_cpus",
-                reason!(
-                    "team `{team}` holds {} CPUs ({}), asked {}, limit {}{}; {free_hint}",
-                    held.cpus,
-                    ledger.holders(|r| r.cpus as u64, |v| v.to_string()),
-                    asked.cpus,
-                    limits.cpus,
-                    limits.note("cpus", policy.team_cpus.to_string()),
-                ),
-                0,
-                &limits,
-            ),
-            reopened,
-        );
-    }
-    let held_mem = held.memory_bytes + held.shm_bytes;
-    let asked_mem = asked.memory_bytes + asked.shm_bytes;
-    if held_mem + asked_mem > limits.memory_bytes {
-        return with_reopened(
-            deny(
-                "team_memory",
-                reason!(
-                    "team `{team}` holds {} of memory including shared memory ({}), asked {}, limit {}{}; {free_hint}",
-                    gib(held_mem),
-                    ledger.holders(|r| r.memory_bytes + r.shm_bytes, gib),
-                    gib(asked_mem),
-                    gib(limits.memory_bytes),
-                    limits.note("memory", gib(policy.team_memory_bytes)),
-                ),
-                0,
-                &limits,
-            ),
-            reopened,
-        );
+    if let Some(refusal) = team_refusal(ledger, policy, &limits, team, &asked) {
+        return with_reopened(refusal, reopened);
     }
     let mut overrides = limits.override_ids();
     let mut reason = String::new();
