@@ -186,14 +186,14 @@ async fn main() -> anyhow::Result<()> {
         );
     };
     row(
-        &format!("admissions, {clients} clients, embedded"),
+        &format!("admissions, {}, embedded", count(clients)),
         &adm_ms,
         adm_rate,
     );
     row("admissions, 1 client, embedded", &one_ms, one_rate);
     if let Some(((ms, rate), (one, one_rate))) = &distributed {
         row(
-            &format!("admissions, {clients} clients, distributed"),
+            &format!("admissions, {}, distributed", count(clients)),
             ms,
             *rate,
         );
@@ -212,14 +212,15 @@ async fn main() -> anyhow::Result<()> {
 
 type Figures = (Vec<f64>, f64);
 
+fn count(clients: usize) -> String {
+    format!("{clients} client{}", if clients == 1 { "" } else { "s" })
+}
+
 /// Admission decisions through the gateway: `n` `run` requests from `clients` concurrent clients of one team
 /// whose session slots are all taken, so every request is decided and refused. Each goes gateway → session
 /// (number allocated, request recorded) → quota (decision appended) → session (rejection recorded).
 async fn admissions(alice: &Client, n: usize, clients: usize) -> anyhow::Result<Figures> {
-    take_slots(alice).await?;
-    let sleeper = alice
-        .upload("t1-cls", &[("main.py", "import time\ntime.sleep(600)\n")])
-        .await?;
+    let sleeper = take_slots(alice).await?;
     let per_client = n.div_ceil(clients);
     let t_all = Instant::now();
     let tasks: Vec<_> = (0..clients)
@@ -249,19 +250,20 @@ async fn admissions(alice: &Client, n: usize, clients: usize) -> anyhow::Result<
     Ok((adm_ms, rate))
 }
 
-/// Fills the team's two concurrent-session slots with sleepers, unless they are taken already.
-async fn take_slots(alice: &Client) -> anyhow::Result<()> {
+/// Fills the team's two concurrent-session slots with sleepers, unless they are taken already; returns the
+/// sleeper's code snapshot.
+async fn take_slots(alice: &Client) -> anyhow::Result<String> {
     let sleeper = alice
         .upload("t1-cls", &[("main.py", "import time\ntime.sleep(600)\n")])
         .await?;
     for _ in 0..2 {
         match alice.run("t1-cls", &sleeper, "", small()).await {
             Ok(_) => {}
-            Err(st) if st.code() == tonic::Code::FailedPrecondition => return Ok(()),
+            Err(st) if st.code() == tonic::Code::FailedPrecondition => break,
             Err(st) => return Err(st.into()),
         }
     }
-    Ok(())
+    Ok(sleeper)
 }
 
 /// The same admissions against the distributed deployment: every service its own process, the log in a
