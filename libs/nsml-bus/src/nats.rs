@@ -58,19 +58,11 @@ impl NatsBus {
         // Processes of one deployment start together: when another creates the stream between this one's
         // lookup and its create, the server refuses the create (the subjects overlap); the stream exists
         // then, and the next lookup finds it.
-        let mut attempt = 1;
-        let stream = loop {
-            match jetstream.get_or_create_stream(config.clone()).await {
-                Ok(stream) => break stream,
-                Err(err) if attempt < CREATE_ATTEMPTS => {
-                    tracing::debug!(%err, attempt, "creating the JetStream stream raced; looking again");
-                    tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(attempt)))
-                        .await;
-                    attempt += 1;
-                }
-                Err(err) => return Err(BusError::nats("create stream", err)),
-            }
-        };
+        let stream = retried(CREATE_ATTEMPTS, || {
+            jetstream.get_or_create_stream(config.clone())
+        })
+        .await
+        .map_err(|e| BusError::nats("create stream", e))?;
         Ok(Arc::new(NatsBus {
             jetstream,
             stream,
@@ -195,9 +187,47 @@ impl Bus for NatsBus {
     }
 }
 
+/// Runs `attempt` until it succeeds, at most `attempts` times, waiting a little longer after each failure.
+async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    attempts: u32,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, E> {
+    let mut tried = 1;
+    loop {
+        match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(err) if tried < attempts => {
+                tracing::debug!(%err, tried, "retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50 * u64::from(tried))).await;
+                tried += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_raced_create_is_looked_up_again() {
+        let calls = std::cell::Cell::new(0);
+        let lookup = || {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move {
+                if n < 3 {
+                    Err("subjects overlap with an existing stream")
+                } else {
+                    Ok(n)
+                }
+            }
+        };
+        assert_eq!(retried(CREATE_ATTEMPTS, lookup).await, Ok(3));
+        let never = || async { Err::<(), _>("nats is down") };
+        assert_eq!(retried(2, never).await, Err("nats is down"));
+    }
 
     #[test]
     fn headers_round_trip() {

@@ -437,33 +437,3 @@ async fn subscription_follows_the_store_when_the_bus_ends() {
     assert!(started.elapsed() < Duration::from_secs(2));
     nothing_more(&mut log).await;
 }
-
-/// The processes of a deployment start at once: each creating the stream must find it when another got there
-/// first, never fail.
-#[tokio::test]
-async fn processes_starting_together_share_one_stream() {
-    let Some(nats) = nats_url() else {
-        eprintln!("NSML_TEST_NATS is skip: not running NATS tests");
-        return;
-    };
-    for _ in 0..10 {
-        let stream_name = format!("NSML_TEST_{}", uuid::Uuid::new_v4().simple());
-        let connects: Vec<_> = (0..16)
-            .map(|_| {
-                let (nats, name) = (nats.clone(), stream_name.clone());
-                tokio::spawn(async move { NatsBus::connect(&nats, &name).await.map(|_| ()) })
-            })
-            .collect();
-        let mut failures = Vec::new();
-        for c in connects {
-            if let Err(err) = c.await.expect("task") {
-                failures.push(err.to_string());
-            }
-        }
-        let client = async_nats::connect(&nats).await.expect("nats");
-        let _ = async_nats::jetstream::new(client)
-            .delete_stream(&stream_name)
-            .await;
-        assert_eq!(failures, Vec::<String>::new());
-    }
-}
