@@ -46,15 +46,12 @@ impl<A: Aggregate> Entry<A> {
         self.chain = Chain::new();
     }
 
-    /// Applies appended events to the state ahead of reading them back.
-    fn follow(&mut self, stream: &str, first_position: u64, events: Vec<NewEvent>) {
-        for (i, ev) in events.into_iter().enumerate() {
+    /// Applies appended events to the state ahead of reading them back. Aggregates fold by version, so the
+    /// events' positions (not known while queued) are left at 0.
+    fn follow(&mut self, stream: &str, events: Vec<NewEvent>) {
+        for ev in events {
             let stored = StoredEvent {
-                position: if first_position == 0 {
-                    0
-                } else {
-                    first_position + i as u64
-                },
+                position: 0,
                 stream: stream.to_string(),
                 version: self.version + 1,
                 event_type: ev.event_type,
@@ -231,7 +228,7 @@ impl<A: Aggregate> Aggregates<A> {
                 // The store cannot queue: append and wait under the lock.
                 match self.store.append(stream, expected, events.clone()).await {
                     Ok(appended) => {
-                        e.follow(stream, appended.first_position, events);
+                        e.follow(stream, events);
                         return Ok(Outcome::Committed { appended });
                     }
                     Err(StoreError::Conflict { .. }) => {
@@ -243,7 +240,7 @@ impl<A: Aggregate> Aggregates<A> {
                 }
             };
             // Queued: the next command on this stream may be decided on a state that includes these events.
-            e.follow(stream, 0, events);
+            e.follow(stream, events);
             e.queued += 1;
             let seq = e.queued;
             drop(e);
