@@ -7,10 +7,12 @@
 //! - admission decisions through the gateway: `run` requests decided by the quota service while the team's
 //!   sessions are all taken, from concurrent clients and from one (decisions/s, p50/p99), in the embedded
 //!   deployment and then in the distributed one (every service its own process, Postgres, NATS JetStream);
+//!   and, embedded, offered at a fixed rate (open loop: each request is sent when it is due, whether or not the
+//!   ones before have been answered, and its latency counts from when it was due);
 //! - idle `nsmld up` resident memory.
 //!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
-//! [--admissions N] [--clients N] [--embedded-only]`.
+//! [--admissions N] [--clients N] [--rate N] [--embedded-only]`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,8 +61,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let runs = get("--runs", 10);
     let ps_n = get("--ps", 2000);
-    let admissions_n = get("--admissions", 5000);
+    let admissions_n = get("--admissions", 20000);
     let clients = get("--clients", 16);
+    let rate = get("--rate", 5000);
     let skip_distributed = args.iter().any(|a| a == "--embedded-only");
 
     // The bench is one caller making thousands of calls: lift the gateway's per-caller rate limit.
@@ -146,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
 
     let (adm_ms, adm_rate) = admissions(&alice, admissions_n, clients).await?;
     let (one_ms, one_rate) = admissions(&alice, admissions_n.min(2000), 1).await?;
+    let (paced_ms, paced_rate) = admissions_at_rate(&alice, admissions_n, rate as f64).await?;
     drop(dep);
     let distributed = if skip_distributed {
         None
@@ -191,6 +195,11 @@ async fn main() -> anyhow::Result<()> {
         adm_rate,
     );
     row("admissions, 1 client, embedded", &one_ms, one_rate);
+    row(
+        &format!("admissions offered at {rate}/s, embedded"),
+        &paced_ms,
+        paced_rate,
+    );
     if let Some(((ms, rate), (one, one_rate))) = &distributed {
         row(
             &format!("admissions, {}, distributed", count(clients)),
@@ -232,13 +241,9 @@ async fn admissions(alice: &Client, n: usize, clients: usize) -> anyhow::Result<
                     let t = Instant::now();
                     let r = c.run("t1-cls", &snap, "", small()).await;
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                    if let Err(st) = r
-                        && st.code() != tonic::Code::FailedPrecondition
-                    {
-                        return Err(anyhow::anyhow!("unexpected answer: {st}"));
-                    }
+                    decided(r)?;
                 }
-                Ok(lat)
+                anyhow::Ok(lat)
             })
         })
         .collect();
@@ -248,6 +253,55 @@ async fn admissions(alice: &Client, n: usize, clients: usize) -> anyhow::Result<
     }
     let rate = adm_ms.len() as f64 / t_all.elapsed().as_secs_f64();
     Ok((adm_ms, rate))
+}
+
+/// The same admissions offered at `rate` per second, in an open loop: request `i` is sent when it is due, at
+/// `i / rate` seconds after the start, however many earlier ones are still unanswered, and its latency counts
+/// from when it was due, so a request that could not be sent on time is charged for the wait. A thread of its
+/// own keeps the pace, which an async timer (millisecond ticks) could not at 5,000/s. Returns the latencies and
+/// the rate achieved.
+async fn admissions_at_rate(alice: &Client, n: usize, rate: f64) -> anyhow::Result<Figures> {
+    anyhow::ensure!(rate > 0.0, "--rate must be above zero");
+    let sleeper = take_slots(alice).await?;
+    let (client, runtime) = (alice.clone(), tokio::runtime::Handle::current());
+    let t_all = Instant::now();
+    let pacer = std::thread::spawn(move || {
+        (0..n)
+            .map(|i| {
+                let due = t_all + Duration::from_secs_f64(i as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let (c, snap) = (client.clone(), sleeper.clone());
+                runtime.spawn(async move {
+                    let r = c.run("t1-cls", &snap, "", small()).await;
+                    (due.elapsed().as_secs_f64() * 1000.0, decided(r))
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    let tasks = tokio::task::spawn_blocking(move || pacer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the pacing thread panicked"))?;
+    let mut ms = Vec::with_capacity(n);
+    for task in tasks {
+        let (latency, answer) = task.await?;
+        answer?;
+        ms.push(latency);
+    }
+    let achieved = ms.len() as f64 / t_all.elapsed().as_secs_f64();
+    Ok((ms, achieved))
+}
+
+/// Every admission of the bench is decided: refused for the team's session limit (or, for the few that find a
+/// slot free, admitted); any other answer stops the bench.
+fn decided<T>(answer: Result<T, tonic::Status>) -> anyhow::Result<()> {
+    match answer {
+        Err(st) if st.code() != tonic::Code::FailedPrecondition => {
+            Err(anyhow::anyhow!("unexpected answer: {st}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Fills the team's two concurrent-session slots with sleepers, unless they are taken already; returns the
