@@ -66,7 +66,11 @@ async fn the_write_ahead_log_starts_again_while_appends_never_pause() {
         events.len()
     );
     // Every append survived the restarts, in order.
-    assert!(events.windows(2).all(|w| w[1].position == w[0].position + 1));
+    assert!(
+        events
+            .windows(2)
+            .all(|w| w[1].position == w[0].position + 1)
+    );
     assert_eq!(store.verify_chain().await.expect("verify"), None);
     store.close().await;
 }
