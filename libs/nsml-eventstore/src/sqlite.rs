@@ -49,7 +49,7 @@ const WRITER_THREAD: &str = "nsml-log-writer";
 /// How often the checkpointer copies the write-ahead log back into the database file. Each checkpoint syncs
 /// what was appended since the one before, and the kernel's work writing those pages out takes CPU from the
 /// services while it lasts; checkpointing often keeps each burst small. Against 500 ms, this halved the p99 of
-/// admissions offered at 5,000/s on a 2-core machine (about 13 ms against 26 ms, medians of several runs);
+/// admissions offered at 5,000/s on a 2-core machine (about 13 ms against 27 ms, medians of six runs each);
 /// 40 ms was no better and raised the median latency. An idle log costs one look at the WAL index per tick.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 

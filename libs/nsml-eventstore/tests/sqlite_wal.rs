@@ -1,6 +1,7 @@
 //! The SQLite log's write-ahead log keeps starting again under a steady stream of appends, instead of growing
 //! for as long as the appends go on.
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,9 +13,12 @@ use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
 /// The write-ahead log's checkpoint sequence number (bytes 12..16 of its header, big-endian): SQLite adds one
 /// each time the log starts again from its beginning.
 fn restarts(wal: &Path) -> Option<u32> {
-    let bytes = std::fs::read(wal).ok()?;
-    let field = bytes.get(12..16)?;
-    Some(u32::from_be_bytes(field.try_into().ok()?))
+    let mut header = [0u8; 16];
+    std::fs::File::open(wal)
+        .ok()?
+        .read_exact(&mut header)
+        .ok()?;
+    Some(u32::from_be_bytes(header[12..16].try_into().ok()?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
