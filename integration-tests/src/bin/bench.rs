@@ -154,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
     let distributed = if skip_distributed {
         None
     } else {
-        // The distributed deployment decides far fewer a second; a smaller count keeps its run near a minute.
+        // The distributed deployment decides far fewer a second; a smaller count keeps its run to minutes.
         Some(distributed_admissions(admissions_n.min(DISTRIBUTED_ADMISSIONS), clients).await?)
     };
 
