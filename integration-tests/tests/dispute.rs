@@ -30,6 +30,15 @@ fn export(host: &User, team: &str) -> anyhow::Result<Vec<Value>> {
         .collect()
 }
 
+/// The latest grant of a submit session in an exported ledger.
+fn last_granted_submit(ledger: &[Value]) -> anyhow::Result<&Value> {
+    ledger
+        .iter()
+        .rev()
+        .find(|l| l["type"] == "ResourcesGranted" && l["data"]["request"]["kind"] == "submit")
+        .context("no granted submit")
+}
+
 /// Replaces `from` with `to` (same length) inside the stored payload of the event at `position`, directly in
 /// the SQLite file, as someone with access to the database might.
 async fn edit_payload(
@@ -225,11 +234,7 @@ fn a_dispute_is_settled_from_the_log() -> anyhow::Result<()> {
     let third = alice.nsml(&["submit", &s, "0"])?.ok()?;
     scenario::score_of(&third.stdout)?;
     let ledger = export(&host, "demo")?;
-    let waived = ledger
-        .iter()
-        .rev()
-        .find(|l| l["type"] == "ResourcesGranted" && l["data"]["request"]["kind"] == "submit")
-        .context("no granted submit")?;
+    let waived = last_granted_submit(&ledger)?;
     let waived_session = waived["data"]["request"]["session"].as_str().unwrap_or("");
     let why = host
         .nsml(&["admin", "audit", "explain", waived_session])?
@@ -327,11 +332,7 @@ fn a_dispute_is_settled_from_the_log() -> anyhow::Result<()> {
     let fourth = alice.nsml(&["submit", &s, "0"])?.ok()?;
     scenario::score_of(&fourth.stdout)?;
     let ledger = export(&host, "demo")?;
-    let reopened = ledger
-        .iter()
-        .rev()
-        .find(|l| l["type"] == "ResourcesGranted" && l["data"]["request"]["kind"] == "submit")
-        .context("no granted submit")?;
+    let reopened = last_granted_submit(&ledger)?;
     ensure!(
         reopened["data"]["decision"]["overrides"]
             .as_array()

@@ -585,33 +585,53 @@ pub async fn stream_version_clash_is_recognized<S: Tamper>(store: Arc<S>) {
     }
 }
 
+/// Runs `work(i)` for every `i` below `writers` as tasks that a barrier releases together, so they reach the
+/// store at the same moment; returns their results in the order of `i`.
+pub async fn all_at_once<T, F, Fut>(writers: usize, work: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(writers));
+    let tasks: Vec<_> = (0..writers)
+        .map(|i| {
+            let (barrier, work) = (barrier.clone(), work(i));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                work.await
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(writers);
+    for task in tasks {
+        results.push(task.await.expect("writer task"));
+    }
+    results
+}
+
 /// Of many concurrent appends with the same expected version, exactly one succeeds.
 pub async fn concurrent_appends_with_same_expected_version_one_wins<S: Tamper>(store: Arc<S>) {
     store
         .append("race", ExpectedVersion::Any, new_events("start", 3))
         .await
         .expect("append");
-    let writers = 24;
-    let barrier = Arc::new(tokio::sync::Barrier::new(writers));
-    let tasks: Vec<_> = (0..writers)
-        .map(|i| {
-            let store = store.clone();
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                barrier.wait().await;
-                store
-                    .append(
-                        "race",
-                        ExpectedVersion::Exact(3),
-                        new_events(&format!("w{i}"), 2),
-                    )
-                    .await
-            })
-        })
-        .collect();
+    let answers = all_at_once(24, |i| {
+        let store = store.clone();
+        async move {
+            store
+                .append(
+                    "race",
+                    ExpectedVersion::Exact(3),
+                    new_events(&format!("w{i}"), 2),
+                )
+                .await
+        }
+    })
+    .await;
     let mut wins = 0;
-    for task in tasks {
-        match task.await.expect("writer task") {
+    for answer in answers {
+        match answer {
             Ok(appended) => {
                 wins += 1;
                 assert_eq!(appended.version, 5);
@@ -681,30 +701,25 @@ pub async fn concurrent_appends_are_answered_each_on_its_own<S: Tamper>(store: A
         .await
         .expect("append");
     let writers = 200;
-    let barrier = Arc::new(tokio::sync::Barrier::new(writers));
-    let tasks: Vec<_> = (0..writers)
-        .map(|i| {
-            let store = store.clone();
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                let (stream, expected) = if i % 4 == 0 {
-                    ("shared".to_owned(), ExpectedVersion::Exact(1))
-                } else {
-                    (format!("own-{i}"), ExpectedVersion::NoStream)
-                };
-                let n = 1 + i % 3;
-                barrier.wait().await;
-                let result = store
-                    .append(&stream, expected, new_events(&format!("w{i}"), n))
-                    .await;
-                (stream, n as u64, result)
-            })
-        })
-        .collect();
+    let answers = all_at_once(writers, |i| {
+        let store = store.clone();
+        async move {
+            let (stream, expected) = if i % 4 == 0 {
+                ("shared".to_owned(), ExpectedVersion::Exact(1))
+            } else {
+                (format!("own-{i}"), ExpectedVersion::NoStream)
+            };
+            let n = 1 + i % 3;
+            let result = store
+                .append(&stream, expected, new_events(&format!("w{i}"), n))
+                .await;
+            (stream, n as u64, result)
+        }
+    })
+    .await;
     let mut appended = HashMap::new();
     let mut conflicts = Vec::new();
-    for task in tasks {
-        let (stream, n, result) = task.await.expect("writer task");
+    for (stream, n, result) in answers {
         match result {
             Ok(done) => {
                 let base = if stream == "shared" { 1 } else { 0 };

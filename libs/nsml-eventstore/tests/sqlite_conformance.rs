@@ -110,27 +110,23 @@ async fn rejected_appends_fail_alone(store: Arc<SqliteStore>) {
         .await
         .expect("trigger");
     let writers = 200;
-    let barrier = Arc::new(tokio::sync::Barrier::new(writers));
-    let tasks: Vec<_> = (0..writers)
-        .map(|i| {
-            let store = store.clone();
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                let stream = if i % 5 == 0 {
-                    format!("poison-{i}")
-                } else {
-                    format!("own-{i}")
-                };
-                barrier.wait().await;
-                let result = store
-                    .append(&stream, ExpectedVersion::NoStream, new_events("e", 2))
-                    .await;
-                (stream, result)
-            })
-        })
-        .collect();
-    for task in tasks {
-        match task.await.expect("task") {
+    let answers = conformance::all_at_once(writers, |i| {
+        let store = store.clone();
+        async move {
+            let stream = if i % 5 == 0 {
+                format!("poison-{i}")
+            } else {
+                format!("own-{i}")
+            };
+            let result = store
+                .append(&stream, ExpectedVersion::NoStream, new_events("e", 2))
+                .await;
+            (stream, result)
+        }
+    })
+    .await;
+    for answer in answers {
+        match answer {
             (stream, Ok(appended)) => {
                 assert!(stream.starts_with("own-"), "{stream} was stored");
                 assert_eq!(appended.version, 2);
