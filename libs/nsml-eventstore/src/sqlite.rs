@@ -1,7 +1,7 @@
 //! The SQLite backend: one database file (or memory) in WAL mode. A writer thread owns the write connection and
 //! commits the appends queued at any moment together; reads run on a small pool of connections of their own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
@@ -86,6 +86,9 @@ macro_rules! select_events {
 /// append of the batch fails and none is stored. `BEGIN IMMEDIATE` (with a 30 s busy timeout) also serializes
 /// the writer against other processes using the same file. Consumer checkpoints and outbox acknowledgements are
 /// written by the same thread, between batches.
+///
+/// Positions are handed out in commit order, so the outbox is a watermark on the head row: the events above it
+/// wait for the relay (see `docs/adr/2026-11-27-sqlite-outbox-is-a-watermark.md`).
 ///
 /// Reads run on blocking threads with read connections of their own, kept in a small pool; WAL lets them run
 /// beside the writer and see every commit made before they start. A log in memory has a single connection, so
@@ -706,8 +709,8 @@ fn append_one<'a>(
     }
 }
 
-/// Inserts an append's events after `head` and puts them in the outbox; returns the last position, hash and
-/// stream version.
+/// Inserts an append's events after `head`; returns the last position, hash and stream version. The events
+/// wait for the relay simply by lying above its watermark (see [`acknowledge`]).
 fn insert_events(
     connection: &Connection,
     request: &AppendRequest,
@@ -718,7 +721,6 @@ fn insert_events(
         "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
-    let mut outbox = connection.prepare_cached("INSERT INTO outbox (position) VALUES (?1)")?;
     let mut position = head.position;
     let mut version = current;
     let mut prev_hash: Option<String> = None;
@@ -745,12 +747,56 @@ fn insert_events(
             prev,
             hash,
         ])?;
-        outbox.execute([to_i64(position)])?;
         prev_hash = Some(hash);
     }
     // Invariant: the caller passes at least one event, so a hash was computed.
     let last_hash = prev_hash.unwrap_or_else(|| head.hash.clone());
     Ok((position, last_hash, version))
+}
+
+/// The outbox: up to `limit` events the relay has not acknowledged, oldest first. They are the events above
+/// the head row's watermark `relayed`, less those acknowledged out of order (`relayed_beyond`).
+fn waiting(connection: &Connection, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    query_events(
+        connection,
+        select_events!(
+            "FROM events WHERE position > (SELECT relayed FROM log_head WHERE id = 1) \
+             AND position NOT IN (SELECT value FROM log_head, json_each(log_head.relayed_beyond) \
+                                  WHERE log_head.id = 1) \
+             ORDER BY position LIMIT ?1"
+        ),
+        [to_i64(limit as u64)],
+        limit.min(crate::READ_PAGE),
+    )
+}
+
+/// Takes published events out of the outbox by moving the relay's watermark in the head row: positions just
+/// above it move it on, others wait in `relayed_beyond` until the gap below them closes. Positions at or below
+/// the watermark, or beyond the head (not appended yet), are ignored. Runs in the writer's transaction, which
+/// rewrites the head row's page anyway when it appends.
+fn acknowledge(connection: &Connection, positions: &[u64]) -> Result<(), StoreError> {
+    let (head, relayed, beyond): (i64, i64, String) = connection
+        .prepare_cached("SELECT position, relayed, relayed_beyond FROM log_head WHERE id = 1")?
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    let head = to_u64(head, "position")?;
+    let mut relayed = to_u64(relayed, "relay watermark")?;
+    let mut acked: BTreeSet<u64> = serde_json::from_str(&beyond).map_err(|e| {
+        StoreError::Corrupt(format!(
+            "the positions acknowledged beyond the relay watermark are not a list of positions: {e}"
+        ))
+    })?;
+    let before = (relayed, acked.len());
+    acked.extend(positions.iter().filter(|&&p| p > relayed && p <= head));
+    while acked.remove(&(relayed + 1)) {
+        relayed += 1;
+    }
+    if (relayed, acked.len()) != before {
+        let beyond = serde_json::Value::from(acked.into_iter().collect::<Vec<_>>()).to_string();
+        connection
+            .prepare_cached("UPDATE log_head SET relayed = ?1, relayed_beyond = ?2 WHERE id = 1")?
+            .execute(params![to_i64(relayed), beyond])?;
+    }
+    Ok(())
 }
 
 fn stream_version_of(connection: &Connection, stream: &str) -> rusqlite::Result<i64> {
@@ -940,34 +986,17 @@ impl EventStore for SqliteStore {
     }
 
     async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        self.read(move |connection| {
-            query_events(
-                connection,
-                "SELECT e.position, e.stream, e.version, e.event_type, e.payload, e.metadata, e.hash \
-                 FROM outbox o JOIN events e ON e.position = o.position ORDER BY o.position LIMIT ?1",
-                [to_i64(limit as u64)],
-                limit.min(crate::READ_PAGE),
-            )
-        })
-        .await
+        self.read(move |connection| waiting(connection, limit))
+            .await
     }
 
     async fn outbox_ack(&self, positions: &[u64]) -> Result<(), StoreError> {
         if positions.is_empty() {
             return Ok(());
         }
-        let list =
-            serde_json::Value::from(positions.iter().map(|&p| to_i64(p)).collect::<Vec<_>>())
-                .to_string();
-        self.write_with_next_batch(move |connection| {
-            connection
-                .prepare_cached(
-                    "DELETE FROM outbox WHERE position IN (SELECT value FROM json_each(?1))",
-                )?
-                .execute([list])?;
-            Ok(())
-        })
-        .await
+        let positions = positions.to_vec();
+        self.write_with_next_batch(move |connection| acknowledge(connection, &positions))
+            .await
     }
 
     async fn load_checkpoint(&self, consumer: &str) -> Result<u64, StoreError> {
@@ -1153,10 +1182,11 @@ mod tests {
             })
             .expect("last event");
         assert_eq!(hash, last_hash);
-        let outbox: i64 = connection
-            .query_row("SELECT COUNT(*) FROM outbox", [], |row| row.get(0))
-            .expect("outbox");
-        assert_eq!(outbox, 5);
+        let outbox = waiting(&connection, 10).expect("outbox");
+        assert_eq!(
+            outbox.iter().map(|e| e.position).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
         assert_eq!(verify(&connection).expect("verify"), None);
     }
 
@@ -1208,5 +1238,55 @@ mod tests {
         commit_batch(&connection, vec![next]);
         assert_eq!(answer(next_answer).unwrap(), appended(2, 2, 2));
         assert_eq!(verify(&connection).expect("verify"), None);
+    }
+
+    /// A file made before the watermark keeps its outbox through the upgrade: what was waiting still waits,
+    /// in order, and acknowledging it empties the outbox.
+    #[test]
+    fn the_upgrade_keeps_what_was_waiting() {
+        let connection = Connection::open_in_memory().expect("database");
+        let mut migrations = MIGRATOR
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration());
+        let first = migrations.next().expect("the first migration");
+        connection
+            .execute_batch(&first.sql)
+            .expect("the original schema");
+        let (batch, _answers): (Vec<_>, Vec<_>) = [
+            request("a", ExpectedVersion::Any, 4),
+            request("b", ExpectedVersion::Any, 3),
+        ]
+        .into_iter()
+        .unzip();
+        commit_batch(&connection, batch);
+        // The outbox as the original schema kept it: every event was put in it, and the published ones (1 to
+        // 3, and 5 out of order) were deleted.
+        connection
+            .execute_batch(
+                "INSERT INTO outbox (position) SELECT position FROM events; \
+                 DELETE FROM outbox WHERE position IN (1, 2, 3, 5);",
+            )
+            .expect("the original outbox");
+        for migration in migrations {
+            connection.execute_batch(&migration.sql).expect("upgrade");
+        }
+        let positions = |connection: &Connection| {
+            waiting(connection, 10)
+                .expect("outbox")
+                .iter()
+                .map(|e| e.position)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(positions(&connection), [4, 6, 7]);
+        acknowledge(&connection, &[4, 7]).expect("acknowledge");
+        assert_eq!(positions(&connection), [6]);
+        acknowledge(&connection, &[6]).expect("acknowledge");
+        assert!(positions(&connection).is_empty());
+        let (relayed, beyond): (i64, String) = connection
+            .query_row("SELECT relayed, relayed_beyond FROM log_head", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .expect("watermark");
+        assert_eq!((relayed, beyond.as_str()), (7, "[]"));
     }
 }
