@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nsml_eventstore::EventStore;
+use nsml_eventstore::{EventStore, OutboxLease};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +14,9 @@ use crate::Bus;
 const BATCH: usize = 500;
 /// How long the relay waits before polling an empty outbox again (unless woken).
 const IDLE_POLL: Duration = Duration::from_millis(5);
+/// How long a relay without the outbox lease waits (unless woken by an append of its own process) before it
+/// looks at the outbox and the lease again.
+const UNLEASED_POLL: Duration = Duration::from_secs(1);
 /// First wait after a failure; doubles on each consecutive failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest wait after failures.
@@ -22,7 +25,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A running relay task, with a handle to wake it when new events were appended.
 ///
 /// Several relays (in several processes) over one store may publish the same event twice; consumers drop
-/// duplicates. An event leaves the outbox only after the bus accepted it.
+/// duplicates. An event leaves the outbox only after the bus accepted it. Where processes share the store, an
+/// [`OutboxLease`] keeps all but one of them from polling it: the others look only when woken by an append of
+/// their own (and once a second).
 #[derive(Debug)]
 pub struct Relay {
     wake: Arc<Notify>,
@@ -36,8 +41,19 @@ impl Relay {
         bus: Arc<dyn Bus>,
         cancel: CancellationToken,
     ) -> Relay {
+        Self::spawn_leased(store, bus, cancel, None)
+    }
+
+    /// Like [`Relay::spawn`], for a store other processes share: the relay polls the outbox only while it
+    /// holds `lease`.
+    pub fn spawn_leased(
+        store: Arc<dyn EventStore>,
+        bus: Arc<dyn Bus>,
+        cancel: CancellationToken,
+        lease: Option<Arc<dyn OutboxLease>>,
+    ) -> Relay {
         let wake = Arc::new(Notify::new());
-        let handle = tokio::spawn(run(store, bus, cancel, wake.clone()));
+        let handle = tokio::spawn(run(store, bus, cancel, wake.clone(), lease));
         Relay { wake, handle }
     }
 
@@ -81,6 +97,7 @@ async fn run(
     bus: Arc<dyn Bus>,
     cancel: CancellationToken,
     wake: Arc<Notify>,
+    lease: Option<Arc<dyn OutboxLease>>,
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -93,11 +110,19 @@ async fn run(
             Round::Relayed => backoff = FIRST_BACKOFF,
             Round::Idle => {
                 backoff = FIRST_BACKOFF;
+                let poll = match &lease {
+                    None => IDLE_POLL,
+                    Some(lease) => tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => return,
+                        held = lease.held() => if held { IDLE_POLL } else { UNLEASED_POLL },
+                    },
+                };
                 tokio::select! {
                     biased;
                     () = cancel.cancelled() => return,
                     () = wake.notified() => {}
-                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = tokio::time::sleep(poll) => {}
                 }
             }
             Round::Failed => {

@@ -15,12 +15,14 @@ use serde::{Deserialize, Serialize};
 mod chain;
 mod error;
 mod hash;
+mod lease;
 mod postgres;
 mod row;
 mod sqlite;
 
 pub use error::StoreError;
 pub use hash::{ChainBreak, ChainBreakKind, GENESIS_HASH, event_hash};
+pub use lease::{OutboxLease, PostgresLease};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 

@@ -8,6 +8,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
 use crate::error::is_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
+use crate::lease::PostgresLease;
 use crate::row::{ChainRow, EventRow, into_events, metadata_json, to_i64, to_u64};
 use crate::{Appended, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent};
 
@@ -36,6 +37,11 @@ impl PostgresStore {
             .await?;
         MIGRATOR.run(&pool).await?;
         Ok(PostgresStore { pool })
+    }
+
+    /// The lease deciding which of the processes sharing this database sweeps the outbox.
+    pub fn outbox_lease(&self) -> PostgresLease {
+        PostgresLease::new(self.pool.clone())
     }
 
     /// Closes every connection; later calls fail.

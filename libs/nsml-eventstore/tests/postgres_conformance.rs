@@ -3,10 +3,11 @@
 //! Set `NSML_TEST_POSTGRES=skip` to skip these tests, or to a URL to use another server.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use nsml_eventstore::conformance::{new_events, postgres_admin_url, with_fresh_postgres};
-use nsml_eventstore::{EventStore, ExpectedVersion, PostgresStore};
+use nsml_eventstore::{EventStore, ExpectedVersion, OutboxLease, PostgresStore};
 
 async fn run<F>(case: F)
 where
@@ -92,6 +93,39 @@ async fn several_stores_on_one_database_serialize_appends() {
         for store in stores {
             store.close().await;
         }
+    })
+    .await;
+}
+
+/// Of the processes sharing one database, one at a time holds the outbox lease; when it goes, another takes it.
+#[tokio::test]
+async fn one_process_at_a_time_holds_the_outbox_lease() {
+    let Some(admin) = postgres_admin_url() else {
+        return;
+    };
+    with_fresh_postgres(&admin, |url| async move {
+        let first = PostgresStore::connect(&url).await.expect("connect");
+        let second = PostgresStore::connect(&url).await.expect("connect");
+        let (first_lease, second_lease) = (first.outbox_lease(), second.outbox_lease());
+        assert!(first_lease.held().await, "a free lease is taken");
+        assert!(
+            !second_lease.held().await,
+            "a held lease is not taken twice"
+        );
+        assert!(first_lease.held().await, "the holder keeps it");
+
+        drop(first_lease);
+        first.close().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !second_lease.held().await {
+            assert!(
+                Instant::now() < deadline,
+                "the lease was not taken over after its holder went"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(second_lease);
+        second.close().await;
     })
     .await;
 }

@@ -11,7 +11,7 @@ use nsml_common::ServiceContext;
 use nsml_common::clients::{Clients, LocalRoutes, ServiceAddrs};
 use nsml_common::executor::Executor;
 use nsml_common::server::Started;
-use nsml_eventstore::EventStore;
+use nsml_eventstore::{EventStore, OutboxLease};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -178,24 +178,25 @@ fn find_beside_binary(rel: &str) -> Option<PathBuf> {
 impl Deployment {
     /// Opens the store and the bus named by the configuration.
     pub async fn open(config: Config) -> anyhow::Result<Self> {
-        let store: Arc<dyn EventStore> = if let Some(path) = config.store.strip_prefix("sqlite:") {
-            Arc::new(
-                nsml_eventstore::SqliteStore::open(Path::new(path))
+        // A Postgres log is shared by every process of the deployment: one at a time sweeps its outbox.
+        let (store, lease): (Arc<dyn EventStore>, Option<Arc<dyn OutboxLease>>) =
+            if let Some(path) = config.store.strip_prefix("sqlite:") {
+                let store = nsml_eventstore::SqliteStore::open(Path::new(path))
                     .await
-                    .with_context(|| format!("cannot open the SQLite log {path}"))?,
-            )
-        } else if config.store.starts_with("postgres") {
-            Arc::new(
-                nsml_eventstore::PostgresStore::connect(&config.store)
+                    .with_context(|| format!("cannot open the SQLite log {path}"))?;
+                (Arc::new(store), None)
+            } else if config.store.starts_with("postgres") {
+                let store = nsml_eventstore::PostgresStore::connect(&config.store)
                     .await
-                    .context("cannot open the Postgres log")?,
-            )
-        } else {
-            anyhow::bail!(
-                "unknown store `{}`: use sqlite:PATH or postgres://…",
-                config.store
-            );
-        };
+                    .context("cannot open the Postgres log")?;
+                let lease = Arc::new(store.outbox_lease());
+                (Arc::new(store), Some(lease))
+            } else {
+                anyhow::bail!(
+                    "unknown store `{}`: use sqlite:PATH or postgres://…",
+                    config.store
+                );
+            };
         let bus: Arc<dyn Bus> = if config.bus == "inprocess" {
             nsml_bus::InProcessBus::new()
         } else if config.bus.starts_with("nats://") {
@@ -208,9 +209,11 @@ impl Deployment {
                 config.bus
             );
         };
-        // One relay per process moves this process's appends from the outbox to the bus.
+        // One relay per process moves this process's appends from the outbox to the bus as they commit; the
+        // one holding the lease (if the log is shared) also sweeps up what other processes left.
         let cancel = CancellationToken::new();
-        let relay = nsml_bus::Relay::spawn(store.clone(), bus.clone(), cancel.clone());
+        let relay =
+            nsml_bus::Relay::spawn_leased(store.clone(), bus.clone(), cancel.clone(), lease);
         let store = nsml_bus::WakingStore::new(store, relay.waker());
         Ok(Self {
             config,
