@@ -9,7 +9,9 @@ use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
 use crate::error::is_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
 use crate::lease::PostgresLease;
-use crate::row::{ChainRow, EventRow, into_events, metadata_json, to_i64, to_u64};
+use crate::row::{
+    ChainRow, EventRow, advance_watermark, into_events, metadata_json, to_i64, to_u64,
+};
 use crate::{Appended, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -154,10 +156,6 @@ impl EventStore for PostgresStore {
             tx.rollback().await?;
             return Err(self.map_insert_error(err, stream, expected).await);
         }
-        sqlx::query("INSERT INTO outbox (position) SELECT UNNEST($1::BIGINT[])")
-            .bind(&positions)
-            .execute(&mut *tx)
-            .await?;
         sqlx::query("UPDATE log_head SET position = $1, hash = $2 WHERE id = 1")
             .bind(to_i64(last_position))
             .bind(&prev_hash)
@@ -239,9 +237,12 @@ impl EventStore for PostgresStore {
     }
 
     async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        // Positions commit in order (appends are serialized on `log_head`), so the events waiting are those
+        // above the watermark, less those acknowledged out of order.
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT e.position, e.stream, e.version, e.event_type, e.payload, e.metadata, e.hash \
-             FROM outbox o JOIN events e ON e.position = o.position ORDER BY o.position LIMIT $1",
+             FROM outbox_watermark w JOIN events e ON e.position > w.relayed \
+             WHERE w.id = 1 AND e.position <> ALL (w.relayed_beyond) ORDER BY e.position LIMIT $1",
         )
         .bind(to_i64(limit as u64))
         .fetch_all(&self.pool)
@@ -253,17 +254,34 @@ impl EventStore for PostgresStore {
         if positions.is_empty() {
             return Ok(());
         }
-        let positions: Vec<i64> = positions.iter().map(|&p| to_i64(p)).collect();
-        // Every process's relay reads the one outbox, so several acknowledge the same rows: rows another is
-        // deleting right now are skipped rather than waited for (should its delete fail, they stay and are
-        // published again, which consumers drop as duplicates).
-        sqlx::query(
-            "DELETE FROM outbox WHERE position IN \
-             (SELECT position FROM outbox WHERE position = ANY($1) FOR UPDATE SKIP LOCKED)",
+        // The watermark row is locked for the acknowledgement, never by appends, so relays of several
+        // processes acknowledging at once wait only for each other.
+        let mut tx = self.pool.begin().await?;
+        let (relayed, beyond, head): (i64, Vec<i64>, i64) = sqlx::query_as(
+            "SELECT w.relayed, w.relayed_beyond, (SELECT position FROM log_head WHERE id = 1) \
+             FROM outbox_watermark w WHERE w.id = 1 FOR UPDATE",
         )
-        .bind(&positions)
-        .execute(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        let beyond = beyond
+            .into_iter()
+            .map(|p| to_u64(p, "acknowledged position"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (relayed, head) = (
+            to_u64(relayed, "relay watermark")?,
+            to_u64(head, "position")?,
+        );
+        if let Some((relayed, beyond)) = advance_watermark(relayed, beyond, head, positions) {
+            let beyond: Vec<i64> = beyond.into_iter().map(to_i64).collect();
+            sqlx::query(
+                "UPDATE outbox_watermark SET relayed = $1, relayed_beyond = $2 WHERE id = 1",
+            )
+            .bind(to_i64(relayed))
+            .bind(&beyond)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -1,5 +1,7 @@
 //! Rows as both backends read them, and their conversion to [`StoredEvent`]s.
 
+use std::collections::BTreeSet;
+
 use crate::{Metadata, StoreError, StoredEvent};
 
 /// Columns selected for an event read: position, stream, version, event_type, payload, metadata, hash.
@@ -53,4 +55,42 @@ pub(crate) fn metadata_json(metadata: &Metadata) -> String {
     // Invariant: `Metadata` holds only strings and integers under fixed field names, which serde_json always
     // serializes.
     serde_json::to_string(metadata).expect("metadata always serializes to json")
+}
+
+/// The relay's watermark after acknowledging `positions`: every event at or below `relayed` was published,
+/// and `beyond` holds positions above it acknowledged out of order. Positions just above the watermark move
+/// it on; others wait in `beyond` until the gap below them closes. Positions at or below the watermark, or
+/// beyond `head` (not appended yet), are ignored. `None` when nothing changes.
+pub(crate) fn advance_watermark(
+    relayed: u64,
+    beyond: impl IntoIterator<Item = u64>,
+    head: u64,
+    positions: &[u64],
+) -> Option<(u64, Vec<u64>)> {
+    let mut acked: BTreeSet<u64> = beyond.into_iter().collect();
+    let before = (relayed, acked.len());
+    acked.extend(positions.iter().filter(|&&p| p > relayed && p <= head));
+    let mut relayed = relayed;
+    while acked.remove(&(relayed + 1)) {
+        relayed += 1;
+    }
+    ((relayed, acked.len()) != before).then(|| (relayed, acked.into_iter().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advance_watermark;
+
+    #[test]
+    fn the_watermark_moves_over_what_was_acknowledged_in_order() {
+        assert_eq!(advance_watermark(0, [], 5, &[1, 2]), Some((2, vec![])));
+        assert_eq!(advance_watermark(2, [], 5, &[4]), Some((2, vec![4])));
+        assert_eq!(advance_watermark(2, [4], 5, &[3]), Some((4, vec![])));
+        assert_eq!(
+            advance_watermark(4, [], 5, &[1, 4, 99]),
+            None,
+            "old and unknown positions"
+        );
+        assert_eq!(advance_watermark(4, [], 5, &[]), None);
+    }
 }

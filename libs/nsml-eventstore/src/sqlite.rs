@@ -1,7 +1,7 @@
 //! The SQLite backend: one database file (or memory) in WAL mode. A writer thread owns the write connection and
 //! commits the appends queued at any moment together; reads run on a small pool of connections of their own.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use crate::chain::{ChainWalker, beyond_head};
 use crate::error::is_sqlite_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
-use crate::row::{ChainRow, decode_metadata, metadata_json, to_i64, to_u64};
+use crate::row::{ChainRow, advance_watermark, decode_metadata, metadata_json, to_i64, to_u64};
 use crate::{
     Appended, Chain, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError, StoredEvent,
 };
@@ -88,7 +88,7 @@ macro_rules! select_events {
 /// written by the same thread, between batches.
 ///
 /// Positions are handed out in commit order, so the outbox is a watermark on the head row: the events above it
-/// wait for the relay (see `docs/adr/2026-11-27-sqlite-outbox-is-a-watermark.md`).
+/// wait for the relay (see `docs/adr/2026-11-27-the-outbox-is-a-watermark.md`).
 ///
 /// Reads run on blocking threads with read connections of their own, kept in a small pool; WAL lets them run
 /// beside the writer and see every commit made before they start. A log in memory has a single connection, so
@@ -770,31 +770,27 @@ fn waiting(connection: &Connection, limit: usize) -> Result<Vec<StoredEvent>, St
     )
 }
 
-/// Takes published events out of the outbox by moving the relay's watermark in the head row: positions just
-/// above it move it on, others wait in `relayed_beyond` until the gap below them closes. Positions at or below
-/// the watermark, or beyond the head (not appended yet), are ignored. Runs in the writer's transaction, which
-/// rewrites the head row's page anyway when it appends.
+/// Takes published events out of the outbox by moving the relay's watermark in the head row (see
+/// [`advance_watermark`]). Runs in the writer's transaction, which rewrites the head row's page anyway when it
+/// appends.
 fn acknowledge(connection: &Connection, positions: &[u64]) -> Result<(), StoreError> {
     let (head, relayed, beyond): (i64, i64, String) = connection
         .prepare_cached("SELECT position, relayed, relayed_beyond FROM log_head WHERE id = 1")?
         .query_row([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-    let head = to_u64(head, "position")?;
-    let mut relayed = to_u64(relayed, "relay watermark")?;
-    let mut acked: BTreeSet<u64> = serde_json::from_str(&beyond).map_err(|e| {
+    let beyond: Vec<u64> = serde_json::from_str(&beyond).map_err(|e| {
         StoreError::Corrupt(format!(
             "the positions acknowledged beyond the relay watermark are not a list of positions: {e}"
         ))
     })?;
-    let before = (relayed, acked.len());
-    acked.extend(positions.iter().filter(|&&p| p > relayed && p <= head));
-    while acked.remove(&(relayed + 1)) {
-        relayed += 1;
-    }
-    if (relayed, acked.len()) != before {
-        let beyond = serde_json::Value::from(acked.into_iter().collect::<Vec<_>>()).to_string();
+    let head = to_u64(head, "position")?;
+    let relayed = to_u64(relayed, "relay watermark")?;
+    if let Some((relayed, beyond)) = advance_watermark(relayed, beyond, head, positions) {
         connection
             .prepare_cached("UPDATE log_head SET relayed = ?1, relayed_beyond = ?2 WHERE id = 1")?
-            .execute(params![to_i64(relayed), beyond])?;
+            .execute(params![
+                to_i64(relayed),
+                serde_json::Value::from(beyond).to_string()
+            ])?;
     }
     Ok(())
 }

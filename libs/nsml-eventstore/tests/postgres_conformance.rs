@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use nsml_eventstore::conformance::{new_events, postgres_admin_url, with_fresh_postgres};
 use nsml_eventstore::{EventStore, ExpectedVersion, OutboxLease, PostgresStore};
+use sqlx::{Connection, PgConnection};
 
 async fn run<F>(case: F)
 where
@@ -126,6 +127,44 @@ async fn one_process_at_a_time_holds_the_outbox_lease() {
         }
         drop(second_lease);
         second.close().await;
+    })
+    .await;
+}
+
+/// A database made before the watermark keeps its outbox through the upgrade: the watermark goes just below
+/// the oldest event waiting, and the events above it no longer waiting are kept as acknowledged.
+#[tokio::test]
+async fn the_upgrade_keeps_what_was_waiting() {
+    let Some(admin) = postgres_admin_url() else {
+        return;
+    };
+    with_fresh_postgres(&admin, |url| async move {
+        let mut db = PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql(include_str!("../migrations/postgres/0001_event_log.sql"))
+            .execute(&mut db)
+            .await
+            .expect("the original schema");
+        // Seven events; 1 to 3 and 5 were published and acknowledged, 4, 6 and 7 wait.
+        sqlx::raw_sql(
+            "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
+             SELECT p, 's', p, 't', '', '{}', '', '' FROM generate_series(1, 7) p; \
+             UPDATE log_head SET position = 7; \
+             INSERT INTO outbox (position) VALUES (4), (6), (7);",
+        )
+        .execute(&mut db)
+        .await
+        .expect("the original outbox");
+        sqlx::raw_sql(include_str!("../migrations/postgres/0002_relay_watermark.sql"))
+            .execute(&mut db)
+            .await
+            .expect("upgrade");
+        let (relayed, beyond): (i64, Vec<i64>) =
+            sqlx::query_as("SELECT relayed, relayed_beyond FROM outbox_watermark")
+                .fetch_one(&mut db)
+                .await
+                .expect("watermark");
+        assert_eq!((relayed, beyond), (3, vec![5]));
+        db.close().await.expect("close");
     })
     .await;
 }
