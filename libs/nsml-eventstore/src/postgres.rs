@@ -238,11 +238,13 @@ impl EventStore for PostgresStore {
 
     async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         // Positions commit in order (appends are serialized on `log_head`), so the events waiting are those
-        // above the watermark, less those acknowledged out of order.
+        // above the watermark, less those acknowledged out of order. The watermark is read in subqueries of
+        // their own so that the planner scans `events` from it on; as a join it walked the whole log.
         let rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT e.position, e.stream, e.version, e.event_type, e.payload, e.metadata, e.hash \
-             FROM outbox_watermark w JOIN events e ON e.position > w.relayed \
-             WHERE w.id = 1 AND e.position <> ALL (w.relayed_beyond) ORDER BY e.position LIMIT $1",
+            "SELECT position, stream, version, event_type, payload, metadata, hash FROM events \
+             WHERE position > (SELECT relayed FROM outbox_watermark WHERE id = 1) \
+             AND position <> ALL (ARRAY(SELECT unnest(relayed_beyond) FROM outbox_watermark WHERE id = 1)) \
+             ORDER BY position LIMIT $1",
         )
         .bind(to_i64(limit as u64))
         .fetch_all(&self.pool)
