@@ -54,12 +54,12 @@ impl PostgresLease {
     /// Looks at the lease: a holder checks that its connection (and so its lock) is still there; anyone else
     /// tries to take the lock, on a fresh connection if it has none.
     async fn look(&self, state: &mut LeaseState) -> Result<bool, sqlx::Error> {
-        if state.connection.is_none() {
-            let options = (*self.pool.connect_options()).clone();
-            state.connection = Some(options.connect().await?);
-        }
-        let Some(connection) = state.connection.as_mut() else {
-            return Ok(false);
+        let connection = match &mut state.connection {
+            Some(connection) => connection,
+            None => {
+                let options = (*self.pool.connect_options()).clone();
+                state.connection.insert(options.connect().await?)
+            }
         };
         if state.held {
             connection.ping().await?;

@@ -10,15 +10,24 @@ use nsml_eventstore::conformance::{new_events, postgres_admin_url, with_fresh_po
 use nsml_eventstore::{EventStore, ExpectedVersion, OutboxLease, PostgresStore};
 use sqlx::{Connection, PgConnection};
 
-async fn run<F>(case: F)
+/// Runs `test` with the URL of a fresh database, dropped afterwards; does nothing when Postgres tests are off.
+async fn on_fresh_database<F, Fut>(test: F)
 where
-    F: FnOnce(Arc<PostgresStore>) -> BoxFuture<'static, ()>,
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = ()>,
 {
     let Some(admin) = postgres_admin_url() else {
         eprintln!("NSML_TEST_POSTGRES=skip: not running Postgres tests");
         return;
     };
-    with_fresh_postgres(&admin, |url| async move {
+    with_fresh_postgres(&admin, test).await;
+}
+
+async fn run<F>(case: F)
+where
+    F: FnOnce(Arc<PostgresStore>) -> BoxFuture<'static, ()>,
+{
+    on_fresh_database(|url| async move {
         let store = PostgresStore::connect(&url).await.expect("connecting");
         case(Arc::new(store.clone())).await;
         store.close().await;
@@ -31,10 +40,7 @@ nsml_eventstore::conformance_suite!(run);
 /// Stores with pools of their own stand for processes: appends from all of them stay serialized and gapless.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn several_stores_on_one_database_serialize_appends() {
-    let Some(admin) = postgres_admin_url() else {
-        return;
-    };
-    with_fresh_postgres(&admin, |url| async move {
+    on_fresh_database(|url| async move {
         let mut stores = Vec::new();
         for _ in 0..3 {
             stores.push(Arc::new(
@@ -101,10 +107,7 @@ async fn several_stores_on_one_database_serialize_appends() {
 /// Of the processes sharing one database, one at a time holds the outbox lease; when it goes, another takes it.
 #[tokio::test]
 async fn one_process_at_a_time_holds_the_outbox_lease() {
-    let Some(admin) = postgres_admin_url() else {
-        return;
-    };
-    with_fresh_postgres(&admin, |url| async move {
+    on_fresh_database(|url| async move {
         let first = PostgresStore::connect(&url).await.expect("connect");
         let second = PostgresStore::connect(&url).await.expect("connect");
         let (first_lease, second_lease) = (first.outbox_lease(), second.outbox_lease());
@@ -135,10 +138,7 @@ async fn one_process_at_a_time_holds_the_outbox_lease() {
 /// the oldest event waiting, and the events above it no longer waiting are kept as acknowledged.
 #[tokio::test]
 async fn the_upgrade_keeps_what_was_waiting() {
-    let Some(admin) = postgres_admin_url() else {
-        return;
-    };
-    with_fresh_postgres(&admin, |url| async move {
+    on_fresh_database(|url| async move {
         let mut db = PgConnection::connect(&url).await.expect("connect");
         sqlx::raw_sql(include_str!("../migrations/postgres/0001_event_log.sql"))
             .execute(&mut db)
