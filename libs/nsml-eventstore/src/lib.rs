@@ -19,6 +19,7 @@ mod lease;
 mod postgres;
 mod row;
 mod sqlite;
+mod tail;
 
 pub use error::StoreError;
 pub use hash::{ChainBreak, ChainBreakKind, GENESIS_HASH, event_hash};

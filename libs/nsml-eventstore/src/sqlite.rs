@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, Row, params};
 use sqlx::Connection as _;
@@ -20,8 +20,10 @@ use crate::chain::{ChainWalker, beyond_head};
 use crate::error::is_sqlite_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
 use crate::row::{ChainRow, advance_watermark, decode_metadata, metadata_json, to_i64, to_u64};
+use crate::tail::OutboxTail;
 use crate::{
-    Appended, Chain, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError, StoredEvent,
+    Appended, Chain, EventStore, ExpectedVersion, Metadata, NewEvent, PendingAppend, StoreError,
+    StoredEvent,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -116,6 +118,8 @@ struct Shared {
     checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     /// Idle read connections.
     readers: Mutex<Vec<Connection>>,
+    /// The outbox as the writer thread left it, for the relay (see [`OutboxTail`]).
+    tail: Arc<OutboxTail>,
     closed: AtomicBool,
 }
 
@@ -153,6 +157,8 @@ struct EncodedEvent {
     event_type: String,
     payload: Vec<u8>,
     metadata: String,
+    /// The metadata itself, for the outbox tail once the event has committed.
+    fields: Metadata,
 }
 
 impl SqliteStore {
@@ -195,9 +201,11 @@ impl SqliteStore {
             }
             None => None,
         };
+        let tail = Arc::new(OutboxTail::default());
+        let writer_tail = tail.clone();
         let thread = std::thread::Builder::new()
             .name(WRITER_THREAD.to_owned())
-            .spawn(move || run_writer(connection, requests))
+            .spawn(move || run_writer(connection, requests, &writer_tail))
             .map_err(StoreError::Thread)?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
@@ -206,6 +214,7 @@ impl SqliteStore {
                 thread: Mutex::new(Some(thread)),
                 checkpointer: Mutex::new(checkpointer),
                 readers: Mutex::new(Vec::new()),
+                tail,
                 closed: AtomicBool::new(false),
             }),
         })
@@ -366,6 +375,7 @@ fn encode(events: Vec<NewEvent>) -> Vec<EncodedEvent> {
             metadata: metadata_json(&event.metadata),
             event_type: event.event_type,
             payload: event.payload,
+            fields: event.metadata,
         })
         .collect()
 }
@@ -488,7 +498,7 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 /// The writer thread: serves requests until every sender is gone, committing queued appends in batches.
-fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>) {
+fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>, tail: &OutboxTail) {
     let mut held_back = None;
     loop {
         let request = match held_back.take() {
@@ -501,6 +511,8 @@ fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>) {
         let (mut batch, mut writes) = (Vec::new(), Vec::new());
         match request {
             Request::Job(job) => {
+                // A job may change the log in ways the tail cannot follow; one that reads the outbox sets it again.
+                tail.forget();
                 job(&mut connection);
                 continue;
             }
@@ -518,7 +530,7 @@ fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        commit_batch_with(&connection, batch, writes);
+        commit_batch_with(&connection, batch, writes, tail);
     }
 }
 
@@ -531,24 +543,41 @@ struct Head {
 /// Writes a batch of appends in one transaction and answers each once the transaction has committed.
 #[cfg(test)]
 fn commit_batch(connection: &Connection, batch: Vec<AppendRequest>) {
-    commit_batch_with(connection, batch, Vec::new());
+    commit_batch_with(connection, batch, Vec::new(), &OutboxTail::default());
 }
 
 /// Writes a batch of appends and small writes in one transaction and answers each once the transaction has
-/// committed.
+/// committed. The committed events join the outbox `tail` before anyone is answered, so a relay woken by an
+/// answer finds them there.
 fn commit_batch_with(
     connection: &Connection,
     batch: Vec<AppendRequest>,
     writes: Vec<WriteRequest>,
+    tail: &OutboxTail,
 ) {
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut written = Vec::with_capacity(writes.len());
     let (replies, writes): (Vec<_>, Vec<_>) =
         writes.into_iter().map(|w| (w.reply, w.write)).unzip();
     match write_batch(connection, &batch, writes, &mut written, &mut outcomes) {
-        Ok(()) => {
+        Ok((start, end)) => {
+            let following = tail.follows(start);
+            let mut committed = Vec::new();
+            let mut answers = Vec::with_capacity(batch.len());
             for (request, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = request.reply.send(outcome);
+                let outcome = outcome.map(|(appended, hashes)| {
+                    if following {
+                        committed.extend(stored(request.stream, request.events, appended, hashes));
+                    }
+                    appended
+                });
+                answers.push((request.reply, outcome));
+            }
+            if following {
+                tail.committed(start, end, committed);
+            }
+            for (reply, outcome) in answers {
+                let _ = reply.send(outcome);
             }
             for (reply, outcome) in replies.into_iter().zip(written) {
                 let _ = reply.send(outcome);
@@ -573,14 +602,41 @@ fn commit_batch_with(
     }
 }
 
-/// Runs the batch's appends, each in a savepoint, and commits. An `Err` fails the whole batch: nothing is stored.
+/// The events of a committed append, as the log stores them.
+fn stored(
+    stream: String,
+    events: Vec<EncodedEvent>,
+    appended: Appended,
+    hashes: Vec<String>,
+) -> impl Iterator<Item = StoredEvent> {
+    let first_version = appended.version + 1 - events.len() as u64;
+    events
+        .into_iter()
+        .zip(hashes)
+        .zip(0u64..)
+        .map(move |((event, hash), i)| StoredEvent {
+            position: appended.first_position + i,
+            stream: stream.clone(),
+            version: first_version + i,
+            event_type: event.event_type,
+            payload: event.payload,
+            metadata: event.fields,
+            hash,
+        })
+}
+
+/// An append's outcome inside the writer: what its caller is answered, and the hash of each event it stored.
+type AppendOutcome = Result<(Appended, Vec<String>), StoreError>;
+
+/// Runs the batch's appends, each in a savepoint, and commits; returns the log's last position before and after.
+/// An `Err` fails the whole batch: nothing is stored.
 fn write_batch(
     connection: &Connection,
     batch: &[AppendRequest],
     writes: Vec<Write>,
     written: &mut Vec<Result<(), StoreError>>,
-    outcomes: &mut Vec<Result<Appended, StoreError>>,
-) -> rusqlite::Result<()> {
+    outcomes: &mut Vec<AppendOutcome>,
+) -> rusqlite::Result<(u64, u64)> {
     if !connection.is_autocommit() {
         // A transaction left open by a job that failed half-way.
         connection.execute_batch("ROLLBACK")?;
@@ -628,7 +684,7 @@ fn write_batch(
             .execute(params![to_i64(head.position), head.hash])?;
     }
     connection.prepare_cached("COMMIT")?.execute([])?;
-    Ok(())
+    Ok((start, head.position))
 }
 
 /// Writes one append of a batch in a savepoint. The inner result is the append's own outcome; an outer `Err`
@@ -638,7 +694,7 @@ fn append_one<'a>(
     request: &'a AppendRequest,
     head: &mut Head,
     versions: &mut HashMap<&'a str, u64>,
-) -> rusqlite::Result<Result<Appended, StoreError>> {
+) -> rusqlite::Result<AppendOutcome> {
     let stream = request.stream.as_str();
     let current = match versions.get(stream) {
         Some(&version) => version,
@@ -662,16 +718,17 @@ fn append_one<'a>(
         }));
     }
     if request.events.is_empty() {
-        return Ok(Ok(Appended {
+        let appended = Appended {
             version: current,
             first_position: head.position + 1,
             last_position: head.position,
-        }));
+        };
+        return Ok(Ok((appended, Vec::new())));
     }
 
     connection.prepare_cached("SAVEPOINT append")?.execute([])?;
     match insert_events(connection, request, head, current) {
-        Ok((last_position, last_hash, version)) => {
+        Ok((last_position, hashes, version)) => {
             connection.prepare_cached("RELEASE append")?.execute([])?;
             let appended = Appended {
                 version,
@@ -679,9 +736,11 @@ fn append_one<'a>(
                 last_position,
             };
             head.position = last_position;
-            head.hash = last_hash;
+            if let Some(last) = hashes.last() {
+                head.hash.clone_from(last);
+            }
             versions.insert(stream, version);
-            Ok(Ok(appended))
+            Ok(Ok((appended, hashes)))
         }
         Err(err) => {
             if connection.is_autocommit() {
@@ -709,25 +768,25 @@ fn append_one<'a>(
     }
 }
 
-/// Inserts an append's events after `head`; returns the last position, hash and stream version. The events
-/// wait for the relay simply by lying above its watermark (see [`acknowledge`]).
+/// Inserts an append's events after `head`; returns the last position, each event's hash and the stream's
+/// version. The events wait for the relay simply by lying above its watermark (see [`acknowledge`]).
 fn insert_events(
     connection: &Connection,
     request: &AppendRequest,
     head: &Head,
     current: u64,
-) -> rusqlite::Result<(u64, String, u64)> {
+) -> rusqlite::Result<(u64, Vec<String>, u64)> {
     let mut insert = connection.prepare_cached(
         "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     let mut position = head.position;
     let mut version = current;
-    let mut prev_hash: Option<String> = None;
+    let mut hashes: Vec<String> = Vec::with_capacity(request.events.len());
     for event in &request.events {
         position += 1;
         version += 1;
-        let prev = prev_hash.as_deref().unwrap_or(&head.hash);
+        let prev = hashes.last().unwrap_or(&head.hash);
         let hash = event_hash(
             prev,
             position,
@@ -747,11 +806,9 @@ fn insert_events(
             prev,
             hash,
         ])?;
-        prev_hash = Some(hash);
+        hashes.push(hash);
     }
-    // Invariant: the caller passes at least one event, so a hash was computed.
-    let last_hash = prev_hash.unwrap_or_else(|| head.hash.clone());
-    Ok((position, last_hash, version))
+    Ok((position, hashes, version))
 }
 
 /// The outbox: up to `limit` events the relay has not acknowledged, oldest first. They are the events above
@@ -793,6 +850,14 @@ fn acknowledge(connection: &Connection, positions: &[u64]) -> Result<(), StoreEr
             ])?;
     }
     Ok(())
+}
+
+/// The log's last position.
+fn head_position(connection: &Connection) -> Result<u64, StoreError> {
+    let position = connection
+        .prepare_cached("SELECT position FROM log_head WHERE id = 1")?
+        .query_row([], |row| row.get(0))?;
+    to_u64(position, "position")
 }
 
 fn stream_version_of(connection: &Connection, stream: &str) -> rusqlite::Result<i64> {
@@ -972,27 +1037,41 @@ impl EventStore for SqliteStore {
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {
-        self.read(|connection| {
-            let position = connection
-                .prepare_cached("SELECT position FROM log_head WHERE id = 1")?
-                .query_row([], |row| row.get(0))?;
-            to_u64(position, "position")
-        })
-        .await
+        self.read(head_position).await
     }
 
+    /// From memory while the writer thread knows the outbox (see [`OutboxTail`]); otherwise from the database,
+    /// and a short outbox is read once more on the writer thread, between commits, so that it can follow from there.
     async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        self.read(move |connection| waiting(connection, limit))
-            .await
+        if let Some(events) = self.shared.tail.peek(limit, Instant::now()) {
+            return Ok(events);
+        }
+        let events = self
+            .read(move |connection| waiting(connection, limit))
+            .await?;
+        if events.len() >= limit {
+            return Ok(events);
+        }
+        let tail = self.shared.tail.clone();
+        self.on_writer(move |connection| {
+            let events = waiting(connection, limit)?;
+            if events.len() < limit {
+                tail.reset(head_position(connection)?, &events, Instant::now());
+            }
+            Ok(events)
+        })
+        .await
     }
 
     async fn outbox_ack(&self, positions: &[u64]) -> Result<(), StoreError> {
         if positions.is_empty() {
             return Ok(());
         }
-        let positions = positions.to_vec();
-        self.write_with_next_batch(move |connection| acknowledge(connection, &positions))
-            .await
+        let acknowledged = positions.to_vec();
+        self.write_with_next_batch(move |connection| acknowledge(connection, &acknowledged))
+            .await?;
+        self.shared.tail.acknowledged(positions);
+        Ok(())
     }
 
     async fn load_checkpoint(&self, consumer: &str) -> Result<u64, StoreError> {
@@ -1284,5 +1363,61 @@ mod tests {
             })
             .expect("watermark");
         assert_eq!((relayed, beyond.as_str()), (7, "[]"));
+    }
+
+    /// What the relay reads of the outbox is what the database holds, whether it comes from the writer's memory
+    /// or from the file: after commits, out-of-order acknowledgements and appends by another store on the file.
+    #[tokio::test]
+    async fn the_outbox_read_from_memory_is_the_outbox_in_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("log.db");
+        let one = SqliteStore::open(&path).await.expect("open");
+        let other = SqliteStore::open(&path).await.expect("open");
+        let in_file = || async {
+            one.read(|connection| waiting(connection, 100))
+                .await
+                .expect("read")
+        };
+        let positions =
+            |events: &[StoredEvent]| events.iter().map(|e| e.position).collect::<Vec<_>>();
+
+        one.append("a", ExpectedVersion::NoStream, new_events("a", 1))
+            .await
+            .expect("append");
+        // The first look reads the file; the writer then follows its own commits.
+        assert_eq!(one.outbox_peek(100).await.expect("peek"), in_file().await);
+        one.append("a", ExpectedVersion::Exact(1), new_events("a", 2))
+            .await
+            .expect("append");
+        one.append("b", ExpectedVersion::NoStream, new_events("b", 1))
+            .await
+            .expect("append");
+        let peeked = one.outbox_peek(100).await.expect("peek");
+        assert_eq!(positions(&peeked), vec![1, 2, 3, 4]);
+        assert_eq!(peeked, in_file().await);
+        assert_eq!(
+            positions(&one.outbox_peek(2).await.expect("peek")),
+            vec![1, 2]
+        );
+
+        one.outbox_ack(&[3, 1]).await.expect("ack");
+        let peeked = one.outbox_peek(100).await.expect("peek");
+        assert_eq!(positions(&peeked), vec![2, 4]);
+        assert_eq!(peeked, in_file().await);
+
+        // Another store on the file appends 5; this store's next commit (6) does not start where its memory
+        // left off, so it reads the file again.
+        other
+            .append("c", ExpectedVersion::NoStream, new_events("c", 1))
+            .await
+            .expect("append");
+        one.append("a", ExpectedVersion::Exact(3), new_events("a", 1))
+            .await
+            .expect("append");
+        let peeked = one.outbox_peek(100).await.expect("peek");
+        assert_eq!(positions(&peeked), vec![2, 4, 5, 6]);
+        assert_eq!(peeked, in_file().await);
+        one.close().await;
+        other.close().await;
     }
 }
