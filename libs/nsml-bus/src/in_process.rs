@@ -17,7 +17,7 @@ use crate::{Bus, BusError};
 /// shows as a gap in positions, which [`subscribe_log`](crate::subscribe_log) fills from the store.
 #[derive(Debug)]
 pub struct InProcessBus {
-    sender: broadcast::Sender<StoredEvent>,
+    sender: broadcast::Sender<Arc<StoredEvent>>,
 }
 
 impl InProcessBus {
@@ -41,12 +41,12 @@ impl Bus for InProcessBus {
     async fn publish(&self, events: &[StoredEvent]) -> Result<(), BusError> {
         for event in events {
             // An error only means nobody is subscribed right now; the event is still accepted.
-            let _ = self.sender.send(event.clone());
+            let _ = self.sender.send(Arc::new(event.clone()));
         }
         Ok(())
     }
 
-    async fn subscribe(&self) -> Result<BoxStream<'static, StoredEvent>, BusError> {
+    async fn subscribe(&self) -> Result<BoxStream<'static, Arc<StoredEvent>>, BusError> {
         let events = BroadcastStream::new(self.sender.subscribe()).filter_map(|item| async move {
             match item {
                 Ok(event) => Some(event),

@@ -8,6 +8,8 @@
 //! Two buses: [`InProcessBus`] for a single process (`nsmld`), and [`NatsBus`] (NATS JetStream) for services in
 //! separate processes.
 
+use std::sync::Arc;
+
 use futures::stream::BoxStream;
 use nsml_eventstore::StoredEvent;
 
@@ -32,6 +34,6 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, events: &[StoredEvent]) -> Result<(), BusError>;
 
     /// Live events published from now on (may contain duplicates; may arrive out of position order when several
-    /// processes relay).
-    async fn subscribe(&self) -> Result<BoxStream<'static, StoredEvent>, BusError>;
+    /// processes relay). Events are shared: every subscriber of a process gets the same one.
+    async fn subscribe(&self) -> Result<BoxStream<'static, Arc<StoredEvent>>, BusError>;
 }

@@ -157,7 +157,7 @@ impl Bus for NatsBus {
         Ok(())
     }
 
-    async fn subscribe(&self) -> Result<BoxStream<'static, StoredEvent>, BusError> {
+    async fn subscribe(&self) -> Result<BoxStream<'static, Arc<StoredEvent>>, BusError> {
         let consumer = self
             .stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -181,7 +181,7 @@ impl Bus for NatsBus {
                     Err(())
                 }
             };
-            async move { result.ok() }
+            async move { result.ok().map(Arc::new) }
         });
         Ok(events.boxed())
     }

@@ -17,13 +17,10 @@ const PAGE: usize = 1000;
 
 /// What a log subscription yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "nearly every delivery is an event; boxing it would cost an allocation each"
-)]
 pub enum Delivery {
-    /// The next event for the subscriber (each event once per subscription).
-    Event(StoredEvent),
+    /// The next event for the subscriber (each event once per subscription), shared with the process's other
+    /// subscribers.
+    Event(Arc<StoredEvent>),
     /// Every event stored when the subscription started has been delivered; live events follow. Sent once.
     CaughtUp,
 }
@@ -119,9 +116,9 @@ impl Delivered {
 struct LogSubscription {
     store: Arc<dyn EventStore>,
     /// The bus subscription; `None` once the bus ended it.
-    live: Option<BoxStream<'static, StoredEvent>>,
+    live: Option<BoxStream<'static, Arc<StoredEvent>>>,
     delivered: Delivered,
-    ready: VecDeque<StoredEvent>,
+    ready: VecDeque<Arc<StoredEvent>>,
     phase: Phase,
     next_poll: Instant,
     /// The last store read failed: pause before the next one.
@@ -129,12 +126,8 @@ struct LogSubscription {
 }
 
 /// What woke a live subscription.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "a short-lived local value; boxing the event would cost an allocation per event"
-)]
 enum Wake {
-    Event(StoredEvent),
+    Event(Arc<StoredEvent>),
     BusEnded,
     Poll,
 }
@@ -217,7 +210,7 @@ impl LogSubscription {
         let len = page.len();
         for event in page {
             if self.delivered.insert(event.position) {
-                self.ready.push_back(event);
+                self.ready.push_back(Arc::new(event));
             }
         }
         Ok(len)
@@ -225,7 +218,7 @@ impl LogSubscription {
 
     /// Takes a live event: drops it if delivered already, otherwise queues it, after whatever the store has of
     /// the positions missing below it.
-    async fn accept(&mut self, event: StoredEvent) -> Result<(), BusError> {
+    async fn accept(&mut self, event: Arc<StoredEvent>) -> Result<(), BusError> {
         let position = event.position;
         if self.delivered.contains(position) {
             return Ok(());
@@ -253,7 +246,7 @@ impl LogSubscription {
                 }
                 after = stored.position;
                 if self.delivered.insert(stored.position) {
-                    self.ready.push_back(stored);
+                    self.ready.push_back(Arc::new(stored));
                 }
             }
             if short {

@@ -140,7 +140,7 @@ async fn catch_up(log: &mut Log) -> Vec<StoredEvent> {
     let mut events = Vec::new();
     loop {
         match next_delivery(log).await {
-            Delivery::Event(e) => events.push(e),
+            Delivery::Event(e) => events.push(Arc::unwrap_or_clone(e)),
             Delivery::CaughtUp => return events,
         }
     }
@@ -151,7 +151,7 @@ async fn live(log: &mut Log, n: usize) -> Vec<StoredEvent> {
     let mut events = Vec::new();
     while events.len() < n {
         match next_delivery(log).await {
-            Delivery::Event(e) => events.push(e),
+            Delivery::Event(e) => events.push(Arc::unwrap_or_clone(e)),
             Delivery::CaughtUp => panic!("a second CaughtUp"),
         }
     }
@@ -345,7 +345,7 @@ impl Bus for Flaky {
         self.inner.publish(events).await
     }
 
-    async fn subscribe(&self) -> Result<BoxStream<'static, StoredEvent>, BusError> {
+    async fn subscribe(&self) -> Result<BoxStream<'static, Arc<StoredEvent>>, BusError> {
         self.inner.subscribe().await
     }
 }
@@ -415,7 +415,7 @@ impl Bus for Ended {
         Ok(())
     }
 
-    async fn subscribe(&self) -> Result<BoxStream<'static, StoredEvent>, BusError> {
+    async fn subscribe(&self) -> Result<BoxStream<'static, Arc<StoredEvent>>, BusError> {
         Ok(futures::stream::empty().boxed())
     }
 }

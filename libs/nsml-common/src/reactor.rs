@@ -33,7 +33,7 @@ pub async fn run<F, Fut, E>(
     cancel: CancellationToken,
     mut handle: F,
 ) where
-    F: FnMut(StoredEvent) -> Fut + Send,
+    F: FnMut(Arc<StoredEvent>) -> Fut + Send,
     Fut: Future<Output = Result<(), E>> + Send,
     E: std::fmt::Display,
 {
