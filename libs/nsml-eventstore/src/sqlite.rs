@@ -90,7 +90,9 @@ macro_rules! select_events {
 /// written by the same thread, between batches.
 ///
 /// Positions are handed out in commit order, so the outbox is a watermark on the head row: the events above it
-/// wait for the relay (see `docs/adr/2026-11-27-the-outbox-is-a-watermark.md`).
+/// wait for the relay (see `docs/adr/2026-11-27-the-outbox-is-a-watermark.md`). The writer thread also keeps the
+/// outbox in memory while it can follow it, so the relay gets the events it was just woken for without reading
+/// them back from the file (see [`OutboxTail`]).
 ///
 /// Reads run on blocking threads with read connections of their own, kept in a small pool; WAL lets them run
 /// beside the writer and see every commit made before they start. A log in memory has a single connection, so
