@@ -132,8 +132,18 @@ enum Request {
     /// A small write (an outbox acknowledgement, a consumer checkpoint) committed with the next batch of
     /// appends rather than in a transaction of its own.
     Write(WriteRequest),
-    /// Any other work on the write connection, run on its own between batches.
-    Job(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// Any other work on the write connection, run on its own between batches; it may change the log behind the
+    /// outbox tail's back unless it only reads.
+    Job(Box<dyn FnOnce(&mut Connection) + Send>, Work),
+}
+
+/// What a job on the write connection does to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// Only reads (or copies the write-ahead log into the file): the outbox tail stays as it is.
+    Reads,
+    /// May write anything: the outbox tail is forgotten first.
+    MayWrite,
 }
 
 struct AppendRequest {
@@ -238,10 +248,20 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
+        self.job(Work::MayWrite, work).await
+    }
+
+    /// Runs `work`, which does what `kind` says, on the writer thread between append batches.
+    async fn job<T, F>(&self, kind: Work, work: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Job(Box::new(move |connection| {
+        let job = move |connection: &mut Connection| {
             let _ = reply.send(catch_unwind(AssertUnwindSafe(|| work(connection))));
-        })))?;
+        };
+        self.send(Request::Job(Box::new(job), kind))?;
         match answer.await {
             Ok(Ok(result)) => result,
             Ok(Err(panic)) => resume_unwind(panic),
@@ -272,7 +292,9 @@ impl SqliteStore {
             return Err(StoreError::Closed);
         }
         if self.shared.path.is_none() {
-            return self.on_writer(move |connection| read(connection)).await;
+            return self
+                .job(Work::Reads, move |connection| read(connection))
+                .await;
         }
         let shared = self.shared.clone();
         blocking(move || {
@@ -471,11 +493,12 @@ fn run_checkpointer(
     while let Err(mpsc::RecvTimeoutError::Timeout) = running.recv_timeout(CHECKPOINT_EVERY) {
         match checkpoint(connection) {
             Ok(frames) if frames >= RESTART_AFTER_FRAMES => {
-                let finish = Request::Job(Box::new(|connection| {
+                let finish = |connection: &mut Connection| {
                     if let Err(err) = checkpoint(connection) {
                         tracing::warn!(%err, "cannot checkpoint the SQLite log");
                     }
-                }));
+                };
+                let finish = Request::Job(Box::new(finish), Work::Reads);
                 if writer.send(finish).is_err() {
                     return;
                 }
@@ -512,9 +535,11 @@ fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>, tai
         };
         let (mut batch, mut writes) = (Vec::new(), Vec::new());
         match request {
-            Request::Job(job) => {
-                // A job may change the log in ways the tail cannot follow; one that reads the outbox sets it again.
-                tail.forget();
+            Request::Job(job, kind) => {
+                if kind == Work::MayWrite {
+                    // The tail cannot follow what the job does; the next look at the outbox reads the file.
+                    tail.forget();
+                }
                 job(&mut connection);
                 continue;
             }
@@ -1055,7 +1080,7 @@ impl EventStore for SqliteStore {
             return Ok(events);
         }
         let tail = self.shared.tail.clone();
-        self.on_writer(move |connection| {
+        self.job(Work::Reads, move |connection| {
             let events = waiting(connection, limit)?;
             if events.len() < limit {
                 tail.reset(head_position(connection)?, &events, Instant::now());
