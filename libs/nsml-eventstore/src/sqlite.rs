@@ -34,6 +34,16 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most appends committed in one transaction.
 const MAX_BATCH: usize = 256;
 
+/// How long the writer waits for more appends before it commits a batch, when the batch before it held several
+/// (appends are arriving together). Each commit costs the same few page writes and file locks however many appends
+/// it holds. Under the admissions bench (16 clients, 2-core machine) batches held about 3 appends without the
+/// wait and 4–5 with it, and the p99 fell from 11–17 ms to 7–12 ms (runs alternating with and without); the
+/// rate moved within the machine's run-to-run noise. A lone append never waits.
+const GATHER_FOR: Duration = Duration::from_micros(200);
+
+/// A batch with this many appends commits without waiting for more.
+const GATHERED: usize = 16;
+
 /// How many idle read connections are kept open.
 const MAX_IDLE_READERS: usize = 4;
 
@@ -243,6 +253,7 @@ impl SqliteStore {
     }
 
     /// Runs `work` on the writer thread, between append batches, with the write connection.
+    #[cfg(any(test, feature = "conformance"))]
     pub(crate) async fn on_writer<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -525,6 +536,8 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
 /// The writer thread: serves requests until every sender is gone, committing queued appends in batches.
 fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>, tail: &OutboxTail) {
     let mut held_back = None;
+    // Appends in the last batch: with several, the next batch waits a little for more (see `GATHER_FOR`).
+    let mut last_batch = 0;
     loop {
         let request = match held_back.take() {
             Some(request) => request,
@@ -546,17 +559,29 @@ fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>, tai
             Request::Append(append) => batch.push(append),
             Request::Write(write) => writes.push(write),
         }
+        let gather_until = (last_batch > 1).then(|| Instant::now() + GATHER_FOR);
         while batch.len() + writes.len() < MAX_BATCH {
-            match requests.try_recv() {
-                Ok(Request::Append(append)) => batch.push(append),
-                Ok(Request::Write(write)) => writes.push(write),
-                Ok(job) => {
+            let next = match (requests.try_recv(), gather_until) {
+                (Ok(request), _) => request,
+                (Err(_), Some(until)) if batch.len() < GATHERED => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    match requests.recv_timeout(left) {
+                        Ok(request) => request,
+                        Err(_) => break,
+                    }
+                }
+                (Err(_), _) => break,
+            };
+            match next {
+                Request::Append(append) => batch.push(append),
+                Request::Write(write) => writes.push(write),
+                job => {
                     held_back = Some(job);
                     break;
                 }
-                Err(_) => break,
             }
         }
+        last_batch = batch.len();
         commit_batch_with(&connection, batch, writes, tail);
     }
 }
