@@ -1,9 +1,7 @@
 //! Tracing set-up and W3C trace context carried across gRPC metadata and bus headers.
 
-use std::collections::HashMap;
-
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt as _, TraceFlags, TracerProvider as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
@@ -38,14 +36,6 @@ pub fn init(service: &str) {
     let _ = result;
 }
 
-struct MapCarrier<'a>(&'a mut HashMap<String, String>);
-
-impl Injector for MapCarrier<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_string(), value);
-    }
-}
-
 struct HeaderCarrier<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderCarrier<'_> {
@@ -57,12 +47,24 @@ impl Extractor for HeaderCarrier<'_> {
     }
 }
 
-/// The current span's W3C `traceparent`, or empty when there is none.
+/// The current span's W3C `traceparent`, or empty when there is none. Every event and every call between
+/// services takes one, so it is written directly rather than through [`TraceContextPropagator`], which also
+/// builds the `tracestate` header and a map to carry both (this function took about 3% of `nsmld up`'s CPU under
+/// the admissions bench that way).
 pub fn current_traceparent() -> String {
     let cx = tracing::Span::current().context();
-    let mut map = HashMap::new();
-    TraceContextPropagator::new().inject_context(&cx, &mut MapCarrier(&mut map));
-    map.remove("traceparent").unwrap_or_default()
+    let span = cx.span();
+    let span = span.span_context();
+    if !span.is_valid() {
+        return String::new();
+    }
+    let flags = span.trace_flags() & TraceFlags::SAMPLED;
+    format!(
+        "00-{}-{}-{:02x}",
+        span.trace_id(),
+        span.span_id(),
+        flags.to_u8()
+    )
 }
 
 /// Makes `span` a child of the trace context carried in `headers`, if any.
@@ -70,5 +72,64 @@ pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) 
     if headers.contains_key("traceparent") {
         let cx = TraceContextPropagator::new().extract(&HeaderCarrier(headers));
         span.set_parent(cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use opentelemetry::propagation::{Injector, TextMapPropagator};
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::{current_traceparent, set_parent_from_headers};
+
+    struct MapCarrier<'a>(&'a mut HashMap<String, String>);
+
+    impl Injector for MapCarrier<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.insert(key.to_string(), value);
+        }
+    }
+
+    /// What the propagator writes for the current span.
+    fn propagated() -> String {
+        let cx = tracing::Span::current().context();
+        let mut map = HashMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut MapCarrier(&mut map));
+        map.remove("traceparent").unwrap_or_default()
+    }
+
+    #[test]
+    fn traceparent_is_what_the_propagator_writes() {
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            assert_eq!(current_traceparent(), "", "no span, no trace");
+            let mut headers = http::HeaderMap::new();
+            let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+            headers.insert("traceparent", incoming.parse().expect("header"));
+            let span = tracing::info_span!("call");
+            set_parent_from_headers(&span, &headers);
+            let _entered = span.enter();
+            let ours = current_traceparent();
+            assert_eq!(ours, propagated());
+            assert!(
+                ours.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && ours.ends_with("-01"),
+                "the span continues the incoming trace: {ours}"
+            );
+            let child = tracing::info_span!("child");
+            let _child = child.enter();
+            assert_eq!(current_traceparent(), propagated());
+            assert_ne!(
+                current_traceparent(),
+                ours,
+                "a child span has an id of its own"
+            );
+        });
     }
 }
