@@ -37,10 +37,22 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    free_ports::<1>()[0]
+}
+
+/// `N` different free TCP ports on 127.0.0.1. Each is held until all are chosen: a port that is released
+/// before the next is asked for can be handed out again, and two services of one deployment would then be
+/// given the same address.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<Option<TcpListener>> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").ok())
+        .collect();
+    std::array::from_fn(|i| {
+        held[i]
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(0, |a| a.port())
+    })
 }
 
 /// What a CLI invocation printed.
@@ -224,8 +236,7 @@ impl Deployment {
         let tmp = tempfile::tempdir()?;
         let data_dir = tmp.path().join("data");
         std::fs::create_dir_all(&data_dir)?;
-        let p = |_: &str| free_port();
-        let gateway_port = p("gateway");
+        let [gateway_port, a, s, se, q, su, l] = free_ports();
         let config = format!(
             r#"data_dir = "{data}"
 store = "{pg_url}"
@@ -247,12 +258,6 @@ gpus = "0"
 "#,
             data = data_dir.display(),
             secret = uuid::Uuid::new_v4().simple(),
-            a = p("auth"),
-            s = p("storage"),
-            se = p("session"),
-            q = p("quota"),
-            su = p("submission"),
-            l = p("leaderboard"),
         );
         let cfg_path = tmp.path().join("nsmld.toml");
         std::fs::write(&cfg_path, config)?;
