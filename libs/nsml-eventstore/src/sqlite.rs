@@ -37,7 +37,7 @@ const MAX_BATCH: usize = 256;
 /// How long the writer waits for more appends before it commits a batch, when the batch before it held several
 /// (appends are arriving together). Each commit costs the same few page writes and file locks however many appends
 /// it holds. Under the admissions bench (16 clients, 2-core machine) batches held about 3 appends without the
-/// wait and 4–5 with it, and the p99 fell from 11–17 ms to 7–12 ms (runs alternating with and without); the
+/// wait and 4–5 with it, and the p99 fell from 11–17 ms to 6.5–12 ms (runs alternating with and without); the
 /// rate moved within the machine's run-to-run noise. A lone append never waits.
 const GATHER_FOR: Duration = Duration::from_micros(200);
 
