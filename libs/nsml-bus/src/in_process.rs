@@ -38,10 +38,10 @@ impl InProcessBus {
 
 #[async_trait::async_trait]
 impl Bus for InProcessBus {
-    async fn publish(&self, events: &[StoredEvent]) -> Result<(), BusError> {
+    async fn publish(&self, events: Vec<StoredEvent>) -> Result<(), BusError> {
         for event in events {
             // An error only means nobody is subscribed right now; the event is still accepted.
-            let _ = self.sender.send(Arc::new(event.clone()));
+            let _ = self.sender.send(Arc::new(event));
         }
         Ok(())
     }

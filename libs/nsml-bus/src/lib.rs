@@ -30,8 +30,9 @@ pub use waking::WakingStore;
 /// A publish/subscribe channel for stored events.
 #[async_trait::async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes events (in the given order); returns once the bus has accepted them (JetStream: acked).
-    async fn publish(&self, events: &[StoredEvent]) -> Result<(), BusError>;
+    /// Publishes events (in the given order); returns once the bus has accepted them (JetStream: acked). The
+    /// events are handed over, so a bus keeps or sends them without copying.
+    async fn publish(&self, events: Vec<StoredEvent>) -> Result<(), BusError>;
 
     /// Live events published from now on (may contain duplicates; may arrive out of position order when several
     /// processes relay). Events are shared: every subscriber of a process gets the same one.

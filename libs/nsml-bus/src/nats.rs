@@ -137,15 +137,15 @@ fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<StoredEvent, Bu
 
 #[async_trait::async_trait]
 impl Bus for NatsBus {
-    async fn publish(&self, events: &[StoredEvent]) -> Result<(), BusError> {
+    async fn publish(&self, events: Vec<StoredEvent>) -> Result<(), BusError> {
         let mut acks = Vec::with_capacity(events.len());
         for event in events {
             let ack = self
                 .jetstream
                 .publish_with_headers(
                     self.subject(&event.event_type),
-                    headers(event),
-                    Bytes::from(event.payload.clone()),
+                    headers(&event),
+                    Bytes::from(event.payload),
                 )
                 .await
                 .map_err(|e| BusError::nats("publish", e))?;

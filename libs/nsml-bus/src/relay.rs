@@ -146,11 +146,11 @@ async fn relay_once(store: &dyn EventStore, bus: &dyn Bus) -> Round {
             return Round::Failed;
         }
     };
-    if let Err(error) = bus.publish(&events).await {
-        tracing::warn!(%error, count = events.len(), "relay could not publish; will retry");
+    let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
+    if let Err(error) = bus.publish(events).await {
+        tracing::warn!(%error, count = positions.len(), "relay could not publish; will retry");
         return Round::Failed;
     }
-    let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
     if let Err(error) = store.outbox_ack(&positions).await {
         // The events were published; they stay in the outbox and will be published again (consumers deduplicate).
         tracing::warn!(%error, count = positions.len(), "relay could not acknowledge published events");

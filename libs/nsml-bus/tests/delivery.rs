@@ -207,8 +207,8 @@ async fn catch_up_then_live_exactly_once(f: Fixture) {
     stored.extend(append(&*f.store, "quota-acme", 4).await);
     stored.extend(append(&*f.store, "leaderboard-acme", 1).await);
     // A relay that publishes twice (and old events again) must not cause duplicate deliveries.
-    f.bus.publish(&stored).await.expect("publish");
-    f.other_bus.publish(&stored).await.expect("publish");
+    f.bus.publish(stored.clone()).await.expect("publish");
+    f.other_bus.publish(stored.clone()).await.expect("publish");
     let live_events = live(&mut log, 5).await;
     assert_eq!(positions(&live_events), [6, 7, 8, 9, 10]);
     assert_eq!(live_events, stored[5..]);
@@ -242,11 +242,11 @@ async fn duplicates_and_gaps_are_delivered_once_in_order(f: Fixture) {
     let more = append(&*f.store, "t", 4).await;
     // Out of order and repeated, as several relays may publish: 7 and 5 arrive before 4 and 6.
     f.bus
-        .publish(&[more[3].clone(), more[1].clone()])
+        .publish(vec![more[3].clone(), more[1].clone()])
         .await
         .expect("publish");
     f.other_bus
-        .publish(&[
+        .publish(vec![
             more[0].clone(),
             more[2].clone(),
             more[3].clone(),
@@ -321,7 +321,7 @@ async fn lagging_subscriber_reads_missed_events_from_the_store() {
     let mut stored = Vec::new();
     for i in 0..10 {
         let events = append(&*store, &format!("s{i}"), 10).await;
-        bus.publish(&events).await.expect("publish");
+        bus.publish(events.clone()).await.expect("publish");
         stored.extend(events);
     }
     assert_eq!(live(&mut log, 100).await, stored);
@@ -337,7 +337,7 @@ struct Flaky {
 
 #[async_trait::async_trait]
 impl Bus for Flaky {
-    async fn publish(&self, events: &[StoredEvent]) -> Result<(), BusError> {
+    async fn publish(&self, events: Vec<StoredEvent>) -> Result<(), BusError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         if self.failing.load(Ordering::SeqCst) {
             return Err(BusError::Closed);
@@ -411,7 +411,7 @@ struct Ended;
 
 #[async_trait::async_trait]
 impl Bus for Ended {
-    async fn publish(&self, _events: &[StoredEvent]) -> Result<(), BusError> {
+    async fn publish(&self, _events: Vec<StoredEvent>) -> Result<(), BusError> {
         Ok(())
     }
 

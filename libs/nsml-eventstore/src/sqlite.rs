@@ -1448,6 +1448,11 @@ mod tests {
         assert_eq!(positions(&peeked), vec![1, 2, 3, 4]);
         assert_eq!(peeked, in_file().await);
         assert_eq!(
+            one.shared.tail.peek(100, Instant::now()),
+            Some(peeked),
+            "the writer followed its own commits in memory"
+        );
+        assert_eq!(
             positions(&one.outbox_peek(2).await.expect("peek")),
             vec![1, 2]
         );

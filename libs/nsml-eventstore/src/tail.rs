@@ -83,9 +83,9 @@ impl OutboxTail {
         }
     }
 
-    /// Adds the events of a commit that started after position `start` and ended at `end`. The caller checked
-    /// [`follows`](Self::follows) before building `events`; if another commit came between, nothing is added
-    /// and the tail becomes unknown.
+    /// Adds the events of a commit that started after position `start` and ended at `end`. The writer thread
+    /// checks [`follows`](Self::follows) before building `events`, and nothing else moves the tail's head in
+    /// between; should the two ever disagree, nothing is added and the tail becomes unknown.
     pub(crate) fn committed(&self, start: u64, end: u64, events: Vec<StoredEvent>) {
         let mut known = self.lock();
         match known.head {
