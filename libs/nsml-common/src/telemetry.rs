@@ -16,7 +16,12 @@ pub fn init(service: &str) {
     let tracer = provider.tracer(service.to_string());
     opentelemetry::global::set_tracer_provider(provider);
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    // Busy/idle timings and thread attributes would cost a clock read on every poll of every instrumented future
+    // and an allocation per span; trace ids and parentage are what the platform carries across processes.
+    let otel = tracing_opentelemetry::layer()
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_tracer(tracer);
     let json = std::env::var("NSML_LOG_FORMAT").is_ok_and(|v| v == "json");
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if json {
