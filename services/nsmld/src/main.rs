@@ -71,14 +71,19 @@ const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Makes the allocator give freed memory back to the system at once and commit its arenas only as they are
-/// used, so an idle server stays small. Set before the runtime starts its threads.
+/// used, so an idle server stays small, unless mimalloc's own environment variables (`MIMALLOC_PURGE_DELAY`,
+/// `MIMALLOC_ARENA_EAGER_COMMIT`) say otherwise. Set before the runtime starts its threads.
 #[allow(unsafe_code)]
 fn tune_allocator() {
-    // SAFETY: mimalloc's options are plain values it reads on later allocations and frees; setting one is
-    // allowed at any time, from any thread.
-    unsafe {
-        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, 0);
+    for (option, env, value) in [
+        (ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT", 0),
+        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 0),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: mimalloc's options are plain values it reads on later allocations and frees; setting one
+            // is allowed at any time, from any thread.
+            unsafe { libmimalloc_sys::mi_option_set(option, value) };
+        }
     }
 }
 
