@@ -49,7 +49,38 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-#[tokio::main]
+/// CPU time (user and system) a process has used so far, from `/proc/PID/stat`.
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces, closed by the last `)`: state is the first,
+    // utime the 12th and stime the 13th.
+    let mut rest = s.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let (user, system): (f64, f64) = (rest.next()?.parse().ok()?, rest.next()?.parse().ok()?);
+    // SAFETY: sysconf only reads a configuration value.
+    #[allow(unsafe_code)]
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (user + system) / ticks as f64)
+}
+
+/// CPU time used by `nsmld` and by this bench (its clients) while `f` runs, per item `f` returns the count of.
+async fn cpu_per<F, T>(server: Option<u32>, f: F) -> anyhow::Result<(T, Option<(f64, f64)>)>
+where
+    F: Future<Output = anyhow::Result<(T, usize)>>,
+{
+    let server = server.map(|p| p.to_string());
+    let before = (server.as_deref().and_then(cpu_secs), cpu_secs("self"));
+    let (out, n) = f.await?;
+    let after = (server.as_deref().and_then(cpu_secs), cpu_secs("self"));
+    let per = match (before, after) {
+        ((Some(s0), Some(c0)), (Some(s1), Some(c1))) if n > 0 => {
+            Some(((s1 - s0) / n as f64 * 1e6, (c1 - c0) / n as f64 * 1e6))
+        }
+        _ => None,
+    };
+    Ok((out, per))
+}
+
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str, d: usize| {
@@ -147,7 +178,12 @@ async fn main() -> anyhow::Result<()> {
         ps_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
 
-    let (adm_ms, adm_rate) = admissions(&alice, admissions_n, clients).await?;
+    let ((adm_ms, adm_rate), adm_cpu) = cpu_per(dep.pids().first().copied(), async {
+        let figures = admissions(&alice, admissions_n, clients).await?;
+        let n = figures.0.len();
+        Ok((figures, n))
+    })
+    .await?;
     let (one_ms, one_rate) = admissions(&alice, admissions_n.min(2000), 1).await?;
     let (paced_ms, paced_rate) = admissions_at_rate(&alice, admissions_n, rate as f64).await?;
     drop(dep);
@@ -195,6 +231,15 @@ async fn main() -> anyhow::Result<()> {
         &adm_ms,
         adm_rate,
     );
+    if let Some((server_us, client_us)) = adm_cpu {
+        println!(
+            "{:<44} {:>8.0}us {:>10}   (the bench's clients: {:.0}us)",
+            format!("  CPU per admission, {}, nsmld", count(clients)),
+            server_us,
+            "",
+            client_us
+        );
+    }
     row("admissions, 1 client, embedded", &one_ms, one_rate);
     row(
         &format!("admissions offered at {rate}/s, embedded"),
