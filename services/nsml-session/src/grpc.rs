@@ -192,19 +192,6 @@ impl SessionService {
         };
         let decision = self.clients.quota.clone().admit(req).await;
         let name = s.name.clone();
-        let reject = |reason: String| {
-            let ev = new_event(
-                &SessionRejected {
-                    name: name.clone(),
-                    reason,
-                },
-                actor,
-                "",
-            );
-            // A rejected session is never shown, so the caller need not wait for the view to catch up.
-            let name = name.clone();
-            async move { self.record(&name, |_| false, ev).await.map(drop) }
-        };
         match decision.map(|d| d.into_inner()) {
             Ok(d) if d.granted => {
                 let ev = new_event(
@@ -217,13 +204,22 @@ impl SessionService {
                 );
                 self.transition(&name, |_| false, ev).await
             }
-            Ok(d) => {
-                reject(d.reason.clone()).await?;
-                Err(Status::failed_precondition(d.reason))
-            }
+            // The quota service recorded the refusal (`AdmissionDenied`, naming this session), and the read
+            // model takes it as the session's rejection: a second event here would only repeat it.
+            Ok(d) => Err(Status::failed_precondition(d.reason)),
             Err(st) => {
-                // Recorded so the session does not linger as requested; the caller gets the cause either way.
-                let _ = reject(format!("admission failed: {}", st.message())).await;
+                // No decision was recorded: the rejection is, so the session does not linger as requested; the
+                // caller gets the cause either way. A rejected session is never shown, so the caller need not
+                // wait for the view to catch up.
+                let ev = new_event(
+                    &SessionRejected {
+                        name: name.clone(),
+                        reason: format!("admission failed: {}", st.message()),
+                    },
+                    actor,
+                    "",
+                );
+                let _ = self.record(&name, |_| false, ev).await;
                 Err(status::upstream("asking the quota service", st))
             }
         }

@@ -7,10 +7,10 @@ use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    CheckpointDeleted, CheckpointSaved, CodeUploaded, CompetitionApplied, DatasetRegistered,
-    MemoChanged, MetricPoint, MetricsReported, Policy, Session, SessionAdmitted, SessionExited,
-    SessionFailed, SessionRejected, SessionRemoved, SessionRequested, SessionStarted,
-    SessionStatus, SessionStopRequested, SessionStopped,
+    AdmissionDenied, CheckpointDeleted, CheckpointSaved, CodeUploaded, CompetitionApplied,
+    DatasetRegistered, MemoChanged, MetricPoint, MetricsReported, Policy, Session, SessionAdmitted,
+    SessionExited, SessionFailed, SessionRejected, SessionRemoved, SessionRequested,
+    SessionStarted, SessionStatus, SessionStopRequested, SessionStopped,
 };
 
 /// A session as listed, with what only the read model tracks.
@@ -71,6 +71,15 @@ impl ReadModel for Sessions {
                 s.rejected = true;
                 s.session.reason = e.reason;
             });
+        } else if let Some(e) = decode::<AdmissionDenied>(ev) {
+            // The quota service's refusal is the session's rejection; the session service records none of
+            // its own for it.
+            if let (Some(r), Some(d)) = (e.request, e.decision) {
+                self.with(&r.session, |s| {
+                    s.rejected = true;
+                    s.session.reason = d.reason;
+                });
+            }
         } else if let Some(e) = decode::<SessionAdmitted>(ev) {
             self.with(&e.name, |s| s.admitted = true);
         } else if let Some(e) = decode::<SessionStarted>(ev) {
@@ -149,4 +158,93 @@ pub fn view(e: &Entry) -> Session {
     s.checkpoint_count = e.checkpoints.len() as u32;
     s.checkpoint_bytes = e.checkpoints.values().sum();
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nsml_common::event::new_event;
+    use nsml_proto::v1::{AdmitRequest, Decision, EventPayload, ResourcesGranted};
+
+    fn stored<P: EventPayload>(position: u64, payload: &P) -> StoredEvent {
+        let e = new_event(payload, "test", "");
+        StoredEvent {
+            position,
+            stream: "test".into(),
+            version: position,
+            event_type: e.event_type,
+            payload: e.payload,
+            metadata: e.metadata,
+            hash: String::new(),
+        }
+    }
+
+    fn requested(name: &str) -> SessionRequested {
+        SessionRequested {
+            session: Some(Session {
+                name: name.into(),
+                team: "t1".into(),
+                dataset: "d".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn request(session: &str) -> AdmitRequest {
+        AdmitRequest {
+            team: "t1".into(),
+            session: session.into(),
+            command_id: session.into(),
+            ..Default::default()
+        }
+    }
+
+    fn decision(granted: bool, reason: &str) -> Decision {
+        Decision {
+            granted,
+            reason: reason.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_quota_services_refusal_rejects_the_session_it_names() {
+        let mut m = Sessions::default();
+        m.apply(&stored(1, &requested("t1/d/1")));
+        m.apply(&stored(2, &requested("t1/d/2")));
+        m.apply(&stored(
+            3,
+            &AdmissionDenied {
+                request: Some(request("t1/d/2")),
+                decision: Some(decision(false, "team_sessions: 2 of 2 held")),
+            },
+        ));
+        m.apply(&stored(
+            4,
+            &ResourcesGranted {
+                request: Some(request("t1/d/1")),
+                decision: Some(decision(true, "")),
+            },
+        ));
+        assert!(m.live("t1/d/1").is_some(), "a grant rejects nothing");
+        assert!(m.live("t1/d/2").is_none(), "a refused session is not shown");
+        let refused = &m.sessions["t1/d/2"];
+        assert!(refused.rejected);
+        assert_eq!(refused.session.reason, "team_sessions: 2 of 2 held");
+    }
+
+    #[test]
+    fn a_refusal_naming_an_unknown_session_changes_nothing() {
+        let mut m = Sessions::default();
+        m.apply(&stored(1, &requested("t1/d/1")));
+        m.apply(&stored(
+            2,
+            &AdmissionDenied {
+                request: Some(request("t1/d/9")),
+                decision: Some(decision(false, "no")),
+            },
+        ));
+        assert_eq!(m.sessions.len(), 1);
+        assert!(m.live("t1/d/1").is_some());
+    }
 }
