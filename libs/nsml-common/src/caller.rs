@@ -6,7 +6,7 @@
 
 use nsml_proto::v1::Identity;
 use prost::Message;
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::{Binary, MetadataMap, MetadataValue};
 use tonic::{Request, Status};
 
 /// Metadata key carrying the deployment's internal secret.
@@ -55,7 +55,12 @@ impl Caller {
 
     /// Writes an identity into outgoing metadata.
     pub fn attach_identity(md: &mut MetadataMap, id: &Identity) {
-        md.insert_bin(IDENTITY_KEY, MetadataValue::from_bytes(&id.encode_to_vec()));
+        md.insert_bin(IDENTITY_KEY, Self::identity_metadata(id));
+    }
+
+    /// An identity as outgoing metadata carries it, under [`IDENTITY_KEY`].
+    pub fn identity_metadata(id: &Identity) -> MetadataValue<Binary> {
+        MetadataValue::from_bytes(&id.encode_to_vec())
     }
 
     /// The user's name, or the service's.

@@ -2,18 +2,21 @@
 //!
 //! It serves the services' own gRPC APIs (`/nsml.v1.SessionService/Run`, …) by proxying each call to the
 //! owning service after: refusing internal-only methods, dropping any `x-nsml-*` metadata a client sent,
-//! resolving the bearer token to an identity through the auth service, rate-limiting per caller, and
+//! resolving the bearer token to an identity through the auth service (kept for a moment: see [`identities`]),
+//! rate-limiting per caller, and
 //! stamping the call with the deployment's internal secret. Services then decide what the identity may do.
 
+mod identities;
 mod ratelimit;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::IntoResponse;
-use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY};
+use nsml_common::caller::{IDENTITY_KEY, INTERNAL_SECRET_KEY};
 use nsml_common::clients::{Clients, ServiceAddrs, Transport, transport};
 use nsml_proto::v1::AuthenticateRequest;
 use tokio::net::TcpListener;
@@ -40,6 +43,15 @@ const INTERNAL_METHODS: &[&str] = &[
 /// Methods that need no login.
 const ANONYMOUS_METHODS: &[&str] = &["/nsml.v1.AuthService/Login"];
 
+/// The auth service's methods that change no one's identity; every other one makes the gateway forget the
+/// identities it keeps.
+const AUTH_READS: &[&str] = &[
+    "/nsml.v1.AuthService/Login",
+    "/nsml.v1.AuthService/WhoAmI",
+    "/nsml.v1.AuthService/ListCompetitions",
+    "/nsml.v1.AuthService/GetCompetition",
+];
+
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -54,6 +66,7 @@ struct Inner {
     routes: HashMap<&'static str, Transport>,
     secret: http::HeaderValue,
     limiter: ratelimit::Limiter,
+    identities: identities::Identities,
 }
 
 /// Serves the public API on `listener` until `cancel`.
@@ -90,6 +103,7 @@ pub async fn serve(
         secret: http::HeaderValue::from_str(secret)
             .map_err(|_| GatewayError::Serve(std::io::Error::other("invalid internal secret")))?,
         limiter: ratelimit::Limiter::from_env(),
+        identities: identities::Identities::default(),
     });
     let app = axum::Router::new()
         .route("/", axum::routing::get(index))
@@ -126,6 +140,27 @@ fn bearer(headers: &http::HeaderMap) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
+/// The caller a bearer token names: kept from a moment ago, or asked of the auth service.
+async fn resolve(gw: &Inner, token: String) -> Result<Arc<identities::Resolved>, Status> {
+    if let Some(id) = gw.identities.get(&token, Instant::now()) {
+        return Ok(id);
+    }
+    let asked = gw.identities.asking();
+    let id = gw
+        .clients
+        .auth
+        .clone()
+        .authenticate(AuthenticateRequest {
+            token: token.clone(),
+        })
+        .await?
+        .into_inner();
+    let id = Arc::new(identities::Resolved::new(&id));
+    gw.identities
+        .keep(&token, id.clone(), asked, Instant::now());
+    Ok(id)
+}
+
 async fn proxy(
     State(gw): State<Arc<Inner>>,
     mut req: http::Request<Body>,
@@ -160,18 +195,11 @@ async fn proxy(
     }
     let mut caller_key = "anonymous".to_string();
     if let Some(token) = bearer(req.headers()) {
-        match gw
-            .clients
-            .auth
-            .clone()
-            .authenticate(AuthenticateRequest { token })
-            .await
-        {
+        match resolve(&gw, token).await {
             Ok(id) => {
-                let id = id.into_inner();
                 caller_key = format!("user:{}", id.username);
                 let mut md = MetadataMap::from_headers(std::mem::take(req.headers_mut()));
-                Caller::attach_identity(&mut md, &id);
+                md.insert_bin(IDENTITY_KEY, id.metadata.clone());
                 *req.headers_mut() = md.into_headers();
             }
             Err(s) if ANONYMOUS_METHODS.contains(&path.as_str()) => {
@@ -187,8 +215,18 @@ async fn proxy(
     }
     req.headers_mut()
         .insert(INTERNAL_SECRET_KEY, gw.secret.clone());
+    let changes_identities =
+        service == "nsml.v1.AuthService" && !AUTH_READS.contains(&path.as_str());
+    if changes_identities {
+        gw.identities.forget_all();
+    }
     let req = req.map(tonic::body::Body::new);
-    match chan.oneshot(req).await {
+    let answer = chan.oneshot(req).await;
+    if changes_identities {
+        // The change is made by the time its answer comes; what was resolved meanwhile may predate it.
+        gw.identities.forget_all();
+    }
+    match answer {
         Ok(resp) => resp.map(Body::new),
         Err(err) => {
             tracing::error!(%err, %service, "cannot reach a service");
