@@ -23,6 +23,21 @@ pub fn new_event<P: EventPayload>(payload: &P, actor: &str, command_id: &str) ->
     }
 }
 
+/// A payload as the log would hand it back at `position` of `stream`, unchained (no hash): for folding events
+/// into read models and aggregates without a store, in tests and tools.
+pub fn stored<P: EventPayload>(stream: &str, position: u64, payload: &P) -> StoredEvent {
+    let e = new_event(payload, "test", "");
+    StoredEvent {
+        position,
+        stream: stream.to_string(),
+        version: position,
+        event_type: e.event_type,
+        payload: e.payload,
+        metadata: e.metadata,
+        hash: String::new(),
+    }
+}
+
 /// Decodes a stored event's payload if it is of type `P`.
 pub fn decode<P: EventPayload>(event: &StoredEvent) -> Option<P> {
     if event.event_type != P::TYPE {

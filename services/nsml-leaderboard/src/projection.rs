@@ -211,21 +211,11 @@ impl ReadModel for LeaderboardState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nsml_common::event::new_event;
     use nsml_eventstore::StoredEvent;
     use nsml_proto::v1::{Competition, Dataset, DatasetMeta, DatasetRef, EventPayload, Submission};
 
     fn stored<P: EventPayload>(position: u64, payload: &P) -> StoredEvent {
-        let e = new_event(payload, "test", "");
-        StoredEvent {
-            position,
-            stream: "test".into(),
-            version: position,
-            event_type: e.event_type,
-            payload: e.payload,
-            metadata: e.metadata,
-            hash: String::new(),
-        }
+        nsml_common::event::stored("test", position, payload)
     }
 
     fn scored(id: &str, team: &str, dataset: &str, score: f64, trial: bool) -> SubmissionScored {

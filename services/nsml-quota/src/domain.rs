@@ -961,7 +961,6 @@ pub fn human_secs(s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nsml_common::event::new_event;
     use nsml_eventstore::StoredEvent;
     use nsml_proto::v1::QuotaRaise;
 
@@ -1000,16 +999,7 @@ mod tests {
     }
 
     fn stored<P: EventPayload>(p: &P) -> StoredEvent {
-        let e = new_event(p, "test", "");
-        StoredEvent {
-            position: 1,
-            stream: "quota-demo".into(),
-            version: 1,
-            event_type: e.event_type,
-            payload: e.payload,
-            metadata: e.metadata,
-            hash: String::new(),
-        }
+        nsml_common::event::stored("quota-demo", 1, p)
     }
 
     /// Given the events, the ledger they fold into (numbered as the stream would number them).

@@ -163,20 +163,10 @@ pub fn view(e: &Entry) -> Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nsml_common::event::new_event;
     use nsml_proto::v1::{AdmitRequest, Decision, EventPayload, ResourcesGranted};
 
     fn stored<P: EventPayload>(position: u64, payload: &P) -> StoredEvent {
-        let e = new_event(payload, "test", "");
-        StoredEvent {
-            position,
-            stream: "test".into(),
-            version: position,
-            event_type: e.event_type,
-            payload: e.payload,
-            metadata: e.metadata,
-            hash: String::new(),
-        }
+        nsml_common::event::stored("test", position, payload)
     }
 
     fn requested(name: &str) -> SessionRequested {
