@@ -3,8 +3,8 @@
 //! It serves the services' own gRPC APIs (`/nsml.v1.SessionService/Run`, …) by proxying each call to the
 //! owning service after: refusing internal-only methods, dropping any `x-nsml-*` metadata a client sent,
 //! resolving the bearer token to an identity through the auth service (kept for a moment: see [`identities`]),
-//! rate-limiting per caller, and
-//! stamping the call with the deployment's internal secret. Services then decide what the identity may do.
+//! rate-limiting per caller, and stamping the call with the deployment's internal secret. Services then decide
+//! what the identity may do.
 
 mod identities;
 mod ratelimit;

@@ -178,7 +178,8 @@ impl SessionService {
         Ok(template)
     }
 
-    /// Asks the quota service for the session's resources; records the outcome on the session.
+    /// Asks the quota service for the session's resources; records a grant on the session, and a rejection only
+    /// where the quota service recorded no decision.
     async fn admit(&self, s: &Session, actor: &str) -> Result<(), Status> {
         let req = AdmitRequest {
             team: s.team.clone(),
