@@ -3,7 +3,8 @@
 //! the team's participant, a host of the competition and the platform administrator, answers exactly as the
 //! access rules say; internal methods are refused through the gateway for everyone; metadata a client forges
 //! is ignored; services called directly without the deployment's secret refuse; logins end with `logout`,
-//! lock after repeated failures and leave only hashes of tokens in the log.
+//! lock after repeated failures and leave only hashes of tokens in the log; a new membership applies from the
+//! next call of a token the gateway resolved just before.
 //!
 //! The rules, per caller (see the table each test prints):
 //! - a participant reaches only their own team's sessions, logs, metrics, checkpoints, code and submissions;
@@ -1166,6 +1167,48 @@ async fn logout_rows(ch: &Channel, matrix: &mut Matrix) -> anyhow::Result<Vec<St
     Ok(tokens)
 }
 
+/// A change to who someone is applies from the very next call through the gateway, though the gateway keeps
+/// the identity a token resolved to for a moment: bob's token, used just before, shows his new team at once.
+async fn membership_applies_at_once(ch: &Channel, admin: &str) -> anyhow::Result<()> {
+    let bob = login(ch, "bob", "bob-pass").await?;
+    let who_am_i = |token: String| async move {
+        anyhow::Ok(
+            AuthServiceClient::new(ch.clone())
+                .who_am_i(authed(Empty {}, &token)?)
+                .await?
+                .into_inner(),
+        )
+    };
+    let in_other = |id: &Identity| {
+        id.memberships
+            .iter()
+            .any(|m| m.competition == "other" && m.team == "o-team")
+    };
+    let before = who_am_i(bob.clone()).await?;
+    ensure!(
+        !in_other(&before),
+        "bob is in the other competition already: {before:?}"
+    );
+    AuthServiceClient::new(ch.clone())
+        .add_user(authed(
+            nsml_proto::v1::AddUserRequest {
+                username: "bob".into(),
+                password: "bob-pass".into(),
+                team: "o-team".into(),
+                competition: "other".into(),
+            },
+            admin,
+        )?)
+        .await
+        .context("adding bob to a team of the other competition")?;
+    let after = who_am_i(bob).await?;
+    ensure!(
+        in_other(&after),
+        "the gateway still passed on bob's identity from before he joined a team: {after:?}"
+    );
+    Ok(())
+}
+
 /// Five wrong passwords lock an account, even against the right password, and say when to retry; other
 /// accounts are untouched.
 async fn lockout(ch: &Channel, host_token: &str) -> anyhow::Result<()> {
@@ -1479,6 +1522,8 @@ fn embedded_access_matrix_and_logins() -> anyhow::Result<()> {
         let ch = channel(&dep.url).await?;
         let host = w.callers.token(Who::Host).context("no host token")?;
         lockout(&ch, host).await?;
+        membership_applies_at_once(&ch, w.callers.token(Who::Admin).context("no admin token")?)
+            .await?;
         tokens_not_in_files(&dep.data_dir, &tokens)
     })
 }
