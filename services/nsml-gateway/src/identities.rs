@@ -61,10 +61,11 @@ fn key(token: &str) -> [u8; 32] {
 impl Identities {
     /// The identity `token` resolved to less than [`TTL`] before `now`.
     pub fn get(&self, token: &str, now: Instant) -> Option<Arc<Resolved>> {
+        let key = key(token);
         let state = self.state.lock();
         state
             .entries
-            .get(&key(token))
+            .get(&key)
             .filter(|(_, at)| now.saturating_duration_since(*at) < TTL)
             .map(|(resolved, _)| resolved.clone())
     }
@@ -77,6 +78,7 @@ impl Identities {
     /// Keeps what `token` resolved to at `now`, unless entries were forgotten since the authentication was
     /// `asked`.
     pub fn keep(&self, token: &str, resolved: Arc<Resolved>, asked: Asked, now: Instant) {
+        let key = key(token);
         let mut state = self.state.lock();
         if state.generation != asked.0 {
             return;
@@ -89,7 +91,7 @@ impl Identities {
                 state.entries.clear();
             }
         }
-        state.entries.insert(key(token), (resolved, now));
+        state.entries.insert(key, (resolved, now));
     }
 
     /// Forgets every identity, and every answer still being awaited.
