@@ -1098,6 +1098,19 @@ impl EventStore for SqliteStore {
         if let Some(events) = self.shared.tail.peek(limit, Instant::now()) {
             return Ok(events);
         }
+        if self.shared.tail.due(Instant::now()) {
+            // Checking that the log still ends where the tail does is one read of the head row; reading the
+            // outbox again would hold the writer up for milliseconds under load, when the outbox is long.
+            let tail = self.shared.tail.clone();
+            let renewed = self
+                .job(Work::Reads, move |connection| {
+                    Ok(tail.renew(head_position(connection)?, Instant::now()))
+                })
+                .await?;
+            if renewed && let Some(events) = self.shared.tail.peek(limit, Instant::now()) {
+                return Ok(events);
+            }
+        }
         let events = self
             .read(move |connection| waiting(connection, limit))
             .await?;
@@ -1474,6 +1487,50 @@ mod tests {
         let peeked = one.outbox_peek(100).await.expect("peek");
         assert_eq!(positions(&peeked), vec![2, 4, 5, 6]);
         assert_eq!(peeked, in_file().await);
+        one.close().await;
+        other.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_tail_due_for_a_check_is_trusted_again_only_if_the_log_still_ends_there() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("log.db");
+        let one = SqliteStore::open(&path).await.expect("open");
+        let other = SqliteStore::open(&path).await.expect("open");
+        let positions =
+            |events: &[StoredEvent]| events.iter().map(|e| e.position).collect::<Vec<_>>();
+
+        one.append("a", ExpectedVersion::NoStream, new_events("a", 1))
+            .await
+            .expect("append");
+        assert_eq!(
+            positions(&one.outbox_peek(100).await.expect("peek")),
+            vec![1]
+        );
+        // Another store appends while this one commits nothing: its tail is served until it is due for a
+        // check, and the check sees the log moved on.
+        other
+            .append("b", ExpectedVersion::NoStream, new_events("b", 1))
+            .await
+            .expect("append");
+        assert_eq!(
+            positions(&one.outbox_peek(100).await.expect("peek")),
+            vec![1]
+        );
+        tokio::time::sleep(crate::tail::TRUSTED_FOR).await;
+        assert_eq!(
+            positions(&one.outbox_peek(100).await.expect("peek")),
+            vec![1, 2],
+            "the other store's append is relayed within the time the tail is trusted"
+        );
+        // Nothing changes: the check renews the tail, which is still the outbox.
+        tokio::time::sleep(crate::tail::TRUSTED_FOR).await;
+        assert!(one.shared.tail.due(Instant::now()));
+        assert_eq!(
+            positions(&one.outbox_peek(100).await.expect("peek")),
+            vec![1, 2]
+        );
+        assert!(!one.shared.tail.due(Instant::now()), "renewed");
         one.close().await;
         other.close().await;
     }

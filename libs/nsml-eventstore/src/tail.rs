@@ -8,7 +8,8 @@
 //! start where it left off (another process wrote to the file), when other work ran on the write connection,
 //! or when it grows past [`MOST_EVENTS`] (the relay is stuck). It is trusted for [`TRUSTED_FOR`] at a time, so
 //! that appends by another process sharing the file are relayed within that time even if this one commits
-//! nothing.
+//! nothing: then the head row is read, and the tail is trusted again if the log still ends where it does
+//! ([`OutboxTail::renew`]), or read again whole if it does not.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -57,6 +58,30 @@ impl OutboxTail {
             return None;
         }
         Some(known.events.values().take(limit).cloned().collect())
+    }
+
+    /// Whether the tail is known but due to be checked against the database (see [`renew`](Self::renew)).
+    pub(crate) fn due(&self, now: Instant) -> bool {
+        let known = self.lock();
+        known
+            .head
+            .is_some_and(|(_, read_at)| now.saturating_duration_since(read_at) >= TRUSTED_FOR)
+    }
+
+    /// Trusts a known tail for another [`TRUSTED_FOR`] if the log still ends at `head`, its last position as the
+    /// database has it: nothing was appended behind the writer thread's back, so the tail is still the outbox
+    /// (an acknowledgement by another process's relay at most leaves an event in the tail that is published
+    /// twice, which consumers drop). Returns false, leaving the tail as it was, when the log moved on. Only the
+    /// writer thread calls this, between commits.
+    pub(crate) fn renew(&self, head: u64, now: Instant) -> bool {
+        let mut known = self.lock();
+        match known.head {
+            Some((known_head, _)) if known_head == head => {
+                known.head = Some((head, now));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Takes `events` as the whole outbox of a log whose last position is `head`. Only the writer thread calls
@@ -135,6 +160,33 @@ mod tests {
 
     fn positions(events: Option<Vec<StoredEvent>>) -> Option<Vec<u64>> {
         events.map(|e| e.iter().map(|e| e.position).collect())
+    }
+
+    #[test]
+    fn a_due_tail_is_renewed_only_where_the_log_still_ends() {
+        let tail = OutboxTail::default();
+        let then = Instant::now();
+        let later = then + TRUSTED_FOR;
+        assert!(!tail.due(later), "an unknown tail is never due");
+        assert!(
+            !tail.renew(3, later),
+            "an unknown tail is read, not renewed"
+        );
+        tail.reset(3, &[event(2), event(3)], then);
+        assert!(!tail.due(then));
+        assert!(tail.due(later));
+        assert_eq!(positions(tail.peek(10, later)), None, "due: not served");
+        assert!(
+            !tail.renew(4, later),
+            "something was appended behind the writer's back"
+        );
+        assert!(
+            tail.due(later),
+            "a failed renewal leaves the tail as it was"
+        );
+        assert!(tail.renew(3, later));
+        assert!(!tail.due(later));
+        assert_eq!(positions(tail.peek(10, later)), Some(vec![2, 3]));
     }
 
     #[test]
