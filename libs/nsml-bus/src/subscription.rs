@@ -1,10 +1,11 @@
 //! Subscriptions to the log: catch-up from the store, then live events from the bus, each event exactly once.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -50,7 +51,7 @@ pub async fn subscribe_log(
         delivered: Delivered::after(after_position),
         ready: VecDeque::new(),
         phase: Phase::CatchingUp,
-        next_poll: Instant::now() + STORE_POLL,
+        next_poll: Box::pin(tokio::time::sleep(STORE_POLL)),
         failed: false,
     };
     Ok(futures::stream::unfold(subscription, |mut s| async move {
@@ -120,7 +121,9 @@ struct LogSubscription {
     delivered: Delivered,
     ready: VecDeque<Arc<StoredEvent>>,
     phase: Phase,
-    next_poll: Instant,
+    /// When the store is next read while live. One timer for the whole subscription, moved only when a poll
+    /// happens: every live event would otherwise set up and tear down a timer of its own.
+    next_poll: Pin<Box<Sleep>>,
     /// The last store read failed: pause before the next one.
     failed: bool,
 }
@@ -166,15 +169,14 @@ impl LogSubscription {
 
     /// Waits for the next live event or store poll, and queues what it brings.
     async fn follow(&mut self) -> Result<(), BusError> {
-        let poll_at = self.next_poll;
         let wake = match self.live.as_mut() {
             Some(live) => tokio::select! {
                 biased;
                 event = live.next() => event.map_or(Wake::BusEnded, Wake::Event),
-                () = tokio::time::sleep_until(poll_at) => Wake::Poll,
+                () = self.next_poll.as_mut() => Wake::Poll,
             },
             None => {
-                tokio::time::sleep_until(poll_at).await;
+                self.next_poll.as_mut().await;
                 Wake::Poll
             }
         };
@@ -183,7 +185,7 @@ impl LogSubscription {
             Wake::BusEnded => {
                 tracing::warn!("the bus ended the live subscription; following the store alone");
                 self.live = None;
-                self.next_poll = Instant::now();
+                self.next_poll.as_mut().reset(Instant::now());
                 Ok(())
             }
             Wake::Poll => {
@@ -193,11 +195,12 @@ impl LogSubscription {
                     STORE_POLL_WITHOUT_BUS
                 };
                 // One page at a time, so a long backlog is not queued in memory: a full page polls again at once.
-                self.next_poll = if self.read_store_page().await? == PAGE {
+                let next = if self.read_store_page().await? == PAGE {
                     Instant::now()
                 } else {
                     Instant::now() + every
                 };
+                self.next_poll.as_mut().reset(next);
                 Ok(())
             }
         }

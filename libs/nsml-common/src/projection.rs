@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use nsml_bus::{Bus, Delivery};
 use nsml_eventstore::{EventStore, StoredEvent};
 use parking_lot::RwLock;
@@ -19,6 +19,9 @@ pub trait ReadModel: Default + Send + Sync + 'static {
     /// Applies one event (of any type: ignore the ones that don't matter).
     fn apply(&mut self, event: &StoredEvent);
 }
+
+/// The most events applied under one lock: a long catch-up still lets readers in between bursts.
+const BURST: usize = 256;
 
 /// A read model kept up to date from the log.
 pub struct Projection<S> {
@@ -54,13 +57,33 @@ impl<S: ReadModel> Projection<S> {
                     }
                 };
                 let mut stream = stream;
+                // What ended the last burst, to be handled next.
+                let mut held = None;
                 loop {
-                    let next = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        n = stream.next() => n,
+                    let next = match held.take() {
+                        Some(next) => next,
+                        None => tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            n = stream.next() => n,
+                        },
                     };
                     match next {
-                        Some(Ok(Delivery::Event(ev))) => me.apply(&ev),
+                        Some(Ok(Delivery::Event(ev))) => {
+                            // The events that are ready already are applied with it, under one lock and one
+                            // wake-up of those waiting on the watermark.
+                            let mut burst = vec![ev];
+                            while burst.len() < BURST {
+                                match stream.next().now_or_never() {
+                                    Some(Some(Ok(Delivery::Event(ev)))) => burst.push(ev),
+                                    Some(other) => {
+                                        held = Some(other);
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            me.apply(&burst);
+                        }
                         Some(Ok(Delivery::CaughtUp)) => {
                             tracing::debug!(projection = name, "caught up with the log");
                             me.ready.send_replace(true);
@@ -81,15 +104,19 @@ impl<S: ReadModel> Projection<S> {
         (this, task)
     }
 
-    fn apply(&self, ev: &StoredEvent) {
+    fn apply(&self, events: &[Arc<StoredEvent>]) {
         // `subscribe_log` delivers each event once and in position order; a resubscription starts over from
         // the beginning, so anything at or below the watermark was applied already.
         let mut state = self.state.write();
-        if ev.position <= *self.watermark.borrow() {
-            return;
+        let applied = *self.watermark.borrow();
+        let mut last = applied;
+        for ev in events.iter().filter(|ev| ev.position > applied) {
+            state.apply(ev);
+            last = ev.position;
         }
-        state.apply(ev);
-        self.watermark.send_replace(ev.position);
+        if last != applied {
+            self.watermark.send_replace(last);
+        }
     }
 
     /// Reads the state.
