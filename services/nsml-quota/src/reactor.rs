@@ -16,6 +16,8 @@ use crate::grpc::QuotaService;
 
 /// Follows the log until cancelled, resuming where it stopped.
 pub async fn run(svc: QuotaService, ctx: ServiceContext) {
+    // Shared, not cloned per event: the service holds a client of every other service.
+    let svc = std::sync::Arc::new(svc);
     nsml_common::reactor::run(
         "quota",
         ctx.store.clone(),

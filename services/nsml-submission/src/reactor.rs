@@ -26,6 +26,8 @@ pub async fn run(svc: SubmissionService, ctx: ServiceContext) {
             }
         }
     };
+    // Shared, not cloned per event: the service holds a client of every other service.
+    let svc = std::sync::Arc::new(svc);
     let reactor = nsml_common::reactor::run(
         "submission",
         ctx.store.clone(),
