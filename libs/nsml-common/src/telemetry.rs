@@ -5,13 +5,14 @@ use opentelemetry::trace::{TraceContextExt as _, TraceFlags, TracerProvider as _
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Installs the global subscriber: human-readable (or JSON with `NSML_LOG_FORMAT=json`) logs filtered by
 /// `NSML_LOG` (default `info`), with OpenTelemetry span contexts so trace ids cross process boundaries.
 pub fn init(service: &str) {
-    let filter = EnvFilter::try_from_env("NSML_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (level, filter) = log_filter(std::env::var("NSML_LOG").ok().as_deref());
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
     let tracer = provider.tracer(service.to_string());
     opentelemetry::global::set_tracer_provider(provider);
@@ -23,7 +24,10 @@ pub fn init(service: &str) {
         .with_threads(false)
         .with_tracer(tracer);
     let json = std::env::var("NSML_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(level)
+        .with(filter)
+        .with(otel);
     let result = if json {
         registry
             .with(
@@ -39,6 +43,27 @@ pub fn init(service: &str) {
     };
     // A second init in one process (tests, embedded mode) keeps the first subscriber.
     let _ = result;
+}
+
+/// The filter `NSML_LOG` asks for: a plain level (`info`, `debug`, …, the default `info`) as a [`LevelFilter`],
+/// anything else (`info,nsml_session=debug`) as an [`EnvFilter`]. A level filter decides once per call site; an
+/// `EnvFilter` also takes a lock on every entry to and exit from a span, which every call between services and
+/// every wait inside one makes.
+fn log_filter(spec: Option<&str>) -> (Option<LevelFilter>, Option<EnvFilter>) {
+    let spec = spec
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    if let Ok(level) = spec.parse::<LevelFilter>() {
+        return (Some(level), None);
+    }
+    match EnvFilter::try_new(spec) {
+        Ok(filter) => (None, Some(filter)),
+        Err(err) => {
+            eprintln!("NSML_LOG=`{spec}` is not a valid filter ({err}); logging at `info`");
+            (Some(LevelFilter::INFO), None)
+        }
+    }
 }
 
 struct HeaderCarrier<'a>(&'a http::HeaderMap);
@@ -106,6 +131,26 @@ mod tests {
         let mut map = HashMap::new();
         TraceContextPropagator::new().inject_context(&cx, &mut MapCarrier(&mut map));
         map.remove("traceparent").unwrap_or_default()
+    }
+
+    #[test]
+    fn a_plain_level_needs_no_env_filter() {
+        use super::log_filter;
+        use tracing_subscriber::filter::LevelFilter;
+        assert_eq!(log_filter(None).0, Some(LevelFilter::INFO));
+        assert_eq!(log_filter(Some(" ")).0, Some(LevelFilter::INFO));
+        assert_eq!(log_filter(Some("debug")).0, Some(LevelFilter::DEBUG));
+        assert_eq!(log_filter(Some("off")).0, Some(LevelFilter::OFF));
+        let (level, filter) = log_filter(Some("info,nsml_session=debug"));
+        assert!(level.is_none());
+        assert!(filter.is_some(), "per-target directives keep the EnvFilter");
+        let (level, filter) = log_filter(Some("nsml_session=notalevel"));
+        assert_eq!(
+            level,
+            Some(LevelFilter::INFO),
+            "an invalid filter falls back to info"
+        );
+        assert!(filter.is_none());
     }
 
     #[test]
