@@ -276,7 +276,7 @@ fn count(clients: usize) -> String {
 
 /// Admission decisions through the gateway: `n` `run` requests from `clients` concurrent clients of one team
 /// whose session slots are all taken, so every request is decided and refused. Each goes gateway → session
-/// (number allocated, request recorded) → quota (decision appended) → session (rejection recorded).
+/// (number allocated, request recorded) → quota (decision appended, which is also the session's rejection).
 async fn admissions(alice: &Client, n: usize, clients: usize) -> anyhow::Result<Figures> {
     let sleeper = take_slots(alice).await?;
     let per_client = n.div_ceil(clients);
