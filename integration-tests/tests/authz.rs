@@ -1189,16 +1189,7 @@ async fn membership_applies_at_once(ch: &Channel, admin: &str) -> anyhow::Result
         !in_other(&before),
         "bob is in the other competition already: {before:?}"
     );
-    AuthServiceClient::new(ch.clone())
-        .add_user(authed(
-            nsml_proto::v1::AddUserRequest {
-                username: "bob".into(),
-                password: "bob-pass".into(),
-                team: "o-team".into(),
-                competition: "other".into(),
-            },
-            admin,
-        )?)
+    add_user(ch, admin, "bob", "bob-pass", ("other", "o-team"))
         .await
         .context("adding bob to a team of the other competition")?;
     let after = who_am_i(bob).await?;
@@ -1209,19 +1200,32 @@ async fn membership_applies_at_once(ch: &Channel, admin: &str) -> anyhow::Result
     Ok(())
 }
 
-/// Five wrong passwords lock an account, even against the right password, and say when to retry; other
-/// accounts are untouched.
-async fn lockout(ch: &Channel, host_token: &str) -> anyhow::Result<()> {
+/// Adds (or moves) `username` into `team` of `competition` through the gateway, as `token`.
+async fn add_user(
+    ch: &Channel,
+    token: &str,
+    username: &str,
+    password: &str,
+    (competition, team): (&str, &str),
+) -> anyhow::Result<()> {
     AuthServiceClient::new(ch.clone())
         .add_user(authed(
             nsml_proto::v1::AddUserRequest {
-                username: "lockme".into(),
-                password: "right-pass".into(),
-                team: "demo".into(),
-                competition: "demo".into(),
+                username: username.into(),
+                password: password.into(),
+                team: team.into(),
+                competition: competition.into(),
             },
-            host_token,
+            token,
         )?)
+        .await?;
+    Ok(())
+}
+
+/// Five wrong passwords lock an account, even against the right password, and say when to retry; other
+/// accounts are untouched.
+async fn lockout(ch: &Channel, host_token: &str) -> anyhow::Result<()> {
+    add_user(ch, host_token, "lockme", "right-pass", ("demo", "demo"))
         .await
         .context("adding a user to lock out")?;
     let try_login = |pw: &'static str| {

@@ -59,6 +59,7 @@ impl<S: ReadModel> Projection<S> {
                 let mut stream = stream;
                 // What ended the last burst, to be handled next.
                 let mut held = None;
+                let mut burst = Vec::with_capacity(BURST);
                 loop {
                     let next = match held.take() {
                         Some(next) => next,
@@ -71,7 +72,7 @@ impl<S: ReadModel> Projection<S> {
                         Some(Ok(Delivery::Event(ev))) => {
                             // The events that are ready already are applied with it, under one lock and one
                             // wake-up of those waiting on the watermark.
-                            let mut burst = vec![ev];
+                            burst.push(ev);
                             while burst.len() < BURST {
                                 match stream.next().now_or_never() {
                                     Some(Some(Ok(Delivery::Event(ev)))) => burst.push(ev),
@@ -83,6 +84,7 @@ impl<S: ReadModel> Projection<S> {
                                 }
                             }
                             me.apply(&burst);
+                            burst.clear();
                         }
                         Some(Ok(Delivery::CaughtUp)) => {
                             tracing::debug!(projection = name, "caught up with the log");

@@ -1432,20 +1432,27 @@ mod tests {
 
     /// What the relay reads of the outbox is what the database holds, whether it comes from the writer's memory
     /// or from the file: after commits, out-of-order acknowledgements and appends by another store on the file.
-    #[tokio::test]
-    async fn the_outbox_read_from_memory_is_the_outbox_in_the_file() {
-        let dir = tempfile::tempdir().expect("dir");
+    /// Two stores on one file, as two processes sharing a log would have them.
+    async fn two_stores(dir: &tempfile::TempDir) -> (SqliteStore, SqliteStore) {
         let path = dir.path().join("log.db");
         let one = SqliteStore::open(&path).await.expect("open");
         let other = SqliteStore::open(&path).await.expect("open");
+        (one, other)
+    }
+
+    fn positions(events: &[StoredEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.position).collect()
+    }
+
+    #[tokio::test]
+    async fn the_outbox_read_from_memory_is_the_outbox_in_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (one, other) = two_stores(&dir).await;
         let in_file = || async {
             one.read(|connection| waiting(connection, 100))
                 .await
                 .expect("read")
         };
-        let positions =
-            |events: &[StoredEvent]| events.iter().map(|e| e.position).collect::<Vec<_>>();
-
         one.append("a", ExpectedVersion::NoStream, new_events("a", 1))
             .await
             .expect("append");
@@ -1494,11 +1501,7 @@ mod tests {
     #[tokio::test]
     async fn a_tail_due_for_a_check_is_trusted_again_only_if_the_log_still_ends_there() {
         let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("log.db");
-        let one = SqliteStore::open(&path).await.expect("open");
-        let other = SqliteStore::open(&path).await.expect("open");
-        let positions =
-            |events: &[StoredEvent]| events.iter().map(|e| e.position).collect::<Vec<_>>();
+        let (one, other) = two_stores(&dir).await;
 
         one.append("a", ExpectedVersion::NoStream, new_events("a", 1))
             .await
