@@ -7,8 +7,7 @@
 //! A host's override applies from its ledger version on: the decisions recorded before it saw a ledger without
 //! it, and replay re-derives them so.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 
 use nsml_common::aggregate::Aggregate;
 use nsml_common::event::decode;
@@ -19,33 +18,7 @@ use nsml_proto::v1::{
     SubmitEnded, SubmitSucceeded,
 };
 
-/// A fast hash for the ledger's maps, in the manner of rustc's FxHash. Their keys are ids the platform mints
-/// (session names, UUIDs), so SipHash's defence against chosen keys buys nothing, and replay spends its time
-/// in these maps.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        const K: u64 = 0x517c_c1b7_2722_0a95;
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
-        }
-        for &b in chunks.remainder() {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// A map keyed by platform-minted ids.
-pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+use crate::idmap::IdMap;
 
 /// Every team ledger's stream name starts with this.
 pub const LEDGER_PREFIX: &str = "quota-";
@@ -249,9 +222,9 @@ pub struct Ledger {
     /// Command id → ledger version of the decision taken for it, so a repeated request gets that first
     /// decision (read back from the ledger) rather than a new one. Versions, not decisions: a ledger keeps one
     /// entry per decision ever taken, and replay folds millions.
-    pub decisions: IdMap<String, u64>,
+    pub decisions: IdMap<u64>,
     /// Submission id → (dataset, submitted-at time), for granted real submits not yet ended.
-    pub granted_submits: IdMap<String, (String, i64)>,
+    pub granted_submits: IdMap<(String, i64)>,
     /// Competition → the policy the ledger adopted last.
     pub policies: BTreeMap<String, AdoptedPolicy>,
     /// Overrides by id (time-ordered ids, so iteration is in grant order).
@@ -266,11 +239,11 @@ struct OverrideIndex {
     /// Dataset → extra submits neither in use nor spent.
     extra_free: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// Submission → the extra submit it uses.
-    extra_in_use: IdMap<String, String>,
+    extra_in_use: IdMap<String>,
     /// Raises that had not ended when the ledger's latest decision was taken.
     raises: Vec<String>,
     /// Command id → override id.
-    by_command: IdMap<String, String>,
+    by_command: IdMap<String>,
     /// The time of the latest decision recorded: a raise that ended before it can matter to no later one, as a
     /// ledger's decisions are taken in order.
     clock_ms: i64,

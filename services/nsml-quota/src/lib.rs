@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod domain;
 mod grpc;
+pub mod idmap;
 mod projection;
 mod reactor;
 pub mod replay;

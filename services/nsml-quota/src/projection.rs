@@ -10,6 +10,7 @@ use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{CompetitionApplied, MemberAdded, Policy};
 
 use crate::domain::{LEDGER_PREFIX, LedgerEvent};
+use crate::idmap::IdMap;
 
 #[derive(Debug, Default)]
 pub struct Catalog {
@@ -22,7 +23,7 @@ pub struct Catalog {
     /// Teams that have a ledger.
     pub ledgers: BTreeSet<String>,
     /// Decision id or submission id → the team whose ledger records it.
-    pub recorded_in: HashMap<String, String>,
+    pub recorded_in: IdMap<String>,
 }
 
 impl Catalog {
