@@ -35,6 +35,9 @@ pub enum StoreError {
     /// The SQLite store's writer thread could not be started.
     #[error("cannot start the event log's writer thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The SQLite store's database file could not be opened.
+    #[error("cannot open the event log's file: {0}")]
+    Open(#[source] std::io::Error),
 }
 
 impl From<rusqlite::Error> for StoreError {
