@@ -115,8 +115,9 @@ fn keep_to_small_pages() {
             if let Some((start, end)) = mapping.take()
                 && flags.split_whitespace().any(|flag| flag == "hg")
             {
-                // SAFETY: the range is a whole mapping of this process; advice on page size changes no
-                // contents, and nothing else runs yet to map or unmap memory meanwhile.
+                // SAFETY: the range was a whole mapping of this process, and advice on page size changes no
+                // contents: were it unmapped or mapped anew since smaps was read (nothing else runs yet in
+                // `main`), the call fails or advises the new mapping, equally harmless.
                 unsafe {
                     libc::madvise(
                         start as *mut libc::c_void,
