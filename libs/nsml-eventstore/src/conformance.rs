@@ -27,7 +27,7 @@ use futures::{FutureExt, StreamExt};
 use crate::hash::{ChainBreakKind, event_hash};
 use crate::row::{metadata_json, to_i64};
 use crate::{
-    EventStore, ExpectedVersion, Metadata, NewEvent, PostgresStore, SqliteStore, StoreError,
+    Chain, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresStore, SqliteStore, StoreError,
     StoredEvent, read_all_stream,
 };
 
@@ -101,6 +101,7 @@ macro_rules! conformance_suite {
             concurrent_appends_with_same_expected_version_one_wins,
             concurrent_appends_keep_positions_and_versions_gapless,
             concurrent_appends_are_answered_each_on_its_own,
+            chained_appends_stop_at_the_first_failure,
             outbox_peek_and_ack,
             checkpoints,
             verify_clean_log,
@@ -689,6 +690,53 @@ pub async fn concurrent_appends_keep_positions_and_versions_gapless<S: Tamper>(s
         assert_eq!(store.stream_version(stream).await.expect("version"), v);
     }
     assert_eq!(store.verify_chain().await.expect("verify"), None);
+}
+
+/// Appends queued on one chain commit in queue order, each on the state the ones before it left; once one
+/// fails, the later ones fail and store nothing, even where their expected version would match, while another
+/// chain's appends are untouched. Stores that cannot queue appends (`append_chained` is `None`) skip this.
+pub async fn chained_appends_stop_at_the_first_failure<S: EventStore>(store: Arc<S>) {
+    let (ours, theirs) = (Chain::new(), Chain::new());
+    let queue = |chain: &Arc<Chain>, stream: &str, expected| {
+        store.append_chained(chain, stream, expected, new_events(stream, 1))
+    };
+    let Some(first) = queue(&ours, "c", ExpectedVersion::NoStream) else {
+        return;
+    };
+    let queued = [
+        queue(&ours, "c", ExpectedVersion::Exact(1)),
+        queue(&ours, "c", ExpectedVersion::Exact(7)),
+        queue(&ours, "d", ExpectedVersion::NoStream),
+        queue(&theirs, "e", ExpectedVersion::NoStream),
+    ];
+    let first = first.await.expect("the first append");
+    let mut answers = Vec::new();
+    for pending in queued {
+        answers.push(pending.expect("queued").await);
+    }
+    assert_eq!(first.version, 1);
+    assert_eq!(answers[0].as_ref().expect("follows the first").version, 2);
+    assert!(
+        matches!(&answers[1], Err(StoreError::Conflict { actual: 2, .. })),
+        "{:?}",
+        answers[1]
+    );
+    assert!(
+        matches!(&answers[2], Err(StoreError::Conflict { .. })),
+        "an append queued after its chain failed: {:?}",
+        answers[2]
+    );
+    assert_eq!(answers[3].as_ref().expect("another chain").version, 1);
+    assert!(ours.is_broken() && !theirs.is_broken());
+    for (stream, version) in [("c", 2), ("d", 0), ("e", 1)] {
+        assert_eq!(
+            store.stream_version(stream).await.expect("version"),
+            version
+        );
+    }
+    let later = queue(&ours, "d", ExpectedVersion::NoStream).expect("queued");
+    assert!(matches!(later.await, Err(StoreError::Conflict { .. })));
+    assert!(store.verify_chain().await.expect("verify").is_none());
 }
 
 /// Many concurrent appends, most to streams of their own and some racing on one stream with the same expected

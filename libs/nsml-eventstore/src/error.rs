@@ -20,6 +20,9 @@ pub enum StoreError {
     /// The database failed or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A Postgres transaction failed. Shared, because one failed commit fails every append of its batch.
+    #[error("database error: {0}")]
+    Postgres(#[source] Arc<sqlx::Error>),
     /// The SQLite database failed. Shared, because one failed commit fails every append of its batch.
     #[error("database error: {0}")]
     Sqlite(#[source] Arc<rusqlite::Error>),

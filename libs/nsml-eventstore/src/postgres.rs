@@ -1,9 +1,11 @@
 //! The Postgres backend: many writers in many processes, serialized on the single-row `log_head` table.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
 use crate::error::is_stream_version_violation;
@@ -12,21 +14,58 @@ use crate::lease::PostgresLease;
 use crate::row::{
     ChainRow, EventRow, advance_watermark, into_events, metadata_json, to_i64, to_u64,
 };
-use crate::{Appended, EventStore, ExpectedVersion, NewEvent, StoreError, StoredEvent};
+use crate::{
+    Appended, Chain, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError, StoredEvent,
+};
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// Connections per store.
 const POOL_SIZE: u32 = 10;
 
+/// The most appends one transaction commits.
+const MAX_BATCH: usize = 256;
+
 /// The log in a Postgres database.
 ///
-/// Each append locks the `log_head` row (`SELECT ... FOR UPDATE`) for the rest of its transaction, so appends
-/// from every process are serialized: positions are assigned and committed in order, and readers never see a
-/// position before the ones below it.
+/// Each transaction that appends locks the `log_head` row (`SELECT ... FOR UPDATE`) for the rest of its life, so
+/// appends from every process are serialized: positions are assigned and committed in order, and readers never
+/// see a position before the ones below it.
+///
+/// Within one process, appends are queued to one task, which commits every append queued at that moment (up to
+/// [`MAX_BATCH`]) in one transaction: one lock of the head row and one commit (one flush of Postgres's log) for
+/// them all rather than one each. Every append is checked against its stream's version in turn,
+/// seeing the ones before it in the batch; one that does not match is refused alone. Nobody is answered before
+/// the commit; if it fails, every append of the batch fails and none is stored. Appends queued on a [`Chain`]
+/// commit in queue order, and once one fails the later ones fail, so a writer may queue its next append before
+/// the last has committed ([`EventStore::append_chained`]).
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pub(crate) pool: PgPool,
+    appends: mpsc::UnboundedSender<Queued>,
+}
+
+/// An append waiting for the appender task.
+#[derive(Debug)]
+struct Queued {
+    chain: Option<Arc<Chain>>,
+    stream: String,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+impl Queued {
+    /// Answers the append; a failure breaks its chain.
+    fn answer(self, result: Result<Appended, StoreError>) {
+        if result.is_err()
+            && let Some(chain) = &self.chain
+        {
+            chain.fail();
+        }
+        // The caller may have stopped waiting; the outcome stands either way.
+        let _ = self.reply.send(result);
+    }
 }
 
 impl PostgresStore {
@@ -38,7 +77,40 @@ impl PostgresStore {
             .connect(url)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(PostgresStore { pool })
+        let (appends, queue) = mpsc::unbounded_channel();
+        tokio::spawn(run_appender(pool.clone(), queue));
+        Ok(PostgresStore { pool, appends })
+    }
+
+    /// Queues an append for the appender task and waits for its answer.
+    fn queue(
+        &self,
+        chain: Option<Arc<Chain>>,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> impl Future<Output = Result<Appended, StoreError>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            chain,
+            stream: stream.to_owned(),
+            expected,
+            events,
+            reply,
+        };
+        let sent = match self.appends.send(queued) {
+            Ok(()) => true,
+            Err(mpsc::error::SendError(unsent)) => {
+                unsent.answer(Err(StoreError::Closed));
+                false
+            }
+        };
+        async move {
+            if !sent {
+                return Err(StoreError::Closed);
+            }
+            answer.await.unwrap_or(Err(StoreError::Closed))
+        }
     }
 
     /// The lease deciding which of the processes sharing this database sweeps the outbox.
@@ -50,26 +122,202 @@ impl PostgresStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
 
-    /// A unique-key violation on (stream, version) means another writer got there first: a conflict. Any other
-    /// error (a clash on `position` included) stays a database error.
-    async fn map_insert_error(
-        &self,
-        err: sqlx::Error,
-        stream: &str,
-        expected: ExpectedVersion,
-    ) -> StoreError {
-        if !is_stream_version_violation(&err) {
-            return err.into();
+/// Commits queued appends in batches until every clone of the store is gone.
+async fn run_appender(pool: PgPool, mut queue: mpsc::UnboundedReceiver<Queued>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        commit_batch(&pool, std::mem::take(&mut batch)).await;
+    }
+}
+
+/// Commits `batch` in one transaction and answers each append. An append whose statement fails (which the head
+/// lock leaves to the unexpected: a lost connection, a constraint) is answered with that error, and the others
+/// are tried again in a new transaction, as nothing of the failed one was committed.
+async fn commit_batch(pool: &PgPool, mut batch: Vec<Queued>) {
+    while !batch.is_empty() {
+        match try_batch(pool, &batch).await {
+            Ok(outcomes) => {
+                for (queued, outcome) in batch.into_iter().zip(outcomes) {
+                    queued.answer(outcome);
+                }
+                return;
+            }
+            Err((Some(failed), err)) => {
+                let queued = batch.remove(failed);
+                let err = map_insert_error(pool, err, &queued.stream, queued.expected).await;
+                queued.answer(Err(err));
+            }
+            Err((None, err)) => {
+                // The transaction itself failed (begin, the head, its update, the commit): nothing is stored.
+                let err = Arc::new(err);
+                for queued in batch {
+                    queued.answer(Err(StoreError::Postgres(err.clone())));
+                }
+                return;
+            }
         }
-        match self.stream_version(stream).await {
-            Ok(actual) => StoreError::Conflict {
-                stream: stream.to_owned(),
-                expected,
-                actual,
-            },
-            Err(e) => e,
+    }
+}
+
+/// What a batch's transaction did for each of its appends, or the index of the append whose statement failed
+/// (`None`: the transaction's own), with the error; on error nothing is committed.
+type BatchResult = Result<Vec<Result<Appended, StoreError>>, (Option<usize>, sqlx::Error)>;
+
+async fn try_batch(pool: &PgPool, batch: &[Queued]) -> BatchResult {
+    let whole = |err| (None, err);
+    let mut tx = pool.begin().await.map_err(whole)?;
+    let (head_position, head_hash): (i64, String) =
+        sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(whole)?;
+    let mut head = (u64::try_from(head_position).unwrap_or_default(), head_hash);
+    let start = head.0;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    // Chains broken in this batch: the store's flag is only set once the batch is answered.
+    let mut broken: Vec<&Arc<Chain>> = Vec::new();
+    for (i, queued) in batch.iter().enumerate() {
+        let chain = queued.chain.as_ref();
+        let chain_broken =
+            chain.is_some_and(|c| c.is_broken() || broken.iter().any(|b| Arc::ptr_eq(b, c)));
+        let outcome = append_in(&mut tx, queued, chain_broken, &mut head)
+            .await
+            .map_err(|err| (Some(i), err))?;
+        if outcome.is_err()
+            && let Some(chain) = chain
+        {
+            broken.push(chain);
         }
+        outcomes.push(outcome);
+    }
+    if head.0 > start {
+        sqlx::query("UPDATE log_head SET position = $1, hash = $2 WHERE id = 1")
+            .bind(to_i64(head.0))
+            .bind(&head.1)
+            .execute(&mut *tx)
+            .await
+            .map_err(whole)?;
+    }
+    tx.commit().await.map_err(whole)?;
+    Ok(outcomes)
+}
+
+/// Appends `queued` in the batch's transaction after `head` (the log's last position and hash so far), which
+/// it advances. `Ok(Err(conflict))`, with nothing written, when the stream's version does not match or when
+/// `chain_broken` (an earlier append of its chain failed: this one was decided on a state that did not happen).
+async fn append_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    queued: &Queued,
+    chain_broken: bool,
+    head: &mut (u64, String),
+) -> Result<Result<Appended, StoreError>, sqlx::Error> {
+    let stream = queued.stream.as_str();
+    let current: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream = $1",
+    )
+    .bind(stream)
+    .fetch_one(&mut **tx)
+    .await?;
+    let current = u64::try_from(current).unwrap_or_default();
+    if let Err(conflict) = queued.expected.check(stream, current) {
+        return Ok(Err(conflict));
+    }
+    if chain_broken {
+        return Ok(Err(StoreError::Conflict {
+            stream: stream.to_owned(),
+            expected: queued.expected,
+            actual: current,
+        }));
+    }
+    let head_position = head.0;
+    if queued.events.is_empty() {
+        return Ok(Ok(Appended {
+            version: current,
+            first_position: head_position + 1,
+            last_position: head_position,
+        }));
+    }
+    let count = queued.events.len();
+    let mut positions = Vec::with_capacity(count);
+    let mut versions = Vec::with_capacity(count);
+    let mut types = Vec::with_capacity(count);
+    let mut payloads = Vec::with_capacity(count);
+    let mut metadatas = Vec::with_capacity(count);
+    let mut prev_hashes = Vec::with_capacity(count);
+    let mut hashes = Vec::with_capacity(count);
+    let mut prev_hash = head.1.clone();
+    for (i, event) in queued.events.iter().enumerate() {
+        let position = head_position + 1 + i as u64;
+        let version = current + 1 + i as u64;
+        let metadata = metadata_json(&event.metadata);
+        let hash = event_hash(
+            &prev_hash,
+            position,
+            stream,
+            version,
+            &event.event_type,
+            &event.payload,
+            &metadata,
+        );
+        positions.push(to_i64(position));
+        versions.push(to_i64(version));
+        types.push(event.event_type.as_str());
+        payloads.push(event.payload.as_slice());
+        metadatas.push(metadata);
+        prev_hashes.push(std::mem::replace(&mut prev_hash, hash.clone()));
+        hashes.push(hash);
+    }
+    sqlx::query(
+        "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
+         SELECT t.position, $2, t.version, t.event_type, t.payload, t.metadata, t.prev_hash, t.hash \
+         FROM UNNEST($1::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::BYTEA[], $6::TEXT[], $7::TEXT[], $8::TEXT[]) \
+         AS t(position, version, event_type, payload, metadata, prev_hash, hash)",
+    )
+    .bind(&positions)
+    .bind(stream)
+    .bind(&versions)
+    .bind(&types)
+    .bind(&payloads)
+    .bind(&metadatas)
+    .bind(&prev_hashes)
+    .bind(&hashes)
+    .execute(&mut **tx)
+    .await?;
+    let last_position = head_position + count as u64;
+    *head = (last_position, prev_hash);
+    Ok(Ok(Appended {
+        version: current + count as u64,
+        first_position: head_position + 1,
+        last_position,
+    }))
+}
+
+/// A unique-key violation on (stream, version) means another writer got there first: a conflict. Any other
+/// error (a clash on `position` included) stays a database error.
+async fn map_insert_error(
+    pool: &PgPool,
+    err: sqlx::Error,
+    stream: &str,
+    expected: ExpectedVersion,
+) -> StoreError {
+    if !is_stream_version_violation(&err) {
+        return err.into();
+    }
+    let actual: Result<i64, sqlx::Error> = sqlx::query_scalar(
+        "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream = $1",
+    )
+    .bind(stream)
+    .fetch_one(pool)
+    .await;
+    match actual {
+        Ok(actual) => StoreError::Conflict {
+            stream: stream.to_owned(),
+            expected,
+            actual: u64::try_from(actual).unwrap_or_default(),
+        },
+        Err(e) => e.into(),
     }
 }
 
@@ -81,92 +329,22 @@ impl EventStore for PostgresStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let (head_position, head_hash): (i64, String) =
-            sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1 FOR UPDATE")
-                .fetch_one(&mut *tx)
-                .await?;
-        let head_position = to_u64(head_position, "position")?;
-        let current: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream = $1",
-        )
-        .bind(stream)
-        .fetch_one(&mut *tx)
-        .await?;
-        let current = to_u64(current, "version")?;
-        expected.check(stream, current)?;
-        if events.is_empty() {
-            return Ok(Appended {
-                version: current,
-                first_position: head_position + 1,
-                last_position: head_position,
-            });
-        }
+        self.queue(None, stream, expected, events).await
+    }
 
-        let count = events.len();
-        let mut positions = Vec::with_capacity(count);
-        let mut versions = Vec::with_capacity(count);
-        let mut types = Vec::with_capacity(count);
-        let mut payloads = Vec::with_capacity(count);
-        let mut metadatas = Vec::with_capacity(count);
-        let mut prev_hashes = Vec::with_capacity(count);
-        let mut hashes = Vec::with_capacity(count);
-        let mut prev_hash = head_hash;
-        for (i, event) in events.into_iter().enumerate() {
-            let position = head_position + 1 + i as u64;
-            let version = current + 1 + i as u64;
-            let metadata = metadata_json(&event.metadata);
-            let hash = event_hash(
-                &prev_hash,
-                position,
-                stream,
-                version,
-                &event.event_type,
-                &event.payload,
-                &metadata,
-            );
-            positions.push(to_i64(position));
-            versions.push(to_i64(version));
-            types.push(event.event_type);
-            payloads.push(event.payload);
-            metadatas.push(metadata);
-            prev_hashes.push(std::mem::replace(&mut prev_hash, hash.clone()));
-            hashes.push(hash);
-        }
-        let last_position = head_position + count as u64;
-        let last_version = current + count as u64;
-
-        let inserted = sqlx::query(
-            "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
-             SELECT t.position, $2, t.version, t.event_type, t.payload, t.metadata, t.prev_hash, t.hash \
-             FROM UNNEST($1::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::BYTEA[], $6::TEXT[], $7::TEXT[], $8::TEXT[]) \
-             AS t(position, version, event_type, payload, metadata, prev_hash, hash)",
-        )
-        .bind(&positions)
-        .bind(stream)
-        .bind(&versions)
-        .bind(&types)
-        .bind(&payloads)
-        .bind(&metadatas)
-        .bind(&prev_hashes)
-        .bind(&hashes)
-        .execute(&mut *tx)
-        .await;
-        if let Err(err) = inserted {
-            tx.rollback().await?;
-            return Err(self.map_insert_error(err, stream, expected).await);
-        }
-        sqlx::query("UPDATE log_head SET position = $1, hash = $2 WHERE id = 1")
-            .bind(to_i64(last_position))
-            .bind(&prev_hash)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Appended {
-            version: last_version,
-            first_position: head_position + 1,
-            last_position,
-        })
+    fn append_chained(
+        &self,
+        chain: &Arc<Chain>,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Option<PendingAppend> {
+        Some(Box::pin(self.queue(
+            Some(chain.clone()),
+            stream,
+            expected,
+            events,
+        )))
     }
 
     async fn read_stream(
