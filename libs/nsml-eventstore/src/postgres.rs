@@ -214,13 +214,7 @@ async fn append_in(
     head: &mut (u64, String),
 ) -> Result<Result<Appended, StoreError>, sqlx::Error> {
     let stream = queued.stream.as_str();
-    let current: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream = $1",
-    )
-    .bind(stream)
-    .fetch_one(&mut **tx)
-    .await?;
-    let current = u64::try_from(current).unwrap_or_default();
+    let current = version_of(&mut **tx, stream).await?;
     if let Err(conflict) = queued.expected.check(stream, current) {
         return Ok(Err(conflict));
     }
@@ -294,6 +288,21 @@ async fn append_in(
     }))
 }
 
+/// A stream's version: that of its last event, 0 when it has none.
+async fn version_of<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    stream: &str,
+) -> Result<u64, sqlx::Error> {
+    let version: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream = $1",
+    )
+    .bind(stream)
+    .fetch_one(executor)
+    .await?;
+    u64::try_from(version)
+        .map_err(|_| sqlx::Error::Decode(format!("negative version {version}").into()))
+}
+
 /// A unique-key violation on (stream, version) means another writer got there first: a conflict. Any other
 /// error (a clash on `position` included) stays a database error.
 async fn map_insert_error(
@@ -305,17 +314,11 @@ async fn map_insert_error(
     if !is_stream_version_violation(&err) {
         return err.into();
     }
-    let actual: Result<i64, sqlx::Error> = sqlx::query_scalar(
-        "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream = $1",
-    )
-    .bind(stream)
-    .fetch_one(pool)
-    .await;
-    match actual {
+    match version_of(pool, stream).await {
         Ok(actual) => StoreError::Conflict {
             stream: stream.to_owned(),
             expected,
-            actual: u64::try_from(actual).unwrap_or_default(),
+            actual,
         },
         Err(e) => e.into(),
     }
@@ -398,13 +401,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
-        let version: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(MAX(version), 0)::BIGINT FROM events WHERE stream = $1",
-        )
-        .bind(stream)
-        .fetch_one(&self.pool)
-        .await?;
-        to_u64(version, "version")
+        Ok(version_of(&self.pool, stream).await?)
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {
