@@ -173,22 +173,22 @@ async fn try_batch(pool: &PgPool, batch: &[Queued]) -> BatchResult {
             .fetch_one(&mut *tx)
             .await
             .map_err(whole)?;
-    let mut head = (u64::try_from(head_position).unwrap_or_default(), head_hash);
+    let head_position = u64::try_from(head_position).map_err(|_| {
+        whole(sqlx::Error::Decode(
+            format!("negative log head position {head_position}").into(),
+        ))
+    })?;
+    let mut head = (head_position, head_hash);
     let start = head.0;
     let mut outcomes = Vec::with_capacity(batch.len());
-    // Chains broken in this batch: the store's flag is only set once the batch is answered.
-    let mut broken: Vec<&Arc<Chain>> = Vec::new();
     for (i, queued) in batch.iter().enumerate() {
-        let chain = queued.chain.as_ref();
-        let chain_broken =
-            chain.is_some_and(|c| c.is_broken() || broken.iter().any(|b| Arc::ptr_eq(b, c)));
-        let outcome = append_in(&mut tx, queued, chain_broken, &mut head)
+        let outcome = append_in(&mut tx, queued, &mut head)
             .await
             .map_err(|err| (Some(i), err))?;
         if outcome.is_err()
-            && let Some(chain) = chain
+            && let Some(chain) = &queued.chain
         {
-            broken.push(chain);
+            chain.fail();
         }
         outcomes.push(outcome);
     }
@@ -205,12 +205,11 @@ async fn try_batch(pool: &PgPool, batch: &[Queued]) -> BatchResult {
 }
 
 /// Appends `queued` in the batch's transaction after `head` (the log's last position and hash so far), which
-/// it advances. `Ok(Err(conflict))`, with nothing written, when the stream's version does not match or when
-/// `chain_broken` (an earlier append of its chain failed: this one was decided on a state that did not happen).
+/// it advances. `Ok(Err(conflict))`, with nothing written, when the stream's version does not match or when its
+/// chain is broken (an earlier append of it failed: this one was decided on a state that did not happen).
 async fn append_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     queued: &Queued,
-    chain_broken: bool,
     head: &mut (u64, String),
 ) -> Result<Result<Appended, StoreError>, sqlx::Error> {
     let stream = queued.stream.as_str();
@@ -218,7 +217,7 @@ async fn append_in(
     if let Err(conflict) = queued.expected.check(stream, current) {
         return Ok(Err(conflict));
     }
-    if chain_broken {
+    if queued.chain.as_ref().is_some_and(|c| c.is_broken()) {
         return Ok(Err(StoreError::Conflict {
             stream: stream.to_owned(),
             expected: queued.expected,
