@@ -233,6 +233,15 @@ impl Deployment {
 
     /// Starts every service as its own `nsmld serve` process over Postgres and NATS JetStream.
     pub fn distributed(pg_url: &str, stream: &str) -> anyhow::Result<Self> {
+        Self::distributed_env(pg_url, stream, &[])
+    }
+
+    /// Starts the distributed deployment with extra environment for every service process.
+    pub fn distributed_env(
+        pg_url: &str,
+        stream: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let tmp = tempfile::tempdir()?;
         let data_dir = tmp.path().join("data");
         std::fs::create_dir_all(&data_dir)?;
@@ -267,7 +276,10 @@ gpus = "0"
             procs: vec![],
             _tmp: Some(tmp),
             config: Some(cfg_path),
-            env: vec![],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             competitions: vec![],
         };
         d.start_distributed()?;

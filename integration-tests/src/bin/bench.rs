@@ -97,8 +97,7 @@ async fn main() -> anyhow::Result<()> {
     let rate = get("--rate", 5000);
     let skip_distributed = args.iter().any(|a| a == "--embedded-only");
 
-    // The bench is one caller making thousands of calls: lift the gateway's per-caller rate limit.
-    let dep = Deployment::embedded_env(&[], &[("NSML_RATE_LIMIT", "1000000")])?;
+    let dep = Deployment::embedded_env(&[], UNLIMITED)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = dep.pids().first().and_then(|p| rss_kib(*p));
     let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
@@ -267,6 +266,10 @@ async fn main() -> anyhow::Result<()> {
 
 type Figures = (Vec<f64>, f64);
 
+/// The bench is one caller making thousands of calls: it lifts the gateway's per-caller rate limit (500/s,
+/// which the distributed deployment's admissions also exceed).
+const UNLIMITED: &[(&str, &str)] = &[("NSML_RATE_LIMIT", "1000000")];
+
 /// The most admissions asked of the distributed deployment.
 const DISTRIBUTED_ADMISSIONS: usize = 5000;
 
@@ -375,7 +378,7 @@ async fn distributed_admissions(n: usize, clients: usize) -> anyhow::Result<(Fig
     let db = FreshDb::create().await?;
     let stream = format!("NSML_BENCH_{}", uuid::Uuid::new_v4().simple());
     let figures = async {
-        let dep = Deployment::distributed(&db.url, &stream)?;
+        let dep = Deployment::distributed_env(&db.url, &stream, UNLIMITED)?;
         let host = dep.host()?;
         host.nsml(&["admin", "competition", "apply", "examples/competition.toml"])?
             .ok()?;
