@@ -51,6 +51,26 @@ impl ExpectedVersion {
         }
     }
 
+    /// Fails with [`StoreError::Conflict`] when a stream at version `current` does not satisfy this expectation,
+    /// or when the append is queued on a `chain` that is broken: an earlier append of it failed, so this one was
+    /// decided on a state that did not happen.
+    pub(crate) fn check_queued(
+        self,
+        stream: &str,
+        current: u64,
+        chain: Option<&Arc<Chain>>,
+    ) -> Result<(), StoreError> {
+        self.check(stream, current)?;
+        if chain.is_some_and(|c| c.is_broken()) {
+            return Err(StoreError::Conflict {
+                stream: stream.to_owned(),
+                expected: self,
+                actual: current,
+            });
+        }
+        Ok(())
+    }
+
     /// Fails with [`StoreError::Conflict`] when a stream at version `current` does not satisfy this expectation.
     pub(crate) fn check(self, stream: &str, current: u64) -> Result<(), StoreError> {
         if self.matches(current) {

@@ -214,15 +214,11 @@ async fn append_in(
 ) -> Result<Result<Appended, StoreError>, sqlx::Error> {
     let stream = queued.stream.as_str();
     let current = version_of(&mut **tx, stream).await?;
-    if let Err(conflict) = queued.expected.check(stream, current) {
+    if let Err(conflict) = queued
+        .expected
+        .check_queued(stream, current, queued.chain.as_ref())
+    {
         return Ok(Err(conflict));
-    }
-    if queued.chain.as_ref().is_some_and(|c| c.is_broken()) {
-        return Ok(Err(StoreError::Conflict {
-            stream: stream.to_owned(),
-            expected: queued.expected,
-            actual: current,
-        }));
     }
     let head_position = head.0;
     if queued.events.is_empty() {

@@ -777,16 +777,11 @@ fn append_one<'a>(
             Err(corrupt) => return Ok(Err(corrupt)),
         },
     };
-    if let Err(conflict) = request.expected.check(stream, current) {
+    if let Err(conflict) = request
+        .expected
+        .check_queued(stream, current, request.chain.as_ref())
+    {
         return Ok(Err(conflict));
-    }
-    if request.chain.as_ref().is_some_and(|c| c.is_broken()) {
-        // An earlier append of its chain failed: this one was decided on a state that did not happen.
-        return Ok(Err(StoreError::Conflict {
-            stream: stream.to_owned(),
-            expected: request.expected,
-            actual: current,
-        }));
     }
     if request.events.is_empty() {
         let appended = Appended {
