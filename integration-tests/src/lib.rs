@@ -8,9 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod access;
+pub mod faults;
 pub mod grpc;
 pub mod hostile;
 pub mod scenario;
+pub mod soak;
 
 use anyhow::{Context, bail};
 
@@ -152,6 +154,7 @@ pub struct Deployment {
     config: Option<PathBuf>,
     env: Vec<(String, String)>,
     competitions: Vec<PathBuf>,
+    store: String,
 }
 
 fn wait_ready(child: &mut Child, timeout: Duration) -> anyhow::Result<String> {
@@ -185,6 +188,7 @@ impl Deployment {
         let data_dir = tmp.path().join("data");
         let mut d = Self {
             url: String::new(),
+            store: format!("sqlite:{}", data_dir.join("nsml.db").display()),
             data_dir,
             procs: vec![],
             _tmp: Some(tmp),
@@ -242,6 +246,16 @@ impl Deployment {
         stream: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::distributed_on(pg_url, "nats://127.0.0.1:4222", stream, env)
+    }
+
+    /// Starts the distributed deployment over the given Postgres database and NATS server.
+    pub fn distributed_on(
+        pg_url: &str,
+        nats_url: &str,
+        stream: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let tmp = tempfile::tempdir()?;
         let data_dir = tmp.path().join("data");
         std::fs::create_dir_all(&data_dir)?;
@@ -249,7 +263,7 @@ impl Deployment {
         let config = format!(
             r#"data_dir = "{data}"
 store = "{pg_url}"
-bus = "nats://127.0.0.1:4222"
+bus = "{nats_url}"
 bus_stream = "{stream}"
 internal_secret = "{secret}"
 public_listen = "127.0.0.1:{gateway_port}"
@@ -272,6 +286,7 @@ gpus = "0"
         std::fs::write(&cfg_path, config)?;
         let mut d = Self {
             url: format!("http://127.0.0.1:{gateway_port}"),
+            store: pg_url.to_string(),
             data_dir,
             procs: vec![],
             _tmp: Some(tmp),
@@ -380,10 +395,20 @@ gpus = "0"
         Ok(u)
     }
 
+    /// The deployment's event store: `sqlite:PATH` or a Postgres URL.
+    pub fn store_url(&self) -> &str {
+        &self.store
+    }
+
     /// Kills every process (SIGKILL: no graceful shutdown) and starts them again on the same data.
     pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.kill_and_restart_after(Duration::from_millis(300))
+    }
+
+    /// Kills every process (SIGKILL), keeps them down for `down`, and starts them again on the same data.
+    pub fn kill_and_restart_after(&mut self, down: Duration) -> anyhow::Result<()> {
         self.kill();
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(down);
         if self.config.is_some() {
             let _ = std::fs::remove_file(self.data_dir.join("admin.token"));
             self.start_distributed()
@@ -394,6 +419,12 @@ gpus = "0"
 
     /// Kills one service's process of a distributed deployment (SIGKILL) and starts it again.
     pub fn restart_service(&mut self, service: &str) -> anyhow::Result<()> {
+        self.restart_service_after(service, Duration::ZERO)
+    }
+
+    /// Kills one service's process of a distributed deployment (SIGKILL), keeps it down for `down`, and
+    /// starts it again; returns once it listens.
+    pub fn restart_service_after(&mut self, service: &str, down: Duration) -> anyhow::Result<()> {
         let i = self
             .procs
             .iter()
@@ -402,6 +433,7 @@ gpus = "0"
         let (args, mut child) = self.procs.remove(i);
         let _ = child.kill();
         let _ = child.wait();
+        std::thread::sleep(down);
         let child = Command::new(bin("nsmld"))
             .args(&args)
             .current_dir(repo_root())

@@ -11,8 +11,11 @@
 //!   ones before have been answered, and its latency counts from when it was due);
 //! - idle `nsmld up` resident memory.
 //!
+//! With `--soak SECONDS` it runs only the soak instead (`nsml_integration_tests::soak`): a busy competition
+//! hour compressed into that many seconds, with `nsmld`'s resident memory sampled throughout.
+//!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
-//! [--admissions N] [--clients N] [--rate N] [--embedded-only]`.
+//! [--admissions N] [--clients N] [--rate N] [--embedded-only]`, or `target/release/nsml-bench --soak 240`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -96,6 +99,13 @@ async fn main() -> anyhow::Result<()> {
     let clients = get("--clients", 16);
     let rate = get("--rate", 5000);
     let skip_distributed = args.iter().any(|a| a == "--embedded-only");
+    let soak_secs = get("--soak", 0);
+    if soak_secs > 0 {
+        let duration = Duration::from_secs(soak_secs as u64);
+        let report = nsml_integration_tests::soak::soak(duration, UNLIMITED).await?;
+        nsml_integration_tests::soak::print(&report, duration);
+        return Ok(());
+    }
 
     let dep = Deployment::embedded_env(&[], UNLIMITED)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
