@@ -52,6 +52,19 @@ fn run_faults(
     dep: &mut Deployment,
     faults: Vec<(String, Inject<'_>)>,
 ) -> anyhow::Result<()> {
+    // `NSML_FAULTS=nats,postgres` runs only the faults whose names contain one of the words.
+    let only: Vec<String> = std::env::var("NSML_FAULTS")
+        .map(|v| v.split(',').map(|w| w.trim().to_lowercase()).collect())
+        .unwrap_or_default();
+    let faults: Vec<(String, Inject<'_>)> = faults
+        .into_iter()
+        .filter(|(name, _)| {
+            only.is_empty()
+                || only
+                    .iter()
+                    .any(|w| name.to_lowercase().contains(w.as_str()))
+        })
+        .collect();
     let host = dep.host()?;
     let work = rt.block_on(Workload::prepare(&dep.url))?;
     eprintln!("probe before any fault: {:?}", work.baseline);

@@ -35,10 +35,14 @@ const TRACEPARENT: &str = "traceparent";
 ///
 /// The stream `<name>` (file storage) takes subjects `<name>.>`; each event is published to
 /// `<name>.<event type, '.' replaced by '_'>` with the protobuf payload as body and the envelope in headers.
+///
+/// The stream is created at connect, and again whenever a publish or a subscribe fails while it is missing (a
+/// NATS server restarted on an empty store): the outbox still holds every event not yet published, and
+/// subscribers catch up from the event store, so a lost stream loses no event.
 #[derive(Debug)]
 pub struct NatsBus {
     jetstream: jetstream::Context,
-    stream: stream::Stream,
+    config: stream::Config,
     stream_name: String,
 }
 
@@ -58,16 +62,39 @@ impl NatsBus {
         // Processes of one deployment start together: when another creates the stream between this one's
         // lookup and its create, the server refuses the create (the subjects overlap); the stream exists
         // then, and the next lookup finds it.
-        let stream = retried(CREATE_ATTEMPTS, || {
-            jetstream.get_or_create_stream(config.clone())
+        let bus = NatsBus {
+            jetstream,
+            config,
+            stream_name: stream_name.to_owned(),
+        };
+        bus.stream().await?;
+        Ok(Arc::new(bus))
+    }
+
+    /// The JetStream stream, created if it is missing.
+    async fn stream(&self) -> Result<stream::Stream, BusError> {
+        retried(CREATE_ATTEMPTS, || {
+            self.jetstream.get_or_create_stream(self.config.clone())
         })
         .await
-        .map_err(|e| BusError::nats("create stream", e))?;
-        Ok(Arc::new(NatsBus {
-            jetstream,
-            stream,
-            stream_name: stream_name.to_owned(),
-        }))
+        .map_err(|e| BusError::nats("create stream", e))
+    }
+
+    /// Publishes events and waits for every ack.
+    async fn publish_all(&self, events: &[(String, HeaderMap, Bytes)]) -> Result<(), BusError> {
+        let mut acks = Vec::with_capacity(events.len());
+        for (subject, headers, payload) in events {
+            let ack = self
+                .jetstream
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await
+                .map_err(|e| BusError::nats("publish", e))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| BusError::nats("publish ack", e))?;
+        }
+        Ok(())
     }
 
     /// The JetStream stream's name.
@@ -138,32 +165,37 @@ fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<StoredEvent, Bu
 #[async_trait::async_trait]
 impl Bus for NatsBus {
     async fn publish(&self, events: Vec<StoredEvent>) -> Result<(), BusError> {
-        let mut acks = Vec::with_capacity(events.len());
-        for event in events {
-            let ack = self
-                .jetstream
-                .publish_with_headers(
+        let events: Vec<(String, HeaderMap, Bytes)> = events
+            .into_iter()
+            .map(|event| {
+                (
                     self.subject(&event.event_type),
                     headers(&event),
                     Bytes::from(event.payload),
                 )
-                .await
-                .map_err(|e| BusError::nats("publish", e))?;
-            acks.push(ack);
+            })
+            .collect();
+        match self.publish_all(&events).await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // Nothing answers for a lost stream's subjects: make it again and publish once more. Events
+                // the first try did publish are dropped by JetStream as duplicates (their message ids).
+                tracing::debug!(%error, "publishing failed; making sure the stream exists");
+                self.stream().await.map_err(|_| error)?;
+                self.publish_all(&events).await
+            }
         }
-        for ack in acks {
-            ack.await.map_err(|e| BusError::nats("publish ack", e))?;
-        }
-        Ok(())
     }
 
     async fn subscribe(&self) -> Result<BoxStream<'static, Arc<StoredEvent>>, BusError> {
+        let config = consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::New,
+            ..Default::default()
+        };
         let consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::New,
-                ..Default::default()
-            })
+            .stream()
+            .await?
+            .create_consumer(config)
             .await
             .map_err(|e| BusError::nats("create consumer", e))?;
         let messages = consumer

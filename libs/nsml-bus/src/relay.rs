@@ -19,8 +19,8 @@ const IDLE_POLL: Duration = Duration::from_millis(5);
 const UNLEASED_POLL: Duration = Duration::from_secs(1);
 /// First wait after a failure; doubles on each consecutive failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-/// Longest wait after failures.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait after failures: short, so that the bus is caught up within a second of coming back.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// A running relay task, with a handle to wake it when new events were appended.
 ///

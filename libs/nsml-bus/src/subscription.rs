@@ -36,18 +36,27 @@ pub enum Delivery {
 /// the store does not have them yet, the live event is delivered ahead of them and they follow when they arrive.
 ///
 /// The subscription also checks the store for events past everything delivered every
-/// [`STORE_POLL`] (so an event the bus never carries, e.g. while no relay runs, still arrives),
-/// and follows the store alone, more often, if the bus ends the live subscription. A failed store read is yielded
-/// as an error item and retried after a pause; the stream itself does not end.
+/// [`STORE_POLL`] (so an event the bus never carries, e.g. while no relay runs, still arrives). When the bus
+/// fails — its live subscription ends, or a store poll finds an event that the bus should have brought and did
+/// not (stored after the bus was subscribed to, and [`BUS_MISS_AGE`] ago) — the subscription follows the store
+/// alone, every 50 ms, and subscribes to the bus again at most once a second until the bus delivers again. A bus
+/// that went silent (a NATS server restarted, its stream lost) therefore costs a poll period, not the client's
+/// heartbeat timeouts. A failed store read is yielded as an error item and retried after a pause; the stream
+/// itself does not end.
 pub async fn subscribe_log(
     store: Arc<dyn EventStore>,
     bus: Arc<dyn Bus>,
     after_position: u64,
 ) -> Result<BoxStream<'static, Result<Delivery, BusError>>, BusError> {
+    let subscribed_at_ms = now_ms();
     let live = bus.subscribe().await?;
     let subscription = LogSubscription {
         store,
+        bus,
         live: Some(live),
+        bus_ok: true,
+        subscribed_at_ms,
+        next_resubscribe: Instant::now(),
         delivered: Delivered::after(after_position),
         ready: VecDeque::new(),
         phase: Phase::CatchingUp,
@@ -66,6 +75,18 @@ pub const STORE_POLL: Duration = Duration::from_millis(500);
 const STORE_POLL_WITHOUT_BUS: Duration = Duration::from_millis(50);
 /// Pause after a failed store read.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// How long after it was stored an event that the bus has not delivered counts as missed by the bus. Relays
+/// publish within milliseconds; this leaves room for a busy machine.
+pub const BUS_MISS_AGE: Duration = Duration::from_millis(250);
+/// How often a subscription whose bus failed subscribes to it again.
+const RESUBSCRIBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Milliseconds since the Unix epoch, the clock of events' `recorded_at_ms`.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// Where a subscription is.
 enum Phase {
@@ -116,8 +137,17 @@ impl Delivered {
 
 struct LogSubscription {
     store: Arc<dyn EventStore>,
-    /// The bus subscription; `None` once the bus ended it.
+    bus: Arc<dyn Bus>,
+    /// The bus subscription; `None` once the bus ended it, until a new one is made.
     live: Option<BoxStream<'static, Arc<StoredEvent>>>,
+    /// The bus is trusted to bring live events: the store is polled every [`STORE_POLL`] rather than
+    /// every [`STORE_POLL_WITHOUT_BUS`]. Cleared when the bus fails, set again by its next event.
+    bus_ok: bool,
+    /// When (wall clock, as events record it) the current bus subscription was made: the bus can only be
+    /// blamed for events stored after it.
+    subscribed_at_ms: i64,
+    /// The earliest time the bus may be subscribed to again.
+    next_resubscribe: Instant,
     delivered: Delivered,
     ready: VecDeque<Arc<StoredEvent>>,
     phase: Phase,
@@ -181,21 +211,35 @@ impl LogSubscription {
             }
         };
         match wake {
-            Wake::Event(event) => self.accept(event).await,
+            Wake::Event(event) => {
+                if !self.bus_ok {
+                    tracing::info!("the bus delivers again; polling the store less often");
+                    self.bus_ok = true;
+                }
+                self.accept(event).await
+            }
             Wake::BusEnded => {
-                tracing::warn!("the bus ended the live subscription; following the store alone");
                 self.live = None;
+                self.bus_failed("the bus ended the live subscription");
                 self.next_poll.as_mut().reset(Instant::now());
                 Ok(())
             }
             Wake::Poll => {
-                let every = if self.live.is_some() {
+                if self.live.is_none() {
+                    self.resubscribe().await;
+                }
+                // One page at a time, so a long backlog is not queued in memory: a full page polls again at once.
+                let (len, missed) = self.poll_store_page().await?;
+                if missed {
+                    self.bus_failed("the bus missed stored events");
+                    self.resubscribe().await;
+                }
+                let every = if self.bus_ok {
                     STORE_POLL
                 } else {
                     STORE_POLL_WITHOUT_BUS
                 };
-                // One page at a time, so a long backlog is not queued in memory: a full page polls again at once.
-                let next = if self.read_store_page().await? == PAGE {
+                let next = if len == PAGE {
                     Instant::now()
                 } else {
                     Instant::now() + every
@@ -206,17 +250,56 @@ impl LogSubscription {
         }
     }
 
+    /// Stops trusting the bus until it delivers again.
+    fn bus_failed(&mut self, why: &str) {
+        if std::mem::take(&mut self.bus_ok) {
+            tracing::warn!(
+                "{why}; following the store every {STORE_POLL_WITHOUT_BUS:?} until it delivers again"
+            );
+        }
+    }
+
+    /// Replaces the bus subscription with a new one, at most once every [`RESUBSCRIBE_EVERY`]; on failure the
+    /// subscription goes on without one and tries again later.
+    async fn resubscribe(&mut self) {
+        if Instant::now() < self.next_resubscribe {
+            return;
+        }
+        self.next_resubscribe = Instant::now() + RESUBSCRIBE_EVERY;
+        let at = now_ms();
+        match self.bus.subscribe().await {
+            Ok(live) => {
+                self.live = Some(live);
+                self.subscribed_at_ms = at;
+            }
+            Err(error) => {
+                self.live = None;
+                tracing::debug!(%error, "subscribing to the bus again failed; retrying");
+            }
+        }
+    }
+
     /// Queues the next page of stored events after the watermark that were not delivered yet; returns the page
     /// size.
     async fn read_store_page(&mut self) -> Result<usize, BusError> {
+        Ok(self.poll_store_page().await?.0)
+    }
+
+    /// As [`Self::read_store_page`], and says whether the page held an event that the bus should have
+    /// delivered by now: stored after the bus was subscribed to, over [`BUS_MISS_AGE`] ago, and not yet delivered.
+    async fn poll_store_page(&mut self) -> Result<(usize, bool), BusError> {
         let page = self.store.read_all(self.delivered.watermark, PAGE).await?;
         let len = page.len();
+        let overdue = now_ms().saturating_sub(i64::try_from(BUS_MISS_AGE.as_millis()).unwrap_or(0));
+        let mut missed = false;
         for event in page {
             if self.delivered.insert(event.position) {
+                let at = event.metadata.recorded_at_ms;
+                missed |= at > self.subscribed_at_ms && at < overdue;
                 self.ready.push_back(Arc::new(event));
             }
         }
-        Ok(len)
+        Ok((len, missed))
     }
 
     /// Takes a live event: drops it if delivered already, otherwise queues it, after whatever the store has of
