@@ -4,6 +4,7 @@
 //! the status mapping ([`status`]), tracing ([`telemetry`]) and serving ([`server`]).
 
 pub mod aggregate;
+pub mod bounds;
 pub mod caller;
 pub mod clients;
 pub mod context;

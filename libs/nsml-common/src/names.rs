@@ -2,6 +2,8 @@
 
 use tonic::Status;
 
+use crate::bounds::shown;
+
 /// A session name split into its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionName {
@@ -16,7 +18,8 @@ impl SessionName {
         let parts: Vec<&str> = s.split('/').collect();
         let bad = || {
             Status::invalid_argument(format!(
-                "`{s}` is not a session name: expected TEAM/DATASET/N, e.g. demo/t1-cls/3"
+                "`{}` is not a session name: expected TEAM/DATASET/N, e.g. demo/t1-cls/3",
+                shown(s)
             ))
         };
         if parts.len() != 3 || parts[0].is_empty() || parts[1].is_empty() {
@@ -58,7 +61,8 @@ pub fn check_ident(kind: &str, s: &str) -> Result<(), Status> {
         Ok(())
     } else {
         Err(Status::invalid_argument(format!(
-            "invalid {kind} name `{s}`: use 1-63 lowercase letters, digits, `-` or `_`, starting with a letter or digit"
+            "invalid {kind} name `{}`: use 1-63 lowercase letters, digits, `-` or `_`, starting with a letter or digit",
+            shown(s)
         )))
     }
 }
@@ -75,7 +79,8 @@ pub fn check_checkpoint(s: &str) -> Result<(), Status> {
         || s.chars().any(|c| c.is_control())
     {
         return Err(Status::invalid_argument(format!(
-            "invalid checkpoint name `{s}`: 1-128 characters without `/`, `\\`, control characters, `.` or `..`"
+            "invalid checkpoint name `{}`: 1-128 characters without `/`, `\\`, control characters, `.` or `..`",
+            shown(s)
         )));
     }
     Ok(())
@@ -143,5 +148,18 @@ mod tests {
         assert!(check_checkpoint("../x").is_err());
         assert!(check_checkpoint("").is_err());
         assert!(check_checkpoint("..").is_err());
+    }
+
+    #[test]
+    fn refusals_quote_a_long_name_shortened() {
+        let long = "x".repeat(1 << 20);
+        for err in [
+            SessionName::parse(&long).unwrap_err(),
+            check_ident("team", &long).unwrap_err(),
+            check_checkpoint(&long).unwrap_err(),
+        ] {
+            assert!(err.message().len() < 300, "{} bytes", err.message().len());
+            assert!(err.message().contains("(1048576 bytes)"));
+        }
     }
 }
