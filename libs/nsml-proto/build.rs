@@ -17,9 +17,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("nsml_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // Servers decode requests with the crate's own codec (an undecodable request is INVALID_ARGUMENT);
+    // clients keep tonic's. The clients are generated apart, over the messages generated with the servers.
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .codec_path("crate::codec::RequestCodec")
+        .compile_fds(fds.clone())?;
+    let clients = out.join("clients");
+    std::fs::create_dir_all(&clients)?;
     tonic_prost_build::configure()
         .build_client(true)
-        .build_server(true)
+        .build_server(false)
+        .extern_path(".nsml.v1", "crate::v1")
+        .out_dir(&clients)
         .compile_fds(fds)?;
     Ok(())
 }

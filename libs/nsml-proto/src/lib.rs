@@ -2,8 +2,11 @@
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod codec;
+
 pub mod v1 {
     tonic::include_proto!("nsml.v1");
+    include!(concat!(env!("OUT_DIR"), "/clients/nsml.v1.rs"));
 
     /// The encoded file descriptor set, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
