@@ -28,6 +28,54 @@ pub fn ledger_stream(team: &str) -> String {
     format!("{LEDGER_PREFIX}{team}")
 }
 
+/// Resources summed in types twice as wide as a request's fields: a sum of fewer than 2^32 holdings of any
+/// size cannot wrap, and the sums saturate beyond that, which still exceeds every limit a policy can set. So a
+/// comparison of a wide sum with a limit is exact, where a sum in the request's own types could wrap below the
+/// limit and grant what it must refuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wide {
+    pub gpus: u64,
+    pub cpus: u64,
+    pub memory_bytes: u128,
+    pub shm_bytes: u128,
+}
+
+impl Wide {
+    /// The resources of one request, widened.
+    pub fn of(r: &Resources) -> Self {
+        Self::default().plus(r)
+    }
+
+    /// This sum with `r` added.
+    pub fn plus(self, r: &Resources) -> Self {
+        Self {
+            gpus: self.gpus.saturating_add(r.gpus.into()),
+            cpus: self.cpus.saturating_add(r.cpus.into()),
+            memory_bytes: self.memory_bytes.saturating_add(r.memory_bytes.into()),
+            shm_bytes: self.shm_bytes.saturating_add(r.shm_bytes.into()),
+        }
+    }
+
+    /// Memory including shared memory, which the memory limit counts together.
+    pub fn memory_with_shm(&self) -> u128 {
+        self.memory_bytes.saturating_add(self.shm_bytes)
+    }
+}
+
+/// Memory including shared memory of one request, exact.
+fn memory_with_shm(r: &Resources) -> u128 {
+    u128::from(r.memory_bytes) + u128::from(r.shm_bytes)
+}
+
+/// A policy's submit interval in milliseconds; an interval too long to count in milliseconds is as long as
+/// the clock can count, so it never passes, rather than wrapping into one that already has.
+pub fn interval_ms(policy: &Policy) -> i64 {
+    i64::try_from(policy.submit_interval_secs)
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .unwrap_or(i64::MAX)
+}
+
 /// Resources held by one session.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Holding {
@@ -130,7 +178,7 @@ impl SubmitState {
         };
         self.reopened_successes
             .range((from, Bound::Unbounded))
-            .filter(move |((at, _), _)| at + interval_ms > now_ms)
+            .filter(move |((at, _), _)| at.saturating_add(interval_ms) > now_ms)
             .map(|((at, _), (sub, id))| (*at, sub.as_str(), id.as_str()))
     }
 }
@@ -325,20 +373,27 @@ impl Limits {
 }
 
 impl Ledger {
-    /// The sum of what the team holds.
+    /// The sum of what the team holds, as usage reports it: each sum saturates at its field's maximum
+    /// rather than wrap, so a report never shows a team holding less than it does. Decisions use
+    /// [`Ledger::held_wide`], which is exact.
     pub fn held(&self) -> Resources {
-        self.holdings
-            .values()
-            .fold(Resources::default(), |mut acc, h| {
-                acc.gpus += h.resources.gpus;
-                acc.cpus += h.resources.cpus;
-                acc.memory_bytes += h.resources.memory_bytes;
-                acc.shm_bytes += h.resources.shm_bytes;
-                acc
-            })
+        let w = self.held_wide();
+        Resources {
+            gpus: u32::try_from(w.gpus).unwrap_or(u32::MAX),
+            cpus: u32::try_from(w.cpus).unwrap_or(u32::MAX),
+            memory_bytes: u64::try_from(w.memory_bytes).unwrap_or(u64::MAX),
+            shm_bytes: u64::try_from(w.shm_bytes).unwrap_or(u64::MAX),
+        }
     }
 
-    fn holders(&self, f: impl Fn(&Resources) -> u64, unit: impl Fn(u64) -> String) -> String {
+    /// The sum of what the team holds, in types wide enough that no sum of its holdings wraps.
+    pub fn held_wide(&self) -> Wide {
+        self.holdings
+            .values()
+            .fold(Wide::default(), |acc, h| acc.plus(&h.resources))
+    }
+
+    fn holders(&self, f: impl Fn(&Resources) -> u128, unit: impl Fn(u128) -> String) -> String {
         let parts: Vec<String> = self
             .holdings
             .iter()
@@ -659,9 +714,11 @@ impl Aggregate for Ledger {
 }
 
 /// Formats bytes as NSML showed memory (`24G`, `512M`).
-pub fn gib(b: u64) -> String {
-    const G: u64 = 1024 * 1024 * 1024;
-    const M: u64 = 1024 * 1024;
+pub fn gib(b: impl Into<u128>) -> String {
+    const G: u128 = 1024 * 1024 * 1024;
+    const M: u128 = 1024 * 1024;
+    // Wide, so a sum of memory and shared memory formats as what it is.
+    let b: u128 = b.into();
     if b.is_multiple_of(G) {
         format!("{}G", b / G)
     } else if b >= G {
@@ -727,9 +784,12 @@ fn team_refusal(
     team: &str,
     asked: &Resources,
 ) -> Option<Decision> {
-    let held = ledger.held();
+    // Every sum in wide types: a request of billions of CPUs or exabytes of memory must exceed the limit, not
+    // wrap below it. `asked` alone can be beyond any limit, and is then refused here like any other excess.
+    let held = ledger.held_wide();
+    let total = held.plus(asked);
     let free_hint = "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them";
-    if ledger.holdings.len() as u32 + 1 > limits.sessions {
+    if ledger.holdings.len() >= limits.sessions as usize {
         let names: Vec<&str> = ledger.holdings.keys().map(|s| s.as_str()).collect();
         return Some(deny(
             "team_sessions",
@@ -744,13 +804,13 @@ fn team_refusal(
             limits,
         ));
     }
-    if held.gpus + asked.gpus > limits.gpus {
+    if total.gpus > limits.gpus.into() {
         return Some(deny(
             "team_gpus",
             reason!(
                 "team `{team}` holds {} GPUs ({}), asked {}, limit {}{}; {free_hint}",
                 held.gpus,
-                ledger.holders(|r| r.gpus as u64, |v| v.to_string()),
+                ledger.holders(|r| r.gpus.into(), |v| v.to_string()),
                 asked.gpus,
                 limits.gpus,
                 limits.note("gpus", policy.team_gpus.to_string()),
@@ -759,13 +819,13 @@ fn team_refusal(
             limits,
         ));
     }
-    if held.cpus + asked.cpus > limits.cpus {
+    if total.cpus > limits.cpus.into() {
         return Some(deny(
             "team_cpus",
             reason!(
                 "team `{team}` holds {} CPUs ({}), asked {}, limit {}{}; {free_hint}",
                 held.cpus,
-                ledger.holders(|r| r.cpus as u64, |v| v.to_string()),
+                ledger.holders(|r| r.cpus.into(), |v| v.to_string()),
                 asked.cpus,
                 limits.cpus,
                 limits.note("cpus", policy.team_cpus.to_string()),
@@ -774,16 +834,14 @@ fn team_refusal(
             limits,
         ));
     }
-    let held_mem = held.memory_bytes + held.shm_bytes;
-    let asked_mem = asked.memory_bytes + asked.shm_bytes;
-    if held_mem + asked_mem > limits.memory_bytes {
+    if total.memory_with_shm() > limits.memory_bytes.into() {
         return Some(deny(
             "team_memory",
             reason!(
                 "team `{team}` holds {} of memory including shared memory ({}), asked {}, limit {}{}; {free_hint}",
-                gib(held_mem),
-                ledger.holders(|r| r.memory_bytes + r.shm_bytes, gib),
-                gib(asked_mem),
+                gib(held.memory_with_shm()),
+                ledger.holders(memory_with_shm, gib),
+                gib(memory_with_shm(asked)),
                 gib(limits.memory_bytes),
                 limits.note("memory", gib(policy.team_memory_bytes)),
             ),
@@ -824,7 +882,7 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
                 &limits,
             );
         }
-        let interval_ms = policy.submit_interval_secs as i64 * 1000;
+        let interval_ms = interval_ms(policy);
         if let Some(st) = st {
             for (sub, id) in &st.reopened_in_flight {
                 reopened.push((
@@ -847,12 +905,12 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
             }
         }
         if let Some(last) = st.and_then(|s| s.last_success()).map(|l| l.at_ms) {
-            let next = last + interval_ms;
+            let next = last.saturating_add(interval_ms);
             if now_ms < next {
                 match ledger.extra_submit(&req.dataset) {
                     Some(id) => extra = Some(id.to_string()),
                     None => {
-                        let wait_s = (next - now_ms + 999) / 1000;
+                        let wait_s = next.saturating_sub(now_ms).saturating_add(999) / 1000;
                         let mut reason = reason!(
                             "submit limit: one real submit per {} per dataset, counted from the last successful one; team `{team}` last submitted `{}` successfully at {}, so the next submit is allowed at {} (in {}m {}s)",
                             human_secs(policy.submit_interval_secs),
@@ -1085,6 +1143,92 @@ mod tests {
             "{}",
             d.reason
         );
+    }
+
+    #[test]
+    fn memory_and_shared_memory_that_sum_past_the_integer_range_are_refused() {
+        let l = given(&[]);
+        let mut r = req(SessionKind::Train, "demo/t1-cls/1", 0, 1, "");
+        // 2^64 bytes in all: summed in 64 bits it wraps to nothing.
+        r.resources = Some(Resources {
+            memory_bytes: u64::MAX - G + 1,
+            shm_bytes: G,
+            ..r.resources.unwrap()
+        });
+        let d = decide(&l, &seed_policy(), &r, 0);
+        assert_eq!((d.granted, d.rule.as_str()), (false, "team_memory"));
+        assert!(
+            d.reason
+                .contains("holds 0G of memory including shared memory (nothing), asked 17179869184G, limit 170G;"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn cpus_that_sum_past_the_integer_range_with_those_held_are_refused() {
+        let l = given(&[granted(
+            req(SessionKind::Train, "demo/t1-cls/1", 0, 1, ""),
+            0,
+        )]);
+        let d = decide(
+            &l,
+            &seed_policy(),
+            &req(SessionKind::Train, "demo/t1-cls/2", 0, u32::MAX, ""),
+            0,
+        );
+        assert_eq!((d.granted, d.rule.as_str()), (false, "team_cpus"));
+        assert!(
+            d.reason
+                .contains("holds 1 CPUs (demo/t1-cls/1: 1), asked 4294967295, limit 16;"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn usage_saturates_rather_than_wraps() {
+        let mut big = req(SessionKind::Train, "demo/t1-cls/1", u32::MAX, u32::MAX, "");
+        big.resources = Some(Resources {
+            gpus: u32::MAX,
+            cpus: u32::MAX,
+            memory_bytes: u64::MAX,
+            shm_bytes: u64::MAX,
+        });
+        let mut other = big.clone();
+        other.session = "demo/t1-cls/2".into();
+        other.command_id = other.session.clone();
+        let l = given(&[granted(big, 0), granted(other, 0)]);
+        let held = l.held();
+        assert_eq!(
+            (held.gpus, held.cpus, held.memory_bytes, held.shm_bytes),
+            (u32::MAX, u32::MAX, u64::MAX, u64::MAX)
+        );
+        assert_eq!(l.held_wide().memory_with_shm(), 4 * u128::from(u64::MAX));
+    }
+
+    #[test]
+    fn an_interval_too_long_to_count_in_milliseconds_never_passes() {
+        let policy = Policy {
+            submit_interval_secs: u64::MAX,
+            ..seed_policy()
+        };
+        let l = given(&[
+            granted(req(SessionKind::Submit, "demo/t1-cls/1", 1, 4, "s1"), 0),
+            succeeded("s1", 0),
+        ]);
+        let d = decide(
+            &l,
+            &policy,
+            &req(SessionKind::Submit, "demo/t1-cls/2", 1, 4, "s2"),
+            100 * HOUR,
+        );
+        assert_eq!(
+            (d.granted, d.rule.as_str()),
+            (false, "submit_interval"),
+            "{d:?}"
+        );
+        assert_eq!(d.retry_after_ms, i64::MAX);
     }
 
     #[test]

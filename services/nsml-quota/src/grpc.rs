@@ -25,7 +25,8 @@ use tonic::{Request, Response, Status};
 
 use crate::audit;
 use crate::domain::{
-    Ledger, LedgerEvent, ReopenRefused, SubmitState, decide, fmt_time, human_secs, ledger_stream,
+    Ledger, LedgerEvent, ReopenRefused, SubmitState, decide, fmt_time, human_secs, interval_ms,
+    ledger_stream,
 };
 use crate::projection::Catalog;
 use crate::replay::Scope;
@@ -159,13 +160,13 @@ fn next_submit(ledger: &Ledger, policy: &Policy, dataset: &str, now: i64) -> Dat
     let empty = SubmitState::default();
     let st = ledger.submits.get(dataset).unwrap_or(&empty);
     let extra = ledger.extra_submits(dataset) as u32;
-    let interval = policy.submit_interval_secs as i64 * 1000;
+    let interval = interval_ms(policy);
     let last = st.last_success();
     let last_sub = last
         .map(|l| l.submission_id.to_string())
         .unwrap_or_default();
     let last_success_ms = last.map(|l| l.at_ms);
-    let next = last_success_ms.map_or(0, |t| t + interval);
+    let next = last_success_ms.map_or(0, |t| t.saturating_add(interval));
     let rule = format!(
         "one real submit per {} per dataset, counted from the last successful one",
         human_secs(policy.submit_interval_secs)

@@ -61,6 +61,48 @@ fn check_entry(entry: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// The most GPUs one session may ask for: more than any single machine carries (eight or sixteen today).
+/// Beyond it a request is a mistake or an attack on the quota arithmetic, not a workload.
+pub const MAX_GPUS: u32 = 64;
+/// The most CPUs one session may ask for: more than the cores of any single machine.
+pub const MAX_CPUS: u32 = 1024;
+/// The most memory one session may ask for, in bytes (16 TiB): more than any single machine has.
+pub const MAX_MEMORY_BYTES: u64 = 16 * 1024 * GIB;
+/// The most shared memory one session may ask for, in bytes: shared memory is carved out of memory, so no
+/// more than [`MAX_MEMORY_BYTES`].
+pub const MAX_SHM_BYTES: u64 = MAX_MEMORY_BYTES;
+
+/// Refuses resources beyond what any machine has, naming the field and its maximum. The team's limits are the
+/// quota service's to apply; this bound keeps absurd numbers out of the log and the quota arithmetic.
+fn check_resources(r: &Resources) -> Result<(), Status> {
+    let over = |field: &str, asked: String, max: String| {
+        Err(Status::invalid_argument(format!(
+            "resources.{field} is {asked}; a session may ask for at most {max}, more than any machine has: ask for what the job needs"
+        )))
+    };
+    if r.gpus > MAX_GPUS {
+        return over("gpus", r.gpus.to_string(), format!("{MAX_GPUS} GPUs"));
+    }
+    if r.cpus > MAX_CPUS {
+        return over("cpus", r.cpus.to_string(), format!("{MAX_CPUS} CPUs"));
+    }
+    if r.memory_bytes > MAX_MEMORY_BYTES {
+        return over(
+            "memory_bytes",
+            format!("{} bytes", r.memory_bytes),
+            format!("{MAX_MEMORY_BYTES} bytes (16 TiB)"),
+        );
+    }
+    if r.shm_bytes > MAX_SHM_BYTES {
+        return over(
+            "shm_bytes",
+            format!("{} bytes", r.shm_bytes),
+            format!("{MAX_SHM_BYTES} bytes (16 TiB)"),
+        );
+    }
+    Ok(())
+}
+
 fn with_defaults(r: Option<Resources>) -> Resources {
     let mut r = r.unwrap_or(Resources {
         gpus: 1,
@@ -508,6 +550,8 @@ impl SessionApi for SessionService {
                 "no code snapshot: upload the code first (the nsml CLI does this for you)",
             ));
         }
+        let resources = with_defaults(r.resources);
+        check_resources(&resources)?;
         self.check_code(team, &r.code_snapshot).await?;
         let actor = caller.actor();
         let template = Session {
@@ -517,7 +561,7 @@ impl SessionApi for SessionService {
             status: SessionStatus::Queued as i32,
             entry,
             args: r.args,
-            resources: Some(with_defaults(r.resources)),
+            resources: Some(resources),
             memo: r.memo,
             code_snapshot: r.code_snapshot,
             created_at_ms: now_ms(),
@@ -771,6 +815,7 @@ impl SessionApi for SessionService {
         let caller = Caller::of(&req)?;
         caller.require_service()?;
         let r = req.into_inner();
+        check_resources(&r.resources.unwrap_or_default())?;
         let src = self
             .proj
             .read(|s| s.live(&r.source_session).cloned())
@@ -973,4 +1018,57 @@ where
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_beyond_any_machine_are_refused_naming_the_field_and_its_maximum() {
+        let ok = with_defaults(None);
+        assert!(check_resources(&ok).is_ok());
+        let at_max = Resources {
+            gpus: MAX_GPUS,
+            cpus: MAX_CPUS,
+            memory_bytes: MAX_MEMORY_BYTES,
+            shm_bytes: MAX_SHM_BYTES,
+        };
+        assert!(check_resources(&at_max).is_ok());
+        let cases = [
+            (
+                Resources {
+                    cpus: u32::MAX,
+                    ..ok
+                },
+                "resources.cpus is 4294967295; a session may ask for at most 1024 CPUs",
+            ),
+            (
+                Resources {
+                    gpus: MAX_GPUS + 1,
+                    ..ok
+                },
+                "resources.gpus is 65; a session may ask for at most 64 GPUs",
+            ),
+            (
+                Resources {
+                    memory_bytes: u64::MAX - GIB + 1,
+                    ..ok
+                },
+                "resources.memory_bytes is 18446744072635809792 bytes; a session may ask for at most 17592186044416 bytes (16 TiB)",
+            ),
+            (
+                Resources {
+                    shm_bytes: u64::MAX,
+                    ..ok
+                },
+                "resources.shm_bytes is 18446744073709551615 bytes; a session may ask for at most 17592186044416 bytes (16 TiB)",
+            ),
+        ];
+        for (r, want) in cases {
+            let st = check_resources(&r).unwrap_err();
+            assert_eq!(st.code(), tonic::Code::InvalidArgument);
+            assert!(st.message().starts_with(want), "{}", st.message());
+        }
+    }
 }
