@@ -30,6 +30,15 @@ pub trait Executor: Send + Sync + 'static {
     /// Names of the sessions whose runners are alive.
     async fn running(&self) -> Vec<String>;
 
+    /// Removes whatever of an ended session the executor still keeps on its machines (its working
+    /// directory): called when the session is removed. What the session produced for the platform
+    /// (logs, checkpoints, predictions) lives in the services, not here. An executor that keeps
+    /// nothing has nothing to do.
+    async fn remove(&self, name: &str) -> Result<(), String> {
+        let _ = name;
+        Ok(())
+    }
+
     /// The cluster's capacity: admitted sessions beyond it wait as Queued until capacity frees.
     fn capacity(&self) -> Capacity {
         Capacity::default()

@@ -476,17 +476,109 @@ where
     result
 }
 
-/// Removes a directory tree, ignoring a tree that is already gone.
+/// Removes a directory tree, ignoring a tree that is already gone; a failure is logged (what is
+/// left is removed by `nsml rm` or the runner's next start).
 pub async fn remove_tree(path: &Path) {
     let p = path.to_path_buf();
-    let res = tokio::task::spawn_blocking(move || match fs::remove_dir_all(&p) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    })
-    .await;
-    if let Ok(Err(e)) = res {
-        tracing::warn!(path = %path.display(), error = %e, "cannot remove directory");
+    let res = tokio::task::spawn_blocking(move || remove_tree_now(&p)).await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove directory")
+        }
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "directory removal stopped"),
     }
+}
+
+/// Removes `path` (blocking): a directory with everything under it, or a file, socket or link
+/// itself. Succeeds when nothing is there.
+///
+/// Participant code wrote the tree, so removal trusts nothing in it: a symlink is removed, never
+/// followed (a link to `/` takes nothing outside with it), and a directory the session made
+/// read-only or unsearchable (it runs as the runner's own uid when the runner is not root) is
+/// opened up to its owner first, through a descriptor opened with `O_NOFOLLOW`, so that no link
+/// swapped in for a directory can point the change of mode elsewhere.
+pub fn remove_tree_now(path: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() {
+        return ignore_gone(fs::remove_file(path));
+    }
+    // std's removal walks by descriptor and never follows a link; it stops only at a directory it
+    // may not read or write into.
+    if ignore_gone(fs::remove_dir_all(path)).is_ok() {
+        return Ok(());
+    }
+    open_up(path)?;
+    ignore_gone(fs::remove_dir_all(path))
+}
+
+fn ignore_gone(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// Gives the owner read, write and search rights on the directory `path` and every directory
+/// below it, without following any symlink.
+fn open_up(path: &Path) -> io::Result<()> {
+    use rustix::fs::{CWD, Mode, OFlags};
+    let pinned = rustix::fs::openat(
+        CWD,
+        path,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    open_up_pinned(pinned)
+}
+
+/// [`open_up`] for a directory held by an `O_PATH` descriptor.
+fn open_up_pinned(pinned: std::os::fd::OwnedFd) -> io::Result<()> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    // `fchmod` refuses an `O_PATH` descriptor, and `chmodat` would follow a link: the descriptor's
+    // `/proc` entry names exactly the directory it holds.
+    rustix::fs::chmod(format!("/proc/self/fd/{}", pinned.as_raw_fd()), Mode::RWXU)?;
+    let dir = rustix::fs::openat(
+        &pinned,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    drop(pinned);
+    let mut children = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        let is_dir = match entry.file_type() {
+            FileType::Directory => true,
+            FileType::Unknown => {
+                rustix::fs::statat(&dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| FileType::from_raw_mode(st.st_mode).is_dir())
+            }
+            _ => false,
+        };
+        if is_dir {
+            children.push(name.to_owned());
+        }
+    }
+    for name in children {
+        let child = rustix::fs::openat(
+            &dir,
+            name.as_c_str(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        open_up_pinned(child)?;
+    }
+    Ok(())
 }
 
 /// Copies a directory tree (directories, regular files, symlinks as links); the copy shares no inode

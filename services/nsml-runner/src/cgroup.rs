@@ -12,8 +12,10 @@
 //! A process joins by writing its pid to every `cgroup.procs` of its session before it runs anything
 //! (see [`crate::launch::build_command`]); everything it starts afterwards is held there too.
 //!
-//! Each runner keeps its sessions under `nsml/runner-PID/`, and at start-up removes what runners no
-//! longer alive left there (a runner killed outright cannot remove its sessions' cgroups itself).
+//! Each runner keeps its sessions under `nsml/runner-PID/`, and at start-up kills what runners no
+//! longer alive left running there and removes their cgroups (a runner killed outright cannot remove
+//! its sessions' cgroups itself). The executor detects the cgroups when it starts, so this happens at
+//! the runner's start, not at its first session.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -430,7 +432,10 @@ impl SessionCgroup {
 }
 
 /// Removes, under `all`, the session cgroups of runners other than `own` that are no longer running
-/// (`runner-PID/` with no process PID), and their directories. Cgroups still holding processes stay.
+/// (`runner-PID/` with no process PID), and their directories. A runner killed outright leaves its
+/// sessions' cgroups behind, and sometimes processes in them (whatever escaped the sandbox's
+/// death-with-parent): the platform has failed those sessions, so what they still hold is killed
+/// first, or the cgroup could never be removed and its processes would keep memory and GPUs.
 fn sweep(all: &Path, own: u32) {
     let Ok(entries) = std::fs::read_dir(all) else {
         return;
@@ -448,10 +453,57 @@ fn sweep(all: &Path, own: u32) {
         }
         if let Ok(sessions) = std::fs::read_dir(e.path()) {
             for s in sessions.flatten().filter(|s| s.path().is_dir()) {
-                let _ = std::fs::remove_dir(s.path());
+                reap(&s.path());
             }
         }
         let _ = std::fs::remove_dir(e.path());
+    }
+}
+
+/// Kills every process left in a dead runner's session cgroup `dir` (waiting a few seconds at most
+/// for them to go) and removes it.
+fn reap(dir: &Path) {
+    let kill = dir.join("cgroup.kill");
+    if kill.is_file() {
+        let _ = std::fs::write(&kill, "1");
+    }
+    for _ in 0..250 {
+        // A zombie holds nothing and is its parent's to reap; it does not keep the cgroup.
+        let left: Vec<u32> = read(&dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .filter(|pid| !gone(*pid))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        for pid in left {
+            signal(pid, Signal::KILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        // Only a plain directory (a test's fake tree) says it is not empty; cgroupfs answers EBUSY.
+        Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty => {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Err(e) => {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove a dead runner's session cgroup")
+        }
+    }
+}
+
+/// Whether `pid` has exited (no such process, or a zombie).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state == "Z" || state == "X"),
+        Err(_) => true,
     }
 }
 
@@ -601,6 +653,39 @@ mod tests {
         assert!(all.join("runner-1/demo-t1-cls-2-0000").exists());
         assert!(all.join("elsewhere").exists());
         assert!(all.join("runner-42").is_dir());
+    }
+
+    #[test]
+    fn processes_left_in_a_dead_runners_cgroup_are_killed_and_the_cgroup_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fake_v1(root);
+        let mut orphan = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let session = root
+            .join("pids/svc/nsml")
+            .join(format!("runner-{}", u32::MAX - 2))
+            .join("demo-t1-cls-4-0000");
+        std::fs::create_dir_all(&session).unwrap();
+        std::fs::write(session.join("cgroup.procs"), format!("{}\n", orphan.id())).unwrap();
+        CgroupParent::detect_at(root, SELF_V1, 42).unwrap();
+        let mut exited = None;
+        for _ in 0..600 {
+            exited = orphan.try_wait().unwrap();
+            if exited.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if exited.is_none() {
+            let _ = orphan.kill();
+            let _ = orphan.wait();
+            panic!("the process left by the dead runner is still running");
+        }
+        assert!(!session.exists(), "the session cgroup is removed");
+        assert!(!session.parent().unwrap().exists());
     }
 
     #[test]

@@ -22,6 +22,16 @@
 //! ```
 //!
 //! Inside the sandbox these paths are the same as outside; nothing else of `WORK_DIR` exists there.
+//!
+//! # What outlives a session
+//!
+//! Nothing of a session's directory, its `loads/` entry or its socket is needed once the session
+//! ends: its logs, metrics, checkpoints and predictions are in the services by then (each SDK call
+//! answers only after the service has what it sent), so all of it is removed at every end (exit,
+//! failure, stop, a failed setup) before the finish is reported. What a failed removal leaves is
+//! removed by `nsml rm` ([`Executor::remove`]); what a runner killed outright leaves (and the
+//! processes and cgroups of its sessions, see [`crate::cgroup`]) is removed when the next runner
+//! starts on the same `WORK_DIR`, before it lays out any session. `WORK_DIR` belongs to one runner.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -121,9 +131,11 @@ pub struct LocalExecutor {
     clients: Clients,
     live: Mutex<HashMap<String, CancellationToken>>,
     dataset_locks: Mutex<HashMap<(String, i32), PartLock>>,
-    /// What this machine offers the sandbox, found on the first session (and again after a failure,
-    /// so installing bubblewrap needs no restart).
+    /// What this machine offers the sandbox, found at start (and again after a failure, so
+    /// installing bubblewrap needs no restart).
     sandbox: tokio::sync::OnceCell<Arc<SandboxHost>>,
+    /// Set once what earlier runners left is gone; sessions are laid out only after.
+    swept: tokio::sync::OnceCell<()>,
 }
 
 /// The paths of one session's directory.
@@ -139,7 +151,7 @@ struct SessionDirs {
 }
 
 impl SessionDirs {
-    fn new(root: PathBuf, work_dir: &Path) -> Self {
+    fn new(root: PathBuf, work_dir: &Path, session: &Session) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let mut socket = root.join("nsml.sock");
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -150,11 +162,48 @@ impl SessionDirs {
             data: root.join("data"),
             ckpt: root.join("ckpt"),
             tmp: root.join("tmp"),
-            loads: work_dir.join("loads").join(id),
+            loads: work_dir
+                .join("loads")
+                .join(format!("{}{id}", loads_prefix(session))),
             socket,
             root,
         }
     }
+}
+
+/// The start of the names of a session's `loads/` entries: `TEAM.DATASET.N.` (names have no `.`,
+/// so no other session's entries start the same).
+fn loads_prefix(session: &Session) -> String {
+    format!("{}.{}.{}.", session.team, session.dataset, session.number)
+}
+
+/// Removes what runners before this one left in `work_dir`: session directories, loaded
+/// checkpoints, sockets, checkpoint staging and half-fetched dataset parts. Runs before this runner
+/// lays out any session, so all of it is a dead session's.
+fn remove_leftovers(work_dir: &Path) -> usize {
+    let mut removed = 0;
+    let mut remove = |path: PathBuf| match archive::remove_tree_now(&path) {
+        Ok(()) => removed += 1,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove what an earlier runner left")
+        }
+    };
+    for area in ["sessions", "loads", "sockets", "staging"] {
+        if let Ok(entries) = std::fs::read_dir(work_dir.join(area)) {
+            entries.flatten().for_each(|e| remove(e.path()));
+        }
+    }
+    if let Ok(datasets) = std::fs::read_dir(work_dir.join("datasets")) {
+        for dataset in datasets.flatten() {
+            if let Ok(parts) = std::fs::read_dir(dataset.path()) {
+                parts
+                    .flatten()
+                    .filter(|p| p.file_name().to_string_lossy().starts_with('.'))
+                    .for_each(|p| remove(p.path()));
+            }
+        }
+    }
+    removed
 }
 
 /// Checks that `entry` names a file inside `code` (after resolving links) and returns it relative.
@@ -178,6 +227,27 @@ fn check_entry(code: &Path, entry: &str) -> Result<PathBuf> {
     Ok(rel.to_path_buf())
 }
 
+/// A session with only the parts of its name `TEAM/DATASET/N` filled in.
+fn session_of(name: &str) -> Result<Session> {
+    let bad = || RunnerError::Session {
+        name: name.to_string(),
+        why: "a session name is TEAM/DATASET/NUMBER".into(),
+    };
+    let mut parts = name.split('/');
+    let (Some(team), Some(dataset), Some(number), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    Ok(Session {
+        name: name.to_string(),
+        team: team.to_string(),
+        dataset: dataset.to_string(),
+        number: number.parse().map_err(|_| bad())?,
+        ..Default::default()
+    })
+}
+
 fn is_submit(kind: SessionKind) -> bool {
     matches!(kind, SessionKind::Submit | SessionKind::TrialSubmit)
 }
@@ -196,11 +266,33 @@ impl LocalExecutor {
             live: Mutex::new(HashMap::new()),
             dataset_locks: Mutex::new(HashMap::new()),
             sandbox: tokio::sync::OnceCell::new(),
+            swept: tokio::sync::OnceCell::new(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(heartbeats(Arc::downgrade(&exec)));
+            let me = Arc::clone(&exec);
+            rt.spawn(async move { me.swept().await });
         }
         exec
+    }
+
+    /// Waits until what earlier runners on this `WORK_DIR` left is gone, removing it on the first
+    /// call: first their sessions' processes and cgroups (found with the sandbox), so that nothing
+    /// writes into a directory being removed, then the directories.
+    pub async fn swept(&self) {
+        self.swept
+            .get_or_init(|| async {
+                if let Err(e) = self.sandbox_host().await {
+                    tracing::warn!(error = %e, "cannot check for sessions earlier runners left running");
+                }
+                let work = self.cfg.work_dir.clone();
+                match tokio::task::spawn_blocking(move || remove_leftovers(&work)).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "removed what earlier runners left"),
+                    Err(e) => tracing::warn!(error = %e, "removing what earlier runners left stopped"),
+                }
+            })
+            .await;
     }
 
     /// What this machine offers the sandbox; an error (bubblewrap missing, no cgroups) refuses the
@@ -346,7 +438,7 @@ impl LocalExecutor {
             Ok(root) => root,
             Err(e) => return ProcessOutcome::setup_failed(e.to_string(), false),
         };
-        let dirs = SessionDirs::new(root, &self.cfg.work_dir);
+        let dirs = SessionDirs::new(root, &self.cfg.work_dir, session);
         *dirs_out = Some(dirs.clone());
         let prepared = tokio::select! {
             p = self.prepare(session, &dirs, logs) => p,
@@ -434,6 +526,8 @@ impl LocalExecutor {
         dirs: &SessionDirs,
         logs: &LogSender,
     ) -> Result<(LaunchSpec, GpuLease, SessionCgroup)> {
+        // A directory laid out before the start-up sweep could be taken for a dead session's.
+        self.swept().await;
         let host = self.sandbox_host().await?;
         let kind = session.kind();
         let resources = session.resources.unwrap_or_default();
@@ -698,6 +792,36 @@ impl Executor for LocalExecutor {
         let mut names: Vec<String> = self.live().keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// Removes the session's directory and loaded checkpoints, if anything of them is left. A
+    /// session still running keeps them: its own end removes them.
+    async fn remove(&self, name: &str) -> std::result::Result<(), String> {
+        if self.live().contains_key(name) {
+            return Ok(());
+        }
+        let session = session_of(name).map_err(|e| e.to_string())?;
+        let root = self.session_root(&session).map_err(|e| e.to_string())?;
+        let work = self.cfg.work_dir.clone();
+        let prefix = loads_prefix(&session);
+        tokio::task::spawn_blocking(move || {
+            let mut doomed = vec![root];
+            if let Ok(entries) = std::fs::read_dir(work.join("loads")) {
+                doomed.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                        .map(|e| e.path()),
+                );
+            }
+            for path in doomed {
+                archive::remove_tree_now(&path)
+                    .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("removing session `{name}`'s files stopped: {e}"))?
     }
 
     fn capacity(&self) -> nsml_common::executor::Capacity {

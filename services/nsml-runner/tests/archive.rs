@@ -322,3 +322,104 @@ fn a_gnu_long_name_still_gets_checked() {
     let err = extract_tar_gz(&bytes[..], dest.path(), ExtractLimits::CODE).unwrap_err();
     assert!(err.to_string().contains("`..`"), "{err}");
 }
+
+/// Runs `f` on a thread of its own as the unprivileged `nobody` when the test runs as root (the
+/// uid is per thread on Linux), so that permissions bind as they do for a runner that is not root.
+fn as_unprivileged<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        if rustix::process::geteuid().is_root() {
+            use rustix::process::{Gid, Uid};
+            rustix::thread::set_thread_res_gid(None, Gid::from_raw(65534), None).unwrap();
+            rustix::thread::set_thread_res_uid(None, Uid::from_raw(65534), None).unwrap();
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A temporary directory `nobody` may write into, with the tree under `tree/` made by `make` as
+/// that user.
+fn unprivileged_tree(make: impl FnOnce(&std::path::Path) + Send + 'static) -> tempfile::TempDir {
+    let top = tempfile::tempdir().unwrap();
+    if rustix::process::geteuid().is_root() {
+        use rustix::process::{Gid, Uid};
+        rustix::fs::chown(
+            top.path(),
+            Some(Uid::from_raw(65534)),
+            Some(Gid::from_raw(65534)),
+        )
+        .unwrap();
+    }
+    let tree = top.path().join("tree");
+    as_unprivileged(move || {
+        fs::create_dir(&tree).unwrap();
+        make(&tree);
+    });
+    top
+}
+
+#[test]
+fn a_tree_the_session_made_read_only_is_removed() {
+    let top = unprivileged_tree(|tree| {
+        fs::create_dir_all(tree.join("out/locked/deep")).unwrap();
+        fs::write(tree.join("out/locked/deep/weights.bin"), [0u8; 64]).unwrap();
+        fs::write(tree.join("out/locked/ro.txt"), "x").unwrap();
+        fs::create_dir(tree.join("sealed")).unwrap();
+        fs::write(tree.join("sealed/f"), "x").unwrap();
+        for (d, mode) in [
+            ("out/locked/deep", 0o500),
+            ("out/locked", 0o555),
+            ("sealed", 0o000),
+            ("", 0o500),
+        ] {
+            fs::set_permissions(tree.join(d), fs::Permissions::from_mode(mode)).unwrap();
+        }
+    });
+    let tree = top.path().join("tree");
+    let gone = tree.clone();
+    let removed = as_unprivileged(move || nsml_runner::archive::remove_tree_now(&gone));
+    assert!(removed.is_ok(), "{removed:?}");
+    assert!(!tree.exists(), "the tree is gone");
+    // Removing what is already gone succeeds.
+    nsml_runner::archive::remove_tree_now(&tree).unwrap();
+}
+
+#[test]
+fn removal_never_follows_a_symlink_out_of_the_tree() {
+    let outside = tempfile::tempdir().unwrap();
+    fs::create_dir(outside.path().join("keep")).unwrap();
+    fs::write(outside.path().join("keep/precious"), "x").unwrap();
+    fs::set_permissions(
+        outside.path().join("keep"),
+        fs::Permissions::from_mode(0o555),
+    )
+    .unwrap();
+    let target = outside.path().to_path_buf();
+    let top = unprivileged_tree(move |tree| {
+        std::os::unix::fs::symlink(&target, tree.join("escape")).unwrap();
+        std::os::unix::fs::symlink(target.join("keep"), tree.join("escape-dir")).unwrap();
+        fs::create_dir(tree.join("ro")).unwrap();
+        std::os::unix::fs::symlink(target.join("keep/precious"), tree.join("ro/file")).unwrap();
+        fs::set_permissions(tree.join("ro"), fs::Permissions::from_mode(0o500)).unwrap();
+    });
+    let tree = top.path().join("tree");
+    nsml_runner::archive::remove_tree_now(&tree).unwrap();
+    assert!(!tree.exists());
+    assert_eq!(
+        fs::read_to_string(outside.path().join("keep/precious")).unwrap(),
+        "x"
+    );
+    let mode = fs::metadata(outside.path().join("keep"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o555, "the link's target kept its mode");
+
+    // A link given as the path itself is removed, its target left alone.
+    let link = top.path().join("link");
+    std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+    nsml_runner::archive::remove_tree_now(&link).unwrap();
+    assert!(fs::symlink_metadata(&link).is_err());
+    assert!(outside.path().join("keep/precious").exists());
+}

@@ -352,6 +352,11 @@ fn sdk_path() -> PathBuf {
 }
 
 async fn env(gpus: u32) -> Env {
+    env_in(gpus, tempfile::tempdir().unwrap()).await
+}
+
+/// An executor whose `WORK_DIR` is `work` (which may hold what an earlier runner left).
+async fn env_in(gpus: u32, work: tempfile::TempDir) -> Env {
     let fake = Fake::default();
     {
         let mut st = fake.state.lock().unwrap();
@@ -385,7 +390,6 @@ async fn env(gpus: u32) -> Env {
         local: None,
     };
     let clients = Clients::new(&addrs, "secret", "runner").unwrap();
-    let work = tempfile::tempdir().unwrap();
     let cfg = RunnerConfig {
         work_dir: work.path().to_path_buf(),
         python: "python3".into(),
@@ -785,4 +789,123 @@ async fn the_runner_reports_its_live_sessions_by_heartbeat() {
     .expect("no heartbeat named the live session");
     assert!(e.exec.stop("demo/t1-cls/11").await);
     e.finished("demo/t1-cls/11").await;
+}
+
+/// Writes `content` at `rel` under `root`, making the directories on the way.
+fn put(root: &Path, rel: &str, content: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, content).unwrap();
+}
+
+/// Waits (generously) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"));
+}
+
+#[tokio::test]
+async fn what_a_killed_runner_left_is_removed_when_the_next_one_starts() {
+    let work = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    put(outside.path(), "precious", "x");
+    let w = work.path();
+    put(w, "sessions/demo/t1-cls/3/code/main.py", "print(1)");
+    put(w, "sessions/demo/t1-cls/3/tmp/scratch.bin", "0123456789");
+    put(w, "sessions/rivals/t2-reg/9/out/model.pt", "w");
+    std::os::unix::fs::symlink(outside.path(), w.join("sessions/demo/t1-cls/3/escape")).unwrap();
+    put(w, "loads/demo.t1-cls.3.0a1b/model.txt", "w=1");
+    put(w, "loads/0a1b2c/model.txt", "w=1");
+    put(w, "staging/3c4d/model.txt", "w=2");
+    put(w, "sockets/5e6f.sock", "");
+    put(w, "datasets/t1-cls/.train-7a8b/archive/train/x", "1");
+    put(w, "datasets/t1-cls/train-17/train/train_data/x", "1");
+
+    let e = env_in(0, work).await;
+    let w = e.work.path();
+    until("what the killed runner left is still there", || {
+        ["sessions", "loads", "staging", "sockets"]
+            .iter()
+            .all(|area| is_empty_or_missing(&w.join(area)))
+    })
+    .await;
+    e.exec.swept().await;
+    assert!(!w.join("datasets/t1-cls/.train-7a8b").exists());
+    assert!(
+        w.join("datasets/t1-cls/train-17/train/train_data/x")
+            .exists(),
+        "the dataset cache is kept"
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("precious")).unwrap(),
+        "x",
+        "nothing is removed through a link"
+    );
+
+    // The runner goes on running sessions, under the same names too.
+    e.add_code("again", &[("main.py", "print('again', flush=True)\n")]);
+    e.exec
+        .start(session("demo/t1-cls/3", SessionKind::Train, "again", 0), 0)
+        .await
+        .unwrap();
+    let (fin, _) = e.finished("demo/t1-cls/3").await;
+    assert_eq!((fin.exit_code, fin.reason.as_str()), (0, ""));
+    assert_eq!(e.lines("stdout"), ["again"]);
+}
+
+#[tokio::test]
+async fn removing_a_session_removes_what_is_left_of_it_and_nothing_else() {
+    let e = env(0).await;
+    e.exec.swept().await;
+    let w = e.work.path();
+    put(w, "sessions/demo/t1-cls/21/tmp/scratch.bin", "0123456789");
+    put(w, "loads/demo.t1-cls.21.0a1b/model.txt", "w=1");
+    put(w, "sessions/demo/t1-cls/2/tmp/scratch.bin", "x");
+    put(w, "loads/demo.t1-cls.2.0a1b/model.txt", "w=1");
+    put(w, "loads/demo.t1-cls.210.0a1b/model.txt", "w=1");
+
+    e.exec.remove("demo/t1-cls/21").await.unwrap();
+    assert!(!w.join("sessions/demo/t1-cls/21").exists());
+    assert!(!w.join("loads/demo.t1-cls.21.0a1b").exists());
+    for kept in [
+        "sessions/demo/t1-cls/2/tmp/scratch.bin",
+        "loads/demo.t1-cls.2.0a1b/model.txt",
+        "loads/demo.t1-cls.210.0a1b/model.txt",
+    ] {
+        assert!(w.join(kept).exists(), "{kept} belongs to another session");
+    }
+    // Removing a session with nothing left is no error; a name that is not one is.
+    e.exec.remove("demo/t1-cls/21").await.unwrap();
+    for bad in ["demo/../2", "../../etc", "demo/t1-cls/02", "demo/t1-cls"] {
+        let err = e.exec.remove(bad).await.unwrap_err();
+        assert!(err.contains(bad), "{bad}: {err}");
+    }
+    assert!(w.join("sessions/demo/t1-cls/2/tmp/scratch.bin").exists());
+
+    // A running session keeps its directory until its own end removes it.
+    e.add_code(
+        "live",
+        &[(
+            "main.py",
+            "import time\nprint('up', flush=True)\ntime.sleep(300)\n",
+        )],
+    );
+    e.exec
+        .start(session("demo/t1-cls/22", SessionKind::Train, "live", 0), 0)
+        .await
+        .unwrap();
+    until("the session did not start", || {
+        !e.lines("stdout").is_empty()
+    })
+    .await;
+    e.exec.remove("demo/t1-cls/22").await.unwrap();
+    assert!(w.join("sessions/demo/t1-cls/22/code/main.py").exists());
+    assert!(e.exec.stop("demo/t1-cls/22").await);
+    e.finished("demo/t1-cls/22").await;
+    assert!(!w.join("sessions/demo/t1-cls/22").exists());
 }

@@ -743,6 +743,11 @@ impl SessionApi for SessionService {
             let name = e.session.name.clone();
             self.stop_session(&caller, &name).await?;
             self.wait_ended(&name, Duration::from_secs(15)).await;
+            // Best effort: the session's files hold nothing the platform needs, and a runner's
+            // start removes whatever is left of sessions it no longer runs.
+            if let Err(err) = self.executor.remove(&name).await {
+                tracing::warn!(session = %name, %err, "cannot remove the session's files on its runner");
+            }
             if !e.checkpoints.is_empty() {
                 let del = self
                     .clients
