@@ -6,10 +6,14 @@ use sha2::{Digest, Sha256};
 
 /// How long a login token lives: 160 hours, as NSML's logins did.
 pub const TOKEN_TTL_MS: i64 = 160 * 3600 * 1000;
-/// Consecutive failed logins that lock an account.
+/// Consecutive failed logins for one user from one source address that lock that user at that address.
 pub const LOCKOUT_AFTER: u32 = 5;
-/// How long a locked account stays locked.
+/// Failed logins from one source address, whatever the user names, that lock every login from it.
+pub const SOURCE_LOCKOUT_AFTER: u32 = 50;
+/// How long a lock lasts, and how long a failure counts towards one.
 pub const LOCKOUT_MS: i64 = 60_000;
+/// The most (source, user) and source entries the failed-login bookkeeping holds.
+pub const THROTTLE_CAPACITY: usize = 100_000;
 
 /// Hashes a password with argon2id and a random salt.
 pub fn hash_password(password: &str) -> Result<String, String> {
@@ -42,11 +46,27 @@ pub fn new_token() -> String {
     hex::encode(b)
 }
 
-/// Failed-login bookkeeping for one user (kept in memory: a restart forgives).
+/// Verifies `password` against `hash`, or, for a user without one (unknown, or listed without a password),
+/// against a hash of a random password so that the answer takes as long: how long a refusal takes says
+/// nothing about whether the user exists.
+pub fn verify_or_pretend(password: &str, hash: Option<&str>) -> bool {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match hash.filter(|h| !h.is_empty()) {
+        Some(h) => verify_password(password, h),
+        None => {
+            let dummy = DUMMY.get_or_init(|| hash_password(&new_token()).unwrap_or_default());
+            verify_password(password, dummy);
+            false
+        }
+    }
+}
+
+/// Failed-login bookkeeping for one key (kept in memory: a restart forgives).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Attempts {
-    pub failures: u32,
-    pub locked_until_ms: i64,
+    failures: u32,
+    last_failure_ms: i64,
+    locked_until_ms: i64,
 }
 
 impl Attempts {
@@ -59,13 +79,110 @@ impl Attempts {
         }
     }
 
-    /// Records a failure at `now`.
-    pub fn fail(&mut self, now: i64) {
-        self.failures += 1;
-        if self.failures >= LOCKOUT_AFTER {
-            self.locked_until_ms = now + LOCKOUT_MS;
+    /// Records a failure at `now`; the `limit`th within [`LOCKOUT_MS`] of each other locks the key.
+    pub fn fail(&mut self, now: i64, limit: u32) {
+        if now.saturating_sub(self.last_failure_ms) >= LOCKOUT_MS {
             self.failures = 0;
         }
+        self.failures += 1;
+        self.last_failure_ms = now;
+        if self.failures >= limit {
+            self.locked_until_ms = now.saturating_add(LOCKOUT_MS);
+            self.failures = 0;
+        }
+    }
+
+    /// Whether the entry says nothing any more at `now`: not locked, and its failures too old to count.
+    fn expired(&self, now: i64) -> bool {
+        now >= self.locked_until_ms && now.saturating_sub(self.last_failure_ms) >= LOCKOUT_MS
+    }
+}
+
+/// What failed logins are counted against: a user at a source address, or a source address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Pair(String, String),
+    Source(String),
+}
+
+/// Failed logins, counted per (source address, user) and per source address, never per user alone: wrong
+/// passwords sent from one address lock that address out, not the user, whose own logins from elsewhere go
+/// on working. Entries that say nothing any more are dropped; the map never holds more than
+/// [`THROTTLE_CAPACITY`] entries, and its keys are as long as a source address and a user name at most, which
+/// the caller bounds before asking.
+#[derive(Debug)]
+pub struct Throttle {
+    entries: std::collections::HashMap<Key, Attempts>,
+    capacity: usize,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self::with_capacity(THROTTLE_CAPACITY)
+    }
+}
+
+impl Throttle {
+    /// An empty bookkeeping that holds at most `capacity` entries.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            entries: Default::default(),
+            capacity: capacity.max(2),
+        }
+    }
+
+    /// Whether `user` may try to log in from `source` at `now`; otherwise the time they may retry.
+    pub fn check(&self, source: &str, user: &str, now: i64) -> Result<(), i64> {
+        let of = |k: &Key| self.entries.get(k).map_or(Ok(()), |a| a.check(now));
+        of(&Key::Source(source.into()))?;
+        of(&Key::Pair(source.into(), user.into()))
+    }
+
+    /// Records a failed login of `user` from `source` at `now`.
+    pub fn fail(&mut self, source: &str, user: &str, now: i64) {
+        self.make_room(now);
+        self.entries
+            .entry(Key::Source(source.into()))
+            .or_default()
+            .fail(now, SOURCE_LOCKOUT_AFTER);
+        self.entries
+            .entry(Key::Pair(source.into(), user.into()))
+            .or_default()
+            .fail(now, LOCKOUT_AFTER);
+    }
+
+    /// Forgets `user`'s failures at `source` after a successful login there. The source's own count stays:
+    /// an attacker's logging in to an account of their own between guesses must not reset it.
+    pub fn succeed(&mut self, source: &str, user: &str) {
+        self.entries.remove(&Key::Pair(source.into(), user.into()));
+    }
+
+    /// Leaves room for two entries: drops those that say nothing any more, and if that is not enough, the
+    /// half whose locks and failures end soonest.
+    fn make_room(&mut self, now: i64) {
+        if self.entries.len() + 2 <= self.capacity {
+            return;
+        }
+        self.entries.retain(|_, a| !a.expired(now));
+        if self.entries.len() + 2 <= self.capacity {
+            return;
+        }
+        let mut ends: Vec<i64> = self
+            .entries
+            .values()
+            .map(|a| {
+                a.locked_until_ms
+                    .max(a.last_failure_ms.saturating_add(LOCKOUT_MS))
+            })
+            .collect();
+        let mid = ends.len() / 2;
+        let (_, cut, _) = ends.select_nth_unstable(mid);
+        let cut = *cut;
+        self.entries.retain(|_, a| {
+            a.locked_until_ms
+                .max(a.last_failure_ms.saturating_add(LOCKOUT_MS))
+                > cut
+        });
     }
 }
 
@@ -82,14 +199,71 @@ mod tests {
     }
 
     #[test]
-    fn repeated_failures_lock_for_a_while() {
-        let mut a = Attempts::default();
+    fn repeated_failures_lock_the_user_at_that_address_only() {
+        let mut t = Throttle::default();
         for _ in 0..LOCKOUT_AFTER {
-            assert!(a.check(1000).is_ok());
-            a.fail(1000);
+            assert!(t.check("10.0.0.9", "alice", 1000).is_ok());
+            t.fail("10.0.0.9", "alice", 1000);
         }
-        assert_eq!(a.check(1000), Err(1000 + LOCKOUT_MS));
-        assert!(a.check(1000 + LOCKOUT_MS).is_ok());
+        assert_eq!(t.check("10.0.0.9", "alice", 1000), Err(1000 + LOCKOUT_MS));
+        assert!(
+            t.check("10.0.0.1", "alice", 1000).is_ok(),
+            "alice's own logins from elsewhere go on"
+        );
+        assert!(
+            t.check("10.0.0.9", "bob", 1000).is_ok(),
+            "other users from that address are not locked by five failures"
+        );
+        assert!(t.check("10.0.0.9", "alice", 1000 + LOCKOUT_MS).is_ok());
+    }
+
+    #[test]
+    fn many_failures_from_one_address_lock_the_address() {
+        let mut t = Throttle::default();
+        for i in 0..SOURCE_LOCKOUT_AFTER {
+            t.fail("10.0.0.9", &format!("user{i}"), 1000);
+        }
+        assert_eq!(t.check("10.0.0.9", "someone", 1000), Err(1000 + LOCKOUT_MS));
+        assert!(t.check("10.0.0.1", "someone", 1000).is_ok());
+    }
+
+    #[test]
+    fn a_success_forgets_the_pair_but_not_the_address() {
+        let mut t = Throttle::default();
+        for _ in 0..LOCKOUT_AFTER - 1 {
+            t.fail("s", "alice", 1000);
+        }
+        t.succeed("s", "alice");
+        t.fail("s", "alice", 1000);
+        assert!(
+            t.check("s", "alice", 1000).is_ok(),
+            "the count started again"
+        );
+        assert!(t.entries.contains_key(&Key::Source("s".into())));
+    }
+
+    #[test]
+    fn the_bookkeeping_never_outgrows_its_capacity() {
+        let mut t = Throttle::with_capacity(100);
+        // Old failures are dropped first.
+        for i in 0..40 {
+            t.fail(&format!("old{i}"), "u", 0);
+        }
+        for i in 0..1000 {
+            t.fail(&format!("src{i}"), "u", LOCKOUT_MS + i);
+            assert!(t.entries.len() <= 100, "{} entries", t.entries.len());
+        }
+        assert!(!t.entries.contains_key(&Key::Source("old0".into())));
+        // The newest are kept.
+        assert!(t.entries.contains_key(&Key::Source("src999".into())));
+    }
+
+    #[test]
+    fn an_unknown_user_is_verified_against_a_dummy_hash() {
+        assert!(!verify_or_pretend("x", None));
+        assert!(!verify_or_pretend("x", Some("")));
+        let h = hash_password("s3cret").unwrap();
+        assert!(verify_or_pretend("s3cret", Some(&h)));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nsml_common::bounds::{self, shown};
 use nsml_common::caller::Caller;
 use nsml_common::event::new_event;
 use nsml_common::names::check_ident;
@@ -20,18 +21,22 @@ use nsml_proto::v1::{
 use parking_lot::Mutex;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{self, Attempts, TOKEN_TTL_MS};
+use crate::domain::{self, TOKEN_TTL_MS, Throttle};
 use crate::projection::AuthState;
 
 /// The platform administrator's user name.
 pub const ADMIN_USER: &str = "admin";
+/// Metadata key under which the gateway names the address a public call came from. Only the gateway and
+/// services reach the auth service (they carry the internal secret), and the gateway drops whatever
+/// `x-nsml-*` metadata a client sent, so the value is the gateway's word.
+pub const PEER_KEY: &str = "x-nsml-peer";
 
 /// The auth service.
 #[derive(Clone)]
 pub struct AuthService {
     ctx: ServiceContext,
     proj: Arc<Projection<AuthState>>,
-    attempts: Arc<Mutex<HashMap<String, Attempts>>>,
+    throttle: Arc<Mutex<Throttle>>,
 }
 
 fn policy_defaults(p: Option<Policy>) -> Policy {
@@ -63,7 +68,7 @@ impl AuthService {
         Self {
             ctx,
             proj,
-            attempts: Default::default(),
+            throttle: Default::default(),
         }
     }
 
@@ -279,37 +284,48 @@ impl AuthService {
     }
 }
 
+/// The address a call came from, as the gateway names it; calls from inside the deployment share one name.
+fn source_of<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get(PEER_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64)
+        .unwrap_or("internal")
+        .to_string()
+}
+
 #[tonic::async_trait]
 impl AuthApi for AuthService {
     async fn login(&self, req: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+        bounds::check(&req)?;
+        let source = source_of(&req);
         let r = req.into_inner();
+        // Every user name is an identifier: anything else cannot be a user, and is refused before it is
+        // counted or stored anywhere.
+        check_ident("user", &r.username)?;
         let now = now_ms();
-        if let Some(until) = self
-            .attempts
-            .lock()
-            .get(&r.username)
-            .and_then(|a| a.check(now).err())
-        {
+        if let Err(until) = self.throttle.lock().check(&source, &r.username, now) {
             return Err(Status::resource_exhausted(format!(
-                "too many failed logins for `{}`: try again in {} seconds",
-                r.username,
+                "too many failed logins for `{}` from your address: try again in {} seconds",
+                shown(&r.username),
                 (until - now + 999) / 1000
             )));
         }
         let hash = self
             .proj
             .read(|s| s.users.get(&r.username).map(|u| u.password_hash.clone()));
-        let ok =
-            matches!(&hash, Some(h) if !h.is_empty() && domain::verify_password(&r.password, h));
+        let password = r.password.clone();
+        // Argon2 takes tens of milliseconds of CPU: off the threads that serve requests.
+        let ok = tokio::task::spawn_blocking(move || {
+            domain::verify_or_pretend(&password, hash.as_deref())
+        })
+        .await
+        .map_err(|e| status::internal("verifying a password", e))?;
         if !ok {
-            self.attempts
-                .lock()
-                .entry(r.username.clone())
-                .or_default()
-                .fail(now);
+            self.throttle.lock().fail(&source, &r.username, now);
             return Err(Status::unauthenticated("wrong username or password"));
         }
-        self.attempts.lock().remove(&r.username);
+        self.throttle.lock().succeed(&source, &r.username);
         let (token, expires) = self
             .issue_token(&r.username, TOKEN_TTL_MS, &format!("user:{}", r.username))
             .await?;
@@ -321,6 +337,7 @@ impl AuthApi for AuthService {
     }
 
     async fn logout(&self, req: Request<Empty>) -> Result<Response<Empty>, Status> {
+        bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.user()?;
         let token = Self::bearer(&req).ok_or_else(|| Status::unauthenticated("no token to end"))?;
@@ -339,11 +356,13 @@ impl AuthApi for AuthService {
     }
 
     async fn who_am_i(&self, req: Request<Empty>) -> Result<Response<Identity>, Status> {
+        bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         Ok(Response::new(caller.user()?.clone()))
     }
 
     async fn add_user(&self, req: Request<AddUserRequest>) -> Result<Response<Empty>, Status> {
+        bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
@@ -402,6 +421,7 @@ impl AuthApi for AuthService {
         &self,
         req: Request<ApplyCompetitionRequest>,
     ) -> Result<Response<Competition>, Status> {
+        bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
@@ -500,6 +520,7 @@ impl AuthApi for AuthService {
         &self,
         req: Request<Empty>,
     ) -> Result<Response<ListCompetitionsResponse>, Status> {
+        bounds::check(&req)?;
         Caller::of(&req)?.require_authenticated()?;
         let competitions = self.proj.read(|s| {
             s.competitions
@@ -514,22 +535,27 @@ impl AuthApi for AuthService {
         &self,
         req: Request<GetCompetitionRequest>,
     ) -> Result<Response<Competition>, Status> {
+        bounds::check(&req)?;
         Caller::of(&req)?.require_authenticated()?;
         let id = req.into_inner().id;
         self.proj
             .read(|s| s.competition_view(&id))
             .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("competition `{id}` not found")))
+            .ok_or_else(|| Status::not_found(format!("competition `{}` not found", shown(&id))))
     }
 
     async fn reveal_private(
         &self,
         req: Request<RevealPrivateRequest>,
     ) -> Result<Response<Competition>, Status> {
+        bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let id = req.into_inner().competition;
         if !self.proj.read(|s| s.competitions.contains_key(&id)) {
-            return Err(Status::not_found(format!("competition `{id}` not found")));
+            return Err(Status::not_found(format!(
+                "competition `{}` not found",
+                shown(&id)
+            )));
         }
         caller.require_host_of(&id)?;
         let ev = new_event(
@@ -545,13 +571,14 @@ impl AuthApi for AuthService {
         self.proj
             .read(|s| s.competition_view(&id))
             .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("competition `{id}` not found")))
+            .ok_or_else(|| Status::not_found(format!("competition `{}` not found", shown(&id))))
     }
 
     async fn authenticate(
         &self,
         req: Request<AuthenticateRequest>,
     ) -> Result<Response<Identity>, Status> {
+        bounds::check(&req)?;
         Caller::of(&req)?.require_service()?;
         let hash = domain::hash_token(&req.into_inner().token);
         let now = now_ms();

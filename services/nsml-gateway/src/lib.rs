@@ -2,19 +2,21 @@
 //!
 //! It serves the services' own gRPC APIs (`/nsml.v1.SessionService/Run`, …) by proxying each call to the
 //! owning service after: refusing internal-only methods, dropping any `x-nsml-*` metadata a client sent,
+//! rate-limiting per caller (see [`ratelimit`]: by address until the caller is known to be a user),
 //! resolving the bearer token to an identity through the auth service (kept for a moment: see [`identities`]),
-//! rate-limiting per caller, and stamping the call with the deployment's internal secret. Services then decide
-//! what the identity may do.
+//! and stamping the call with the deployment's internal secret and the address it came from. Services then
+//! decide what the identity may do.
 
 mod identities;
 mod ratelimit;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::IntoResponse;
 use nsml_common::caller::{IDENTITY_KEY, INTERNAL_SECRET_KEY};
 use nsml_common::clients::{Clients, ServiceAddrs, Transport, transport};
@@ -39,6 +41,11 @@ const INTERNAL_METHODS: &[&str] = &[
     "/nsml.v1.QuotaService/Admit",
     "/nsml.v1.SubmissionService/RunnerPredictions",
 ];
+
+/// Metadata key under which the auth service reads the address a call came from (its `PEER_KEY`).
+const PEER_KEY: &str = "x-nsml-peer";
+/// The longest bearer token asked of the auth service; the platform's are 64 characters.
+const MAX_TOKEN_BYTES: usize = nsml_common::bounds::MAX_TOKEN_BYTES;
 
 /// Methods that need no login.
 const ANONYMOUS_METHODS: &[&str] = &["/nsml.v1.AuthService/Login"];
@@ -115,9 +122,13 @@ pub async fn serve(
             tracing::warn!(%err, "cannot set TCP_NODELAY on a gateway connection");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await?;
+    // Callers not yet known to be a user are rate-limited by the address they connect from.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(cancel.cancelled_owned())
+    .await?;
     Ok(())
 }
 
@@ -161,8 +172,15 @@ async fn resolve(gw: &Inner, token: String) -> Result<Arc<identities::Resolved>,
     Ok(id)
 }
 
+fn too_many(key: &ratelimit::Key, retry_ms: u64) -> axum::response::Response {
+    status_response(Status::resource_exhausted(format!(
+        "too many requests from {key}: retry in {retry_ms} ms"
+    )))
+}
+
 async fn proxy(
     State(gw): State<Arc<Inner>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut req: http::Request<Body>,
 ) -> axum::response::Response {
     let path = req.uri().path().to_string();
@@ -193,11 +211,30 @@ async fn proxy(
     for k in spoofed {
         req.headers_mut().remove(k);
     }
-    let mut caller_key = "anonymous".to_string();
-    if let Some(token) = bearer(req.headers()) {
-        match resolve(&gw, token).await {
+    let address = ratelimit::Key::address(peer.ip());
+    let token = bearer(req.headers());
+    let known = token
+        .as_deref()
+        .and_then(|t| gw.identities.get(t, Instant::now()));
+    // A caller not known to be a user is charged to its address before the auth service is asked anything:
+    // a wrong login or a forged token costs its sender, not the auth service or the other callers.
+    if known.is_none()
+        && let Err(retry_ms) = gw.limiter.check(&address)
+    {
+        return too_many(&address, retry_ms);
+    }
+    let mut caller = address;
+    if let Some(token) = token {
+        let resolved = match known {
+            Some(id) => Ok(id),
+            None if token.len() > MAX_TOKEN_BYTES => Err(Status::unauthenticated(
+                "your token is not one the platform issues: run `nsml login` again",
+            )),
+            None => resolve(&gw, token).await,
+        };
+        match resolved {
             Ok(id) => {
-                caller_key = format!("user:{}", id.username);
+                caller = ratelimit::Key::User(id.username.clone());
                 let mut md = MetadataMap::from_headers(std::mem::take(req.headers_mut()));
                 md.insert_bin(IDENTITY_KEY, id.metadata.clone());
                 *req.headers_mut() = md.into_headers();
@@ -208,10 +245,13 @@ async fn proxy(
             Err(s) => return status_response(s),
         }
     }
-    if let Err(retry_ms) = gw.limiter.check(&caller_key) {
-        return status_response(Status::resource_exhausted(format!(
-            "too many requests from {caller_key}: retry in {retry_ms} ms"
-        )));
+    if matches!(caller, ratelimit::Key::User(_))
+        && let Err(retry_ms) = gw.limiter.check(&caller)
+    {
+        return too_many(&caller, retry_ms);
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&peer.ip().to_string()) {
+        req.headers_mut().insert(PEER_KEY, v);
     }
     req.headers_mut()
         .insert(INTERNAL_SECRET_KEY, gw.secret.clone());
