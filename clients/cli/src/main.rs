@@ -103,7 +103,7 @@ fn report(err: &anyhow::Error, server: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    eprintln!("Error: {}", describe(err));
+    eprintln!("Error: {}", output::clean(&describe(err)));
     ExitCode::FAILURE
 }
 
@@ -129,7 +129,7 @@ fn report_status(err: &anyhow::Error, status: &tonic::Status, server: &str) {
         eprintln!("Error: cannot reach the NSML server at {server} (is nsmld running?)");
         return;
     }
-    eprintln!("Error: {}", status_message(err, status));
+    eprintln!("Error: {}", output::clean(&status_message(err, status)));
     if status.code() == Code::Unauthenticated {
         eprintln!("Log in with `nsml login` (or set NSML_TOKEN).");
     }

@@ -1,5 +1,11 @@
 //! How things look on the terminal: aligned tables without colour, relative times, numbers and labels as NSML
 //! printed them.
+//!
+//! Whatever the server sends was typed by someone, maybe another team: a memo, a reason, a name. Nothing of it
+//! reaches the terminal raw. [`clean`] shows control characters and escape sequences as visible escapes, and
+//! every table and server message goes through it; participants' log lines go through [`clean_log`], which
+//! keeps their colours (training libraries print them, and they cannot do harm) but nothing else a terminal
+//! would obey.
 
 use std::io::Write;
 
@@ -22,12 +28,13 @@ impl Table {
         }
     }
 
-    /// Adds a row; missing cells are blank, and line breaks inside a cell become spaces.
+    /// Adds a row; missing cells are blank, line breaks inside a cell become spaces and other control
+    /// characters are shown escaped (see [`clean`]).
     pub fn row(&mut self, cells: Vec<String>) {
         self.rows.push(
             cells
                 .into_iter()
-                .map(|c| c.replace(['\r', '\n', '\t'], " "))
+                .map(|c| clean(&c.replace(['\r', '\n', '\t'], " ")))
                 .collect(),
         );
     }
@@ -63,6 +70,64 @@ impl Table {
         }
         out
     }
+}
+
+/// Text from the server as the terminal may show it: every control character (escape, carriage return,
+/// backspace, bell, C1 controls, …) is written as a visible escape such as `\u{1b}`, so a value can neither
+/// move the cursor, rewrite what was printed, set the title nor reach the clipboard. Line feeds and tabs are
+/// kept.
+pub fn clean(text: &str) -> String {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A participant's log line as the terminal may show it: colour and style sequences (`ESC [ … m`) and tabs
+/// are kept, a carriage return starts a new line (progress bars print one line per update rather than
+/// overwriting what came before), and everything else [`clean`] escapes is escaped.
+pub fn clean_log(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(c) = rest.chars().next() {
+        if c == '\u{1b}'
+            && let Some(sgr) = sgr_prefix(rest)
+        {
+            out.push_str(sgr);
+            rest = &rest[sgr.len()..];
+            continue;
+        }
+        match c {
+            '\r' => out.push('\n'),
+            '\t' | '\n' => out.push(c),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// The colour sequence `ESC [ digits and semicolons m` that `text` starts with, if it does.
+fn sgr_prefix(text: &str) -> Option<&str> {
+    let params = text.strip_prefix("\u{1b}[")?;
+    let len = params
+        .bytes()
+        .take(32)
+        .take_while(|b| b.is_ascii_digit() || *b == b';')
+        .count();
+    (params.as_bytes().get(len) == Some(&b'm')).then(|| &text[..2 + len + 1])
 }
 
 /// Writes to stdout; when the reader went away (`nsml logs -f x | head`), ends the program quietly instead of
@@ -281,6 +346,43 @@ mod tests {
             "Name            Status           Summary\n\
              demo/t1-cls/1   Running\n\
              demo/t1-cls/12  Exited (exit 1)  loss=0.5\n"
+        );
+    }
+
+    #[test]
+    fn server_text_never_reaches_the_terminal_raw() {
+        let memo = "ok\u{1b}]52;c;cm0gLXJmIH4=\u{7}\u{1b}[2J\rfake\u{8}\u{9b}31m";
+        let shown = clean(memo);
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        assert_eq!(
+            shown,
+            "ok\\u{1b}]52;c;cm0gLXJmIH4=\\u{7}\\u{1b}[2J\\rfake\\u{8}\\u{9b}31m"
+        );
+        let mut t = Table::new(&["MEMO"]);
+        t.row(vec![memo.to_string()]);
+        assert!(
+            !t.render().chars().any(|c| c.is_control() && c != '\n'),
+            "{:?}",
+            t.render()
+        );
+        assert_eq!(clean("plain memo"), "plain memo");
+    }
+
+    #[test]
+    fn log_lines_keep_their_colours_and_nothing_else() {
+        assert_eq!(
+            clean_log("\u{1b}[1;32mok\u{1b}[0m\tdone"),
+            "\u{1b}[1;32mok\u{1b}[0m\tdone"
+        );
+        assert_eq!(
+            clean_log("a\u{1b}[2J\u{1b}]0;title\u{7}b"),
+            "a\\u{1b}[2J\\u{1b}]0;title\\u{7}b"
+        );
+        assert_eq!(clean_log("10%\r20%"), "10%\n20%");
+        assert_eq!(
+            clean_log("\u{1b}[31"),
+            "\\u{1b}[31",
+            "an unfinished sequence"
         );
     }
 

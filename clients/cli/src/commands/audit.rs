@@ -388,7 +388,7 @@ pub fn render_explanation(x: &pb::Explanation) -> String {
         d.policy_version
     ));
     if !d.reason.is_empty() {
-        out.push_str(&format!("  Reason: {}\n", d.reason));
+        out.push_str(&format!("  Reason: {}\n", crate::output::clean(&d.reason)));
     }
     if d.retry_after_ms > 0 {
         out.push_str(&format!("  Retry after: {}\n", utc(d.retry_after_ms)));

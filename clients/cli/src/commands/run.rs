@@ -157,7 +157,7 @@ async fn interact(api: &Api, name: &str) -> Result<()> {
         let reason = if ended.reason.is_empty() {
             String::new()
         } else {
-            format!(": {}", ended.reason)
+            format!(": {}", crate::output::clean(&ended.reason))
         };
         eprintln!("Session {name} ended {}{reason}", session_status(&ended));
     }

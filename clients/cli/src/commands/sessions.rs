@@ -10,8 +10,8 @@ use super::Context;
 use crate::api::Api;
 use crate::cli::PsArgs;
 use crate::output::{
-    Table, emit, is_submit, kind_name, now_ms, relative_time, session_ended, session_status,
-    status_name, summary,
+    Table, clean_log, emit, is_submit, kind_name, now_ms, relative_time, session_ended,
+    session_status, status_name, summary,
 };
 use crate::{Exit, json};
 use nsml_manifest::format_size;
@@ -115,7 +115,7 @@ pub async fn print_logs(api: &Api, session: &str, follow: bool) -> Result<()> {
         .await?
         .into_inner();
     while let Some(line) = stream.message().await? {
-        let text = line.text.strip_suffix('\n').unwrap_or(&line.text);
+        let text = clean_log(line.text.strip_suffix('\n').unwrap_or(&line.text));
         if line.stream == "stderr" {
             eprintln!("{text}");
         } else {

@@ -154,7 +154,7 @@ fn conclude(submission: &Submission) -> Result<()> {
             } else {
                 &submission.reason
             };
-            eprintln!("Submit failed: {reason}");
+            eprintln!("Submit failed: {}", crate::output::clean(reason));
             bail!(Exit(1))
         }
     }
