@@ -66,6 +66,7 @@ impl LeaderboardService {
 impl LeaderboardApi for LeaderboardService {
     #[tracing::instrument(skip_all, fields(dataset = %req.get_ref().dataset, private = req.get_ref().private))]
     async fn board(&self, req: Request<BoardRequest>) -> Result<Response<BoardResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let resp = self.proj.read(|s| board(s, &caller, &req))?;
@@ -77,6 +78,7 @@ impl LeaderboardApi for LeaderboardService {
         &self,
         req: Request<OverallRequest>,
     ) -> Result<Response<OverallResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let resp = self.proj.read(|s| overall(s, &caller, &req))?;
@@ -88,6 +90,7 @@ impl LeaderboardApi for LeaderboardService {
         &self,
         req: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let resp = self.proj.read(|s| history(s, &caller, &req))?;

@@ -332,6 +332,7 @@ impl QuotaApi for QuotaService {
     }
 
     async fn usage(&self, req: Request<QuotaUsageRequest>) -> Result<Response<QuotaUsage>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
@@ -446,6 +447,7 @@ impl QuotaApi for QuotaService {
         &self,
         req: Request<OverrideRequest>,
     ) -> Result<Response<Override>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
@@ -651,6 +653,7 @@ impl QuotaApi for QuotaService {
     }
 
     async fn replay(&self, req: Request<ReplayRequest>) -> Result<Response<ReplayReport>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let hosted = Self::hosted(&caller)?;
         let r = req.into_inner();
@@ -695,6 +698,7 @@ impl QuotaApi for QuotaService {
     }
 
     async fn explain(&self, req: Request<ExplainRequest>) -> Result<Response<Explanation>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         Self::hosted(&caller)?;
         let id = req.into_inner().id.trim().to_string();
@@ -735,6 +739,7 @@ impl QuotaApi for QuotaService {
     }
 
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<VerifyReport>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         Self::hosted(&caller)?;
         let events = self
@@ -776,6 +781,7 @@ impl QuotaApi for QuotaService {
         &self,
         req: Request<ExportRequest>,
     ) -> Result<Response<ExportResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         Self::hosted(&caller)?;
         let team = req.into_inner().team;

@@ -521,6 +521,7 @@ impl SessionService {
 #[tonic::async_trait]
 impl SessionApi for SessionService {
     async fn run(&self, req: Request<RunRequest>) -> Result<Response<Session>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.user()?;
         let r = req.into_inner();
@@ -583,6 +584,7 @@ impl SessionApi for SessionService {
         &self,
         req: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
@@ -616,6 +618,7 @@ impl SessionApi for SessionService {
     }
 
     async fn get(&self, req: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let e = self.authorize(&caller, &req.get_ref().name)?;
         Ok(Response::new(as_seen_by(&caller, self.shown(&e))))
@@ -624,6 +627,7 @@ impl SessionApi for SessionService {
     type LogsStream = LogStream;
 
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         let e = self.authorize(&caller, &r.name)?;
@@ -687,6 +691,7 @@ impl SessionApi for SessionService {
         &self,
         req: Request<nsml_proto::v1::StopRequest>,
     ) -> Result<Response<Session>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let name = req.into_inner().name;
         self.authorize(&caller, &name)?;
@@ -699,6 +704,7 @@ impl SessionApi for SessionService {
         &self,
         req: Request<RemoveRequest>,
     ) -> Result<Response<RemoveResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
@@ -777,6 +783,7 @@ impl SessionApi for SessionService {
     }
 
     async fn memo(&self, req: Request<MemoRequest>) -> Result<Response<Session>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let r = req.into_inner();
         self.authorize(&caller, &r.name)?;
@@ -802,6 +809,7 @@ impl SessionApi for SessionService {
         &self,
         req: Request<MetricsRequest>,
     ) -> Result<Response<MetricsResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let e = self.authorize(&caller, &req.get_ref().name)?;
         if hidden_output(&caller, &e.session) {

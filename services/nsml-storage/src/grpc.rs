@@ -226,6 +226,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<ListDatasetsRequest>,
     ) -> Result<Response<ListDatasetsResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let competition = req.into_inner().competition;
@@ -250,6 +251,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<GetDatasetRequest>,
     ) -> Result<Response<Dataset>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let name = req.into_inner().name;
@@ -327,6 +329,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<DownloadCodeRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let id = req.into_inner().id;
@@ -401,6 +404,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<ListCheckpointsRequest>,
     ) -> Result<Response<ListCheckpointsResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let session = SessionName::parse(&req.into_inner().session)?;
         self.core.ready().await?;
@@ -421,6 +425,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<PullCheckpointRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let req = req.into_inner();
         let session = SessionName::parse(&req.session)?;
@@ -445,6 +450,7 @@ impl StorageService for StorageApi {
         &self,
         req: Request<DeleteCheckpointRequest>,
     ) -> Result<Response<DeleteCheckpointResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         let req = req.into_inner();
         let session = SessionName::parse(&req.session)?;
@@ -459,6 +465,7 @@ impl StorageService for StorageApi {
     }
 
     async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<StorageUsage>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         self.core.ready().await?;

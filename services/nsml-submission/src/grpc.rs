@@ -314,6 +314,7 @@ fn first_file(archive: &[u8]) -> Result<String, std::io::Error> {
 #[tonic::async_trait]
 impl SubmissionApi for SubmissionService {
     async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<Submission>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.user()?;
         let r = req.into_inner();
@@ -462,6 +463,7 @@ impl SubmissionApi for SubmissionService {
         &self,
         req: Request<GetSubmissionRequest>,
     ) -> Result<Response<Submission>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let id = req.into_inner().id;
@@ -481,6 +483,7 @@ impl SubmissionApi for SubmissionService {
         &self,
         req: Request<ListSubmissionsRequest>,
     ) -> Result<Response<ListSubmissionsResponse>, Status> {
+        nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
