@@ -122,15 +122,66 @@ fn resolve_symlink(link: &str, target: &Path) -> Result<Vec<String>, String> {
 }
 
 /// Checks a code or checkpoint archive: every entry a file, directory or link that stays inside the tree,
-/// at most `max_entries` entries. Returns the number of entries.
+/// at most `max_entries` entries. Returns the number of entries. [`measure_tree`] also caps and returns
+/// what the archive expands to.
 pub fn check_tree(
     path: &Path,
     what: &str,
     max_entries: usize,
     too_many_hint: &str,
 ) -> Result<usize, StorageError> {
+    let limits = TreeLimits {
+        max_entries,
+        too_many_hint,
+        max_bytes: u64::MAX,
+    };
+    measure_tree(path, what, &limits, |_| unreachable_over()).map(|t| t.entries)
+}
+
+/// The error for a byte budget of `u64::MAX` crossed, which a sum that saturates cannot do.
+fn unreachable_over() -> StorageError {
+    StorageError::BadRequest("an archive expands past 2^64 bytes".into())
+}
+
+/// What a code or checkpoint archive may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct TreeLimits<'a> {
+    /// Most entries (files, directories, links).
+    pub max_entries: usize,
+    /// What the caller can do about too many entries, starting with `; ` (or empty).
+    pub too_many_hint: &'a str,
+    /// Most bytes of file content once unpacked.
+    pub max_bytes: u64,
+}
+
+/// What a checked archive holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreeSize {
+    /// Entries (files, directories, links).
+    pub entries: usize,
+    /// Bytes of file content once unpacked (a hard link counts as the copy the runner makes of it).
+    pub bytes: u64,
+}
+
+/// [`check_tree`] that also counts what the archive expands to, decompressing it as a stream (nothing
+/// but names is kept), and stops at the first entry that takes the total past `limits.max_bytes`, with
+/// the error `over` makes of the total so far. A gzip bomb is refused after reading as much of it as
+/// the cap allows, never expanded in full.
+pub fn measure_tree(
+    path: &Path,
+    what: &str,
+    limits: &TreeLimits<'_>,
+    over: impl FnOnce(u64) -> StorageError,
+) -> Result<TreeSize, StorageError> {
+    let TreeLimits {
+        max_entries,
+        too_many_hint,
+        max_bytes,
+    } = *limits;
     let refuse = Refuse(what);
     let mut archive = open(path)?;
+    let mut bytes = 0u64;
+    let mut file_sizes: HashMap<String, u64> = HashMap::new();
     let mut count = 0usize;
     let mut placed: Vec<String> = Vec::new();
     let mut symlinks: HashSet<String> = HashSet::new();
@@ -151,8 +202,15 @@ pub fn check_tree(
         }
         let raw = entry.path().map_err(|e| refuse.unreadable(e))?;
         let path = normalize(&raw).map_err(|r| refuse.because(r))?;
+        // The size a header declares is what unpacking writes: the reader decompresses exactly that
+        // much to reach the next header, and a stream that ends sooner is unreadable.
+        let mut adding = 0;
         match ty {
-            EntryType::Regular | EntryType::Continuous | EntryType::Directory => {}
+            EntryType::Regular | EntryType::Continuous => {
+                adding = entry.size();
+                file_sizes.insert(path.clone(), adding);
+            }
+            EntryType::Directory => {}
             EntryType::Symlink => {
                 let target = entry
                     .link_name()
@@ -173,6 +231,10 @@ pub fn check_tree(
                         "hard link `{path}` points outside the archive: {r}"
                     ))
                 })?;
+                adding = file_sizes.get(&target).copied().unwrap_or(0);
+                if adding > 0 {
+                    file_sizes.insert(path.clone(), adding);
+                }
                 hard_targets.push((path.clone(), target));
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
@@ -186,6 +248,10 @@ pub fn check_tree(
         }
         if path.is_empty() && !ty.is_dir() {
             return Err(refuse.because("an entry has an empty name"));
+        }
+        bytes = bytes.saturating_add(adding);
+        if bytes > max_bytes {
+            return Err(over(bytes));
         }
         placed.push(path);
     }
@@ -215,7 +281,10 @@ pub fn check_tree(
             )));
         }
     }
-    Ok(count)
+    Ok(TreeSize {
+        entries: count,
+        bytes,
+    })
 }
 
 /// A dataset archive split into its stored parts.
@@ -521,6 +590,48 @@ mod tests {
     fn check(entries: &[E]) -> Result<usize, String> {
         let f = targz(entries);
         check_tree(f.path(), "code", 100, "").map_err(|e| e.to_string())
+    }
+
+    fn measure(entries: &[E], max_bytes: u64) -> Result<TreeSize, String> {
+        let f = targz(entries);
+        let limits = TreeLimits {
+            max_entries: 100,
+            too_many_hint: "",
+            max_bytes,
+        };
+        measure_tree(f.path(), "code", &limits, |at| {
+            StorageError::BadRequest(format!("over at {at}"))
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_tree_is_measured_by_its_unpacked_content_and_stopped_at_the_cap() {
+        let tree = [
+            E::Dir("d"),
+            E::File("d/a", &[7; 300]),
+            E::Symlink("l", "d/a"),
+            E::HardLink("h", "d/a"),
+            E::File("b", &[1; 50]),
+        ];
+        // A hard link unpacks to a copy; directories and symlinks hold no content.
+        assert_eq!(
+            measure(&tree, 650),
+            Ok(TreeSize {
+                entries: 5,
+                bytes: 650
+            })
+        );
+        // The entry that crosses the cap stops the reading, with the total so far.
+        assert_eq!(measure(&tree, 649), Err("over at 650".into()));
+        assert_eq!(measure(&tree, 599), Err("over at 600".into()));
+        assert_eq!(measure(&tree, 299), Err("over at 300".into()));
+        // The safety rules still come first for the entries read.
+        assert!(
+            measure(&[E::File("../x", b"1")], 10)
+                .unwrap_err()
+                .contains("`..`")
+        );
     }
 
     #[test]

@@ -24,7 +24,20 @@ pub const GIB: u64 = 1 << 30;
 pub const MIB: u64 = 1 << 20;
 
 /// A team's checkpoint storage when its competition sets none (NSML gave each team about 450 GB).
+///
+/// Storage is counted in the bytes a checkpoint holds once unpacked (the files the participant's
+/// program saved, as `nsml model ls` shows them), never in its compressed upload: a small gzip that
+/// expands to gigabytes takes gigabytes wherever it is unpacked.
 pub const DEFAULT_TEAM_STORAGE_BYTES: u64 = 450 * GIB;
+
+/// Most bytes of file content one code snapshot may expand to. Code is small (the CLI warns past 10
+/// MB); this is ten times the largest upload the service takes by default, and below the runner's own
+/// 4 GiB cap, so that any snapshot stored can also be run.
+pub const MAX_CODE_EXPANDED_BYTES: u64 = GIB;
+
+/// Most bytes of file content one checkpoint may expand to, whatever the team's quota: the runner
+/// unpacks no more of one (1 TiB), so a larger one could be stored but never loaded.
+pub const MAX_CHECKPOINT_EXPANDED_BYTES: u64 = 1 << 40;
 
 /// Formats a byte count the way `nsml model ls` does (`599.42 MB`), in 1024-based units.
 pub fn human_bytes(n: u64) -> String {

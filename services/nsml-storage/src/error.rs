@@ -38,6 +38,31 @@ pub enum StorageError {
         hint: &'static str,
     },
 
+    /// An archive expands, once unpacked, past what the platform takes of one archive.
+    #[error(
+        "{what} expands to more than {} once unpacked, the most one {kind} may hold{hint}",
+        human_bytes(*.limit)
+    )]
+    ExpandsTooLarge {
+        what: String,
+        kind: &'static str,
+        limit: u64,
+        /// What the caller can do about it, starting with `; `.
+        hint: &'static str,
+    },
+
+    /// A checkpoint, counted as it is unpacked, would take the team over its storage quota.
+    #[error(
+        "storage quota exceeded for team `{team}`: {} used of {}, this checkpoint expands to more than {} once unpacked; delete checkpoints with `nsml model rm`",
+        human_bytes(*.used), human_bytes(*.limit), human_bytes(*.at_least)
+    )]
+    QuotaExceededUnpacked {
+        team: String,
+        used: u64,
+        limit: u64,
+        at_least: u64,
+    },
+
     /// Saving a checkpoint would take the team over its storage quota.
     #[error(
         "storage quota exceeded for team `{team}`: {} used of {}, this checkpoint is {}; delete checkpoints with `nsml model rm`",
@@ -139,8 +164,10 @@ impl From<StorageError> for Status {
             | UnknownMetric { .. }
             | BadArchive { .. }
             | MissingPart { .. }
-            | TooLarge { .. } => Status::invalid_argument(msg),
-            QuotaExceeded { .. } => Status::failed_precondition(msg),
+            | TooLarge { .. }
+            | ExpandsTooLarge { .. } => Status::invalid_argument(msg),
+            // The quota refusal keeps the status it always had, which clients tell apart.
+            QuotaExceeded { .. } | QuotaExceededUnpacked { .. } => Status::failed_precondition(msg),
             DatasetTaken { .. } => Status::already_exists(msg),
             DatasetNotFound { .. }
             | PartNotFound { .. }

@@ -20,7 +20,10 @@ use nsml_proto::v1::{
 use crate::Limits;
 use crate::archive;
 use crate::blobs::{BlobStore, ByteStream, Staged, Staging};
-use crate::domain::{DatasetBlobs, DatasetOwner, SaveCheckpoint, TeamCheckpoints};
+use crate::domain::{
+    DatasetBlobs, DatasetOwner, MAX_CHECKPOINT_EXPANDED_BYTES, MAX_CODE_EXPANDED_BYTES,
+    SaveCheckpoint, TeamCheckpoints,
+};
 use crate::error::StorageError;
 use crate::projection::StorageView;
 
@@ -220,17 +223,25 @@ impl Storage {
         actor: &str,
         archive: Staged,
     ) -> Result<CodeSnapshot, StorageError> {
-        let max = self.limits.code_entries;
-        let (archive, _) = blocking(archive, move |a| {
-            archive::check_tree(
-                a.path(),
-                "code",
-                max,
-                "; leave generated files, data and environments out with `.nsmlignore`",
-            )
+        const HINT: &str = "; leave generated files, data and environments out with `.nsmlignore`";
+        let limits = archive::TreeLimits {
+            max_entries: self.limits.code_entries,
+            too_many_hint: HINT,
+            max_bytes: MAX_CODE_EXPANDED_BYTES,
+        };
+        let (archive, tree) = blocking(archive, move |a| {
+            archive::measure_tree(a.path(), "code", &limits, |_| {
+                StorageError::ExpandsTooLarge {
+                    what: "code".into(),
+                    kind: "code snapshot",
+                    limit: MAX_CODE_EXPANDED_BYTES,
+                    hint: HINT,
+                }
+            })
         })
         .await?;
-        let size = archive.size();
+        // A snapshot is as large as the files it unpacks to, not its compressed upload.
+        let size = tree.bytes;
         let id = self.blobs.put(archive).await?;
         let snapshot = CodeSnapshot {
             id: id.clone(),
@@ -268,11 +279,6 @@ impl Storage {
         archive: Staged,
     ) -> Result<Checkpoint, StorageError> {
         let what = format!("checkpoint `{session}/{name}`");
-        let max = self.limits.checkpoint_entries;
-        let (archive, _) = blocking(archive, move |a| {
-            archive::check_tree(a.path(), &what, max, "")
-        })
-        .await?;
         self.catch_up().await?;
         let now = now_ms();
         let (limit, started) = self.read(|v| {
@@ -281,12 +287,47 @@ impl Storage {
                 v.started_at_ms(&session.to_string()),
             )
         });
+        let stream = checkpoints_stream(&session.team);
+        // The team's room, counting the checkpoint this save overwrites as freed, bounds how far the
+        // archive is unpacked: a checkpoint is counted (and charged) by what it expands to.
+        let (state, _) = self.checkpoints.load(&stream).await?;
+        let used = state.used();
+        let replacing = state
+            .get(&session.to_string(), name)
+            .map_or(0, |p| p.checkpoint.size_bytes);
+        let room = limit.saturating_sub(used.saturating_sub(replacing));
+        let limits = archive::TreeLimits {
+            max_entries: self.limits.checkpoint_entries,
+            too_many_hint: "",
+            max_bytes: room.min(MAX_CHECKPOINT_EXPANDED_BYTES),
+        };
+        let team = session.team.clone();
+        let (archive, tree) = blocking(archive, move |a| {
+            archive::measure_tree(a.path(), &what, &limits, |at_least| {
+                if room < MAX_CHECKPOINT_EXPANDED_BYTES {
+                    StorageError::QuotaExceededUnpacked {
+                        team,
+                        used,
+                        limit,
+                        at_least,
+                    }
+                } else {
+                    StorageError::ExpandsTooLarge {
+                        what: what.clone(),
+                        kind: "checkpoint",
+                        limit: MAX_CHECKPOINT_EXPANDED_BYTES,
+                        hint: "",
+                    }
+                }
+            })
+        })
+        .await?;
         let mut cmd = SaveCheckpoint {
             team: session.team.clone(),
             checkpoint: Checkpoint {
                 session: session.to_string(),
                 name: name.to_string(),
-                size_bytes: archive.size(),
+                size_bytes: tree.bytes,
                 saved_at_ms: now,
                 summary_json,
                 elapsed_secs: started.map_or(0.0, |s| (now - s).max(0) as f64 / 1000.0),
@@ -294,10 +335,8 @@ impl Storage {
             blob: archive.sha256().to_string(),
             limit,
         };
-        let stream = checkpoints_stream(&session.team);
-        // Refuse before storing the blob when the quota is already known to be short; the decision below
-        // is the one that counts.
-        let (state, _) = self.checkpoints.load(&stream).await?;
+        // Refuse before storing the blob when the quota is already known to be short; the decision below,
+        // on the stream as it is then, is the one that counts.
         state.decide_save(&cmd)?;
         cmd.blob = self.blobs.put(archive).await?;
         let command = command_id();

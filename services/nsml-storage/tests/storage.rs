@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -643,7 +643,9 @@ async fn code_is_uploaded_by_a_team_and_downloaded_by_it_only() -> Result<()> {
         .await?
         .into_inner();
     assert_eq!(snap.team, "demo");
-    assert_eq!(snap.size_bytes, code.len() as u64);
+    // A snapshot is as large as its files once unpacked.
+    let files = b"import nsml\nprint('hello')\n".len() + b"class Net: pass\n".len();
+    assert_eq!(snap.size_bytes, files as u64);
     assert_eq!(snap.id.len(), 64);
     // Identical code again is the same snapshot.
     let again = svc
@@ -737,7 +739,7 @@ async fn code_is_uploaded_by_a_team_and_downloaded_by_it_only() -> Result<()> {
         .into_inner();
     assert_eq!(
         (usage.team.as_str(), usage.code_bytes),
-        ("demo", code.len() as u64)
+        ("demo", files as u64)
     );
     assert_refused(
         svc.client
@@ -779,7 +781,7 @@ async fn the_runner_saves_checkpoints_that_the_team_lists_pulls_and_deletes() ->
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "0", &first)))
         .await?
         .into_inner();
-    assert_eq!(saved.size_bytes, first.len() as u64);
+    assert_eq!(saved.size_bytes, 3000, "what the checkpoint unpacks to");
     assert!(saved.elapsed_secs >= 10.0, "elapsed {}", saved.elapsed_secs);
     assert_eq!(saved.summary_json, r#"{"epoch":1,"val_acc":0.8}"#);
     let best = checkpoint_archive(&noise(2000, 2));
@@ -865,7 +867,7 @@ async fn the_runner_saves_checkpoints_that_the_team_lists_pulls_and_deletes() ->
         .await?;
     let listed = list(&svc, &alice()).await?;
     assert_eq!(listed.len(), 2);
-    assert_eq!(listed[1].size_bytes, newer.len() as u64);
+    assert_eq!(listed[1].size_bytes, 5000);
     let usage = svc
         .client
         .usage(svc.user(
@@ -876,7 +878,7 @@ async fn the_runner_saves_checkpoints_that_the_team_lists_pulls_and_deletes() ->
         ))
         .await?
         .into_inner();
-    assert_eq!(usage.checkpoint_bytes, (first.len() + newer.len()) as u64);
+    assert_eq!(usage.checkpoint_bytes, 3000 + 5000);
 
     let delete = |svc: &Service, who: &Identity, name: &str| {
         let mut client = svc.client.clone();
@@ -954,11 +956,11 @@ async fn a_checkpoint_over_the_quota_is_refused_and_the_others_stay() -> Result<
     assert_eq!(
         status.message(),
         format!(
-            "storage quota exceeded for team `demo`: {} used of {}, this checkpoint is {}; \
-             delete checkpoints with `nsml model rm`",
-            human_bytes(kept.len() as u64),
+            "storage quota exceeded for team `demo`: {} used of {}, this checkpoint expands to \
+             more than {} once unpacked; delete checkpoints with `nsml model rm`",
+            human_bytes(12_000),
             human_bytes(20_000),
-            human_bytes(too_big.len() as u64)
+            human_bytes(9_000)
         )
     );
 
@@ -1068,8 +1070,135 @@ async fn a_restarted_service_rebuilds_its_state_from_the_log() -> Result<()> {
         .usage(svc.user(&alice(), UsageRequest::default()))
         .await?
         .into_inner();
-    assert_eq!(usage.checkpoint_bytes, archive.len() as u64);
-    assert_eq!(usage.code_bytes, code.len() as u64);
+    assert_eq!(usage.checkpoint_bytes, 4000);
+    assert_eq!(usage.code_bytes, b"print(1)\n".len() as u64);
+    svc.stop().await;
+    Ok(())
+}
+
+/// A gzip'd tar of one file of `n` zero bytes: a few kilobytes that unpack to `n`.
+fn zeros_archive(name: &str, n: u64) -> Vec<u8> {
+    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::best()));
+    let mut h = tar::Header::new_gnu();
+    h.set_size(n);
+    h.set_mode(0o644);
+    b.append_data(&mut h, name, std::io::repeat(0).take(n))
+        .unwrap();
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+/// Whether any blob is stored under the service's directory.
+fn stored_blobs(dir: &Path) -> Vec<PathBuf> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dir.join("storage/blobs"), &mut out);
+    out
+}
+
+#[tokio::test]
+async fn a_checkpoint_is_charged_what_it_unpacks_to_and_a_bomb_is_refused_unstored() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
+    register_demo_dataset(&mut svc).await?;
+    svc.record(
+        "competition-demo",
+        &CompetitionApplied {
+            competition: Some(Competition {
+                id: "demo".into(),
+                policy: Some(Policy {
+                    team_storage_bytes: 4 << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        },
+    )
+    .await?;
+    let blobs_before = stored_blobs(dir.path());
+
+    // 64 MiB of zeros: far under the quota compressed, sixteen times over it unpacked.
+    let bomb = zeros_archive("model.pt", 64 << 20);
+    assert!(bomb.len() < 1 << 20, "the bomb is {} bytes", bomb.len());
+    let status = svc
+        .client
+        .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "0", &bomb)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().starts_with(&format!(
+            "storage quota exceeded for team `demo`: 0 B used of {}, this checkpoint expands to more than",
+            human_bytes(4 << 20)
+        )),
+        "{}",
+        status.message()
+    );
+    assert_eq!(stored_blobs(dir.path()), blobs_before, "nothing is stored");
+    let listed = svc
+        .client
+        .list_checkpoints(svc.runner(ListCheckpointsRequest {
+            session: "demo/t1-cls/1".into(),
+        }))
+        .await?
+        .into_inner();
+    assert!(listed.checkpoints.is_empty());
+
+    // One that fits is charged its unpacked size, which the next save counts against.
+    let fits = zeros_archive("model.pt", 3 << 20);
+    let saved = svc
+        .client
+        .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "0", &fits)))
+        .await?
+        .into_inner();
+    assert_eq!(saved.size_bytes, 3 << 20);
+    let usage = svc
+        .client
+        .usage(svc.runner(UsageRequest {
+            team: "demo".into(),
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(usage.checkpoint_bytes, 3 << 20);
+    assert_refused(
+        svc.client
+            .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "1", &fits)))
+            .await,
+        Code::FailedPrecondition,
+        "storage quota exceeded for team `demo`: 3 MB used of 4 MB",
+    );
+    svc.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn code_that_unpacks_past_the_per_archive_cap_is_refused_unstored() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
+    register_demo_dataset(&mut svc).await?;
+    let blobs_before = stored_blobs(dir.path());
+    let cap = nsml_storage::domain::MAX_CODE_EXPANDED_BYTES;
+    let bomb = zeros_archive("main.py", cap + 1);
+    assert!(bomb.len() < 8 << 20, "the bomb is {} bytes", bomb.len());
+    assert_refused(
+        svc.client
+            .upload_code(svc.user(&alice(), code_chunks("t1-cls", &bomb)))
+            .await,
+        Code::InvalidArgument,
+        &format!(
+            "code expands to more than {} once unpacked, the most one code snapshot may hold",
+            human_bytes(cap)
+        ),
+    );
+    assert_eq!(stored_blobs(dir.path()), blobs_before, "nothing is stored");
     svc.stop().await;
     Ok(())
 }
