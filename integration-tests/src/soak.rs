@@ -218,7 +218,6 @@ async fn train_once(who: &Client, snap: &str, counts: &Counts) {
             .metrics(authed(
                 MetricsRequest {
                     name: s.name.clone(),
-                    ..Default::default()
                 },
                 &who.token,
             )?)
