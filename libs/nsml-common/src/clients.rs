@@ -1,4 +1,7 @@
-//! Clients of the other services, reached by address from configuration in both deployments.
+//! Clients of the other services, reached by address from configuration in both deployments. Every call
+//! goes through [`retry::Retrying`], so a call made while the service called restarts waits for it to return.
+
+pub mod retry;
 
 use nsml_proto::v1::{
     auth_service_client::AuthServiceClient, leaderboard_service_client::LeaderboardServiceClient,
@@ -189,9 +192,15 @@ pub fn transport(
 }
 
 impl Clients {
-    /// Builds clients of every service for the service named `me`.
+    /// Builds clients of every service for the service named `me`; their calls are retried through a
+    /// restart of the service called, as [`retry`] describes.
     pub fn new(addrs: &ServiceAddrs, secret: &str, me: &str) -> Result<Self, ClientsError> {
-        let channel = |service, addr: &str| transport(service, addr, addrs.local.as_ref());
+        let channel = |service, addr: &str| -> Result<Transport, ClientsError> {
+            Ok(BoxCloneSyncService::new(retry::Retrying::new(
+                transport(service, addr, addrs.local.as_ref())?,
+                retry::Backoff::THROUGH_RESTART,
+            )))
+        };
         let ic = Internal {
             secret: secret.parse().map_err(|_| ClientsError::Metadata)?,
             service: me.parse().map_err(|_| ClientsError::Metadata)?,

@@ -11,11 +11,18 @@ pub fn internal(context: &str, err: impl std::fmt::Display) -> Status {
     ))
 }
 
-/// Maps a store error: a version conflict is `ABORTED` (retry), anything else internal.
+/// Maps a store error: a version conflict is `ABORTED` (retry), a database out of reach (down, restarting,
+/// no connection free) `UNAVAILABLE` (retry after a pause, as clients do), anything else internal.
 pub fn store(context: &str, err: StoreError) -> Status {
     match err {
         StoreError::Conflict { .. } => {
             Status::aborted(format!("{context}: concurrent change, retry"))
+        }
+        other if other.is_unavailable() => {
+            tracing::error!(err = %other, "{context}");
+            Status::unavailable(format!(
+                "{context}: the platform's database is unavailable, retry shortly"
+            ))
         }
         other => internal(context, other),
     }

@@ -54,6 +54,37 @@ impl StoreError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, StoreError::Conflict { .. })
     }
+
+    /// Whether the database could not be reached or is restarting (connection refused or lost, the pool
+    /// timed out waiting for a connection, the server shutting down): the same call may succeed shortly.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(err) => is_sqlx_unavailable(err),
+            StoreError::Postgres(err) => is_sqlx_unavailable(err),
+            StoreError::Sqlite(err) => matches!(
+                err.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            StoreError::Closed => true,
+            _ => false,
+        }
+    }
+}
+
+/// Whether a sqlx error means the database is out of reach for now rather than that the request was wrong.
+fn is_sqlx_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // SQLSTATE class 08 is a connection exception; 57P01-57P03 are the server shutting down or starting.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
 }
 
 /// Whether a Postgres error is a violation of the unique key on (stream, version) of the `events` table, which
@@ -94,6 +125,24 @@ mod tests {
     use crate::ExpectedVersion;
 
     use super::StoreError;
+
+    #[test]
+    fn lost_connections_are_unavailable_and_bad_rows_are_not() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(StoreError::Database(sqlx::Error::Io(io)).is_unavailable());
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_unavailable());
+        assert!(
+            StoreError::Postgres(std::sync::Arc::new(sqlx::Error::PoolClosed)).is_unavailable()
+        );
+        assert!(!StoreError::Corrupt("bad row".into()).is_unavailable());
+        assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_unavailable());
+        let conflict = StoreError::Conflict {
+            stream: "s".into(),
+            expected: ExpectedVersion::Exact(1),
+            actual: 2,
+        };
+        assert!(!conflict.is_unavailable());
+    }
 
     #[test]
     fn conflict_messages() {
