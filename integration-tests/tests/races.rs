@@ -171,6 +171,7 @@ async fn two_quota_processes(dep: &Deployment) -> anyhow::Result<()> {
                         }),
                         submission_id: String::new(),
                         command_id: format!("race-{i}"),
+                        seen_position: 0,
                     });
                     req.metadata_mut()
                         .insert("x-nsml-internal", secret.parse()?);

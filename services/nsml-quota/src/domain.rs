@@ -1026,6 +1026,7 @@ mod tests {
             }),
             submission_id: sub.into(),
             command_id: session.into(),
+            seen_position: 0,
         }
     }
 

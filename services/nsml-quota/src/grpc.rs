@@ -3,7 +3,7 @@
 //! export). Authorisation and conversion only: the rules live in `domain`, the audit in `audit`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nsml_common::aggregate::{Aggregates, Outcome};
 use nsml_common::caller::Caller;
@@ -21,6 +21,7 @@ use nsml_proto::v1::{
     ReplayReport, ReplayRequest, ResourcesGranted, SubmitEnded, UsageRequest, VerifyReport,
     VerifyRequest,
 };
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
@@ -31,6 +32,11 @@ use crate::domain::{
 use crate::projection::Catalog;
 use crate::replay::Scope;
 
+/// How long an admission that names a log position waits for the reactor to record the outcomes up to it
+/// (see [`caught_up`]) before it answers UNAVAILABLE: the reactor is milliseconds behind the log when healthy, and a loaded
+/// machine may hold it back for seconds.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
 /// The quota service.
 #[derive(Clone)]
 pub struct QuotaService {
@@ -38,6 +44,9 @@ pub struct QuotaService {
     proj: Arc<Projection<Catalog>>,
     store: Arc<dyn EventStore>,
     clients: Clients,
+    /// The log position up to which the reactor has recorded every outside fact (sessions ended, submits'
+    /// outcomes) in the ledgers.
+    pub(crate) recorded: Arc<watch::Sender<u64>>,
 }
 
 impl QuotaService {
@@ -50,7 +59,19 @@ impl QuotaService {
             proj,
             store: ctx.store.clone(),
             clients: ctx.clients("quota")?,
+            recorded: Arc::new(watch::Sender::new(0)),
         })
+    }
+
+    /// Notes that the reactor has recorded every fact up to log position `position`.
+    pub(crate) fn recorded_up_to(&self, position: u64) {
+        self.recorded.send_if_modified(|at| {
+            let later = position > *at;
+            if later {
+                *at = position;
+            }
+            later
+        });
     }
 
     /// Appends `events` to a team's ledger if `pending` says they are still due (idempotent facts).
@@ -247,6 +268,35 @@ fn next_submit(ledger: &Ledger, policy: &Policy, dataset: &str, now: i64) -> Dat
     }
 }
 
+/// Waits until the ledgers record every outside fact up to log position `seen`, as `recorded` tells: what the
+/// caller saw of the log (a submit scored, a session ended) is then what the decision sees. UNAVAILABLE when
+/// the reactor does not get there within `bound`, rather than a decision on a ledger the caller knows is stale.
+async fn caught_up(
+    recorded: &watch::Sender<u64>,
+    seen: u64,
+    bound: Duration,
+) -> Result<(), Status> {
+    let mut rx = recorded.subscribe();
+    match tokio::time::timeout(bound, rx.wait_for(|at| *at >= seen)).await {
+        Ok(Ok(_)) => Ok(()),
+        // `recorded` is borrowed, so its sender outlives the wait and the channel cannot close under it.
+        Ok(Err(_)) => Err(Status::unavailable(
+            "the quota service is shutting down; retry",
+        )),
+        Err(_) => {
+            let at = *recorded.borrow();
+            tracing::warn!(
+                seen,
+                at,
+                "the quota reactor is behind the caller's log position"
+            );
+            Err(Status::unavailable(format!(
+                "the quota ledgers have recorded outcomes up to log position {at}, not yet {seen} as the caller has seen; retry in a few seconds"
+            )))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl QuotaApi for QuotaService {
     async fn admit(&self, req: Request<AdmitRequest>) -> Result<Response<Decision>, Status> {
@@ -257,6 +307,12 @@ impl QuotaApi for QuotaService {
             return Err(Status::invalid_argument(
                 "an admission needs a team, a session and a command id",
             ));
+        }
+        // Read-your-writes across services: a caller that saw a submit end must not be refused because the
+        // ledger has not recorded that end yet. Only callers that name a position wait, so training sessions'
+        // admissions do not.
+        if r.seen_position > 0 {
+            caught_up(&self.recorded, r.seen_position, CATCH_UP).await?;
         }
         let current = self.current_policy(&r.competition);
         let actor = caller.actor();
@@ -826,6 +882,41 @@ mod tests {
 
     use super::*;
     use crate::synthetic::{Script, seed_policy};
+
+    #[tokio::test(start_paused = true)]
+    async fn an_admission_waits_until_the_outcomes_the_caller_saw_are_recorded() {
+        let recorded = Arc::new(watch::Sender::new(7));
+        // Already there: no wait.
+        caught_up(&recorded, 7, CATCH_UP).await.unwrap();
+        let wait = tokio::spawn({
+            let recorded = recorded.clone();
+            async move { caught_up(&recorded, 12, CATCH_UP).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !wait.is_finished(),
+            "decided before position 12 was recorded"
+        );
+        recorded.send_replace(11);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !wait.is_finished(),
+            "decided before position 12 was recorded"
+        );
+        recorded.send_replace(13);
+        wait.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_admission_whose_position_is_not_recorded_in_time_is_unavailable() {
+        let recorded = watch::Sender::new(3);
+        let st = caught_up(&recorded, 9, CATCH_UP).await.unwrap_err();
+        assert_eq!(st.code(), Code::Unavailable);
+        assert_eq!(
+            st.message(),
+            "the quota ledgers have recorded outcomes up to log position 3, not yet 9 as the caller has seen; retry in a few seconds"
+        );
+    }
 
     /// A ledger with a submit in flight, one succeeded, one failed and one already re-opened, on `t1-cls`.
     fn script() -> (Script, [String; 4]) {

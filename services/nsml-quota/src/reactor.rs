@@ -14,18 +14,32 @@ use nsml_proto::v1::{
 
 use crate::grpc::QuotaService;
 
-/// Follows the log until cancelled, resuming where it stopped.
+/// The name the reactor saves its position under.
+const NAME: &str = "quota";
+
+/// Follows the log until cancelled, resuming where it stopped, and tells the service how far it has recorded
+/// (for admissions that wait for what their caller saw).
 pub async fn run(svc: QuotaService, ctx: ServiceContext) {
+    // Everything up to the saved position was recorded before a restart.
+    if let Ok(saved) = ctx.store.load_checkpoint(NAME).await {
+        svc.recorded_up_to(saved);
+    }
     // Shared, not cloned per event: the service holds a client of every other service.
     let svc = std::sync::Arc::new(svc);
     nsml_common::reactor::run(
-        "quota",
+        NAME,
         ctx.store.clone(),
         ctx.bus.clone(),
         ctx.cancel.clone(),
         |ev| {
             let svc = svc.clone();
-            async move { handle(&svc, &ev).await }
+            async move {
+                handle(&svc, &ev).await?;
+                // Only once recorded: a fact whose recording failed is retried, and until then an admission
+                // waiting for it waits rather than decide without it. Events come in position order.
+                svc.recorded_up_to(ev.position);
+                Ok::<_, nsml_eventstore::StoreError>(())
+            }
         },
     )
     .await;

@@ -233,6 +233,7 @@ impl Generator {
                 format!("sub-{}", self.sessions)
             },
             command_id: session,
+            seen_position: 0,
         }
     }
 

@@ -83,7 +83,7 @@ fn request(kind: SessionKind, session: String, resources: Resources) -> AdmitReq
         command_id: session.clone(),
         session,
         resources: Some(resources),
-        ..Default::default()
+        seen_position: 0,
     }
 }
 

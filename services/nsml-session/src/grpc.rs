@@ -222,7 +222,9 @@ impl SessionService {
 
     /// Asks the quota service for the session's resources; records a grant on the session, and a rejection only
     /// where the quota service recorded no decision.
-    async fn admit(&self, s: &Session, actor: &str) -> Result<(), Status> {
+    /// `seen_position` is the log position the caller has seen (0 for none), for the quota service to catch up
+    /// to before deciding.
+    async fn admit(&self, s: &Session, actor: &str, seen_position: u64) -> Result<(), Status> {
         let req = AdmitRequest {
             team: s.team.clone(),
             competition: s.competition.clone(),
@@ -232,6 +234,7 @@ impl SessionService {
             resources: s.resources,
             submission_id: s.submission_id.clone(),
             command_id: s.name.clone(),
+            seen_position,
         };
         let decision = self.clients.quota.clone().admit(req).await;
         let name = s.name.clone();
@@ -571,7 +574,8 @@ impl SessionApi for SessionService {
             ..Default::default()
         };
         let s = self.request(template, &actor).await?;
-        self.admit(&s, &actor).await?;
+        // No position to wait for: a training session's admission depends on no outcome the caller saw.
+        self.admit(&s, &actor, 0).await?;
         self.launch(&s, 0).await?;
         let out = self
             .proj
@@ -865,7 +869,7 @@ impl SessionApi for SessionService {
             ..Default::default()
         };
         let s = self.request(template, &actor).await?;
-        self.admit(&s, &actor).await?;
+        self.admit(&s, &actor, r.seen_position).await?;
         self.launch(&s, r.time_limit_secs).await?;
         let out = self
             .proj

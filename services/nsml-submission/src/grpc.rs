@@ -314,6 +314,10 @@ fn first_file(archive: &[u8]) -> Result<String, std::io::Error> {
 #[tonic::async_trait]
 impl SubmissionApi for SubmissionService {
     async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<Submission>, Status> {
+        // What the caller can have seen of submissions so far (a `Get` reads this projection): every earlier
+        // submit's outcome it saw is at or before this position. The admission waits for the quota ledger to
+        // record them, so a submit the caller saw scored never counts as in flight against this one.
+        let seen_position = self.proj.position();
         nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.user()?;
@@ -430,6 +434,7 @@ impl SubmissionApi for SubmissionService {
                 trial: r.trial,
                 resources: Some(resources),
                 time_limit_secs: time_limit,
+                seen_position,
             })
             .await;
         match started {
