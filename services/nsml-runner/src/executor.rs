@@ -57,7 +57,7 @@ use crate::gpu::{GpuInventory, GpuLease};
 use crate::launch::{EnvSpec, LaunchSpec, build_command, session_env};
 use crate::limits::LimitsConfig;
 use crate::logs::{LogSender, forward_logs};
-use crate::platform::{FINISH_ATTEMPTS, GrpcPlatform, Platform, extract_download, with_retry};
+use crate::platform::{FINISH_BUDGET, GrpcPlatform, Platform, extract_download, with_retry};
 use crate::process::{
     Confinement, DiskWatch, ProcessOutcome, ProcessSpec, STOP_GRACE, run_process,
 };
@@ -411,7 +411,7 @@ impl LocalExecutor {
             reason: outcome.reason.clone(),
             stopped: outcome.stopped,
         };
-        let finished = with_retry("RunnerFinished", FINISH_ATTEMPTS, || {
+        let finished = with_retry("RunnerFinished", FINISH_BUDGET, || {
             let mut c = self.clients.session.clone();
             let req = req.clone();
             async move { c.runner_finished(req).await }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use nsml_common::clients::Clients;
+use nsml_common::clients::retry::{self, Backoff};
 use nsml_proto::v1::{
     CheckpointMeta, MetricPoint, PullCheckpointRequest, RunnerPredictionsRequest,
     RunnerReportRequest, RunnerStartedRequest, SaveCheckpointChunk, save_checkpoint_chunk,
@@ -37,35 +38,59 @@ pub trait Platform: Send + Sync + 'static {
     async fn predictions(&self, predictions_json: String) -> Result<()>;
 }
 
-/// Attempts of a call retried on `UNAVAILABLE` (a service restarting).
-pub const RETRY_ATTEMPTS: u32 = 6;
-/// Attempts for the finish, which must not be lost: about a minute of backoff in all.
-pub const FINISH_ATTEMPTS: u32 = 16;
+/// How long a call is retried on `UNAVAILABLE` (a service restarting): through a 30 s restart and its
+/// start-up, so that a session outlives a restart of the services it calls.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(40);
+/// How long the finish is retried, which must not be lost: about a minute and a half.
+pub const FINISH_BUDGET: Duration = Duration::from_secs(90);
 
-/// Runs `call` until it succeeds, fails with anything but `UNAVAILABLE`, or `attempts` run out,
-/// backing off from 200 ms up to 5 s between attempts.
-pub async fn with_retry<T, F, Fut>(what: &'static str, attempts: u32, mut call: F) -> Result<T>
+/// Runs `call` until it succeeds, fails with anything but `UNAVAILABLE`, or `budget` is spent, backing off
+/// (with jitter) from 100 ms up to 2 s between attempts, as every call between services does.
+pub async fn with_retry<T, F, Fut>(what: &'static str, budget: Duration, call: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, tonic::Status>>,
 {
-    let mut delay = Duration::from_millis(200);
-    let mut attempt = 1;
-    loop {
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(status) if status.code() == tonic::Code::Unavailable && attempt < attempts => {
-                tracing::warn!(
-                    call = what,
-                    attempt,
-                    message = status.message(),
-                    "service unavailable, retrying"
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                attempt += 1;
-            }
-            Err(status) => return Err(RunnerError::rpc(what, status)),
+    Backoff::THROUGH_RESTART
+        .with_budget(budget)
+        .retry(what, call, retry::is_unavailable)
+        .await
+        .map_err(|status| RunnerError::rpc(what, status))
+}
+
+/// Why one try of a call made of several steps failed: the service (retried when unavailable), or this
+/// side (never retried).
+enum TryFailed {
+    Service(tonic::Status),
+    Local(RunnerError),
+}
+
+impl std::fmt::Display for TryFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TryFailed::Service(status) => write!(f, "{}", status.message()),
+            TryFailed::Local(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl TryFailed {
+    /// Sorts a runner error: a service's status is the service's, anything else this side's.
+    fn of(err: RunnerError) -> Self {
+        match err {
+            RunnerError::Rpc { status, .. } => TryFailed::Service(status),
+            other => TryFailed::Local(other),
+        }
+    }
+
+    fn transient(&self) -> bool {
+        matches!(self, TryFailed::Service(status) if retry::is_unavailable(status))
+    }
+
+    fn into_error(self, what: &'static str) -> RunnerError {
+        match self {
+            TryFailed::Service(status) => RunnerError::rpc(what, status),
+            TryFailed::Local(e) => e,
         }
     }
 }
@@ -107,6 +132,79 @@ impl GrpcPlatform {
     pub fn for_submission(mut self, id: String) -> Self {
         self.submission_id = id;
         self
+    }
+    /// Packs `dir` and uploads it as checkpoint `checkpoint`, once.
+    async fn save_checkpoint_once(
+        &self,
+        checkpoint: &str,
+        summary_json: &str,
+        dir: &Path,
+    ) -> std::result::Result<(), TryFailed> {
+        let (tx, rx) = mpsc::channel::<Piece>(8);
+        let dir: PathBuf = dir.to_path_buf();
+        let packer = tokio::task::spawn_blocking(move || {
+            let writer = ChunkWriter {
+                tx,
+                buf: Vec::with_capacity(UPLOAD_CHUNK),
+            };
+            let writer = archive::pack_dir(&dir, writer)?;
+            writer
+                .done()
+                .map_err(|e| RunnerError::io("cannot upload checkpoint", e))
+        });
+        let meta = SaveCheckpointChunk {
+            kind: Some(save_checkpoint_chunk::Kind::Meta(CheckpointMeta {
+                session: self.name.clone(),
+                checkpoint: checkpoint.to_string(),
+                summary_json: summary_json.to_string(),
+            })),
+        };
+        // The stream ends cleanly only after `Done`: if packing fails, it stays open and the call is
+        // dropped below, so the service sees a cancelled upload, never a truncated checkpoint.
+        let finished = Arc::new(AtomicBool::new(false));
+        let seen_done = Arc::clone(&finished);
+        let data = ReceiverStream::new(rx)
+            .take_while(move |piece| {
+                let is_data = matches!(piece, Piece::Data(_));
+                if !is_data {
+                    seen_done.store(true, Ordering::SeqCst);
+                }
+                futures::future::ready(is_data)
+            })
+            .filter_map(|piece| {
+                futures::future::ready(match piece {
+                    Piece::Data(data) => Some(SaveCheckpointChunk {
+                        kind: Some(save_checkpoint_chunk::Kind::Data(data)),
+                    }),
+                    Piece::Done => None,
+                })
+            })
+            // Without `Done` the packer failed: stay pending, never end the upload cleanly.
+            .chain(futures::stream::poll_fn(move |_| {
+                if finished.load(Ordering::SeqCst) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                }
+            }));
+        let request = futures::stream::iter([meta]).chain(data);
+        let mut client = self.clients.storage.clone();
+        let call = client.save_checkpoint(request);
+        tokio::pin!(call);
+        let packed = tokio::select! {
+            answered = &mut call => {
+                return answered.map(|_| ()).map_err(TryFailed::Service);
+            }
+            packed = packer => packed,
+        };
+        match packed {
+            Ok(Ok(())) => call.await.map(|_| ()).map_err(TryFailed::Service),
+            Ok(Err(e)) => Err(TryFailed::Local(e)),
+            Err(join) => Err(TryFailed::Local(RunnerError::io(
+                "checkpoint packing stopped",
+                io::Error::other(join),
+            ))),
+        }
     }
 }
 
@@ -165,7 +263,7 @@ impl Platform for GrpcPlatform {
             pid,
             gpu_ids: self.gpu_ids.clone(),
         };
-        with_retry("RunnerStarted", RETRY_ATTEMPTS, || {
+        with_retry("RunnerStarted", RETRY_BUDGET, || {
             let mut c = self.clients.session.clone();
             let req = req.clone();
             async move { c.runner_started(req).await }
@@ -179,7 +277,7 @@ impl Platform for GrpcPlatform {
             name: self.name.clone(),
             point: Some(point),
         };
-        with_retry("RunnerReport", RETRY_ATTEMPTS, || {
+        with_retry("RunnerReport", RETRY_BUDGET, || {
             let mut c = self.clients.session.clone();
             let req = req.clone();
             async move { c.runner_report(req).await }
@@ -194,74 +292,17 @@ impl Platform for GrpcPlatform {
         summary_json: &str,
         dir: &Path,
     ) -> Result<()> {
-        let (tx, rx) = mpsc::channel::<Piece>(8);
-        let dir: PathBuf = dir.to_path_buf();
-        let packer = tokio::task::spawn_blocking(move || {
-            let writer = ChunkWriter {
-                tx,
-                buf: Vec::with_capacity(UPLOAD_CHUNK),
-            };
-            let writer = archive::pack_dir(&dir, writer)?;
-            writer
-                .done()
-                .map_err(|e| RunnerError::io("cannot upload checkpoint", e))
-        });
-        let meta = SaveCheckpointChunk {
-            kind: Some(save_checkpoint_chunk::Kind::Meta(CheckpointMeta {
-                session: self.name.clone(),
-                checkpoint: checkpoint.to_string(),
-                summary_json: summary_json.to_string(),
-            })),
-        };
-        // The stream ends cleanly only after `Done`: if packing fails, it stays open and the call is
-        // dropped below, so the service sees a cancelled upload, never a truncated checkpoint.
-        let finished = Arc::new(AtomicBool::new(false));
-        let seen_done = Arc::clone(&finished);
-        let data = ReceiverStream::new(rx)
-            .take_while(move |piece| {
-                let is_data = matches!(piece, Piece::Data(_));
-                if !is_data {
-                    seen_done.store(true, Ordering::SeqCst);
-                }
-                futures::future::ready(is_data)
-            })
-            .filter_map(|piece| {
-                futures::future::ready(match piece {
-                    Piece::Data(data) => Some(SaveCheckpointChunk {
-                        kind: Some(save_checkpoint_chunk::Kind::Data(data)),
-                    }),
-                    Piece::Done => None,
-                })
-            })
-            // Without `Done` the packer failed: stay pending, never end the upload cleanly.
-            .chain(futures::stream::poll_fn(move |_| {
-                if finished.load(Ordering::SeqCst) {
-                    Poll::Ready(None)
-                } else {
-                    Poll::Pending
-                }
-            }));
-        let request = futures::stream::iter([meta]).chain(data);
-        let mut client = self.clients.storage.clone();
-        let call = client.save_checkpoint(request);
-        tokio::pin!(call);
-        let packed = tokio::select! {
-            answered = &mut call => {
-                return answered.map(|_| ()).map_err(|s| RunnerError::rpc("SaveCheckpoint", s));
-            }
-            packed = packer => packed,
-        };
-        match packed {
-            Ok(Ok(())) => call
-                .await
-                .map(|_| ())
-                .map_err(|s| RunnerError::rpc("SaveCheckpoint", s)),
-            Ok(Err(e)) => Err(e),
-            Err(join) => Err(RunnerError::io(
-                "checkpoint packing stopped",
-                io::Error::other(join),
-            )),
-        }
+        // An upload cannot be replayed from what was sent: each try packs the directory again and sends it
+        // whole. The storage service answers a repeat of a save it already made with that save.
+        Backoff::THROUGH_RESTART
+            .with_budget(RETRY_BUDGET)
+            .retry(
+                "SaveCheckpoint",
+                || self.save_checkpoint_once(checkpoint, summary_json, dir),
+                TryFailed::transient,
+            )
+            .await
+            .map_err(|e| e.into_error("SaveCheckpoint"))
     }
 
     async fn load_checkpoint(&self, session: &str, checkpoint: &str, dest: &Path) -> Result<()> {
@@ -269,15 +310,29 @@ impl Platform for GrpcPlatform {
             session: session.to_string(),
             checkpoint: checkpoint.to_string(),
         };
-        let stream = self
-            .clients
-            .storage
-            .clone()
-            .pull_checkpoint(req)
+        // A download broken off by a restart of the storage service starts again, into an empty `dest`.
+        Backoff::THROUGH_RESTART
+            .with_budget(RETRY_BUDGET)
+            .retry(
+                "PullCheckpoint",
+                || async {
+                    archive::remove_tree(dest).await;
+                    let stream = self
+                        .clients
+                        .storage
+                        .clone()
+                        .pull_checkpoint(req.clone())
+                        .await
+                        .map_err(TryFailed::Service)?
+                        .into_inner();
+                    extract_download("PullCheckpoint", stream, dest, ExtractLimits::CHECKPOINT)
+                        .await
+                        .map_err(TryFailed::of)
+                },
+                TryFailed::transient,
+            )
             .await
-            .map_err(|s| RunnerError::rpc("PullCheckpoint", s))?
-            .into_inner();
-        extract_download("PullCheckpoint", stream, dest, ExtractLimits::CHECKPOINT).await
+            .map_err(|e| e.into_error("PullCheckpoint"))
     }
 
     async fn predictions(&self, predictions_json: String) -> Result<()> {
@@ -286,13 +341,14 @@ impl Platform for GrpcPlatform {
             predictions_json,
             submission_id: self.submission_id.clone(),
         };
-        self.clients
-            .submission
-            .clone()
-            .runner_predictions(req)
-            .await
-            .map(|_| ())
-            .map_err(|s| RunnerError::rpc("RunnerPredictions", s))
+        // Sent again only on `UNAVAILABLE`: the submission service scored nothing then.
+        with_retry("RunnerPredictions", RETRY_BUDGET, || {
+            let mut c = self.clients.submission.clone();
+            let req = req.clone();
+            async move { c.runner_predictions(req).await }
+        })
+        .await
+        .map(|_| ())
     }
 }
 
@@ -304,7 +360,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_unavailable_then_succeeds() {
         let calls = AtomicU32::new(0);
-        let got = with_retry("RunnerFinished", FINISH_ATTEMPTS, || {
+        let got = with_retry("RunnerFinished", FINISH_BUDGET, || {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             async move {
                 if n < 3 {
@@ -322,7 +378,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn gives_up_on_other_errors_and_after_the_attempts() {
         let calls = AtomicU32::new(0);
-        let err = with_retry("RunnerReport", RETRY_ATTEMPTS, || {
+        let err = with_retry("RunnerReport", RETRY_BUDGET, || {
             calls.fetch_add(1, Ordering::SeqCst);
             async { Err::<(), _>(tonic::Status::invalid_argument("bad point")) }
         })
@@ -332,13 +388,14 @@ mod tests {
         assert_eq!(err.reply_text(), "bad point");
 
         calls.store(0, Ordering::SeqCst);
-        let err = with_retry("RunnerStarted", RETRY_ATTEMPTS, || {
+        let err = with_retry("RunnerStarted", RETRY_BUDGET, || {
             calls.fetch_add(1, Ordering::SeqCst);
             async { Err::<(), _>(tonic::Status::unavailable("down")) }
         })
         .await
         .unwrap_err();
-        assert_eq!(calls.load(Ordering::SeqCst), RETRY_ATTEMPTS);
+        // Retried through a restart of 30 s, with waits of at most 2 s.
+        assert!(calls.load(Ordering::SeqCst) > 15);
         assert_eq!(err.to_string(), "RunnerStarted failed: down");
     }
 }
