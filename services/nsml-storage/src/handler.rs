@@ -340,9 +340,21 @@ impl Storage {
         state.decide_save(&cmd)?;
         cmd.blob = self.blobs.put(archive).await?;
         let command = command_id();
+        // A save sent again (the runner repeats an upload whose answer a restart lost) finds the checkpoint
+        // it made: same content, same summary. It gets that checkpoint back, with no second event and no
+        // second charge.
+        let mut already = None;
         let outcome = self
             .checkpoints
             .execute(&stream, |state, _| {
+                if let Some(saved) = state.get(&cmd.checkpoint.session, name)
+                    && saved.blob == cmd.blob
+                    && saved.checkpoint.summary_json == cmd.checkpoint.summary_json
+                {
+                    already = Some(saved.checkpoint.clone());
+                    return Ok(vec![]);
+                }
+                already = None;
                 let event = state.decide_save(&cmd)?;
                 Ok(vec![new_event(&event, actor, &command)])
             })
@@ -351,6 +363,10 @@ impl Storage {
             Outcome::Committed { appended, .. } => self.settle(&appended).await,
             Outcome::Rejected(err) => return Err(err),
             Outcome::Unchanged { .. } => {}
+        }
+        if let Some(saved) = already {
+            tracing::info!(session = %session, checkpoint = %name, "checkpoint saved again with the same content; kept as it was");
+            return Ok(saved);
         }
         tracing::info!(session = %session, checkpoint = %name, size = cmd.checkpoint.size_bytes, "checkpoint saved");
         Ok(cmd.checkpoint)

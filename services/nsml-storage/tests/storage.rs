@@ -1202,3 +1202,47 @@ async fn code_that_unpacks_past_the_per_archive_cap_is_refused_unstored() -> Res
     svc.stop().await;
     Ok(())
 }
+
+/// The runner sends a save again whole when a restart lost its answer: the repeat is answered with the save
+/// it already made, and records nothing more.
+#[tokio::test]
+async fn a_checkpoint_saved_twice_alike_is_one_save() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
+    register_demo_dataset(&mut svc).await?;
+    let archive = checkpoint_archive(&noise(3000, 7));
+    let save = |svc: &Service| {
+        let mut client = svc.client.clone();
+        let req = svc.runner(checkpoint_chunks("demo/t1-cls/1", "e1", &archive));
+        async move { client.save_checkpoint(req).await }
+    };
+    let first = save(&svc).await?.into_inner();
+    let head = svc.store.head_position().await?;
+    let again = save(&svc).await?.into_inner();
+    assert_eq!(again, first, "the repeat answers the first save");
+    assert_eq!(
+        svc.store.head_position().await?,
+        head,
+        "the repeat records no second event"
+    );
+    let usage = svc
+        .client
+        .usage(svc.runner(UsageRequest {
+            team: "demo".into(),
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(usage.checkpoint_bytes, 3000, "counted once");
+
+    // Other content under the same name is a new save.
+    let newer = checkpoint_archive(&noise(2000, 8));
+    let mut client = svc.client.clone();
+    let saved = client
+        .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "e1", &newer)))
+        .await?
+        .into_inner();
+    assert_eq!(saved.size_bytes, 2000);
+    assert!(svc.store.head_position().await? > head);
+    svc.stop().await;
+    Ok(())
+}
