@@ -294,6 +294,38 @@ pub fn check_audit(host: &User) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The session directories (`TEAM/DATASET/N`) under a runner's work directory in `data_dir`.
+fn session_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    let mut level = vec![data_dir.join("runs").join("sessions")];
+    for _ in 0..3 {
+        level = level
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+    }
+    level
+}
+
+/// Requires that, once every session has ended, no session's directory is left on the runner's disk: the
+/// ones a killed platform left behind included.
+pub fn check_no_session_dirs(data_dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETTLE_BOUND;
+    loop {
+        let left = session_dirs(data_dir);
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "session directories outlived their sessions: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The example baseline, slowed down: each epoch waits half a second after saving its checkpoint, and
 /// inference waits four seconds, so that a fault lands while training saves and while a submit infers.
 fn slow_baseline() -> anyhow::Result<String> {

@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use nsml_integration_tests::faults::{
-    DOWN_FOR, NatsServer, Outcome, PgServer, Workload, check_audit, check_log, log_snapshot,
-    print_table,
+    DOWN_FOR, NatsServer, Outcome, PgServer, Workload, check_audit, check_log,
+    check_no_session_dirs, log_snapshot, print_table,
 };
 use nsml_integration_tests::grpc::example_with_interval;
 use nsml_integration_tests::{Deployment, User};
@@ -35,6 +35,7 @@ fn round(
     let after = rt.block_on(log_snapshot(dep.store_url()))?;
     check_log(&before, &after)?;
     check_audit(host)?;
+    check_no_session_dirs(&dep.data_dir)?;
     Ok(Outcome {
         session,
         submission,
