@@ -12,6 +12,7 @@ mod config;
 mod ignore;
 mod json;
 mod output;
+mod retry;
 
 use std::fmt;
 use std::process::ExitCode;

@@ -39,6 +39,8 @@ struct State {
     submit_script: Vec<pb::Submission>,
     submit_refusal: Option<String>,
     gets: usize,
+    /// How many `SubmissionService.Get` calls are answered `UNAVAILABLE` first, as while it restarts.
+    get_outage: usize,
 }
 
 #[derive(Clone, Default)]
@@ -410,6 +412,12 @@ impl SubmissionService for Mock {
     async fn get(&self, request: Request<pb::GetSubmissionRequest>) -> Rpc<pb::Submission> {
         authorized(&request)?;
         let mut state = self.state();
+        if state.get_outage > 0 {
+            state.get_outage -= 1;
+            return Err(Status::unavailable(
+                "the submission service is unavailable, retry shortly",
+            ));
+        }
         let i = state.gets.min(state.submit_script.len().saturating_sub(1));
         state.gets += 1;
         state
@@ -822,6 +830,35 @@ async fn a_real_submit_is_narrated_until_scored() {
          Scoring\n\
          Score: 0.855\n\
          Done\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_is_followed_through_an_outage_of_the_platform() {
+    let h = Harness::start().await;
+    h.login().await;
+    let mut scored = submission(pb::SubmissionStatus::Scored, "demo/t1-cls/9");
+    scored.score = 0.855;
+    {
+        let mut state = h.mock.state();
+        state.submit_script = vec![
+            submission(pb::SubmissionStatus::Running, "demo/t1-cls/9"),
+            scored,
+        ];
+        state.get_outage = 6;
+    }
+    let out = h.nsml(&["submit", "demo/t1-cls/1", "0"]).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stdout(&out).ends_with("Score: 0.855\nDone\n"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        stderr(&out),
+        "The NSML server is unavailable (The service is currently unavailable); retrying following \
+         the submission for up to 40 seconds\n",
+        "one line says that it retries"
     );
 }
 

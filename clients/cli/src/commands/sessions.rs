@@ -13,6 +13,7 @@ use crate::output::{
     Table, clean_log, emit, is_submit, kind_name, now_ms, relative_time, session_ended,
     session_status, status_name, summary,
 };
+use crate::retry;
 use crate::{Exit, json};
 use nsml_manifest::format_size;
 
@@ -106,23 +107,40 @@ pub async fn logs(ctx: &Context, session: &str, follow: bool) -> Result<()> {
 
 /// Prints a session's log lines as they arrive, stderr lines on stderr; with `follow`, until the session ends.
 pub async fn print_logs(api: &Api, session: &str, follow: bool) -> Result<()> {
-    let mut stream = api
-        .session()
-        .logs(LogsRequest {
-            name: session.to_string(),
-            follow,
-        })
-        .await?
-        .into_inner();
-    while let Some(line) = stream.message().await? {
-        let text = clean_log(line.text.strip_suffix('\n').unwrap_or(&line.text));
-        if line.stream == "stderr" {
-            eprintln!("{text}");
-        } else {
-            emit(&format!("{text}\n"));
+    let request = LogsRequest {
+        name: session.to_string(),
+        follow,
+    };
+    // Through an outage the log is opened again and the lines already printed (by sequence number) skipped.
+    let mut retry = retry::Retry::new("the log");
+    let mut printed = 0u64;
+    'open: loop {
+        let mut stream = match api.session().logs(request.clone()).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if retry.again(&status, retry::is_unavailable).await => continue,
+            Err(status) => return Err(status.into()),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(line)) => {
+                    retry.reset();
+                    if line.seq != 0 && line.seq <= printed {
+                        continue;
+                    }
+                    printed = printed.max(line.seq);
+                    let text = clean_log(line.text.strip_suffix('\n').unwrap_or(&line.text));
+                    if line.stream == "stderr" {
+                        eprintln!("{text}");
+                    } else {
+                        emit(&format!("{text}\n"));
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(status) if retry.again(&status, retry::is_unavailable).await => continue 'open,
+                Err(status) => return Err(status.into()),
+            }
         }
     }
-    Ok(())
 }
 
 pub async fn stop(ctx: &Context, session: &str) -> Result<()> {

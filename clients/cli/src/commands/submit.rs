@@ -14,6 +14,7 @@ use super::sessions::print_logs;
 use crate::Exit;
 use crate::api::Api;
 use crate::output::score;
+use crate::retry;
 
 const POLL: Duration = Duration::from_millis(300);
 
@@ -26,15 +27,20 @@ pub async fn submit(ctx: &Context, session: &str, checkpoint: &str, trial: bool)
         if trial { " (trial)" } else { "" }
     );
     let api = ctx.api()?;
-    let mut submission = api
-        .submission()
-        .submit(SubmitRequest {
-            session: session.to_string(),
-            checkpoint: checkpoint.to_string(),
-            trial,
-        })
-        .await?
-        .into_inner();
+    let request = SubmitRequest {
+        session: session.to_string(),
+        checkpoint: checkpoint.to_string(),
+        trial,
+    };
+    // Sent again only while it never reached the server: a submit carries no idempotency key, so a repeat
+    // of one that arrived would be a second submit.
+    let mut submission = retry::unsent("the submit", || {
+        let mut client = api.submission();
+        let request = request.clone();
+        async move { client.submit(request).await }
+    })
+    .await?
+    .into_inner();
     let started = Instant::now();
     let mut narrator = Narrator::default();
 
@@ -67,9 +73,16 @@ pub async fn submit(ctx: &Context, session: &str, checkpoint: &str, trial: bool)
     conclude(&submission)
 }
 
+/// The submission's status, asked again through an outage of the platform.
 async fn get(api: &Api, id: &str) -> Result<Submission> {
     let request = GetSubmissionRequest { id: id.to_string() };
-    Ok(api.submission().get(request).await?.into_inner())
+    let got = retry::idempotent("following the submission", || {
+        let mut client = api.submission();
+        let request = request.clone();
+        async move { client.get(request).await }
+    })
+    .await?;
+    Ok(got.into_inner())
 }
 
 fn finished(submission: &Submission) -> bool {
