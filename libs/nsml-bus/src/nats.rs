@@ -41,6 +41,8 @@ const TRACEPARENT: &str = "traceparent";
 /// subscribers catch up from the event store, so a lost stream loses no event.
 #[derive(Debug)]
 pub struct NatsBus {
+    /// How many times the connection was lost: live subscriptions end when it grows.
+    disconnects: tokio::sync::watch::Receiver<u64>,
     jetstream: jetstream::Context,
     config: stream::Config,
     stream_name: String,
@@ -49,7 +51,16 @@ pub struct NatsBus {
 impl NatsBus {
     /// Connects to the NATS server at `url` and creates the JetStream stream `stream_name` unless it exists.
     pub async fn connect(url: &str, stream_name: &str) -> Result<Arc<NatsBus>, BusError> {
-        let client = async_nats::connect(url)
+        let (lost, disconnects) = tokio::sync::watch::channel(0u64);
+        let lost = Arc::new(lost);
+        let client = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    lost.send_modify(|n| *n += 1);
+                }
+                async {}
+            })
+            .connect(url)
             .await
             .map_err(|e| BusError::nats("connect", e))?;
         let jetstream = jetstream::new(client);
@@ -63,6 +74,7 @@ impl NatsBus {
         // lookup and its create, the server refuses the create (the subjects overlap); the stream exists
         // then, and the next lookup finds it.
         let bus = NatsBus {
+            disconnects,
             jetstream,
             config,
             stream_name: stream_name.to_owned(),
@@ -203,18 +215,34 @@ impl Bus for NatsBus {
             .await
             .map_err(|e| BusError::nats("consume", e))?;
         let stream_name = self.stream_name.clone();
-        let events = messages.filter_map(move |message| {
-            let result = match message {
-                Ok(message) => decode(message.headers.as_ref(), &message.payload).map_err(|e| {
-                    tracing::warn!(stream = %stream_name, subject = %message.subject, error = %e, "skipping a bus message");
-                }),
-                Err(e) => {
-                    tracing::warn!(stream = %stream_name, error = %e, "nats consumer error");
-                    Err(())
+        // A consumer that fails ends the live subscription rather than going silent, so that its subscriber
+        // follows the store at once and subscribes again: on an error it yields, and as soon as the connection
+        // is lost (the ordered consumer itself only waits, recreating itself, until the server is back).
+        let mut disconnects = self.disconnects.clone();
+        disconnects.mark_unchanged();
+        let disconnected = async move {
+            // An error means the bus itself is gone: end as well.
+            let _ = disconnects.changed().await;
+            tracing::warn!("nats connection lost; ending the live subscription");
+        };
+        let events = messages
+            .take_until(Box::pin(disconnected))
+            .take_while(move |message| {
+                if let Err(e) = message {
+                    tracing::warn!(error = %e, "nats consumer failed; ending the live subscription");
                 }
-            };
-            async move { result.ok().map(Arc::new) }
-        });
+                futures::future::ready(message.is_ok())
+            })
+            .filter_map(move |message| {
+                let event = message.ok().and_then(|message| {
+                    decode(message.headers.as_ref(), &message.payload)
+                        .map_err(|e| {
+                            tracing::warn!(stream = %stream_name, subject = %message.subject, error = %e, "skipping a bus message");
+                        })
+                        .ok()
+                });
+                async move { event.map(Arc::new) }
+            });
         Ok(events.boxed())
     }
 }
