@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use nsml_common::clients::retry::Backoff;
 use nsml_proto::v1::{LogLine, RunnerLogBatch};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -27,8 +28,8 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024;
 const MAX_BATCH_BYTES: usize = 1024 * 1024;
 /// Lines buffered between the readers and the forwarder; when full, the child blocks on its writes.
 const LINE_BUFFER: usize = 4096;
-/// Reopen attempts before lines are dropped for good.
-const MAX_REOPENS: u32 = 6;
+/// How long the session service may stay away before lines are dropped: through a 30 s restart.
+const OUTAGE_BUDGET: Duration = crate::platform::RETRY_BUDGET;
 /// How long a log stream must have been open to count as healthy again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
@@ -219,9 +220,11 @@ where
 {
     let mut seq = 0u64;
     let mut current: Option<(LogStream, Instant)> = None;
-    // Reopens since a stream last proved healthy; past the cap, batches that fail are dropped at once
-    // rather than holding up the session (whose output would otherwise back up behind the retries).
-    let mut failures = 0u32;
+    // When streams started failing, and the waits between reopens since. Past the budget, batches that fail
+    // are dropped at once rather than holding up the session (whose output would otherwise back up behind
+    // the retries).
+    let mut failing_since: Option<Instant> = None;
+    let mut waits = Backoff::THROUGH_RESTART.waits();
     while let Some(first) = rx.recv().await {
         let mut bytes = first.text.len();
         let mut lines = vec![first];
@@ -257,19 +260,19 @@ where
                 Ok(()) => {
                     // A send only reaches a buffer; a stream that has lived a while is really up.
                     if opened.elapsed() >= HEALTHY_AFTER {
-                        failures = 0;
+                        failing_since = None;
+                        waits = Backoff::THROUGH_RESTART.waits();
                     }
                     break;
                 }
                 Err(mpsc::error::SendError(back)) => {
                     batch = back;
                     end_stream(&name, current.take().map(|(s, _)| s)).await;
-                    failures += 1;
-                    if failures > MAX_REOPENS {
+                    if failing_since.get_or_insert_with(Instant::now).elapsed() > OUTAGE_BUDGET {
                         tracing::warn!(session = %name, lines = batch.lines.len(), "session service unreachable, dropping log lines");
                         break;
                     }
-                    tokio::time::sleep(Duration::from_millis(100 << failures.min(5))).await;
+                    tokio::time::sleep(waits.next().unwrap_or(Duration::from_secs(1))).await;
                 }
             }
         }
@@ -388,6 +391,37 @@ mod tests {
             Ok(())
         });
         (tx, call)
+    }
+
+    /// Lines written while the session service is away for 30 s reach it once it is back.
+    #[tokio::test(start_paused = true)]
+    async fn lines_wait_through_a_30_second_outage() {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (logs, rx) = LogSender::channel();
+        logs.send(STDOUT, "during".to_string()).await;
+        drop(logs);
+        let back_at = Instant::now() + Duration::from_secs(30);
+        let g = got.clone();
+        forward_logs("t/d/1".into(), rx, move || {
+            let g = g.clone();
+            async move {
+                let down = Instant::now() < back_at;
+                let s = fake_stream(g, down);
+                if down {
+                    // The call fails at once: let it, so the send finds the stream closed.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                s
+            }
+        })
+        .await;
+        let texts: Vec<String> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b.lines.iter().map(|l| l.text.clone()))
+            .collect();
+        assert_eq!(texts, ["during"]);
     }
 
     #[tokio::test]
