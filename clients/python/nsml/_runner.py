@@ -13,6 +13,9 @@ Requests::
 Responses are ``{"ok": true, ...}`` or ``{"ok": false, "error": "message"}``; the latter raises
 ``RuntimeError(message)`` in the caller. The connection is shared by all threads (a lock keeps
 request and response paired) and is re-opened after a fork or a broken connection.
+
+A request waits for its answer however long it takes: while a platform service restarts, the runner
+retries for up to a minute before it answers, and the SDK raises only on the runner's final answer.
 """
 
 import json
@@ -46,6 +49,10 @@ class RunnerClient:
     def _connect(self):
         self._close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Block for as long as the runner takes: it answers only once the platform has, retrying through a
+        # restart of a service for up to a minute, and a timeout here (such as one the training code set with
+        # socket.setdefaulttimeout) would turn that wait into an error.
+        sock.settimeout(None)
         try:
             sock.connect(self.path)
         except OSError as exc:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SDK_DIR = os.path.dirname(TESTS_DIR)
@@ -68,6 +69,8 @@ class FakeRunner:
         self.raw_lines = []
         self.connections = 0
         self.fail = {}
+        # ``delay[op] = seconds`` answers that op late, as the runner does while it retries through an outage.
+        self.delay = {}
         self.lock = threading.Lock()
         runner = self
 
@@ -101,6 +104,8 @@ class FakeRunner:
             self.raw_lines.append(text)
             self.requests.append(request)
         op = request.get("op")
+        if op in self.delay:
+            time.sleep(self.delay[op])
         if op in self.fail:
             return {"ok": False, "error": self.fail[op]}
         if op == "report":

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import unittest
@@ -50,6 +51,18 @@ class OnPlatformTest(unittest.TestCase):
             return "loaded"
 
         nsml.bind(save=save, load=load, infer=lambda path: [], flavour="x")
+
+    def test_a_slow_answer_is_waited_for_even_under_a_default_socket_timeout(self):
+        # The runner answers late while it retries through a restart of a platform service; training code
+        # may have set a global socket timeout far shorter than that.
+        self.runner.delay = {"save": 2.0, "report": 2.0}
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(0.2)
+        self.addCleanup(socket.setdefaulttimeout, previous)
+        self.assertEqual(nsml.save("e1"), "e1")
+        nsml.report(step=1, loss=0.5)
+        self.assertEqual(len(self.runner.ops("save")), 1)
+        self.assertEqual(len(self.runner.ops("report")), 1)
 
     def test_report_request(self):
         nsml.report(summary=True, scope=locals(), step=3, epoch=3, train__loss=0.25, val__acc=0.9, note="ok")
