@@ -21,6 +21,7 @@ use nsml_proto::v1::{
     QuotaUsageRequest, RemoveRequest, ReplayRequest, RevealPrivateRequest, RunRequest, StopRequest,
     SubmitRequest, UploadCodeMeta, UsageRequest, VerifyRequest,
 };
+use nsml_proto::v1::{CheckpointMeta, MetricPoint, RunnerReportRequest};
 use tonic::{Request, Status};
 
 /// The longest user name, in bytes: user names are identifiers (see [`crate::names::check_ident`]).
@@ -49,6 +50,10 @@ pub const MAX_TEXT_BYTES: usize = 1024;
 pub const MAX_DESCRIPTION_BYTES: usize = 16 * 1024;
 /// The most entries of any list in a request (users, teams, members, hosts, datasets, private keys).
 pub const MAX_LIST_ENTRIES: usize = 10_000;
+/// The largest metrics of one `nsml.report` call, as JSON, in bytes. A checkpoint's summary is the last
+/// summary reported, so it has the same bound. Participant code reaches this through the SDK: every report
+/// is an event in the log.
+pub const MAX_METRICS_BYTES: usize = 64 * 1024;
 /// How much of a client's value an error message quotes before shortening it, in characters.
 pub const SHOWN_CHARS: usize = 64;
 
@@ -179,6 +184,20 @@ bounded! {
     BoardRequest { dataset: MAX_NAME_BYTES }
     OverallRequest { competition: MAX_NAME_BYTES }
     HistoryRequest { dataset: MAX_NAME_BYTES }
+    MetricPoint { scope: MAX_TEXT_BYTES, metrics_json: MAX_METRICS_BYTES }
+    CheckpointMeta {
+        session: MAX_NAME_BYTES,
+        checkpoint: MAX_NAME_BYTES,
+        summary_json: MAX_METRICS_BYTES,
+    }
+}
+
+/// What the runner reports for participant code's `nsml.report`.
+impl Bounded for RunnerReportRequest {
+    fn check_bounds(&self) -> Result<(), Status> {
+        text("name", &self.name, MAX_NAME_BYTES)?;
+        self.point.as_ref().map_or(Ok(()), Bounded::check_bounds)
+    }
 }
 
 impl Bounded for DatasetMeta {
@@ -249,6 +268,33 @@ mod tests {
             memo: "x".repeat(MAX_MEMO_BYTES),
         };
         assert!(ok.check_bounds().is_ok(), "the limit itself is allowed");
+    }
+
+    #[test]
+    fn what_participant_code_reports_and_saves_is_bounded() {
+        let point = MetricPoint {
+            metrics_json: "x".repeat(MAX_METRICS_BYTES + 1),
+            ..Default::default()
+        };
+        let report = RunnerReportRequest {
+            name: "demo/t1/1".into(),
+            point: Some(point),
+        };
+        let err = report.check_bounds().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "metrics_json is 65537 bytes; the limit is 65536 bytes"
+        );
+        let meta = CheckpointMeta {
+            session: "demo/t1/1".into(),
+            checkpoint: "best".into(),
+            summary_json: "x".repeat(MAX_METRICS_BYTES + 1),
+        };
+        assert!(
+            meta.check_bounds().is_err(),
+            "a checkpoint's summary is bounded"
+        );
     }
 
     #[test]

@@ -276,6 +276,9 @@ async fn handle(ctx: &SdkContext, req: Request) -> Result<Value> {
                 scope: scope.unwrap_or_default(),
                 metrics_json: metrics_json.clone(),
             };
+            // Every report is an event in the log: refuse an oversized one here, saying so to the program.
+            nsml_common::bounds::Bounded::check_bounds(&point)
+                .map_err(|s| RunnerError::Refused(format!("nsml.report: {}", s.message())))?;
             ctx.platform.report(point).await?;
             if summary {
                 *ctx.last_summary.lock().unwrap_or_else(|e| e.into_inner()) = metrics_json;

@@ -330,6 +330,36 @@ def call(obj=None, raw=None):
 "#;
 
 #[tokio::test]
+async fn an_oversized_report_is_refused_to_the_program_and_never_reaches_the_platform() {
+    let script = format!(
+        r#"{CLIENT}
+call({{"op": "report", "summary": True, "scope": None, "step": 1, "metrics": {{"note": "x" * 70000}}}})
+call({{"op": "report", "summary": True, "scope": None, "step": 2, "metrics": {{"acc": 0.5}}}})
+"#
+    );
+    let mut r = prepare(SessionKind::Train, &script, None);
+    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+    assert_eq!(outcome.exit_code, 0, "{:?}", texts(&lines, "stderr"));
+    let rs = replies(&lines);
+    assert_eq!(rs[0]["ok"], false);
+    assert_eq!(
+        rs[0]["error"].as_str().unwrap_or_default(),
+        "nsml.report: metrics_json is 70011 bytes; the limit is 65536 bytes"
+    );
+    assert_eq!(
+        rs[1]["ok"], true,
+        "a report within the bound still goes through"
+    );
+    let reports = r.fake.reports.lock().unwrap();
+    assert_eq!(
+        reports.len(),
+        1,
+        "only the bounded report reached the platform"
+    );
+    assert_eq!(reports[0].metrics_json, r#"{"acc":0.5}"#);
+}
+
+#[tokio::test]
 async fn a_training_session_speaks_the_sdk_protocol() {
     let script = format!(
         r#"{CLIENT}

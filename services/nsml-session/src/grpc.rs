@@ -922,6 +922,8 @@ impl SessionApi for SessionService {
         req: Request<RunnerReportRequest>,
     ) -> Result<Response<Empty>, Status> {
         Caller::of(&req)?.require_service()?;
+        // The point comes from participant code: it is measured before it becomes an event.
+        nsml_common::bounds::check(&req)?;
         let r = req.into_inner();
         let sn = SessionName::parse(&r.name)?;
         let ev = new_event(

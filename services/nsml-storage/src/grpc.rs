@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use nsml_common::bounds::Bounded;
 use nsml_common::caller::Caller;
 use nsml_common::names::{SessionName, check_checkpoint, check_ident};
 use nsml_proto::v1::storage_service_server::StorageService;
@@ -77,18 +78,26 @@ upload_chunk!(
     save_checkpoint_chunk::Kind
 );
 
-/// Reads an upload's first message, which must carry the metadata.
-async fn first_meta<C: UploadChunk>(stream: &mut Streaming<C>) -> Result<C::Meta, StorageError> {
+/// Reads an upload's first message, which must carry the metadata, and measures the metadata's fields.
+async fn first_meta<C: UploadChunk>(stream: &mut Streaming<C>) -> Result<C::Meta, Status>
+where
+    C::Meta: Bounded,
+{
     match stream.message().await? {
         Some(chunk) => match chunk.piece() {
-            Some(Piece::Meta(meta)) => Ok(meta),
+            Some(Piece::Meta(meta)) => {
+                meta.check_bounds()?;
+                Ok(meta)
+            }
             _ => Err(StorageError::BadRequest(
                 "the first message of an upload must carry `meta`".into(),
-            )),
+            )
+            .into()),
         },
         None => Err(StorageError::BadRequest(
             "empty upload: the first message must carry `meta`".into(),
-        )),
+        )
+        .into()),
     }
 }
 
