@@ -141,6 +141,8 @@ impl GrpcPlatform {
         dir: &Path,
     ) -> std::result::Result<(), TryFailed> {
         let (tx, rx) = mpsc::channel::<Piece>(8);
+        // Tells, once packing failed, whether it failed because the upload had ended (the call failed first).
+        let upload = tx.clone();
         let dir: PathBuf = dir.to_path_buf();
         let packer = tokio::task::spawn_blocking(move || {
             let writer = ChunkWriter {
@@ -199,6 +201,12 @@ impl GrpcPlatform {
         };
         match packed {
             Ok(Ok(())) => call.await.map(|_| ()).map_err(TryFailed::Service),
+            // The call ended first and dropped the upload, which stopped the packing: the call's answer
+            // (a restart of storage, say) is what went wrong.
+            Ok(Err(e)) if upload.is_closed() => match call.await {
+                Err(status) => Err(TryFailed::Service(status)),
+                Ok(_) => Err(TryFailed::Local(e)),
+            },
             Ok(Err(e)) => Err(TryFailed::Local(e)),
             Err(join) => Err(TryFailed::Local(RunnerError::io(
                 "checkpoint packing stopped",
@@ -302,7 +310,10 @@ impl Platform for GrpcPlatform {
                 TryFailed::transient,
             )
             .await
-            .map_err(|e| e.into_error("SaveCheckpoint"))
+            .map_err(|e| {
+                tracing::warn!(session = %self.name, %checkpoint, error = %e, "checkpoint not saved");
+                e.into_error("SaveCheckpoint")
+            })
     }
 
     async fn load_checkpoint(&self, session: &str, checkpoint: &str, dest: &Path) -> Result<()> {

@@ -17,6 +17,9 @@ use tonic::{Request, Response, Status, Streaming};
 #[derive(Clone, Default)]
 struct Restarting {
     refuse: usize,
+    /// Refuses every other upload at its first message, before reading the rest.
+    alternate: bool,
+    attempts: Arc<Mutex<usize>>,
     uploads: Arc<Mutex<Vec<Vec<u8>>>>,
     pulls: Arc<Mutex<usize>>,
 }
@@ -90,6 +93,13 @@ impl StorageService for Restarting {
         r: Request<Streaming<SaveCheckpointChunk>>,
     ) -> Result<Response<Checkpoint>, Status> {
         let mut s = r.into_inner();
+        if self.alternate {
+            let mut attempts = self.attempts.lock().expect("lock");
+            *attempts += 1;
+            if *attempts % 2 == 1 {
+                return Err(Status::unavailable("storage is restarting"));
+            }
+        }
         let mut meta = None;
         let mut data = Vec::new();
         while let Some(c) = s.next().await {
@@ -223,5 +233,37 @@ async fn a_checkpoint_is_saved_and_loaded_through_a_storage_restart() {
     assert_eq!(*fake.pulls.lock().expect("lock"), 2);
     let loaded = std::fs::read(dest.join("weights.bin")).expect("the loaded checkpoint");
     assert!(loaded == weights, "the loaded checkpoint differs");
+    stop.cancel();
+}
+
+/// A save refused before its upload is read ends the upload under the packing, which then fails too: the save
+/// is sent again all the same, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_refused_at_once_is_sent_again() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).expect("mkdir");
+    let weights: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(model.join("weights.bin"), &weights).expect("write");
+    let fake = Restarting {
+        alternate: true,
+        ..Restarting::default()
+    };
+    let stop = CancellationToken::new();
+    serve(fake.clone(), port, stop.clone()).await;
+    let platform = platform(port);
+    for i in 0..20 {
+        platform
+            .save_checkpoint(&format!("e{i}"), "{}", &model)
+            .await
+            .expect("saved on the second try");
+    }
+    assert_eq!(fake.uploads.lock().expect("lock").len(), 20);
     stop.cancel();
 }
