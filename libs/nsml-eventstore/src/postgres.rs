@@ -73,7 +73,9 @@ impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
-            .acquire_timeout(Duration::from_secs(30))
+            // While the database is out of reach, a call is answered UNAVAILABLE (which callers retry) after
+            // this long rather than hanging on for sqlx's default 30 s.
+            .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
         MIGRATOR.run(&pool).await?;
