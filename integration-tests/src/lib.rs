@@ -145,6 +145,17 @@ impl User {
     }
 }
 
+/// The services of a distributed deployment, one `nsmld serve` process each, in the order they start.
+pub const SERVICES: [&str; 7] = [
+    "auth",
+    "storage",
+    "quota",
+    "leaderboard",
+    "submission",
+    "session",
+    "gateway",
+];
+
 /// A running deployment.
 pub struct Deployment {
     pub url: String,
@@ -303,15 +314,7 @@ gpus = "0"
 
     fn start_distributed(&mut self) -> anyhow::Result<()> {
         let cfg = self.config.clone().context("no config")?;
-        for svc in [
-            "auth",
-            "storage",
-            "quota",
-            "leaderboard",
-            "submission",
-            "session",
-            "gateway",
-        ] {
+        for svc in SERVICES {
             let args: Vec<String> = vec![
                 "serve".into(),
                 svc.into(),

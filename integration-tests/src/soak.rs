@@ -52,7 +52,8 @@ pub struct Report {
     pub log_bytes_after: u64,
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// A process's resident memory in KiB, from `/proc/PID/status`.
+pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
         .find(|l| l.starts_with("VmRSS:"))?

@@ -13,7 +13,7 @@ use nsml_integration_tests::faults::{
     check_no_session_dirs, log_snapshot, print_table,
 };
 use nsml_integration_tests::grpc::example_with_interval;
-use nsml_integration_tests::{Deployment, User};
+use nsml_integration_tests::{Deployment, SERVICES, User};
 
 /// What a fault does to the deployment; returns when the failed component is back.
 type Inject<'a> = Box<dyn FnMut(&mut Deployment) -> anyhow::Result<()> + 'a>;
@@ -121,15 +121,7 @@ fn distributed_services_nats_and_postgres_killed_lose_nothing() -> anyhow::Resul
         .ok()?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut faults: Vec<(String, Inject<'_>)> = Vec::new();
-    for svc in [
-        "auth",
-        "storage",
-        "quota",
-        "leaderboard",
-        "submission",
-        "session",
-        "gateway",
-    ] {
+    for svc in SERVICES {
         faults.push((
             format!("{svc} killed"),
             Box::new(move |d: &mut Deployment| d.restart_service_after(svc, DOWN_FOR)),

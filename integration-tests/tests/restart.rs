@@ -4,23 +4,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use nsml_integration_tests::grpc::{Client, authed, small};
+use nsml_integration_tests::faults::usage;
+use nsml_integration_tests::grpc::{Client, small};
 use nsml_integration_tests::{Deployment, FreshDb, drop_stream};
-use nsml_proto::v1::quota_service_client::QuotaServiceClient;
-use nsml_proto::v1::{QuotaUsage, QuotaUsageRequest, SessionStatus};
-
-async fn usage(c: &Client) -> anyhow::Result<QuotaUsage> {
-    Ok(QuotaServiceClient::new(c.channel.clone())
-        .usage(authed(
-            QuotaUsageRequest {
-                team: String::new(),
-                competition: "demo".into(),
-            },
-            &c.token,
-        )?)
-        .await?
-        .into_inner())
-}
+use nsml_proto::v1::{QuotaUsage, SessionStatus};
 
 /// A comparable view of usage: what is held, by whom, and the submit state per dataset.
 fn view(u: &QuotaUsage) -> String {

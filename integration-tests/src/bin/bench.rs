@@ -42,16 +42,6 @@ fn now_ms_f() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// CPU time (user and system) a process has used so far, from `/proc/PID/stat`.
 fn cpu_secs(pid: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -109,7 +99,10 @@ async fn main() -> anyhow::Result<()> {
 
     let dep = Deployment::embedded_env(&[], UNLIMITED)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_rss = dep.pids().first().and_then(|p| rss_kib(*p));
+    let idle_rss = dep
+        .pids()
+        .first()
+        .and_then(|p| nsml_integration_tests::soak::rss_kib(*p));
     let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
     let token = alice.token.clone();
     let mut sessions = SessionServiceClient::new(alice.channel.clone());
