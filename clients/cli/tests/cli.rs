@@ -41,6 +41,13 @@ struct State {
     gets: usize,
     /// How many `SubmissionService.Get` calls are answered `UNAVAILABLE` first, as while it restarts.
     get_outage: usize,
+    /// `SubmissionService.Submit` records the submission, then answers `UNAVAILABLE`, as when the platform
+    /// goes away before its answer is sent.
+    submit_answer_lost: bool,
+    /// `SubmissionService.Submit` answers `UNAVAILABLE` and records nothing.
+    submit_never_arrives: bool,
+    /// What `SubmissionService.List` returns.
+    listed: Vec<pb::Submission>,
 }
 
 #[derive(Clone, Default)]
@@ -396,16 +403,37 @@ impl SessionService for Mock {
 impl SubmissionService for Mock {
     async fn submit(&self, request: Request<pb::SubmitRequest>) -> Rpc<pb::Submission> {
         authorized(&request)?;
-        let state = self.state();
+        let mut state = self.state();
         if let Some(reason) = &state.submit_refusal {
             return Err(Status::failed_precondition(reason.clone()));
         }
-        Ok(Response::new(pb::Submission {
+        if state.submit_never_arrives {
+            return Err(Status::unavailable("the gateway went away"));
+        }
+        let r = request.get_ref();
+        let made = pb::Submission {
             id: "sub-1".into(),
-            trial: request.get_ref().trial,
+            source_session: r.session.clone(),
+            checkpoint: r.checkpoint.clone(),
+            trial: r.trial,
             status: pb::SubmissionStatus::Running as i32,
             time_limit_secs: 3600,
             ..Default::default()
+        };
+        state.listed.push(made.clone());
+        if state.submit_answer_lost {
+            return Err(Status::unavailable("the gateway went away"));
+        }
+        Ok(Response::new(made))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListSubmissionsRequest>,
+    ) -> Rpc<pb::ListSubmissionsResponse> {
+        authorized(&request)?;
+        Ok(Response::new(pb::ListSubmissionsResponse {
+            submissions: self.state().listed.clone(),
         }))
     }
 
@@ -429,7 +457,6 @@ impl SubmissionService for Mock {
     }
 
     unused! {
-        list(pb::ListSubmissionsRequest) -> pb::ListSubmissionsResponse;
         runner_predictions(pb::RunnerPredictionsRequest) -> pb::RunnerPredictionsResponse;
     }
 }
@@ -860,6 +887,50 @@ async fn a_submit_is_followed_through_an_outage_of_the_platform() {
          the submission for up to 40 seconds\n",
         "one line says that it retries"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_whose_answer_is_lost_is_found_and_followed_not_sent_twice() {
+    let h = Harness::start().await;
+    h.login().await;
+    let mut earlier = submission(pb::SubmissionStatus::Scored, "demo/t1-cls/4");
+    earlier.id = "sub-0".into();
+    earlier.source_session = "demo/t1-cls/1".into();
+    earlier.checkpoint = "0".into();
+    let mut scored = submission(pb::SubmissionStatus::Scored, "demo/t1-cls/9");
+    scored.score = 0.855;
+    {
+        let mut state = h.mock.state();
+        state.listed = vec![earlier];
+        state.submit_answer_lost = true;
+        state.submit_script = vec![scored];
+    }
+    let out = h.nsml(&["submit", "demo/t1-cls/1", "0"]).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stdout(&out).ends_with("Score: 0.855\nDone\n"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        stderr(&out),
+        "The answer to the submit was lost, but the submit reached the server as sub-1: following it\n"
+    );
+    assert_eq!(
+        h.mock.state().listed.len(),
+        2,
+        "the submit was sent once: the earlier submission of the same checkpoint and this one"
+    );
+
+    // A submit that never arrived is still an error, and the earlier submissions are not taken for it.
+    {
+        let mut state = h.mock.state();
+        state.submit_answer_lost = false;
+        state.submit_never_arrives = true;
+    }
+    let out = h.nsml(&["submit", "demo/t1-cls/1", "0"]).await;
+    assert_eq!(code(&out), 1, "{}", stdout(&out));
+    assert!(!stderr(&out).contains("following it"), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use nsml_proto::v1::{GetSubmissionRequest, Submission, SubmissionStatus, SubmitRequest};
+use std::collections::HashSet;
+
+use nsml_proto::v1::{
+    GetSubmissionRequest, ListSubmissionsRequest, Submission, SubmissionStatus, SubmitRequest,
+};
 use tonic::Code;
 
 use super::Context;
@@ -32,15 +36,36 @@ pub async fn submit(ctx: &Context, session: &str, checkpoint: &str, trial: bool)
         checkpoint: checkpoint.to_string(),
         trial,
     };
+    let dataset = session.split('/').nth(1).unwrap_or_default().to_string();
+    // The team's submissions of the dataset before this one, to recognise it if the answer to the submit is
+    // lost; without them (an older server, say) a lost answer is an error, as it always was.
+    let before = submission_ids(&api, &dataset).await.ok();
     // Sent again only while it never reached the server: a submit carries no idempotency key, so a repeat
     // of one that arrived would be a second submit.
-    let mut submission = retry::unsent("the submit", || {
+    let sent = retry::unsent("the submit", || {
         let mut client = api.submission();
         let request = request.clone();
         async move { client.submit(request).await }
     })
-    .await?
-    .into_inner();
+    .await;
+    let mut submission = match (sent, before) {
+        (Ok(answer), _) => answer.into_inner(),
+        // The platform went away while the submit was in flight: it may have arrived. Look for it rather
+        // than send a second one, and follow it if it is there.
+        (Err(status), Some(before)) if retry::is_unavailable(&status) => {
+            match arrived(&api, &dataset, &request, &before).await? {
+                Some(found) => {
+                    eprintln!(
+                        "The answer to the submit was lost, but the submit reached the server as {}: following it",
+                        found.id
+                    );
+                    found
+                }
+                None => return Err(status.into()),
+            }
+        }
+        (Err(status), _) => return Err(status.into()),
+    };
     let started = Instant::now();
     let mut narrator = Narrator::default();
 
@@ -71,6 +96,46 @@ pub async fn submit(ctx: &Context, session: &str, checkpoint: &str, trial: bool)
     }
     narrator.show(&submission);
     conclude(&submission)
+}
+
+/// The ids of the caller's team's submissions of `dataset`.
+async fn submission_ids(api: &Api, dataset: &str) -> Result<HashSet<String>, tonic::Status> {
+    let listed = list(api, dataset).await?;
+    Ok(listed.into_iter().map(|s| s.id).collect())
+}
+
+/// The caller's team's submissions of `dataset`, asked again through an outage of the platform.
+async fn list(api: &Api, dataset: &str) -> Result<Vec<Submission>, tonic::Status> {
+    let request = ListSubmissionsRequest {
+        dataset: dataset.to_string(),
+    };
+    let listed = retry::idempotent("looking for the submit", || {
+        let mut client = api.submission();
+        let request = request.clone();
+        async move { client.list(request).await }
+    })
+    .await?;
+    Ok(listed.into_inner().submissions)
+}
+
+/// The submission `request` made, if it reached the server although its answer was lost: the newest one of
+/// the same session, checkpoint and kind that was not there before it was sent.
+async fn arrived(
+    api: &Api,
+    dataset: &str,
+    request: &SubmitRequest,
+    before: &HashSet<String>,
+) -> Result<Option<Submission>> {
+    let listed = list(api, dataset).await?;
+    Ok(listed
+        .into_iter()
+        .filter(|s| {
+            !before.contains(&s.id)
+                && s.source_session == request.session
+                && s.checkpoint == request.checkpoint
+                && s.trial == request.trial
+        })
+        .max_by_key(|s| s.submitted_at_ms))
 }
 
 /// The submission's status, asked again through an outage of the platform.
