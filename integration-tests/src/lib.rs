@@ -398,6 +398,14 @@ gpus = "0"
         Ok(u)
     }
 
+    /// Registers the competition of the manifest at `path`, as the host does with `nsml admin competition apply`.
+    pub fn apply_competition(&self, path: &Path) -> anyhow::Result<()> {
+        self.host()?
+            .nsml(&["admin", "competition", "apply", &path.display().to_string()])?
+            .ok()?;
+        Ok(())
+    }
+
     /// The deployment's event store: `sqlite:PATH` or a Postgres URL.
     pub fn store_url(&self) -> &str {
         &self.store

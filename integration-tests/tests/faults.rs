@@ -111,14 +111,7 @@ fn distributed_services_nats_and_postgres_killed_lose_nothing() -> anyhow::Resul
     let tmp = tempfile::tempdir()?;
     let manifest = example_with_interval(tmp.path(), "1s")?;
     let mut dep = Deployment::distributed_on(&pg.url(), &nats.borrow().url(), "NSML_FAULTS", &[])?;
-    dep.host()?
-        .nsml(&[
-            "admin",
-            "competition",
-            "apply",
-            &manifest.display().to_string(),
-        ])?
-        .ok()?;
+    dep.apply_competition(&manifest)?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut faults: Vec<(String, Inject<'_>)> = Vec::new();
     for svc in SERVICES {

@@ -208,14 +208,7 @@ fn distributed_limits_hold_under_concurrency() -> anyhow::Result<()> {
     let result = (|| {
         let dep = Deployment::distributed(&db.url, &stream)?;
         let manifest = example_with_interval(tmp.path(), "4s")?;
-        dep.host()?
-            .nsml(&[
-                "admin",
-                "competition",
-                "apply",
-                &manifest.display().to_string(),
-            ])?
-            .ok()?;
+        dep.apply_competition(&manifest)?;
         rt.block_on(async {
             let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
             two_runs_one_fits(&alice).await?;

@@ -102,23 +102,29 @@ fn jittered(wait: Duration) -> Duration {
 }
 
 /// Runs a call whose repeat is harmless, retrying it through an outage.
-pub async fn idempotent<T, F, Fut>(what: &'static str, mut call: F) -> Result<T, Status>
+pub async fn idempotent<T, F, Fut>(what: &'static str, call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
-    let mut retry = Retry::new(what);
-    loop {
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(status) if retry.again(&status, is_unavailable).await => {}
-            Err(status) => return Err(status),
-        }
-    }
+    retried(what, call, is_unavailable).await
 }
 
 /// Runs a call that must not be made twice, sending it again only while it never reached the server.
-pub async fn unsent<T, F, Fut>(what: &'static str, mut call: F) -> Result<T, Status>
+pub async fn unsent<T, F, Fut>(what: &'static str, call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    retried(what, call, never_sent).await
+}
+
+/// Runs `call` until it succeeds, fails in a way `transient` does not accept, or the budget is spent.
+async fn retried<T, F, Fut>(
+    what: &'static str,
+    mut call: F,
+    transient: fn(&Status) -> bool,
+) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
@@ -127,7 +133,7 @@ where
     loop {
         match call().await {
             Ok(v) => return Ok(v),
-            Err(status) if retry.again(&status, never_sent).await => {}
+            Err(status) if retry.again(&status, transient).await => {}
             Err(status) => return Err(status),
         }
     }
