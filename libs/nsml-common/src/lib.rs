@@ -8,6 +8,7 @@ pub mod bounds;
 pub mod caller;
 pub mod clients;
 pub mod context;
+pub mod error;
 pub mod event;
 pub mod executor;
 pub mod names;

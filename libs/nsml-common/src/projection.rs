@@ -126,12 +126,19 @@ impl<S: ReadModel> Projection<S> {
         f(&self.state.read())
     }
 
-    /// Waits until every event up to `position` has been applied (bounded by `timeout`).
-    pub async fn wait_for(&self, position: u64, timeout: Duration) -> bool {
+    /// Waits until every event up to `position` has been applied, for at most `timeout`. A caller decides
+    /// what a lag means for it: after its own append the write is stored and only the read lags; before a
+    /// decision it must not decide on a stale view.
+    pub async fn wait_for(&self, position: u64, timeout: Duration) -> Result<(), Lagging> {
         let mut rx = self.watermark.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|w| *w >= position))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        match tokio::time::timeout(timeout, rx.wait_for(|w| *w >= position)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Lagging {
+                wanted: position,
+                applied: self.position(),
+                waited: timeout,
+            }),
+        }
     }
 
     /// Waits until the projection has caught up with the log as it was at start-up.
@@ -143,5 +150,27 @@ impl<S: ReadModel> Projection<S> {
     /// Position of the last event applied without gaps.
     pub fn position(&self) -> u64 {
         *self.watermark.borrow()
+    }
+}
+
+/// A read model that had not applied the log up to a position within the time it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this service's view of the log is at position {applied}, short of {wanted}, after {waited:?}"
+)]
+pub struct Lagging {
+    /// The position waited for.
+    pub wanted: u64,
+    /// The position applied when the wait ended.
+    pub applied: u64,
+    /// How long was waited.
+    pub waited: Duration,
+}
+
+impl From<Lagging> for tonic::Status {
+    fn from(lag: Lagging) -> Self {
+        tracing::warn!(%lag, "a read model lags behind the log");
+        crate::error::ErrorCode::Unavailable
+            .status("the platform is catching up with recent changes; retry shortly")
     }
 }

@@ -3,10 +3,12 @@
 use nsml_eventstore::StoreError;
 use tonic::Status;
 
+use crate::error::ErrorCode;
+
 /// Logs an internal failure and returns a masked `INTERNAL` status.
 pub fn internal(context: &str, err: impl std::fmt::Display) -> Status {
     tracing::error!(%err, "{context}");
-    Status::internal(format!(
+    ErrorCode::Internal.status(format!(
         "internal error while {context}; the operators have the details in the server log"
     ))
 }
@@ -16,11 +18,11 @@ pub fn internal(context: &str, err: impl std::fmt::Display) -> Status {
 pub fn store(context: &str, err: StoreError) -> Status {
     match err {
         StoreError::Conflict { .. } => {
-            Status::aborted(format!("{context}: concurrent change, retry"))
+            ErrorCode::Conflict.status(format!("{context}: concurrent change, retry"))
         }
         other if other.is_unavailable() => {
             tracing::error!(err = %other, "{context}");
-            Status::unavailable(format!(
+            ErrorCode::Unavailable.status(format!(
                 "{context}: the platform's database is unavailable, retry shortly"
             ))
         }
@@ -36,7 +38,7 @@ pub fn upstream(context: &str, status: Status) -> Status {
         | ResourceExhausted | AlreadyExists | Aborted | OutOfRange | DeadlineExceeded => status,
         Unavailable => {
             tracing::error!(%status, "{context}");
-            Status::unavailable(format!(
+            ErrorCode::Unavailable.status(format!(
                 "{context}: a platform service is unavailable, retry shortly"
             ))
         }

@@ -80,9 +80,14 @@ impl AuthService {
     ) -> Result<Option<u64>, StoreError> {
         match self.ctx.store.append(stream, expected, events).await {
             Ok(a) => {
-                self.proj
+                if let Err(lag) = self
+                    .proj
                     .wait_for(a.last_position, Duration::from_secs(5))
-                    .await;
+                    .await
+                {
+                    // Stored: repeating the call would not help, so the lag is logged, not returned.
+                    tracing::warn!(%lag, "the auth view did not show an append in time");
+                }
                 Ok(Some(a.last_position))
             }
             Err(StoreError::Conflict { .. }) if expected == ExpectedVersion::NoStream => Ok(None),

@@ -143,7 +143,10 @@ impl SessionService {
     }
 
     async fn settle(&self, position: u64) {
-        self.proj.wait_for(position, Duration::from_secs(5)).await;
+        // Called after an append is stored: the caller must not repeat it, so a lag is logged, not returned.
+        if let Err(lag) = self.proj.wait_for(position, Duration::from_secs(5)).await {
+            tracing::warn!(%lag, "the session view did not show an append in time");
+        }
     }
 
     /// Appends an event to a session's stream unless `skip` says the transition already happened, and waits

@@ -1,5 +1,7 @@
 //! Everything the storage service can refuse or fail at, and the one mapping of it to gRPC statuses.
 
+use nsml_common::error::ErrorCode;
+use nsml_common::projection::Lagging;
 use nsml_eventstore::StoreError;
 use tonic::Status;
 
@@ -140,6 +142,10 @@ pub enum StorageError {
     #[error("event store: {0}")]
     Store(#[from] StoreError),
 
+    /// The read model did not catch up with the log in time to decide on it.
+    #[error("{0}")]
+    Lagging(#[from] Lagging),
+
     /// A refusal phrased by a shared helper (names, caller checks).
     #[error("{}", .0.message())]
     Refused(#[from] Status),
@@ -155,34 +161,44 @@ impl StorageError {
     }
 }
 
-impl From<StorageError> for Status {
-    fn from(err: StorageError) -> Self {
+impl StorageError {
+    /// The platform code this error travels under.
+    fn code(&self) -> ErrorCode {
         use StorageError::*;
-        let msg = err.to_string();
-        match err {
-            BadRequest(_)
-            | UnknownMetric { .. }
-            | BadArchive { .. }
-            | MissingPart { .. }
-            | TooLarge { .. }
-            | ExpandsTooLarge { .. } => Status::invalid_argument(msg),
-            // The quota refusal keeps the status it always had, which clients tell apart.
-            QuotaExceeded { .. } | QuotaExceededUnpacked { .. } => Status::failed_precondition(msg),
-            DatasetTaken { .. } => Status::already_exists(msg),
+        match self {
+            BadRequest(_) | UnknownMetric { .. } | MissingPart { .. } => ErrorCode::BadRequest,
+            BadArchive { .. } => ErrorCode::BadArchive,
+            TooLarge { .. } | ExpandsTooLarge { .. } => ErrorCode::TooLarge,
+            QuotaExceeded { .. } | QuotaExceededUnpacked { .. } => ErrorCode::QuotaExceeded,
+            DatasetTaken { .. } => ErrorCode::AlreadyExists,
             DatasetNotFound { .. }
             | PartNotFound { .. }
             | CodeNotFound { .. }
-            | CheckpointNotFound { .. } => Status::not_found(msg),
+            | CheckpointNotFound { .. } => ErrorCode::NotFound,
             NotInCompetition { .. } | OtherTeam { .. } | NotYourTeam { .. } => {
-                Status::permission_denied(msg)
+                ErrorCode::PermissionDenied
             }
-            NotReady => Status::unavailable(msg),
-            Interrupted(_) => Status::aborted(msg),
+            NotReady | Lagging(_) => ErrorCode::Unavailable,
+            Interrupted(_) => ErrorCode::Conflict,
+            Refused(status) => ErrorCode::of_or_implied(status),
+            Store(_) | BlobMissing { .. } | Io { .. } | Config { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<StorageError> for Status {
+    fn from(err: StorageError) -> Self {
+        use StorageError::*;
+        let code = err.code();
+        let msg = err.to_string();
+        match err {
             Refused(status) => status,
+            Lagging(lag) => lag.into(),
             Store(err) => nsml_common::status::store("storing the event", err),
             BlobMissing { .. } | Io { .. } | Config { .. } => {
                 nsml_common::status::internal("serving storage", msg)
             }
+            _ => code.status(msg),
         }
     }
 }

@@ -80,9 +80,14 @@ impl SubmissionService {
             .map_err(|e| status::store("recording a submission", e))?;
         match out {
             Outcome::Committed { appended, .. } => {
-                self.proj
+                // Stored: the caller must not repeat it, so a lagging view is logged, not returned.
+                if let Err(lag) = self
+                    .proj
                     .wait_for(appended.last_position, Duration::from_secs(5))
-                    .await;
+                    .await
+                {
+                    tracing::warn!(%lag, "the submission view did not show an append in time");
+                }
                 Ok(())
             }
             Outcome::Unchanged { .. } => Ok(()),
