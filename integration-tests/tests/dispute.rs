@@ -2,6 +2,7 @@
 //! is refused, and the host replays every decision (no mismatch), explains the refusal (the earlier successful
 //! submit and the retry time), grants an extra submit, and then finds an event edited directly in the
 //! database with `audit verify` (and the edited decision with `audit replay`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
 //! The participant's loop with every service its own `nsmld serve` process over Postgres and NATS JetStream,
 //! across a kill and restart of every process.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use nsml_integration_tests::{Deployment, FreshDb, drop_stream, scenario};
 

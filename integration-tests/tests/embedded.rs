@@ -1,4 +1,5 @@
 //! The participant's loop on the embedded deployment (`nsmld up`), across a kill and restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use nsml_integration_tests::{Deployment, scenario};
 

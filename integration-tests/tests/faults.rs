@@ -4,6 +4,7 @@
 //! no acknowledged event lost, no session or submission stuck, quota released as the rules say, `audit replay`
 //! without mismatches and `audit verify` intact. The table of outcomes and of the time until the platform was
 //! at full speed again is printed to stderr (`cargo test --test faults -- --nocapture`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::time::Instant;
 

@@ -1,5 +1,6 @@
 //! Within quota but over the cluster's capacity: the session waits as Queued, says why, and starts when
 //! capacity frees.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use anyhow::ensure;
 use nsml_integration_tests::Deployment;

@@ -2,6 +2,7 @@
 //! `..`, links out of the tree or through other links, device files and pipes, too many files, too many
 //! bytes under a limit the operator set) is refused with the entry named and stores nothing; `nsml run`
 //! leaves out what `.nsmlignore` lists; checkpoint names with path tricks are refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use anyhow::{Context, ensure};
 use flate2::Compression;

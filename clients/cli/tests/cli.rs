@@ -1,5 +1,6 @@
 //! Runs the `nsml` binary against an in-process mock of the gateway and checks what a user sees (output and exit
 //! codes) and what the server receives (tokens, upload chunks, requests).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::future::Future;
 use std::io::Read;

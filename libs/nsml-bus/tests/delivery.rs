@@ -3,6 +3,7 @@
 //! Every NATS test uses a fresh JetStream stream (`NSML_TEST_<uuid>`) and a fresh Postgres database, both removed
 //! afterwards. `NSML_TEST_POSTGRES=skip` or `NSML_TEST_NATS=skip` skips the NATS tests; either may instead hold
 //! the URL of the server to use.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;

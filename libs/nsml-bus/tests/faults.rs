@@ -4,6 +4,7 @@
 //!
 //! The NATS tests start a `nats-server` of their own on a free port (never the machine's), and are skipped when
 //! `NSML_TEST_NATS=skip`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

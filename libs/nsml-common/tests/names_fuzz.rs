@@ -1,6 +1,7 @@
 //! Property tests of the names clients send (session names, identifiers, checkpoint names, `rm` patterns):
 //! checking any string never panics, and whatever passes is safe to use as a path component or a stream
 //! name. Cases per property: `NSML_FUZZ_CASES` (256 unless set).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::path::{Component, Path};
 

@@ -2,6 +2,7 @@
 //!
 //! The test runs a Postgres server of its own on a free port (never the machine's) and stops it; it is
 //! skipped when `NSML_TEST_POSTGRES=skip`, when not run as root, or when no Postgres binaries are installed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

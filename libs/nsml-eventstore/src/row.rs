@@ -51,6 +51,10 @@ pub(crate) fn to_i64(value: u64) -> i64 {
 }
 
 /// Serializes metadata the way it is stored and hashed.
+#[allow(
+    clippy::expect_used,
+    reason = "an invariant of the type, not a fault the caller can meet"
+)]
 pub(crate) fn metadata_json(metadata: &Metadata) -> String {
     // Invariant: `Metadata` holds only strings and integers under fixed field names, which serde_json always
     // serializes.

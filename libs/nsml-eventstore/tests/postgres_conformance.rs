@@ -1,6 +1,7 @@
 //! The conformance suite against Postgres: a fresh database per case, dropped afterwards.
 //!
 //! Set `NSML_TEST_POSTGRES=skip` to skip these tests, or to a URL to use another server.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

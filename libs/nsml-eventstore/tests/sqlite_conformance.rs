@@ -1,4 +1,5 @@
 //! The conformance suite against SQLite: a database file in a temporary directory per case, and in memory.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 //! The SQLite store's writer thread: `close` stops it and later calls fail, dropping the last clone stops it.
 //!
 //! One test in a binary of its own, so that no other test's stores are counted among the writer threads.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use nsml_eventstore::conformance::new_events;
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore, StoreError};

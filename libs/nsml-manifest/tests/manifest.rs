@@ -1,4 +1,5 @@
 //! Loads, validates and packs manifests: the demo competition in `examples/` and small ones written per test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::collections::BTreeMap;
 use std::fs;

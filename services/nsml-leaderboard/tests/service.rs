@@ -1,5 +1,6 @@
 //! The leaderboard served for real: a fresh SQLite log per test, the in-process bus and its relay, the service on
 //! 127.0.0.1:0 behind the internal guard, and events appended straight to the store as the other services would.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::future::Future;
 use std::sync::Arc;

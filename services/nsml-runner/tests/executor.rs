@@ -1,5 +1,6 @@
 //! The local executor end to end against fake session, storage and submission services on a real
 //! gRPC port: code and dataset download, layout, logs, checkpoints, predictions, failures and stop.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::collections::HashMap;
 use std::io::Read;

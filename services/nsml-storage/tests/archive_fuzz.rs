@@ -6,6 +6,7 @@
 //! "Outside" is decided by a model written apart from the checker: it resolves every link the way the
 //! kernel would, through the other links of the archive, with no lexical shortcut. Cases per property:
 //! `NSML_FUZZ_CASES` (256 unless set), so CI stays fast and a longer run is one variable away.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

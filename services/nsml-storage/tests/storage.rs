@@ -1,5 +1,6 @@
 //! Service tests: the real storage server on a free port over a fresh log, called as the gateway (for a user)
 //! or as the runner would call it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
