@@ -1,13 +1,16 @@
-//! Byte sizes and durations as hosts and participants write them: `170G`, `1.5G`, `512M`, `1h`.
+//! Byte sizes and durations as hosts and participants write them (`170G`, `1.5G`, `512M`, `1h`), the one
+//! place the platform reads and prints them: the CLI's `--memory`, a manifest's limits, the runner's limits,
+//! quota refusals and `nsml model ls` all go through here.
 //!
 //! Sizes use binary units (`1K` = 1024 bytes), as NSML's `--memory 24G` always did; the unit may be followed by
-//! `B`, `i` or `iB` (`24GB`, `24Gi`, `24GiB` all mean the same).
+//! `B`, `i` or `iB` (`24GB`, `24Gi`, `24GiB` all mean the same). The maintained `bytesize` crate reads `K`/`KB`
+//! as 1000 and prints `MiB`, which would change what `24G` means, so the platform keeps its own.
 
 use std::time::Duration;
 
 use crate::ManifestError;
 
-const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+const UNITS: [&str; 6] = ["B", "KB", "MB", "GB", "TB", "PB"];
 
 /// Parses a byte size: a plain number of bytes, or a number (possibly fractional) followed by `K`, `M`, `G` or
 /// `T` and optionally `B`, `i` or `iB`, case-insensitive.
@@ -53,7 +56,8 @@ pub fn parse_size(input: &str) -> Result<u64, ManifestError> {
     Ok(bytes as u64)
 }
 
-/// Formats a byte count for people: `512 B`, `1.2 KB`, `599.42 MB` (binary units, at most two decimals).
+/// Formats a stored amount for people, as `nsml model ls` printed it: `512 B`, `1.2 KB`, `599.42 MB`
+/// (binary units, at most two decimals).
 pub fn format_size(bytes: u64) -> String {
     if bytes < 1024 {
         return format!("{bytes} B");
@@ -64,9 +68,36 @@ pub fn format_size(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
+    format!("{} {}", decimals(value), UNITS[unit])
+}
+
+/// Formats a limit or a request the way it is written on a command line, so that it reads back with
+/// [`parse_size`]: `64M`, `24G`, `1.5G`, `512K`, `100` (bytes). Wide, so that a sum of memory and shared
+/// memory formats as what it is.
+pub fn short_size(bytes: impl Into<u128>) -> String {
+    const SHORT: [(u128, &str); 5] = [
+        (1 << 50, "P"),
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    let bytes: u128 = bytes.into();
+    for (size, unit) in SHORT {
+        if bytes >= size {
+            if bytes.is_multiple_of(size) {
+                return format!("{}{unit}", bytes / size);
+            }
+            return format!("{}{unit}", decimals(bytes as f64 / size as f64));
+        }
+    }
+    bytes.to_string()
+}
+
+/// At most two decimals, without trailing zeros.
+fn decimals(value: f64) -> String {
     let text = format!("{value:.2}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    format!("{text} {}", UNITS[unit])
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// Parses a duration such as `1h`, `30m`, `1h 30m` or `90s`; a plain number is seconds.
@@ -129,6 +160,20 @@ mod tests {
         assert_eq!(format_size(1229), "1.2 KB");
         assert_eq!(format_size(628_536_033), "599.42 MB");
         assert_eq!(format_size(170 * G), "170 GB");
+    }
+
+    #[test]
+    fn limits_format_as_they_are_written_and_read_back() {
+        assert_eq!(short_size(64u64 << 20), "64M");
+        assert_eq!(short_size(24 * G), "24G");
+        assert_eq!(short_size(3 * G / 2), "1.5G");
+        assert_eq!(short_size(512u64 << 10), "512K");
+        assert_eq!(short_size(100u64), "100");
+        assert_eq!(short_size(2u64 << 40), "2T");
+        assert_eq!(short_size(u128::from(u64::MAX) * 2), "32768P");
+        for bytes in [64u64 << 20, 24 * G, 3 * G / 2, 512 << 10, 100, 2 << 40] {
+            assert_eq!(parse_size(&short_size(bytes)).unwrap(), bytes);
+        }
     }
 
     #[test]

@@ -39,23 +39,8 @@ pub const MAX_CODE_EXPANDED_BYTES: u64 = GIB;
 /// unpacks no more of one (1 TiB), so a larger one could be stored but never loaded.
 pub const MAX_CHECKPOINT_EXPANDED_BYTES: u64 = 1 << 40;
 
-/// Formats a byte count the way `nsml model ls` does (`599.42 MB`), in 1024-based units.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KB", "MB", "GB", "TB", "PB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    // Two decimals at most, as `model ls` printed them, without trailing zeros.
-    let text = format!("{value:.2}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    format!("{text} {}", UNITS[unit])
-}
+/// Formats a byte count the way `nsml model ls` does (`599.42 MB`): the platform's one size format.
+pub use nsml_manifest::format_size as human_bytes;
 
 /// The metrics the platform's scorer computes, with the direction each ranks in.
 const METRICS: [(&str, Direction); 7] = [
