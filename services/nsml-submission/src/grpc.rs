@@ -1,7 +1,6 @@
 //! The `SubmissionService` gRPC API: submit, look up, list, and the runner's hand-over of predictions to
 //! the scorer.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
@@ -233,7 +232,7 @@ impl SubmissionService {
             std::fs::write(&script, code)
                 .map_err(|e| status::internal("preparing the scorer", e))?;
             return Ok(
-                match scoring::run_eval_script(
+                match scoring::eval_script::run_eval_script(
                     &self.python,
                     &script,
                     predictions_json,
@@ -256,49 +255,26 @@ impl SubmissionService {
                 sub.dataset, meta.metric
             )));
         };
-        let pred: serde_json::Value = match serde_json::from_str(predictions_json) {
-            Ok(v) => v,
-            Err(e) => {
-                return Ok(Ending::Failed(format!(
-                    "predictions are not valid JSON: {e}"
-                )));
+        let labels = scoring::parse_labels(&labels_csv)
+            .map_err(|e| status::internal("parsing hidden labels", e))?;
+        let partition = if sub.trial {
+            scoring::Partition::Whole
+        } else {
+            scoring::Partition::PublicPrivate {
+                private_keys: meta.private_keys.clone(),
+                fraction: meta.private_fraction,
+                seed: meta.split_seed,
             }
         };
-        let labels = match scoring::parse_labels(&labels_csv) {
-            Ok(l) => l,
-            Err(e) => return Err(status::internal("parsing hidden labels", e)),
-        };
-        let keys = labels.keys();
-        let preds = match scoring::normalize_predictions(&pred, &labels) {
-            Ok(p) => p,
-            Err(e) => return Ok(Ending::Failed(e.to_string())),
-        };
-        let label_map: HashMap<String, String> = labels.to_map();
-        if sub.trial {
-            return Ok(match scoring::score(metric, &label_map, &preds, &keys) {
-                Ok(score) => Ending::Scored {
-                    score,
-                    private: None,
+        Ok(
+            match scoring::score(&labels, predictions_json, &partition, metric) {
+                Ok(s) => Ending::Scored {
+                    score: s.public,
+                    private: s.private,
                 },
                 Err(e) => Ending::Failed(e.to_string()),
-            });
-        }
-        let (public, private) = scoring::split(
-            &keys,
-            &meta.private_keys,
-            meta.private_fraction,
-            meta.split_seed,
-        );
-        let public_score = scoring::score(metric, &label_map, &preds, &public);
-        let private_score = if private.is_empty() {
-            Ok(None)
-        } else {
-            scoring::score(metric, &label_map, &preds, &private).map(Some)
-        };
-        Ok(match (public_score, private_score) {
-            (Ok(score), Ok(private)) => Ending::Scored { score, private },
-            (Err(e), _) | (_, Err(e)) => Ending::Failed(e.to_string()),
-        })
+            },
+        )
     }
 }
 
