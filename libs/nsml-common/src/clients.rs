@@ -1,6 +1,7 @@
 //! Clients of the other services, reached by address from configuration in both deployments. Every call
 //! goes through [`retry::Retrying`], so a call made while the service called restarts waits for it to return.
 
+pub mod datasets;
 pub mod retry;
 
 use nsml_proto::v1::{
