@@ -1,8 +1,12 @@
-//! Pure rules of the auth service: password and token hashing, token lifetime, login lockout.
+//! Pure rules of the auth service: password and token hashing, token lifetime, login lockout, a
+//! competition's policy defaults.
 
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use nsml_proto::v1::Policy;
 use sha2::{Digest, Sha256};
+
+use crate::error::AuthError;
 
 /// How long a login token lives: 160 hours, as NSML's logins did.
 pub const TOKEN_TTL_MS: i64 = 160 * 3600 * 1000;
@@ -14,6 +18,44 @@ pub const SOURCE_LOCKOUT_AFTER: u32 = 50;
 pub const LOCKOUT_MS: i64 = 60_000;
 /// The most (source, user) and source entries the failed-login bookkeeping holds.
 pub const THROTTLE_CAPACITY: usize = 100_000;
+
+/// The shortest password the platform takes.
+pub const MIN_PASSWORD_CHARS: usize = 4;
+
+/// Refuses a password too short to be one.
+pub fn check_password(username: &str, password: &str) -> Result<(), AuthError> {
+    if password.len() < MIN_PASSWORD_CHARS {
+        return Err(AuthError::PasswordTooShort {
+            user: username.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// A competition's policy with every limit the manifest left out (zero) set to the platform's default.
+pub fn policy_defaults(p: Option<Policy>) -> Policy {
+    let mut p = p.unwrap_or_default();
+    let gib = 1024u64 * 1024 * 1024;
+    if p.team_cpus == 0 {
+        p.team_cpus = 16;
+    }
+    if p.team_memory_bytes == 0 {
+        p.team_memory_bytes = 170 * gib;
+    }
+    if p.team_sessions == 0 {
+        p.team_sessions = 2;
+    }
+    if p.team_storage_bytes == 0 {
+        p.team_storage_bytes = 450 * gib;
+    }
+    if p.submit_time_limit_secs == 0 {
+        p.submit_time_limit_secs = 3600;
+    }
+    if p.submit_max_cpus == 0 {
+        p.submit_max_cpus = 4;
+    }
+    p
+}
 
 /// Hashes a password with argon2id and a random salt.
 pub fn hash_password(password: &str) -> Result<String, String> {
@@ -189,6 +231,35 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_a_manifest_without_limits_when_defaulted_then_the_platform_defaults_apply() {
+        let p = policy_defaults(None);
+        assert_eq!((p.team_cpus, p.team_sessions), (16, 2));
+        assert_eq!(p.team_memory_bytes, 170 * 1024 * 1024 * 1024);
+        assert_eq!(p.team_storage_bytes, 450 * 1024 * 1024 * 1024);
+        assert_eq!((p.submit_time_limit_secs, p.submit_max_cpus), (3600, 4));
+    }
+
+    #[test]
+    fn given_limits_in_the_manifest_when_defaulted_then_they_stay() {
+        let p = policy_defaults(Some(Policy {
+            team_cpus: 3,
+            team_sessions: 9,
+            ..Default::default()
+        }));
+        assert_eq!((p.team_cpus, p.team_sessions, p.submit_max_cpus), (3, 9, 4));
+    }
+
+    #[test]
+    fn given_a_three_character_password_when_checked_then_it_is_refused_naming_the_user() {
+        let err = check_password("alice", "abc").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the password for `alice` is too short: use at least 4 characters"
+        );
+        assert!(check_password("alice", "abcd").is_ok());
+    }
 
     #[test]
     fn passwords_verify_only_themselves() {

@@ -4,8 +4,14 @@
 //! expire (160 hours by default, as NSML logins did) and are revoked by `logout`. Every change is an event;
 //! the service's state is a projection of the log.
 
+//!
+//! The crate reads top-down: `domain` (rules), `projection` (the read model), `handler` (commands), `grpc`
+//! (the API), `error` (what it refuses and how that travels).
+
 mod domain;
+mod error;
 mod grpc;
+mod handler;
 mod projection;
 
 use std::sync::Arc;
@@ -16,21 +22,8 @@ use nsml_common::server::Started;
 use nsml_proto::v1::auth_service_server::AuthServiceServer;
 
 pub use domain::{TOKEN_TTL_MS, hash_password, hash_token};
+pub use error::AuthError;
 pub use grpc::AuthService;
-
-/// Why the auth service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthError {
-    #[error("event store: {0}")]
-    Store(#[from] nsml_eventstore::StoreError),
-    #[error("cannot write the admin token file `{path}`: {source}")]
-    TokenFile {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("cannot hash the admin password: {0}")]
-    Hash(String),
-}
 
 /// Builds the auth service: rebuilds its state from the log, makes sure the platform administrator exists and
 /// writes a fresh host token to `DATA_DIR/admin.token`.
@@ -42,14 +35,14 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, AuthError> {
         ctx.cancel.clone(),
     );
     proj.wait_ready().await;
-    let svc = AuthService::new(ctx.clone(), proj);
-    let token = svc.bootstrap_admin().await?;
+    let core = Arc::new(handler::Auth::new(ctx.store.clone(), proj));
+    let token = core.bootstrap_admin().await?;
     let path = ctx.data_dir.join("admin.token");
     write_secret_file(&path, &token).map_err(|source| AuthError::TokenFile {
         path: path.display().to_string(),
         source,
     })?;
-    let server = AuthServiceServer::new(svc)
+    let server = AuthServiceServer::new(AuthService::new(core))
         .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
     Ok(Started {
