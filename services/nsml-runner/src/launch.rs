@@ -1,15 +1,12 @@
 //! How a session's entry is started: its environment and the one function that builds the command.
 //!
 //! [`build_command`] is the single place where the child process is described, and it always
-//! describes a confined one: `/bin/sh` joins the session's cgroup and `exec`s bubblewrap, which
-//! builds the sandbox ([`crate::sandbox`]) and runs the interpreter in it, unprivileged.
+//! describes a confined one: the session's sandbox ([`SandboxSpec::command`]) runs the interpreter,
+//! unprivileged, inside the session's cgroup.
 //!
 //! ```text
 //! /bin/sh -c JOIN nsml-sandbox N PROCS… BWRAP ARGS… -- [setpriv …] PYTHON -u ENTRY ARGS…
 //! ```
-//!
-//! Joining happens before anything of the session runs, so every process it ever starts is held by
-//! the cgroup's limits and reachable through it.
 
 use std::path::PathBuf;
 
@@ -17,9 +14,6 @@ use nsml_proto::v1::{Resources, SessionKind};
 use tokio::process::Command;
 
 use crate::sandbox::SandboxSpec;
-
-/// Writes the shell's pid into each `cgroup.procs` given (their count first), then runs the rest.
-const JOIN_CGROUP: &str = "n=$1; shift; while [ \"$n\" -gt 0 ]; do echo $$ > \"$1\" || exit 125; shift; n=$((n-1)); done; exec \"$@\"";
 
 /// Everything needed to start a session's entry.
 #[derive(Debug, Clone)]
@@ -112,30 +106,12 @@ pub fn session_env(spec: &EnvSpec) -> Vec<(String, String)> {
 /// sandbox and cgroup, with exactly the given environment. The caller adds the plumbing (pipes,
 /// process group). This is the sandbox's seam.
 pub fn build_command(spec: &LaunchSpec) -> Command {
-    let mut cmd = sandboxed(&spec.sandbox, &spec.cwd);
+    let mut cmd = spec.sandbox.command(&spec.cwd);
     cmd.arg(&spec.python)
         .arg("-u")
         .arg(&spec.entry)
         .args(&spec.args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)));
-    cmd
-}
-
-/// A command that runs, in `sandbox` (and its cgroup) with `cwd` as working directory, the program
-/// and arguments the caller appends, as the sandbox's user. The runner's own helpers that touch
-/// what participant code can change (see [`crate::sandbox::CheckpointStager`]) run this way.
-pub fn sandboxed(sandbox: &SandboxSpec, cwd: &std::path::Path) -> Command {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(JOIN_CGROUP)
-        .arg("nsml-sandbox")
-        .arg(sandbox.cgroup_procs.len().to_string())
-        .args(&sandbox.cgroup_procs)
-        .arg(sandbox.bwrap())
-        .args(sandbox.bwrap_args(cwd))
-        .args(sandbox.privilege_drop())
-        .current_dir(cwd)
-        .env_clear();
     cmd
 }

@@ -22,6 +22,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio::process::Command;
+
 use crate::cgroup::CgroupParent;
 use crate::error::{Result, RunnerError};
 
@@ -48,6 +50,8 @@ const ETC_PATHS: [&str; 7] = [
     "/etc/alternatives",
     "/etc/hosts",
 ];
+/// Writes the shell's pid into each `cgroup.procs` given (their count first), then runs the rest.
+const JOIN_CGROUP: &str = "n=$1; shift; while [ \"$n\" -gt 0 ]; do echo $$ > \"$1\" || exit 125; shift; n=$((n-1)); done; exec \"$@\"";
 /// GPU device nodes every CUDA process needs besides its own `/dev/nvidiaN`.
 const GPU_SHARED_NODES: [&str; 3] = ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"];
 
@@ -366,6 +370,29 @@ impl SandboxSpec {
         &self.host.bwrap
     }
 
+    /// A command that runs, in this sandbox (and its cgroup) with `cwd` as working directory, the
+    /// program and arguments the caller appends, as the sandbox's user, with an empty environment.
+    /// A session's entry ([`crate::launch::build_command`]) and the runner's own helpers that touch
+    /// what participant code can change ([`CheckpointStager`]) run this way.
+    ///
+    /// `/bin/sh` joins the cgroup, then `exec`s bubblewrap: joining happens before anything of the
+    /// session runs, so every process it ever starts is held by the cgroup's limits and reachable
+    /// through it.
+    pub fn command(&self, cwd: &Path) -> Command {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(JOIN_CGROUP)
+            .arg("nsml-sandbox")
+            .arg(self.cgroup_procs.len().to_string())
+            .args(&self.cgroup_procs)
+            .arg(self.bwrap())
+            .args(self.bwrap_args(cwd))
+            .args(self.privilege_drop())
+            .current_dir(cwd)
+            .env_clear();
+        cmd
+    }
+
     /// bubblewrap's arguments up to and including `--`, with `cwd` as the working directory inside.
     pub fn bwrap_args(&self, cwd: &Path) -> Vec<OsString> {
         let host = &self.host;
@@ -552,7 +579,7 @@ impl CheckpointStager {
         };
         let mut sandbox = self.sandbox.clone();
         sandbox.writable.push(root);
-        let mut cmd = crate::launch::sandboxed(&sandbox, &self.cwd);
+        let mut cmd = sandbox.command(&self.cwd);
         cmd.args(["/bin/sh", "-c"])
             .arg("cp -a --reflink=auto -- \"$1\" \"$2\" || exit 1; [ \"$3\" = 1 ] && rm -rf -- \"$1\"; exit 0")
             .arg("nsml-stage")
