@@ -9,16 +9,17 @@
 //! them SIGTERM there, and whatever ends the session, every process left in the cgroup is killed.
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process_group};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::cgroup::SessionCgroup;
+use crate::cgroup::{CgroupUsage, SessionCgroup};
 use crate::limits;
 use crate::logs::{self, LogBudget, LogSender};
 use crate::platform::Platform;
@@ -167,6 +168,7 @@ fn signal_group(pid: u32, sig: Signal) {
     }
 }
 
+/// What ended the wait on a running process.
 enum Ended {
     Exited(std::io::Result<ExitStatus>),
     Stop,
@@ -174,83 +176,65 @@ enum Ended {
     Disk,
 }
 
-/// Runs the process to its end: binds the SDK socket, spawns the command in its own process group with
-/// stdout and stderr piped into `logs` (up to the log limit), reports the start, and ends it on `stop`
-/// (SIGTERM to the session's processes, then SIGKILL after the grace), at the time limit or past the
-/// disk limit (SIGKILL). Whatever ends it, every process left in its cgroup is killed; the cgroup's
-/// accounting then says whether memory ran out, whether forks were refused, and what was used.
-/// Returns once output is drained and the socket closed; the caller reports the finish.
-pub async fn run_process(
-    spec: ProcessSpec,
-    platform: Arc<dyn Platform>,
-    logs: LogSender,
-    stop: CancellationToken,
-) -> ProcessOutcome {
-    let ProcessSpec {
-        mut command,
-        socket_path,
-        sdk,
-        time_limit,
-        stop_grace,
-        time_limit_text,
-        confinement,
-    } = spec;
-    let Confinement {
-        cgroup,
-        socket_owner,
-        memory_bytes,
-        cpus,
-        pids_limit,
-        log_limit,
-        disk,
-    } = confinement;
-    let name = sdk.name.clone();
-    let server = match SdkServer::bind(&socket_path, sdk) {
-        Ok(s) => s,
-        Err(e) => {
-            cgroup.remove().await;
-            return ProcessOutcome::setup_failed(format!("cannot open the SDK socket: {e}"), false);
-        }
-    };
-    if let Some((uid, gid)) = socket_owner
-        && let Err(e) = std::os::unix::fs::chown(&socket_path, Some(uid), Some(gid))
-    {
-        cgroup.remove().await;
-        return ProcessOutcome::setup_failed(
-            format!("cannot hand the SDK socket to the sandbox: {e}"),
-            false,
-        );
-    }
-    let serving = CancellationToken::new();
-    let server_task = tokio::spawn(server.serve(serving.clone()));
+/// The SDK socket, served while the process runs.
+struct SdkServing {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
 
+impl SdkServing {
+    /// Binds the socket, hands it to the sandbox's user when there is one, and serves it; an error
+    /// is the reason the session could not start.
+    fn start(
+        socket_path: &Path,
+        sdk: SdkContext,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Self, String> {
+        let server = SdkServer::bind(socket_path, sdk)
+            .map_err(|e| format!("cannot open the SDK socket: {e}"))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(socket_path, Some(uid), Some(gid))
+                .map_err(|e| format!("cannot hand the SDK socket to the sandbox: {e}"))?;
+        }
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(server.serve(cancel.clone()));
+        Ok(Self { cancel, task })
+    }
+
+    /// Stops serving and waits until the socket is closed.
+    async fn close(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A started process and the tasks pumping its output into the logs.
+struct Running {
+    child: Child,
+    pid: u32,
+    began: Instant,
+    readers: JoinSet<()>,
+}
+
+/// Spawns `command` in its own process group with stdout and stderr piped into `logs` (up to
+/// `log_limit` bytes), after saying the session is ready; an error is the reason it did not start.
+async fn spawn(mut command: Command, logs: &LogSender, log_limit: u64) -> Result<Running, String> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            serving.cancel();
-            let _ = server_task.await;
-            cgroup.remove().await;
-            let program = command
-                .as_std()
-                .get_program()
-                .to_string_lossy()
-                .into_owned();
-            return ProcessOutcome::setup_failed(format!("cannot start {program}: {e}"), false);
-        }
-    };
+    let mut child = command.spawn().map_err(|e| {
+        let program = command.as_std().get_program().to_string_lossy();
+        format!("cannot start {program}: {e}")
+    })?;
     let began = Instant::now();
     let pid = child.id().unwrap_or(0);
-    tracing::info!(session = %name, pid, "process started");
     // Sent before the readers start, so it comes before anything the process prints.
     logs.nsml("Session ready").await;
     let budget = LogBudget::new(log_limit);
-    let mut readers = tokio::task::JoinSet::new();
+    let mut readers = JoinSet::new();
     if let Some(out) = child.stdout.take() {
         readers.spawn(logs::pump_lines(
             out,
@@ -267,98 +251,127 @@ pub async fn run_process(
             budget.clone(),
         ));
     }
-    if let Err(e) = platform.started(pid).await {
-        tracing::warn!(session = %name, error = %e, "cannot report the start");
-    }
+    Ok(Running {
+        child,
+        pid,
+        began,
+        readers,
+    })
+}
 
+/// Waits for whichever comes first: the exit, a stop, the time limit or the disk limit.
+async fn wait_for_end(
+    child: &mut Child,
+    stop: &CancellationToken,
+    time_limit: Option<Duration>,
+    disk: Option<&DiskWatch>,
+) -> Ended {
     let limit = async {
         match time_limit {
             Some(d) => tokio::time::sleep(d).await,
             None => futures::future::pending().await,
         }
     };
-    let disk_limit = disk.as_ref().map_or(0, |d| d.limit);
     let disk_watch = async {
-        match &disk {
+        match disk {
             Some(d) => disk_exceeded(d).await,
             None => futures::future::pending().await,
         }
     };
-    let ended = tokio::select! {
+    tokio::select! {
         status = child.wait() => Ended::Exited(status),
         _ = stop.cancelled() => Ended::Stop,
         _ = limit => Ended::TimeLimit,
         _ = disk_watch => Ended::Disk,
+    }
+}
+
+/// What the end of the wait means for the session, once the process is down: an exit is read as
+/// the sandbox reports it; a stop sends SIGTERM to the session's processes and SIGKILL after
+/// `stop_grace`; the time and disk limits kill every process in the cgroup at once.
+async fn end(
+    ended: Ended,
+    running: &mut Running,
+    cgroup: &SessionCgroup,
+    logs: &LogSender,
+    limits: &EndLimits<'_>,
+) -> ProcessOutcome {
+    let pid = running.pid;
+    let child = &mut running.child;
+    let outcome = |exit_code, reason, stopped| ProcessOutcome {
+        pid: Some(pid),
+        exit_code,
+        reason,
+        stopped,
     };
-    let for_disk = matches!(ended, Ended::Disk);
-    let mut outcome = match ended {
-        Ended::Exited(status) => match status {
-            Ok(status) => {
-                let (exit_code, reason) = describe_sandboxed_exit(status);
-                ProcessOutcome {
-                    pid: Some(pid),
-                    exit_code,
-                    reason,
-                    stopped: false,
-                }
-            }
-            Err(e) => ProcessOutcome {
-                pid: Some(pid),
-                exit_code: -1,
-                reason: format!("cannot wait for the process: {e}"),
-                stopped: false,
-            },
-        },
+    match ended {
+        Ended::Exited(Ok(status)) => {
+            let (exit_code, reason) = describe_sandboxed_exit(status);
+            outcome(exit_code, reason, false)
+        }
+        Ended::Exited(Err(e)) => outcome(-1, format!("cannot wait for the process: {e}"), false),
         Ended::Stop => {
-            logs.nsml("Stopping: sending SIGTERM").await;
-            cgroup.signal_workload(pid, Signal::TERM);
-            let status = match tokio::time::timeout(stop_grace, child.wait()).await {
-                Ok(status) => status,
-                Err(_) => {
-                    logs.nsml(format!(
-                        "Still running {} s after SIGTERM: sending SIGKILL",
-                        stop_grace.as_secs()
-                    ))
-                    .await;
-                    cgroup.kill_all().await;
-                    child.wait().await
-                }
-            };
+            let status = stop_gracefully(child, pid, cgroup, logs, limits.stop_grace).await;
             let exit_code = status.map(|s| describe_sandboxed_exit(s).0).unwrap_or(-1);
-            ProcessOutcome {
-                pid: Some(pid),
-                exit_code,
-                reason: "stopped".to_string(),
-                stopped: true,
-            }
+            outcome(exit_code, "stopped".to_string(), true)
         }
         Ended::TimeLimit => {
             cgroup.kill_all().await;
             let _ = child.wait().await;
-            let reason = format!("time limit exceeded: {time_limit_text}");
+            let reason = format!("time limit exceeded: {}", limits.time_limit_text);
             logs.nsml(reason.clone()).await;
-            ProcessOutcome {
-                pid: Some(pid),
-                exit_code: TIME_LIMIT_EXIT_CODE,
-                reason,
-                stopped: false,
-            }
+            outcome(TIME_LIMIT_EXIT_CODE, reason, false)
         }
         Ended::Disk => {
             cgroup.kill_all().await;
             let _ = child.wait().await;
-            ProcessOutcome {
-                pid: Some(pid),
-                exit_code: KILLED_EXIT_CODE,
-                reason: limits::disk_reason(disk_limit),
-                stopped: false,
-            }
+            outcome(
+                KILLED_EXIT_CODE,
+                limits::disk_reason(limits.disk_bytes),
+                false,
+            )
         }
-    };
-    let wall = began.elapsed();
+    }
+}
+
+/// What [`end`] needs of the session's limits to say what ended it.
+struct EndLimits<'a> {
+    stop_grace: Duration,
+    time_limit_text: &'a str,
+    disk_bytes: u64,
+}
+
+/// Sends SIGTERM to the session's processes and waits `grace` for the exit, then kills them all.
+async fn stop_gracefully(
+    child: &mut Child,
+    pid: u32,
+    cgroup: &SessionCgroup,
+    logs: &LogSender,
+    grace: Duration,
+) -> std::io::Result<ExitStatus> {
+    logs.nsml("Stopping: sending SIGTERM").await;
+    cgroup.signal_workload(pid, Signal::TERM);
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            logs.nsml(format!(
+                "Still running {} s after SIGTERM: sending SIGKILL",
+                grace.as_secs()
+            ))
+            .await;
+            cgroup.kill_all().await;
+            child.wait().await
+        }
+    }
+}
+
+/// Kills whatever the session left running, then reads what is left of its output for a short while
+/// (a process that left its group may hold the pipes open).
+async fn kill_and_drain(running: &mut Running, cgroup: &SessionCgroup, name: &str) {
     // The session is over: nothing it started may outlive it.
-    signal_group(pid, Signal::KILL);
+    signal_group(running.pid, Signal::KILL);
     cgroup.kill_all().await;
+    let readers = &mut running.readers;
     let drained = tokio::time::timeout(DRAIN_GRACE, async {
         while readers.join_next().await.is_some() {}
     })
@@ -367,10 +380,18 @@ pub async fn run_process(
         tracing::warn!(session = %name, "output still open after exit (a process left its group); not reading further");
         readers.shutdown().await;
     }
-    let usage = cgroup.usage();
-    cgroup.remove().await;
-    // A stop, the time limit or the disk limit already says what ended the session.
-    let limit_hit = outcome.stopped || outcome.exit_code == TIME_LIMIT_EXIT_CODE || for_disk;
+}
+
+/// Reads the cgroup's accounting into the outcome: an out-of-memory kill becomes the reason unless a
+/// stop or a limit already says what ended the session (`limit_hit`), and refused forks are noted.
+async fn account_limits(
+    outcome: &mut ProcessOutcome,
+    usage: &CgroupUsage,
+    limit_hit: bool,
+    memory_bytes: u64,
+    pids_limit: u64,
+    logs: &LogSender,
+) {
     if usage.oom_kills > 0 && outcome.exit_code != 0 && !limit_hit {
         outcome.exit_code = KILLED_EXIT_CODE;
         outcome.reason = if memory_bytes > 0 {
@@ -390,26 +411,91 @@ pub async fn run_process(
             outcome.reason = format!("{} ({note})", outcome.reason);
         }
     }
-    if let Some(cpu_ns) = usage.cpu_ns {
-        let cpu_s = cpu_ns as f64 / 1e9;
-        let wall_s = wall.as_secs_f64().max(1e-3);
-        let cpu_limit = if cpus > 0 {
-            cpus.to_string()
-        } else {
-            "none".to_string()
-        };
-        let peak = usage
-            .peak_memory_bytes
-            .map(|b| format!(", peak memory {}", limits::size_text(b)))
-            .unwrap_or_default();
-        logs.nsml(format!(
-            "Resources used: {cpu_s:.2} CPU seconds in {wall_s:.2} s ({:.2} CPUs, limit {cpu_limit}){peak}",
-            cpu_s / wall_s
-        ))
-        .await;
+}
+
+/// Logs the CPU time and peak memory the session used over `wall`, when the cgroup counts them.
+async fn log_resources(usage: &CgroupUsage, wall: Duration, cpus: u32, logs: &LogSender) {
+    let Some(cpu_ns) = usage.cpu_ns else {
+        return;
+    };
+    let cpu_s = cpu_ns as f64 / 1e9;
+    let wall_s = wall.as_secs_f64().max(1e-3);
+    let cpu_limit = if cpus > 0 {
+        cpus.to_string()
+    } else {
+        "none".to_string()
+    };
+    let peak = usage
+        .peak_memory_bytes
+        .map(|b| format!(", peak memory {}", limits::size_text(b)))
+        .unwrap_or_default();
+    logs.nsml(format!(
+        "Resources used: {cpu_s:.2} CPU seconds in {wall_s:.2} s ({:.2} CPUs, limit {cpu_limit}){peak}",
+        cpu_s / wall_s
+    ))
+    .await;
+}
+
+/// Runs the process to its end: binds the SDK socket, spawns the command in its own process group with
+/// stdout and stderr piped into `logs` (up to the log limit), reports the start, and ends it on `stop`
+/// (SIGTERM to the session's processes, then SIGKILL after the grace), at the time limit or past the
+/// disk limit (SIGKILL). Whatever ends it, every process left in its cgroup is killed; the cgroup's
+/// accounting then says whether memory ran out, whether forks were refused, and what was used.
+/// Returns once output is drained and the socket closed; the caller reports the finish.
+pub async fn run_process(
+    spec: ProcessSpec,
+    platform: Arc<dyn Platform>,
+    logs: LogSender,
+    stop: CancellationToken,
+) -> ProcessOutcome {
+    let ProcessSpec {
+        command,
+        socket_path,
+        sdk,
+        time_limit,
+        stop_grace,
+        time_limit_text,
+        confinement: c,
+    } = spec;
+    let name = sdk.name.clone();
+    let sdk = match SdkServing::start(&socket_path, sdk, c.socket_owner) {
+        Ok(sdk) => sdk,
+        Err(reason) => {
+            c.cgroup.remove().await;
+            return ProcessOutcome::setup_failed(reason, false);
+        }
+    };
+    let mut running = match spawn(command, &logs, c.log_limit).await {
+        Ok(running) => running,
+        Err(reason) => {
+            sdk.close().await;
+            c.cgroup.remove().await;
+            return ProcessOutcome::setup_failed(reason, false);
+        }
+    };
+    tracing::info!(session = %name, pid = running.pid, "process started");
+    if let Err(e) = platform.started(running.pid).await {
+        tracing::warn!(session = %name, error = %e, "cannot report the start");
     }
-    serving.cancel();
-    let _ = server_task.await;
+
+    let ended = wait_for_end(&mut running.child, &stop, time_limit, c.disk.as_ref()).await;
+    let for_disk = matches!(ended, Ended::Disk);
+    let end_limits = EndLimits {
+        stop_grace,
+        time_limit_text: &time_limit_text,
+        disk_bytes: c.disk.as_ref().map_or(0, |d| d.limit),
+    };
+    let mut outcome = end(ended, &mut running, &c.cgroup, &logs, &end_limits).await;
+    let wall = running.began.elapsed();
+    kill_and_drain(&mut running, &c.cgroup, &name).await;
+    let usage = c.cgroup.usage();
+    c.cgroup.remove().await;
+    // A stop, the time limit or the disk limit already says what ended the session.
+    let limit_hit = outcome.stopped || outcome.exit_code == TIME_LIMIT_EXIT_CODE || for_disk;
+    let (memory, pids) = (c.memory_bytes, c.pids_limit);
+    account_limits(&mut outcome, &usage, limit_hit, memory, pids, &logs).await;
+    log_resources(&usage, wall, c.cpus, &logs).await;
+    sdk.close().await;
     if outcome.exit_code != 0 && !outcome.stopped && outcome.exit_code != TIME_LIMIT_EXIT_CODE {
         logs.nsml(format!("Session ended: {}", outcome.reason))
             .await;
