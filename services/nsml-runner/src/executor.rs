@@ -43,7 +43,7 @@ use nsml_common::clients::Clients;
 use nsml_common::executor::Executor;
 use nsml_proto::v1::{
     DatasetPart, DownloadCodeRequest, FetchDatasetPartRequest, GetDatasetRequest,
-    PullCheckpointRequest, RunnerFinishedRequest, Session, SessionKind,
+    PullCheckpointRequest, Resources, RunnerFinishedRequest, Session, SessionKind,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -168,6 +168,75 @@ impl SessionDirs {
             socket,
             root,
         }
+    }
+}
+
+impl SessionDirs {
+    /// Makes the session's directories afresh (whatever a session of the same name left goes first).
+    async fn lay_out(&self) -> Result<()> {
+        archive::remove_tree(&self.root).await;
+        for d in [&self.root, &self.tmp, &self.ckpt, &self.loads] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| RunnerError::io(format!("cannot create {}", d.display()), e))?;
+        }
+        if let Some(parent) = self.socket.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| RunnerError::io(format!("cannot create {}", parent.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Hands the session directory and TMPDIR to the sandbox's user, who writes as the session; the
+    /// code, data and checkpoint stay the runner's, and are mounted read-only anyway.
+    fn hand_over(&self, host: &SandboxHost) -> Result<()> {
+        if let Some((uid, gid)) = host.owner() {
+            for d in [&self.root, &self.tmp] {
+                std::os::unix::fs::chown(d, Some(uid), Some(gid)).map_err(|e| {
+                    RunnerError::io(format!("cannot hand {} to the sandbox", d.display()), e)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The session's sandbox: its directory writable, what it reads (code, data, checkpoint, loaded
+    /// checkpoints, the SDK) read-only, its GPUs' device nodes, and its cgroup.
+    fn sandbox(
+        &self,
+        host: Arc<SandboxHost>,
+        sdk_path: PathBuf,
+        lease: &GpuLease,
+        resources: &Resources,
+        cgroup: &SessionCgroup,
+    ) -> SandboxSpec {
+        SandboxSpec {
+            host,
+            writable: vec![self.root.clone()],
+            read_only: vec![
+                self.code.clone(),
+                self.data.clone(),
+                self.ckpt.clone(),
+                self.loads.clone(),
+                sdk_path,
+            ],
+            socket: self.socket.clone(),
+            devices: gpu_device_nodes(&dev_entries(), lease.ids()),
+            shm_bytes: resources.shm_bytes,
+            tmp_bytes: resources.memory_bytes,
+            cgroup_procs: cgroup.procs_files(),
+        }
+    }
+}
+
+/// What a prepared session runs with: its launch, its GPUs and its cgroup.
+type Prepared = (LaunchSpec, GpuLease, SessionCgroup);
+
+/// The time limit as the session is told it ended: `the inference must finish within N seconds`.
+fn time_limit_text(kind: SessionKind, secs: u64) -> String {
+    if is_submit(kind) {
+        format!("the inference must finish within {secs} seconds")
+    } else {
+        format!("the session must finish within {secs} seconds")
     }
 }
 
@@ -446,10 +515,25 @@ impl LocalExecutor {
                 return ProcessOutcome::setup_failed("stopped before the process started", true);
             }
         };
-        let (launch, lease, cgroup) = match prepared {
+        let prepared = match prepared {
             Ok(p) => p,
             Err(e) => return ProcessOutcome::setup_failed(e.to_string(), false),
         };
+        self.run_prepared(session, time_limit_secs, &dirs, prepared, logs, stop)
+            .await
+    }
+
+    /// Runs a prepared session's entry under its time limit, with its SDK socket and its limits
+    /// watched; the session's GPUs are held until it ends.
+    async fn run_prepared(
+        &self,
+        session: &Session,
+        time_limit_secs: u64,
+        dirs: &SessionDirs,
+        (launch, lease, cgroup): Prepared,
+        logs: &LogSender,
+        stop: &CancellationToken,
+    ) -> ProcessOutcome {
         let platform: Arc<dyn Platform> = Arc::new(
             GrpcPlatform::new(
                 self.clients.clone(),
@@ -458,40 +542,68 @@ impl LocalExecutor {
             )
             .for_submission(session.submission_id.clone()),
         );
-        let kind = session.kind();
-        let sdk = match SdkContext::new(
-            session.name.clone(),
-            kind,
-            &dirs.root,
-            dirs.loads.clone(),
-            vec![dirs.data.clone()],
-            Arc::clone(&platform),
-            CheckpointStager::new(
-                launch.sandbox.clone(),
-                dirs.code.clone(),
-                self.cfg.work_dir.join("staging"),
-            ),
-        ) {
+        let sdk = match self.sdk_context(session, dirs, &launch, Arc::clone(&platform)) {
             Ok(sdk) => sdk,
             Err(e) => {
                 cgroup.remove().await;
                 return ProcessOutcome::setup_failed(e.to_string(), false);
             }
         };
+        let kind = session.kind();
         let time_limit = (time_limit_secs > 0).then(|| Duration::from_secs(time_limit_secs));
-        let time_limit_text = if is_submit(kind) {
-            format!("the inference must finish within {time_limit_secs} seconds")
-        } else {
-            format!("the session must finish within {time_limit_secs} seconds")
-        };
         if is_submit(kind) && time_limit.is_some() {
             logs.nsml(format!(
                 "Infer test set. The inference should be completed within {time_limit_secs} seconds."
             ))
             .await;
         }
+        let spec = ProcessSpec {
+            command: build_command(&launch),
+            socket_path: dirs.socket.clone(),
+            sdk,
+            time_limit,
+            stop_grace: STOP_GRACE,
+            time_limit_text: time_limit_text(kind, time_limit_secs),
+            confinement: self.confinement(cgroup, &launch, dirs),
+        };
+        let outcome = run_process(spec, platform, logs.clone(), stop.clone()).await;
+        drop(lease);
+        outcome
+    }
+
+    /// What the session's SDK socket knows of it: its directories, its platform, and how a
+    /// checkpoint it saves is copied out of its reach.
+    fn sdk_context(
+        &self,
+        session: &Session,
+        dirs: &SessionDirs,
+        launch: &LaunchSpec,
+        platform: Arc<dyn Platform>,
+    ) -> Result<SdkContext> {
+        SdkContext::new(
+            session.name.clone(),
+            session.kind(),
+            &dirs.root,
+            dirs.loads.clone(),
+            vec![dirs.data.clone()],
+            platform,
+            CheckpointStager::new(
+                launch.sandbox.clone(),
+                dirs.code.clone(),
+                self.cfg.work_dir.join("staging"),
+            ),
+        )
+    }
+
+    /// How the session's process is held (its cgroup) and what is watched from outside.
+    fn confinement(
+        &self,
+        cgroup: SessionCgroup,
+        launch: &LaunchSpec,
+        dirs: &SessionDirs,
+    ) -> Confinement {
         let limits = &self.cfg.limits;
-        let confinement = Confinement {
+        Confinement {
             cgroup,
             socket_owner: launch.sandbox.host.owner(),
             memory_bytes: launch.resources.memory_bytes,
@@ -503,19 +615,7 @@ impl LocalExecutor {
                 exclude: vec![dirs.code.clone(), dirs.data.clone(), dirs.ckpt.clone()],
                 limit: limits.disk_bytes,
             }),
-        };
-        let spec = ProcessSpec {
-            command: build_command(&launch),
-            socket_path: dirs.socket.clone(),
-            sdk,
-            time_limit,
-            stop_grace: STOP_GRACE,
-            time_limit_text,
-            confinement,
-        };
-        let outcome = run_process(spec, platform, logs.clone(), stop.clone()).await;
-        drop(lease);
-        outcome
+        }
     }
 
     /// Lays out the session directory, makes the session's cgroup and builds the launch; holds the
@@ -525,7 +625,7 @@ impl LocalExecutor {
         session: &Session,
         dirs: &SessionDirs,
         logs: &LogSender,
-    ) -> Result<(LaunchSpec, GpuLease, SessionCgroup)> {
+    ) -> Result<Prepared> {
         // A directory laid out before the start-up sweep could be taken for a dead session's.
         self.swept().await;
         let host = self.sandbox_host().await?;
@@ -538,35 +638,8 @@ impl LocalExecutor {
         })?;
         let args = entry_args(&session.args, is_submit(kind))?;
 
-        archive::remove_tree(&dirs.root).await;
-        for d in [&dirs.root, &dirs.tmp, &dirs.ckpt, &dirs.loads] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| RunnerError::io(format!("cannot create {}", d.display()), e))?;
-        }
-        if let Some(parent) = dirs.socket.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| RunnerError::io(format!("cannot create {}", parent.display()), e))?;
-        }
-
-        logs.nsml("Fetching code").await;
-        let code = self
-            .clients
-            .storage
-            .clone()
-            .download_code(DownloadCodeRequest {
-                id: session.code_snapshot.clone(),
-            })
-            .await
-            .map_err(|s| RunnerError::rpc("DownloadCode", s))?
-            .into_inner();
-        extract_download("DownloadCode", code, &dirs.code, ExtractLimits::CODE).await?;
-        let entry_name = if session.entry.is_empty() {
-            "main.py"
-        } else {
-            &session.entry
-        };
-        let entry = check_entry(&dirs.code, entry_name)?;
-
+        dirs.lay_out().await?;
+        let entry = self.fetch_code(session, dirs, logs).await?;
         logs.nsml(format!(
             "Preparing dataset {} ({})",
             session.dataset,
@@ -575,54 +648,12 @@ impl LocalExecutor {
         .await;
         self.place_dataset(&session.dataset, part, &dirs.data)
             .await?;
-
         if is_submit(kind) {
-            logs.nsml(format!(
-                "Fetching checkpoint {} of {}",
-                session.source_checkpoint, session.source_session
-            ))
-            .await;
-            let stream = self
-                .clients
-                .storage
-                .clone()
-                .pull_checkpoint(PullCheckpointRequest {
-                    session: session.source_session.clone(),
-                    checkpoint: session.source_checkpoint.clone(),
-                })
-                .await
-                .map_err(|s| RunnerError::rpc("PullCheckpoint", s))?
-                .into_inner();
-            std::fs::remove_dir(&dirs.ckpt).map_err(|e| {
-                RunnerError::io(format!("cannot prepare {}", dirs.ckpt.display()), e)
-            })?;
-            extract_download(
-                "PullCheckpoint",
-                stream,
-                &dirs.ckpt,
-                ExtractLimits::CHECKPOINT,
-            )
-            .await?;
+            self.fetch_checkpoint(session, dirs, logs).await?;
         }
+        dirs.hand_over(&host)?;
 
-        // The session writes as the sandbox's user: its directory and TMPDIR are handed over; the
-        // code, data and checkpoint stay the runner's, and are mounted read-only anyway.
-        if let Some((uid, gid)) = host.owner() {
-            for d in [&dirs.root, &dirs.tmp] {
-                std::os::unix::fs::chown(d, Some(uid), Some(gid)).map_err(|e| {
-                    RunnerError::io(format!("cannot hand {} to the sandbox", d.display()), e)
-                })?;
-            }
-        }
-        let sdk_path = self.cfg.sdk_path.canonicalize().map_err(|e| {
-            RunnerError::io(
-                format!(
-                    "cannot find the Python SDK at {}",
-                    self.cfg.sdk_path.display()
-                ),
-                e,
-            )
-        })?;
+        let sdk_path = self.sdk_path()?;
         let env = session_env(&EnvSpec {
             name: session.name.clone(),
             dataset: session.dataset.clone(),
@@ -645,22 +676,6 @@ impl LocalExecutor {
                 pids: self.cfg.limits.pids,
             },
         )?;
-        let sandbox = SandboxSpec {
-            host: Arc::clone(&host),
-            writable: vec![dirs.root.clone()],
-            read_only: vec![
-                dirs.code.clone(),
-                dirs.data.clone(),
-                dirs.ckpt.clone(),
-                dirs.loads.clone(),
-                sdk_path,
-            ],
-            socket: dirs.socket.clone(),
-            devices: gpu_device_nodes(&dev_entries(), lease.ids()),
-            shm_bytes: resources.shm_bytes,
-            tmp_bytes: resources.memory_bytes,
-            cgroup_procs: cgroup.procs_files(),
-        };
         let launch = LaunchSpec {
             python: host.python().display().to_string(),
             entry,
@@ -669,9 +684,84 @@ impl LocalExecutor {
             env,
             gpu_ids: lease.ids().to_vec(),
             resources,
-            sandbox,
+            sandbox: dirs.sandbox(host, sdk_path, &lease, &resources, &cgroup),
         };
         Ok((launch, lease, cgroup))
+    }
+
+    /// Fetches the session's code snapshot into `code/` and returns its entry, checked to be a file
+    /// of the code.
+    async fn fetch_code(
+        &self,
+        session: &Session,
+        dirs: &SessionDirs,
+        logs: &LogSender,
+    ) -> Result<PathBuf> {
+        logs.nsml("Fetching code").await;
+        let code = self
+            .clients
+            .storage
+            .clone()
+            .download_code(DownloadCodeRequest {
+                id: session.code_snapshot.clone(),
+            })
+            .await
+            .map_err(|s| RunnerError::rpc("DownloadCode", s))?
+            .into_inner();
+        extract_download("DownloadCode", code, &dirs.code, ExtractLimits::CODE).await?;
+        let entry_name = if session.entry.is_empty() {
+            "main.py"
+        } else {
+            &session.entry
+        };
+        check_entry(&dirs.code, entry_name)
+    }
+
+    /// Fetches the checkpoint a submit runs with into `ckpt/`.
+    async fn fetch_checkpoint(
+        &self,
+        session: &Session,
+        dirs: &SessionDirs,
+        logs: &LogSender,
+    ) -> Result<()> {
+        logs.nsml(format!(
+            "Fetching checkpoint {} of {}",
+            session.source_checkpoint, session.source_session
+        ))
+        .await;
+        let stream = self
+            .clients
+            .storage
+            .clone()
+            .pull_checkpoint(PullCheckpointRequest {
+                session: session.source_session.clone(),
+                checkpoint: session.source_checkpoint.clone(),
+            })
+            .await
+            .map_err(|s| RunnerError::rpc("PullCheckpoint", s))?
+            .into_inner();
+        std::fs::remove_dir(&dirs.ckpt)
+            .map_err(|e| RunnerError::io(format!("cannot prepare {}", dirs.ckpt.display()), e))?;
+        extract_download(
+            "PullCheckpoint",
+            stream,
+            &dirs.ckpt,
+            ExtractLimits::CHECKPOINT,
+        )
+        .await
+    }
+
+    /// The Python SDK's directory, resolved: it is mounted into the sandbox at the same path.
+    fn sdk_path(&self) -> Result<PathBuf> {
+        self.cfg.sdk_path.canonicalize().map_err(|e| {
+            RunnerError::io(
+                format!(
+                    "cannot find the Python SDK at {}",
+                    self.cfg.sdk_path.display()
+                ),
+                e,
+            )
+        })
     }
 
     /// Copies dataset `dataset`'s `part` into `dest`, fetching it into the cache first if needed.
