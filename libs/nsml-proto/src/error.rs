@@ -5,6 +5,9 @@
 //!
 //! Each service keeps a closed enum of its own errors and maps it to a `Status` in one place, through
 //! [`ErrorCode::status`] or [`ErrorCode::status_with`].
+//!
+//! The codes are declared for every language as the `nsml.v1.ErrorReason` enum in `proto/nsml/v1/common.proto`
+//! (`ERROR_REASON_QUOTA_EXCEEDED` travels as `QUOTA_EXCEEDED`); a test keeps the two lists equal.
 
 use std::collections::HashMap;
 
@@ -219,6 +222,23 @@ mod tests {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
         }
         assert_eq!(ErrorCode::parse("team_gpus"), None);
+    }
+
+    #[test]
+    fn the_codes_are_the_protos_error_reasons() {
+        // Values are numbered from 1 without gaps; 0 is unspecified.
+        let mut declared: Vec<&str> = (1..)
+            .map_while(|n| crate::v1::ErrorReason::try_from(n).ok())
+            .map(|r| {
+                r.as_str_name()
+                    .strip_prefix("ERROR_REASON_")
+                    .expect("prefixed")
+            })
+            .collect();
+        let mut codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        declared.sort_unstable();
+        codes.sort_unstable();
+        assert_eq!(declared, codes);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
 pub mod codec;
+pub mod error;
 
 pub mod v1 {
     tonic::include_proto!("nsml.v1");
