@@ -145,16 +145,14 @@ impl User {
     }
 }
 
-/// The services of a distributed deployment, one `nsmld serve` process each, in the order they start.
-pub const SERVICES: [&str; 7] = [
-    "auth",
-    "storage",
-    "quota",
-    "leaderboard",
-    "submission",
-    "session",
-    "gateway",
-];
+/// The processes of a distributed deployment, one `nsmld serve` process each, in the order they start: the
+/// platform's services, then the gateway.
+pub fn services() -> impl Iterator<Item = &'static str> {
+    nsml_common::service::Service::ALL
+        .into_iter()
+        .map(|s| s.name())
+        .chain(["gateway"])
+}
 
 /// A running deployment.
 pub struct Deployment {
@@ -314,7 +312,7 @@ gpus = "0"
 
     fn start_distributed(&mut self) -> anyhow::Result<()> {
         let cfg = self.config.clone().context("no config")?;
-        for svc in SERVICES {
+        for svc in services() {
             let args: Vec<String> = vec![
                 "serve".into(),
                 svc.into(),

@@ -14,7 +14,7 @@ use nsml_integration_tests::faults::{
     check_no_session_dirs, log_snapshot, print_table,
 };
 use nsml_integration_tests::grpc::example_with_interval;
-use nsml_integration_tests::{Deployment, SERVICES, User};
+use nsml_integration_tests::{Deployment, User, services};
 
 /// What a fault does to the deployment; returns when the failed component is back.
 type Inject<'a> = Box<dyn FnMut(&mut Deployment) -> anyhow::Result<()> + 'a>;
@@ -115,7 +115,7 @@ fn distributed_services_nats_and_postgres_killed_lose_nothing() -> anyhow::Resul
     dep.apply_competition(&manifest)?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut faults: Vec<(String, Inject<'_>)> = Vec::new();
-    for svc in SERVICES {
+    for svc in services() {
         faults.push((
             format!("{svc} killed"),
             Box::new(move |d: &mut Deployment| d.restart_service_after(svc, DOWN_FOR)),

@@ -21,10 +21,11 @@ use tonic::service::{Interceptor, Routes};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Service, ServiceExt};
+use tower::{BoxError, ServiceExt};
 
 use crate::caller::{INTERNAL_SECRET_KEY, SERVICE_KEY};
 use crate::server::InternalGuard;
+use crate::service::Service;
 use crate::telemetry;
 
 /// Largest gRPC message the platform sends or accepts (predictions of a big test set).
@@ -44,6 +45,38 @@ pub struct ServiceAddrs {
     /// router, behind the same internal guard as the network server, instead of over loopback TCP.
     #[serde(skip)]
     pub local: Option<LocalRoutes>,
+}
+
+impl ServiceAddrs {
+    /// Every service at the address `f` gives it.
+    pub fn from_fn(f: impl Fn(Service) -> String) -> Self {
+        Self {
+            auth: f(Service::Auth),
+            storage: f(Service::Storage),
+            session: f(Service::Session),
+            quota: f(Service::Quota),
+            submission: f(Service::Submission),
+            leaderboard: f(Service::Leaderboard),
+            local: None,
+        }
+    }
+
+    /// Every service at one address (one process serving them all, or a test's one server).
+    pub fn all_at(addr: &str) -> Self {
+        Self::from_fn(|_| addr.to_string())
+    }
+
+    /// Where `service` listens.
+    pub fn get(&self, service: Service) -> &str {
+        match service {
+            Service::Auth => &self.auth,
+            Service::Storage => &self.storage,
+            Service::Session => &self.session,
+            Service::Quota => &self.quota,
+            Service::Submission => &self.submission,
+            Service::Leaderboard => &self.leaderboard,
+        }
+    }
 }
 
 /// How one service is reached: a network channel, or this process's own router.
@@ -92,7 +125,7 @@ impl LocalRoutes {
     }
 }
 
-impl Service<http::Request<tonic::body::Body>> for LocalRoutes {
+impl tower::Service<http::Request<tonic::body::Body>> for LocalRoutes {
     type Response = http::Response<tonic::body::Body>;
     type Error = TransportError;
     type Future = BoxFuture<'static, Result<Self::Response, TransportError>>;
@@ -196,9 +229,9 @@ impl Clients {
     /// Builds clients of every service for the service named `me`; their calls are retried through a
     /// restart of the service called, as [`retry`] describes.
     pub fn new(addrs: &ServiceAddrs, secret: &str, me: &str) -> Result<Self, ClientsError> {
-        let channel = |service, addr: &str| -> Result<Transport, ClientsError> {
+        let channel = |service: Service| -> Result<Transport, ClientsError> {
             Ok(BoxCloneSyncService::new(retry::Retrying::new(
-                transport(service, addr, addrs.local.as_ref())?,
+                transport(service.name(), addrs.get(service), addrs.local.as_ref())?,
                 retry::Backoff::THROUGH_RESTART,
             )))
         };
@@ -208,35 +241,35 @@ impl Clients {
         };
         let m = MAX_MESSAGE_BYTES;
         Ok(Self {
-            auth: AuthServiceClient::with_interceptor(channel("auth", &addrs.auth)?, ic.clone())
+            auth: AuthServiceClient::with_interceptor(channel(Service::Auth)?, ic.clone())
                 .max_decoding_message_size(m)
                 .max_encoding_message_size(m),
             storage: StorageServiceClient::with_interceptor(
-                channel("storage", &addrs.storage)?,
+                channel(Service::Storage)?,
                 ic.clone(),
             )
             .max_decoding_message_size(m)
             .max_encoding_message_size(m),
             session: SessionServiceClient::with_interceptor(
-                channel("session", &addrs.session)?,
+                channel(Service::Session)?,
                 ic.clone(),
             )
             .max_decoding_message_size(m)
             .max_encoding_message_size(m),
             quota: QuotaServiceClient::with_interceptor(
-                channel("quota", &addrs.quota)?,
+                channel(Service::Quota)?,
                 ic.clone(),
             )
             .max_decoding_message_size(m)
             .max_encoding_message_size(m),
             submission: SubmissionServiceClient::with_interceptor(
-                channel("submission", &addrs.submission)?,
+                channel(Service::Submission)?,
                 ic.clone(),
             )
             .max_decoding_message_size(m)
             .max_encoding_message_size(m),
             leaderboard: LeaderboardServiceClient::with_interceptor(
-                channel("leaderboard", &addrs.leaderboard)?,
+                channel(Service::Leaderboard)?,
                 ic,
             )
             .max_decoding_message_size(m)

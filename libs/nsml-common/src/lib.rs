@@ -15,6 +15,7 @@ pub mod names;
 pub mod projection;
 pub mod reactor;
 pub mod server;
+pub mod service;
 pub mod status;
 pub mod telemetry;
 

@@ -20,6 +20,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::IntoResponse;
 use nsml_common::caller::{IDENTITY_KEY, INTERNAL_SECRET_KEY};
 use nsml_common::clients::{Clients, ServiceAddrs, Transport, transport};
+use nsml_common::service::Service;
 use nsml_proto::v1::AuthenticateRequest;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -84,26 +85,13 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), GatewayError> {
     let local = addrs.local.as_ref();
-    let channel = |service, addr: &str| transport(service, addr, local);
     let mut routes = HashMap::new();
-    routes.insert("nsml.v1.AuthService", channel("auth", &addrs.auth)?);
-    routes.insert(
-        "nsml.v1.StorageService",
-        channel("storage", &addrs.storage)?,
-    );
-    routes.insert(
-        "nsml.v1.SessionService",
-        channel("session", &addrs.session)?,
-    );
-    routes.insert("nsml.v1.QuotaService", channel("quota", &addrs.quota)?);
-    routes.insert(
-        "nsml.v1.SubmissionService",
-        channel("submission", &addrs.submission)?,
-    );
-    routes.insert(
-        "nsml.v1.LeaderboardService",
-        channel("leaderboard", &addrs.leaderboard)?,
-    );
+    for service in Service::ALL {
+        routes.insert(
+            service.grpc_name(),
+            transport(service.name(), addrs.get(service), local)?,
+        );
+    }
     let inner = Arc::new(Inner {
         clients: Clients::new(addrs, secret, "gateway")?,
         routes,
