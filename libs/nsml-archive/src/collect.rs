@@ -1,0 +1,111 @@
+//! Uploads of a directory: collecting what `.nsmlignore` leaves in, and packing it.
+
+use std::fs;
+use std::path::Path;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+
+use crate::error::ArchiveError;
+use crate::ignore::IgnoreRules;
+
+/// What an upload holds: directories and regular files, relative to the uploaded directory, sorted.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub entries: Vec<CollectedEntry>,
+    /// Relative paths left out, with what they are: `symlink` or `special file`.
+    pub skipped: Vec<(String, &'static str)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectedEntry {
+    /// `/`-separated path relative to the uploaded directory.
+    pub path: String,
+    pub is_dir: bool,
+}
+
+impl Collected {
+    /// Returns whether `file` (relative, `./` allowed) is among the regular files.
+    pub fn contains_file(&self, file: &str) -> bool {
+        let wanted = normalize_typed(file);
+        self.entries.iter().any(|e| !e.is_dir && e.path == wanted)
+    }
+}
+
+/// Normalizes a relative path as a user typed it: `./src//main.py` → `src/main.py`.
+fn normalize_typed(path: &str) -> String {
+    path.split(['/', '\\'])
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Walks `root`, leaving out what `rules` ignore, symlinks and special files.
+pub fn collect(root: &Path, rules: &IgnoreRules) -> Result<Collected, ArchiveError> {
+    let mut collected = Collected::default();
+    walk(root, "", rules, &mut collected)?;
+    Ok(collected)
+}
+
+fn walk(
+    dir: &Path,
+    prefix: &str,
+    rules: &IgnoreRules,
+    out: &mut Collected,
+) -> Result<(), ArchiveError> {
+    let mut children = fs::read_dir(dir)
+        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ArchiveError::io("cannot read", dir, e))?;
+    children.sort_by_key(|c| c.file_name());
+    for child in children {
+        let name = child.file_name().to_string_lossy().into_owned();
+        let path = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let kind = child
+            .file_type()
+            .map_err(|e| ArchiveError::io("cannot read", child.path(), e))?;
+        if kind.is_dir() {
+            if rules.is_ignored(&path, true) {
+                continue;
+            }
+            out.entries.push(CollectedEntry {
+                path: path.clone(),
+                is_dir: true,
+            });
+            walk(&child.path(), &path, rules, out)?;
+        } else if rules.is_ignored(&path, false) {
+            continue;
+        } else if kind.is_file() {
+            out.entries.push(CollectedEntry {
+                path,
+                is_dir: false,
+            });
+        } else if kind.is_symlink() {
+            out.skipped.push((path, "symlink"));
+        } else {
+            out.skipped.push((path, "special file"));
+        }
+    }
+    Ok(())
+}
+
+/// Packs the collected entries of `root` into a gzip'd tar, keeping modes and modification times.
+pub fn pack_collected(root: &Path, collected: &Collected) -> Result<Vec<u8>, ArchiveError> {
+    let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
+    builder.follow_symlinks(false);
+    for entry in &collected.entries {
+        let source = root.join(&entry.path);
+        if entry.is_dir {
+            builder.append_dir(&entry.path, &source)
+        } else {
+            builder.append_path_with_name(&source, &entry.path)
+        }
+        .map_err(|e| ArchiveError::io("cannot pack", &source, e))?;
+    }
+    let fail = |e| ArchiveError::io("cannot pack", root, e);
+    let encoder = builder.into_inner().map_err(fail)?;
+    encoder.finish().map_err(fail)
+}

@@ -1,0 +1,175 @@
+//! Packing: uploads under `.nsmlignore`, trees as they are, reproducible archives.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use nsml_archive::{
+    IgnoreRules, Limits, Links, Reproducible, collect, pack_collected, pack_dir, unpack,
+};
+
+fn tree(root: &Path, files: &[&str]) {
+    for file in files {
+        let path = root.join(file);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, format!("contents of {file}")).unwrap();
+    }
+}
+
+/// Every regular file of an archive, by name, with its text.
+fn files_of(archive: &[u8]) -> BTreeMap<String, String> {
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    let mut out = BTreeMap::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.header().entry_type().is_file() {
+            let mut body = String::new();
+            std::io::Read::read_to_string(&mut e, &mut body).unwrap();
+            out.insert(e.path().unwrap().display().to_string(), body);
+        }
+    }
+    out
+}
+
+fn names_of(archive: &[u8]) -> Vec<String> {
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    ar.entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect()
+}
+
+#[test]
+fn uploads_honour_nsmlignore_and_skip_git_and_symlinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    tree(
+        root,
+        &[
+            "main.py",
+            "model/net.py",
+            "data/big.bin",
+            ".git/HEAD",
+            "a.pyc",
+            "model/b.pyc",
+            ".nsmlignore",
+        ],
+    );
+    fs::write(root.join(".nsmlignore"), "*.pyc\ndata/\n").unwrap();
+    std::os::unix::fs::symlink("main.py", root.join("link.py")).unwrap();
+    let rules = IgnoreRules::parse(&fs::read_to_string(root.join(".nsmlignore")).unwrap()).unwrap();
+
+    let collected = collect(root, &rules).unwrap();
+    let paths: Vec<_> = collected.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, [".nsmlignore", "main.py", "model", "model/net.py"]);
+    assert_eq!(collected.skipped, [("link.py".to_string(), "symlink")]);
+    assert!(collected.contains_file("main.py"));
+    assert!(collected.contains_file("./model//net.py"));
+    assert!(!collected.contains_file("model"));
+    assert!(!collected.contains_file("data/big.bin"));
+
+    let files = files_of(&pack_collected(root, &collected).unwrap());
+    let names: Vec<_> = files.keys().map(String::as_str).collect();
+    assert_eq!(names, [".nsmlignore", "main.py", "model/net.py"]);
+    assert_eq!(files["model/net.py"], "contents of model/net.py");
+}
+
+#[test]
+fn packs_without_following_symlinks_and_round_trips() {
+    let src = tempfile::tempdir().unwrap();
+    let secret = tempfile::tempdir().unwrap();
+    fs::write(secret.path().join("secret"), "do not pack me").unwrap();
+    fs::create_dir(src.path().join("sub")).unwrap();
+    fs::write(src.path().join("sub/model.bin"), [1u8, 2, 3]).unwrap();
+    fs::write(src.path().join("run.sh"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(src.path().join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(secret.path().join("secret"), src.path().join("leak")).unwrap();
+    std::os::unix::fs::symlink("sub/model.bin", src.path().join("alias")).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(src.path().join("a.sock")).unwrap();
+
+    let packed = pack_dir(src.path(), Vec::new()).unwrap();
+    assert!(
+        files_of(&packed)
+            .values()
+            .all(|b| !b.contains("do not pack me")),
+        "a symlink was followed"
+    );
+    let mut names = names_of(&packed);
+    names.sort();
+    assert_eq!(names, ["alias", "leak", "run.sh", "sub", "sub/model.bin"]);
+
+    // Unpacking refuses the link that points outside, and takes the rest.
+    let dest = tempfile::tempdir().unwrap();
+    let err = unpack(&packed[..], dest.path(), Limits::NONE, Links::Keep).unwrap_err();
+    assert!(
+        err.to_string().contains("points to an absolute path"),
+        "{err}"
+    );
+    fs::remove_file(src.path().join("leak")).unwrap();
+    let packed = pack_dir(src.path(), Vec::new()).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    unpack(&packed[..], dest.path(), Limits::NONE, Links::Keep).unwrap();
+    assert_eq!(fs::read(dest.path().join("alias")).unwrap(), [1, 2, 3]);
+    let mode = fs::metadata(dest.path().join("run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o111, 0o111);
+}
+
+#[test]
+fn reproducible_archives_depend_on_contents_only() {
+    let pack = |root: &Path| {
+        let mut r = Reproducible::new(Vec::new());
+        r.add_path(&root.join("train"), "train").unwrap();
+        r.add_path(&root.join("label.csv"), "test/test_label")
+            .unwrap();
+        r.add_bytes(b"k1\n", "private_keys.txt").unwrap();
+        r.finish().unwrap()
+    };
+    let make = || {
+        let dir = tempfile::tempdir().unwrap();
+        tree(
+            dir.path(),
+            &["train/b.csv", "train/a.csv", "train/x/y.csv", "label.csv"],
+        );
+        fs::set_permissions(
+            dir.path().join("train/a.csv"),
+            fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        dir
+    };
+    let (one, two) = (make(), make());
+    let first = pack(one.path());
+    assert_eq!(first, pack(two.path()), "same files, same bytes");
+    assert_eq!(
+        names_of(&first),
+        [
+            "train/",
+            "train/a.csv",
+            "train/b.csv",
+            "train/x/",
+            "train/x/y.csv",
+            "test/test_label",
+            "private_keys.txt"
+        ]
+    );
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&first[..]));
+    for e in ar.entries().unwrap() {
+        let e = e.unwrap();
+        let h = e.header();
+        assert_eq!(
+            (h.mtime().unwrap(), h.uid().unwrap(), h.gid().unwrap()),
+            (0, 0, 0)
+        );
+        let mode = h.mode().unwrap();
+        assert!(mode == 0o644 || mode == 0o755, "{mode:o}");
+    }
+    let err = Reproducible::new(Vec::new())
+        .add_path(&one.path().join("missing"), "x")
+        .unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}
