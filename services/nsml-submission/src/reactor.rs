@@ -1,5 +1,6 @@
 //! Ends submissions whose submit session ended without predictions, and those past their time limit.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use nsml_common::event::decode;
@@ -7,13 +8,14 @@ use nsml_common::{ServiceContext, now_ms};
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{SessionExited, SessionFailed, SessionStopped, SubmissionStatus};
 
-use crate::grpc::{Ending, SubmissionService};
+use crate::domain::{EndedBy, Ending};
+use crate::handler::Handler;
 
 /// Grace after the time limit before the watchdog ends a submit the runner did not end.
 const GRACE_MS: i64 = 120_000;
 
 /// Follows the log, resuming where it stopped, and checks time limits until cancelled.
-pub async fn run(svc: SubmissionService, ctx: ServiceContext) {
+pub async fn run(svc: Arc<Handler>, ctx: ServiceContext) {
     let watchdog = {
         let (svc, cancel) = (svc.clone(), ctx.cancel.clone());
         async move {
@@ -26,8 +28,6 @@ pub async fn run(svc: SubmissionService, ctx: ServiceContext) {
             }
         }
     };
-    // Shared, not cloned per event: the service holds a client of every other service.
-    let svc = std::sync::Arc::new(svc);
     let reactor = nsml_common::reactor::run(
         "submission",
         ctx.store.clone(),
@@ -44,7 +44,7 @@ pub async fn run(svc: SubmissionService, ctx: ServiceContext) {
     tokio::join!(watchdog, reactor);
 }
 
-async fn handle(svc: &SubmissionService, ev: &StoredEvent) {
+async fn handle(svc: &Handler, ev: &StoredEvent) {
     let ended = if let Some(e) = decode::<SessionExited>(ev) {
         Some((
             e.name,
@@ -70,7 +70,7 @@ async fn handle(svc: &SubmissionService, ev: &StoredEvent) {
     let Some((session, ending)) = ended else {
         return;
     };
-    let running = svc.projection().read(|p| {
+    let running = svc.read(|p| {
         p.by_session
             .get(&session)
             .and_then(|id| p.by_id.get(id))
@@ -78,15 +78,15 @@ async fn handle(svc: &SubmissionService, ev: &StoredEvent) {
             .map(|s| s.id.clone())
     });
     if let Some(id) = running
-        && let Err(err) = svc.end(&id, ending).await
+        && let Err(err) = svc.end(&id, ending, EndedBy::Session).await
     {
         tracing::error!(%err, submission = %id, "could not record a submit's end");
     }
 }
 
-async fn watchdog(svc: &SubmissionService) {
+async fn watchdog(svc: &Handler) {
     let now = now_ms();
-    let overdue: Vec<(String, u64)> = svc.projection().read(|p| {
+    let overdue: Vec<(String, u64)> = svc.read(|p| {
         p.by_id
             .values()
             .filter(|s| s.status() == SubmissionStatus::Running)
@@ -97,7 +97,10 @@ async fn watchdog(svc: &SubmissionService) {
     for (id, limit) in overdue {
         let reason =
             format!("time limit exceeded: the inference must finish within {limit} seconds");
-        if let Err(err) = svc.end(&id, Ending::TimedOut(reason)).await {
+        if let Err(err) = svc
+            .end(&id, Ending::TimedOut(reason), EndedBy::Session)
+            .await
+        {
             tracing::error!(%err, submission = %id, "could not time out a submit");
         }
     }
