@@ -146,6 +146,111 @@ pub fn probe_python(python: &str) -> Result<PythonInstall> {
     })
 }
 
+/// Finds bubblewrap in `search` and whether it is 0.8 or later.
+fn find_bwrap(search: Option<&std::ffi::OsStr>) -> Result<(PathBuf, bool)> {
+    let bwrap = which(search, "bwrap").ok_or_else(|| RunnerError::Sandbox(BWRAP_MISSING.into()))?;
+    let version = std::process::Command::new(&bwrap)
+        .arg("--version")
+        .output()
+        .map_err(|e| RunnerError::Sandbox(format!("{BWRAP_MISSING} ({e})")))?;
+    let modern =
+        bwrap_version(&String::from_utf8_lossy(&version.stdout)).is_some_and(|v| v >= (0, 8));
+    if !modern {
+        tracing::warn!(
+            "bubblewrap older than 0.8: /dev/shm and /tmp are not sized (the memory limit still holds them)"
+        );
+    }
+    Ok((bwrap, modern))
+}
+
+/// How participant code loses the runner's privileges: through `setpriv` (found in `search`) when
+/// the runner is root, through bubblewrap's user namespace otherwise.
+fn find_privilege(search: Option<&std::ffi::OsStr>) -> Result<Privilege> {
+    if !rustix::process::geteuid().is_root() {
+        return Ok(Privilege::User);
+    }
+    let setpriv = which(search, "setpriv").ok_or_else(|| {
+        RunnerError::Sandbox(
+            "setpriv (util-linux) is required to run participant code unprivileged: install it"
+                .into(),
+        )
+    })?;
+    Ok(Privilege::Root {
+        setpriv,
+        uid: SANDBOX_UID,
+        gid: SANDBOX_GID,
+    })
+}
+
+/// Refuses an interpreter whose directories, bound into every sandbox, would hold a path of
+/// `protected` (the platform's data) or the runner's home directory, or are `/` itself.
+fn check_python_roots(python: &PythonInstall, protected: &[PathBuf]) -> Result<()> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    for root in &python.roots {
+        let exposes = |p: &Path| p.starts_with(root);
+        if root.parent().is_none()
+            || protected.iter().any(|p| exposes(p))
+            || home.as_deref().is_some_and(exposes)
+        {
+            return Err(RunnerError::Sandbox(format!(
+                "the interpreter's directory {} would expose the platform's files or the runner's home to participant code: install Python elsewhere",
+                root.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The system directories of this machine, as they appear in the sandbox.
+fn system_paths() -> Vec<SystemPath> {
+    let mut system = Vec::new();
+    for d in SYSTEM_DIRS.map(Path::new) {
+        match std::fs::symlink_metadata(d) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(d) {
+                    system.push(SystemPath::Symlink {
+                        link: d.to_path_buf(),
+                        target,
+                    });
+                }
+            }
+            Ok(m) if m.is_dir() => system.push(SystemPath::Dir(d.to_path_buf())),
+            _ => {}
+        }
+    }
+    system
+}
+
+/// Writes the sandbox's `/etc/passwd` and `/etc/group` (only `root` and the sandbox's user) into
+/// `state_dir`; returns them as binds.
+fn write_users(state_dir: &Path, privilege: &Privilege) -> Result<Vec<(PathBuf, PathBuf)>> {
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| RunnerError::io(format!("cannot create {}", state_dir.display()), e))?;
+    let (uid, gid) = match privilege {
+        Privilege::Root { uid, gid, .. } => (*uid, *gid),
+        Privilege::User => (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        ),
+    };
+    let mut files = Vec::new();
+    for (name, text) in [
+        (
+            "passwd",
+            format!(
+                "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:{uid}:{gid}:nobody:/nonexistent:/usr/sbin/nologin\n"
+            ),
+        ),
+        ("group", format!("root:x:0:\nnogroup:x:{gid}:\n")),
+    ] {
+        let p = state_dir.join(name);
+        std::fs::write(&p, text)
+            .map_err(|e| RunnerError::io(format!("cannot write {}", p.display()), e))?;
+        files.push((p, PathBuf::from("/etc").join(name)));
+    }
+    Ok(files)
+}
+
 impl SandboxHost {
     /// Finds bubblewrap, `setpriv` (when the runner is root), the interpreter `python` and the
     /// cgroups, and writes the sandbox's `/etc/passwd` and `/etc/group` into `state_dir`. None of
@@ -167,92 +272,18 @@ impl SandboxHost {
         state_dir: &Path,
         protected: &[PathBuf],
     ) -> Result<Self> {
-        let bwrap =
-            which(search, "bwrap").ok_or_else(|| RunnerError::Sandbox(BWRAP_MISSING.into()))?;
-        let version = std::process::Command::new(&bwrap)
-            .arg("--version")
-            .output()
-            .map_err(|e| RunnerError::Sandbox(format!("{BWRAP_MISSING} ({e})")))?;
-        let modern =
-            bwrap_version(&String::from_utf8_lossy(&version.stdout)).is_some_and(|v| v >= (0, 8));
-        if !modern {
-            tracing::warn!(
-                "bubblewrap older than 0.8: /dev/shm and /tmp are not sized (the memory limit still holds them)"
-            );
-        }
-        let privilege = if rustix::process::geteuid().is_root() {
-            let setpriv = which(search, "setpriv").ok_or_else(|| {
-                RunnerError::Sandbox(
-                    "setpriv (util-linux) is required to run participant code unprivileged: install it"
-                        .into(),
-                )
-            })?;
-            Privilege::Root {
-                setpriv,
-                uid: SANDBOX_UID,
-                gid: SANDBOX_GID,
-            }
-        } else {
-            Privilege::User
-        };
+        let (bwrap, modern) = find_bwrap(search)?;
+        let privilege = find_privilege(search)?;
         let python = probe_python(python)?;
-        let home = std::env::var_os("HOME").map(PathBuf::from);
-        for root in &python.roots {
-            let exposes = |p: &Path| p.starts_with(root);
-            if root.parent().is_none()
-                || protected.iter().any(|p| exposes(p))
-                || home.as_deref().is_some_and(exposes)
-            {
-                return Err(RunnerError::Sandbox(format!(
-                    "the interpreter's directory {} would expose the platform's files or the runner's home to participant code: install Python elsewhere",
-                    root.display()
-                )));
-            }
-        }
-        let mut system = Vec::new();
-        for d in SYSTEM_DIRS.map(Path::new) {
-            match std::fs::symlink_metadata(d) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    if let Ok(target) = std::fs::read_link(d) {
-                        system.push(SystemPath::Symlink {
-                            link: d.to_path_buf(),
-                            target,
-                        });
-                    }
-                }
-                Ok(m) if m.is_dir() => system.push(SystemPath::Dir(d.to_path_buf())),
-                _ => {}
-            }
-        }
+        check_python_roots(&python, protected)?;
+        let system = system_paths();
         let mut files: Vec<(PathBuf, PathBuf)> = ETC_PATHS
             .iter()
             .map(PathBuf::from)
             .filter(|p| p.exists())
             .map(|p| (p.clone(), p))
             .collect();
-        std::fs::create_dir_all(state_dir)
-            .map_err(|e| RunnerError::io(format!("cannot create {}", state_dir.display()), e))?;
-        let (uid, gid) = match &privilege {
-            Privilege::Root { uid, gid, .. } => (*uid, *gid),
-            Privilege::User => (
-                rustix::process::getuid().as_raw(),
-                rustix::process::getgid().as_raw(),
-            ),
-        };
-        for (name, text) in [
-            (
-                "passwd",
-                format!(
-                    "root:x:0:0:root:/root:/usr/sbin/nologin\nnobody:x:{uid}:{gid}:nobody:/nonexistent:/usr/sbin/nologin\n"
-                ),
-            ),
-            ("group", format!("root:x:0:\nnogroup:x:{gid}:\n")),
-        ] {
-            let p = state_dir.join(name);
-            std::fs::write(&p, text)
-                .map_err(|e| RunnerError::io(format!("cannot write {}", p.display()), e))?;
-            files.push((p, PathBuf::from("/etc").join(name)));
-        }
+        files.extend(write_users(state_dir, &privilege)?);
         if let Privilege::Root { setpriv, .. } = &privilege
             && !under_system(&system, setpriv)
         {
@@ -364,6 +395,33 @@ fn os(s: &str) -> OsString {
     OsString::from(s)
 }
 
+/// The arguments binding `mounts` (sorted parents first), each after the empty directories made on
+/// its way that no tree of `full` already provides.
+fn mount_args(mounts: Vec<(PathBuf, PathBuf, Bind)>, mut full: Vec<PathBuf>) -> Vec<OsString> {
+    let mut a = Vec::new();
+    // Directories made empty for the sandbox (what lies below must be made too).
+    let mut made: Vec<PathBuf> = vec!["/".into(), "/tmp".into()];
+    for (src, dest, bind) in mounts {
+        let ancestors: Vec<&Path> = dest.ancestors().skip(1).collect();
+        for anc in ancestors.into_iter().rev() {
+            if full.iter().any(|f| anc.starts_with(f)) {
+                break;
+            }
+            if !made.iter().any(|m| m == anc) {
+                a.extend([os("--perms"), os("0755"), os("--dir"), anc.into()]);
+                made.push(anc.to_path_buf());
+            }
+        }
+        let flag = match bind {
+            Bind::ReadOnly => "--ro-bind",
+            Bind::ReadWrite => "--bind",
+        };
+        a.extend([os(flag), src.into(), dest.clone().into()]);
+        full.push(dest);
+    }
+    a
+}
+
 impl SandboxSpec {
     /// The bubblewrap program.
     pub fn bwrap(&self) -> &Path {
@@ -396,43 +454,13 @@ impl SandboxSpec {
     /// bubblewrap's arguments up to and including `--`, with `cwd` as the working directory inside.
     pub fn bwrap_args(&self, cwd: &Path) -> Vec<OsString> {
         let host = &self.host;
-        let mut a: Vec<OsString> = Vec::new();
-        let namespaces: &[&str] = match host.privilege {
-            Privilege::Root { .. } => &[
-                "--unshare-ipc",
-                "--unshare-pid",
-                "--unshare-net",
-                "--unshare-uts",
-                "--unshare-cgroup-try",
-            ],
-            Privilege::User if host.modern => {
-                &["--unshare-all", "--unshare-user", "--disable-userns"]
-            }
-            Privilege::User => &["--unshare-all"],
-        };
-        a.extend(namespaces.iter().map(|f| os(f)));
-        a.extend([os("--die-with-parent"), os("--new-session")]);
-        let sized = |bytes: u64| -> Vec<OsString> {
-            if host.modern && bytes > 0 {
-                vec![os("--size"), OsString::from(bytes.to_string())]
-            } else {
-                Vec::new()
-            }
-        };
-        a.extend([os("--perms"), os("1777")]);
-        a.extend(sized(self.tmp_bytes));
-        a.extend([os("--tmpfs"), os("/tmp")]);
-        a.extend([os("--proc"), os("/proc"), os("--dev"), os("/dev")]);
-        a.extend([os("--perms"), os("1777")]);
-        a.extend(sized(self.shm_bytes));
-        a.extend([os("--tmpfs"), os("/dev/shm")]);
+        let mut a: Vec<OsString> = self.namespace_args();
+        a.extend(self.scratch_args());
         for d in &self.devices {
             a.extend([os("--dev-bind"), d.into(), d.into()]);
         }
-        // Trees whose contents exist inside (everything below them is there), and directories made
-        // empty for the sandbox (what lies below must be made too).
+        // Trees whose contents exist inside (everything below them is there).
         let mut full: Vec<PathBuf> = vec!["/proc".into(), "/dev".into()];
-        let mut made: Vec<PathBuf> = vec!["/".into(), "/tmp".into()];
         for s in &host.system {
             match s {
                 SystemPath::Dir(d) => {
@@ -445,43 +473,8 @@ impl SandboxSpec {
                 }
             }
         }
-        let mut mounts: Vec<(PathBuf, PathBuf, Bind)> = Vec::new();
-        for (src, dest) in &host.files {
-            mounts.push((src.clone(), dest.clone(), Bind::ReadOnly));
-        }
-        for r in &host.python.roots {
-            if !full.iter().any(|f| r.starts_with(f)) {
-                mounts.push((r.clone(), r.clone(), Bind::ReadOnly));
-            }
-        }
-        for w in &self.writable {
-            mounts.push((w.clone(), w.clone(), Bind::ReadWrite));
-        }
-        for r in &self.read_only {
-            mounts.push((r.clone(), r.clone(), Bind::ReadOnly));
-        }
-        mounts.push((self.socket.clone(), self.socket.clone(), Bind::ReadWrite));
-        // Parents first, so a read-only tree lands over the writable one that holds it.
-        mounts.sort_by(|x, y| x.1.cmp(&y.1).then(x.2.cmp(&y.2)));
-        mounts.dedup_by(|x, y| x.1 == y.1);
-        for (src, dest, bind) in mounts {
-            let ancestors: Vec<&Path> = dest.ancestors().skip(1).collect();
-            for anc in ancestors.into_iter().rev() {
-                if full.iter().any(|f| anc.starts_with(f)) {
-                    break;
-                }
-                if !made.iter().any(|m| m == anc) {
-                    a.extend([os("--perms"), os("0755"), os("--dir"), anc.into()]);
-                    made.push(anc.to_path_buf());
-                }
-            }
-            let flag = match bind {
-                Bind::ReadOnly => "--ro-bind",
-                Bind::ReadWrite => "--bind",
-            };
-            a.extend([os(flag), src.into(), dest.clone().into()]);
-            full.push(dest);
-        }
+        let mounts = self.mounts(&full);
+        a.extend(mount_args(mounts, full));
         a.extend([os("--chdir"), cwd.into()]);
         if let Privilege::Root { .. } = host.privilege {
             a.extend(
@@ -500,6 +493,70 @@ impl SandboxSpec {
         }
         a.push(os("--"));
         a
+    }
+
+    /// The namespaces the sandbox gets, and its ties to the runner (it dies with it, has no terminal).
+    fn namespace_args(&self) -> Vec<OsString> {
+        let namespaces: &[&str] = match self.host.privilege {
+            Privilege::Root { .. } => &[
+                "--unshare-ipc",
+                "--unshare-pid",
+                "--unshare-net",
+                "--unshare-uts",
+                "--unshare-cgroup-try",
+            ],
+            Privilege::User if self.host.modern => {
+                &["--unshare-all", "--unshare-user", "--disable-userns"]
+            }
+            Privilege::User => &["--unshare-all"],
+        };
+        let mut a: Vec<OsString> = namespaces.iter().map(|f| os(f)).collect();
+        a.extend([os("--die-with-parent"), os("--new-session")]);
+        a
+    }
+
+    /// A private `/tmp` and `/dev/shm` (sized where bubblewrap can), `/proc` and `/dev`.
+    fn scratch_args(&self) -> Vec<OsString> {
+        let sized = |bytes: u64| -> Vec<OsString> {
+            if self.host.modern && bytes > 0 {
+                vec![os("--size"), OsString::from(bytes.to_string())]
+            } else {
+                Vec::new()
+            }
+        };
+        let mut a = vec![os("--perms"), os("1777")];
+        a.extend(sized(self.tmp_bytes));
+        a.extend([os("--tmpfs"), os("/tmp")]);
+        a.extend([os("--proc"), os("/proc"), os("--dev"), os("/dev")]);
+        a.extend([os("--perms"), os("1777")]);
+        a.extend(sized(self.shm_bytes));
+        a.extend([os("--tmpfs"), os("/dev/shm")]);
+        a
+    }
+
+    /// Every path bound in besides the system directories (`full` holds those), parents first, so a
+    /// read-only tree lands over the writable one that holds it; one mount per destination.
+    fn mounts(&self, full: &[PathBuf]) -> Vec<(PathBuf, PathBuf, Bind)> {
+        let host = &self.host;
+        let mut mounts: Vec<(PathBuf, PathBuf, Bind)> = Vec::new();
+        for (src, dest) in &host.files {
+            mounts.push((src.clone(), dest.clone(), Bind::ReadOnly));
+        }
+        for r in &host.python.roots {
+            if !full.iter().any(|f| r.starts_with(f)) {
+                mounts.push((r.clone(), r.clone(), Bind::ReadOnly));
+            }
+        }
+        for w in &self.writable {
+            mounts.push((w.clone(), w.clone(), Bind::ReadWrite));
+        }
+        for r in &self.read_only {
+            mounts.push((r.clone(), r.clone(), Bind::ReadOnly));
+        }
+        mounts.push((self.socket.clone(), self.socket.clone(), Bind::ReadWrite));
+        mounts.sort_by(|x, y| x.1.cmp(&y.1).then(x.2.cmp(&y.2)));
+        mounts.dedup_by(|x, y| x.1 == y.1);
+        mounts
     }
 
     /// What runs first inside the sandbox before the interpreter: `setpriv` dropping to the
