@@ -3,13 +3,107 @@
 //! A team's quota decides whether a session may hold resources at all; the cluster's capacity (the
 //! executor's configuration) decides when it starts. Sessions start first come, first served within a team,
 //! and a team whose next session does not fit yet does not hold back another team's that does.
+//!
+//! [`Dispatcher`] is the queue and the ledger of what launched sessions hold; [`Launcher`] hands what fits
+//! to the executor and frees what ended sessions held.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nsml_common::executor::Capacity;
-use nsml_proto::v1::{Resources, Session};
+use nsml_common::executor::{Capacity, Executor};
+use nsml_proto::v1::{Resources, Session, SessionStatus};
 use parking_lot::Mutex;
+
+use crate::error::SessionError;
+use crate::handler::Handler;
+use crate::logs::LogStore;
+use crate::projection::{Entry, view};
+
+/// What a queued session's reason says while it waits for the cluster.
+pub const WAITING_REASON: &str = "Allocated, not created yet: waiting for free cluster capacity";
+
+/// Starts admitted sessions on the executor as the cluster has room, and frees what ended ones held.
+pub struct Launcher {
+    pub handler: Arc<Handler>,
+    pub executor: Arc<dyn Executor>,
+    pub logs: Arc<LogStore>,
+    pub queue: Dispatcher,
+}
+
+impl Launcher {
+    pub fn new(handler: Arc<Handler>, executor: Arc<dyn Executor>, logs: Arc<LogStore>) -> Self {
+        Self {
+            handler,
+            executor,
+            logs,
+            queue: Dispatcher::default(),
+        }
+    }
+
+    /// Queues an admitted session and starts whatever fits the cluster now; a start failure of this
+    /// session is the caller's error.
+    pub async fn launch(&self, s: &Session, time_limit_secs: u64) -> Result<(), SessionError> {
+        self.queue.enqueue(s.clone(), time_limit_secs);
+        self.pump().await;
+        let failed = self.handler.read(|st| {
+            st.sessions
+                .get(&s.name)
+                .filter(|e| e.session.status() == SessionStatus::Failed)
+                .map(|e| e.session.reason.clone())
+        });
+        match failed {
+            Some(reason) => Err(SessionError::CouldNotStart {
+                name: s.name.clone(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands every queued session that fits the cluster to the executor; a start failure fails the session.
+    pub async fn pump(&self) {
+        loop {
+            let ready = self.queue.take_ready(self.executor.capacity());
+            if ready.is_empty() {
+                return;
+            }
+            for w in ready {
+                let name = w.session.name.clone();
+                if let Err(reason) = self.executor.start(w.session, w.time_limit_secs).await {
+                    if let Err(err) = self.handler.fail(&name, -1, &reason).await {
+                        tracing::error!(session = %name, %err, "could not record a failed start");
+                    }
+                    self.logs.end(&name);
+                    self.queue.forget(&name);
+                }
+            }
+        }
+    }
+
+    /// What every ended session needs: followers told, its cluster resources freed for the queue.
+    pub async fn ended(&self, name: &str) {
+        self.logs.end(name);
+        self.queue.forget(name);
+        self.pump().await;
+    }
+
+    /// The session as the API shows it, saying why a queued session has not started.
+    pub fn shown(&self, e: &Entry) -> Session {
+        let mut s = view(e);
+        if self.queue.is_waiting(&s.name) {
+            s.reason = WAITING_REASON.into();
+        }
+        s
+    }
+
+    /// The session `name` as the API shows it, or `fallback` when the read model does not show it yet.
+    pub fn shown_or(&self, name: &str, fallback: Session) -> Session {
+        self.handler
+            .read(|st| st.sessions.get(name).map(|e| self.shown(e)))
+            .unwrap_or(fallback)
+    }
+}
 
 /// A session waiting for capacity.
 #[derive(Debug, Clone)]
