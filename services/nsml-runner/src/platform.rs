@@ -161,35 +161,7 @@ impl GrpcPlatform {
                 summary_json: summary_json.to_string(),
             })),
         };
-        // The stream ends cleanly only after `Done`: if packing fails, it stays open and the call is
-        // dropped below, so the service sees a cancelled upload, never a truncated checkpoint.
-        let finished = Arc::new(AtomicBool::new(false));
-        let seen_done = Arc::clone(&finished);
-        let data = ReceiverStream::new(rx)
-            .take_while(move |piece| {
-                let is_data = matches!(piece, Piece::Data(_));
-                if !is_data {
-                    seen_done.store(true, Ordering::SeqCst);
-                }
-                futures::future::ready(is_data)
-            })
-            .filter_map(|piece| {
-                futures::future::ready(match piece {
-                    Piece::Data(data) => Some(SaveCheckpointChunk {
-                        kind: Some(save_checkpoint_chunk::Kind::Data(data)),
-                    }),
-                    Piece::Done => None,
-                })
-            })
-            // Without `Done` the packer failed: stay pending, never end the upload cleanly.
-            .chain(futures::stream::poll_fn(move |_| {
-                if finished.load(Ordering::SeqCst) {
-                    Poll::Ready(None)
-                } else {
-                    Poll::Pending
-                }
-            }));
-        let request = futures::stream::iter([meta]).chain(data);
+        let request = futures::stream::iter([meta]).chain(upload_data(rx));
         let mut client = self.clients.storage.clone();
         let call = client.save_checkpoint(request);
         tokio::pin!(call);
@@ -214,6 +186,40 @@ impl GrpcPlatform {
             ))),
         }
     }
+}
+
+/// The data chunks of an upload, as the packing thread sends them. The stream ends cleanly only after
+/// `Done`: if packing fails, it stays open and the call is dropped, so the service sees a cancelled
+/// upload, never a truncated checkpoint.
+fn upload_data(
+    rx: mpsc::Receiver<Piece>,
+) -> impl futures::Stream<Item = SaveCheckpointChunk> + Send + 'static {
+    let finished = Arc::new(AtomicBool::new(false));
+    let seen_done = Arc::clone(&finished);
+    ReceiverStream::new(rx)
+        .take_while(move |piece| {
+            let is_data = matches!(piece, Piece::Data(_));
+            if !is_data {
+                seen_done.store(true, Ordering::SeqCst);
+            }
+            futures::future::ready(is_data)
+        })
+        .filter_map(|piece| {
+            futures::future::ready(match piece {
+                Piece::Data(data) => Some(SaveCheckpointChunk {
+                    kind: Some(save_checkpoint_chunk::Kind::Data(data)),
+                }),
+                Piece::Done => None,
+            })
+        })
+        // Without `Done` the packer failed: stay pending, never end the upload cleanly.
+        .chain(futures::stream::poll_fn(move |_| {
+            if finished.load(Ordering::SeqCst) {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        }))
 }
 
 /// A piece of a checkpoint archive on its way from the packing thread to the upload.

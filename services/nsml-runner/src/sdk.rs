@@ -267,70 +267,12 @@ async fn handle(ctx: &SdkContext, req: Request) -> Result<Value> {
             scope,
             step,
             metrics,
-        } => {
-            let metrics_json = Value::Object(metrics).to_string();
-            let point = MetricPoint {
-                at_ms: nsml_common::now_ms(),
-                step: step.unwrap_or(0),
-                summary,
-                scope: scope.unwrap_or_default(),
-                metrics_json: metrics_json.clone(),
-            };
-            // Every report is an event in the log: refuse an oversized one here, saying so to the program.
-            nsml_common::bounds::Bounded::check_bounds(&point)
-                .map_err(|s| RunnerError::Refused(format!("nsml.report: {}", s.message())))?;
-            ctx.platform.report(point).await?;
-            if summary {
-                *ctx.last_summary.lock().unwrap_or_else(|e| e.into_inner()) = metrics_json;
-            }
-            Ok(Value::Null)
-        }
-        Request::Save { checkpoint, path } => {
-            if ctx.is_submit() {
-                return Err(RunnerError::Refused(
-                    "checkpoints cannot be saved in a submit session".into(),
-                ));
-            }
-            check_checkpoint(&checkpoint)?;
-            let dir = save_dir(ctx, &path)?;
-            // The SDK hands its own directories over once saved: they go, so sessions do not fill
-            // the disk (removed by the copy, as the session's user).
-            let consume = dir.starts_with(ctx.session_dir.join("ckpt-tmp"));
-            let staged = ctx.stager.stage(&dir, consume).await?;
-            let saved = ctx
-                .platform
-                .save_checkpoint(&checkpoint, &ctx.last_summary(), &staged.path)
-                .await;
-            staged.remove().await;
-            saved?;
-            Ok(Value::Null)
-        }
+        } => report(ctx, summary, scope, step, metrics).await,
+        Request::Save { checkpoint, path } => save(ctx, &checkpoint, &path).await,
         Request::Load {
             checkpoint,
             session,
-        } => {
-            check_checkpoint(&checkpoint)?;
-            let session = session
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| ctx.name.clone());
-            let wanted = nsml_common::names::SessionName::parse(&session)
-                .map_err(|s| RunnerError::Refused(s.message().to_string()))?;
-            // The services trust the runner, so the runner checks: a session loads its own team's
-            // checkpoints only.
-            let own_team = ctx.name.split('/').next().unwrap_or_default();
-            if wanted.team != own_team {
-                return Err(RunnerError::Refused(format!(
-                    "session {session} belongs to another team"
-                )));
-            }
-            let dest = ctx
-                .tmp_dir
-                .join(format!("load-{}", uuid::Uuid::new_v4().simple()));
-            ctx.platform
-                .load_checkpoint(&session, &checkpoint, &dest)
-                .await?;
-            Ok(json!({"path": dest.display().to_string()}))
-        }
+        } => load(ctx, &checkpoint, session).await,
         Request::Predictions { predictions } => {
             if !ctx.is_submit() {
                 return Err(RunnerError::Refused(
@@ -341,6 +283,80 @@ async fn handle(ctx: &SdkContext, req: Request) -> Result<Value> {
             Ok(Value::Null)
         }
     }
+}
+
+/// `report`: records a metrics point; a summary one is kept as the summary of later checkpoints.
+async fn report(
+    ctx: &SdkContext,
+    summary: bool,
+    scope: Option<String>,
+    step: Option<i64>,
+    metrics: Map<String, Value>,
+) -> Result<Value> {
+    let metrics_json = Value::Object(metrics).to_string();
+    let point = MetricPoint {
+        at_ms: nsml_common::now_ms(),
+        step: step.unwrap_or(0),
+        summary,
+        scope: scope.unwrap_or_default(),
+        metrics_json: metrics_json.clone(),
+    };
+    // Every report is an event in the log: refuse an oversized one here, saying so to the program.
+    nsml_common::bounds::Bounded::check_bounds(&point)
+        .map_err(|s| RunnerError::Refused(format!("nsml.report: {}", s.message())))?;
+    ctx.platform.report(point).await?;
+    if summary {
+        *ctx.last_summary.lock().unwrap_or_else(|e| e.into_inner()) = metrics_json;
+    }
+    Ok(Value::Null)
+}
+
+/// `save`: stores a directory of the session as checkpoint `checkpoint`, read through a staged copy.
+async fn save(ctx: &SdkContext, checkpoint: &str, path: &str) -> Result<Value> {
+    if ctx.is_submit() {
+        return Err(RunnerError::Refused(
+            "checkpoints cannot be saved in a submit session".into(),
+        ));
+    }
+    check_checkpoint(checkpoint)?;
+    let dir = save_dir(ctx, path)?;
+    // The SDK hands its own directories over once saved: they go, so sessions do not fill
+    // the disk (removed by the copy, as the session's user).
+    let consume = dir.starts_with(ctx.session_dir.join("ckpt-tmp"));
+    let staged = ctx.stager.stage(&dir, consume).await?;
+    let saved = ctx
+        .platform
+        .save_checkpoint(checkpoint, &ctx.last_summary(), &staged.path)
+        .await;
+    staged.remove().await;
+    saved?;
+    Ok(Value::Null)
+}
+
+/// `load`: extracts a checkpoint of the session's own team where the session can read it, and
+/// answers the path.
+async fn load(ctx: &SdkContext, checkpoint: &str, session: Option<String>) -> Result<Value> {
+    check_checkpoint(checkpoint)?;
+    let session = session
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| ctx.name.clone());
+    let wanted = nsml_common::names::SessionName::parse(&session)
+        .map_err(|s| RunnerError::Refused(s.message().to_string()))?;
+    // The services trust the runner, so the runner checks: a session loads its own team's
+    // checkpoints only.
+    let own_team = ctx.name.split('/').next().unwrap_or_default();
+    if wanted.team != own_team {
+        return Err(RunnerError::Refused(format!(
+            "session {session} belongs to another team"
+        )));
+    }
+    let dest = ctx
+        .tmp_dir
+        .join(format!("load-{}", uuid::Uuid::new_v4().simple()));
+    ctx.platform
+        .load_checkpoint(&session, checkpoint, &dest)
+        .await?;
+    Ok(json!({"path": dest.display().to_string()}))
 }
 
 fn check_checkpoint(name: &str) -> Result<()> {
