@@ -18,7 +18,7 @@ use std::fmt;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tonic::Code;
+use nsml_proto::error::ErrorCode;
 
 use crate::cli::{Cli, Command};
 use crate::commands::Context;
@@ -126,12 +126,13 @@ fn describe(err: &anyhow::Error) -> String {
 }
 
 fn report_status(err: &anyhow::Error, status: &tonic::Status, server: &str) {
-    if api::is_local(status) && status.code() == Code::Unavailable {
+    let code = ErrorCode::of_or_implied(status);
+    if api::is_local(status) && code == ErrorCode::Unavailable {
         eprintln!("Error: cannot reach the NSML server at {server} (is nsmld running?)");
         return;
     }
     eprintln!("Error: {}", output::clean(&status_message(err, status)));
-    if status.code() == Code::Unauthenticated {
+    if code == ErrorCode::Unauthenticated {
         eprintln!("Log in with `nsml login` (or set NSML_TOKEN).");
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use nsml_proto::error::ErrorCode;
 use tonic::{Code, Status};
 
 /// How long a call is retried: through a 30 s restart and the start-up after it.
@@ -21,7 +22,7 @@ const MAX_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether a status says the server could not be reached or is restarting.
 pub fn is_unavailable(status: &Status) -> bool {
-    status.code() == Code::Unavailable
+    ErrorCode::of_or_implied(status) == ErrorCode::Unavailable
         || (status.code() == Code::Unknown && std::error::Error::source(status).is_some())
 }
 

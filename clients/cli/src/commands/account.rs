@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use anyhow::{Result, bail};
+use nsml_proto::error::ErrorCode;
 use nsml_proto::v1::{Empty, LoginRequest};
-use tonic::Code;
 
 use super::{Context, read_password};
 use crate::UsageError;
@@ -67,7 +67,7 @@ pub async fn logout(ctx: &Context) -> Result<()> {
     match ctx.api()?.auth().logout(Empty {}).await {
         Ok(_) => {}
         // Already expired or revoked: forgetting it locally is all that is left.
-        Err(status) if status.code() == Code::Unauthenticated => {}
+        Err(status) if ErrorCode::of_or_implied(&status) == ErrorCode::Unauthenticated => {}
         Err(status) => eprintln!(
             "Warning: the server did not revoke the token: {}",
             status.message()

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use std::collections::HashSet;
 
+use nsml_proto::error::ErrorCode;
 use nsml_proto::v1::{
     GetSubmissionRequest, ListSubmissionsRequest, Submission, SubmissionStatus, SubmitRequest,
 };
-use tonic::Code;
 
 use super::Context;
 use super::sessions::print_logs;
@@ -82,7 +82,10 @@ pub async fn submit(ctx: &Context, session: &str, checkpoint: &str, trial: bool)
             // The session may already be gone, or its logs withheld: the status still tells the outcome.
             Err(e)
                 if e.downcast_ref::<tonic::Status>().is_some_and(|s| {
-                    matches!(s.code(), Code::NotFound | Code::PermissionDenied)
+                    matches!(
+                        ErrorCode::of_or_implied(s),
+                        ErrorCode::NotFound | ErrorCode::PermissionDenied
+                    )
                 }) => {}
             Err(e) => return Err(e),
         }
