@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use nsml_bus::Bus;
 use nsml_common::ServiceContext;
 use nsml_common::clients::{Clients, LocalRoutes, ServiceAddrs};
+use nsml_common::service::Service;
 use nsml_common::executor::Executor;
 use nsml_common::server::Started;
 use nsml_eventstore::{EventStore, OutboxLease};
@@ -16,16 +17,41 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A service `nsmld serve` can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// A process `nsmld serve` can run: one of the platform's services, or the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceName {
-    Auth,
-    Storage,
-    Session,
-    Quota,
-    Submission,
-    Leaderboard,
+    Platform(Service),
     Gateway,
+}
+
+impl ServiceName {
+    /// Every name `nsmld serve` takes, in the order a deployment starts them.
+    const ALL: [ServiceName; Service::ALL.len() + 1] = {
+        let mut all = [ServiceName::Gateway; Service::ALL.len() + 1];
+        let mut i = 0;
+        while i < Service::ALL.len() {
+            all[i] = ServiceName::Platform(Service::ALL[i]);
+            i += 1;
+        }
+        all
+    };
+
+    fn name(self) -> &'static str {
+        match self {
+            ServiceName::Platform(service) => service.name(),
+            ServiceName::Gateway => "gateway",
+        }
+    }
+}
+
+impl clap::ValueEnum for ServiceName {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
 }
 
 /// Where each internal service listens.
@@ -38,6 +64,20 @@ pub struct Listen {
     pub quota: SocketAddr,
     pub submission: SocketAddr,
     pub leaderboard: SocketAddr,
+}
+
+impl Listen {
+    /// Where `service` listens.
+    pub fn get(&self, service: Service) -> SocketAddr {
+        match service {
+            Service::Auth => self.auth,
+            Service::Storage => self.storage,
+            Service::Session => self.session,
+            Service::Quota => self.quota,
+            Service::Submission => self.submission,
+            Service::Leaderboard => self.leaderboard,
+        }
+    }
 }
 
 /// The local runner's settings.
@@ -264,17 +304,16 @@ impl Deployment {
         Ok(nsml_runner::LocalExecutor::new(cfg, clients))
     }
 
-    async fn start(&self, name: ServiceName, ctx: ServiceContext) -> anyhow::Result<Started> {
-        Ok(match name {
-            ServiceName::Auth => nsml_auth::start(ctx).await?,
-            ServiceName::Storage => nsml_storage::start(ctx).await?,
-            ServiceName::Session => nsml_session::start(ctx).await?,
-            ServiceName::Quota => nsml_quota::start(ctx).await?,
-            ServiceName::Submission => {
+    async fn start(&self, service: Service, ctx: ServiceContext) -> anyhow::Result<Started> {
+        Ok(match service {
+            Service::Auth => nsml_auth::start(ctx).await?,
+            Service::Storage => nsml_storage::start(ctx).await?,
+            Service::Session => nsml_session::start(ctx).await?,
+            Service::Quota => nsml_quota::start(ctx).await?,
+            Service::Submission => {
                 nsml_submission::start(ctx, self.config.runner.python.clone()).await?
             }
-            ServiceName::Leaderboard => nsml_leaderboard::start(ctx).await?,
-            ServiceName::Gateway => anyhow::bail!("the gateway is not a gRPC service"),
+            Service::Leaderboard => nsml_leaderboard::start(ctx).await?,
         })
     }
 
@@ -304,13 +343,8 @@ impl Deployment {
         // tools that reach a service directly.
         let local = LocalRoutes::default();
         let addrs = ServiceAddrs {
-            auth: iaddr.clone(),
-            storage: iaddr.clone(),
-            session: iaddr.clone(),
-            quota: iaddr.clone(),
-            submission: iaddr.clone(),
-            leaderboard: iaddr.clone(),
             local: Some(local.clone()),
+            ..ServiceAddrs::all_at(&iaddr)
         };
         let public = TcpListener::bind(self.config.public_listen)
             .await
@@ -320,16 +354,9 @@ impl Deployment {
         let mut routes = tonic::service::Routes::default();
         let mut names = Vec::new();
         let mut tasks = Vec::new();
-        for name in [
-            ServiceName::Auth,
-            ServiceName::Storage,
-            ServiceName::Quota,
-            ServiceName::Leaderboard,
-            ServiceName::Submission,
-            ServiceName::Session,
-        ] {
-            let exec = (name == ServiceName::Session).then(|| executor.clone());
-            let started = self.start(name, self.context(&addrs, exec)).await?;
+        for service in Service::ALL {
+            let exec = (service == Service::Session).then(|| executor.clone());
+            let started = self.start(service, self.context(&addrs, exec)).await?;
             routes = (started.routes)(routes);
             names.extend(started.names);
             tasks.extend(started.tasks);
@@ -391,19 +418,11 @@ impl Deployment {
             .services
             .clone()
             .context("a distributed deployment needs a [services] table")?;
-        let addrs = ServiceAddrs {
-            auth: http(listen.auth),
-            storage: http(listen.storage),
-            session: http(listen.session),
-            quota: http(listen.quota),
-            submission: http(listen.submission),
-            leaderboard: http(listen.leaderboard),
-            local: None,
-        };
+        let addrs = ServiceAddrs::from_fn(|service| http(listen.get(service)));
         let mut servers = Vec::new();
         let mut tasks = Vec::new();
         for &name in services {
-            if name == ServiceName::Gateway {
+            let ServiceName::Platform(service) = name else {
                 let public = TcpListener::bind(self.config.public_listen).await?;
                 let url = http(public.local_addr()?);
                 let (a, s, c) = (
@@ -418,25 +437,17 @@ impl Deployment {
                 }));
                 println!("nsmld ready at {url}");
                 continue;
-            }
-            let addr = match name {
-                ServiceName::Auth => listen.auth,
-                ServiceName::Storage => listen.storage,
-                ServiceName::Session => listen.session,
-                ServiceName::Quota => listen.quota,
-                ServiceName::Submission => listen.submission,
-                ServiceName::Leaderboard => listen.leaderboard,
-                ServiceName::Gateway => continue,
             };
+            let addr = listen.get(service);
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            let exec = if name == ServiceName::Session {
+            let exec = if service == Service::Session {
                 Some(self.executor(&addrs)?)
             } else {
                 None
             };
-            let started = self.start(name, self.context(&addrs, exec)).await?;
+            let started = self.start(service, self.context(&addrs, exec)).await?;
             tasks.extend(started.tasks);
             let secret: Arc<str> = self.config.internal_secret.as_str().into();
             let cancel = self.cancel.clone();
@@ -447,7 +458,7 @@ impl Deployment {
                     .await
                     .map_err(anyhow::Error::from)
             }));
-            println!("nsmld serving {name:?} at {}", http(addr));
+            println!("nsmld serving {service} at {}", http(addr));
         }
         for s in servers {
             s.await??;
