@@ -8,7 +8,7 @@ use nsml_eventstore::{EventStore, StoreError, StoredEvent};
 use nsml_proto::v1::{EventRef, Explanation, HeldBy, Override, OverrideKind, SessionKind};
 use serde_json::{Value, json};
 
-use crate::domain::{LEDGER_PREFIX, Ledger, LedgerEvent, fmt_time, gib, ledger_stream};
+use crate::domain::{LEDGER_PREFIX, Ledger, LedgerEvent, describe, fmt_time, ledger_stream};
 use crate::replay::{LedgerReplay, Report, Scope, rederive};
 
 /// How many events one read of the whole log takes.
@@ -90,65 +90,6 @@ pub fn find_decision(events: &[StoredEvent], id: &str) -> Option<usize> {
             })
             .unwrap_or(false)
     })
-}
-
-fn describe(r: &nsml_proto::v1::Resources) -> String {
-    format!(
-        "{} GPUs, {} CPUs, {} memory + {} shared memory",
-        r.gpus,
-        r.cpus,
-        gib(r.memory_bytes),
-        gib(r.shm_bytes)
-    )
-}
-
-/// An override in words: the one rendering every client shows.
-pub(crate) fn describe_override(o: &Override) -> String {
-    let what = match o.kind() {
-        OverrideKind::ExtraSubmit => {
-            let mut s = format!("an extra submit on `{}`", o.dataset);
-            if !o.submission_id.is_empty() {
-                s.push_str(&format!(" re-opening submission {}", o.submission_id));
-            }
-            if !o.used_by.is_empty() {
-                s.push_str(&format!(", in use by submission {}", o.used_by));
-            }
-            s
-        }
-        OverrideKind::RaiseQuota => {
-            let r = o.raise.unwrap_or_default();
-            let mut parts = Vec::new();
-            if r.gpus > 0 {
-                parts.push(format!("{} GPUs", r.gpus));
-            }
-            if r.cpus > 0 {
-                parts.push(format!("{} CPUs", r.cpus));
-            }
-            if r.memory_bytes > 0 {
-                parts.push(format!("{} memory", gib(r.memory_bytes)));
-            }
-            if r.sessions > 0 {
-                parts.push(format!("{} sessions", r.sessions));
-            }
-            format!(
-                "limits raised to {} until {}",
-                parts.join(", "),
-                fmt_time(o.until_ms)
-            )
-        }
-        OverrideKind::ReopenSubmit => format!(
-            "re-opened the slot of submit {} on `{}`",
-            o.submission_id, o.dataset
-        ),
-        OverrideKind::Unspecified => "an override of unknown kind".into(),
-    };
-    format!(
-        "override {}: {what}, granted by {} at {} ({})",
-        o.id,
-        o.granted_by,
-        fmt_time(o.granted_at_ms),
-        o.reason
-    )
 }
 
 /// Explains the decision recorded at `events[at]` of `team`'s ledger: the state it saw (folded from the

@@ -5,28 +5,25 @@
 
 pub mod audit;
 pub mod domain;
+pub mod error;
 mod grpc;
+mod handler;
 pub mod idmap;
 mod projection;
 mod reactor;
 pub mod replay;
 pub mod synthetic;
 
+use std::sync::Arc;
+
 use nsml_common::ServiceContext;
 use nsml_common::projection::Projection;
 use nsml_common::server::Started;
 use nsml_proto::v1::quota_service_server::QuotaServiceServer;
 
+pub use error::QuotaError;
 pub use grpc::QuotaService;
-
-/// Why the quota service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum QuotaError {
-    #[error("event store: {0}")]
-    Store(#[from] nsml_eventstore::StoreError),
-    #[error("service clients: {0}")]
-    Clients(#[from] nsml_common::clients::ClientsError),
-}
+use handler::Quota;
 
 /// Builds the quota service and its reactor, which records outside facts (sessions ending, submits
 /// finishing) in the teams' ledgers.
@@ -38,9 +35,9 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, QuotaError> {
         ctx.cancel.clone(),
     );
     proj.wait_ready().await;
-    let svc = QuotaService::new(ctx.clone(), proj)?;
-    let reactor = tokio::spawn(reactor::run(svc.clone(), ctx.clone()));
-    let server = QuotaServiceServer::new(svc);
+    let quota = Arc::new(Quota::new(ctx.store.clone(), proj, ctx.clients("quota")?));
+    let reactor = tokio::spawn(reactor::run(quota.clone(), ctx.clone()));
+    let server = QuotaServiceServer::new(QuotaService::new(quota));
     Ok(Started {
         routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
         names: vec!["nsml.v1.QuotaService"],

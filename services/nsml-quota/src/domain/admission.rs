@@ -1,0 +1,361 @@
+//! The admission rule: `decide(ledger, policy, request, now) -> Decision`, pure, and the policy a decision
+//! uses. Everything a decision depends on is ledger state, so folding one `quota-TEAM` stream alone
+//! re-derives every decision recorded in it.
+
+use nsml_proto::v1::{AdmitRequest, Decision, Policy, PolicyChanged, Resources, SessionKind};
+
+use super::format::{fmt_time, gib, human_secs};
+use super::ledger::{Ledger, Limits, SubmitState, interval_ms, memory_with_shm};
+use super::rule::Rule;
+
+/// Writes a reason into a string sized for it up front: replay re-derives every refusal's reason, and growing
+/// the string piece by piece would cost it more than the rest of `decide`.
+macro_rules! reason {
+    ($($arg:tt)*) => {{
+        let mut text = String::with_capacity(320);
+        let _ = std::fmt::Write::write_fmt(&mut text, format_args!($($arg)*));
+        text
+    }};
+}
+
+/// The policy a decision uses: the ledger's, unless the log has a newer version (`current`), which the
+/// ledger adopts first; with it the `PolicyChanged` to record when it does. `None` when neither has one.
+pub fn adopt(
+    ledger: &Ledger,
+    competition: &str,
+    current: Option<(Policy, u64)>,
+) -> Option<(Policy, u64, Option<PolicyChanged>)> {
+    match (ledger.policy(competition), current) {
+        (Some(a), Some((_, v))) if a.version >= v => Some((a.policy, a.version, None)),
+        (Some(a), None) => Some((a.policy, a.version, None)),
+        (_, Some((p, v))) => Some((
+            p,
+            v,
+            Some(PolicyChanged {
+                competition: competition.to_string(),
+                policy: Some(p),
+                version: v,
+            }),
+        )),
+        (None, None) => None,
+    }
+}
+
+/// A refusal: the rule, the explanation, when to retry, the overrides in force.
+fn deny(rule: Rule, reason: String, retry_after_ms: i64, limits: &Limits) -> Decision {
+    Decision {
+        granted: false,
+        rule: rule.as_str().into(),
+        reason,
+        retry_after_ms,
+        overrides: limits.override_ids(),
+        ..Default::default()
+    }
+}
+
+/// A refusal that also names the re-opened slots that spared the submit an earlier rule: without them it
+/// would have been refused by that rule instead.
+fn with_reopened(mut d: Decision, reopened: Vec<(String, String)>) -> Decision {
+    d.overrides.extend(reopened.into_iter().map(|(id, _)| id));
+    d
+}
+
+/// The team-wide limits a request must fit under with what the team already holds: concurrent sessions,
+/// GPUs, CPUs and memory including shared memory. `None` when it fits.
+fn team_refusal(
+    ledger: &Ledger,
+    policy: &Policy,
+    limits: &Limits,
+    team: &str,
+    asked: &Resources,
+) -> Option<Decision> {
+    // Every sum in wide types: a request of billions of CPUs or exabytes of memory must exceed the limit, not
+    // wrap below it. `asked` alone can be beyond any limit, and is then refused here like any other excess.
+    let held = ledger.held_wide();
+    let total = held.plus(asked);
+    let free_hint = "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them";
+    if ledger.holdings.len() >= limits.sessions as usize {
+        let names: Vec<&str> = ledger.holdings.keys().map(|s| s.as_str()).collect();
+        return Some(deny(
+            Rule::TeamSessions,
+            reason!(
+                "team `{team}` already runs {} of its {}{} concurrent sessions ({}); {free_hint}",
+                ledger.holdings.len(),
+                limits.sessions,
+                limits.note("sessions", policy.team_sessions.to_string()),
+                names.join(", ")
+            ),
+            0,
+            limits,
+        ));
+    }
+    if total.gpus > limits.gpus.into() {
+        return Some(deny(
+            Rule::TeamGpus,
+            reason!(
+                "team `{team}` holds {} GPUs ({}), asked {}, limit {}{}; {free_hint}",
+                held.gpus,
+                ledger.holders(|r| r.gpus.into(), |v| v.to_string()),
+                asked.gpus,
+                limits.gpus,
+                limits.note("gpus", policy.team_gpus.to_string()),
+            ),
+            0,
+            limits,
+        ));
+    }
+    if total.cpus > limits.cpus.into() {
+        return Some(deny(
+            Rule::TeamCpus,
+            reason!(
+                "team `{team}` holds {} CPUs ({}), asked {}, limit {}{}; {free_hint}",
+                held.cpus,
+                ledger.holders(|r| r.cpus.into(), |v| v.to_string()),
+                asked.cpus,
+                limits.cpus,
+                limits.note("cpus", policy.team_cpus.to_string()),
+            ),
+            0,
+            limits,
+        ));
+    }
+    if total.memory_with_shm() > limits.memory_bytes.into() {
+        return Some(deny(
+            Rule::TeamMemory,
+            reason!(
+                "team `{team}` holds {} of memory including shared memory ({}), asked {}, limit {}{}; {free_hint}",
+                gib(held.memory_with_shm()),
+                ledger.holders(memory_with_shm, gib),
+                gib(memory_with_shm(asked)),
+                gib(limits.memory_bytes),
+                limits.note("memory", gib(policy.team_memory_bytes)),
+            ),
+            0,
+            limits,
+        ));
+    }
+    None
+}
+
+/// What spared a submit a rule: re-opened slots (override, what it spared) and an extra submit that waives
+/// the interval, each named in the decision.
+#[derive(Default)]
+struct Spared {
+    reopened: Vec<(String, String)>,
+    extra: Option<String>,
+}
+
+/// Decides whether `req` may hold its resources now. Pure: everything it needs is passed in, and every
+/// override it honours is ledger state.
+pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64) -> Decision {
+    let asked = req.resources.unwrap_or_default();
+    let limits = ledger.limits(&req.competition, policy, now_ms);
+    if ledger.holdings.contains_key(&req.session) {
+        return deny(
+            Rule::Duplicate,
+            reason!("session {} already holds resources", req.session),
+            0,
+            &limits,
+        );
+    }
+    let spared = if req.kind() == SessionKind::Submit {
+        match submit_rules(ledger, policy, &limits, req, &asked, now_ms) {
+            SubmitChecked::Passed(spared) => spared,
+            SubmitChecked::Refused(refusal) => return refusal,
+        }
+    } else {
+        Spared::default()
+    };
+    if let Some(refusal) = team_refusal(ledger, policy, &limits, &req.team, &asked) {
+        return with_reopened(refusal, spared.reopened);
+    }
+    grant(&limits, spared, &req.dataset)
+}
+
+/// How a real submit fared under the submit rules.
+enum SubmitChecked {
+    /// It passes them, spared a rule by what is named.
+    Passed(Spared),
+    /// A rule refused it.
+    Refused(Decision),
+}
+
+/// The rules a real submit must pass besides the team's limits: one in flight per dataset, the interval
+/// since the last successful one (unless a host's extra submit waives it), and the CPUs a submit may use.
+fn submit_rules(
+    ledger: &Ledger,
+    policy: &Policy,
+    limits: &Limits,
+    req: &AdmitRequest,
+    asked: &Resources,
+    now_ms: i64,
+) -> SubmitChecked {
+    let team = &req.team;
+    let st = ledger.submits.get(&req.dataset);
+    if let Some((other, _)) = st.and_then(|s| s.counted_in_flight().next()) {
+        return SubmitChecked::Refused(deny(
+            Rule::SubmitInFlight,
+            reason!(
+                "team `{team}` already has a submit of dataset `{}` in flight (submission {other}); wait for it to finish",
+                req.dataset
+            ),
+            0,
+            limits,
+        ));
+    }
+    let interval_ms = interval_ms(policy);
+    let mut spared = Spared {
+        reopened: st.map_or_else(Vec::new, |st| {
+            reopened_slots(st, &req.dataset, interval_ms, now_ms)
+        }),
+        extra: None,
+    };
+    if let Some(last) = st.and_then(|s| s.last_success()).map(|l| l.at_ms) {
+        let next = last.saturating_add(interval_ms);
+        if now_ms < next {
+            match ledger.extra_submit(&req.dataset) {
+                Some(id) => spared.extra = Some(id.to_string()),
+                None => {
+                    let wait_s = next.saturating_sub(now_ms).saturating_add(999) / 1000;
+                    let mut reason = reason!(
+                        "submit limit: one real submit per {} per dataset, counted from the last successful one; team `{team}` last submitted `{}` successfully at {}, so the next submit is allowed at {} (in {}m {}s)",
+                        human_secs(policy.submit_interval_secs),
+                        req.dataset,
+                        fmt_time(last),
+                        fmt_time(next),
+                        wait_s / 60,
+                        wait_s % 60
+                    );
+                    for (_, why) in &spared.reopened {
+                        reason.push_str("; ");
+                        reason.push_str(why);
+                    }
+                    return SubmitChecked::Refused(with_reopened(
+                        deny(Rule::SubmitInterval, reason, next, limits),
+                        spared.reopened,
+                    ));
+                }
+            }
+        }
+    }
+    if asked.cpus > policy.submit_max_cpus {
+        return SubmitChecked::Refused(with_reopened(
+            deny(
+                Rule::SubmitCpus,
+                reason!(
+                    "a submit may use at most {} CPUs, asked {}",
+                    policy.submit_max_cpus,
+                    asked.cpus
+                ),
+                0,
+                limits,
+            ),
+            spared.reopened,
+        ));
+    }
+    SubmitChecked::Passed(spared)
+}
+
+/// The re-opened slots of `dataset` that spare a submit at `now_ms` a rule: submits in flight that no longer
+/// count, and successes the interval no longer counts from. Each as (override, what it spared).
+fn reopened_slots(
+    st: &SubmitState,
+    dataset: &str,
+    interval_ms: i64,
+    now_ms: i64,
+) -> Vec<(String, String)> {
+    let mut reopened = Vec::new();
+    for (sub, id) in &st.reopened_in_flight {
+        reopened.push((
+            id.clone(),
+            reason!(
+                "submission {sub} on `{dataset}` no longer counts as in flight: its slot was re-opened by override {id}"
+            ),
+        ));
+    }
+    for (at, sub, id) in st.reopened_in_interval(interval_ms, now_ms) {
+        reopened.push((
+            id.to_string(),
+            reason!(
+                "the interval on `{dataset}` does not count from submission {sub} (submitted at {}): its slot was re-opened by override {id}",
+                fmt_time(at)
+            ),
+        ));
+    }
+    reopened
+}
+
+/// A grant, naming the overrides it rests on: the raises of the limits, the re-opened slots and the extra
+/// submit it uses, and in its reason what each spared it.
+fn grant(limits: &Limits, spared: Spared, dataset: &str) -> Decision {
+    let mut overrides = limits.override_ids();
+    let mut reason = String::new();
+    for (id, why) in spared.reopened {
+        if !reason.is_empty() {
+            reason.push_str("; ");
+        }
+        reason.push_str(&why);
+        overrides.push(id);
+    }
+    if let Some(id) = spared.extra {
+        if !reason.is_empty() {
+            reason.push_str("; ");
+        }
+        reason.push_str(&reason!(
+            "the submit interval on `{dataset}` is waived once by override {id}"
+        ));
+        overrides.push(id);
+    }
+    Decision {
+        granted: true,
+        reason,
+        overrides,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::tests::{given, policy_changed, seed_policy};
+
+    #[test]
+    fn a_ledger_adopts_the_policy_the_log_has_when_it_is_newer() {
+        // Given a ledger that adopted version 1 of the policy,
+        let l = given(&[policy_changed(seed_policy(), 1)]);
+        let newer = Policy {
+            team_gpus: 4,
+            ..seed_policy()
+        };
+        // when the log has version 2,
+        let (policy, version, change) = adopt(&l, "demo", Some((newer, 2))).unwrap();
+        // then the decision uses version 2 and the ledger records that it adopted it.
+        assert_eq!((policy.team_gpus, version), (4, 2));
+        let change = change.expect("a newer policy is recorded");
+        assert_eq!((change.competition.as_str(), change.version), ("demo", 2));
+    }
+
+    #[test]
+    fn a_ledger_keeps_its_policy_when_the_log_has_none_newer() {
+        // Given a ledger that adopted version 3,
+        let l = given(&[policy_changed(seed_policy(), 3)]);
+        let older = Policy {
+            team_gpus: 9,
+            ..seed_policy()
+        };
+        // when the log has version 2, or none at all,
+        for current in [Some((older, 2)), None] {
+            let (policy, version, change) = adopt(&l, "demo", current).unwrap();
+            // then the decision uses the ledger's version 3 and records nothing.
+            assert_eq!((policy.team_gpus, version), (2, 3));
+            assert!(change.is_none());
+        }
+    }
+
+    #[test]
+    fn no_policy_anywhere_decides_nothing() {
+        // Given an empty ledger and a log without a policy for the competition,
+        // when a decision asks for one, then there is none to use.
+        assert!(adopt(&Ledger::default(), "demo", None).is_none());
+    }
+}

@@ -1,0 +1,824 @@
+//! The ledger's folding and the admission rule, as given/when/then over ledger events.
+
+use nsml_common::aggregate::Aggregate;
+use nsml_eventstore::StoredEvent;
+use nsml_proto::v1::{
+    AdmitRequest, Decision, EventPayload, Override, OverrideGranted, OverrideKind, Policy,
+    PolicyChanged, QuotaRaise, Resources, ResourcesGranted, ResourcesReleased, SessionKind,
+    SubmitEnded, SubmitSucceeded,
+};
+
+use super::*;
+
+pub(super) const G: u64 = 1024 * 1024 * 1024;
+pub(super) const HOUR: i64 = 3_600_000;
+
+pub(super) fn seed_policy() -> Policy {
+    Policy {
+        team_gpus: 2,
+        team_cpus: 16,
+        team_memory_bytes: 170 * G,
+        team_sessions: 2,
+        team_storage_bytes: 450 * G,
+        submit_interval_secs: 3600,
+        submit_time_limit_secs: 3600,
+        submit_max_cpus: 4,
+    }
+}
+
+pub(super) fn req(
+    kind: SessionKind,
+    session: &str,
+    gpus: u32,
+    cpus: u32,
+    sub: &str,
+) -> AdmitRequest {
+    AdmitRequest {
+        team: "demo".into(),
+        competition: "demo".into(),
+        kind: kind as i32,
+        session: session.into(),
+        dataset: "t1-cls".into(),
+        resources: Some(Resources {
+            gpus,
+            cpus,
+            memory_bytes: 75 * G,
+            shm_bytes: 10 * G,
+        }),
+        submission_id: sub.into(),
+        command_id: session.into(),
+        seen_position: 0,
+    }
+}
+
+pub(super) fn stored<P: EventPayload>(p: &P) -> StoredEvent {
+    nsml_common::event::stored("quota-demo", 1, p)
+}
+
+/// Given the events, the ledger they fold into (numbered as the stream would number them).
+pub(super) fn given(events: &[StoredEvent]) -> Ledger {
+    let mut l = Ledger::default();
+    for (i, e) in events.iter().enumerate() {
+        let mut e = e.clone();
+        e.version = i as u64 + 1;
+        l.apply(&e);
+    }
+    l
+}
+
+pub(super) fn granted(r: AdmitRequest, at: i64) -> StoredEvent {
+    granted_with(r, at, &[])
+}
+
+pub(super) fn granted_with(r: AdmitRequest, at: i64, overrides: &[&str]) -> StoredEvent {
+    stored(&ResourcesGranted {
+        request: Some(r),
+        decision: Some(Decision {
+            granted: true,
+            decided_at_ms: at,
+            overrides: overrides.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+    })
+}
+
+pub(super) fn released(session: &str) -> StoredEvent {
+    stored(&ResourcesReleased {
+        session: session.into(),
+        ..Default::default()
+    })
+}
+
+pub(super) fn succeeded(sub: &str, at: i64) -> StoredEvent {
+    stored(&SubmitSucceeded {
+        dataset: "t1-cls".into(),
+        submission_id: sub.into(),
+        at_ms: at,
+    })
+}
+
+pub(super) fn failed(sub: &str, at: i64) -> StoredEvent {
+    stored(&SubmitEnded {
+        dataset: "t1-cls".into(),
+        submission_id: sub.into(),
+        succeeded: false,
+        at_ms: at,
+    })
+}
+
+pub(super) fn extra_submit(id: &str) -> StoredEvent {
+    stored(&OverrideGranted {
+        grant: Some(Override {
+            id: id.into(),
+            competition: "demo".into(),
+            team: "demo".into(),
+            kind: OverrideKind::ExtraSubmit as i32,
+            dataset: "t1-cls".into(),
+            reason: "scorer outage".into(),
+            granted_by: "user:host".into(),
+            ..Default::default()
+        }),
+    })
+}
+
+pub(super) fn raise(id: &str, raise: QuotaRaise, until_ms: i64) -> StoredEvent {
+    stored(&OverrideGranted {
+        grant: Some(Override {
+            id: id.into(),
+            competition: "demo".into(),
+            team: "demo".into(),
+            kind: OverrideKind::RaiseQuota as i32,
+            raise: Some(raise),
+            until_ms,
+            reason: "final week".into(),
+            granted_by: "user:host".into(),
+            ..Default::default()
+        }),
+    })
+}
+
+pub(super) fn policy_changed(policy: Policy, version: u64) -> StoredEvent {
+    stored(&PolicyChanged {
+        competition: "demo".into(),
+        policy: Some(policy),
+        version,
+    })
+}
+
+#[test]
+fn gpus_are_refused_when_training_holds_both() {
+    let l = given(&[granted(
+        req(SessionKind::Train, "demo/t1-cls/1", 2, 8, ""),
+        0,
+    )]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Train, "demo/t1-cls/2", 1, 4, ""),
+        0,
+    );
+    assert!(!d.granted);
+    assert_eq!(d.rule, "team_gpus");
+    assert!(
+        d.reason
+            .contains("holds 2 GPUs (demo/t1-cls/1: 2), asked 1, limit 2;"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn memory_and_shared_memory_that_sum_past_the_integer_range_are_refused() {
+    let l = given(&[]);
+    let mut r = req(SessionKind::Train, "demo/t1-cls/1", 0, 1, "");
+    // 2^64 bytes in all: summed in 64 bits it wraps to nothing.
+    r.resources = Some(Resources {
+        memory_bytes: u64::MAX - G + 1,
+        shm_bytes: G,
+        ..r.resources.unwrap()
+    });
+    let d = decide(&l, &seed_policy(), &r, 0);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "team_memory"));
+    assert!(
+        d.reason.contains(
+            "holds 0G of memory including shared memory (nothing), asked 17179869184G, limit 170G;"
+        ),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn cpus_that_sum_past_the_integer_range_with_those_held_are_refused() {
+    let l = given(&[granted(
+        req(SessionKind::Train, "demo/t1-cls/1", 0, 1, ""),
+        0,
+    )]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Train, "demo/t1-cls/2", 0, u32::MAX, ""),
+        0,
+    );
+    assert_eq!((d.granted, d.rule.as_str()), (false, "team_cpus"));
+    assert!(
+        d.reason
+            .contains("holds 1 CPUs (demo/t1-cls/1: 1), asked 4294967295, limit 16;"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn usage_saturates_rather_than_wraps() {
+    let mut big = req(SessionKind::Train, "demo/t1-cls/1", u32::MAX, u32::MAX, "");
+    big.resources = Some(Resources {
+        gpus: u32::MAX,
+        cpus: u32::MAX,
+        memory_bytes: u64::MAX,
+        shm_bytes: u64::MAX,
+    });
+    let mut other = big.clone();
+    other.session = "demo/t1-cls/2".into();
+    other.command_id = other.session.clone();
+    let l = given(&[granted(big, 0), granted(other, 0)]);
+    let held = l.held();
+    assert_eq!(
+        (held.gpus, held.cpus, held.memory_bytes, held.shm_bytes),
+        (u32::MAX, u32::MAX, u64::MAX, u64::MAX)
+    );
+    assert_eq!(l.held_wide().memory_with_shm(), 4 * u128::from(u64::MAX));
+}
+
+#[test]
+fn an_interval_too_long_to_count_in_milliseconds_never_passes() {
+    let policy = Policy {
+        submit_interval_secs: u64::MAX,
+        ..seed_policy()
+    };
+    let l = given(&[
+        granted(req(SessionKind::Submit, "demo/t1-cls/1", 1, 4, "s1"), 0),
+        succeeded("s1", 0),
+    ]);
+    let d = decide(
+        &l,
+        &policy,
+        &req(SessionKind::Submit, "demo/t1-cls/2", 1, 4, "s2"),
+        100 * HOUR,
+    );
+    assert_eq!(
+        (d.granted, d.rule.as_str()),
+        (false, "submit_interval"),
+        "{d:?}"
+    );
+    assert_eq!(d.retry_after_ms, i64::MAX);
+}
+
+#[test]
+fn a_submit_is_capped_at_four_cpus() {
+    let l = given(&[]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/2", 1, 8, "s1"),
+        0,
+    );
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_cpus"));
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/2", 1, 4, "s1"),
+        0,
+    );
+    assert!(d.granted, "{}", d.reason);
+}
+
+#[test]
+fn a_submit_with_the_training_sessions_gpus_is_refused_while_training_holds_them() {
+    let l = given(&[granted(
+        req(SessionKind::Train, "demo/t1-cls/1", 2, 8, ""),
+        0,
+    )]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/2", 2, 4, "s1"),
+        0,
+    );
+    assert_eq!((d.granted, d.rule.as_str()), (false, "team_gpus"));
+}
+
+#[test]
+fn the_interval_counts_from_the_last_successful_submit() {
+    let sub = req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1");
+    let l = given(&[
+        granted(sub, 10 * HOUR),
+        released("demo/t1-cls/2"),
+        succeeded("s1", 10 * HOUR),
+    ]);
+    let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+    let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 2);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+    assert_eq!(d.retry_after_ms, 11 * HOUR);
+    assert!(decide(&l, &seed_policy(), &next, 11 * HOUR).granted);
+}
+
+#[test]
+fn failed_submits_do_not_start_the_interval() {
+    let l = given(&[
+        granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), HOUR),
+        released("demo/t1-cls/2"),
+        failed("s1", HOUR),
+    ]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+        HOUR + 1,
+    );
+    assert!(d.granted, "{}", d.reason);
+}
+
+#[test]
+fn one_real_submit_in_flight_per_dataset() {
+    let l = given(&[granted(
+        req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+        0,
+    )]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+        1,
+    );
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_in_flight"));
+}
+
+#[test]
+fn a_trial_session_holds_quota_until_released() {
+    let trial = req(SessionKind::TrialSubmit, "demo/t1-cls/2", 1, 4, "t1");
+    let train = granted(req(SessionKind::Train, "demo/t1-cls/1", 1, 8, ""), 0);
+    let held = given(&[train.clone(), granted(trial.clone(), 0)]);
+    let d = decide(
+        &held,
+        &seed_policy(),
+        &req(SessionKind::Train, "demo/t1-cls/3", 1, 4, ""),
+        0,
+    );
+    assert_eq!((d.granted, d.rule.as_str()), (false, "team_sessions"));
+    let freed = given(&[train, granted(trial, 0), released("demo/t1-cls/2")]);
+    assert!(
+        decide(
+            &freed,
+            &seed_policy(),
+            &req(SessionKind::Train, "demo/t1-cls/3", 1, 4, ""),
+            0
+        )
+        .granted
+    );
+}
+
+#[test]
+fn memory_counts_shared_memory() {
+    let l = given(&[granted(
+        req(SessionKind::Train, "demo/t1-cls/1", 1, 8, ""),
+        0,
+    )]);
+    let mut big = req(SessionKind::Train, "demo/t1-cls/2", 1, 4, "");
+    big.resources = Some(Resources {
+        gpus: 1,
+        cpus: 4,
+        memory_bytes: 80 * G,
+        shm_bytes: 10 * G,
+    });
+    let d = decide(&l, &seed_policy(), &big, 0);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "team_memory"));
+}
+
+#[test]
+fn an_extra_submit_waives_the_interval_once() {
+    let history = [
+        granted(
+            req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+            10 * HOUR,
+        ),
+        released("demo/t1-cls/2"),
+        succeeded("s1", 10 * HOUR),
+        extra_submit("o1"),
+    ];
+    let l = given(&history);
+    let second = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+    let d = decide(&l, &seed_policy(), &second, 10 * HOUR + HOUR / 4);
+    assert!(d.granted, "{}", d.reason);
+    assert_eq!(d.overrides, vec!["o1".to_string()]);
+    assert!(
+        d.reason.contains("waived once by override o1"),
+        "{}",
+        d.reason
+    );
+
+    // Used by a submit that succeeded: the interval now counts from that one, and no extra is left.
+    let mut after = history.to_vec();
+    after.extend([
+        granted_with(second, 10 * HOUR + HOUR / 4, &["o1"]),
+        released("demo/t1-cls/3"),
+        succeeded("s2", 10 * HOUR + HOUR / 4),
+    ]);
+    let l = given(&after);
+    assert_eq!(l.extra_submits("t1-cls"), 0);
+    let third = req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3");
+    let d = decide(&l, &seed_policy(), &third, 11 * HOUR + HOUR / 8);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+    assert_eq!(d.retry_after_ms, 11 * HOUR + HOUR / 4);
+    assert!(d.overrides.is_empty());
+}
+
+#[test]
+fn a_failed_submit_gives_its_extra_submit_back() {
+    let second = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+    let l = given(&[
+        granted(
+            req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+            10 * HOUR,
+        ),
+        released("demo/t1-cls/2"),
+        succeeded("s1", 10 * HOUR),
+        extra_submit("o1"),
+        granted_with(second, 10 * HOUR + 60_000, &["o1"]),
+    ]);
+    // While the submit that uses it runs, the extra submit is taken.
+    assert_eq!(l.extra_submits("t1-cls"), 0);
+    let l = given(&[
+        granted(
+            req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+            10 * HOUR,
+        ),
+        released("demo/t1-cls/2"),
+        succeeded("s1", 10 * HOUR),
+        extra_submit("o1"),
+        granted_with(
+            req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+            10 * HOUR + 60_000,
+            &["o1"],
+        ),
+        released("demo/t1-cls/3"),
+        failed("s2", 10 * HOUR + 120_000),
+    ]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3"),
+        10 * HOUR + 180_000,
+    );
+    assert!(d.granted, "{}", d.reason);
+    assert_eq!(d.overrides, vec!["o1".to_string()]);
+}
+
+#[test]
+fn an_extra_submit_does_not_bypass_the_other_rules() {
+    let l = given(&[
+        granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), 0),
+        extra_submit("o1"),
+    ]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+        1,
+    );
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_in_flight"));
+    assert_eq!(l.extra_submits("t1-cls"), 1);
+}
+
+#[test]
+fn a_raised_quota_holds_until_it_expires() {
+    let until = 20 * HOUR;
+    let l = given(&[
+        granted(req(SessionKind::Train, "demo/t1-cls/1", 2, 8, ""), 0),
+        raise(
+            "o1",
+            QuotaRaise {
+                gpus: 4,
+                sessions: 3,
+                ..Default::default()
+            },
+            until,
+        ),
+    ]);
+    let more = req(SessionKind::Train, "demo/t1-cls/2", 1, 4, "");
+    let d = decide(&l, &seed_policy(), &more, until - 1);
+    assert!(d.granted, "{}", d.reason);
+    assert_eq!(d.overrides, vec!["o1".to_string()]);
+
+    // At the deadline the policy's limit is back.
+    let d = decide(&l, &seed_policy(), &more, until);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "team_gpus"));
+    assert!(d.reason.contains("limit 2;"), "{}", d.reason);
+    assert!(d.overrides.is_empty());
+
+    // While raised, a refusal names the raise.
+    let huge = req(SessionKind::Train, "demo/t1-cls/2", 3, 4, "");
+    let d = decide(&l, &seed_policy(), &huge, HOUR);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "team_gpus"));
+    assert!(
+        d.reason
+            .contains("limit 4 (raised from 2 by override o1 until 1970-01-01T20:00:00Z)"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn a_raise_never_lowers_a_limit_and_the_highest_raise_wins() {
+    let l = given(&[
+        raise(
+            "o1",
+            QuotaRaise {
+                gpus: 1,
+                cpus: 32,
+                ..Default::default()
+            },
+            HOUR,
+        ),
+        raise(
+            "o2",
+            QuotaRaise {
+                cpus: 24,
+                memory_bytes: 200 * G,
+                ..Default::default()
+            },
+            HOUR,
+        ),
+    ]);
+    let limits = l.limits("demo", &seed_policy(), 0);
+    assert_eq!(
+        (limits.gpus, limits.cpus, limits.memory_bytes),
+        (2, 32, 200 * G)
+    );
+    assert_eq!(limits.override_ids(), vec!["o1", "o2"]);
+    // Another competition's limits are untouched.
+    assert_eq!(l.limits("other", &seed_policy(), 0).cpus, 16);
+}
+
+#[test]
+fn the_ledger_adopts_the_newest_policy_and_decisions_follow_it() {
+    let quicker = Policy {
+        submit_interval_secs: 600,
+        ..seed_policy()
+    };
+    let l = given(&[
+        policy_changed(seed_policy(), 1),
+        granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), 0),
+        released("demo/t1-cls/2"),
+        succeeded("s1", 0),
+    ]);
+    let p = l.policy("demo").copied().unwrap();
+    assert_eq!((p.version, p.since), (1, 1));
+    let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+    let d = decide(&l, &p.policy, &next, 20 * 60_000);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+
+    let mut l = l;
+    let mut change = policy_changed(quicker, 2);
+    change.version = 5;
+    l.apply(&change);
+    let p = l.policy("demo").copied().unwrap();
+    assert_eq!((p.version, p.since), (2, 5));
+    assert!(decide(&l, &p.policy, &next, 20 * 60_000).granted);
+}
+
+#[test]
+fn folding_remembers_which_events_the_state_rests_on() {
+    let l = given(&[
+        granted(req(SessionKind::Train, "demo/t1-cls/1", 1, 8, ""), 0),
+        granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), 0),
+        released("demo/t1-cls/2"),
+        succeeded("s1", 0),
+    ]);
+    assert_eq!(l.holdings["demo/t1-cls/1"].since, 1);
+    let last = l.submits["t1-cls"].last_success().unwrap();
+    assert_eq!((last.submission_id, last.at_ms, last.version), ("s1", 0, 4));
+}
+
+pub(super) fn reopen(id: &str, sub: &str) -> StoredEvent {
+    stored(&OverrideGranted {
+        grant: Some(Override {
+            id: id.into(),
+            competition: "demo".into(),
+            team: "demo".into(),
+            kind: OverrideKind::ReopenSubmit as i32,
+            dataset: "t1-cls".into(),
+            submission_id: sub.into(),
+            reason: "scorer stuck".into(),
+            granted_by: "user:host".into(),
+            ..Default::default()
+        }),
+    })
+}
+
+/// A real submit `sub` in session `demo/t1-cls/N` granted at `at`, then released and succeeded.
+pub(super) fn success(n: u32, sub: &str, at: i64) -> [StoredEvent; 3] {
+    let session = format!("demo/t1-cls/{n}");
+    [
+        granted(req(SessionKind::Submit, &session, 0, 4, sub), at),
+        released(&session),
+        succeeded(sub, at),
+    ]
+}
+
+#[test]
+fn a_reopened_stuck_submit_no_longer_blocks_the_next_but_keeps_its_resources() {
+    let stuck = [granted(
+        req(SessionKind::Submit, "demo/t1-cls/2", 1, 4, "s1"),
+        10 * HOUR,
+    )];
+    let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+    // Before the override the stuck submit blocks the next one.
+    let d = decide(&given(&stuck), &seed_policy(), &next, 11 * HOUR);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_in_flight"));
+
+    let mut history = stuck.to_vec();
+    history.push(reopen("r1", "s1"));
+    let l = given(&history);
+    let d = decide(&l, &seed_policy(), &next, 11 * HOUR);
+    assert!(d.granted, "{}", d.reason);
+    assert_eq!(d.overrides, vec!["r1".to_string()]);
+    assert!(
+        d.reason.contains(
+            "submission s1 on `t1-cls` no longer counts as in flight: its slot was re-opened by override r1"
+        ),
+        "{}",
+        d.reason
+    );
+    // Its session still holds what it was granted, until it ends.
+    assert_eq!(l.held().gpus, 1);
+    assert!(l.holdings.contains_key("demo/t1-cls/2"));
+    let two_gpus = req(SessionKind::Train, "demo/t1-cls/4", 2, 4, "");
+    let d = decide(&l, &seed_policy(), &two_gpus, 11 * HOUR);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "team_gpus"));
+    // Once it ends, nothing is left for the override to spare.
+    history.extend([released("demo/t1-cls/2"), failed("s1", 11 * HOUR)]);
+    let d = decide(&given(&history), &seed_policy(), &next, 11 * HOUR);
+    assert!(d.granted, "{}", d.reason);
+    assert!(d.overrides.is_empty(), "{:?}", d.overrides);
+}
+
+#[test]
+fn a_new_submit_after_a_reopened_one_is_in_flight_as_usual() {
+    let l = given(&[
+        granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"), 0),
+        reopen("r1", "s1"),
+        granted(req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"), 1),
+    ]);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3"),
+        2,
+    );
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_in_flight"));
+    assert!(d.reason.contains("(submission s2)"), "{}", d.reason);
+}
+
+#[test]
+fn a_reopened_success_no_longer_starts_the_interval() {
+    let mut history = success(2, "s1", 10 * HOUR).to_vec();
+    history.push(reopen("r1", "s1"));
+    let l = given(&history);
+    let second = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
+    let at = 10 * HOUR + HOUR / 4;
+    let d = decide(&l, &seed_policy(), &second, at);
+    assert!(d.granted, "{}", d.reason);
+    assert_eq!(d.overrides, vec!["r1".to_string()]);
+    assert!(
+        d.reason.contains(
+            "the interval on `t1-cls` does not count from submission s1 (submitted at 1970-01-01T10:00:00Z): its slot was re-opened by override r1"
+        ),
+        "{}",
+        d.reason
+    );
+    assert!(l.submits["t1-cls"].last_success().is_none());
+
+    // A second success counts the interval from itself, whatever was re-opened before it.
+    history.extend(success(3, "s2", at));
+    let l = given(&history);
+    let third = req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3");
+    let d = decide(&l, &seed_policy(), &third, 11 * HOUR);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+    assert_eq!(d.retry_after_ms, at + HOUR);
+    assert!(d.overrides.is_empty(), "{:?}", d.overrides);
+    assert!(decide(&l, &seed_policy(), &third, at + HOUR).granted);
+}
+
+#[test]
+fn reopening_the_last_success_counts_the_interval_from_the_one_before() {
+    let mut history = success(2, "s0", 9 * HOUR + HOUR / 2).to_vec();
+    history.extend(success(3, "s1", 10 * HOUR));
+    history.push(reopen("r1", "s1"));
+    let l = given(&history);
+    let next = req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s2");
+    let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 4);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+    assert_eq!(d.retry_after_ms, 10 * HOUR + HOUR / 2);
+    assert!(
+        d.reason
+            .contains("successfully at 1970-01-01T09:30:00Z, so the next submit is allowed at 1970-01-01T10:30:00Z"),
+        "{}",
+        d.reason
+    );
+    // The refusal names the override: without it, the retry time would be an hour after s1.
+    assert_eq!(d.overrides, vec!["r1".to_string()]);
+    let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 2);
+    assert!(d.granted, "{}", d.reason);
+    assert_eq!(d.overrides, vec!["r1".to_string()]);
+    // Once s1's own interval has passed, the override changes nothing.
+    let d = decide(&l, &seed_policy(), &next, 11 * HOUR);
+    assert!(d.granted && d.overrides.is_empty(), "{d:?}");
+}
+
+#[test]
+fn a_submit_reopened_while_it_ran_does_not_start_the_interval_when_it_succeeds() {
+    let mut history = vec![
+        granted(
+            req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+            10 * HOUR,
+        ),
+        reopen("r1", "s1"),
+    ];
+    // The team submits again while the stuck one runs, and the new one succeeds first.
+    history.extend(success(3, "s2", 10 * HOUR + HOUR / 6));
+    // Then the stuck one succeeds too: it was submitted earlier, and re-opened, so s2 still counts.
+    history.extend([released("demo/t1-cls/2"), succeeded("s1", 10 * HOUR)]);
+    let l = given(&history);
+    let last = l.submits["t1-cls"].last_success().unwrap();
+    assert_eq!(last.submission_id, "s2");
+    let next = req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "s3");
+    let d = decide(&l, &seed_policy(), &next, 11 * HOUR);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_interval"));
+    assert_eq!(d.retry_after_ms, 11 * HOUR + HOUR / 6);
+
+    // Alone, its success starts no interval: the override spares the next submit the wait.
+    let l = given(&[
+        granted(
+            req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "s1"),
+            10 * HOUR,
+        ),
+        reopen("r1", "s1"),
+        released("demo/t1-cls/2"),
+        succeeded("s1", 10 * HOUR),
+    ]);
+    let d = decide(&l, &seed_policy(), &next, 10 * HOUR + HOUR / 2);
+    assert!(d.granted, "{}", d.reason);
+    assert_eq!(d.overrides, vec!["r1".to_string()]);
+    assert!(
+        d.reason.contains("does not count from submission s1"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn a_reopened_slot_does_not_use_an_extra_submit() {
+    let mut history = success(2, "s1", 10 * HOUR).to_vec();
+    history.extend([extra_submit("o1"), reopen("r1", "s1")]);
+    let l = given(&history);
+    let d = decide(
+        &l,
+        &seed_policy(),
+        &req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2"),
+        10 * HOUR + 1,
+    );
+    assert!(d.granted, "{}", d.reason);
+    assert_eq!(d.overrides, vec!["r1".to_string()]);
+    assert_eq!(l.extra_submits("t1-cls"), 1);
+}
+
+#[test]
+fn only_a_submit_in_flight_or_succeeded_can_be_reopened() {
+    let l = given(&[
+        granted(req(SessionKind::Submit, "demo/t1-cls/2", 0, 4, "run"), 0),
+        granted(req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "ok"), 0),
+        released("demo/t1-cls/3"),
+        succeeded("ok", 0),
+        granted(req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "bad"), 0),
+        released("demo/t1-cls/4"),
+        failed("bad", 1),
+        granted(
+            req(SessionKind::TrialSubmit, "demo/t1-cls/5", 0, 2, "trial"),
+            1,
+        ),
+        granted(req(SessionKind::Submit, "demo/t1-cls/6", 0, 4, "again"), 2),
+        reopen("r1", "again"),
+    ]);
+    assert_eq!(l.reopenable("demo", "run"), Ok("t1-cls"));
+    assert_eq!(l.reopenable("demo", "ok"), Ok("t1-cls"));
+    // The ledger keeps no failed submits: the service tells them apart from unknown ones by the log.
+    for unknown in ["bad", "trial", "nope"] {
+        let e = l.reopenable("demo", unknown).unwrap_err();
+        assert!(
+            matches!(e, ReopenRefused::Unknown { .. })
+                && e.to_string()
+                    .contains("`nsml admin audit export --team demo` lists the team's submits"),
+            "{e}"
+        );
+    }
+    let again = l.reopenable("demo", "again").unwrap_err();
+    assert!(
+        matches!(again, ReopenRefused::AlreadyReopened { ref by, .. } if by == "r1"),
+        "{again}"
+    );
+    // A refused override that is recorded anyway changes nothing.
+    let mut history = vec![
+        granted(req(SessionKind::Submit, "demo/t1-cls/4", 0, 4, "bad"), 0),
+        released("demo/t1-cls/4"),
+        failed("bad", 1),
+        reopen("r2", "bad"),
+    ];
+    history.extend(success(7, "s1", HOUR));
+    let l = given(&history);
+    assert!(matches!(
+        l.reopenable("demo", "bad"),
+        Err(ReopenRefused::Unknown { .. })
+    ));
+    assert_eq!(l.submits["t1-cls"].last_success().unwrap().at_ms, HOUR);
+}
