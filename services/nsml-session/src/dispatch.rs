@@ -192,6 +192,20 @@ impl Dispatcher {
         ready
     }
 
+    /// Counts a session whose runner survived a restart of the service as launched: it holds its resources
+    /// and its runner is watched, as if it had been launched by this dispatcher.
+    pub fn adopt(&self, session: &Session, now: Instant) {
+        let mut st = self.state.lock();
+        st.queue.retain(|w| w.session.name != session.name);
+        st.launched.insert(
+            session.name.clone(),
+            Launched {
+                resources: session.resources.unwrap_or_default(),
+                last_seen: now,
+            },
+        );
+    }
+
     /// Records that the runners of `names` are alive.
     pub fn heard_from(&self, names: &[String], now: Instant) {
         let mut st = self.state.lock();
@@ -320,6 +334,22 @@ mod tests {
         assert_eq!(d.silent(timeout, t0 + Duration::from_secs(31)), ["b/ds/1"]);
         d.forget("b/ds/1");
         assert_eq!(d.silent(timeout, t0 + Duration::from_secs(51)), ["a/ds/1"]);
+    }
+
+    #[test]
+    fn given_a_survivor_of_a_restart_when_adopted_then_it_holds_its_resources_and_is_watched() {
+        let d = Dispatcher::default();
+        let t0 = Instant::now();
+        d.adopt(&s("a/ds/1", 1, 1), t0);
+        d.enqueue(s("a/ds/2", 1, 1), 0);
+        assert!(
+            d.take_ready(ONE_GPU).is_empty(),
+            "the survivor holds the GPU"
+        );
+        let timeout = Duration::from_secs(30);
+        assert_eq!(d.silent(timeout, t0 + Duration::from_secs(31)), ["a/ds/1"]);
+        d.forget("a/ds/1");
+        assert_eq!(names(&d.take_ready(ONE_GPU)), ["a/ds/2"]);
     }
 
     #[test]

@@ -31,6 +31,13 @@ impl Default for Supervision {
     }
 }
 
+/// The live sessions of the log after a restart, by what became of their runner.
+struct Recovered {
+    survivors: Vec<Entry>,
+    waiting: Vec<Entry>,
+    lost: Vec<Entry>,
+}
+
 /// Watches the runners of launched sessions.
 pub struct Supervisor {
     launcher: Arc<Launcher>,
@@ -42,10 +49,10 @@ impl Supervisor {
         Self { launcher, settings }
     }
 
-    /// Sessions the log shows as live that have no runner: those admitted and waiting for capacity (to queue
-    /// again) and the rest (lost).
-    fn without_runner(&self, running: &[String]) -> (Vec<Entry>, Vec<Entry>) {
-        let (waiting, lost): (Vec<Entry>, Vec<Entry>) = self.launcher.handler.read(|s| {
+    /// Sessions the log shows as live, sorted by whether their runner survived: those with one (to adopt),
+    /// those admitted and waiting for capacity (to queue again) and the rest (lost).
+    fn by_runner(&self, running: &[String]) -> Recovered {
+        let live: Vec<Entry> = self.launcher.handler.read(|s| {
             s.sessions
                 .values()
                 .filter(|e| !e.rejected && !e.removed)
@@ -55,11 +62,20 @@ impl Supervisor {
                         SessionStatus::Queued | SessionStatus::Running | SessionStatus::Stopping
                     )
                 })
-                .filter(|e| !running.contains(&e.session.name))
                 .cloned()
-                .partition(|e| e.admitted && e.session.status() == SessionStatus::Queued)
+                .collect()
         });
-        (waiting, lost)
+        let (survivors, gone): (Vec<Entry>, Vec<Entry>) = live
+            .into_iter()
+            .partition(|e| running.contains(&e.session.name));
+        let (waiting, lost) = gone
+            .into_iter()
+            .partition(|e| e.admitted && e.session.status() == SessionStatus::Queued);
+        Recovered {
+            survivors,
+            waiting,
+            lost,
+        }
     }
 
     /// The time limit a queued session runs under: none for training, the competition's for a submit.
@@ -78,7 +94,15 @@ impl Supervisor {
     /// stays held by a session that is not running; admitted sessions that were waiting wait again.
     pub async fn recover_lost_runners(&self) {
         let running = self.launcher.executor.running().await;
-        let (mut waiting, lost) = self.without_runner(&running);
+        let Recovered {
+            survivors,
+            mut waiting,
+            lost,
+        } = self.by_runner(&running);
+        // Survivors hold their resources, so the queue waits for them to end; their runners keep reporting.
+        for e in &survivors {
+            self.launcher.queue.adopt(&e.session, Instant::now());
+        }
         // Admitted sessions that were waiting for capacity wait again, in their original order.
         waiting.sort_by_key(|e| (e.session.created_at_ms, e.session.name.clone()));
         for e in waiting {
