@@ -39,11 +39,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
-use nsml_common::clients::Clients;
+use nsml_common::clients::{Clients, datasets};
 use nsml_common::executor::Executor;
 use nsml_proto::v1::{
-    DatasetPart, DownloadCodeRequest, FetchDatasetPartRequest, GetDatasetRequest,
-    PullCheckpointRequest, Resources, RunnerFinishedRequest, Session, SessionKind,
+    DatasetPart, DownloadCodeRequest, GetDatasetRequest, PullCheckpointRequest, Resources,
+    RunnerFinishedRequest, Session, SessionKind,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -787,57 +787,68 @@ impl LocalExecutor {
         // A re-registered dataset gets a new version, so a stale cache is never used.
         let cached = base.join(format!("{slug}-{}", info.updated_at_ms));
         if !cached.is_dir() {
-            let staging = base.join(format!(".{slug}-{}", uuid::Uuid::new_v4().simple()));
-            let stream = self
-                .clients
-                .storage
-                .clone()
-                .fetch_dataset_part(FetchDatasetPartRequest {
-                    name: dataset.to_string(),
-                    part: part as i32,
-                })
-                .await
-                .map_err(|s| RunnerError::rpc("FetchDatasetPart", s))?
-                .into_inner();
-            let extracted = staging.join("archive");
-            extract_download(
-                "FetchDatasetPart",
-                stream,
-                &extracted,
-                ExtractLimits::DATASET,
-            )
-            .await?;
-            let (ds, root, from) = (dataset.to_string(), staging.join("root"), extracted.clone());
-            let normalized =
-                tokio::task::spawn_blocking(move || normalize_part(&ds, part, &from, &root))
-                    .await
-                    .map_err(|e| {
-                        RunnerError::io("dataset layout stopped", std::io::Error::other(e))
-                    })
-                    .and_then(|r| r);
-            let installed = normalized.and_then(|()| {
-                std::fs::rename(staging.join("root"), &cached)
-                    .map_err(|e| RunnerError::io(format!("cannot install {}", cached.display()), e))
-            });
-            archive::remove_tree(&staging).await;
-            installed?;
-            if let Ok(entries) = std::fs::read_dir(&base) {
-                for e in entries.flatten() {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    // Older versions, and staging left by a runner that died mid-fetch.
-                    let stale =
-                        n.starts_with(&format!("{slug}-")) || n.starts_with(&format!(".{slug}-"));
-                    if stale && e.path() != cached {
-                        archive::remove_tree(&e.path()).await;
-                    }
-                }
-            }
+            self.fetch_part(dataset, part, &base, &cached).await?;
+            remove_stale_parts(&base, slug, &cached).await;
         }
         let (from, to) = (cached.clone(), dest.to_path_buf());
         tokio::task::spawn_blocking(move || archive::copy_tree(&from, &to))
             .await
             .map_err(|e| RunnerError::io("dataset copy stopped", std::io::Error::other(e)))??;
         Ok(())
+    }
+
+    /// Fetches `part` of `dataset` into a staging directory of `base`, lays it out as sessions see it,
+    /// and installs it at `cached`; the staging directory goes whatever happens.
+    async fn fetch_part(
+        &self,
+        dataset: &str,
+        part: DatasetPart,
+        base: &Path,
+        cached: &Path,
+    ) -> Result<()> {
+        let staging = base.join(format!(
+            ".{}-{}",
+            part_slug(part),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let stream = datasets::open_part(&self.clients, dataset, part)
+            .await
+            .map_err(|s| RunnerError::rpc("FetchDatasetPart", s))?;
+        let extracted = staging.join("archive");
+        extract_download(
+            "FetchDatasetPart",
+            stream,
+            &extracted,
+            ExtractLimits::DATASET,
+        )
+        .await?;
+        let (ds, root, from) = (dataset.to_string(), staging.join("root"), extracted.clone());
+        let normalized =
+            tokio::task::spawn_blocking(move || normalize_part(&ds, part, &from, &root))
+                .await
+                .map_err(|e| RunnerError::io("dataset layout stopped", std::io::Error::other(e)))
+                .and_then(|r| r);
+        let installed = normalized.and_then(|()| {
+            std::fs::rename(staging.join("root"), cached)
+                .map_err(|e| RunnerError::io(format!("cannot install {}", cached.display()), e))
+        });
+        archive::remove_tree(&staging).await;
+        installed
+    }
+}
+
+/// Removes from `base` the cached versions of the part named `slug` other than `current`, and
+/// staging left by a runner that died mid-fetch.
+async fn remove_stale_parts(base: &Path, slug: &str, current: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let stale = n.starts_with(&format!("{slug}-")) || n.starts_with(&format!(".{slug}-"));
+        if stale && e.path() != current {
+            archive::remove_tree(&e.path()).await;
+        }
     }
 }
 
