@@ -9,6 +9,7 @@
 //!
 //! Error messages that quote what a client sent quote it through [`shown`], which shortens a long value.
 
+use crate::error::ErrorCode;
 use std::borrow::Cow;
 
 use nsml_proto::v1::{
@@ -72,7 +73,7 @@ pub fn check<T: Bounded>(req: &Request<T>) -> Result<(), Status> {
 /// Refuses `value` if it is longer than `max` bytes.
 pub fn text(field: &str, value: &str, max: usize) -> Result<(), Status> {
     if value.len() > max {
-        return Err(Status::invalid_argument(format!(
+        return Err(ErrorCode::TooLarge.status(format!(
             "{field} is {} bytes; the limit is {max} bytes",
             value.len()
         )));
@@ -83,7 +84,7 @@ pub fn text(field: &str, value: &str, max: usize) -> Result<(), Status> {
 /// Refuses a list of `len` entries if it has more than `max`.
 pub fn entries(field: &str, len: usize, max: usize) -> Result<(), Status> {
     if len > max {
-        return Err(Status::invalid_argument(format!(
+        return Err(ErrorCode::TooLarge.status(format!(
             "{field} has {len} entries; the limit is {max} entries"
         )));
     }

@@ -4,6 +4,7 @@
 //! gateway is the only public surface. The gateway resolves the bearer token to an [`Identity`] and passes
 //! it on as `x-nsml-identity-bin`; a sibling service names itself in `x-nsml-service`.
 
+use crate::error::ErrorCode;
 use nsml_proto::v1::Identity;
 use prost::Message;
 use tonic::metadata::{Binary, MetadataMap, MetadataValue};
@@ -34,15 +35,15 @@ impl Caller {
         if let Some(v) = md.get_bin(IDENTITY_KEY) {
             let bytes = v
                 .to_bytes()
-                .map_err(|_| Status::invalid_argument("malformed identity metadata"))?;
+                .map_err(|_| ErrorCode::BadRequest.status("malformed identity metadata"))?;
             let id = Identity::decode(bytes.as_ref())
-                .map_err(|_| Status::invalid_argument("malformed identity metadata"))?;
+                .map_err(|_| ErrorCode::BadRequest.status("malformed identity metadata"))?;
             return Ok(Caller::User(id));
         }
         if let Some(v) = md.get(SERVICE_KEY) {
             let name = v
                 .to_str()
-                .map_err(|_| Status::invalid_argument("malformed service metadata"))?;
+                .map_err(|_| ErrorCode::BadRequest.status("malformed service metadata"))?;
             return Ok(Caller::Service(name.to_string()));
         }
         Ok(Caller::Anonymous)
@@ -84,9 +85,8 @@ impl Caller {
     /// Requires a signed-in user or a service.
     pub fn require_authenticated(&self) -> Result<(), Status> {
         match self {
-            Caller::Anonymous => Err(Status::unauthenticated(
-                "not logged in: run `nsml login` (or set NSML_TOKEN)",
-            )),
+            Caller::Anonymous => Err(ErrorCode::Unauthenticated
+                .status("not logged in: run `nsml login` (or set NSML_TOKEN)")),
             _ => Ok(()),
         }
     }
@@ -95,10 +95,9 @@ impl Caller {
     pub fn user(&self) -> Result<&Identity, Status> {
         match self {
             Caller::User(id) => Ok(id),
-            Caller::Anonymous => Err(Status::unauthenticated(
-                "not logged in: run `nsml login` (or set NSML_TOKEN)",
-            )),
-            Caller::Service(_) => Err(Status::permission_denied("this call needs a user")),
+            Caller::Anonymous => Err(ErrorCode::Unauthenticated
+                .status("not logged in: run `nsml login` (or set NSML_TOKEN)")),
+            Caller::Service(_) => Err(ErrorCode::PermissionDenied.status("this call needs a user")),
         }
     }
 
@@ -112,7 +111,7 @@ impl Caller {
         if self.is_service() {
             Ok(())
         } else {
-            Err(Status::permission_denied("internal call"))
+            Err(ErrorCode::PermissionDenied.status("internal call"))
         }
     }
 
@@ -145,7 +144,7 @@ impl Caller {
         if self.is_host_of(competition) {
             Ok(())
         } else {
-            Err(Status::permission_denied(format!(
+            Err(ErrorCode::PermissionDenied.status(format!(
                 "only hosts of competition `{competition}` may do this"
             )))
         }

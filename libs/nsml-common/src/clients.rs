@@ -4,6 +4,7 @@
 pub mod datasets;
 pub mod retry;
 
+use crate::error::ErrorCode;
 use nsml_proto::v1::{
     auth_service_client::AuthServiceClient, leaderboard_service_client::LeaderboardServiceClient,
     quota_service_client::QuotaServiceClient, session_service_client::SessionServiceClient,
@@ -141,10 +142,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for LocalRoutes {
                 Box::pin(async move { call.await.map_err(|e| TransportError(e.into())) })
             }
             None => Box::pin(async {
-                Ok(
-                    Status::unavailable("the platform is still starting, retry shortly")
-                        .into_http(),
-                )
+                Ok(ErrorCode::Unavailable
+                    .status("the platform is still starting, retry shortly")
+                    .into_http())
             }),
         }
     }
@@ -244,24 +244,15 @@ impl Clients {
             auth: AuthServiceClient::with_interceptor(channel(Service::Auth)?, ic.clone())
                 .max_decoding_message_size(m)
                 .max_encoding_message_size(m),
-            storage: StorageServiceClient::with_interceptor(
-                channel(Service::Storage)?,
-                ic.clone(),
-            )
-            .max_decoding_message_size(m)
-            .max_encoding_message_size(m),
-            session: SessionServiceClient::with_interceptor(
-                channel(Service::Session)?,
-                ic.clone(),
-            )
-            .max_decoding_message_size(m)
-            .max_encoding_message_size(m),
-            quota: QuotaServiceClient::with_interceptor(
-                channel(Service::Quota)?,
-                ic.clone(),
-            )
-            .max_decoding_message_size(m)
-            .max_encoding_message_size(m),
+            storage: StorageServiceClient::with_interceptor(channel(Service::Storage)?, ic.clone())
+                .max_decoding_message_size(m)
+                .max_encoding_message_size(m),
+            session: SessionServiceClient::with_interceptor(channel(Service::Session)?, ic.clone())
+                .max_decoding_message_size(m)
+                .max_encoding_message_size(m),
+            quota: QuotaServiceClient::with_interceptor(channel(Service::Quota)?, ic.clone())
+                .max_decoding_message_size(m)
+                .max_encoding_message_size(m),
             submission: SubmissionServiceClient::with_interceptor(
                 channel(Service::Submission)?,
                 ic.clone(),

@@ -1,5 +1,6 @@
 //! Names users type: datasets, teams, sessions (`TEAM/DATASET/N`) and checkpoints.
 
+use crate::error::ErrorCode;
 use tonic::Status;
 
 use crate::bounds::shown;
@@ -17,7 +18,7 @@ impl SessionName {
     pub fn parse(s: &str) -> Result<Self, Status> {
         let parts: Vec<&str> = s.split('/').collect();
         let bad = || {
-            Status::invalid_argument(format!(
+            ErrorCode::BadRequest.status(format!(
                 "`{}` is not a session name: expected TEAM/DATASET/N, e.g. demo/t1-cls/3",
                 shown(s)
             ))
@@ -60,7 +61,7 @@ pub fn check_ident(kind: &str, s: &str) -> Result<(), Status> {
     if ok {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!(
+        Err(ErrorCode::BadRequest.status(format!(
             "invalid {kind} name `{}`: use 1-63 lowercase letters, digits, `-` or `_`, starting with a letter or digit",
             shown(s)
         )))
@@ -78,7 +79,7 @@ pub fn check_checkpoint(s: &str) -> Result<(), Status> {
         || s == ".."
         || s.chars().any(|c| c.is_control())
     {
-        return Err(Status::invalid_argument(format!(
+        return Err(ErrorCode::BadRequest.status(format!(
             "invalid checkpoint name `{}`: 1-128 characters without `/`, `\\`, control characters, `.` or `..`",
             shown(s)
         )));

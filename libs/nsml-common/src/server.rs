@@ -1,6 +1,7 @@
 //! Serving gRPC: the internal-secret guard every service sits behind, health, reflection and graceful
 //! shutdown.
 
+use crate::error::ErrorCode;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -8,7 +9,6 @@ use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tonic::service::Routes;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -85,10 +85,11 @@ where
                 .is_some_and(|v| constant_time_eq(v.as_bytes(), self.secret.as_bytes()));
         if !ok {
             tracing::warn!(%path, "refused a call without the internal secret");
-            let resp = Status::unauthenticated(
-                "this service accepts calls only from the gateway and other platform services",
-            )
-            .into_http();
+            let resp = ErrorCode::Unauthenticated
+                .status(
+                    "this service accepts calls only from the gateway and other platform services",
+                )
+                .into_http();
             return Box::pin(async move { Ok(resp) });
         }
         let span = tracing::info_span!("grpc", path = %path);

@@ -4,6 +4,7 @@
 //!
 //! Clients keep tonic's own codec: an answer they cannot decode is no fault of their request.
 
+use crate::error::ErrorCode;
 use std::marker::PhantomData;
 
 use prost::Message;
@@ -53,7 +54,7 @@ impl<U: Message + Default> Decoder for RequestDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|s| {
-            Status::invalid_argument(format!(
+            ErrorCode::BadRequest.status(format!(
                 "the request is not a valid {} message: {}",
                 proto_name::<U>(),
                 s.message()

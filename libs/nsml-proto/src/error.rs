@@ -52,13 +52,15 @@ pub enum ErrorCode {
     Conflict,
     /// A part of the platform is unavailable for now; the call may be repeated after a pause.
     Unavailable,
+    /// The method or service called is none the platform serves (to clients).
+    UnknownMethod,
     /// A fault of the platform; the operators have the details in the server log.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::BadArchive,
@@ -75,6 +77,7 @@ impl ErrorCode {
         ErrorCode::WrongState,
         ErrorCode::Conflict,
         ErrorCode::Unavailable,
+        ErrorCode::UnknownMethod,
         ErrorCode::Internal,
     ];
 
@@ -97,6 +100,7 @@ impl ErrorCode {
             ErrorCode::WrongState => "WRONG_STATE",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::UnknownMethod => "UNKNOWN_METHOD",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -125,6 +129,7 @@ impl ErrorCode {
             | ErrorCode::WrongState => Code::FailedPrecondition,
             ErrorCode::Conflict => Code::Aborted,
             ErrorCode::Unavailable => Code::Unavailable,
+            ErrorCode::UnknownMethod => Code::Unimplemented,
             ErrorCode::Internal => Code::Internal,
         }
     }
@@ -174,6 +179,7 @@ impl ErrorCode {
             Code::FailedPrecondition => ErrorCode::WrongState,
             Code::Aborted => ErrorCode::Conflict,
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => ErrorCode::Unavailable,
+            Code::Unimplemented => ErrorCode::UnknownMethod,
             _ => ErrorCode::Internal,
         })
     }

@@ -7,6 +7,7 @@
 //! and stamping the call with the deployment's internal secret and the address it came from. Services then
 //! decide what the identity may do.
 
+mod error;
 mod identities;
 mod ratelimit;
 
@@ -21,6 +22,8 @@ use axum::response::IntoResponse;
 use nsml_common::caller::{IDENTITY_KEY, INTERNAL_SECRET_KEY};
 use nsml_common::clients::{Clients, ServiceAddrs, Transport, transport};
 use nsml_common::service::Service;
+
+use crate::error::Refusal;
 use nsml_proto::v1::AuthenticateRequest;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -161,9 +164,13 @@ async fn resolve(gw: &Inner, token: String) -> Result<Arc<identities::Resolved>,
 }
 
 fn too_many(key: &ratelimit::Key, retry_ms: u64) -> axum::response::Response {
-    status_response(Status::resource_exhausted(format!(
-        "too many requests from {key}: retry in {retry_ms} ms"
-    )))
+    status_response(
+        Refusal::TooMany {
+            key: key.clone(),
+            retry_ms,
+        }
+        .into(),
+    )
 }
 
 async fn proxy(
@@ -177,17 +184,13 @@ async fn proxy(
         .and_then(|p| p.split_once('/'))
         .map(|(s, _)| s.to_string())
     else {
-        return status_response(Status::unimplemented(format!("no such method `{path}`")));
+        return status_response(Refusal::NoSuchMethod(path).into());
     };
     let Some(chan) = gw.routes.get(service.as_str()).cloned() else {
-        return status_response(Status::unimplemented(format!(
-            "no such service `{service}`"
-        )));
+        return status_response(Refusal::NoSuchService(service).into());
     };
     if INTERNAL_METHODS.contains(&path.as_str()) {
-        return status_response(Status::permission_denied(
-            "this method is internal to the platform",
-        ));
+        return status_response(Refusal::InternalMethod.into());
     }
     // Clients never vouch for themselves: drop whatever internal metadata they sent.
     let spoofed: Vec<http::HeaderName> = req
@@ -215,9 +218,7 @@ async fn proxy(
     if let Some(token) = token {
         let resolved = match known {
             Some(id) => Ok(id),
-            None if token.len() > MAX_TOKEN_BYTES => Err(Status::unauthenticated(
-                "your token is not one the platform issues: run `nsml login` again",
-            )),
+            None if token.len() > MAX_TOKEN_BYTES => Err(Refusal::ForeignToken.into()),
             None => resolve(&gw, token).await,
         };
         match resolved {
@@ -258,9 +259,7 @@ async fn proxy(
         Ok(resp) => resp.map(Body::new),
         Err(err) => {
             tracing::error!(%err, %service, "cannot reach a service");
-            status_response(Status::unavailable(format!(
-                "the {service} is unavailable, retry shortly"
-            )))
+            status_response(Refusal::Unreachable(service).into())
         }
     }
 }

@@ -21,24 +21,6 @@ use crate::projection::LeaderboardState;
 /// How long a call waits for the projection to catch up with the log at boot before answering `UNAVAILABLE`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl From<LeaderboardError> for Status {
-    fn from(err: LeaderboardError) -> Self {
-        let msg = err.to_string();
-        match err {
-            LeaderboardError::DatasetNotFound(_)
-            | LeaderboardError::CompetitionNotFound(_)
-            | LeaderboardError::NoCompetition => Status::not_found(msg),
-            LeaderboardError::PrivateHidden(_) | LeaderboardError::NotInCompetition(_) => {
-                Status::permission_denied(msg)
-            }
-            LeaderboardError::NoDataset | LeaderboardError::AmbiguousCompetition(_) => {
-                Status::invalid_argument(msg)
-            }
-            LeaderboardError::Loading => Status::unavailable(msg),
-        }
-    }
-}
-
 /// The leaderboard service.
 #[derive(Clone)]
 pub struct LeaderboardService {

@@ -8,6 +8,7 @@
 //! answers.
 
 pub mod domain;
+pub mod error;
 pub mod grpc;
 pub mod projection;
 
@@ -16,28 +17,8 @@ use nsml_common::projection::Projection;
 use nsml_common::server::Started;
 use nsml_proto::v1::leaderboard_service_server::LeaderboardServiceServer;
 
+pub use error::LeaderboardError;
 pub use grpc::LeaderboardService;
-
-/// Why a leaderboard request was refused. Each maps to one gRPC status in [`grpc`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LeaderboardError {
-    #[error("dataset `{0}` not found; `nsml dataset ls` lists them")]
-    DatasetNotFound(String),
-    #[error("competition `{0}` not found")]
-    CompetitionNotFound(String),
-    #[error("the private leaderboard of `{0}` is hidden until the host reveals it")]
-    PrivateHidden(String),
-    #[error("name a dataset, e.g. `nsml dataset board DATASET`")]
-    NoDataset,
-    #[error("name the competition: you are in {0}")]
-    AmbiguousCompetition(String),
-    #[error("there is no competition yet")]
-    NoCompetition,
-    #[error("you are not in a team of competition `{0}`")]
-    NotInCompetition(String),
-    #[error("the leaderboard is still reading the log; retry in a few seconds")]
-    Loading,
-}
 
 /// Builds the leaderboard service: starts its projection of the log (which catches up in the background; calls
 /// wait for it) and returns its routes.
