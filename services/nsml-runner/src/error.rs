@@ -43,6 +43,12 @@ pub enum RunnerError {
     /// The session spec cannot be run as given.
     #[error("invalid session `{name}`: {why}")]
     Session { name: String, why: String },
+    /// The session's SDK socket cannot be opened.
+    #[error("cannot open the SDK socket: {0}")]
+    SdkSocket(Box<RunnerError>),
+    /// The executor is being dropped and starts nothing more.
+    #[error("the runner is shutting down")]
+    ShuttingDown,
     /// A session with this name is already running here.
     #[error("session `{0}` is already running on this runner")]
     AlreadyRunning(String),

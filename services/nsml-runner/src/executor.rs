@@ -764,6 +764,35 @@ impl LocalExecutor {
         })
     }
 
+    /// Removes the directory and loaded checkpoints of session `name`, whatever is left of them.
+    async fn remove_files(&self, name: &str) -> Result<()> {
+        let session = session_of(name)?;
+        let root = self.session_root(&session)?;
+        let work = self.cfg.work_dir.clone();
+        let prefix = loads_prefix(&session);
+        tokio::task::spawn_blocking(move || {
+            let mut doomed = vec![root];
+            if let Ok(entries) = std::fs::read_dir(work.join("loads")) {
+                doomed.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                        .map(|e| e.path()),
+                );
+            }
+            for path in doomed {
+                archive::remove_tree_now(&path)
+                    .map_err(|e| RunnerError::io(format!("cannot remove {}", path.display()), e))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| {
+            let what = format!("removing session `{name}`'s files stopped");
+            RunnerError::io(what, std::io::Error::other(e))
+        })?
+    }
+
     /// Copies dataset `dataset`'s `part` into `dest`, fetching it into the cache first if needed.
     async fn place_dataset(&self, dataset: &str, part: DatasetPart, dest: &Path) -> Result<()> {
         let lock = {
@@ -861,7 +890,7 @@ impl Executor for LocalExecutor {
     ) -> std::result::Result<(), String> {
         // `self` is reachable only through the Arc made by `new`, so the upgrade succeeds.
         let Some(me) = self.me.upgrade() else {
-            return Err("the runner is shutting down".to_string());
+            return Err(RunnerError::ShuttingDown.to_string());
         };
         let stop = CancellationToken::new();
         {
@@ -901,28 +930,7 @@ impl Executor for LocalExecutor {
         if self.live().contains_key(name) {
             return Ok(());
         }
-        let session = session_of(name).map_err(|e| e.to_string())?;
-        let root = self.session_root(&session).map_err(|e| e.to_string())?;
-        let work = self.cfg.work_dir.clone();
-        let prefix = loads_prefix(&session);
-        tokio::task::spawn_blocking(move || {
-            let mut doomed = vec![root];
-            if let Ok(entries) = std::fs::read_dir(work.join("loads")) {
-                doomed.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-                        .map(|e| e.path()),
-                );
-            }
-            for path in doomed {
-                archive::remove_tree_now(&path)
-                    .map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| format!("removing session `{name}`'s files stopped: {e}"))?
+        self.remove_files(name).await.map_err(|e| e.to_string())
     }
 
     fn capacity(&self) -> nsml_common::executor::Capacity {

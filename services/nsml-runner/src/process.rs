@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cgroup::{CgroupUsage, SessionCgroup};
+use crate::error::{Result, RunnerError};
 use crate::limits;
 use crate::logs::{self, LogBudget, LogSender};
 use crate::platform::Platform;
@@ -183,18 +184,13 @@ struct SdkServing {
 }
 
 impl SdkServing {
-    /// Binds the socket, hands it to the sandbox's user when there is one, and serves it; an error
-    /// is the reason the session could not start.
-    fn start(
-        socket_path: &Path,
-        sdk: SdkContext,
-        owner: Option<(u32, u32)>,
-    ) -> Result<Self, String> {
-        let server = SdkServer::bind(socket_path, sdk)
-            .map_err(|e| format!("cannot open the SDK socket: {e}"))?;
+    /// Binds the socket, hands it to the sandbox's user when there is one, and serves it.
+    fn start(socket_path: &Path, sdk: SdkContext, owner: Option<(u32, u32)>) -> Result<Self> {
+        let server =
+            SdkServer::bind(socket_path, sdk).map_err(|e| RunnerError::SdkSocket(Box::new(e)))?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(socket_path, Some(uid), Some(gid))
-                .map_err(|e| format!("cannot hand the SDK socket to the sandbox: {e}"))?;
+                .map_err(|e| RunnerError::io("cannot hand the SDK socket to the sandbox", e))?;
         }
         let cancel = CancellationToken::new();
         let task = tokio::spawn(server.serve(cancel.clone()));
@@ -217,8 +213,8 @@ struct Running {
 }
 
 /// Spawns `command` in its own process group with stdout and stderr piped into `logs` (up to
-/// `log_limit` bytes), after saying the session is ready; an error is the reason it did not start.
-async fn spawn(mut command: Command, logs: &LogSender, log_limit: u64) -> Result<Running, String> {
+/// `log_limit` bytes), after saying the session is ready.
+async fn spawn(mut command: Command, logs: &LogSender, log_limit: u64) -> Result<Running> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -227,7 +223,7 @@ async fn spawn(mut command: Command, logs: &LogSender, log_limit: u64) -> Result
         .kill_on_drop(true);
     let mut child = command.spawn().map_err(|e| {
         let program = command.as_std().get_program().to_string_lossy();
-        format!("cannot start {program}: {e}")
+        RunnerError::io(format!("cannot start {program}"), e)
     })?;
     let began = Instant::now();
     let pid = child.id().unwrap_or(0);
@@ -460,17 +456,17 @@ pub async fn run_process(
     let name = sdk.name.clone();
     let sdk = match SdkServing::start(&socket_path, sdk, c.socket_owner) {
         Ok(sdk) => sdk,
-        Err(reason) => {
+        Err(e) => {
             c.cgroup.remove().await;
-            return ProcessOutcome::setup_failed(reason, false);
+            return ProcessOutcome::setup_failed(e.to_string(), false);
         }
     };
     let mut running = match spawn(command, &logs, c.log_limit).await {
         Ok(running) => running,
-        Err(reason) => {
+        Err(e) => {
             sdk.close().await;
             c.cgroup.remove().await;
-            return ProcessOutcome::setup_failed(reason, false);
+            return ProcessOutcome::setup_failed(e.to_string(), false);
         }
     };
     tracing::info!(session = %name, pid = running.pid, "process started");
