@@ -1,29 +1,23 @@
-//! Gzip'd tar archives in and out of the runner: safe extraction and packing of directories.
+//! Gzip'd tar archives in and out of the runner: safe extraction and packing of directories, and the
+//! removal of trees that sessions wrote.
 //!
-//! Archives come from participants (code snapshots, checkpoints), so extraction trusts nothing in
-//! them. It refuses absolute paths and `..`; refuses device files, FIFOs and sparse files; never
-//! writes through a symlink (every directory on the way to an entry must be a real directory, and
-//! files are created with `O_EXCL`); accepts a symlink only when its target stays inside the
-//! destination, checked again after the whole archive is out (so a later entry cannot re-aim an
-//! earlier link); turns hard links into copies of a file already extracted; drops set-uid bits;
-//! and stops at a byte and entry limit against archive bombs. Any refusal fails the whole archive:
-//! the caller removes the half-written destination.
+//! Archives come from participants (code snapshots, checkpoints), so extraction trusts nothing in them:
+//! it holds them to `nsml_archive`'s rules (no absolute paths or `..`, no devices, FIFOs or sparse files,
+//! no writing through a symlink or beneath a file, symlinks that stay inside the destination even through
+//! other links, hard links turned into copies of a file extracted earlier, no set-uid bits) and stops at a
+//! byte and entry limit against archive bombs. Any refusal fails the whole archive: the caller removes the
+//! half-written destination.
 //!
-//! Packing never follows symlinks (a link to a file outside a checkpoint is stored as a link, not
-//! as that file's content) and skips sockets, FIFOs and devices.
+//! Packing never follows symlinks (a link to a file outside a checkpoint is stored as a link, not as that
+//! file's content) and skips sockets, FIFOs and devices.
 
-use std::collections::VecDeque;
-use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
-use flate2::Compression;
-use flate2::read::GzDecoder;
-use flate2::write::GzEncoder;
 use futures::{Stream, StreamExt};
-use tar::EntryType;
+use nsml_archive::{ArchiveError, Links, PathFault, Refusal, Special};
 use tokio::sync::mpsc;
 
 use crate::error::{Result, RunnerError};
@@ -62,162 +56,71 @@ pub struct ExtractStats {
     pub bytes: u64,
 }
 
-fn unsafe_entry(path: &Path, why: impl Into<String>) -> RunnerError {
-    RunnerError::UnsafeArchive {
-        path: path.display().to_string(),
-        why: why.into(),
-    }
-}
-
-/// Turns an entry's path into a relative path of plain names; `None` for the archive root (`.`).
-fn clean_relative(path: &Path) -> Result<Option<PathBuf>> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir => {}
-            Component::ParentDir => return Err(unsafe_entry(path, "path contains `..`")),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(unsafe_entry(path, "absolute path"));
-            }
-        }
-    }
-    Ok((!out.as_os_str().is_empty()).then_some(out))
-}
-
-/// Makes every directory of `rel` under `root`, refusing to pass through anything but a real directory.
-fn real_dirs(root: &Path, rel: &Path, entry: &Path) -> Result<()> {
-    let mut cur = root.to_path_buf();
-    for c in rel.components() {
-        cur.push(c);
-        match fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => {}
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(unsafe_entry(entry, "path passes through a symlink"));
-            }
-            Ok(_) => return Err(unsafe_entry(entry, "path passes through a file")),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(&cur)
-                .map_err(|e| RunnerError::io(format!("cannot create {}", cur.display()), e))?,
-            Err(e) => {
-                return Err(RunnerError::io(
-                    format!("cannot inspect {}", cur.display()),
-                    e,
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Prepares `root/rel` for a new non-directory entry: its parents real directories, nothing at the path
-/// itself (an earlier file or link of the same name is replaced; a directory is not).
-fn place(root: &Path, rel: &Path, entry: &Path) -> Result<PathBuf> {
-    if let Some(parent) = rel.parent() {
-        real_dirs(root, parent, entry)?;
-    }
-    let dst = root.join(rel);
-    match fs::symlink_metadata(&dst) {
-        Ok(m) if m.is_dir() => Err(unsafe_entry(entry, "would replace a directory")),
-        Ok(_) => fs::remove_file(&dst)
-            .map_err(|e| RunnerError::io(format!("cannot replace {}", dst.display()), e))
-            .map(|()| dst),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(dst),
-        Err(e) => Err(RunnerError::io(
-            format!("cannot inspect {}", dst.display()),
-            e,
-        )),
-    }
-}
-
-/// Checks, by name only, that a link at `rel` aiming at `target` stays inside the root.
-fn check_link_target(rel: &Path, target: &Path, entry: &Path) -> Result<()> {
-    if target.as_os_str().is_empty() {
-        return Err(unsafe_entry(entry, "symlink with an empty target"));
-    }
-    let mut depth = rel.components().count() as i64 - 1;
-    for c in target.components() {
-        match c {
-            Component::Normal(_) => depth += 1,
-            Component::CurDir => {}
-            Component::ParentDir => {
-                depth -= 1;
-                if depth < 0 {
-                    return Err(unsafe_entry(entry, "symlink points outside the archive"));
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(unsafe_entry(entry, "symlink with an absolute target"));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Resolves the symlink at `root/rel` step by step, following links found on the way, and fails when
-/// the resolution ever leaves `root` (e.g. `a -> .` then `b -> a/../x`, which names alone miss).
-fn check_link_resolves_inside(root: &Path, rel: &Path) -> Result<()> {
-    enum Step {
-        Up,
-        Name(OsString),
-    }
-    fn steps(p: &Path, entry: &Path) -> Result<Vec<Step>> {
-        let mut out = Vec::new();
-        for c in p.components() {
-            match c {
-                Component::Normal(n) => out.push(Step::Name(n.to_os_string())),
-                Component::ParentDir => out.push(Step::Up),
-                Component::CurDir => {}
-                Component::RootDir | Component::Prefix(_) => {
-                    return Err(unsafe_entry(
-                        entry,
-                        "symlink chain reaches an absolute target",
-                    ));
-                }
-            }
-        }
-        Ok(out)
-    }
-    let read_link = |p: &Path| {
-        fs::read_link(p)
-            .map_err(|e| RunnerError::io(format!("cannot read link {}", p.display()), e))
+/// What the runner says of a refused entry.
+fn why(refusal: &Refusal) -> String {
+    let path = |fault: &PathFault| match fault {
+        PathFault::Absolute => "absolute path",
+        PathFault::Climbs => "path contains `..`",
+        PathFault::NotUtf8 => "name is not UTF-8",
     };
-    let mut at: Vec<OsString> = rel
-        .parent()
-        .map(|p| {
-            p.components()
-                .map(|c| c.as_os_str().to_os_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut todo: VecDeque<Step> = steps(&read_link(&root.join(rel))?, rel)?.into();
-    let mut hops = 0;
-    while let Some(step) = todo.pop_front() {
-        match step {
-            Step::Up => {
-                if at.pop().is_none() {
-                    return Err(unsafe_entry(rel, "symlink resolves outside the archive"));
-                }
-            }
-            Step::Name(n) => {
-                at.push(n);
-                let here: PathBuf = std::iter::once(root.as_os_str().to_os_string())
-                    .chain(at.iter().cloned())
-                    .collect();
-                let is_link = fs::symlink_metadata(&here).is_ok_and(|m| m.file_type().is_symlink());
-                if is_link {
-                    hops += 1;
-                    if hops > 40 {
-                        return Err(unsafe_entry(rel, "symlink loop"));
-                    }
-                    at.pop();
-                    for s in steps(&read_link(&here)?, rel)?.into_iter().rev() {
-                        todo.push_front(s);
-                    }
-                }
-            }
+    match refusal {
+        Refusal::BadPath { fault, .. } | Refusal::HardLinkOutside { fault, .. } => {
+            path(fault).into()
         }
+        Refusal::EmptyName => "non-directory entry at the archive root".into(),
+        Refusal::Special {
+            kind: Special::Device,
+            ..
+        } => "device file".into(),
+        Refusal::Special {
+            kind: Special::Fifo,
+            ..
+        } => "FIFO".into(),
+        Refusal::Unsupported { kind, .. } => format!("unsupported entry type {kind}"),
+        Refusal::NoTarget { hard: true, .. } => "hard link without a target".into(),
+        Refusal::NoTarget { hard: false, .. } => "symlink without a target".into(),
+        Refusal::TargetNotUtf8 { .. } => "symlink target is not UTF-8".into(),
+        Refusal::SymlinkAbsolute { .. } => "symlink with an absolute target".into(),
+        Refusal::SymlinkOutside { .. } => "symlink points outside the archive".into(),
+        Refusal::SymlinkThroughSymlink { link, .. } => {
+            format!("symlink resolves through symlink `{link}`")
+        }
+        Refusal::ResolvesOutside { .. } => "symlink resolves outside the archive".into(),
+        Refusal::SymlinkLoop { .. } => "symlink loop".into(),
+        Refusal::HardLinkToSymlink { .. }
+        | Refusal::HardLinkThroughSymlink { .. }
+        | Refusal::HardLinkNotAFile { .. } => {
+            "hard link to something that is not a file extracted earlier".into()
+        }
+        Refusal::BeneathSymlink { .. } => "path passes through a symlink".into(),
+        Refusal::BeneathFile { .. } => "path passes through a file".into(),
+        Refusal::ReplacesDirectory { .. } => "would replace a directory".into(),
     }
-    Ok(())
+}
+
+/// An archive error in the runner's words.
+fn archive_error(err: ArchiveError) -> RunnerError {
+    match err {
+        ArchiveError::Refused(r) => RunnerError::UnsafeArchive {
+            path: r.entry().to_string(),
+            why: why(&r),
+        },
+        ArchiveError::TooManyEntries { limit } => RunnerError::ArchiveTooLarge {
+            limit,
+            what: "entries",
+        },
+        ArchiveError::TooLarge { limit, .. } => RunnerError::ArchiveTooLarge {
+            limit,
+            what: "bytes",
+        },
+        ArchiveError::Io {
+            action,
+            path,
+            source,
+        } => RunnerError::io(format!("{action} {}", path.display()), source),
+        ArchiveError::Unreadable(e) => RunnerError::io("cannot read archive", e),
+        other => RunnerError::io("cannot read archive", io::Error::other(other.to_string())),
+    }
 }
 
 /// Extracts the gzip'd tar read from `reader` into `dest` (an existing, empty directory that nothing
@@ -227,168 +130,20 @@ pub fn extract_tar_gz<R: Read>(
     dest: &Path,
     limits: ExtractLimits,
 ) -> Result<ExtractStats> {
-    let bad_archive = |e: io::Error| RunnerError::io("cannot read archive", e);
-    let mut archive = tar::Archive::new(GzDecoder::new(reader));
-    let mut stats = ExtractStats::default();
-    let mut links = Vec::new();
-    for entry in archive.entries().map_err(bad_archive)? {
-        let mut entry = entry.map_err(bad_archive)?;
-        let kind = entry.header().entry_type();
-        if matches!(
-            kind,
-            EntryType::XGlobalHeader
-                | EntryType::XHeader
-                | EntryType::GNULongName
-                | EntryType::GNULongLink
-        ) {
-            continue;
-        }
-        stats.entries += 1;
-        if stats.entries > limits.max_entries {
-            return Err(RunnerError::ArchiveTooLarge {
-                limit: limits.max_entries,
-                what: "entries",
-            });
-        }
-        let raw = entry.path().map_err(bad_archive)?.into_owned();
-        let Some(rel) = clean_relative(&raw)? else {
-            if kind.is_dir() {
-                continue;
-            }
-            return Err(unsafe_entry(
-                &raw,
-                "non-directory entry at the archive root",
-            ));
-        };
-        match kind {
-            EntryType::Directory => real_dirs(dest, &rel, &raw)?,
-            EntryType::Regular | EntryType::Continuous => {
-                let size = entry.size();
-                if size > limits.max_bytes.saturating_sub(stats.bytes) {
-                    return Err(RunnerError::ArchiveTooLarge {
-                        limit: limits.max_bytes,
-                        what: "bytes",
-                    });
-                }
-                let dst = place(dest, &rel, &raw)?;
-                let executable = entry.header().mode().is_ok_and(|m| m & 0o111 != 0);
-                let mode = if executable { 0o755 } else { 0o644 };
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(mode)
-                    .open(&dst)
-                    .map_err(|e| RunnerError::io(format!("cannot create {}", dst.display()), e))?;
-                let written = io::copy(&mut (&mut entry).take(size), &mut file)
-                    .map_err(|e| RunnerError::io(format!("cannot write {}", dst.display()), e))?;
-                stats.bytes += written;
-            }
-            EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(bad_archive)?
-                    .ok_or_else(|| unsafe_entry(&raw, "symlink without a target"))?
-                    .into_owned();
-                check_link_target(&rel, &target, &raw)?;
-                let dst = place(dest, &rel, &raw)?;
-                std::os::unix::fs::symlink(&target, &dst).map_err(|e| {
-                    RunnerError::io(format!("cannot create link {}", dst.display()), e)
-                })?;
-                links.push(rel);
-            }
-            EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(bad_archive)?
-                    .ok_or_else(|| unsafe_entry(&raw, "hard link without a target"))?
-                    .into_owned();
-                let src_rel = clean_relative(&target)?
-                    .ok_or_else(|| unsafe_entry(&raw, "hard link to the archive root"))?;
-                let src = dest.join(&src_rel);
-                let parent_ok = src_rel.parent().is_none_or(|p| {
-                    let mut cur = dest.to_path_buf();
-                    p.components().all(|c| {
-                        cur.push(c);
-                        fs::symlink_metadata(&cur).is_ok_and(|m| m.is_dir())
-                    })
-                });
-                let src_meta = fs::symlink_metadata(&src).ok().filter(|m| m.is_file());
-                let Some(src_meta) = src_meta.filter(|_| parent_ok) else {
-                    return Err(unsafe_entry(
-                        &raw,
-                        "hard link to something that is not a file extracted earlier",
-                    ));
-                };
-                if src_meta.len() > limits.max_bytes.saturating_sub(stats.bytes) {
-                    return Err(RunnerError::ArchiveTooLarge {
-                        limit: limits.max_bytes,
-                        what: "bytes",
-                    });
-                }
-                let dst = place(dest, &rel, &raw)?;
-                // A copy, not a link: the two names must not share an inode the session could write through.
-                stats.bytes += fs::copy(&src, &dst)
-                    .map_err(|e| RunnerError::io(format!("cannot copy to {}", dst.display()), e))?;
-            }
-            EntryType::Char | EntryType::Block => {
-                return Err(unsafe_entry(&raw, "device file"));
-            }
-            EntryType::Fifo => return Err(unsafe_entry(&raw, "FIFO")),
-            other => {
-                return Err(unsafe_entry(
-                    &raw,
-                    format!("unsupported entry type {other:?}"),
-                ));
-            }
-        }
-    }
-    for rel in &links {
-        check_link_resolves_inside(dest, rel)?;
-    }
-    // Read to the end so that gzip checks its trailer: a truncated or corrupted stream fails here.
-    io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(bad_archive)?;
-    Ok(stats)
+    let limits = nsml_archive::Limits {
+        max_entries: limits.max_entries,
+        max_bytes: limits.max_bytes,
+    };
+    let done = nsml_archive::unpack(reader, dest, limits, Links::Keep).map_err(archive_error)?;
+    Ok(ExtractStats {
+        entries: done.entries,
+        bytes: done.bytes,
+    })
 }
 
 /// Writes `dir`'s tree as a gzip'd tar into `writer`, names relative to `dir`, and returns the writer.
 pub fn pack_dir<W: Write>(dir: &Path, writer: W) -> Result<W> {
-    let mut builder = tar::Builder::new(GzEncoder::new(writer, Compression::fast()));
-    builder.follow_symlinks(false);
-    pack_tree(&mut builder, dir, Path::new(""))?;
-    let gz = builder
-        .into_inner()
-        .map_err(|e| RunnerError::io("cannot finish archive", e))?;
-    gz.finish()
-        .map_err(|e| RunnerError::io("cannot finish archive", e))
-}
-
-fn pack_tree<W: Write>(builder: &mut tar::Builder<W>, root: &Path, rel: &Path) -> Result<()> {
-    let dir = root.join(rel);
-    let mut entries: Vec<_> = fs::read_dir(&dir)
-        .map_err(|e| RunnerError::io(format!("cannot list {}", dir.display()), e))?
-        .collect::<io::Result<_>>()
-        .map_err(|e| RunnerError::io(format!("cannot list {}", dir.display()), e))?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = rel.join(e.file_name());
-        let path = e.path();
-        let meta = fs::symlink_metadata(&path)
-            .map_err(|err| RunnerError::io(format!("cannot inspect {}", path.display()), err))?;
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            builder
-                .append_dir(&name, &path)
-                .map_err(|err| RunnerError::io(format!("cannot pack {}", path.display()), err))?;
-            pack_tree(builder, root, &name)?;
-        } else if ft.is_file() || ft.is_symlink() {
-            builder
-                .append_path_with_name(&path, &name)
-                .map_err(|err| RunnerError::io(format!("cannot pack {}", path.display()), err))?;
-        } else {
-            tracing::debug!(path = %path.display(), "not packing a socket, FIFO or device");
-        }
-    }
-    Ok(())
+    nsml_archive::pack_dir(dir, writer).map_err(archive_error)
 }
 
 /// Feeds a blocking reader from an async channel of chunks (the bridge from a gRPC stream to `tar`).
@@ -614,31 +369,4 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<u64> {
         }
     }
     Ok(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cleans_relative_paths() {
-        assert_eq!(
-            clean_relative(Path::new("./a/./b")).unwrap(),
-            Some(PathBuf::from("a/b"))
-        );
-        assert_eq!(clean_relative(Path::new("./")).unwrap(), None);
-        assert!(clean_relative(Path::new("/etc/passwd")).is_err());
-        assert!(clean_relative(Path::new("a/../../b")).is_err());
-    }
-
-    #[test]
-    fn link_targets_are_checked_by_name() {
-        let ok =
-            |rel: &str, t: &str| check_link_target(Path::new(rel), Path::new(t), Path::new(rel));
-        assert!(ok("a/link", "../b").is_ok());
-        assert!(ok("a/link", "../../b").is_err());
-        assert!(ok("link", "/etc").is_err());
-        assert!(ok("link", "").is_err());
-        assert!(ok("link", "./x/../y").is_ok());
-    }
 }

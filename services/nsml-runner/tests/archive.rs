@@ -1,4 +1,6 @@
-//! Safe extraction: what hostile archives try, and that nothing lands outside the destination.
+//! Safe extraction as the runner does it: what hostile archives try, that nothing lands outside the
+//! destination, and the runner's words for each refusal (the rules themselves are `nsml_archive`'s and
+//! tested there).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::fs;
@@ -249,14 +251,6 @@ fn refuses_archives_past_the_limits() {
 }
 
 #[test]
-fn refuses_a_truncated_stream() {
-    let bytes = tar_gz(&[file("a", &[7u8; 100_000])]);
-    let dest = tempfile::tempdir().unwrap();
-    let cut = &bytes[..bytes.len() / 2];
-    assert!(extract_tar_gz(cut, dest.path(), ExtractLimits::CODE).is_err());
-}
-
-#[test]
 fn packs_without_following_symlinks_and_round_trips() {
     let src = tempfile::tempdir().unwrap();
     let secret = tempfile::tempdir().unwrap();
@@ -296,32 +290,6 @@ fn packs_without_following_symlinks_and_round_trips() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o111, 0o111);
-}
-
-#[test]
-fn a_gnu_long_name_still_gets_checked() {
-    // Paths longer than 100 bytes travel in an extra GNU entry; the check applies to the full name.
-    let long = format!("{}/../../evil", "d/".repeat(60));
-    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
-    let mut h = Header::new_gnu();
-    h.set_size(1);
-    h.set_entry_type(EntryType::Regular);
-    // `append_data` writes a GNU long-name entry but refuses `..`: write it by hand.
-    let mut ln = Header::new_gnu();
-    ln.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
-    ln.set_entry_type(EntryType::GNULongName);
-    ln.set_size(long.len() as u64 + 1);
-    ln.set_cksum();
-    let mut name = long.clone().into_bytes();
-    name.push(0);
-    b.append(&ln, &name[..]).unwrap();
-    h.as_gnu_mut().unwrap().name[..5].copy_from_slice(b"short");
-    h.set_cksum();
-    b.append(&h, &b"x"[..]).unwrap();
-    let bytes = b.into_inner().unwrap().finish().unwrap();
-    let dest = tempfile::tempdir().unwrap();
-    let err = extract_tar_gz(&bytes[..], dest.path(), ExtractLimits::CODE).unwrap_err();
-    assert!(err.to_string().contains("`..`"), "{err}");
 }
 
 /// Runs `f` on a thread of its own as the unprivileged `nobody` when the test runs as root (the
