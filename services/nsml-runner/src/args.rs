@@ -1,8 +1,10 @@
-//! Splits a session's argument string the way a POSIX shell would, without running a shell.
+//! Splits a session's argument string the way a POSIX shell would, without running a shell
+//! (through `shlex`).
 //!
-//! Supported: whitespace separation, single quotes (literal), double quotes (where `\` escapes `"`,
-//! `\`, `$`, `` ` `` and a newline), and `\` outside quotes escaping the next character. Nothing is
-//! expanded: `$HOME`, `*` and `~` reach the entry as typed.
+//! Supported: separation by spaces, tabs and newlines, single quotes (literal), double quotes (where
+//! `\` escapes `"`, `\`, `$`, `` ` `` and a newline), `\` outside quotes escaping the next character,
+//! and a word starting with `#` beginning a comment to the end of the line. Nothing is expanded:
+//! `$HOME`, `*` and `~` reach the entry as typed.
 
 use crate::error::{Result, RunnerError};
 
@@ -11,69 +13,10 @@ pub const SUBMIT_ARGS: [&str; 4] = ["--mode", "test", "--pause", "1"];
 
 /// Splits `s` into arguments.
 pub fn split_args(s: &str) -> Result<Vec<String>> {
-    let bad = |why| RunnerError::Args {
+    shlex::split(s).ok_or_else(|| RunnerError::Args {
         args: s.to_string(),
-        why,
-    };
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if in_word {
-                    out.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => cur.push(c),
-                        None => return Err(bad("unterminated single quote")),
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(c @ ('"' | '\\' | '$' | '`')) => cur.push(c),
-                            Some('\n') => {}
-                            Some(c) => {
-                                cur.push('\\');
-                                cur.push(c);
-                            }
-                            None => return Err(bad("unterminated double quote")),
-                        },
-                        Some(c) => cur.push(c),
-                        None => return Err(bad("unterminated double quote")),
-                    }
-                }
-            }
-            '\\' => match chars.next() {
-                Some('\n') => {}
-                Some(c) => {
-                    in_word = true;
-                    cur.push(c);
-                }
-                None => return Err(bad("trailing backslash")),
-            },
-            c => {
-                in_word = true;
-                cur.push(c);
-            }
-        }
-    }
-    if in_word {
-        out.push(cur);
-    }
-    Ok(out)
+        why: "a quote is not closed or a backslash ends them",
+    })
 }
 
 /// The arguments a session's entry is started with: `args` split, and for a submit NSML's
@@ -115,6 +58,13 @@ mod tests {
         assert_eq!(split(r"'it'\''s'"), ["it's"]);
         assert_eq!(split(r#"'' """#), ["", ""]);
         assert_eq!(split("'$HOME' *"), ["$HOME", "*"]);
+    }
+
+    #[test]
+    fn a_word_starting_with_hash_is_a_comment_as_in_a_shell() {
+        assert_eq!(split("--color=#fff a#b"), ["--color=#fff", "a#b"]);
+        assert_eq!(split("--lr 0.1 # tuned\n--epochs 3"), ["--lr", "0.1", "--epochs", "3"]);
+        assert_eq!(split("--tag '#1'"), ["--tag", "#1"]);
     }
 
     #[test]
