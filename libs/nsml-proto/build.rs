@@ -11,8 +11,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
-    let fds = protox::compile(&files, [&root])?;
+    let mut compiler = protox::Compiler::new([&root])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files(&files)?;
+    let fds = compiler.file_descriptor_set();
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("internal_methods.rs"),
+        internal_methods(&compiler.descriptor_pool())?,
+    )?;
     std::fs::write(
         out.join("nsml_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
@@ -33,4 +42,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&clients)
         .compile_fds(fds)?;
     Ok(())
+}
+
+/// The gRPC paths of the methods marked `option (nsml.v1.internal) = true`, as a Rust constant.
+fn internal_methods(
+    pool: &prost_reflect::DescriptorPool,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let internal = pool
+        .get_extension_by_name("nsml.v1.internal")
+        .ok_or("proto/ declares no `nsml.v1.internal` method option")?;
+    let mut paths = Vec::new();
+    for service in pool.services() {
+        for method in service.methods() {
+            let options = method.options();
+            if options.has_extension(&internal)
+                && options.get_extension(&internal).as_bool() == Some(true)
+            {
+                paths.push(format!("/{}/{}", service.full_name(), method.name()));
+            }
+        }
+    }
+    paths.sort();
+    let mut code = String::from(
+        "/// The methods `proto/` marks `option (nsml.v1.internal) = true`: only the platform's services\n\
+         /// and runners may call them.\npub const INTERNAL_METHODS: &[&str] = &[\n",
+    );
+    for path in paths {
+        code.push_str(&format!("    {path:?},\n"));
+    }
+    code.push_str("];\n");
+    Ok(code)
 }

@@ -9,6 +9,8 @@ pub mod v1 {
     tonic::include_proto!("nsml.v1");
     include!(concat!(env!("OUT_DIR"), "/clients/nsml.v1.rs"));
 
+    include!(concat!(env!("OUT_DIR"), "/internal_methods.rs"));
+
     /// The encoded file descriptor set, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/nsml_descriptor.bin"));

@@ -31,21 +31,6 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tower::ServiceExt;
 
-/// Methods only services and runners may call.
-const INTERNAL_METHODS: &[&str] = &[
-    "/nsml.v1.AuthService/Authenticate",
-    "/nsml.v1.StorageService/FetchDatasetPart",
-    "/nsml.v1.StorageService/SaveCheckpoint",
-    "/nsml.v1.SessionService/StartSubmit",
-    "/nsml.v1.SessionService/RunnerStarted",
-    "/nsml.v1.SessionService/RunnerLogs",
-    "/nsml.v1.SessionService/RunnerReport",
-    "/nsml.v1.SessionService/RunnerFinished",
-    "/nsml.v1.SessionService/RunnerHeartbeat",
-    "/nsml.v1.QuotaService/Admit",
-    "/nsml.v1.SubmissionService/RunnerPredictions",
-];
-
 /// Metadata key under which the auth service reads the address a call came from (its `PEER_KEY`).
 const PEER_KEY: &str = "x-nsml-peer";
 /// The longest bearer token asked of the auth service; the platform's are 64 characters.
@@ -189,7 +174,7 @@ async fn proxy(
     let Some(chan) = gw.routes.get(service.as_str()).cloned() else {
         return status_response(Refusal::NoSuchService(service).into());
     };
-    if INTERNAL_METHODS.contains(&path.as_str()) {
+    if nsml_proto::v1::INTERNAL_METHODS.contains(&path.as_str()) {
         return status_response(Refusal::InternalMethod.into());
     }
     // Clients never vouch for themselves: drop whatever internal metadata they sent.
