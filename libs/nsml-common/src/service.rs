@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(names.len(), Service::ALL.len());
         for s in Service::ALL {
             assert_eq!(Service::parse(s.name()), Some(s));
-            assert_eq!(Service::of_path(&format!("/{}/Any", s.grpc_name())), Some(s));
+            assert_eq!(
+                Service::of_path(&format!("/{}/Any", s.grpc_name())),
+                Some(s)
+            );
         }
         assert_eq!(Service::of_path("/nsml.v1.Nothing/Run"), None);
         assert_eq!(Service::of_path("nsml.v1.AuthService"), None);
