@@ -122,11 +122,7 @@ pub struct Lite {
 impl Lite {
     /// Whether the session has ended.
     pub fn ended(&self) -> bool {
-        self.rejected
-            || matches!(
-                self.status,
-                SessionStatus::Exited | SessionStatus::Failed | SessionStatus::Stopped
-            )
+        self.rejected || is_ended(self.status)
     }
 }
 

@@ -52,6 +52,15 @@ impl Sessions {
 
 impl ReadModel for Sessions {
     fn apply(&mut self, ev: &StoredEvent) {
+        if !self.apply_lifecycle(ev) {
+            self.apply_outside(ev);
+        }
+    }
+}
+
+impl Sessions {
+    /// Applies an event of a session's own stream; returns whether it was one.
+    fn apply_lifecycle(&mut self, ev: &StoredEvent) -> bool {
         if let Some(e) = decode::<SessionRequested>(ev) {
             if let Some(s) = e.session {
                 self.sessions.insert(
@@ -121,7 +130,16 @@ impl ReadModel for Sessions {
             self.with(&e.name, |s| s.removed = true);
         } else if let Some(e) = decode::<MemoChanged>(ev) {
             self.with(&e.name, |s| s.session.memo = e.memo);
-        } else if let Some(e) = decode::<CheckpointSaved>(ev) {
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// Applies what other services record that sessions depend on: checkpoints, code, datasets and
+    /// competitions' policies.
+    fn apply_outside(&mut self, ev: &StoredEvent) {
+        if let Some(e) = decode::<CheckpointSaved>(ev) {
             if let Some(c) = e.checkpoint {
                 self.with(&c.session, |s| {
                     s.checkpoints.insert(c.name.clone(), c.size_bytes);
