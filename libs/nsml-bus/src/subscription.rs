@@ -38,7 +38,7 @@ pub enum Delivery {
 /// The subscription also checks the store for events past everything delivered every
 /// [`STORE_POLL`] (so an event the bus never carries, e.g. while no relay runs, still arrives). When the bus
 /// fails — its live subscription ends, or a store poll finds an event that the bus should have brought and did
-/// not (stored after the bus was subscribed to, and [`BUS_MISS_AGE`] ago) — the subscription follows the store
+/// not (stored after the bus was subscribed to, and `BUS_MISS_AGE` ago) — the subscription follows the store
 /// alone, every 50 ms, and subscribes to the bus again at most once a second until the bus delivers again. A bus
 /// that went silent (a NATS server restarted, its stream lost) therefore costs a poll period, not the client's
 /// heartbeat timeouts. A failed store read is yielded as an error item and retried after a pause; the stream

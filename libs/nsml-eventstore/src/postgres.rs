@@ -33,7 +33,7 @@ const MAX_BATCH: usize = 256;
 /// see a position before the ones below it.
 ///
 /// Within one process, appends are queued to one task, which commits every append queued at that moment (up to
-/// [`MAX_BATCH`]) in one transaction: one lock of the head row and one commit (one flush of Postgres's log) for
+/// `MAX_BATCH`) in one transaction: one lock of the head row and one commit (one flush of Postgres's log) for
 /// them all rather than one each. Every append is checked against its stream's version in turn,
 /// seeing the ones before it in the batch; one that does not match is refused alone. Nobody is answered before
 /// the commit; if it fails, every append of the batch fails and none is stored. Appends queued on a [`Chain`]

@@ -106,7 +106,7 @@ macro_rules! select_events {
 /// Positions are handed out in commit order, so the outbox is a watermark on the head row: the events above it
 /// wait for the relay (see `docs/adr/2026-11-27-the-outbox-is-a-watermark.md`). The writer thread also keeps the
 /// outbox in memory while it can follow it, so the relay gets the events it was just woken for without reading
-/// them back from the file (see [`OutboxTail`]).
+/// them back from the file (see `OutboxTail`).
 ///
 /// Reads run on blocking threads with read connections of their own, kept in a small pool; WAL lets them run
 /// beside the writer and see every commit made before they start. A log in memory has a single connection, so
@@ -1106,7 +1106,7 @@ impl EventStore for SqliteStore {
         self.read(head_position).await
     }
 
-    /// From memory while the writer thread knows the outbox (see [`OutboxTail`]); otherwise from the database,
+    /// From memory while the writer thread knows the outbox (see `OutboxTail`); otherwise from the database,
     /// and a short outbox is read once more on the writer thread, between commits, so that it can follow from there.
     async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         if let Some(events) = self.shared.tail.peek(limit, Instant::now()) {

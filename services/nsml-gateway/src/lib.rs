@@ -2,8 +2,8 @@
 //!
 //! It serves the services' own gRPC APIs (`/nsml.v1.SessionService/Run`, …) by proxying each call to the
 //! owning service after: refusing internal-only methods, dropping any `x-nsml-*` metadata a client sent,
-//! rate-limiting per caller (see [`ratelimit`]: by address until the caller is known to be a user),
-//! resolving the bearer token to an identity through the auth service (kept for a moment: see [`identities`]),
+//! rate-limiting per caller (see `ratelimit`: by address until the caller is known to be a user),
+//! resolving the bearer token to an identity through the auth service (kept for a moment: see `identities`),
 //! and stamping the call with the deployment's internal secret and the address it came from. Services then
 //! decide what the identity may do.
 
