@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nsml_proto::v1::{LogLine, MetricPoint, Resources, SessionKind};
-use nsml_runner::cgroup::CgroupLimits;
+use nsml_runner::cgroup::{CgroupLimits, SessionCgroup};
 use nsml_runner::error::{Result, RunnerError};
 use nsml_runner::launch::{EnvSpec, LaunchSpec, build_command, session_env};
 use nsml_runner::limits::LimitsConfig;
@@ -163,37 +163,8 @@ fn prepare_with(
 ) -> Run {
     let host = host();
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("s");
-    for d in ["code", "data/train", "tmp", "ckpt"] {
-        fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let loads = tmp.path().join("loads");
-    fs::create_dir_all(&loads).unwrap();
-    // Something of the host beside the session, which the session must not see.
-    fs::write(tmp.path().join("secret"), "host secret").unwrap();
-    if let Some((uid, gid)) = host.owner() {
-        for d in [root.clone(), root.join("tmp")] {
-            std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
-        }
-    }
-    fs::write(root.join("code/main.py"), script).unwrap();
-    fs::write(root.join("data/train/train_label"), "labels").unwrap();
+    let (root, loads) = lay_out(tmp.path(), &host, script);
     let fake = Arc::new(Fake::default());
-    let socket = root.join("nsml.sock");
-    let env = session_env(&EnvSpec {
-        name: "demo/t1-cls/3".into(),
-        dataset: "t1-cls".into(),
-        kind,
-        session_dir: root.clone(),
-        dataset_dir: root.join("data"),
-        tmp_dir: root.join("tmp"),
-        checkpoint_dir: root.join("ckpt"),
-        socket: socket.clone(),
-        sdk_path: sdk_path(),
-        gpu_ids: vec![],
-        resources,
-        search_path: host.search_path(),
-    });
     let cgroup = host
         .cgroups()
         .create(
@@ -205,33 +176,7 @@ fn prepare_with(
             },
         )
         .unwrap();
-    let sandbox = SandboxSpec {
-        host: host.clone(),
-        writable: vec![root.clone()],
-        read_only: vec![
-            root.join("code"),
-            root.join("data"),
-            root.join("ckpt"),
-            loads.clone(),
-            sdk_path(),
-        ],
-        socket: socket.clone(),
-        devices: vec![],
-        shm_bytes: resources.shm_bytes,
-        tmp_bytes: resources.memory_bytes,
-        cgroup_procs: cgroup.procs_files(),
-    };
-    let launch = LaunchSpec {
-        python: python(),
-        entry: "main.py".into(),
-        args: nsml_runner::args::entry_args("--flag 'two words'", kind != SessionKind::Train)
-            .unwrap(),
-        cwd: root.join("code"),
-        env,
-        gpu_ids: vec![],
-        resources,
-        sandbox,
-    };
+    let launch = launch(&host, kind, &root, &loads, resources, &cgroup);
     let stager = CheckpointStager::new(
         launch.sandbox.clone(),
         root.join("code"),
@@ -250,7 +195,7 @@ fn prepare_with(
     .unwrap();
     let spec = ProcessSpec {
         command: build_command(&launch),
-        socket_path: socket,
+        socket_path: root.join("nsml.sock"),
         sdk,
         time_limit,
         stop_grace: Duration::from_secs(1),
@@ -275,6 +220,81 @@ fn prepare_with(
         fake,
         spec: Some(spec),
         stager,
+    }
+}
+
+/// Lays out a session directory `s` in `tmp` with `code/main.py` = `script` and a training label
+/// file, a `loads` directory beside it, and a host file the session must not see; returns the
+/// session directory and `loads`.
+fn lay_out(tmp: &Path, host: &SandboxHost, script: &str) -> (PathBuf, PathBuf) {
+    let root = tmp.join("s");
+    for d in ["code", "data/train", "tmp", "ckpt"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let loads = tmp.join("loads");
+    fs::create_dir_all(&loads).unwrap();
+    // Something of the host beside the session, which the session must not see.
+    fs::write(tmp.join("secret"), "host secret").unwrap();
+    if let Some((uid, gid)) = host.owner() {
+        for d in [root.clone(), root.join("tmp")] {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid)).unwrap();
+        }
+    }
+    fs::write(root.join("code/main.py"), script).unwrap();
+    fs::write(root.join("data/train/train_label"), "labels").unwrap();
+    (root, loads)
+}
+
+/// The launch of `main.py` in the session directory `root`, in a sandbox like the runner's.
+fn launch(
+    host: &Arc<SandboxHost>,
+    kind: SessionKind,
+    root: &Path,
+    loads: &Path,
+    resources: Resources,
+    cgroup: &SessionCgroup,
+) -> LaunchSpec {
+    let socket = root.join("nsml.sock");
+    let env = session_env(&EnvSpec {
+        name: "demo/t1-cls/3".into(),
+        dataset: "t1-cls".into(),
+        kind,
+        session_dir: root.to_path_buf(),
+        dataset_dir: root.join("data"),
+        tmp_dir: root.join("tmp"),
+        checkpoint_dir: root.join("ckpt"),
+        socket: socket.clone(),
+        sdk_path: sdk_path(),
+        gpu_ids: vec![],
+        resources,
+        search_path: host.search_path(),
+    });
+    let sandbox = SandboxSpec {
+        host: host.clone(),
+        writable: vec![root.to_path_buf()],
+        read_only: vec![
+            root.join("code"),
+            root.join("data"),
+            root.join("ckpt"),
+            loads.to_path_buf(),
+            sdk_path(),
+        ],
+        socket,
+        devices: vec![],
+        shm_bytes: resources.shm_bytes,
+        tmp_bytes: resources.memory_bytes,
+        cgroup_procs: cgroup.procs_files(),
+    };
+    LaunchSpec {
+        python: python(),
+        entry: "main.py".into(),
+        args: nsml_runner::args::entry_args("--flag 'two words'", kind != SessionKind::Train)
+            .unwrap(),
+        cwd: root.join("code"),
+        env,
+        gpu_ids: vec![],
+        resources,
+        sandbox,
     }
 }
 
@@ -362,7 +382,36 @@ call({{"op": "report", "summary": True, "scope": None, "step": 2, "metrics": {{"
 
 #[tokio::test]
 async fn a_training_session_speaks_the_sdk_protocol() {
-    let script = format!(
+    let mut r = prepare(SessionKind::Train, &sdk_protocol_script(), None);
+    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+
+    let stderr = texts(&lines, "stderr");
+    assert_eq!(outcome.exit_code, 3, "{stderr:?}");
+    assert_eq!(outcome.reason, "exited with code 3");
+    assert!(!outcome.stopped);
+    assert_eq!(*r.fake.started.lock().unwrap(), [outcome.pid.unwrap()]);
+
+    let stdout = texts(&lines, "stdout");
+    assert_eq!(stdout[0], "args ['--flag', 'two words']");
+    assert_eq!(stderr, ["to stderr"]);
+    assert!(stdout.contains(&"loaded demo/t1-cls/3:best"));
+    let nsml = texts(&lines, "nsml");
+    assert_eq!(nsml.first(), Some(&"Session ready"));
+    assert!(nsml.contains(&"Session ended: exited with code 3"));
+
+    assert_sdk_replies(&r, &replies(&lines));
+    assert_reported_and_saved(&r);
+    assert!(r.fake.predictions.lock().unwrap().is_empty());
+    assert!(
+        !r.root.join("nsml.sock").exists(),
+        "the socket is removed at the end"
+    );
+}
+
+/// A training script that prints, reports, saves, loads and sends predictions, some of it refused,
+/// then exits with code 3.
+fn sdk_protocol_script() -> String {
+    format!(
         r#"{CLIENT}
 import sys
 print("args", sys.argv[1:], flush=True)
@@ -388,25 +437,12 @@ call(raw="not json")
 call({{"op": "explode"}})
 sys.exit(3)
 "#
-    );
-    let mut r = prepare(SessionKind::Train, &script, None);
-    let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
+    )
+}
 
-    let stderr = texts(&lines, "stderr");
-    assert_eq!(outcome.exit_code, 3, "{stderr:?}");
-    assert_eq!(outcome.reason, "exited with code 3");
-    assert!(!outcome.stopped);
-    assert_eq!(*r.fake.started.lock().unwrap(), [outcome.pid.unwrap()]);
-
-    let stdout = texts(&lines, "stdout");
-    assert_eq!(stdout[0], "args ['--flag', 'two words']");
-    assert_eq!(stderr, ["to stderr"]);
-    assert!(stdout.contains(&"loaded demo/t1-cls/3:best"));
-    let nsml = texts(&lines, "nsml");
-    assert_eq!(nsml.first(), Some(&"Session ready"));
-    assert!(nsml.contains(&"Session ended: exited with code 3"));
-
-    let rs = replies(&lines);
+/// The answers to [`sdk_protocol_script`]'s calls, in order: what is allowed succeeds, the rest is
+/// refused with the reason the program is shown.
+fn assert_sdk_replies(r: &Run, rs: &[Value]) {
     let ok: Vec<bool> = rs.iter().map(|v| v["ok"] == true).collect();
     assert_eq!(
         ok,
@@ -451,7 +487,10 @@ sys.exit(3)
                 .unwrap()
         )
     );
+}
 
+/// What [`sdk_protocol_script`] reported and saved reached the platform as sent.
+fn assert_reported_and_saved(r: &Run) {
     let reports = r.fake.reports.lock().unwrap();
     assert_eq!(reports.len(), 2);
     assert_eq!(
@@ -486,11 +525,6 @@ sys.exit(3)
     assert!(
         !r.root.join("ckpt-tmp/x").exists(),
         "the saved directory is handed over and removed"
-    );
-    assert!(r.fake.predictions.lock().unwrap().is_empty());
-    assert!(
-        !r.root.join("nsml.sock").exists(),
-        "the socket is removed at the end"
     );
 }
 
