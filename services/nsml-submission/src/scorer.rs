@@ -8,7 +8,6 @@
 //! are spooled is scored, one whose predictions were lost fails with the reason.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ const PARALLEL: usize = 4;
 const EVAL_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often submissions left Scoring are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
-/// The largest labels file or evaluation script read into memory (a gzip'd tar).
+/// The largest labels file or evaluation script read into memory, packed (a gzip'd tar) and unpacked.
 const MAX_PART_BYTES: usize = 1 << 30;
 /// Why a submission whose predictions were lost fails.
 const LOST: &str = "the submission service restarted before scoring the predictions, and they were lost; submit again";
@@ -153,6 +152,11 @@ enum ScorerError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("{what}: {source}")]
+    Archive {
+        what: &'static str,
+        source: nsml_archive::ArchiveError,
+    },
     #[error("the hidden labels cannot be read: {0}")]
     Labels(scoring::ScoreError),
     #[error("the scoring thread stopped: {0}")]
@@ -164,7 +168,7 @@ impl ScorerError {
     fn reason(&self) -> &'static str {
         match self {
             ScorerError::Service(_) => "the dataset could not be looked up",
-            ScorerError::Fetch(_) | ScorerError::Read { .. } => {
+            ScorerError::Fetch(_) | ScorerError::Read { .. } | ScorerError::Archive { .. } => {
                 "the hidden labels could not be fetched"
             }
             ScorerError::Labels(_) => "the dataset's hidden labels are malformed; tell the host",
@@ -281,21 +285,9 @@ async fn fetch_file(
     what: &'static str,
 ) -> Result<String, ScorerError> {
     let archive = fetch_part(handler.clients(), dataset, part, MAX_PART_BYTES).await?;
-    tokio::task::spawn_blocking(move || first_file(&archive))
-        .await?
-        .map_err(|source| ScorerError::Read { what, source })
-}
-
-/// The content of the first regular file in a gzip'd tar.
-fn first_file(archive: &[u8]) -> Result<String, std::io::Error> {
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
-    for entry in ar.entries()? {
-        let mut e = entry?;
-        if e.header().entry_type().is_file() {
-            let mut s = String::new();
-            e.read_to_string(&mut s)?;
-            return Ok(s);
-        }
-    }
-    Err(std::io::Error::other("the archive holds no file"))
+    tokio::task::spawn_blocking(move || {
+        nsml_archive::first_file(archive.as_slice(), MAX_PART_BYTES as u64)
+    })
+    .await?
+    .map_err(|source| ScorerError::Archive { what, source })
 }
