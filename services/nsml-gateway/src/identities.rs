@@ -5,6 +5,10 @@
 //! call and again once it is answered; an answer to an authentication that was asked before the change is not
 //! kept. What another gateway of a distributed deployment changed, and a token that expires, take effect here
 //! within [`TTL`].
+//!
+//! The map is ours rather than `moka`'s: what must be right here is the generation guard (an answer asked
+//! before a change is never kept), which a cache crate would not give, and a bounded map under one lock is
+//! all the rest needs.
 
 use std::collections::HashMap;
 use std::sync::Arc;

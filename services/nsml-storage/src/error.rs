@@ -5,7 +5,7 @@ use nsml_common::projection::Lagging;
 use nsml_eventstore::StoreError;
 use tonic::Status;
 
-use crate::domain::human_bytes;
+use nsml_manifest::format_size as human_bytes;
 
 /// The storage service's errors: refusals of a request (the caller can fix them) and failures of the
 /// infrastructure (logged in full, masked to the caller).
