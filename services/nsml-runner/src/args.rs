@@ -63,7 +63,10 @@ mod tests {
     #[test]
     fn a_word_starting_with_hash_is_a_comment_as_in_a_shell() {
         assert_eq!(split("--color=#fff a#b"), ["--color=#fff", "a#b"]);
-        assert_eq!(split("--lr 0.1 # tuned\n--epochs 3"), ["--lr", "0.1", "--epochs", "3"]);
+        assert_eq!(
+            split("--lr 0.1 # tuned\n--epochs 3"),
+            ["--lr", "0.1", "--epochs", "3"]
+        );
         assert_eq!(split("--tag '#1'"), ["--tag", "#1"]);
     }
 

@@ -12,12 +12,13 @@
 //! - [`executor`]: the [`Executor`](nsml_common::executor::Executor) implementation and session layout;
 //! - [`process`]: running one process (exit status, time limit, stop), testable without services;
 //! - [`launch`]: the child's environment and the one function that builds its command (the sandbox seam);
-//! - [`sandbox`]: what the sandbox shows and hides; [`cgroup`]: the session's limits and accounting;
+//! - [`sandbox`]: what the sandbox shows and hides, and the command that enters it (which [`launch`]
+//!   builds on, never the other way round); [`cgroup`]: the session's limits and accounting;
 //!   [`limits`]: the runner's own limits (processes, disk, log volume) and how limits read;
 //! - [`sdk`]: the SDK socket protocol; [`platform`]: what the process asks of the services;
 //! - [`logs`]: output lines and their batched stream; [`archive`]: safe tar extraction and packing;
 //! - [`dataset`]: which dataset part a session sees and its layout; [`gpu`]: the GPU inventory;
-//!   [`args`]: shell-like argument splitting.
+//!   [`args`]: shell-style argument splitting.
 
 pub mod archive;
 pub mod args;
