@@ -156,7 +156,7 @@ pub fn pids_note(limit: u64) -> String {
 }
 
 /// Bytes kept under `root`, not counting the trees in `exclude` (mount points the session cannot
-/// write). Each entry counts its allocated blocks, and at least [`MIN_ENTRY_BYTES`]; symlinks are not
+/// write). Each entry counts its allocated blocks, and at least `MIN_ENTRY_BYTES` (4 KiB); symlinks are not
 /// followed. Entries that vanish during the walk are skipped.
 pub fn disk_usage(root: &Path, exclude: &[PathBuf]) -> u64 {
     use std::os::unix::fs::MetadataExt;
