@@ -25,6 +25,8 @@ use crate::scoring::{self, Partition};
 const PARALLEL: usize = 4;
 /// How long a host's evaluation script may run.
 const EVAL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long one submission's scoring may take in all: fetching, then the script or the metric.
+const SCORE_TIMEOUT: Duration = Duration::from_secs(900);
 /// How often submissions left Scoring are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// The largest labels file or evaluation script read into memory, packed (a gzip'd tar) and unpacked.
@@ -118,16 +120,25 @@ async fn score_one(handler: &Handler, id: &str) {
         return;
     };
     let ending = match handler.spool().read(id).await {
-        Ok(Some(predictions)) => match outcome(handler, &sub, predictions).await {
-            Ok(ending) => ending,
-            Err(err) => {
-                tracing::error!(%err, submission = %id, "could not score a submission");
-                Ending::Failed(format!(
-                    "the scorer could not score the predictions ({}); submit again",
-                    err.reason()
-                ))
+        Ok(Some(predictions)) => {
+            match tokio::time::timeout(SCORE_TIMEOUT, outcome(handler, &sub, predictions)).await {
+                Ok(Ok(ending)) => ending,
+                Err(_) => {
+                    tracing::error!(submission = %id, "scoring a submission did not finish in time");
+                    Ending::Failed(format!(
+                        "the scorer could not score the predictions within {} seconds; submit again",
+                        SCORE_TIMEOUT.as_secs()
+                    ))
+                }
+                Ok(Err(err)) => {
+                    tracing::error!(%err, submission = %id, "could not score a submission");
+                    Ending::Failed(format!(
+                        "the scorer could not score the predictions ({}); submit again",
+                        err.reason()
+                    ))
+                }
             }
-        },
+        }
         Ok(None) => Ending::Failed(LOST.into()),
         Err(err) => {
             tracing::error!(%err, submission = %id, "could not read spooled predictions");

@@ -88,72 +88,83 @@ fn normalize_list(
         });
     }
     match shape {
-        ItemShape::Record => {
-            let Some(Value::Object(first)) = list.first() else {
-                unreachable!("the shape was read from the first item");
-            };
-            let key_candidates = candidates(&labels.key_column, &KEY_FIELDS, None);
-            let kf = key_candidates
-                .iter()
-                .find(|f| first.contains_key(**f))
-                .ok_or_else(|| ScoreError::NoKeyField {
-                    candidates: quoted(&key_candidates),
-                    found: fields_of(first),
-                })?;
-            let value_candidates = candidates(&labels.value_column, &VALUE_FIELDS, Some(kf));
-            let vf = value_candidates
-                .iter()
-                .find(|f| first.contains_key(**f))
-                .ok_or_else(|| ScoreError::NoValueField {
-                    candidates: quoted(&value_candidates),
-                    found: fields_of(first),
-                })?;
-            let mut pairs = Vec::with_capacity(list.len());
-            for (index, item) in list.iter().enumerate() {
-                let Value::Object(rec) = item else {
-                    unreachable!("every item has the first item's shape");
-                };
-                let field = |f: &str| {
-                    rec.get(f).ok_or_else(|| ScoreError::MissingField {
-                        index,
-                        field: f.to_string(),
-                    })
-                };
-                pairs.push((key_of(field(kf)?, index)?, field(vf)?));
-            }
-            keyed(pairs, keys)
-        }
-        ItemShape::Pair => {
-            let pair = |v: &'_ Value| -> (Value, Value) {
-                match v {
-                    Value::Array(p) => (p[0].clone(), p[1].clone()),
-                    _ => unreachable!("every item has the first item's shape"),
-                }
-            };
-            let pairs: Vec<(Value, Value)> = list.iter().map(pair).collect();
-            let key_set: HashSet<&str> = keys.iter().map(String::as_str).collect();
-            let all_strings = pairs.iter().all(|(k, _)| k.is_string());
-            let all_keys = pairs
-                .iter()
-                .enumerate()
-                .all(|(i, (k, _))| key_of(k, i).is_ok_and(|k| key_set.contains(k.as_str())));
-            if all_strings || all_keys {
-                let keyed_pairs = pairs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (k, v))| Ok((key_of(k, i)?, v)))
-                    .collect::<Result<Vec<_>, ScoreError>>()?;
-                keyed(keyed_pairs, keys)
-            } else {
-                // `[confidence, value]` in label-file order.
-                positional(pairs.iter().map(|(_, v)| v), list.len(), keys)
-            }
-        }
+        ItemShape::Record => records(list, labels, keys),
+        ItemShape::Pair => pairs(list, keys),
         ItemShape::Scalar => positional(list.iter(), list.len(), keys),
         ItemShape::Other => Err(ScoreError::BadValue {
             key: keys.first().cloned().unwrap_or_default(),
             got: kind(first),
         }),
+    }
+}
+
+/// A list of records (dicts): the key and value fields are those of the first record.
+fn records(
+    list: &[Value],
+    labels: &Labels,
+    keys: &[String],
+) -> Result<HashMap<String, String>, ScoreError> {
+    let Some(Value::Object(first)) = list.first() else {
+        unreachable!("the caller read the shape from the first item");
+    };
+    let key_candidates = candidates(&labels.key_column, &KEY_FIELDS, None);
+    let kf = key_candidates
+        .iter()
+        .find(|f| first.contains_key(**f))
+        .ok_or_else(|| ScoreError::NoKeyField {
+            candidates: quoted(&key_candidates),
+            found: fields_of(first),
+        })?;
+    let value_candidates = candidates(&labels.value_column, &VALUE_FIELDS, Some(kf));
+    let vf = value_candidates
+        .iter()
+        .find(|f| first.contains_key(**f))
+        .ok_or_else(|| ScoreError::NoValueField {
+            candidates: quoted(&value_candidates),
+            found: fields_of(first),
+        })?;
+    let mut pairs = Vec::with_capacity(list.len());
+    for (index, item) in list.iter().enumerate() {
+        let Value::Object(rec) = item else {
+            unreachable!("the caller checked every item has the first item's shape");
+        };
+        let field = |f: &str| {
+            rec.get(f).ok_or_else(|| ScoreError::MissingField {
+                index,
+                field: f.to_string(),
+            })
+        };
+        pairs.push((key_of(field(kf)?, index)?, field(vf)?));
+    }
+    keyed(pairs, keys)
+}
+
+/// A list of pairs: `[key, value]` when every first element is a string or a test key, otherwise
+/// `[confidence, value]` in label-file order.
+fn pairs(list: &[Value], keys: &[String]) -> Result<HashMap<String, String>, ScoreError> {
+    let pair = |v: &'_ Value| -> (Value, Value) {
+        match v {
+            Value::Array(p) => (p[0].clone(), p[1].clone()),
+            _ => unreachable!("the caller checked every item has the first item's shape"),
+        }
+    };
+    let pairs: Vec<(Value, Value)> = list.iter().map(pair).collect();
+    let key_set: HashSet<&str> = keys.iter().map(String::as_str).collect();
+    let all_strings = pairs.iter().all(|(k, _)| k.is_string());
+    let all_keys = pairs
+        .iter()
+        .enumerate()
+        .all(|(i, (k, _))| key_of(k, i).is_ok_and(|k| key_set.contains(k.as_str())));
+    if all_strings || all_keys {
+        let keyed_pairs = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| Ok((key_of(k, i)?, v)))
+            .collect::<Result<Vec<_>, ScoreError>>()?;
+        keyed(keyed_pairs, keys)
+    } else {
+        // `[confidence, value]` in label-file order.
+        positional(pairs.iter().map(|(_, v)| v), list.len(), keys)
     }
 }
 
