@@ -5,10 +5,14 @@ use std::collections::HashMap;
 
 use nsml_common::aggregate::Aggregate;
 use nsml_eventstore::{EventStore, StoreError, StoredEvent};
-use nsml_proto::v1::{EventRef, Explanation, HeldBy, Override, OverrideKind, SessionKind};
+use nsml_proto::v1::{
+    AdmitRequest, EventRef, Explanation, HeldBy, Override, OverrideKind, SessionKind,
+};
 use serde_json::{Value, json};
 
-use crate::domain::{LEDGER_PREFIX, Ledger, LedgerEvent, describe, fmt_time, ledger_stream};
+use crate::domain::{
+    LEDGER_PREFIX, Ledger, LedgerEvent, SubmitState, describe, fmt_time, ledger_stream,
+};
 use crate::replay::{LedgerReplay, Report, Scope, rederive};
 
 /// How many events one read of the whole log takes.
@@ -102,22 +106,7 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
     }
     let event = LedgerEvent::decode(ev)?;
     let (req, d) = event.decision()?;
-    let refer = |version: u64, note: String| -> EventRef {
-        match events.binary_search_by_key(&version, |e| e.version) {
-            Ok(i) => EventRef {
-                position: events[i].position,
-                version,
-                event_type: events[i].event_type.clone(),
-                recorded_at_ms: events[i].metadata.recorded_at_ms,
-                note,
-            },
-            Err(_) => EventRef {
-                version,
-                note,
-                ..Default::default()
-            },
-        }
-    };
+    let refer = |version: u64, note: String| event_ref(events, version, note);
     let (mut replayed, differences) = rederive(&ledger, req, d, ev.version);
     replayed.id = d.id.clone();
     let mut rests_on = Vec::new();
@@ -154,26 +143,7 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
     let is_submit = req.kind() == SessionKind::Submit;
     let last_success = submits.last_success();
     if is_submit {
-        if let Some(l) = last_success {
-            rests_on.push(refer(
-                l.version,
-                format!(
-                    "submission {} on `{}` succeeded; it was submitted at {}, which starts the interval",
-                    l.submission_id,
-                    req.dataset,
-                    fmt_time(l.at_ms)
-                ),
-            ));
-        }
-        for (sub, v) in submits.counted_in_flight() {
-            rests_on.push(refer(
-                *v,
-                format!(
-                    "submission {sub} on `{}` admitted and not ended",
-                    req.dataset
-                ),
-            ));
-        }
+        rests_on.extend(submit_refs(events, &submits, &req.dataset));
     }
     let overrides: Vec<Override> = ledger
         .overrides
@@ -185,40 +155,14 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
         let relevant = d.overrides.contains(id)
             || replayed.overrides.contains(id)
             || o.raises(&req.competition, d.decided_at_ms)
-            || (is_submit
-                && o.grant.kind() == OverrideKind::ExtraSubmit
-                && o.grant.dataset == req.dataset
-                && o.in_force(d.decided_at_ms));
+            || (is_submit && o.extra_in_force(&req.dataset, d.decided_at_ms));
         if relevant {
             rests_on.push(refer(o.since, o.view().description));
         }
     }
     rests_on.sort_by_key(|r| r.version);
     rests_on.dedup_by_key(|r| r.version);
-    let other_decisions = events
-        .iter()
-        .enumerate()
-        .rev()
-        .filter(|(i, _)| *i != at)
-        .filter_map(|(_, e)| {
-            let e = LedgerEvent::decode(e)?;
-            let (r, od) = e.decision()?;
-            let same = r.session == req.session
-                || (!req.submission_id.is_empty() && r.submission_id == req.submission_id);
-            same.then(|| {
-                format!(
-                    "{}: {} at {}",
-                    od.id,
-                    if od.granted {
-                        "granted".to_string()
-                    } else {
-                        format!("refused ({})", od.rule)
-                    },
-                    fmt_time(od.decided_at_ms)
-                )
-            })
-        })
-        .collect();
+    let other_decisions = other_decisions(events, at, req);
     Some(Explanation {
         team: team.to_string(),
         request: Some(req.clone()),
@@ -248,6 +192,77 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
         other_decisions,
         differences,
     })
+}
+
+/// A reference to the ledger event at `version`, with why it matters.
+fn event_ref(events: &[StoredEvent], version: u64, note: String) -> EventRef {
+    match events.binary_search_by_key(&version, |e| e.version) {
+        Ok(i) => EventRef {
+            position: events[i].position,
+            version,
+            event_type: events[i].event_type.clone(),
+            recorded_at_ms: events[i].metadata.recorded_at_ms,
+            note,
+        },
+        Err(_) => EventRef {
+            version,
+            note,
+            ..Default::default()
+        },
+    }
+}
+
+/// The submit history a submit's decision rests on: the success that starts the interval and the submits in
+/// flight that count.
+fn submit_refs(events: &[StoredEvent], submits: &SubmitState, dataset: &str) -> Vec<EventRef> {
+    let mut refs = Vec::new();
+    if let Some(l) = submits.last_success() {
+        refs.push(event_ref(
+            events,
+            l.version,
+            format!(
+                "submission {} on `{dataset}` succeeded; it was submitted at {}, which starts the interval",
+                l.submission_id,
+                fmt_time(l.at_ms)
+            ),
+        ));
+    }
+    for (sub, v) in submits.counted_in_flight() {
+        refs.push(event_ref(
+            events,
+            *v,
+            format!("submission {sub} on `{dataset}` admitted and not ended"),
+        ));
+    }
+    refs
+}
+
+/// The other decisions recorded for the same session or submission, newest first.
+fn other_decisions(events: &[StoredEvent], at: usize, req: &AdmitRequest) -> Vec<String> {
+    events
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(i, _)| *i != at)
+        .filter_map(|(_, e)| {
+            let e = LedgerEvent::decode(e)?;
+            let (r, od) = e.decision()?;
+            let same = r.session == req.session
+                || (!req.submission_id.is_empty() && r.submission_id == req.submission_id);
+            same.then(|| {
+                format!(
+                    "{}: {} at {}",
+                    od.id,
+                    if od.granted {
+                        "granted".to_string()
+                    } else {
+                        format!("refused ({})", od.rule)
+                    },
+                    fmt_time(od.decided_at_ms)
+                )
+            })
+        })
+        .collect()
 }
 
 fn time(ms: i64) -> Value {

@@ -318,6 +318,36 @@ impl Quota {
         })?)
     }
 
+    /// Checks that the catalog has the override's team, and for a per-dataset one its dataset, in
+    /// `competition`.
+    fn check_placed(
+        &self,
+        r: &OverrideRequest,
+        competition: &str,
+        dataset: &str,
+    ) -> Result<(), QuotaError> {
+        let placed = self.proj.read(|c| {
+            let team_in = c
+                .competitions_of
+                .get(&r.team)
+                .is_some_and(|cs| cs.contains(competition));
+            let dataset_in = c
+                .datasets
+                .get(competition)
+                .is_some_and(|ds| ds.iter().any(|d| d == dataset));
+            (team_in, dataset_in)
+        });
+        let submission = r.submission_id.trim();
+        Ok(check_placement(
+            r.kind(),
+            &r.team,
+            submission,
+            dataset,
+            competition,
+            placed,
+        )?)
+    }
+
     /// Grants a host's override in `competition` and records it in the team's ledger; a repeated command
     /// gets the override recorded for it the first time.
     pub async fn grant_override(
@@ -329,18 +359,7 @@ impl Quota {
     ) -> Result<Override, QuotaError> {
         let kind = r.kind();
         let submission = r.submission_id.trim().to_string();
-        let placed = self.proj.read(|c| {
-            let team_in = c
-                .competitions_of
-                .get(&r.team)
-                .is_some_and(|cs| cs.contains(&competition));
-            let dataset_in = c
-                .datasets
-                .get(&competition)
-                .is_some_and(|ds| ds.contains(&dataset));
-            (team_in, dataset_in)
-        });
-        check_placement(kind, &r.team, &submission, &dataset, &competition, placed)?;
+        self.check_placed(r, &competition, &dataset)?;
         let command_id = if r.command_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
         } else {

