@@ -3,6 +3,9 @@
 //! Supported: whitespace separation, single quotes (literal), double quotes (where `\` escapes `"`,
 //! `\`, `$`, `` ` `` and a newline), and `\` outside quotes escaping the next character. Nothing is
 //! expanded: `$HOME`, `*` and `~` reach the entry as typed.
+//!
+//! Ours rather than the `shlex` crate's: `shlex` drops a word starting with `#` (`--tag #1`), turns a
+//! backslash-newline into an extra empty argument, and cannot say which quote is left open.
 
 use crate::error::{Result, RunnerError};
 
