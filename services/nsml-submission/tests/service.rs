@@ -1,6 +1,7 @@
-//! Service tests: what the submission service finds at start-up. A submission whose predictions were taken
-//! but never scored (the service stopped in between) is scored from its spooled predictions, against the
-//! hidden labels the real storage service holds, or fails with the reason when they were lost.
+//! Service tests: the submission service over a real log and the real storage service holding the hidden
+//! labels. The runner's hand-over of predictions is answered before they are scored; and at start-up, a
+//! submission whose predictions were taken but never scored (the service stopped in between) is scored from
+//! its spooled predictions, or fails with the reason when they were lost.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::path::Path;
@@ -12,14 +13,16 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use nsml_bus::{Bus, InProcessBus};
 use nsml_common::ServiceContext;
-use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY};
+use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY, SERVICE_KEY};
 use nsml_common::clients::ServiceAddrs;
 use nsml_common::event::{decode, new_event};
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
 use nsml_proto::v1::storage_service_client::StorageServiceClient;
+use nsml_proto::v1::submission_service_client::SubmissionServiceClient;
 use nsml_proto::v1::{
-    DatasetMeta, Identity, RegisterDatasetChunk, Submission, SubmissionAdmitted, SubmissionFailed,
-    SubmissionScored, SubmissionStatus, register_dataset_chunk,
+    DatasetMeta, Identity, RegisterDatasetChunk, RunnerPredictionsRequest, SessionExited,
+    Submission, SubmissionAdmitted, SubmissionFailed, SubmissionScored, SubmissionStatus,
+    register_dataset_chunk,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Request;
@@ -126,13 +129,19 @@ impl Platform {
 
     /// Records submission `id` as its stream would hold it once its predictions were taken.
     async fn scoring(&self, id: &str) -> Result<()> {
+        self.recorded(id, SubmissionStatus::Scoring).await
+    }
+
+    /// Records submission `id`, run by session `demo/t1-cls/9`, in `status`.
+    async fn recorded(&self, id: &str, status: SubmissionStatus) -> Result<()> {
         let sub = Submission {
             id: id.into(),
             team: "demo".into(),
             dataset: "t1-cls".into(),
             competition: "demo".into(),
             session: "demo/t1-cls/9".into(),
-            status: SubmissionStatus::Scoring as i32,
+            status: status as i32,
+            submitted_at_ms: nsml_common::now_ms(),
             time_limit_secs: 3600,
             ..Default::default()
         };
@@ -150,8 +159,9 @@ impl Platform {
         Ok(())
     }
 
-    /// Starts the submission service over the platform's log, keeping its files in `dir`.
-    async fn start_submission(&self, dir: &Path) -> Result<()> {
+    /// Starts the submission service over the platform's log, keeping its files in `dir`; returns a client
+    /// of it calling as the runner.
+    async fn start_submission(&self, dir: &Path) -> Result<Runner> {
         let mut addrs = ServiceAddrs::default();
         for addr in [
             &mut addrs.auth,
@@ -172,8 +182,25 @@ impl Platform {
             cancel: self.cancel.clone(),
             executor: None,
         };
-        nsml_submission::start(ctx, "python3".into()).await?;
-        Ok(())
+        let started = nsml_submission::start(ctx, "python3".into()).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = format!("http://{}", listener.local_addr()?);
+        let (serve_secret, serve_cancel) = (self.secret.clone().into(), self.cancel.clone());
+        tokio::spawn(async move {
+            nsml_common::server::serve(
+                listener,
+                (started.routes)(tonic::service::Routes::default()),
+                &started.names,
+                serve_secret,
+                serve_cancel,
+            )
+            .await
+            .expect("the submission service serves until cancelled");
+        });
+        Ok(Runner {
+            client: SubmissionServiceClient::connect(addr).await?,
+            secret: self.secret.clone(),
+        })
     }
 
     /// The outcome recorded for submission `id`, waiting for it up to 30 s.
@@ -194,6 +221,28 @@ impl Platform {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         anyhow::bail!("submission {id} never ended")
+    }
+}
+
+/// The submission service as the runner calls it.
+struct Runner {
+    client: SubmissionServiceClient<tonic::transport::Channel>,
+    secret: String,
+}
+
+impl Runner {
+    /// Hands over the predictions of submit session `demo/t1-cls/9`.
+    async fn predictions(&mut self, id: &str, json: &str) -> Result<(), tonic::Status> {
+        let mut req = Request::new(RunnerPredictionsRequest {
+            session: "demo/t1-cls/9".into(),
+            predictions_json: json.into(),
+            submission_id: id.into(),
+        });
+        req.metadata_mut()
+            .insert(INTERNAL_SECRET_KEY, self.secret.parse().unwrap());
+        req.metadata_mut()
+            .insert(SERVICE_KEY, "runner".parse().unwrap());
+        self.client.runner_predictions(req).await.map(|_| ())
     }
 }
 
@@ -272,6 +321,48 @@ async fn predictions_that_do_not_fit_the_test_set_fail_with_the_participant_s_re
     let sub = platform.outcome("s3").await?;
     assert_eq!(sub.status(), SubmissionStatus::Failed);
     assert_eq!(sub.reason, "predictions have 2 items, the test set has 3");
+    platform.cancel.cancel();
+    Ok(())
+}
+
+#[tokio::test]
+async fn predictions_are_answered_before_they_are_scored_and_the_session_s_exit_does_not_fail_them()
+-> Result<()> {
+    // Given a running submission
+    let dir = tempfile::tempdir()?;
+    let platform = Platform::start(dir.path()).await?;
+    platform.recorded("s4", SubmissionStatus::Running).await?;
+    let mut runner = platform.start_submission(dir.path()).await?;
+
+    // When its session hands over predictions, then exits at once
+    runner
+        .predictions("s4", r#"{"4": "0", "5": "2", "6": "2"}"#)
+        .await?;
+    let exited = new_event(
+        &SessionExited {
+            name: "demo/t1-cls/9".into(),
+            exit_code: 0,
+            at_ms: 0,
+        },
+        "runner",
+        "",
+    );
+    platform
+        .store
+        .append("session-demo/t1-cls/9", ExpectedVersion::Any, vec![exited])
+        .await?;
+
+    // Then it is scored all the same
+    let sub = platform.outcome("s4").await?;
+    assert_eq!(sub.status(), SubmissionStatus::Scored, "{}", sub.reason);
+    assert_eq!((sub.score, sub.private_score), (1.0, Some(0.5)));
+    // And predictions are taken once
+    let again = runner.predictions("s4", "{}").await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        again.message(),
+        "submission s4 already ended; predictions are taken once"
+    );
     platform.cancel.cancel();
     Ok(())
 }
