@@ -462,22 +462,12 @@ pub fn declared_methods(proto_dir: &Path) -> anyhow::Result<Vec<(String, bool)>>
     Ok(out)
 }
 
-/// The methods the gateway refuses as internal, read from its source (`INTERNAL_METHODS`), as
+/// The methods the gateway refuses as internal (those `proto/` marks `option (nsml.v1.internal) = true`), as
 /// `Service/Method`.
-pub fn gateway_internal_methods(gateway_src: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(gateway_src)?;
-    let start = text
-        .find("const INTERNAL_METHODS")
-        .ok_or_else(|| anyhow::anyhow!("no INTERNAL_METHODS in {}", gateway_src.display()))?;
-    let block = &text[start..];
-    let end = block
-        .find("];")
-        .ok_or_else(|| anyhow::anyhow!("INTERNAL_METHODS is not closed"))?;
-    Ok(block[..end]
-        .split('"')
-        .skip(1)
-        .step_by(2)
+pub fn gateway_internal_methods() -> Vec<String> {
+    nsml_proto::v1::INTERNAL_METHODS
+        .iter()
         .filter_map(|m| m.strip_prefix("/nsml.v1."))
         .map(String::from)
-        .collect())
+        .collect()
 }

@@ -18,10 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .open_files(&files)?;
     let fds = compiler.file_descriptor_set();
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out.join("internal_methods.rs"),
-        internal_methods(&compiler.descriptor_pool())?,
-    )?;
+    let pool = compiler.descriptor_pool();
+    std::fs::write(out.join("internal_methods.rs"), internal_methods(&pool)?)?;
+    std::fs::write(out.join("type_names.rs"), type_names(&pool))?;
     std::fs::write(
         out.join("nsml_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
@@ -72,4 +71,19 @@ fn internal_methods(
     }
     code.push_str("];\n");
     Ok(code)
+}
+
+/// `prost::Name` for every message of `nsml.v1`, so that a message can be found in the descriptor by its type.
+fn type_names(pool: &prost_reflect::DescriptorPool) -> String {
+    let mut code = String::new();
+    for message in pool.all_messages() {
+        if message.package_name() != "nsml.v1" || message.parent_message().is_some() {
+            continue;
+        }
+        code.push_str(&format!(
+            "impl ::prost::Name for {name} {{\n    const NAME: &'static str = {name:?};\n    const PACKAGE: &'static str = \"nsml.v1\";\n}}\n",
+            name = message.name()
+        ));
+    }
+    code
 }

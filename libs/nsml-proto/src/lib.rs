@@ -4,12 +4,14 @@
 
 pub mod codec;
 pub mod error;
+pub mod json;
 
 pub mod v1 {
     tonic::include_proto!("nsml.v1");
     include!(concat!(env!("OUT_DIR"), "/clients/nsml.v1.rs"));
 
     include!(concat!(env!("OUT_DIR"), "/internal_methods.rs"));
+    include!(concat!(env!("OUT_DIR"), "/type_names.rs"));
 
     /// The encoded file descriptor set, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
