@@ -158,35 +158,67 @@ fn too_many(key: &ratelimit::Key, retry_ms: u64) -> axum::response::Response {
     )
 }
 
+/// Serves one client call: find its service, refuse what clients may not call, identify and rate-limit the
+/// caller, then forward it stamped as coming through the gateway.
 async fn proxy(
     State(gw): State<Arc<Inner>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     mut req: http::Request<Body>,
 ) -> axum::response::Response {
     let path = req.uri().path().to_string();
+    let (service, chan) = match route(&gw, &path) {
+        Ok(found) => found,
+        Err(refusal) => return status_response(refusal.into()),
+    };
+    drop_spoofed_metadata(req.headers_mut());
+    if let Err(refused) = identify(&gw, peer, &path, &mut req).await {
+        return refused;
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&peer.ip().to_string()) {
+        req.headers_mut().insert(PEER_KEY, v);
+    }
+    req.headers_mut()
+        .insert(INTERNAL_SECRET_KEY, gw.secret.clone());
+    forward(&gw, service, &path, chan, req).await
+}
+
+/// The service a call's path names and how to reach it, unless clients may not call it.
+fn route(gw: &Inner, path: &str) -> Result<(String, Transport), Refusal> {
     let Some(service) = path
         .strip_prefix('/')
         .and_then(|p| p.split_once('/'))
         .map(|(s, _)| s.to_string())
     else {
-        return status_response(Refusal::NoSuchMethod(path).into());
+        return Err(Refusal::NoSuchMethod(path.to_string()));
     };
     let Some(chan) = gw.routes.get(service.as_str()).cloned() else {
-        return status_response(Refusal::NoSuchService(service).into());
+        return Err(Refusal::NoSuchService(service));
     };
-    if nsml_proto::v1::INTERNAL_METHODS.contains(&path.as_str()) {
-        return status_response(Refusal::InternalMethod.into());
+    if nsml_proto::v1::INTERNAL_METHODS.contains(&path) {
+        return Err(Refusal::InternalMethod);
     }
-    // Clients never vouch for themselves: drop whatever internal metadata they sent.
-    let spoofed: Vec<http::HeaderName> = req
-        .headers()
+    Ok((service, chan))
+}
+
+/// Clients never vouch for themselves: drops whatever internal metadata they sent.
+fn drop_spoofed_metadata(headers: &mut http::HeaderMap) {
+    let spoofed: Vec<http::HeaderName> = headers
         .keys()
         .filter(|k| k.as_str().starts_with("x-nsml-"))
         .cloned()
         .collect();
     for k in spoofed {
-        req.headers_mut().remove(k);
+        headers.remove(k);
     }
+}
+
+/// Charges the call to its caller and stamps it with the caller's identity, or answers it with a refusal.
+async fn identify(
+    gw: &Inner,
+    peer: SocketAddr,
+    path: &str,
+    req: &mut http::Request<Body>,
+) -> Result<(), axum::response::Response> {
     let address = ratelimit::Key::address(peer.ip());
     let token = bearer(req.headers());
     let known = token
@@ -197,40 +229,45 @@ async fn proxy(
     if known.is_none()
         && let Err(retry_ms) = gw.limiter.check(&address)
     {
-        return too_many(&address, retry_ms);
+        return Err(too_many(&address, retry_ms));
     }
-    let mut caller = address;
-    if let Some(token) = token {
-        let resolved = match known {
-            Some(id) => Ok(id),
-            None if token.len() > MAX_TOKEN_BYTES => Err(Refusal::ForeignToken.into()),
-            None => resolve(&gw, token).await,
-        };
-        match resolved {
-            Ok(id) => {
-                caller = ratelimit::Key::User(id.username.clone());
-                let mut md = MetadataMap::from_headers(std::mem::take(req.headers_mut()));
-                md.insert_bin(IDENTITY_KEY, id.metadata.clone());
-                *req.headers_mut() = md.into_headers();
+    let Some(token) = token else {
+        return Ok(());
+    };
+    let resolved = match known {
+        Some(id) => Ok(id),
+        None if token.len() > MAX_TOKEN_BYTES => Err(Refusal::ForeignToken.into()),
+        None => resolve(gw, token).await,
+    };
+    match resolved {
+        Ok(id) => {
+            let caller = ratelimit::Key::User(id.username.clone());
+            if let Err(retry_ms) = gw.limiter.check(&caller) {
+                return Err(too_many(&caller, retry_ms));
             }
-            Err(s) if ANONYMOUS_METHODS.contains(&path.as_str()) => {
-                tracing::debug!(%s, "ignoring a stale token on login");
-            }
-            Err(s) => return status_response(s),
+            let mut md = MetadataMap::from_headers(std::mem::take(req.headers_mut()));
+            md.insert_bin(IDENTITY_KEY, id.metadata.clone());
+            *req.headers_mut() = md.into_headers();
+            Ok(())
         }
+        Err(s) if ANONYMOUS_METHODS.contains(&path) => {
+            tracing::debug!(%s, "ignoring a stale token on login");
+            Ok(())
+        }
+        Err(s) => Err(status_response(s)),
     }
-    if matches!(caller, ratelimit::Key::User(_))
-        && let Err(retry_ms) = gw.limiter.check(&caller)
-    {
-        return too_many(&caller, retry_ms);
-    }
-    if let Ok(v) = http::HeaderValue::from_str(&peer.ip().to_string()) {
-        req.headers_mut().insert(PEER_KEY, v);
-    }
-    req.headers_mut()
-        .insert(INTERNAL_SECRET_KEY, gw.secret.clone());
-    let changes_identities =
-        service == "nsml.v1.AuthService" && !AUTH_READS.contains(&path.as_str());
+}
+
+/// Sends the call to its service; a call that may change who someone is makes the gateway forget the
+/// identities it keeps, before and after.
+async fn forward(
+    gw: &Inner,
+    service: String,
+    path: &str,
+    chan: Transport,
+    req: http::Request<Body>,
+) -> axum::response::Response {
+    let changes_identities = service == "nsml.v1.AuthService" && !AUTH_READS.contains(&path);
     if changes_identities {
         gw.identities.forget_all();
     }
