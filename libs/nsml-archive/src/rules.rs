@@ -94,9 +94,9 @@ pub(crate) fn ancestors(path: &str) -> impl Iterator<Item = &str> {
 }
 
 /// Resolves a symlink's target against the link's directory by name. Returns the paths the resolution
-/// walks through (which must not be links themselves, or the lexical answer would not be the real one);
-/// refuses absolute targets and targets above the root.
-fn resolve_symlink(link: &str, target: &Path) -> Result<Vec<String>, Refusal> {
+/// walks through (which must not be links themselves, or the lexical answer would not be the real one)
+/// and the path it names; refuses absolute targets and targets above the root.
+fn resolve_symlink(link: &str, target: &Path) -> Result<(Vec<String>, String), Refusal> {
     let shown = || target.display().to_string();
     let mut at: Vec<&str> = link.split('/').collect();
     at.pop();
@@ -131,11 +131,14 @@ fn resolve_symlink(link: &str, target: &Path) -> Result<Vec<String>, Refusal> {
         }
     }
     if last_pushed {
-        // The target itself may be a link (checked on its own); only what lies before it is walked through.
+        // The target itself may be a link (followed on its own); only what lies before it is walked through.
         through.pop();
     }
-    Ok(through)
+    Ok((through, at.join("/")))
 }
+
+/// Most links one resolution may follow, as the kernel allows (Linux: 40).
+const MAX_LINK_HOPS: usize = 40;
 
 /// What a path holds so far, as unpacking in order would leave it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +163,8 @@ pub struct Checker {
     placed: Vec<String>,
     /// (link, path its target walks through), checked once every link is known.
     walks: Vec<(String, String)>,
+    /// The path each symlink names, followed once every link is known.
+    targets: HashMap<String, String>,
     hard_targets: Vec<(String, String)>,
 }
 
@@ -172,6 +177,7 @@ impl Checker {
             symlinks: HashSet::new(),
             placed: Vec::new(),
             walks: Vec::new(),
+            targets: HashMap::new(),
             hard_targets: Vec::new(),
         }
     }
@@ -227,6 +233,7 @@ impl Checker {
                 .link_name()
                 .map_err(ArchiveError::Unreadable)?
                 .map(|t| t.into_owned())
+                .filter(|t| !t.as_os_str().is_empty())
                 .ok_or_else(|| {
                     Refusal::NoTarget {
                         entry: path.to_string(),
@@ -241,9 +248,11 @@ impl Checker {
             EntryType::Directory => Ok(Kind::Dir),
             EntryType::Symlink => {
                 let target = target(false)?;
-                for through in resolve_symlink(path, &target)? {
+                let (walks, names) = resolve_symlink(path, &target)?;
+                for through in walks {
                     self.walks.push((path.to_string(), through));
                 }
+                self.targets.insert(path.to_string(), names);
                 Ok(Kind::Symlink(target))
             }
             EntryType::Link => {
@@ -344,8 +353,27 @@ impl Checker {
         self.placed.push(path.to_string());
     }
 
+    /// Follows the symlink at `link` through the links it names in turn, refusing a loop or a chain
+    /// longer than the kernel follows.
+    fn follow(&self, link: &str) -> Result<(), Refusal> {
+        let mut at = link;
+        // The link itself, then each hop to a link it names.
+        for _ in 0..MAX_LINK_HOPS + 2 {
+            if self.nodes.get(at) != Some(&Node::Symlink) {
+                return Ok(());
+            }
+            match self.targets.get(at) {
+                Some(next) => at = next,
+                None => return Ok(()),
+            }
+        }
+        Err(Refusal::SymlinkLoop {
+            entry: link.to_string(),
+        })
+    }
+
     /// The rules that need every entry: nothing lies beneath a link placed later, no symlink's target
-    /// walks through another link, no hard link names a link. Returns what the archive holds.
+    /// walks through another link or loops, no hard link names a link. Returns what the archive holds.
     pub fn finish(self) -> Result<TreeSize, Refusal> {
         let is_link = |p: &str| self.symlinks.contains(p);
         for path in &self.placed {
@@ -366,6 +394,11 @@ impl Checker {
                     link: link.to_string(),
                 });
             }
+        }
+        let mut links: Vec<&String> = self.targets.keys().collect();
+        links.sort();
+        for link in links {
+            self.follow(link)?;
         }
         for (entry, target) in &self.hard_targets {
             if is_link(target) {
@@ -427,9 +460,10 @@ mod tests {
         assert!(ok("a/link", "../../b").is_err());
         assert!(ok("link", "/etc").is_err());
         assert!(ok("link", "./x/../y").is_ok());
+        let (through, names) = resolve_symlink("a/l", Path::new("../b/c/d")).unwrap();
         assert_eq!(
-            resolve_symlink("a/l", Path::new("../b/c/d")).unwrap(),
-            ["b", "b/c"]
+            (through, names),
+            (vec!["b".into(), "b/c".into()], "b/c/d".into())
         );
     }
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use nsml_archive::{Limits, measure};
+use nsml_archive::{Limits, Links, measure, unpack};
 use proptest::prelude::*;
 use tar::{EntryType, Header};
 
@@ -326,6 +326,54 @@ fn check(bytes: &[u8], max_entries: usize) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Unpacks an archive into `root/dest` beside an empty `root/outside`: whatever it holds, nothing lands
+/// outside `dest`, no symlink left in `dest` leads out of it, and unpacking accepts exactly what checking
+/// by name accepts (storage checks at upload what the runner will unpack).
+fn unpacks_inside(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let root = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let dest = root.path().join("dest");
+    let outside = root.path().join("outside");
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    let unpacked = unpack(bytes, &dest, Limits::NONE, Links::Keep);
+    let mut beside: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    beside.sort();
+    prop_assert_eq!(beside, ["dest", "outside"]);
+    prop_assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    let real_dest = std::fs::canonicalize(&dest).unwrap();
+    let mut stack = vec![dest.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.file_type().is_symlink()
+                && let Ok(real) = std::fs::canonicalize(&path)
+            {
+                prop_assert!(
+                    real.starts_with(&real_dest),
+                    "`{}` leads to `{}`",
+                    path.display(),
+                    real.display()
+                );
+            }
+        }
+    }
+    let measured = measure(bytes, Limits::NONE);
+    prop_assert_eq!(
+        unpacked.is_ok(),
+        measured.is_ok(),
+        "unpacking: {:?}, checking: {:?}",
+        unpacked.as_ref().err(),
+        measured.as_ref().err()
+    );
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -338,6 +386,7 @@ proptest! {
     #[test]
     fn hostile_entries_never_escape(entries in prop::collection::vec(entry(), 1..8)) {
         check(&gz(&tar_bytes(&entries)), 64)?;
+        unpacks_inside(&gz(&tar_bytes(&entries)))?;
     }
 
     #[test]
@@ -360,6 +409,7 @@ proptest! {
             tar[i] = byte;
         }
         check(&gz(&tar), 64)?;
+        unpacks_inside(&gz(&tar))?;
     }
 }
 

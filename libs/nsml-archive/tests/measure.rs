@@ -141,6 +141,19 @@ fn links_cannot_be_chained_out_of_the_tree() {
     assert!(err.contains("entry `e` would replace a directory"), "{err}");
     let err = check(&[file("f", b""), symlink("g", "sub"), file("g2/x", b"")]).map(|_| ());
     assert_eq!(err, Ok(()));
+    // A link to itself, or a ring of links, is a loop, which unpacking could not resolve either.
+    let err = check(&[symlink("c", "a/../c")]).unwrap_err();
+    assert!(
+        err.contains("symlink `c` is part of a loop of links"),
+        "{err}"
+    );
+    let err = check(&[symlink("a", "b"), symlink("b", "a")]).unwrap_err();
+    assert!(err.contains("is part of a loop of links"), "{err}");
+    let chain: Vec<String> = (0..=42).map(|i| format!("l{i}")).collect();
+    let mut entries: Vec<Raw> = chain.windows(2).map(|w| symlink(&w[0], &w[1])).collect();
+    assert!(check(&entries).unwrap_err().contains("loop of links"));
+    entries.remove(0);
+    assert_eq!(check(&entries), Ok(41), "a link and 40 hops are followed");
     let err = check(&[symlink("s", "a"), hard_link("h", "s")]).unwrap_err();
     assert!(err.contains("hard link `h` points to symlink `s`"), "{err}");
 }

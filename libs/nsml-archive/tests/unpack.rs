@@ -154,6 +154,15 @@ fn refuses_symlink_chains_that_escape() {
         symlink("y", "x/../../.."),
     ]);
     assert!(matches!(r, Refusal::SymlinkOutside { .. }), "{r}");
+    // A loop, and a chain longer than the kernel follows, are refused as unpacking finds them.
+    let r = refused(&[symlink("c", "a/../c")]);
+    assert!(matches!(r, Refusal::SymlinkLoop { .. }), "{r}");
+    let names: Vec<String> = (0..=42).map(|i| format!("l{i}")).collect();
+    let chain: Vec<Raw> = names.windows(2).map(|w| symlink(&w[0], &w[1])).collect();
+    let r = refused(&chain);
+    assert!(matches!(r, Refusal::SymlinkLoop { .. }), "{r}");
+    let (_root, res) = unpack_with(&chain[1..], LIMITS, Links::Keep);
+    assert!(res.is_ok(), "{res:?}");
     // Walking through another link is refused even where it would stay inside.
     let r = refused(&[dir("d/"), symlink("x", "d"), symlink("y", "x/f")]);
     assert!(matches!(r, Refusal::SymlinkThroughSymlink { .. }), "{r}");
