@@ -86,47 +86,12 @@ impl LimitsConfig {
 
 /// Parses `64M`, `24G`, `1.5G`, `4096` (binary units, as `--memory` takes them).
 pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit.trim().to_ascii_uppercase();
-    let unit = unit
-        .strip_suffix("IB")
-        .or_else(|| unit.strip_suffix('B'))
-        .unwrap_or(&unit);
-    let power = match unit {
-        "" => 0,
-        "K" => 1,
-        "M" => 2,
-        "G" => 3,
-        "T" => 4,
-        _ => return None,
-    };
-    let value: f64 = num.parse().ok()?;
-    let bytes = (value * 1024f64.powi(power)).round();
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+    nsml_manifest::parse_size(text).ok()
 }
 
 /// A limit as NSML printed it: `64M`, `24G`, `1.5G`, `512K`, `100` (bytes).
 pub fn size_text(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [
-        (1 << 40, "T"),
-        (1 << 30, "G"),
-        (1 << 20, "M"),
-        (1 << 10, "K"),
-    ];
-    for (size, unit) in UNITS {
-        if bytes >= size {
-            if bytes.is_multiple_of(size) {
-                return format!("{}{unit}", bytes / size);
-            }
-            let text = format!("{:.2}", bytes as f64 / size as f64);
-            return format!("{}{unit}", text.trim_end_matches('0').trim_end_matches('.'));
-        }
-    }
-    bytes.to_string()
+    nsml_manifest::short_size(bytes)
 }
 
 /// The reason of a session the kernel killed for memory: `Killed (out of memory: limit 24G)`.
