@@ -429,7 +429,13 @@ pub fn declared_methods(proto_dir: &Path) -> anyhow::Result<Vec<(String, bool)>>
         let mut service = None::<String>;
         let mut internal = false;
         let mut in_comment = false;
+        // Inside an rpc's own `{ option …; }` block, whose `}` does not end the service.
+        let mut in_rpc_block = false;
         for line in text.lines().map(str::trim) {
+            if in_rpc_block {
+                in_rpc_block = line != "}";
+                continue;
+            }
             if let Some(rest) = line.strip_prefix("service ") {
                 service = rest.split_whitespace().next().map(String::from);
                 internal = false;
@@ -450,6 +456,7 @@ pub fn declared_methods(proto_dir: &Path) -> anyhow::Result<Vec<(String, bool)>>
                 if let Some(svc) = &service {
                     out.push((format!("{svc}/{name}"), is_internal));
                 }
+                in_rpc_block = line.ends_with('{');
             } else if line.is_empty() || line == "}" {
                 internal = false;
                 in_comment = false;
