@@ -63,6 +63,7 @@ pub mod v1 {
         OverrideGranted,
         SubmissionRequested,
         SubmissionAdmitted,
+        SubmissionPredictionsTaken,
         SubmissionRejected,
         SubmissionScored,
         SubmissionFailed,

@@ -3,15 +3,16 @@
 //! session ends without predictions; each outcome recorded once.
 //!
 //! Every event of the stream carries the whole submission as it stands after it: `SubmissionRequested`,
-//! `SubmissionAdmitted` (the submit session named, later the predictions taken: status Scoring), then one
+//! `SubmissionAdmitted` (the submit session named), `SubmissionPredictionsTaken` (status Scoring), then one
 //! of `SubmissionScored`, `SubmissionFailed`, `SubmissionTimedOut` or `SubmissionRejected`.
 
 use nsml_common::aggregate::Aggregate;
 use nsml_common::event::decode;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    Submission, SubmissionAdmitted, SubmissionFailed, SubmissionRejected, SubmissionRequested,
-    SubmissionScored, SubmissionStatus, SubmissionTimedOut,
+    Submission, SubmissionAdmitted, SubmissionFailed, SubmissionPredictionsTaken,
+    SubmissionRejected, SubmissionRequested, SubmissionScored, SubmissionStatus,
+    SubmissionTimedOut,
 };
 
 use crate::error::SubmissionError;
@@ -47,6 +48,8 @@ impl Aggregate for SubmitState {
         if let Some(e) = decode::<SubmissionRequested>(ev) {
             self.submission = e.submission;
         } else if let Some(e) = decode::<SubmissionAdmitted>(ev) {
+            self.submission = e.submission;
+        } else if let Some(e) = decode::<SubmissionPredictionsTaken>(ev) {
             self.submission = e.submission;
         } else if decode::<SubmissionRejected>(ev).is_some() {
             self.rejected = true;

@@ -22,8 +22,8 @@ use nsml_eventstore::NewEvent;
 use nsml_proto::v1::{
     Dataset, GetDatasetRequest, GetSessionRequest, ListCheckpointsRequest, Resources, Session,
     SessionKind, StartSubmitRequest, Submission, SubmissionAdmitted, SubmissionFailed,
-    SubmissionRejected, SubmissionRequested, SubmissionScored, SubmissionStatus,
-    SubmissionTimedOut, SubmitRequest,
+    SubmissionPredictionsTaken, SubmissionRejected, SubmissionRequested, SubmissionScored,
+    SubmissionStatus, SubmissionTimedOut, SubmitRequest,
 };
 use tokio::sync::mpsc;
 
@@ -368,7 +368,13 @@ impl Handler {
         self.spool.write(&id, predictions_json).await?;
         self.append(&id, |st| {
             let scoring = decide_take_predictions(st, session, team)?;
-            Ok(vec![admitted(scoring, SERVICE_ACTOR)])
+            Ok(vec![new_event(
+                &SubmissionPredictionsTaken {
+                    submission: Some(scoring),
+                },
+                SERVICE_ACTOR,
+                "",
+            )])
         })
         .await?;
         self.schedule(id);

@@ -7,8 +7,8 @@ use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     CompetitionApplied, Policy, PrivateRevealed, SessionRequested, Submission, SubmissionAdmitted,
-    SubmissionFailed, SubmissionRejected, SubmissionRequested, SubmissionScored,
-    SubmissionTimedOut,
+    SubmissionFailed, SubmissionPredictionsTaken, SubmissionRejected, SubmissionRequested,
+    SubmissionScored, SubmissionTimedOut,
 };
 
 #[derive(Debug, Default)]
@@ -25,6 +25,8 @@ impl ReadModel for Submissions {
         let sub = if let Some(e) = decode::<SubmissionRequested>(ev) {
             e.submission
         } else if let Some(e) = decode::<SubmissionAdmitted>(ev) {
+            e.submission
+        } else if let Some(e) = decode::<SubmissionPredictionsTaken>(ev) {
             e.submission
         } else if let Some(e) = decode::<SubmissionRejected>(ev) {
             e.submission
