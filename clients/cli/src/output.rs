@@ -310,15 +310,6 @@ pub fn direction_label(direction: Direction) -> &'static str {
     }
 }
 
-/// Returns `descending` or `ascending`, for JSON.
-pub fn direction_name(direction: Direction) -> &'static str {
-    match direction {
-        Direction::Descending => "descending",
-        Direction::Ascending => "ascending",
-        Direction::Unspecified => "unspecified",
-    }
-}
-
 /// Returns `-` for an empty cell, so columns stay readable.
 pub fn or_dash(text: &str) -> String {
     if text.is_empty() {

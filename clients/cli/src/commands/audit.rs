@@ -4,6 +4,7 @@
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use nsml_manifest::format_size;
+use nsml_proto::json::to_value;
 use nsml_proto::v1 as pb;
 use pb::OverrideKind;
 use serde_json::{Value, json};
@@ -49,32 +50,7 @@ pub fn describe_override(o: &pb::Override) -> String {
 
 /// An override as JSON.
 pub fn override_json(o: &pb::Override) -> Value {
-    let r = o.raise.unwrap_or_default();
-    json!({
-        "id": o.id,
-        "competition": o.competition,
-        "team": o.team,
-        "kind": match o.kind() {
-            OverrideKind::ExtraSubmit => "extra_submit",
-            OverrideKind::RaiseQuota => "raise_quota",
-            OverrideKind::ReopenSubmit => "reopen_submit",
-            OverrideKind::Unspecified => "unspecified",
-        },
-        "dataset": o.dataset,
-        "submission_id": o.submission_id,
-        "raise": {
-            "gpus": r.gpus,
-            "cpus": r.cpus,
-            "memory_bytes": r.memory_bytes,
-            "sessions": r.sessions,
-        },
-        "until_ms": o.until_ms,
-        "reason": o.reason,
-        "granted_by": o.granted_by,
-        "granted_at_ms": o.granted_at_ms,
-        "used_by": o.used_by,
-        "description": o.description,
-    })
+    to_value(o)
 }
 
 async fn grant(ctx: &Context, request: pb::OverrideRequest, as_json: bool) -> Result<()> {
@@ -273,29 +249,24 @@ pub async fn replay(
 }
 
 fn event_ref_json(r: &pb::EventRef) -> Value {
-    json!({
-        "position": r.position,
-        "version": r.version,
-        "type": r.event_type.strip_prefix("nsml.v1.").unwrap_or(&r.event_type),
-        "recorded_at_ms": r.recorded_at_ms,
-        "note": r.note,
-    })
+    let mut v = to_value(r);
+    if let Some(map) = v.as_object_mut() {
+        map.remove("event_type");
+    }
+    v["type"] = r
+        .event_type
+        .strip_prefix("nsml.v1.")
+        .unwrap_or(&r.event_type)
+        .into();
+    v
 }
 
+/// A decision as JSON, with its times also as UTC text.
 fn decision_json(d: &pb::Decision) -> Value {
-    json!({
-        "id": d.id,
-        "granted": d.granted,
-        "rule": d.rule,
-        "reason": d.reason,
-        "retry_after_ms": d.retry_after_ms,
-        "retry_after": time_json(d.retry_after_ms),
-        "policy_version": d.policy_version,
-        "ledger_version": d.ledger_version,
-        "decided_at_ms": d.decided_at_ms,
-        "decided_at": time_json(d.decided_at_ms),
-        "overrides": d.overrides,
-    })
+    let mut v = to_value(d);
+    v["retry_after"] = time_json(d.retry_after_ms);
+    v["decided_at"] = time_json(d.decided_at_ms);
+    v
 }
 
 fn explanation_json(x: &pb::Explanation) -> Value {

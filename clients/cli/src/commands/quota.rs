@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use anyhow::{Result, bail};
 use nsml_manifest::format_size;
+use nsml_proto::json::to_value;
 use nsml_proto::v1 as pb;
 use serde_json::{Value, json};
 
@@ -217,13 +218,7 @@ pub fn render(u: &pb::QuotaUsage) -> String {
 }
 
 fn resources_json(r: Option<&pb::Resources>) -> Value {
-    let r = r.copied().unwrap_or_default();
-    json!({
-        "gpus": r.gpus,
-        "cpus": r.cpus,
-        "memory_bytes": r.memory_bytes,
-        "shm_bytes": r.shm_bytes,
-    })
+    to_value(&r.copied().unwrap_or_default())
 }
 
 /// The usage as JSON, fields named as in the API.
