@@ -490,7 +490,8 @@ fn exhausting_the_machine_is_contained() -> anyhow::Result<()> {
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("unreadable usage line {usage}"))?;
     ensure!(
-        (0.2..=1.3).contains(&cpus),
+        // The ceiling is the point; a busy machine may give the threads much less than it.
+        cpus > 0.0 && cpus <= 1.3,
         "four busy threads under -c 1 used {cpus} CPUs: {usage}"
     );
 

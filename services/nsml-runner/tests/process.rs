@@ -1015,8 +1015,9 @@ for t in threads: t.join()
     let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
     assert_eq!(outcome.exit_code, 0, "{lines:?}");
     let used = cpus_used(&lines);
-    // The floor only shows the threads ran (other tests share this machine's cores).
-    assert!((0.2..=1.3).contains(&used), "used {used} CPUs with -c 1");
+    // The limit is the ceiling; how much of it the threads got depends on how busy the machine is, so the
+    // floor only shows that they ran.
+    assert!(used > 0.0 && used <= 1.3, "used {used} CPUs with -c 1");
     assert!(nsml_lines(&lines, "Resources used:")[0].contains("limit 1)"));
 }
 
