@@ -435,6 +435,8 @@ async fn subscription_follows_the_store_when_the_bus_ends() {
     }
     let started = tokio::time::Instant::now();
     assert_eq!(live(&mut log, 6).await, stored);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // Followed from the store: well before the bus's 30 s heartbeats would say anything, however busy the
+    // machine.
+    assert!(started.elapsed() < Duration::from_secs(20));
     nothing_more(&mut log).await;
 }

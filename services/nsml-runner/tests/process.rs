@@ -692,7 +692,8 @@ time.sleep(30)
     .await
     .expect("the line did not arrive while the process ran");
     assert_eq!(hello.text, "hello");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // Streamed while the process runs, not at its end 30 s later (with room for a busy machine).
+    assert!(started.elapsed() < Duration::from_secs(25));
     stop.cancel();
     let outcome = task.await.unwrap();
     assert!(outcome.stopped);

@@ -199,7 +199,8 @@ print()
             err.to_string(),
             "the evaluation script did not finish within 1 seconds"
         );
-        assert!(started.elapsed() < Duration::from_secs(10));
+        // Killed at its bound, not left to sleep its 30 s (with room for a busy machine).
+        assert!(started.elapsed() < Duration::from_secs(25));
 
         let err = run_eval_script("/nonexistent/python3", &script, "{}", "id,l\n", timeout)
             .await
