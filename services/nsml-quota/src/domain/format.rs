@@ -3,7 +3,8 @@
 
 use nsml_proto::v1::{Override, OverrideKind, Resources};
 
-/// Formats bytes as NSML showed memory (`24G`, `512M`).
+/// Formats bytes as NSML showed memory (`24G`, `512M`). Not `nsml_manifest::short_size`: recorded decisions'
+/// reasons hold this rendering and `audit replay` compares them word for word, so it stays as the log has it.
 pub fn gib(b: impl Into<u128>) -> String {
     const G: u128 = 1024 * 1024 * 1024;
     const M: u128 = 1024 * 1024;
