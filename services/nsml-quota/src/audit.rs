@@ -5,9 +5,8 @@ use std::collections::HashMap;
 
 use nsml_common::aggregate::Aggregate;
 use nsml_eventstore::{EventStore, StoreError, StoredEvent};
-use nsml_proto::v1::{
-    AdmitRequest, EventRef, Explanation, HeldBy, Override, OverrideKind, SessionKind,
-};
+use nsml_proto::json::to_value;
+use nsml_proto::v1::{AdmitRequest, EventRef, Explanation, HeldBy, Override, SessionKind};
 use serde_json::{Value, json};
 
 use crate::domain::{
@@ -274,13 +273,7 @@ fn time(ms: i64) -> Value {
 }
 
 fn resources_json(r: Option<&nsml_proto::v1::Resources>) -> Value {
-    let r = r.copied().unwrap_or_default();
-    json!({
-        "gpus": r.gpus,
-        "cpus": r.cpus,
-        "memory_bytes": r.memory_bytes,
-        "shm_bytes": r.shm_bytes,
-    })
+    to_value(&r.copied().unwrap_or_default())
 }
 
 fn kind_name(k: SessionKind) -> &'static str {
@@ -292,62 +285,20 @@ fn kind_name(k: SessionKind) -> &'static str {
     }
 }
 
-/// An override as JSON.
+/// An override as JSON, with its end also as UTC text.
 pub fn override_json(o: &Override) -> Value {
-    let r = o.raise.unwrap_or_default();
-    json!({
-        "id": o.id,
-        "competition": o.competition,
-        "team": o.team,
-        "kind": match o.kind() {
-            OverrideKind::ExtraSubmit => "extra_submit",
-            OverrideKind::RaiseQuota => "raise_quota",
-            OverrideKind::ReopenSubmit => "reopen_submit",
-            OverrideKind::Unspecified => "unspecified",
-        },
-        "dataset": o.dataset,
-        "submission_id": o.submission_id,
-        "raise": {
-            "gpus": r.gpus,
-            "cpus": r.cpus,
-            "memory_bytes": r.memory_bytes,
-            "sessions": r.sessions,
-        },
-        "until_ms": o.until_ms,
-        "until": time(o.until_ms),
-        "reason": o.reason,
-        "granted_by": o.granted_by,
-        "granted_at_ms": o.granted_at_ms,
-        "command_id": o.command_id,
-    })
+    let mut v = to_value(o);
+    v["until"] = time(o.until_ms);
+    v
 }
 
 fn decision_json(req: &nsml_proto::v1::AdmitRequest, d: &nsml_proto::v1::Decision) -> Value {
-    json!({
-        "request": {
-            "team": req.team,
-            "competition": req.competition,
-            "kind": kind_name(req.kind()),
-            "session": req.session,
-            "dataset": req.dataset,
-            "resources": resources_json(req.resources.as_ref()),
-            "submission_id": req.submission_id,
-            "command_id": req.command_id,
-        },
-        "decision": {
-            "id": d.id,
-            "granted": d.granted,
-            "rule": d.rule,
-            "reason": d.reason,
-            "retry_after_ms": d.retry_after_ms,
-            "retry_after": time(d.retry_after_ms),
-            "policy_version": d.policy_version,
-            "ledger_version": d.ledger_version,
-            "decided_at_ms": d.decided_at_ms,
-            "decided_at": time(d.decided_at_ms),
-            "overrides": d.overrides,
-        },
-    })
+    let mut request = to_value(req);
+    request["kind"] = kind_name(req.kind()).into();
+    let mut decision = to_value(d);
+    decision["retry_after"] = time(d.retry_after_ms);
+    decision["decided_at"] = time(d.decided_at_ms);
+    json!({ "request": request, "decision": decision })
 }
 
 /// One ledger event as a JSON object: where it sits in the log, its envelope and its content.
