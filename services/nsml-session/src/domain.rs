@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use nsml_common::aggregate::Aggregate;
-use nsml_common::error::ErrorCode;
 use nsml_common::event::decode;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
@@ -99,15 +98,6 @@ pub fn with_defaults(r: Option<Resources>) -> Resources {
         r.shm_bytes = GIB;
     }
     r
-}
-
-/// The platform code a quota refusal travels under, by the rule that refused.
-pub fn denial_code(rule: &str) -> ErrorCode {
-    match rule {
-        "submit_interval" => ErrorCode::SubmitTooSoon,
-        "submit_in_flight" => ErrorCode::SubmitInFlight,
-        _ => ErrorCode::QuotaExceeded,
-    }
 }
 
 /// What the stream knows of one session.
@@ -345,14 +335,6 @@ mod tests {
             ..Default::default()
         }));
         assert_eq!((zeros.gpus, zeros.cpus), (0, 2), "zero GPUs is a CPU job");
-    }
-
-    #[test]
-    fn given_a_refusal_when_mapped_then_its_rule_picks_the_code() {
-        assert_eq!(denial_code("submit_interval"), ErrorCode::SubmitTooSoon);
-        assert_eq!(denial_code("submit_in_flight"), ErrorCode::SubmitInFlight);
-        assert_eq!(denial_code("team_gpus"), ErrorCode::QuotaExceeded);
-        assert_eq!(denial_code(""), ErrorCode::QuotaExceeded);
     }
 
     #[test]

@@ -5,8 +5,6 @@ use nsml_common::error::ErrorCode;
 use nsml_eventstore::StoreError;
 use tonic::Status;
 
-use crate::domain::denial_code;
-
 /// The session service's errors: refusals of a request (the caller can fix them), failures of the
 /// infrastructure (logged in full, masked to the caller) and what keeps the service from starting.
 #[derive(Debug, thiserror::Error)]
@@ -202,10 +200,30 @@ impl From<SessionError> for Status {
     }
 }
 
+/// The platform code a quota refusal travels under, by the rule that refused.
+pub fn denial_code(rule: &str) -> ErrorCode {
+    match rule {
+        "submit_interval" => ErrorCode::SubmitTooSoon,
+        "submit_in_flight" => ErrorCode::SubmitInFlight,
+        // The session holds its resources already: not a quota, a state.
+        "duplicate" => ErrorCode::WrongState,
+        _ => ErrorCode::QuotaExceeded,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tonic::Code;
+
+    #[test]
+    fn given_a_refusal_when_mapped_then_its_rule_picks_the_code() {
+        assert_eq!(denial_code("submit_interval"), ErrorCode::SubmitTooSoon);
+        assert_eq!(denial_code("submit_in_flight"), ErrorCode::SubmitInFlight);
+        assert_eq!(denial_code("duplicate"), ErrorCode::WrongState);
+        assert_eq!(denial_code("team_gpus"), ErrorCode::QuotaExceeded);
+        assert_eq!(denial_code(""), ErrorCode::QuotaExceeded);
+    }
 
     #[test]
     fn refusals_keep_their_grpc_codes_and_carry_the_platform_code() {
