@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{Context, ensure};
 use bytes::{Buf, BufMut};
 use nsml_integration_tests::Deployment;
+use nsml_proto::error::ErrorCode;
 use nsml_proto::v1::LoginRequest;
 use nsml_proto::v1::auth_service_client::AuthServiceClient;
 use tonic::Code;
@@ -111,6 +112,7 @@ async fn undecodable_requests_are_invalid_argument_naming_the_message() -> anyho
     .await
     .expect_err("garbage is not a login");
     ensure!(err.code() == Code::InvalidArgument, "{err:?}");
+    ensure!(ErrorCode::of(&err) == Some(ErrorCode::BadRequest), "{err:?}");
     ensure!(
         err.message()
             .starts_with("the request is not a valid nsml.v1.LoginRequest message"),
@@ -151,11 +153,13 @@ async fn wrong_logins_from_elsewhere_never_lock_a_user_out() -> anyhow::Result<(
             .await
             .expect_err("a wrong password");
         ensure!(err.code() == Code::Unauthenticated, "{err:?}");
+        ensure!(ErrorCode::of(&err) == Some(ErrorCode::LoginFailed), "{err:?}");
     }
     let err = login(attacker.clone(), "alice", "alice-pass")
         .await
         .expect_err("the attacker's address is locked for alice");
     ensure!(err.code() == Code::ResourceExhausted, "{err:?}");
+    ensure!(ErrorCode::of(&err) == Some(ErrorCode::LockedOut), "{err:?}");
     login(owner, "alice", "alice-pass")
         .await
         .context("alice logs in from her own address")?;
@@ -179,9 +183,30 @@ async fn an_oversized_memo_is_refused_with_its_size_and_the_limit() -> anyhow::R
         .await
         .expect_err("8 MiB is no memo");
     ensure!(err.code() == Code::InvalidArgument, "{err:?}");
+    ensure!(ErrorCode::of(&err) == Some(ErrorCode::TooLarge), "{err:?}");
     ensure!(
         err.message() == "memo is 8388608 bytes; the limit is 1024 bytes",
         "{err:?}"
     );
+    Ok(())
+}
+
+/// What the gateway answers itself carries the platform's codes too: a method it does not know, and one that is
+/// internal to the platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_own_refusals_carry_their_codes() -> anyhow::Result<()> {
+    let d = Deployment::embedded()?;
+    let ch = channel(&d.url, Ipv4Addr::LOCALHOST).await?;
+    let err = send_raw(ch.clone(), "/nsml.v1.Nothing/Run", Vec::new(), None)
+        .await
+        .expect_err("no such service");
+    ensure!(err.code() == Code::Unimplemented, "{err:?}");
+    ensure!(ErrorCode::of(&err) == Some(ErrorCode::UnknownMethod), "{err:?}");
+    let admin = d.admin_token()?;
+    let err = send_raw(ch, "/nsml.v1.QuotaService/Admit", Vec::new(), Some(&admin))
+        .await
+        .expect_err("internal");
+    ensure!(err.code() == Code::PermissionDenied, "{err:?}");
+    ensure!(ErrorCode::of(&err) == Some(ErrorCode::PermissionDenied), "{err:?}");
     Ok(())
 }
