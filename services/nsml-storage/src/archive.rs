@@ -237,77 +237,138 @@ pub fn split_dataset(
     staging: &Staging,
 ) -> Result<SplitDataset, StorageError> {
     let what = format!("dataset `{}`", meta.name);
-    let refuse = Refuse(&what);
+    let mut splitter = Splitter {
+        meta,
+        staging,
+        refuse: Refuse(&what),
+        checker: nsml_archive::Checker::new(Limits::NONE),
+        parts: HashMap::new(),
+        files: HashMap::new(),
+        eval_files: HashSet::new(),
+        test_items: 0,
+        private_keys: None,
+    };
     let mut archive = open(path)?;
-    let mut parts: HashMap<DatasetPart, tar::Builder<GzEncoder<StagedWriter>>> = HashMap::new();
-    let mut files: HashMap<DatasetPart, u64> = HashMap::new();
-    let mut eval_files: HashSet<String> = HashSet::new();
-    let mut test_items = 0u64;
-    let mut private_keys = None;
-    for entry in archive.entries().map_err(|e| refuse.unreadable(e))? {
-        let mut entry = entry.map_err(|e| refuse.unreadable(e))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| splitter.refuse.unreadable(e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| splitter.refuse.unreadable(e))?;
+        splitter.entry(entry)?;
+    }
+    splitter.finish()
+}
+
+/// A dataset archive being split, entry by entry.
+struct Splitter<'a> {
+    meta: &'a DatasetMeta,
+    staging: &'a Staging,
+    refuse: Refuse<'a>,
+    /// The containment rules every archive is held to (no links reach it: they are refused first).
+    checker: nsml_archive::Checker,
+    parts: HashMap<DatasetPart, tar::Builder<GzEncoder<StagedWriter>>>,
+    /// Regular files per part.
+    files: HashMap<DatasetPart, u64>,
+    eval_files: HashSet<String>,
+    test_items: u64,
+    private_keys: Option<Vec<String>>,
+}
+
+impl Splitter<'_> {
+    /// Routes one entry: refused, left out, read as the private keys, or appended to its part.
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), StorageError> {
         let ty = entry.header().entry_type();
         if nsml_archive::is_metadata(ty) {
-            continue;
+            return Ok(());
         }
-        let path = nsml_archive::entry_path(&entry).map_err(|e| refuse.archive(e))?;
-        let is_file = match ty {
-            EntryType::Regular | EntryType::Continuous => true,
-            EntryType::Directory => false,
-            EntryType::Symlink | EntryType::Link => {
-                return Err(refuse.because(format!(
-                    "entry `{path}` is a link; a dataset holds plain files and directories only"
-                )));
-            }
-            EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                return Err(refuse.because(format!("entry `{path}` is a device file or pipe")));
-            }
-            other => {
-                return Err(refuse.because(format!(
-                    "entry `{path}` has an unsupported type ({other:?}); use plain files and directories"
-                )));
-            }
-        };
+        let path = nsml_archive::entry_path(&entry).map_err(|e| self.refuse.archive(e))?;
+        let is_file = self.is_file(ty, &path)?;
+        self.checker
+            .entry(&entry)
+            .map_err(|e| self.refuse.archive(e))?;
         let (part, inner) = match route(&path) {
-            Route::Skip => continue,
+            Route::Skip => return Ok(()),
             Route::LabelNotFile(label) => {
-                return Err(refuse.because(format!(
+                return Err(self.refuse.because(format!(
                     "`{label}` must be a file with a header line and one row per test item"
                 )));
             }
             Route::PrivateKeys => {
                 if !is_file {
-                    return Err(refuse.because("`private_keys.txt` must be a file"));
+                    return Err(self.refuse.because("`private_keys.txt` must be a file"));
                 }
-                let mut text = String::new();
-                let mut src = Source::new((&mut entry).take(MAX_PRIVATE_KEYS_BYTES + 1));
-                src.read_to_string(&mut text).map_err(|e| {
-                    refuse.because(format!(
-                        "`private_keys.txt` is unreadable or not UTF-8 ({e})"
-                    ))
-                })?;
-                if text.len() as u64 > MAX_PRIVATE_KEYS_BYTES {
-                    return Err(refuse.because("`private_keys.txt` is larger than 64 MB"));
-                }
-                private_keys = Some(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty())
-                        .map(String::from)
-                        .collect(),
-                );
-                continue;
+                self.private_keys = Some(self.read_private_keys(&mut entry)?);
+                return Ok(());
             }
             Route::Part(part, inner) => (part, inner),
         };
         if !is_file && matches!(part, DatasetPart::TestLabel | DatasetPart::TrialLabel) {
-            return Err(refuse.because(format!(
+            return Err(self.refuse.because(format!(
                 "`{path}` must be a file with a header line and one row per test item"
             )));
         }
-        let builder = match parts.entry(part) {
+        let lines = self.append(part, &inner, is_file, &mut entry)?;
+        if is_file {
+            *self.files.entry(part).or_default() += 1;
+            if part == DatasetPart::TestLabel {
+                self.test_items = lines.saturating_sub(1);
+            }
+            if part == DatasetPart::EvalScript {
+                self.eval_files.insert(path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an entry of type `ty` is a file (else a directory), refusing every other type.
+    fn is_file(&self, ty: EntryType, path: &str) -> Result<bool, StorageError> {
+        match ty {
+            EntryType::Regular | EntryType::Continuous => Ok(true),
+            EntryType::Directory => Ok(false),
+            EntryType::Symlink | EntryType::Link => Err(self.refuse.because(format!(
+                "entry `{path}` is a link; a dataset holds plain files and directories only"
+            ))),
+            EntryType::Char | EntryType::Block | EntryType::Fifo => Err(self
+                .refuse
+                .because(format!("entry `{path}` is a device file or pipe"))),
+            other => Err(self.refuse.because(format!(
+                "entry `{path}` has an unsupported type ({other:?}); use plain files and directories"
+            ))),
+        }
+    }
+
+    fn read_private_keys(&self, entry: &mut impl Read) -> Result<Vec<String>, StorageError> {
+        let mut text = String::new();
+        let mut src = Source::new(entry.take(MAX_PRIVATE_KEYS_BYTES + 1));
+        src.read_to_string(&mut text).map_err(|e| {
+            self.refuse.because(format!(
+                "`private_keys.txt` is unreadable or not UTF-8 ({e})"
+            ))
+        })?;
+        if text.len() as u64 > MAX_PRIVATE_KEYS_BYTES {
+            return Err(self
+                .refuse
+                .because("`private_keys.txt` is larger than 64 MB"));
+        }
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    /// Appends an entry to its part under `inner`; returns the non-empty lines of its content.
+    fn append<R: Read>(
+        &mut self,
+        part: DatasetPart,
+        inner: &str,
+        is_file: bool,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<u64, StorageError> {
+        let builder = match self.parts.entry(part) {
             std::collections::hash_map::Entry::Occupied(b) => b.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(new_part(staging)?),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(new_part(self.staging)?),
         };
         let mut header = Header::new_gnu();
         header.set_entry_type(if is_file {
@@ -320,68 +381,84 @@ pub fn split_dataset(
         // Keep permission bits only: no set-uid, set-gid or sticky bits in what the runner unpacks.
         header.set_mode(entry.header().mode().unwrap_or(default_mode) & 0o777);
         header.set_mtime(entry.header().mtime().unwrap_or(0));
-        let mut src = Source::new(&mut entry);
-        if let Err(e) = builder.append_data(&mut header, &inner, &mut src) {
+        let mut src = Source::new(entry);
+        if let Err(e) = builder.append_data(&mut header, inner, &mut src) {
             return Err(if src.failed {
-                refuse.unreadable(e)
+                self.refuse.unreadable(e)
             } else {
-                StorageError::io(format!("writing dataset `{}` part", meta.name), e)
+                StorageError::io(format!("writing dataset `{}` part", self.meta.name), e)
             });
         }
-        if is_file {
-            *files.entry(part).or_default() += 1;
-            if part == DatasetPart::TestLabel {
-                test_items = src.lines().saturating_sub(1);
+        Ok(src.lines())
+    }
+
+    fn has(&self, part: DatasetPart) -> bool {
+        self.files.get(&part).copied().unwrap_or(0) > 0
+    }
+
+    /// Refuses a dataset lacking a required part, naming it.
+    fn check_complete(&self) -> Result<(), StorageError> {
+        let missing = |part: &str| StorageError::MissingPart {
+            dataset: self.meta.name.clone(),
+            part: part.to_string(),
+        };
+        if !self.has(DatasetPart::Train) {
+            return Err(missing("train/"));
+        }
+        if !self.has(DatasetPart::TestData) {
+            return Err(missing("test/test_data"));
+        }
+        if !self.has(DatasetPart::TestLabel) {
+            return Err(missing("test/test_label"));
+        }
+        match (
+            self.has(DatasetPart::TrialData),
+            self.has(DatasetPart::TrialLabel),
+        ) {
+            (true, false) => return Err(missing("test_submit/test_label")),
+            (false, true) => return Err(missing("test_submit/test_data")),
+            _ => {}
+        }
+        if !self.meta.eval_script.is_empty() {
+            let script = format!("eval/{}", self.meta.eval_script);
+            if !self.eval_files.contains(&script) {
+                return Err(missing(&script));
             }
-            if part == DatasetPart::EvalScript {
-                eval_files.insert(path);
+        }
+        Ok(())
+    }
+
+    /// Checks the whole archive and ends every part's archive.
+    fn finish(mut self) -> Result<SplitDataset, StorageError> {
+        let checker =
+            std::mem::replace(&mut self.checker, nsml_archive::Checker::new(Limits::NONE));
+        checker
+            .finish()
+            .map_err(|r| self.refuse.because(r.to_string()))?;
+        self.check_complete()?;
+        let no_trial = !self.has(DatasetPart::TrialData);
+        let mut stored = Vec::with_capacity(self.parts.len());
+        for (part, builder) in self.parts {
+            if part == DatasetPart::TrialData && no_trial {
+                // Only directories under test_submit/test_data: no trial set.
+                continue;
             }
+            let staged = builder
+                .into_inner()
+                .and_then(GzEncoder::finish)
+                .and_then(StagedWriter::finish)
+                .map_err(|e| {
+                    StorageError::io(format!("writing dataset `{}` part", self.meta.name), e)
+                })?;
+            stored.push((part, staged));
         }
+        stored.sort_by_key(|(part, _)| *part);
+        Ok(SplitDataset {
+            parts: stored,
+            test_items: self.test_items,
+            private_keys: self.private_keys,
+        })
     }
-    let missing = |part: &str| StorageError::MissingPart {
-        dataset: meta.name.clone(),
-        part: part.to_string(),
-    };
-    let has = |part| files.get(&part).copied().unwrap_or(0) > 0;
-    if !has(DatasetPart::Train) {
-        return Err(missing("train/"));
-    }
-    if !has(DatasetPart::TestData) {
-        return Err(missing("test/test_data"));
-    }
-    if !has(DatasetPart::TestLabel) {
-        return Err(missing("test/test_label"));
-    }
-    match (has(DatasetPart::TrialData), has(DatasetPart::TrialLabel)) {
-        (true, false) => return Err(missing("test_submit/test_label")),
-        (false, true) => return Err(missing("test_submit/test_data")),
-        _ => {}
-    }
-    if !meta.eval_script.is_empty() {
-        let script = format!("eval/{}", meta.eval_script);
-        if !eval_files.contains(&script) {
-            return Err(missing(&script));
-        }
-    }
-    let mut stored = Vec::with_capacity(parts.len());
-    for (part, builder) in parts {
-        if part == DatasetPart::TrialData && !has(DatasetPart::TrialData) {
-            // Only directories under test_submit/test_data: no trial set.
-            continue;
-        }
-        let staged = builder
-            .into_inner()
-            .and_then(GzEncoder::finish)
-            .and_then(StagedWriter::finish)
-            .map_err(|e| StorageError::io(format!("writing dataset `{}` part", meta.name), e))?;
-        stored.push((part, staged));
-    }
-    stored.sort_by_key(|(part, _)| *part);
-    Ok(SplitDataset {
-        parts: stored,
-        test_items,
-        private_keys,
-    })
 }
 
 #[cfg(test)]
@@ -641,6 +718,34 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn a_dataset_is_held_to_the_containment_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let staging = rt.block_on(Staging::new(dir.path().join("tmp"))).unwrap();
+        let f = targz(&[
+            E::File("train/a", b""),
+            E::File("train/a/b", b""),
+            E::File("test/test_data/x", b""),
+            E::File("test/test_label", b"id\n"),
+        ]);
+        let err = split_dataset(f.path(), &meta(), &staging)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "dataset `t1-cls` archive refused: entry `train/a/b` lies beneath file `train/a`"
+        );
+        let f = targz(&[E::File("../train/a", b"")]);
+        let err = split_dataset(f.path(), &meta(), &staging)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leaves the archive through `..`"), "{err}");
     }
 
     #[test]
