@@ -6,9 +6,9 @@
 //! (directly or through another link), nothing written beneath a link, and limits on entries and on the
 //! bytes they expand to, counted while the archive streams.
 //!
-//! - [`measure`] checks an archive without unpacking it; [`unpack`] writes one into a directory;
+//! - [`measure`] checks an archive without unpacking it; [`unpack()`] writes one into a directory;
 //!   [`first_file`] reads the one file a small archive holds.
-//! - [`pack_dir`] packs a tree as it is; [`collect`] and [`pack_collected`] pack an upload under
+//! - [`pack_dir`] packs a tree as it is; [`collect()`] and [`pack_collected`] pack an upload under
 //!   [`IgnoreRules`] (`.nsmlignore`); [`Reproducible`] packs the same files into the same bytes.
 //!
 //! Everything here blocks: run it on a blocking thread. Errors are one closed enum, [`ArchiveError`].

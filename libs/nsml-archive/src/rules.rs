@@ -1,5 +1,5 @@
 //! The containment rules every archive of the platform is held to, checked entry by entry as it streams
-//! and by name alone (no file system): [`Checker`]. Unpacking ([`crate::unpack`]) applies them before it
+//! and by name alone (no file system): [`Checker`]. Unpacking ([`crate::unpack()`]) applies them before it
 //! writes anything, and checks again on the tree it wrote.
 
 use std::collections::{HashMap, HashSet};
