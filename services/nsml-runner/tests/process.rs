@@ -782,8 +782,9 @@ print("child", sys.argv[-1], flush=True)
     let t = Instant::now();
     let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
     assert_eq!(outcome.exit_code, 0);
+    // Well before the child's own sleep would end (with room for a busy machine).
     assert!(
-        t.elapsed() < Duration::from_secs(10),
+        t.elapsed() < Duration::from_secs(30),
         "took {:?}",
         t.elapsed()
     );
