@@ -112,7 +112,10 @@ async fn undecodable_requests_are_invalid_argument_naming_the_message() -> anyho
     .await
     .expect_err("garbage is not a login");
     ensure!(err.code() == Code::InvalidArgument, "{err:?}");
-    ensure!(ErrorCode::of(&err) == Some(ErrorCode::BadRequest), "{err:?}");
+    ensure!(
+        ErrorCode::of(&err) == Some(ErrorCode::BadRequest),
+        "{err:?}"
+    );
     ensure!(
         err.message()
             .starts_with("the request is not a valid nsml.v1.LoginRequest message"),
@@ -153,7 +156,10 @@ async fn wrong_logins_from_elsewhere_never_lock_a_user_out() -> anyhow::Result<(
             .await
             .expect_err("a wrong password");
         ensure!(err.code() == Code::Unauthenticated, "{err:?}");
-        ensure!(ErrorCode::of(&err) == Some(ErrorCode::LoginFailed), "{err:?}");
+        ensure!(
+            ErrorCode::of(&err) == Some(ErrorCode::LoginFailed),
+            "{err:?}"
+        );
     }
     let err = login(attacker.clone(), "alice", "alice-pass")
         .await
@@ -201,12 +207,18 @@ async fn the_gateways_own_refusals_carry_their_codes() -> anyhow::Result<()> {
         .await
         .expect_err("no such service");
     ensure!(err.code() == Code::Unimplemented, "{err:?}");
-    ensure!(ErrorCode::of(&err) == Some(ErrorCode::UnknownMethod), "{err:?}");
+    ensure!(
+        ErrorCode::of(&err) == Some(ErrorCode::UnknownMethod),
+        "{err:?}"
+    );
     let admin = d.admin_token()?;
     let err = send_raw(ch, "/nsml.v1.QuotaService/Admit", Vec::new(), Some(&admin))
         .await
         .expect_err("internal");
     ensure!(err.code() == Code::PermissionDenied, "{err:?}");
-    ensure!(ErrorCode::of(&err) == Some(ErrorCode::PermissionDenied), "{err:?}");
+    ensure!(
+        ErrorCode::of(&err) == Some(ErrorCode::PermissionDenied),
+        "{err:?}"
+    );
     Ok(())
 }

@@ -36,7 +36,7 @@ const SHARDS: usize = 64;
 /// A hash map from ids to `V` that grows in small steps.
 ///
 /// A single hash table doubles when full, moving every entry at once: at 100,000 decisions that took 20–40 ms,
-/// under the lock every admission of the team waits on. Here the entries are spread over [`SHARDS`] tables by
+/// under the lock every admission of the team waits on. Here the entries are spread over `SHARDS` tables by
 /// their hash, so each doubling moves about one 64th of them. The shard is picked by bits of the hash that a
 /// table under 2^32 buckets never uses for the bucket nor for its tag (the top 7 bits), so entries stay as
 /// well spread inside each table as in one. The tables are allocated on the first insert.
