@@ -42,12 +42,7 @@ pub async fn dispatch(ctx: &Context, command: Command) -> Result<()> {
         } => account::login(ctx, username, password_stdin).await,
         Command::Logout => account::logout(ctx).await,
         Command::Whoami { json } => account::whoami(ctx, json.json).await,
-        Command::Dataset(DatasetCommand::Ls { json }) => boards::datasets(ctx, json.json).await,
-        Command::Dataset(DatasetCommand::Board {
-            dataset,
-            private,
-            json,
-        }) => boards::dataset_board(ctx, &dataset, private, json.json).await,
+        Command::Dataset(command) => dispatch_dataset(ctx, command).await,
         Command::Board {
             competition,
             private,
@@ -60,58 +55,90 @@ pub async fn dispatch(ctx: &Context, command: Command) -> Result<()> {
         Command::Stop { session } => sessions::stop(ctx, &session).await,
         Command::Rm { force, patterns } => sessions::rm(ctx, &patterns, force).await,
         Command::Memo { session, text } => sessions::memo(ctx, &session, &text).await,
-        Command::Model(ModelCommand::Ls { json, session }) => {
-            models::ls(ctx, &session, json.json).await
-        }
-        Command::Model(ModelCommand::Rm {
-            session,
-            checkpoint,
-        }) => models::rm(ctx, &session, &checkpoint).await,
-        Command::Model(ModelCommand::Pull {
-            session,
-            checkpoint,
-            path,
-        }) => models::pull(ctx, &session, &checkpoint, path).await,
+        Command::Model(command) => dispatch_model(ctx, command).await,
         Command::Submit {
             trial,
             session,
             checkpoint,
         } => submit::submit(ctx, &session, &checkpoint, trial).await,
-        Command::Admin(AdminCommand::Competition(AdminCompetitionCommand::Apply { file })) => {
-            admin::apply(ctx, &file).await
-        }
-        Command::Admin(AdminCommand::Competition(AdminCompetitionCommand::Ls { json })) => {
-            admin::competitions(ctx, json.json).await
-        }
-        Command::Admin(AdminCommand::User(AdminUserCommand::Add {
-            name,
-            team,
-            competition,
-            password_stdin,
-        })) => admin::add_user(ctx, name, team, competition, password_stdin).await,
-        Command::Admin(AdminCommand::Board(AdminBoardCommand::Reveal { competition })) => {
-            admin::reveal(ctx, &competition).await
-        }
         Command::Quota {
             competition,
             team,
             json,
         } => quota::quota(ctx, competition, team, json.json).await,
-        Command::Admin(AdminCommand::Override(AdminOverrideCommand::Submit {
+        Command::Admin(command) => dispatch_admin(ctx, command).await,
+    }
+}
+
+/// Runs `nsml dataset …`.
+async fn dispatch_dataset(ctx: &Context, command: DatasetCommand) -> Result<()> {
+    match command {
+        DatasetCommand::Ls { json } => boards::datasets(ctx, json.json).await,
+        DatasetCommand::Board {
+            dataset,
+            private,
+            json,
+        } => boards::dataset_board(ctx, &dataset, private, json.json).await,
+    }
+}
+
+/// Runs `nsml model …`.
+async fn dispatch_model(ctx: &Context, command: ModelCommand) -> Result<()> {
+    match command {
+        ModelCommand::Ls { json, session } => models::ls(ctx, &session, json.json).await,
+        ModelCommand::Rm {
+            session,
+            checkpoint,
+        } => models::rm(ctx, &session, &checkpoint).await,
+        ModelCommand::Pull {
+            session,
+            checkpoint,
+            path,
+        } => models::pull(ctx, &session, &checkpoint, path).await,
+    }
+}
+
+/// Runs `nsml admin …`.
+async fn dispatch_admin(ctx: &Context, command: AdminCommand) -> Result<()> {
+    match command {
+        AdminCommand::Competition(AdminCompetitionCommand::Apply { file }) => {
+            admin::apply(ctx, &file).await
+        }
+        AdminCommand::Competition(AdminCompetitionCommand::Ls { json }) => {
+            admin::competitions(ctx, json.json).await
+        }
+        AdminCommand::User(AdminUserCommand::Add {
+            name,
+            team,
+            competition,
+            password_stdin,
+        }) => admin::add_user(ctx, name, team, competition, password_stdin).await,
+        AdminCommand::Board(AdminBoardCommand::Reveal { competition }) => {
+            admin::reveal(ctx, &competition).await
+        }
+        AdminCommand::Override(command) => dispatch_override(ctx, command).await,
+        AdminCommand::Audit(command) => dispatch_audit(ctx, command).await,
+    }
+}
+
+/// Runs `nsml admin override …`.
+async fn dispatch_override(ctx: &Context, command: AdminOverrideCommand) -> Result<()> {
+    match command {
+        AdminOverrideCommand::Submit {
             team,
             dataset,
             reason,
             submission,
             competition,
-        })) => audit::extra_submit(ctx, team, dataset, reason, submission, competition).await,
-        Command::Admin(AdminCommand::Override(AdminOverrideCommand::ReopenSubmit {
+        } => audit::extra_submit(ctx, team, dataset, reason, submission, competition).await,
+        AdminOverrideCommand::ReopenSubmit {
             team,
             submission,
             reason,
             competition,
             json,
-        })) => audit::reopen_submit(ctx, team, submission, reason, competition, json.json).await,
-        Command::Admin(AdminCommand::Override(AdminOverrideCommand::Quota {
+        } => audit::reopen_submit(ctx, team, submission, reason, competition, json.json).await,
+        AdminOverrideCommand::Quota {
             team,
             gpus,
             cpus,
@@ -120,7 +147,7 @@ pub async fn dispatch(ctx: &Context, command: Command) -> Result<()> {
             until,
             reason,
             competition,
-        })) => {
+        } => {
             let raise = nsml_proto::v1::QuotaRaise {
                 gpus: gpus.unwrap_or(0),
                 cpus: cpus.unwrap_or(0),
@@ -129,21 +156,21 @@ pub async fn dispatch(ctx: &Context, command: Command) -> Result<()> {
             };
             audit::raise_quota(ctx, team, raise, until, reason, competition).await
         }
-        Command::Admin(AdminCommand::Audit(AdminAuditCommand::Replay {
+    }
+}
+
+/// Runs `nsml admin audit …`.
+async fn dispatch_audit(ctx: &Context, command: AdminAuditCommand) -> Result<()> {
+    match command {
+        AdminAuditCommand::Replay {
             competition,
             team,
             until,
             json,
-        })) => audit::replay(ctx, competition, team, until, json.json).await,
-        Command::Admin(AdminCommand::Audit(AdminAuditCommand::Explain { id, json })) => {
-            audit::explain(ctx, &id, json.json).await
-        }
-        Command::Admin(AdminCommand::Audit(AdminAuditCommand::Verify { json })) => {
-            audit::verify(ctx, json.json).await
-        }
-        Command::Admin(AdminCommand::Audit(AdminAuditCommand::Export { team })) => {
-            audit::export(ctx, &team).await
-        }
+        } => audit::replay(ctx, competition, team, until, json.json).await,
+        AdminAuditCommand::Explain { id, json } => audit::explain(ctx, &id, json.json).await,
+        AdminAuditCommand::Verify { json } => audit::verify(ctx, json.json).await,
+        AdminAuditCommand::Export { team } => audit::export(ctx, &team).await,
     }
 }
 

@@ -181,71 +181,87 @@ pub async fn replay(
         .await?
         .into_inner();
     if as_json {
-        json::print(&json!({
-            "ledgers": report.ledgers,
-            "events": report.events,
-            "decisions": report.decisions,
-            "matched": report.matched,
-            "elapsed_micros": report.elapsed_micros,
-            "mismatches": report.mismatches.iter().map(|m| json!({
-                "team": m.team,
-                "position": m.position,
-                "version": m.version,
-                "decision_id": m.decision_id,
-                "session": m.session,
-                "submission_id": m.submission_id,
-                "differences": m.differences,
-            })).collect::<Vec<_>>(),
-        }));
+        json::print(&replay_json(&report));
     } else {
-        let secs = report.elapsed_micros as f64 / 1e6;
-        let mut out = format!(
-            "Replayed {} ledger{}: {} events, {} decisions re-derived in {:.3}s ({:.0} events/s)\n",
-            report.ledgers,
-            if report.ledgers == 1 { "" } else { "s" },
-            report.events,
-            report.decisions,
-            secs,
-            if secs > 0.0 {
-                report.events as f64 / secs
-            } else {
-                0.0
-            }
-        );
-        out.push_str(&format!(
-            "{} matched, {} mismatches\n",
-            report.matched,
-            report.mismatches.len()
-        ));
-        for m in &report.mismatches {
-            let recorded = m.recorded.clone().unwrap_or_default();
-            let replayed = m.replayed.clone().unwrap_or_default();
-            out.push_str(&format!(
-                "\nMismatch: decision {} for {}{} in quota-{} at position {} (version {}): recorded {}, replayed {}\n",
-                m.decision_id,
-                m.session,
-                if m.submission_id.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (submission {})", m.submission_id)
-                },
-                m.team,
-                m.position,
-                m.version,
-                decision_line(&recorded),
-                decision_line(&replayed),
-            ));
-            for d in &m.differences {
-                out.push_str(&format!("  {d}\n"));
-            }
-        }
-        emit(&out);
+        emit(&render_replay(&report));
     }
     if report.mismatches.is_empty() {
         Ok(())
     } else {
         Err(Exit(1).into())
     }
+}
+
+/// A replay report as JSON, fields named as in the API.
+fn replay_json(report: &pb::ReplayReport) -> Value {
+    json!({
+        "ledgers": report.ledgers,
+        "events": report.events,
+        "decisions": report.decisions,
+        "matched": report.matched,
+        "elapsed_micros": report.elapsed_micros,
+        "mismatches": report.mismatches.iter().map(|m| json!({
+            "team": m.team,
+            "position": m.position,
+            "version": m.version,
+            "decision_id": m.decision_id,
+            "session": m.session,
+            "submission_id": m.submission_id,
+            "differences": m.differences,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Renders a replay report: the totals, then each mismatch with its differences.
+fn render_replay(report: &pb::ReplayReport) -> String {
+    let secs = report.elapsed_micros as f64 / 1e6;
+    let mut out = format!(
+        "Replayed {} ledger{}: {} events, {} decisions re-derived in {:.3}s ({:.0} events/s)\n",
+        report.ledgers,
+        if report.ledgers == 1 { "" } else { "s" },
+        report.events,
+        report.decisions,
+        secs,
+        if secs > 0.0 {
+            report.events as f64 / secs
+        } else {
+            0.0
+        }
+    );
+    out.push_str(&format!(
+        "{} matched, {} mismatches\n",
+        report.matched,
+        report.mismatches.len()
+    ));
+    for m in &report.mismatches {
+        out.push_str(&render_mismatch(m));
+    }
+    out
+}
+
+/// One decision the replay re-derived differently, with what differs.
+fn render_mismatch(m: &pb::ReplayMismatch) -> String {
+    let recorded = m.recorded.clone().unwrap_or_default();
+    let replayed = m.replayed.clone().unwrap_or_default();
+    let mut out = format!(
+        "\nMismatch: decision {} for {}{} in quota-{} at position {} (version {}): recorded {}, replayed {}\n",
+        m.decision_id,
+        m.session,
+        if m.submission_id.is_empty() {
+            String::new()
+        } else {
+            format!(" (submission {})", m.submission_id)
+        },
+        m.team,
+        m.position,
+        m.version,
+        decision_line(&recorded),
+        decision_line(&replayed),
+    );
+    for d in &m.differences {
+        out.push_str(&format!("  {d}\n"));
+    }
+    out
 }
 
 fn event_ref_json(r: &pb::EventRef) -> Value {
@@ -324,6 +340,20 @@ fn explanation_json(x: &pb::Explanation) -> Value {
 
 /// Renders an explanation: the decision, the state it saw, the events it rests on, and the replay verdict.
 pub fn render_explanation(x: &pb::Explanation) -> String {
+    let mut out = explained_decision(x);
+    out.push_str("\nThe state it saw:\n");
+    out.push_str(&explained_policy(x));
+    out.push_str(&explained_holdings(x));
+    out.push_str(&explained_submits(x));
+    out.push_str(&explained_overrides(x));
+    out.push_str(&format!("\nRule: {}\n", x.rule));
+    out.push_str(&explained_events(x));
+    out.push_str(&explained_replay(x));
+    out
+}
+
+/// The decision itself: its verdict, the request, where and when it was taken, and why.
+fn explained_decision(x: &pb::Explanation) -> String {
     let r = x.request.clone().unwrap_or_default();
     let d = x.decision.clone().unwrap_or_default();
     let ev = x.event.clone().unwrap_or_default();
@@ -364,9 +394,13 @@ pub fn render_explanation(x: &pb::Explanation) -> String {
     if d.retry_after_ms > 0 {
         out.push_str(&format!("  Retry after: {}\n", utc(d.retry_after_ms)));
     }
-    out.push_str("\nThe state it saw:\n");
-    if let Some(p) = x.policy {
-        out.push_str(&format!(
+    out
+}
+
+/// The policy the ledger had adopted when it decided.
+fn explained_policy(x: &pb::Explanation) -> String {
+    match x.policy {
+        Some(p) => format!(
             "  Policy version {}: {} GPUs, {} CPUs, {} memory, {} sessions per team; a real submit every {}s per dataset, on at most {} CPUs\n",
             x.policy_version,
             p.team_gpus,
@@ -375,14 +409,17 @@ pub fn render_explanation(x: &pb::Explanation) -> String {
             p.team_sessions,
             p.submit_interval_secs,
             p.submit_max_cpus
-        ));
-    } else {
-        out.push_str("  No policy adopted by the ledger\n");
+        ),
+        None => "  No policy adopted by the ledger\n".to_string(),
     }
-    out.push_str(&format!(
+}
+
+/// What the team held in all, and session by session.
+fn explained_holdings(x: &pb::Explanation) -> String {
+    let mut out = format!(
         "  Held by the team: {}\n",
         describe_resources(x.held_total.as_ref())
-    ));
+    );
     for h in &x.held {
         out.push_str(&format!(
             "    {} ({}): {}\n",
@@ -391,38 +428,53 @@ pub fn render_explanation(x: &pb::Explanation) -> String {
             describe_resources(h.resources.as_ref())
         ));
     }
-    if x.last_success_ms > 0 {
-        out.push_str(&format!(
+    out
+}
+
+/// The dataset's last successful submit and the submits in flight on it.
+fn explained_submits(x: &pb::Explanation) -> String {
+    let dataset = x
+        .request
+        .as_ref()
+        .map(|r| r.dataset.as_str())
+        .unwrap_or_default();
+    let mut out = if x.last_success_ms > 0 {
+        format!(
             "  Last successful submit on {}: submission {}, submitted at {}\n",
-            r.dataset,
+            dataset,
             x.last_success_submission_id,
             utc(x.last_success_ms)
-        ));
+        )
     } else {
-        out.push_str(&format!(
-            "  Last successful submit on {}: none\n",
-            r.dataset
-        ));
-    }
+        format!("  Last successful submit on {}: none\n", dataset)
+    };
     out.push_str(&format!(
         "  Submits in flight on {}: {}\n",
-        r.dataset,
+        dataset,
         if x.in_flight_submissions.is_empty() {
             "none".to_string()
         } else {
             x.in_flight_submissions.join(", ")
         }
     ));
+    out
+}
+
+/// The overrides in force when it decided.
+fn explained_overrides(x: &pb::Explanation) -> String {
     if x.overrides.is_empty() {
-        out.push_str("  Overrides in force: none\n");
-    } else {
-        out.push_str("  Overrides in force:\n");
-        for o in &x.overrides {
-            out.push_str(&format!("    {}\n", describe_override(o)));
-        }
+        return "  Overrides in force: none\n".to_string();
     }
-    out.push_str(&format!("\nRule: {}\n", x.rule));
-    out.push_str("\nIt rests on these ledger events:\n");
+    let mut out = "  Overrides in force:\n".to_string();
+    for o in &x.overrides {
+        out.push_str(&format!("    {}\n", describe_override(o)));
+    }
+    out
+}
+
+/// The ledger events the decision rests on.
+fn explained_events(x: &pb::Explanation) -> String {
+    let mut out = "\nIt rests on these ledger events:\n".to_string();
     for e in &x.rests_on {
         out.push_str(&format!(
             "  position {} (version {}) {} at {}: {}\n",
@@ -435,14 +487,20 @@ pub fn render_explanation(x: &pb::Explanation) -> String {
             e.note
         ));
     }
-    if x.replay_matches {
-        out.push_str("\nReplay: re-derived from these events, the decision is the same\n");
+    out
+}
+
+/// Whether replaying the events gives the same decision, and the other decisions for the same work.
+fn explained_replay(x: &pb::Explanation) -> String {
+    let mut out = if x.replay_matches {
+        "\nReplay: re-derived from these events, the decision is the same\n".to_string()
     } else {
-        out.push_str("\nReplay: re-derived from these events, the decision DIFFERS:\n");
+        let mut out = "\nReplay: re-derived from these events, the decision DIFFERS:\n".to_string();
         for d in &x.differences {
             out.push_str(&format!("  {d}\n"));
         }
-    }
+        out
+    };
     if !x.other_decisions.is_empty() {
         out.push_str("\nOther decisions for the same session or submission:\n");
         for o in &x.other_decisions {

@@ -87,19 +87,32 @@ fn interval(secs: u64) -> String {
 
 /// Renders the usage as tables.
 pub fn render(u: &pb::QuotaUsage) -> String {
-    let held = u.held.unwrap_or_default();
-    let policy = u.policy.unwrap_or_default();
     let mut out = format!(
         "Quota of team {} in competition {} (policy version {})\n\n",
         u.team, u.competition, u.policy_version
     );
-    let raised = |limit: u64, base: u64| {
-        if limit > base {
-            format!("raised from {base}")
-        } else {
-            String::new()
-        }
-    };
+    out.push_str(&limits_table(u));
+    out.push('\n');
+    out.push_str(&holdings_table(u));
+    out.push('\n');
+    out.push_str(&submits_section(u));
+    out.push_str(&overrides_section(u));
+    out
+}
+
+/// The note on a limit a host raised above the policy's.
+fn raised(limit: u64, base: u64) -> String {
+    if limit > base {
+        format!("raised from {base}")
+    } else {
+        String::new()
+    }
+}
+
+/// What the team holds against each limit, and where a limit was raised.
+fn limits_table(u: &pb::QuotaUsage) -> String {
+    let held = u.held.unwrap_or_default();
+    let policy = u.policy.unwrap_or_default();
     let mut t = Table::new(&["Resource", "Held", "Limit", "Note"]);
     t.row(vec![
         "GPUs".into(),
@@ -149,50 +162,59 @@ pub fn render(u: &pb::QuotaUsage) -> String {
         format_size(u.limit_storage_bytes),
         "checkpoints".into(),
     ]);
-    out.push_str(&t.render());
-    out.push('\n');
+    t.render()
+}
+
+/// Which session holds what, or a line saying none does.
+fn holdings_table(u: &pb::QuotaUsage) -> String {
     if u.holdings.is_empty() {
-        out.push_str("No session holds resources.\n");
-    } else {
-        let mut t = Table::new(&["Session", "Type", "GPUs", "CPUs", "Memory", "Shm"]);
-        for h in &u.holdings {
-            let r = h.resources.unwrap_or_default();
-            t.row(vec![
-                h.session.clone(),
-                kind_name(h.kind()).to_string(),
-                r.gpus.to_string(),
-                r.cpus.to_string(),
-                format_size(r.memory_bytes),
-                format_size(r.shm_bytes),
-            ]);
-        }
-        out.push_str(&t.render());
+        return "No session holds resources.\n".into();
     }
-    out.push('\n');
-    out.push_str(&format!(
+    let mut t = Table::new(&["Session", "Type", "GPUs", "CPUs", "Memory", "Shm"]);
+    for h in &u.holdings {
+        let r = h.resources.unwrap_or_default();
+        t.row(vec![
+            h.session.clone(),
+            kind_name(h.kind()).to_string(),
+            r.gpus.to_string(),
+            r.cpus.to_string(),
+            format_size(r.memory_bytes),
+            format_size(r.shm_bytes),
+        ]);
+    }
+    t.render()
+}
+
+/// When the next real submit of a dataset may start.
+fn next_submit(s: &pb::DatasetSubmitState, now_ms: i64) -> String {
+    if s.in_flight {
+        "after the submit in flight".to_string()
+    } else if s.next_allowed_ms > now_ms && s.extra_submits == 0 {
+        format!(
+            "{} ({})",
+            datetime(s.next_allowed_ms),
+            in_time(s.next_allowed_ms, now_ms)
+        )
+    } else {
+        "now".into()
+    }
+}
+
+/// The submit rules, each dataset's submit timing, and submissions a host re-opened.
+fn submits_section(u: &pb::QuotaUsage) -> String {
+    let mut out = format!(
         "Real submits: one per {} per dataset, counted from the last successful one; a submit runs on the \
          training session's GPUs and at most {} CPUs, and must finish within {}.\n",
         interval(u.submit_interval_secs),
         u.submit_max_cpus,
         interval(u.submit_time_limit_secs)
-    ));
+    );
     let mut t = Table::new(&["Dataset", "Last Success", "Next Submit", "Why"]);
     for s in &u.submits {
-        let next = if s.in_flight {
-            "after the submit in flight".to_string()
-        } else if s.next_allowed_ms > u.now_ms && s.extra_submits == 0 {
-            format!(
-                "{} ({})",
-                datetime(s.next_allowed_ms),
-                in_time(s.next_allowed_ms, u.now_ms)
-            )
-        } else {
-            "now".into()
-        };
         t.row(vec![
             s.dataset.clone(),
             datetime(s.last_success_ms),
-            next,
+            next_submit(s, u.now_ms),
             s.why.clone(),
         ]);
     }
@@ -208,11 +230,17 @@ pub fn render(u: &pb::QuotaUsage) -> String {
             s.reopened_submission_ids.join(", ")
         ));
     }
-    if !u.overrides.is_empty() {
-        out.push_str("\nOverrides in force:\n");
-        for o in &u.overrides {
-            out.push_str(&format!("  {}\n", super::audit::describe_override(o)));
-        }
+    out
+}
+
+/// The overrides in force, if any.
+fn overrides_section(u: &pb::QuotaUsage) -> String {
+    if u.overrides.is_empty() {
+        return String::new();
+    }
+    let mut out = "\nOverrides in force:\n".to_string();
+    for o in &u.overrides {
+        out.push_str(&format!("  {}\n", super::audit::describe_override(o)));
     }
     out
 }
