@@ -7,7 +7,7 @@ use std::time::Duration;
 use nsml_proto::v1 as pb;
 
 use crate::ManifestError;
-use crate::schema::{RawDataset, RawDuration, RawManifest, RawPolicy, RawSize};
+use crate::schema::{RawDataset, RawDuration, RawManifest, RawPolicy, RawSize, RawTeam, RawUser};
 use crate::units::{parse_duration, parse_size};
 
 /// The metrics the platform's scorer knows; `custom` runs the dataset's own `eval_script`.
@@ -174,11 +174,32 @@ impl Validator<'_> {
             self.identifier(&format!("hosts[{i}]"), host)?;
         }
         let policy = self.policy(raw.policy)?;
+        let datasets = self.datasets(raw.datasets, &base_dir)?;
+        let teams = self.teams(raw.teams)?;
+        let users = self.users(raw.users)?;
+        Ok(Manifest {
+            path: self.path.to_path_buf(),
+            base_dir,
+            id: raw.id,
+            title: raw.title,
+            hosts: raw.hosts,
+            policy,
+            datasets,
+            teams,
+            users,
+        })
+    }
 
-        let mut datasets = Vec::with_capacity(raw.datasets.len());
+    /// Validates the datasets in order; no name may appear twice.
+    fn datasets(
+        &self,
+        raw: Vec<RawDataset>,
+        base_dir: &Path,
+    ) -> Result<Vec<DatasetSpec>, ManifestError> {
+        let mut datasets = Vec::with_capacity(raw.len());
         let mut names = HashSet::new();
-        for (i, d) in raw.datasets.into_iter().enumerate() {
-            let dataset = self.dataset(&format!("datasets[{i}]"), d, &base_dir)?;
+        for (i, d) in raw.into_iter().enumerate() {
+            let dataset = self.dataset(&format!("datasets[{i}]"), d, base_dir)?;
             if !names.insert(dataset.name.clone()) {
                 return Err(self.invalid(
                     format!("datasets[{i}].name"),
@@ -187,11 +208,15 @@ impl Validator<'_> {
             }
             datasets.push(dataset);
         }
+        Ok(datasets)
+    }
 
-        let mut teams = Vec::with_capacity(raw.teams.len());
+    /// Validates the teams in order; no team may appear twice, and no user may be in two teams.
+    fn teams(&self, raw: Vec<RawTeam>) -> Result<Vec<TeamSpec>, ManifestError> {
+        let mut teams = Vec::with_capacity(raw.len());
         let mut team_names = HashSet::new();
         let mut members = HashSet::new();
-        for (i, t) in raw.teams.into_iter().enumerate() {
+        for (i, t) in raw.into_iter().enumerate() {
             self.identifier(&format!("teams[{i}].name"), &t.name)?;
             if !team_names.insert(t.name.clone()) {
                 return Err(self.invalid(
@@ -211,10 +236,14 @@ impl Validator<'_> {
                 members: t.members,
             });
         }
+        Ok(teams)
+    }
 
-        let mut users = Vec::with_capacity(raw.users.len());
+    /// Validates the users in order; no user may appear twice, and a password given must not be empty.
+    fn users(&self, raw: Vec<RawUser>) -> Result<Vec<UserSpec>, ManifestError> {
+        let mut users = Vec::with_capacity(raw.len());
         let mut user_names = HashSet::new();
-        for (i, u) in raw.users.into_iter().enumerate() {
+        for (i, u) in raw.into_iter().enumerate() {
             self.identifier(&format!("users[{i}].name"), &u.name)?;
             if !user_names.insert(u.name.clone()) {
                 return Err(self.invalid(
@@ -233,18 +262,7 @@ impl Validator<'_> {
                 password: u.password,
             });
         }
-
-        Ok(Manifest {
-            path: self.path.to_path_buf(),
-            base_dir,
-            id: raw.id,
-            title: raw.title,
-            hosts: raw.hosts,
-            policy,
-            datasets,
-            teams,
-            users,
-        })
+        Ok(users)
     }
 
     /// Accepts names of users, teams and competitions: they appear in session names (`TEAM/DATASET/N`) and
@@ -341,48 +359,9 @@ impl Validator<'_> {
         raw: RawDataset,
         base_dir: &Path,
     ) -> Result<DatasetSpec, ManifestError> {
-        if !valid_dataset_name(&raw.name) {
-            return Err(self.invalid(
-                format!("{key}.name"),
-                format!(
-                    "`{}` is not a valid dataset name: use lowercase letters, digits, `_` and `-`, starting \
-                     with a letter or digit, at most 63 characters",
-                    raw.name
-                ),
-            ));
-        }
-        if !METRICS.contains(&raw.metric.as_str()) {
-            return Err(self.invalid(
-                format!("{key}.metric"),
-                format!(
-                    "unknown metric `{}`; expected one of {}",
-                    raw.metric,
-                    METRICS.join(", ")
-                ),
-            ));
-        }
-        if raw.metric == "custom" && raw.eval_script.is_none() {
-            return Err(self.invalid(
-                format!("{key}.eval_script"),
-                "metric `custom` needs an eval_script that prints the score",
-            ));
-        }
-        let direction = match raw
-            .direction
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None => default_direction(&raw.metric),
-            Some("descending") => pb::Direction::Descending,
-            Some("ascending") => pb::Direction::Ascending,
-            Some(other) => {
-                return Err(self.invalid(
-                    format!("{key}.direction"),
-                    format!("unknown direction `{other}`; expected `ascending` or `descending`"),
-                ));
-            }
-        };
+        self.dataset_name(key, &raw.name)?;
+        self.metric(key, &raw)?;
+        let direction = self.direction(key, &raw)?;
         let private_fraction = raw.private_fraction.unwrap_or(0.5);
         if !(0.0..=1.0).contains(&private_fraction) {
             return Err(self.invalid(
@@ -396,22 +375,7 @@ impl Validator<'_> {
             |value: Option<String>, default: &str| root.join(value.as_deref().unwrap_or(default));
         let trial_required = raw.trial_data.is_some() || raw.trial_label.is_some();
         let private_keys_file = raw.private_keys_file.as_ref().map(|f| root.join(f));
-        let private_keys = match &private_keys_file {
-            None => Vec::new(),
-            Some(file) => {
-                let text = std::fs::read_to_string(file).map_err(|e| {
-                    self.invalid(
-                        format!("{key}.private_keys_file"),
-                        format!("cannot read `{}`: {e}", file.display()),
-                    )
-                })?;
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(str::to_string)
-                    .collect()
-            }
-        };
+        let private_keys = self.private_keys(key, private_keys_file.as_deref())?;
         let eval_script = raw.eval_script.as_ref().map(|s| root.join(s));
         if eval_script
             .as_ref()
@@ -439,6 +403,78 @@ impl Validator<'_> {
             trial_required,
             root,
         })
+    }
+
+    /// Accepts a dataset name that can appear in session names and storage paths.
+    fn dataset_name(&self, key: &str, name: &str) -> Result<(), ManifestError> {
+        if valid_dataset_name(name) {
+            return Ok(());
+        }
+        Err(self.invalid(
+            format!("{key}.name"),
+            format!(
+                "`{name}` is not a valid dataset name: use lowercase letters, digits, `_` and `-`, starting \
+                 with a letter or digit, at most 63 characters"
+            ),
+        ))
+    }
+
+    /// Accepts a metric the scorer knows; `custom` needs an evaluation script.
+    fn metric(&self, key: &str, raw: &RawDataset) -> Result<(), ManifestError> {
+        if !METRICS.contains(&raw.metric.as_str()) {
+            return Err(self.invalid(
+                format!("{key}.metric"),
+                format!(
+                    "unknown metric `{}`; expected one of {}",
+                    raw.metric,
+                    METRICS.join(", ")
+                ),
+            ));
+        }
+        if raw.metric == "custom" && raw.eval_script.is_none() {
+            return Err(self.invalid(
+                format!("{key}.eval_script"),
+                "metric `custom` needs an eval_script that prints the score",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the ranking direction, or the metric's own when the manifest does not say.
+    fn direction(&self, key: &str, raw: &RawDataset) -> Result<pb::Direction, ManifestError> {
+        match raw
+            .direction
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None => Ok(default_direction(&raw.metric)),
+            Some("descending") => Ok(pb::Direction::Descending),
+            Some("ascending") => Ok(pb::Direction::Ascending),
+            Some(other) => Err(self.invalid(
+                format!("{key}.direction"),
+                format!("unknown direction `{other}`; expected `ascending` or `descending`"),
+            )),
+        }
+    }
+
+    /// Reads the private part's test keys, one a line, skipping blank lines and `#` comments.
+    fn private_keys(&self, key: &str, file: Option<&Path>) -> Result<Vec<String>, ManifestError> {
+        let Some(file) = file else {
+            return Ok(Vec::new());
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            self.invalid(
+                format!("{key}.private_keys_file"),
+                format!("cannot read `{}`: {e}", file.display()),
+            )
+        })?;
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect())
     }
 }
 
