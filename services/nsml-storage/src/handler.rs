@@ -271,7 +271,6 @@ impl Storage {
         actor: &str,
         archive: Staged,
     ) -> Result<Checkpoint, StorageError> {
-        let what = format!("checkpoint `{session}/{name}`");
         self.catch_up().await?;
         let now = now_ms();
         let (limit, started) = self.read(|v| {
@@ -281,9 +280,48 @@ impl Storage {
             )
         });
         let stream = checkpoints_stream(&session.team);
-        // The team's room, counting the checkpoint this save overwrites as freed, bounds how far the
-        // archive is unpacked: a checkpoint is counted (and charged) by what it expands to.
         let (state, _) = self.checkpoints.load(&stream).await?;
+        let (archive, size_bytes) = self
+            .measure_checkpoint(session, name, archive, &state, limit)
+            .await?;
+        let mut cmd = SaveCheckpoint {
+            team: session.team.clone(),
+            checkpoint: Checkpoint {
+                session: session.to_string(),
+                name: name.to_string(),
+                size_bytes,
+                saved_at_ms: now,
+                summary_json,
+                elapsed_secs: started.map_or(0.0, |s| (now - s).max(0) as f64 / 1000.0),
+            },
+            blob: archive.sha256().to_string(),
+            limit,
+        };
+        // Refuse before storing the blob when the quota is already known to be short; the decision in
+        // `record_checkpoint`, on the stream as it is then, is the one that counts.
+        state.decide_save(&cmd)?;
+        cmd.blob = self.blobs.put(archive).await?;
+        if let Some(saved) = self.record_checkpoint(&stream, &cmd, actor).await? {
+            tracing::info!(session = %session, checkpoint = %name, "checkpoint saved again with the same content; kept as it was");
+            return Ok(saved);
+        }
+        tracing::info!(session = %session, checkpoint = %name, size = cmd.checkpoint.size_bytes, "checkpoint saved");
+        Ok(cmd.checkpoint)
+    }
+
+    /// Measures what a checkpoint's archive expands to, handing the archive back with that size.
+    ///
+    /// The team's room, counting the checkpoint this save overwrites as freed, bounds how far the archive is
+    /// unpacked: a checkpoint is counted (and charged) by what it expands to.
+    async fn measure_checkpoint(
+        &self,
+        session: &SessionName,
+        name: &str,
+        archive: Staged,
+        state: &TeamCheckpoints,
+        limit: u64,
+    ) -> Result<(Staged, u64), StorageError> {
+        let what = format!("checkpoint `{session}/{name}`");
         let used = state.used();
         let replacing = state
             .get(&session.to_string(), name)
@@ -315,32 +353,26 @@ impl Storage {
             })
         })
         .await?;
-        let mut cmd = SaveCheckpoint {
-            team: session.team.clone(),
-            checkpoint: Checkpoint {
-                session: session.to_string(),
-                name: name.to_string(),
-                size_bytes: tree.bytes,
-                saved_at_ms: now,
-                summary_json,
-                elapsed_secs: started.map_or(0.0, |s| (now - s).max(0) as f64 / 1000.0),
-            },
-            blob: archive.sha256().to_string(),
-            limit,
-        };
-        // Refuse before storing the blob when the quota is already known to be short; the decision below,
-        // on the stream as it is then, is the one that counts.
-        state.decide_save(&cmd)?;
-        cmd.blob = self.blobs.put(archive).await?;
+        Ok((archive, tree.bytes))
+    }
+
+    /// Appends the save of a checkpoint whose blob is stored, deciding on the stream as it is then.
+    ///
+    /// A save sent again (the runner repeats an upload whose answer a restart lost) finds the checkpoint it
+    /// made: same content, same summary. It gets that checkpoint back, with no second event and no second
+    /// charge; a new save returns `None`.
+    async fn record_checkpoint(
+        &self,
+        stream: &str,
+        cmd: &SaveCheckpoint,
+        actor: &str,
+    ) -> Result<Option<Checkpoint>, StorageError> {
         let command = command_id();
-        // A save sent again (the runner repeats an upload whose answer a restart lost) finds the checkpoint
-        // it made: same content, same summary. It gets that checkpoint back, with no second event and no
-        // second charge.
         let mut already = None;
         let outcome = self
             .checkpoints
-            .execute(&stream, |state, _| {
-                if let Some(saved) = state.get(&cmd.checkpoint.session, name)
+            .execute(stream, |state, _| {
+                if let Some(saved) = state.get(&cmd.checkpoint.session, &cmd.checkpoint.name)
                     && saved.blob == cmd.blob
                     && saved.checkpoint.summary_json == cmd.checkpoint.summary_json
                 {
@@ -348,7 +380,7 @@ impl Storage {
                     return Ok(vec![]);
                 }
                 already = None;
-                let event = state.decide_save(&cmd)?;
+                let event = state.decide_save(cmd)?;
                 Ok(vec![new_event(&event, actor, &command)])
             })
             .await?;
@@ -357,12 +389,7 @@ impl Storage {
             Outcome::Rejected(err) => return Err(err),
             Outcome::Unchanged { .. } => {}
         }
-        if let Some(saved) = already {
-            tracing::info!(session = %session, checkpoint = %name, "checkpoint saved again with the same content; kept as it was");
-            return Ok(saved);
-        }
-        tracing::info!(session = %session, checkpoint = %name, size = cmd.checkpoint.size_bytes, "checkpoint saved");
-        Ok(cmd.checkpoint)
+        Ok(already)
     }
 
     /// Deletes a session's checkpoints matching `pattern` (`*` = all); returns the names deleted.
