@@ -94,6 +94,16 @@ enum Settled {
     WaitFor(u64),
 }
 
+/// What a decision leads to before anything is appended.
+enum Decided<R> {
+    /// Events to append, expecting the entry's version.
+    Append(Vec<NewEvent>),
+    /// Nothing to append, on a freshly read state: the command's final outcome.
+    Done(Outcome<R>),
+    /// Queued appends are still unanswered: wait for the answer to this sequence number, then decide again.
+    WaitFor(u64),
+}
+
 impl<A: Aggregate> Aggregates<A> {
     /// Creates an empty cache over `store`.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
@@ -164,6 +174,47 @@ impl<A: Aggregate> Aggregates<A> {
         }
     }
 
+    /// Runs `decide` on the entry's state, reading the stream first where the state cannot be trusted.
+    ///
+    /// Events to append are taken on whatever state the entry holds; a decision that appends nothing is
+    /// only final on a freshly read state, so it is decided again after a read, or once the appends queued
+    /// before it are answered.
+    async fn decide_on<R>(
+        &self,
+        stream: &str,
+        cell: &Cell<A>,
+        e: &mut Entry<A>,
+        decide: &mut impl FnMut(&A, u64) -> Result<Vec<NewEvent>, R>,
+    ) -> Result<Decided<R>, StoreError> {
+        if e.chain.is_broken() {
+            // An append failed: the state may hold its events. Appends queued after it fail as well.
+            e.forget();
+        }
+        let mut fresh = false;
+        if !e.loaded {
+            self.refresh(stream, e).await?;
+            fresh = true;
+        }
+        loop {
+            match decide(&e.state, e.version) {
+                Ok(evs) if !evs.is_empty() => return Ok(Decided::Append(evs)),
+                decided if fresh => {
+                    return Ok(Decided::Done(match decided {
+                        Ok(_) => Outcome::Unchanged { version: e.version },
+                        Err(r) => Outcome::Rejected(r),
+                    }));
+                }
+                _ => match Self::settled(cell, e) {
+                    Settled::WaitFor(seq) => return Ok(Decided::WaitFor(seq)),
+                    Settled::Yes => {
+                        self.refresh(stream, e).await?;
+                        fresh = true;
+                    }
+                },
+            }
+        }
+    }
+
     /// Runs `decide` against the stream's current state and appends what it returns, retrying on conflict.
     ///
     /// The first decision uses the cached state without reading the store: an append expects the cached
@@ -181,36 +232,10 @@ impl<A: Aggregate> Aggregates<A> {
         while conflicts < 64 {
             // Serialised within this process by the entry lock; across processes by the expected version.
             let mut e = cell.entry.lock().await;
-            if e.chain.is_broken() {
-                // An append failed: the state may hold its events. Appends queued after it fail as well.
-                e.forget();
-            }
-            let mut fresh = false;
-            if !e.loaded {
-                self.refresh(stream, &mut e).await?;
-                fresh = true;
-            }
-            let events = loop {
-                match decide(&e.state, e.version) {
-                    Ok(evs) if !evs.is_empty() => break Ok(evs),
-                    decided if fresh => {
-                        return Ok(match decided {
-                            Ok(_) => Outcome::Unchanged { version: e.version },
-                            Err(r) => Outcome::Rejected(r),
-                        });
-                    }
-                    _ => match Self::settled(&cell, &mut e) {
-                        Settled::WaitFor(seq) => break Err(seq),
-                        Settled::Yes => {
-                            self.refresh(stream, &mut e).await?;
-                            fresh = true;
-                        }
-                    },
-                }
-            };
-            let events = match events {
-                Ok(events) => events,
-                Err(seq) => {
+            let events = match self.decide_on(stream, &cell, &mut e, &mut decide).await? {
+                Decided::Append(events) => events,
+                Decided::Done(outcome) => return Ok(outcome),
+                Decided::WaitFor(seq) => {
                     drop(e);
                     Self::wait_answered(&cell, seq).await;
                     continue;
