@@ -6,11 +6,14 @@ use std::collections::HashMap;
 use nsml_common::aggregate::Aggregate;
 use nsml_eventstore::{EventStore, StoreError, StoredEvent};
 use nsml_proto::json::to_value;
-use nsml_proto::v1::{AdmitRequest, EventRef, Explanation, HeldBy, Override, SessionKind};
+use nsml_proto::v1::{
+    AdmitRequest, Decision, EventRef, Explanation, HeldBy, Override, SessionKind,
+};
 use serde_json::{Value, json};
 
 use crate::domain::{
-    LEDGER_PREFIX, Ledger, LedgerEvent, SubmitState, describe, fmt_time, ledger_stream,
+    AdoptedPolicy, LEDGER_PREFIX, Ledger, LedgerEvent, SubmitState, describe, fmt_time,
+    ledger_stream,
 };
 use crate::replay::{LedgerReplay, Report, Scope, rederive};
 
@@ -105,68 +108,32 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
     }
     let event = LedgerEvent::decode(ev)?;
     let (req, d) = event.decision()?;
-    let refer = |version: u64, note: String| event_ref(events, version, note);
     let (mut replayed, differences) = rederive(&ledger, req, d, ev.version);
     replayed.id = d.id.clone();
-    let mut rests_on = Vec::new();
     let adopted = ledger.policy(&req.competition).copied();
-    if let Some(a) = adopted {
-        rests_on.push(refer(
-            a.since,
-            format!(
-                "policy version {} of competition `{}` adopted by the ledger",
-                a.version, req.competition
-            ),
-        ));
-    }
-    let held: Vec<HeldBy> = ledger
-        .holdings
-        .iter()
-        .map(|(s, h)| HeldBy {
-            session: s.clone(),
-            resources: Some(h.resources),
-            kind: h.kind as i32,
-            submission_id: h.submission_id.clone(),
-            granted_by: Some(refer(
-                h.since,
-                format!("{s} holds {}", describe(&h.resources)),
-            )),
-        })
-        .collect();
-    rests_on.extend(held.iter().filter_map(|h| h.granted_by.clone()));
+    let held = held_by(events, &ledger);
     let submits = ledger
         .submits
         .get(&req.dataset)
         .cloned()
         .unwrap_or_default();
-    let is_submit = req.kind() == SessionKind::Submit;
-    let last_success = submits.last_success();
-    if is_submit {
+    let mut rests_on: Vec<EventRef> = adopted
+        .map(|a| policy_ref(events, &a, &req.competition))
+        .into_iter()
+        .collect();
+    rests_on.extend(held.iter().filter_map(|h| h.granted_by.clone()));
+    if req.kind() == SessionKind::Submit {
         rests_on.extend(submit_refs(events, &submits, &req.dataset));
     }
-    let overrides: Vec<Override> = ledger
-        .overrides
-        .values()
-        .filter(|o| o.grant.competition == req.competition && o.in_force(d.decided_at_ms))
-        .map(|o| o.view())
-        .collect();
-    for (id, o) in &ledger.overrides {
-        let relevant = d.overrides.contains(id)
-            || replayed.overrides.contains(id)
-            || o.raises(&req.competition, d.decided_at_ms)
-            || (is_submit && o.extra_in_force(&req.dataset, d.decided_at_ms));
-        if relevant {
-            rests_on.push(refer(o.since, o.view().description));
-        }
-    }
+    rests_on.extend(override_refs(events, &ledger, req, d, &replayed));
     rests_on.sort_by_key(|r| r.version);
     rests_on.dedup_by_key(|r| r.version);
-    let other_decisions = other_decisions(events, at, req);
+    let last_success = submits.last_success();
     Some(Explanation {
         team: team.to_string(),
         request: Some(req.clone()),
         decision: Some(d.clone()),
-        event: Some(refer(ev.version, "the decision".into())),
+        event: Some(event_ref(events, ev.version, "the decision".into())),
         policy_version: adopted.map_or(0, |a| a.version),
         policy: adopted.map(|a| a.policy),
         held,
@@ -179,7 +146,7 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
             .counted_in_flight()
             .map(|(s, _)| s.clone())
             .collect(),
-        overrides,
+        overrides: overrides_in_force(&ledger, req, d.decided_at_ms),
         rule: if d.granted {
             "granted".into()
         } else {
@@ -188,9 +155,73 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
         replayed: Some(replayed),
         replay_matches: differences.is_empty(),
         rests_on,
-        other_decisions,
+        other_decisions: other_decisions(events, at, req),
         differences,
     })
+}
+
+/// The event by which the ledger adopted the competition's policy a decision applied.
+fn policy_ref(events: &[StoredEvent], adopted: &AdoptedPolicy, competition: &str) -> EventRef {
+    event_ref(
+        events,
+        adopted.since,
+        format!(
+            "policy version {} of competition `{competition}` adopted by the ledger",
+            adopted.version
+        ),
+    )
+}
+
+/// The sessions holding resources, each with the grant it holds them by.
+fn held_by(events: &[StoredEvent], ledger: &Ledger) -> Vec<HeldBy> {
+    ledger
+        .holdings
+        .iter()
+        .map(|(s, h)| HeldBy {
+            session: s.clone(),
+            resources: Some(h.resources),
+            kind: h.kind as i32,
+            submission_id: h.submission_id.clone(),
+            granted_by: Some(event_ref(
+                events,
+                h.since,
+                format!("{s} holds {}", describe(&h.resources)),
+            )),
+        })
+        .collect()
+}
+
+/// The overrides of the request's competition in force when it was decided.
+fn overrides_in_force(ledger: &Ledger, req: &AdmitRequest, at_ms: i64) -> Vec<Override> {
+    ledger
+        .overrides
+        .values()
+        .filter(|o| o.grant.competition == req.competition && o.in_force(at_ms))
+        .map(|o| o.view())
+        .collect()
+}
+
+/// The grants of the overrides a decision rests on: those the recorded or the re-derived decision applied,
+/// those raising the competition's limits, and for a submit the extra submits on its dataset.
+fn override_refs(
+    events: &[StoredEvent],
+    ledger: &Ledger,
+    req: &AdmitRequest,
+    d: &Decision,
+    replayed: &Decision,
+) -> Vec<EventRef> {
+    let is_submit = req.kind() == SessionKind::Submit;
+    ledger
+        .overrides
+        .iter()
+        .filter(|(id, o)| {
+            d.overrides.contains(id)
+                || replayed.overrides.contains(id)
+                || o.raises(&req.competition, d.decided_at_ms)
+                || (is_submit && o.extra_in_force(&req.dataset, d.decided_at_ms))
+        })
+        .map(|(_, o)| event_ref(events, o.since, o.view().description))
+        .collect()
 }
 
 /// A reference to the ledger event at `version`, with why it matters.
