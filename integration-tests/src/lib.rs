@@ -12,6 +12,7 @@ pub mod faults;
 pub mod grpc;
 pub mod hostile;
 pub mod scenario;
+pub mod slurm;
 pub mod soak;
 
 use anyhow::{Context, bail};
@@ -265,6 +266,18 @@ impl Deployment {
         stream: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::distributed_with(pg_url, nats_url, stream, env, "")
+    }
+
+    /// Starts the distributed deployment with `extra` appended to its configuration (an `[executor]`
+    /// table, say).
+    pub fn distributed_with(
+        pg_url: &str,
+        nats_url: &str,
+        stream: &str,
+        env: &[(&str, &str)],
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let tmp = tempfile::tempdir()?;
         let data_dir = tmp.path().join("data");
         std::fs::create_dir_all(&data_dir)?;
@@ -287,6 +300,7 @@ leaderboard = "127.0.0.1:{l}"
 
 [runner]
 gpus = "0"
+{extra}
 "#,
             data = data_dir.display(),
             secret = uuid::Uuid::new_v4().simple(),

@@ -57,10 +57,17 @@ pub fn wait_ended(u: &User, name: &str) -> anyhow::Result<Value> {
 /// Starts a training session in `dir`; returns its name.
 pub fn run(u: &User, dir: &Path, dataset: &str, extra: &[&str]) -> anyhow::Result<String> {
     let mut args = vec![
-        "run", "-d", dataset, "-e", "main.py", "-g", "0", "-c", "1", "--memory", "2G", "--shm",
-        "256M",
+        "-g", "0", "-c", "1", "--memory", "2G", "--shm", "256M",
     ];
     args.extend_from_slice(extra);
+    run_with(u, dir, dataset, &args)
+}
+
+/// Starts a training session of `main.py` in `dir` with exactly `args` besides the dataset; returns its
+/// name.
+pub fn run_with(u: &User, dir: &Path, dataset: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut args = [&["run", "-d", dataset, "-e", "main.py"][..], args].concat();
+    args.retain(|a| !a.is_empty());
     let out = u.nsml_in(dir, &args, "")?.ok()?;
     let line = out
         .stdout

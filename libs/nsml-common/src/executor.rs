@@ -43,4 +43,25 @@ pub trait Executor: Send + Sync + 'static {
     fn capacity(&self) -> Capacity {
         Capacity::default()
     }
+
+    /// Whether sessions can be started now; the error says why not (the cluster's scheduler cannot be
+    /// reached, say). Asked before a session is admitted, so that a session that could not start holds
+    /// nothing.
+    async fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Why a session handed to the executor has not started yet, in words (the cluster's queue reason),
+    /// or `None` when the executor knows of no wait.
+    fn waiting_reason(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
+
+    /// How a session the executor no longer runs ended, when the executor knows (a cluster scheduler
+    /// remembers its jobs): asked after a restart for sessions the log shows as live.
+    async fn end_of(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
 }

@@ -33,7 +33,7 @@
 //! processes and cgroups of its sessions, see [`crate::cgroup`]) is removed when the next runner
 //! starts on the same `WORK_DIR`, before it lays out any session. `WORK_DIR` belongs to one runner.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -130,6 +130,10 @@ pub struct LocalExecutor {
     cfg: RunnerConfig,
     clients: Clients,
     live: Mutex<HashMap<String, CancellationToken>>,
+    /// Sessions started and not yet through reporting their finish.
+    unfinished: Mutex<HashSet<String>>,
+    /// Why sessions were stopped, where the stop did not come from the platform (`stop_because`).
+    stop_reasons: Mutex<HashMap<String, String>>,
     dataset_locks: Mutex<HashMap<(String, i32), PartLock>>,
     /// What this machine offers the sandbox, found at start (and again after a failure, so
     /// installing bubblewrap needs no restart).
@@ -333,6 +337,8 @@ impl LocalExecutor {
             cfg,
             clients,
             live: Mutex::new(HashMap::new()),
+            unfinished: Mutex::new(HashSet::new()),
+            stop_reasons: Mutex::new(HashMap::new()),
             dataset_locks: Mutex::new(HashMap::new()),
             sandbox: tokio::sync::OnceCell::new(),
             swept: tokio::sync::OnceCell::new(),
@@ -382,6 +388,28 @@ impl LocalExecutor {
             })
             .await
             .cloned()
+    }
+
+    /// Whether session `name` was started here and its finish is not yet reported (or given up).
+    pub fn unfinished(&self, name: &str) -> bool {
+        self.unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// Stops a session for a reason of this machine's (its cluster job was ended, say): the finish
+    /// reports `why`. Returns false when no runner is known for it.
+    pub fn stop_because(&self, name: &str, why: impl Into<String>) -> bool {
+        let Some(token) = self.live().get(name).cloned() else {
+            return false;
+        };
+        self.stop_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), why.into());
+        token.cancel();
+        true
     }
 
     /// The GPUs this executor hands out.
@@ -474,10 +502,19 @@ impl LocalExecutor {
             }
         }
         self.live().remove(&name);
+        let stop_reason = self
+            .stop_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&name);
+        let reason = match stop_reason {
+            Some(why) if outcome.stopped => why,
+            _ => outcome.reason.clone(),
+        };
         let req = RunnerFinishedRequest {
             name: name.clone(),
             exit_code: outcome.exit_code,
-            reason: outcome.reason.clone(),
+            reason,
             stopped: outcome.stopped,
         };
         let finished = with_retry("RunnerFinished", FINISH_BUDGET, || {
@@ -492,6 +529,10 @@ impl LocalExecutor {
             }
             Err(e) => tracing::error!(session = %name, error = %e, "could not report the finish"),
         }
+        self.unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&name);
     }
 
     /// Sets the session up and runs it; setup failures and stops during setup become outcomes.
@@ -900,6 +941,10 @@ impl Executor for LocalExecutor {
             }
             live.insert(session.name.clone(), stop.clone());
         }
+        self.unfinished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(session.name.clone());
         let span = tracing::info_span!("session", name = %session.name, kind = ?session.kind());
         tokio::spawn(
             me.run_session(session, time_limit_secs, stop)

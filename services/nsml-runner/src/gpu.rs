@@ -29,6 +29,33 @@ pub enum GpuSource {
     Count(u32),
     /// Whatever `nvidia-smi` on `PATH` lists; no `nvidia-smi` means no GPUs.
     Auto,
+    /// Exactly these GPUs, by index: those a cluster scheduler allocated to the job the runner runs in.
+    Ids(Vec<u32>),
+}
+
+impl GpuSource {
+    /// The GPUs Slurm allocated to the job this process runs in: `SLURM_JOB_GPUS` (indices, e.g. `0,1`),
+    /// else `CUDA_VISIBLE_DEVICES` as Slurm set it; none when the job was given no GPU.
+    pub fn from_slurm_job(env: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let Some(list) = env("SLURM_JOB_GPUS")
+            .or_else(|| env("SLURM_STEP_GPUS"))
+            .or_else(|| env("CUDA_VISIBLE_DEVICES"))
+        else {
+            return Ok(GpuSource::Ids(Vec::new()));
+        };
+        let mut ids = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let id = item.parse::<u32>().map_err(|_| {
+                RunnerError::GpuList(format!(
+                    "the job's GPU list `{list}` names `{item}`, not a GPU index"
+                ))
+            })?;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        Ok(GpuSource::Ids(ids))
+    }
 }
 
 /// One GPU as `nvidia-smi` describes it.
@@ -185,6 +212,9 @@ impl GpuInventory {
         match source {
             GpuSource::Count(n) => Self::with_count(*n),
             GpuSource::Auto => Self::detect(),
+            GpuSource::Ids(ids) => {
+                Self::from_gpus(ids.iter().copied().map(GpuInfo::numbered).collect())
+            }
         }
     }
 

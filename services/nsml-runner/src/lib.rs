@@ -18,7 +18,9 @@
 //! - [`sdk`]: the SDK socket protocol; [`platform`]: what the process asks of the services;
 //! - [`logs`]: output lines and their batched stream; [`archive`]: safe tar extraction and packing;
 //! - [`dataset`]: which dataset part a session sees and its layout; [`gpu`]: the GPU inventory;
-//!   [`args`]: shell-style argument splitting.
+//!   [`args`]: shell-style argument splitting;
+//! - [`oneshot`]: one session's runner as a process of its own (what a cluster job runs);
+//!   [`slurm`]: the executor that runs each session as a Slurm job.
 
 pub mod archive;
 pub mod args;
@@ -30,13 +32,16 @@ pub mod gpu;
 pub mod launch;
 pub mod limits;
 pub mod logs;
+pub mod oneshot;
 pub mod platform;
 pub mod process;
 pub mod sandbox;
 pub mod sdk;
+pub mod slurm;
 
 pub use error::RunnerError;
 pub use executor::{LocalExecutor, RunnerConfig};
+pub use slurm::{SlurmConfig, SlurmExecutor};
 pub use gpu::{GpuInfo, GpuInventory, GpuLease, GpuSource};
 pub use limits::LimitsConfig;
 pub use process::{ProcessOutcome, ProcessSpec, run_process};

@@ -134,3 +134,37 @@ fn a_missing_or_failing_nvidia_smi_means_no_gpus() {
     assert_eq!(GpuInventory::detect_with(garbage).total(), 0);
     assert_eq!(GpuInventory::from_source(&GpuSource::Count(3)).total(), 3);
 }
+
+#[test]
+fn a_slurm_job_holds_the_gpus_slurm_allocated() {
+    let env = |vars: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            vars.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let ids = |source: GpuSource| match source {
+        GpuSource::Ids(ids) => ids,
+        other => panic!("expected GPU ids, got {other:?}"),
+    };
+    assert_eq!(
+        ids(GpuSource::from_slurm_job(env(&[("SLURM_JOB_GPUS", "0,1")])).unwrap()),
+        vec![0, 1]
+    );
+    // Slurm's own variable wins over what the environment says CUDA sees.
+    assert_eq!(
+        ids(GpuSource::from_slurm_job(env(&[
+            ("SLURM_JOB_GPUS", "1"),
+            ("CUDA_VISIBLE_DEVICES", "0")
+        ]))
+        .unwrap()),
+        vec![1]
+    );
+    assert!(ids(GpuSource::from_slurm_job(env(&[])).unwrap()).is_empty());
+    let bad = GpuSource::from_slurm_job(env(&[("SLURM_JOB_GPUS", "gpu0")])).unwrap_err();
+    assert!(bad.to_string().contains("`gpu0`"), "{bad}");
+    let inventory = GpuInventory::from_source(&GpuSource::Ids(vec![1, 3]));
+    let lease = inventory.assign(2).unwrap();
+    assert_eq!(lease.ids(), &[1, 3]);
+}

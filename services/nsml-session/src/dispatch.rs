@@ -93,6 +93,10 @@ impl Launcher {
         let mut s = view(e);
         if self.queue.is_waiting(&s.name) {
             s.reason = WAITING_REASON.into();
+        } else if s.status() == SessionStatus::Queued
+            && let Some(why) = self.executor.waiting_reason(&s.name)
+        {
+            s.reason = why;
         }
         s
     }
@@ -214,6 +218,13 @@ impl Dispatcher {
                 l.last_seen = now;
             }
         }
+    }
+
+    /// The sessions handed to the executor and not ended.
+    pub fn launched(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.state.lock().launched.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// Launched sessions whose runner has not reported for longer than `timeout`.

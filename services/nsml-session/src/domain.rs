@@ -177,10 +177,19 @@ impl Aggregate for TeamDataset {
     }
 }
 
-/// The status a runner's finish report leads to.
-pub fn finish_status(exit_code: i32, reason: &str, stopped: bool) -> SessionStatus {
-    if stopped {
+/// The status a runner's finish report leads to, for a session in `now`. A stop counts as Stopped only
+/// when someone asked the platform for it (the session is Stopping); a stop nobody asked for here (an
+/// operator cancelling the session's cluster job, say) is a failure with the runner's reason.
+pub fn finish_status(
+    exit_code: i32,
+    reason: &str,
+    stopped: bool,
+    now: SessionStatus,
+) -> SessionStatus {
+    if stopped && now == SessionStatus::Stopping {
         SessionStatus::Stopped
+    } else if stopped {
+        SessionStatus::Failed
     } else if exit_code == 0 && reason.is_empty() {
         SessionStatus::Exited
     } else {
@@ -398,13 +407,32 @@ mod tests {
 
     #[test]
     fn finishing_maps_to_nsml_states() {
-        assert_eq!(finish_status(0, "", false), SessionStatus::Exited);
+        let running = SessionStatus::Running;
+        assert_eq!(finish_status(0, "", false, running), SessionStatus::Exited);
         assert_eq!(
-            finish_status(1, "exited with code 1", false),
+            finish_status(1, "exited with code 1", false, running),
             SessionStatus::Failed
         );
-        assert_eq!(finish_status(137, "", false), SessionStatus::Failed);
-        assert_eq!(finish_status(143, "", true), SessionStatus::Stopped);
+        assert_eq!(finish_status(137, "", false, running), SessionStatus::Failed);
+        assert_eq!(
+            finish_status(143, "", true, SessionStatus::Stopping),
+            SessionStatus::Stopped
+        );
+    }
+
+    #[test]
+    fn a_stop_nobody_asked_the_platform_for_is_a_failure() {
+        // Given a running session whose cluster job an operator cancelled,
+        // when its runner reports that it stopped the process,
+        // then the session failed, with the runner's reason.
+        assert_eq!(
+            finish_status(143, "the cluster ended the job", true, SessionStatus::Running),
+            SessionStatus::Failed
+        );
+        assert_eq!(
+            finish_status(143, "", true, SessionStatus::Queued),
+            SessionStatus::Failed
+        );
     }
 
     #[test]

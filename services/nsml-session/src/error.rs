@@ -88,6 +88,11 @@ pub enum SessionError {
     #[error("session {name} could not start: {reason}")]
     CouldNotStart { name: String, reason: String },
 
+    /// The executor cannot start sessions now (its cluster scheduler is unreachable, say); asked before
+    /// admission, so the refused session holds nothing.
+    #[error("sessions cannot start now: {why}. Nothing was held; run it again once the cluster is back")]
+    ClusterUnavailable { why: String },
+
     /// A sibling service answered with an error.
     #[error("{context}: {}", .status.message())]
     Upstream {
@@ -164,6 +169,7 @@ impl SessionError {
                 ErrorCode::WrongState
             }
             Denied { rule, .. } => denial_code(rule),
+            ClusterUnavailable { .. } => ErrorCode::Unavailable,
             Upstream { status, .. } | Refused(status) => ErrorCode::of_or_implied(status),
             Store { .. } | Internal { .. } | Clients(_) | LogDir { .. } | NoExecutor => {
                 ErrorCode::Internal

@@ -65,7 +65,18 @@ impl Handler {
         skip: impl Fn(&Lite) -> bool,
         event: NewEvent,
     ) -> Result<(), SessionError> {
-        if let Some(position) = self.record(name, skip, event).await? {
+        self.transition_by(name, |l| (!skip(l)).then(|| event.clone()))
+            .await
+    }
+
+    /// Appends the event `decide` makes of the session's state as recorded (none: the transition already
+    /// happened), and waits until the read model shows it.
+    pub async fn transition_by(
+        &self,
+        name: &str,
+        decide: impl Fn(&Lite) -> Option<NewEvent>,
+    ) -> Result<(), SessionError> {
+        if let Some(position) = self.record_by(name, decide).await? {
             self.settle(position).await;
         }
         Ok(())
@@ -79,6 +90,17 @@ impl Handler {
         skip: impl Fn(&Lite) -> bool,
         event: NewEvent,
     ) -> Result<Option<u64>, SessionError> {
+        self.record_by(name, |l| (!skip(l)).then(|| event.clone()))
+            .await
+    }
+
+    /// Appends the event `decide` makes of the session's state as recorded, if any; returns the event's
+    /// position when it was appended.
+    pub async fn record_by(
+        &self,
+        name: &str,
+        decide: impl Fn(&Lite) -> Option<NewEvent>,
+    ) -> Result<Option<u64>, SessionError> {
         let sn = SessionName::parse(name)?;
         let outcome = self
             .streams
@@ -87,8 +109,7 @@ impl Handler {
                     None => Err(SessionError::SessionNotFound {
                         name: name.to_string(),
                     }),
-                    Some(l) if skip(l) => Ok(vec![]),
-                    Some(_) => Ok(vec![event.clone()]),
+                    Some(l) => Ok(decide(l).into_iter().collect()),
                 }
             })
             .await

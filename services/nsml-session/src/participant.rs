@@ -132,6 +132,11 @@ impl Participants {
         seen_position: u64,
         time_limit_secs: u64,
     ) -> Result<Session, SessionError> {
+        self.launcher
+            .executor
+            .available()
+            .await
+            .map_err(|why| SessionError::ClusterUnavailable { why })?;
         let s = self.launcher.handler.request(template, actor).await?;
         self.admit(&s, actor, seen_position).await?;
         self.launcher.launch(&s, time_limit_secs).await?;

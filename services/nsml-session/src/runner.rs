@@ -12,7 +12,7 @@ use nsml_proto::v1::{
 };
 
 use crate::dispatch::Launcher;
-use crate::domain::{failure_reason, finish_status};
+use crate::domain::{Lite, failure_reason, finish_status};
 use crate::error::SessionError;
 
 /// The runner API's handlers.
@@ -69,39 +69,43 @@ impl Runners {
     pub async fn finished(&self, r: RunnerFinishedRequest) -> Result<(), SessionError> {
         let at_ms = now_ms();
         let name = r.name.clone();
-        let ev = match finish_status(r.exit_code, &r.reason, r.stopped) {
-            SessionStatus::Exited => new_event(
-                &SessionExited {
-                    name: name.clone(),
-                    exit_code: r.exit_code,
-                    at_ms,
+        let finish = |now: &Lite| {
+            if now.ended() {
+                return None;
+            }
+            Some(
+                match finish_status(r.exit_code, &r.reason, r.stopped, now.status) {
+                    SessionStatus::Exited => new_event(
+                        &SessionExited {
+                            name: name.clone(),
+                            exit_code: r.exit_code,
+                            at_ms,
+                        },
+                        "runner",
+                        "",
+                    ),
+                    SessionStatus::Stopped => new_event(
+                        &SessionStopped {
+                            name: name.clone(),
+                            at_ms,
+                        },
+                        "runner",
+                        "",
+                    ),
+                    _ => new_event(
+                        &SessionFailed {
+                            name: name.clone(),
+                            exit_code: r.exit_code,
+                            reason: failure_reason(r.exit_code, &r.reason),
+                            at_ms,
+                        },
+                        "runner",
+                        "",
+                    ),
                 },
-                "runner",
-                "",
-            ),
-            SessionStatus::Stopped => new_event(
-                &SessionStopped {
-                    name: name.clone(),
-                    at_ms,
-                },
-                "runner",
-                "",
-            ),
-            _ => new_event(
-                &SessionFailed {
-                    name: name.clone(),
-                    exit_code: r.exit_code,
-                    reason: failure_reason(r.exit_code, &r.reason),
-                    at_ms,
-                },
-                "runner",
-                "",
-            ),
+            )
         };
-        self.launcher
-            .handler
-            .transition(&name, |l| l.ended(), ev)
-            .await?;
+        self.launcher.handler.transition_by(&name, finish).await?;
         self.launcher.ended(&name).await;
         Ok(())
     }

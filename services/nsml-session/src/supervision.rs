@@ -111,9 +111,13 @@ impl Supervisor {
         }
         for e in lost {
             let name = e.session.name;
-            let reason = lost_reason(e.admitted);
+            // The cluster's scheduler may know how the session's job ended while the platform was away.
+            let reason = match self.launcher.executor.end_of(&name).await {
+                Some(end) => end,
+                None => lost_reason(e.admitted).to_string(),
+            };
             tracing::warn!(session = %name, reason, "marking a session failed after a restart");
-            if let Err(err) = self.launcher.handler.fail(&name, -1, reason).await {
+            if let Err(err) = self.launcher.handler.fail(&name, -1, &reason).await {
                 tracing::error!(session = %name, %err, "could not mark a lost session");
             }
         }
@@ -123,7 +127,18 @@ impl Supervisor {
     /// Fails the launched sessions whose runner stopped reporting, so that they hold nothing.
     pub async fn sweep_silent_runners(&self) {
         let timeout = self.settings.heartbeat_timeout;
-        for name in self.launcher.queue.silent(timeout, Instant::now()) {
+        let now = Instant::now();
+        // A session the cluster's scheduler still holds in its queue has no runner yet to hear from: its
+        // silence counts from when it leaves the queue.
+        let queued: Vec<String> = self
+            .launcher
+            .queue
+            .launched()
+            .into_iter()
+            .filter(|name| self.launcher.executor.waiting_reason(name).is_some())
+            .collect();
+        self.launcher.queue.heard_from(&queued, now);
+        for name in self.launcher.queue.silent(timeout, now) {
             let reason = silent_reason(timeout);
             tracing::warn!(session = %name, "{reason}");
             if let Err(err) = self.launcher.handler.fail(&name, -1, &reason).await {

@@ -93,6 +93,42 @@ pub struct RunnerSection {
     pub cpus: Option<u32>,
 }
 
+impl RunnerSection {
+    /// The GPUs named by `gpus`: a count, or `auto`.
+    pub fn gpu_source(&self) -> anyhow::Result<nsml_runner::GpuSource> {
+        Ok(if self.gpus == "auto" {
+            nsml_runner::GpuSource::Auto
+        } else {
+            nsml_runner::GpuSource::Count(self.gpus.parse().with_context(|| {
+                format!("runner gpus must be a count or `auto`, got `{}`", self.gpus)
+            })?)
+        })
+    }
+
+    /// A runner on this machine with these settings, its sessions under `work_dir`, holding `gpus`.
+    pub fn local(
+        &self,
+        work_dir: PathBuf,
+        gpus: nsml_runner::GpuSource,
+    ) -> anyhow::Result<nsml_runner::RunnerConfig> {
+        let sdk_path = match &self.sdk_path {
+            Some(p) => p.clone(),
+            None => std::env::var_os("NSML_SDK_PATH")
+                .map(PathBuf::from)
+                .or_else(|| find_beside_binary("clients/python"))
+                .context("cannot find the Python SDK (clients/python): set NSML_SDK_PATH")?,
+        };
+        Ok(nsml_runner::RunnerConfig {
+            work_dir,
+            python: self.python.clone(),
+            sdk_path,
+            gpus: nsml_runner::GpuInventory::from_source(&gpus),
+            limits: nsml_runner::LimitsConfig::from_env()?,
+            cpus: self.cpus,
+        })
+    }
+}
+
 impl Default for RunnerSection {
     fn default() -> Self {
         Self {
@@ -101,6 +137,67 @@ impl Default for RunnerSection {
             sdk_path: None,
             cpus: None,
         }
+    }
+}
+
+/// Where sessions run (`[executor]`): on the session service's machine (`local`, the default), or as Slurm
+/// jobs (`slurm`), each running its session's runner (`nsmld runner`) on the node Slurm picks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum ExecutorSection {
+    Local,
+    Slurm(SlurmSection),
+}
+
+impl Default for ExecutorSection {
+    fn default() -> Self {
+        ExecutorSection::Local
+    }
+}
+
+/// The Slurm executor's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSection {
+    /// The partition sessions' jobs go to; Slurm's default partition when unset.
+    pub partition: Option<String>,
+    /// The account jobs are charged to.
+    pub account: Option<String>,
+    /// The `nsmld` binary on the compute nodes (default: this binary's path).
+    pub runner_command: Option<PathBuf>,
+    /// The runner's configuration file on the compute nodes.
+    pub runner_config: PathBuf,
+    /// Where a job's own output goes on its node (`%j`: the job id); discarded when unset.
+    pub output: Option<String>,
+    /// Job names start with this, then `/TEAM/DATASET/N` (default `nsml`).
+    pub job_prefix: Option<String>,
+    /// How often `squeue` is polled, in milliseconds (default 2000).
+    pub poll_every_ms: Option<u64>,
+    /// Further `sbatch` arguments (`--qos=…`).
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+impl SlurmSection {
+    /// The executor's configuration.
+    pub fn config(&self) -> anyhow::Result<nsml_runner::SlurmConfig> {
+        let command = match &self.runner_command {
+            Some(c) => c.clone(),
+            None => std::env::current_exe().context("cannot find this binary's path")?,
+        };
+        let mut cfg = nsml_runner::SlurmConfig::new(command, self.runner_config.clone());
+        cfg.partition.clone_from(&self.partition);
+        cfg.account.clone_from(&self.account);
+        cfg.output.clone_from(&self.output);
+        if let Some(p) = &self.job_prefix {
+            cfg.job_prefix.clone_from(p);
+        }
+        if let Some(ms) = self.poll_every_ms {
+            anyhow::ensure!(ms >= 100, "executor.poll_every_ms must be at least 100, got {ms}");
+            cfg.poll_every = std::time::Duration::from_millis(ms);
+        }
+        cfg.extra_args.clone_from(&self.extra_args);
+        Ok(cfg)
     }
 }
 
@@ -121,6 +218,8 @@ pub struct Config {
     pub services: Option<Listen>,
     #[serde(default)]
     pub runner: RunnerSection,
+    #[serde(default)]
+    pub executor: ExecutorSection,
 }
 
 fn default_stream() -> String {
@@ -151,6 +250,7 @@ impl Config {
                 cpus,
                 ..Default::default()
             },
+            executor: ExecutorSection::Local,
         })
     }
 
@@ -277,31 +377,15 @@ impl Deployment {
     }
 
     fn executor(&self, addrs: &ServiceAddrs) -> anyhow::Result<Arc<dyn Executor>> {
-        let r = &self.config.runner;
-        let sdk_path = match &r.sdk_path {
-            Some(p) => p.clone(),
-            None => std::env::var_os("NSML_SDK_PATH")
-                .map(PathBuf::from)
-                .or_else(|| find_beside_binary("clients/python"))
-                .context("cannot find the Python SDK (clients/python): set NSML_SDK_PATH")?,
-        };
-        let gpus = if r.gpus == "auto" {
-            nsml_runner::GpuSource::Auto
-        } else {
-            nsml_runner::GpuSource::Count(r.gpus.parse().with_context(|| {
-                format!("runner gpus must be a count or `auto`, got `{}`", r.gpus)
-            })?)
-        };
         let clients = Clients::new(addrs, &self.config.internal_secret, "runner")?;
-        let cfg = nsml_runner::RunnerConfig {
-            work_dir: self.config.data_dir.join("runs"),
-            python: r.python.clone(),
-            sdk_path,
-            gpus: nsml_runner::GpuInventory::from_source(&gpus),
-            limits: nsml_runner::LimitsConfig::from_env()?,
-            cpus: r.cpus,
-        };
-        Ok(nsml_runner::LocalExecutor::new(cfg, clients))
+        Ok(match &self.config.executor {
+            ExecutorSection::Local => {
+                let r = &self.config.runner;
+                let cfg = r.local(self.config.data_dir.join("runs"), r.gpu_source()?)?;
+                nsml_runner::LocalExecutor::new(cfg, clients)
+            }
+            ExecutorSection::Slurm(slurm) => nsml_runner::SlurmExecutor::new(slurm.config()?, clients),
+        })
     }
 
     async fn start(&self, service: Service, ctx: ServiceContext) -> anyhow::Result<Started> {

@@ -4,8 +4,13 @@
 //!   DIR, the in-process bus, the local runner) and loads the example competition.
 //! - `nsmld serve SERVICE… --config FILE` runs the named services of a distributed deployment (Postgres,
 //!   NATS JetStream), each reaching the others by the addresses in the config.
+//! - `nsmld runner --config FILE --session SPEC` runs one session's runner in a process of its own: what
+//!   a Slurm job of the Slurm executor runs on its node.
 
 mod deployment;
+#[cfg(test)]
+mod deploy_files;
+mod runner;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +59,19 @@ enum Command {
         /// The deployment's configuration file (TOML); `NSML_…` environment variables override it.
         #[arg(long, env = "NSML_CONFIG")]
         config: PathBuf,
+    },
+    /// Runs one session's runner in this process, as a cluster job does: the executor writes this command.
+    Runner {
+        /// The runner's configuration file (the platform's addresses, the internal secret, the runner's
+        /// settings), readable by its owner only.
+        #[arg(long, env = "NSML_RUNNER_CONFIG")]
+        config: PathBuf,
+        /// The session to run, as the executor encodes it.
+        #[arg(long)]
+        session: String,
+        /// The session's time limit in seconds (0: none).
+        #[arg(long, default_value_t = 0)]
+        time_limit: u64,
     },
 }
 
@@ -161,6 +179,11 @@ async fn run() -> anyhow::Result<()> {
             let dep = Deployment::open(config).await?;
             dep.run_services(&services).await
         }
+        Command::Runner {
+            config,
+            session,
+            time_limit,
+        } => runner::run(&config, &session, time_limit).await,
     }
 }
 

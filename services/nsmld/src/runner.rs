@@ -1,0 +1,89 @@
+//! `nsmld runner`: one session's runner as a process of its own, as a Slurm job runs it. It reaches the
+//! platform only over gRPC, at the addresses and with the internal secret of its configuration file, and
+//! keeps the session's files in a scratch directory of its own on the node.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use nsml_common::clients::{Clients, ServiceAddrs};
+use nsml_proto::v1::Session;
+use prost::Message;
+use serde::Deserialize;
+
+use crate::deployment::{Listen, RunnerSection};
+
+/// What a runner on a compute node reads from its configuration file. The platform's own configuration
+/// file serves as well: what a runner does not need (the store, the bus) is ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RunnerHost {
+    /// The node's scratch directory: sessions' directories go under `DATA_DIR/runner/`.
+    pub data_dir: PathBuf,
+    pub internal_secret: String,
+    /// Where the platform's services are reached.
+    pub services: Listen,
+    #[serde(default)]
+    pub runner: RunnerSection,
+}
+
+impl RunnerHost {
+    /// Reads the runner's configuration file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        check_private(path)?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the runner's configuration {}", path.display()))?;
+        let host: RunnerHost = toml::from_str(&text)
+            .with_context(|| format!("invalid runner configuration {}", path.display()))?;
+        anyhow::ensure!(
+            host.internal_secret.len() >= 16,
+            "internal_secret must be at least 16 characters"
+        );
+        Ok(host)
+    }
+}
+
+/// Refuses a configuration file that others than its owner may read: it holds the internal secret, and
+/// sessions run on the same node under other users.
+fn check_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the runner's configuration {}", path.display()))?
+        .permissions()
+        .mode();
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "the runner's configuration {} holds the internal secret but others may read it (mode {:o}): chmod 600 it",
+        path.display(),
+        mode & 0o777
+    );
+    Ok(())
+}
+
+/// The session a job was started for, as the executor encoded it (hex of the `Session` message).
+pub fn decode_session(spec: &str) -> anyhow::Result<Session> {
+    let bytes = hex::decode(spec.trim()).context("--session is not the hex the executor writes")?;
+    Session::decode(bytes.as_slice()).context("--session does not hold a session")
+}
+
+/// Runs the session `spec` names until its end is reported.
+pub async fn run(config: &Path, spec: &str, time_limit_secs: u64) -> anyhow::Result<()> {
+    let host = RunnerHost::load(config)?;
+    let session = decode_session(spec)?;
+    let in_job = std::env::var("SLURM_JOB_ID").ok();
+    // Inside a Slurm job, the runner holds exactly the GPUs Slurm allocated to the job.
+    let gpus = match &in_job {
+        Some(_) => nsml_runner::GpuSource::from_slurm_job(|k| std::env::var(k).ok())?,
+        None => host.runner.gpu_source()?,
+    };
+    let id = in_job.unwrap_or_else(|| format!("pid-{}", std::process::id()));
+    let work_dir = host.data_dir.join("runner").join(format!("job-{id}"));
+    let cfg = host.runner.local(work_dir.clone(), gpus)?;
+    let addrs = ServiceAddrs::from_fn(|service| format!("http://{}", host.services.get(service)));
+    let clients = Clients::new(&addrs, &host.internal_secret, "runner")?;
+    tracing::info!(session = %session.name, work_dir = %work_dir.display(), "running a session");
+    let exec = nsml_runner::LocalExecutor::new(cfg, clients);
+    let result = nsml_runner::oneshot::run_one(exec, session, time_limit_secs).await;
+    if let Err(e) = nsml_runner::archive::remove_tree_now(&work_dir) {
+        tracing::warn!(path = %work_dir.display(), error = %e, "cannot remove the job's scratch directory");
+    }
+    result.map_err(anyhow::Error::from)
+}
