@@ -24,8 +24,12 @@ impl SlurmCluster {
     /// Starts a cluster in a fresh state directory.
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("nsml-slurm-").tempdir()?;
+        // Each node declares 256 GiB (more than this machine has; Slurm does not enforce it, the runner's
+        // cgroup enforces each session's own limit), so that the example competition's quotas, not the
+        // nodes' memory, decide what the participant's scenario may hold.
         let out = Command::new(script())
             .args(["start", &dir.path().display().to_string()])
+            .env("SLURM_CLUSTER_NODE_MEM_MB", "262144")
             .output()
             .context("cannot run scripts/slurm-cluster (are slurm-wlm and munge installed?)")?;
         if !out.status.success() {
@@ -107,9 +111,35 @@ impl SlurmCluster {
         Ok(())
     }
 
-    /// The cluster's state directory (logs of munged, slurmctld and the slurmd).
+    /// The cluster's state directory (its daemons' logs; a good place for the jobs' own output).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Prints the tail of every log of the cluster (slurmctld, the slurmd, munged, the jobs' runners), for a
+    /// failed test.
+    pub fn print_logs(&self) {
+        let mut logs = Vec::new();
+        let mut dirs = vec![self.dir.path().to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "log") {
+                    logs.push(p);
+                }
+            }
+        }
+        logs.sort();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("--- {} (last {} lines)", p.display(), tail.len());
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 

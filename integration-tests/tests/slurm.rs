@@ -30,10 +30,15 @@ fn long_session(dir: &Path, secs: u32) -> anyhow::Result<()> {
             r#"import os, time
 import nsml
 print("gpus=" + os.environ.get("CUDA_VISIBLE_DEVICES", ""), flush=True)
-print("node=" + os.uname().nodename, flush=True)
+step = [0]
+def save(path, **kwargs):
+    with open(os.path.join(path, "w"), "w") as f:
+        f.write(str(step[0]))
+nsml.bind(save=save)
 for i in range({secs}):
+    step[0] = i
     nsml.report(step=i, loss=1.0 / (i + 1))
-    nsml.save(str(i), save_fn=lambda path: open(os.path.join(path, "w"), "w").write(str(i)))
+    nsml.save(i)
     print("tick", i, flush=True)
     time.sleep(1)
 print("done", flush=True)
@@ -76,7 +81,7 @@ fn sessions_run_as_slurm_jobs() -> anyhow::Result<()> {
     let stream = format!("NSML_IT_{}", uuid::Uuid::new_v4().simple());
     let tmp = tempfile::tempdir()?;
     let runner_config = tmp.path().join("runner.toml");
-    let executor = slurm::executor_config(&runner_config, tmp.path(), &[]);
+    let executor = slurm::executor_config(&runner_config, cluster.dir(), &[]);
     let result = (|| {
         let mut dep = Deployment::distributed_with(
             &db.url,
@@ -105,7 +110,7 @@ fn sessions_run_as_slurm_jobs() -> anyhow::Result<()> {
     rt.block_on(drop_stream(&stream));
     rt.block_on(db.drop_db());
     if result.is_err() {
-        eprintln!("Slurm state kept for the failure: {}", cluster.dir().display());
+        cluster.print_logs();
     }
     result
 }

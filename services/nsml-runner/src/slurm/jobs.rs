@@ -6,8 +6,9 @@ use prost::Message;
 
 use super::SlurmConfig;
 
-/// The fields `squeue` prints for each job, `|`-separated: id, name, state, reason, comment.
-pub const SQUEUE_FORMAT: &str = "%i|%j|%T|%r|%k";
+/// The fields `squeue` prints for each job, `|`-separated: id, name, state, comment, reason (last: a reason
+/// may hold spaces, commas and anything else).
+pub const SQUEUE_FORMAT: &str = "%i|%j|%T|%k|%r";
 
 /// A Slurm job's state, as far as the platform tells them apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +93,7 @@ pub fn parse_squeue(out: &str, prefix: &str) -> Vec<Job> {
     let mut jobs: Vec<Job> = Vec::new();
     for line in out.lines() {
         let fields: Vec<&str> = line.trim().splitn(5, '|').collect();
-        let [id, name, state, reason, comment] = fields[..] else {
+        let [id, name, state, comment, reason] = fields[..] else {
             continue;
         };
         let Some(session) = name.strip_prefix(prefix).and_then(|n| n.strip_prefix('/')) else {
@@ -337,16 +338,22 @@ mod tests {
     #[test]
     fn squeue_lines_become_the_platforms_jobs() {
         let out = "\
-17|nsml/team-a/mnist/3|PENDING|Resources|team-a/mnist/3
-18|nsml/team-b/mnist/1|RUNNING|None|team-b/mnist/1
-19|someone-elses-job|RUNNING|None|
-20|nsml/team-c/mnist/2|TIMEOUT|TimeLimit|team-c/mnist/2
-21|nsml/team-c/mnist/2|RUNNING|None|team-c/mnist/2
-22|nsml/team-d/mnist/1|RUNNING|None|team-x/mnist/1
+17|nsml/team-a/mnist/3|PENDING|team-a/mnist/3|Resources
+18|nsml/team-b/mnist/1|RUNNING|team-b/mnist/1|None
+19|someone-elses-job|RUNNING|(null)|None
+20|nsml/team-c/mnist/2|TIMEOUT|team-c/mnist/2|TimeLimit
+21|nsml/team-c/mnist/2|RUNNING|team-c/mnist/2|None
+22|nsml/team-d/mnist/1|RUNNING|team-x/mnist/1|None
+23|nsml/team-e/mnist/1|PENDING|team-e/mnist/1|ReqNodeNotAvail, UnavailableNodes:cpu1|gpu1
 ";
         let jobs = parse_squeue(out, "nsml");
         let names: Vec<&str> = jobs.iter().map(|j| j.session.as_str()).collect();
-        assert_eq!(names, ["team-a/mnist/3", "team-b/mnist/1", "team-c/mnist/2"]);
+        assert_eq!(
+            names,
+            ["team-a/mnist/3", "team-b/mnist/1", "team-c/mnist/2", "team-e/mnist/1"]
+        );
+        // A reason keeps whatever it holds.
+        assert_eq!(jobs[3].reason, "ReqNodeNotAvail, UnavailableNodes:cpu1|gpu1");
         assert_eq!(jobs[0].state, JobState::Pending);
         assert_eq!(jobs[1].state, JobState::Running);
         // The live job of a session wins over an ended one.

@@ -286,6 +286,14 @@ impl Executor for SlurmExecutor {
                 Ok(())
             }
             Err(why) => {
+                // An `sbatch` that got no answer may still have made the job (slurmctld answered too late):
+                // it must not run a session that is failed for it.
+                if why.contains("timed out") || why.contains("no answer") {
+                    let name = format!("--name={}", jobs::job_name(&self.cfg, &session.name));
+                    if let Err(e) = command("scancel", &[name], None).await {
+                        tracing::warn!(session = %session.name, error = %e, "cannot cancel a job sbatch may have made");
+                    }
+                }
                 self.known.lock().jobs.remove(&session.name);
                 Err(why)
             }
