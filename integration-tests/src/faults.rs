@@ -296,7 +296,11 @@ pub fn check_audit(host: &User) -> anyhow::Result<()> {
 
 /// The session directories (`TEAM/DATASET/N`) under a runner's work directory in `data_dir`.
 fn session_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    // The embedded runner's sessions, and those of every runner process (`runner/job-ID/`).
     let mut level = vec![data_dir.join("runs").join("sessions")];
+    if let Ok(jobs) = std::fs::read_dir(data_dir.join("runner")) {
+        level.extend(jobs.flatten().map(|j| j.path().join("sessions")));
+    }
     for _ in 0..3 {
         level = level
             .iter()

@@ -307,6 +307,11 @@ gpus = "0"
         );
         let cfg_path = tmp.path().join("nsmld.toml");
         std::fs::write(&cfg_path, config)?;
+        // It holds the internal secret: runners refuse a configuration others may read.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o600))?;
+        }
         let mut d = Self {
             url: format!("http://127.0.0.1:{gateway_port}"),
             store: pg_url.to_string(),
@@ -494,9 +499,36 @@ fn port_open(url: &str) -> bool {
     std::net::TcpStream::connect(url.trim_start_matches("http://")).is_ok()
 }
 
+/// Kills the runner processes started with configuration `config` (the session service starts them in
+/// process groups of their own, so that they outlive a restart of the service).
+fn kill_runners(config: &Path) {
+    let config = config.display().to_string();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_runner = args.get(1).is_some_and(|a| *a == b"runner")
+            && args.iter().any(|a| *a == config.as_bytes());
+        if is_runner {
+            // SAFETY: kill only sends a signal.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 impl Drop for Deployment {
     fn drop(&mut self) {
         self.kill();
+        if let Some(config) = &self.config {
+            kill_runners(config);
+        }
     }
 }
 

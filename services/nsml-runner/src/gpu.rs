@@ -289,6 +289,17 @@ impl GpuInventory {
         })
     }
 
+    /// Takes exactly the GPUs `ids` (those a runner that survived a restart still holds); ids this machine
+    /// does not have or that are taken already are left out of the lease.
+    pub fn take(&self, ids: &[u32]) -> GpuLease {
+        let mut pool = self.lock();
+        let ids: Vec<u32> = ids.iter().copied().filter(|id| pool.free.remove(id)).collect();
+        GpuLease {
+            ids,
+            pool: Arc::clone(&self.pool),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Pool> {
         // The pool is a plain set, consistent after any panic: recovering from poison is sound.
         self.pool.lock().unwrap_or_else(|e| e.into_inner())

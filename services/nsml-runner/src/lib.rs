@@ -20,6 +20,7 @@
 //! - [`dataset`]: which dataset part a session sees and its layout; [`gpu`]: the GPU inventory;
 //!   [`args`]: shell-style argument splitting;
 //! - [`oneshot`]: one session's runner as a process of its own (what a cluster job runs);
+//!   [`processes`]: the executor that starts such a process per session on this machine;
 //!   [`slurm`]: the executor that runs each session as a Slurm job.
 
 pub mod archive;
@@ -35,12 +36,14 @@ pub mod logs;
 pub mod oneshot;
 pub mod platform;
 pub mod process;
+pub mod processes;
 pub mod sandbox;
 pub mod sdk;
 pub mod slurm;
 
 pub use error::RunnerError;
 pub use executor::{LocalExecutor, RunnerConfig};
+pub use processes::{ProcessConfig, ProcessExecutor};
 pub use slurm::{SlurmConfig, SlurmExecutor};
 pub use gpu::{GpuInfo, GpuInventory, GpuLease, GpuSource};
 pub use limits::LimitsConfig;

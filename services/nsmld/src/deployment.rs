@@ -220,6 +220,9 @@ pub struct Config {
     pub runner: RunnerSection,
     #[serde(default)]
     pub executor: ExecutorSection,
+    /// The file this configuration was read from (none for the embedded default).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 fn default_stream() -> String {
@@ -251,6 +254,7 @@ impl Config {
                 ..Default::default()
             },
             executor: ExecutorSection::Local,
+            source: None,
         })
     }
 
@@ -261,6 +265,7 @@ impl Config {
             .with_context(|| format!("cannot read the configuration {}", path.display()))?;
         let mut c: Config = toml::from_str(&text)
             .with_context(|| format!("invalid configuration {}", path.display()))?;
+        c.source = Some(std::path::absolute(path)?);
         if let Ok(v) = std::env::var("NSML_STORE") {
             c.store = v;
         }
@@ -376,15 +381,29 @@ impl Deployment {
         }
     }
 
+    /// The executor of this deployment: in the embedded deployment the runner in this process; in the
+    /// distributed one a runner process per session, on this machine or as a Slurm job.
     fn executor(&self, addrs: &ServiceAddrs) -> anyhow::Result<Arc<dyn Executor>> {
         let clients = Clients::new(addrs, &self.config.internal_secret, "runner")?;
-        Ok(match &self.config.executor {
-            ExecutorSection::Local => {
-                let r = &self.config.runner;
+        let r = &self.config.runner;
+        Ok(match (&self.config.executor, &self.config.source) {
+            (ExecutorSection::Local, None) => {
                 let cfg = r.local(self.config.data_dir.join("runs"), r.gpu_source()?)?;
                 nsml_runner::LocalExecutor::new(cfg, clients)
             }
-            ExecutorSection::Slurm(slurm) => nsml_runner::SlurmExecutor::new(slurm.config()?, clients),
+            (ExecutorSection::Local, Some(config)) => {
+                let cfg = nsml_runner::ProcessConfig {
+                    command: std::env::current_exe().context("cannot find this binary's path")?,
+                    runner_config: config.clone(),
+                    state_dir: self.config.data_dir.join("runners"),
+                    gpus: nsml_runner::GpuInventory::from_source(&r.gpu_source()?),
+                    cpus: r.cpus,
+                };
+                nsml_runner::ProcessExecutor::new(cfg).map_err(anyhow::Error::msg)?
+            }
+            (ExecutorSection::Slurm(slurm), _) => {
+                nsml_runner::SlurmExecutor::new(slurm.config()?, clients)
+            }
         })
     }
 

@@ -72,6 +72,10 @@ enum Command {
         /// The session's time limit in seconds (0: none).
         #[arg(long, default_value_t = 0)]
         time_limit: u64,
+        /// The GPUs the session holds: `none` or indices (`0,1`). Default: those of the Slurm job the
+        /// runner runs in, else the configuration's.
+        #[arg(long)]
+        gpus: Option<String>,
     },
 }
 
@@ -183,7 +187,8 @@ async fn run() -> anyhow::Result<()> {
             config,
             session,
             time_limit,
-        } => runner::run(&config, &session, time_limit).await,
+            gpus,
+        } => runner::run(&config, &session, time_limit, gpus.as_deref()).await,
     }
 }
 

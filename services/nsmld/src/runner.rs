@@ -28,11 +28,18 @@ pub struct RunnerHost {
 impl RunnerHost {
     /// Reads the runner's configuration file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        check_private(path)?;
+        nsml_runner::processes::check_private(path).map_err(anyhow::Error::msg)?;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the runner's configuration {}", path.display()))?;
-        let host: RunnerHost = toml::from_str(&text)
+        let mut host: RunnerHost = toml::from_str(&text)
             .with_context(|| format!("invalid runner configuration {}", path.display()))?;
+        // As `nsmld serve` does: a runner the session service starts shares its environment.
+        if let Ok(v) = std::env::var("NSML_INTERNAL_SECRET") {
+            host.internal_secret = v;
+        }
+        if let Ok(v) = std::env::var("NSML_DATA_DIR") {
+            host.data_dir = v.into();
+        }
         anyhow::ensure!(
             host.internal_secret.len() >= 16,
             "internal_secret must be at least 16 characters"
@@ -41,38 +48,44 @@ impl RunnerHost {
     }
 }
 
-/// Refuses a configuration file that others than its owner may read: it holds the internal secret, and
-/// sessions run on the same node under other users.
-fn check_private(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(path)
-        .with_context(|| format!("cannot read the runner's configuration {}", path.display()))?
-        .permissions()
-        .mode();
-    anyhow::ensure!(
-        mode & 0o077 == 0,
-        "the runner's configuration {} holds the internal secret but others may read it (mode {:o}): chmod 600 it",
-        path.display(),
-        mode & 0o777
-    );
-    Ok(())
-}
-
 /// The session a job was started for, as the executor encoded it (hex of the `Session` message).
 pub fn decode_session(spec: &str) -> anyhow::Result<Session> {
     let bytes = hex::decode(spec.trim()).context("--session is not the hex the executor writes")?;
     Session::decode(bytes.as_slice()).context("--session does not hold a session")
 }
 
-/// Runs the session `spec` names until its end is reported.
-pub async fn run(config: &Path, spec: &str, time_limit_secs: u64) -> anyhow::Result<()> {
+/// The GPUs `--gpus` names: `none`, or indices such as `0,1`.
+pub fn parse_gpus(list: &str) -> anyhow::Result<nsml_runner::GpuSource> {
+    if list == "none" {
+        return Ok(nsml_runner::GpuSource::Ids(Vec::new()));
+    }
+    let ids = list
+        .split(',')
+        .map(|i| {
+            i.trim()
+                .parse::<u32>()
+                .with_context(|| format!("--gpus takes `none` or GPU indices such as 0,1, not `{list}`"))
+        })
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    Ok(nsml_runner::GpuSource::Ids(ids))
+}
+
+/// Runs the session `spec` names until its end is reported, holding the GPUs `gpus` names (else those of
+/// its Slurm job, else the configuration's).
+pub async fn run(
+    config: &Path,
+    spec: &str,
+    time_limit_secs: u64,
+    gpus: Option<&str>,
+) -> anyhow::Result<()> {
     let host = RunnerHost::load(config)?;
     let session = decode_session(spec)?;
     let in_job = std::env::var("SLURM_JOB_ID").ok();
-    // Inside a Slurm job, the runner holds exactly the GPUs Slurm allocated to the job.
-    let gpus = match &in_job {
-        Some(_) => nsml_runner::GpuSource::from_slurm_job(|k| std::env::var(k).ok())?,
-        None => host.runner.gpu_source()?,
+    let gpus = match (gpus, &in_job) {
+        (Some(list), _) => parse_gpus(list)?,
+        // Inside a Slurm job, the runner holds exactly the GPUs Slurm allocated to the job.
+        (None, Some(_)) => nsml_runner::GpuSource::from_slurm_job(|k| std::env::var(k).ok())?,
+        (None, None) => host.runner.gpu_source()?,
     };
     let id = in_job.unwrap_or_else(|| format!("pid-{}", std::process::id()));
     let work_dir = host.data_dir.join("runner").join(format!("job-{id}"));

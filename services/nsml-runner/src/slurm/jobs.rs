@@ -235,6 +235,33 @@ pub fn waiting_words(job: &Job) -> Option<String> {
     Some(format!("Queued in Slurm ({code}): {words}"))
 }
 
+/// Why Slurm will never start a pending job, in words, when its reason says so: the job asks for more
+/// than the partition, a QOS or the account allows per job, or names what does not exist. Slurm keeps such
+/// a job pending (unless `EnforcePartLimits` refuses it at submission); the platform ends it instead, so
+/// that it does not hold the team's quota forever.
+pub fn never_starts(job: &Job) -> Option<String> {
+    if job.state != JobState::Pending {
+        return None;
+    }
+    let r = job.reason.as_str();
+    let words = match r {
+        "PartitionConfig" | "PartitionNodeLimit" | "PartitionTimeLimit" => {
+            "the partition's limits do not allow what it asks for"
+        }
+        "BadConstraints" => "no node of the partition has what it asks for",
+        "InvalidQOS" | "InvalidAccount" | "QOSNotAllowed" | "AccountNotAllowed" => {
+            "the account or QOS may not run it"
+        }
+        r if r.starts_with("QOSMax") && r.contains("PerJob") => "a QOS limit per job forbids it",
+        r if r.starts_with("AssocMax") && r.contains("PerJob") => "an account limit per job forbids it",
+        _ => return None,
+    };
+    Some(format!(
+        "Slurm will never start the job: {words} (job {}: PENDING, {r})",
+        job.id
+    ))
+}
+
 /// How a job ended, in words.
 pub fn end_words(job: &Job) -> String {
     let JobState::Ended(state) = &job.state else {
@@ -387,6 +414,18 @@ mod tests {
             end_words(&job("TIMEOUT", "TimeLimit")),
             "Slurm ended the job at its time limit (job 7: TIMEOUT, TimeLimit)"
         );
+        assert_eq!(
+            never_starts(&job("PENDING", "PartitionConfig")).unwrap(),
+            "Slurm will never start the job: the partition's limits do not allow what it asks for (job 7: PENDING, PartitionConfig)"
+        );
+        assert!(
+            never_starts(&job("PENDING", "QOSMaxCpuPerJobLimit"))
+                .unwrap()
+                .contains("a QOS limit per job")
+        );
+        // Waiting for others' jobs to end is not never.
+        assert_eq!(never_starts(&job("PENDING", "Resources")), None);
+        assert_eq!(never_starts(&job("PENDING", "QOSMaxJobsPerUserLimit")), None);
         assert!(!JobState::parse("COMPLETED").unexpected_end());
         assert!(JobState::parse("OUT_OF_MEMORY").unexpected_end());
     }

@@ -133,6 +133,7 @@ impl SlurmExecutor {
         let listed = command("squeue", &jobs::squeue_args(), None).await;
         let now = Instant::now();
         let mut to_report = Vec::new();
+        let mut to_cancel = Vec::new();
         {
             let mut k = self.known.lock();
             k.polled_at = Some(now);
@@ -153,6 +154,19 @@ impl SlurmExecutor {
                     }
                 }
             }
+            // A job Slurm will never start holds its team's quota for nothing: cancelled, its session failed.
+            let hopeless: Vec<(String, Job, String)> = k
+                .jobs
+                .iter()
+                .filter(|(n, _)| !k.reported.contains(*n) && !k.cancelled.contains(*n))
+                .filter_map(|(n, j)| jobs::never_starts(j).map(|why| (n.clone(), j.clone(), why)))
+                .collect();
+            for (name, job, why) in hopeless {
+                k.reported.insert(name.clone());
+                k.cancelled.insert(name.clone());
+                to_cancel.push(job.id);
+                to_report.push((name, why));
+            }
             let ended: Vec<(String, Job)> = k
                 .jobs
                 .iter()
@@ -167,6 +181,11 @@ impl SlurmExecutor {
                     k.reported.insert(name.clone());
                     to_report.push((name, jobs::end_words(&job)));
                 }
+            }
+        }
+        for id in to_cancel {
+            if let Err(e) = command("scancel", &[id.clone()], None).await {
+                tracing::warn!(job = %id, error = %e, "cannot cancel a job Slurm will never start");
             }
         }
         for (name, reason) in to_report {
