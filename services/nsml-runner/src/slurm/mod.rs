@@ -90,6 +90,8 @@ struct Known {
     unreachable: Option<String>,
     /// When the last poll finished.
     polled_at: Option<Instant>,
+    /// Whether a poll has read Slurm's jobs yet.
+    synced: bool,
 }
 
 /// Runs sessions as Slurm jobs.
@@ -144,14 +146,26 @@ impl SlurmExecutor {
                 }
                 Ok(out) => {
                     k.unreachable = None;
+                    let first = !k.synced;
+                    k.synced = true;
                     let seen = jobs::parse_squeue(&out, &self.cfg.job_prefix);
                     let names: HashSet<String> = seen.iter().map(|j| j.session.clone()).collect();
                     // A job submitted since the poll began is not in its output yet: keep it.
                     k.jobs
                         .retain(|name, job| names.contains(name) || job.state == JobState::Submitted);
                     for job in seen {
+                        // Jobs that ended before this process started were dealt with before it (or are
+                        // recorded by the restart's recovery, which asks `end_of`): not reported again.
+                        if first && job.state.is_end() {
+                            k.reported.insert(job.session.clone());
+                        }
                         k.jobs.insert(job.session.clone(), job);
                     }
+                    // What is kept of a job goes when Slurm forgets it (`MinJobAge`).
+                    let kept: HashSet<String> = k.jobs.keys().cloned().collect();
+                    k.ended_at.retain(|n, _| kept.contains(n));
+                    k.reported.retain(|n| kept.contains(n));
+                    k.cancelled.retain(|n| kept.contains(n));
                 }
             }
             // A job Slurm will never start holds its team's quota for nothing: cancelled, its session failed.
@@ -174,9 +188,9 @@ impl SlurmExecutor {
                 .map(|(n, j)| (n.clone(), j.clone()))
                 .collect();
             for (name, job) in ended {
-                let first = *k.ended_at.entry(name.clone()).or_insert(now);
+                let since = *k.ended_at.entry(name.clone()).or_insert(now);
                 let unreported = !k.reported.contains(&name) && !k.cancelled.contains(&name);
-                if unreported && job.state.unexpected_end() && now.duration_since(first) >= RUNNER_GRACE
+                if unreported && job.state.unexpected_end() && now.duration_since(since) >= RUNNER_GRACE
                 {
                     k.reported.insert(name.clone());
                     to_report.push((name, jobs::end_words(&job)));
