@@ -56,9 +56,7 @@ pub fn wait_ended(u: &User, name: &str) -> anyhow::Result<Value> {
 
 /// Starts a training session in `dir`; returns its name.
 pub fn run(u: &User, dir: &Path, dataset: &str, extra: &[&str]) -> anyhow::Result<String> {
-    let mut args = vec![
-        "-g", "0", "-c", "1", "--memory", "2G", "--shm", "256M",
-    ];
+    let mut args = vec!["-g", "0", "-c", "1", "--memory", "2G", "--shm", "256M"];
     args.extend_from_slice(extra);
     run_with(u, dir, dataset, &args)
 }

@@ -77,13 +77,18 @@ impl SlurmCluster {
     /// The node the job of session `name` runs on, once it runs.
     pub fn node_of(&self, name: &str) -> anyhow::Result<String> {
         eventually(Duration::from_secs(120), || {
-            let out = self.command("squeue", &["--noheader", "--states=all", "--format=%k|%T|%N"])?;
+            let out = self.command(
+                "squeue",
+                &["--noheader", "--states=all", "--format=%k|%T|%N"],
+            )?;
             Ok(out.lines().find_map(|l| {
                 let mut f = l.trim().split('|');
-                let (Some(comment), Some(state), Some(node)) = (f.next(), f.next(), f.next()) else {
+                let (Some(comment), Some(state), Some(node)) = (f.next(), f.next(), f.next())
+                else {
                     return None;
                 };
-                (comment == name && state == "RUNNING" && !node.is_empty()).then(|| node.to_string())
+                (comment == name && state == "RUNNING" && !node.is_empty())
+                    .then(|| node.to_string())
             }))
         })
     }
@@ -163,7 +168,12 @@ fn read_env(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
         .map(|l| l.trim().trim_start_matches("export ").trim())
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.trim_matches('"').trim_matches('\'').to_string()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.trim_matches('"').trim_matches('\'').to_string(),
+            )
+        })
         .collect())
 }
 
@@ -196,7 +206,10 @@ pub fn write_runner_config(dep: &Deployment, path: &Path, scratch: &Path) -> any
     use std::os::unix::fs::PermissionsExt as _;
     let platform = std::fs::read_to_string(dep.config_path().context("no config")?)?;
     let mut text = format!("data_dir = \"{}\"\n", scratch.display());
-    for line in platform.lines().filter(|l| l.starts_with("internal_secret")) {
+    for line in platform
+        .lines()
+        .filter(|l| l.starts_with("internal_secret"))
+    {
         text.push_str(line);
         text.push('\n');
     }
@@ -205,7 +218,10 @@ pub fn write_runner_config(dep: &Deployment, path: &Path, scratch: &Path) -> any
         .nth(1)
         .context("no [services] in the deployment's configuration")?;
     text.push_str("\n[services]\n");
-    for line in services.lines().take_while(|l| !l.trim_start().starts_with('[')) {
+    for line in services
+        .lines()
+        .take_while(|l| !l.trim_start().starts_with('['))
+    {
         text.push_str(line);
         text.push('\n');
     }

@@ -126,25 +126,52 @@ fn placement_stop_and_queue(
 ) -> anyhow::Result<()> {
     let a_dir = work.join("alice-long");
     long_session(&a_dir, 600)?;
-    let gpu = scenario::run_with(alice, &a_dir, "t1-cls", &["-g", "2", "-c", "2", "--memory", "1G", "--shm", "64M"])?;
-    ensure!(cluster.node_of(&gpu)? == "gpu1", "the 2-GPU session is not on gpu1");
+    let gpu = scenario::run_with(
+        alice,
+        &a_dir,
+        "t1-cls",
+        &["-g", "2", "-c", "2", "--memory", "1G", "--shm", "64M"],
+    )?;
+    ensure!(
+        cluster.node_of(&gpu)? == "gpu1",
+        "the 2-GPU session is not on gpu1"
+    );
     let logs = eventually(LONG, || {
         let out = alice.nsml(&["logs", &gpu])?.ok()?;
         Ok(out.stdout.contains("tick 0").then_some(out.stdout))
     })?;
-    ensure!(logs.contains("gpus=0,1"), "the session did not get Slurm's GPUs: {logs}");
+    ensure!(
+        logs.contains("gpus=0,1"),
+        "the session did not get Slurm's GPUs: {logs}"
+    );
 
     let b_dir = work.join("bob-long");
     long_session(&b_dir, 600)?;
-    let cpu = scenario::run_with(bob, &b_dir, "t1-cls", &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"])?;
-    ensure!(cluster.node_of(&cpu)? == "cpu1", "the CPU session is not on cpu1");
+    let cpu = scenario::run_with(
+        bob,
+        &b_dir,
+        "t1-cls",
+        &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"],
+    )?;
+    ensure!(
+        cluster.node_of(&cpu)? == "cpu1",
+        "the CPU session is not on cpu1"
+    );
 
     // Both nodes are full: the next session waits in Slurm's queue, and ps says why.
-    let queued = scenario::run_with(bob, &b_dir, "t1-cls", &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"])?;
+    let queued = scenario::run_with(
+        bob,
+        &b_dir,
+        "t1-cls",
+        &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"],
+    )?;
     let shown = eventually(LONG, || {
         let s = status(bob, &queued)?;
         let reason = s["reason"].as_str().unwrap_or_default().to_string();
-        Ok((s["status"] == "queued" && reason.contains("Queued in Slurm (Resources)")).then_some(reason))
+        Ok(
+            (s["status"] == "queued" && reason.contains("Queued in Slurm (Resources)"))
+                .then_some(reason),
+        )
     })?;
     let ps = bob.nsml(&["ps"])?.ok()?;
     ensure!(ps.stdout.contains("Queued"), "ps: {}", ps.stdout);
@@ -155,7 +182,10 @@ fn placement_stop_and_queue(
     wait_status(alice, &gpu, "stopped")?;
     holds_nothing(alice)?;
     // The queued session now gets the GPU node's CPUs.
-    ensure!(cluster.node_of(&queued)? == "gpu1", "the queued session did not start on gpu1");
+    ensure!(
+        cluster.node_of(&queued)? == "gpu1",
+        "the queued session did not start on gpu1"
+    );
     for s in [&queued, &cpu] {
         bob.nsml(&["stop", s])?.ok()?;
         wait_status(bob, s, "stopped")?;
@@ -170,7 +200,12 @@ fn refusals(cluster: &SlurmCluster, alice: &User, work: &Path) -> anyhow::Result
     let dir = work.join("alice-refused");
     long_session(&dir, 1)?;
     // More CPUs than any node has, within the team's quota.
-    let big = scenario::run_with(alice, &dir, "t1-cls", &["-g", "0", "-c", "16", "--memory", "1G", "--shm", "64M"])?;
+    let big = scenario::run_with(
+        alice,
+        &dir,
+        "t1-cls",
+        &["-g", "0", "-c", "16", "--memory", "1G", "--shm", "64M"],
+    )?;
     let failed = wait_status(alice, &big, "failed")?;
     let reason = failed["reason"].as_str().unwrap_or_default();
     // Slurm either refuses it at once or keeps it pending for its partition's limits; either way the session
@@ -183,7 +218,13 @@ fn refusals(cluster: &SlurmCluster, alice: &User, work: &Path) -> anyhow::Result
 
     cluster.controller(false)?;
     let out = alice
-        .nsml_in(&dir, &["run", "-d", "t1-cls", "-g", "0", "-c", "1", "--memory", "1G"], "")?
+        .nsml_in(
+            &dir,
+            &[
+                "run", "-d", "t1-cls", "-g", "0", "-c", "1", "--memory", "1G",
+            ],
+            "",
+        )?
         .failed()?;
     ensure!(out.all().contains("Slurm"), "refusal: {}", out.all());
     ensure!(!out.all().contains("is started"), "refusal: {}", out.all());
@@ -202,7 +243,12 @@ fn restart_under_a_running_job(
 ) -> anyhow::Result<()> {
     let dir = work.join("alice-restart");
     long_session(&dir, 25)?;
-    let s = scenario::run_with(alice, &dir, "t1-cls", &["-g", "0", "-c", "1", "--memory", "1G", "--shm", "64M"])?;
+    let s = scenario::run_with(
+        alice,
+        &dir,
+        "t1-cls",
+        &["-g", "0", "-c", "1", "--memory", "1G", "--shm", "64M"],
+    )?;
     cluster.node_of(&s)?;
     eventually(LONG, || {
         let out = alice.nsml(&["logs", &s])?.ok()?;
@@ -223,7 +269,10 @@ fn restart_under_a_running_job(
     );
     // One job for the session: nothing was submitted twice.
     let jobs = cluster.command("squeue", &["--noheader", "--states=all", "--format=%k"])?;
-    ensure!(jobs.lines().filter(|l| l.trim() == s).count() == 1, "jobs: {jobs}");
+    ensure!(
+        jobs.lines().filter(|l| l.trim() == s).count() == 1,
+        "jobs: {jobs}"
+    );
     holds_nothing(alice)?;
     Ok(())
 }
@@ -232,7 +281,12 @@ fn restart_under_a_running_job(
 fn lost_node(cluster: &SlurmCluster, bob: &User, work: &Path) -> anyhow::Result<()> {
     let dir = work.join("bob-lost");
     long_session(&dir, 600)?;
-    let s = scenario::run_with(bob, &dir, "t1-cls", &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"])?;
+    let s = scenario::run_with(
+        bob,
+        &dir,
+        "t1-cls",
+        &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"],
+    )?;
     let node = cluster.node_of(&s)?;
     eventually(LONG, || {
         let out = bob.nsml(&["logs", &s])?.ok()?;

@@ -151,12 +151,17 @@ async fn platform_starts(cluster: &SlurmCluster, runs: usize) -> anyhow::Result<
             &executor,
         )?;
         slurm::write_runner_config(&dep, &runner_config, &tmp.path().join("scratch"))?;
-        dep.apply_competition(&nsml_integration_tests::repo_root().join("examples/competition.toml"))?;
+        dep.apply_competition(
+            &nsml_integration_tests::repo_root().join("examples/competition.toml"),
+        )?;
         let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
         let snap = alice
             .upload(
                 "t1-cls",
-                &[("main.py", "import time\nprint('tick %.3f' % (time.time() * 1000), flush=True)\n")],
+                &[(
+                    "main.py",
+                    "import time\nprint('tick %.3f' % (time.time() * 1000), flush=True)\n",
+                )],
             )
             .await?;
         let mut sessions = SessionServiceClient::new(alice.channel.clone());
@@ -220,7 +225,11 @@ async fn raw_dispatch(cluster: &SlurmCluster, n: usize) -> anyhow::Result<f64> {
                     .envs(env)
                     .output()
                     .await?;
-                anyhow::ensure!(out.status.success(), "sbatch: {}", String::from_utf8_lossy(&out.stderr));
+                anyhow::ensure!(
+                    out.status.success(),
+                    "sbatch: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 Ok(())
             }
         })
@@ -242,7 +251,11 @@ async fn executor_dispatch(n: usize) -> anyhow::Result<f64> {
     cfg.job_prefix = format!("bench{}", uuid::Uuid::new_v4().simple());
     cfg.extra_args = vec!["--hold".into()];
     // The held jobs never run, so no runner calls back: the clients point nowhere.
-    let clients = Clients::new(&ServiceAddrs::all_at("http://127.0.0.1:9"), "bench-secret-0123456789", "bench")?;
+    let clients = Clients::new(
+        &ServiceAddrs::all_at("http://127.0.0.1:9"),
+        "bench-secret-0123456789",
+        "bench",
+    )?;
     let exec = nsml_runner::SlurmExecutor::new(cfg, clients);
     exec.running().await;
     let t = Instant::now();

@@ -293,7 +293,11 @@ impl GpuInventory {
     /// does not have or that are taken already are left out of the lease.
     pub fn take(&self, ids: &[u32]) -> GpuLease {
         let mut pool = self.lock();
-        let ids: Vec<u32> = ids.iter().copied().filter(|id| pool.free.remove(id)).collect();
+        let ids: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|id| pool.free.remove(id))
+            .collect();
         GpuLease {
             ids,
             pool: Arc::clone(&self.pool),

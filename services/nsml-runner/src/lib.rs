@@ -43,8 +43,8 @@ pub mod slurm;
 
 pub use error::RunnerError;
 pub use executor::{LocalExecutor, RunnerConfig};
-pub use processes::{ProcessConfig, ProcessExecutor};
-pub use slurm::{SlurmConfig, SlurmExecutor};
 pub use gpu::{GpuInfo, GpuInventory, GpuLease, GpuSource};
 pub use limits::LimitsConfig;
 pub use process::{ProcessOutcome, ProcessSpec, run_process};
+pub use processes::{ProcessConfig, ProcessExecutor};
+pub use slurm::{SlurmConfig, SlurmExecutor};

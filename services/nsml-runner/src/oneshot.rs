@@ -18,19 +18,25 @@ use crate::executor::LocalExecutor;
 
 /// What the session's finish says when the job was ended from outside: if the platform asked for the
 /// stop, the session is recorded Stopped; otherwise it failed with this reason.
-pub const JOB_ENDED: &str =
-    "the cluster's scheduler ended the session's job (cancelled outside the platform, or at its time limit)";
+pub const JOB_ENDED: &str = "the cluster's scheduler ended the session's job (cancelled outside the platform, or at its time limit)";
 
 /// How often the runner looks whether its session has ended.
 const CHECK_EVERY: Duration = Duration::from_millis(200);
 
 /// Runs `session` on `exec` until its end is reported; a SIGTERM or SIGINT stops it first.
-pub async fn run_one(exec: Arc<LocalExecutor>, session: Session, time_limit_secs: u64) -> Result<()> {
+pub async fn run_one(
+    exec: Arc<LocalExecutor>,
+    session: Session,
+    time_limit_secs: u64,
+) -> Result<()> {
     let name = session.name.clone();
     let signals = |kind: SignalKind| {
         signal(kind).map_err(|e| RunnerError::io("cannot watch for termination signals", e))
     };
-    let (mut term, mut int) = (signals(SignalKind::terminate())?, signals(SignalKind::interrupt())?);
+    let (mut term, mut int) = (
+        signals(SignalKind::terminate())?,
+        signals(SignalKind::interrupt())?,
+    );
     exec.start(session, time_limit_secs)
         .await
         .map_err(|why| RunnerError::Session {

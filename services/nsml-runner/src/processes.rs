@@ -86,9 +86,8 @@ impl ProcessExecutor {
     /// directory and that still run are adopted. Refuses a runner configuration others may read.
     pub fn new(cfg: ProcessConfig) -> Result<Arc<Self>, String> {
         check_private(&cfg.runner_config)?;
-        std::fs::create_dir_all(cfg.state_dir.join("logs")).map_err(|e| {
-            format!("cannot create {}: {e}", cfg.state_dir.display())
-        })?;
+        std::fs::create_dir_all(cfg.state_dir.join("logs"))
+            .map_err(|e| format!("cannot create {}: {e}", cfg.state_dir.display()))?;
         let exec = Arc::new_cyclic(|me| Self {
             cfg,
             live: Mutex::new(HashMap::new()),
@@ -206,7 +205,12 @@ async fn watch_adopted(exec: Weak<ProcessExecutor>, r: Record) {
 pub fn check_private(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read the runner's configuration {}: {e}", path.display()))?
+        .map_err(|e| {
+            format!(
+                "cannot read the runner's configuration {}: {e}",
+                path.display()
+            )
+        })?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
@@ -245,10 +249,9 @@ impl Executor for ProcessExecutor {
         {
             tracing::warn!(session = %session.name, error = %e, "cannot record the runner: a restart will not find it");
         }
-        self.live.lock().insert(
-            session.name.clone(),
-            Runner { pid, _gpus: lease },
-        );
+        self.live
+            .lock()
+            .insert(session.name.clone(), Runner { pid, _gpus: lease });
         let me = self.me.clone();
         let name = session.name;
         tokio::spawn(async move {

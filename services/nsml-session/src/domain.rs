@@ -413,7 +413,10 @@ mod tests {
             finish_status(1, "exited with code 1", false, running),
             SessionStatus::Failed
         );
-        assert_eq!(finish_status(137, "", false, running), SessionStatus::Failed);
+        assert_eq!(
+            finish_status(137, "", false, running),
+            SessionStatus::Failed
+        );
         assert_eq!(
             finish_status(143, "", true, SessionStatus::Stopping),
             SessionStatus::Stopped
@@ -426,7 +429,12 @@ mod tests {
         // when its runner reports that it stopped the process,
         // then the session failed, with the runner's reason.
         assert_eq!(
-            finish_status(143, "the cluster ended the job", true, SessionStatus::Running),
+            finish_status(
+                143,
+                "the cluster ended the job",
+                true,
+                SessionStatus::Running
+            ),
             SessionStatus::Failed
         );
         assert_eq!(

@@ -90,7 +90,9 @@ pub enum SessionError {
 
     /// The executor cannot start sessions now (its cluster scheduler is unreachable, say); asked before
     /// admission, so the refused session holds nothing.
-    #[error("sessions cannot start now: {why}. Nothing was held; run it again once the cluster is back")]
+    #[error(
+        "sessions cannot start now: {why}. Nothing was held; run it again once the cluster is back"
+    )]
     ClusterUnavailable { why: String },
 
     /// A sibling service answered with an error.

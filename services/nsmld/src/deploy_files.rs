@@ -31,8 +31,8 @@ fn every_deployment_configuration_loads() {
     for path in files(&deploy(), "toml") {
         let text = std::fs::read_to_string(&path).unwrap();
         if path.file_name().is_some_and(|n| n == "runner.toml") {
-            let host: RunnerHost = toml::from_str(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let host: RunnerHost =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert!(host.internal_secret.len() >= 16, "{}", path.display());
             continue;
         }

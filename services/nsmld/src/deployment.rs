@@ -193,7 +193,10 @@ impl SlurmSection {
             cfg.job_prefix.clone_from(p);
         }
         if let Some(ms) = self.poll_every_ms {
-            anyhow::ensure!(ms >= 100, "executor.poll_every_ms must be at least 100, got {ms}");
+            anyhow::ensure!(
+                ms >= 100,
+                "executor.poll_every_ms must be at least 100, got {ms}"
+            );
             cfg.poll_every = std::time::Duration::from_millis(ms);
         }
         cfg.extra_args.clone_from(&self.extra_args);

@@ -7,9 +7,9 @@
 //! - `nsmld runner --config FILE --session SPEC` runs one session's runner in a process of its own: what
 //!   a Slurm job of the Slurm executor runs on its node.
 
-mod deployment;
 #[cfg(test)]
 mod deploy_files;
+mod deployment;
 mod runner;
 
 use std::net::SocketAddr;

@@ -29,8 +29,9 @@ impl RunnerHost {
     /// Reads the runner's configuration file.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         nsml_runner::processes::check_private(path).map_err(anyhow::Error::msg)?;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the runner's configuration {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read the runner's configuration {}", path.display())
+        })?;
         let mut host: RunnerHost = toml::from_str(&text)
             .with_context(|| format!("invalid runner configuration {}", path.display()))?;
         // As `nsmld serve` does: a runner the session service starts shares its environment.
@@ -62,9 +63,9 @@ pub fn parse_gpus(list: &str) -> anyhow::Result<nsml_runner::GpuSource> {
     let ids = list
         .split(',')
         .map(|i| {
-            i.trim()
-                .parse::<u32>()
-                .with_context(|| format!("--gpus takes `none` or GPU indices such as 0,1, not `{list}`"))
+            i.trim().parse::<u32>().with_context(|| {
+                format!("--gpus takes `none` or GPU indices such as 0,1, not `{list}`")
+            })
         })
         .collect::<anyhow::Result<Vec<u32>>>()?;
     Ok(nsml_runner::GpuSource::Ids(ids))

@@ -80,7 +80,10 @@ pub fn render_ps(sessions: &[Session], now: i64) -> String {
         .iter()
         .filter(|s| {
             !s.reason.is_empty()
-                && matches!(s.status(), SessionStatus::Failed | SessionStatus::Stopped)
+                && matches!(
+                    s.status(),
+                    SessionStatus::Queued | SessionStatus::Failed | SessionStatus::Stopped
+                )
         })
         .map(|s| {
             format!(
@@ -259,5 +262,26 @@ mod tests {
             "",
         ];
         assert_eq!(render_ps(&sessions, now), expected.join("\n"));
+    }
+
+    #[test]
+    fn ps_says_why_a_queued_session_waits() {
+        let now = 1_700_000_000_000;
+        let sessions = vec![Session {
+            name: "demo/t1-cls/3".into(),
+            kind: SessionKind::Train as i32,
+            status: SessionStatus::Queued as i32,
+            reason: "Queued in Slurm (Resources): no node has the GPUs, CPUs or memory it asks for free yet"
+                .into(),
+            created_at_ms: now - 5_000,
+            ..Default::default()
+        }];
+        let out = render_ps(&sessions, now);
+        assert!(
+            out.ends_with(
+                "\ndemo/t1-cls/3 queued: Queued in Slurm (Resources): no node has the GPUs, CPUs or memory it asks for free yet\n"
+            ),
+            "{out}"
+        );
     }
 }

@@ -253,7 +253,9 @@ pub fn never_starts(job: &Job) -> Option<String> {
             "the account or QOS may not run it"
         }
         r if r.starts_with("QOSMax") && r.contains("PerJob") => "a QOS limit per job forbids it",
-        r if r.starts_with("AssocMax") && r.contains("PerJob") => "an account limit per job forbids it",
+        r if r.starts_with("AssocMax") && r.contains("PerJob") => {
+            "an account limit per job forbids it"
+        }
         _ => return None,
     };
     Some(format!(
@@ -336,12 +338,18 @@ mod tests {
             "--partition=gpu",
             "--no-requeue",
         ] {
-            assert!(args.iter().any(|a| a == want), "{want} missing from {args:?}");
+            assert!(
+                args.iter().any(|a| a == want),
+                "{want} missing from {args:?}"
+            );
         }
         assert!(!args.iter().any(|a| a.starts_with("--time")), "{args:?}");
         // A CPU session asks for no GPU; a submit gets the submit time limit plus a minute.
         let submit = sbatch_args(&cfg(), &session(SessionKind::Submit, 0), 3600);
-        assert!(!submit.iter().any(|a| a.starts_with("--gres")), "{submit:?}");
+        assert!(
+            !submit.iter().any(|a| a.starts_with("--gres")),
+            "{submit:?}"
+        );
         assert!(submit.iter().any(|a| a == "--time=61"), "{submit:?}");
     }
 
@@ -377,14 +385,25 @@ mod tests {
         let names: Vec<&str> = jobs.iter().map(|j| j.session.as_str()).collect();
         assert_eq!(
             names,
-            ["team-a/mnist/3", "team-b/mnist/1", "team-c/mnist/2", "team-e/mnist/1"]
+            [
+                "team-a/mnist/3",
+                "team-b/mnist/1",
+                "team-c/mnist/2",
+                "team-e/mnist/1"
+            ]
         );
         // A reason keeps whatever it holds.
-        assert_eq!(jobs[3].reason, "ReqNodeNotAvail, UnavailableNodes:cpu1|gpu1");
+        assert_eq!(
+            jobs[3].reason,
+            "ReqNodeNotAvail, UnavailableNodes:cpu1|gpu1"
+        );
         assert_eq!(jobs[0].state, JobState::Pending);
         assert_eq!(jobs[1].state, JobState::Running);
         // The live job of a session wins over an ended one.
-        assert_eq!((jobs[2].id.as_str(), &jobs[2].state), ("21", &JobState::Running));
+        assert_eq!(
+            (jobs[2].id.as_str(), &jobs[2].state),
+            ("21", &JobState::Running)
+        );
         assert!(parse_squeue(out, "other").is_empty());
     }
 
@@ -425,7 +444,10 @@ mod tests {
         );
         // Waiting for others' jobs to end is not never.
         assert_eq!(never_starts(&job("PENDING", "Resources")), None);
-        assert_eq!(never_starts(&job("PENDING", "QOSMaxJobsPerUserLimit")), None);
+        assert_eq!(
+            never_starts(&job("PENDING", "QOSMaxJobsPerUserLimit")),
+            None
+        );
         assert!(!JobState::parse("COMPLETED").unexpected_end());
         assert!(JobState::parse("OUT_OF_MEMORY").unexpected_end());
     }

@@ -151,8 +151,9 @@ impl SlurmExecutor {
                     let seen = jobs::parse_squeue(&out, &self.cfg.job_prefix);
                     let names: HashSet<String> = seen.iter().map(|j| j.session.clone()).collect();
                     // A job submitted since the poll began is not in its output yet: keep it.
-                    k.jobs
-                        .retain(|name, job| names.contains(name) || job.state == JobState::Submitted);
+                    k.jobs.retain(|name, job| {
+                        names.contains(name) || job.state == JobState::Submitted
+                    });
                     for job in seen {
                         // Jobs that ended before this process started were dealt with before it (or are
                         // recorded by the restart's recovery, which asks `end_of`): not reported again.
@@ -190,7 +191,9 @@ impl SlurmExecutor {
             for (name, job) in ended {
                 let since = *k.ended_at.entry(name.clone()).or_insert(now);
                 let unreported = !k.reported.contains(&name) && !k.cancelled.contains(&name);
-                if unreported && job.state.unexpected_end() && now.duration_since(since) >= RUNNER_GRACE
+                if unreported
+                    && job.state.unexpected_end()
+                    && now.duration_since(since) >= RUNNER_GRACE
                 {
                     k.reported.insert(name.clone());
                     to_report.push((name, jobs::end_words(&job)));
@@ -261,9 +264,9 @@ async fn command(program: &str, args: &[String], stdin: Option<&str>) -> Result<
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run `{program}` (is Slurm installed on this machine?): {e}"))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        format!("cannot run `{program}` (is Slurm installed on this machine?): {e}")
+    })?;
     if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
         input
             .write_all(text.as_bytes())
@@ -369,7 +372,8 @@ impl Executor for SlurmExecutor {
 
     /// Slurm answers: as the last poll found a moment ago, or as `squeue` finds now.
     async fn available(&self) -> Result<(), String> {
-        let unreachable = |why: &str| format!("the cluster's scheduler (Slurm) cannot be reached: {why}");
+        let unreachable =
+            |why: &str| format!("the cluster's scheduler (Slurm) cannot be reached: {why}");
         let last = {
             let k = self.known.lock();
             k.polled_at
@@ -397,4 +401,3 @@ impl Executor for SlurmExecutor {
         job.state.is_end().then(|| jobs::end_words(&job))
     }
 }
-
