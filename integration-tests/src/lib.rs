@@ -512,7 +512,7 @@ fn kill_runners(config: &Path) {
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         let is_runner = args.get(1).is_some_and(|a| *a == b"runner")
-            && args.iter().any(|a| *a == config.as_bytes());
+            && args.contains(&config.as_bytes());
         if is_runner {
             // SAFETY: kill only sends a signal.
             #[allow(unsafe_code)]

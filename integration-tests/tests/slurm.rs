@@ -102,6 +102,7 @@ fn sessions_run_as_slurm_jobs() -> anyhow::Result<()> {
         let bob = scenario::login(&dep, "bob", "bob-pass")?;
         placement_stop_and_queue(&cluster, &alice, &bob, work.path())?;
         refusals(&cluster, &alice, work.path())?;
+        cancelled_by_an_operator(&cluster, &alice, work.path())?;
         restart_under_a_running_job(&cluster, &mut dep, &alice, work.path())?;
         lost_node(&cluster, &bob, work.path())?;
         scenario::still_there(&dep, &left)?;
@@ -230,6 +231,47 @@ fn refusals(cluster: &SlurmCluster, alice: &User, work: &Path) -> anyhow::Result
     ensure!(!out.all().contains("is started"), "refusal: {}", out.all());
     holds_nothing(alice)?;
     cluster.controller(true)?;
+    Ok(())
+}
+
+/// An operator cancelling a session's job outside the platform ends the session as Failed, saying so.
+fn cancelled_by_an_operator(
+    cluster: &SlurmCluster,
+    alice: &User,
+    work: &Path,
+) -> anyhow::Result<()> {
+    let dir = work.join("alice-cancelled");
+    long_session(&dir, 600)?;
+    let s = scenario::run_with(
+        alice,
+        &dir,
+        "t1-cls",
+        &["-g", "0", "-c", "1", "--memory", "1G", "--shm", "64M"],
+    )?;
+    cluster.node_of(&s)?;
+    eventually(LONG, || {
+        let out = alice.nsml(&["logs", &s])?.ok()?;
+        Ok(out.stdout.contains("tick 0").then_some(()))
+    })?;
+    let id = cluster
+        .command("squeue", &["--noheader", "--format=%i|%k"])?
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once('|')
+                .filter(|(_, k)| *k == s)
+                .map(|(i, _)| i.to_string())
+        })
+        .context("the session's job is not in squeue")?;
+    cluster.command("scancel", &[&id])?;
+    let failed = wait_status(alice, &s, "failed")?;
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("ended the session's job")
+            || reason.contains("cancelled outside the platform"),
+        "reason: {failed}"
+    );
+    holds_nothing(alice)?;
     Ok(())
 }
 

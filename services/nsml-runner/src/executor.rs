@@ -502,17 +502,23 @@ impl LocalExecutor {
             }
         }
         self.live().remove(&name);
+        self.report_finish(&name, &outcome).await;
+    }
+
+    /// Reports how session `name` ended (with the reason it was stopped for, where this machine stopped
+    /// it), retrying through a restart of the session service; then the session is finished here.
+    async fn report_finish(&self, name: &str, outcome: &ProcessOutcome) {
         let stop_reason = self
             .stop_reasons
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&name);
+            .remove(name);
         let reason = match stop_reason {
             Some(why) if outcome.stopped => why,
             _ => outcome.reason.clone(),
         };
         let req = RunnerFinishedRequest {
-            name: name.clone(),
+            name: name.to_string(),
             exit_code: outcome.exit_code,
             reason,
             stopped: outcome.stopped,
@@ -525,14 +531,14 @@ impl LocalExecutor {
         .await;
         match finished {
             Ok(_) => {
-                tracing::info!(session = %name, exit_code = outcome.exit_code, reason = %outcome.reason, "session finished")
+                tracing::info!(session = %name, exit_code = outcome.exit_code, reason = %req.reason, "session finished")
             }
             Err(e) => tracing::error!(session = %name, error = %e, "could not report the finish"),
         }
         self.unfinished
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&name);
+            .remove(name);
     }
 
     /// Sets the session up and runs it; setup failures and stops during setup become outcomes.

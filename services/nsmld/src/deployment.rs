@@ -142,17 +142,12 @@ impl Default for RunnerSection {
 
 /// Where sessions run (`[executor]`): on the session service's machine (`local`, the default), or as Slurm
 /// jobs (`slurm`), each running its session's runner (`nsmld runner`) on the node Slurm picks.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
 pub enum ExecutorSection {
+    #[default]
     Local,
     Slurm(SlurmSection),
-}
-
-impl Default for ExecutorSection {
-    fn default() -> Self {
-        ExecutorSection::Local
-    }
 }
 
 /// The Slurm executor's settings.

@@ -201,7 +201,7 @@ impl SlurmExecutor {
             }
         }
         for id in to_cancel {
-            if let Err(e) = command("scancel", &[id.clone()], None).await {
+            if let Err(e) = command("scancel", std::slice::from_ref(&id), None).await {
                 tracing::warn!(job = %id, error = %e, "cannot cancel a job Slurm will never start");
             }
         }
