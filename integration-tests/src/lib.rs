@@ -511,8 +511,8 @@ fn kill_runners(config: &Path) {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_runner = args.get(1).is_some_and(|a| *a == b"runner")
-            && args.contains(&config.as_bytes());
+        let is_runner =
+            args.get(1).is_some_and(|a| *a == b"runner") && args.contains(&config.as_bytes());
         if is_runner {
             // SAFETY: kill only sends a signal.
             #[allow(unsafe_code)]
