@@ -231,6 +231,26 @@ fn refusals(cluster: &SlurmCluster, alice: &User, work: &Path) -> anyhow::Result
     ensure!(!out.all().contains("is started"), "refusal: {}", out.all());
     holds_nothing(alice)?;
     cluster.controller(true)?;
+    // Runs are taken again once the platform sees Slurm answer.
+    eventually(LONG, || {
+        let out = alice.nsml_in(
+            &dir,
+            &[
+                "run", "-d", "t1-cls", "-g", "0", "-c", "1", "--memory", "1G", "--shm", "64M",
+            ],
+            "",
+        )?;
+        if out.code == 0 {
+            return Ok(Some(()));
+        }
+        ensure!(
+            out.all().contains("cannot be reached"),
+            "run: {}",
+            out.all()
+        );
+        Ok(None)
+    })
+    .context("runs were not taken again after Slurm came back")?;
     Ok(())
 }
 

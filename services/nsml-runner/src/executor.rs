@@ -513,15 +513,17 @@ impl LocalExecutor {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        let reason = match stop_reason {
-            Some(why) if outcome.stopped => why,
-            _ => outcome.reason.clone(),
+        // Stopped from this machine, the process may have ended of the same signal before the runner stopped
+        // it (a Slurm job's processes are all signalled at once): the stop is what ended it either way.
+        let (reason, stopped) = match stop_reason {
+            Some(why) if outcome.stopped || outcome.exit_code != 0 => (why, true),
+            _ => (outcome.reason.clone(), outcome.stopped),
         };
         let req = RunnerFinishedRequest {
             name: name.to_string(),
             exit_code: outcome.exit_code,
             reason,
-            stopped: outcome.stopped,
+            stopped,
         };
         let finished = with_retry("RunnerFinished", FINISH_BUDGET, || {
             let mut c = self.clients.session.clone();
