@@ -85,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     for (what, p) in [("p50", 0.5), ("p90", 0.9)] {
         let (raw, ours) = (pct(raw_start.clone(), p), pct(platform_start.clone(), p));
         println!(
-            "| submitted → first statement, {what} | {raw:.0} ms | {ours:.0} ms | +{:.0} ms |",
+            "| submitted → first statement, {what} | {raw:.0} ms | {ours:.0} ms | {:+.0} ms |",
             ours - raw
         );
     }
