@@ -445,6 +445,16 @@ gpus = "0"
         }
     }
 
+    /// Kills every process (SIGKILL), runs `while_down`, and starts them again on the same data.
+    pub fn kill_and_restart_when(
+        &mut self,
+        while_down: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.kill();
+        while_down()?;
+        self.kill_and_restart_after(Duration::ZERO)
+    }
+
     /// Kills one service's process of a distributed deployment (SIGKILL) and starts it again.
     pub fn restart_service(&mut self, service: &str) -> anyhow::Result<()> {
         self.restart_service_after(service, Duration::ZERO)

@@ -98,6 +98,22 @@ impl SlurmCluster {
         self.harness(&["kill-node", &self.dir.path().display().to_string(), node])
     }
 
+    /// Starts a killed node's slurmd again (the node returns to service).
+    pub fn start_node(&self, node: &str) -> anyhow::Result<()> {
+        self.harness(&["start-node", &self.dir.path().display().to_string(), node])
+    }
+
+    /// The state of the job of session `name` (`RUNNING`, `NODE_FAIL`, …), as `squeue` shows it.
+    pub fn job_state(&self, name: &str) -> anyhow::Result<Option<String>> {
+        let out = self.command("squeue", &["--noheader", "--states=all", "--format=%k|%T"])?;
+        Ok(out.lines().find_map(|l| {
+            l.trim()
+                .split_once('|')
+                .filter(|(k, _)| *k == name)
+                .map(|(_, state)| state.to_string())
+        }))
+    }
+
     /// Stops slurmctld (Slurm unreachable) or starts it again.
     pub fn controller(&self, up: bool) -> anyhow::Result<()> {
         let verb = if up { "start-ctld" } else { "stop-ctld" };

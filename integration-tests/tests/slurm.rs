@@ -105,6 +105,7 @@ fn sessions_run_as_slurm_jobs() -> anyhow::Result<()> {
         cancelled_by_an_operator(&cluster, &alice, work.path())?;
         restart_under_a_running_job(&cluster, &mut dep, &alice, work.path())?;
         lost_node(&cluster, &bob, work.path())?;
+        ended_while_the_platform_was_down(&cluster, &mut dep, &bob, work.path())?;
         scenario::still_there(&dep, &left)?;
         Ok::<_, anyhow::Error>(())
     })();
@@ -362,5 +363,41 @@ fn lost_node(cluster: &SlurmCluster, bob: &User, work: &Path) -> anyhow::Result<
         "reason: {failed}"
     );
     holds_nothing(bob)?;
+    cluster.start_node(&node)?;
+    Ok(())
+}
+
+/// A job that ends while the platform is down (its node lost with its runner) is recorded after the
+/// restart with how Slurm says it ended, and holds nothing.
+fn ended_while_the_platform_was_down(
+    cluster: &SlurmCluster,
+    dep: &mut Deployment,
+    bob: &User,
+    work: &Path,
+) -> anyhow::Result<()> {
+    let dir = work.join("bob-while-down");
+    long_session(&dir, 600)?;
+    let s = scenario::run_with(
+        bob,
+        &dir,
+        "t1-cls",
+        &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"],
+    )?;
+    let node = cluster.node_of(&s)?;
+    dep.kill_and_restart_when(|| {
+        cluster.kill_node(&node)?;
+        eventually(LONG, || {
+            Ok((cluster.job_state(&s)?.as_deref() == Some("NODE_FAIL")).then_some(()))
+        })
+        .context("Slurm never marked the job failed")
+    })?;
+    let failed = wait_status(bob, &s, "failed")?;
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    ensure!(
+        reason.contains("the node running the job failed") && reason.contains("NODE_FAIL"),
+        "reason: {failed}"
+    );
+    holds_nothing(bob)?;
+    cluster.start_node(&node)?;
     Ok(())
 }
