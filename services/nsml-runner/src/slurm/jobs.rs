@@ -123,7 +123,7 @@ pub fn parse_sbatch(out: &str) -> String {
     line.split(';').next().unwrap_or(line).to_string()
 }
 
-/// Slurm's error output as the session's reason: its `error:` lines, without the program's prefix.
+/// What Slurm said on its error output: its `error:` lines, without the program's prefix.
 pub fn slurm_message(program: &str, stderr: &str) -> String {
     let said: Vec<&str> = stderr
         .lines()
@@ -138,7 +138,7 @@ pub fn slurm_message(program: &str, stderr: &str) -> String {
     if said.is_empty() {
         format!("Slurm's `{program}` failed without a message")
     } else {
-        format!("Slurm refused: {}", said.join("; "))
+        said.join("; ")
     }
 }
 
@@ -459,7 +459,7 @@ mod tests {
                 "sbatch",
                 "sbatch: error: Batch job submission failed: Invalid partition name specified\n"
             ),
-            "Slurm refused: Batch job submission failed: Invalid partition name specified"
+            "Batch job submission failed: Invalid partition name specified"
         );
         assert_eq!(parse_sbatch("42\n"), "42");
         assert_eq!(parse_sbatch("42;cluster\n"), "42");

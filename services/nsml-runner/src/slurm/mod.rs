@@ -321,7 +321,8 @@ impl Executor for SlurmExecutor {
                     .insert(session.name.clone(), Job::submitted(&session.name, id));
                 Ok(())
             }
-            Err(why) => {
+            Err(said) => {
+                let why = format!("Slurm refused the job: {said}");
                 // An `sbatch` that got no answer may still have made the job (slurmctld answered too late):
                 // it must not run a session that is failed for it.
                 if why.contains("timed out") || why.contains("no answer") {
