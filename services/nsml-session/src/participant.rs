@@ -279,7 +279,14 @@ impl Participants {
             });
         }
         let name = r.name.clone();
-        let mut live = self.launcher.logs.subscribe(&name);
+        let follow = r.follow && !is_ended(e.session.status());
+        // Subscribed before the stored lines are read, so no line falls between; only a follow holds a
+        // live channel.
+        let mut live = if follow {
+            self.launcher.logs.subscribe(&name)
+        } else {
+            tokio::sync::broadcast::channel(1).1
+        };
         let stored = self
             .launcher
             .logs
@@ -287,7 +294,6 @@ impl Participants {
             .map_err(SessionError::internal("reading a session log"))?;
         let mut last_seq = stored.last().map_or(0, |l| l.seq);
         let handler = self.launcher.handler.clone();
-        let follow = r.follow && !is_ended(e.session.status());
         Ok(stream_lines(stored, follow, move |tx| async move {
             loop {
                 let item = tokio::time::timeout(Duration::from_millis(500), live.recv()).await;
