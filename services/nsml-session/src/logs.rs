@@ -109,7 +109,8 @@ impl LogStore {
     }
 
     /// How many sessions have a live channel now.
-    pub fn channels(&self) -> usize {
+    #[cfg(test)]
+    fn channels(&self) -> usize {
         self.live.lock().len()
     }
 
