@@ -11,6 +11,9 @@
 //!   ones before have been answered, and its latency counts from when it was due);
 //! - idle `nsmld up` resident memory.
 //!
+//! With `--kept N` it measures only what each ended session kept costs: `nsmld up`'s resident memory after 50
+//! trivial sessions and after N, and the growth per session between.
+//!
 //! With `--soak SECONDS` it runs only the soak instead (`nsml_integration_tests::soak`): a busy competition
 //! hour compressed into that many seconds, with `nsmld`'s resident memory sampled throughout.
 //!
@@ -90,6 +93,10 @@ async fn main() -> anyhow::Result<()> {
     let rate = get("--rate", 5000);
     let skip_distributed = args.iter().any(|a| a == "--embedded-only");
     let soak_secs = get("--soak", 0);
+    let kept = get("--kept", 0);
+    if kept > 0 {
+        return kept_sessions(kept).await;
+    }
     if soak_secs > 0 {
         let duration = Duration::from_secs(soak_secs as u64);
         let report = nsml_integration_tests::soak::soak(duration, UNLIMITED).await?;
@@ -394,4 +401,52 @@ async fn distributed_admissions(n: usize, clients: usize) -> anyhow::Result<(Fig
     drop_stream(&stream).await;
     db.drop_db().await;
     figures
+}
+
+/// Resident memory of `nsmld up` after 50 ended sessions and after `n` (none removed): the growth per session
+/// kept.
+async fn kept_sessions(n: usize) -> anyhow::Result<()> {
+    const FIRST: usize = 50;
+    anyhow::ensure!(n > FIRST, "--kept takes more than {FIRST} sessions");
+    let dep = Deployment::embedded_env(&[], UNLIMITED)?;
+    let pid = dep.pids().first().copied().context("no nsmld process")?;
+    let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+    let snap = alice
+        .upload("t1-cls", &[("main.py", "print('hi')\n")])
+        .await?;
+    let mut at_first = None;
+    for i in 1..=n {
+        let s = alice.run("t1-cls", &snap, "", small()).await?;
+        let done = alice.wait_session(&s.name).await?;
+        anyhow::ensure!(
+            done.status() == SessionStatus::Exited,
+            "bench session {} ended as {:?}: {}",
+            s.name,
+            done.status(),
+            done.reason
+        );
+        if i == FIRST {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            at_first = nsml_integration_tests::soak::rss_kib(pid);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_last = nsml_integration_tests::soak::rss_kib(pid);
+    let (Some(first), Some(last)) = (at_first, at_last) else {
+        anyhow::bail!("cannot read nsmld's resident memory");
+    };
+    println!("nsml-bench --kept (embedded, `nsmld up`, trivial sessions, none removed)");
+    println!(
+        "resident memory after {FIRST} sessions: {:.1} MB",
+        first as f64 / 1024.0
+    );
+    println!(
+        "resident memory after {n} sessions: {:.1} MB",
+        last as f64 / 1024.0
+    );
+    println!(
+        "growth per kept session: {:.1} KiB",
+        last.saturating_sub(first) as f64 / (n - FIRST) as f64
+    );
+    Ok(())
 }
