@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 pub mod access;
 pub mod faults;
+pub mod figures;
 pub mod grpc;
 pub mod hostile;
 pub mod scenario;

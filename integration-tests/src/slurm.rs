@@ -137,6 +137,30 @@ impl SlurmCluster {
         self.dir.path()
     }
 
+    /// The distributed deployment over `db_url` and `stream` whose sessions run on this cluster, with the example
+    /// competition applied. The runners' configuration and scratch space are under `node_dir` (nothing shared with
+    /// the platform's data directory); the jobs' own output goes to the cluster's directory.
+    pub fn deployment(
+        &self,
+        db_url: &str,
+        stream: &str,
+        node_dir: &Path,
+    ) -> anyhow::Result<Deployment> {
+        std::fs::create_dir_all(node_dir)?;
+        let runner_config = node_dir.join("runner.toml");
+        let executor = executor_config(&runner_config, self.dir(), &[]);
+        let dep = Deployment::distributed_with(
+            db_url,
+            "nats://127.0.0.1:4222",
+            stream,
+            &self.env(),
+            &executor,
+        )?;
+        write_runner_config(&dep, &runner_config, &node_dir.join("scratch"))?;
+        dep.apply_competition(&repo_root().join("examples/competition.toml"))?;
+        Ok(dep)
+    }
+
     /// Prints the tail of every log of the cluster (slurmctld, the slurmd, munged, the jobs' runners), for a
     /// failed test.
     pub fn print_logs(&self) {
@@ -195,7 +219,7 @@ fn read_env(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
 
 /// The `[executor]` table of a deployment whose sessions run on this cluster: the runner is this
 /// workspace's `nsmld`, reading `runner_config`; jobs' own output goes to `output_dir`.
-pub fn executor_config(runner_config: &Path, output_dir: &Path, extra_args: &[&str]) -> String {
+fn executor_config(runner_config: &Path, output_dir: &Path, extra_args: &[&str]) -> String {
     let extra: Vec<String> = extra_args.iter().map(|a| format!("{a:?}")).collect();
     format!(
         r#"
@@ -218,7 +242,7 @@ extra_args = [{extra}]
 /// Writes the runner's configuration for the "nodes": the deployment's service addresses and secret, and a
 /// scratch directory of its own (nothing shared with the platform's data directory), readable by its owner
 /// only.
-pub fn write_runner_config(dep: &Deployment, path: &Path, scratch: &Path) -> anyhow::Result<()> {
+fn write_runner_config(dep: &Deployment, path: &Path, scratch: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let platform = std::fs::read_to_string(dep.config_path().context("no config")?)?;
     let mut text = format!("data_dir = \"{}\"\n", scratch.display());

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use nsml_integration_tests::slurm::{self, SlurmCluster};
+use nsml_integration_tests::slurm::SlurmCluster;
 use nsml_integration_tests::{Deployment, FreshDb, User, drop_stream, eventually, scenario};
 use serde_json::Value;
 
@@ -60,6 +60,25 @@ fn wait_status(u: &User, name: &str, want: &str) -> anyhow::Result<Value> {
     .with_context(|| format!("session {name} never reached {want}"))
 }
 
+/// Starts `main.py` of `dir` as a training session with `gpus` GPUs, `cpus` CPUs and 1 GiB; returns its name.
+fn start(u: &User, dir: &Path, gpus: &str, cpus: &str) -> anyhow::Result<String> {
+    scenario::run_with(
+        u,
+        dir,
+        "t1-cls",
+        &["-g", gpus, "-c", cpus, "--memory", "1G", "--shm", "64M"],
+    )
+}
+
+/// Waits until session `name`'s log shows `text`; returns the log.
+fn logged(u: &User, name: &str, text: &str) -> anyhow::Result<String> {
+    eventually(LONG, || {
+        let out = u.nsml(&["logs", name])?.ok()?;
+        Ok(out.stdout.contains(text).then_some(out.stdout))
+    })
+    .with_context(|| format!("session {name} never logged `{text}`"))
+}
+
 /// Waits until the team holds nothing, as `nsml quota -j` shows it.
 fn holds_nothing(u: &User) -> anyhow::Result<()> {
     eventually(LONG, || {
@@ -79,21 +98,9 @@ fn sessions_run_as_slurm_jobs() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let db = rt.block_on(FreshDb::create())?;
     let stream = format!("NSML_IT_{}", uuid::Uuid::new_v4().simple());
-    let tmp = tempfile::tempdir()?;
-    let runner_config = tmp.path().join("runner.toml");
-    let executor = slurm::executor_config(&runner_config, cluster.dir(), &[]);
+    let node = tempfile::tempdir()?;
     let result = (|| {
-        let mut dep = Deployment::distributed_with(
-            &db.url,
-            "nats://127.0.0.1:4222",
-            &stream,
-            &cluster.env(),
-            &executor,
-        )?;
-        slurm::write_runner_config(&dep, &runner_config, &tmp.path().join("node-scratch"))?;
-        let host = dep.host()?;
-        host.nsml(&["admin", "competition", "apply", "examples/competition.toml"])?
-            .ok()?;
+        let mut dep = cluster.deployment(&db.url, &stream, node.path())?;
         let work = tempfile::tempdir()?;
 
         // The participant's whole loop, every session a Slurm job.
@@ -128,20 +135,12 @@ fn placement_stop_and_queue(
 ) -> anyhow::Result<()> {
     let a_dir = work.join("alice-long");
     long_session(&a_dir, 600)?;
-    let gpu = scenario::run_with(
-        alice,
-        &a_dir,
-        "t1-cls",
-        &["-g", "2", "-c", "2", "--memory", "1G", "--shm", "64M"],
-    )?;
+    let gpu = start(alice, &a_dir, "2", "2")?;
     ensure!(
         cluster.node_of(&gpu)? == "gpu1",
         "the 2-GPU session is not on gpu1"
     );
-    let logs = eventually(LONG, || {
-        let out = alice.nsml(&["logs", &gpu])?.ok()?;
-        Ok(out.stdout.contains("tick 0").then_some(out.stdout))
-    })?;
+    let logs = logged(alice, &gpu, "tick 0")?;
     ensure!(
         logs.contains("gpus=0,1"),
         "the session did not get Slurm's GPUs: {logs}"
@@ -149,24 +148,14 @@ fn placement_stop_and_queue(
 
     let b_dir = work.join("bob-long");
     long_session(&b_dir, 600)?;
-    let cpu = scenario::run_with(
-        bob,
-        &b_dir,
-        "t1-cls",
-        &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"],
-    )?;
+    let cpu = start(bob, &b_dir, "0", "2")?;
     ensure!(
         cluster.node_of(&cpu)? == "cpu1",
         "the CPU session is not on cpu1"
     );
 
     // Both nodes are full: the next session waits in Slurm's queue, and ps says why.
-    let queued = scenario::run_with(
-        bob,
-        &b_dir,
-        "t1-cls",
-        &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"],
-    )?;
+    let queued = start(bob, &b_dir, "0", "2")?;
     let shown = eventually(LONG, || {
         let s = status(bob, &queued)?;
         let reason = s["reason"].as_str().unwrap_or_default().to_string();
@@ -202,12 +191,7 @@ fn refusals(cluster: &SlurmCluster, alice: &User, work: &Path) -> anyhow::Result
     let dir = work.join("alice-refused");
     long_session(&dir, 1)?;
     // More CPUs than any node has, within the team's quota.
-    let big = scenario::run_with(
-        alice,
-        &dir,
-        "t1-cls",
-        &["-g", "0", "-c", "16", "--memory", "1G", "--shm", "64M"],
-    )?;
+    let big = start(alice, &dir, "0", "16")?;
     let failed = wait_status(alice, &big, "failed")?;
     let reason = failed["reason"].as_str().unwrap_or_default();
     // Slurm either refuses it at once or keeps it pending for its partition's limits; either way the session
@@ -263,17 +247,9 @@ fn cancelled_by_an_operator(
 ) -> anyhow::Result<()> {
     let dir = work.join("alice-cancelled");
     long_session(&dir, 600)?;
-    let s = scenario::run_with(
-        alice,
-        &dir,
-        "t1-cls",
-        &["-g", "0", "-c", "1", "--memory", "1G", "--shm", "64M"],
-    )?;
+    let s = start(alice, &dir, "0", "1")?;
     cluster.node_of(&s)?;
-    eventually(LONG, || {
-        let out = alice.nsml(&["logs", &s])?.ok()?;
-        Ok(out.stdout.contains("tick 0").then_some(()))
-    })?;
+    logged(alice, &s, "tick 0")?;
     let id = cluster
         .command("squeue", &["--noheader", "--format=%i|%k"])?
         .lines()
@@ -306,17 +282,9 @@ fn restart_under_a_running_job(
 ) -> anyhow::Result<()> {
     let dir = work.join("alice-restart");
     long_session(&dir, 25)?;
-    let s = scenario::run_with(
-        alice,
-        &dir,
-        "t1-cls",
-        &["-g", "0", "-c", "1", "--memory", "1G", "--shm", "64M"],
-    )?;
+    let s = start(alice, &dir, "0", "1")?;
     cluster.node_of(&s)?;
-    eventually(LONG, || {
-        let out = alice.nsml(&["logs", &s])?.ok()?;
-        Ok(out.stdout.contains("tick 2").then_some(()))
-    })?;
+    logged(alice, &s, "tick 2")?;
     dep.kill_and_restart_after(Duration::from_secs(5))?;
     let ended = wait_status(alice, &s, "exited")?;
     let logs = alice.nsml(&["logs", &s])?.ok()?;
@@ -344,17 +312,9 @@ fn restart_under_a_running_job(
 fn lost_node(cluster: &SlurmCluster, bob: &User, work: &Path) -> anyhow::Result<()> {
     let dir = work.join("bob-lost");
     long_session(&dir, 600)?;
-    let s = scenario::run_with(
-        bob,
-        &dir,
-        "t1-cls",
-        &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"],
-    )?;
+    let s = start(bob, &dir, "0", "2")?;
     let node = cluster.node_of(&s)?;
-    eventually(LONG, || {
-        let out = bob.nsml(&["logs", &s])?.ok()?;
-        Ok(out.stdout.contains("tick 1").then_some(()))
-    })?;
+    logged(bob, &s, "tick 1")?;
     cluster.kill_node(&node)?;
     let failed = wait_status(bob, &s, "failed")?;
     let reason = failed["reason"].as_str().unwrap_or_default();
@@ -377,12 +337,7 @@ fn ended_while_the_platform_was_down(
 ) -> anyhow::Result<()> {
     let dir = work.join("bob-while-down");
     long_session(&dir, 600)?;
-    let s = scenario::run_with(
-        bob,
-        &dir,
-        "t1-cls",
-        &["-g", "0", "-c", "2", "--memory", "1G", "--shm", "64M"],
-    )?;
+    let s = start(bob, &dir, "0", "2")?;
     let node = cluster.node_of(&s)?;
     dep.kill_and_restart_when(|| {
         cluster.kill_node(&node)?;

@@ -20,30 +20,15 @@
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
 //! [--admissions N] [--clients N] [--rate N] [--embedded-only]`, or `target/release/nsml-bench --soak 240`.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use nsml_integration_tests::figures::{exited, now_ms, pct};
 use nsml_integration_tests::grpc::{Client, authed, small};
 use nsml_integration_tests::{Deployment, FreshDb, drop_stream};
 use nsml_proto::v1::session_service_client::SessionServiceClient;
-use nsml_proto::v1::{GetSessionRequest, ListSessionsRequest, LogsRequest, SessionStatus};
+use nsml_proto::v1::{GetSessionRequest, ListSessionsRequest, LogsRequest};
 use tokio_stream::StreamExt;
-
-fn pct(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-fn now_ms_f() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
-}
 
 /// CPU time (user and system) a process has used so far, from `/proc/PID/stat`.
 fn cpu_secs(pid: &str) -> Option<f64> {
@@ -126,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let mut start_ms = Vec::new();
     let mut line_ms = Vec::new();
     for _ in 0..runs {
-        let t0 = now_ms_f();
+        let t0 = now_ms();
         let s = alice.run("t1-cls", &snap, "", small()).await?;
         let mut logs = sessions
             .logs(authed(
@@ -141,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         let mut first_line_at = None;
         while let Some(l) = logs.next().await {
             let l = l?;
-            let seen = now_ms_f();
+            let seen = now_ms();
             if let Some(v) = l
                 .text
                 .strip_prefix("tick ")
@@ -160,13 +145,7 @@ async fn main() -> anyhow::Result<()> {
             )?)
             .await?
             .into_inner();
-        anyhow::ensure!(
-            done.status() == SessionStatus::Exited,
-            "bench session {} ended as {:?}: {}",
-            s.name,
-            done.status(),
-            done.reason
-        );
+        exited(&done)?;
         // The entry's first statement stamps the time it runs: sandbox and interpreter start-up included.
         start_ms.push(first_line_at.context("the entry printed nothing")? - t0);
     }
@@ -418,13 +397,7 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
     for i in 1..=n {
         let s = alice.run("t1-cls", &snap, "", small()).await?;
         let done = alice.wait_session(&s.name).await?;
-        anyhow::ensure!(
-            done.status() == SessionStatus::Exited,
-            "bench session {} ended as {:?}: {}",
-            s.name,
-            done.status(),
-            done.reason
-        );
+        exited(&done)?;
         if i == FIRST {
             tokio::time::sleep(Duration::from_secs(2)).await;
             at_first = nsml_integration_tests::soak::rss_kib(pid);

@@ -11,33 +11,18 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt as _;
 use nsml_common::clients::{Clients, ServiceAddrs};
 use nsml_common::executor::Executor as _;
+use nsml_integration_tests::figures::{now_ms, pct};
 use nsml_integration_tests::grpc::{Client, authed};
-use nsml_integration_tests::slurm::{self, SlurmCluster};
-use nsml_integration_tests::{Deployment, FreshDb, drop_stream};
+use nsml_integration_tests::slurm::SlurmCluster;
+use nsml_integration_tests::{FreshDb, drop_stream};
 use nsml_proto::v1::session_service_client::SessionServiceClient;
 use nsml_proto::v1::{LogsRequest, Resources, Session};
-
-fn pct(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
-
-fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
-}
 
 const CONCURRENCY: usize = 16;
 
@@ -139,21 +124,9 @@ async fn wait_stamp(path: &Path) -> anyhow::Result<f64> {
 async fn platform_starts(cluster: &SlurmCluster, runs: usize) -> anyhow::Result<Vec<f64>> {
     let db = FreshDb::create().await?;
     let stream = format!("NSML_BENCH_{}", uuid::Uuid::new_v4().simple());
-    let tmp = tempfile::tempdir()?;
-    let runner_config = tmp.path().join("runner.toml");
-    let executor = slurm::executor_config(&runner_config, tmp.path(), &[]);
+    let node = tempfile::tempdir()?;
     let result = async {
-        let dep = Deployment::distributed_with(
-            &db.url,
-            "nats://127.0.0.1:4222",
-            &stream,
-            &cluster.env(),
-            &executor,
-        )?;
-        slurm::write_runner_config(&dep, &runner_config, &tmp.path().join("scratch"))?;
-        dep.apply_competition(
-            &nsml_integration_tests::repo_root().join("examples/competition.toml"),
-        )?;
+        let dep = cluster.deployment(&db.url, &stream, node.path())?;
         let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
         let snap = alice
             .upload(

@@ -496,23 +496,24 @@ fn reap(dir: &Path) {
     }
 }
 
+/// The fields of `/proc/PID/stat` after the command (`state ppid pgrp …`; the command may hold spaces and
+/// parentheses, so they are read after its last `)`), or `None` when there is no such process.
+pub(crate) fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
 /// Whether `pid` has exited (no such process, or a zombie).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_none_or(|state| state == "Z" || state == "X"),
-        Err(_) => true,
-    }
+pub(crate) fn gone(pid: u32) -> bool {
+    stat_fields(pid)
+        .and_then(|f| f.into_iter().next())
+        .is_none_or(|state| state == "Z" || state == "X")
 }
 
 /// The parent pid of `pid`, from `/proc/PID/stat`.
 fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid …`; comm may hold spaces and parentheses, so read after the last `)`.
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    stat_fields(pid)?.get(1)?.parse().ok()
 }
 
 fn signal(pid: u32, sig: Signal) {

@@ -34,20 +34,17 @@ pub enum GpuSource {
 }
 
 impl GpuSource {
-    /// The GPUs Slurm allocated to the job this process runs in: `SLURM_JOB_GPUS` (indices, e.g. `0,1`),
-    /// else `CUDA_VISIBLE_DEVICES` as Slurm set it; none when the job was given no GPU.
-    pub fn from_slurm_job(env: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let Some(list) = env("SLURM_JOB_GPUS")
-            .or_else(|| env("SLURM_STEP_GPUS"))
-            .or_else(|| env("CUDA_VISIBLE_DEVICES"))
-        else {
-            return Ok(GpuSource::Ids(Vec::new()));
-        };
+    /// The GPUs a list names: `none`, or comma-separated indices such as `0,1` (as `SLURM_JOB_GPUS` and
+    /// `CUDA_VISIBLE_DEVICES` give them); an index named twice counts once.
+    pub fn ids(list: &str) -> Result<Self> {
         let mut ids = Vec::new();
+        if list.trim() == "none" {
+            return Ok(GpuSource::Ids(ids));
+        }
         for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let id = item.parse::<u32>().map_err(|_| {
                 RunnerError::GpuList(format!(
-                    "the job's GPU list `{list}` names `{item}`, not a GPU index"
+                    "the GPU list `{list}` names `{item}`, not a GPU index"
                 ))
             })?;
             if !ids.contains(&id) {
@@ -55,6 +52,18 @@ impl GpuSource {
             }
         }
         Ok(GpuSource::Ids(ids))
+    }
+
+    /// The GPUs Slurm allocated to the job this process runs in: `SLURM_JOB_GPUS` (indices, e.g. `0,1`),
+    /// else `CUDA_VISIBLE_DEVICES` as Slurm set it; none when the job was given no GPU.
+    pub fn from_slurm_job(env: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        match env("SLURM_JOB_GPUS")
+            .or_else(|| env("SLURM_STEP_GPUS"))
+            .or_else(|| env("CUDA_VISIBLE_DEVICES"))
+        {
+            Some(list) => Self::ids(&list),
+            None => Ok(GpuSource::Ids(Vec::new())),
+        }
     }
 }
 

@@ -63,22 +63,24 @@ pub struct ProcessExecutor {
 /// How often an adopted runner (not this process's child) is checked for having ended.
 const ADOPTED_CHECK: Duration = Duration::from_millis(500);
 
-/// The start time of process `pid` in clock ticks since boot, or `None` when it is gone.
+/// The start time of process `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`), or `None`
+/// when it is gone.
 fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command (which may hold spaces) closed by the last `)`: state, then 18 fields, then
-    // starttime (field 22 of the whole line).
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    if fields.first().is_some_and(|s| *s == "Z" || *s == "X") {
+    let pid = u32::try_from(pid).ok()?;
+    if crate::cgroup::gone(pid) {
         return None;
     }
-    fields.get(19)?.parse().ok()
+    crate::cgroup::stat_fields(pid)?.get(19)?.parse().ok()
 }
 
-/// A file name for session `name` (`TEAM/DATASET/N` has no `.`).
+/// A file name for session `name` with extension `ext` (`TEAM/DATASET/N` has no `.`).
+fn file_name(name: &str, ext: &str) -> String {
+    format!("{}.{ext}", name.replace('/', "."))
+}
+
+/// The name of the record of session `name`'s runner.
 fn record_name(name: &str) -> String {
-    format!("{}.json", name.replace('/', "."))
+    file_name(name, "json")
 }
 
 impl ProcessExecutor {
@@ -151,7 +153,7 @@ impl ProcessExecutor {
             .cfg
             .state_dir
             .join("logs")
-            .join(record_name(&session.name).replace(".json", ".log"));
+            .join(file_name(&session.name, "log"));
         let log = std::fs::File::create(&log_path)
             .map_err(|e| format!("cannot create the runner's log {}: {e}", log_path.display()))?;
         let log2 = log

@@ -264,21 +264,11 @@ impl Config {
         let mut c: Config = toml::from_str(&text)
             .with_context(|| format!("invalid configuration {}", path.display()))?;
         c.source = Some(std::path::absolute(path)?);
-        if let Ok(v) = std::env::var("NSML_STORE") {
-            c.store = v;
-        }
-        if let Ok(v) = std::env::var("NSML_BUS") {
-            c.bus = v;
-        }
-        if let Ok(v) = std::env::var("NSML_BUS_STREAM") {
-            c.bus_stream = v;
-        }
-        if let Ok(v) = std::env::var("NSML_INTERNAL_SECRET") {
-            c.internal_secret = v;
-        }
-        if let Ok(v) = std::env::var("NSML_DATA_DIR") {
-            c.data_dir = v.into();
-        }
+        override_from_env("NSML_STORE", &mut c.store);
+        override_from_env("NSML_BUS", &mut c.bus);
+        override_from_env("NSML_BUS_STREAM", &mut c.bus_stream);
+        override_from_env("NSML_INTERNAL_SECRET", &mut c.internal_secret);
+        override_from_env("NSML_DATA_DIR", &mut c.data_dir);
         if c.internal_secret.len() < 16 {
             anyhow::bail!("internal_secret must be at least 16 characters");
         }
@@ -289,6 +279,13 @@ impl Config {
         }
         std::fs::create_dir_all(&c.data_dir)?;
         Ok(c)
+    }
+}
+
+/// Sets `field` from the environment variable `var` when it is set: the environment overrides the file.
+pub fn override_from_env<T: From<String>>(var: &str, field: &mut T) {
+    if let Ok(v) = std::env::var(var) {
+        *field = T::from(v);
     }
 }
 

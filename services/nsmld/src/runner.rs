@@ -10,7 +10,7 @@ use nsml_proto::v1::Session;
 use prost::Message;
 use serde::Deserialize;
 
-use crate::deployment::{Listen, RunnerSection};
+use crate::deployment::{Listen, RunnerSection, override_from_env};
 
 /// What a runner on a compute node reads from its configuration file. The platform's own configuration
 /// file serves as well: what a runner does not need (the store, the bus) is ignored.
@@ -35,12 +35,8 @@ impl RunnerHost {
         let mut host: RunnerHost = toml::from_str(&text)
             .with_context(|| format!("invalid runner configuration {}", path.display()))?;
         // As `nsmld serve` does: a runner the session service starts shares its environment.
-        if let Ok(v) = std::env::var("NSML_INTERNAL_SECRET") {
-            host.internal_secret = v;
-        }
-        if let Ok(v) = std::env::var("NSML_DATA_DIR") {
-            host.data_dir = v.into();
-        }
+        override_from_env("NSML_INTERNAL_SECRET", &mut host.internal_secret);
+        override_from_env("NSML_DATA_DIR", &mut host.data_dir);
         anyhow::ensure!(
             host.internal_secret.len() >= 16,
             "internal_secret must be at least 16 characters"
@@ -55,22 +51,6 @@ pub fn decode_session(spec: &str) -> anyhow::Result<Session> {
     Session::decode(bytes.as_slice()).context("--session does not hold a session")
 }
 
-/// The GPUs `--gpus` names: `none`, or indices such as `0,1`.
-pub fn parse_gpus(list: &str) -> anyhow::Result<nsml_runner::GpuSource> {
-    if list == "none" {
-        return Ok(nsml_runner::GpuSource::Ids(Vec::new()));
-    }
-    let ids = list
-        .split(',')
-        .map(|i| {
-            i.trim().parse::<u32>().with_context(|| {
-                format!("--gpus takes `none` or GPU indices such as 0,1, not `{list}`")
-            })
-        })
-        .collect::<anyhow::Result<Vec<u32>>>()?;
-    Ok(nsml_runner::GpuSource::Ids(ids))
-}
-
 /// Runs the session `spec` names until its end is reported, holding the GPUs `gpus` names (else those of
 /// its Slurm job, else the configuration's).
 pub async fn run(
@@ -83,7 +63,9 @@ pub async fn run(
     let session = decode_session(spec)?;
     let in_job = std::env::var("SLURM_JOB_ID").ok();
     let gpus = match (gpus, &in_job) {
-        (Some(list), _) => parse_gpus(list)?,
+        (Some(list), _) => nsml_runner::GpuSource::ids(list).with_context(|| {
+            format!("--gpus takes `none` or GPU indices such as 0,1, not `{list}`")
+        })?,
         // Inside a Slurm job, the runner holds exactly the GPUs Slurm allocated to the job.
         (None, Some(_)) => nsml_runner::GpuSource::from_slurm_job(|k| std::env::var(k).ok())?,
         (None, None) => host.runner.gpu_source()?,
