@@ -11,6 +11,7 @@ pub mod context;
 pub mod error;
 pub mod event;
 pub mod executor;
+pub mod live;
 pub mod names;
 pub mod projection;
 pub mod reactor;

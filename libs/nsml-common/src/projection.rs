@@ -28,6 +28,7 @@ pub struct Projection<S> {
     state: RwLock<S>,
     watermark: watch::Sender<u64>,
     ready: watch::Sender<bool>,
+    stopped: CancellationToken,
 }
 
 impl<S: ReadModel> Projection<S> {
@@ -42,6 +43,7 @@ impl<S: ReadModel> Projection<S> {
             state: RwLock::new(S::default()),
             watermark: watch::channel(0).0,
             ready: watch::channel(false).0,
+            stopped: cancel.clone(),
         });
         let me = this.clone();
         let task = tokio::spawn(async move {
@@ -145,6 +147,16 @@ impl<S: ReadModel> Projection<S> {
     pub async fn wait_ready(&self) {
         let mut rx = self.ready.subscribe();
         let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// The position applied, changing with every burst of events applied: what live views wait on.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.watermark.subscribe()
+    }
+
+    /// Cancelled when the projection stops following the log (the process is shutting down).
+    pub fn stopped(&self) -> CancellationToken {
+        self.stopped.clone()
     }
 
     /// Position of the last event applied without gaps.

@@ -10,6 +10,7 @@
 mod error;
 mod identities;
 mod ratelimit;
+mod web;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +19,6 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::response::IntoResponse;
 use nsml_common::caller::{IDENTITY_KEY, INTERNAL_SECRET_KEY};
 use nsml_common::clients::{Clients, ServiceAddrs, Transport, transport};
 use nsml_common::service::Service;
@@ -32,7 +32,7 @@ use tonic::metadata::MetadataMap;
 use tower::ServiceExt;
 
 /// Metadata key under which the auth service reads the address a call came from (its `PEER_KEY`).
-const PEER_KEY: &str = "x-nsml-peer";
+pub(crate) const PEER_KEY: &str = "x-nsml-peer";
 /// The longest bearer token asked of the auth service; the platform's are 64 characters.
 const MAX_TOKEN_BYTES: usize = nsml_common::bounds::MAX_TOKEN_BYTES;
 
@@ -88,10 +88,29 @@ pub async fn serve(
         limiter: ratelimit::Limiter::from_env(),
         identities: identities::Identities::default(),
     });
-    let app = axum::Router::new()
-        .route("/", axum::routing::get(index))
-        .fallback(proxy)
-        .with_state(inner);
+    let routes = axum::Router::new()
+        .route("/web/login", axum::routing::post(web::login))
+        .route("/web/logout", axum::routing::post(web::logout))
+        .fallback(entry)
+        .with_state(inner)
+        .merge(public_meta_services().await);
+    // gRPC-Web (binary and text) beside native gRPC: a gRPC-Web call becomes a gRPC one before routing and its
+    // answer becomes gRPC-Web again; every other request is routed as it came.
+    let grpc_web = tower::util::BoxCloneSyncService::new(
+        tower::ServiceBuilder::new()
+            .layer(tonic_web::GrpcWebLayer::new())
+            .map_request(|req: http::Request<tonic::body::Body>| req.map(Body::new))
+            .map_response(|resp: axum::response::Response| resp.map(tonic::body::Body::new))
+            .service(routes.clone()),
+    );
+    let app = routes.layer(axum::middleware::from_fn_with_state(
+        grpc_web,
+        grpc_web_first,
+    ));
+    let app = match cors_from_env() {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
     // gRPC calls are small writes: without TCP_NODELAY, Nagle's algorithm adds ~40 ms per round trip.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(err) = tcp.set_nodelay(true) {
@@ -108,11 +127,120 @@ pub async fn serve(
     Ok(())
 }
 
-async fn index() -> impl IntoResponse {
-    (
-        [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "NSML gateway: use the `nsml` CLI or a gRPC client (package nsml.v1) on this address.\n",
+type GrpcWeb = tower::util::BoxCloneSyncService<
+    http::Request<Body>,
+    http::Response<tonic::body::Body>,
+    std::convert::Infallible,
+>;
+
+/// Sends gRPC-Web calls through the translation to gRPC, and everything else on as it came.
+async fn grpc_web_first(
+    State(grpc_web): State<GrpcWeb>,
+    req: http::Request<Body>,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let is_grpc_web = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc-web"));
+    if !is_grpc_web {
+        return next.run(req).await;
+    }
+    match grpc_web.oneshot(req).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(never) => match never {},
+    }
+}
+
+/// Cross-origin calls, allowed only from the origins `NSML_CORS_ORIGINS` lists (comma-separated); none by
+/// default, as the web UI is served from the gateway's own origin.
+fn cors_from_env() -> Option<tower_http::cors::CorsLayer> {
+    let origins: Vec<http::HeaderValue> = std::env::var("NSML_CORS_ORIGINS")
+        .ok()?
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .filter_map(|o| match http::HeaderValue::from_str(o) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::warn!(
+                    origin = o,
+                    "NSML_CORS_ORIGINS names an origin that is not a valid header value; ignored"
+                );
+                None
+            }
+        })
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    use http::header::{AUTHORIZATION, CONTENT_TYPE};
+    let name = http::HeaderName::from_static;
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([http::Method::POST, http::Method::GET, http::Method::OPTIONS])
+            .allow_headers([
+                CONTENT_TYPE,
+                AUTHORIZATION,
+                name("x-grpc-web"),
+                name("x-user-agent"),
+                name("grpc-timeout"),
+            ])
+            .expose_headers([
+                name("grpc-status"),
+                name("grpc-message"),
+                name("grpc-status-details-bin"),
+            ])
+            .max_age(std::time::Duration::from_secs(24 * 3600)),
     )
+}
+
+/// gRPC reflection (v1 and v1alpha) and `grpc.health.v1` on the public port, listing the public services only.
+async fn public_meta_services() -> axum::Router {
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    for service in Service::ALL {
+        health
+            .set_service_status(service.grpc_name(), tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let mut routes = tonic::service::Routes::new(health_svc);
+    match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nsml_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(v1) => routes = routes.add_service(v1),
+        Err(err) => tracing::error!(%err, "cannot serve gRPC reflection (v1)"),
+    }
+    match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nsml_proto::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+    {
+        Ok(v1alpha) => routes = routes.add_service(v1alpha),
+        Err(err) => tracing::error!(%err, "cannot serve gRPC reflection (v1alpha)"),
+    }
+    let mut router = axum::Router::new();
+    for service in [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        router = router.route_service(&format!("/{service}/{{*method}}"), routes.clone());
+    }
+    router
+}
+
+/// Everything the named routes do not take: the web UI's files for `GET`, client calls otherwise.
+async fn entry(
+    state: State<Arc<Inner>>,
+    peer: ConnectInfo<SocketAddr>,
+    req: http::Request<Body>,
+) -> axum::response::Response {
+    if req.method() == http::Method::GET || req.method() == http::Method::HEAD {
+        return web::asset(req.uri().path(), req.headers());
+    }
+    proxy(state, peer, req).await
 }
 
 fn status_response(s: Status) -> axum::response::Response {
@@ -120,7 +248,11 @@ fn status_response(s: Status) -> axum::response::Response {
     axum::response::Response::from_parts(parts, Body::empty())
 }
 
+/// The caller's token: its `Authorization: Bearer`, or a browser's cookie on a gRPC-Web call (see `web`).
 fn bearer(headers: &http::HeaderMap) -> Option<String> {
+    if let Some(token) = web::cookie_token(headers) {
+        return Some(token);
+    }
     let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     v.strip_prefix("Bearer ")
         .map(|t| t.trim().to_string())
@@ -171,6 +303,13 @@ async fn proxy(
         Err(refusal) => return status_response(refusal.into()),
     };
     drop_spoofed_metadata(req.headers_mut());
+    // A browser's token travels on as a bearer, as the CLI's does; its cookies go no further.
+    if let Some(token) = web::cookie_token(req.headers())
+        && let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        req.headers_mut().insert(http::header::AUTHORIZATION, v);
+    }
+    req.headers_mut().remove(http::header::COOKIE);
     if let Err(refused) = identify(&gw, peer, &path, &mut req).await {
         return refused;
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nsml_common::caller::Caller;
+use nsml_common::live::{self, LiveStream};
 use nsml_common::projection::Projection;
 use nsml_proto::v1::leaderboard_service_server::LeaderboardService as LeaderboardApi;
 use nsml_proto::v1::{
@@ -42,6 +43,20 @@ impl LeaderboardService {
             .map_err(|_| LeaderboardError::Loading)?;
         Ok(caller)
     }
+
+    /// What `answer` reads from the boards, now and on every change.
+    fn follow<T>(
+        &self,
+        answer: impl Fn(&LeaderboardState) -> Result<T, LeaderboardError> + Send + 'static,
+    ) -> LiveStream<T>
+    where
+        T: PartialEq + Clone + Send + 'static,
+    {
+        let proj = self.proj.clone();
+        live::follow(self.proj.changes(), self.proj.stopped(), move || {
+            std::future::ready(proj.read(&answer).map(Some).map_err(Status::from))
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -65,6 +80,32 @@ impl LeaderboardApi for LeaderboardService {
         let req = req.into_inner();
         let resp = self.proj.read(|s| overall(s, &caller, &req))?;
         Ok(Response::new(resp))
+    }
+
+    type WatchBoardStream = LiveStream<BoardResponse>;
+
+    async fn watch_board(
+        &self,
+        req: Request<BoardRequest>,
+    ) -> Result<Response<Self::WatchBoardStream>, Status> {
+        nsml_common::bounds::check(&req)?;
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        Ok(Response::new(self.follow(move |s| board(s, &caller, &req))))
+    }
+
+    type WatchOverallStream = LiveStream<OverallResponse>;
+
+    async fn watch_overall(
+        &self,
+        req: Request<OverallRequest>,
+    ) -> Result<Response<Self::WatchOverallStream>, Status> {
+        nsml_common::bounds::check(&req)?;
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        Ok(Response::new(
+            self.follow(move |s| overall(s, &caller, &req)),
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(dataset = %req.get_ref().dataset))]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nsml_common::caller::Caller;
+use nsml_common::live::{self, LiveStream};
 use nsml_common::now_ms;
 use nsml_eventstore::{ChainBreak, ChainBreakKind};
 use nsml_proto::v1::quota_service_server::QuotaService as QuotaApi;
@@ -65,6 +66,12 @@ impl QuotaService {
     }
 
     async fn usage(&self, req: Request<QuotaUsageRequest>) -> Result<QuotaUsage, QuotaError> {
+        let (team, competition) = Self::whose_usage(req)?;
+        self.quota.usage(team, competition).await
+    }
+
+    /// The team and competition a usage request is about, once the caller may see them.
+    fn whose_usage(req: Request<QuotaUsageRequest>) -> Result<(String, String), QuotaError> {
         nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
@@ -98,7 +105,7 @@ impl QuotaService {
         if !caller.may_access_team(&team, &competition) {
             return Err(QuotaError::NotVisible { team });
         }
-        self.quota.usage(team, competition).await
+        Ok((team, competition))
     }
 
     async fn grant_override(&self, req: Request<OverrideRequest>) -> Result<Override, QuotaError> {
@@ -250,6 +257,27 @@ impl QuotaApi for QuotaService {
 
     async fn usage(&self, req: Request<QuotaUsageRequest>) -> Result<Response<QuotaUsage>, Status> {
         Ok(Response::new(QuotaService::usage(self, req).await?))
+    }
+
+    type WatchUsageStream = LiveStream<QuotaUsage>;
+
+    async fn watch_usage(
+        &self,
+        req: Request<QuotaUsageRequest>,
+    ) -> Result<Response<Self::WatchUsageStream>, Status> {
+        let (team, competition) = Self::whose_usage(req)?;
+        let quota = self.quota.clone();
+        let (changes, stopped) = self.quota.live();
+        Ok(Response::new(live::follow(changes, stopped, move || {
+            let (quota, team, competition) = (quota.clone(), team.clone(), competition.clone());
+            async move {
+                quota
+                    .usage(team, competition)
+                    .await
+                    .map(Some)
+                    .map_err(Status::from)
+            }
+        })))
     }
 
     async fn grant_override(

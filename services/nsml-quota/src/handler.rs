@@ -86,6 +86,16 @@ impl Quota {
         });
     }
 
+    /// What a live view follows: the log position applied, and when it stops.
+    pub fn live(
+        &self,
+    ) -> (
+        tokio::sync::watch::Receiver<u64>,
+        tokio_util::sync::CancellationToken,
+    ) {
+        (self.proj.changes(), self.proj.stopped())
+    }
+
     /// Waits until the ledgers record every outside fact up to log position `seen` (see [`caught_up`]).
     pub async fn catch_up(&self, seen: u64, bound: Duration) -> Result<(), QuotaError> {
         caught_up(&self.recorded, seen, bound).await

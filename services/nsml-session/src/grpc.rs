@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use nsml_common::bounds;
 use nsml_common::caller::Caller;
+use nsml_common::live::LiveStream;
 use nsml_proto::v1::session_service_server::SessionService as SessionApi;
 use nsml_proto::v1::{
     Empty, GetSessionRequest, ListSessionsRequest, ListSessionsResponse, LogsRequest, MemoRequest,
@@ -107,6 +108,34 @@ impl SessionApi for SessionService {
         let caller = Caller::of(&req)?;
         let points = self.participants.metrics(&caller, &req.get_ref().name)?;
         Ok(Response::new(MetricsResponse { points }))
+    }
+
+    type WatchStream = LiveStream<ListSessionsResponse>;
+
+    async fn watch(
+        &self,
+        req: Request<ListSessionsRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        bounds::check(&req)?;
+        let caller = Caller::of(&req)?;
+        caller.require_authenticated()?;
+        Ok(Response::new(
+            self.participants.watch(caller, req.into_inner()),
+        ))
+    }
+
+    type WatchMetricsStream = LiveStream<MetricsResponse>;
+
+    async fn watch_metrics(
+        &self,
+        req: Request<MetricsRequest>,
+    ) -> Result<Response<Self::WatchMetricsStream>, Status> {
+        bounds::check(&req)?;
+        let caller = Caller::of(&req)?;
+        let name = req.into_inner().name;
+        Ok(Response::new(
+            self.participants.watch_metrics(caller, name)?,
+        ))
     }
 
     async fn start_submit(

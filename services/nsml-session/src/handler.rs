@@ -44,6 +44,16 @@ impl Handler {
         self.proj.read(f)
     }
 
+    /// What a live view of the read model follows: its position, and when it stops.
+    pub fn live(
+        &self,
+    ) -> (
+        tokio::sync::watch::Receiver<u64>,
+        tokio_util::sync::CancellationToken,
+    ) {
+        (self.proj.changes(), self.proj.stopped())
+    }
+
     /// The status the read model shows for a session, if it knows it.
     fn status_of(&self, name: &str) -> Option<nsml_proto::v1::SessionStatus> {
         self.read(|s| s.sessions.get(name).map(|e| e.session.status()))

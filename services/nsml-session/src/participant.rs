@@ -10,12 +10,14 @@ use futures::Stream;
 use nsml_common::caller::Caller;
 use nsml_common::clients::Clients;
 use nsml_common::event::new_event;
+use nsml_common::live::{self, LiveStream};
 use nsml_common::names::wildcard_match;
 use nsml_common::now_ms;
 use nsml_proto::v1::{
-    AdmitRequest, DeleteCheckpointRequest, ListSessionsRequest, LogLine, LogsRequest, MemoChanged,
-    MetricPoint, RemoveRequest, RunRequest, Session, SessionAdmitted, SessionKind, SessionRejected,
-    SessionRemoved, SessionStatus, SessionStopRequested, SessionStopped, StartSubmitRequest,
+    AdmitRequest, DeleteCheckpointRequest, ListSessionsRequest, ListSessionsResponse, LogLine,
+    LogsRequest, MemoChanged, MetricPoint, MetricsResponse, RemoveRequest, RunRequest, Session,
+    SessionAdmitted, SessionKind, SessionRejected, SessionRemoved, SessionStatus,
+    SessionStopRequested, SessionStopped, StartSubmitRequest,
 };
 use tonic::Status;
 
@@ -472,6 +474,56 @@ impl Participants {
             });
         }
         Ok(e.metrics)
+    }
+}
+
+impl Participants {
+    /// What [`Participants::list`] answers, now and on every change.
+    pub fn watch(
+        self: &Arc<Self>,
+        caller: Caller,
+        r: ListSessionsRequest,
+    ) -> LiveStream<ListSessionsResponse> {
+        let me = self.clone();
+        let (changes, stopped) = self.launcher.handler.live();
+        live::follow(changes, stopped, move || {
+            let sessions = me.list(&caller, &r);
+            std::future::ready(Ok(Some(ListSessionsResponse { sessions })))
+        })
+    }
+
+    /// A session's metric points: all of them first, then only new ones; ends when the session is removed.
+    pub fn watch_metrics(
+        self: &Arc<Self>,
+        caller: Caller,
+        name: String,
+    ) -> Result<LiveStream<MetricsResponse>, SessionError> {
+        let points = self.metrics(&caller, &name)?;
+        let me = self.clone();
+        let (changes, stopped) = self.launcher.handler.live();
+        let mut first = Some(points);
+        let mut sent = 0;
+        Ok(live::follow(changes, stopped, move || {
+            let answer = match first.take() {
+                Some(points) => {
+                    sent = points.len();
+                    Ok(Some(MetricsResponse { points }))
+                }
+                None => me
+                    .launcher
+                    .handler
+                    .read(|s| {
+                        s.live(&name)
+                            .map(|e| e.metrics.get(sent..).unwrap_or_default().to_vec())
+                    })
+                    .ok_or_else(|| Status::from(SessionError::NotListed { name: name.clone() }))
+                    .map(|points| {
+                        sent += points.len();
+                        (!points.is_empty()).then_some(MetricsResponse { points })
+                    }),
+            };
+            std::future::ready(answer)
+        }))
     }
 }
 

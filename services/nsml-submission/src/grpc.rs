@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use nsml_common::caller::Caller;
+use nsml_common::live::{self, LiveStream};
 use nsml_common::names::{SessionName, check_checkpoint};
 use nsml_proto::v1::submission_service_server::SubmissionService as SubmissionApi;
 use nsml_proto::v1::{
@@ -36,6 +37,20 @@ impl SubmissionService {
             s.private_score = None;
         }
         s
+    }
+
+    /// The submissions `caller` may see that `r` asks for, as they may see them.
+    fn listed(&self, caller: &Caller, r: &ListSubmissionsRequest) -> ListSubmissionsResponse {
+        let subs: Vec<Submission> = self.handler.read(|p| {
+            p.by_id
+                .values()
+                .filter(|s| caller.may_access_team(&s.team, &s.competition))
+                .filter(|s| r.dataset.is_empty() || s.dataset == r.dataset)
+                .cloned()
+                .collect()
+        });
+        let submissions = subs.into_iter().map(|s| self.visible(caller, s)).collect();
+        ListSubmissionsResponse { submissions }
     }
 }
 
@@ -81,17 +96,24 @@ impl SubmissionApi for SubmissionService {
         nsml_common::bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
+        Ok(Response::new(self.listed(&caller, &req.into_inner())))
+    }
+
+    type WatchStream = LiveStream<ListSubmissionsResponse>;
+
+    async fn watch(
+        &self,
+        req: Request<ListSubmissionsRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        nsml_common::bounds::check(&req)?;
+        let caller = Caller::of(&req)?;
+        caller.require_authenticated()?;
         let r = req.into_inner();
-        let subs: Vec<Submission> = self.handler.read(|p| {
-            p.by_id
-                .values()
-                .filter(|s| caller.may_access_team(&s.team, &s.competition))
-                .filter(|s| r.dataset.is_empty() || s.dataset == r.dataset)
-                .cloned()
-                .collect()
-        });
-        let submissions = subs.into_iter().map(|s| self.visible(&caller, s)).collect();
-        Ok(Response::new(ListSubmissionsResponse { submissions }))
+        let me = self.clone();
+        let (changes, stopped) = self.handler.live();
+        Ok(Response::new(live::follow(changes, stopped, move || {
+            std::future::ready(Ok(Some(me.listed(&caller, &r))))
+        })))
     }
 
     async fn runner_predictions(

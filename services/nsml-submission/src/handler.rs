@@ -80,6 +80,16 @@ impl Handler {
         self.proj.read(f)
     }
 
+    /// What a live view of the read model follows: its position, and when it stops.
+    pub fn live(
+        &self,
+    ) -> (
+        tokio::sync::watch::Receiver<u64>,
+        tokio_util::sync::CancellationToken,
+    ) {
+        (self.proj.changes(), self.proj.stopped())
+    }
+
     /// The log position the read model has reached.
     pub fn position(&self) -> u64 {
         self.proj.position()
