@@ -250,7 +250,7 @@ class GeneratedClientTest(unittest.TestCase):
         first two exists any more, the legacy path alone is checked.
         """
         refused = (self.grpc.StatusCode.PERMISSION_DENIED, self.grpc.StatusCode.UNIMPLEMENTED)
-        calls = []  # (label, client_streaming, server_streaming, callable taking the request or requests)
+        calls = []  # (label, client_streaming, server_streaming, callable, request)
         internal_ext = getattr(self.pb["common_pb2"], "internal", None)
         for module_name, module in sorted(self.pb.items()):
             if internal_ext is None or not module_name.endswith("_pb2"):
