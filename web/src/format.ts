@@ -77,8 +77,9 @@ function plural(n: number, unit: string): string {
   return `${n} ${unit}${n === 1 ? "" : "s"}`;
 }
 
-/** `1h 02m 05s`, `4m 10s`, `12s`. */
+/** `1h 02m 05s`, `4m 10s`, `12s`, `0.4s`. */
 export function duration(ms: number): string {
+  if (ms > 0 && ms < 10_000) return `${(ms / 1000).toFixed(1)}s`;
   let s = Math.max(0, Math.floor(ms / 1000));
   const h = Math.floor(s / 3600);
   s -= h * 3600;

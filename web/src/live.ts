@@ -24,7 +24,7 @@ export interface FollowHandlers<T> {
   /** The error text while the stream is down, or null once it delivers again. */
   error(text: string | null): void;
   /** Asked when the stream ended cleanly: true opens it again (the default), false stops following. */
-  reopen?(): boolean;
+  reopen?(): boolean | Promise<boolean>;
 }
 
 // Errors that another try will not change.
@@ -52,7 +52,8 @@ export async function follow<T>(
         first = false;
       }
       if (signal.aborted) return;
-      if (on.reopen && !on.reopen()) return;
+      if (on.reopen && !(await on.reopen())) return;
+      if (signal.aborted) return;
     } catch (e) {
       if (signal.aborted || isAbort(e)) return;
       if (poll && isCode(e, Code.Unimplemented)) return pollLoop(signal, poll, on, pollMs);

@@ -4,7 +4,7 @@ import { useEffect, useLayoutEffect, useRef, useState } from "preact/hooks";
 import { sessions } from "../api";
 import type { LogLine } from "../gen/nsml/v1/session_pb";
 import { clock, dateTime, num } from "../format";
-import { follow, useLatest } from "../live";
+import { follow, sleep, useLatest } from "../live";
 import { VirtualList } from "./virtual";
 
 interface Line {
@@ -73,7 +73,10 @@ export function LogView(p: { name: string; ended: boolean; emptyText?: string })
           if (!frame.current) frame.current = requestAnimationFrame(flush);
         },
         error: setError,
-        reopen: () => {
+        // A followed log ends when its session does; the session's new state may arrive a moment later. Only
+        // a log that ended while its session still runs (the platform restarted) is opened again.
+        reopen: async () => {
+          for (let i = 0; i < 20 && !ended.current && !ac.signal.aborted; i++) await sleep(250, ac.signal);
           if (ended.current) {
             setDone(true);
             return false;
@@ -142,6 +145,7 @@ export function LogView(p: { name: string; ended: boolean; emptyText?: string })
         outerRef={outer}
         version={version}
         overscan={20}
+        height={`${Math.min(440, Math.max(160, count * ROW + 16))}px`}
         onScroll={(el) => {
           const bottom = el.scrollHeight - el.scrollTop - el.clientHeight < ROW * 2;
           atBottom.current = bottom;

@@ -29,7 +29,14 @@ export function Plot(p: PlotProps) {
       cursor: { drag: { x: true, y: false } },
       scales: { x: { time: false } },
       axes: [
-        { label: "step", stroke: "#64748b", grid: { stroke: "#eef2f7" }, ticks: { stroke: "#e2e8f0" } },
+        {
+          label: "step",
+          stroke: "#64748b",
+          grid: { stroke: "#eef2f7" },
+          ticks: { stroke: "#e2e8f0" },
+          // Steps are whole numbers: no ticks between them.
+          incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2.5e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6, 1e7, 1e8],
+        },
         { stroke: "#64748b", grid: { stroke: "#eef2f7" }, ticks: { stroke: "#e2e8f0" }, size: 60 },
       ],
       series: [
@@ -39,7 +46,6 @@ export function Plot(p: PlotProps) {
           stroke: PALETTE[i % PALETTE.length],
           width: 1.75,
           spanGaps: true,
-          points: { show: false },
         })),
       ],
     };

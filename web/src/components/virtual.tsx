@@ -17,6 +17,8 @@ export interface VirtualListProps {
   outerRef?: Ref<HTMLDivElement>;
   /** The list re-renders when this changes even if `count` did not (rows changed in place). */
   version?: unknown;
+  /** A CSS height for the scrolling area (else the stylesheet's). */
+  height?: string;
 }
 
 export function VirtualList(p: VirtualListProps) {
@@ -58,6 +60,7 @@ export function VirtualList(p: VirtualListProps) {
       ref={own}
       class={`vlist ${p.class ?? ""}`}
       data-testid={p.testid}
+      style={p.height ? { height: p.height } : undefined}
       onScroll={() => {
         if (p.onScroll && own.current) p.onScroll(own.current);
         measure();

@@ -43,7 +43,7 @@ export function VTable<T>(p: VTableProps<T>) {
         header={
           <div class="vrow vhead" role="row">
             {p.columns.map((c, i) => (
-              <div class={`vcell ${c.class ?? ""}`} role="columnheader" key={i}>
+              <div class={`vcell ${c.class?.includes("num") ? "num" : ""}`} role="columnheader" key={i}>
                 {c.label}
               </div>
             ))}

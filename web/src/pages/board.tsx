@@ -3,7 +3,7 @@ import { useRef } from "preact/hooks";
 import { useApp } from "../app";
 import { boards } from "../api";
 import type { BoardResponse, BoardRow } from "../gen/nsml/v1/leaderboard_pb";
-import { dateTime, metricLine, num, score } from "../format";
+import { dateTime, metricLine, score } from "../format";
 import { useLive, useNow } from "../live";
 import { navigate, to } from "../router";
 import { Badge, Empty, ErrorNote, Loading, PageHead, Section, TimeAgo } from "../components/ui";
@@ -42,7 +42,7 @@ export function Board(p: { dataset: string; priv: boolean }) {
       testid: "board-score",
     },
     { label: "Model", track: "minmax(10rem, 2fr)", cell: (r) => <span title={r.model}>{r.model}</span>, class: "mono ellipsis" },
-    { label: "Count", track: "4.5rem", cell: (r) => r.count, class: "num" },
+    { label: "Count", track: "5.5rem", cell: (r) => r.count, class: "num" },
     { label: "Last Submit", track: "minmax(8rem, 1fr)", cell: (r) => <TimeAgo ms={r.lastSubmitMs} now={now} /> },
   ];
 
@@ -123,7 +123,7 @@ export function Board(p: { dataset: string; priv: boolean }) {
             <code>nsml submit SESSION CHECKPOINT</code>; its score appears here as soon as it is scored.
           </Empty>
         ) : null}
-        {num(data?.rows.length) > 0 && (
+        {rows.length > 0 && (
           <p class="hint small">
             Model is <code>TEAM/DATASET/N/CHECKPOINT</code>: the session and checkpoint behind the team's best score.
           </p>

@@ -148,7 +148,7 @@ function OverallTable(p: { data: OverallResponse; myTeam: string }) {
   const cols: Column<OverallRow>[] = [
     { label: "Rank", track: "4.5rem", cell: (r) => <span class="rank">{r.rank}</span>, class: "num" },
     { label: "Team", track: "minmax(8rem, 2fr)", cell: (r) => r.team, class: "strong ellipsis" },
-    { label: "Mean rank", track: "7rem", cell: (r) => r.meanRank.toFixed(2), class: "num" },
+    { label: "Mean rank", track: "8.5rem", cell: (r) => r.meanRank.toFixed(2), class: "num" },
     ...p.data.datasets.map<Column<OverallRow>>((d, i) => ({
       label: <a href={to.board(d, p.data.private)}>{d}</a>,
       track: "minmax(6rem, 1fr)",

@@ -1,0 +1,17 @@
+import { chromium } from '@playwright/test';
+const url = process.argv[2];
+const b = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-sandbox'] });
+const p = await b.newPage({ viewport: { width: 1280, height: 900 } });
+p.on('console', (m) => console.log('console:', m.text()));
+await p.goto(url);
+await p.getByTestId('signin-username').fill('alice');
+await p.getByTestId('signin-password').fill('alice-pass');
+await p.getByTestId('signin-submit').click();
+await p.getByTestId('whoami').waitFor();
+await p.goto(url + '/#/session/demo/t1-cls/1');
+await p.getByTestId('plot').first().waitFor();
+await p.waitForTimeout(1000);
+console.log(await p.locator('[data-testid=plot]').count());
+console.log((await p.locator('[data-testid=plot]').first().innerHTML()).slice(0, 3000));
+await p.screenshot({ path: '/tmp/e2e-try/session.png', fullPage: true });
+await b.close();
