@@ -65,7 +65,8 @@ export function ago(ms: bigint | number, now: number): string {
   const diff = now - t;
   const s = Math.round(Math.abs(diff) / 1000);
   let text: string;
-  if (s < 5) return diff >= 0 ? "just now" : "in a moment";
+  // A moment in the future is the server's clock running slightly ahead of the browser's.
+  if (s < 5 || (diff < 0 && s < 60)) return "just now";
   if (s < 60) text = `${s} seconds`;
   else if (s < 3600) text = plural(Math.round(s / 60), "minute");
   else if (s < 86400) text = plural(Math.round(s / 3600), "hour");

@@ -71,7 +71,7 @@ export function Board(p: { dataset: string; priv: boolean }) {
         actions={
           <>
             <a class="btn btn-ghost" href={to.submissions(p.dataset)}>
-              My submissions
+              {app.team ? "My submissions" : "Submissions"}
             </a>
             {canPrivate && <PrivateSwitch priv={p.priv} onChange={(v) => navigate(to.board(p.dataset, v))} />}
           </>
@@ -91,7 +91,9 @@ export function Board(p: { dataset: string; priv: boolean }) {
               {app.team}: rank {rows[mineAt].rank} of {rows.length}
             </button>
           ) : rows.length ? (
-            <span class="muted">{rows.length} teams</span>
+            <span class="muted">
+              {rows.length} team{rows.length === 1 ? "" : "s"}
+            </span>
           ) : undefined
         }
       >

@@ -4,7 +4,7 @@ import { useApp } from "../app";
 import { sessions } from "../api";
 import { SessionKind } from "../gen/nsml/v1/common_pb";
 import { SessionStatus, type ListSessionsResponse, type Session } from "../gen/nsml/v1/session_pb";
-import { bytes, resources, summary } from "../format";
+import { bytes, num, resources, summary } from "../format";
 import { useLive, useNow } from "../live";
 import { to } from "../router";
 import { Empty, ErrorNote, Loading, PageHead, Section, SessionBadge, TimeAgo, kindText } from "../components/ui";
@@ -19,7 +19,10 @@ export function Sessions() {
     (signal) => sessions.watch({ all, dataset }, { signal }),
     (signal) => sessions.list({ all, dataset }, { signal }),
   );
-  const list = live.data?.sessions ?? [];
+  // Newest first.
+  const list = [...(live.data?.sessions ?? [])].sort(
+    (a, b) => num(b.createdAtMs) - num(a.createdAtMs) || num(b.number) - num(a.number),
+  );
   const running = list.filter((s) => s.status === SessionStatus.RUNNING).length;
   const queued = list.filter((s) => s.status === SessionStatus.QUEUED).length;
 
