@@ -142,6 +142,11 @@ function Shell(p: { me: Identity; signOut(): void }) {
     };
   }, [me, competitions, compId]);
 
+  useEffect(() => {
+    const c = ctx.comp;
+    document.title = c ? `${c.title || c.id} · NSML` : "NSML";
+  }, [ctx.comp]);
+
   const signOut = async () => {
     await webLogout();
     p.signOut();

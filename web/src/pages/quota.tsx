@@ -182,6 +182,15 @@ function SubmitRow(p: { d: DatasetSubmitState; serverNow: number }) {
   let cell;
   if (d.inFlight) cell = <Badge tone="blue">after the one in flight</Badge>;
   else if (!next || wait <= 0) cell = <Badge tone="green">now</Badge>;
+  else if (d.extraSubmits > 0)
+    cell = (
+      <span title={`without the extra submit: ${dateTime(next)}`}>
+        <Badge tone="green">now</Badge>
+        <div class="muted small">
+          with an extra submit a host granted; else in {duration(wait)}
+        </div>
+      </span>
+    );
   else
     cell = (
       <span title={dateTime(next)}>
