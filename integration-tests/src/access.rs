@@ -94,10 +94,18 @@ pub async fn call_raw(
         .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
     let mut req = tonic::Request::new(tokio_stream::iter(messages));
     *req.metadata_mut() = metadata;
+    // A live view (`Watch…`) stays open: its first answer is what the caller may see.
+    let live = method
+        .rsplit('/')
+        .next()
+        .is_some_and(|m| m.starts_with("Watch"));
     let mut stream = grpc.streaming(req, path, RawCodec).await?.into_inner();
     let mut out = Vec::new();
     while let Some(m) = stream.message().await? {
         out.push(m);
+        if live {
+            break;
+        }
     }
     Ok(out)
 }
@@ -243,7 +251,7 @@ impl Row {
     }
 
     fn method(&self) -> String {
-        format!("/nsml.v1.{}", self.rpc)
+        path_of(&self.rpc)
     }
 }
 
@@ -469,12 +477,19 @@ pub fn declared_methods(proto_dir: &Path) -> anyhow::Result<Vec<(String, bool)>>
     Ok(out)
 }
 
-/// The methods the gateway refuses as internal (those `proto/` marks `option (nsml.v1.internal) = true`), as
-/// `Service/Method`.
+/// The gRPC path of a method named `Service/Method` (of `nsml.v1`) or `nsml.internal.v1.Service/Method`.
+pub fn path_of(rpc: &str) -> String {
+    if rpc.starts_with("nsml.") {
+        format!("/{rpc}")
+    } else {
+        format!("/nsml.v1.{rpc}")
+    }
+}
+
+/// The platform's internal methods (every method of `nsml.internal.v1`), as `nsml.internal.v1.Service/Method`.
 pub fn gateway_internal_methods() -> Vec<String> {
-    nsml_proto::v1::INTERNAL_METHODS
+    nsml_proto::internal::v1::INTERNAL_METHODS
         .iter()
-        .filter_map(|m| m.strip_prefix("/nsml.v1."))
-        .map(String::from)
+        .map(|m| m.trim_start_matches('/').to_string())
         .collect()
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use nsml_integration_tests::access::{
     Callers, Matrix, Row, Who, call_raw, cell, codes::*, declared_methods,
-    gateway_internal_methods, msg,
+    gateway_internal_methods, msg, path_of,
 };
 use nsml_integration_tests::grpc::{Client, authed, small, tar_gz};
 use nsml_integration_tests::{Deployment, FreshDb, drop_stream, repo_root};
@@ -549,31 +549,8 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
             }),
             [SKIP, DENIED, SKIP, SKIP, SKIP, SKIP],
         ),
-        Row::new(
-            "SessionService/List",
-            "all",
-            msg(ListSessionsRequest {
-                all: true,
-                ..Default::default()
-            }),
-            [UNAUTH, OK, OK, OK, OK, OK],
-        )
-        .check(OtherTeam, lists_teams(&["rivals"]))
-        .check(OtherHost, lists_teams(&[]))
-        .check(Team, lists_teams(&["demo"]))
-        .check(Host, lists_teams(&["demo", "rivals"]))
-        .check(Admin, lists_teams(&["demo", "rivals"]))
-        .check_each(&[Team, Host], {
-            let s = s.clone();
-            move |who, resp| {
-                let shown = sessions(resp)?;
-                let sub = shown
-                    .iter()
-                    .find(|x| x.name == s)
-                    .ok_or_else(|| format!("{s} not listed"))?;
-                summary_of(sub, who == Team)
-            }
-        }),
+        session_list("SessionService/List", &s),
+        session_list("SessionService/Watch", &s),
         Row::new(
             "SessionService/Get",
             &a,
@@ -628,6 +605,18 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
                 follow: false,
             }),
             [UNAUTH, DENIED, DENIED, OK, OK, OK],
+        ),
+        Row::new(
+            "SessionService/WatchMetrics",
+            &a,
+            msg(MetricsRequest { name: a.clone() }),
+            [UNAUTH, DENIED, DENIED, OK, OK, OK],
+        ),
+        Row::new(
+            "SessionService/WatchMetrics",
+            &format!("{s} (real submit)"),
+            msg(MetricsRequest { name: s.clone() }),
+            [UNAUTH, DENIED, DENIED, DENIED, OK, OK],
         ),
         Row::new(
             "SessionService/Metrics",
@@ -706,19 +695,19 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
         )
         .check_each(&[OtherTeam, OtherHost, Team, Host], {
             let id = w.submission.clone();
-            move |who, r| {
-                let subs = decode::<ListSubmissionsResponse>(r)?.submissions;
-                if let Some(x) = subs.iter().find(|x| !matches!(x.team.as_str(), "demo")) {
-                    return Err(format!("lists team {}'s submission {}", x.team, x.id));
-                }
-                let mine = subs.iter().find(|x| x.id == id);
-                match (who, mine) {
-                    (OtherTeam | OtherHost, None) => Ok(()),
-                    (OtherTeam | OtherHost, Some(_)) => Err("lists the team's submission".into()),
-                    (_, None) => Err(format!("submission {id} not listed")),
-                    (_, Some(x)) => private_score(x, who == Host),
-                }
-            }
+            move |who, r| submissions_seen(who, r, &id)
+        }),
+        Row::new(
+            "SubmissionService/Watch",
+            "t1-cls",
+            msg(ListSubmissionsRequest {
+                dataset: "t1-cls".into(),
+            }),
+            [UNAUTH, OK, OK, OK, OK, OK],
+        )
+        .check_each(&[OtherTeam, OtherHost, Team, Host], {
+            let id = w.submission.clone();
+            move |who, r| submissions_seen(who, r, &id)
         }),
         // --- leaderboards
         Row::new(
@@ -758,6 +747,42 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
             [UNAUTH, DENIED, DENIED, DENIED, OK, OK],
         ),
         Row::new(
+            "LeaderboardService/WatchBoard",
+            "t1-cls public",
+            msg(BoardRequest {
+                dataset: "t1-cls".into(),
+                private: false,
+            }),
+            [UNAUTH, OK, OK, OK, OK, OK],
+        ),
+        Row::new(
+            "LeaderboardService/WatchBoard",
+            "t1-cls private",
+            msg(BoardRequest {
+                dataset: "t1-cls".into(),
+                private: true,
+            }),
+            [UNAUTH, DENIED, DENIED, DENIED, OK, OK],
+        ),
+        Row::new(
+            "LeaderboardService/WatchOverall",
+            "demo public",
+            msg(OverallRequest {
+                competition: "demo".into(),
+                private: false,
+            }),
+            [UNAUTH, OK, OK, OK, OK, OK],
+        ),
+        Row::new(
+            "LeaderboardService/WatchOverall",
+            "demo private",
+            msg(OverallRequest {
+                competition: "demo".into(),
+                private: true,
+            }),
+            [UNAUTH, DENIED, DENIED, DENIED, OK, OK],
+        ),
+        Row::new(
             "LeaderboardService/History",
             "t1-cls",
             msg(HistoryRequest {
@@ -782,6 +807,15 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
         // --- quota
         Row::new(
             "QuotaService/Usage",
+            "team demo",
+            msg(QuotaUsageRequest {
+                team: "demo".into(),
+                competition: "demo".into(),
+            }),
+            [UNAUTH, DENIED, DENIED, OK, OK, OK],
+        ),
+        Row::new(
+            "QuotaService/WatchUsage",
             "team demo",
             msg(QuotaUsageRequest {
                 team: "demo".into(),
@@ -969,6 +1003,52 @@ fn destructive(w: &World) -> Vec<Row> {
     ]
 }
 
+/// A row of `List` or `Watch` of every session: each caller sees its own team's, a host every team's, and a
+/// real submit's summary stays hidden from its team.
+fn session_list(method: &str, s: &str) -> Row {
+    Row::new(
+        method,
+        "all",
+        msg(ListSessionsRequest {
+            all: true,
+            ..Default::default()
+        }),
+        [UNAUTH, OK, OK, OK, OK, OK],
+    )
+    .check(Who::OtherTeam, lists_teams(&["rivals"]))
+    .check(Who::OtherHost, lists_teams(&[]))
+    .check(Who::Team, lists_teams(&["demo"]))
+    .check(Who::Host, lists_teams(&["demo", "rivals"]))
+    .check(Who::Admin, lists_teams(&["demo", "rivals"]))
+    .check_each(&[Who::Team, Who::Host], {
+        let s = s.to_string();
+        move |who, resp| {
+            let shown = sessions(resp)?;
+            let sub = shown
+                .iter()
+                .find(|x| x.name == s)
+                .ok_or_else(|| format!("{s} not listed"))?;
+            summary_of(sub, who == Who::Team)
+        }
+    })
+}
+
+/// What a list of submissions shows `who`: only team demo's (the only team that submitted), its submission
+/// `id` to the team and the hosts, its private score only to the hosts.
+fn submissions_seen(who: Who, r: &[Vec<u8>], id: &str) -> Result<(), String> {
+    let subs = decode::<ListSubmissionsResponse>(r)?.submissions;
+    if let Some(x) = subs.iter().find(|x| !matches!(x.team.as_str(), "demo")) {
+        return Err(format!("lists team {}'s submission {}", x.team, x.id));
+    }
+    let mine = subs.iter().find(|x| x.id == id);
+    match (who, mine) {
+        (Who::OtherTeam | Who::OtherHost, None) => Ok(()),
+        (Who::OtherTeam | Who::OtherHost, Some(_)) => Err("lists the team's submission".into()),
+        (_, None) => Err(format!("submission {id} not listed")),
+        (_, Some(x)) => private_score(x, who == Who::Host),
+    }
+}
+
 /// Every internal method through the gateway, as every caller: refused.
 fn internal_rows() -> anyhow::Result<Vec<Row>> {
     let listed = gateway_internal_methods();
@@ -989,33 +1069,35 @@ fn internal_rows() -> anyhow::Result<Vec<Row>> {
         .collect())
 }
 
-/// The API's methods and the gateway's internal list agree, and every public method is in the matrix.
+/// The public API declares no internal method, the platform's internal calls are all in `nsml.internal.v1`,
+/// and every public method is in the matrix.
 fn check_coverage(matrix: &Matrix) -> anyhow::Result<()> {
     let declared = declared_methods(&repo_root().join("proto/nsml/v1"))?;
-    let gateway = gateway_internal_methods();
-    let internal: Vec<&String> = declared
+    let flagged: Vec<&String> = declared
         .iter()
         .filter(|(_, i)| *i)
         .map(|(m, _)| m)
         .collect();
-    let missing: Vec<&&String> = internal.iter().filter(|m| !gateway.contains(m)).collect();
     ensure!(
-        missing.is_empty(),
-        "methods documented as internal that are not marked `option (nsml.v1.internal) = true`: {missing:?}"
+        flagged.is_empty(),
+        "the public API declares methods documented as internal (they belong in proto/nsml/internal/v1): {flagged:?}"
     );
-    let unknown: Vec<&String> = gateway
-        .iter()
-        .filter(|g| !declared.iter().any(|(m, _)| m == *g))
+    let mut internal: Vec<String> = declared_methods(&repo_root().join("proto/nsml/internal/v1"))?
+        .into_iter()
+        .map(|(m, _)| format!("nsml.internal.v1.{m}"))
         .collect();
+    internal.sort();
+    let mut generated = gateway_internal_methods();
+    generated.sort();
     ensure!(
-        unknown.is_empty(),
-        "the gateway lists methods the API lacks: {unknown:?}"
+        internal == generated,
+        "proto/nsml/internal/v1 declares {internal:?}, the generated code knows {generated:?}"
     );
     let called = matrix.methods();
     let uncovered: Vec<&String> = declared
         .iter()
         .map(|(m, _)| m)
-        .filter(|m| !gateway.contains(m) && !called.contains(*m))
+        .filter(|m| !called.contains(*m))
         .collect();
     ensure!(
         uncovered.is_empty(),
@@ -1073,7 +1155,7 @@ async fn forged_metadata(ch: &Channel, w: &World, matrix: &mut Matrix) -> anyhow
             Code::PermissionDenied,
         ),
         (
-            "StorageService/FetchDatasetPart",
+            "nsml.internal.v1.StorageInternal/FetchDatasetPart",
             "forged identity and service",
             Some(Who::Admin),
             msg(nsml_proto::v1::FetchDatasetPartRequest {
@@ -1085,7 +1167,7 @@ async fn forged_metadata(ch: &Channel, w: &World, matrix: &mut Matrix) -> anyhow
     ];
     for (rpc, what, who, body, expected) in cases {
         let token = who.and_then(|wh| w.callers.token(wh));
-        let answer = call_raw(ch, &format!("/nsml.v1.{rpc}"), forge(token), body).await;
+        let answer = call_raw(ch, &path_of(rpc), forge(token), body).await;
         matrix.record(
             rpc,
             what,
@@ -1405,13 +1487,13 @@ async fn direct_calls(dep: &Deployment, w: &World) -> anyhow::Result<()> {
     for (service, addr) in &addrs {
         let (rpc, body) = match service.as_str() {
             "auth" => (
-                "AuthService/Authenticate",
+                "nsml.internal.v1.AuthInternal/Authenticate",
                 msg(nsml_proto::v1::AuthenticateRequest {
                     token: w.tokens[0].clone(),
                 }),
             ),
             "storage" => (
-                "StorageService/FetchDatasetPart",
+                "nsml.internal.v1.StorageInternal/FetchDatasetPart",
                 msg(nsml_proto::v1::FetchDatasetPartRequest {
                     name: "t1-cls".into(),
                     part: nsml_proto::v1::DatasetPart::Train as i32,
@@ -1445,7 +1527,7 @@ async fn direct_calls(dep: &Deployment, w: &World) -> anyhow::Result<()> {
             other => anyhow::bail!("unknown service `{other}` in the config"),
         };
         let ch = channel(&format!("http://{addr}")).await?;
-        let path = format!("/nsml.v1.{rpc}");
+        let path = path_of(rpc);
         for (label, md, expected) in [
             ("no secret", metadata(None, true), Code::Unauthenticated),
             (

@@ -212,9 +212,14 @@ async fn the_gateways_own_refusals_carry_their_codes() -> anyhow::Result<()> {
         "{err:?}"
     );
     let admin = d.admin_token()?;
-    let err = send_raw(ch, "/nsml.v1.QuotaService/Admit", Vec::new(), Some(&admin))
-        .await
-        .expect_err("internal");
+    let err = send_raw(
+        ch,
+        "/nsml.internal.v1.QuotaInternal/Admit",
+        Vec::new(),
+        Some(&admin),
+    )
+    .await
+    .expect_err("internal");
     ensure!(err.code() == Code::PermissionDenied, "{err:?}");
     ensure!(
         ErrorCode::of(&err) == Some(ErrorCode::PermissionDenied),

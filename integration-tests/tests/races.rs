@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use nsml_integration_tests::grpc::{Client, example_with_interval};
 use nsml_integration_tests::{Deployment, FreshDb, bin, drop_stream, free_port, repo_root};
-use nsml_proto::v1::quota_service_client::QuotaServiceClient;
+use nsml_proto::internal::v1::quota_internal_client::QuotaInternalClient;
 use nsml_proto::v1::{AdmitRequest, Resources, SessionKind};
 
 const G: u64 = 1024 * 1024 * 1024;
@@ -151,7 +151,7 @@ async fn two_quota_processes(dep: &Deployment) -> anyhow::Result<()> {
                     Err(e) => return Err(e.into()),
                 }
             };
-            clients.push(QuotaServiceClient::new(ch));
+            clients.push(QuotaInternalClient::new(ch));
         }
         let tasks: Vec<_> = (0..100)
             .map(|i| {

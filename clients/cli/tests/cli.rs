@@ -149,13 +149,11 @@ impl AuthService for Mock {
         list_competitions(pb::Empty) -> pb::ListCompetitionsResponse;
         get_competition(pb::GetCompetitionRequest) -> pb::Competition;
         reveal_private(pb::RevealPrivateRequest) -> pb::Competition;
-        authenticate(pb::AuthenticateRequest) -> pb::Identity;
     }
 }
 
 #[tonic::async_trait]
 impl StorageService for Mock {
-    type FetchDatasetPartStream = BoxStream<pb::Chunk>;
     type DownloadCodeStream = BoxStream<pb::Chunk>;
     type PullCheckpointStream = BoxStream<pb::Chunk>;
 
@@ -293,9 +291,7 @@ impl StorageService for Mock {
 
     unused! {
         get_dataset(pb::GetDatasetRequest) -> pb::Dataset;
-        fetch_dataset_part(pb::FetchDatasetPartRequest) -> Self::FetchDatasetPartStream;
         download_code(pb::DownloadCodeRequest) -> Self::DownloadCodeStream;
-        save_checkpoint(Streaming<pb::SaveCheckpointChunk>) -> pb::Checkpoint;
         delete_checkpoint(pb::DeleteCheckpointRequest) -> pb::DeleteCheckpointResponse;
         usage(pb::UsageRequest) -> pb::StorageUsage;
     }
@@ -304,6 +300,8 @@ impl StorageService for Mock {
 #[tonic::async_trait]
 impl SessionService for Mock {
     type LogsStream = BoxStream<pb::LogLine>;
+    type WatchStream = BoxStream<pb::ListSessionsResponse>;
+    type WatchMetricsStream = BoxStream<pb::MetricsResponse>;
 
     async fn run(&self, request: Request<pb::RunRequest>) -> Rpc<pb::Session> {
         authorized(&request)?;
@@ -391,17 +389,15 @@ impl SessionService for Mock {
         stop(pb::StopRequest) -> pb::Session;
         memo(pb::MemoRequest) -> pb::Session;
         metrics(pb::MetricsRequest) -> pb::MetricsResponse;
-        start_submit(pb::StartSubmitRequest) -> pb::Session;
-        runner_started(pb::RunnerStartedRequest) -> pb::Empty;
-        runner_logs(Streaming<pb::RunnerLogBatch>) -> pb::Empty;
-        runner_report(pb::RunnerReportRequest) -> pb::Empty;
-        runner_finished(pb::RunnerFinishedRequest) -> pb::Empty;
-        runner_heartbeat(pb::RunnerHeartbeatRequest) -> pb::Empty;
+        watch(pb::ListSessionsRequest) -> Self::WatchStream;
+        watch_metrics(pb::MetricsRequest) -> Self::WatchMetricsStream;
     }
 }
 
 #[tonic::async_trait]
 impl SubmissionService for Mock {
+    type WatchStream = BoxStream<pb::ListSubmissionsResponse>;
+
     async fn submit(&self, request: Request<pb::SubmitRequest>) -> Rpc<pb::Submission> {
         authorized(&request)?;
         let mut state = self.state();
@@ -458,12 +454,15 @@ impl SubmissionService for Mock {
     }
 
     unused! {
-        runner_predictions(pb::RunnerPredictionsRequest) -> pb::RunnerPredictionsResponse;
+        watch(pb::ListSubmissionsRequest) -> Self::WatchStream;
     }
 }
 
 #[tonic::async_trait]
 impl LeaderboardService for Mock {
+    type WatchBoardStream = BoxStream<pb::BoardResponse>;
+    type WatchOverallStream = BoxStream<pb::OverallResponse>;
+
     async fn board(&self, request: Request<pb::BoardRequest>) -> Rpc<pb::BoardResponse> {
         authorized(&request)?;
         Ok(Response::new(pb::BoardResponse {
@@ -501,6 +500,8 @@ impl LeaderboardService for Mock {
 
     unused! {
         history(pb::HistoryRequest) -> pb::HistoryResponse;
+        watch_board(pb::BoardRequest) -> Self::WatchBoardStream;
+        watch_overall(pb::OverallRequest) -> Self::WatchOverallStream;
     }
 }
 

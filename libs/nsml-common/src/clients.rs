@@ -5,6 +5,11 @@ pub mod datasets;
 pub mod retry;
 
 use crate::error::ErrorCode;
+use nsml_proto::internal::v1::{
+    auth_internal_client::AuthInternalClient, quota_internal_client::QuotaInternalClient,
+    session_internal_client::SessionInternalClient, storage_internal_client::StorageInternalClient,
+    submission_internal_client::SubmissionInternalClient,
+};
 use nsml_proto::v1::{
     auth_service_client::AuthServiceClient, leaderboard_service_client::LeaderboardServiceClient,
     quota_service_client::QuotaServiceClient, session_service_client::SessionServiceClient,
@@ -183,6 +188,12 @@ pub struct Clients {
     pub quota: QuotaServiceClient<Ic>,
     pub submission: SubmissionServiceClient<Ic>,
     pub leaderboard: LeaderboardServiceClient<Ic>,
+    /// The platform's internal calls (`nsml.internal.v1`), to the same services.
+    pub auth_internal: AuthInternalClient<Ic>,
+    pub storage_internal: StorageInternalClient<Ic>,
+    pub session_internal: SessionInternalClient<Ic>,
+    pub quota_internal: QuotaInternalClient<Ic>,
+    pub submission_internal: SubmissionInternalClient<Ic>,
 }
 
 /// Why clients could not be made.
@@ -240,31 +251,26 @@ impl Clients {
             service: me.parse().map_err(|_| ClientsError::Metadata)?,
         };
         let m = MAX_MESSAGE_BYTES;
+        // Every client of one service shares its channel, sized for the platform's largest messages.
+        macro_rules! client {
+            ($client:ident, $service:expr) => {
+                $client::with_interceptor(channel($service)?, ic.clone())
+                    .max_decoding_message_size(m)
+                    .max_encoding_message_size(m)
+            };
+        }
         Ok(Self {
-            auth: AuthServiceClient::with_interceptor(channel(Service::Auth)?, ic.clone())
-                .max_decoding_message_size(m)
-                .max_encoding_message_size(m),
-            storage: StorageServiceClient::with_interceptor(channel(Service::Storage)?, ic.clone())
-                .max_decoding_message_size(m)
-                .max_encoding_message_size(m),
-            session: SessionServiceClient::with_interceptor(channel(Service::Session)?, ic.clone())
-                .max_decoding_message_size(m)
-                .max_encoding_message_size(m),
-            quota: QuotaServiceClient::with_interceptor(channel(Service::Quota)?, ic.clone())
-                .max_decoding_message_size(m)
-                .max_encoding_message_size(m),
-            submission: SubmissionServiceClient::with_interceptor(
-                channel(Service::Submission)?,
-                ic.clone(),
-            )
-            .max_decoding_message_size(m)
-            .max_encoding_message_size(m),
-            leaderboard: LeaderboardServiceClient::with_interceptor(
-                channel(Service::Leaderboard)?,
-                ic,
-            )
-            .max_decoding_message_size(m)
-            .max_encoding_message_size(m),
+            auth: client!(AuthServiceClient, Service::Auth),
+            storage: client!(StorageServiceClient, Service::Storage),
+            session: client!(SessionServiceClient, Service::Session),
+            quota: client!(QuotaServiceClient, Service::Quota),
+            submission: client!(SubmissionServiceClient, Service::Submission),
+            leaderboard: client!(LeaderboardServiceClient, Service::Leaderboard),
+            auth_internal: client!(AuthInternalClient, Service::Auth),
+            storage_internal: client!(StorageInternalClient, Service::Storage),
+            session_internal: client!(SessionInternalClient, Service::Session),
+            quota_internal: client!(QuotaInternalClient, Service::Quota),
+            submission_internal: client!(SubmissionInternalClient, Service::Submission),
         })
     }
 }

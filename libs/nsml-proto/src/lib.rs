@@ -6,16 +6,29 @@ pub mod codec;
 pub mod error;
 pub mod json;
 
+/// The platform's calls between its own services and runners (`proto/nsml/internal/v1`): served on the
+/// services' internal ports, never routed by the gateway.
+pub mod internal {
+    pub mod v1 {
+        tonic::include_proto!("nsml.internal.v1");
+        include!(concat!(env!("OUT_DIR"), "/clients/nsml.internal.v1.rs"));
+        include!(concat!(env!("OUT_DIR"), "/internal_methods.rs"));
+    }
+}
+
 pub mod v1 {
     tonic::include_proto!("nsml.v1");
     include!(concat!(env!("OUT_DIR"), "/clients/nsml.v1.rs"));
 
-    include!(concat!(env!("OUT_DIR"), "/internal_methods.rs"));
     include!(concat!(env!("OUT_DIR"), "/type_names.rs"));
 
     /// The encoded file descriptor set, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/nsml_descriptor.bin"));
+
+    /// The encoded file descriptor set of the public API alone (`nsml.v1`), for reflection on the gateway.
+    pub const PUBLIC_FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/nsml_public_descriptor.bin"));
 
     /// Names an event payload by its full protobuf type name, as stored in the log.
     pub trait EventPayload: prost::Message + Default {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use nsml_common::bounds;
 use nsml_common::caller::Caller;
+use nsml_proto::internal::v1::auth_internal_server::AuthInternal;
 use nsml_proto::v1::auth_service_server::AuthService as AuthApi;
 use nsml_proto::v1::{
     AddUserRequest, ApplyCompetitionRequest, AuthenticateRequest, Competition, Empty,
@@ -130,7 +131,10 @@ impl AuthApi for AuthService {
         let id = req.into_inner().competition;
         Ok(Response::new(self.core.reveal_private(&caller, &id).await?))
     }
+}
 
+#[tonic::async_trait]
+impl AuthInternal for AuthService {
     async fn authenticate(
         &self,
         req: Request<AuthenticateRequest>,

@@ -42,12 +42,17 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, AuthError> {
         path: path.display().to_string(),
         source,
     })?;
-    let server = AuthServiceServer::new(AuthService::new(core))
+    let api = AuthService::new(core);
+    let internal =
+        nsml_proto::internal::v1::auth_internal_server::AuthInternalServer::new(api.clone());
+    let server = AuthServiceServer::new(api)
         .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
     Ok(Started {
-        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
-        names: vec!["nsml.v1.AuthService"],
+        routes: Box::new(move |r: tonic::service::Routes| {
+            r.add_service(server).add_service(internal)
+        }),
+        names: vec!["nsml.v1.AuthService", "nsml.internal.v1.AuthInternal"],
         tasks: vec![task],
     })
 }

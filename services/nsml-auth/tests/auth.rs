@@ -9,6 +9,7 @@ use nsml_common::caller::{INTERNAL_SECRET_KEY, SERVICE_KEY};
 use nsml_common::error::ErrorCode;
 use nsml_common::server::{random_secret, serve};
 use nsml_eventstore::{EventStore, SqliteStore};
+use nsml_proto::internal::v1::auth_internal_client::AuthInternalClient;
 use nsml_proto::v1::auth_service_client::AuthServiceClient;
 use nsml_proto::v1::{AuthenticateRequest, LoginRequest};
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,7 @@ use tonic::{Code, Request};
 
 struct Harness {
     client: AuthServiceClient<Channel>,
+    internal: AuthInternalClient<Channel>,
     secret: String,
     admin_token: String,
     cancel: CancellationToken,
@@ -74,7 +76,8 @@ impl Harness {
             .await
             .expect("connect");
         Harness {
-            client: AuthServiceClient::new(channel),
+            client: AuthServiceClient::new(channel.clone()),
+            internal: AuthInternalClient::new(channel),
             secret,
             admin_token,
             cancel,
@@ -132,7 +135,7 @@ async fn wrong_passwords_are_refused_then_lock_the_user_at_that_address() {
 async fn a_token_stands_for_its_user_until_it_is_not_known() {
     let h = Harness::start().await;
     let id = h
-        .client
+        .internal
         .clone()
         .authenticate(h.internal(AuthenticateRequest {
             token: h.admin_token.clone(),
@@ -144,7 +147,7 @@ async fn a_token_stands_for_its_user_until_it_is_not_known() {
     assert!(id.admin);
 
     let err = h
-        .client
+        .internal
         .clone()
         .authenticate(h.internal(AuthenticateRequest {
             token: "not-a-token".into(),

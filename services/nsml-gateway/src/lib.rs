@@ -1,7 +1,7 @@
 //! The gateway: the platform's one public endpoint for the CLI, the SDK and other clients.
 //!
 //! It serves the services' own gRPC APIs (`/nsml.v1.SessionService/Run`, …) by proxying each call to the
-//! owning service after: refusing internal-only methods, dropping any `x-nsml-*` metadata a client sent,
+//! owning service after: refusing the platform's internal calls (`nsml.internal.v1`), dropping any `x-nsml-*` metadata a client sent,
 //! rate-limiting per caller (see `ratelimit`: by address until the caller is known to be a user),
 //! resolving the bearer token to an identity through the auth service (kept for a moment: see `identities`),
 //! and stamping the call with the deployment's internal secret and the address it came from. Services then
@@ -207,14 +207,14 @@ async fn public_meta_services() -> axum::Router {
     }
     let mut routes = tonic::service::Routes::new(health_svc);
     match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nsml_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(nsml_proto::v1::PUBLIC_FILE_DESCRIPTOR_SET)
         .build_v1()
     {
         Ok(v1) => routes = routes.add_service(v1),
         Err(err) => tracing::error!(%err, "cannot serve gRPC reflection (v1)"),
     }
     match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nsml_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(nsml_proto::v1::PUBLIC_FILE_DESCRIPTOR_SET)
         .build_v1alpha()
     {
         Ok(v1alpha) => routes = routes.add_service(v1alpha),
@@ -267,7 +267,7 @@ async fn resolve(gw: &Inner, token: String) -> Result<Arc<identities::Resolved>,
     let asked = gw.identities.asking();
     let id = gw
         .clients
-        .auth
+        .auth_internal
         .clone()
         .authenticate(AuthenticateRequest {
             token: token.clone(),
@@ -330,12 +330,13 @@ fn route(gw: &Inner, path: &str) -> Result<(String, Transport), Refusal> {
     else {
         return Err(Refusal::NoSuchMethod(path.to_string()));
     };
+    // The platform's own calls (`nsml.internal.v1`) are served only on the services' internal ports.
+    if service.starts_with("nsml.internal.") {
+        return Err(Refusal::InternalMethod);
+    }
     let Some(chan) = gw.routes.get(service.as_str()).cloned() else {
         return Err(Refusal::NoSuchService(service));
     };
-    if nsml_proto::v1::INTERNAL_METHODS.contains(&path) {
-        return Err(Refusal::InternalMethod);
-    }
     Ok((service, chan))
 }
 

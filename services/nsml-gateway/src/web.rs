@@ -176,7 +176,10 @@ pub async fn login(
         Ok(r) => r.into_inner(),
         Err(status) => return refused(&status),
     };
-    let identity = match auth
+    let identity = match gw
+        .clients
+        .auth_internal
+        .clone()
         .authenticate(AuthenticateRequest {
             token: signed_in.token.clone(),
         })

@@ -9,6 +9,7 @@ use nsml_common::caller::Caller;
 use nsml_common::live::{self, LiveStream};
 use nsml_common::now_ms;
 use nsml_eventstore::{ChainBreak, ChainBreakKind};
+use nsml_proto::internal::v1::quota_internal_server::QuotaInternal;
 use nsml_proto::v1::quota_service_server::QuotaService as QuotaApi;
 use nsml_proto::v1::{
     AdmitRequest, Decision, ExplainRequest, Explanation, ExportRequest, ExportResponse, Override,
@@ -251,10 +252,6 @@ fn verify_report(events: u64, found: Option<ChainBreak>) -> VerifyReport {
 
 #[tonic::async_trait]
 impl QuotaApi for QuotaService {
-    async fn admit(&self, req: Request<AdmitRequest>) -> Result<Response<Decision>, Status> {
-        Ok(Response::new(QuotaService::admit(self, req).await?))
-    }
-
     async fn usage(&self, req: Request<QuotaUsageRequest>) -> Result<Response<QuotaUsage>, Status> {
         Ok(Response::new(QuotaService::usage(self, req).await?))
     }
@@ -306,5 +303,12 @@ impl QuotaApi for QuotaService {
         req: Request<ExportRequest>,
     ) -> Result<Response<ExportResponse>, Status> {
         Ok(Response::new(QuotaService::export(self, req).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl QuotaInternal for QuotaService {
+    async fn admit(&self, req: Request<AdmitRequest>) -> Result<Response<Decision>, Status> {
+        Ok(Response::new(QuotaService::admit(self, req).await?))
     }
 }

@@ -37,10 +37,15 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, QuotaError> {
     proj.wait_ready().await;
     let quota = Arc::new(Quota::new(ctx.store.clone(), proj, ctx.clients("quota")?));
     let reactor = tokio::spawn(reactor::run(quota.clone(), ctx.clone()));
-    let server = QuotaServiceServer::new(QuotaService::new(quota));
+    let api = QuotaService::new(quota);
+    let internal =
+        nsml_proto::internal::v1::quota_internal_server::QuotaInternalServer::new(api.clone());
+    let server = QuotaServiceServer::new(api);
     Ok(Started {
-        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
-        names: vec!["nsml.v1.QuotaService"],
+        routes: Box::new(move |r: tonic::service::Routes| {
+            r.add_service(server).add_service(internal)
+        }),
+        names: vec!["nsml.v1.QuotaService", "nsml.internal.v1.QuotaInternal"],
         tasks: vec![task, reactor],
     })
 }

@@ -108,7 +108,7 @@ async fn heartbeats(exec: Weak<LocalExecutor>) {
             return;
         };
         let names: Vec<String> = me.live().keys().cloned().collect();
-        let mut session = me.clients.session.clone();
+        let mut session = me.clients.session_internal.clone();
         drop(me);
         if names.is_empty() {
             continue;
@@ -456,7 +456,7 @@ impl LocalExecutor {
         let (logs, rx) = LogSender::channel();
         let clients = self.clients.clone();
         let forwarder = tokio::spawn(forward_logs(name.clone(), rx, move || {
-            let mut client = clients.session.clone();
+            let mut client = clients.session_internal.clone();
             async move {
                 let (tx, rx) = tokio::sync::mpsc::channel(4);
                 let call = tokio::spawn(async move {
@@ -526,7 +526,7 @@ impl LocalExecutor {
             stopped,
         };
         let finished = with_retry("RunnerFinished", FINISH_BUDGET, || {
-            let mut c = self.clients.session.clone();
+            let mut c = self.clients.session_internal.clone();
             let req = req.clone();
             async move { c.runner_finished(req).await }
         })

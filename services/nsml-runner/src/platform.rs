@@ -162,7 +162,7 @@ impl GrpcPlatform {
             })),
         };
         let request = futures::stream::iter([meta]).chain(upload_data(rx));
-        let mut client = self.clients.storage.clone();
+        let mut client = self.clients.storage_internal.clone();
         let call = client.save_checkpoint(request);
         tokio::pin!(call);
         let packed = tokio::select! {
@@ -278,7 +278,7 @@ impl Platform for GrpcPlatform {
             gpu_ids: self.gpu_ids.clone(),
         };
         with_retry("RunnerStarted", RETRY_BUDGET, || {
-            let mut c = self.clients.session.clone();
+            let mut c = self.clients.session_internal.clone();
             let req = req.clone();
             async move { c.runner_started(req).await }
         })
@@ -292,7 +292,7 @@ impl Platform for GrpcPlatform {
             point: Some(point),
         };
         with_retry("RunnerReport", RETRY_BUDGET, || {
-            let mut c = self.clients.session.clone();
+            let mut c = self.clients.session_internal.clone();
             let req = req.clone();
             async move { c.runner_report(req).await }
         })
@@ -360,7 +360,7 @@ impl Platform for GrpcPlatform {
         };
         // Sent again only on `UNAVAILABLE`: the submission service scored nothing then.
         with_retry("RunnerPredictions", RETRY_BUDGET, || {
-            let mut c = self.clients.submission.clone();
+            let mut c = self.clients.submission_internal.clone();
             let req = req.clone();
             async move { c.runner_predictions(req).await }
         })

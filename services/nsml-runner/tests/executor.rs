@@ -12,9 +12,12 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use nsml_common::clients::{Clients, ServiceAddrs};
 use nsml_common::executor::Executor;
-use nsml_proto::v1::session_service_server::{SessionService, SessionServiceServer};
+use nsml_proto::internal::v1::session_internal_server::{SessionInternal, SessionInternalServer};
+use nsml_proto::internal::v1::storage_internal_server::{StorageInternal, StorageInternalServer};
+use nsml_proto::internal::v1::submission_internal_server::{
+    SubmissionInternal, SubmissionInternalServer,
+};
 use nsml_proto::v1::storage_service_server::{StorageService, StorageServiceServer};
-use nsml_proto::v1::submission_service_server::{SubmissionService, SubmissionServiceServer};
 use nsml_proto::v1::*;
 use nsml_runner::{GpuInventory, LocalExecutor, RunnerConfig};
 use tokio::sync::Notify;
@@ -59,38 +62,7 @@ fn nope<T>() -> Result<T, Status> {
 }
 
 #[tonic::async_trait]
-impl SessionService for Fake {
-    type LogsStream = tokio_stream::Empty<Result<LogLine, Status>>;
-    async fn run(&self, _: Request<RunRequest>) -> Result<Response<Session>, Status> {
-        nope()
-    }
-    async fn list(
-        &self,
-        _: Request<ListSessionsRequest>,
-    ) -> Result<Response<ListSessionsResponse>, Status> {
-        nope()
-    }
-    async fn get(&self, _: Request<GetSessionRequest>) -> Result<Response<Session>, Status> {
-        nope()
-    }
-    async fn logs(&self, _: Request<LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        nope()
-    }
-    async fn stop(&self, _: Request<StopRequest>) -> Result<Response<Session>, Status> {
-        nope()
-    }
-    async fn remove(&self, _: Request<RemoveRequest>) -> Result<Response<RemoveResponse>, Status> {
-        nope()
-    }
-    async fn memo(&self, _: Request<MemoRequest>) -> Result<Response<Session>, Status> {
-        nope()
-    }
-    async fn metrics(
-        &self,
-        _: Request<MetricsRequest>,
-    ) -> Result<Response<MetricsResponse>, Status> {
-        nope()
-    }
+impl SessionInternal for Fake {
     async fn start_submit(
         &self,
         _: Request<StartSubmitRequest>,
@@ -154,7 +126,6 @@ impl SessionService for Fake {
 
 #[tonic::async_trait]
 impl StorageService for Fake {
-    type FetchDatasetPartStream = ChunkStream;
     type DownloadCodeStream = ChunkStream;
     type PullCheckpointStream = ChunkStream;
     async fn register_dataset(
@@ -205,21 +176,6 @@ impl StorageService for Fake {
         }))
     }
 
-    async fn fetch_dataset_part(
-        &self,
-        r: Request<FetchDatasetPartRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
-        let r = r.into_inner();
-        let mut st = self.state.lock().unwrap();
-        st.fetched_parts.push((r.name.clone(), r.part));
-        let bytes = st
-            .parts
-            .get(&(r.name, r.part))
-            .cloned()
-            .ok_or_else(|| Status::not_found("no such part"))?;
-        Ok(Response::new(chunks(bytes)))
-    }
-
     async fn download_code(
         &self,
         r: Request<DownloadCodeRequest>,
@@ -232,6 +188,47 @@ impl StorageService for Fake {
         let bytes = self.state.lock().unwrap().code.get(&id).cloned();
         let bytes =
             bytes.ok_or_else(|| Status::not_found(format!("code snapshot `{id}` not found")))?;
+        Ok(Response::new(chunks(bytes)))
+    }
+
+    async fn pull_checkpoint(
+        &self,
+        r: Request<PullCheckpointRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let r = r.into_inner();
+        let bytes = self
+            .state
+            .lock()
+            .unwrap()
+            .checkpoints
+            .get(&(r.session.clone(), r.checkpoint.clone()))
+            .cloned();
+        let bytes = bytes.ok_or_else(|| {
+            Status::not_found(format!(
+                "checkpoint {} of {} not found",
+                r.checkpoint, r.session
+            ))
+        })?;
+        Ok(Response::new(chunks(bytes)))
+    }
+}
+
+#[tonic::async_trait]
+impl StorageInternal for Fake {
+    type FetchDatasetPartStream = ChunkStream;
+
+    async fn fetch_dataset_part(
+        &self,
+        r: Request<FetchDatasetPartRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let r = r.into_inner();
+        let mut st = self.state.lock().unwrap();
+        st.fetched_parts.push((r.name.clone(), r.part));
+        let bytes = st
+            .parts
+            .get(&(r.name, r.part))
+            .cloned()
+            .ok_or_else(|| Status::not_found("no such part"))?;
         Ok(Response::new(chunks(bytes)))
     }
 
@@ -267,43 +264,10 @@ impl StorageService for Fake {
             ..Default::default()
         }))
     }
-
-    async fn pull_checkpoint(
-        &self,
-        r: Request<PullCheckpointRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
-        let r = r.into_inner();
-        let bytes = self
-            .state
-            .lock()
-            .unwrap()
-            .checkpoints
-            .get(&(r.session.clone(), r.checkpoint.clone()))
-            .cloned();
-        let bytes = bytes.ok_or_else(|| {
-            Status::not_found(format!(
-                "checkpoint {} of {} not found",
-                r.checkpoint, r.session
-            ))
-        })?;
-        Ok(Response::new(chunks(bytes)))
-    }
 }
 
 #[tonic::async_trait]
-impl SubmissionService for Fake {
-    async fn submit(&self, _: Request<SubmitRequest>) -> Result<Response<Submission>, Status> {
-        nope()
-    }
-    async fn get(&self, _: Request<GetSubmissionRequest>) -> Result<Response<Submission>, Status> {
-        nope()
-    }
-    async fn list(
-        &self,
-        _: Request<ListSubmissionsRequest>,
-    ) -> Result<Response<ListSubmissionsResponse>, Status> {
-        nope()
-    }
+impl SubmissionInternal for Fake {
     async fn runner_predictions(
         &self,
         r: Request<RunnerPredictionsRequest>,
@@ -376,9 +340,10 @@ async fn env_in(gpus: u32, work: tempfile::TempDir) -> Env {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
     let server = tonic::transport::Server::builder()
-        .add_service(SessionServiceServer::new(fake.clone()))
+        .add_service(SessionInternalServer::new(fake.clone()))
         .add_service(StorageServiceServer::new(fake.clone()))
-        .add_service(SubmissionServiceServer::new(fake.clone()))
+        .add_service(StorageInternalServer::new(fake.clone()))
+        .add_service(SubmissionInternalServer::new(fake.clone()))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(server);
     let addrs = ServiceAddrs {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nsml_common::clients::{Clients, ServiceAddrs};
+use nsml_proto::internal::v1::storage_internal_server::{StorageInternal, StorageInternalServer};
 use nsml_proto::v1::storage_service_server::{StorageService, StorageServiceServer};
 use nsml_proto::v1::*;
 use nsml_runner::platform::{GrpcPlatform, Platform};
@@ -34,7 +35,6 @@ fn nope<T>() -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl StorageService for Restarting {
-    type FetchDatasetPartStream = ChunkStream;
     type DownloadCodeStream = ChunkStream;
     type PullCheckpointStream = ChunkStream;
     async fn register_dataset(
@@ -53,12 +53,6 @@ impl StorageService for Restarting {
         &self,
         _: Request<GetDatasetRequest>,
     ) -> Result<Response<Dataset>, Status> {
-        nope()
-    }
-    async fn fetch_dataset_part(
-        &self,
-        _: Request<FetchDatasetPartRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
         nope()
     }
     async fn upload_code(
@@ -89,6 +83,45 @@ impl StorageService for Restarting {
         nope()
     }
 
+    async fn pull_checkpoint(
+        &self,
+        _: Request<PullCheckpointRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let bytes = self
+            .uploads
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .ok_or_else(|| Status::not_found("no checkpoint"))?;
+        let mut pulls = self.pulls.lock().expect("lock");
+        *pulls += 1;
+        let pieces: Vec<Result<Chunk, Status>> = bytes
+            .chunks(100)
+            .map(|c| Ok(Chunk { data: c.to_vec() }))
+            .collect();
+        if *pulls <= self.refuse {
+            // Broken off half-way, as by a restart.
+            let half = pieces.len() / 2;
+            let broken = pieces
+                .into_iter()
+                .take(half)
+                .chain([Err(Status::unavailable("storage is restarting"))]);
+            return Ok(Response::new(Box::pin(tokio_stream::iter(broken))));
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))
+    }
+}
+
+#[tonic::async_trait]
+impl StorageInternal for Restarting {
+    type FetchDatasetPartStream = ChunkStream;
+    async fn fetch_dataset_part(
+        &self,
+        _: Request<FetchDatasetPartRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        nope()
+    }
     async fn save_checkpoint(
         &self,
         r: Request<Streaming<SaveCheckpointChunk>>,
@@ -122,35 +155,6 @@ impl StorageService for Restarting {
             ..Default::default()
         }))
     }
-
-    async fn pull_checkpoint(
-        &self,
-        _: Request<PullCheckpointRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
-        let bytes = self
-            .uploads
-            .lock()
-            .expect("lock")
-            .last()
-            .cloned()
-            .ok_or_else(|| Status::not_found("no checkpoint"))?;
-        let mut pulls = self.pulls.lock().expect("lock");
-        *pulls += 1;
-        let pieces: Vec<Result<Chunk, Status>> = bytes
-            .chunks(100)
-            .map(|c| Ok(Chunk { data: c.to_vec() }))
-            .collect();
-        if *pulls <= self.refuse {
-            // Broken off half-way, as by a restart.
-            let half = pieces.len() / 2;
-            let broken = pieces
-                .into_iter()
-                .take(half)
-                .chain([Err(Status::unavailable("storage is restarting"))]);
-            return Ok(Response::new(Box::pin(tokio_stream::iter(broken))));
-        }
-        Ok(Response::new(Box::pin(tokio_stream::iter(pieces))))
-    }
 }
 
 /// Serves `fake` on `port` from now until `stop`.
@@ -160,7 +164,8 @@ async fn serve(fake: Restarting, port: u16, stop: CancellationToken) {
         .expect("the port is free");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(StorageServiceServer::new(fake))
+            .add_service(StorageServiceServer::new(fake.clone()))
+            .add_service(StorageInternalServer::new(fake))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 stop.cancelled_owned(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use nsml_common::bounds;
 use nsml_common::caller::Caller;
 use nsml_common::live::LiveStream;
+use nsml_proto::internal::v1::session_internal_server::SessionInternal;
 use nsml_proto::v1::session_service_server::SessionService as SessionApi;
 use nsml_proto::v1::{
     Empty, GetSessionRequest, ListSessionsRequest, ListSessionsResponse, LogsRequest, MemoRequest,
@@ -137,7 +138,10 @@ impl SessionApi for SessionService {
             self.participants.watch_metrics(caller, name)?,
         ))
     }
+}
 
+#[tonic::async_trait]
+impl SessionInternal for SessionService {
     async fn start_submit(
         &self,
         req: Request<StartSubmitRequest>,

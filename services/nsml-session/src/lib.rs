@@ -67,12 +67,18 @@ pub async fn start_with(
         Arc::new(participant::Participants::new(launcher.clone(), clients)),
         Arc::new(runner::Runners::new(launcher)),
     );
+    let internal =
+        nsml_proto::internal::v1::session_internal_server::SessionInternalServer::new(svc.clone())
+            .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
     let server = SessionServiceServer::new(svc)
         .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
     Ok(Started {
-        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
-        names: vec!["nsml.v1.SessionService"],
+        routes: Box::new(move |r: tonic::service::Routes| {
+            r.add_service(server).add_service(internal)
+        }),
+        names: vec!["nsml.v1.SessionService", "nsml.internal.v1.SessionInternal"],
         tasks: vec![task, sweeper],
     })
 }

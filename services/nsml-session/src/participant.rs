@@ -84,7 +84,7 @@ impl Participants {
             command_id: s.name.clone(),
             seen_position,
         };
-        let decision = self.clients.quota.clone().admit(req).await;
+        let decision = self.clients.quota_internal.clone().admit(req).await;
         let name = s.name.clone();
         let handler = &self.launcher.handler;
         match decision.map(|d| d.into_inner()) {

@@ -15,14 +15,14 @@ use nsml_common::event::new_event;
 use nsml_common::executor::{Capacity, Executor};
 use nsml_common::server::{random_secret, serve};
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
-use nsml_proto::v1::quota_service_server::{QuotaService, QuotaServiceServer};
+use nsml_proto::internal::v1::quota_internal_server::{QuotaInternal, QuotaInternalServer};
+use nsml_proto::internal::v1::session_internal_client::SessionInternalClient;
 use nsml_proto::v1::session_service_client::SessionServiceClient;
 use nsml_proto::v1::{
     AdmitRequest, CodeSnapshot, CodeUploaded, Dataset, DatasetMeta, DatasetRegistered, Decision,
-    EventPayload, ExplainRequest, Explanation, ExportRequest, ExportResponse, GetSessionRequest,
-    Identity, Membership, Override, OverrideRequest, QuotaUsage, QuotaUsageRequest, ReplayReport,
-    ReplayRequest, Resources, RunRequest, RunnerFinishedRequest, RunnerHeartbeatRequest,
-    RunnerStartedRequest, Session, SessionStatus, StopRequest, VerifyReport, VerifyRequest,
+    EventPayload, GetSessionRequest, Identity, Membership, Resources, RunRequest,
+    RunnerFinishedRequest, RunnerHeartbeatRequest, RunnerStartedRequest, Session, SessionStatus,
+    StopRequest,
 };
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -86,39 +86,14 @@ impl Executor for FakeExecutor {
 /// A quota service that grants every admission.
 struct GrantAll;
 
-fn not_faked() -> Status {
-    ErrorCode::Internal.status("not part of the fake quota service")
-}
-
 #[tonic::async_trait]
-impl QuotaService for GrantAll {
+impl QuotaInternal for GrantAll {
     async fn admit(&self, req: Request<AdmitRequest>) -> Result<Response<Decision>, Status> {
         Ok(Response::new(Decision {
             id: format!("grant-{}", req.get_ref().session),
             granted: true,
             ..Default::default()
         }))
-    }
-    async fn usage(&self, _: Request<QuotaUsageRequest>) -> Result<Response<QuotaUsage>, Status> {
-        Err(not_faked())
-    }
-    async fn grant_override(
-        &self,
-        _: Request<OverrideRequest>,
-    ) -> Result<Response<Override>, Status> {
-        Err(not_faked())
-    }
-    async fn replay(&self, _: Request<ReplayRequest>) -> Result<Response<ReplayReport>, Status> {
-        Err(not_faked())
-    }
-    async fn explain(&self, _: Request<ExplainRequest>) -> Result<Response<Explanation>, Status> {
-        Err(not_faked())
-    }
-    async fn verify(&self, _: Request<VerifyRequest>) -> Result<Response<VerifyReport>, Status> {
-        Err(not_faked())
-    }
-    async fn export(&self, _: Request<ExportRequest>) -> Result<Response<ExportResponse>, Status> {
-        Err(not_faked())
     }
 }
 
@@ -133,6 +108,7 @@ const WATCH: nsml_session::Supervision = nsml_session::Supervision {
 /// One life of the session service over a log that outlives it.
 struct Harness {
     client: SessionServiceClient<Channel>,
+    runner: SessionInternalClient<Channel>,
     secret: String,
     cancel: CancellationToken,
 }
@@ -221,9 +197,9 @@ impl Platform {
         };
         let started = nsml_session::start_with(ctx, WATCH).await.expect("start");
         let routes = (started.routes)(tonic::service::Routes::default())
-            .add_service(QuotaServiceServer::new(GrantAll));
+            .add_service(QuotaInternalServer::new(GrantAll));
         let mut names = started.names;
-        names.push("nsml.v1.QuotaService");
+        names.push("nsml.internal.v1.QuotaInternal");
         let (serve_secret, serve_cancel): (Arc<str>, _) = (secret.clone().into(), cancel.clone());
         tokio::spawn(async move {
             serve(listener, routes, &names, serve_secret, serve_cancel)
@@ -236,7 +212,8 @@ impl Platform {
             .await
             .expect("connect");
         Harness {
-            client: SessionServiceClient::new(channel),
+            client: SessionServiceClient::new(channel.clone()),
+            runner: SessionInternalClient::new(channel),
             secret,
             cancel,
         }
@@ -313,7 +290,7 @@ impl Harness {
             pid: 42,
             ..Default::default()
         };
-        self.client
+        self.runner
             .clone()
             .runner_started(self.as_runner(req))
             .await
@@ -327,7 +304,7 @@ impl Harness {
             stopped,
             ..Default::default()
         };
-        self.client
+        self.runner
             .clone()
             .runner_finished(self.as_runner(req))
             .await
@@ -338,7 +315,7 @@ impl Harness {
         let req = RunnerHeartbeatRequest {
             names: names.iter().map(|n| n.to_string()).collect(),
         };
-        self.client
+        self.runner
             .clone()
             .runner_heartbeat(self.as_runner(req))
             .await

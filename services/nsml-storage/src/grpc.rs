@@ -8,6 +8,7 @@ use futures::{Stream, StreamExt};
 use nsml_common::bounds::Bounded;
 use nsml_common::caller::Caller;
 use nsml_common::names::{SessionName, check_checkpoint, check_ident};
+use nsml_proto::internal::v1::storage_internal_server::StorageInternal;
 use nsml_proto::v1::storage_service_server::StorageService;
 use nsml_proto::v1::{
     Checkpoint, CheckpointMeta, Chunk, CodeSnapshot, Dataset, DatasetMeta, DatasetPart,
@@ -28,6 +29,7 @@ use crate::handler::Storage;
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
 
 /// The `nsml.v1.StorageService` implementation.
+#[derive(Clone)]
 pub struct StorageApi {
     core: Arc<Storage>,
 }
@@ -272,26 +274,6 @@ impl StorageService for StorageApi {
         Ok(Response::new(as_seen_by(&caller, dataset)))
     }
 
-    type FetchDatasetPartStream = ChunkStream;
-
-    async fn fetch_dataset_part(
-        &self,
-        req: Request<FetchDatasetPartRequest>,
-    ) -> Result<Response<ChunkStream>, Status> {
-        // Parts include hidden labels: only the platform's own services fetch them.
-        Caller::of(&req)?.require_service()?;
-        let req = req.into_inner();
-        let part = DatasetPart::try_from(req.part).unwrap_or(DatasetPart::Unspecified);
-        self.core.ready().await?;
-        let blob = self.core.read(|v| match v.dataset(&req.name) {
-            Some(d) => d.blobs.part(&req.name, part).map(String::from),
-            None => Err(StorageError::DatasetNotFound {
-                name: req.name.clone(),
-            }),
-        })?;
-        Ok(download(self.core.blob(&blob).await?))
-    }
-
     async fn upload_code(
         &self,
         req: Request<Streaming<UploadCodeChunk>>,
@@ -357,56 +339,6 @@ impl StorageService for StorageApi {
             .into());
         }
         Ok(download(self.core.blob(&id).await?))
-    }
-
-    async fn save_checkpoint(
-        &self,
-        req: Request<Streaming<SaveCheckpointChunk>>,
-    ) -> Result<Response<Checkpoint>, Status> {
-        let caller = Caller::of(&req)?;
-        // The runner saves what the session's program wrote; users save through their sessions only.
-        caller.require_service()?;
-        let mut stream = req.into_inner();
-        let meta = first_meta(&mut stream).await?;
-        let session = SessionName::parse(&meta.session)?;
-        check_checkpoint(&meta.checkpoint)?;
-        if !meta.summary_json.is_empty()
-            && serde_json::from_str::<serde_json::Value>(&meta.summary_json).is_err()
-        {
-            return Err(StorageError::BadRequest(format!(
-                "the summary of checkpoint `{session}/{}` is not JSON",
-                meta.checkpoint
-            ))
-            .into());
-        }
-        self.core.ready().await?;
-        // Nothing larger than the team's whole quota can fit: stop reading there.
-        let limit = self.core.storage_limit(&session);
-        let used = self.core.read(|v| v.usage(&session.team).0);
-        let team = session.team.clone();
-        let archive = self
-            .core
-            .staging()
-            .spool(data_of(stream), limit, |adding| {
-                StorageError::QuotaExceeded {
-                    team,
-                    used,
-                    limit,
-                    adding,
-                }
-            })
-            .await?;
-        let checkpoint = self
-            .core
-            .save_checkpoint(
-                &session,
-                &meta.checkpoint,
-                meta.summary_json,
-                &caller.actor(),
-                archive,
-            )
-            .await?;
-        Ok(Response::new(checkpoint))
     }
 
     async fn list_checkpoints(
@@ -485,5 +417,78 @@ impl StorageService for StorageApi {
             checkpoint_bytes,
             code_bytes,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl StorageInternal for StorageApi {
+    type FetchDatasetPartStream = ChunkStream;
+
+    async fn fetch_dataset_part(
+        &self,
+        req: Request<FetchDatasetPartRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        // Parts include hidden labels: only the platform's own services fetch them.
+        Caller::of(&req)?.require_service()?;
+        let req = req.into_inner();
+        let part = DatasetPart::try_from(req.part).unwrap_or(DatasetPart::Unspecified);
+        self.core.ready().await?;
+        let blob = self.core.read(|v| match v.dataset(&req.name) {
+            Some(d) => d.blobs.part(&req.name, part).map(String::from),
+            None => Err(StorageError::DatasetNotFound {
+                name: req.name.clone(),
+            }),
+        })?;
+        Ok(download(self.core.blob(&blob).await?))
+    }
+
+    async fn save_checkpoint(
+        &self,
+        req: Request<Streaming<SaveCheckpointChunk>>,
+    ) -> Result<Response<Checkpoint>, Status> {
+        let caller = Caller::of(&req)?;
+        // The runner saves what the session's program wrote; users save through their sessions only.
+        caller.require_service()?;
+        let mut stream = req.into_inner();
+        let meta = first_meta(&mut stream).await?;
+        let session = SessionName::parse(&meta.session)?;
+        check_checkpoint(&meta.checkpoint)?;
+        if !meta.summary_json.is_empty()
+            && serde_json::from_str::<serde_json::Value>(&meta.summary_json).is_err()
+        {
+            return Err(StorageError::BadRequest(format!(
+                "the summary of checkpoint `{session}/{}` is not JSON",
+                meta.checkpoint
+            ))
+            .into());
+        }
+        self.core.ready().await?;
+        // Nothing larger than the team's whole quota can fit: stop reading there.
+        let limit = self.core.storage_limit(&session);
+        let used = self.core.read(|v| v.usage(&session.team).0);
+        let team = session.team.clone();
+        let archive = self
+            .core
+            .staging()
+            .spool(data_of(stream), limit, |adding| {
+                StorageError::QuotaExceeded {
+                    team,
+                    used,
+                    limit,
+                    adding,
+                }
+            })
+            .await?;
+        let checkpoint = self
+            .core
+            .save_checkpoint(
+                &session,
+                &meta.checkpoint,
+                meta.summary_json,
+                &caller.actor(),
+                archive,
+            )
+            .await?;
+        Ok(Response::new(checkpoint))
     }
 }

@@ -137,12 +137,19 @@ pub async fn start_with_limits(
         staging,
         limits,
     ));
-    let server = StorageServiceServer::new(StorageApi::new(core))
+    let api = StorageApi::new(core);
+    let internal =
+        nsml_proto::internal::v1::storage_internal_server::StorageInternalServer::new(api.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server = StorageServiceServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     Ok(Started {
-        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
-        names: vec!["nsml.v1.StorageService"],
+        routes: Box::new(move |r: tonic::service::Routes| {
+            r.add_service(server).add_service(internal)
+        }),
+        names: vec!["nsml.v1.StorageService", "nsml.internal.v1.StorageInternal"],
         tasks: vec![task],
     })
 }

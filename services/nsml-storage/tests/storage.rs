@@ -16,6 +16,7 @@ use nsml_common::ServiceContext;
 use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY, SERVICE_KEY};
 use nsml_common::event::new_event;
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
+use nsml_proto::internal::v1::storage_internal_client::StorageInternalClient;
 use nsml_proto::v1::storage_service_client::StorageServiceClient;
 use nsml_proto::v1::{
     CheckpointMeta, Competition, CompetitionApplied, DatasetMeta, DatasetPart,
@@ -36,6 +37,7 @@ use tonic::{Code, Request, Status};
 /// A running storage service and how to call it.
 struct Service {
     client: StorageServiceClient<Channel>,
+    internal: StorageInternalClient<Channel>,
     secret: String,
     store: Arc<dyn EventStore>,
     cancel: CancellationToken,
@@ -75,8 +77,10 @@ impl Service {
             .expect("the storage service serves until cancelled");
         });
         let client = StorageServiceClient::connect(format!("http://{addr}")).await?;
+        let internal = StorageInternalClient::connect(format!("http://{addr}")).await?;
         Ok(Self {
             client,
+            internal,
             secret,
             store,
             cancel,
@@ -387,7 +391,7 @@ async fn a_host_registers_a_dataset_that_everyone_can_list() -> Result<()> {
 
     // Only the platform's services fetch parts; labels come back on their own.
     let labels = svc
-        .client
+        .internal
         .fetch_dataset_part(svc.runner(FetchDatasetPartRequest {
             name: "t1-cls".into(),
             part: DatasetPart::TestLabel as i32,
@@ -399,7 +403,7 @@ async fn a_host_registers_a_dataset_that_everyone_can_list() -> Result<()> {
         [("test/test_label".to_string(), TEST_LABEL.to_vec())]
     );
     let trial = svc
-        .client
+        .internal
         .fetch_dataset_part(svc.runner(FetchDatasetPartRequest {
             name: "t1-cls".into(),
             part: DatasetPart::TrialData as i32,
@@ -409,7 +413,7 @@ async fn a_host_registers_a_dataset_that_everyone_can_list() -> Result<()> {
     let trial = untar(&collect(trial).await?);
     assert_eq!(trial[0].0, "test/test_data/data.csv");
     assert_refused(
-        svc.client
+        svc.internal
             .fetch_dataset_part(svc.user(
                 &host(),
                 FetchDatasetPartRequest {
@@ -422,7 +426,7 @@ async fn a_host_registers_a_dataset_that_everyone_can_list() -> Result<()> {
         "internal call",
     );
     assert_refused(
-        svc.client
+        svc.internal
             .fetch_dataset_part(svc.runner(FetchDatasetPartRequest {
                 name: "t1-cls".into(),
                 part: DatasetPart::EvalScript as i32,
@@ -579,7 +583,7 @@ async fn malformed_dataset_archives_are_refused_and_lose_nothing() -> Result<()>
         .into_inner();
     assert_eq!(after, before);
     let labels = svc
-        .client
+        .internal
         .fetch_dataset_part(svc.runner(FetchDatasetPartRequest {
             name: "t1-cls".into(),
             part: DatasetPart::TestLabel as i32,
@@ -778,7 +782,7 @@ async fn the_runner_saves_checkpoints_that_the_team_lists_pulls_and_deletes() ->
 
     let first = checkpoint_archive(&noise(3000, 1));
     let saved = svc
-        .client
+        .internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "0", &first)))
         .await?
         .into_inner();
@@ -786,7 +790,7 @@ async fn the_runner_saves_checkpoints_that_the_team_lists_pulls_and_deletes() ->
     assert!(saved.elapsed_secs >= 10.0, "elapsed {}", saved.elapsed_secs);
     assert_eq!(saved.summary_json, r#"{"epoch":1,"val_acc":0.8}"#);
     let best = checkpoint_archive(&noise(2000, 2));
-    svc.client
+    svc.internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "best", &best)))
         .await?;
 
@@ -847,14 +851,14 @@ async fn the_runner_saves_checkpoints_that_the_team_lists_pulls_and_deletes() ->
 
     // Users never save directly: the runner does, for their sessions.
     assert_refused(
-        svc.client
+        svc.internal
             .save_checkpoint(svc.user(&alice(), checkpoint_chunks("demo/t1-cls/1", "x", &best)))
             .await,
         Code::PermissionDenied,
         "internal call",
     );
     assert_refused(
-        svc.client
+        svc.internal
             .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "../x", &best)))
             .await,
         Code::InvalidArgument,
@@ -863,7 +867,7 @@ async fn the_runner_saves_checkpoints_that_the_team_lists_pulls_and_deletes() ->
 
     // The same name overwrites (NSML semantics), and usage follows.
     let newer = checkpoint_archive(&noise(5000, 3));
-    svc.client
+    svc.internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "best", &newer)))
         .await?;
     let listed = list(&svc, &alice()).await?;
@@ -944,12 +948,12 @@ async fn a_checkpoint_over_the_quota_is_refused_and_the_others_stay() -> Result<
     .await?;
 
     let kept = checkpoint_archive(&noise(12_000, 1));
-    svc.client
+    svc.internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "0", &kept)))
         .await?;
     let too_big = checkpoint_archive(&noise(9_000, 2));
     let status = svc
-        .client
+        .internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/2", "0", &too_big)))
         .await
         .unwrap_err();
@@ -1001,13 +1005,13 @@ async fn a_checkpoint_over_the_quota_is_refused_and_the_others_stay() -> Result<
 
     // Overwriting frees the old checkpoint: a bigger `0` fits where a second one does not.
     let bigger = checkpoint_archive(&noise(16_000, 3));
-    svc.client
+    svc.internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "0", &bigger)))
         .await?;
     // Something larger than the whole quota is cut off while it is read.
     let huge = checkpoint_archive(&noise(50_000, 4));
     assert_refused(
-        svc.client
+        svc.internal
             .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "1", &huge)))
             .await,
         Code::FailedPrecondition,
@@ -1023,7 +1027,7 @@ async fn a_restarted_service_rebuilds_its_state_from_the_log() -> Result<()> {
     let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
     register_demo_dataset(&mut svc).await?;
     let archive = checkpoint_archive(&noise(4000, 7));
-    svc.client
+    svc.internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/3", "best", &archive)))
         .await?;
     let code = targz(&[E::File("main.py", b"print(1)\n")]);
@@ -1130,7 +1134,7 @@ async fn a_checkpoint_is_charged_what_it_unpacks_to_and_a_bomb_is_refused_unstor
     let bomb = zeros_archive("model.pt", 64 << 20);
     assert!(bomb.len() < 1 << 20, "the bomb is {} bytes", bomb.len());
     let status = svc
-        .client
+        .internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "0", &bomb)))
         .await
         .unwrap_err();
@@ -1156,7 +1160,7 @@ async fn a_checkpoint_is_charged_what_it_unpacks_to_and_a_bomb_is_refused_unstor
     // One that fits is charged its unpacked size, which the next save counts against.
     let fits = zeros_archive("model.pt", 3 << 20);
     let saved = svc
-        .client
+        .internal
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "0", &fits)))
         .await?
         .into_inner();
@@ -1170,7 +1174,7 @@ async fn a_checkpoint_is_charged_what_it_unpacks_to_and_a_bomb_is_refused_unstor
         .into_inner();
     assert_eq!(usage.checkpoint_bytes, 3 << 20);
     assert_refused(
-        svc.client
+        svc.internal
             .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "1", &fits)))
             .await,
         Code::FailedPrecondition,
@@ -1213,7 +1217,7 @@ async fn a_checkpoint_saved_twice_alike_is_one_save() -> Result<()> {
     register_demo_dataset(&mut svc).await?;
     let archive = checkpoint_archive(&noise(3000, 7));
     let save = |svc: &Service| {
-        let mut client = svc.client.clone();
+        let mut client = svc.internal.clone();
         let req = svc.runner(checkpoint_chunks("demo/t1-cls/1", "e1", &archive));
         async move { client.save_checkpoint(req).await }
     };
@@ -1237,7 +1241,7 @@ async fn a_checkpoint_saved_twice_alike_is_one_save() -> Result<()> {
 
     // Other content under the same name is a new save.
     let newer = checkpoint_archive(&noise(2000, 8));
-    let mut client = svc.client.clone();
+    let mut client = svc.internal.clone();
     let saved = client
         .save_checkpoint(svc.runner(checkpoint_chunks("demo/t1-cls/1", "e1", &newer)))
         .await?

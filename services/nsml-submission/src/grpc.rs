@@ -6,6 +6,7 @@ use std::sync::Arc;
 use nsml_common::caller::Caller;
 use nsml_common::live::{self, LiveStream};
 use nsml_common::names::{SessionName, check_checkpoint};
+use nsml_proto::internal::v1::submission_internal_server::SubmissionInternal;
 use nsml_proto::v1::submission_service_server::SubmissionService as SubmissionApi;
 use nsml_proto::v1::{
     GetSubmissionRequest, ListSubmissionsRequest, ListSubmissionsResponse,
@@ -115,7 +116,10 @@ impl SubmissionApi for SubmissionService {
             std::future::ready(Ok(Some(me.listed(&caller, &r))))
         })))
     }
+}
 
+#[tonic::async_trait]
+impl SubmissionInternal for SubmissionService {
     async fn runner_predictions(
         &self,
         req: Request<RunnerPredictionsRequest>,

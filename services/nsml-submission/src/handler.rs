@@ -172,7 +172,7 @@ impl Handler {
             .await?;
         let started = self
             .clients
-            .session
+            .session_internal
             .clone()
             .start_submit(StartSubmitRequest {
                 submission_id: sub.id.clone(),

@@ -42,12 +42,24 @@ pub async fn start(ctx: ServiceContext, python: String) -> Result<Started, Submi
     let handler = Arc::new(handler);
     let scorer = tokio::spawn(scorer::run(handler.clone(), queue, ctx.cancel.clone()));
     let reactor = tokio::spawn(reactor::run(handler.clone(), ctx.clone()));
-    let server = SubmissionServiceServer::new(SubmissionService::new(handler))
+    let api = SubmissionService::new(handler);
+    let internal =
+        nsml_proto::internal::v1::submission_internal_server::SubmissionInternalServer::new(
+            api.clone(),
+        )
+        .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
+    let server = SubmissionServiceServer::new(api)
         .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES);
     Ok(Started {
-        routes: Box::new(move |r: tonic::service::Routes| r.add_service(server)),
-        names: vec!["nsml.v1.SubmissionService"],
+        routes: Box::new(move |r: tonic::service::Routes| {
+            r.add_service(server).add_service(internal)
+        }),
+        names: vec![
+            "nsml.v1.SubmissionService",
+            "nsml.internal.v1.SubmissionInternal",
+        ],
         tasks: vec![task, scorer, reactor],
     })
 }

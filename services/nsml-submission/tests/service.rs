@@ -17,8 +17,8 @@ use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY, SERVICE_KEY};
 use nsml_common::clients::ServiceAddrs;
 use nsml_common::event::{decode, new_event};
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
+use nsml_proto::internal::v1::submission_internal_client::SubmissionInternalClient;
 use nsml_proto::v1::storage_service_client::StorageServiceClient;
-use nsml_proto::v1::submission_service_client::SubmissionServiceClient;
 use nsml_proto::v1::{
     DatasetMeta, Identity, RegisterDatasetChunk, RunnerPredictionsRequest, SessionExited,
     Submission, SubmissionAdmitted, SubmissionFailed, SubmissionScored, SubmissionStatus,
@@ -198,7 +198,7 @@ impl Platform {
             .expect("the submission service serves until cancelled");
         });
         Ok(Runner {
-            client: SubmissionServiceClient::connect(addr).await?,
+            client: SubmissionInternalClient::connect(addr).await?,
             secret: self.secret.clone(),
         })
     }
@@ -226,7 +226,7 @@ impl Platform {
 
 /// The submission service as the runner calls it.
 struct Runner {
-    client: SubmissionServiceClient<tonic::transport::Channel>,
+    client: SubmissionInternalClient<tonic::transport::Channel>,
     secret: String,
 }
 

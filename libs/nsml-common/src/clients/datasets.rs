@@ -49,7 +49,7 @@ pub async fn open_part(
     part: DatasetPart,
 ) -> Result<Streaming<Chunk>, Status> {
     Ok(clients
-        .storage
+        .storage_internal
         .clone()
         .fetch_dataset_part(FetchDatasetPartRequest {
             name: dataset.to_string(),

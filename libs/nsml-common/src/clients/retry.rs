@@ -145,24 +145,29 @@ pub fn repeat_of(path: &str) -> Repeat {
     let service = service.rsplit('.').next().unwrap_or(service);
     match (service, method) {
         (_, "RegisterDataset" | "UploadCode" | "SaveCheckpoint" | "RunnerLogs") => Repeat::Stream,
+        // Live views only read.
+        (_, m) if m.starts_with("Watch") => Repeat::Idempotent,
         (
             "AuthService",
-            "WhoAmI" | "ListCompetitions" | "GetCompetition" | "Authenticate" | "Logout",
+            "WhoAmI" | "ListCompetitions" | "GetCompetition" | "Logout",
         )
+        | ("AuthInternal", "Authenticate")
         | ("LeaderboardService", _)
         // `Admit` carries a command id: a repeat answers the first decision.
-        | ("QuotaService", "Admit" | "Usage" | "Explain" | "Verify" | "Export")
-        // The runner transitions are skipped when the session already made them.
+        | ("QuotaInternal", "Admit")
+        | ("QuotaService", "Usage" | "Explain" | "Verify" | "Export")
         | (
             "SessionService",
-            "List" | "Get" | "Logs" | "Metrics" | "Stop" | "Memo" | "RunnerStarted"
-            | "RunnerHeartbeat" | "RunnerFinished",
+            "List" | "Get" | "Logs" | "Metrics" | "Stop" | "Memo",
         )
+        // The runner transitions are skipped when the session already made them.
+        | ("SessionInternal", "RunnerStarted" | "RunnerHeartbeat" | "RunnerFinished")
         | (
             "StorageService",
-            "ListDatasets" | "GetDataset" | "FetchDatasetPart" | "DownloadCode" | "ListCheckpoints"
-            | "PullCheckpoint" | "Usage",
+            "ListDatasets" | "GetDataset" | "DownloadCode" | "ListCheckpoints" | "PullCheckpoint"
+            | "Usage",
         )
+        | ("StorageInternal", "FetchDatasetPart")
         | ("SubmissionService", "Get" | "List")
         | ("grpc.health.v1.Health", _)
         | ("Health", _) => Repeat::Idempotent,
@@ -298,19 +303,22 @@ mod tests {
             repeat_of("/nsml.v1.SubmissionService/Get"),
             Repeat::Idempotent
         );
-        assert_eq!(repeat_of("/nsml.v1.QuotaService/Admit"), Repeat::Idempotent);
+        assert_eq!(
+            repeat_of("/nsml.internal.v1.QuotaInternal/Admit"),
+            Repeat::Idempotent
+        );
         assert_eq!(repeat_of("/nsml.v1.SubmissionService/Submit"), Repeat::Once);
         assert_eq!(repeat_of("/nsml.v1.SessionService/Run"), Repeat::Once);
         assert_eq!(
-            repeat_of("/nsml.v1.SessionService/RunnerReport"),
+            repeat_of("/nsml.internal.v1.SessionInternal/RunnerReport"),
             Repeat::Once
         );
         assert_eq!(
-            repeat_of("/nsml.v1.StorageService/SaveCheckpoint"),
+            repeat_of("/nsml.internal.v1.StorageInternal/SaveCheckpoint"),
             Repeat::Stream
         );
         assert_eq!(
-            repeat_of("/nsml.v1.SessionService/RunnerLogs"),
+            repeat_of("/nsml.internal.v1.SessionInternal/RunnerLogs"),
             Repeat::Stream
         );
     }

@@ -220,7 +220,7 @@ impl SlurmExecutor {
             reason,
             stopped: false,
         };
-        let mut session = self.clients.session.clone();
+        let mut session = self.clients.session_internal.clone();
         if let Err(status) = session.runner_finished(req).await {
             tracing::error!(session = %name, %status, "cannot record the end of a Slurm job");
             self.known.lock().reported.remove(name);
