@@ -1158,7 +1158,7 @@ async fn forged_metadata(ch: &Channel, w: &World, matrix: &mut Matrix) -> anyhow
             "nsml.internal.v1.StorageInternal/FetchDatasetPart",
             "forged identity and service",
             Some(Who::Admin),
-            msg(nsml_proto::v1::FetchDatasetPartRequest {
+            msg(nsml_proto::internal::v1::FetchDatasetPartRequest {
                 name: "t1-cls".into(),
                 part: nsml_proto::v1::DatasetPart::TestLabel as i32,
             }),
@@ -1488,13 +1488,13 @@ async fn direct_calls(dep: &Deployment, w: &World) -> anyhow::Result<()> {
         let (rpc, body) = match service.as_str() {
             "auth" => (
                 "nsml.internal.v1.AuthInternal/Authenticate",
-                msg(nsml_proto::v1::AuthenticateRequest {
+                msg(nsml_proto::internal::v1::AuthenticateRequest {
                     token: w.tokens[0].clone(),
                 }),
             ),
             "storage" => (
                 "nsml.internal.v1.StorageInternal/FetchDatasetPart",
-                msg(nsml_proto::v1::FetchDatasetPartRequest {
+                msg(nsml_proto::internal::v1::FetchDatasetPartRequest {
                     name: "t1-cls".into(),
                     part: nsml_proto::v1::DatasetPart::Train as i32,
                 }),

@@ -437,4 +437,29 @@ async fn the_public_port_offers_reflection_and_health_of_public_services_only() 
         names.iter().all(|n| !n.contains("internal")),
         "internal services are not listed: {names:?}"
     );
+    // Nothing of the platform's internal calls is described to clients, not even their messages.
+    for symbol in [
+        "nsml.internal.v1.SessionInternal",
+        "nsml.internal.v1.RunnerStartedRequest",
+    ] {
+        let ask = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(symbol.into())),
+        };
+        let mut answers = ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::iter([ask]))
+            .await
+            .unwrap()
+            .into_inner();
+        match answers.message().await {
+            Err(status) => assert_eq!(status.code(), tonic::Code::NotFound, "{symbol}: {status:?}"),
+            Ok(answer) => assert!(
+                matches!(
+                    answer.as_ref().and_then(|a| a.message_response.as_ref()),
+                    Some(MessageResponse::ErrorResponse(_))
+                ),
+                "{symbol} is described: {answer:?}"
+            ),
+        }
+    }
 }

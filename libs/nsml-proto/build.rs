@@ -55,6 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(false)
         .extern_path(".nsml.v1", "crate::v1")
+        .extern_path(".nsml.internal.v1", "crate::internal::v1")
         .out_dir(&clients)
         .compile_fds(fds)?;
     Ok(())

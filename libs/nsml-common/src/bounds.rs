@@ -12,17 +12,19 @@
 use crate::error::ErrorCode;
 use std::borrow::Cow;
 
+use nsml_proto::internal::v1::{AuthenticateRequest, FetchDatasetPartRequest};
+use nsml_proto::internal::v1::{CheckpointMeta, RunnerReportRequest};
+use nsml_proto::v1::MetricPoint;
 use nsml_proto::v1::{
-    AddUserRequest, ApplyCompetitionRequest, AuthenticateRequest, BoardRequest, Competition,
-    DatasetMeta, DeleteCheckpointRequest, DownloadCodeRequest, Empty, ExplainRequest,
-    ExportRequest, FetchDatasetPartRequest, GetCompetitionRequest, GetDatasetRequest,
-    GetSessionRequest, GetSubmissionRequest, HistoryRequest, ListCheckpointsRequest,
-    ListDatasetsRequest, ListSessionsRequest, ListSubmissionsRequest, LoginRequest, LogsRequest,
-    MemoRequest, MetricsRequest, OverallRequest, OverrideRequest, PullCheckpointRequest,
-    QuotaUsageRequest, RemoveRequest, ReplayRequest, RevealPrivateRequest, RunRequest, StopRequest,
-    SubmitRequest, UploadCodeMeta, UsageRequest, VerifyRequest,
+    AddUserRequest, ApplyCompetitionRequest, BoardRequest, Competition, DatasetMeta,
+    DeleteCheckpointRequest, DownloadCodeRequest, Empty, ExplainRequest, ExportRequest,
+    GetCompetitionRequest, GetDatasetRequest, GetSessionRequest, GetSubmissionRequest,
+    HistoryRequest, ListCheckpointsRequest, ListDatasetsRequest, ListSessionsRequest,
+    ListSubmissionsRequest, LoginRequest, LogsRequest, MemoRequest, MetricsRequest, OverallRequest,
+    OverrideRequest, PullCheckpointRequest, QuotaUsageRequest, RemoveRequest, ReplayRequest,
+    RevealPrivateRequest, RunRequest, StopRequest, SubmitRequest, UploadCodeMeta, UsageRequest,
+    VerifyRequest,
 };
-use nsml_proto::v1::{CheckpointMeta, MetricPoint, RunnerReportRequest};
 use tonic::{Request, Status};
 
 /// The longest user name, in bytes: user names are identifiers (see [`crate::names::check_ident`]).

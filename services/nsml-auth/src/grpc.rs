@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use nsml_common::bounds;
 use nsml_common::caller::Caller;
+use nsml_proto::internal::v1::AuthenticateRequest;
 use nsml_proto::internal::v1::auth_internal_server::AuthInternal;
 use nsml_proto::v1::auth_service_server::AuthService as AuthApi;
 use nsml_proto::v1::{
-    AddUserRequest, ApplyCompetitionRequest, AuthenticateRequest, Competition, Empty,
-    GetCompetitionRequest, Identity, ListCompetitionsResponse, LoginRequest, LoginResponse,
-    RevealPrivateRequest,
+    AddUserRequest, ApplyCompetitionRequest, Competition, Empty, GetCompetitionRequest, Identity,
+    ListCompetitionsResponse, LoginRequest, LoginResponse, RevealPrivateRequest,
 };
 use tonic::{Request, Response, Status};
 

@@ -24,7 +24,7 @@ use nsml_common::clients::{Clients, ServiceAddrs, Transport, transport};
 use nsml_common::service::Service;
 
 use crate::error::Refusal;
-use nsml_proto::v1::AuthenticateRequest;
+use nsml_proto::internal::v1::AuthenticateRequest;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;

@@ -15,7 +15,8 @@ use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use nsml_common::caller::IDENTITY_KEY;
-use nsml_proto::v1::{AuthenticateRequest, Empty, LoginRequest};
+use nsml_proto::internal::v1::AuthenticateRequest;
+use nsml_proto::v1::{Empty, LoginRequest};
 use tonic::Code;
 
 use crate::{Inner, PEER_KEY, ratelimit};

@@ -41,9 +41,10 @@ use std::time::Duration;
 use futures::FutureExt;
 use nsml_common::clients::{Clients, datasets};
 use nsml_common::executor::Executor;
+use nsml_proto::internal::v1::RunnerFinishedRequest;
 use nsml_proto::v1::{
-    DatasetPart, DownloadCodeRequest, GetDatasetRequest, PullCheckpointRequest, Resources,
-    RunnerFinishedRequest, Session, SessionKind,
+    DatasetPart, DownloadCodeRequest, GetDatasetRequest, PullCheckpointRequest, Resources, Session,
+    SessionKind,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -113,7 +114,7 @@ async fn heartbeats(exec: Weak<LocalExecutor>) {
         if names.is_empty() {
             continue;
         }
-        let req = nsml_proto::v1::RunnerHeartbeatRequest { names };
+        let req = nsml_proto::internal::v1::RunnerHeartbeatRequest { names };
         if let Err(status) = session.runner_heartbeat(req).await {
             tracing::warn!(%status, "cannot report the runner's heartbeat");
         }

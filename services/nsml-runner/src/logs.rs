@@ -17,7 +17,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use nsml_common::clients::retry::Backoff;
-use nsml_proto::v1::{LogLine, RunnerLogBatch};
+use nsml_proto::internal::v1::RunnerLogBatch;
+use nsml_proto::v1::LogLine;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;

@@ -12,10 +12,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use nsml_common::clients::Clients;
 use nsml_common::clients::retry::{self, Backoff};
-use nsml_proto::v1::{
-    CheckpointMeta, MetricPoint, PullCheckpointRequest, RunnerPredictionsRequest,
-    RunnerReportRequest, RunnerStartedRequest, SaveCheckpointChunk, save_checkpoint_chunk,
+use nsml_proto::internal::v1::{
+    CheckpointMeta, RunnerPredictionsRequest, RunnerReportRequest, RunnerStartedRequest,
+    SaveCheckpointChunk, save_checkpoint_chunk,
 };
+use nsml_proto::v1::{MetricPoint, PullCheckpointRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

@@ -17,6 +17,7 @@ use nsml_proto::internal::v1::storage_internal_server::{StorageInternal, Storage
 use nsml_proto::internal::v1::submission_internal_server::{
     SubmissionInternal, SubmissionInternalServer,
 };
+use nsml_proto::internal::v1::*;
 use nsml_proto::v1::storage_service_server::{StorageService, StorageServiceServer};
 use nsml_proto::v1::*;
 use nsml_runner::{GpuInventory, LocalExecutor, RunnerConfig};
@@ -113,7 +114,7 @@ impl SessionInternal for Fake {
 
     async fn runner_heartbeat(
         &self,
-        r: Request<nsml_proto::v1::RunnerHeartbeatRequest>,
+        r: Request<nsml_proto::internal::v1::RunnerHeartbeatRequest>,
     ) -> Result<Response<Empty>, Status> {
         self.state
             .lock()

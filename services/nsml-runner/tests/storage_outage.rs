@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use nsml_common::clients::{Clients, ServiceAddrs};
 use nsml_proto::internal::v1::storage_internal_server::{StorageInternal, StorageInternalServer};
+use nsml_proto::internal::v1::*;
 use nsml_proto::v1::storage_service_server::{StorageService, StorageServiceServer};
 use nsml_proto::v1::*;
 use nsml_runner::platform::{GrpcPlatform, Platform};

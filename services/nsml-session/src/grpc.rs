@@ -7,12 +7,15 @@ use nsml_common::bounds;
 use nsml_common::caller::Caller;
 use nsml_common::live::LiveStream;
 use nsml_proto::internal::v1::session_internal_server::SessionInternal;
+use nsml_proto::internal::v1::{
+    RunnerFinishedRequest, RunnerHeartbeatRequest, RunnerLogBatch, RunnerReportRequest,
+    RunnerStartedRequest, StartSubmitRequest,
+};
 use nsml_proto::v1::session_service_server::SessionService as SessionApi;
 use nsml_proto::v1::{
     Empty, GetSessionRequest, ListSessionsRequest, ListSessionsResponse, LogsRequest, MemoRequest,
-    MetricsRequest, MetricsResponse, RemoveRequest, RemoveResponse, RunRequest,
-    RunnerFinishedRequest, RunnerHeartbeatRequest, RunnerLogBatch, RunnerReportRequest,
-    RunnerStartedRequest, Session, StartSubmitRequest, StopRequest,
+    MetricsRequest, MetricsResponse, RemoveRequest, RemoveResponse, RunRequest, Session,
+    StopRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};

@@ -13,11 +13,12 @@ use nsml_common::event::new_event;
 use nsml_common::live::{self, LiveStream};
 use nsml_common::names::wildcard_match;
 use nsml_common::now_ms;
+use nsml_proto::internal::v1::StartSubmitRequest;
 use nsml_proto::v1::{
     AdmitRequest, DeleteCheckpointRequest, ListSessionsRequest, ListSessionsResponse, LogLine,
     LogsRequest, MemoChanged, MetricPoint, MetricsResponse, RemoveRequest, RunRequest, Session,
     SessionAdmitted, SessionKind, SessionRejected, SessionRemoved, SessionStatus,
-    SessionStopRequested, SessionStopped, StartSubmitRequest,
+    SessionStopRequested, SessionStopped,
 };
 use tonic::Status;
 

@@ -6,9 +6,10 @@ use std::time::Instant;
 
 use nsml_common::event::new_event;
 use nsml_common::now_ms;
+use nsml_proto::internal::v1::{RunnerFinishedRequest, RunnerStartedRequest};
 use nsml_proto::v1::{
-    LogLine, MetricPoint, RunnerFinishedRequest, RunnerStartedRequest, SessionExited,
-    SessionFailed, SessionStarted, SessionStatus, SessionStopped,
+    LogLine, MetricPoint, SessionExited, SessionFailed, SessionStarted, SessionStatus,
+    SessionStopped,
 };
 
 use crate::dispatch::Launcher;

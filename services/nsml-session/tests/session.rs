@@ -17,12 +17,14 @@ use nsml_common::server::{random_secret, serve};
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
 use nsml_proto::internal::v1::quota_internal_server::{QuotaInternal, QuotaInternalServer};
 use nsml_proto::internal::v1::session_internal_client::SessionInternalClient;
+use nsml_proto::internal::v1::{
+    RunnerFinishedRequest, RunnerHeartbeatRequest, RunnerStartedRequest,
+};
 use nsml_proto::v1::session_service_client::SessionServiceClient;
 use nsml_proto::v1::{
     AdmitRequest, CodeSnapshot, CodeUploaded, Dataset, DatasetMeta, DatasetRegistered, Decision,
-    EventPayload, GetSessionRequest, Identity, Membership, Resources, RunRequest,
-    RunnerFinishedRequest, RunnerHeartbeatRequest, RunnerStartedRequest, Session, SessionStatus,
-    StopRequest,
+    EventPayload, GetSessionRequest, Identity, Membership, Resources, RunRequest, Session,
+    SessionStatus, StopRequest,
 };
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;

@@ -9,14 +9,16 @@ use nsml_common::bounds::Bounded;
 use nsml_common::caller::Caller;
 use nsml_common::names::{SessionName, check_checkpoint, check_ident};
 use nsml_proto::internal::v1::storage_internal_server::StorageInternal;
+use nsml_proto::internal::v1::{
+    CheckpointMeta, FetchDatasetPartRequest, SaveCheckpointChunk, save_checkpoint_chunk,
+};
 use nsml_proto::v1::storage_service_server::StorageService;
 use nsml_proto::v1::{
-    Checkpoint, CheckpointMeta, Chunk, CodeSnapshot, Dataset, DatasetMeta, DatasetPart,
-    DeleteCheckpointRequest, DeleteCheckpointResponse, DownloadCodeRequest,
-    FetchDatasetPartRequest, GetDatasetRequest, ListCheckpointsRequest, ListCheckpointsResponse,
-    ListDatasetsRequest, ListDatasetsResponse, PullCheckpointRequest, RegisterDatasetChunk,
-    SaveCheckpointChunk, StorageUsage, UploadCodeChunk, UploadCodeMeta, UsageRequest,
-    register_dataset_chunk, save_checkpoint_chunk, upload_code_chunk,
+    Checkpoint, Chunk, CodeSnapshot, Dataset, DatasetMeta, DatasetPart, DeleteCheckpointRequest,
+    DeleteCheckpointResponse, DownloadCodeRequest, GetDatasetRequest, ListCheckpointsRequest,
+    ListCheckpointsResponse, ListDatasetsRequest, ListDatasetsResponse, PullCheckpointRequest,
+    RegisterDatasetChunk, StorageUsage, UploadCodeChunk, UploadCodeMeta, UsageRequest,
+    register_dataset_chunk, upload_code_chunk,
 };
 use tonic::{Request, Response, Status, Streaming};
 

@@ -17,13 +17,15 @@ use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY, SERVICE_KEY};
 use nsml_common::event::new_event;
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
 use nsml_proto::internal::v1::storage_internal_client::StorageInternalClient;
+use nsml_proto::internal::v1::{
+    CheckpointMeta, FetchDatasetPartRequest, SaveCheckpointChunk, save_checkpoint_chunk,
+};
 use nsml_proto::v1::storage_service_client::StorageServiceClient;
 use nsml_proto::v1::{
-    CheckpointMeta, Competition, CompetitionApplied, DatasetMeta, DatasetPart,
-    DeleteCheckpointRequest, Direction, DownloadCodeRequest, EventPayload, FetchDatasetPartRequest,
-    GetDatasetRequest, Identity, ListCheckpointsRequest, ListDatasetsRequest, Membership, Policy,
-    PullCheckpointRequest, RegisterDatasetChunk, SaveCheckpointChunk, SessionStarted,
-    UploadCodeChunk, UploadCodeMeta, UsageRequest, register_dataset_chunk, save_checkpoint_chunk,
+    Competition, CompetitionApplied, DatasetMeta, DatasetPart, DeleteCheckpointRequest, Direction,
+    DownloadCodeRequest, EventPayload, GetDatasetRequest, Identity, ListCheckpointsRequest,
+    ListDatasetsRequest, Membership, Policy, PullCheckpointRequest, RegisterDatasetChunk,
+    SessionStarted, UploadCodeChunk, UploadCodeMeta, UsageRequest, register_dataset_chunk,
     upload_code_chunk,
 };
 use nsml_storage::Limits;

@@ -7,10 +7,11 @@ use nsml_common::caller::Caller;
 use nsml_common::live::{self, LiveStream};
 use nsml_common::names::{SessionName, check_checkpoint};
 use nsml_proto::internal::v1::submission_internal_server::SubmissionInternal;
+use nsml_proto::internal::v1::{RunnerPredictionsRequest, RunnerPredictionsResponse};
 use nsml_proto::v1::submission_service_server::SubmissionService as SubmissionApi;
 use nsml_proto::v1::{
-    GetSubmissionRequest, ListSubmissionsRequest, ListSubmissionsResponse,
-    RunnerPredictionsRequest, RunnerPredictionsResponse, Submission, SubmitRequest,
+    GetSubmissionRequest, ListSubmissionsRequest, ListSubmissionsResponse, Submission,
+    SubmitRequest,
 };
 use tonic::{Request, Response, Status};
 

@@ -19,11 +19,12 @@ use nsml_common::names::SessionName;
 use nsml_common::projection::Projection;
 use nsml_common::{ServiceContext, now_ms};
 use nsml_eventstore::NewEvent;
+use nsml_proto::internal::v1::StartSubmitRequest;
 use nsml_proto::v1::{
     Dataset, GetDatasetRequest, GetSessionRequest, ListCheckpointsRequest, Resources, Session,
-    SessionKind, StartSubmitRequest, Submission, SubmissionAdmitted, SubmissionFailed,
-    SubmissionPredictionsTaken, SubmissionRejected, SubmissionRequested, SubmissionScored,
-    SubmissionStatus, SubmissionTimedOut, SubmitRequest,
+    SessionKind, Submission, SubmissionAdmitted, SubmissionFailed, SubmissionPredictionsTaken,
+    SubmissionRejected, SubmissionRequested, SubmissionScored, SubmissionStatus,
+    SubmissionTimedOut, SubmitRequest,
 };
 use tokio::sync::mpsc;
 

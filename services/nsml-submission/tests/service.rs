@@ -17,12 +17,12 @@ use nsml_common::caller::{Caller, INTERNAL_SECRET_KEY, SERVICE_KEY};
 use nsml_common::clients::ServiceAddrs;
 use nsml_common::event::{decode, new_event};
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
+use nsml_proto::internal::v1::RunnerPredictionsRequest;
 use nsml_proto::internal::v1::submission_internal_client::SubmissionInternalClient;
 use nsml_proto::v1::storage_service_client::StorageServiceClient;
 use nsml_proto::v1::{
-    DatasetMeta, Identity, RegisterDatasetChunk, RunnerPredictionsRequest, SessionExited,
-    Submission, SubmissionAdmitted, SubmissionFailed, SubmissionScored, SubmissionStatus,
-    register_dataset_chunk,
+    DatasetMeta, Identity, RegisterDatasetChunk, SessionExited, Submission, SubmissionAdmitted,
+    SubmissionFailed, SubmissionScored, SubmissionStatus, register_dataset_chunk,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Request;

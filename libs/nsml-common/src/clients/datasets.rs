@@ -7,7 +7,8 @@
 //! [`fetch_part`], and left to the caller of [`open_part`], which knows what it has written so far.
 
 use futures::StreamExt;
-use nsml_proto::v1::{Chunk, DatasetPart, FetchDatasetPartRequest};
+use nsml_proto::internal::v1::FetchDatasetPartRequest;
+use nsml_proto::v1::{Chunk, DatasetPart};
 use tonic::{Status, Streaming};
 
 use super::Clients;

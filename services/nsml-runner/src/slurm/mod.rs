@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use nsml_common::clients::Clients;
 use nsml_common::executor::Executor;
-use nsml_proto::v1::{RunnerFinishedRequest, Session};
+use nsml_proto::internal::v1::RunnerFinishedRequest;
+use nsml_proto::v1::Session;
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
 
