@@ -18,8 +18,12 @@ export async function signIn(page: Page, url: string, user: string, password: st
 /** A full-page screenshot in web/e2e/out/NAME.png. */
 export async function shot(page: Page, name: string): Promise<void> {
   mkdirSync(OUT_DIR, { recursive: true });
-  // Let the last frame of whatever was just rendered land.
-  await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+  // From the top (the header is sticky: scrolled, it would be drawn across the middle of a full-page shot), once
+  // the last frame of whatever was just rendered has landed.
+  await page.evaluate(() => {
+    window.scrollTo(0, 0);
+    return new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+  });
   await page.screenshot({ path: path.join(OUT_DIR, `${name}.png`), fullPage: true });
 }
 
@@ -79,16 +83,13 @@ export async function plotPoints(page: Page, plot: Locator): Promise<{ step: str
   await over.scrollIntoViewIfNeeded();
   const box = await over.boundingBox();
   if (!box) throw new Error("the plot has no drawing area");
-  const rows = plot.locator(".u-legend .u-series");
   const seen = new Map<string, string>();
-  for (let x = 1; x < box.width; x += 3) {
+  for (let x = 1; x < box.width; x += 4) {
     await page.mouse.move(box.x + x, box.y + box.height / 2);
-    const [step, value] = await Promise.all([
-      rows.nth(0).locator(".u-value").textContent(),
-      rows.nth(1).locator(".u-value").textContent(),
-    ]);
-    const s = (step ?? "").trim();
-    if (s && s !== "--" && !seen.has(s)) seen.set(s, (value ?? "").trim());
+    const [step, value] = await plot.evaluate((el) =>
+      Array.from(el.querySelectorAll(".u-legend .u-series .u-value"), (v) => (v.textContent ?? "").trim()),
+    );
+    if (step && step !== "--" && !seen.has(step)) seen.set(step, value ?? "");
   }
   await page.mouse.move(0, 0);
   return [...seen].map(([step, value]) => ({ step, value }));
