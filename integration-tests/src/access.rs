@@ -180,9 +180,10 @@ impl Callers {
 }
 
 /// A check on what an allowed call answered (the response messages, encoded).
-pub type Check = Box<dyn Fn(&[Vec<u8>]) -> Result<(), String> + Send + Sync>;
+pub type Check = std::sync::Arc<dyn Fn(&[Vec<u8>]) -> Result<(), String> + Send + Sync>;
 
 /// One public method called one way, with the answer each caller must get.
+#[derive(Clone)]
 pub struct Row {
     /// `Service/Method`.
     pub rpc: String,
@@ -192,6 +193,37 @@ pub struct Row {
     /// Expected code per caller, in [`Who::ALL`]'s order; `None`: not tried as that caller.
     expect: [Option<Code>; 6],
     checks: Vec<(Who, Check)>,
+}
+
+/// The reads that have a live view (`Watch…`) answering the same, as the API pairs them.
+const LIVE_VIEWS: &[(&str, &str)] = &[
+    ("SessionService/List", "SessionService/Watch"),
+    ("SessionService/Metrics", "SessionService/WatchMetrics"),
+    ("SubmissionService/List", "SubmissionService/Watch"),
+    ("LeaderboardService/Board", "LeaderboardService/WatchBoard"),
+    (
+        "LeaderboardService/Overall",
+        "LeaderboardService/WatchOverall",
+    ),
+    ("QuotaService/Usage", "QuotaService/WatchUsage"),
+];
+
+/// `rows`, each read that has a live view followed by the same row asked of the view: its first answer must
+/// pass what the read's answer passes, for every caller.
+pub fn with_live_views(rows: Vec<Row>) -> Vec<Row> {
+    let mut out = Vec::with_capacity(rows.len() * 2);
+    for row in rows {
+        let live = LIVE_VIEWS
+            .iter()
+            .find(|(read, _)| *read == row.rpc)
+            .map(|(_, view)| Row {
+                rpc: view.to_string(),
+                ..row.clone()
+            });
+        out.push(row);
+        out.extend(live);
+    }
+    out
 }
 
 /// Shorthands for the expectation arrays of [`Row::new`]: `[anonymous, other-team, other-host, team, host,
@@ -226,7 +258,7 @@ impl Row {
         who: Who,
         f: impl Fn(&[Vec<u8>]) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
-        self.checks.push((who, Box::new(f)));
+        self.checks.push((who, std::sync::Arc::new(f)));
         self
     }
 
@@ -238,7 +270,7 @@ impl Row {
     ) -> Self {
         for &w in whos {
             let f = f.clone();
-            self.checks.push((w, Box::new(move |r| f(w, r))));
+            self.checks.push((w, std::sync::Arc::new(move |r| f(w, r))));
         }
         self
     }

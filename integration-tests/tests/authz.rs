@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use nsml_integration_tests::access::{
     Callers, Matrix, Row, Who, call_raw, cell, codes::*, declared_methods,
-    gateway_internal_methods, msg, path_of,
+    gateway_internal_methods, msg, path_of, with_live_views,
 };
 use nsml_integration_tests::grpc::{Client, authed, small, tar_gz};
 use nsml_integration_tests::{Deployment, FreshDb, drop_stream, repo_root};
@@ -549,8 +549,7 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
             }),
             [SKIP, DENIED, SKIP, SKIP, SKIP, SKIP],
         ),
-        session_list("SessionService/List", &s),
-        session_list("SessionService/Watch", &s),
+        session_list(&s),
         Row::new(
             "SessionService/Get",
             &a,
@@ -605,18 +604,6 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
                 follow: false,
             }),
             [UNAUTH, DENIED, DENIED, OK, OK, OK],
-        ),
-        Row::new(
-            "SessionService/WatchMetrics",
-            &a,
-            msg(MetricsRequest { name: a.clone() }),
-            [UNAUTH, DENIED, DENIED, OK, OK, OK],
-        ),
-        Row::new(
-            "SessionService/WatchMetrics",
-            &format!("{s} (real submit)"),
-            msg(MetricsRequest { name: s.clone() }),
-            [UNAUTH, DENIED, DENIED, DENIED, OK, OK],
         ),
         Row::new(
             "SessionService/Metrics",
@@ -697,18 +684,6 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
             let id = w.submission.clone();
             move |who, r| submissions_seen(who, r, &id)
         }),
-        Row::new(
-            "SubmissionService/Watch",
-            "t1-cls",
-            msg(ListSubmissionsRequest {
-                dataset: "t1-cls".into(),
-            }),
-            [UNAUTH, OK, OK, OK, OK, OK],
-        )
-        .check_each(&[OtherTeam, OtherHost, Team, Host], {
-            let id = w.submission.clone();
-            move |who, r| submissions_seen(who, r, &id)
-        }),
         // --- leaderboards
         Row::new(
             "LeaderboardService/Board",
@@ -747,42 +722,6 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
             [UNAUTH, DENIED, DENIED, DENIED, OK, OK],
         ),
         Row::new(
-            "LeaderboardService/WatchBoard",
-            "t1-cls public",
-            msg(BoardRequest {
-                dataset: "t1-cls".into(),
-                private: false,
-            }),
-            [UNAUTH, OK, OK, OK, OK, OK],
-        ),
-        Row::new(
-            "LeaderboardService/WatchBoard",
-            "t1-cls private",
-            msg(BoardRequest {
-                dataset: "t1-cls".into(),
-                private: true,
-            }),
-            [UNAUTH, DENIED, DENIED, DENIED, OK, OK],
-        ),
-        Row::new(
-            "LeaderboardService/WatchOverall",
-            "demo public",
-            msg(OverallRequest {
-                competition: "demo".into(),
-                private: false,
-            }),
-            [UNAUTH, OK, OK, OK, OK, OK],
-        ),
-        Row::new(
-            "LeaderboardService/WatchOverall",
-            "demo private",
-            msg(OverallRequest {
-                competition: "demo".into(),
-                private: true,
-            }),
-            [UNAUTH, DENIED, DENIED, DENIED, OK, OK],
-        ),
-        Row::new(
             "LeaderboardService/History",
             "t1-cls",
             msg(HistoryRequest {
@@ -807,15 +746,6 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
         // --- quota
         Row::new(
             "QuotaService/Usage",
-            "team demo",
-            msg(QuotaUsageRequest {
-                team: "demo".into(),
-                competition: "demo".into(),
-            }),
-            [UNAUTH, DENIED, DENIED, OK, OK, OK],
-        ),
-        Row::new(
-            "QuotaService/WatchUsage",
             "team demo",
             msg(QuotaUsageRequest {
                 team: "demo".into(),
@@ -1003,11 +933,11 @@ fn destructive(w: &World) -> Vec<Row> {
     ]
 }
 
-/// A row of `List` or `Watch` of every session: each caller sees its own team's, a host every team's, and a
-/// real submit's summary stays hidden from its team.
-fn session_list(method: &str, s: &str) -> Row {
+/// The row of `List` of every session: each caller sees its own team's, a host every team's, and a real
+/// submit's summary stays hidden from its team.
+fn session_list(s: &str) -> Row {
     Row::new(
-        method,
+        "SessionService/List",
         "all",
         msg(ListSessionsRequest {
             all: true,
@@ -1561,11 +1491,13 @@ async fn access_matrix(dep: &Deployment) -> anyhow::Result<(World, Vec<String>)>
     let w = world(dep).await?;
     let ch = channel(&dep.url).await?;
     let mut m = Matrix::default();
-    m.run(&ch, &w.callers, &before_reveal(&w)?).await;
+    m.run(&ch, &w.callers, &with_live_views(before_reveal(&w)?))
+        .await;
     m.run(&ch, &w.callers, &internal_rows()?).await;
     forged_metadata(&ch, &w, &mut m).await?;
     m.run(&ch, &w.callers, &reveal()).await;
-    m.run(&ch, &w.callers, &after_reveal(&w)).await;
+    m.run(&ch, &w.callers, &with_live_views(after_reveal(&w)))
+        .await;
     m.run(&ch, &w.callers, &destructive(&w)).await;
     let mut tokens = w.tokens.clone();
     tokens.extend(logout_rows(&ch, &mut m).await?);

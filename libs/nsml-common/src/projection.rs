@@ -149,14 +149,10 @@ impl<S: ReadModel> Projection<S> {
         let _ = rx.wait_for(|r| *r).await;
     }
 
-    /// The position applied, changing with every burst of events applied: what live views wait on.
-    pub fn changes(&self) -> watch::Receiver<u64> {
-        self.watermark.subscribe()
-    }
-
-    /// Cancelled when the projection stops following the log (the process is shutting down).
-    pub fn stopped(&self) -> CancellationToken {
-        self.stopped.clone()
+    /// What a live view ([`crate::live::follow`]) follows: the position applied, which changes with every burst
+    /// of events, and a token cancelled when the projection stops following the log (the process shuts down).
+    pub fn live(&self) -> (watch::Receiver<u64>, CancellationToken) {
+        (self.watermark.subscribe(), self.stopped.clone())
     }
 
     /// Position of the last event applied without gaps.

@@ -53,7 +53,8 @@ impl LeaderboardService {
         T: PartialEq + Clone + Send + 'static,
     {
         let proj = self.proj.clone();
-        live::follow(self.proj.changes(), self.proj.stopped(), move || {
+        let (changes, stopped) = self.proj.live();
+        live::follow(changes, stopped, move || {
             std::future::ready(proj.read(&answer).map(Some).map_err(Status::from))
         })
     }

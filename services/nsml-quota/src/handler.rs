@@ -93,7 +93,7 @@ impl Quota {
         tokio::sync::watch::Receiver<u64>,
         tokio_util::sync::CancellationToken,
     ) {
-        (self.proj.changes(), self.proj.stopped())
+        self.proj.live()
     }
 
     /// Waits until the ledgers record every outside fact up to log position `seen` (see [`caught_up`]).

@@ -51,7 +51,7 @@ impl Handler {
         tokio::sync::watch::Receiver<u64>,
         tokio_util::sync::CancellationToken,
     ) {
-        (self.proj.changes(), self.proj.stopped())
+        self.proj.live()
     }
 
     /// The status the read model shows for a session, if it knows it.

@@ -88,7 +88,7 @@ impl Handler {
         tokio::sync::watch::Receiver<u64>,
         tokio_util::sync::CancellationToken,
     ) {
-        (self.proj.changes(), self.proj.stopped())
+        self.proj.live()
     }
 
     /// The log position the read model has reached.
