@@ -158,6 +158,8 @@ export class Platform {
         clearTimeout(timer);
         resolve({ code: code ?? (sig ? 128 : -1), stdout, stderr, all: stdout + stderr, args });
       });
+      // A command that does not read its input may exit before it is written.
+      child.stdin.on("error", () => {});
       child.stdin.end(stdin);
     });
   }

@@ -20,6 +20,8 @@ export async function shot(page: Page, name: string): Promise<void> {
   mkdirSync(OUT_DIR, { recursive: true });
   // From the top (the header is sticky: scrolled, it would be drawn across the middle of a full-page shot), once
   // the last frame of whatever was just rendered has landed.
+  // The pointer off to a corner, so that nothing is drawn hovered.
+  await page.mouse.move(0, (page.viewportSize()?.height ?? 900) - 1);
   await page.evaluate(() => {
     window.scrollTo(0, 0);
     return new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
