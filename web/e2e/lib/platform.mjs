@@ -28,15 +28,17 @@ export function bin(name) {
 /** The demo competition's users (examples/competition.toml). */
 export const PASSWORDS = { alice: "alice-pass", bob: "bob-pass", host: "host-pass" };
 
-// Every server started by this process, killed if the process exits without stopping them.
-const running = new Set();
+// Every server started by this process (pid → its temporary directory), killed and removed if the process
+// exits without stopping them.
+const running = new Map();
 process.on("exit", () => {
-  for (const pid of running) {
+  for (const [pid, tmp] of running) {
     try {
       process.kill(-pid, "SIGKILL");
     } catch {
       // already gone
     }
+    if (!process.env.NSML_E2E_KEEP) rmSync(tmp, { recursive: true, force: true });
   }
 });
 
@@ -92,7 +94,7 @@ export class Platform {
       stdio: ["ignore", "pipe", "pipe"],
       env: { ...process.env, NO_COLOR: "1", ...env },
     });
-    running.add(child.pid);
+    running.set(child.pid, tmp);
     child.stderr.pipe(log);
     const url = await new Promise((resolve, reject) => {
       let buf = "";
