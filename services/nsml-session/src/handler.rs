@@ -201,20 +201,21 @@ impl Handler {
 
     /// Requires `snapshot` to be code that `team` uploaded: another team's snapshot id must not run in this
     /// team's session, whose checkpoints and logs would hand that code over. The upload's event may reach this
-    /// service's read model a moment after the upload returned, so a snapshot not known yet is waited for.
+    /// service's read model a moment after the upload returned, so a snapshot not known yet, or known only as
+    /// another team's (teams that upload the same code share its snapshot), is waited for.
     pub async fn check_code(&self, team: &str, snapshot: &str) -> Result<(), SessionError> {
         let deadline = tokio::time::Instant::now() + CODE_TIMEOUT;
         loop {
             let teams = self.read(|s| s.code.get(snapshot).cloned());
             match teams {
                 Some(t) if t.contains(team) => return Ok(()),
+                _ if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 Some(_) => {
                     return Err(SessionError::CodeOfAnotherTeam {
                         snapshot: snapshot.to_string(),
                     });
-                }
-                None if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 None => {
                     return Err(SessionError::CodeNotFound {

@@ -344,6 +344,64 @@ impl Harness {
 }
 
 #[tokio::test]
+async fn code_another_team_uploaded_too_runs_once_this_team_s_upload_is_recorded() {
+    let p = Platform::new().await;
+    let code_of = |team: &str| CodeUploaded {
+        snapshot: Some(CodeSnapshot {
+            id: "code-shared".into(),
+            team: team.into(),
+            size_bytes: 10,
+        }),
+        uploaded_by: "someone".into(),
+    };
+    // Two teams upload the same code; the other team's upload is recorded first.
+    p.append("code-code-shared", &code_of("bees")).await;
+    let h = p.serve(Arc::new(FakeExecutor::default())).await;
+    let req = RunRequest {
+        dataset: "mnist".into(),
+        code_snapshot: "code-shared".into(),
+        resources: Some(Resources::default()),
+        ..Default::default()
+    };
+    let mut client = h.client.clone();
+    let run = tokio::spawn({
+        let req = h.as_alice(req.clone());
+        async move { client.run(req).await }
+    });
+    // This team's upload is recorded while the run waits (a moment later: the run is asked first).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.append("code-code-shared", &code_of("ants")).await;
+    let session = run
+        .await
+        .unwrap()
+        .expect("the run waits for its own upload");
+    assert_eq!(session.into_inner().code_snapshot, "code-shared");
+
+    // Code only another team uploaded is refused, after the wait for an upload of this team's.
+    let mut req = req;
+    req.code_snapshot = "code-bees-only".into();
+    p.append(
+        "code-code-bees-only",
+        &CodeUploaded {
+            snapshot: Some(CodeSnapshot {
+                id: "code-bees-only".into(),
+                team: "bees".into(),
+                size_bytes: 10,
+            }),
+            uploaded_by: "someone".into(),
+        },
+    )
+    .await;
+    let err = h
+        .client
+        .clone()
+        .run(h.as_alice(req))
+        .await
+        .expect_err("another team's code");
+    assert!(err.message().contains("another team"), "{err:?}");
+}
+
+#[tokio::test]
 async fn a_run_is_started_by_the_executor_and_the_runners_finish_records_the_end() {
     let platform = Platform::new().await;
     let executor = FakeExecutor::with(&[], Capacity::default());
