@@ -28,9 +28,16 @@ export function direction(d: Direction): string {
   }
 }
 
-/** `Accuracy · Descending`, as the NSML board header read. */
+// Metric names that are abbreviations, shown in capitals (`MSE`, not `Mse`).
+const ABBREVIATIONS = new Set(["mse", "rmse", "mae", "auc", "roc_auc", "f1", "map", "ndcg", "bleu", "wer", "cer"]);
+
+/** `Accuracy · Descending`, `MSE · Ascending`, as the NSML board header read. */
 export function metricLine(metric: string, d: Direction): string {
-  const m = metric ? metric.charAt(0).toUpperCase() + metric.slice(1) : "Score";
+  const m = !metric
+    ? "Score"
+    : ABBREVIATIONS.has(metric.toLowerCase())
+      ? metric.toUpperCase()
+      : metric.charAt(0).toUpperCase() + metric.slice(1);
   const dir = direction(d);
   return dir ? `${m} · ${dir}` : m;
 }
@@ -78,7 +85,7 @@ function plural(n: number, unit: string): string {
   return `${n} ${unit}${n === 1 ? "" : "s"}`;
 }
 
-/** `1h 02m 05s`, `4m 10s`, `12s`, `0.4s`. */
+/** `1h 02m 05s`, `1h`, `4m 10s`, `12s`, `0.4s`: whole hours and minutes without the zeros after them. */
 export function duration(ms: number): string {
   if (ms > 0 && ms < 10_000) return `${(ms / 1000).toFixed(1)}s`;
   let s = Math.max(0, Math.floor(ms / 1000));
@@ -87,8 +94,8 @@ export function duration(ms: number): string {
   const m = Math.floor(s / 60);
   s -= m * 60;
   const p = (x: number) => String(x).padStart(2, "0");
-  if (h) return `${h}h ${p(m)}m ${p(s)}s`;
-  if (m) return `${m}m ${p(s)}s`;
+  if (h) return s ? `${h}h ${p(m)}m ${p(s)}s` : m ? `${h}h ${p(m)}m` : `${h}h`;
+  if (m) return s ? `${m}m ${p(s)}s` : `${m}m`;
   return `${s}s`;
 }
 
