@@ -4,12 +4,11 @@ import { Code, ConnectError, createClient, type Client } from "@connectrpc/conne
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { AuthService } from "./gen/nsml/v1/auth_pb";
 import { LeaderboardService } from "./gen/nsml/v1/leaderboard_pb";
-import { QuotaService } from "./gen/nsml/v1/quota_pb";
 import { SessionService } from "./gen/nsml/v1/session_pb";
 import { StorageService } from "./gen/nsml/v1/storage_pb";
 import { SubmissionService } from "./gen/nsml/v1/submission_pb";
 
-const transport = createGrpcWebTransport({
+export const transport = createGrpcWebTransport({
   baseUrl: location.origin,
   useBinaryFormat: true,
 });
@@ -18,7 +17,6 @@ export const auth: Client<typeof AuthService> = createClient(AuthService, transp
 export const sessions: Client<typeof SessionService> = createClient(SessionService, transport);
 export const boards: Client<typeof LeaderboardService> = createClient(LeaderboardService, transport);
 export const submissions: Client<typeof SubmissionService> = createClient(SubmissionService, transport);
-export const quota: Client<typeof QuotaService> = createClient(QuotaService, transport);
 export const storage: Client<typeof StorageService> = createClient(StorageService, transport);
 
 // Called when any call says the caller is not (or no longer) signed in; the app then shows the sign-in page.

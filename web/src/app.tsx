@@ -1,19 +1,52 @@
 // The signed-in shell: who is signed in, the competition shown, the header and the page for the route.
 import { createContext } from "preact";
+import type { ComponentType } from "preact";
 import { useContext, useEffect, useMemo, useState } from "preact/hooks";
 import { Code } from "@connectrpc/connect";
-import { auth, errorText, isCode, onUnauthenticated, webLogout } from "./api";
+import { auth, boards, errorText, isCode, onUnauthenticated, webLogout } from "./api";
 import type { Competition, Identity } from "./gen/nsml/v1/auth_pb";
-import { to, useRoute, type Route } from "./router";
+import { parseRoute, to, useRoute, type Route } from "./router";
 import { Loading } from "./components/ui";
 import { SignIn } from "./pages/signin";
 import { Home } from "./pages/home";
-import { Board } from "./pages/board";
-import { Submissions } from "./pages/submissions";
-import { Sessions } from "./pages/sessions";
-import { SessionPage } from "./pages/session";
-import { QuotaPage } from "./pages/quota";
-import { HostPage } from "./pages/host";
+import { Board, boardKey } from "./pages/board";
+import { startEarly } from "./live";
+
+/**
+ * A page loaded when it is first shown: the overview and the boards come with the first script, the rest
+ * (the session page's charts, the host's audit) arrive as their own chunks, so a board paints sooner.
+ */
+function lazy<P>(load: () => Promise<ComponentType<P>>): ComponentType<P> {
+  let loaded: ComponentType<P> | undefined;
+  return function Lazy(props: P) {
+    const [Page, setPage] = useState<ComponentType<P> | undefined>(() => loaded);
+    const [failed, setFailed] = useState<string | null>(null);
+    useEffect(() => {
+      if (Page) return;
+      load().then(
+        (c) => {
+          loaded = c;
+          setPage(() => c);
+        },
+        (e) => setFailed(errorText(e)),
+      );
+    }, []);
+    if (failed) {
+      return (
+        <div class="error" role="alert" data-testid="error">
+          This page could not be loaded ({failed}). Reload to try again.
+        </div>
+      );
+    }
+    return Page ? <Page {...(props as any)} /> : <Loading />;
+  };
+}
+
+const Submissions = lazy(() => import("./pages/submissions").then((m) => m.Submissions));
+const Sessions = lazy(() => import("./pages/sessions").then((m) => m.Sessions));
+const SessionPage = lazy(() => import("./pages/session").then((m) => m.SessionPage));
+const QuotaPage = lazy(() => import("./pages/quota").then((m) => m.QuotaPage));
+const HostPage = lazy(() => import("./pages/host").then((m) => m.HostPage));
 
 export interface AppCtx {
   me: Identity;
@@ -40,6 +73,9 @@ export function useApp(): AppCtx {
 
 const COMP_KEY = "nsml.competition";
 
+/** The list of competitions asked beside `WhoAmI` at start, for the shell's first load. */
+let earlyCompetitions: ReturnType<typeof auth.listCompetitions> | undefined;
+
 export function App() {
   const [me, setMe] = useState<Identity | null | undefined>(undefined);
   const [fatal, setFatal] = useState<string | null>(null);
@@ -52,6 +88,14 @@ export function App() {
   useEffect(() => {
     let gone = false;
     setFatal(null);
+    // The competitions are asked at the same time: the shell needs them as soon as it knows who is signed in.
+    earlyCompetitions = auth.listCompetitions({});
+    earlyCompetitions.catch(() => undefined);
+    // A board opened by its address is asked at once too: it paints as soon as the shell does.
+    const start = parseRoute(location.hash);
+    if (start.page === "board") {
+      startEarly(boardKey(start.dataset, start.priv), boards.board({ dataset: start.dataset, private: start.priv }));
+    }
     auth.whoAmI({}).then(
       (id) => !gone && setMe(id),
       (e) => {
@@ -96,8 +140,10 @@ function Shell(p: { me: Identity; signOut(): void }) {
 
   useEffect(() => {
     let gone = false;
-    const load = () =>
-      auth.listCompetitions({}).then(
+    const load = () => {
+      const asked = earlyCompetitions ?? auth.listCompetitions({});
+      earlyCompetitions = undefined;
+      return asked.then(
         (r) => {
           if (gone) return;
           setCompetitions(r.competitions);
@@ -110,6 +156,7 @@ function Shell(p: { me: Identity; signOut(): void }) {
           setLoaded(true);
         },
       );
+    };
     void load();
     // The private board may be revealed while the page is open.
     const t = setInterval(load, 30_000);

@@ -97,6 +97,16 @@ export interface Live<T> {
  * The latest message of a stream that answers in full on each change. `key` names what is followed; a new
  * key starts over, null follows nothing.
  */
+// First answers asked before their page was shown (at start, beside `WhoAmI`), by the key of the live view
+// that will show them.
+const early = new Map<string, Promise<unknown>>();
+
+/** Asks a live view's first answer ahead of its page: the page shows it until its own stream delivers. */
+export function startEarly(key: string, answer: Promise<unknown>): void {
+  answer.catch(() => undefined);
+  early.set(key, answer);
+}
+
 export function useLive<T>(
   key: string | null,
   open: (signal: AbortSignal) => AsyncIterable<T>,
@@ -110,11 +120,23 @@ export function useLive<T>(
     }
     setState({ data: undefined, error: null, loading: true });
     const ac = new AbortController();
+    let streamed = false;
+    const first = early.get(key) as Promise<T> | undefined;
+    early.delete(key);
+    first?.then(
+      (m) => {
+        if (!ac.signal.aborted && !streamed) setState({ data: m, error: null, loading: false });
+      },
+      () => undefined,
+    );
     void follow(
       ac.signal,
       open,
       {
-        message: (m) => setState({ data: m, error: null, loading: false }),
+        message: (m) => {
+          streamed = true;
+          setState({ data: m, error: null, loading: false });
+        },
         error: (text) => setState((s) => (s.error === text && !s.loading ? s : { ...s, error: text, loading: false })),
       },
       poll,

@@ -12,6 +12,11 @@ import { VTable, type Column } from "../components/vtable";
 
 const ROW = 40;
 
+/** The key of a board's live view (see `startEarly`). */
+export function boardKey(dataset: string, priv: boolean): string {
+  return `board:${dataset}:${priv}`;
+}
+
 export function Board(p: { dataset: string; priv: boolean }) {
   const app = useApp();
   const comp = app.competitions.find((c) => c.datasets.some((d) => d.name === p.dataset));
@@ -22,7 +27,7 @@ export function Board(p: { dataset: string; priv: boolean }) {
   const outer = useRef<HTMLDivElement>(null);
 
   const board = useLive<BoardResponse>(
-    `board:${p.dataset}:${p.priv}`,
+    boardKey(p.dataset, p.priv),
     (signal) => boards.watchBoard({ dataset: p.dataset, private: p.priv }, { signal }),
     (signal) => boards.board({ dataset: p.dataset, private: p.priv }, { signal }),
   );

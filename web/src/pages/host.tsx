@@ -2,7 +2,8 @@
 // overrides.
 import { useEffect, useState } from "preact/hooks";
 import { useApp } from "../app";
-import { auth, errorText, quota } from "../api";
+import { auth, errorText } from "../api";
+import { quota } from "../quota-api";
 import type { Competition } from "../gen/nsml/v1/auth_pb";
 import { SessionKind } from "../gen/nsml/v1/common_pb";
 import {

@@ -2,7 +2,7 @@
 // real submit is allowed and why, counting down each second.
 import { useMemo, useState } from "preact/hooks";
 import { useApp } from "../app";
-import { quota } from "../api";
+import { quota } from "../quota-api";
 import { OverrideKind, type DatasetSubmitState, type Override, type QuotaUsage } from "../gen/nsml/v1/quota_pb";
 import { bytes, dateTime, duration, num } from "../format";
 import { useLive, useNow } from "../live";
