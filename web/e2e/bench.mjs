@@ -254,43 +254,130 @@ async function bigBoard(browser) {
     const rowcount = Number(await page.locator(".vtable").first().getAttribute("aria-rowcount"));
     say(`  the board lists ${rowcount.toLocaleString()} teams; first paint with them (warm cache, n=5): p50 ${ms(pct(loads.map((x) => x.painted), 50))}, p90 ${ms(pct(loads.map((x) => x.painted), 90))}`);
 
-    // Scroll the board's own scrolling area from top to bottom, 120 px per frame (a brisk wheel), timing frames.
-    const res = await page.evaluate(
-      () =>
-        new Promise((resolve) => {
-          const el = document.querySelector("[data-testid=board-table]");
-          const long = [];
-          const po = new PerformanceObserver((l) => l.getEntries().forEach((e) => long.push(e.duration)));
-          po.observe({ type: "longtask", buffered: false });
-          el.scrollTop = 0;
-          const deltas = [];
-          let last = 0;
-          const t0 = performance.now();
-          const step = (t) => {
-            if (last) deltas.push(t - last);
-            last = t;
-            const max = el.scrollHeight - el.clientHeight;
-            if (el.scrollTop >= max - 1) {
-              po.disconnect();
-              const ranks = Array.from(el.querySelectorAll("[data-testid=board-row]"), (r) => Number(r.getAttribute("data-rank")));
-              resolve({ deltas, ms: t - t0, height: el.scrollHeight, lastRank: Math.max(...ranks), long });
-              return;
-            }
-            el.scrollTop = Math.min(max, el.scrollTop + 120);
-            requestAnimationFrame(step);
-          };
-          requestAnimationFrame(step);
-        }),
-    );
+    const res = await scrollBoard(page);
     await page.screenshot({ path: path.join(OUT_DIR, "bench-board-bottom.png") });
     await ctx.close();
-    const d = res.deltas;
-    say(`  scrolled ${Math.round(res.height).toLocaleString()} px top to bottom in ${(res.ms / 1000).toFixed(2)} s: ${d.length} frames, ${(d.length / (res.ms / 1000)).toFixed(1)} fps`);
-    say(`  frame p50 ${ms(pct(d, 50))}, p99 ${ms(pct(d, 99))}, longest ${ms(Math.max(...d))}; frames over 50 ms: ${d.filter((x) => x > 50).length}; long tasks: ${res.long.length}`);
-    say(`  at the bottom the page shows rank ${res.lastRank} of ${rowcount}`);
+    reportScroll(res, rowcount);
   } finally {
     await p.stop();
   }
+  say();
+}
+
+// Scrolls the board's own scrolling area from top to bottom, `px` per frame (120: a brisk wheel), timing frames.
+async function scrollBoard(page, px = 120) {
+  return page.evaluate(
+    (px) =>
+      new Promise((resolve) => {
+        const el = document.querySelector("[data-testid=board-table]");
+        const long = [];
+        const po = new PerformanceObserver((l) => l.getEntries().forEach((e) => long.push(e.duration)));
+        po.observe({ type: "longtask", buffered: false });
+        el.scrollTop = 0;
+        const deltas = [];
+        let last = 0;
+        const t0 = performance.now();
+        const step = (t) => {
+          if (last) deltas.push(t - last);
+          last = t;
+          const max = el.scrollHeight - el.clientHeight;
+          if (el.scrollTop >= max - 1) {
+            po.disconnect();
+            const ranks = Array.from(el.querySelectorAll("[data-testid=board-row]"), (r) => Number(r.getAttribute("data-rank")));
+            resolve({ deltas, ms: t - t0, height: el.scrollHeight, lastRank: Math.max(...ranks), long });
+            return;
+          }
+          el.scrollTop = Math.min(max, el.scrollTop + px);
+          requestAnimationFrame(step);
+        };
+        requestAnimationFrame(step);
+      }),
+    px,
+  );
+}
+
+function reportScroll(res, rowcount) {
+  const d = res.deltas;
+  say(`  scrolled ${Math.round(res.height).toLocaleString()} px top to bottom in ${(res.ms / 1000).toFixed(2)} s: ${d.length} frames, ${(d.length / (res.ms / 1000)).toFixed(1)} fps`);
+  say(`  frame p50 ${ms(pct(d, 50))}, p99 ${ms(pct(d, 99))}, longest ${ms(Math.max(...d))}; frames over 50 ms: ${d.filter((x) => x > 50).length}; long tasks: ${res.long.length}`);
+  say(`  at the bottom the page shows rank ${res.lastRank} of ${rowcount}`);
+}
+
+// ------------------------------------------------------------------------------------- 4. a 10,000-row board
+
+// Protobuf encoding of a `BoardResponse`, enough for a board answer (leaderboard.proto).
+function varint(n) {
+  const out = [];
+  let v = BigInt(n);
+  do {
+    let b = Number(v & 0x7fn);
+    v >>= 7n;
+    if (v) b |= 0x80;
+    out.push(b);
+  } while (v);
+  return out;
+}
+const field = (no, wire) => varint((no << 3) | wire);
+const str = (no, s) => {
+  const b = Buffer.from(s);
+  return [...field(no, 2), ...varint(b.length), ...b];
+};
+const u64 = (no, v) => [...field(no, 0), ...varint(v)];
+const dbl = (no, v) => {
+  const b = Buffer.alloc(8);
+  b.writeDoubleLE(v);
+  return [...field(no, 1), ...b];
+};
+function boardAnswer(teams) {
+  const now = Date.now();
+  const msg = [...str(1, "t1-cls"), ...str(2, "demo"), ...str(3, "accuracy"), ...u64(4, 2)];
+  for (let i = 0; i < teams; i++) {
+    const team = `team${String(i).padStart(5, "0")}`;
+    const row = [
+      ...u64(1, i + 1),
+      ...str(2, team),
+      ...dbl(3, 0.99 - i / (teams * 2)),
+      ...str(4, `${team}/t1-cls/1/2`),
+      ...u64(5, 1 + (i % 7)),
+      ...u64(6, now - i * 1000),
+      ...u64(7, now - i * 1000),
+    ];
+    msg.push(...field(6, 2), ...varint(row.length), ...row);
+  }
+  const body = Buffer.from(msg);
+  const trailer = Buffer.from("grpc-status:0\r\n");
+  const frame = (flag, b) => {
+    const h = Buffer.alloc(5);
+    h[0] = flag;
+    h.writeUInt32BE(b.length, 1);
+    return Buffer.concat([h, b]);
+  };
+  return Buffer.concat([frame(0, body), frame(0x80, trailer)]);
+}
+
+async function wideBoard(browser, p, cookies) {
+  const TEAMS = 10_000;
+  say(`== A board of ${TEAMS.toLocaleString()} teams: the page as served, its board answer (a real BoardResponse of ${TEAMS.toLocaleString()} rows) put in place of the platform's by the browser`);
+  const answer = boardAnswer(TEAMS);
+  const ctx = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  await ctx.addCookies(cookies);
+  await ctx.addInitScript(BOARD_PROBE);
+  await ctx.route(/LeaderboardService\/(WatchBoard|Board)$/, (route) =>
+    route.fulfill({ status: 200, headers: { "content-type": "application/grpc-web+proto" }, body: answer }),
+  );
+  const page = await ctx.newPage();
+  const loads = [];
+  for (let i = 0; i < 5; i++) {
+    await page.goto("about:blank");
+    loads.push(await timeBoardLoad(page, `${p.url}/#/board/t1-cls`));
+  }
+  const rowcount = Number(await page.locator(".vtable").first().getAttribute("aria-rowcount"));
+  say(`  the answer: ${kb(answer.length)}; the board lists ${rowcount.toLocaleString()} teams; first paint (warm cache, n=5): p50 ${ms(pct(loads.map((x) => x.painted), 50))}, p90 ${ms(pct(loads.map((x) => x.painted), 90))}`);
+  // 400,000 px of rows: scrolled 600 px a frame, a fast fling.
+  const res = await scrollBoard(page, 600);
+  await page.screenshot({ path: path.join(OUT_DIR, "bench-board-10000.png") });
+  await ctx.close();
+  reportScroll(res, rowcount);
   say();
 }
 
@@ -314,6 +401,7 @@ async function main() {
     }
     const cookies = await firstPaint(browser, p);
     await logTail(browser, p, cookies);
+    await wideBoard(browser, p, cookies);
   } finally {
     await p.stop();
   }
