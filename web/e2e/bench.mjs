@@ -330,7 +330,7 @@ const dbl = (no, v) => {
 };
 function boardAnswer(teams) {
   const now = Date.now();
-  const msg = [...str(1, "t1-cls"), ...str(2, "demo"), ...str(3, "accuracy"), ...u64(4, 2)];
+  const msg = [...str(1, "t1-cls"), ...str(2, "demo"), ...str(3, "accuracy"), ...u64(4, 1)];
   for (let i = 0; i < teams; i++) {
     const team = `team${String(i).padStart(5, "0")}`;
     const row = [

@@ -37,7 +37,7 @@ export function Board(p: { dataset: string; priv: boolean }) {
   const mineAt = app.team ? rows.findIndex((r) => r.team === app.team) : -1;
 
   const cols: Column<BoardRow>[] = [
-    { label: "Rank", track: "4.5rem", cell: (r) => <span class="rank">{r.rank}</span>, class: "num", testid: "board-rank" },
+    { label: "Rank", track: "5.5rem", cell: (r) => <span class="rank">{r.rank}</span>, class: "num", testid: "board-rank" },
     { label: "Team", track: "minmax(7rem, 1.2fr)", cell: (r) => r.team, class: "strong ellipsis", testid: "board-team" },
     {
       label: "Score",

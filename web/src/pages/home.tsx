@@ -146,7 +146,7 @@ function CompetitionHome(p: { comp: Competition }) {
 
 function OverallTable(p: { data: OverallResponse; myTeam: string }) {
   const cols: Column<OverallRow>[] = [
-    { label: "Rank", track: "4.5rem", cell: (r) => <span class="rank">{r.rank}</span>, class: "num" },
+    { label: "Rank", track: "5.5rem", cell: (r) => <span class="rank">{r.rank}</span>, class: "num" },
     { label: "Team", track: "minmax(8rem, 2fr)", cell: (r) => r.team, class: "strong ellipsis" },
     { label: "Mean rank", track: "8.5rem", cell: (r) => r.meanRank.toFixed(2), class: "num" },
     ...p.data.datasets.map<Column<OverallRow>>((d, i) => ({
