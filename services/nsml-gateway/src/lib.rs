@@ -1,11 +1,12 @@
-//! The gateway: the platform's one public endpoint for the CLI, the SDK and other clients.
+//! The gateway: the platform's one public endpoint for the CLI, the SDK, the web UI and other clients.
 //!
-//! It serves the services' own gRPC APIs (`/nsml.v1.SessionService/Run`, …) by proxying each call to the
-//! owning service after: refusing the platform's internal calls (`nsml.internal.v1`), dropping any `x-nsml-*` metadata a client sent,
-//! rate-limiting per caller (see `ratelimit`: by address until the caller is known to be a user),
-//! resolving the bearer token to an identity through the auth service (kept for a moment: see `identities`),
-//! and stamping the call with the deployment's internal secret and the address it came from. Services then
-//! decide what the identity may do.
+//! It serves the services' own gRPC APIs (`/nsml.v1.SessionService/Run`, …), natively and as gRPC-Web, by
+//! proxying each call to the owning service after: refusing the platform's internal calls
+//! (`nsml.internal.v1`), dropping any `x-nsml-*` metadata a client sent, rate-limiting per caller (see
+//! `ratelimit`: by address until the caller is known to be a user), resolving the bearer token (or a browser's
+//! cookie, see `web`) to an identity through the auth service (kept for a moment: see `identities`), and
+//! stamping the call with the deployment's internal secret and the address it came from. Services then decide
+//! what the identity may do. The same port serves the web UI's files at `/`, gRPC reflection and health.
 
 mod error;
 mod identities;
