@@ -1,7 +1,7 @@
 //! Live views: server streams that answer now, then again each time the log moves a read model and the answer
 //! changed (the web UI's sessions, boards, submissions and quota, without polling).
 //!
-//! A view follows a projection's position ([`Projection::changes`](crate::projection::Projection::changes)),
+//! A view follows a projection's position ([`Projection::live`](crate::projection::Projection::live)),
 //! so a change reaches the caller as soon as the event that made it is applied. A burst of events is answered
 //! once: after a change the view waits [`COALESCE`] for the rest of the burst before computing again. A view
 //! ends when the caller hangs up, when the process shuts down, or after [`LIFETIME`], so that a revoked token
