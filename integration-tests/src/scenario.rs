@@ -154,6 +154,24 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
     // Trial submit: a score, and readable logs.
     let trial = alice.nsml(&["submit", "-t", &s, "0"])?.ok()?;
     let trial_score = score_of(&trial.stdout)?;
+    // One narration, the session's own, in order, naming the trial set.
+    let said = |line: &str| trial.stdout.lines().filter(|l| l.ends_with(line)).count();
+    ensure!(
+        said("Session ready") == 1
+            && said("Load model") == 1
+            && trial.stdout.contains("Infer trial set.")
+            && !trial.stdout.contains("Infer test set."),
+        "the trial submit's narration: {}",
+        trial.stdout
+    );
+    let at = |needle: &str| trial.stdout.find(needle).unwrap_or(usize::MAX);
+    ensure!(
+        at("Session ready") < at("Load model")
+            && at("Load model") < at("Infer trial set.")
+            && at("Infer trial set.") < at("Score:"),
+        "the trial submit's stages out of order: {}",
+        trial.stdout
+    );
     ensure!(
         (0.0..=1.0).contains(&trial_score),
         "trial score {trial_score}"
@@ -264,6 +282,14 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
     ensure!(
         overall["rows"].as_array().is_some_and(|r| r.len() == 2),
         "overall {overall}"
+    );
+
+    // A session that is not there is an error, not an empty list of checkpoints.
+    let missing = alice.nsml(&["model", "ls", "demo/t1-cls/999"])?.failed()?;
+    ensure!(
+        missing.stderr.contains("not found"),
+        "model ls of a missing session: {}",
+        missing.all()
     );
 
     // Another team's session is not yours.

@@ -131,8 +131,10 @@ fn report_status(err: &anyhow::Error, status: &tonic::Status, server: &str) {
         eprintln!("Error: cannot reach the NSML server at {server} (is nsmld running?)");
         return;
     }
-    eprintln!("Error: {}", output::clean(&status_message(err, status)));
-    if code == ErrorCode::Unauthenticated {
+    let message = output::clean(&status_message(err, status));
+    eprintln!("Error: {message}");
+    // The hint, unless the message gave it already.
+    if code == ErrorCode::Unauthenticated && !message.contains("nsml login") {
         eprintln!("Log in with `nsml login` (or set NSML_TOKEN).");
     }
 }

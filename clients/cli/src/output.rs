@@ -208,7 +208,8 @@ pub fn score(value: f64) -> String {
 }
 
 /// Renders a summary (a JSON object of metrics) as `k=v, k=v`, floats to four significant digits; text that
-/// is not a JSON object is shown as it is.
+/// is not a JSON object is shown as it is. Keys read as reported: Python keyword arguments cannot hold `/`,
+/// so `nsml.report(train__loss=…)` is NSML's way to write `train/loss`, and it is shown so.
 pub fn summary(json: &str) -> String {
     if json.trim().is_empty() {
         return String::new();
@@ -216,12 +217,17 @@ pub fn summary(json: &str) -> String {
     match serde_json::from_str::<Value>(json) {
         Ok(Value::Object(map)) => map
             .iter()
-            .map(|(k, v)| format!("{k}={}", metric_value(v)))
+            .map(|(k, v)| format!("{}={}", metric_key(k), metric_value(v)))
             .collect::<Vec<_>>()
             .join(", "),
         Ok(other) => metric_value(&other),
         Err(_) => json.to_string(),
     }
+}
+
+/// A metric's name as its author meant it: `train__loss` is `train/loss`.
+fn metric_key(key: &str) -> String {
+    key.replace("__", "/")
 }
 
 fn metric_value(value: &Value) -> String {
@@ -427,6 +433,11 @@ mod tests {
         );
         assert_eq!(summary(""), "");
         assert_eq!(summary("not json"), "not json");
+        // As reported: `nsml.report(train__loss=…)` is `train/loss`.
+        assert_eq!(
+            summary(r#"{"epoch":1,"train__loss":0.4902,"val__acc":0.8667}"#),
+            "epoch=1, train/loss=0.4902, val/acc=0.8667"
+        );
     }
 
     #[test]

@@ -630,6 +630,19 @@ async fn login_stores_the_token_that_later_calls_carry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_before_login_says_once_how_to_log_in() {
+    let h = Harness::start().await;
+    let out = h.nsml(&["ps"]).await;
+    assert_eq!(code(&out), 1);
+    assert_eq!(
+        stderr(&out).matches("nsml login").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_named() {
     let h = Harness::start().await;
     let out = h.nsml(&["ps", "--server", "http://127.0.0.1:9"]).await;
@@ -951,6 +964,11 @@ async fn a_trial_submit_shows_its_output() {
         "{text}"
     );
     assert!(text.contains("Score: 1\nDone\n"), "{text}");
+    // The session's own log tells its stages; nothing is said twice.
+    assert!(
+        text.contains("Session demo/t1-cls/3 is started\n") && !text.contains("Load model"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

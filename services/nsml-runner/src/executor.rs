@@ -601,12 +601,22 @@ impl LocalExecutor {
         };
         let kind = session.kind();
         let time_limit = (time_limit_secs > 0).then(|| Duration::from_secs(time_limit_secs));
-        if is_submit(kind) && time_limit.is_some() {
-            logs.nsml(format!(
-                "Infer test set. The inference should be completed within {time_limit_secs} seconds."
-            ))
-            .await;
-        }
+        // NSML's words for a submit, once its program is up.
+        let ready_lines = if is_submit(kind) && time_limit.is_some() {
+            let set = if kind == SessionKind::TrialSubmit {
+                "trial"
+            } else {
+                "test"
+            };
+            vec![
+                "Load model".to_string(),
+                format!(
+                    "Infer {set} set. The inference should be completed within {time_limit_secs} seconds."
+                ),
+            ]
+        } else {
+            Vec::new()
+        };
         let spec = ProcessSpec {
             command: build_command(&launch),
             socket_path: dirs.socket.clone(),
@@ -615,6 +625,7 @@ impl LocalExecutor {
             stop_grace: STOP_GRACE,
             time_limit_text: time_limit_text(kind, time_limit_secs),
             confinement: self.confinement(cgroup, &launch, dirs),
+            ready_lines,
         };
         let outcome = run_process(spec, platform, logs.clone(), stop.clone()).await;
         drop(lease);

@@ -102,6 +102,9 @@ pub struct ProcessSpec {
     pub time_limit_text: String,
     /// The session's cgroup and the limits watched from outside.
     pub confinement: Confinement,
+    /// What the platform says right after `Session ready`, before anything the process prints (a submit's
+    /// `Load model` and `Infer trial set. …`).
+    pub ready_lines: Vec<String>,
 }
 
 /// How a session's process ended.
@@ -214,7 +217,12 @@ struct Running {
 
 /// Spawns `command` in its own process group with stdout and stderr piped into `logs` (up to
 /// `log_limit` bytes), after saying the session is ready.
-async fn spawn(mut command: Command, logs: &LogSender, log_limit: u64) -> Result<Running> {
+async fn spawn(
+    mut command: Command,
+    logs: &LogSender,
+    log_limit: u64,
+    ready_lines: Vec<String>,
+) -> Result<Running> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -227,8 +235,11 @@ async fn spawn(mut command: Command, logs: &LogSender, log_limit: u64) -> Result
     })?;
     let began = Instant::now();
     let pid = child.id().unwrap_or(0);
-    // Sent before the readers start, so it comes before anything the process prints.
+    // Sent before the readers start, so they come before anything the process prints.
     logs.nsml("Session ready").await;
+    for line in ready_lines {
+        logs.nsml(line).await;
+    }
     let budget = LogBudget::new(log_limit);
     let mut readers = JoinSet::new();
     if let Some(out) = child.stdout.take() {
@@ -452,6 +463,7 @@ pub async fn run_process(
         stop_grace,
         time_limit_text,
         confinement: c,
+        ready_lines,
     } = spec;
     let name = sdk.name.clone();
     let sdk = match SdkServing::start(&socket_path, sdk, c.socket_owner) {
@@ -461,7 +473,7 @@ pub async fn run_process(
             return ProcessOutcome::setup_failed(e.to_string(), false);
         }
     };
-    let mut running = match spawn(command, &logs, c.log_limit).await {
+    let mut running = match spawn(command, &logs, c.log_limit, ready_lines).await {
         Ok(running) => running,
         Err(e) => {
             sdk.close().await;

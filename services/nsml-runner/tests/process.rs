@@ -213,6 +213,7 @@ fn prepare_with(
                 limit: limits.disk_bytes,
             }),
         },
+        ready_lines: Vec::new(),
     };
     Run {
         _tmp: tmp,

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 use nsml_manifest::format_size;
-use nsml_proto::v1::{DeleteCheckpointRequest, ListCheckpointsRequest, PullCheckpointRequest};
+use nsml_proto::v1::{
+    DeleteCheckpointRequest, GetSessionRequest, ListCheckpointsRequest, PullCheckpointRequest,
+};
 
 use super::Context;
 use crate::archive;
@@ -20,6 +22,15 @@ pub async fn ls(ctx: &Context, session: &str, as_json: bool) -> Result<()> {
         })
         .await?
         .into_inner();
+    // No checkpoint: say so only of a session that is there, not of a mistyped name.
+    if response.checkpoints.is_empty() {
+        ctx.api()?
+            .session()
+            .get(GetSessionRequest {
+                name: session.to_string(),
+            })
+            .await?;
+    }
     if as_json {
         json::print(&response.checkpoints.iter().map(json::checkpoint).collect());
         return Ok(());

@@ -67,7 +67,10 @@ pub async fn submit(ctx: &Context, session: &str, checkpoint: &str, trial: bool)
         (Err(status), _) => return Err(status.into()),
     };
     let started = Instant::now();
-    let mut narrator = Narrator::default();
+    let mut narrator = Narrator {
+        log_shown: trial,
+        ..Narrator::default()
+    };
 
     while submission.session.is_empty() && !finished(&submission) {
         check_patience(&submission, started)?;
@@ -174,9 +177,12 @@ fn check_patience(submission: &Submission, started: Instant) -> Result<()> {
     Ok(())
 }
 
-/// Prints each stage of a submit once, in order.
+/// Prints each stage of a submit once, in order. A trial submit's own log (which the caller sees) says when
+/// its session is ready and what it infers; a real submit's log is hidden, so its stages are told here.
 #[derive(Debug, Default)]
 struct Narrator {
+    /// The session's log is shown between the stages.
+    log_shown: bool,
     session_shown: bool,
     running_shown: bool,
     scoring_shown: bool,
@@ -186,14 +192,18 @@ impl Narrator {
     fn show(&mut self, submission: &Submission) {
         if !self.session_shown && !submission.session.is_empty() {
             self.session_shown = true;
-            println!("Session {} ready", submission.session);
+            if self.log_shown {
+                println!("Session {} is started", submission.session);
+            } else {
+                println!("Session {} ready", submission.session);
+            }
         }
         let status = submission.status();
         let reached_running = matches!(
             status,
             SubmissionStatus::Running | SubmissionStatus::Scoring | SubmissionStatus::Scored
         );
-        if reached_running && !self.running_shown {
+        if reached_running && !self.running_shown && !self.log_shown {
             self.running_shown = true;
             println!("Load model");
             println!(
