@@ -36,11 +36,44 @@ fn a_session_over_cluster_capacity_waits_then_starts() -> anyhow::Result<()> {
                 && got.reason.contains("Allocated, not created yet"),
             "the second session waits and says why: {got:?}"
         );
+        // Following the queued session's log says at once why nothing comes yet.
+        let mut follower = std::process::Command::new(nsml_integration_tests::bin("nsml"))
+            .args(["logs", "-f", &second.name])
+            .env("NSML_SERVER", &dep.url)
+            .env("NSML_TOKEN", &alice.token)
+            .env("NSML_CONFIG_DIR", dep.data_dir.join("cli-follower"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let stderr = follower.stderr.take().expect("piped");
+        let (said, heard) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = said.send(line);
+            }
+        });
+        let first_words = heard.recv_timeout(std::time::Duration::from_secs(60))?;
+        ensure!(
+            first_words.starts_with(&format!(
+                "Session {} is queued: Allocated, not created yet",
+                second.name
+            )),
+            "logs -f of a queued session says why it waits: {first_words}"
+        );
         alice.stop(&first.name).await?;
         alice.wait_session(&first.name).await?;
         alice.wait_running(&second.name).await?;
         alice.stop(&second.name).await?;
         alice.wait_session(&second.name).await?;
+        // Once the session has ended, the follower returns.
+        let ended = nsml_integration_tests::eventually(std::time::Duration::from_secs(60), || {
+            Ok(follower.try_wait()?)
+        })?;
+        ensure!(ended.success(), "logs -f ended with {ended}");
         Ok(())
     })
 }

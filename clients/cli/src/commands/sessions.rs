@@ -2,8 +2,8 @@
 
 use anyhow::{Result, bail};
 use nsml_proto::v1::{
-    ListSessionsRequest, LogsRequest, MemoRequest, RemoveRequest, Session, SessionStatus,
-    StopRequest,
+    GetSessionRequest, ListSessionsRequest, LogsRequest, MemoRequest, RemoveRequest, Session,
+    SessionStatus, StopRequest,
 };
 
 use super::Context;
@@ -105,7 +105,26 @@ pub fn render_ps(sessions: &[Session], now: i64) -> String {
 }
 
 pub async fn logs(ctx: &Context, session: &str, follow: bool) -> Result<()> {
-    print_logs(&ctx.api()?, session, follow).await
+    let api = ctx.api()?;
+    if follow {
+        // A queued session has no log yet: say why it waits rather than print nothing.
+        let s = api
+            .session()
+            .get(GetSessionRequest {
+                name: session.to_string(),
+            })
+            .await?
+            .into_inner();
+        if s.status() == SessionStatus::Queued {
+            let why = if s.reason.is_empty() {
+                "waiting to be placed".to_string()
+            } else {
+                clean_log(&s.reason)
+            };
+            eprintln!("Session {session} is queued: {why}. Its log follows once it runs.");
+        }
+    }
+    print_logs(&api, session, follow).await
 }
 
 /// Prints a session's log lines as they arrive, stderr lines on stderr; with `follow`, until the session ends.
