@@ -246,13 +246,8 @@ async function bigBoard(browser) {
     await ctx.addCookies(cookies);
     await ctx.addInitScript(BOARD_PROBE);
     const page = await ctx.newPage();
-    const loads = [];
-    for (let i = 0; i < 5; i++) {
-      await page.goto("about:blank");
-      loads.push(await timeBoardLoad(page, `${p.url}/#/board/t1-cls`));
-    }
-    const rowcount = Number(await page.locator(".vtable").first().getAttribute("aria-rowcount"));
-    say(`  the board lists ${rowcount.toLocaleString()} teams; first paint with them (warm cache, n=5): p50 ${ms(pct(loads.map((x) => x.painted), 50))}, p90 ${ms(pct(loads.map((x) => x.painted), 90))}`);
+    const { rowcount, paint } = await paintBoard(page, p.url);
+    say(`  the board lists ${rowcount.toLocaleString()} teams; first paint with them ${paint}`);
 
     const res = await scrollBoard(page);
     await page.screenshot({ path: path.join(OUT_DIR, "bench-board-bottom.png") });
@@ -262,6 +257,18 @@ async function bigBoard(browser) {
     await p.stop();
   }
   say();
+}
+
+// Loads the t1-cls board five times in one tab: how many teams it lists, and its first paint (warm cache).
+async function paintBoard(page, url) {
+  const loads = [];
+  for (let i = 0; i < 5; i++) {
+    await page.goto("about:blank");
+    loads.push(await timeBoardLoad(page, `${url}/#/board/t1-cls`));
+  }
+  const rowcount = Number(await page.locator(".vtable").first().getAttribute("aria-rowcount"));
+  const painted = loads.map((x) => x.painted);
+  return { rowcount, paint: `(warm cache, n=5): p50 ${ms(pct(painted, 50))}, p90 ${ms(pct(painted, 90))}` };
 }
 
 // Scrolls the board's own scrolling area from top to bottom, `px` per frame (120: a brisk wheel), timing frames.
@@ -366,13 +373,8 @@ async function wideBoard(browser, p, cookies) {
     route.fulfill({ status: 200, headers: { "content-type": "application/grpc-web+proto" }, body: answer }),
   );
   const page = await ctx.newPage();
-  const loads = [];
-  for (let i = 0; i < 5; i++) {
-    await page.goto("about:blank");
-    loads.push(await timeBoardLoad(page, `${p.url}/#/board/t1-cls`));
-  }
-  const rowcount = Number(await page.locator(".vtable").first().getAttribute("aria-rowcount"));
-  say(`  the answer: ${kb(answer.length)}; the board lists ${rowcount.toLocaleString()} teams; first paint (warm cache, n=5): p50 ${ms(pct(loads.map((x) => x.painted), 50))}, p90 ${ms(pct(loads.map((x) => x.painted), 90))}`);
+  const { rowcount, paint } = await paintBoard(page, p.url);
+  say(`  the answer: ${kb(answer.length)}; the board lists ${rowcount.toLocaleString()} teams; first paint ${paint}`);
   // 400,000 px of rows: scrolled 600 px a frame, a fast fling.
   const res = await scrollBoard(page, 600);
   await page.screenshot({ path: path.join(OUT_DIR, "bench-board-10000.png") });
