@@ -549,7 +549,31 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
             }),
             [SKIP, DENIED, SKIP, SKIP, SKIP, SKIP],
         ),
-        session_list(&s),
+        Row::new(
+            "SessionService/List",
+            "all",
+            msg(ListSessionsRequest {
+                all: true,
+                ..Default::default()
+            }),
+            [UNAUTH, OK, OK, OK, OK, OK],
+        )
+        .check(OtherTeam, lists_teams(&["rivals"]))
+        .check(OtherHost, lists_teams(&[]))
+        .check(Team, lists_teams(&["demo"]))
+        .check(Host, lists_teams(&["demo", "rivals"]))
+        .check(Admin, lists_teams(&["demo", "rivals"]))
+        .check_each(&[Team, Host], {
+            let s = s.clone();
+            move |who, resp| {
+                let shown = sessions(resp)?;
+                let sub = shown
+                    .iter()
+                    .find(|x| x.name == s)
+                    .ok_or_else(|| format!("{s} not listed"))?;
+                summary_of(sub, who == Team)
+            }
+        }),
         Row::new(
             "SessionService/Get",
             &a,
@@ -682,7 +706,19 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
         )
         .check_each(&[OtherTeam, OtherHost, Team, Host], {
             let id = w.submission.clone();
-            move |who, r| submissions_seen(who, r, &id)
+            move |who, r| {
+                let subs = decode::<ListSubmissionsResponse>(r)?.submissions;
+                if let Some(x) = subs.iter().find(|x| !matches!(x.team.as_str(), "demo")) {
+                    return Err(format!("lists team {}'s submission {}", x.team, x.id));
+                }
+                let mine = subs.iter().find(|x| x.id == id);
+                match (who, mine) {
+                    (OtherTeam | OtherHost, None) => Ok(()),
+                    (OtherTeam | OtherHost, Some(_)) => Err("lists the team's submission".into()),
+                    (_, None) => Err(format!("submission {id} not listed")),
+                    (_, Some(x)) => private_score(x, who == Host),
+                }
+            }
         }),
         // --- leaderboards
         Row::new(
@@ -931,52 +967,6 @@ fn destructive(w: &World) -> Vec<Row> {
             [SKIP, SKIP, SKIP, SKIP, ALREADY_EXISTS, SKIP],
         ),
     ]
-}
-
-/// The row of `List` of every session: each caller sees its own team's, a host every team's, and a real
-/// submit's summary stays hidden from its team.
-fn session_list(s: &str) -> Row {
-    Row::new(
-        "SessionService/List",
-        "all",
-        msg(ListSessionsRequest {
-            all: true,
-            ..Default::default()
-        }),
-        [UNAUTH, OK, OK, OK, OK, OK],
-    )
-    .check(Who::OtherTeam, lists_teams(&["rivals"]))
-    .check(Who::OtherHost, lists_teams(&[]))
-    .check(Who::Team, lists_teams(&["demo"]))
-    .check(Who::Host, lists_teams(&["demo", "rivals"]))
-    .check(Who::Admin, lists_teams(&["demo", "rivals"]))
-    .check_each(&[Who::Team, Who::Host], {
-        let s = s.to_string();
-        move |who, resp| {
-            let shown = sessions(resp)?;
-            let sub = shown
-                .iter()
-                .find(|x| x.name == s)
-                .ok_or_else(|| format!("{s} not listed"))?;
-            summary_of(sub, who == Who::Team)
-        }
-    })
-}
-
-/// What a list of submissions shows `who`: only team demo's (the only team that submitted), its submission
-/// `id` to the team and the hosts, its private score only to the hosts.
-fn submissions_seen(who: Who, r: &[Vec<u8>], id: &str) -> Result<(), String> {
-    let subs = decode::<ListSubmissionsResponse>(r)?.submissions;
-    if let Some(x) = subs.iter().find(|x| !matches!(x.team.as_str(), "demo")) {
-        return Err(format!("lists team {}'s submission {}", x.team, x.id));
-    }
-    let mine = subs.iter().find(|x| x.id == id);
-    match (who, mine) {
-        (Who::OtherTeam | Who::OtherHost, None) => Ok(()),
-        (Who::OtherTeam | Who::OtherHost, Some(_)) => Err("lists the team's submission".into()),
-        (_, None) => Err(format!("submission {id} not listed")),
-        (_, Some(x)) => private_score(x, who == Who::Host),
-    }
 }
 
 /// Every internal method through the gateway, as every caller: refused.

@@ -269,45 +269,33 @@ async fn a_browser_signs_in_and_calls_the_api_over_grpc_web() {
     ListSessionsResponse::decode(messages[0].as_slice()).unwrap();
     drop(body);
 
-    // The cookie authenticates gRPC-Web calls only: a native call carrying it is anonymous.
-    let native = http::Request::post(format!("{url}{who_am_i}"))
-        .header("content-type", "application/grpc")
-        .header("cookie", &cookie)
-        .body(Full::new(Bytes::from(frame(0, &[]))))
-        .unwrap();
-    let resp = tokio::time::timeout(BOUND, client.request(native))
+    // The cookie authenticates gRPC-Web calls only: a native gRPC call carrying it is anonymous.
+    let mut native = tonic::Request::new(nsml_proto::v1::Empty {});
+    native
+        .metadata_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    let refused = nsml_proto::v1::auth_service_client::AuthServiceClient::connect(url.clone())
         .await
-        .unwrap();
-    // HTTP/1 cannot carry native gRPC trailers; whatever the answer, it is not alice's identity.
-    if let Ok(resp) = resp {
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes().to_vec())
-            .unwrap_or_default();
-        let (messages, _) = frames(&body);
-        assert!(
-            messages
-                .first()
-                .is_none_or(|m| Identity::decode(m.as_slice()).unwrap().username != "alice"),
-            "{parts:?}"
+        .unwrap()
+        .who_am_i(native)
+        .await
+        .expect_err("a cookie is not a credential of native gRPC");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    // The platform's internal calls stay internal over gRPC-Web too.
+    for internal in nsml_proto::internal::v1::INTERNAL_METHODS {
+        let (parts, body) = send(
+            &client,
+            grpc_web(&url, internal, frame(0, &[]), &[("cookie", &cookie)]),
+        )
+        .await;
+        let (_, trailers) = frames(&body);
+        assert_eq!(
+            grpc_status(&parts, &trailers),
+            "7",
+            "PERMISSION_DENIED for {internal}: {trailers}"
         );
     }
-
-    // Internal methods stay internal over gRPC-Web too.
-    let (parts, body) = send(
-        &client,
-        grpc_web(
-            &url,
-            "/nsml.v1.SessionService/RunnerHeartbeat",
-            frame(0, &[]),
-            &[("cookie", &cookie)],
-        ),
-    )
-    .await;
-    let (_, trailers) = frames(&body);
-    assert_ne!(grpc_status(&parts, &trailers), "0");
 
     // CORS is off by default: a page of another origin gets no permission to read answers.
     let preflight = http::Request::options(format!("{url}{who_am_i}"))

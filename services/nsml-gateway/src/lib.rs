@@ -249,11 +249,8 @@ fn status_response(s: Status) -> axum::response::Response {
     axum::response::Response::from_parts(parts, Body::empty())
 }
 
-/// The caller's token: its `Authorization: Bearer`, or a browser's cookie on a gRPC-Web call (see `web`).
+/// The caller's token, from `Authorization: Bearer` (where `proxy` put a browser's cookie token too).
 fn bearer(headers: &http::HeaderMap) -> Option<String> {
-    if let Some(token) = web::cookie_token(headers) {
-        return Some(token);
-    }
     let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     v.strip_prefix("Bearer ")
         .map(|t| t.trim().to_string())
