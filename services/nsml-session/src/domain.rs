@@ -157,7 +157,10 @@ impl Aggregate for TeamDataset {
         } else if let Some(e) = decode::<SessionAdmitted>(ev) {
             (e.name, Box::new(|_| {}))
         } else if let Some(e) = decode::<SessionStarted>(ev) {
-            (e.name, Box::new(|l| l.status = SessionStatus::Running))
+            (
+                e.name,
+                Box::new(|l| l.status = status_after_start(l.status)),
+            )
         } else if let Some(e) = decode::<SessionStopRequested>(ev) {
             (e.name, Box::new(|l| l.status = SessionStatus::Stopping))
         } else if let Some(e) = decode::<SessionExited>(ev) {
@@ -194,6 +197,16 @@ pub fn finish_status(
         SessionStatus::Exited
     } else {
         SessionStatus::Failed
+    }
+}
+
+/// A session's status once its runner says it started: Running, unless a stop was asked first (a queued job
+/// the scheduler started as it was being cancelled), which the start does not undo.
+pub fn status_after_start(now: SessionStatus) -> SessionStatus {
+    if now == SessionStatus::Stopping {
+        SessionStatus::Stopping
+    } else {
+        SessionStatus::Running
     }
 }
 
@@ -310,6 +323,28 @@ mod tests {
         ));
         assert!(td.sessions[&1].removed);
         assert_eq!(td.next_number(), 2, "a removed session keeps its number");
+    }
+
+    #[test]
+    fn given_a_stop_asked_of_a_queued_session_when_its_runner_starts_then_it_stays_stopping() {
+        assert_eq!(
+            status_after_start(SessionStatus::Queued),
+            SessionStatus::Running
+        );
+        assert_eq!(
+            status_after_start(SessionStatus::Stopping),
+            SessionStatus::Stopping
+        );
+        // The stop the runner then reports is recorded as the stop that was asked.
+        assert_eq!(
+            finish_status(
+                137,
+                "ended",
+                true,
+                status_after_start(SessionStatus::Stopping)
+            ),
+            SessionStatus::Stopped
+        );
     }
 
     #[test]

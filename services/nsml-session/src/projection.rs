@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::domain::status_after_start;
 use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
@@ -93,7 +94,8 @@ impl Sessions {
             self.with(&e.name, |s| s.admitted = true);
         } else if let Some(e) = decode::<SessionStarted>(ev) {
             self.with(&e.name, |s| {
-                s.session.set_status(SessionStatus::Running);
+                let status = status_after_start(s.session.status());
+                s.session.set_status(status);
                 s.session.started_at_ms = e.at_ms;
                 s.session.gpu_ids = e.gpu_ids;
             });
