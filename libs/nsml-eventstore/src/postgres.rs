@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
@@ -84,6 +84,38 @@ impl PostgresStore {
         Ok(PostgresStore { pool, appends })
     }
 
+    /// Creates the database `url` names when the server reports that it does not exist, and says whether this
+    /// call created it. It connects to the server's `postgres` maintenance database to do so, which needs the
+    /// `CREATEDB` privilege; a database that exists is left alone and needs neither.
+    ///
+    /// Several processes of one deployment may start at once against a missing database: they take turns on
+    /// a Postgres advisory lock named after the database, so one creates it and the others find it created.
+    pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
+        use sqlx::Connection as _;
+        let options: PgConnectOptions = url.parse()?;
+        let name = match options.get_database() {
+            Some(name) => name.to_owned(),
+            // Postgres's default database is the user's own, which `createuser` does not make either, but
+            // which a URL without a database name is taken to mean on purpose.
+            None => return Ok(false),
+        };
+        match PgConnection::connect_with(&options).await {
+            Ok(conn) => {
+                // Whether it closes cleanly does not matter: the database is there.
+                let _ = conn.close().await;
+                return Ok(false);
+            }
+            Err(err) if is_missing_database(&err) => {}
+            Err(err) => return Err(err.into()),
+        }
+        let mut maintenance =
+            PgConnection::connect_with(&options.clone().database(MAINTENANCE_DATABASE)).await?;
+        let created = create_under_lock(&mut maintenance, &name).await;
+        // Ending the session releases the advisory lock, whether the creation worked or not.
+        let _ = maintenance.close().await;
+        created
+    }
+
     /// Queues an append for the appender task and waits for its answer.
     fn queue(
         &self,
@@ -123,6 +155,39 @@ impl PostgresStore {
     /// Closes every connection; later calls fail.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// The database every Postgres server has, through which another database is created.
+const MAINTENANCE_DATABASE: &str = "postgres";
+
+/// Whether connecting failed because the database does not exist (SQLSTATE 3D000, `invalid_catalog_name`).
+fn is_missing_database(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
+}
+
+/// Creates database `name` unless it exists, holding the advisory lock that serializes the processes
+/// creating it; returns whether this call created it.
+async fn create_under_lock(conn: &mut PgConnection, name: &str) -> Result<bool, StoreError> {
+    sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+        .bind(format!("nsml: create database {name}"))
+        .execute(&mut *conn)
+        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut *conn)
+            .await?;
+    if exists {
+        return Ok(false);
+    }
+    // CREATE DATABASE takes no parameters: the name goes in as a quoted identifier.
+    let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match sqlx::query(&statement).execute(&mut *conn).await {
+        Ok(_) => Ok(true),
+        // Created meanwhile by something that does not take the lock (an operator's `createdb`).
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(false),
+        Err(err) => Err(err.into()),
     }
 }
 
