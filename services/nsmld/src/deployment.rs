@@ -87,7 +87,8 @@ pub struct RunnerSection {
     /// A GPU count, or `auto` to ask nvidia-smi.
     pub gpus: String,
     pub python: String,
-    /// The directory holding the `nsml` Python package; found next to the binary when unset.
+    /// The directory holding the `nsml` Python package (`NSML_SDK_PATH` when unset); when neither is set, the
+    /// runner writes the SDK shipped inside the binary under its work directory.
     pub sdk_path: Option<PathBuf>,
     /// CPUs all sessions may hold at once; admitted sessions beyond it wait as Queued (default: no limit).
     pub cpus: Option<u32>,
@@ -113,10 +114,10 @@ impl RunnerSection {
     ) -> anyhow::Result<nsml_runner::RunnerConfig> {
         let sdk_path = match &self.sdk_path {
             Some(p) => p.clone(),
-            None => std::env::var_os("NSML_SDK_PATH")
-                .map(PathBuf::from)
-                .or_else(|| find_beside_binary("clients/python"))
-                .context("cannot find the Python SDK (clients/python): set NSML_SDK_PATH")?,
+            None => match std::env::var_os("NSML_SDK_PATH") {
+                Some(p) => PathBuf::from(p),
+                None => crate::sdk::install(&work_dir.join("sdk"))?,
+            },
         };
         Ok(nsml_runner::RunnerConfig {
             work_dir,
@@ -303,6 +304,20 @@ fn http(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
 
+/// A store URL as it may be printed: without the password it may hold.
+fn redact_password(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) if at > scheme.len() + 3 => {
+            let user_info = &rest[..at - scheme.len() - 3];
+            let user = user_info
+                .split_once(':')
+                .map_or(user_info, |(user, _)| user);
+            format!("{scheme}://{user}@{}", &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 fn find_beside_binary(rel: &str) -> Option<PathBuf> {
     let cwd = std::env::current_dir().ok()?.join(rel);
     if cwd.exists() {
@@ -326,6 +341,21 @@ impl Deployment {
                     .with_context(|| format!("cannot open the SQLite log {path}"))?;
                 (Arc::new(store), None)
             } else if config.store.starts_with("postgres") {
+                // Every process of a fresh deployment may get here at once: one creates the database.
+                let created = nsml_eventstore::PostgresStore::create_database_if_missing(
+                    &config.store,
+                )
+                .await
+                .context(
+                    "cannot create the deployment's Postgres database: give the store's user the \
+                     CREATEDB privilege, or create the database by hand (createdb NAME)",
+                )?;
+                if created {
+                    println!(
+                        "created the Postgres database of {}",
+                        redact_password(&config.store)
+                    );
+                }
                 let store = nsml_eventstore::PostgresStore::connect(&config.store)
                     .await
                     .context("cannot open the Postgres log")?;
@@ -476,7 +506,11 @@ impl Deployment {
             match find_beside_binary("examples/competition.toml") {
                 Some(p) => vec![p],
                 None => {
-                    tracing::warn!("no competition given and examples/competition.toml not found");
+                    tracing::warn!(
+                        "no competition given, and no examples/competition.toml in the working directory or \
+                         beside the binary: the platform starts without one; pass --competition FILE, or apply \
+                         one later with `nsml admin competition apply FILE`"
+                    );
                     vec![]
                 }
             }
@@ -508,8 +542,13 @@ impl Deployment {
         Ok(())
     }
 
-    /// Runs the named services of a distributed deployment until a signal.
-    pub async fn run_services(self, services: &[ServiceName]) -> anyhow::Result<()> {
+    /// Runs the named services of a distributed deployment until a signal; with the gateway among them,
+    /// applies `competitions` once the platform behind it answers.
+    pub async fn run_services(
+        self,
+        services: &[ServiceName],
+        competitions: Vec<crate::competitions::Competition>,
+    ) -> anyhow::Result<()> {
         self.spawn_shutdown_on_signal();
         let listen = self
             .config
@@ -519,10 +558,12 @@ impl Deployment {
         let addrs = ServiceAddrs::from_fn(|service| http(listen.get(service)));
         let mut servers = Vec::new();
         let mut tasks = Vec::new();
+        let mut gateway_url = None;
         for &name in services {
             let ServiceName::Platform(service) = name else {
                 let public = TcpListener::bind(self.config.public_listen).await?;
                 let url = http(public.local_addr()?);
+                gateway_url = Some(url.clone());
                 let (a, s, c) = (
                     addrs.clone(),
                     self.config.internal_secret.clone(),
@@ -558,6 +599,19 @@ impl Deployment {
             }));
             println!("nsmld serving {service} at {}", http(addr));
         }
+        // The auth service writes the host token into this process's data directory.
+        let token_path = std::path::absolute(self.config.data_dir.join("admin.token"))?;
+        if services.contains(&ServiceName::Platform(Service::Auth)) {
+            let path = token_path.display();
+            println!("host token in {path} (export NSML_TOKEN=$(cat {path}))");
+        }
+        if let Some(url) = gateway_url {
+            tokio::select! {
+                applied = crate::competitions::apply_when_ready(&url, &token_path, &competitions) => applied?,
+                // Stopped while waiting for the platform: nothing is left to apply to.
+                () = self.cancel.cancelled() => {}
+            }
+        }
         for s in servers {
             s.await??;
         }
@@ -566,5 +620,23 @@ impl Deployment {
         }
         let _ = self.relay.await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod store_url_tests {
+    use super::redact_password;
+
+    #[test]
+    fn a_printed_store_url_keeps_no_password() {
+        assert_eq!(
+            redact_password("postgres://nsml:s3cret@db:5432/nsml"),
+            "postgres://nsml@db:5432/nsml"
+        );
+        assert_eq!(
+            redact_password("postgres://postgres@127.0.0.1:5432/nsml"),
+            "postgres://postgres@127.0.0.1:5432/nsml"
+        );
+        assert_eq!(redact_password("postgres://db/nsml"), "postgres://db/nsml");
     }
 }

@@ -7,10 +7,12 @@
 //! - `nsmld runner --config FILE --session SPEC` runs one session's runner in a process of its own: what
 //!   a Slurm job of the Slurm executor runs on its node.
 
+mod competitions;
 #[cfg(test)]
 mod deploy_files;
 mod deployment;
 mod runner;
+mod sdk;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -52,6 +54,13 @@ enum Command {
         cluster_cpus: Option<u32>,
     },
     /// Runs the named services of a distributed deployment.
+    ///
+    /// Every process of the deployment shares the configuration's Postgres database and NATS JetStream
+    /// stream. A database that does not exist yet is created by the first process to start (the store's user
+    /// needs the CREATEDB privilege for that). The process that runs `auth` writes a fresh host token into
+    /// its data directory and prints where it is; the one that runs `gateway` applies the `--competition`
+    /// manifests once the services behind it answer. Sessions use the Python SDK shipped inside this binary
+    /// unless the configuration's `runner.sdk_path` or NSML_SDK_PATH names another.
     Serve {
         /// Services to run: auth, storage, session, quota, submission, leaderboard, gateway.
         #[arg(required = true)]
@@ -59,6 +68,10 @@ enum Command {
         /// The deployment's configuration file (TOML); `NSML_…` environment variables override it.
         #[arg(long, env = "NSML_CONFIG")]
         config: PathBuf,
+        /// A competition manifest to apply once the platform answers (repeatable), with the host token the
+        /// auth service writes (or NSML_TOKEN); only with `gateway`. Every start applies it again, as `up` does.
+        #[arg(long = "competition")]
+        competitions: Vec<PathBuf>,
     },
     /// Runs one session's runner in this process, as a cluster job does: the executor writes this command.
     Runner {
@@ -178,10 +191,15 @@ async fn run() -> anyhow::Result<()> {
             let dep = Deployment::open(config).await?;
             dep.run_embedded(competitions).await
         }
-        Command::Serve { services, config } => {
+        Command::Serve {
+            services,
+            config,
+            competitions,
+        } => {
+            let competitions = competitions::load_for_serve(&services, &competitions)?;
             let config = Config::load(&config)?;
             let dep = Deployment::open(config).await?;
-            dep.run_services(&services).await
+            dep.run_services(&services, competitions).await
         }
         Command::Runner {
             config,
