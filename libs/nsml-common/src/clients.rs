@@ -33,11 +33,12 @@ use crate::caller::{INTERNAL_SECRET_KEY, SERVICE_KEY};
 use crate::server::InternalGuard;
 use crate::service::Service;
 use crate::telemetry;
+use crate::tls::Tls;
 
 /// Largest gRPC message the platform sends or accepts (predictions of a big test set).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Where each service listens (`http://host:port`).
+/// Where each service listens (`http://host:port`, or `https://host:port` with TLS).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceAddrs {
@@ -51,6 +52,9 @@ pub struct ServiceAddrs {
     /// router, behind the same internal guard as the network server, instead of over loopback TCP.
     #[serde(skip)]
     pub local: Option<LocalRoutes>,
+    /// Set when the deployment configures TLS: every channel to a service connects with it.
+    #[serde(skip)]
+    pub tls: Option<Tls>,
 }
 
 impl ServiceAddrs {
@@ -64,6 +68,7 @@ impl ServiceAddrs {
             submission: f(Service::Submission),
             leaderboard: f(Service::Leaderboard),
             local: None,
+            tls: None,
         }
     }
 
@@ -82,6 +87,17 @@ impl ServiceAddrs {
             Service::Submission => &self.submission,
             Service::Leaderboard => &self.leaderboard,
         }
+    }
+
+    /// Reaches `service`: in this process when every service is local, else over a channel, with TLS when
+    /// it is configured.
+    pub fn transport(&self, service: Service) -> Result<Transport, ClientsError> {
+        transport_tls(
+            service.name(),
+            self.get(service),
+            self.local.as_ref(),
+            self.tls.as_ref(),
+        )
     }
 }
 
@@ -211,27 +227,51 @@ pub enum ClientsError {
 
 /// Makes a lazily connected channel to `addr`.
 pub fn channel(service: &'static str, addr: &str) -> Result<Channel, ClientsError> {
-    let ep = Endpoint::from_shared(addr.to_string()).map_err(|source| ClientsError::Address {
+    channel_tls(service, addr, None)
+}
+
+/// Makes a lazily connected channel to `addr`, over TLS when `tls` is given (the address is then
+/// `https://…`).
+pub fn channel_tls(
+    service: &'static str,
+    addr: &str,
+    tls: Option<&Tls>,
+) -> Result<Channel, ClientsError> {
+    let address = |source| ClientsError::Address {
         service,
         addr: addr.to_string(),
         source,
-    })?;
+    };
+    let mut ep = Endpoint::from_shared(addr.to_string()).map_err(address)?;
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls.client_config()).map_err(address)?;
+    }
     Ok(ep
         .tcp_nodelay(true)
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect_lazy())
 }
 
-/// Reaches `service` at `addr`, or in this process when `addrs` says every service is local.
+/// Reaches `service` at `addr` in clear text, or in this process when `local` is given.
 pub fn transport(
     service: &'static str,
     addr: &str,
     local: Option<&LocalRoutes>,
 ) -> Result<Transport, ClientsError> {
+    transport_tls(service, addr, local, None)
+}
+
+/// Reaches `service` at `addr`, over TLS when `tls` is given, or in this process when `local` is given.
+fn transport_tls(
+    service: &'static str,
+    addr: &str,
+    local: Option<&LocalRoutes>,
+    tls: Option<&Tls>,
+) -> Result<Transport, ClientsError> {
     Ok(match local {
         Some(routes) => BoxCloneSyncService::new(routes.clone()),
         None => BoxCloneSyncService::new(
-            channel(service, addr)?.map_err(|e| TransportError(BoxError::from(e))),
+            channel_tls(service, addr, tls)?.map_err(|e| TransportError(BoxError::from(e))),
         ),
     })
 }
@@ -242,7 +282,7 @@ impl Clients {
     pub fn new(addrs: &ServiceAddrs, secret: &str, me: &str) -> Result<Self, ClientsError> {
         let channel = |service: Service| -> Result<Transport, ClientsError> {
             Ok(BoxCloneSyncService::new(retry::Retrying::new(
-                transport(service.name(), addrs.get(service), addrs.local.as_ref())?,
+                addrs.transport(service)?,
                 retry::Backoff::THROUGH_RESTART,
             )))
         };

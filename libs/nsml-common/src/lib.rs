@@ -1,7 +1,8 @@
 //! What every NSML service shares: who is calling ([`caller`]), clients of the other services ([`clients`]),
 //! typed events over the log ([`event`]), in-memory read models fed by the log ([`projection`]),
 //! optimistic-concurrency command handling ([`aggregate`]), the runner contract ([`executor`]),
-//! the status mapping ([`status`]), tracing ([`telemetry`]) and serving ([`server`]).
+//! the status mapping ([`status`]), tracing ([`telemetry`]), serving ([`server`]) and TLS between
+//! processes ([`tls`]).
 
 pub mod aggregate;
 pub mod bounds;
@@ -19,6 +20,7 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 
 pub use context::ServiceContext;
 

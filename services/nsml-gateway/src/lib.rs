@@ -21,7 +21,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use nsml_common::caller::{IDENTITY_KEY, INTERNAL_SECRET_KEY};
-use nsml_common::clients::{Clients, ServiceAddrs, Transport, transport};
+use nsml_common::clients::{Clients, ServiceAddrs, Transport};
 use nsml_common::service::Service;
 
 use crate::error::Refusal;
@@ -73,13 +73,9 @@ pub async fn serve(
     secret: &str,
     cancel: CancellationToken,
 ) -> Result<(), GatewayError> {
-    let local = addrs.local.as_ref();
     let mut routes = HashMap::new();
     for service in Service::ALL {
-        routes.insert(
-            service.grpc_name(),
-            transport(service.name(), addrs.get(service), local)?,
-        );
+        routes.insert(service.grpc_name(), addrs.transport(service)?);
     }
     let inner = Arc::new(Inner {
         clients: Clients::new(addrs, secret, "gateway")?,

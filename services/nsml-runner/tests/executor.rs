@@ -355,6 +355,7 @@ async fn env_in(gpus: u32, work: tempfile::TempDir) -> Env {
         submission: addr.clone(),
         leaderboard: addr,
         local: None,
+        tls: None,
     };
     let clients = Clients::new(&addrs, "secret", "runner").unwrap();
     let cfg = RunnerConfig {

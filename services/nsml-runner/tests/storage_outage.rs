@@ -184,6 +184,7 @@ fn platform(port: u16) -> GrpcPlatform {
         submission: addr.clone(),
         leaderboard: addr,
         local: None,
+        tls: None,
     };
     let clients = Clients::new(&addrs, "secret", "runner").expect("clients");
     GrpcPlatform::new(clients, "team/ds/1".into(), vec![])
