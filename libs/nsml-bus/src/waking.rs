@@ -30,9 +30,11 @@ impl EventStore for WakingStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, StoreError> {
+        let timer = AppendTimer::start(events.len());
         let r = self.inner.append(stream, expected, events).await;
         if r.is_ok() {
             self.relay.notify_one();
+            timer.committed();
         }
         r
     }
@@ -44,12 +46,14 @@ impl EventStore for WakingStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Option<PendingAppend> {
+        let timer = AppendTimer::start(events.len());
         let pending = self.inner.append_chained(chain, stream, expected, events)?;
         let relay = self.relay.clone();
         Some(Box::pin(async move {
             let r = pending.await;
             if r.is_ok() {
                 relay.notify_one();
+                timer.committed();
             }
             r
         }))
@@ -108,5 +112,27 @@ impl EventStore for WakingStore {
 
     async fn verify_chain(&self) -> Result<Option<ChainBreak>, StoreError> {
         self.inner.verify_chain().await
+    }
+}
+
+/// Measures one append, from its request to its commit (`nsml_eventstore_append_seconds`), and how many events
+/// it held (`nsml_eventstore_append_events`).
+struct AppendTimer {
+    started: std::time::Instant,
+    events: usize,
+}
+
+impl AppendTimer {
+    fn start(events: usize) -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            events,
+        }
+    }
+
+    fn committed(self) {
+        metrics::histogram!("nsml_eventstore_append_seconds")
+            .record(self.started.elapsed().as_secs_f64());
+        metrics::histogram!("nsml_eventstore_append_events").record(self.events as f64);
     }
 }

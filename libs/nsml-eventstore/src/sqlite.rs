@@ -601,6 +601,8 @@ fn run_writer(mut connection: Connection, requests: mpsc::Receiver<Request>, tai
             }
         }
         last_batch = batch.len();
+        metrics::histogram!("nsml_eventstore_commit_appends", "store" => "sqlite")
+            .record(batch.len() as f64);
         commit_batch_with(&connection, batch, writes, tail);
     }
 }

@@ -34,6 +34,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, AuthError> {
         ctx.bus.clone(),
         ctx.cancel.clone(),
     );
+    let readiness = proj.readiness();
     proj.wait_ready().await;
     let core = Arc::new(handler::Auth::new(ctx.store.clone(), proj));
     let token = core.bootstrap_admin().await?;
@@ -54,6 +55,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, AuthError> {
         }),
         names: vec!["nsml.v1.AuthService", "nsml.internal.v1.AuthInternal"],
         tasks: vec![task],
+        ready: vec![readiness],
     })
 }
 

@@ -29,6 +29,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
         ctx.bus.clone(),
         ctx.cancel.clone(),
     );
+    let readiness = proj.readiness();
     let svc = LeaderboardService::new(proj);
     Ok(Started {
         routes: Box::new(move |r: tonic::service::Routes| {
@@ -36,5 +37,6 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
         }),
         names: vec!["nsml.v1.LeaderboardService"],
         tasks: vec![task],
+        ready: vec![readiness],
     })
 }

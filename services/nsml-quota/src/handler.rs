@@ -18,7 +18,8 @@ use nsml_common::projection::Projection;
 use nsml_eventstore::{ChainBreak, EventStore, NewEvent};
 use nsml_proto::v1::{
     AdmissionDenied, AdmitRequest, Decision, Explanation, Holding, Override, OverrideGranted,
-    OverrideKind, OverrideRequest, Policy, QuotaUsage, ResourcesGranted, Submission, UsageRequest,
+    OverrideKind, OverrideRequest, Policy, QuotaUsage, ResourcesGranted, SessionKind, Submission,
+    UsageRequest,
 };
 use tokio::sync::watch;
 
@@ -168,7 +169,10 @@ impl Quota {
             return Err(e);
         }
         match found {
-            Some(Admission::Made(d)) => Ok(d),
+            Some(Admission::Made(d)) => {
+                count_admission(r, &d);
+                Ok(d)
+            }
             Some(Admission::Repeated(version)) => self.recorded_decision(&stream, version).await,
             None => Err(QuotaError::Internal {
                 context: "deciding an admission",
@@ -510,6 +514,26 @@ impl Quota {
         })
     }
 }
+
+/// Counts a decision taken (`nsml_admissions_total`) by the kind of session, its outcome and the rule that
+/// refused it (empty when granted).
+fn count_admission(r: &AdmitRequest, d: &Decision) {
+    let kind = match r.kind() {
+        SessionKind::Train => "train",
+        SessionKind::TrialSubmit => "trial_submit",
+        SessionKind::Submit => "submit",
+        SessionKind::Unspecified => "unspecified",
+    };
+    let outcome = if d.granted { "granted" } else { "refused" };
+    metrics::counter!(
+        "nsml_admissions_total",
+        "kind" => kind,
+        "outcome" => outcome,
+        "rule" => d.rule.clone()
+    )
+    .increment(1);
+}
+
 
 /// The decision step of an admission on the ledger at `version`: the decision recorded for the command
 /// before, or a new one, with the events to append (the policy the ledger adopts first, then the decision).

@@ -34,6 +34,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, QuotaError> {
         ctx.bus.clone(),
         ctx.cancel.clone(),
     );
+    let readiness = proj.readiness();
     proj.wait_ready().await;
     let quota = Arc::new(Quota::new(ctx.store.clone(), proj, ctx.clients("quota")?));
     let reactor = tokio::spawn(reactor::run(quota.clone(), ctx.clone()));
@@ -47,5 +48,6 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, QuotaError> {
         }),
         names: vec!["nsml.v1.QuotaService", "nsml.internal.v1.QuotaInternal"],
         tasks: vec![task, reactor],
+        ready: vec![readiness],
     })
 }

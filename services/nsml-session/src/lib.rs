@@ -52,6 +52,8 @@ pub async fn start_with(
         ctx.bus.clone(),
         ctx.cancel.clone(),
     );
+    let readiness = proj.readiness();
+    projection::sample_metrics(&proj);
     proj.wait_ready().await;
     let clients = ctx.clients("session")?;
     let handler = Arc::new(handler::Handler::new(ctx.store.clone(), proj));
@@ -80,5 +82,6 @@ pub async fn start_with(
         }),
         names: vec!["nsml.v1.SessionService", "nsml.internal.v1.SessionInternal"],
         tasks: vec![task, sweeper],
+        ready: vec![readiness],
     })
 }

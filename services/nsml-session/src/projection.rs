@@ -180,6 +180,47 @@ pub fn view(e: &Entry) -> Session {
     s
 }
 
+
+/// Has each metrics scrape count the sessions by status (`nsml_sessions`), and those admitted and waiting for
+/// cluster capacity (`nsml_session_queue_depth`).
+pub fn sample_metrics(projection: &std::sync::Arc<nsml_common::projection::Projection<Sessions>>) {
+    const STATES: [SessionStatus; 6] = [
+        SessionStatus::Queued,
+        SessionStatus::Running,
+        SessionStatus::Stopping,
+        SessionStatus::Exited,
+        SessionStatus::Failed,
+        SessionStatus::Stopped,
+    ];
+    let projection = std::sync::Arc::downgrade(projection);
+    let gauges = STATES.map(|s| {
+        let state = s.as_str_name().trim_start_matches("SESSION_STATUS_").to_lowercase();
+        metrics::gauge!("nsml_sessions", "state" => state)
+    });
+    let queued = metrics::gauge!("nsml_session_queue_depth");
+    nsml_common::metrics::sampler(move || {
+        if let Some(projection) = projection.upgrade() {
+            let (counts, waiting) = projection.read(|p| {
+                let mut counts = [0u64; STATES.len()];
+                let mut waiting = 0u64;
+                for e in p.sessions.values().filter(|e| !e.removed && !e.rejected) {
+                    let status = e.session.status();
+                    if let Some(i) = STATES.iter().position(|s| *s == status) {
+                        counts[i] += 1;
+                    }
+                    waiting += u64::from(status == SessionStatus::Queued && e.admitted);
+                }
+                (counts, waiting)
+            });
+            for (gauge, n) in gauges.iter().zip(counts) {
+                gauge.set(n as f64);
+            }
+            queued.set(waiting as f64);
+        }
+        Box::pin(async {})
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

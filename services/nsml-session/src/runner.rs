@@ -63,6 +63,7 @@ impl Runners {
 
     /// Records that the runners of `names` are alive.
     pub fn heartbeat(&self, names: &[String]) {
+        metrics::counter!("nsml_runner_heartbeats_total").increment(1);
         self.launcher.queue.heard_from(names, Instant::now());
     }
 

@@ -130,6 +130,7 @@ pub async fn start_with_limits(
         ctx.bus.clone(),
         ctx.cancel.clone(),
     );
+    let readiness = view.readiness();
     let core = Arc::new(Storage::new(
         ctx.store.clone(),
         view,
@@ -151,6 +152,7 @@ pub async fn start_with_limits(
         }),
         names: vec!["nsml.v1.StorageService", "nsml.internal.v1.StorageInternal"],
         tasks: vec![task],
+        ready: vec![readiness],
     })
 }
 

@@ -36,6 +36,7 @@ pub async fn start(ctx: ServiceContext, python: String) -> Result<Started, Submi
         ctx.bus.clone(),
         ctx.cancel.clone(),
     );
+    let readiness = proj.readiness();
     proj.wait_ready().await;
     let clients = ctx.clients("submission")?;
     let (handler, queue) = handler::Handler::new(&ctx, proj, clients, python);
@@ -61,5 +62,6 @@ pub async fn start(ctx: ServiceContext, python: String) -> Result<Started, Submi
             "nsml.internal.v1.SubmissionInternal",
         ],
         tasks: vec![task, scorer, reactor],
+        ready: vec![readiness],
     })
 }

@@ -15,6 +15,7 @@ use nsml_common::clients::datasets::{FetchPartError, fetch_part};
 use nsml_proto::v1::{DatasetMeta, DatasetPart, Submission, SubmissionStatus};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::domain::{EndedBy, Ending};
 use crate::error::SubmissionError;
@@ -38,7 +39,7 @@ const LOST: &str = "the submission service restarted before scoring the predicti
 /// way before returning.
 pub async fn run(
     handler: Arc<Handler>,
-    mut queue: mpsc::UnboundedReceiver<String>,
+    mut queue: mpsc::UnboundedReceiver<(String, String)>,
     cancel: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(PARALLEL));
@@ -49,13 +50,17 @@ pub async fn run(
         let ids = tokio::select! {
             _ = cancel.cancelled() => break,
             id = queue.recv() => match id {
-                Some(id) => vec![id],
+                Some(scheduled) => vec![scheduled],
                 None => break,
             },
-            _ = sweep.tick() => left_scoring(&handler).await,
+            _ = sweep.tick() => left_scoring(&handler)
+                .await
+                .into_iter()
+                .map(|id| (id, String::new()))
+                .collect(),
             Some(_) = jobs.join_next(), if !jobs.is_empty() => continue,
         };
-        for id in ids {
+        for (id, from) in ids {
             let fresh = busy
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -67,7 +72,9 @@ pub async fn run(
             jobs.spawn(async move {
                 // The semaphore is never closed, so a permit always comes.
                 let _slot = slots.acquire_owned().await;
-                score_one(&handler, &id).await;
+                let span = tracing::info_span!(parent: None, "score", submission = %id);
+                nsml_common::telemetry::set_parent_from_traceparent(&span, &from);
+                score_one(&handler, &id).instrument(span).await;
                 busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             });
         }
@@ -119,6 +126,7 @@ async fn score_one(handler: &Handler, id: &str) {
         handler.spool().remove(id).await;
         return;
     };
+    let started = std::time::Instant::now();
     let ending = match handler.spool().read(id).await {
         Ok(Some(predictions)) => {
             match tokio::time::timeout(SCORE_TIMEOUT, outcome(handler, &sub, predictions)).await {
@@ -145,6 +153,13 @@ async fn score_one(handler: &Handler, id: &str) {
             Ending::Failed(LOST.into())
         }
     };
+    let outcome = match &ending {
+        Ending::Scored { .. } => "scored",
+        Ending::Failed(_) => "failed",
+        Ending::TimedOut(_) => "timed_out",
+    };
+    metrics::histogram!("nsml_scoring_duration_seconds", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
     match handler.end(id, ending, EndedBy::Scorer).await {
         Ok(()) => handler.spool().remove(id).await,
         Err(err) => tracing::error!(%err, submission = %id, "could not record a score"),

@@ -3,7 +3,8 @@
 //!
 //! A call is sent again, after an exponentially growing wait with jitter, for up to [`Backoff::budget`]
 //! (40 s: a 30 s restart of the callee and its start-up), when
-//! - it never reached the service (the connection was refused: nothing can have happened), whatever the call;
+//! - it never reached the service (the connection was refused, or the service refused it as not started yet:
+//!   nothing can have happened), whatever the call;
 //! - the service answered `UNAVAILABLE`, or the connection broke after sending, and the call is idempotent:
 //!   a read, a state transition that a repeat leaves alone (`RunnerStarted`, `RunnerFinished`, `Stop`), or a
 //!   command carrying an idempotency key that the service honours (`Admit`'s `command_id`).
@@ -28,6 +29,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::{Transport, TransportError};
+use crate::server::NOT_STARTED_KEY;
 
 /// How long to keep trying and how long to wait between tries.
 #[derive(Debug, Clone, Copy)]
@@ -257,6 +259,8 @@ impl Service<http::Request<tonic::body::Body>> for Retrying {
                 }
                 let result = inner.clone().oneshot(again).await;
                 let retry = match &result {
+                    // Refused before the service started: nothing was done, whatever the call.
+                    Ok(response) if response.headers().contains_key(NOT_STARTED_KEY) => true,
                     Ok(response) => {
                         repeat == Repeat::Idempotent
                             && header_code(response) == Some(tonic::Code::Unavailable)
