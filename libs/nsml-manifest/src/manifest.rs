@@ -118,6 +118,50 @@ impl DatasetSpec {
     pub fn has_trial(&self) -> bool {
         self.trial_data.exists() || self.trial_label.exists()
     }
+
+    /// What a host should know before applying this dataset, though it applies: a trial set that is missing
+    /// (trial submits will be refused) or laid out other than where the platform looks for it.
+    pub fn warnings(&self) -> Vec<String> {
+        if self.trial_required || self.has_trial() {
+            return Vec::new();
+        }
+        let trial_dir = self
+            .trial_data
+            .parent()
+            .unwrap_or(&self.root)
+            .to_path_buf();
+        let found: Vec<String> = std::fs::read_dir(&trial_dir)
+            .map(|entries| {
+                let mut names: Vec<String> = entries
+                    .flatten()
+                    .map(|e| format!("`{}`", e.file_name().to_string_lossy()))
+                    .collect();
+                names.sort();
+                names
+            })
+            .unwrap_or_default();
+        let looked = format!(
+            "{} and {}",
+            self.trial_data.display(),
+            self.trial_label.display()
+        );
+        vec![if found.is_empty() {
+            format!(
+                "dataset `{}` has no trial set (looked for {looked}): `nsml submit -t` will be refused on it; \
+                 add a small trial set there, or name its parts with trial_data and trial_label",
+                self.name
+            )
+        } else {
+            format!(
+                "dataset `{}`: {} holds {} but not the trial set's test_data and test_label, so it has no trial \
+                 set and `nsml submit -t` will be refused on it; lay it out as {looked}, or name its parts with \
+                 trial_data and trial_label",
+                self.name,
+                trial_dir.display(),
+                found.join(", ")
+            )
+        }]
+    }
 }
 
 /// A team and its members.
@@ -356,10 +400,12 @@ impl Validator<'_> {
     fn dataset(
         &self,
         key: &str,
-        raw: RawDataset,
+        mut raw: RawDataset,
         base_dir: &Path,
     ) -> Result<DatasetSpec, ManifestError> {
         self.dataset_name(key, &raw.name)?;
+        // Metric names are case-insensitive, as the scorer reads them (`MSE`, `Accuracy`).
+        raw.metric = raw.metric.trim().to_ascii_lowercase();
         self.metric(key, &raw)?;
         let direction = self.direction(key, &raw)?;
         let private_fraction = raw.private_fraction.unwrap_or(0.5);
@@ -531,6 +577,11 @@ impl Manifest {
     /// Returns the datasets, in manifest order.
     pub fn datasets(&self) -> &[DatasetSpec] {
         &self.datasets
+    }
+
+    /// What the host should know before applying: each dataset's [`DatasetSpec::warnings`].
+    pub fn warnings(&self) -> Vec<String> {
+        self.datasets.iter().flat_map(DatasetSpec::warnings).collect()
     }
 
     /// Returns the dataset called `name`.

@@ -404,3 +404,52 @@ fn a_missing_file_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn metric_names_are_case_insensitive() {
+    for (written, read) in [("MSE", "mse"), ("Accuracy", "accuracy"), (" Macro_F1 ", "macro_f1")] {
+        let fixture = Fixture::new();
+        let path = fixture.manifest(&MINIMAL.replace("\"mse\"", &format!("\"{written}\"")));
+        let manifest = load(&path).unwrap();
+        assert_eq!(manifest.datasets()[0].metric, read, "{written}");
+    }
+    let fixture = Fixture::new();
+    let path = fixture.manifest(&MINIMAL.replace("\"mse\"", "\"Accuracy\""));
+    assert_eq!(
+        load(&path).unwrap().datasets()[0].direction,
+        pb::Direction::Descending,
+        "the metric's own direction follows from its name in any case"
+    );
+}
+
+#[test]
+fn a_missing_or_misplaced_trial_set_is_a_warning_for_the_host() {
+    let fixture = Fixture::new();
+    let root = fixture.dir.path().join("data/ds");
+    let manifest = load(&fixture.manifest(MINIMAL)).unwrap();
+    let warnings = manifest.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("dataset `ds` has no trial set")
+            && warnings[0].contains("test_submit/test_data")
+            && warnings[0].contains("nsml submit -t"),
+        "{}",
+        warnings[0]
+    );
+
+    // Laid out differently: the folder is there, the parts are not where the platform looks.
+    fs::create_dir_all(root.join("test_submit/data")).unwrap();
+    let warnings = load(&fixture.manifest(MINIMAL)).unwrap().warnings();
+    assert!(
+        warnings[0].contains("holds `data`") && warnings[0].contains("trial_data and trial_label"),
+        "{}",
+        warnings[0]
+    );
+
+    fs::create_dir_all(root.join("test_submit/test_data")).unwrap();
+    fs::write(root.join("test_submit/test_label"), "id,label\n9,1\n").unwrap();
+    assert!(
+        load(&fixture.manifest(MINIMAL)).unwrap().warnings().is_empty(),
+        "a trial set where the platform looks for it"
+    );
+}

@@ -86,6 +86,17 @@ pub enum ScoreError {
         value: String,
         metric: &'static str,
     },
+    /// A classification prediction is a number that is not finite (`NaN`, `Infinity`): a model output that was
+    /// never turned into a class, not a class the labels hold.
+    #[error(
+        "the prediction for `{key}` is `{value}`, not a class ({metric} compares class labels; a NaN usually \
+         means the model's output was not turned into a class, e.g. no argmax was taken)"
+    )]
+    NotAClass {
+        key: String,
+        value: String,
+        metric: &'static str,
+    },
     /// A regression metric's label is not a number (a dataset problem).
     #[error(
         "the label of test item `{key}` is not a number, so {metric} cannot be computed; tell the host"

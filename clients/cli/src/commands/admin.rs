@@ -19,6 +19,9 @@ pub async fn apply(ctx: &Context, file: &Path) -> Result<()> {
         manifest.datasets().len(),
         file.display()
     );
+    for warning in manifest.warnings() {
+        eprintln!("Warning: {warning}");
+    }
     let competition =
         nsml_manifest::apply(api.channel(), api.token().unwrap_or(""), &manifest).await?;
     let policy = competition.policy.unwrap_or_default();

@@ -125,6 +125,9 @@ pub fn compute(
     if metric.is_regression() {
         return regression(metric, &pairs);
     }
+    if matches!(metric, Metric::Accuracy | Metric::MacroF1) {
+        not_finite_classes(metric, &pairs)?;
+    }
     Ok(match metric {
         Metric::Accuracy => {
             let correct = pairs
@@ -137,6 +140,24 @@ pub fn compute(
         Metric::Cer => error_rate(metric, &pairs, |s| s.chars().collect::<Vec<_>>())?,
         Metric::Wer => error_rate(metric, &pairs, |s| s.split_whitespace().collect::<Vec<_>>())?,
         Metric::Mse | Metric::Rmse | Metric::Mae => unreachable!("handled above"),
+    })
+}
+
+/// Refuses a prediction that is a non-finite number (`NaN`, `inf`) unless the labels hold it as a class: it is
+/// a model's raw output, which would otherwise be scored silently as wrong.
+fn not_finite_classes(metric: Metric, pairs: &[(&str, &str, &str)]) -> Result<(), ScoreError> {
+    let not_finite = |s: &str| s.trim().parse::<f64>().is_ok_and(|f| !f.is_finite());
+    let Some((key, _, value)) = pairs.iter().find(|(_, _, p)| not_finite(p)) else {
+        return Ok(());
+    };
+    let classes: HashSet<String> = pairs.iter().map(|(_, l, _)| class(l)).collect();
+    if classes.contains(&class(value)) {
+        return Ok(());
+    }
+    Err(ScoreError::NotAClass {
+        key: key.to_string(),
+        value: truncate(value, 40),
+        metric: metric.display(),
     })
 }
 
@@ -451,6 +472,24 @@ mod tests {
             compute(Metric::Rmse, &l, &nan, &strings(&["a"])).unwrap_err(),
             ScoreError::NotNumber { .. }
         ));
+        for metric in [Metric::Accuracy, Metric::MacroF1] {
+            let err = compute(metric, &l, &nan, &strings(&["a", "b"])).unwrap_err();
+            assert!(
+                matches!(&err, ScoreError::NotAClass { key, value, .. } if key == "a" && value == "NaN"),
+                "a NaN class is a named failure: {err}"
+            );
+        }
+        let inf = map(&[("a", "-Infinity"), ("b", "1")]);
+        assert!(matches!(
+            compute(Metric::Accuracy, &l, &inf, &strings(&["a"])).unwrap_err(),
+            ScoreError::NotAClass { .. }
+        ));
+        // A label set that holds the class `NaN` scores it as a class.
+        let nan_class = map(&[("a", "NaN"), ("b", "x")]);
+        assert_eq!(
+            compute(Metric::Accuracy, &nan_class, &nan, &strings(&["a"])).unwrap(),
+            1.0
+        );
         assert!(matches!(
             compute(Metric::Accuracy, &l, &p, &[]).unwrap_err(),
             ScoreError::Empty
