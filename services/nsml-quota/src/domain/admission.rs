@@ -73,9 +73,30 @@ fn team_refusal(
     // wrap below it. `asked` alone can be beyond any limit, and is then refused here like any other excess.
     let held = ledger.held_wide();
     let total = held.plus(asked);
-    let free_hint = "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them";
+    // A trial submit session keeps what it holds after it ends, until removed (as NSML had it): `ps` shows it
+    // Exited while it still counts, so the refusal says so.
+    let trials = ledger
+        .holdings
+        .values()
+        .any(|h| h.kind == SessionKind::TrialSubmit);
+    let free_hint = if trials {
+        "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them; a trial submit session (marked \
+         `(trial)`) holds its resources and its slot until it is removed, even after it has ended"
+    } else {
+        "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them"
+    };
     if ledger.holdings.len() >= limits.sessions as usize {
-        let names: Vec<&str> = ledger.holdings.keys().map(|s| s.as_str()).collect();
+        let names: Vec<String> = ledger
+            .holdings
+            .iter()
+            .map(|(name, h)| {
+                if h.kind == SessionKind::TrialSubmit {
+                    format!("{name} (trial)")
+                } else {
+                    name.clone()
+                }
+            })
+            .collect();
         return Some(deny(
             Rule::TeamSessions,
             reason!(

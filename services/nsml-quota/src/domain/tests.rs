@@ -346,6 +346,13 @@ fn a_trial_session_holds_quota_until_released() {
         0,
     );
     assert_eq!((d.granted, d.rule.as_str()), (false, "team_sessions"));
+    assert!(
+        d.reason.contains("demo/t1-cls/2 (trial)")
+            && !d.reason.contains("demo/t1-cls/1 (trial)")
+            && d.reason.contains("holds its resources and its slot until it is removed"),
+        "the refusal says which sessions are trials that hold their slot after they end: {}",
+        d.reason
+    );
     let freed = given(&[train, granted(trial, 0), released("demo/t1-cls/2")]);
     assert!(
         decide(
