@@ -61,8 +61,11 @@ def platform_files():
     attempt("the runner's command line", lambda: read("/proc/%s/cmdline" % runner))
     attempt("shadow passwords", lambda: read("/etc/shadow"))
     attempt("the data directory", lambda: only(os.listdir(data), ["runs"]))
+    # `sdk` holds the Python SDK the runner writes out and mounts, read-only, into every sandbox.
+    attempt("the SDK every session imports",
+            lambda: open(os.path.join(os.environ["PYTHONPATH"], "nsml", "_api.py"), "a").write("changed"))
     attempt("the runner's directory",
-            lambda: only(os.listdir(os.path.join(data, "runs")), ["sessions", "loads", "sockets"]))
+            lambda: only(os.listdir(os.path.join(data, "runs")), ["sessions", "loads", "sockets", "sdk"]))
     print("ROOT", sorted(os.listdir("/")), flush=True)
 
 def other_team():
