@@ -494,6 +494,7 @@ impl LeaderboardService for Mock {
                 team: "demo".into(),
                 mean_rank: 1.0,
                 ranks: vec![1, 1],
+                submitted: vec![true, false],
             }],
         }))
     }
@@ -813,7 +814,10 @@ async fn listings_print_tables_or_json() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(
         stdout(&out),
-        "demo · Overall\nRank  Team  Mean rank  t1-cls  t2-reg\n1     demo  1          1       1\n"
+        "demo · Overall\nRank  Team  Mean rank  t1-cls  t2-reg\n1     demo  1          1       no submission (1)\n\
+         Mean rank: a team's ranks averaged over the 2 datasets; a dataset it has no submission on counts as the \
+         last rank (1, the number of teams ranked).\n",
+        "one team that submitted to one dataset is not ranked first on the other"
     );
 
     let out = h.nsml(&["dataset", "ls", "-j"]).await;

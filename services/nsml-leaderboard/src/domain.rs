@@ -169,6 +169,8 @@ pub struct OverallStanding {
     pub mean_rank: f64,
     /// The team's rank on each dataset, in the order of the boards given.
     pub ranks: Vec<u32>,
+    /// Whether the team is on each board; where it is not, its rank there is the last.
+    pub submitted: Vec<bool>,
 }
 
 /// Ranks a competition overall from its datasets' boards (in the competition's dataset order).
@@ -190,14 +192,12 @@ pub fn overall(boards: &[Vec<Standing>]) -> Vec<OverallStanding> {
     let mut rows: Vec<(u64, Vec<u32>, OverallStanding)> = teams
         .into_iter()
         .map(|team| {
-            let ranks: Vec<u32> = boards
+            let found: Vec<Option<u32>> = boards
                 .iter()
-                .map(|b| {
-                    b.iter()
-                        .find(|row| row.team == team)
-                        .map_or(last, |row| row.rank)
-                })
+                .map(|b| b.iter().find(|row| row.team == team).map(|row| row.rank))
                 .collect();
+            let ranks: Vec<u32> = found.iter().map(|r| r.unwrap_or(last)).collect();
+            let submitted = found.iter().map(Option::is_some).collect();
             let sum: u64 = ranks.iter().map(|r| u64::from(*r)).sum();
             let mut sorted = ranks.clone();
             sorted.sort_unstable();
@@ -206,6 +206,7 @@ pub fn overall(boards: &[Vec<Standing>]) -> Vec<OverallStanding> {
                 team: team.to_string(),
                 mean_rank: sum as f64 / boards.len() as f64,
                 ranks,
+                submitted,
             };
             (sum, sorted, row)
         })
@@ -529,6 +530,15 @@ mod tests {
                 (3, "bees", 2.5, vec![3, 2]),
             ]
         );
+        assert_eq!(rows[1].submitted, [true, false], "cats has no score on the second");
+        assert_eq!(rows[0].submitted, [true, true]);
+    }
+
+    #[test]
+    fn given_one_team_then_a_dataset_it_never_submitted_to_says_so() {
+        let rows = overall(&[vec![standing(1, "demo")], vec![]]);
+        assert_eq!(overall_summary(&rows), [(1, "demo", 1.0, vec![1, 1])]);
+        assert_eq!(rows[0].submitted, [true, false]);
     }
 
     #[test]

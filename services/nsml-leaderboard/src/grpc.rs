@@ -193,6 +193,7 @@ fn overall(
                 team: r.team,
                 mean_rank: r.mean_rank,
                 ranks: r.ranks,
+                submitted: r.submitted,
             })
             .collect(),
     })

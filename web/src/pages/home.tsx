@@ -152,7 +152,7 @@ function OverallTable(p: { data: OverallResponse; myTeam: string }) {
     ...p.data.datasets.map<Column<OverallRow>>((d, i) => ({
       label: <a href={to.board(d, p.data.private)}>{d}</a>,
       track: "minmax(6rem, 1fr)",
-      cell: (r) => (r.ranks[i] ? r.ranks[i] : "—"),
+      cell: (r) => (r.submitted[i] === false ? `no submission (${r.ranks[i]})` : r.ranks[i] ? r.ranks[i] : "—"),
       class: "num",
     })),
   ];

@@ -175,13 +175,25 @@ pub fn render_overall(overall: &OverallResponse) -> String {
             row.team.clone(),
             significant(row.mean_rank, 4),
         ];
-        cells.extend((0..overall.datasets.len()).map(|i| match row.ranks.get(i) {
-            Some(rank) if *rank > 0 => rank.to_string(),
-            _ => "-".to_string(),
+        cells.extend((0..overall.datasets.len()).map(|i| {
+            match (row.ranks.get(i), row.submitted.get(i)) {
+                // Counted as the last rank in the mean, but the team has no score there.
+                (Some(rank), Some(false)) => format!("no submission ({rank})"),
+                (Some(rank), _) if *rank > 0 => rank.to_string(),
+                _ => "-".to_string(),
+            }
         }));
         table.row(cells);
     }
     out.push_str(&table.render());
+    if !overall.rows.is_empty() {
+        out.push_str(&format!(
+            "Mean rank: a team's ranks averaged over the {} datasets; a dataset it has no submission on counts \
+             as the last rank ({}, the number of teams ranked).\n",
+            overall.datasets.len(),
+            overall.rows.len()
+        ));
+    }
     out
 }
 
@@ -276,12 +288,14 @@ mod tests {
                     team: "demo".into(),
                     mean_rank: 1.5,
                     ranks: vec![1, 2],
+                    submitted: vec![true, true],
                 },
                 OverallRow {
                     rank: 2,
                     team: "rivals".into(),
                     mean_rank: 2.0,
-                    ranks: vec![2, 0],
+                    ranks: vec![2, 2],
+                    submitted: vec![true, false],
                 },
             ],
         };
@@ -290,7 +304,9 @@ mod tests {
             "demo · Overall · Private\n\
              Rank  Team    Mean rank  t1-cls  t2-reg\n\
              1     demo    1.5        1       2\n\
-             2     rivals  2          2       -\n"
+             2     rivals  2          2       no submission (2)\n\
+             Mean rank: a team's ranks averaged over the 2 datasets; a dataset it has no submission on counts \
+             as the last rank (2, the number of teams ranked).\n"
         );
     }
 }
