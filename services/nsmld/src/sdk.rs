@@ -4,6 +4,8 @@
 //! A runner writes the SDK out under its work directory, into a folder named after a hash of the files: a
 //! binary of another version writes its own folder rather than reading a stale one, and removes the others.
 
+use std::fs::Permissions;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -80,8 +82,16 @@ fn write(dir: &Path, root: &Path, version: &str) -> std::io::Result<()> {
     }
     let package = staging.join("nsml");
     std::fs::create_dir_all(&package)?;
+    // Sessions run under another, unprivileged uid inside the sandbox: whatever the runner's umask, every
+    // user may read the SDK, and none but the runner's may change it.
+    let mode = |path: &Path, mode| std::fs::set_permissions(path, Permissions::from_mode(mode));
     for (name, text) in FILES {
-        std::fs::write(package.join(name), text)?;
+        let file = package.join(name);
+        std::fs::write(&file, text)?;
+        mode(&file, 0o644)?;
+    }
+    for folder in [dir, &staging, &package] {
+        mode(folder, 0o755)?;
     }
     // A damaged copy (a file edited or removed) is replaced whole.
     if root.exists() {
@@ -142,13 +152,27 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let sdk = dir.path().join("sdk");
         std::fs::create_dir_all(sdk.join("0123456789abcdef/nsml")).expect("an older copy");
-        let root = install(&sdk).expect("installing");
+        // A runner whose umask lets no one else read what it writes still shares the SDK with sessions.
+        // SAFETY: umask only swaps the process's file-creation mask; it is put back right after.
+        #[allow(unsafe_code)]
+        let umask = unsafe { libc::umask(0o077) };
+        let installed = install(&sdk);
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::umask(umask)
+        };
+        let root = installed.expect("installing");
         assert_eq!(root, sdk.join(version()));
         assert!(is_intact(&root));
         assert!(
             !sdk.join("0123456789abcdef").exists(),
             "the older copy stays"
         );
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode(&root.join("nsml/_api.py")), 0o644);
+        assert_eq!(mode(&root.join("nsml")), 0o755);
+        assert_eq!(mode(&sdk), 0o755);
 
         std::fs::write(root.join("nsml/_api.py"), "raise SystemExit(1)\n").expect("damaging");
         assert_eq!(install(&sdk).expect("installing again"), root);
