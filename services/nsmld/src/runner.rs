@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use nsml_common::clients::{Clients, ServiceAddrs};
+use nsml_common::tls::TlsSection;
 use nsml_proto::v1::Session;
 use prost::Message;
 use serde::Deserialize;
@@ -23,6 +24,9 @@ pub struct RunnerHost {
     pub services: Listen,
     #[serde(default)]
     pub runner: RunnerSection,
+    /// TLS to the services (`[tls]`, as in the platform's configuration): required when they serve TLS.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
 }
 
 impl RunnerHost {
@@ -42,6 +46,24 @@ impl RunnerHost {
             "internal_secret must be at least 16 characters"
         );
         Ok(host)
+    }
+
+    /// Where the services are reached, over TLS when the configuration at `config` has a `[tls]` table
+    /// (its relative paths read from the configuration's directory).
+    pub fn addrs(&self, config: &Path) -> anyhow::Result<ServiceAddrs> {
+        let tls = match &self.tls {
+            Some(files) => Some(
+                files
+                    .load(std::path::absolute(config)?.parent())
+                    .with_context(|| format!("invalid [tls] table in {}", config.display()))?,
+            ),
+            None => None,
+        };
+        let scheme = nsml_common::tls::scheme(tls.as_ref());
+        Ok(ServiceAddrs {
+            tls,
+            ..ServiceAddrs::from_fn(|service| format!("{scheme}://{}", self.services.get(service)))
+        })
     }
 }
 
@@ -73,7 +95,7 @@ pub async fn run(
     let id = in_job.unwrap_or_else(|| format!("pid-{}", std::process::id()));
     let work_dir = host.data_dir.join("runner").join(format!("job-{id}"));
     let cfg = host.runner.local(work_dir.clone(), gpus)?;
-    let addrs = ServiceAddrs::from_fn(|service| format!("http://{}", host.services.get(service)));
+    let addrs = host.addrs(config)?;
     let clients = Clients::new(&addrs, &host.internal_secret, "runner")?;
     tracing::info!(session = %session.name, work_dir = %work_dir.display(), "running a session");
     let exec = nsml_runner::LocalExecutor::new(cfg, clients);
@@ -82,4 +104,67 @@ pub async fn run(
         tracing::warn!(path = %work_dir.display(), error = %e, "cannot remove the job's scratch directory");
     }
     result.map_err(anyhow::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
+    use nsml_common::service::Service;
+    use nsml_common::tls::testing::TestCa;
+
+    use super::RunnerHost;
+
+    const HOST: &str = r#"data_dir = "/tmp/nsml-runner"
+internal_secret = "0123456789abcdef0123"
+
+[services]
+auth = "10.0.0.5:7101"
+storage = "10.0.0.5:7102"
+session = "10.0.0.5:7103"
+quota = "10.0.0.5:7104"
+submission = "10.0.0.5:7105"
+leaderboard = "10.0.0.5:7106"
+"#;
+
+    #[test]
+    fn a_runner_with_a_tls_table_reaches_the_services_over_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        TestCa::new("nsml test CA")
+            .unwrap()
+            .write(dir.path(), &["10.0.0.5"])
+            .unwrap();
+        let config = dir.path().join("runner.toml");
+        let text = format!(
+            "{HOST}\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\nca = \"ca.pem\"\nmutual = true\n"
+        );
+        let host: RunnerHost = toml::from_str(&text).unwrap();
+        let addrs = host.addrs(&config).unwrap();
+        assert_eq!(addrs.get(Service::Session), "https://10.0.0.5:7103");
+        assert!(addrs.tls.as_ref().is_some_and(|t| t.mutual()));
+
+        let plain: RunnerHost = toml::from_str(HOST).unwrap();
+        let addrs = plain.addrs(&config).unwrap();
+        assert_eq!(addrs.get(Service::Session), "http://10.0.0.5:7103");
+        assert!(addrs.tls.is_none());
+    }
+
+    #[test]
+    fn a_runner_whose_key_is_missing_says_which_file() {
+        let dir = tempfile::tempdir().unwrap();
+        TestCa::new("nsml test CA")
+            .unwrap()
+            .write(dir.path(), &["10.0.0.5"])
+            .unwrap();
+        let config = dir.path().join("runner.toml");
+        let text =
+            format!("{HOST}\n[tls]\ncert = \"cert.pem\"\nkey = \"gone.pem\"\nca = \"ca.pem\"\n");
+        let host: RunnerHost = toml::from_str(&text).unwrap();
+        let err = format!("{:#}", host.addrs(&config).unwrap_err());
+        assert!(err.contains("tls.key"), "{err}");
+        assert!(
+            err.contains(&dir.path().join("gone.pem").display().to_string()),
+            "{err}"
+        );
+    }
 }
