@@ -17,7 +17,13 @@ The participant's loop:
 Environment:
   NSML_SERVER       server address, when --server is not given
   NSML_TOKEN        token to use instead of the one `nsml login` stored
-  NSML_CONFIG_DIR   where `nsml login` stores credentials (default ~/.nsml)";
+  NSML_CONFIG_DIR   where `nsml login` stores credentials (default ~/.nsml)
+
+Exit status:
+  0  the command did what it was asked
+  1  the server refused it or something failed (the message says what): a refused run or submit, a session or
+     submission that failed, a submit not finished in time, an audit that found a mismatch or a broken log
+  2  the command was called wrongly (an unknown flag, a missing or malformed argument)";
 
 /// The NSML command-line client: train models, watch sessions, submit checkpoints and follow the leaderboards
 /// of an NSML server.
@@ -139,6 +145,13 @@ pub enum Command {
     /// Host and administrator commands
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Print a shell completion script: `source <(nsml completion bash)`, or write it where your shell
+    /// loads completions (zsh: a file `_nsml` on `$fpath`; fish: `~/.config/fish/completions/nsml.fish`)
+    Completion {
+        /// The shell to complete in
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]

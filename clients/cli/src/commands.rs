@@ -67,6 +67,14 @@ pub async fn dispatch(ctx: &Context, command: Command) -> Result<()> {
             json,
         } => quota::quota(ctx, competition, team, json.json).await,
         Command::Admin(command) => dispatch_admin(ctx, command).await,
+        Command::Completion { shell } => {
+            let mut command = <crate::cli::Cli as clap::CommandFactory>::command();
+            // Into memory first, then out as every listing goes: a closed pipe (`| head`) ends it quietly.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "nsml", &mut script);
+            crate::output::emit(&String::from_utf8_lossy(&script));
+            Ok(())
+        }
     }
 }
 

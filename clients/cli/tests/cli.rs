@@ -1069,3 +1069,33 @@ async fn admin_apply_registers_datasets_then_the_competition() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_load_in_their_shells_and_a_wrong_call_exits_2() {
+    let h = Harness::start().await;
+    let bash = h.nsml(&["completion", "bash"]).await;
+    assert_eq!(code(&bash), 0, "{}", stderr(&bash));
+    assert!(stdout(&bash).contains("submit"), "the commands are completed");
+    // A real bash loads the script and registers the completion for `nsml`.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("nsml.bash");
+    std::fs::write(&script, stdout(&bash)).unwrap();
+    let loaded = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p nsml", script.display()))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&loaded.stdout).contains("-F _nsml nsml"),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    let zsh = h.nsml(&["completion", "zsh"]).await;
+    assert!(stdout(&zsh).starts_with("#compdef nsml"));
+    let fish = h.nsml(&["completion", "fish"]).await;
+    assert!(stdout(&fish).contains("complete -c nsml"));
+
+    let wrong = h.nsml(&["completion", "tcsh"]).await;
+    assert_eq!(code(&wrong), 2, "a usage error");
+    assert!(stderr(&wrong).contains("possible values"), "{}", stderr(&wrong));
+}
