@@ -12,6 +12,7 @@ pub mod faults;
 pub mod figures;
 pub mod grpc;
 pub mod hostile;
+pub mod otlp;
 pub mod scenario;
 pub mod slurm;
 pub mod soak;
@@ -115,8 +116,20 @@ pub struct User {
 impl User {
     /// Runs `nsml ARGS` in `cwd`, with `stdin` fed in.
     pub fn nsml_in(&self, cwd: &Path, args: &[&str], stdin: &str) -> anyhow::Result<Output> {
+        self.nsml_env(cwd, args, stdin, &[])
+    }
+
+    /// Runs `nsml ARGS` in `cwd`, with `stdin` fed in and `env` added to its environment.
+    pub fn nsml_env(
+        &self,
+        cwd: &Path,
+        args: &[&str],
+        stdin: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Output> {
         let mut cmd = Command::new(bin("nsml"));
         cmd.args(args)
+            .envs(env.iter().copied())
             .current_dir(cwd)
             .env("NSML_SERVER", &self.server)
             .env("NSML_CONFIG_DIR", &self.config_dir)

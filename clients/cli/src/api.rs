@@ -20,7 +20,8 @@ use crate::UsageError;
 /// Responses (log batches, listings) may exceed tonic's 4 MiB default.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// Adds `authorization: Bearer TOKEN` to every call, when there is a token.
+/// Adds `authorization: Bearer TOKEN` to every call, when there is a token, and the command's `traceparent`
+/// when it is traced.
 #[derive(Debug, Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
@@ -33,6 +34,11 @@ impl Interceptor for Bearer {
             request
                 .metadata_mut()
                 .insert("authorization", value.clone());
+        }
+        if let Some(traceparent) = crate::trace::traceparent() {
+            request
+                .metadata_mut()
+                .insert("traceparent", traceparent.clone());
         }
         Ok(request)
     }

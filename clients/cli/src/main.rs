@@ -13,11 +13,11 @@ mod ignore;
 mod json;
 mod output;
 mod retry;
+mod trace;
 
 use std::fmt;
 use std::process::ExitCode;
 
-use clap::Parser;
 use nsml_proto::error::ErrorCode;
 
 use crate::cli::{Cli, Command};
@@ -49,7 +49,13 @@ impl fmt::Display for Exit {
 impl std::error::Error for Exit {}
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Parsed through the matches, which also name the subcommand the trace is named after.
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let name = matches.subcommand_name().unwrap_or("nsml").to_string();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -66,7 +72,17 @@ fn main() -> ExitCode {
         Err(e) => return report(&e, config::DEFAULT_SERVER),
     };
     let server = context.target.server.clone();
-    match runtime.block_on(commands::dispatch(&context, cli.command)) {
+    let result = runtime.block_on(async {
+        let trace = trace::start(&name);
+        let result = commands::dispatch(&context, cli.command).await;
+        if let Some(trace) = trace {
+            trace
+                .finish(result.as_ref().err().map(describe))
+                .await;
+        }
+        result
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => report(&e, &server),
     }

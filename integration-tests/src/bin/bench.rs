@@ -17,8 +17,11 @@
 //! With `--soak SECONDS` it runs only the soak instead (`nsml_integration_tests::soak`): a busy competition
 //! hour compressed into that many seconds, with `nsmld`'s resident memory sampled throughout.
 //!
+//! With `--tracing-cost` it measures only what tracing costs admissions (see [`tracing_cost`]).
+//!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
-//! [--admissions N] [--clients N] [--rate N] [--embedded-only]`, or `target/release/nsml-bench --soak 240`.
+//! [--admissions N] [--clients N] [--rate N] [--embedded-only]`, or `target/release/nsml-bench --soak 240`, or
+//! `target/release/nsml-bench --tracing-cost [--rounds N] [--admissions N] [--clients N]`.
 
 use std::time::{Duration, Instant};
 
@@ -81,6 +84,9 @@ async fn main() -> anyhow::Result<()> {
     let kept = get("--kept", 0);
     if kept > 0 {
         return kept_sessions(kept).await;
+    }
+    if args.iter().any(|a| a == "--tracing-cost") {
+        return tracing_cost(get("--rounds", 5), get("--admissions", 3000), clients).await;
     }
     if soak_secs > 0 {
         let duration = Duration::from_secs(soak_secs as u64);
@@ -420,6 +426,94 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
     println!(
         "growth per kept session: {:.1} KiB",
         last.saturating_sub(first) as f64 / (n - FIRST) as f64
+    );
+    Ok(())
+}
+
+/// What tracing costs admissions, all in one run: four `nsmld up`, one with no OpenTelemetry layer at all
+/// (`NSML_TRACING=off`: the baseline, as a build without tracing would run), one as it ships with export off
+/// (no `OTEL_*` variables, text logs), one with export off and JSON logs (trace ids made for the log lines
+/// and passed on, nothing sampled), and one sampling every trace (`OTEL_TRACES_SAMPLER=always_on`) and
+/// exporting it over OTLP/gRPC to a receiver this bench serves. Rounds of `n` admissions from `clients`
+/// clients go to each in turn, `rounds` times, so that a slower stretch of the machine falls on all of them;
+/// the medians over rounds are compared.
+async fn tracing_cost(rounds: usize, n: usize, clients: usize) -> anyhow::Result<()> {
+    let receiver = nsml_integration_tests::otlp::Receiver::start(false).await?;
+    let endpoint = receiver.endpoint.clone();
+    let settings: [(&str, Vec<(&str, &str)>); 4] = [
+        (
+            "no tracing (NSML_TRACING=off: no OpenTelemetry layer)",
+            vec![("NSML_TRACING", "off")],
+        ),
+        ("tracing, export off (no OTEL_* variables)", vec![]),
+        (
+            "tracing, export off, JSON logs (trace ids, none sampled)",
+            vec![("NSML_LOG_FORMAT", "json")],
+        ),
+        (
+            "tracing, 100% sampled, exported over OTLP/gRPC",
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_TRACES_SAMPLER", "always_on"),
+            ],
+        ),
+    ];
+    let mut deployments = Vec::new();
+    for (_, env) in &settings {
+        let env: Vec<(&str, &str)> = UNLIMITED
+            .iter()
+            .copied()
+            .chain(env.iter().copied())
+            .collect();
+        let dep = Deployment::embedded_env(&[], &env)?;
+        let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+        // A first round warms each up (connections, allocator, the team's sleepers), and is not counted.
+        admissions(&alice, n.min(500), clients).await?;
+        deployments.push((dep, alice));
+    }
+    // Per setting: decisions per second, p50 latency (ms) and nsmld's CPU time per decision (µs), per round.
+    let mut figures = vec![(Vec::new(), Vec::new(), Vec::new()); settings.len()];
+    for _ in 0..rounds {
+        for (i, (dep, alice)) in deployments.iter().enumerate() {
+            let ((lat, rate), cpu) = cpu_per(dep.pids().first().copied(), async {
+                let f = admissions(alice, n, clients).await?;
+                let count = f.0.len();
+                Ok((f, count))
+            })
+            .await?;
+            figures[i].0.push(rate);
+            figures[i].1.push(pct(lat, 0.5));
+            figures[i]
+                .2
+                .push(cpu.map_or(f64::NAN, |(server, _)| server));
+        }
+    }
+    let spans = receiver.count();
+    drop(deployments);
+    println!(
+        "nsml-bench --tracing-cost (embedded, `nsmld up`; {rounds} rounds of {n} admissions from {clients} \
+         clients per setting, interleaved; medians over rounds)"
+    );
+    println!(
+        "{:<56} {:>12} {:>9} {:>14} {:>10} {:>10}",
+        "setting", "decisions/s", "p50", "nsmld CPU", "rate", "CPU"
+    );
+    let median = |v: &Vec<f64>| pct(v.clone(), 0.5);
+    let (base_rate, base_cpu) = (median(&figures[0].0), median(&figures[0].2));
+    for ((name, _), (rate, p50, cpu)) in settings.iter().zip(&figures) {
+        println!(
+            "{:<56} {:>12.0} {:>7.2}ms {:>11.0}µs/d {:>9.3}x {:>9.3}x",
+            name,
+            median(rate),
+            median(p50),
+            median(cpu),
+            median(rate) / base_rate,
+            median(cpu) / base_cpu,
+        );
+    }
+    println!("spans received by the local OTLP receiver: {spans}");
+    println!(
+        "(rate: decisions/s against no tracing, higher is better; CPU: nsmld's CPU per decision against no tracing)"
     );
     Ok(())
 }

@@ -85,7 +85,7 @@ impl<S: ReadModel> Projection<S> {
                                     None => break,
                                 }
                             }
-                            me.apply(&burst);
+                            me.apply(name, &burst);
                             burst.clear();
                         }
                         Some(Ok(Delivery::CaughtUp)) => {
@@ -108,13 +108,18 @@ impl<S: ReadModel> Projection<S> {
         (this, task)
     }
 
-    fn apply(&self, events: &[Arc<StoredEvent>]) {
+    fn apply(&self, name: &'static str, events: &[Arc<StoredEvent>]) {
         // `subscribe_log` delivers each event once and in position order; a resubscription starts over from
         // the beginning, so anything at or below the watermark was applied already.
         let mut state = self.state.write();
         let applied = *self.watermark.borrow();
         let mut last = applied;
+        // Once caught up, each event applied is a span of the trace that appended it (when that trace is
+        // exported); the catch-up at start-up replays old traces and is not.
+        let live = *self.ready.borrow();
         for ev in events.iter().filter(|ev| ev.position > applied) {
+            let span = live.then(|| crate::telemetry::event_span(name, ev)).flatten();
+            let _entered = span.as_ref().map(tracing::Span::enter);
             state.apply(ev);
             last = ev.position;
         }

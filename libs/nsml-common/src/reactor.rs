@@ -9,6 +9,7 @@ use futures::StreamExt;
 use nsml_bus::{Bus, Delivery};
 use nsml_eventstore::{EventStore, StoredEvent};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// How often a reactor saves how far it got.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
@@ -72,8 +73,10 @@ pub async fn run<F, Fut, E>(
             match next {
                 Some(Ok(Delivery::Event(ev))) => {
                     let at = ev.position;
+                    // What the handler appends continues the trace of the event it handles.
+                    let span = crate::telemetry::event_span(name, &ev).unwrap_or_else(tracing::Span::none);
                     for attempt in 1..=ATTEMPTS {
-                        match handle(ev.clone()).await {
+                        match handle(ev.clone()).instrument(span.clone()).await {
                             Ok(()) => break,
                             Err(err) if attempt == ATTEMPTS => {
                                 tracing::error!(reactor = name, position = at, %err, "giving up on an event");

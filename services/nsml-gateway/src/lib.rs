@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tower::ServiceExt;
+use tracing::Instrument;
 
 /// Metadata key under which the auth service reads the address a call came from (its `PEER_KEY`).
 pub(crate) const PEER_KEY: &str = "x-nsml-peer";
@@ -237,7 +238,10 @@ async fn entry(
     if req.method() == http::Method::GET || req.method() == http::Method::HEAD {
         return web::asset(req.uri().path(), req.headers());
     }
-    proxy(state, peer, req).await
+    // A span per call, in the client's trace when it sent one; the services' spans are its children.
+    let span = tracing::info_span!("gateway", path = %req.uri().path());
+    nsml_common::telemetry::set_parent_from_headers(&span, req.headers());
+    proxy(state, peer, req).instrument(span).await
 }
 
 fn status_response(s: Status) -> axum::response::Response {
@@ -405,7 +409,14 @@ async fn forward(
     if changes_identities {
         gw.identities.forget_all();
     }
-    let req = req.map(tonic::body::Body::new);
+    let mut req = req.map(tonic::body::Body::new);
+    // The service continues the gateway's span, not the client's.
+    let traceparent = nsml_common::telemetry::current_traceparent();
+    if let Ok(v) = http::HeaderValue::from_str(&traceparent)
+        && !traceparent.is_empty()
+    {
+        req.headers_mut().insert("traceparent", v);
+    }
     let answer = chan.oneshot(req).await;
     if changes_identities {
         // The change is made by the time its answer comes; what was resolved meanwhile may predate it.

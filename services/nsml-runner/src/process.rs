@@ -18,6 +18,7 @@ use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::cgroup::{CgroupUsage, SessionCgroup};
 use crate::error::{Result, RunnerError};
@@ -196,7 +197,8 @@ impl SdkServing {
                 .map_err(|e| RunnerError::io("cannot hand the SDK socket to the sandbox", e))?;
         }
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(server.serve(cancel.clone()));
+        // The SDK's requests are spans of the session's trace.
+        let task = tokio::spawn(server.serve(cancel.clone()).in_current_span());
         Ok(Self { cancel, task })
     }
 
@@ -473,7 +475,11 @@ pub async fn run_process(
             return ProcessOutcome::setup_failed(e.to_string(), false);
         }
     };
-    let mut running = match spawn(command, &logs, c.log_limit, ready_lines).await {
+    let start = tracing::info_span!("sandbox_start", session = %name);
+    let mut running = match spawn(command, &logs, c.log_limit, ready_lines)
+        .instrument(start.clone())
+        .await
+    {
         Ok(running) => running,
         Err(e) => {
             sdk.close().await;
@@ -482,7 +488,7 @@ pub async fn run_process(
         }
     };
     tracing::info!(session = %name, pid = running.pid, "process started");
-    if let Err(e) = platform.started(running.pid).await {
+    if let Err(e) = platform.started(running.pid).instrument(start).await {
         tracing::warn!(session = %name, error = %e, "cannot report the start");
     }
 

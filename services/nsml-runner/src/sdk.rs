@@ -27,6 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::net::UnixListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::error::{Result, RunnerError};
 use crate::platform::Platform;
@@ -127,6 +128,18 @@ enum Request {
     },
 }
 
+impl Request {
+    /// The request's `op`, as the SDK names it.
+    fn op(&self) -> &'static str {
+        match self {
+            Request::Report { .. } => "report",
+            Request::Save { .. } => "save",
+            Request::Load { .. } => "load",
+            Request::Predictions { .. } => "predictions",
+        }
+    }
+}
+
 /// The SDK socket of one session, bound and ready to serve.
 pub struct SdkServer {
     listener: UnixListener,
@@ -174,7 +187,7 @@ impl SdkServer {
                     Ok((stream, _)) => {
                         let ctx = Arc::clone(&self.ctx);
                         let (r, w) = stream.into_split();
-                        conns.spawn(serve_connection(r, w, ctx));
+                        conns.spawn(serve_connection(r, w, ctx).in_current_span());
                     }
                     Err(e) => {
                         tracing::warn!(session = %self.ctx.name, error = %e, "SDK socket accept failed");
@@ -235,7 +248,10 @@ where
             Ok(None) => return,
             Ok(Some(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(Some(line)) => match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => match handle(&ctx, req).await {
+                Ok(req) => match handle(&ctx, req)
+                    .instrument(tracing::info_span!("sdk_request", op = tracing::field::Empty))
+                    .await
+                {
                     Ok(extra) => {
                         let mut reply = json!({"ok": true});
                         if let (Some(obj), Value::Object(extra)) = (reply.as_object_mut(), extra) {
@@ -261,6 +277,7 @@ where
 
 /// Carries out one request; the `Ok` value's fields are added to `{"ok":true}`.
 async fn handle(ctx: &SdkContext, req: Request) -> Result<Value> {
+    tracing::Span::current().record("op", req.op());
     match req {
         Request::Report {
             summary,

@@ -44,7 +44,12 @@ impl Launcher {
     /// Queues an admitted session and starts whatever fits the cluster now; a start failure of this
     /// session is the caller's error.
     pub async fn launch(&self, s: &Session, time_limit_secs: u64) -> Result<(), SessionError> {
-        self.queue.enqueue(s.clone(), time_limit_secs);
+        // The runner's spans join the trace of the call that asked for the session, however long it queues.
+        let traced = Session {
+            traceparent: nsml_common::telemetry::current_traceparent(),
+            ..s.clone()
+        };
+        self.queue.enqueue(traced, time_limit_secs);
         self.pump().await;
         let failed = self.handler.read(|st| {
             st.sessions

@@ -50,8 +50,8 @@ pub struct Handler {
     streams: Aggregates<SubmitState>,
     python: String,
     spool: Spool,
-    /// Submissions whose predictions were taken, for the scorer.
-    to_score: mpsc::UnboundedSender<String>,
+    /// Submissions whose predictions were taken, for the scorer, with the trace context that took them.
+    to_score: mpsc::UnboundedSender<(String, String)>,
 }
 
 impl Handler {
@@ -61,7 +61,7 @@ impl Handler {
         proj: Arc<Projection<Submissions>>,
         clients: Clients,
         python: String,
-    ) -> (Self, mpsc::UnboundedReceiver<String>) {
+    ) -> (Self, mpsc::UnboundedReceiver<(String, String)>) {
         let (to_score, queue) = mpsc::unbounded_channel();
         let handler = Self {
             streams: Aggregates::new(ctx.store.clone()),
@@ -392,9 +392,10 @@ impl Handler {
         Ok(())
     }
 
-    /// Hands a submission to the scorer.
+    /// Hands a submission to the scorer; its scoring joins the current trace.
     pub fn schedule(&self, id: String) {
-        if self.to_score.send(id).is_err() {
+        let traceparent = nsml_common::telemetry::current_traceparent();
+        if self.to_score.send((id, traceparent)).is_err() {
             // The scorer stopped with the service; the next start scores what is left.
             tracing::warn!("the scorer has stopped; the submission is scored at the next start");
         }

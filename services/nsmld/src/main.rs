@@ -178,8 +178,8 @@ fn keep_to_small_pages() {}
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    nsml_common::telemetry::init("nsmld");
-    match cli.command {
+    let telemetry = nsml_common::telemetry::init(&service_name(&cli.command));
+    let result = match cli.command {
         Command::Up {
             data_dir,
             listen,
@@ -207,6 +207,27 @@ async fn run() -> anyhow::Result<()> {
             time_limit,
             gpus,
         } => runner::run(&config, &session, time_limit, gpus.as_deref()).await,
+    };
+    // After a signal or the runner's end: the spans still batched go out before the process does.
+    telemetry.shutdown().await;
+    result
+}
+
+/// The service name a process's spans are exported under (unless `OTEL_SERVICE_NAME` says otherwise):
+/// `nsmld` for the whole platform, `nsml-session` (or `nsml-session+quota`) for the services one process
+/// serves, `nsml-runner` for a session's runner.
+fn service_name(command: &Command) -> String {
+    match command {
+        Command::Up { .. } => "nsmld".into(),
+        Command::Serve { services, .. } => {
+            let names: Vec<String> = services
+                .iter()
+                .filter_map(clap::ValueEnum::to_possible_value)
+                .map(|v| v.get_name().to_string())
+                .collect();
+            format!("nsml-{}", names.join("+"))
+        }
+        Command::Runner { .. } => "nsml-runner".into(),
     }
 }
 
