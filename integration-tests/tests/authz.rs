@@ -28,7 +28,7 @@ use nsml_integration_tests::grpc::{Client, authed, small, tar_gz};
 use nsml_integration_tests::{Deployment, FreshDb, drop_stream, repo_root};
 use nsml_proto::v1::{
     ApplyCompetitionRequest, BoardRequest, Competition, DatasetMeta, DatasetRef,
-    DeleteCheckpointRequest, Direction, DownloadCodeRequest, Empty, GetCompetitionRequest,
+    DeleteCheckpointRequest, Direction, DownloadCodeRequest, Empty, FindCodeRequest, GetCompetitionRequest,
     GetDatasetRequest, GetSessionRequest, GetSubmissionRequest, HistoryRequest, HistoryResponse,
     Identity, ListCheckpointsRequest, ListDatasetsRequest, ListSessionsRequest,
     ListSessionsResponse, ListSubmissionsRequest, ListSubmissionsResponse, LoginRequest,
@@ -485,6 +485,16 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
                 id: w.snapshot.clone(),
             }),
             [UNAUTH, DENIED, DENIED, OK, DENIED, OK],
+        ),
+        Row::new(
+            "StorageService/FindCode",
+            "the team's snapshot, for t1-cls",
+            msg(FindCodeRequest {
+                dataset: "t1-cls".into(),
+                id: w.snapshot.clone(),
+            }),
+            // Another team of the competition learns nothing of the team's code: as if it did not exist.
+            [UNAUTH, NOT_FOUND, DENIED, OK, DENIED, DENIED],
         ),
         Row::new(
             "StorageService/ListCheckpoints",

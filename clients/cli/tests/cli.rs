@@ -32,6 +32,9 @@ struct State {
     upload_chunks: Vec<usize>,
     upload_dataset: String,
     upload: Vec<u8>,
+    /// How many uploads came, and the snapshot ids (content hashes) they stored.
+    uploads: usize,
+    snapshots: Vec<String>,
     runs: Vec<pb::RunRequest>,
     removes: Vec<pb::RemoveRequest>,
     registered: Vec<(pb::DatasetMeta, Vec<u8>)>,
@@ -240,10 +243,27 @@ impl StorageService for Mock {
         let mut state = self.state();
         state.upload_chunks = chunks;
         state.upload_dataset = meta.dataset;
+        // As the platform names snapshots: by the archive's content.
+        let id = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
         state.upload = data;
+        state.uploads += 1;
+        state.snapshots.push(id.clone());
         Ok(Response::new(pb::CodeSnapshot {
-            id: "code-1".into(),
+            id,
             size_bytes: state.upload.len() as u64,
+            team: "demo".into(),
+        }))
+    }
+
+    async fn find_code(&self, request: Request<pb::FindCodeRequest>) -> Rpc<pb::CodeSnapshot> {
+        authorized(&request)?;
+        let id = request.into_inner().id;
+        if !self.state().snapshots.contains(&id) {
+            return Err(Status::not_found(format!("code snapshot `{id}` not found")));
+        }
+        Ok(Response::new(pb::CodeSnapshot {
+            id,
+            size_bytes: 1,
             team: "demo".into(),
         }))
     }
@@ -726,7 +746,8 @@ async fn run_uploads_the_directory_without_ignored_files() {
     assert_eq!(run.entry, "main.py");
     assert_eq!(run.args, "--epochs 3");
     assert_eq!(run.memo, "first");
-    assert_eq!(run.code_snapshot, "code-1");
+    let uploaded = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&state.upload));
+    assert_eq!(run.code_snapshot, uploaded);
     assert_eq!(
         run.resources,
         Some(pb::Resources {
@@ -736,6 +757,38 @@ async fn run_uploads_the_directory_without_ignored_files() {
             shm_bytes: 512 * 1024 * 1024,
         })
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_of_unchanged_code_uploads_nothing() {
+    let h = Harness::start().await;
+    h.login().await;
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("main.py"), "print('hi')\n").unwrap();
+    let run = ["run", "-d", "t1-cls", "-g", "0"];
+    let first = h.nsml_in(work.path(), &run, "").await;
+    assert_eq!(code(&first), 0, "{}", stderr(&first));
+    assert_eq!(h.mock.state().uploads, 1);
+
+    let again = h.nsml_in(work.path(), &run, "").await;
+    assert_eq!(code(&again), 0, "{}", stderr(&again));
+    assert!(
+        stdout(&again).contains("Code unchanged since it was last uploaded: nothing to upload\n"),
+        "{}",
+        stdout(&again)
+    );
+    let state = h.mock.state();
+    assert_eq!(state.uploads, 1, "unchanged code is not uploaded again");
+    assert_eq!(state.runs[1].code_snapshot, state.runs[0].code_snapshot);
+    drop(state);
+
+    // A changed file is uploaded as new code.
+    std::fs::write(work.path().join("main.py"), "print('changed')\n").unwrap();
+    let changed = h.nsml_in(work.path(), &run, "").await;
+    assert_eq!(code(&changed), 0, "{}", stderr(&changed));
+    let state = h.mock.state();
+    assert_eq!(state.uploads, 2);
+    assert_ne!(state.runs[2].code_snapshot, state.runs[0].code_snapshot);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

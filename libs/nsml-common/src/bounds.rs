@@ -17,7 +17,7 @@ use nsml_proto::internal::v1::{CheckpointMeta, RunnerReportRequest};
 use nsml_proto::v1::MetricPoint;
 use nsml_proto::v1::{
     AddUserRequest, ApplyCompetitionRequest, BoardRequest, Competition, DatasetMeta,
-    DeleteCheckpointRequest, DownloadCodeRequest, Empty, ExplainRequest, ExportRequest,
+    DeleteCheckpointRequest, DownloadCodeRequest, Empty, FindCodeRequest, ExplainRequest, ExportRequest,
     GetCompetitionRequest, GetDatasetRequest, GetSessionRequest, GetSubmissionRequest,
     HistoryRequest, ListCheckpointsRequest, ListDatasetsRequest, ListSessionsRequest,
     ListSubmissionsRequest, LoginRequest, LogsRequest, MemoRequest, MetricsRequest, OverallRequest,
@@ -151,6 +151,7 @@ bounded! {
     FetchDatasetPartRequest { name: MAX_NAME_BYTES }
     UploadCodeMeta { dataset: MAX_NAME_BYTES }
     DownloadCodeRequest { id: MAX_NAME_BYTES }
+    FindCodeRequest { dataset: MAX_NAME_BYTES, id: MAX_NAME_BYTES }
     ListCheckpointsRequest { session: MAX_NAME_BYTES }
     PullCheckpointRequest { session: MAX_NAME_BYTES, checkpoint: MAX_NAME_BYTES }
     DeleteCheckpointRequest { session: MAX_NAME_BYTES, checkpoint: MAX_PATTERN_BYTES }

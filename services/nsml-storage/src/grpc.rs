@@ -15,7 +15,7 @@ use nsml_proto::internal::v1::{
 use nsml_proto::v1::storage_service_server::StorageService;
 use nsml_proto::v1::{
     Checkpoint, Chunk, CodeSnapshot, Dataset, DatasetMeta, DatasetPart, DeleteCheckpointRequest,
-    DeleteCheckpointResponse, DownloadCodeRequest, GetDatasetRequest, ListCheckpointsRequest,
+    DeleteCheckpointResponse, DownloadCodeRequest, FindCodeRequest, GetDatasetRequest, ListCheckpointsRequest,
     ListCheckpointsResponse, ListDatasetsRequest, ListDatasetsResponse, PullCheckpointRequest,
     RegisterDatasetChunk, StorageUsage, UploadCodeChunk, UploadCodeMeta, UsageRequest,
     register_dataset_chunk, upload_code_chunk,
@@ -341,6 +341,44 @@ impl StorageService for StorageApi {
             .into());
         }
         Ok(download(self.core.blob(&id).await?))
+    }
+
+    async fn find_code(
+        &self,
+        req: Request<FindCodeRequest>,
+    ) -> Result<Response<CodeSnapshot>, Status> {
+        nsml_common::bounds::check(&req)?;
+        let caller = Caller::of(&req)?;
+        caller.user()?;
+        let FindCodeRequest { dataset, id } = req.into_inner();
+        self.core.ready().await?;
+        let competition = self
+            .core
+            .read(|v| v.competition_of(&dataset).map(String::from))
+            .ok_or_else(|| StorageError::DatasetNotFound {
+                name: dataset.clone(),
+            })?;
+        let team = caller
+            .team_in(&competition)
+            .ok_or_else(|| StorageError::NotInCompetition {
+                competition: competition.clone(),
+                dataset: dataset.clone(),
+            })?
+            .to_string();
+        // Another team's identical code is not the caller's to know of: NOT_FOUND alike.
+        let size = self
+            .core
+            .read(|v| {
+                v.code(&id)
+                    .filter(|c| c.teams.contains(&team))
+                    .map(|c| c.size)
+            })
+            .ok_or_else(|| StorageError::CodeNotFound { id: id.clone() })?;
+        Ok(Response::new(CodeSnapshot {
+            id,
+            size_bytes: size,
+            team,
+        }))
     }
 
     async fn list_checkpoints(

@@ -9,8 +9,9 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use nsml_manifest::{CHUNK_SIZE, format_size};
 use nsml_proto::v1::upload_code_chunk::Kind;
+use sha2::{Digest as _, Sha256};
 use nsml_proto::v1::{
-    CodeSnapshot, GetSessionRequest, RemoveRequest, Resources, RunRequest, Session, SessionStatus,
+    CodeSnapshot, FindCodeRequest, GetSessionRequest, RemoveRequest, Resources, RunRequest, Session, SessionStatus,
     StopRequest, UploadCodeChunk, UploadCodeMeta,
 };
 
@@ -45,15 +46,25 @@ pub async fn run(ctx: &Context, args: RunArgs) -> Result<()> {
     let upload = tokio::task::spawn_blocking(move || archive::pack(&pack_dir, &collected))
         .await
         .context("packing the upload stopped")??;
-    if upload.len() > LARGE_UPLOAD {
-        eprintln!(
-            "Warning: the upload is {}, over 10 MB; consider .nsmlignore",
-            format_size(upload.len() as u64)
-        );
-    }
-
     let api = ctx.api()?;
-    let snapshot = upload_code(&api, &args.dataset, upload).await?;
+    // The archive's bytes depend on the files' contents only, so its hash names the snapshot the platform
+    // keeps of it: code the team uploaded before is not uploaded again.
+    let id = hex::encode(Sha256::digest(&upload));
+    let snapshot = match find_code(&api, &args.dataset, &id).await? {
+        Some(snapshot) => {
+            println!("Code unchanged since it was last uploaded: nothing to upload");
+            snapshot
+        }
+        None => {
+            if upload.len() > LARGE_UPLOAD {
+                eprintln!(
+                    "Warning: the upload is {}, over 10 MB; consider .nsmlignore",
+                    format_size(upload.len() as u64)
+                );
+            }
+            upload_code(&api, &args.dataset, upload).await?
+        }
+    };
     let session = api
         .session()
         .run(RunRequest {
@@ -85,6 +96,27 @@ fn load_rules(dir: &Path) -> Result<IgnoreRules> {
         Ok(text) => IgnoreRules::parse(&text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(IgnoreRules::default()),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// The team's snapshot `id` of code for `dataset`, if it uploaded that code before; `None` also from a server
+/// that cannot say (one older than `FindCode`), which then gets the upload.
+async fn find_code(api: &Api, dataset: &str, id: &str) -> Result<Option<CodeSnapshot>> {
+    let request = FindCodeRequest {
+        dataset: dataset.to_string(),
+        id: id.to_string(),
+    };
+    match api.storage().find_code(request).await {
+        Ok(found) => Ok(Some(found.into_inner())),
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::NotFound | tonic::Code::Unimplemented
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(status) => Err(status.into()),
     }
 }
 
