@@ -1595,11 +1595,13 @@ mod tests {
             after.saturating_sub(before)
         );
         // Never started again, the file would hold three frames of 4 KiB for every append at least (12,000
-        // frames, 48 MiB, for the first 4,000); started again, it is reused from its start.
+        // frames, 48 MiB, for the first 4,000); started again, it is reused from its start. On a busy machine the
+        // checkpointer may lag long enough for the file to pass its limit before the first restart: a restart
+        // then cuts it back to exactly the limit, which is reuse too.
         let unrestarted = appends as u64 * 3 * 4096;
         let size = std::fs::metadata(&wal).expect("wal").len();
         assert!(
-            size < unrestarted,
+            size < unrestarted || size == WAL_SIZE_LIMIT as u64,
             "the log's file grew to {size} bytes in {appends} appends: it is not being reused"
         );
         assert_eq!(store.verify_chain().await.expect("verify"), None);
