@@ -347,6 +347,27 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &mut Left) -> anyhow::Resu
         "unknown dataset: {}",
         out.all()
     );
+    // NSML's default of one GPU on a cluster without any: refused at once with the numbers, nothing held.
+    let names = |u: &User| -> anyhow::Result<Vec<Value>> {
+        let sessions = u.nsml(&["ps", "-a", "-j"])?.ok()?.json()?;
+        Ok(sessions
+            .as_array()
+            .map(|all| all.iter().map(|s| s["name"].clone()).collect())
+            .unwrap_or_default())
+    };
+    let listed = names(&alice)?;
+    let out = alice.nsml_in(&dir, &["run", "-d", "t1-cls"], "")?.failed()?;
+    ensure!(
+        out.stderr.contains(
+            "no machine of this cluster can ever hold the session: it asks for 1 GPU and the cluster has 0 GPUs"
+        ) && out.stderr.contains("`-g 0`"),
+        "a session that could never start: {}",
+        out.all()
+    );
+    ensure!(
+        !listed.is_empty() && names(&alice)? == listed,
+        "a refused run leaves no session"
+    );
     let out = alice.nsml(&["logs", "demo/t1-cls/999"])?.failed()?;
     ensure!(
         out.stderr.contains("not found"),

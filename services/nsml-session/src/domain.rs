@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use nsml_common::aggregate::Aggregate;
+use nsml_common::executor::Capacity;
 use nsml_common::event::decode;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
@@ -77,6 +78,44 @@ pub fn check_resources(r: &Resources) -> Result<(), SessionError> {
         );
     }
     Ok(())
+}
+
+/// Refuses a session that asks for more than the whole cluster has (`capacity`, where the executor knows it):
+/// it would wait as Queued forever, holding its team's quota.
+pub fn check_capacity(capacity: Capacity, r: &Resources) -> Result<(), SessionError> {
+    if let Some(has) = capacity.gpus
+        && r.gpus > has
+    {
+        let hint = if has == 0 {
+            "run on the CPU with `-g 0`".to_string()
+        } else {
+            format!("ask for at most {has} with `-g {has}`")
+        };
+        return Err(SessionError::NeverFits {
+            asked: count(r.gpus, "GPU"),
+            has: count(has, "GPU"),
+            hint,
+        });
+    }
+    if let Some(has) = capacity.cpus
+        && r.cpus > has
+    {
+        return Err(SessionError::NeverFits {
+            asked: count(r.cpus, "CPU"),
+            has: count(has, "CPU"),
+            hint: format!("ask for at most {has} with `-c {has}`"),
+        });
+    }
+    Ok(())
+}
+
+/// `1 GPU`, `2 GPUs`.
+fn count(n: u32, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 /// A training session's resources, with what the request left out (zero) set to NSML's defaults: one GPU,
@@ -247,6 +286,46 @@ mod tests {
             removed: false,
             rejected: false,
         }
+    }
+
+    #[test]
+    fn given_a_cluster_without_enough_gpus_or_cpus_when_a_session_asks_then_it_is_refused_with_the_numbers() {
+        let asked = |gpus, cpus| Resources {
+            gpus,
+            cpus,
+            memory_bytes: GIB,
+            shm_bytes: GIB,
+        };
+        let no_gpus = Capacity {
+            gpus: Some(0),
+            cpus: None,
+        };
+        let err = check_capacity(no_gpus, &asked(1, 2)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no machine of this cluster can ever hold the session: it asks for 1 GPU and the cluster has 0 GPUs; \
+             run on the CPU with `-g 0`"
+        );
+        assert!(check_capacity(no_gpus, &asked(0, 64)).is_ok());
+        let small = Capacity {
+            gpus: Some(2),
+            cpus: Some(4),
+        };
+        assert!(check_capacity(small, &asked(2, 4)).is_ok());
+        assert!(
+            check_capacity(small, &asked(3, 1))
+                .unwrap_err()
+                .to_string()
+                .ends_with("with `-g 2`")
+        );
+        assert!(
+            check_capacity(small, &asked(0, 5))
+                .unwrap_err()
+                .to_string()
+                .contains("asks for 5 CPUs and the cluster has 4")
+        );
+        // An executor that does not know its capacity (a Slurm cluster) refuses nothing here.
+        assert!(check_capacity(Capacity::default(), &asked(64, 1024)).is_ok());
     }
 
     #[test]

@@ -22,6 +22,17 @@ pub enum SessionError {
         max: String,
     },
 
+    /// More than the whole cluster has: the session could never start, so it is not queued.
+    #[error(
+        "no machine of this cluster can ever hold the session: it asks for {asked} and the cluster has {has}; \
+         {hint}"
+    )]
+    NeverFits {
+        asked: String,
+        has: String,
+        hint: String,
+    },
+
     #[error("no code snapshot: upload the code first (the nsml CLI does this for you)")]
     NoCodeSnapshot,
 
@@ -156,7 +167,7 @@ impl SessionError {
         use SessionError::*;
         match self {
             BadEntry { .. } | NoCodeSnapshot => ErrorCode::BadRequest,
-            TooMuch { .. } => ErrorCode::TooLarge,
+            TooMuch { .. } | NeverFits { .. } => ErrorCode::TooLarge,
             CodeNotFound { .. }
             | DatasetNotFound { .. }
             | SessionNotFound { .. }

@@ -23,7 +23,7 @@ use nsml_proto::v1::{
 use tonic::Status;
 
 use crate::dispatch::Launcher;
-use crate::domain::{check_entry, check_resources, is_ended, with_defaults};
+use crate::domain::{check_capacity, check_entry, check_resources, is_ended, with_defaults};
 use crate::error::SessionError;
 use crate::logs::Live;
 use crate::projection::Entry;
@@ -171,6 +171,7 @@ impl Participants {
         }
         let resources = with_defaults(r.resources);
         check_resources(&resources)?;
+        check_capacity(self.launcher.executor.capacity(), &resources)?;
         handler.check_code(team, &r.code_snapshot).await?;
         let template = Session {
             team: team.to_string(),
