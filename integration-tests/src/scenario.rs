@@ -284,6 +284,22 @@ pub fn participant_loop(dep: &Deployment, work: &Path) -> anyhow::Result<Left> {
         "overall {overall}"
     );
 
+    // Removing the session behind a board entry keeps the checkpoint that produced it (and its code).
+    let removed = bob.nsml(&["rm", "-f", &bs])?.ok()?;
+    ensure!(
+        removed.stdout.contains(&format!("Kept checkpoint {bs}/7"))
+            && removed.stdout.contains(&format!("Removed {bs}")),
+        "rm of the session behind bob's board entry: {}",
+        removed.all()
+    );
+    let pulled = work.join("pulled-board-entry");
+    bob.nsml(&["model", "pull", &bs, "7", &pulled.display().to_string()])?
+        .ok()?;
+    ensure!(
+        std::fs::read_dir(&pulled)?.next().is_some(),
+        "the kept checkpoint can still be pulled"
+    );
+
     // A session that is not there is an error, not an empty list of checkpoints.
     let missing = alice.nsml(&["model", "ls", "demo/t1-cls/999"])?.failed()?;
     ensure!(
@@ -372,6 +388,15 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &mut Left) -> anyhow::Resu
     ensure!(
         out.stderr.contains("not found"),
         "unknown session: {}",
+        out.all()
+    );
+    // The checkpoint behind the team's board entry cannot be deleted by name.
+    let out = alice
+        .nsml(&["model", "rm", &left.alice_session, "0"])?
+        .failed()?;
+    ensure!(
+        out.stderr.contains("it backs your team's best score on the `t1-cls` board"),
+        "deleting a board entry's checkpoint: {}",
         out.all()
     );
     let out = alice

@@ -92,8 +92,9 @@ impl SessionApi for SessionService {
         bounds::check(&req)?;
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
-        let removed = self.participants.remove(&caller, req.get_ref()).await?;
-        Ok(Response::new(RemoveResponse { removed }))
+        Ok(Response::new(
+            self.participants.remove(&caller, req.get_ref()).await?,
+        ))
     }
 
     async fn memo(&self, req: Request<MemoRequest>) -> Result<Response<Session>, Status> {

@@ -16,7 +16,7 @@ use nsml_common::now_ms;
 use nsml_proto::internal::v1::StartSubmitRequest;
 use nsml_proto::v1::{
     AdmitRequest, DeleteCheckpointRequest, ListSessionsRequest, ListSessionsResponse, LogLine,
-    LogsRequest, MemoChanged, MetricPoint, MetricsResponse, RemoveRequest, RunRequest, Session,
+    LogsRequest, MemoChanged, MetricPoint, MetricsResponse, RemoveRequest, RemoveResponse, RunRequest, Session,
     SessionAdmitted, SessionKind, SessionRejected, SessionRemoved, SessionStatus,
     SessionStopRequested, SessionStopped,
 };
@@ -389,7 +389,7 @@ impl Participants {
         &self,
         caller: &Caller,
         r: &RemoveRequest,
-    ) -> Result<Vec<String>, SessionError> {
+    ) -> Result<RemoveResponse, SessionError> {
         let targets = self.removal_targets(caller, &r.pattern)?;
         let running: Vec<&str> = targets
             .iter()
@@ -401,15 +401,20 @@ impl Participants {
                 names: running.join(", "),
             });
         }
-        let mut removed = Vec::new();
+        let mut answer = RemoveResponse::default();
         for e in targets {
-            self.remove_one(caller, &e).await?;
-            removed.push(e.session.name);
+            let kept = self.remove_one(caller, &e).await?;
+            answer
+                .kept
+                .extend(kept.iter().map(|c| format!("{}/{c}", e.session.name)));
+            answer.removed.push(e.session.name);
         }
-        Ok(removed)
+        Ok(answer)
     }
 
-    async fn remove_one(&self, caller: &Caller, e: &Entry) -> Result<(), SessionError> {
+    /// Removes one session; returns the names of its checkpoints that storage keeps, each because it backs
+    /// the team's best score on a board.
+    async fn remove_one(&self, caller: &Caller, e: &Entry) -> Result<Vec<String>, SessionError> {
         let name = e.session.name.clone();
         self.stop_session(caller, &name).await?;
         self.launcher.handler.wait_ended(&name, REMOVE_WAIT).await;
@@ -418,6 +423,7 @@ impl Participants {
         if let Err(err) = self.launcher.executor.remove(&name).await {
             tracing::warn!(session = %name, %err, "cannot remove the session's files on its runner");
         }
+        let mut kept = Vec::new();
         if !e.checkpoints.is_empty() {
             let del = self
                 .clients
@@ -428,10 +434,12 @@ impl Participants {
                     checkpoint: "*".into(),
                 })
                 .await;
-            if let Err(st) = del
-                && st.code() != tonic::Code::NotFound
-            {
-                return Err(SessionError::upstream("deleting the session's checkpoints")(st));
+            match del {
+                Ok(answer) => kept = answer.into_inner().kept,
+                Err(st) if st.code() == tonic::Code::NotFound => {}
+                Err(st) => {
+                    return Err(SessionError::upstream("deleting the session's checkpoints")(st));
+                }
             }
         }
         let ev = new_event(&SessionRemoved { name: name.clone() }, &caller.actor(), "");
@@ -440,7 +448,7 @@ impl Participants {
             .transition(&name, |l| l.removed, ev)
             .await?;
         self.launcher.logs.remove(&name);
-        Ok(())
+        Ok(kept)
     }
 
     /// Sets a session's memo.

@@ -245,6 +245,14 @@ pub struct SaveCheckpoint {
     pub limit: u64,
 }
 
+/// What a deletion decided: the checkpoints it deletes, and those its pattern matched that are kept because each
+/// backs the team's best score on a board.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deletion {
+    pub deleted: Vec<CheckpointDeleted>,
+    pub kept: Vec<String>,
+}
+
 /// A team's checkpoints: the state of stream `checkpoints-TEAM`, and the read model's per-team view.
 #[derive(Debug, Clone, Default)]
 pub struct TeamCheckpoints {
@@ -318,13 +326,15 @@ impl TeamCheckpoints {
 
     /// Decides a deletion: `*` deletes every checkpoint of the session (none is fine); a name deletes that
     /// checkpoint; a name with `*` or `?` that names no checkpoint deletes those it matches. A name that
-    /// matches nothing is not found.
+    /// matches nothing is not found. The checkpoints in `kept` (name → dataset: each backs the team's best
+    /// score on that dataset's board) are never deleted: a pattern passes over them, a name is refused.
     pub fn decide_delete(
         &self,
         team: &str,
         session: &str,
         pattern: &str,
-    ) -> Result<Vec<CheckpointDeleted>, StorageError> {
+        kept: &BTreeMap<String, String>,
+    ) -> Result<Deletion, StorageError> {
         let deleted = |p: &StoredCheckpoint| CheckpointDeleted {
             session: session.to_string(),
             checkpoint: p.checkpoint.name.clone(),
@@ -332,23 +342,36 @@ impl TeamCheckpoints {
             size_bytes: p.checkpoint.size_bytes,
         };
         if let Some(p) = self.get(session, pattern) {
-            return Ok(vec![deleted(p)]);
+            if let Some(dataset) = kept.get(&p.checkpoint.name) {
+                return Err(StorageError::KeptForBoard {
+                    session: session.to_string(),
+                    checkpoint: p.checkpoint.name.clone(),
+                    dataset: dataset.clone(),
+                });
+            }
+            return Ok(Deletion {
+                deleted: vec![deleted(p)],
+                kept: Vec::new(),
+            });
         }
-        let matched: Vec<_> = if pattern.contains(['*', '?']) {
-            self.of_session(session)
-                .filter(|p| wildcard_match(pattern, &p.checkpoint.name))
-                .map(deleted)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        if matched.is_empty() && pattern != "*" {
+        let (spared, matched): (Vec<&StoredCheckpoint>, Vec<&StoredCheckpoint>) =
+            if pattern.contains(['*', '?']) {
+                self.of_session(session)
+                    .filter(|p| wildcard_match(pattern, &p.checkpoint.name))
+                    .partition(|p| kept.contains_key(&p.checkpoint.name))
+            } else {
+                (Vec::new(), Vec::new())
+            };
+        if matched.is_empty() && spared.is_empty() && pattern != "*" {
             return Err(StorageError::CheckpointNotFound {
                 session: session.to_string(),
                 checkpoint: pattern.to_string(),
             });
         }
-        Ok(matched)
+        Ok(Deletion {
+            deleted: matched.into_iter().map(deleted).collect(),
+            kept: spared.into_iter().map(|p| p.checkpoint.name.clone()).collect(),
+        })
     }
 }
 
@@ -448,7 +471,10 @@ mod tests {
             ("demo/ds/1", "1", 2),
             ("demo/ds/2", "0", 4),
         ]);
-        let evs = state.decide_delete("demo", "demo/ds/1", "*").unwrap();
+        let evs = state
+            .decide_delete("demo", "demo/ds/1", "*", &BTreeMap::new())
+            .unwrap()
+            .deleted;
         assert_eq!(evs.len(), 2);
         let mut after = state.clone();
         for ev in &evs {
@@ -459,8 +485,9 @@ mod tests {
         // `*` over nothing is fine: the session service deletes on `rm -f` whether or not there are any.
         assert!(
             after
-                .decide_delete("demo", "demo/ds/1", "*")
+                .decide_delete("demo", "demo/ds/1", "*", &BTreeMap::new())
                 .unwrap()
+                .deleted
                 .is_empty()
         );
     }
@@ -469,16 +496,40 @@ mod tests {
     fn deleting_an_unknown_checkpoint_is_not_found() {
         let state = given(&[("demo/ds/1", "0", 1)]);
         let err = state
-            .decide_delete("demo", "demo/ds/1", "best")
+            .decide_delete("demo", "demo/ds/1", "best", &BTreeMap::new())
             .unwrap_err();
         assert_eq!(
             err.to_string(),
             "checkpoint `demo/ds/1/best` not found; `nsml model ls demo/ds/1` lists them"
         );
         let evs = state
-            .decide_delete("demo", "demo/ds/1", "e*")
-            .map(|v| v.len());
+            .decide_delete("demo", "demo/ds/1", "e*", &BTreeMap::new())
+            .map(|v| v.deleted.len());
         assert!(evs.is_err());
+    }
+
+    #[test]
+    fn given_a_checkpoint_behind_a_board_entry_when_deleting_then_it_is_kept() {
+        let state = given(&[("demo/ds/1", "0", 1), ("demo/ds/1", "best", 2)]);
+        let kept = BTreeMap::from([("best".to_string(), "ds".to_string())]);
+        // A pattern passes over it and says so.
+        let all = state.decide_delete("demo", "demo/ds/1", "*", &kept).unwrap();
+        assert_eq!(
+            all.deleted.iter().map(|e| e.checkpoint.as_str()).collect::<Vec<_>>(),
+            ["0"]
+        );
+        assert_eq!(all.kept, ["best"]);
+        let only = state.decide_delete("demo", "demo/ds/1", "b*", &kept).unwrap();
+        assert!(only.deleted.is_empty() && only.kept == ["best"], "{only:?}");
+        // Named, it is refused with the reason.
+        let err = state
+            .decide_delete("demo", "demo/ds/1", "best", &kept)
+            .unwrap_err();
+        assert!(
+            matches!(&err, StorageError::KeptForBoard { dataset, .. } if dataset == "ds")
+                && err.to_string().contains("best score on the `ds` board"),
+            "{err}"
+        );
     }
 
     #[test]

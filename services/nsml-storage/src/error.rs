@@ -104,6 +104,18 @@ pub enum StorageError {
     #[error("checkpoint `{session}/{checkpoint}` not found; `nsml model ls {session}` lists them")]
     CheckpointNotFound { session: String, checkpoint: String },
 
+    /// The checkpoint backs its team's best score on a board.
+    #[error(
+        "checkpoint `{session}/{checkpoint}` is kept: it backs your team's best score on the `{dataset}` board, and \
+         the competition keeps what produced a board entry (with its code) for reproducibility; it can go once a \
+         better submit replaces it"
+    )]
+    KeptForBoard {
+        session: String,
+        checkpoint: String,
+        dataset: String,
+    },
+
     /// The caller has no team in the competition a dataset belongs to.
     #[error(
         "you are not in a team of competition `{competition}`, which dataset `{dataset}` belongs to"
@@ -175,6 +187,7 @@ impl StorageError {
             | PartNotFound { .. }
             | CodeNotFound { .. }
             | CheckpointNotFound { .. } => ErrorCode::NotFound,
+            KeptForBoard { .. } => ErrorCode::WrongState,
             NotInCompetition { .. } | OtherTeam { .. } | NotYourTeam { .. } => {
                 ErrorCode::PermissionDenied
             }

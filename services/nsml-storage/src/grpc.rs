@@ -438,11 +438,11 @@ impl StorageService for StorageApi {
         check_checkpoint(&req.checkpoint)?;
         self.core.ready().await?;
         self.authorize_session(&caller, &session)?;
-        let deleted = self
+        let (deleted, kept) = self
             .core
             .delete_checkpoints(&session, &req.checkpoint, &caller.actor())
             .await?;
-        Ok(Response::new(DeleteCheckpointResponse { deleted }))
+        Ok(Response::new(DeleteCheckpointResponse { deleted, kept }))
     }
 
     async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<StorageUsage>, Status> {

@@ -392,22 +392,27 @@ impl Storage {
         Ok(already)
     }
 
-    /// Deletes a session's checkpoints matching `pattern` (`*` = all); returns the names deleted.
+    /// Deletes a session's checkpoints matching `pattern` (`*` = all); returns the names deleted, and those
+    /// the pattern matched that are kept because each backs the team's best score on a board.
     pub async fn delete_checkpoints(
         &self,
         session: &SessionName,
         pattern: &str,
         actor: &str,
-    ) -> Result<Vec<String>, StorageError> {
+    ) -> Result<(Vec<String>, Vec<String>), StorageError> {
         let name = session.to_string();
         let command = command_id();
+        let kept = self.read(|v| v.kept_for_board(&session.team, &name));
         let mut deleted = Vec::new();
+        let mut passed_over = Vec::new();
         let outcome = self
             .checkpoints
             .execute(&checkpoints_stream(&session.team), |state, _| {
-                let events = state.decide_delete(&session.team, &name, pattern)?;
-                deleted = events.iter().map(|e| e.checkpoint.clone()).collect();
-                Ok(events
+                let decided = state.decide_delete(&session.team, &name, pattern, &kept)?;
+                deleted = decided.deleted.iter().map(|e| e.checkpoint.clone()).collect();
+                passed_over = decided.kept;
+                Ok(decided
+                    .deleted
                     .iter()
                     .map(|e| new_event(e, actor, &command))
                     .collect())
@@ -418,6 +423,6 @@ impl Storage {
             Outcome::Rejected(err) => return Err(err),
             Outcome::Unchanged { .. } => {}
         }
-        Ok(deleted)
+        Ok((deleted, passed_over))
     }
 }

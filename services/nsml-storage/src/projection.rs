@@ -9,7 +9,7 @@ use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     CheckpointDeleted, CheckpointSaved, CodeUploaded, CompetitionApplied, Dataset,
-    DatasetRegistered, MemberAdded, SessionStarted,
+    DatasetRegistered, Direction, MemberAdded, SessionStarted, SubmissionScored,
 };
 
 use crate::domain::{DEFAULT_TEAM_STORAGE_BYTES, DatasetBlobs, StoredCheckpoint, TeamCheckpoints};
@@ -29,6 +29,14 @@ pub struct CodeRecord {
     pub teams: BTreeSet<String>,
 }
 
+/// The checkpoint behind a team's best score on one side (public or private) of a dataset's board.
+#[derive(Debug, Clone, PartialEq)]
+struct Best {
+    session: String,
+    checkpoint: String,
+    score: f64,
+}
+
 /// What the storage service answers reads from.
 #[derive(Debug, Default)]
 pub struct StorageView {
@@ -37,6 +45,8 @@ pub struct StorageView {
     team_competitions: HashMap<String, BTreeSet<String>>,
     code: HashMap<String, CodeRecord>,
     code_bytes: HashMap<String, u64>,
+    /// Team → dataset → the checkpoints behind its best public and private scores: kept for reproducibility.
+    board_best: HashMap<String, HashMap<String, [Option<Best>; 2]>>,
     checkpoints: HashMap<String, TeamCheckpoints>,
     started_at_ms: HashMap<String, i64>,
 }
@@ -145,6 +155,58 @@ impl StorageView {
         }
     }
 
+    /// A real submit scored: its checkpoint backs the team's best on a side of the board when it beats the one
+    /// that did (an equal score leaves the earlier, as the board ranks it).
+    fn on_scored(&mut self, ev: SubmissionScored) {
+        let Some(sub) = ev.submission.filter(|s| !s.trial) else {
+            return;
+        };
+        let descending = self
+            .datasets
+            .get(&sub.dataset)
+            .and_then(|d| d.dataset.meta.as_ref())
+            .is_some_and(|m| m.direction() == Direction::Descending);
+        let beats = |new: f64, old: &Option<Best>| match old {
+            None => new.is_finite(),
+            Some(old) if descending => new > old.score,
+            Some(old) => new < old.score,
+        };
+        let sides = self
+            .board_best
+            .entry(sub.team.clone())
+            .or_default()
+            .entry(sub.dataset.clone())
+            .or_default();
+        for (side, score) in [Some(sub.score), sub.private_score].into_iter().enumerate() {
+            if let Some(score) = score
+                && beats(score, &sides[side])
+            {
+                sides[side] = Some(Best {
+                    session: sub.source_session.clone(),
+                    checkpoint: sub.checkpoint.clone(),
+                    score,
+                });
+            }
+        }
+    }
+
+    /// The checkpoints of `session` (of `team`) that back its team's best score on a board, each with the
+    /// dataset: they are kept when the session's checkpoints are deleted.
+    pub fn kept_for_board(&self, team: &str, session: &str) -> BTreeMap<String, String> {
+        self.board_best
+            .get(team)
+            .into_iter()
+            .flatten()
+            .flat_map(|(dataset, sides)| {
+                sides
+                    .iter()
+                    .flatten()
+                    .filter(|b| b.session == session)
+                    .map(move |b| (b.checkpoint.clone(), dataset.clone()))
+            })
+            .collect()
+    }
+
     fn on_code(&mut self, ev: CodeUploaded) {
         let Some(snap) = ev.snapshot else { return };
         let record = self.code.entry(snap.id).or_default();
@@ -171,6 +233,8 @@ impl ReadModel for StorageView {
             self.started_at_ms.insert(ev.name, ev.at_ms);
         } else if let Some(ev) = decode::<CodeUploaded>(event) {
             self.on_code(ev);
+        } else if let Some(ev) = decode::<SubmissionScored>(event) {
+            self.on_scored(ev);
         } else if let Some(ev) = decode::<DatasetRegistered>(event) {
             self.on_dataset(ev, event.position);
         } else if let Some(ev) = decode::<CompetitionApplied>(event) {

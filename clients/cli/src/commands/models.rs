@@ -66,6 +66,12 @@ pub async fn rm(ctx: &Context, session: &str, checkpoint: &str) -> Result<()> {
     for name in response.deleted {
         println!("Deleted {session}/{name}");
     }
+    for name in response.kept {
+        println!(
+            "Kept {session}/{name}: it backs your team's best score on a board, and the competition keeps what \
+             produced a board entry for reproducibility"
+        );
+    }
     Ok(())
 }
 

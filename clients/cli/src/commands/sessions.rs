@@ -199,10 +199,17 @@ pub async fn rm(ctx: &Context, patterns: &[String], force: bool) -> Result<()> {
             .await
         {
             Ok(response) => {
-                let removed = response.into_inner().removed;
+                let response = response.into_inner();
+                let removed = response.removed;
                 if removed.is_empty() {
                     eprintln!("No session matches {pattern}");
                     failed = true;
+                }
+                for kept in &response.kept {
+                    println!(
+                        "Kept checkpoint {kept} (and its code): it backs your team's best score on a board, \
+                         and the competition keeps what produced a board entry for reproducibility"
+                    );
                 }
                 for name in removed {
                     println!("Removed {name}");
