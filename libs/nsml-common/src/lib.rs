@@ -13,6 +13,7 @@ pub mod error;
 pub mod event;
 pub mod executor;
 pub mod live;
+pub mod metrics;
 pub mod names;
 pub mod projection;
 pub mod reactor;

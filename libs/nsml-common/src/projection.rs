@@ -46,6 +46,8 @@ impl<S: ReadModel> Projection<S> {
             stopped: cancel.clone(),
         });
         let me = this.clone();
+        register_lag_sampler(name, Arc::downgrade(&this), store.clone());
+        let delivery_lag = ::metrics::histogram!("nsml_bus_delivery_lag_seconds", "subscriber" => name);
         let task = tokio::spawn(async move {
             loop {
                 let stream = match nsml_bus::subscribe_log(store.clone(), bus.clone(), 0).await {
@@ -84,6 +86,9 @@ impl<S: ReadModel> Projection<S> {
                                     }
                                     None => break,
                                 }
+                            }
+                            if *me.ready.borrow() {
+                                record_lag(&delivery_lag, &burst);
                             }
                             me.apply(name, &burst);
                             burst.clear();
@@ -154,6 +159,12 @@ impl<S: ReadModel> Projection<S> {
         let _ = rx.wait_for(|r| *r).await;
     }
 
+    /// Whether the projection has caught up with the log as it was at start-up, as it changes: what a port
+    /// waits on before it reports SERVING ([`crate::server::Port::started`]).
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
     /// What a live view ([`crate::live::follow`]) follows: the position applied, which changes with every burst
     /// of events, and a token cancelled when the projection stops following the log (the process shuts down).
     pub fn live(&self) -> (watch::Receiver<u64>, CancellationToken) {
@@ -164,6 +175,40 @@ impl<S: ReadModel> Projection<S> {
     pub fn position(&self) -> u64 {
         *self.watermark.borrow()
     }
+}
+
+/// Records, for each event of a live burst, how long after its commit it reached the subscriber.
+pub(crate) fn record_lag(lag: &::metrics::Histogram, events: &[Arc<StoredEvent>]) {
+    let now = crate::now_ms();
+    for ev in events {
+        lag.record(now.saturating_sub(ev.metadata.recorded_at_ms).max(0) as f64 / 1000.0);
+    }
+}
+
+/// Has each scrape say how far the projection `name` has applied the log, and how far behind its head it is.
+fn register_lag_sampler<S: ReadModel>(
+    name: &'static str,
+    projection: std::sync::Weak<Projection<S>>,
+    store: Arc<dyn EventStore>,
+) {
+    let store = Arc::downgrade(&store);
+    let position = ::metrics::gauge!("nsml_projection_position", "projection" => name);
+    let lag = ::metrics::gauge!("nsml_projection_lag_events", "projection" => name);
+    crate::metrics::sampler(move || {
+        let (projection, store) = (projection.clone(), store.clone());
+        let (position, lag) = (position.clone(), lag.clone());
+        Box::pin(async move {
+            let (Some(applied), Some(store)) =
+                (projection.upgrade().map(|p| p.position()), store.upgrade())
+            else {
+                return;
+            };
+            position.set(applied as f64);
+            if let Ok(head) = store.head_position().await {
+                lag.set(head.saturating_sub(applied) as f64);
+            }
+        })
+    });
 }
 
 /// A read model that had not applied the log up to a position within the time it was given.

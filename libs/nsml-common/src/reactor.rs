@@ -47,6 +47,9 @@ pub async fn run<F, Fut, E>(
     };
     let mut saved = pos;
     let mut tick = tokio::time::interval(SAVE_EVERY);
+    let delivery_lag = ::metrics::histogram!("nsml_bus_delivery_lag_seconds", "subscriber" => name);
+    // Events read back at start-up are not late deliveries: lags count once the reactor has caught up.
+    let mut live = false;
     loop {
         let mut stream = match nsml_bus::subscribe_log(store.clone(), bus.clone(), pos).await {
             Ok(s) => s,
@@ -73,6 +76,9 @@ pub async fn run<F, Fut, E>(
             match next {
                 Some(Ok(Delivery::Event(ev))) => {
                     let at = ev.position;
+                    if live {
+                        crate::projection::record_lag(&delivery_lag, std::slice::from_ref(&ev));
+                    }
                     // What the handler appends continues the trace of the event it handles.
                     let span = crate::telemetry::event_span(name, &ev).unwrap_or_else(tracing::Span::none);
                     for attempt in 1..=ATTEMPTS {
@@ -90,7 +96,7 @@ pub async fn run<F, Fut, E>(
                     }
                     pos = pos.max(at);
                 }
-                Some(Ok(Delivery::CaughtUp)) => {}
+                Some(Ok(Delivery::CaughtUp)) => live = true,
                 Some(Err(err)) => tracing::warn!(reactor = name, %err, "log subscription error"),
                 None => break,
             }

@@ -194,7 +194,9 @@ async fn create_under_lock(conn: &mut PgConnection, name: &str) -> Result<bool, 
 /// Commits queued appends in batches until every clone of the store is gone.
 async fn run_appender(pool: PgPool, mut queue: mpsc::UnboundedReceiver<Queued>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let appends = metrics::histogram!("nsml_eventstore_commit_appends", "store" => "postgres");
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        appends.record(batch.len() as f64);
         commit_batch(&pool, std::mem::take(&mut batch)).await;
     }
 }

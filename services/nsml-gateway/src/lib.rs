@@ -8,7 +8,9 @@
 //! stamping the call with the deployment's internal secret and the address it came from. Services then decide
 //! what the identity may do. The same port serves the web UI's files at `/`, gRPC reflection and health.
 
+mod calls;
 mod error;
+mod health;
 mod identities;
 mod ratelimit;
 mod web;
@@ -86,12 +88,16 @@ pub async fn serve(
         limiter: ratelimit::Limiter::from_env(),
         identities: identities::Identities::default(),
     });
+    let upstream: Vec<(Service, Transport)> = Service::ALL
+        .into_iter()
+        .filter_map(|s| inner.routes.get(s.grpc_name()).map(|t| (s, t.clone())))
+        .collect();
     let routes = axum::Router::new()
         .route("/web/login", axum::routing::post(web::login))
         .route("/web/logout", axum::routing::post(web::logout))
         .fallback(entry)
         .with_state(inner)
-        .merge(public_meta_services().await);
+        .merge(public_meta_services(upstream, cancel.clone()).await);
     // gRPC-Web (binary and text) beside native gRPC: a gRPC-Web call becomes a gRPC one before routing and its
     // answer becomes gRPC-Web again; every other request is routed as it came.
     let grpc_web = tower::util::BoxCloneSyncService::new(
@@ -195,14 +201,15 @@ fn cors_from_env() -> Option<tower_http::cors::CorsLayer> {
     )
 }
 
-/// gRPC reflection (v1 and v1alpha) and `grpc.health.v1` on the public port, listing the public services only.
-async fn public_meta_services() -> axum::Router {
+/// gRPC reflection (v1 and v1alpha) and `grpc.health.v1` on the public port, listing the public services only;
+/// health follows the services' own (`health`).
+async fn public_meta_services(
+    upstream: Vec<(Service, Transport)>,
+    cancel: CancellationToken,
+) -> axum::Router {
     let (health, health_svc) = tonic_health::server::health_reporter();
-    for service in Service::ALL {
-        health
-            .set_service_status(service.grpc_name(), tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    health::not_serving(&health).await;
+    tokio::spawn(health::mirror(health, upstream, cancel));
     let mut routes = tonic::service::Routes::new(health_svc);
     match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(nsml_proto::v1::PUBLIC_FILE_DESCRIPTOR_SET)
@@ -241,7 +248,8 @@ async fn entry(
     // A span per call, in the client's trace when it sent one; the services' spans are its children.
     let span = tracing::info_span!("gateway", path = %req.uri().path());
     nsml_common::telemetry::set_parent_from_headers(&span, req.headers());
-    proxy(state, peer, req).instrument(span).await
+    let call = calls::Call::start(req.uri().path());
+    call.answered(proxy(state, peer, req).instrument(span).await)
 }
 
 fn status_response(s: Status) -> axum::response::Response {

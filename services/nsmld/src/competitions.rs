@@ -79,6 +79,9 @@ pub async fn apply_when_ready(
     let channel = nsml_common::clients::channel("gateway", url)?;
     let deadline = Instant::now() + WAIT;
     for Competition { path, manifest } in competitions {
+        for warning in manifest.warnings() {
+            tracing::warn!(competition = %path.display(), "{warning}");
+        }
         let applied = loop {
             let Some(token) = host_token(token_path) else {
                 anyhow::ensure!(
