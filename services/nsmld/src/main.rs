@@ -31,6 +31,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Serves this process's metrics as Prometheus text at `http://ADDR/metrics` (`up` and `serve`; none
+    /// when unset).
+    #[arg(long, global = true, env = "NSML_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -179,6 +183,13 @@ fn keep_to_small_pages() {}
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = nsml_common::telemetry::init(&service_name(&cli.command));
+    if let Some(addr) = cli.metrics_listen
+        && !matches!(cli.command, Command::Runner { .. })
+    {
+        // Serves until the process ends; installed before any service records a figure.
+        nsml_common::metrics::serve(addr, tokio_util::sync::CancellationToken::new()).await?;
+        println!("nsmld metrics at http://{addr}/metrics");
+    }
     let result = match cli.command {
         Command::Up {
             data_dir,
