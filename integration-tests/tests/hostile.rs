@@ -439,7 +439,8 @@ fn exhausting_the_machine_is_contained() -> anyhow::Result<()> {
     let work = tmp.path();
     let alice = login(&dep, "alice", "alice-pass")?;
 
-    // `--memory 64M`, 256M allocated: the kernel kills it, and the session says so as NSML did.
+    // `--memory 64M` with `--shm 64M` on top (128M in all, as the quota counts it), 256M allocated: the kernel
+    // kills it, and the session says so as NSML did.
     let mem = run_case(
         &alice,
         &case(
@@ -456,7 +457,7 @@ fn exhausting_the_machine_is_contained() -> anyhow::Result<()> {
             == (
                 "failed".into(),
                 137,
-                "Killed (out of memory: limit 64M)".into()
+                "Killed (out of memory: limit 128M)".into()
             ),
         "{:?}\n{}",
         mem.outcome(),

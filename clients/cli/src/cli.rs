@@ -192,10 +192,11 @@ pub struct RunArgs {
     /// CPUs
     #[arg(short = 'c', long = "cpus", default_value_t = 2, value_name = "N")]
     pub cpus: u32,
-    /// Memory limit, shared memory included (e.g. 24G, 512M, 1.5G)
+    /// Memory limit, shared memory not included: the session may hold --memory plus --shm, and the team's
+    /// memory quota counts both (e.g. 24G, 512M, 1.5G)
     #[arg(long, default_value = "24G", value_parser = parse_size_arg, value_name = "SIZE")]
     pub memory: u64,
-    /// Shared memory (/dev/shm) size
+    /// Shared memory (/dev/shm) size, on top of --memory
     #[arg(long = "shm", visible_alias = "shm-size", default_value = "1G", value_parser = parse_size_arg, value_name = "SIZE")]
     pub shm: u64,
     /// Arguments passed to the entry file

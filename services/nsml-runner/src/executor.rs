@@ -667,7 +667,7 @@ impl LocalExecutor {
         Confinement {
             cgroup,
             socket_owner: launch.sandbox.host.owner(),
-            memory_bytes: launch.resources.memory_bytes,
+            memory_bytes: crate::limits::session_memory(&launch.resources),
             cpus: launch.resources.cpus,
             pids_limit: limits.pids,
             log_limit: limits.log_bytes,
@@ -732,7 +732,7 @@ impl LocalExecutor {
         let cgroup = host.cgroups().create(
             &session.name,
             CgroupLimits {
-                memory_bytes: resources.memory_bytes,
+                memory_bytes: crate::limits::session_memory(&resources),
                 cpus: resources.cpus,
                 pids: self.cfg.limits.pids,
             },

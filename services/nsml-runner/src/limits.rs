@@ -94,6 +94,12 @@ pub fn size_text(bytes: u64) -> String {
     nsml_manifest::short_size(bytes)
 }
 
+/// The memory a session may hold in all: its `--memory` and, on top, its `--shm` (`/dev/shm` is memory charged
+/// to the session's cgroup), as the team's memory quota counts them (NSML's "RAM including shared memory").
+pub fn session_memory(r: &nsml_proto::v1::Resources) -> u64 {
+    r.memory_bytes.saturating_add(r.shm_bytes)
+}
+
 /// The reason of a session the kernel killed for memory: `Killed (out of memory: limit 24G)`.
 pub fn out_of_memory_reason(limit: u64) -> String {
     format!("Killed (out of memory: limit {})", size_text(limit))
@@ -151,6 +157,22 @@ pub fn disk_usage(root: &Path, exclude: &[PathBuf]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_holds_its_memory_and_its_shared_memory_on_top() {
+        let r = nsml_proto::v1::Resources {
+            gpus: 0,
+            cpus: 1,
+            memory_bytes: 1 << 30,
+            shm_bytes: 1 << 30,
+        };
+        assert_eq!(session_memory(&r), 2 << 30, "as the team's quota counts it");
+        let huge = nsml_proto::v1::Resources {
+            memory_bytes: u64::MAX,
+            ..r
+        };
+        assert_eq!(session_memory(&huge), u64::MAX);
+    }
 
     #[test]
     fn sizes_read_like_nsml() {

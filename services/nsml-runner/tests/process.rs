@@ -170,7 +170,7 @@ fn prepare_with(
         .create(
             "demo/t1-cls/3",
             CgroupLimits {
-                memory_bytes: resources.memory_bytes,
+                memory_bytes: nsml_runner::limits::session_memory(&resources),
                 cpus: resources.cpus,
                 pids: limits.pids,
             },
@@ -203,7 +203,7 @@ fn prepare_with(
         confinement: Confinement {
             cgroup,
             socket_owner: host.owner(),
-            memory_bytes: resources.memory_bytes,
+            memory_bytes: nsml_runner::limits::session_memory(&resources),
             cpus: resources.cpus,
             pids_limit: limits.pids,
             log_limit: limits.log_bytes,
@@ -963,7 +963,8 @@ async fn memory_past_the_limit_is_an_out_of_memory_kill() {
     let (outcome, lines) = run(&mut r, CancellationToken::new()).await;
     assert_eq!(
         (outcome.exit_code, outcome.reason.as_str()),
-        (137, "Killed (out of memory: limit 64M)"),
+        // 64M and the 1M of shared memory on top.
+        (137, "Killed (out of memory: limit 65M)"),
         "{lines:?}"
     );
     assert!(
@@ -973,7 +974,7 @@ async fn memory_past_the_limit_is_an_out_of_memory_kill() {
     );
     assert_eq!(
         nsml_lines(&lines, "Session ended"),
-        ["Session ended: Killed (out of memory: limit 64M)"]
+        ["Session ended: Killed (out of memory: limit 65M)"]
     );
 }
 

@@ -159,7 +159,10 @@ pub fn sbatch_args(cfg: &SlurmConfig, session: &Session, time_limit_secs: u64) -
         "--nodes=1".into(),
         "--ntasks=1".into(),
         format!("--cpus-per-task={}", r.cpus.max(1)),
-        format!("--mem={}M", r.memory_bytes.div_ceil(MIB).max(1)),
+        format!(
+            "--mem={}M",
+            crate::limits::session_memory(&r).div_ceil(MIB).max(1)
+        ),
         "--no-requeue".into(),
         format!("--output={}", cfg.output.as_deref().unwrap_or("/dev/null")),
     ];
@@ -317,8 +320,8 @@ mod tests {
             resources: Some(Resources {
                 gpus,
                 cpus: 2,
-                memory_bytes: 1536 << 20,
-                shm_bytes: 0,
+                memory_bytes: 1024 << 20,
+                shm_bytes: 512 << 20,
             }),
             ..Default::default()
         }
@@ -326,7 +329,7 @@ mod tests {
 
     #[test]
     fn a_session_asks_slurm_for_its_resources_under_its_name() {
-        // Given a training session with 2 GPUs, 2 CPUs and 1.5 GiB,
+        // Given a training session with 2 GPUs, 2 CPUs and 1 GiB of memory with 512 MiB of shared memory on top,
         let args = sbatch_args(&cfg(), &session(SessionKind::Train, 2), 0);
         // then the job asks for exactly that, named after the session, with no time limit.
         for want in [
