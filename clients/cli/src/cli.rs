@@ -397,6 +397,21 @@ pub enum AdminOverrideCommand {
         #[arg(long, value_name = "ID")]
         competition: Option<String>,
     },
+    /// Extend one team's deadline past the competition's closing time: its submits admitted before then count
+    Deadline {
+        /// The team
+        #[arg(long, value_name = "TEAM")]
+        team: String,
+        /// The team's new deadline (RFC 3339, e.g. 2026-12-01T00:00:00Z)
+        #[arg(long, value_parser = parse_time_arg, value_name = "TIME")]
+        until: i64,
+        /// Why: recorded in the team's ledger and shown by `admin audit explain`
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// Competition id [default: the team's only competition]
+        #[arg(long, value_name = "ID")]
+        competition: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

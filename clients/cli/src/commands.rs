@@ -164,6 +164,12 @@ async fn dispatch_override(ctx: &Context, command: AdminOverrideCommand) -> Resu
             };
             audit::raise_quota(ctx, team, raise, until, reason, competition).await
         }
+        AdminOverrideCommand::Deadline {
+            team,
+            until,
+            reason,
+            competition,
+        } => audit::extend_deadline(ctx, team, until, reason, competition).await,
     }
 }
 

@@ -44,6 +44,10 @@ pub struct PolicySpec {
     /// Time a submit may run before it fails.
     pub submit_time_limit: Duration,
     pub submit_max_cpus: u32,
+    /// When runs and submits open (milliseconds since the epoch); `None`: open from the start.
+    pub opens_at_ms: Option<i64>,
+    /// When submits close and the boards freeze; `None`: never.
+    pub closes_at_ms: Option<i64>,
 }
 
 impl Default for PolicySpec {
@@ -59,6 +63,8 @@ impl Default for PolicySpec {
             submit_interval: Duration::from_secs(3600),
             submit_time_limit: Duration::from_secs(3600),
             submit_max_cpus: 4,
+            opens_at_ms: None,
+            closes_at_ms: None,
         }
     }
 }
@@ -75,6 +81,8 @@ impl PolicySpec {
             submit_interval_secs: self.submit_interval.as_secs(),
             submit_time_limit_secs: self.submit_time_limit.as_secs(),
             submit_max_cpus: self.submit_max_cpus,
+            opens_at_ms: self.opens_at_ms.unwrap_or(0),
+            closes_at_ms: self.closes_at_ms.unwrap_or(0),
         }
     }
 }
@@ -351,6 +359,22 @@ impl Validator<'_> {
         }
     }
 
+    /// Reads an RFC 3339 time (`2026-12-01T09:00:00Z`) as milliseconds since the epoch.
+    fn time(&self, key: &str, raw: Option<&str>) -> Result<Option<i64>, ManifestError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let at = humantime::parse_rfc3339_weak(raw.trim()).map_err(|e| {
+            self.invalid(
+                key,
+                format!("`{raw}` is not a time ({e}); write it as 2026-12-01T09:00:00Z (UTC)"),
+            )
+        })?;
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| self.invalid(key, format!("`{raw}` is before 1970")))?
+            .as_millis();
+        Ok(Some(i64::try_from(ms).unwrap_or(i64::MAX)))
+    }
+
     fn policy(&self, raw: RawPolicy) -> Result<PolicySpec, ManifestError> {
         let d = PolicySpec::default();
         let policy = PolicySpec {
@@ -378,7 +402,14 @@ impl Validator<'_> {
                 d.submit_time_limit,
             )?,
             submit_max_cpus: raw.submit_max_cpus.unwrap_or(d.submit_max_cpus),
+            opens_at_ms: self.time("policy.opens", raw.opens.as_deref())?,
+            closes_at_ms: self.time("policy.closes", raw.closes.as_deref())?,
         };
+        if let (Some(opens), Some(closes)) = (policy.opens_at_ms, policy.closes_at_ms)
+            && closes <= opens
+        {
+            return Err(self.invalid("policy.closes", "must be after policy.opens"));
+        }
         if policy.team_cpus == 0 {
             return Err(self.invalid("policy.team_cpus", "must be at least 1"));
         }

@@ -49,6 +49,10 @@ pub(crate) struct RawPolicy {
     pub submit_interval: Option<RawDuration>,
     pub submit_time_limit: Option<RawDuration>,
     pub submit_max_cpus: Option<u32>,
+    /// When runs and submits open: an RFC 3339 time (`2026-12-01T09:00:00Z`).
+    pub opens: Option<String>,
+    /// When submits close and the boards freeze: an RFC 3339 time.
+    pub closes: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -453,3 +453,24 @@ fn a_missing_or_misplaced_trial_set_is_a_warning_for_the_host() {
         "a trial set where the platform looks for it"
     );
 }
+
+#[test]
+fn a_schedule_is_read_as_times_and_checked() {
+    let fixture = Fixture::new();
+    let with = |lines: &str| format!("{MINIMAL}\n[policy]\n{lines}\n");
+    let path = fixture.manifest(&with(
+        "opens = \"2026-12-01T09:00:00Z\"\ncloses = \"2026-12-31T09:00:00Z\"",
+    ));
+    let policy = load(&path).unwrap().policy().to_proto();
+    assert_eq!(policy.opens_at_ms, 1_796_115_600_000);
+    assert_eq!(policy.closes_at_ms, 1_798_707_600_000);
+    let err = error_of(&with("closes = \"next friday\""));
+    assert!(
+        err.contains("`policy.closes`") && err.contains("2026-12-01T09:00:00Z"),
+        "{err}"
+    );
+    let err = error_of(&with(
+        "opens = \"2026-12-31T09:00:00Z\"\ncloses = \"2026-12-01T09:00:00Z\"",
+    ));
+    assert!(err.contains("must be after policy.opens"), "{err}");
+}

@@ -10,7 +10,8 @@ use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    CompetitionApplied, DatasetRegistered, Direction, PrivateRevealed, SubmissionScored,
+    CompetitionApplied, DatasetRegistered, Direction, OverrideGranted, OverrideKind,
+    PrivateRevealed, SubmissionScored,
 };
 
 use crate::LeaderboardError;
@@ -23,6 +24,25 @@ pub struct CompetitionView {
     pub datasets: Vec<String>,
     pub hosts: Vec<String>,
     pub private_revealed: bool,
+    /// When submits close and the boards freeze (0: never).
+    pub closes_at_ms: i64,
+    /// Team → the deadline a host extended it to.
+    pub extended: HashMap<String, i64>,
+}
+
+impl CompetitionView {
+    /// Whether a submit made at `submitted_at_ms` by `team` counts on the boards: made before the deadline, the
+    /// team's own when a host extended it. A submit admitted before the deadline and scored after it counts.
+    pub fn counts(&self, team: &str, submitted_at_ms: i64) -> bool {
+        if self.closes_at_ms <= 0 {
+            return true;
+        }
+        let deadline = self
+            .extended
+            .get(team)
+            .map_or(self.closes_at_ms, |until| (*until).max(self.closes_at_ms));
+        submitted_at_ms < deadline
+    }
 }
 
 /// A dataset as the boards need it.
@@ -107,8 +127,11 @@ impl LeaderboardState {
     /// The board of `dataset` on `side`.
     pub fn board(&self, dataset: &str, side: Side) -> Result<Vec<Standing>, LeaderboardError> {
         let d = self.dataset(dataset)?;
+        // After the deadline the board shows what it showed then.
+        let competition = self.competitions.get(&d.competition);
         Ok(domain::board(
-            self.submits_on(dataset),
+            self.submits_on(dataset)
+                .filter(|s| competition.is_none_or(|c| c.counts(&s.team, s.submitted_at_ms))),
             d.ranking_direction(),
             side,
         ))
@@ -136,6 +159,7 @@ impl LeaderboardState {
         let view = self.competitions.entry(c.id.clone()).or_default();
         view.datasets = c.datasets.iter().map(|d| d.name.clone()).collect();
         view.hosts = c.hosts;
+        view.closes_at_ms = c.policy.map_or(0, |p| p.closes_at_ms);
         // Revealing cannot be taken back; a later manifest apply keeps it revealed.
         view.private_revealed |= c.private_revealed;
     }
@@ -199,6 +223,17 @@ impl ReadModel for LeaderboardState {
             self.apply_competition(e);
         } else if let Some(e) = decode::<DatasetRegistered>(ev) {
             self.apply_dataset(e);
+        } else if let Some(grant) = decode::<OverrideGranted>(ev).and_then(|e| e.grant)
+            && grant.kind() == OverrideKind::ExtendDeadline
+        {
+            let until = self
+                .competitions
+                .entry(grant.competition)
+                .or_default()
+                .extended
+                .entry(grant.team)
+                .or_default();
+            *until = (*until).max(grant.until_ms);
         } else if let Some(e) = decode::<PrivateRevealed>(ev) {
             self.competitions
                 .entry(e.competition)
@@ -254,6 +289,56 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn given_a_deadline_then_the_boards_show_what_was_submitted_before_it() {
+        let mut s = LeaderboardState::default();
+        let mut c = competition(&[("cls", "accuracy", Direction::Descending)]);
+        if let Some(comp) = c.competition.as_mut() {
+            comp.policy = Some(nsml_proto::v1::Policy {
+                closes_at_ms: 1500,
+                ..Default::default()
+            });
+        }
+        s.apply(&stored(1, &c));
+        let at = |id: &str, team: &str, score: f64, submitted_at_ms: i64| {
+            let mut e = scored(id, team, "cls", score, false);
+            if let Some(sub) = e.submission.as_mut() {
+                sub.submitted_at_ms = submitted_at_ms;
+                sub.finished_at_ms = submitted_at_ms + 5000;
+            }
+            e
+        };
+        // Admitted before the deadline and scored after it: counts. Submitted after: does not.
+        s.apply(&stored(2, &at("s1", "ants", 0.5, 1000)));
+        s.apply(&stored(3, &at("s2", "ants", 0.9, 2000)));
+        s.apply(&stored(4, &at("s3", "bees", 0.8, 2000)));
+        let board = s.board("cls", Side::Public).unwrap();
+        assert_eq!(board.len(), 1, "{board:?}");
+        assert_eq!((board[0].team.as_str(), board[0].score), ("ants", 0.5));
+        // A host extends bees' deadline: its submit before the new one counts.
+        s.apply(&stored(
+            5,
+            &OverrideGranted {
+                grant: Some(nsml_proto::v1::Override {
+                    id: "o-1".into(),
+                    competition: "demo".into(),
+                    team: "bees".into(),
+                    kind: OverrideKind::ExtendDeadline as i32,
+                    until_ms: 3000,
+                    ..Default::default()
+                }),
+            },
+        ));
+        let board = s.board("cls", Side::Public).unwrap();
+        assert_eq!(
+            board
+                .iter()
+                .map(|r| (r.team.as_str(), r.score))
+                .collect::<Vec<_>>(),
+            [("bees", 0.8), ("ants", 0.5)]
+        );
     }
 
     #[test]

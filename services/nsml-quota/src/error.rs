@@ -132,6 +132,8 @@ impl QuotaError {
                 Rule::SubmitInFlight => ErrorCode::SubmitInFlight,
                 // Not a limit: the session already holds what it asks for.
                 Rule::Duplicate => ErrorCode::WrongState,
+                // The competition's schedule: not a limit of the team's.
+                Rule::NotOpen | Rule::Closed => ErrorCode::WrongState,
                 Rule::SubmitCpus
                 | Rule::TeamSessions
                 | Rule::TeamGpus
@@ -168,6 +170,7 @@ fn override_code(refused: &OverrideRefused) -> ErrorCode {
         | ReopenNeedsSubmission { .. }
         | RaiseNeedsLimit
         | RaiseEndsInPast { .. }
+        | DeadlineInPast { .. }
         | NoKind
         | SeveralCompetitions { .. }
         | ReopenedDatasetNotIn { .. } => ErrorCode::BadRequest,

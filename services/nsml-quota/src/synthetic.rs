@@ -28,6 +28,8 @@ pub fn seed_policy() -> Policy {
         submit_interval_secs: 3600,
         submit_time_limit_secs: 3600,
         submit_max_cpus: 4,
+        opens_at_ms: 0,
+        closes_at_ms: 0,
     }
 }
 

@@ -55,6 +55,8 @@ fn policy() -> impl Strategy<Value = Policy> {
             submit_interval_secs: 3600,
             submit_time_limit_secs: 3600,
             team_storage_bytes: 0,
+            opens_at_ms: 0,
+            closes_at_ms: 0,
         },
     )
 }

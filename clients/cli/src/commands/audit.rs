@@ -143,6 +143,29 @@ pub async fn raise_quota(
     .await
 }
 
+pub async fn extend_deadline(
+    ctx: &Context,
+    team: String,
+    until_ms: i64,
+    reason: String,
+    competition: Option<String>,
+) -> Result<()> {
+    grant(
+        ctx,
+        pb::OverrideRequest {
+            competition: competition.unwrap_or_default(),
+            team,
+            kind: OverrideKind::ExtendDeadline as i32,
+            until_ms,
+            reason,
+            command_id: uuid_like(),
+            ..Default::default()
+        },
+        false,
+    )
+    .await
+}
+
 /// A command id for one invocation: the time and the process, unique enough to make a retry of the same call
 /// idempotent on the server without a UUID dependency.
 fn uuid_like() -> String {

@@ -200,6 +200,28 @@ fn next_submit(s: &pb::DatasetSubmitState, now_ms: i64) -> String {
     }
 }
 
+/// The competition's schedule, in the rules' words: when it opens, when submits close, and what counts.
+fn schedule_rules(u: &pb::QuotaUsage) -> String {
+    let policy = u.policy.unwrap_or_default();
+    let mut out = String::new();
+    if policy.opens_at_ms > 0 && u.now_ms < policy.opens_at_ms {
+        out.push_str(&format!(
+            "The competition opens at {} ({}): runs and submits are refused until then.\n",
+            datetime(policy.opens_at_ms),
+            in_time(policy.opens_at_ms, u.now_ms)
+        ));
+    }
+    if policy.closes_at_ms > 0 {
+        out.push_str(&format!(
+            "Deadline: submits close at {}; the boards then freeze, and the final ranking is what they show at the \
+             deadline. A submit admitted before the deadline is scored after it and counts; a host can extend one \
+             team's deadline (listed under the overrides in force).\n",
+            datetime(policy.closes_at_ms)
+        ));
+    }
+    out
+}
+
 /// The submit rules, each dataset's submit timing, and submissions a host re-opened.
 fn submits_section(u: &pb::QuotaUsage) -> String {
     let mut out = format!(
@@ -209,6 +231,7 @@ fn submits_section(u: &pb::QuotaUsage) -> String {
         u.submit_max_cpus,
         interval(u.submit_time_limit_secs)
     );
+    out.push_str(&schedule_rules(u));
     let mut t = Table::new(&["Dataset", "Last Success", "Next Submit", "Why"]);
     for s in &u.submits {
         t.row(vec![
@@ -384,6 +407,24 @@ mod tests {
         );
         assert!(text.contains("(in 59m 0s)"), "{text}");
         assert!(!text.contains("Re-opened"), "{text}");
+        assert!(!text.contains("Deadline"), "no schedule, no deadline: {text}");
+        let scheduled = pb::QuotaUsage {
+            policy: Some(pb::Policy {
+                opens_at_ms: u.now_ms + 120_000,
+                closes_at_ms: u.now_ms + 3_600_000,
+                ..u.policy.unwrap_or_default()
+            }),
+            ..u.clone()
+        };
+        let text = render(&scheduled);
+        assert!(
+            text.contains("The competition opens at") && text.contains("(in 2m 0s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("A submit admitted before the deadline is scored after it and counts"),
+            "{text}"
+        );
         let v = usage_json(&u);
         assert_eq!(v["limits"]["gpus"], 4);
         assert_eq!(v["policy"]["team_gpus"], 2);

@@ -179,6 +179,9 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
             &limits,
         );
     }
+    if let Some(refusal) = schedule_refusal(ledger, policy, &limits, req, now_ms) {
+        return refusal;
+    }
     let spared = if req.kind() == SessionKind::Submit {
         match submit_rules(ledger, policy, &limits, req, &asked, now_ms) {
             SubmitChecked::Passed(spared) => spared,
@@ -191,6 +194,51 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
         return with_reopened(refusal, spared.reopened);
     }
     grant(&limits, spared, &req.dataset)
+}
+
+/// The competition's schedule: nothing before it opens; no submit (trial or real) once it has closed, unless a
+/// host extended the team's deadline past now.
+fn schedule_refusal(
+    ledger: &Ledger,
+    policy: &Policy,
+    limits: &Limits,
+    req: &AdmitRequest,
+    now_ms: i64,
+) -> Option<Decision> {
+    if policy.opens_at_ms > 0 && now_ms < policy.opens_at_ms {
+        return Some(deny(
+            Rule::NotOpen,
+            reason!(
+                "competition `{}` opens at {}: runs and submits are refused until then",
+                req.competition,
+                fmt_time(policy.opens_at_ms)
+            ),
+            policy.opens_at_ms,
+            limits,
+        ));
+    }
+    let submit = matches!(req.kind(), SessionKind::Submit | SessionKind::TrialSubmit);
+    if !submit || policy.closes_at_ms <= 0 {
+        return None;
+    }
+    let extended = ledger.extended_deadline(&req.competition);
+    let deadline = extended.map_or(policy.closes_at_ms, |(_, until)| until.max(policy.closes_at_ms));
+    if now_ms < deadline {
+        return None;
+    }
+    let mut reason = reason!(
+        "competition `{}` closed at {}: submits are refused after the deadline, and the final ranking is the \
+         boards as they were then",
+        req.competition,
+        fmt_time(policy.closes_at_ms)
+    );
+    if let Some((id, until)) = extended {
+        reason.push_str(&format!(
+            "; the team's deadline, extended by override {id}, ended at {}",
+            fmt_time(until)
+        ));
+    }
+    Some(deny(Rule::Closed, reason, 0, limits))
 }
 
 /// How a real submit fared under the submit rules.

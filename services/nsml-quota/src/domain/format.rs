@@ -97,6 +97,9 @@ pub fn describe_override(o: &Override) -> String {
             "re-opened the slot of submit {} on `{}`",
             o.submission_id, o.dataset
         ),
+        OverrideKind::ExtendDeadline => {
+            format!("the team's deadline extended to {}", fmt_time(o.until_ms))
+        }
         OverrideKind::Unspecified => "an override of unknown kind".into(),
     };
     format!(

@@ -268,6 +268,7 @@ impl OverrideState {
             OverrideKind::ExtraSubmit => !self.spent,
             OverrideKind::RaiseQuota => now_ms < self.grant.until_ms,
             OverrideKind::ReopenSubmit => true,
+            OverrideKind::ExtendDeadline => now_ms < self.grant.until_ms,
             OverrideKind::Unspecified => false,
         }
     }
@@ -477,6 +478,18 @@ impl Ledger {
             .get(dataset)
             .and_then(|ids| ids.first())
             .map(String::as_str)
+    }
+
+    /// The latest deadline a host extended the team's to in `competition`, with the override: the team may
+    /// submit until then, past the competition's closing time.
+    pub fn extended_deadline(&self, competition: &str) -> Option<(&str, i64)> {
+        self.overrides
+            .values()
+            .filter(|o| {
+                o.grant.kind() == OverrideKind::ExtendDeadline && o.grant.competition == competition
+            })
+            .map(|o| (o.grant.id.as_str(), o.grant.until_ms))
+            .max_by_key(|(_, until)| *until)
     }
 
     /// Unused extra submits on `dataset`.

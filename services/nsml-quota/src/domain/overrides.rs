@@ -26,7 +26,11 @@ pub enum OverrideRefused {
     RaiseNeedsLimit,
     #[error("a quota raise needs an end in the future, not {}", fmt_time(*.until_ms))]
     RaiseEndsInPast { until_ms: i64 },
-    #[error("an override is an extra submit, a quota raise or a re-opened submit")]
+    #[error("an extended deadline must be in the future, not {}", fmt_time(*.until_ms))]
+    DeadlineInPast { until_ms: i64 },
+    #[error(
+        "an override is an extra submit, a quota raise, a re-opened submit or an extended deadline"
+    )]
     NoKind,
     #[error("dataset `{dataset}` not found")]
     DatasetNotFound { dataset: String },
@@ -84,15 +88,25 @@ pub fn check_request(r: &OverrideRequest, now_ms: i64) -> Result<(), OverrideRef
                 Ok(())
             }
         }
+        OverrideKind::ExtendDeadline if r.until_ms <= now_ms => {
+            Err(OverrideRefused::DeadlineInPast {
+                until_ms: r.until_ms,
+            })
+        }
         OverrideKind::Unspecified => Err(OverrideRefused::NoKind),
-        OverrideKind::ExtraSubmit | OverrideKind::ReopenSubmit => Ok(()),
+        OverrideKind::ExtraSubmit | OverrideKind::ReopenSubmit | OverrideKind::ExtendDeadline => {
+            Ok(())
+        }
     }
 }
 
 /// Whether an override of `kind` applies to one dataset (an extra submit, a re-opened slot) rather than to
 /// the team's limits in a competition.
 pub fn per_dataset(kind: OverrideKind) -> bool {
-    kind != OverrideKind::RaiseQuota
+    !matches!(
+        kind,
+        OverrideKind::RaiseQuota | OverrideKind::ExtendDeadline
+    )
 }
 
 /// What the catalog knows that places an override in a competition.
@@ -245,7 +259,11 @@ pub fn new_override(
         },
         submission_id: submission.to_string(),
         raise: if raise { r.raise } else { None },
-        until_ms: if raise { r.until_ms } else { 0 },
+        until_ms: if raise || kind == OverrideKind::ExtendDeadline {
+            r.until_ms
+        } else {
+            0
+        },
         reason: r.reason.trim().to_string(),
         granted_by: by.granted_by,
         granted_at_ms: by.granted_at_ms,

@@ -8,6 +8,10 @@ use std::fmt;
 pub enum Rule {
     /// The session already holds resources.
     Duplicate,
+    /// The competition has not opened yet.
+    NotOpen,
+    /// A submit after the competition (or the team's extended deadline) closed.
+    Closed,
     /// The team has a real submit of the dataset in flight.
     SubmitInFlight,
     /// The submit interval has not passed since the team's last successful real submit of the dataset.
@@ -26,8 +30,10 @@ pub enum Rule {
 
 impl Rule {
     /// Every rule, in the order `decide` applies them.
-    pub const ALL: [Rule; 8] = [
+    pub const ALL: [Rule; 10] = [
         Rule::Duplicate,
+        Rule::NotOpen,
+        Rule::Closed,
         Rule::SubmitInFlight,
         Rule::SubmitInterval,
         Rule::SubmitCpus,
@@ -41,6 +47,8 @@ impl Rule {
     pub const fn as_str(self) -> &'static str {
         match self {
             Rule::Duplicate => "duplicate",
+            Rule::NotOpen => "not_open",
+            Rule::Closed => "closed",
             Rule::SubmitInFlight => "submit_in_flight",
             Rule::SubmitInterval => "submit_interval",
             Rule::SubmitCpus => "submit_cpus",
@@ -75,9 +83,11 @@ mod tests {
 
     #[test]
     fn every_rule_keeps_the_name_recorded_decisions_carry() {
-        // Given the names the log has carried since the first decision,
+        // Given the names the log has carried since the first decision (the schedule's since it came),
         let names = [
             "duplicate",
+            "not_open",
+            "closed",
             "submit_in_flight",
             "submit_interval",
             "submit_cpus",

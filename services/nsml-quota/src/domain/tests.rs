@@ -23,6 +23,8 @@ pub(super) fn seed_policy() -> Policy {
         submit_interval_secs: 3600,
         submit_time_limit_secs: 3600,
         submit_max_cpus: 4,
+        opens_at_ms: 0,
+        closes_at_ms: 0,
     }
 }
 
@@ -135,6 +137,62 @@ pub(super) fn raise(id: &str, raise: QuotaRaise, until_ms: i64) -> StoredEvent {
             ..Default::default()
         }),
     })
+}
+
+pub(super) fn extended_deadline(id: &str, until_ms: i64) -> StoredEvent {
+    stored(&OverrideGranted {
+        grant: Some(Override {
+            id: id.into(),
+            competition: "demo".into(),
+            team: "demo".into(),
+            kind: OverrideKind::ExtendDeadline as i32,
+            until_ms,
+            reason: "their machine failed in the last hour".into(),
+            granted_by: "user:host".into(),
+            ..Default::default()
+        }),
+    })
+}
+
+#[test]
+fn given_a_schedule_then_nothing_runs_before_it_opens_and_no_submit_after_it_closes() {
+    let (opens, closes) = (1_000_000, 2_000_000);
+    let policy = Policy {
+        opens_at_ms: opens,
+        closes_at_ms: closes,
+        ..seed_policy()
+    };
+    let l = given(&[]);
+    let train = req(SessionKind::Train, "demo/t1-cls/1", 0, 2, "");
+    let early = decide(&l, &policy, &train, opens - 1);
+    assert_eq!((early.granted, early.rule.as_str()), (false, "not_open"));
+    assert_eq!(early.retry_after_ms, opens, "retry when it opens");
+    assert!(early.reason.contains("opens at"), "{}", early.reason);
+    assert!(decide(&l, &policy, &train, opens).granted);
+    // After the deadline, training still runs; submits, trial or real, are refused.
+    assert!(decide(&l, &policy, &train, closes + 1).granted);
+    for kind in [SessionKind::Submit, SessionKind::TrialSubmit] {
+        let submit = req(kind, "demo/t1-cls/2", 0, 2, "s1");
+        assert!(decide(&l, &policy, &submit, closes - 1).granted, "{kind:?}");
+        let late = decide(&l, &policy, &submit, closes);
+        assert_eq!((late.granted, late.rule.as_str()), (false, "closed"));
+        assert!(late.reason.contains("closed at"), "{}", late.reason);
+    }
+}
+
+#[test]
+fn given_an_extended_deadline_then_the_team_submits_until_it() {
+    let closes = 2_000_000;
+    let policy = Policy {
+        closes_at_ms: closes,
+        ..seed_policy()
+    };
+    let l = given(&[extended_deadline("o-1", closes + 3_600_000)]);
+    let submit = req(SessionKind::Submit, "demo/t1-cls/2", 0, 2, "s1");
+    assert!(decide(&l, &policy, &submit, closes + 60_000).granted);
+    let late = decide(&l, &policy, &submit, closes + 3_600_000);
+    assert_eq!((late.granted, late.rule.as_str()), (false, "closed"));
+    assert!(late.reason.contains("extended by override o-1"), "{}", late.reason);
 }
 
 pub(super) fn policy_changed(policy: Policy, version: u64) -> StoredEvent {
