@@ -10,8 +10,9 @@ use nsml_bus::Bus;
 use nsml_common::ServiceContext;
 use nsml_common::clients::{Clients, LocalRoutes, ServiceAddrs};
 use nsml_common::executor::Executor;
-use nsml_common::server::Started;
+use nsml_common::server::{Port, Started};
 use nsml_common::service::Service;
+use nsml_common::tls::{Tls, TlsSection};
 use nsml_eventstore::{EventStore, OutboxLease};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -222,6 +223,12 @@ pub struct Config {
     /// The file this configuration was read from (none for the embedded default).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// TLS on every internal port and call (`[tls]`); clear text when absent.
+    #[serde(default, rename = "tls")]
+    pub tls_files: Option<TlsSection>,
+    /// The `[tls]` files, read and checked by [`Config::load`].
+    #[serde(skip)]
+    pub tls: Option<Tls>,
 }
 
 fn default_stream() -> String {
@@ -254,6 +261,8 @@ impl Config {
             },
             executor: ExecutorSection::Local,
             source: None,
+            tls_files: None,
+            tls: None,
         })
     }
 
@@ -278,8 +287,19 @@ impl Config {
                 "a distributed deployment needs a [services] table with every service's address"
             );
         }
+        if let Some(files) = &c.tls_files {
+            let tls = files
+                .load(c.source.as_deref().and_then(Path::parent))
+                .with_context(|| format!("invalid [tls] table in {}", path.display()))?;
+            c.tls = Some(tls);
+        }
         std::fs::create_dir_all(&c.data_dir)?;
         Ok(c)
+    }
+
+    /// The address of an internal port: `https://…` when TLS is configured.
+    pub fn internal_url(&self, addr: SocketAddr) -> String {
+        format!("{}://{addr}", nsml_common::tls::scheme(self.tls.as_ref()))
     }
 }
 
@@ -479,22 +499,28 @@ impl Deployment {
             .with_context(|| format!("cannot listen on {}", self.config.public_listen))?;
         let public_addr = public.local_addr()?;
         let executor = self.executor(&addrs)?;
+        let secret: Arc<str> = self.config.internal_secret.as_str().into();
+        // The internal port answers health (NOT_SERVING) while the services start.
+        let (port, serving) = Port::open(internal, secret.clone(), self.cancel.clone()).await;
+        let internal_server = tokio::spawn(serving);
         let mut routes = tonic::service::Routes::default();
         let mut names = Vec::new();
         let mut tasks = Vec::new();
+        let mut ready = Vec::new();
         for service in Service::ALL {
             let exec = (service == Service::Session).then(|| executor.clone());
             let started = self.start(service, self.context(&addrs, exec)).await?;
             routes = (started.routes)(routes);
             names.extend(started.names);
             tasks.extend(started.tasks);
+            ready.extend(started.ready);
         }
-        let secret: Arc<str> = self.config.internal_secret.as_str().into();
-        local.set(routes.clone(), secret.clone());
-        let cancel = self.cancel.clone();
-        let internal_server = tokio::spawn(async move {
-            nsml_common::server::serve(internal, routes, &names, secret, cancel).await
-        });
+        // In-process callers (the gateway among them) see the services' health as the port reports it.
+        local.set(
+            routes.clone().add_service(port.health_service()),
+            secret.clone(),
+        );
+        port.started(routes, &names, ready).await;
         let gw_cancel = self.cancel.clone();
         let gw_addrs = addrs.clone();
         let gw_secret = self.config.internal_secret.clone();
@@ -521,6 +547,9 @@ impl Deployment {
         let channel = nsml_common::clients::channel("gateway", &url)?;
         for path in competitions {
             let manifest = nsml_manifest::load(&path)?;
+            for warning in manifest.warnings() {
+                tracing::warn!(competition = %path.display(), "{warning}");
+            }
             let c = nsml_manifest::apply(channel.clone(), token.trim(), &manifest)
                 .await
                 .with_context(|| format!("cannot apply the competition {}", path.display()))?;
@@ -555,7 +584,10 @@ impl Deployment {
             .services
             .clone()
             .context("a distributed deployment needs a [services] table")?;
-        let addrs = ServiceAddrs::from_fn(|service| http(listen.get(service)));
+        let addrs = ServiceAddrs {
+            tls: self.config.tls.clone(),
+            ..ServiceAddrs::from_fn(|service| self.config.internal_url(listen.get(service)))
+        };
         let mut servers = Vec::new();
         let mut tasks = Vec::new();
         let mut gateway_url = None;
@@ -578,9 +610,24 @@ impl Deployment {
                 continue;
             };
             let addr = listen.get(service);
+            if let Some(tls) = &self.config.tls {
+                tls.check_serves(&addr.ip().to_string(), &format!("the {service} service"))?;
+            }
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
+            // The port answers health (NOT_SERVING) while the service starts.
+            let secret: Arc<str> = self.config.internal_secret.as_str().into();
+            let (port, serving) = Port::open_tls(
+                listener,
+                secret,
+                self.config.tls.as_ref(),
+                self.cancel.clone(),
+            )
+            .await;
+            servers.push(tokio::spawn(async move {
+                serving.await.map_err(anyhow::Error::from)
+            }));
             let exec = if service == Service::Session {
                 Some(self.executor(&addrs)?)
             } else {
@@ -588,16 +635,13 @@ impl Deployment {
             };
             let started = self.start(service, self.context(&addrs, exec)).await?;
             tasks.extend(started.tasks);
-            let secret: Arc<str> = self.config.internal_secret.as_str().into();
-            let cancel = self.cancel.clone();
-            let names = started.names;
             let routes = (started.routes)(tonic::service::Routes::default());
-            servers.push(tokio::spawn(async move {
-                nsml_common::server::serve(listener, routes, &names, secret, cancel)
-                    .await
-                    .map_err(anyhow::Error::from)
-            }));
-            println!("nsmld serving {service} at {}", http(addr));
+            port.started(routes, &started.names, started.ready)
+                .await;
+            println!(
+                "nsmld serving {service} at {}",
+                self.config.internal_url(addr)
+            );
         }
         // The auth service writes the host token into this process's data directory.
         let token_path = std::path::absolute(self.config.data_dir.join("admin.token"))?;
@@ -638,5 +682,97 @@ mod store_url_tests {
             "postgres://postgres@127.0.0.1:5432/nsml"
         );
         assert_eq!(redact_password("postgres://db/nsml"), "postgres://db/nsml");
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
+    use std::net::SocketAddr;
+
+    use nsml_common::tls::testing::TestCa;
+
+    use super::Config;
+
+    fn config(dir: &std::path::Path, tls: &str) -> std::path::PathBuf {
+        let path = dir.join("nsmld.toml");
+        std::fs::write(
+            &path,
+            format!(
+                r#"data_dir = "{}"
+store = "postgres://postgres@127.0.0.1:5432/nsml"
+bus = "nats://127.0.0.1:4222"
+internal_secret = "0123456789abcdef0123"
+public_listen = "127.0.0.1:7100"
+
+[services]
+auth = "127.0.0.1:7101"
+storage = "127.0.0.1:7102"
+session = "127.0.0.1:7103"
+quota = "127.0.0.1:7104"
+submission = "127.0.0.1:7105"
+leaderboard = "127.0.0.1:7106"
+{tls}"#,
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn a_tls_table_makes_internal_addresses_https() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("pki")).unwrap();
+        TestCa::new("nsml test CA")
+            .unwrap()
+            .write(&dir.path().join("pki"), &["127.0.0.1"])
+            .unwrap();
+        let path = config(
+            dir.path(),
+            "[tls]\ncert = \"pki/cert.pem\"\nkey = \"pki/key.pem\"\nca = \"pki/ca.pem\"\nmutual = true\n",
+        );
+        let c = Config::load(&path).unwrap();
+        let tls = c.tls.as_ref().expect("the [tls] files are loaded");
+        assert!(tls.mutual());
+        let addr: SocketAddr = "127.0.0.1:7101".parse().unwrap();
+        assert_eq!(c.internal_url(addr), "https://127.0.0.1:7101");
+        tls.check_serves("127.0.0.1", "the auth service").unwrap();
+
+        let plain = Config::load(&config(dir.path(), "")).unwrap();
+        assert!(plain.tls.is_none());
+        assert_eq!(plain.internal_url(addr), "http://127.0.0.1:7101");
+    }
+
+    #[test]
+    fn a_missing_tls_file_is_named_with_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = config(
+            dir.path(),
+            "[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\nca = \"ca.pem\"\n",
+        );
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("invalid [tls] table in"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.contains(&dir.path().join("cert.pem").display().to_string()),
+            "{err}"
+        );
+        assert!(
+            err.contains("point `tls.cert` in the [tls] table at a readable PEM file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_in_the_tls_table_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = config(
+            dir.path(),
+            "[tls]\ncert = \"c\"\nkey = \"k\"\nca = \"a\"\nrequire_client_cert = true\n",
+        );
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("require_client_cert"), "{err}");
     }
 }
