@@ -248,7 +248,7 @@ impl Participants {
         let mut sessions: Vec<Session> = self.launcher.handler.read(|s| {
             s.sessions
                 .values()
-                .filter(|e| !e.removed && !e.rejected)
+                .filter(|e| !e.removed)
                 .filter(|e| caller.may_access_team(&e.session.team, &e.session.competition))
                 .filter(|e| r.all || !is_ended(e.session.status()))
                 .filter(|e| r.dataset.is_empty() || e.session.dataset == r.dataset)
@@ -367,7 +367,7 @@ impl Participants {
             self.launcher.handler.read(|s| {
                 s.sessions
                     .values()
-                    .filter(|e| !e.removed && !e.rejected)
+                    .filter(|e| !e.removed)
                     .filter(|e| caller.may_access_team(&e.session.team, &e.session.competition))
                     .filter(|e| wildcard_match(pattern, &e.session.name))
                     .cloned()

@@ -19,7 +19,6 @@ use nsml_proto::v1::{
 pub struct Entry {
     pub session: Session,
     pub removed: bool,
-    pub rejected: bool,
     /// The quota service granted its resources.
     pub admitted: bool,
     pub checkpoints: BTreeMap<String, u64>,
@@ -41,7 +40,7 @@ impl Sessions {
     pub fn live(&self, name: &str) -> Option<&Entry> {
         self.sessions
             .get(name)
-            .filter(|e| !e.removed && !e.rejected)
+            .filter(|e| !e.removed)
     }
 
     fn with(&mut self, name: &str, f: impl FnOnce(&mut Entry)) {
@@ -69,7 +68,6 @@ impl Sessions {
                     Entry {
                         session: s,
                         removed: false,
-                        rejected: false,
                         admitted: false,
                         checkpoints: BTreeMap::new(),
                         metrics: Vec::new(),
@@ -77,18 +75,14 @@ impl Sessions {
                 );
             }
         } else if let Some(e) = decode::<SessionRejected>(ev) {
-            self.with(&e.name, |s| {
-                s.rejected = true;
-                s.session.reason = e.reason;
-            });
+            // A rejected session is never shown and holds nothing: it leaves the read model (its number stays
+            // taken in its stream). Refused requests cost no memory however many come.
+            self.sessions.remove(&e.name);
         } else if let Some(e) = decode::<AdmissionDenied>(ev) {
             // The quota service's refusal is the session's rejection; the session service records none of
             // its own for it.
-            if let (Some(r), Some(d)) = (e.request, e.decision) {
-                self.with(&r.session, |s| {
-                    s.rejected = true;
-                    s.session.reason = d.reason;
-                });
+            if let Some(r) = e.request {
+                self.sessions.remove(&r.session);
             }
         } else if let Some(e) = decode::<SessionAdmitted>(ev) {
             self.with(&e.name, |s| s.admitted = true);
@@ -203,7 +197,7 @@ pub fn sample_metrics(projection: &std::sync::Arc<nsml_common::projection::Proje
             let (counts, waiting) = projection.read(|p| {
                 let mut counts = [0u64; STATES.len()];
                 let mut waiting = 0u64;
-                for e in p.sessions.values().filter(|e| !e.removed && !e.rejected) {
+                for e in p.sessions.values().filter(|e| !e.removed) {
                     let status = e.session.status();
                     if let Some(i) = STATES.iter().position(|s| *s == status) {
                         counts[i] += 1;
@@ -279,9 +273,10 @@ mod tests {
         ));
         assert!(m.live("t1/d/1").is_some(), "a grant rejects nothing");
         assert!(m.live("t1/d/2").is_none(), "a refused session is not shown");
-        let refused = &m.sessions["t1/d/2"];
-        assert!(refused.rejected);
-        assert_eq!(refused.session.reason, "team_sessions: 2 of 2 held");
+        assert!(
+            !m.sessions.contains_key("t1/d/2"),
+            "nor kept: refused requests cost the read model nothing"
+        );
     }
 
     #[test]

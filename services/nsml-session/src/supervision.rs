@@ -55,7 +55,7 @@ impl Supervisor {
         let live: Vec<Entry> = self.launcher.handler.read(|s| {
             s.sessions
                 .values()
-                .filter(|e| !e.rejected && !e.removed)
+                .filter(|e| !e.removed)
                 .filter(|e| {
                     matches!(
                         e.session.status(),
