@@ -477,6 +477,19 @@ gpus = "0"
     /// Kills one service's process of a distributed deployment (SIGKILL), keeps it down for `down`, and
     /// starts it again; returns once it listens.
     pub fn restart_service_after(&mut self, service: &str, down: Duration) -> anyhow::Result<()> {
+        self.restart_service_when(service, || {
+            std::thread::sleep(down);
+            Ok(())
+        })
+    }
+
+    /// Kills one service's process of a distributed deployment (SIGKILL), runs `while_down`, and starts it
+    /// again; returns once it listens.
+    pub fn restart_service_when(
+        &mut self,
+        service: &str,
+        while_down: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let i = self
             .procs
             .iter()
@@ -485,7 +498,7 @@ gpus = "0"
         let (args, mut child) = self.procs.remove(i);
         let _ = child.kill();
         let _ = child.wait();
-        std::thread::sleep(down);
+        while_down()?;
         let child = Command::new(bin("nsmld"))
             .args(&args)
             .current_dir(repo_root())

@@ -63,6 +63,21 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// A process's resident memory of its own (`RssAnon`: the heap, what the services keep) and of mapped files
+/// (`RssFile`: the log's pages read through a memory map, which the kernel drops under pressure), in KiB.
+pub fn rss_split_kib(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        s.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("RssAnon:")?, field("RssFile:")?))
+}
+
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| {
