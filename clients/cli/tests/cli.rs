@@ -402,7 +402,10 @@ impl SessionService for Mock {
             _ => vec![],
         };
         self.state().removes.push(remove);
-        Ok(Response::new(pb::RemoveResponse { removed }))
+        Ok(Response::new(pb::RemoveResponse {
+            removed,
+            kept: Vec::new(),
+        }))
     }
 
     unused! {
@@ -777,10 +780,11 @@ async fn run_of_unchanged_code_uploads_nothing() {
         "{}",
         stdout(&again)
     );
-    let state = h.mock.state();
-    assert_eq!(state.uploads, 1, "unchanged code is not uploaded again");
-    assert_eq!(state.runs[1].code_snapshot, state.runs[0].code_snapshot);
-    drop(state);
+    {
+        let state = h.mock.state();
+        assert_eq!(state.uploads, 1, "unchanged code is not uploaded again");
+        assert_eq!(state.runs[1].code_snapshot, state.runs[0].code_snapshot);
+    }
 
     // A changed file is uploaded as new code.
     std::fs::write(work.path().join("main.py"), "print('changed')\n").unwrap();

@@ -68,6 +68,12 @@ impl StorageService for Restarting {
     ) -> Result<Response<ChunkStream>, Status> {
         nope()
     }
+    async fn find_code(
+        &self,
+        _: Request<nsml_proto::v1::FindCodeRequest>,
+    ) -> Result<Response<CodeSnapshot>, Status> {
+        nope()
+    }
     async fn list_checkpoints(
         &self,
         _: Request<ListCheckpointsRequest>,
