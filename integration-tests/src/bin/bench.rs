@@ -430,17 +430,19 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What tracing costs admissions, all in one run: four `nsmld up`, one with no OpenTelemetry layer at all
-/// (`NSML_TRACING=off`: the baseline, as a build without tracing would run), one as it ships with export off
-/// (no `OTEL_*` variables, text logs), one with export off and JSON logs (trace ids made for the log lines
-/// and passed on, nothing sampled), and one sampling every trace (`OTEL_TRACES_SAMPLER=always_on`) and
-/// exporting it over OTLP/gRPC to a receiver this bench serves. Rounds of `n` admissions from `clients`
-/// clients go to each in turn, `rounds` times, so that a slower stretch of the machine falls on all of them;
-/// the medians over rounds are compared.
+/// What tracing costs admissions, all in one run: six `nsmld up` side by side, one with no OpenTelemetry layer
+/// at all (`NSML_TRACING=off`: the baseline, as a build without tracing would run), one as it ships with export
+/// off (no `OTEL_*` variables, text logs: no layer either, so its difference from the baseline is the bench's
+/// noise), one with export off and JSON logs (the layer makes trace ids for the log lines and passes them on,
+/// nothing sampled), one sampling every trace (`OTEL_TRACES_SAMPLER=always_on`) and exporting it over
+/// OTLP/gRPC to a receiver this bench serves, the same without the read models' and reactors' span per event
+/// (`NSML_TRACE_EVENTS=off`), and one sampling a tenth of the traces. Rounds of `n` admissions from `clients`
+/// clients go to each in turn, starting with the next one each round, `rounds` times, so that a slower stretch
+/// of the machine falls on all of them; the medians over rounds are compared.
 async fn tracing_cost(rounds: usize, n: usize, clients: usize) -> anyhow::Result<()> {
     let receiver = nsml_integration_tests::otlp::Receiver::start(false).await?;
     let endpoint = receiver.endpoint.clone();
-    let settings: [(&str, Vec<(&str, &str)>); 4] = [
+    let settings: [(&str, Vec<(&str, &str)>); 6] = [
         (
             "no tracing (NSML_TRACING=off: no OpenTelemetry layer)",
             vec![("NSML_TRACING", "off")],
@@ -455,6 +457,22 @@ async fn tracing_cost(rounds: usize, n: usize, clients: usize) -> anyhow::Result
             vec![
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
                 ("OTEL_TRACES_SAMPLER", "always_on"),
+            ],
+        ),
+        (
+            "tracing, 100% sampled, no span per event (NSML_TRACE_EVENTS=off)",
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_TRACES_SAMPLER", "always_on"),
+                ("NSML_TRACE_EVENTS", "off"),
+            ],
+        ),
+        (
+            "tracing, 10% sampled, exported over OTLP/gRPC",
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
             ],
         ),
     ];
@@ -473,8 +491,11 @@ async fn tracing_cost(rounds: usize, n: usize, clients: usize) -> anyhow::Result
     }
     // Per setting: decisions per second, p50 latency (ms) and nsmld's CPU time per decision (µs), per round.
     let mut figures = vec![(Vec::new(), Vec::new(), Vec::new()); settings.len()];
-    for _ in 0..rounds {
-        for (i, (dep, alice)) in deployments.iter().enumerate() {
+    for round in 0..rounds {
+        // Each round starts with the next setting, so that none always follows the same one.
+        for k in 0..deployments.len() {
+            let i = (round + k) % deployments.len();
+            let (dep, alice) = &deployments[i];
             let ((lat, rate), cpu) = cpu_per(dep.pids().first().copied(), async {
                 let f = admissions(alice, n, clients).await?;
                 let count = f.0.len();
@@ -495,14 +516,14 @@ async fn tracing_cost(rounds: usize, n: usize, clients: usize) -> anyhow::Result
          clients per setting, interleaved; medians over rounds)"
     );
     println!(
-        "{:<56} {:>12} {:>9} {:>14} {:>10} {:>10}",
+        "{:<66} {:>12} {:>9} {:>14} {:>10} {:>10}",
         "setting", "decisions/s", "p50", "nsmld CPU", "rate", "CPU"
     );
     let median = |v: &Vec<f64>| pct(v.clone(), 0.5);
     let (base_rate, base_cpu) = (median(&figures[0].0), median(&figures[0].2));
     for ((name, _), (rate, p50, cpu)) in settings.iter().zip(&figures) {
         println!(
-            "{:<56} {:>12.0} {:>7.2}ms {:>11.0}µs/d {:>9.3}x {:>9.3}x",
+            "{:<66} {:>12.0} {:>7.2}ms {:>11.0}µs/d {:>9.3}x {:>9.3}x",
             name,
             median(rate),
             median(p50),

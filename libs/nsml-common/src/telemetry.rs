@@ -9,6 +9,9 @@
 //! `OTEL_TRACES_SAMPLER_ARG`), `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` and the `OTEL_BSP_*`
 //! batching variables are read by the SDK as documented there.
 //!
+//! Read models and reactors open a span per event they apply, in the trace that appended it, when that trace
+//! is sampled; `NSML_TRACE_EVENTS=off` leaves those spans out (they are most of a trace's spans).
+//!
 //! With export off and JSON logs, spans still get trace ids (log lines carry them, calls and events pass them
 //! on) but none is sampled, so nothing is recorded. With export off and text logs, which show no trace ids,
 //! no OpenTelemetry layer is installed at all: a trace context a caller sends still reaches the service the
@@ -36,7 +39,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Whether this process exports spans: consumers of the log open a span per applied event only then.
+/// Whether consumers of the log open a span per applied event: only when this process exports spans (and
+/// `NSML_TRACE_EVENTS=off` does not say otherwise).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// What the environment asks of span export.
@@ -173,7 +177,10 @@ pub fn init(service: &str) -> Telemetry {
     if let Some(note) = note {
         tracing::warn!("{note}");
     }
-    EXPORTING.store(exported, Ordering::Relaxed);
+    // Consumers of the log open a span per event they apply: most of the spans of a trace, since every read
+    // model and reactor of a process applies every event. `NSML_TRACE_EVENTS=off` leaves them out.
+    let events = !std::env::var("NSML_TRACE_EVENTS").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
+    EXPORTING.store(exported && events, Ordering::Relaxed);
     Telemetry {
         provider: provider.filter(|_| exported),
     }
