@@ -64,6 +64,9 @@ pub enum RunnerError {
         what: String,
         source: std::io::Error,
     },
+    /// The session's Python environment cannot be made (a refused requirement, a failed install).
+    #[error("{0}")]
+    Environment(String),
     /// A runner setting has a value the runner cannot use.
     #[error("invalid runner setting {what}: {why}")]
     Config { what: String, why: String },

@@ -53,6 +53,7 @@ use crate::archive::{self, ExtractLimits};
 use crate::args::entry_args;
 use crate::cgroup::{CgroupLimits, SessionCgroup};
 use crate::dataset::{normalize_part, part_for, part_slug};
+use crate::environment::{EnvRequest, EnvironmentCache, PreparedEnv, python_version, read_requirements};
 use crate::error::{Result, RunnerError};
 use crate::gpu::{GpuInventory, GpuLease};
 use crate::launch::{EnvSpec, LaunchSpec, build_command, session_env};
@@ -139,6 +140,8 @@ pub struct LocalExecutor {
     /// What this machine offers the sandbox, found at start (and again after a failure, so
     /// installing bubblewrap needs no restart).
     sandbox: tokio::sync::OnceCell<Arc<SandboxHost>>,
+    /// Python environments built from sessions' `requirements.txt`, under `work_dir/envs`.
+    envs: EnvironmentCache,
     /// Set once what earlier runners left is gone; sessions are laid out only after.
     swept: tokio::sync::OnceCell<()>,
 }
@@ -233,8 +236,28 @@ impl SessionDirs {
     }
 }
 
-/// What a prepared session runs with: its launch, its GPUs and its cgroup.
-type Prepared = (LaunchSpec, GpuLease, SessionCgroup);
+/// What a prepared session runs with: its launch, its GPUs, its cgroup and the cached environment it
+/// holds (kept from eviction while it runs).
+type Prepared = (LaunchSpec, GpuLease, SessionCgroup, Option<PreparedEnv>);
+
+/// The interpreter a session runs with, what of it the sandbox must mount, and the cached environment
+/// it holds.
+struct SessionPython {
+    executable: PathBuf,
+    /// Bound read-only at the same path.
+    mounts: Vec<PathBuf>,
+    environment: Option<PreparedEnv>,
+}
+
+impl SessionPython {
+    /// `PATH` inside the sandbox: the environment's `bin` first, where there is one.
+    fn search_path(&self, host: &SandboxHost) -> String {
+        match &self.environment {
+            Some(env) => format!("{}:{}", env.root.join("bin").display(), host.search_path()),
+            None => host.search_path(),
+        }
+    }
+}
 
 /// The time limit as the session is told it ended: `the inference must finish within N seconds`.
 fn time_limit_text(kind: SessionKind, secs: u64) -> String {
@@ -333,6 +356,7 @@ impl LocalExecutor {
         if let Ok(abs) = std::path::absolute(&cfg.work_dir) {
             cfg.work_dir = abs;
         }
+        let envs = EnvironmentCache::new(cfg.work_dir.join("envs"), cfg.limits.env_cache_bytes);
         let exec = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             cfg,
@@ -342,6 +366,7 @@ impl LocalExecutor {
             stop_reasons: Mutex::new(HashMap::new()),
             dataset_locks: Mutex::new(HashMap::new()),
             sandbox: tokio::sync::OnceCell::new(),
+            envs,
             swept: tokio::sync::OnceCell::new(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -580,7 +605,7 @@ impl LocalExecutor {
         session: &Session,
         time_limit_secs: u64,
         dirs: &SessionDirs,
-        (launch, lease, cgroup): Prepared,
+        (launch, lease, cgroup, _environment): Prepared,
         logs: &LogSender,
         stop: &CancellationToken,
     ) -> ProcessOutcome {
@@ -701,6 +726,7 @@ impl LocalExecutor {
 
         dirs.lay_out().await?;
         let entry = self.fetch_code(session, dirs, logs).await?;
+        let python = self.python(session, &host, dirs, logs).await?;
         logs.nsml(format!(
             "Preparing dataset {} ({})",
             session.dataset,
@@ -727,7 +753,7 @@ impl LocalExecutor {
             sdk_path: sdk_path.clone(),
             gpu_ids: lease.ids().to_vec(),
             resources,
-            search_path: host.search_path(),
+            search_path: python.search_path(&host),
         });
         let cgroup = host.cgroups().create(
             &session.name,
@@ -737,8 +763,8 @@ impl LocalExecutor {
                 pids: self.cfg.limits.pids,
             },
         )?;
-        let launch = LaunchSpec {
-            python: host.python().display().to_string(),
+        let mut launch = LaunchSpec {
+            python: python.executable.display().to_string(),
             entry,
             args,
             cwd: dirs.code.clone(),
@@ -747,7 +773,43 @@ impl LocalExecutor {
             resources,
             sandbox: dirs.sandbox(host, sdk_path, &lease, &resources, &cgroup),
         };
-        Ok((launch, lease, cgroup))
+        launch.sandbox.read_only.extend(python.mounts);
+        Ok((launch, lease, cgroup, python.environment))
+    }
+
+    /// The interpreter the session runs with: the runner's, or the virtual environment its
+    /// `requirements.txt` asks for, made on the runner's interpreter (see [`crate::environment`]).
+    async fn python(
+        &self,
+        _session: &Session,
+        host: &SandboxHost,
+        dirs: &SessionDirs,
+        logs: &LogSender,
+    ) -> Result<SessionPython> {
+        let base = host.python().to_path_buf();
+        let code = dirs.code.clone();
+        let requirements = tokio::task::spawn_blocking(move || read_requirements(&code))
+            .await
+            .map_err(|e| RunnerError::io("reading requirements stopped", std::io::Error::other(e)))??;
+        let Some(requirements) = requirements else {
+            return Ok(SessionPython {
+                executable: base,
+                mounts: Vec::new(),
+                environment: None,
+            });
+        };
+        let req = EnvRequest {
+            base_version: python_version(&base).await?,
+            base,
+            system_site_packages: false,
+            requirements,
+        };
+        let env = self.envs.prepare(&req, logs).await?;
+        Ok(SessionPython {
+            executable: env.python.clone(),
+            mounts: vec![env.root.clone()],
+            environment: Some(env),
+        })
     }
 
     /// Fetches the session's code snapshot into `code/` and returns its entry, checked to be a file

@@ -17,6 +17,7 @@
 //!   [`limits`]: the runner's own limits (processes, disk, log volume) and how limits read;
 //! - [`sdk`]: the SDK socket protocol; [`platform`]: what the process asks of the services;
 //! - [`logs`]: output lines and their batched stream; [`archive`]: safe tar extraction and packing;
+//! - [`environment`]: Python environments built from a session's `requirements.txt`, cached;
 //! - [`dataset`]: which dataset part a session sees and its layout; [`gpu`]: the GPU inventory;
 //!   [`args`]: shell-style argument splitting;
 //! - [`oneshot`]: one session's runner as a process of its own (what a cluster job runs);
@@ -27,6 +28,7 @@ pub mod archive;
 pub mod args;
 pub mod cgroup;
 pub mod dataset;
+pub mod environment;
 pub mod error;
 pub mod executor;
 pub mod gpu;

@@ -33,6 +33,9 @@ pub struct LimitsConfig {
     pub disk_bytes: u64,
     /// What a session may print; past it output is dropped with one notice.
     pub log_bytes: u64,
+    /// What the cached Python environments of this machine may take together
+    /// ([`crate::environment`]); past it the least recently used ones are removed.
+    pub env_cache_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -41,13 +44,14 @@ impl Default for LimitsConfig {
             pids: DEFAULT_PIDS_LIMIT,
             disk_bytes: DEFAULT_DISK_LIMIT,
             log_bytes: DEFAULT_LOG_LIMIT,
+            env_cache_bytes: crate::environment::DEFAULT_CACHE_LIMIT,
         }
     }
 }
 
 impl LimitsConfig {
-    /// The defaults, overridden by `NSML_RUNNER_PIDS_LIMIT` (a count), `NSML_RUNNER_DISK_LIMIT` and
-    /// `NSML_RUNNER_LOG_LIMIT` (sizes such as `100G`, `64M`).
+    /// The defaults, overridden by `NSML_RUNNER_PIDS_LIMIT` (a count), `NSML_RUNNER_DISK_LIMIT`,
+    /// `NSML_RUNNER_LOG_LIMIT` and `NSML_RUNNER_ENV_CACHE_LIMIT` (sizes such as `100G`, `64M`).
     pub fn from_env() -> Result<Self> {
         Self::from_vars(|k| std::env::var(k).ok())
     }
@@ -73,6 +77,7 @@ impl LimitsConfig {
         for (var, slot) in [
             ("NSML_RUNNER_DISK_LIMIT", &mut cfg.disk_bytes),
             ("NSML_RUNNER_LOG_LIMIT", &mut cfg.log_bytes),
+            ("NSML_RUNNER_ENV_CACHE_LIMIT", &mut cfg.env_cache_bytes),
         ] {
             if let Some(v) = get(var) {
                 *slot = parse_size(&v)
@@ -212,7 +217,8 @@ mod tests {
             LimitsConfig {
                 pids: 256,
                 disk_bytes: 64 << 20,
-                log_bytes: DEFAULT_LOG_LIMIT
+                log_bytes: DEFAULT_LOG_LIMIT,
+                env_cache_bytes: crate::environment::DEFAULT_CACHE_LIMIT,
             }
         );
         let err = LimitsConfig::from_vars(|k| {
