@@ -162,6 +162,7 @@ bounded! {
         args: MAX_ARGS_BYTES,
         memo: MAX_MEMO_BYTES,
         code_snapshot: MAX_NAME_BYTES,
+        environment: MAX_NAME_BYTES,
     }
     ListSessionsRequest { dataset: MAX_NAME_BYTES, search: MAX_PATTERN_BYTES }
     GetSessionRequest { name: MAX_NAME_BYTES }
@@ -233,6 +234,12 @@ impl Bounded for Competition {
             members = members.saturating_add(t.members.len());
         }
         entries("the teams' members", members, MAX_LIST_ENTRIES)?;
+        entries("environments", self.environments.len(), MAX_LIST_ENTRIES)?;
+        for e in &self.environments {
+            text("environment name", &e.name, MAX_NAME_BYTES)?;
+            text("environment python", &e.python, MAX_TEXT_BYTES)?;
+            text("environment description", &e.description, MAX_TEXT_BYTES)?;
+        }
         texts("hosts", &self.hosts, MAX_USERNAME_BYTES)
     }
 }

@@ -29,6 +29,7 @@ pub struct Manifest {
     datasets: Vec<DatasetSpec>,
     teams: Vec<TeamSpec>,
     users: Vec<UserSpec>,
+    environments: Vec<EnvironmentSpec>,
 }
 
 /// The per-team resource rules of a competition.
@@ -179,6 +180,16 @@ pub struct TeamSpec {
     pub members: Vec<String>,
 }
 
+/// A prepared Python environment of the machines that run sessions (`[[environments]]`), which a
+/// session selects with `#nsml: NAME` as its entry's first line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvironmentSpec {
+    pub name: String,
+    /// The interpreter, an absolute path on those machines.
+    pub python: String,
+    pub description: String,
+}
+
 /// A user the manifest creates, with an optional initial password.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserSpec {
@@ -229,6 +240,7 @@ impl Validator<'_> {
         let datasets = self.datasets(raw.datasets, &base_dir)?;
         let teams = self.teams(raw.teams)?;
         let users = self.users(raw.users)?;
+        let environments = self.environments(raw.environments)?;
         Ok(Manifest {
             path: self.path.to_path_buf(),
             base_dir,
@@ -239,7 +251,41 @@ impl Validator<'_> {
             datasets,
             teams,
             users,
+            environments,
         })
+    }
+
+    /// Validates the environments: names as identifiers, each once; interpreters as absolute paths.
+    fn environments(
+        &self,
+        raw: Vec<crate::schema::RawEnvironment>,
+    ) -> Result<Vec<EnvironmentSpec>, ManifestError> {
+        let mut names = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, e) in raw.into_iter().enumerate() {
+            self.identifier(&format!("environments[{i}].name"), &e.name)?;
+            if !names.insert(e.name.clone()) {
+                return Err(self.invalid(
+                    format!("environments[{i}].name"),
+                    format!("environment `{}` is listed twice", e.name),
+                ));
+            }
+            if !Path::new(&e.python).is_absolute() {
+                return Err(self.invalid(
+                    format!("environments[{i}].python"),
+                    format!(
+                        "`{}` is not an absolute path: name the interpreter as the machines running sessions have it, such as /opt/torch/bin/python3",
+                        e.python
+                    ),
+                ));
+            }
+            out.push(EnvironmentSpec {
+                name: e.name,
+                python: e.python,
+                description: e.description,
+            });
+        }
+        Ok(out)
     }
 
     /// Validates the datasets in order; no name may appear twice.
@@ -630,6 +676,11 @@ impl Manifest {
         &self.teams
     }
 
+    /// Returns the prepared Python environments, in manifest order.
+    pub fn environments(&self) -> &[EnvironmentSpec] {
+        &self.environments
+    }
+
     /// Returns the users the manifest creates, in manifest order.
     pub fn users(&self) -> &[UserSpec] {
         &self.users
@@ -663,6 +714,15 @@ impl Manifest {
                 hosts: self.hosts.clone(),
                 private_revealed: false,
                 policy_version: 0,
+                environments: self
+                    .environments
+                    .iter()
+                    .map(|e| pb::Environment {
+                        name: e.name.clone(),
+                        python: e.python.clone(),
+                        description: e.description.clone(),
+                    })
+                    .collect(),
             }),
             users: self
                 .users

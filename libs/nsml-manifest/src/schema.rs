@@ -20,6 +20,17 @@ pub(crate) struct RawManifest {
     pub teams: Vec<RawTeam>,
     #[serde(default)]
     pub users: Vec<RawUser>,
+    #[serde(default)]
+    pub environments: Vec<RawEnvironment>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEnvironment {
+    pub name: String,
+    pub python: String,
+    #[serde(default)]
+    pub description: String,
 }
 
 /// A byte size written either as a string with a unit (`"170G"`) or as a plain number of bytes.

@@ -781,12 +781,22 @@ impl LocalExecutor {
     /// `requirements.txt` asks for, made on the runner's interpreter (see [`crate::environment`]).
     async fn python(
         &self,
-        _session: &Session,
+        session: &Session,
         host: &SandboxHost,
         dirs: &SessionDirs,
         logs: &LogSender,
     ) -> Result<SessionPython> {
-        let base = host.python().to_path_buf();
+        let (base, mut mounts) = if session.environment_python.is_empty() {
+            (host.python().to_path_buf(), Vec::new())
+        } else {
+            logs.nsml(format!(
+                "Using environment {} ({})",
+                session.environment, session.environment_python
+            ))
+            .await;
+            self.host_environment(session, host).await?
+        };
+        let host_env = !session.environment_python.is_empty();
         let code = dirs.code.clone();
         let requirements = tokio::task::spawn_blocking(move || read_requirements(&code))
             .await
@@ -794,22 +804,50 @@ impl LocalExecutor {
         let Some(requirements) = requirements else {
             return Ok(SessionPython {
                 executable: base,
-                mounts: Vec::new(),
+                mounts,
                 environment: None,
             });
         };
         let req = EnvRequest {
             base_version: python_version(&base).await?,
             base,
-            system_site_packages: false,
+            // A host environment's packages (its torch) stay visible under what the requirements add.
+            system_site_packages: host_env,
             requirements,
         };
         let env = self.envs.prepare(&req, logs).await?;
+        mounts.push(env.root.clone());
         Ok(SessionPython {
             executable: env.python.clone(),
-            mounts: vec![env.root.clone()],
+            mounts,
             environment: Some(env),
         })
+    }
+
+    /// The interpreter of the session's host environment (`#nsml: NAME`), as this machine has it, and
+    /// the directories of it the sandbox must mount.
+    async fn host_environment(
+        &self,
+        session: &Session,
+        host: &SandboxHost,
+    ) -> Result<(PathBuf, Vec<PathBuf>)> {
+        let python = session.environment_python.clone();
+        let probed = {
+            let python = python.clone();
+            tokio::task::spawn_blocking(move || crate::sandbox::probe_python(&python))
+                .await
+                .map_err(|e| RunnerError::io("probing the interpreter stopped", std::io::Error::other(e)))?
+        };
+        let install = probed.map_err(|e| {
+            RunnerError::Environment(format!(
+                "environment `{}` names the interpreter {python}, which this machine cannot run ({e}): ask the competition's host to install it here or fix the manifest",
+                session.environment
+            ))
+        })?;
+        let mut protected = vec![self.cfg.work_dir.clone()];
+        protected.extend(self.cfg.work_dir.parent().map(Path::to_path_buf));
+        let mounts = host.python_mounts(&install, &protected)?;
+        Ok((install.executable, mounts))
     }
 
     /// Fetches the session's code snapshot into `code/` and returns its entry, checked to be a file

@@ -311,6 +311,19 @@ impl SandboxHost {
         &self.python.executable
     }
 
+    /// The directories a sandbox must mount, besides what it mounts for the runner's interpreter, to
+    /// run `python` (a host environment's interpreter); refused like the runner's own where they
+    /// would expose a path of `protected` or the runner's home.
+    pub fn python_mounts(&self, python: &PythonInstall, protected: &[PathBuf]) -> Result<Vec<PathBuf>> {
+        check_python_roots(python, protected)?;
+        Ok(python
+            .roots
+            .iter()
+            .filter(|r| !under_system(&self.system, r) && !self.python.roots.contains(r))
+            .cloned()
+            .collect())
+    }
+
     /// `PATH` inside: the interpreter's directory, then the system's.
     pub fn search_path(&self) -> String {
         let mut dirs = Vec::new();

@@ -37,6 +37,36 @@ pub fn is_ended(status: SessionStatus) -> bool {
     )
 }
 
+/// The interpreter of the host environment `name` among competition `competition`'s `environments`
+/// (empty for no name: the runner's own interpreter); an unknown name is refused with the names that
+/// exist.
+pub fn environment_python(
+    environments: &[nsml_proto::v1::Environment],
+    competition: &str,
+    name: &str,
+) -> Result<String, SessionError> {
+    if name.is_empty() {
+        return Ok(String::new());
+    }
+    if let Some(e) = environments.iter().find(|e| e.name == name) {
+        return Ok(e.python.clone());
+    }
+    let known = if environments.is_empty() {
+        "it names none; remove the line to run with the platform's Python".to_string()
+    } else {
+        let names: Vec<String> = environments.iter().map(|e| format!("`{}`", e.name)).collect();
+        format!(
+            "it has {}; name one of them, or remove the line to run with the platform's Python",
+            names.join(", ")
+        )
+    };
+    Err(SessionError::UnknownEnvironment {
+        name: name.to_string(),
+        competition: competition.to_string(),
+        known,
+    })
+}
+
 /// Refuses an entry file outside the code directory.
 pub fn check_entry(entry: &str) -> Result<(), SessionError> {
     let bad = entry.is_empty()

@@ -47,6 +47,15 @@ pub enum SessionError {
     #[error("dataset `{dataset}` not found; `nsml dataset ls` lists them")]
     DatasetNotFound { dataset: String },
 
+    /// The entry's `#nsml: NAME` names an environment the competition does not have.
+    #[error("environment `{name}` (the `#nsml:` line of the entry) is not one of competition `{competition}`: {known}")]
+    UnknownEnvironment {
+        name: String,
+        competition: String,
+        /// The names that exist, as a sentence.
+        known: String,
+    },
+
     /// The caller has no team in the competition a dataset belongs to.
     #[error(
         "you are not in a team of competition `{competition}`, which dataset `{dataset}` belongs to"
@@ -166,7 +175,7 @@ impl SessionError {
     fn code(&self) -> ErrorCode {
         use SessionError::*;
         match self {
-            BadEntry { .. } | NoCodeSnapshot => ErrorCode::BadRequest,
+            BadEntry { .. } | NoCodeSnapshot | UnknownEnvironment { .. } => ErrorCode::BadRequest,
             TooMuch { .. } | NeverFits { .. } => ErrorCode::TooLarge,
             CodeNotFound { .. }
             | DatasetNotFound { .. }

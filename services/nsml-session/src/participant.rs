@@ -23,7 +23,9 @@ use nsml_proto::v1::{
 use tonic::Status;
 
 use crate::dispatch::Launcher;
-use crate::domain::{check_capacity, check_entry, check_resources, is_ended, with_defaults};
+use crate::domain::{
+    check_capacity, check_entry, check_resources, environment_python, is_ended, with_defaults,
+};
 use crate::error::SessionError;
 use crate::logs::Live;
 use crate::projection::Entry;
@@ -173,6 +175,10 @@ impl Participants {
         check_resources(&resources)?;
         check_capacity(self.launcher.executor.capacity(), &resources)?;
         handler.check_code(team, &r.code_snapshot).await?;
+        let environment_python = handler.read(|s| {
+            let envs = s.environments.get(&competition).map(Vec::as_slice);
+            environment_python(envs.unwrap_or_default(), &competition, &r.environment)
+        })?;
         let template = Session {
             team: team.to_string(),
             dataset: r.dataset.clone(),
@@ -186,6 +192,8 @@ impl Participants {
             created_at_ms: now_ms(),
             competition,
             interactive: r.interactive,
+            environment: r.environment,
+            environment_python,
             ..Default::default()
         };
         // No position to wait for: a training session's admission depends on no outcome the caller saw.
@@ -232,6 +240,8 @@ impl Participants {
             source_session: r.source_session.clone(),
             source_checkpoint: r.checkpoint.clone(),
             submission_id: r.submission_id.clone(),
+            environment: src.session.environment.clone(),
+            environment_python: src.session.environment_python.clone(),
             ..Default::default()
         };
         self.request_admit_launch(

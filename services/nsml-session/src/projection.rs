@@ -31,6 +31,8 @@ pub struct Sessions {
     /// Dataset → competition.
     pub datasets: HashMap<String, String>,
     pub policies: HashMap<String, Policy>,
+    /// Competition → its host environments (`#nsml: NAME`).
+    pub environments: HashMap<String, Vec<nsml_proto::v1::Environment>>,
     /// Code snapshot → the teams that uploaded it (content-addressed: identical code shares an id).
     pub code: HashMap<String, HashSet<String>>,
 }
@@ -159,6 +161,8 @@ impl Sessions {
             for d in &c.datasets {
                 self.datasets.insert(d.name.clone(), c.id.clone());
             }
+            self.environments
+                .insert(c.id.clone(), c.environments.clone());
             if let Some(p) = c.policy {
                 self.policies.insert(c.id, p);
             }

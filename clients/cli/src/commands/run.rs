@@ -24,6 +24,21 @@ use crate::ignore::IgnoreRules;
 use crate::output::{session_ended, session_status};
 use crate::{Exit, UsageError};
 
+/// The host environment the entry's first line names, NSML's way: `#nsml: NAME` (empty without one).
+fn entry_environment(entry: &Path) -> Result<String> {
+    use std::io::{BufRead as _, Read as _};
+    let file = std::fs::File::open(entry)
+        .with_context(|| format!("cannot read the entry file {}", entry.display()))?;
+    let mut first = String::new();
+    // A first line that is not text names no environment.
+    let _ = std::io::BufReader::new(file).take(4096).read_line(&mut first);
+    Ok(first
+        .trim()
+        .strip_prefix("#nsml:")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default())
+}
+
 /// Uploads above this size get a warning: they are usually data or checkpoints that belong in `.nsmlignore`.
 const LARGE_UPLOAD: usize = 10 * 1024 * 1024;
 
@@ -42,6 +57,7 @@ pub async fn run(ctx: &Context, args: RunArgs) -> Result<()> {
     if !collected.contains_file(&args.entry) {
         bail!("entry file {} not found in {}", args.entry, dir.display());
     }
+    let environment = entry_environment(&dir.join(&args.entry))?;
     let pack_dir = dir.clone();
     let upload = tokio::task::spawn_blocking(move || archive::pack(&pack_dir, &collected))
         .await
@@ -80,6 +96,7 @@ pub async fn run(ctx: &Context, args: RunArgs) -> Result<()> {
             memo: args.memo.clone(),
             code_snapshot: snapshot.id,
             interactive: args.interactive,
+            environment,
         })
         .await?
         .into_inner();
