@@ -53,7 +53,9 @@ use crate::archive::{self, ExtractLimits};
 use crate::args::entry_args;
 use crate::cgroup::{CgroupLimits, SessionCgroup};
 use crate::dataset::{normalize_part, part_for, part_slug};
-use crate::environment::{EnvRequest, EnvironmentCache, PreparedEnv, python_version, read_requirements};
+use crate::environment::{
+    EnvRequest, EnvironmentCache, PreparedEnv, python_version, read_requirements,
+};
 use crate::error::{Result, RunnerError};
 use crate::gpu::{GpuInventory, GpuLease};
 use crate::launch::{EnvSpec, LaunchSpec, build_command, session_env};
@@ -800,7 +802,9 @@ impl LocalExecutor {
         let code = dirs.code.clone();
         let requirements = tokio::task::spawn_blocking(move || read_requirements(&code))
             .await
-            .map_err(|e| RunnerError::io("reading requirements stopped", std::io::Error::other(e)))??;
+            .map_err(|e| {
+                RunnerError::io("reading requirements stopped", std::io::Error::other(e))
+            })??;
         let Some(requirements) = requirements else {
             return Ok(SessionPython {
                 executable: base,
@@ -836,7 +840,9 @@ impl LocalExecutor {
             let python = python.clone();
             tokio::task::spawn_blocking(move || crate::sandbox::probe_python(&python))
                 .await
-                .map_err(|e| RunnerError::io("probing the interpreter stopped", std::io::Error::other(e)))?
+                .map_err(|e| {
+                    RunnerError::io("probing the interpreter stopped", std::io::Error::other(e))
+                })?
         };
         let install = probed.map_err(|e| {
             RunnerError::Environment(format!(

@@ -314,7 +314,11 @@ impl SandboxHost {
     /// The directories a sandbox must mount, besides what it mounts for the runner's interpreter, to
     /// run `python` (a host environment's interpreter); refused like the runner's own where they
     /// would expose a path of `protected` or the runner's home.
-    pub fn python_mounts(&self, python: &PythonInstall, protected: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    pub fn python_mounts(
+        &self,
+        python: &PythonInstall,
+        protected: &[PathBuf],
+    ) -> Result<Vec<PathBuf>> {
         check_python_roots(python, protected)?;
         Ok(python
             .roots

@@ -54,7 +54,10 @@ pub fn environment_python(
     let known = if environments.is_empty() {
         "it names none; remove the line to run with the platform's Python".to_string()
     } else {
-        let names: Vec<String> = environments.iter().map(|e| format!("`{}`", e.name)).collect();
+        let names: Vec<String> = environments
+            .iter()
+            .map(|e| format!("`{}`", e.name))
+            .collect();
         format!(
             "it has {}; name one of them, or remove the line to run with the platform's Python",
             names.join(", ")
@@ -601,5 +604,26 @@ mod tests {
             },
         );
         assert_eq!(td.next_number(), 4);
+    }
+
+    #[test]
+    fn given_a_competitions_environments_when_an_entry_names_one_then_its_interpreter_runs_it() {
+        let envs = [nsml_proto::v1::Environment {
+            name: "torch".into(),
+            python: "/opt/torch/bin/python3".into(),
+            description: String::new(),
+        }];
+        assert_eq!(
+            environment_python(&envs, "demo", "torch").unwrap(),
+            "/opt/torch/bin/python3"
+        );
+        assert_eq!(environment_python(&envs, "demo", "").unwrap(), "");
+        let err = environment_python(&envs, "demo", "tf").unwrap_err().to_string();
+        assert!(
+            err.contains("environment `tf`") && err.contains("it has `torch`"),
+            "{err}"
+        );
+        let none = environment_python(&[], "demo", "tf").unwrap_err().to_string();
+        assert!(none.contains("it names none"), "{none}");
     }
 }

@@ -48,7 +48,9 @@ pub enum SessionError {
     DatasetNotFound { dataset: String },
 
     /// The entry's `#nsml: NAME` names an environment the competition does not have.
-    #[error("environment `{name}` (the `#nsml:` line of the entry) is not one of competition `{competition}`: {known}")]
+    #[error(
+        "environment `{name}` (the `#nsml:` line of the entry) is not one of competition `{competition}`: {known}"
+    )]
     UnknownEnvironment {
         name: String,
         competition: String,

@@ -31,7 +31,9 @@ fn entry_environment(entry: &Path) -> Result<String> {
         .with_context(|| format!("cannot read the entry file {}", entry.display()))?;
     let mut first = String::new();
     // A first line that is not text names no environment.
-    let _ = std::io::BufReader::new(file).take(4096).read_line(&mut first);
+    let _ = std::io::BufReader::new(file)
+        .take(4096)
+        .read_line(&mut first);
     Ok(first
         .trim()
         .strip_prefix("#nsml:")
