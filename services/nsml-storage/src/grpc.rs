@@ -169,7 +169,24 @@ impl StorageApi {
     }
 
     /// The team a usage request is about: the one named, or the caller's only team.
-    fn usage_team(&self, caller: &Caller, team: String) -> Result<String, StorageError> {
+    /// The caller's team in the competition `dataset` belongs to.
+    fn team_for(&self, caller: &Caller, dataset: &str) -> Result<String, StorageError> {
+        let competition = self
+            .core
+            .read(|v| v.competition_of(dataset).map(String::from))
+            .ok_or_else(|| StorageError::DatasetNotFound {
+                name: dataset.to_string(),
+            })?;
+        caller
+            .team_in(&competition)
+            .map(str::to_string)
+            .ok_or_else(|| StorageError::NotInCompetition {
+                competition,
+                dataset: dataset.to_string(),
+            })
+    }
+
+        fn usage_team(&self, caller: &Caller, team: String) -> Result<String, StorageError> {
         if !team.is_empty() {
             let allowed = caller.is_service()
                 || caller.is_admin()
@@ -286,19 +303,7 @@ impl StorageService for StorageApi {
         let meta = first_meta(&mut stream).await?;
         self.core.ready().await?;
         let dataset = meta.dataset;
-        let competition = self
-            .core
-            .read(|v| v.competition_of(&dataset).map(String::from))
-            .ok_or_else(|| StorageError::DatasetNotFound {
-                name: dataset.clone(),
-            })?;
-        let team = caller
-            .team_in(&competition)
-            .ok_or_else(|| StorageError::NotInCompetition {
-                competition: competition.clone(),
-                dataset: dataset.clone(),
-            })?
-            .to_string();
+        let team = self.team_for(&caller, &dataset)?;
         let limit = self.core.limits().code_bytes;
         let archive = self
             .core
@@ -352,19 +357,7 @@ impl StorageService for StorageApi {
         caller.user()?;
         let FindCodeRequest { dataset, id } = req.into_inner();
         self.core.ready().await?;
-        let competition = self
-            .core
-            .read(|v| v.competition_of(&dataset).map(String::from))
-            .ok_or_else(|| StorageError::DatasetNotFound {
-                name: dataset.clone(),
-            })?;
-        let team = caller
-            .team_in(&competition)
-            .ok_or_else(|| StorageError::NotInCompetition {
-                competition: competition.clone(),
-                dataset: dataset.clone(),
-            })?
-            .to_string();
+        let team = self.team_for(&caller, &dataset)?;
         // Another team's identical code is not the caller's to know of: NOT_FOUND alike.
         let size = self
             .core

@@ -126,17 +126,12 @@ pub async fn raise_quota(
     reason: String,
     competition: Option<String>,
 ) -> Result<()> {
+    let request = until(OverrideKind::RaiseQuota, team, until_ms, reason, competition);
     grant(
         ctx,
         pb::OverrideRequest {
-            competition: competition.unwrap_or_default(),
-            team,
-            kind: OverrideKind::RaiseQuota as i32,
             raise: Some(raise),
-            until_ms,
-            reason,
-            command_id: uuid_like(),
-            ..Default::default()
+            ..request
         },
         false,
     )
@@ -150,20 +145,27 @@ pub async fn extend_deadline(
     reason: String,
     competition: Option<String>,
 ) -> Result<()> {
-    grant(
-        ctx,
-        pb::OverrideRequest {
-            competition: competition.unwrap_or_default(),
-            team,
-            kind: OverrideKind::ExtendDeadline as i32,
-            until_ms,
-            reason,
-            command_id: uuid_like(),
-            ..Default::default()
-        },
-        false,
-    )
-    .await
+    let request = until(OverrideKind::ExtendDeadline, team, until_ms, reason, competition);
+    grant(ctx, request, false).await
+}
+
+/// An override of the team's that holds until a time (a raise, an extended deadline).
+fn until(
+    kind: OverrideKind,
+    team: String,
+    until_ms: i64,
+    reason: String,
+    competition: Option<String>,
+) -> pb::OverrideRequest {
+    pb::OverrideRequest {
+        competition: competition.unwrap_or_default(),
+        team,
+        kind: kind as i32,
+        until_ms,
+        reason,
+        command_id: uuid_like(),
+        ..Default::default()
+    }
 }
 
 /// A command id for one invocation: the time and the process, unique enough to make a retry of the same call
