@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, ensure};
 use nsml_integration_tests::scenario::{baseline_copy, login, run, wait_ended};
-use nsml_integration_tests::{Deployment, User};
+use nsml_integration_tests::{Deployment, User, repo_root};
 
 /// Writes `files` into `dir`.
 fn write(dir: &Path, files: &[(&str, &str)]) -> anyhow::Result<()> {
@@ -127,11 +127,25 @@ fn requirements_install_once_reuse_and_follow_submits() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The example competition with one more host environment, whose interpreter no machine has.
+fn example_with_missing_interpreter(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string(repo_root().join("examples/competition.toml"))?;
+    let datasets = repo_root().join("examples/datasets");
+    let text = text.replace(
+        "path = \"datasets/",
+        &format!("path = \"{}/", datasets.display()),
+    ) + "\n[[environments]]\nname = \"gone\"\npython = \"/nonexistent/bin/python3\"\n";
+    let path = dir.join("competition.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
 #[test]
 fn nsml_line_selects_a_host_environment() -> anyhow::Result<()> {
-    let dep = Deployment::embedded()?;
-    let alice = login(&dep, "alice", "alice-pass")?;
     let work = tempfile::tempdir()?;
+    let manifest = example_with_missing_interpreter(work.path())?;
+    let dep = Deployment::embedded_with(&[manifest])?;
+    let alice = login(&dep, "alice", "alice-pass")?;
 
     // The example competition names `default`, the system's /usr/bin/python3.
     let dir = work.path().join("default");
@@ -173,9 +187,22 @@ fn nsml_line_selects_a_host_environment() -> anyhow::Result<()> {
     ensure!(
         out.stderr
             .contains("environment `nsml/ml:cuda9.0-cudnn7-tf-1.11torch0.4`")
-            && out.stderr.contains("`default`"),
+            && out.stderr.contains("`default`, `gone`"),
         "an unknown environment is refused listing the known ones: {}",
         out.all()
+    );
+
+    // A known environment whose interpreter this machine lacks fails the session, saying so.
+    let gone = work.path().join("gone");
+    write(&gone, &[("main.py", "#nsml: gone\nprint('never runs')\n")])?;
+    let name = run(&alice, &gone, "t1-cls", &[])?;
+    let s = wait_ended(&alice, &name)?;
+    ensure!(
+        s["status"] == "failed"
+            && s["reason"].as_str().unwrap_or_default().contains(
+                "environment `gone` names the interpreter /nonexistent/bin/python3, which this machine cannot run"
+            ),
+        "a missing interpreter: {s}"
     );
     Ok(())
 }
