@@ -474,3 +474,42 @@ fn a_schedule_is_read_as_times_and_checked() {
     ));
     assert!(err.contains("must be after policy.opens"), "{err}");
 }
+
+#[test]
+fn host_environments_are_named_interpreters_carried_in_the_competition() {
+    let fixture = Fixture::new();
+    let path = fixture.manifest(&format!(
+        "{MINIMAL}\n[[environments]]\nname = \"torch\"\npython = \"/opt/torch/bin/python3\"\ndescription = \"CUDA 12 torch\"\n\n[[environments]]\nname = \"default\"\npython = \"/usr/bin/python3\"\n"
+    ));
+    let manifest = load(&path).unwrap();
+    let names: Vec<_> = manifest
+        .environments()
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(names, ["torch", "default"]);
+    let competition = manifest.competition_request().competition.unwrap();
+    assert_eq!(
+        competition.environments[0],
+        pb::Environment {
+            name: "torch".into(),
+            python: "/opt/torch/bin/python3".into(),
+            description: "CUDA 12 torch".into(),
+        }
+    );
+
+    let err = error_of(&format!(
+        "{MINIMAL}\n[[environments]]\nname = \"torch\"\npython = \"bin/python3\"\n"
+    ));
+    assert!(
+        err.contains("environments[0].python") && err.contains("not an absolute path"),
+        "{err}"
+    );
+    let twice = "\n[[environments]]\nname = \"t\"\npython = \"/usr/bin/python3\"\n";
+    let err = error_of(&format!("{MINIMAL}{twice}{twice}"));
+    assert!(err.contains("environment `t` is listed twice"), "{err}");
+    let err = error_of(&format!(
+        "{MINIMAL}\n[[environments]]\nname = \"t\"\npython = \"/usr/bin/python3\"\nimage = \"x\"\n"
+    ));
+    assert!(err.contains("unknown field `image`"), "{err}");
+}
