@@ -86,6 +86,9 @@ pub struct RunnerConfig {
     pub limits: LimitsConfig,
     /// CPUs all sessions on this machine may hold at once (`None`: no limit beyond the teams' quotas).
     pub cpus: Option<u32>,
+    /// Where environments built from sessions' `requirements.txt` are cached (`None`: `work_dir/envs`).
+    /// Runners of one machine may share it: builds and evictions lock ([`crate::environment`]).
+    pub env_cache: Option<PathBuf>,
 }
 
 impl RunnerConfig {
@@ -98,6 +101,7 @@ impl RunnerConfig {
             gpus: GpuInventory::detect(),
             limits: LimitsConfig::default(),
             cpus: None,
+            env_cache: None,
         }
     }
 }
@@ -358,7 +362,11 @@ impl LocalExecutor {
         if let Ok(abs) = std::path::absolute(&cfg.work_dir) {
             cfg.work_dir = abs;
         }
-        let envs = EnvironmentCache::new(cfg.work_dir.join("envs"), cfg.limits.env_cache_bytes);
+        let env_dir = cfg
+            .env_cache
+            .clone()
+            .unwrap_or_else(|| cfg.work_dir.join("envs"));
+        let envs = EnvironmentCache::new(env_dir, cfg.limits.env_cache_bytes);
         let exec = Arc::new_cyclic(|me| Self {
             me: me.clone(),
             cfg,

@@ -371,6 +371,7 @@ async fn env_in(gpus: u32, work: tempfile::TempDir) -> Env {
         gpus: GpuInventory::with_count(gpus),
         limits: Default::default(),
         cpus: None,
+        env_cache: None,
     };
     Env {
         fake,

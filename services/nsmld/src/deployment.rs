@@ -127,6 +127,7 @@ impl RunnerSection {
             gpus: nsml_runner::GpuInventory::from_source(&gpus),
             limits: nsml_runner::LimitsConfig::from_env()?,
             cpus: self.cpus,
+            env_cache: None,
         })
     }
 }

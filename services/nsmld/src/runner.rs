@@ -94,7 +94,9 @@ pub async fn run(
     };
     let id = in_job.unwrap_or_else(|| format!("pid-{}", std::process::id()));
     let work_dir = host.data_dir.join("runner").join(format!("job-{id}"));
-    let cfg = host.runner.local(work_dir.clone(), gpus)?;
+    let mut cfg = host.runner.local(work_dir.clone(), gpus)?;
+    // The job's directory goes with the job; the environments it builds stay for the next sessions here.
+    cfg.env_cache = Some(host.data_dir.join("runner").join("envs"));
     let addrs = host.addrs(config)?;
     let clients = Clients::new(&addrs, &host.internal_secret, "runner")?;
     tracing::info!(session = %session.name, work_dir = %work_dir.display(), "running a session");
