@@ -86,6 +86,10 @@ pub enum Command {
         json: Json,
     },
     /// Upload the current directory and start a training session
+    ///
+    /// A `requirements.txt` in the directory is installed into the session's Python environment (cached for
+    /// the next sessions); `#nsml: NAME` as the entry's first line selects one of the competition's host
+    /// environments.
     Run(RunArgs),
     /// List sessions
     Ps(PsArgs),
