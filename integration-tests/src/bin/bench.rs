@@ -14,6 +14,9 @@
 //! With `--kept N` it measures only what each ended session kept costs: `nsmld up`'s resident memory after 50
 //! trivial sessions and after N, and the growth per session between.
 //!
+//! With `--refused N` it measures only what each refused admission leaves in memory: `nsmld up`'s resident
+//! memory after 2,000 refusals and after N more, and the growth per refusal between.
+//!
 //! With `--soak SECONDS` it runs only the soak instead (`nsml_integration_tests::soak`): a busy competition
 //! hour compressed into that many seconds, with `nsmld`'s resident memory sampled throughout.
 //!
@@ -84,6 +87,10 @@ async fn main() -> anyhow::Result<()> {
     let kept = get("--kept", 0);
     if kept > 0 {
         return kept_sessions(kept).await;
+    }
+    let refused = get("--refused", 0);
+    if refused > 0 {
+        return refused_admissions(refused).await;
     }
     if args.iter().any(|a| a == "--tracing-cost") {
         return tracing_cost(get("--rounds", 5), get("--admissions", 3000), clients).await;
@@ -399,7 +406,7 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
     let snap = alice
         .upload("t1-cls", &[("main.py", "print('hi')\n")])
         .await?;
-    let mut at_first = None;
+    let (mut at_first, mut split_first) = (None, None);
     for i in 1..=n {
         let s = alice.run("t1-cls", &snap, "", small()).await?;
         let done = alice.wait_session(&s.name).await?;
@@ -407,10 +414,12 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
         if i == FIRST {
             tokio::time::sleep(Duration::from_secs(2)).await;
             at_first = nsml_integration_tests::soak::rss_kib(pid);
+            split_first = nsml_integration_tests::soak::rss_split_kib(pid);
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let at_last = nsml_integration_tests::soak::rss_kib(pid);
+    let split_last = nsml_integration_tests::soak::rss_split_kib(pid);
     let (Some(first), Some(last)) = (at_first, at_last) else {
         anyhow::bail!("cannot read nsmld's resident memory");
     };
@@ -426,6 +435,57 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
     println!(
         "growth per kept session: {:.1} KiB",
         last.saturating_sub(first) as f64 / (n - FIRST) as f64
+    );
+    if let (Some((anon0, file0)), Some((anon1, file1))) = (split_first, split_last) {
+        println!(
+            "of which the process's own memory (RssAnon): {:.1} KiB, and pages of mapped files (RssFile, the log \
+             read through its memory map): {:.1} KiB",
+            anon1.saturating_sub(anon0) as f64 / (n - FIRST) as f64,
+            file1.saturating_sub(file0) as f64 / (n - FIRST) as f64
+        );
+    }
+    Ok(())
+}
+
+/// What each refused admission leaves in memory: `nsmld up`'s resident memory after 2,000 refused `run`s (the
+/// team's session slots all taken) and after `n` more, and the growth per refusal between.
+async fn refused_admissions(n: usize) -> anyhow::Result<()> {
+    const FIRST: usize = 2000;
+    let dep = Deployment::embedded_env(&[], UNLIMITED)?;
+    let pid = dep.pids().first().copied().context("no nsmld process")?;
+    let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+    let sleeper = take_slots(&alice).await?;
+    let refuse = |count: usize| {
+        let (alice, sleeper) = (alice.clone(), sleeper.clone());
+        async move {
+            for _ in 0..count {
+                decided(alice.run("t1-cls", &sleeper, "", small()).await)?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    refuse(FIRST).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let first = nsml_integration_tests::soak::rss_kib(pid);
+    refuse(n).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last = nsml_integration_tests::soak::rss_kib(pid);
+    let (Some(first), Some(last)) = (first, last) else {
+        anyhow::bail!("cannot read nsmld's resident memory");
+    };
+    println!("nsml-bench --refused (embedded, `nsmld up`, `run` refused for the team's session limit)");
+    println!(
+        "resident memory after {FIRST} refusals: {:.1} MB",
+        first as f64 / 1024.0
+    );
+    println!(
+        "resident memory after {} refusals: {:.1} MB",
+        FIRST + n,
+        last as f64 / 1024.0
+    );
+    println!(
+        "growth per refused admission: {:.2} KiB",
+        last.saturating_sub(first) as f64 / n as f64
     );
     Ok(())
 }
