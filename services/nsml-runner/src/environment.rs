@@ -376,6 +376,42 @@ impl EnvironmentCache {
             .map_err(|e| RunnerError::io(format!("cannot write {}", marker.display()), e))
     }
 
+    /// Removes what builds interrupted by a killed runner left: environment directories without their
+    /// marker that no runner is building or using now. Returns how many it removed.
+    pub fn remove_incomplete(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let free = |path: PathBuf| {
+            let f = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .ok()?;
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).ok()?;
+            Some(f)
+        };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !path.is_dir() || path.join(READY).exists() {
+                continue;
+            }
+            let Some(_building) = free(self.dir.join(format!("{name}.build"))) else {
+                continue;
+            };
+            let Some(_in_use) = free(self.dir.join(format!("{name}.lock"))) else {
+                continue;
+            };
+            if !path.join(READY).exists() && crate::archive::remove_tree_now(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Removes the least recently used complete environments, other than `keep` and those in use,
     /// until the cache is within its cap. Runs after every build.
     pub fn evict(&self, keep: &Path) {

@@ -366,6 +366,8 @@ impl LocalExecutor {
             .env_cache
             .clone()
             .unwrap_or_else(|| cfg.work_dir.join("envs"));
+        // Bound into sandboxes at the same place, too.
+        let env_dir = std::path::absolute(&env_dir).unwrap_or(env_dir);
         let envs = EnvironmentCache::new(env_dir, cfg.limits.env_cache_bytes);
         let exec = Arc::new_cyclic(|me| Self {
             me: me.clone(),
@@ -397,7 +399,9 @@ impl LocalExecutor {
                     tracing::warn!(error = %e, "cannot check for sessions earlier runners left running");
                 }
                 let work = self.cfg.work_dir.clone();
-                match tokio::task::spawn_blocking(move || remove_leftovers(&work)).await {
+                let envs = self.envs.clone();
+                let sweep = move || remove_leftovers(&work) + envs.remove_incomplete();
+                match tokio::task::spawn_blocking(sweep).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "removed what earlier runners left"),
                     Err(e) => tracing::warn!(error = %e, "removing what earlier runners left stopped"),

@@ -165,3 +165,21 @@ async fn the_least_recently_used_environment_goes_but_not_one_in_use() {
     assert!(b.root.exists(), "an environment in use is never evicted");
     assert!(imports(&b.python, "six") && imports(&c.python, "six"));
 }
+
+#[test]
+fn what_an_interrupted_build_left_goes_unless_a_build_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let envs = dir.path().join("envs");
+    let cache = EnvironmentCache::new(envs.clone(), 10 << 30);
+    for name in ["left", "building", "done"] {
+        std::fs::create_dir_all(envs.join(name).join("bin")).unwrap();
+    }
+    std::fs::write(envs.join("done").join(".nsml-env"), "bytes: 1\n").unwrap();
+    // Another runner is building `building` right now.
+    let held = std::fs::File::create(envs.join("building.build")).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+
+    assert_eq!(cache.remove_incomplete(), 1);
+    assert!(!envs.join("left").exists());
+    assert!(envs.join("building").exists() && envs.join("done").exists());
+}
