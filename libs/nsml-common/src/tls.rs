@@ -1,6 +1,6 @@
 //! TLS between the platform's processes: the `[tls]` table of a deployment's (and a runner's)
 //! configuration, read and checked once at start-up, then handed to every internal server
-//! ([`crate::server::serve_with_tls`]) and every internal channel ([`crate::clients`]).
+//! ([`crate::server::Port::open_tls`]) and every internal channel ([`crate::clients`]).
 //!
 //! A process presents one certificate, as a server and, with mutual TLS, as a client; the CA checks the
 //! servers a process calls and, with mutual TLS, the clients that call it. With TLS configured the services'
