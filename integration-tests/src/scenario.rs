@@ -372,7 +372,9 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &mut Left) -> anyhow::Resu
             .unwrap_or_default())
     };
     let listed = names(&alice)?;
-    let out = alice.nsml_in(&dir, &["run", "-d", "t1-cls"], "")?.failed()?;
+    let out = alice
+        .nsml_in(&dir, &["run", "-d", "t1-cls"], "")?
+        .failed()?;
     ensure!(
         out.stderr.contains(
             "no machine of this cluster can ever hold the session: it asks for 1 GPU and the cluster has 0 GPUs"
@@ -395,7 +397,8 @@ pub fn bad_input(dep: &Deployment, work: &Path, left: &mut Left) -> anyhow::Resu
         .nsml(&["model", "rm", &left.alice_session, "0"])?
         .failed()?;
     ensure!(
-        out.stderr.contains("it backs your team's best score on the `t1-cls` board"),
+        out.stderr
+            .contains("it backs your team's best score on the `t1-cls` board"),
         "deleting a board entry's checkpoint: {}",
         out.all()
     );

@@ -28,14 +28,14 @@ use nsml_integration_tests::grpc::{Client, authed, small, tar_gz};
 use nsml_integration_tests::{Deployment, FreshDb, drop_stream, repo_root};
 use nsml_proto::v1::{
     ApplyCompetitionRequest, BoardRequest, Competition, DatasetMeta, DatasetRef,
-    DeleteCheckpointRequest, Direction, DownloadCodeRequest, Empty, FindCodeRequest, GetCompetitionRequest,
-    GetDatasetRequest, GetSessionRequest, GetSubmissionRequest, HistoryRequest, HistoryResponse,
-    Identity, ListCheckpointsRequest, ListDatasetsRequest, ListSessionsRequest,
-    ListSessionsResponse, ListSubmissionsRequest, ListSubmissionsResponse, LoginRequest,
-    LoginResponse, LogsRequest, Membership, MemoRequest, MetricsRequest, MetricsResponse,
-    OverallRequest, PullCheckpointRequest, QuotaUsageRequest, RegisterDatasetChunk, RemoveRequest,
-    RevealPrivateRequest, RunRequest, Session, StopRequest, Submission, SubmitRequest,
-    UploadCodeChunk, UploadCodeMeta, UsageRequest, UserSpec,
+    DeleteCheckpointRequest, Direction, DownloadCodeRequest, Empty, FindCodeRequest,
+    GetCompetitionRequest, GetDatasetRequest, GetSessionRequest, GetSubmissionRequest,
+    HistoryRequest, HistoryResponse, Identity, ListCheckpointsRequest, ListDatasetsRequest,
+    ListSessionsRequest, ListSessionsResponse, ListSubmissionsRequest, ListSubmissionsResponse,
+    LoginRequest, LoginResponse, LogsRequest, Membership, MemoRequest, MetricsRequest,
+    MetricsResponse, OverallRequest, PullCheckpointRequest, QuotaUsageRequest,
+    RegisterDatasetChunk, RemoveRequest, RevealPrivateRequest, RunRequest, Session, StopRequest,
+    Submission, SubmitRequest, UploadCodeChunk, UploadCodeMeta, UsageRequest, UserSpec,
     auth_service_client::AuthServiceClient, register_dataset_chunk, upload_code_chunk,
 };
 use prost::Message;

@@ -28,7 +28,8 @@ impl Scrape {
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
         anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "scrape answered {head}");
         anyhow::ensure!(
-            head.to_ascii_lowercase().contains("content-type: text/plain"),
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain"),
             "Prometheus text: {head}"
         );
         let mut samples = HashMap::new();
@@ -65,9 +66,9 @@ fn the_metrics_endpoint_counts_a_run_and_a_submit() -> anyhow::Result<()> {
     let before = Scrape::take(&metrics)?;
     for projection in ["auth", "session", "quota", "submission", "leaderboard"] {
         assert!(
-            before
-                .0
-                .contains_key(&format!("nsml_projection_lag_events{{projection=\"{projection}\"}}")),
+            before.0.contains_key(&format!(
+                "nsml_projection_lag_events{{projection=\"{projection}\"}}"
+            )),
             "every read model says how far behind the log it is ({projection})"
         );
     }
@@ -117,11 +118,18 @@ fn the_metrics_endpoint_counts_a_run_and_a_submit() -> anyhow::Result<()> {
         "appends are timed"
     );
     assert!(
-        after.sum("nsml_eventstore_commit_appends_count{", &["store=\"sqlite\""]) > 0.0,
+        after.sum(
+            "nsml_eventstore_commit_appends_count{",
+            &["store=\"sqlite\""]
+        ) > 0.0,
         "commits are counted by store"
     );
     let run = "nsml_gateway_requests_total{method=\"/nsml.v1.SessionService/Run\",code=\"OK\"}";
-    assert_eq!(after.get(run) - before.get(run), 1.0, "one Run through the gateway");
+    assert_eq!(
+        after.get(run) - before.get(run),
+        1.0,
+        "one Run through the gateway"
+    );
     assert!(
         after.sum(
             "nsml_gateway_request_duration_seconds_count{",
@@ -129,7 +137,10 @@ fn the_metrics_endpoint_counts_a_run_and_a_submit() -> anyhow::Result<()> {
         ) >= 1.0
     );
     assert!(
-        after.sum("nsml_bus_delivery_lag_seconds_count{", &["subscriber=\"session\""]) > 0.0,
+        after.sum(
+            "nsml_bus_delivery_lag_seconds_count{",
+            &["subscriber=\"session\""]
+        ) > 0.0,
         "live deliveries to a read model are timed"
     );
     assert!(
@@ -214,12 +225,7 @@ fn health_follows_each_service_through_the_gateway() -> anyhow::Result<()> {
         dep.restart_service_when("leaderboard", || {
             wait_health(&rt, &url, board, ServingStatus::NotServing)?;
             wait_health(&rt, &url, "", ServingStatus::NotServing)?;
-            wait_health(
-                &rt,
-                &url,
-                "nsml.v1.SessionService",
-                ServingStatus::Serving,
-            )?;
+            wait_health(&rt, &url, "nsml.v1.SessionService", ServingStatus::Serving)?;
             Ok(())
         })?;
         wait_health(&rt, &url, board, ServingStatus::Serving)?;

@@ -17,8 +17,14 @@ fn with_policy(dir: &Path, name: &str, lines: &str) -> anyhow::Result<PathBuf> {
     let path = example_with_interval(&sub, "1h")?;
     let text = std::fs::read_to_string(&path)?;
     let anchor = "submit_max_cpus = 4\n";
-    ensure!(text.contains(anchor), "the example manifest's policy changed");
-    std::fs::write(&path, text.replacen(anchor, &format!("{anchor}{lines}\n"), 1))?;
+    ensure!(
+        text.contains(anchor),
+        "the example manifest's policy changed"
+    );
+    std::fs::write(
+        &path,
+        text.replacen(anchor, &format!("{anchor}{lines}\n"), 1),
+    )?;
     Ok(path)
 }
 
@@ -27,7 +33,8 @@ fn rfc3339(at: SystemTime) -> String {
 }
 
 #[test]
-fn a_closed_competition_refuses_submits_until_a_host_extends_a_teams_deadline() -> anyhow::Result<()> {
+fn a_closed_competition_refuses_submits_until_a_host_extends_a_teams_deadline() -> anyhow::Result<()>
+{
     let dep = Deployment::embedded()?;
     let host = dep.host()?;
     let alice = login(&dep, "alice", "alice-pass")?;
@@ -36,7 +43,10 @@ fn a_closed_competition_refuses_submits_until_a_host_extends_a_teams_deadline() 
     baseline_copy(&code)?;
     let session = run(&alice, &code, "t1-cls", &["-a", "--epochs 1"])?;
     wait_ended(&alice, &session)?;
-    let board_before = alice.nsml(&["dataset", "board", "t1-cls", "-j"])?.ok()?.stdout;
+    let board_before = alice
+        .nsml(&["dataset", "board", "t1-cls", "-j"])?
+        .ok()?
+        .stdout;
 
     // The host closes the competition a minute ago.
     let closed = with_policy(
@@ -47,8 +57,13 @@ fn a_closed_competition_refuses_submits_until_a_host_extends_a_teams_deadline() 
             rfc3339(SystemTime::now() - Duration::from_secs(60))
         ),
     )?;
-    host.nsml(&["admin", "competition", "apply", &closed.display().to_string()])?
-        .ok()?;
+    host.nsml(&[
+        "admin",
+        "competition",
+        "apply",
+        &closed.display().to_string(),
+    ])?
+    .ok()?;
     let refused = alice.nsml(&["submit", &session, "0"])?.failed()?;
     ensure!(
         refused.stderr.contains("competition `demo` closed at")
@@ -63,12 +78,18 @@ fn a_closed_competition_refuses_submits_until_a_host_extends_a_teams_deadline() 
         trial.all()
     );
     ensure!(
-        alice.nsml(&["dataset", "board", "t1-cls", "-j"])?.ok()?.stdout == board_before,
+        alice
+            .nsml(&["dataset", "board", "t1-cls", "-j"])?
+            .ok()?
+            .stdout
+            == board_before,
         "the board is as it was at the deadline"
     );
     let quota = alice.nsml(&["quota"])?.ok()?;
     ensure!(
-        quota.stdout.contains("A submit admitted before the deadline is scored after it and counts"),
+        quota
+            .stdout
+            .contains("A submit admitted before the deadline is scored after it and counts"),
         "the rules say what counts: {}",
         quota.all()
     );
@@ -77,7 +98,14 @@ fn a_closed_competition_refuses_submits_until_a_host_extends_a_teams_deadline() 
     let until = rfc3339(SystemTime::now() + Duration::from_secs(3600));
     let granted = host
         .nsml(&[
-            "admin", "override", "deadline", "--team", "demo", "--until", &until, "--reason",
+            "admin",
+            "override",
+            "deadline",
+            "--team",
+            "demo",
+            "--until",
+            &until,
+            "--reason",
             "their machine failed in the last hour",
         ])?
         .ok()?;
@@ -88,7 +116,10 @@ fn a_closed_competition_refuses_submits_until_a_host_extends_a_teams_deadline() 
     );
     let submitted = alice.nsml(&["submit", &session, "0"])?.ok()?;
     score_of(&submitted.stdout)?;
-    let board = alice.nsml(&["dataset", "board", "t1-cls", "-j"])?.ok()?.json()?;
+    let board = alice
+        .nsml(&["dataset", "board", "t1-cls", "-j"])?
+        .ok()?
+        .json()?;
     let rows = board["rows"].as_array().context("rows")?;
     ensure!(
         rows.iter().any(|r| r["team"] == "demo"),
@@ -107,10 +138,21 @@ fn a_closed_competition_refuses_submits_until_a_host_extends_a_teams_deadline() 
             rfc3339(SystemTime::now() + Duration::from_secs(3600))
         ),
     )?;
-    host.nsml(&["admin", "competition", "apply", &later.display().to_string()])?
-        .ok()?;
+    host.nsml(&[
+        "admin",
+        "competition",
+        "apply",
+        &later.display().to_string(),
+    ])?
+    .ok()?;
     let early = alice
-        .nsml_in(&code, &["run", "-d", "t1-cls", "-g", "0", "-c", "1", "--memory", "1G"], "")?
+        .nsml_in(
+            &code,
+            &[
+                "run", "-d", "t1-cls", "-g", "0", "-c", "1", "--memory", "1G",
+            ],
+            "",
+        )?
         .failed()?;
     ensure!(
         early.stderr.contains("competition `demo` opens at"),

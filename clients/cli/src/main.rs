@@ -76,9 +76,7 @@ fn main() -> ExitCode {
         let trace = trace::start(&name);
         let result = commands::dispatch(&context, cli.command).await;
         if let Some(trace) = trace {
-            trace
-                .finish(result.as_ref().err().map(describe))
-                .await;
+            trace.finish(result.as_ref().err().map(describe)).await;
         }
         result
     });

@@ -1132,7 +1132,10 @@ async fn completions_load_in_their_shells_and_a_wrong_call_exits_2() {
     let h = Harness::start().await;
     let bash = h.nsml(&["completion", "bash"]).await;
     assert_eq!(code(&bash), 0, "{}", stderr(&bash));
-    assert!(stdout(&bash).contains("submit"), "the commands are completed");
+    assert!(
+        stdout(&bash).contains("submit"),
+        "the commands are completed"
+    );
     // A real bash loads the script and registers the completion for `nsml`.
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("nsml.bash");
@@ -1154,5 +1157,9 @@ async fn completions_load_in_their_shells_and_a_wrong_call_exits_2() {
 
     let wrong = h.nsml(&["completion", "tcsh"]).await;
     assert_eq!(code(&wrong), 2, "a usage error");
-    assert!(stderr(&wrong).contains("possible values"), "{}", stderr(&wrong));
+    assert!(
+        stderr(&wrong).contains("possible values"),
+        "{}",
+        stderr(&wrong)
+    );
 }

@@ -473,7 +473,9 @@ async fn refused_admissions(n: usize) -> anyhow::Result<()> {
     let (Some(first), Some(last)) = (first, last) else {
         anyhow::bail!("cannot read nsmld's resident memory");
     };
-    println!("nsml-bench --refused (embedded, `nsmld up`, `run` refused for the team's session limit)");
+    println!(
+        "nsml-bench --refused (embedded, `nsmld up`, `run` refused for the team's session limit)"
+    );
     println!(
         "resident memory after {FIRST} refusals: {:.1} MB",
         first as f64 / 1024.0

@@ -17,13 +17,13 @@ use nsml_proto::internal::v1::{CheckpointMeta, RunnerReportRequest};
 use nsml_proto::v1::MetricPoint;
 use nsml_proto::v1::{
     AddUserRequest, ApplyCompetitionRequest, BoardRequest, Competition, DatasetMeta,
-    DeleteCheckpointRequest, DownloadCodeRequest, Empty, FindCodeRequest, ExplainRequest, ExportRequest,
-    GetCompetitionRequest, GetDatasetRequest, GetSessionRequest, GetSubmissionRequest,
-    HistoryRequest, ListCheckpointsRequest, ListDatasetsRequest, ListSessionsRequest,
-    ListSubmissionsRequest, LoginRequest, LogsRequest, MemoRequest, MetricsRequest, OverallRequest,
-    OverrideRequest, PullCheckpointRequest, QuotaUsageRequest, RemoveRequest, ReplayRequest,
-    RevealPrivateRequest, RunRequest, StopRequest, SubmitRequest, UploadCodeMeta, UsageRequest,
-    VerifyRequest,
+    DeleteCheckpointRequest, DownloadCodeRequest, Empty, ExplainRequest, ExportRequest,
+    FindCodeRequest, GetCompetitionRequest, GetDatasetRequest, GetSessionRequest,
+    GetSubmissionRequest, HistoryRequest, ListCheckpointsRequest, ListDatasetsRequest,
+    ListSessionsRequest, ListSubmissionsRequest, LoginRequest, LogsRequest, MemoRequest,
+    MetricsRequest, OverallRequest, OverrideRequest, PullCheckpointRequest, QuotaUsageRequest,
+    RemoveRequest, ReplayRequest, RevealPrivateRequest, RunRequest, StopRequest, SubmitRequest,
+    UploadCodeMeta, UsageRequest, VerifyRequest,
 };
 use tonic::{Request, Status};
 

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Buckets of the latency histograms, in seconds: 100 µs to 60 s.
 const SECONDS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0, 60.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
 ];
 /// Buckets of the count histograms (appends per commit, events per append).
 const COUNTS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
@@ -143,10 +143,7 @@ fn describe() {
         Unit::Seconds,
         "Time from an append's request to its commit"
     );
-    describe_histogram!(
-        "nsml_eventstore_append_events",
-        "Events per append"
-    );
+    describe_histogram!("nsml_eventstore_append_events", "Events per append");
     describe_histogram!(
         "nsml_eventstore_commit_appends",
         "Appends committed together in one transaction, by store"

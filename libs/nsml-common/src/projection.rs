@@ -47,7 +47,8 @@ impl<S: ReadModel> Projection<S> {
         });
         let me = this.clone();
         register_lag_sampler(name, Arc::downgrade(&this), store.clone());
-        let delivery_lag = ::metrics::histogram!("nsml_bus_delivery_lag_seconds", "subscriber" => name);
+        let delivery_lag =
+            ::metrics::histogram!("nsml_bus_delivery_lag_seconds", "subscriber" => name);
         let task = tokio::spawn(async move {
             loop {
                 let stream = match nsml_bus::subscribe_log(store.clone(), bus.clone(), 0).await {
@@ -123,7 +124,9 @@ impl<S: ReadModel> Projection<S> {
         // exported); the catch-up at start-up replays old traces and is not.
         let live = *self.ready.borrow();
         for ev in events.iter().filter(|ev| ev.position > applied) {
-            let span = live.then(|| crate::telemetry::event_span(name, ev)).flatten();
+            let span = live
+                .then(|| crate::telemetry::event_span(name, ev))
+                .flatten();
             let _entered = span.as_ref().map(tracing::Span::enter);
             state.apply(ev);
             last = ev.position;

@@ -80,7 +80,8 @@ pub async fn run<F, Fut, E>(
                         crate::projection::record_lag(&delivery_lag, std::slice::from_ref(&ev));
                     }
                     // What the handler appends continues the trace of the event it handles.
-                    let span = crate::telemetry::event_span(name, &ev).unwrap_or_else(tracing::Span::none);
+                    let span =
+                        crate::telemetry::event_span(name, &ev).unwrap_or_else(tracing::Span::none);
                     for attempt in 1..=ATTEMPTS {
                         match handle(ev.clone()).instrument(span.clone()).await {
                             Ok(()) => break,

@@ -154,8 +154,9 @@ impl Port {
         BoxFuture<'static, Result<(), tonic::transport::Error>>,
     ) {
         let port = Port::new().await;
-        let mut routes = Routes::from(axum::Router::new().fallback_service(Late(port.routes.clone())))
-            .add_service(port.health_service());
+        let mut routes =
+            Routes::from(axum::Router::new().fallback_service(Late(port.routes.clone())))
+                .add_service(port.health_service());
         match tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(nsml_proto::v1::FILE_DESCRIPTOR_SET)
             .build_v1()
@@ -208,12 +209,7 @@ impl Port {
 
     /// The service has started: calls reach `routes` from now on, and `names` (with the server as a whole)
     /// turn SERVING once every read model in `ready` has caught up with the log. A second call is ignored.
-    pub async fn started(
-        &self,
-        routes: Routes,
-        names: &[&str],
-        ready: Vec<watch::Receiver<bool>>,
-    ) {
+    pub async fn started(&self, routes: Routes, names: &[&str], ready: Vec<watch::Receiver<bool>>) {
         if self.routes.set(routes.prepare()).is_err() {
             tracing::warn!("a port's service was started twice; the first routes stay");
             return;
@@ -272,10 +268,8 @@ where
                 let mut resp = ErrorCode::Unavailable
                     .status("this service is starting; retry shortly")
                     .into_http();
-                resp.headers_mut().insert(
-                    NOT_STARTED_KEY,
-                    http::HeaderValue::from_static("true"),
-                );
+                resp.headers_mut()
+                    .insert(NOT_STARTED_KEY, http::HeaderValue::from_static("true"));
                 futures::future::Either::Right(std::future::ready(Ok(resp)))
             }
         }

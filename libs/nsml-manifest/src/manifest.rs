@@ -134,11 +134,7 @@ impl DatasetSpec {
         if self.trial_required || self.has_trial() {
             return Vec::new();
         }
-        let trial_dir = self
-            .trial_data
-            .parent()
-            .unwrap_or(&self.root)
-            .to_path_buf();
+        let trial_dir = self.trial_data.parent().unwrap_or(&self.root).to_path_buf();
         let found: Vec<String> = std::fs::read_dir(&trial_dir)
             .map(|entries| {
                 let mut names: Vec<String> = entries
@@ -658,7 +654,10 @@ impl Manifest {
 
     /// What the host should know before applying: each dataset's [`DatasetSpec::warnings`].
     pub fn warnings(&self) -> Vec<String> {
-        self.datasets.iter().flat_map(DatasetSpec::warnings).collect()
+        self.datasets
+            .iter()
+            .flat_map(DatasetSpec::warnings)
+            .collect()
     }
 
     /// Returns the dataset called `name`.

@@ -407,7 +407,11 @@ fn a_missing_file_is_named() {
 
 #[test]
 fn metric_names_are_case_insensitive() {
-    for (written, read) in [("MSE", "mse"), ("Accuracy", "accuracy"), (" Macro_F1 ", "macro_f1")] {
+    for (written, read) in [
+        ("MSE", "mse"),
+        ("Accuracy", "accuracy"),
+        (" Macro_F1 ", "macro_f1"),
+    ] {
         let fixture = Fixture::new();
         let path = fixture.manifest(&MINIMAL.replace("\"mse\"", &format!("\"{written}\"")));
         let manifest = load(&path).unwrap();
@@ -449,7 +453,10 @@ fn a_missing_or_misplaced_trial_set_is_a_warning_for_the_host() {
     fs::create_dir_all(root.join("test_submit/test_data")).unwrap();
     fs::write(root.join("test_submit/test_label"), "id,label\n9,1\n").unwrap();
     assert!(
-        load(&fixture.manifest(MINIMAL)).unwrap().warnings().is_empty(),
+        load(&fixture.manifest(MINIMAL))
+            .unwrap()
+            .warnings()
+            .is_empty(),
         "a trial set where the platform looks for it"
     );
 }

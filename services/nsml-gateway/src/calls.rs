@@ -17,7 +17,8 @@ use tonic::Code;
 /// `/package.Service/Method` of every method the public API declares.
 static PUBLIC_METHODS: LazyLock<HashSet<String>> = LazyLock::new(|| {
     use prost::Message as _;
-    let Ok(fds) = prost_types::FileDescriptorSet::decode(nsml_proto::v1::PUBLIC_FILE_DESCRIPTOR_SET)
+    let Ok(fds) =
+        prost_types::FileDescriptorSet::decode(nsml_proto::v1::PUBLIC_FILE_DESCRIPTOR_SET)
     else {
         return HashSet::new();
     };
@@ -177,9 +178,11 @@ mod tests {
             "/nsml.v1.SessionService/Run"
         );
         assert_eq!(method_label("/nsml.v1.SessionService/Nope"), "other");
-        assert_eq!(method_label("/nsml.internal.v1.QuotaInternal/Admit"), "other");
+        assert_eq!(
+            method_label("/nsml.internal.v1.QuotaInternal/Admit"),
+            "other"
+        );
     }
-
 
     #[test]
     fn trailers_end_the_call() {

@@ -76,7 +76,9 @@ async fn follow(
             Ok(stream) => {
                 let mut stream = stream.into_inner();
                 while let Some(Ok(answer)) = stream.next().await {
-                    let status = if answer.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                    let status = if answer.status
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                    {
                         ServingStatus::Serving
                     } else {
                         ServingStatus::NotServing

@@ -530,7 +530,11 @@ mod tests {
                 (3, "bees", 2.5, vec![3, 2]),
             ]
         );
-        assert_eq!(rows[1].submitted, [true, false], "cats has no score on the second");
+        assert_eq!(
+            rows[1].submitted,
+            [true, false],
+            "cats has no score on the second"
+        );
         assert_eq!(rows[0].submitted, [true, true]);
     }
 

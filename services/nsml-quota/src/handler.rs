@@ -534,7 +534,6 @@ fn count_admission(r: &AdmitRequest, d: &Decision) {
     .increment(1);
 }
 
-
 /// The decision step of an admission on the ledger at `version`: the decision recorded for the command
 /// before, or a new one, with the events to append (the policy the ledger adopts first, then the decision).
 fn admission(

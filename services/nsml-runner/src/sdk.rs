@@ -249,7 +249,10 @@ where
             Ok(Some(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
             Ok(Some(line)) => match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => match handle(&ctx, req)
-                    .instrument(tracing::info_span!("sdk_request", op = tracing::field::Empty))
+                    .instrument(tracing::info_span!(
+                        "sdk_request",
+                        op = tracing::field::Empty
+                    ))
                     .await
                 {
                     Ok(extra) => {

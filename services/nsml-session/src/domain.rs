@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use nsml_common::aggregate::Aggregate;
-use nsml_common::executor::Capacity;
 use nsml_common::event::decode;
+use nsml_common::executor::Capacity;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     Resources, SessionAdmitted, SessionExited, SessionFailed, SessionKind, SessionRejected,
@@ -322,7 +322,8 @@ mod tests {
     }
 
     #[test]
-    fn given_a_cluster_without_enough_gpus_or_cpus_when_a_session_asks_then_it_is_refused_with_the_numbers() {
+    fn given_a_cluster_without_enough_gpus_or_cpus_when_a_session_asks_then_it_is_refused_with_the_numbers()
+     {
         let asked = |gpus, cpus| Resources {
             gpus,
             cpus,
@@ -618,12 +619,16 @@ mod tests {
             "/opt/torch/bin/python3"
         );
         assert_eq!(environment_python(&envs, "demo", "").unwrap(), "");
-        let err = environment_python(&envs, "demo", "tf").unwrap_err().to_string();
+        let err = environment_python(&envs, "demo", "tf")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("environment `tf`") && err.contains("it has `torch`"),
             "{err}"
         );
-        let none = environment_python(&[], "demo", "tf").unwrap_err().to_string();
+        let none = environment_python(&[], "demo", "tf")
+            .unwrap_err()
+            .to_string();
         assert!(none.contains("it names none"), "{none}");
     }
 }

@@ -16,9 +16,9 @@ use nsml_common::now_ms;
 use nsml_proto::internal::v1::StartSubmitRequest;
 use nsml_proto::v1::{
     AdmitRequest, DeleteCheckpointRequest, ListSessionsRequest, ListSessionsResponse, LogLine,
-    LogsRequest, MemoChanged, MetricPoint, MetricsResponse, RemoveRequest, RemoveResponse, RunRequest, Session,
-    SessionAdmitted, SessionKind, SessionRejected, SessionRemoved, SessionStatus,
-    SessionStopRequested, SessionStopped,
+    LogsRequest, MemoChanged, MetricPoint, MetricsResponse, RemoveRequest, RemoveResponse,
+    RunRequest, Session, SessionAdmitted, SessionKind, SessionRejected, SessionRemoved,
+    SessionStatus, SessionStopRequested, SessionStopped,
 };
 use tonic::Status;
 

@@ -40,9 +40,7 @@ pub struct Sessions {
 impl Sessions {
     /// The session, if it exists and was neither rejected nor removed.
     pub fn live(&self, name: &str) -> Option<&Entry> {
-        self.sessions
-            .get(name)
-            .filter(|e| !e.removed)
+        self.sessions.get(name).filter(|e| !e.removed)
     }
 
     fn with(&mut self, name: &str, f: impl FnOnce(&mut Entry)) {
@@ -178,7 +176,6 @@ pub fn view(e: &Entry) -> Session {
     s
 }
 
-
 /// Has each metrics scrape count the sessions by status (`nsml_sessions`), and those admitted and waiting for
 /// cluster capacity (`nsml_session_queue_depth`).
 pub fn sample_metrics(projection: &std::sync::Arc<nsml_common::projection::Projection<Sessions>>) {
@@ -192,7 +189,10 @@ pub fn sample_metrics(projection: &std::sync::Arc<nsml_common::projection::Proje
     ];
     let projection = std::sync::Arc::downgrade(projection);
     let gauges = STATES.map(|s| {
-        let state = s.as_str_name().trim_start_matches("SESSION_STATUS_").to_lowercase();
+        let state = s
+            .as_str_name()
+            .trim_start_matches("SESSION_STATUS_")
+            .to_lowercase();
         metrics::gauge!("nsml_sessions", "state" => state)
     });
     let queued = metrics::gauge!("nsml_session_queue_depth");

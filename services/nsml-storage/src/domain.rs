@@ -370,7 +370,10 @@ impl TeamCheckpoints {
         }
         Ok(Deletion {
             deleted: matched.into_iter().map(deleted).collect(),
-            kept: spared.into_iter().map(|p| p.checkpoint.name.clone()).collect(),
+            kept: spared
+                .into_iter()
+                .map(|p| p.checkpoint.name.clone())
+                .collect(),
         })
     }
 }
@@ -513,13 +516,20 @@ mod tests {
         let state = given(&[("demo/ds/1", "0", 1), ("demo/ds/1", "best", 2)]);
         let kept = BTreeMap::from([("best".to_string(), "ds".to_string())]);
         // A pattern passes over it and says so.
-        let all = state.decide_delete("demo", "demo/ds/1", "*", &kept).unwrap();
+        let all = state
+            .decide_delete("demo", "demo/ds/1", "*", &kept)
+            .unwrap();
         assert_eq!(
-            all.deleted.iter().map(|e| e.checkpoint.as_str()).collect::<Vec<_>>(),
+            all.deleted
+                .iter()
+                .map(|e| e.checkpoint.as_str())
+                .collect::<Vec<_>>(),
             ["0"]
         );
         assert_eq!(all.kept, ["best"]);
-        let only = state.decide_delete("demo", "demo/ds/1", "b*", &kept).unwrap();
+        let only = state
+            .decide_delete("demo", "demo/ds/1", "b*", &kept)
+            .unwrap();
         assert!(only.deleted.is_empty() && only.kept == ["best"], "{only:?}");
         // Named, it is refused with the reason.
         let err = state

@@ -15,10 +15,10 @@ use nsml_proto::internal::v1::{
 use nsml_proto::v1::storage_service_server::StorageService;
 use nsml_proto::v1::{
     Checkpoint, Chunk, CodeSnapshot, Dataset, DatasetMeta, DatasetPart, DeleteCheckpointRequest,
-    DeleteCheckpointResponse, DownloadCodeRequest, FindCodeRequest, GetDatasetRequest, ListCheckpointsRequest,
-    ListCheckpointsResponse, ListDatasetsRequest, ListDatasetsResponse, PullCheckpointRequest,
-    RegisterDatasetChunk, StorageUsage, UploadCodeChunk, UploadCodeMeta, UsageRequest,
-    register_dataset_chunk, upload_code_chunk,
+    DeleteCheckpointResponse, DownloadCodeRequest, FindCodeRequest, GetDatasetRequest,
+    ListCheckpointsRequest, ListCheckpointsResponse, ListDatasetsRequest, ListDatasetsResponse,
+    PullCheckpointRequest, RegisterDatasetChunk, StorageUsage, UploadCodeChunk, UploadCodeMeta,
+    UsageRequest, register_dataset_chunk, upload_code_chunk,
 };
 use tonic::{Request, Response, Status, Streaming};
 
@@ -186,7 +186,7 @@ impl StorageApi {
             })
     }
 
-        fn usage_team(&self, caller: &Caller, team: String) -> Result<String, StorageError> {
+    fn usage_team(&self, caller: &Caller, team: String) -> Result<String, StorageError> {
         if !team.is_empty() {
             let allowed = caller.is_service()
                 || caller.is_admin()

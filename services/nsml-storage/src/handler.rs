@@ -409,7 +409,11 @@ impl Storage {
             .checkpoints
             .execute(&checkpoints_stream(&session.team), |state, _| {
                 let decided = state.decide_delete(&session.team, &name, pattern, &kept)?;
-                deleted = decided.deleted.iter().map(|e| e.checkpoint.clone()).collect();
+                deleted = decided
+                    .deleted
+                    .iter()
+                    .map(|e| e.checkpoint.clone())
+                    .collect();
                 passed_over = decided.kept;
                 Ok(decided
                     .deleted

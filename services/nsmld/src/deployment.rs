@@ -637,8 +637,7 @@ impl Deployment {
             let started = self.start(service, self.context(&addrs, exec)).await?;
             tasks.extend(started.tasks);
             let routes = (started.routes)(tonic::service::Routes::default());
-            port.started(routes, &started.names, started.ready)
-                .await;
+            port.started(routes, &started.names, started.ready).await;
             println!(
                 "nsmld serving {service} at {}",
                 self.config.internal_url(addr)

@@ -126,7 +126,13 @@ pub async fn raise_quota(
     reason: String,
     competition: Option<String>,
 ) -> Result<()> {
-    let request = until(OverrideKind::RaiseQuota, team, until_ms, reason, competition);
+    let request = until(
+        OverrideKind::RaiseQuota,
+        team,
+        until_ms,
+        reason,
+        competition,
+    );
     grant(
         ctx,
         pb::OverrideRequest {
@@ -145,7 +151,13 @@ pub async fn extend_deadline(
     reason: String,
     competition: Option<String>,
 ) -> Result<()> {
-    let request = until(OverrideKind::ExtendDeadline, team, until_ms, reason, competition);
+    let request = until(
+        OverrideKind::ExtendDeadline,
+        team,
+        until_ms,
+        reason,
+        competition,
+    );
     grant(ctx, request, false).await
 }
 

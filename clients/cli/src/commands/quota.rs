@@ -407,7 +407,10 @@ mod tests {
         );
         assert!(text.contains("(in 59m 0s)"), "{text}");
         assert!(!text.contains("Re-opened"), "{text}");
-        assert!(!text.contains("Deadline"), "no schedule, no deadline: {text}");
+        assert!(
+            !text.contains("Deadline"),
+            "no schedule, no deadline: {text}"
+        );
         let scheduled = pb::QuotaUsage {
             policy: Some(pb::Policy {
                 opens_at_ms: u.now_ms + 120_000,

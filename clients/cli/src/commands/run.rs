@@ -9,11 +9,11 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use nsml_manifest::{CHUNK_SIZE, format_size};
 use nsml_proto::v1::upload_code_chunk::Kind;
-use sha2::{Digest as _, Sha256};
 use nsml_proto::v1::{
-    CodeSnapshot, FindCodeRequest, GetSessionRequest, RemoveRequest, Resources, RunRequest, Session, SessionStatus,
-    StopRequest, UploadCodeChunk, UploadCodeMeta,
+    CodeSnapshot, FindCodeRequest, GetSessionRequest, RemoveRequest, Resources, RunRequest,
+    Session, SessionStatus, StopRequest, UploadCodeChunk, UploadCodeMeta,
 };
+use sha2::{Digest as _, Sha256};
 
 use super::Context;
 use super::sessions::print_logs;

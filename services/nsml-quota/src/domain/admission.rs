@@ -222,7 +222,9 @@ fn schedule_refusal(
         return None;
     }
     let extended = ledger.extended_deadline(&req.competition);
-    let deadline = extended.map_or(policy.closes_at_ms, |(_, until)| until.max(policy.closes_at_ms));
+    let deadline = extended.map_or(policy.closes_at_ms, |(_, until)| {
+        until.max(policy.closes_at_ms)
+    });
     if now_ms < deadline {
         return None;
     }

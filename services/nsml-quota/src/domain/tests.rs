@@ -192,7 +192,11 @@ fn given_an_extended_deadline_then_the_team_submits_until_it() {
     assert!(decide(&l, &policy, &submit, closes + 60_000).granted);
     let late = decide(&l, &policy, &submit, closes + 3_600_000);
     assert_eq!((late.granted, late.rule.as_str()), (false, "closed"));
-    assert!(late.reason.contains("extended by override o-1"), "{}", late.reason);
+    assert!(
+        late.reason.contains("extended by override o-1"),
+        "{}",
+        late.reason
+    );
 }
 
 pub(super) fn policy_changed(policy: Policy, version: u64) -> StoredEvent {
@@ -407,7 +411,8 @@ fn a_trial_session_holds_quota_until_released() {
     assert!(
         d.reason.contains("demo/t1-cls/2 (trial)")
             && !d.reason.contains("demo/t1-cls/1 (trial)")
-            && d.reason.contains("holds its resources and its slot until it is removed"),
+            && d.reason
+                .contains("holds its resources and its slot until it is removed"),
         "the refusal says which sessions are trials that hold their slot after they end: {}",
         d.reason
     );
