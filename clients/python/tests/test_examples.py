@@ -58,7 +58,10 @@ class DatasetsTest(unittest.TestCase):
 
         with open(os.path.join(EXAMPLES_DIR, "competition.toml"), "rb") as fh:
             manifest = tomllib.load(fh)
-        self.assertEqual(set(manifest), {"id", "title", "hosts", "policy", "datasets", "teams", "users"})
+        self.assertEqual(set(manifest),
+                         {"id", "title", "hosts", "policy", "datasets", "teams", "users", "environments"})
+        for env in manifest["environments"]:
+            self.assertTrue(env["name"] and os.path.isabs(env["python"]), env)
         for ds in manifest["datasets"]:
             self.assertTrue(os.path.isdir(os.path.join(EXAMPLES_DIR, ds["path"])))
         users = {u["name"] for u in manifest["users"]}
