@@ -406,7 +406,7 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
     let snap = alice
         .upload("t1-cls", &[("main.py", "print('hi')\n")])
         .await?;
-    let (mut at_first, mut split_first) = (None, None);
+    let (mut at_first, mut split_first, mut at_half) = (None, None, None);
     for i in 1..=n {
         let s = alice.run("t1-cls", &snap, "", small()).await?;
         let done = alice.wait_session(&s.name).await?;
@@ -415,6 +415,10 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(2)).await;
             at_first = nsml_integration_tests::soak::rss_kib(pid);
             split_first = nsml_integration_tests::soak::rss_split_kib(pid);
+        }
+        if i == n / 2 && i > FIRST {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            at_half = nsml_integration_tests::soak::rss_kib(pid);
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -442,6 +446,15 @@ async fn kept_sessions(n: usize) -> anyhow::Result<()> {
              read through its memory map): {:.1} KiB",
             anon1.saturating_sub(anon0) as f64 / (n - FIRST) as f64,
             file1.saturating_sub(file0) as f64 / (n - FIRST) as f64
+        );
+    }
+    // Bounded caches (the log's page caches, the allocator's) fill over the first sessions; the second half
+    // shows what each session costs once they are warm.
+    if let Some(half) = at_half {
+        println!(
+            "growth per kept session over the second half ({} to {n}): {:.1} KiB",
+            n / 2,
+            last.saturating_sub(half) as f64 / (n - n / 2) as f64
         );
     }
     Ok(())
