@@ -55,8 +55,11 @@ pub fn wait_ended(u: &User, name: &str) -> anyhow::Result<Value> {
 }
 
 /// Starts a training session in `dir`; returns its name.
+/// The resources a test session asks for on a CPU-only machine, as `nsml run` flags.
+pub const SMALL_RUN: [&str; 8] = ["-g", "0", "-c", "1", "--memory", "2G", "--shm", "256M"];
+
 pub fn run(u: &User, dir: &Path, dataset: &str, extra: &[&str]) -> anyhow::Result<String> {
-    let mut args = vec!["-g", "0", "-c", "1", "--memory", "2G", "--shm", "256M"];
+    let mut args = SMALL_RUN.to_vec();
     args.extend_from_slice(extra);
     run_with(u, dir, dataset, &args)
 }

@@ -304,22 +304,11 @@ fn a_copied_binary_runs_a_session_with_the_sdk_it_carries() -> anyhow::Result<()
         .nsml_in(
             &work,
             &[
-                "run",
-                "-d",
-                "t1-cls",
-                "-e",
-                "main.py",
-                "-g",
-                "0",
-                "-c",
-                "1",
-                "--memory",
-                "2G",
-                "--shm",
-                "256M",
-                "-a",
-                "--epochs 2",
-            ],
+                &["run", "-d", "t1-cls", "-e", "main.py"][..],
+                &nsml_integration_tests::scenario::SMALL_RUN,
+                &["-a", "--epochs 2"],
+            ]
+            .concat(),
             "",
         )?
         .ok()?;

@@ -119,22 +119,11 @@ fn a_run_and_a_submit_each_arrive_as_one_trace() -> anyhow::Result<()> {
         scenario::baseline_copy(work.path())?;
 
         let args = [
-            "run",
-            "-d",
-            "t1-cls",
-            "-e",
-            "main.py",
-            "-g",
-            "0",
-            "-c",
-            "1",
-            "--memory",
-            "2G",
-            "--shm",
-            "256M",
-            "-a",
-            "--epochs 1",
-        ];
+            &["run", "-d", "t1-cls", "-e", "main.py"][..],
+            &scenario::SMALL_RUN,
+            &["-a", "--epochs 1"],
+        ]
+        .concat();
         let out = alice.nsml_env(work.path(), &args, "", &env)?.ok()?;
         let session = out
             .stdout
