@@ -401,7 +401,8 @@ pub enum AdminOverrideCommand {
         #[arg(long, value_name = "ID")]
         competition: Option<String>,
     },
-    /// Extend one team's deadline past the competition's closing time: its submits admitted before then count
+    /// Extend one team's deadline past the competition's closing time (or a round's, with --round): its submits
+    /// admitted before then count
     Deadline {
         /// The team
         #[arg(long, value_name = "TEAM")]
@@ -412,6 +413,10 @@ pub enum AdminOverrideCommand {
         /// Why: recorded in the team's ledger and shown by `admin audit explain`
         #[arg(long, value_name = "TEXT")]
         reason: String,
+        /// The round whose deadline to extend, as the manifest's [[rounds]] name it [default: the
+        /// competition's deadline]
+        #[arg(long, value_name = "NAME")]
+        round: Option<String>,
         /// Competition id [default: the team's only competition]
         #[arg(long, value_name = "ID")]
         competition: Option<String>,

@@ -168,8 +168,9 @@ async fn dispatch_override(ctx: &Context, command: AdminOverrideCommand) -> Resu
             team,
             until,
             reason,
+            round,
             competition,
-        } => audit::extend_deadline(ctx, team, until, reason, competition).await,
+        } => audit::extend_deadline(ctx, team, until, reason, round, competition).await,
     }
 }
 

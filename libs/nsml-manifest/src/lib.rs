@@ -16,6 +16,7 @@ pub mod units;
 pub use apply::{CHUNK_SIZE, apply};
 pub use error::ManifestError;
 pub use manifest::{
-    DatasetSpec, EnvironmentSpec, METRICS, Manifest, PolicySpec, TeamSpec, UserSpec, load,
+    DatasetSpec, EnvironmentSpec, METRICS, Manifest, PolicySpec, RoundSpec, TeamSpec, UserSpec,
+    load,
 };
 pub use units::{format_size, parse_duration, parse_size, short_size};

@@ -7,7 +7,9 @@ use std::time::Duration;
 use nsml_proto::v1 as pb;
 
 use crate::ManifestError;
-use crate::schema::{RawDataset, RawDuration, RawManifest, RawPolicy, RawSize, RawTeam, RawUser};
+use crate::schema::{
+    RawDataset, RawDuration, RawManifest, RawPolicy, RawRound, RawSize, RawTeam, RawUser,
+};
 use crate::units::{parse_duration, parse_size};
 
 /// The metrics the platform's scorer knows; `custom` runs the dataset's own `eval_script`.
@@ -49,6 +51,39 @@ pub struct PolicySpec {
     pub opens_at_ms: Option<i64>,
     /// When submits close and the boards freeze; `None`: never.
     pub closes_at_ms: Option<i64>,
+    /// The rounds (`[[rounds]]`), in the manifest's order.
+    pub rounds: Vec<RoundSpec>,
+}
+
+/// A round of the competition (a preliminary, a final): its datasets follow its schedule and the submit rules
+/// it sets instead of the competition's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundSpec {
+    pub name: String,
+    pub datasets: Vec<String>,
+    /// When runs and submits on its datasets open (milliseconds since the epoch).
+    pub opens_at_ms: i64,
+    /// When submits on its datasets close and their boards freeze.
+    pub closes_at_ms: i64,
+    /// Its submit rules; `None`: the competition's.
+    pub submit_interval: Option<Duration>,
+    pub submit_time_limit: Option<Duration>,
+    pub submit_max_cpus: Option<u32>,
+}
+
+impl RoundSpec {
+    /// Converts the round to the API message.
+    pub fn to_proto(&self) -> pb::Round {
+        pb::Round {
+            name: self.name.clone(),
+            datasets: self.datasets.clone(),
+            opens_at_ms: self.opens_at_ms,
+            closes_at_ms: self.closes_at_ms,
+            submit_interval_secs: self.submit_interval.map(|d| d.as_secs()),
+            submit_time_limit_secs: self.submit_time_limit.map(|d| d.as_secs()),
+            submit_max_cpus: self.submit_max_cpus,
+        }
+    }
 }
 
 impl Default for PolicySpec {
@@ -66,6 +101,7 @@ impl Default for PolicySpec {
             submit_max_cpus: 4,
             opens_at_ms: None,
             closes_at_ms: None,
+            rounds: Vec::new(),
         }
     }
 }
@@ -84,6 +120,7 @@ impl PolicySpec {
             submit_max_cpus: self.submit_max_cpus,
             opens_at_ms: self.opens_at_ms.unwrap_or(0),
             closes_at_ms: self.closes_at_ms.unwrap_or(0),
+            rounds: self.rounds.iter().map(RoundSpec::to_proto).collect(),
         }
     }
 }
@@ -232,8 +269,9 @@ impl Validator<'_> {
         for (i, host) in raw.hosts.iter().enumerate() {
             self.identifier(&format!("hosts[{i}]"), host)?;
         }
-        let policy = self.policy(raw.policy)?;
+        let mut policy = self.policy(raw.policy)?;
         let datasets = self.datasets(raw.datasets, &base_dir)?;
+        policy.rounds = self.rounds(raw.rounds, &policy, &datasets)?;
         let teams = self.teams(raw.teams)?;
         let users = self.users(raw.users)?;
         let environments = self.environments(raw.environments)?;
@@ -417,6 +455,153 @@ impl Validator<'_> {
         Ok(Some(i64::try_from(ms).unwrap_or(i64::MAX)))
     }
 
+    /// Validates the rounds: each named once, over datasets the manifest lists and no other round has, with
+    /// its dates in order and inside the competition's own window.
+    fn rounds(
+        &self,
+        raw: Vec<RawRound>,
+        policy: &PolicySpec,
+        datasets: &[DatasetSpec],
+    ) -> Result<Vec<RoundSpec>, ManifestError> {
+        let mut names = HashSet::new();
+        let mut taken: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, r) in raw.into_iter().enumerate() {
+            let key = format!("rounds[{i}]");
+            if r.name.trim().is_empty() {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    "must not be empty: name the round, such as `preliminary` or `final`",
+                ));
+            }
+            self.identifier(&format!("{key}.name"), &r.name)?;
+            if !names.insert(r.name.clone()) {
+                return Err(self.invalid(
+                    format!("{key}.name"),
+                    format!(
+                        "round `{}` is listed twice; give each round its own name",
+                        r.name
+                    ),
+                ));
+            }
+            if r.datasets.is_empty() {
+                return Err(self.invalid(
+                    format!("{key}.datasets"),
+                    format!(
+                        "round `{}` names no dataset; list the datasets it runs on",
+                        r.name
+                    ),
+                ));
+            }
+            for (j, d) in r.datasets.iter().enumerate() {
+                let dkey = format!("{key}.datasets[{j}]");
+                if !datasets.iter().any(|x| &x.name == d) {
+                    let known: Vec<&str> = datasets.iter().map(|x| x.name.as_str()).collect();
+                    return Err(self.invalid(
+                        dkey,
+                        format!(
+                            "round `{}` names dataset `{d}`, which the manifest does not list; the datasets \
+                             are {}",
+                            r.name,
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                }
+                if let Some(other) = taken.insert(d.clone(), r.name.clone()) {
+                    return Err(self.invalid(
+                        dkey,
+                        format!(
+                            "dataset `{d}` is in round `{other}` and in round `{}`; a dataset belongs to one \
+                             round at most",
+                            r.name
+                        ),
+                    ));
+                }
+            }
+            let opens = self.time(&format!("{key}.opens"), r.opens.as_deref())?;
+            let closes = self.time(&format!("{key}.closes"), r.closes.as_deref())?;
+            let (Some(opens), Some(closes)) = (opens, closes) else {
+                let missing = if opens.is_none() { "opens" } else { "closes" };
+                return Err(self.invalid(
+                    format!("{key}.{missing}"),
+                    format!(
+                        "round `{}` needs both `opens` and `closes` (RFC 3339, such as 2026-12-01T09:00:00Z)",
+                        r.name
+                    ),
+                ));
+            };
+            if closes <= opens {
+                return Err(self.invalid(
+                    format!("{key}.closes"),
+                    format!("round `{}` must close after it opens", r.name),
+                ));
+            }
+            if let Some(c) = policy.opens_at_ms
+                && opens < c
+            {
+                return Err(self.invalid(
+                    format!("{key}.opens"),
+                    format!(
+                        "round `{}` opens before the competition does (policy.opens); move it to policy.opens \
+                         or later",
+                        r.name
+                    ),
+                ));
+            }
+            if let Some(c) = policy.closes_at_ms
+                && closes > c
+            {
+                return Err(self.invalid(
+                    format!("{key}.closes"),
+                    format!(
+                        "round `{}` closes after the competition does (policy.closes); move it to \
+                         policy.closes or earlier, or move policy.closes",
+                        r.name
+                    ),
+                ));
+            }
+            let submit_interval = match r.submit_interval {
+                None => None,
+                Some(v) => Some(self.duration(
+                    &format!("{key}.submit_interval"),
+                    Some(v),
+                    Duration::ZERO,
+                )?),
+            };
+            let submit_time_limit = match r.submit_time_limit {
+                None => None,
+                Some(v) => Some(self.duration(
+                    &format!("{key}.submit_time_limit"),
+                    Some(v),
+                    Duration::ZERO,
+                )?),
+            };
+            if submit_time_limit.is_some_and(|d| d.as_secs() == 0) {
+                return Err(self.invalid(
+                    format!("{key}.submit_time_limit"),
+                    "must be at least one second",
+                ));
+            }
+            if r.submit_max_cpus == Some(0) {
+                return Err(self.invalid(format!("{key}.submit_max_cpus"), "must be at least 1"));
+            }
+            out.push(RoundSpec {
+                name: r.name,
+                datasets: r.datasets,
+                opens_at_ms: opens,
+                closes_at_ms: closes,
+                submit_interval,
+                submit_time_limit,
+                submit_max_cpus: r.submit_max_cpus,
+            });
+        }
+        Ok(out)
+    }
+
     fn policy(&self, raw: RawPolicy) -> Result<PolicySpec, ManifestError> {
         let d = PolicySpec::default();
         let policy = PolicySpec {
@@ -446,6 +631,7 @@ impl Validator<'_> {
             submit_max_cpus: raw.submit_max_cpus.unwrap_or(d.submit_max_cpus),
             opens_at_ms: self.time("policy.opens", raw.opens.as_deref())?,
             closes_at_ms: self.time("policy.closes", raw.closes.as_deref())?,
+            rounds: Vec::new(),
         };
         if let (Some(opens), Some(closes)) = (policy.opens_at_ms, policy.closes_at_ms)
             && closes <= opens

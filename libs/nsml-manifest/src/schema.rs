@@ -22,6 +22,23 @@ pub(crate) struct RawManifest {
     pub users: Vec<RawUser>,
     #[serde(default)]
     pub environments: Vec<RawEnvironment>,
+    #[serde(default)]
+    pub rounds: Vec<RawRound>,
+}
+
+/// A round (`[[rounds]]`): a name, some of the competition's datasets, its dates and the submit rules it sets
+/// for them, with the keys `[policy]` uses.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRound {
+    pub name: String,
+    #[serde(default)]
+    pub datasets: Vec<String>,
+    pub opens: Option<String>,
+    pub closes: Option<String>,
+    pub submit_interval: Option<RawDuration>,
+    pub submit_time_limit: Option<RawDuration>,
+    pub submit_max_cpus: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -520,3 +520,143 @@ fn host_environments_are_named_interpreters_carried_in_the_competition() {
     ));
     assert!(err.contains("unknown field `image`"), "{err}");
 }
+
+/// The minimal manifest with a second dataset, a competition window, and `rounds` appended.
+fn with_rounds(rounds: &str) -> String {
+    format!(
+        "{MINIMAL}\n[[datasets]]\nname = \"ds2\"\npath = \"data/ds\"\nmetric = \"mse\"\n\n[policy]\n\
+         opens = \"2026-12-01T00:00:00Z\"\ncloses = \"2026-12-31T00:00:00Z\"\n{rounds}"
+    )
+}
+
+const TWO_ROUNDS: &str = r#"
+[[rounds]]
+name = "preliminary"
+datasets = ["ds"]
+opens = "2026-12-01T00:00:00Z"
+closes = "2026-12-10T00:00:00Z"
+submit_interval = "10m"
+
+[[rounds]]
+name = "final"
+datasets = ["ds2"]
+opens = "2026-12-20T00:00:00Z"
+closes = "2026-12-31T00:00:00Z"
+submit_time_limit = "2h"
+submit_max_cpus = 8
+"#;
+
+#[test]
+fn rounds_carry_their_datasets_dates_and_submit_rules_inside_the_policy() {
+    let fixture = Fixture::new();
+    let path = fixture.manifest(&with_rounds(TWO_ROUNDS));
+    let policy = load(&path).unwrap().policy().to_proto();
+    let names: Vec<&str> = policy.rounds.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["preliminary", "final"]);
+    let pre = &policy.rounds[0];
+    assert_eq!(pre.datasets, ["ds"]);
+    assert_eq!(
+        (pre.opens_at_ms, pre.closes_at_ms),
+        (1_796_083_200_000, 1_796_860_800_000)
+    );
+    // A rule the round sets replaces the competition's; one it leaves out stays the competition's.
+    assert_eq!(pre.submit_interval_secs, Some(600));
+    assert_eq!(
+        (pre.submit_time_limit_secs, pre.submit_max_cpus),
+        (None, None)
+    );
+    let fin = &policy.rounds[1];
+    assert_eq!(
+        (fin.submit_time_limit_secs, fin.submit_max_cpus),
+        (Some(7200), Some(8))
+    );
+    assert_eq!(policy.rules_for("ds2").submit_interval_secs, 3600);
+    // A manifest without rounds has none: the competition's schedule for every dataset.
+    let plain = fixture.manifest(MINIMAL);
+    assert!(load(&plain).unwrap().policy().to_proto().rounds.is_empty());
+}
+
+#[test]
+fn a_round_that_does_not_fit_the_competition_is_an_error_saying_what_to_do() {
+    let round = |name: &str, datasets: &str, opens: &str, closes: &str| {
+        format!(
+            "\n[[rounds]]\nname = \"{name}\"\ndatasets = [{datasets}]\nopens = \"{opens}\"\ncloses = \"{closes}\"\n"
+        )
+    };
+    let ok = |name: &str, datasets: &str| {
+        round(
+            name,
+            datasets,
+            "2026-12-02T00:00:00Z",
+            "2026-12-03T00:00:00Z",
+        )
+    };
+    for (rounds, key, says) in [
+        (
+            ok("final", "\"nope\""),
+            "`rounds[0].datasets[0]`",
+            "names dataset `nope`, which the manifest does not list; the datasets are ds, ds2",
+        ),
+        (
+            format!("{}{}", ok("a", "\"ds\""), ok("b", "\"ds2\", \"ds\"")),
+            "`rounds[1].datasets[1]`",
+            "dataset `ds` is in round `a` and in round `b`",
+        ),
+        (
+            format!("{}{}", ok("a", "\"ds\""), ok("a", "\"ds2\"")),
+            "`rounds[1].name`",
+            "round `a` is listed twice",
+        ),
+        (ok("", "\"ds\""), "`rounds[0].name`", "must not be empty"),
+        (ok("a", ""), "`rounds[0].datasets`", "names no dataset"),
+        (
+            round(
+                "a",
+                "\"ds\"",
+                "2026-12-03T00:00:00Z",
+                "2026-12-02T00:00:00Z",
+            ),
+            "`rounds[0].closes`",
+            "must close after it opens",
+        ),
+        (
+            round(
+                "a",
+                "\"ds\"",
+                "2026-11-30T00:00:00Z",
+                "2026-12-02T00:00:00Z",
+            ),
+            "`rounds[0].opens`",
+            "opens before the competition does",
+        ),
+        (
+            round(
+                "a",
+                "\"ds\"",
+                "2026-12-02T00:00:00Z",
+                "2027-01-02T00:00:00Z",
+            ),
+            "`rounds[0].closes`",
+            "closes after the competition does",
+        ),
+        (
+            "\n[[rounds]]\nname = \"a\"\ndatasets = [\"ds\"]\nopens = \"2026-12-02T00:00:00Z\"\n"
+                .into(),
+            "`rounds[0].closes`",
+            "needs both `opens` and `closes`",
+        ),
+        (
+            round("a", "\"ds\"", "soon", "2026-12-02T00:00:00Z"),
+            "`rounds[0].opens`",
+            "write it as 2026-12-01T09:00:00Z",
+        ),
+        (
+            format!("{}submit_max_cpus = 0\n", ok("a", "\"ds\"")),
+            "`rounds[0].submit_max_cpus`",
+            "must be at least 1",
+        ),
+    ] {
+        let err = error_of(&with_rounds(&rounds));
+        assert!(err.contains(key) && err.contains(says), "{key}: {err}");
+    }
+}

@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod error;
 pub mod json;
+pub mod policy;
 
 /// The platform's calls between its own services and runners (`proto/nsml/internal/v1`): served on the
 /// services' internal ports, never routed by the gateway.

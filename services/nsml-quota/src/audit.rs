@@ -110,7 +110,7 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
     let (req, d) = event.decision()?;
     let (mut replayed, differences) = rederive(&ledger, req, d, ev.version);
     replayed.id = d.id.clone();
-    let adopted = ledger.policy(&req.competition).copied();
+    let adopted = ledger.policy(&req.competition).cloned();
     let held = held_by(events, &ledger);
     let submits = ledger
         .submits
@@ -118,7 +118,8 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
         .cloned()
         .unwrap_or_default();
     let mut rests_on: Vec<EventRef> = adopted
-        .map(|a| policy_ref(events, &a, &req.competition))
+        .as_ref()
+        .map(|a| policy_ref(events, a, &req.competition))
         .into_iter()
         .collect();
     rests_on.extend(held.iter().filter_map(|h| h.granted_by.clone()));
@@ -134,7 +135,7 @@ pub fn explain(team: &str, events: &[StoredEvent], at: usize) -> Option<Explanat
         request: Some(req.clone()),
         decision: Some(d.clone()),
         event: Some(event_ref(events, ev.version, "the decision".into())),
-        policy_version: adopted.map_or(0, |a| a.version),
+        policy_version: adopted.as_ref().map_or(0, |a| a.version),
         policy: adopted.map(|a| a.policy),
         held,
         held_total: Some(ledger.held()),

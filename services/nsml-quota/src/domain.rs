@@ -24,8 +24,8 @@ pub use ledger::{
     ReopenRefused, SubmitState, SuccessKey, Wide, interval_ms, ledger_stream,
 };
 pub use overrides::{
-    Granting, OverrideRefused, Placement, check_placement, check_request, failed_submit,
-    new_override, override_competition, per_dataset, reopen_dataset,
+    Granting, OverrideRefused, Placement, check_placement, check_request, check_round,
+    failed_submit, new_override, override_competition, per_dataset, reopen_dataset,
 };
 pub use release::{SessionEnd, SubmitOutcome, release, submit_outcome};
 pub use rule::Rule;

@@ -161,9 +161,11 @@ impl QuotaError {
 fn override_code(refused: &OverrideRefused) -> ErrorCode {
     use OverrideRefused::*;
     match refused {
-        DatasetNotFound { .. } | NoCompetition { .. } | TeamNotIn { .. } | DatasetNotIn { .. } => {
-            ErrorCode::NotFound
-        }
+        DatasetNotFound { .. }
+        | NoCompetition { .. }
+        | TeamNotIn { .. }
+        | DatasetNotIn { .. }
+        | RoundNotFound { .. } => ErrorCode::NotFound,
         NoTeam
         | NoReason
         | ExtraNeedsDataset
@@ -173,6 +175,7 @@ fn override_code(refused: &OverrideRefused) -> ErrorCode {
         | DeadlineInPast { .. }
         | NoKind
         | SeveralCompetitions { .. }
+        | RoundNotDeadline { .. }
         | ReopenedDatasetNotIn { .. } => ErrorCode::BadRequest,
     }
 }

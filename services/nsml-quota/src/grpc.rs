@@ -114,6 +114,8 @@ impl QuotaService {
         let caller = Caller::of(&req)?;
         caller.require_authenticated()?;
         let r = req.into_inner();
+        // The round an extended deadline names is a name like the others.
+        nsml_common::bounds::text("round", &r.round, nsml_common::bounds::MAX_NAME_BYTES)?;
         check_request(&r, now_ms())?;
         // A re-opened submit's dataset is the submission's, as the team's ledger has it.
         let dataset = if r.kind() == OverrideKind::ReopenSubmit {

@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use crate::audit;
 use crate::domain::{
     Granting, Ledger, LedgerEvent, Placement, SessionEnd, SubmitOutcome, adopt, check_placement,
-    decide, failed_submit, ledger_stream, new_override, next_submit, override_competition, release,
-    reopen_dataset, submit_outcome,
+    check_round, decide, failed_submit, ledger_stream, new_override, next_submit,
+    override_competition, release, reopen_dataset, submit_outcome,
 };
 use crate::error::QuotaError;
 use crate::projection::Catalog;
@@ -147,7 +147,7 @@ impl Quota {
 
     /// The competition's policy as the log has it now, with its version.
     fn current_policy(&self, competition: &str) -> Option<(Policy, u64)> {
-        self.proj.read(|p| p.policies.get(competition).copied())
+        self.proj.read(|p| p.policies.get(competition).cloned())
     }
 
     /// Decides an admission on the team's ledger and records it (with the newer policy the ledger adopts
@@ -159,6 +159,7 @@ impl Quota {
         let outcome = self
             .ledgers
             .execute(&stream, |ledger, version| {
+                let current = current.as_ref().map(|(p, v)| (p, *v));
                 let (admission, events) = admission(ledger, version, r, current, actor)?;
                 found = Some(admission);
                 Ok::<_, QuotaError>(events)
@@ -207,12 +208,14 @@ impl Quota {
             .load(&ledger_stream(&team))
             .await
             .map_err(QuotaError::store("reading a ledger"))?;
-        let (policy, policy_version, _) =
-            adopt(&ledger, &competition, current).ok_or_else(|| {
-                QuotaError::CompetitionNotFound {
-                    competition: competition.clone(),
-                }
-            })?;
+        let (policy, policy_version, _) = adopt(
+            &ledger,
+            &competition,
+            current.as_ref().map(|(p, v)| (p, *v)),
+        )
+        .ok_or_else(|| QuotaError::CompetitionNotFound {
+            competition: competition.clone(),
+        })?;
         let (storage_used_bytes, storage_known) = self.storage_used(&team).await;
         let mut datasets = self
             .proj
@@ -374,6 +377,13 @@ impl Quota {
         let kind = r.kind();
         let submission = r.submission_id.trim().to_string();
         self.check_placed(r, &competition, &dataset)?;
+        let policy = self.current_policy(&competition);
+        check_round(
+            kind,
+            r.round.trim(),
+            &competition,
+            policy.as_ref().map(|(p, _)| p),
+        )?;
         let command_id = if r.command_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
         } else {
@@ -540,7 +550,7 @@ fn admission(
     ledger: &Ledger,
     version: u64,
     r: &AdmitRequest,
-    current: Option<(Policy, u64)>,
+    current: Option<(&Policy, u64)>,
     actor: &str,
 ) -> Result<(Admission, Vec<NewEvent>), QuotaError> {
     if let Some(v) = ledger.decisions.get(&r.command_id) {

@@ -277,6 +277,68 @@ mod tests {
         );
     }
 
+    #[test]
+    fn decisions_under_rounds_and_a_rounds_extension_replay_without_mismatches() {
+        use crate::synthetic::{Script, seed_policy};
+        use nsml_proto::v1::{Policy, Round};
+        const HOUR: i64 = 3_600_000;
+        // Given a competition whose preliminary (t1-cls) runs from 1 h to 3 h and whose final (t2-reg) opens
+        // at 5 h, adopted as a second version of the policy,
+        let mut s = Script::new("demo");
+        s.adopt(
+            Policy {
+                rounds: vec![
+                    Round {
+                        name: "preliminary".into(),
+                        datasets: vec!["t1-cls".into()],
+                        opens_at_ms: Script::time(HOUR),
+                        closes_at_ms: Script::time(3 * HOUR),
+                        submit_interval_secs: Some(600),
+                        ..Default::default()
+                    },
+                    Round {
+                        name: "final".into(),
+                        datasets: vec!["t2-reg".into()],
+                        opens_at_ms: Script::time(5 * HOUR),
+                        closes_at_ms: Script::time(8 * HOUR),
+                        ..Default::default()
+                    },
+                ],
+                ..seed_policy()
+            },
+            2,
+        );
+        // when the team trains and submits before, during and after the preliminary, and on the final too
+        // early,
+        assert!(!s.at(0).train("t1-cls"), "before the preliminary opens");
+        let (sub, granted) = s.at(2 * HOUR).submit("t1-cls");
+        assert!(granted);
+        s.end(&sub, true);
+        let (_, granted) = s.at(2 * HOUR + 5 * 60_000).submit("t1-cls");
+        assert!(!granted, "inside the round's interval");
+        let (_, granted) = s.at(4 * HOUR).submit("t1-cls");
+        assert!(!granted, "after the preliminary closed");
+        assert!(!s.train("t2-reg"), "before the final opens");
+        // and a host extends the team's preliminary deadline,
+        s.extend_deadline("preliminary", 5 * HOUR);
+        let (sub, granted) = s.at(4 * HOUR + 60_000).submit("t1-cls");
+        assert!(granted, "inside the extension");
+        s.end(&sub, true);
+        // then every decision, each rule of the schedule among them, replays as recorded.
+        let report = replay(s.events());
+        assert!(report.mismatches.is_empty(), "{:#?}", report.mismatches);
+        assert_eq!(report.matched, report.decisions);
+        let rules: std::collections::BTreeSet<String> = s
+            .events()
+            .iter()
+            .filter_map(LedgerEvent::decode)
+            .filter_map(|e| e.decision().map(|(_, d)| d.rule.clone()))
+            .collect();
+        for rule in ["", "not_open", "closed", "submit_interval"] {
+            assert!(rules.contains(rule), "no `{rule}` decision in {rules:?}");
+        }
+    }
+
     /// Rewrites the payload of one recorded decision.
     fn tamper(ev: &mut StoredEvent, f: impl FnOnce(&mut Decision)) {
         if ev.event_type == AdmissionDenied::TYPE {

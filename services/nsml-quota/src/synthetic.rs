@@ -30,6 +30,7 @@ pub fn seed_policy() -> Policy {
         submit_max_cpus: 4,
         opens_at_ms: 0,
         closes_at_ms: 0,
+        rounds: Vec::new(),
     }
 }
 
@@ -124,6 +125,40 @@ impl Script {
         self.g.decide(req);
         let granted = self.g.ledger.granted_submits.contains_key(&sub);
         (sub, granted)
+    }
+
+    /// Asks to start a training session on `dataset` (no GPU, 2 CPUs); returns whether it was granted.
+    pub fn train(&mut self, dataset: &str) -> bool {
+        let req = self.g.request(
+            SessionKind::Train,
+            dataset,
+            Resources {
+                gpus: 0,
+                cpus: 2,
+                memory_bytes: 8 * G,
+                shm_bytes: G,
+            },
+        );
+        let session = req.session.clone();
+        self.g.decide(req);
+        self.g.ledger.holdings.contains_key(&session)
+    }
+
+    /// Records that the ledger adopts `policy` as version `version` of the competition's.
+    pub fn adopt(&mut self, policy: Policy, version: u64) -> &mut Self {
+        self.g.adopt(policy, version);
+        self
+    }
+
+    /// Records a host's override extending the team's deadline for `round` (empty: the competition's) to
+    /// `until_ms` after the ledger's start; returns the override's id.
+    pub fn extend_deadline(&mut self, round: &str, until_ms: i64) -> String {
+        self.g.grant(Override {
+            kind: OverrideKind::ExtendDeadline as i32,
+            round: round.to_string(),
+            until_ms: START_MS + until_ms,
+            ..Default::default()
+        })
     }
 
     /// Ends a granted real submit: its session exits, then it succeeds or fails.
@@ -240,12 +275,12 @@ impl Generator {
     }
 
     fn decide(&mut self, req: AdmitRequest) {
-        let Some(adopted) = self.ledger.policy(COMPETITION).copied() else {
+        let Some(adopted) = self.ledger.policy(COMPETITION) else {
             return;
         };
         let mut d = decide(&self.ledger, &adopted.policy, &req, self.now);
-        d.id = format!("dec-{}", self.events.len() + 1);
         d.policy_version = adopted.version;
+        d.id = format!("dec-{}", self.events.len() + 1);
         d.ledger_version = self.events.len() as u64;
         d.decided_at_ms = self.now;
         let command_id = req.command_id.clone();

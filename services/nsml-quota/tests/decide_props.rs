@@ -57,6 +57,7 @@ fn policy() -> impl Strategy<Value = Policy> {
             team_storage_bytes: 0,
             opens_at_ms: 0,
             closes_at_ms: 0,
+            rounds: Vec::new(),
         },
     )
 }

@@ -144,11 +144,13 @@ pub async fn raise_quota(
     .await
 }
 
+/// Extends the team's deadline: for `round` when named, else the competition's.
 pub async fn extend_deadline(
     ctx: &Context,
     team: String,
     until_ms: i64,
     reason: String,
+    round: Option<String>,
     competition: Option<String>,
 ) -> Result<()> {
     let request = until(
@@ -158,7 +160,15 @@ pub async fn extend_deadline(
         reason,
         competition,
     );
-    grant(ctx, request, false).await
+    grant(
+        ctx,
+        pb::OverrideRequest {
+            round: round.unwrap_or_default(),
+            ..request
+        },
+        false,
+    )
+    .await
 }
 
 /// An override of the team's that holds until a time (a raise, an extended deadline).
@@ -324,7 +334,7 @@ fn decision_json(d: &pb::Decision) -> Value {
 
 fn explanation_json(x: &pb::Explanation) -> Value {
     let r = x.request.clone().unwrap_or_default();
-    let p = x.policy.unwrap_or_default();
+    let p = x.policy.clone().unwrap_or_default();
     json!({
         "team": x.team,
         "request": {
@@ -436,7 +446,7 @@ fn explained_decision(x: &pb::Explanation) -> String {
 
 /// The policy the ledger had adopted when it decided.
 fn explained_policy(x: &pb::Explanation) -> String {
-    match x.policy {
+    match &x.policy {
         Some(p) => format!(
             "  Policy version {}: {} GPUs, {} CPUs, {} memory, {} sessions per team; a real submit every {}s per dataset, on at most {} CPUs\n",
             x.policy_version,

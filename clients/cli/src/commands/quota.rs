@@ -112,7 +112,7 @@ fn raised(limit: u64, base: u64) -> String {
 /// What the team holds against each limit, and where a limit was raised.
 fn limits_table(u: &pb::QuotaUsage) -> String {
     let held = u.held.unwrap_or_default();
-    let policy = u.policy.unwrap_or_default();
+    let policy = u.policy.clone().unwrap_or_default();
     let mut t = Table::new(&["Resource", "Held", "Limit", "Note"]);
     t.row(vec![
         "GPUs".into(),
@@ -202,7 +202,7 @@ fn next_submit(s: &pb::DatasetSubmitState, now_ms: i64) -> String {
 
 /// The competition's schedule, in the rules' words: when it opens, when submits close, and what counts.
 fn schedule_rules(u: &pb::QuotaUsage) -> String {
-    let policy = u.policy.unwrap_or_default();
+    let policy = u.policy.clone().unwrap_or_default();
     let mut out = String::new();
     if policy.opens_at_ms > 0 && u.now_ms < policy.opens_at_ms {
         out.push_str(&format!(
@@ -222,6 +222,90 @@ fn schedule_rules(u: &pb::QuotaUsage) -> String {
     out
 }
 
+/// Where a round stands at `now_ms`: upcoming, open or closed, with when that changes, and the team's
+/// extension of its deadline if a host granted one.
+fn round_state(
+    round: &pb::Round,
+    policy: &pb::Policy,
+    u: &pb::QuotaUsage,
+) -> (&'static str, String) {
+    let now = u.now_ms;
+    let rules = policy.rules_for(round.datasets.first().map_or("", String::as_str));
+    let (opens, closes) = (rules.opens_at_ms, rules.closes_at_ms);
+    let extended = u
+        .overrides
+        .iter()
+        .filter(|o| o.kind() == pb::OverrideKind::ExtendDeadline && rules.extended_by(&o.round))
+        .map(|o| o.until_ms)
+        .max()
+        .filter(|until| *until > closes);
+    if opens > 0 && now < opens {
+        return (
+            "upcoming",
+            format!("upcoming (opens {})", in_time(opens, now)),
+        );
+    }
+    match extended {
+        Some(until) if closes > 0 && now >= closes && now < until => (
+            "extended",
+            format!(
+                "closed; open to the team until {} by a host's extension",
+                datetime(until)
+            ),
+        ),
+        _ if closes > 0 && now >= closes => ("closed", "closed".into()),
+        _ if closes > 0 => ("open", format!("open (closes {})", in_time(closes, now))),
+        _ => ("open", "open".into()),
+    }
+}
+
+/// The submit rules a round's datasets follow, the round's where it sets them.
+fn round_rules(round: &pb::Round, policy: &pb::Policy) -> String {
+    let rules = policy.rules_for(round.datasets.first().map_or("", String::as_str));
+    format!(
+        "one per {}, at most {} CPUs, within {}",
+        interval(rules.submit_interval_secs),
+        rules.submit_max_cpus,
+        interval(rules.submit_time_limit_secs)
+    )
+}
+
+/// The competition's rounds, each with its datasets, dates, state and submit rules, and what counts at a
+/// round's deadline.
+fn rounds_section(u: &pb::QuotaUsage) -> String {
+    let policy = u.policy.clone().unwrap_or_default();
+    if policy.rounds.is_empty() {
+        return String::new();
+    }
+    let mut t = Table::new(&[
+        "Round",
+        "Datasets",
+        "Opens",
+        "Closes",
+        "State",
+        "Submit Rules",
+    ]);
+    for r in &policy.rounds {
+        let rules = policy.rules_for(r.datasets.first().map_or("", String::as_str));
+        t.row(vec![
+            r.name.clone(),
+            r.datasets.join(", "),
+            datetime(rules.opens_at_ms),
+            datetime(rules.closes_at_ms),
+            round_state(r, &policy, u).1,
+            round_rules(r, &policy),
+        ]);
+    }
+    format!(
+        "Rounds: a dataset in a round follows the round's dates and submit rules; the others follow the \
+         competition's. Before a round opens, runs and submits on its datasets are refused; at its deadline \
+         submits on them close and their boards freeze. A submit admitted before the round's deadline is scored \
+         after it and counts; a host can extend one team's deadline for a round (listed under the overrides in \
+         force).\n{}",
+        t.render()
+    )
+}
+
 /// The submit rules, each dataset's submit timing, and submissions a host re-opened.
 fn submits_section(u: &pb::QuotaUsage) -> String {
     let mut out = format!(
@@ -232,6 +316,7 @@ fn submits_section(u: &pb::QuotaUsage) -> String {
         interval(u.submit_time_limit_secs)
     );
     out.push_str(&schedule_rules(u));
+    out.push_str(&rounds_section(u));
     let mut t = Table::new(&["Dataset", "Last Success", "Next Submit", "Why"]);
     for s in &u.submits {
         t.row(vec![
@@ -274,7 +359,7 @@ fn resources_json(r: Option<&pb::Resources>) -> Value {
 
 /// The usage as JSON, fields named as in the API.
 pub fn usage_json(u: &pb::QuotaUsage) -> Value {
-    let p = u.policy.unwrap_or_default();
+    let p = u.policy.clone().unwrap_or_default();
     json!({
         "team": u.team,
         "competition": u.competition,
@@ -320,6 +405,21 @@ pub fn usage_json(u: &pb::QuotaUsage) -> Value {
             "why": s.why,
         })).collect::<Vec<_>>(),
         "overrides": u.overrides.iter().map(super::audit::override_json).collect::<Vec<_>>(),
+        "opens_at_ms": p.opens_at_ms,
+        "closes_at_ms": p.closes_at_ms,
+        "rounds": p.rounds.iter().map(|r| {
+            let rules = p.rules_for(r.datasets.first().map_or("", String::as_str));
+            json!({
+                "name": r.name,
+                "datasets": r.datasets,
+                "opens_at_ms": rules.opens_at_ms,
+                "closes_at_ms": rules.closes_at_ms,
+                "state": round_state(r, &p, u).0,
+                "submit_interval_secs": rules.submit_interval_secs,
+                "submit_time_limit_secs": rules.submit_time_limit_secs,
+                "submit_max_cpus": rules.submit_max_cpus,
+            })
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -415,7 +515,7 @@ mod tests {
             policy: Some(pb::Policy {
                 opens_at_ms: u.now_ms + 120_000,
                 closes_at_ms: u.now_ms + 3_600_000,
-                ..u.policy.unwrap_or_default()
+                ..u.policy.clone().unwrap_or_default()
             }),
             ..u.clone()
         };
@@ -433,6 +533,87 @@ mod tests {
         assert_eq!(v["policy"]["team_gpus"], 2);
         assert_eq!(v["storage_used_bytes"], 1234);
         assert_eq!(v["submits"][0]["next_allowed_ms"], 4_600_000);
+    }
+
+    #[test]
+    fn usage_shows_each_round_its_state_and_rules_and_what_counts_at_its_deadline() {
+        let now = 10 * 3_600_000;
+        let round = |name: &str, dataset: &str, opens: i64, closes: i64| pb::Round {
+            name: name.into(),
+            datasets: vec![dataset.into()],
+            opens_at_ms: now + opens,
+            closes_at_ms: now + closes,
+            ..Default::default()
+        };
+        let u = pb::QuotaUsage {
+            team: "demo".into(),
+            competition: "demo".into(),
+            now_ms: now,
+            policy: Some(pb::Policy {
+                submit_interval_secs: 3600,
+                submit_time_limit_secs: 3600,
+                submit_max_cpus: 4,
+                rounds: vec![
+                    pb::Round {
+                        submit_interval_secs: Some(600),
+                        ..round("preliminary", "t1-cls", -7_200_000, -3_600_000)
+                    },
+                    round("final", "t2-reg", 3_600_000, 7_200_000),
+                    round("warmup", "t3", -7_200_000, 60_000),
+                ],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let text = render(&u);
+        let row = |first: &str| -> String {
+            text.lines()
+                .find(|l| l.starts_with(first))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(
+            row("preliminary").contains("t1-cls")
+                && row("preliminary").contains(" closed ")
+                && row("preliminary").contains("one per 10 minutes, at most 4 CPUs, within 1 hour"),
+            "{text}"
+        );
+        assert!(
+            row("final").contains("upcoming (opens in 1h 0m)")
+                && row("final").contains("one per 1 hour"),
+            "{text}"
+        );
+        assert!(row("warmup").contains("open (closes in 1m 0s)"), "{text}");
+        assert!(
+            text.contains(
+                "A submit admitted before the round's deadline is scored after it and counts"
+            ),
+            "{text}"
+        );
+        // A host's extension of the team's preliminary deadline shows on the round.
+        let extended = pb::QuotaUsage {
+            overrides: vec![pb::Override {
+                kind: pb::OverrideKind::ExtendDeadline as i32,
+                round: "preliminary".into(),
+                until_ms: now + 600_000,
+                ..Default::default()
+            }],
+            ..u.clone()
+        };
+        let text = render(&extended);
+        assert!(text.contains("closed; open to the team until"), "{text}");
+        let v = usage_json(&extended);
+        let states: Vec<&str> = v["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["extended", "upcoming", "open"]);
+        assert_eq!(v["rounds"][0]["submit_interval_secs"], 600);
+        assert_eq!(v["rounds"][1]["datasets"][0], "t2-reg");
+        // Without rounds, no section.
+        assert!(!render(&pb::QuotaUsage::default()).contains("Rounds:"));
     }
 
     #[test]

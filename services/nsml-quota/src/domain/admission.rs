@@ -2,6 +2,9 @@
 //! uses. Everything a decision depends on is ledger state, so folding one `quota-TEAM` stream alone
 //! re-derives every decision recorded in it.
 
+use std::borrow::Cow;
+
+use nsml_proto::policy::DatasetRules;
 use nsml_proto::v1::{AdmitRequest, Decision, Policy, PolicyChanged, Resources, SessionKind};
 
 use super::format::{fmt_time, gib, human_secs};
@@ -23,17 +26,17 @@ macro_rules! reason {
 pub fn adopt(
     ledger: &Ledger,
     competition: &str,
-    current: Option<(Policy, u64)>,
+    current: Option<(&Policy, u64)>,
 ) -> Option<(Policy, u64, Option<PolicyChanged>)> {
     match (ledger.policy(competition), current) {
-        (Some(a), Some((_, v))) if a.version >= v => Some((a.policy, a.version, None)),
-        (Some(a), None) => Some((a.policy, a.version, None)),
+        (Some(a), Some((_, v))) if a.version >= v => Some((a.policy.clone(), a.version, None)),
+        (Some(a), None) => Some((a.policy.clone(), a.version, None)),
         (_, Some((p, v))) => Some((
-            p,
+            p.clone(),
             v,
             Some(PolicyChanged {
                 competition: competition.to_string(),
-                policy: Some(p),
+                policy: Some(p.clone()),
                 version: v,
             }),
         )),
@@ -179,11 +182,13 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
             &limits,
         );
     }
-    if let Some(refusal) = schedule_refusal(ledger, policy, &limits, req, now_ms) {
+    // The dataset's round, if it is in one, sets its schedule and submit rules.
+    let rules = policy.rules_for(&req.dataset);
+    if let Some(refusal) = schedule_refusal(ledger, &rules, &limits, req, now_ms) {
         return refusal;
     }
     let spared = if req.kind() == SessionKind::Submit {
-        match submit_rules(ledger, policy, &limits, req, &asked, now_ms) {
+        match submit_rules(ledger, &rules, &limits, req, &asked, now_ms) {
             SubmitChecked::Passed(spared) => spared,
             SubmitChecked::Refused(refusal) => return refusal,
         }
@@ -196,51 +201,86 @@ pub fn decide(ledger: &Ledger, policy: &Policy, req: &AdmitRequest, now_ms: i64)
     grant(&limits, spared, &req.dataset)
 }
 
-/// The competition's schedule: nothing before it opens; no submit (trial or real) once it has closed, unless a
-/// host extended the team's deadline past now.
+/// The schedule of the request's dataset: its round's where it is in one that sets the time, else the
+/// competition's. Nothing runs before it opens; no submit (trial or real) once it has closed, unless a host
+/// extended the team's deadline (for that round, or for the competition where the dataset closes with it)
+/// past now.
 fn schedule_refusal(
     ledger: &Ledger,
-    policy: &Policy,
+    rules: &DatasetRules<'_>,
     limits: &Limits,
     req: &AdmitRequest,
     now_ms: i64,
 ) -> Option<Decision> {
-    if policy.opens_at_ms > 0 && now_ms < policy.opens_at_ms {
-        return Some(deny(
-            Rule::NotOpen,
-            reason!(
+    let opens = rules.opens_at_ms;
+    if opens > 0 && now_ms < opens {
+        let reason = match rules.round.filter(|r| r.opens_at_ms > 0) {
+            Some(r) => reason!(
+                "round `{}` of competition `{}` opens at {}: runs and submits on its datasets ({}) are refused \
+                 until then",
+                r.name,
+                req.competition,
+                fmt_time(opens),
+                r.datasets.join(", ")
+            ),
+            None => reason!(
                 "competition `{}` opens at {}: runs and submits are refused until then",
                 req.competition,
-                fmt_time(policy.opens_at_ms)
+                fmt_time(opens)
             ),
-            policy.opens_at_ms,
-            limits,
-        ));
+        };
+        return Some(deny(Rule::NotOpen, reason, opens, limits));
     }
     let submit = matches!(req.kind(), SessionKind::Submit | SessionKind::TrialSubmit);
-    if !submit || policy.closes_at_ms <= 0 {
+    let closes = rules.closes_at_ms;
+    if !submit || closes <= 0 {
         return None;
     }
-    let extended = ledger.extended_deadline(&req.competition);
-    let deadline = extended.map_or(policy.closes_at_ms, |(_, until)| {
-        until.max(policy.closes_at_ms)
-    });
+    let extended = ledger.extended_deadline(&req.competition, |round| rules.extended_by(round));
+    let deadline = extended.map_or(closes, |(_, until)| until.max(closes));
     if now_ms < deadline {
         return None;
     }
-    let mut reason = reason!(
-        "competition `{}` closed at {}: submits are refused after the deadline, and the final ranking is the \
-         boards as they were then",
-        req.competition,
-        fmt_time(policy.closes_at_ms)
-    );
+    let round = rules.round.filter(|r| r.closes_at_ms > 0);
+    let mut reason = match round {
+        Some(r) => reason!(
+            "round `{}` of competition `{}` closed at {}: submits on its datasets ({}) are refused after the \
+             round's deadline, and the round's final ranking is their boards as they were then",
+            r.name,
+            req.competition,
+            fmt_time(closes),
+            r.datasets.join(", ")
+        ),
+        None => reason!(
+            "competition `{}` closed at {}: submits are refused after the deadline, and the final ranking is \
+             the boards as they were then",
+            req.competition,
+            fmt_time(closes)
+        ),
+    };
     if let Some((id, until)) = extended {
+        let whose = match round {
+            Some(r) => format!("the team's deadline for round `{}`", r.name),
+            None => "the team's deadline".into(),
+        };
         reason.push_str(&format!(
-            "; the team's deadline, extended by override {id}, ended at {}",
+            "; {whose}, extended by override {id}, ended at {}",
             fmt_time(until)
         ));
     }
     Some(deny(Rule::Closed, reason, 0, limits))
+}
+
+/// How a rule that a round may set reads in a refusal: for the dataset, or for the datasets of the round that
+/// set it.
+fn per_dataset(
+    rules: &DatasetRules<'_>,
+    set_by_round: impl Fn(&nsml_proto::v1::Round) -> bool,
+) -> Cow<'static, str> {
+    match rules.round.filter(|r| set_by_round(r)) {
+        Some(r) => Cow::Owned(format!("per dataset of round `{}`", r.name)),
+        None => Cow::Borrowed("per dataset"),
+    }
 }
 
 /// How a real submit fared under the submit rules.
@@ -255,7 +295,7 @@ enum SubmitChecked {
 /// since the last successful one (unless a host's extra submit waives it), and the CPUs a submit may use.
 fn submit_rules(
     ledger: &Ledger,
-    policy: &Policy,
+    rules: &DatasetRules<'_>,
     limits: &Limits,
     req: &AdmitRequest,
     asked: &Resources,
@@ -274,7 +314,7 @@ fn submit_rules(
             limits,
         ));
     }
-    let interval_ms = interval_ms(policy);
+    let interval_ms = interval_ms(rules.submit_interval_secs);
     let mut spared = Spared {
         reopened: st.map_or_else(Vec::new, |st| {
             reopened_slots(st, &req.dataset, interval_ms, now_ms)
@@ -289,8 +329,9 @@ fn submit_rules(
                 None => {
                     let wait_s = next.saturating_sub(now_ms).saturating_add(999) / 1000;
                     let mut reason = reason!(
-                        "submit limit: one real submit per {} per dataset, counted from the last successful one; team `{team}` last submitted `{}` successfully at {}, so the next submit is allowed at {} (in {}m {}s)",
-                        human_secs(policy.submit_interval_secs),
+                        "submit limit: one real submit per {} {}, counted from the last successful one; team `{team}` last submitted `{}` successfully at {}, so the next submit is allowed at {} (in {}m {}s)",
+                        human_secs(rules.submit_interval_secs),
+                        per_dataset(rules, |r| r.submit_interval_secs.is_some()),
                         req.dataset,
                         fmt_time(last),
                         fmt_time(next),
@@ -309,13 +350,17 @@ fn submit_rules(
             }
         }
     }
-    if asked.cpus > policy.submit_max_cpus {
+    if asked.cpus > rules.submit_max_cpus {
+        let round = match rules.round.filter(|r| r.submit_max_cpus.is_some()) {
+            Some(r) => format!(" in round `{}`", r.name),
+            None => String::new(),
+        };
         return SubmitChecked::Refused(with_reopened(
             deny(
                 Rule::SubmitCpus,
                 reason!(
-                    "a submit may use at most {} CPUs, asked {}",
-                    policy.submit_max_cpus,
+                    "a submit{round} may use at most {} CPUs, asked {}",
+                    rules.submit_max_cpus,
                     asked.cpus
                 ),
                 0,
@@ -399,7 +444,7 @@ mod tests {
             ..seed_policy()
         };
         // when the log has version 2,
-        let (policy, version, change) = adopt(&l, "demo", Some((newer, 2))).unwrap();
+        let (policy, version, change) = adopt(&l, "demo", Some((&newer, 2))).unwrap();
         // then the decision uses version 2 and the ledger records that it adopted it.
         assert_eq!((policy.team_gpus, version), (4, 2));
         let change = change.expect("a newer policy is recorded");
@@ -415,7 +460,7 @@ mod tests {
             ..seed_policy()
         };
         // when the log has version 2, or none at all,
-        for current in [Some((older, 2)), None] {
+        for current in [Some((&older, 2)), None] {
             let (policy, version, change) = adopt(&l, "demo", current).unwrap();
             // then the decision uses the ledger's version 3 and records nothing.
             assert_eq!((policy.team_gpus, version), (2, 3));

@@ -97,9 +97,14 @@ pub fn describe_override(o: &Override) -> String {
             "re-opened the slot of submit {} on `{}`",
             o.submission_id, o.dataset
         ),
-        OverrideKind::ExtendDeadline => {
+        OverrideKind::ExtendDeadline if o.round.is_empty() => {
             format!("the team's deadline extended to {}", fmt_time(o.until_ms))
         }
+        OverrideKind::ExtendDeadline => format!(
+            "the team's deadline for round `{}` extended to {}",
+            o.round,
+            fmt_time(o.until_ms)
+        ),
         OverrideKind::Unspecified => "an override of unknown kind".into(),
     };
     format!(

@@ -62,10 +62,11 @@ pub(super) fn memory_with_shm(r: &Resources) -> u128 {
     u128::from(r.memory_bytes) + u128::from(r.shm_bytes)
 }
 
-/// A policy's submit interval in milliseconds; an interval too long to count in milliseconds is as long as
-/// the clock can count, so it never passes, rather than wrapping into one that already has.
-pub fn interval_ms(policy: &Policy) -> i64 {
-    i64::try_from(policy.submit_interval_secs)
+/// A submit interval (the policy's, or a round's for its datasets) in milliseconds; an interval too long to
+/// count in milliseconds is as long as the clock can count, so it never passes, rather than wrapping into one
+/// that already has.
+pub fn interval_ms(submit_interval_secs: u64) -> i64 {
+    i64::try_from(submit_interval_secs)
         .ok()
         .and_then(|s| s.checked_mul(1000))
         .unwrap_or(i64::MAX)
@@ -210,7 +211,7 @@ pub enum ReopenRefused {
 }
 
 /// A competition policy as the ledger adopted it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdoptedPolicy {
     pub policy: Policy,
     pub version: u64,
@@ -480,13 +481,20 @@ impl Ledger {
             .map(String::as_str)
     }
 
-    /// The latest deadline a host extended the team's to in `competition`, with the override: the team may
-    /// submit until then, past the competition's closing time.
-    pub fn extended_deadline(&self, competition: &str) -> Option<(&str, i64)> {
+    /// The latest deadline a host extended the team's to in `competition`, among the extensions whose round
+    /// (empty: the competition's deadline) `applies` accepts, with the override: the team may submit until
+    /// then, past the closing time.
+    pub fn extended_deadline(
+        &self,
+        competition: &str,
+        applies: impl Fn(&str) -> bool,
+    ) -> Option<(&str, i64)> {
         self.overrides
             .values()
             .filter(|o| {
-                o.grant.kind() == OverrideKind::ExtendDeadline && o.grant.competition == competition
+                o.grant.kind() == OverrideKind::ExtendDeadline
+                    && o.grant.competition == competition
+                    && applies(&o.grant.round)
             })
             .map(|o| (o.grant.id.as_str(), o.grant.until_ms))
             .max_by_key(|(_, until)| *until)

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use nsml_eventstore::StoredEvent;
-use nsml_proto::v1::{EventPayload, Override, OverrideKind, OverrideRequest, SubmitEnded};
+use nsml_proto::v1::{EventPayload, Override, OverrideKind, OverrideRequest, Policy, SubmitEnded};
 
 use super::format::fmt_time;
 use super::ledger::{LedgerEvent, ReopenRefused};
@@ -55,6 +55,16 @@ pub enum OverrideRefused {
         dataset: String,
         competition: String,
     },
+    #[error(
+        "only an extended deadline names a round (`--round {round}`); leave it out of this override"
+    )]
+    RoundNotDeadline { round: String },
+    #[error("competition `{competition}` has no round `{round}`; its rounds are {rounds}")]
+    RoundNotFound {
+        round: String,
+        competition: String,
+        rounds: String,
+    },
 }
 
 /// Checks what an override request must say for its kind at `now_ms`: a team, a reason, and an extra
@@ -98,6 +108,40 @@ pub fn check_request(r: &OverrideRequest, now_ms: i64) -> Result<(), OverrideRef
             Ok(())
         }
     }
+}
+
+/// Checks the round an override names against the competition's policy: only an extended deadline names one,
+/// and it must be a round the policy has.
+pub fn check_round(
+    kind: OverrideKind,
+    round: &str,
+    competition: &str,
+    policy: Option<&Policy>,
+) -> Result<(), OverrideRefused> {
+    if round.is_empty() {
+        return Ok(());
+    }
+    if kind != OverrideKind::ExtendDeadline {
+        return Err(OverrideRefused::RoundNotDeadline {
+            round: round.to_string(),
+        });
+    }
+    if policy.is_some_and(|p| p.round(round).is_some()) {
+        return Ok(());
+    }
+    let names: Vec<String> = policy
+        .into_iter()
+        .flat_map(|p| p.rounds.iter().map(|r| format!("`{}`", r.name)))
+        .collect();
+    Err(OverrideRefused::RoundNotFound {
+        round: round.to_string(),
+        competition: competition.to_string(),
+        rounds: if names.is_empty() {
+            "none (leave out --round to extend the competition's deadline)".into()
+        } else {
+            names.join(", ")
+        },
+    })
 }
 
 /// Whether an override of `kind` applies to one dataset (an extra submit, a re-opened slot) rather than to
@@ -265,6 +309,11 @@ pub fn new_override(
             0
         },
         reason: r.reason.trim().to_string(),
+        round: if kind == OverrideKind::ExtendDeadline {
+            r.round.trim().to_string()
+        } else {
+            String::new()
+        },
         granted_by: by.granted_by,
         granted_at_ms: by.granted_at_ms,
         command_id: by.command_id,

@@ -15,7 +15,9 @@ pub fn next_submit(
     let empty = SubmitState::default();
     let st = ledger.submits.get(dataset).unwrap_or(&empty);
     let extra = ledger.extra_submits(dataset) as u32;
-    let interval = interval_ms(policy);
+    // A dataset in a round follows the round's interval where the round sets one.
+    let rules = policy.rules_for(dataset);
+    let interval = interval_ms(rules.submit_interval_secs);
     let last = st.last_success();
     let last_sub = last
         .map(|l| l.submission_id.to_string())
@@ -28,7 +30,7 @@ pub fn next_submit(
         .map(|(s, _)| s.clone())
         .unwrap_or_default();
     let why = Why {
-        policy,
+        interval_secs: rules.submit_interval_secs,
         st,
         in_flight: &in_flight,
         last_sub: &last_sub,
@@ -59,7 +61,8 @@ pub fn next_submit(
 
 /// What the explanation of a dataset's next submit rests on.
 struct Why<'a> {
-    policy: &'a Policy,
+    /// The submit interval the dataset follows.
+    interval_secs: u64,
     st: &'a SubmitState,
     /// The submit in flight that counts, or empty.
     in_flight: &'a str,
@@ -102,10 +105,10 @@ impl Why<'_> {
 
     /// When the next submit is allowed, and which rule says so.
     fn when(&self) -> String {
-        let (policy, next, now, last_sub) = (self.policy, self.next, self.now, self.last_sub);
+        let (next, now, last_sub) = (self.next, self.now, self.last_sub);
         let rule = format!(
             "one real submit per {} per dataset, counted from the last successful one",
-            human_secs(policy.submit_interval_secs)
+            human_secs(self.interval_secs)
         );
         if !self.in_flight.is_empty() {
             format!(
@@ -135,7 +138,7 @@ impl Why<'_> {
             format!(
                 "now: the last successful submit (submission {last_sub}, submitted at {}) is more than {} ago",
                 fmt_time(last),
-                human_secs(policy.submit_interval_secs)
+                human_secs(self.interval_secs)
             )
         } else if !self.st.reopened_successes.is_empty() {
             "now: no successful real submit counts (failed and timed-out submits do not count, nor those whose slot a host re-opened)".into()

@@ -4,7 +4,7 @@ use nsml_common::aggregate::Aggregate;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     AdmitRequest, Decision, EventPayload, Override, OverrideGranted, OverrideKind, Policy,
-    PolicyChanged, QuotaRaise, Resources, ResourcesGranted, ResourcesReleased, SessionKind,
+    PolicyChanged, QuotaRaise, Resources, ResourcesGranted, ResourcesReleased, Round, SessionKind,
     SubmitEnded, SubmitSucceeded,
 };
 
@@ -25,6 +25,7 @@ pub(super) fn seed_policy() -> Policy {
         submit_max_cpus: 4,
         opens_at_ms: 0,
         closes_at_ms: 0,
+        rounds: Vec::new(),
     }
 }
 
@@ -196,6 +197,203 @@ fn given_an_extended_deadline_then_the_team_submits_until_it() {
         late.reason.contains("extended by override o-1"),
         "{}",
         late.reason
+    );
+}
+
+/// A competition open from 0 to `10 * HOUR` with a preliminary round on `t1-cls` (HOUR to 4 h, a real submit
+/// every 10 minutes on at most 2 CPUs) and a final round on `t2-reg` (6 h to 9 h); `t3` is in no round.
+fn with_rounds() -> Policy {
+    Policy {
+        closes_at_ms: 10 * HOUR,
+        rounds: vec![
+            Round {
+                name: "preliminary".into(),
+                datasets: vec!["t1-cls".into()],
+                opens_at_ms: HOUR,
+                closes_at_ms: 4 * HOUR,
+                submit_interval_secs: Some(600),
+                submit_max_cpus: Some(2),
+                ..Default::default()
+            },
+            Round {
+                name: "final".into(),
+                datasets: vec!["t2-reg".into()],
+                opens_at_ms: 6 * HOUR,
+                closes_at_ms: 9 * HOUR,
+                ..Default::default()
+            },
+        ],
+        ..seed_policy()
+    }
+}
+
+fn on(dataset: &str, mut r: AdmitRequest) -> AdmitRequest {
+    r.dataset = dataset.into();
+    r
+}
+
+fn extended_round_deadline(id: &str, round: &str, until_ms: i64) -> StoredEvent {
+    stored(&OverrideGranted {
+        grant: Some(Override {
+            id: id.into(),
+            competition: "demo".into(),
+            team: "demo".into(),
+            kind: OverrideKind::ExtendDeadline as i32,
+            until_ms,
+            round: round.into(),
+            reason: "their machine failed in the last hour of the round".into(),
+            granted_by: "user:host".into(),
+            ..Default::default()
+        }),
+    })
+}
+
+#[test]
+fn given_rounds_then_a_rounds_dataset_follows_the_rounds_schedule() {
+    let policy = with_rounds();
+    let l = given(&[]);
+    // Before the final opens, a run on its dataset is refused naming the round, with when to retry.
+    let train = on("t2-reg", req(SessionKind::Train, "demo/t2-reg/1", 0, 2, ""));
+    let early = decide(&l, &policy, &train, 5 * HOUR);
+    assert_eq!((early.granted, early.rule.as_str()), (false, "not_open"));
+    assert_eq!(early.retry_after_ms, 6 * HOUR);
+    assert!(
+        early
+            .reason
+            .contains("round `final` of competition `demo` opens at")
+            && early.reason.contains("(t2-reg)"),
+        "{}",
+        early.reason
+    );
+    // Meanwhile the preliminary's dataset runs and submits, and a dataset in no round follows the competition.
+    let pre_submit = req(SessionKind::Submit, "demo/t1-cls/2", 0, 2, "s1");
+    assert!(decide(&l, &policy, &pre_submit, 2 * HOUR).granted);
+    let other = on("t3", req(SessionKind::Submit, "demo/t3/2", 0, 2, "s2"));
+    assert!(decide(&l, &policy, &other, 5 * HOUR).granted);
+    // The final opens; training on the preliminary's dataset goes on after the preliminary closes, its submits
+    // (trial or real) are refused naming the round.
+    assert!(decide(&l, &policy, &train, 6 * HOUR).granted);
+    let pre_train = req(SessionKind::Train, "demo/t1-cls/3", 0, 2, "");
+    assert!(decide(&l, &policy, &pre_train, 5 * HOUR).granted);
+    for kind in [SessionKind::Submit, SessionKind::TrialSubmit] {
+        let late = decide(
+            &l,
+            &policy,
+            &req(kind, "demo/t1-cls/4", 0, 2, "s3"),
+            4 * HOUR,
+        );
+        assert_eq!(
+            (late.granted, late.rule.as_str()),
+            (false, "closed"),
+            "{kind:?}"
+        );
+        assert!(
+            late.reason
+                .contains("round `preliminary` of competition `demo` closed at"),
+            "{}",
+            late.reason
+        );
+    }
+    // The final's submits close at its own deadline, the other datasets' at the competition's.
+    let fin = on(
+        "t2-reg",
+        req(SessionKind::Submit, "demo/t2-reg/5", 0, 2, "s4"),
+    );
+    assert!(decide(&l, &policy, &fin, 9 * HOUR - 1).granted);
+    assert_eq!(decide(&l, &policy, &fin, 9 * HOUR).rule, "closed");
+    assert!(decide(&l, &policy, &other, 10 * HOUR - 1).granted);
+    assert_eq!(decide(&l, &policy, &other, 10 * HOUR).rule, "closed");
+}
+
+#[test]
+fn given_a_round_that_sets_submit_rules_then_they_replace_the_competitions_on_its_datasets() {
+    let policy = with_rounds();
+    // Given a preliminary submit that succeeded at 2 h,
+    let l = given(&[
+        granted(
+            req(SessionKind::Submit, "demo/t1-cls/2", 0, 2, "s1"),
+            2 * HOUR,
+        ),
+        released("demo/t1-cls/2"),
+        succeeded("s1", 2 * HOUR),
+    ]);
+    // the round's 10-minute interval applies, not the competition's hour,
+    let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 2, "s2");
+    let early = decide(&l, &policy, &next, 2 * HOUR + 5 * 60_000);
+    assert_eq!(
+        (early.granted, early.rule.as_str()),
+        (false, "submit_interval")
+    );
+    assert!(
+        early
+            .reason
+            .contains("one real submit per 10 minutes per dataset of round `preliminary`"),
+        "{}",
+        early.reason
+    );
+    assert!(decide(&l, &policy, &next, 2 * HOUR + 10 * 60_000).granted);
+    // and its CPU cap of 2, where the competition allows 4.
+    let wide = req(SessionKind::Submit, "demo/t1-cls/4", 0, 3, "s3");
+    let d = decide(&l, &policy, &wide, 3 * HOUR);
+    assert_eq!((d.granted, d.rule.as_str()), (false, "submit_cpus"));
+    assert!(
+        d.reason
+            .contains("a submit in round `preliminary` may use at most 2 CPUs"),
+        "{}",
+        d.reason
+    );
+    // A dataset in no round keeps the competition's rules.
+    assert!(decide(&l, &policy, &on("t3", wide), 3 * HOUR).granted);
+    // And `nsml quota` says when the next submit is allowed by the round's interval.
+    let st = next_submit(&l, &policy, "t1-cls", 2 * HOUR + 60_000);
+    assert_eq!(st.next_allowed_ms, 2 * HOUR + 10 * 60_000);
+}
+
+#[test]
+fn given_an_extension_for_a_round_then_the_team_submits_on_its_datasets_until_it() {
+    let policy = with_rounds();
+    let l = given(&[extended_round_deadline("o-1", "preliminary", 5 * HOUR)]);
+    let pre = req(SessionKind::Submit, "demo/t1-cls/2", 0, 2, "s1");
+    assert!(decide(&l, &policy, &pre, 4 * HOUR + 60_000).granted);
+    let late = decide(&l, &policy, &pre, 5 * HOUR);
+    assert_eq!((late.granted, late.rule.as_str()), (false, "closed"));
+    assert!(
+        late.reason
+            .contains("the team's deadline for round `preliminary`, extended by override o-1"),
+        "{}",
+        late.reason
+    );
+    // The round's extension moves neither the final's deadline nor the competition's.
+    let fin = on(
+        "t2-reg",
+        req(SessionKind::Submit, "demo/t2-reg/3", 0, 2, "s2"),
+    );
+    assert_eq!(decide(&l, &policy, &fin, 9 * HOUR).rule, "closed");
+    // And an extension of the competition's deadline does not reopen a round that closed on its own.
+    let l = given(&[extended_deadline("o-2", 11 * HOUR)]);
+    assert_eq!(decide(&l, &policy, &pre, 4 * HOUR).rule, "closed");
+    let other = on("t3", req(SessionKind::Submit, "demo/t3/4", 0, 2, "s3"));
+    assert!(decide(&l, &policy, &other, 10 * HOUR + 60_000).granted);
+}
+
+#[test]
+fn an_extension_names_a_round_the_policy_has() {
+    let policy = with_rounds();
+    let deadline = OverrideKind::ExtendDeadline;
+    assert!(check_round(deadline, "final", "demo", Some(&policy)).is_ok());
+    assert!(check_round(deadline, "", "demo", Some(&policy)).is_ok());
+    let err = check_round(deadline, "semi", "demo", Some(&policy)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "competition `demo` has no round `semi`; its rounds are `preliminary`, `final`"
+    );
+    let err = check_round(deadline, "final", "demo", Some(&seed_policy())).unwrap_err();
+    assert!(err.to_string().contains("its rounds are none"), "{err}");
+    let err = check_round(OverrideKind::ExtraSubmit, "final", "demo", Some(&policy)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only an extended deadline names a round"),
+        "{err}"
     );
 }
 
@@ -622,7 +820,7 @@ fn the_ledger_adopts_the_newest_policy_and_decisions_follow_it() {
         released("demo/t1-cls/2"),
         succeeded("s1", 0),
     ]);
-    let p = l.policy("demo").copied().unwrap();
+    let p = l.policy("demo").cloned().unwrap();
     assert_eq!((p.version, p.since), (1, 1));
     let next = req(SessionKind::Submit, "demo/t1-cls/3", 0, 4, "s2");
     let d = decide(&l, &p.policy, &next, 20 * 60_000);
@@ -632,7 +830,7 @@ fn the_ledger_adopts_the_newest_policy_and_decisions_follow_it() {
     let mut change = policy_changed(quicker, 2);
     change.version = 5;
     l.apply(&change);
-    let p = l.policy("demo").copied().unwrap();
+    let p = l.policy("demo").cloned().unwrap();
     assert_eq!((p.version, p.since), (2, 5));
     assert!(decide(&l, &p.policy, &next, 20 * 60_000).granted);
 }
