@@ -10,7 +10,7 @@ use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    CompetitionApplied, DatasetRegistered, Direction, OverrideGranted, OverrideKind,
+    CompetitionApplied, DatasetRegistered, Direction, OverrideGranted, OverrideKind, Policy,
     PrivateRevealed, SubmissionScored,
 };
 
@@ -24,23 +24,30 @@ pub struct CompetitionView {
     pub datasets: Vec<String>,
     pub hosts: Vec<String>,
     pub private_revealed: bool,
-    /// When submits close and the boards freeze (0: never).
-    pub closes_at_ms: i64,
-    /// Team → the deadline a host extended it to.
-    pub extended: HashMap<String, i64>,
+    /// The policy as last applied: when submits close and the boards freeze, the competition's and each
+    /// round's for its datasets.
+    pub policy: Policy,
+    /// Team → round (empty: the competition's deadline) → the deadline a host extended the team's to.
+    pub extended: HashMap<String, BTreeMap<String, i64>>,
 }
 
 impl CompetitionView {
-    /// Whether a submit made at `submitted_at_ms` by `team` counts on the boards: made before the deadline, the
-    /// team's own when a host extended it. A submit admitted before the deadline and scored after it counts.
-    pub fn counts(&self, team: &str, submitted_at_ms: i64) -> bool {
-        if self.closes_at_ms <= 0 {
+    /// Whether a submit on `dataset` made at `submitted_at_ms` by `team` counts on the boards: made before the
+    /// dataset's deadline (its round's, if it is in one that sets one, else the competition's), or the team's
+    /// own when a host extended it. A submit admitted before the deadline and scored after it counts.
+    pub fn counts(&self, team: &str, dataset: &str, submitted_at_ms: i64) -> bool {
+        let rules = self.policy.rules_for(dataset);
+        let closes = rules.closes_at_ms;
+        if closes <= 0 {
             return true;
         }
         let deadline = self
             .extended
             .get(team)
-            .map_or(self.closes_at_ms, |until| (*until).max(self.closes_at_ms));
+            .into_iter()
+            .flatten()
+            .filter(|(round, _)| rules.extended_by(round))
+            .fold(closes, |deadline, (_, until)| deadline.max(*until));
         submitted_at_ms < deadline
     }
 }
@@ -130,8 +137,9 @@ impl LeaderboardState {
         // After the deadline the board shows what it showed then.
         let competition = self.competitions.get(&d.competition);
         Ok(domain::board(
-            self.submits_on(dataset)
-                .filter(|s| competition.is_none_or(|c| c.counts(&s.team, s.submitted_at_ms))),
+            self.submits_on(dataset).filter(|s| {
+                competition.is_none_or(|c| c.counts(&s.team, dataset, s.submitted_at_ms))
+            }),
             d.ranking_direction(),
             side,
         ))
@@ -159,7 +167,7 @@ impl LeaderboardState {
         let view = self.competitions.entry(c.id.clone()).or_default();
         view.datasets = c.datasets.iter().map(|d| d.name.clone()).collect();
         view.hosts = c.hosts;
-        view.closes_at_ms = c.policy.map_or(0, |p| p.closes_at_ms);
+        view.policy = c.policy.unwrap_or_default();
         // Revealing cannot be taken back; a later manifest apply keeps it revealed.
         view.private_revealed |= c.private_revealed;
     }
@@ -232,6 +240,8 @@ impl ReadModel for LeaderboardState {
                 .or_default()
                 .extended
                 .entry(grant.team)
+                .or_default()
+                .entry(grant.round)
                 .or_default();
             *until = (*until).max(grant.until_ms);
         } else if let Some(e) = decode::<PrivateRevealed>(ev) {
@@ -338,6 +348,94 @@ mod tests {
                 .map(|r| (r.team.as_str(), r.score))
                 .collect::<Vec<_>>(),
             [("bees", 0.8), ("ants", 0.5)]
+        );
+    }
+
+    #[test]
+    fn given_rounds_then_each_rounds_boards_freeze_at_its_own_deadline() {
+        use nsml_proto::v1::{Override, Policy, Round};
+        // Given a competition closing at 10 s whose preliminary (`cls`) closes at 1.5 s and whose final (`reg`)
+        // closes at 5 s,
+        let mut s = LeaderboardState::default();
+        let mut c = competition(&[
+            ("cls", "accuracy", Direction::Descending),
+            ("reg", "accuracy", Direction::Descending),
+        ]);
+        let round = |name: &str, dataset: &str, closes_at_ms: i64| Round {
+            name: name.into(),
+            datasets: vec![dataset.into()],
+            closes_at_ms,
+            ..Default::default()
+        };
+        if let Some(comp) = c.competition.as_mut() {
+            comp.policy = Some(Policy {
+                closes_at_ms: 10_000,
+                rounds: vec![
+                    round("preliminary", "cls", 1500),
+                    round("final", "reg", 5000),
+                ],
+                ..Default::default()
+            });
+        }
+        s.apply(&stored(1, &c));
+        let at = |id: &str, team: &str, dataset: &str, score: f64, submitted_at_ms: i64| {
+            let mut e = scored(id, team, dataset, score, false);
+            if let Some(sub) = e.submission.as_mut() {
+                sub.submitted_at_ms = submitted_at_ms;
+                sub.finished_at_ms = submitted_at_ms + 5000;
+            }
+            e
+        };
+        // when ants submit on both before the preliminary's deadline (scored after it) and bees after it,
+        s.apply(&stored(2, &at("s1", "ants", "cls", 0.5, 1000)));
+        s.apply(&stored(3, &at("s2", "bees", "cls", 0.9, 2000)));
+        s.apply(&stored(4, &at("s3", "bees", "reg", 0.7, 2000)));
+        s.apply(&stored(5, &at("s4", "ants", "reg", 0.6, 6000)));
+        let teams = |s: &LeaderboardState, dataset: &str| -> Vec<String> {
+            s.board(dataset, Side::Public)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.team)
+                .collect()
+        };
+        // then the preliminary's board is what it showed at its deadline, the final's at its own.
+        assert_eq!(teams(&s, "cls"), ["ants"]);
+        assert_eq!(teams(&s, "reg"), ["bees"]);
+        // An extension for the final, or for the competition, does not move the preliminary's deadline;
+        let extend = |position: u64, id: &str, round: &str, until_ms: i64| {
+            stored(
+                position,
+                &OverrideGranted {
+                    grant: Some(Override {
+                        id: id.into(),
+                        competition: "demo".into(),
+                        team: "bees".into(),
+                        kind: OverrideKind::ExtendDeadline as i32,
+                        until_ms,
+                        round: round.into(),
+                        ..Default::default()
+                    }),
+                },
+            )
+        };
+        s.apply(&extend(6, "o-1", "final", 9000));
+        s.apply(&extend(7, "o-2", "", 9000));
+        assert_eq!(teams(&s, "cls"), ["ants"]);
+        // one for the preliminary lets bees' submit before it count there.
+        s.apply(&extend(8, "o-3", "preliminary", 3000));
+        assert_eq!(teams(&s, "cls"), ["bees", "ants"]);
+        // The overall board ranks over the frozen boards.
+        let boards = vec![
+            s.board("cls", Side::Public).unwrap(),
+            s.board("reg", Side::Public).unwrap(),
+        ];
+        let overall = domain::overall(&boards);
+        assert_eq!(
+            overall
+                .iter()
+                .map(|r| (r.team.as_str(), r.submitted.clone()))
+                .collect::<Vec<_>>(),
+            [("bees", vec![true, true]), ("ants", vec![true, false])]
         );
     }
 

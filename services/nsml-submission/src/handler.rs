@@ -272,7 +272,7 @@ impl Handler {
     }
 
     /// A new submission of `src`'s checkpoint, and what its submit session may use, by the competition's
-    /// policy.
+    /// policy (its round's submit rules where the dataset is in a round that sets them).
     fn new_submission(
         &self,
         src: &Session,
@@ -283,18 +283,19 @@ impl Handler {
             .proj
             .read(|p| p.policies.get(&src.competition).cloned())
             .unwrap_or_default();
+        let rules = policy.rules_for(&src.dataset);
         let src_res = src.resources.unwrap_or_default();
-        let max_cpus = policy.submit_max_cpus.max(1);
+        let max_cpus = rules.submit_max_cpus.max(1);
         let resources = Resources {
             gpus: src_res.gpus,
             cpus: src_res.cpus.clamp(1, max_cpus),
             memory_bytes: src_res.memory_bytes,
             shm_bytes: src_res.shm_bytes,
         };
-        let time_limit = if policy.submit_time_limit_secs == 0 {
+        let time_limit = if rules.submit_time_limit_secs == 0 {
             3600
         } else {
-            policy.submit_time_limit_secs
+            rules.submit_time_limit_secs
         };
         let sub = Submission {
             id: uuid::Uuid::now_v7().to_string(),
