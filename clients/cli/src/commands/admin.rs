@@ -8,7 +8,7 @@ use nsml_proto::v1::{AddUserRequest, Empty, RevealPrivateRequest};
 
 use super::{Context, read_password};
 use crate::json;
-use crate::output::{Table, emit, metric_label};
+use crate::output::{Table, datetime, emit, metric_label};
 
 pub async fn apply(ctx: &Context, file: &Path) -> Result<()> {
     let manifest = nsml_manifest::load(file)?;
@@ -41,6 +41,18 @@ pub async fn apply(ctx: &Context, file: &Path) -> Result<()> {
         policy.submit_time_limit_secs,
         policy.submit_max_cpus
     );
+    if !policy.rounds.is_empty() {
+        println!("Rounds: {}", policy.rounds.len());
+        for r in &policy.rounds {
+            println!(
+                "  {}: {} (opens {}, closes {})",
+                r.name,
+                r.datasets.join(", "),
+                datetime(r.opens_at_ms),
+                datetime(r.closes_at_ms)
+            );
+        }
+    }
     println!("Datasets registered: {}", manifest.datasets().len());
     for d in manifest.datasets() {
         println!("  {} ({})", d.name, metric_label(&d.metric));
