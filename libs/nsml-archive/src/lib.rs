@@ -1,4 +1,5 @@
-//! Gzip'd tar archives as the platform moves them: code uploads, checkpoints, dataset parts.
+//! Tar archives as the platform moves them: code uploads and dataset parts (gzip'd), checkpoints (plain,
+//! since weights do not compress; [`Encoding`]).
 //!
 //! Archives come from participants (code, checkpoints their programs write) and hosts (datasets), and are
 //! unpacked by the runner, the scorer and the CLI, so every reader here holds them to one set of rules
@@ -8,6 +9,7 @@
 //!
 //! - [`measure`] checks an archive without unpacking it; [`unpack()`] writes one into a directory;
 //!   [`first_file`] reads the one file a small archive holds.
+//! - Readers take plain and gzip'd tars alike, told apart by their first bytes ([`Decoded`]).
 //! - [`pack_dir`] packs a tree as it is; [`collect()`] and [`pack_collected`] pack an upload under
 //!   [`IgnoreRules`] (`.nsmlignore`); [`Reproducible`] packs the same files into the same bytes.
 //!
@@ -15,6 +17,7 @@
 
 pub mod collect;
 pub mod error;
+pub mod format;
 pub mod ignore;
 pub mod pack;
 pub mod rules;
@@ -22,6 +25,7 @@ pub mod unpack;
 
 pub use collect::{Collected, CollectedEntry, collect, pack_collected};
 pub use error::{ArchiveError, PathFault, Refusal, Special};
+pub use format::{Decoded, Encoding};
 pub use ignore::IgnoreRules;
 pub use pack::{Reproducible, pack_dir};
 pub use rules::{Checked, Checker, Kind, Limits, TreeSize, entry_path, is_metadata, normalize};

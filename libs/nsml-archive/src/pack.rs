@@ -1,58 +1,179 @@
-//! Packing directories into gzip'd tars: a tree as it is on disk ([`pack_dir`]), and reproducible archives
+//! Packing directories into tars: a tree as it is on disk ([`pack_dir`]), and reproducible gzip'd archives
 //! whose bytes depend on the files' contents only ([`Reproducible`]).
 
+use std::ffi::OsStr;
 use std::fs;
-use std::io::{self, Write};
-use std::path::Path;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags};
 
 use crate::error::ArchiveError;
+use crate::format::Encoding;
 
-/// Writes `dir`'s tree as a gzip'd tar into `writer`, names relative to `dir`, and returns the writer.
+/// Writes `dir`'s tree as a tar encoded as `encoding` into `writer`, names relative to `dir`, and returns
+/// the writer.
 ///
 /// Symlinks are stored as links, never followed (a link to a file outside is not packed as that file's
-/// content); sockets, FIFOs and devices are left out.
-pub fn pack_dir<W: Write>(dir: &Path, writer: W) -> Result<W, ArchiveError> {
-    let mut builder = tar::Builder::new(GzEncoder::new(writer, Compression::fast()));
-    builder.follow_symlinks(false);
-    pack_tree(&mut builder, dir, Path::new(""))?;
-    let gz = builder
-        .into_inner()
-        .map_err(|e| ArchiveError::io("cannot finish the archive of", dir, e))?;
-    gz.finish()
-        .map_err(|e| ArchiveError::io("cannot finish the archive of", dir, e))
+/// content); sockets, FIFOs and devices are left out. The tree is walked by descriptor, every name opened
+/// relative to its directory without following a link, and each file is described by what was opened: a
+/// program that still holds the tree (a session whose saved directory is handed over, not copied) can
+/// change its own files meanwhile, but never swap in a link that leads the packer elsewhere, nor a FIFO
+/// that would hold it. A file that shrinks while it is read fails the packing.
+pub fn pack_dir<W: Write>(dir: &Path, writer: W, encoding: Encoding) -> Result<W, ArchiveError> {
+    let fail = |e| ArchiveError::io("cannot finish the archive of", dir, e);
+    match encoding {
+        Encoding::Plain => {
+            let mut builder = tar::Builder::new(writer);
+            pack_root(&mut builder, dir)?;
+            builder.into_inner().map_err(fail)
+        }
+        Encoding::Gzip => {
+            let mut builder = tar::Builder::new(GzEncoder::new(writer, Compression::fast()));
+            pack_root(&mut builder, dir)?;
+            builder
+                .into_inner()
+                .and_then(GzEncoder::finish)
+                .map_err(fail)
+        }
+    }
 }
 
+fn pack_root<W: Write>(builder: &mut tar::Builder<W>, dir: &Path) -> Result<(), ArchiveError> {
+    let root = rustix::fs::openat(CWD, dir, DIR_FLAGS, Mode::empty())
+        .map_err(|e| ArchiveError::io("cannot open", dir, e.into()))?;
+    pack_tree(builder, &fs::File::from(root), dir, Path::new(""))
+}
+
+/// How a directory of the tree is opened: never through a link.
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// How a file of the tree is opened: never through a link, and without waiting on a FIFO.
+const FILE_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::NOCTTY)
+    .union(OFlags::CLOEXEC);
+
+/// Packs the entries of the directory open as `dir` (`root/rel`), sorted by name, and everything below.
 fn pack_tree<W: Write>(
     builder: &mut tar::Builder<W>,
+    dir: &fs::File,
     root: &Path,
     rel: &Path,
 ) -> Result<(), ArchiveError> {
-    let dir = root.join(rel);
-    let mut entries: Vec<_> = fs::read_dir(&dir)
-        .and_then(|d| d.collect::<io::Result<Vec<_>>>())
-        .map_err(|e| ArchiveError::io("cannot list", &dir, e))?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = rel.join(e.file_name());
-        let path = e.path();
-        let meta = fs::symlink_metadata(&path)
-            .map_err(|err| ArchiveError::io("cannot inspect", &path, err))?;
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            builder
-                .append_dir(&name, &path)
-                .map_err(|err| ArchiveError::io("cannot pack", &path, err))?;
-            pack_tree(builder, root, &name)?;
-        } else if ft.is_file() || ft.is_symlink() {
-            builder
-                .append_path_with_name(&path, &name)
-                .map_err(|err| ArchiveError::io("cannot pack", &path, err))?;
+    let here = root.join(rel);
+    let mut names = Vec::new();
+    let listing = rustix::fs::Dir::read_from(dir)
+        .map_err(|e| ArchiveError::io("cannot list", &here, e.into()))?;
+    for entry in listing {
+        let entry = entry.map_err(|e| ArchiveError::io("cannot list", &here, e.into()))?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    for name in names {
+        let name_rel = rel.join(OsStr::from_bytes(name.to_bytes()));
+        let path = root.join(&name_rel);
+        let failed = |action: &'static str| {
+            let path = path.clone();
+            move |e: rustix::io::Errno| ArchiveError::io(action, &path, e.into())
+        };
+        let stat = rustix::fs::statat(dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(failed("cannot inspect"))?;
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Directory => {
+                let sub = rustix::fs::openat(dir, name.as_c_str(), DIR_FLAGS, Mode::empty())
+                    .map_err(failed("cannot open"))?;
+                let sub = fs::File::from(sub);
+                let meta = sub
+                    .metadata()
+                    .map_err(|e| ArchiveError::io("cannot inspect", &path, e))?;
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                builder
+                    .append_data(&mut header, &name_rel, io::empty())
+                    .map_err(|e| ArchiveError::io("cannot pack", &path, e))?;
+                pack_tree(builder, &sub, root, &name_rel)?;
+            }
+            FileType::RegularFile => {
+                let file = rustix::fs::openat(dir, name.as_c_str(), FILE_FLAGS, Mode::empty())
+                    .map_err(failed("cannot open"))?;
+                let file = fs::File::from(file);
+                let meta = file
+                    .metadata()
+                    .map_err(|e| ArchiveError::io("cannot inspect", &path, e))?;
+                if !meta.is_file() {
+                    // Swapped for something else since it was listed: left out, as such things are.
+                    continue;
+                }
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                let body = Exact {
+                    file,
+                    left: meta.len(),
+                    path: &path,
+                };
+                builder
+                    .append_data(&mut header, &name_rel, body)
+                    .map_err(|e| ArchiveError::io("cannot pack", &path, e))?;
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(dir, name.as_c_str(), Vec::new())
+                    .map_err(failed("cannot read link"))?;
+                let target = PathBuf::from(OsStr::from_bytes(target.to_bytes()));
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                header.set_mode(stat.st_mode & 0o7777);
+                header.set_uid(u64::from(stat.st_uid));
+                header.set_gid(u64::from(stat.st_gid));
+                header.set_mtime(u64::try_from(stat.st_mtime).unwrap_or(0));
+                builder
+                    .append_link(&mut header, &name_rel, &target)
+                    .map_err(|e| ArchiveError::io("cannot pack", &path, e))?;
+            }
+            // Sockets, FIFOs and devices are not part of a tree that is saved.
+            _ => {}
         }
     }
     Ok(())
+}
+
+/// A file's content, exactly as long as the header that precedes it says.
+struct Exact<'a> {
+    file: fs::File,
+    left: u64,
+    path: &'a Path,
+}
+
+impl Read for Exact<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            // What was appended since it was opened is not packed: the header is written.
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.file.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} shrank while it was packed", self.path.display()),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// A gzip'd tar whose bytes depend only on what is added: owners and timestamps are zeroed and only the

@@ -1,4 +1,4 @@
-//! Checking and unpacking gzip'd tars that participants and hosts send.
+//! Checking and unpacking the tars, plain or gzip'd ([`Decoded`]), that participants and hosts send.
 //!
 //! [`measure`] reads an archive as a stream and keeps nothing but names: it checks every rule of
 //! [`Checker`] and counts what the archive expands to, stopping at the first entry past the limits, so a
@@ -18,15 +18,16 @@ use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use flate2::read::GzDecoder;
 use tar::EntryType;
 
 use crate::error::{ArchiveError, Refusal};
+use crate::format::Decoded;
 use crate::rules::{Checker, Kind, Limits, TreeSize, entry_path, read_trailer};
 
-/// Checks a gzip'd tar read from `reader` without unpacking it, and returns what it expands to.
+/// Checks a tar (plain or gzip'd) read from `reader` without unpacking it, and returns what it expands
+/// to. The whole input is read: whatever follows the archive's end is refused.
 pub fn measure(reader: impl Read, limits: Limits) -> Result<TreeSize, ArchiveError> {
-    let mut archive = tar::Archive::new(GzDecoder::new(reader));
+    let mut archive = tar::Archive::new(Decoded::new(reader)?);
     let mut checker = Checker::new(limits);
     for entry in archive.entries().map_err(ArchiveError::Unreadable)? {
         let entry = entry.map_err(ArchiveError::Unreadable)?;
@@ -59,7 +60,7 @@ pub struct Unpacked {
     pub skipped: Vec<String>,
 }
 
-/// Unpacks the gzip'd tar read from `reader` into `dest`, an existing directory that nothing else writes
+/// Unpacks the tar (plain or gzip'd) read from `reader` into `dest`, an existing directory that nothing else writes
 /// to meanwhile. See the module documentation for what is refused.
 pub fn unpack(
     reader: impl Read,
@@ -67,7 +68,7 @@ pub fn unpack(
     limits: Limits,
     links: Links,
 ) -> Result<Unpacked, ArchiveError> {
-    let mut archive = tar::Archive::new(GzDecoder::new(reader));
+    let mut archive = tar::Archive::new(Decoded::new(reader)?);
     let mut checker = Checker::new(limits);
     let mut out = Unpacked::default();
     let mut symlinks = Vec::new();
@@ -111,6 +112,10 @@ pub fn unpack(
     Ok(out)
 }
 
+/// The most file content read and written at once: large enough that a checkpoint of weights is written
+/// in few calls.
+const WRITE_BUF: usize = 1 << 20;
+
 /// Writes a regular file of `size` bytes at `root/rel` from `from`; returns the bytes written.
 fn write_file(
     root: &Path,
@@ -130,7 +135,7 @@ fn write_file(
         .map_err(|e| ArchiveError::io("cannot create", &dst, e))?;
     let mut body = from.take(size);
     // A read that fails is the archive's fault, a write the disk's.
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; size.clamp(1, WRITE_BUF as u64) as usize];
     let mut written = 0u64;
     loop {
         let n = body.read(&mut buf).map_err(ArchiveError::Unreadable)?;
@@ -288,9 +293,10 @@ fn resolves_inside(root: &Path, rel: &str) -> Result<(), ArchiveError> {
     Ok(())
 }
 
-/// The text of the first regular file in the gzip'd tar read from `reader`, refused past `max_bytes`.
+/// The text of the first regular file in the tar (plain or gzip'd) read from `reader`, refused past
+/// `max_bytes`.
 pub fn first_file(reader: impl Read, max_bytes: u64) -> Result<String, ArchiveError> {
-    let mut archive = tar::Archive::new(GzDecoder::new(reader));
+    let mut archive = tar::Archive::new(Decoded::new(reader)?);
     for entry in archive.entries().map_err(ArchiveError::Unreadable)? {
         let mut entry = entry.map_err(ArchiveError::Unreadable)?;
         if entry.header().entry_type().is_file() {

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use nsml_archive::{
-    IgnoreRules, Limits, Links, Reproducible, collect, pack_collected, pack_dir, unpack,
+    Encoding, IgnoreRules, Limits, Links, Reproducible, collect, pack_collected, pack_dir, unpack,
 };
 
 fn tree(root: &Path, files: &[&str]) {
@@ -20,7 +20,7 @@ fn tree(root: &Path, files: &[&str]) {
 
 /// Every regular file of an archive, by name, with its text.
 fn files_of(archive: &[u8]) -> BTreeMap<String, String> {
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    let mut ar = tar::Archive::new(nsml_archive::Decoded::new(archive).unwrap());
     let mut out = BTreeMap::new();
     for e in ar.entries().unwrap() {
         let mut e = e.unwrap();
@@ -34,7 +34,7 @@ fn files_of(archive: &[u8]) -> BTreeMap<String, String> {
 }
 
 fn names_of(archive: &[u8]) -> Vec<String> {
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    let mut ar = tar::Archive::new(nsml_archive::Decoded::new(archive).unwrap());
     ar.entries()
         .unwrap()
         .map(|e| e.unwrap().path().unwrap().display().to_string())
@@ -78,6 +78,25 @@ fn uploads_honour_nsmlignore_and_skip_git_and_symlinks() {
 
 #[test]
 fn packs_without_following_symlinks_and_round_trips() {
+    packs_without_following_symlinks_and_round_trips_as(Encoding::Plain);
+    packs_without_following_symlinks_and_round_trips_as(Encoding::Gzip);
+}
+
+#[test]
+fn a_plain_pack_is_a_tar_as_it_is_and_a_gzip_one_is_gzip() {
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("model.bin"), [7u8; 5000]).unwrap();
+    let plain = pack_dir(src.path(), Vec::new(), Encoding::Plain).unwrap();
+    // A header, the content padded to whole blocks, and the end of the archive.
+    assert_eq!(plain.len() % 512, 0);
+    assert!(plain.len() >= 512 + 5000);
+    assert_eq!(&plain[..9], b"model.bin");
+    let gz = pack_dir(src.path(), Vec::new(), Encoding::Gzip).unwrap();
+    assert_eq!(&gz[..2], [0x1f, 0x8b]);
+    assert_eq!(files_of(&plain), files_of(&gz));
+}
+
+fn packs_without_following_symlinks_and_round_trips_as(encoding: Encoding) {
     let src = tempfile::tempdir().unwrap();
     let secret = tempfile::tempdir().unwrap();
     fs::write(secret.path().join("secret"), "do not pack me").unwrap();
@@ -89,7 +108,7 @@ fn packs_without_following_symlinks_and_round_trips() {
     std::os::unix::fs::symlink("sub/model.bin", src.path().join("alias")).unwrap();
     let _sock = std::os::unix::net::UnixListener::bind(src.path().join("a.sock")).unwrap();
 
-    let packed = pack_dir(src.path(), Vec::new()).unwrap();
+    let packed = pack_dir(src.path(), Vec::new(), encoding).unwrap();
     assert!(
         files_of(&packed)
             .values()
@@ -108,7 +127,7 @@ fn packs_without_following_symlinks_and_round_trips() {
         "{err}"
     );
     fs::remove_file(src.path().join("leak")).unwrap();
-    let packed = pack_dir(src.path(), Vec::new()).unwrap();
+    let packed = pack_dir(src.path(), Vec::new(), encoding).unwrap();
     let dest = tempfile::tempdir().unwrap();
     unpack(&packed[..], dest.path(), Limits::NONE, Links::Keep).unwrap();
     assert_eq!(fs::read(dest.path().join("alias")).unwrap(), [1, 2, 3]);

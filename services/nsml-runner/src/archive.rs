@@ -1,5 +1,5 @@
-//! Gzip'd tar archives in and out of the runner: safe extraction and packing of directories, and the
-//! removal of trees that sessions wrote.
+//! Tar archives in and out of the runner: safe extraction (of plain and gzip'd tars alike) and packing
+//! of checkpoints (plain tars: weights do not compress), and the removal of trees that sessions wrote.
 //!
 //! Archives come from participants (code snapshots, checkpoints), so extraction trusts nothing in them:
 //! it holds them to `nsml_archive`'s rules (no absolute paths or `..`, no devices, FIFOs or sparse files,
@@ -123,9 +123,9 @@ fn archive_error(err: ArchiveError) -> RunnerError {
     }
 }
 
-/// Extracts the gzip'd tar read from `reader` into `dest` (an existing, empty directory that nothing
+/// Extracts the tar, plain or gzip'd, read from `reader` into `dest` (an existing, empty directory that nothing
 /// else writes to meanwhile). See the module documentation for what is refused.
-pub fn extract_tar_gz<R: Read>(
+pub fn extract_archive<R: Read>(
     reader: R,
     dest: &Path,
     limits: ExtractLimits,
@@ -141,9 +141,11 @@ pub fn extract_tar_gz<R: Read>(
     })
 }
 
-/// Writes `dir`'s tree as a gzip'd tar into `writer`, names relative to `dir`, and returns the writer.
+/// Writes `dir`'s tree as a plain tar into `writer`, names relative to `dir`, and returns the writer: how
+/// a checkpoint is sent. The tree is read by descriptor, never through a link (see
+/// [`nsml_archive::pack_dir`]), so it may be a directory the session handed over rather than a copy.
 pub fn pack_dir<W: Write>(dir: &Path, writer: W) -> Result<W> {
-    nsml_archive::pack_dir(dir, writer).map_err(archive_error)
+    nsml_archive::pack_dir(dir, writer, nsml_archive::Encoding::Plain).map_err(archive_error)
 }
 
 /// Feeds a blocking reader from an async channel of chunks (the bridge from a gRPC stream to `tar`).
@@ -172,7 +174,7 @@ impl Read for ChannelReader {
     }
 }
 
-/// Extracts a gzip'd tar arriving as a stream of byte chunks (a gRPC download) into `dest`, which is
+/// Extracts a tar (plain or gzip'd) arriving as a stream of byte chunks (a gRPC download) into `dest`, which is
 /// created and must not exist yet. On failure `dest` is removed.
 pub async fn extract_stream<S>(
     stream: S,
@@ -194,7 +196,7 @@ where
             chunk: Vec::new(),
             pos: 0,
         };
-        extract_tar_gz(reader, &target, limits)
+        extract_archive(reader, &target, limits)
     });
     // Errors of the download itself are kept here: the reader sees them only as a broken stream.
     let feed = async move {

@@ -96,7 +96,7 @@ impl TryFailed {
     }
 }
 
-/// Extracts a downloaded gzip'd tar (a stream of `Chunk`s) into `dest`.
+/// Extracts a downloaded tar, plain or gzip'd (a stream of `Chunk`s), into `dest`.
 pub async fn extract_download(
     what: &'static str,
     stream: tonic::Streaming<nsml_proto::v1::Chunk>,
@@ -146,13 +146,19 @@ impl GrpcPlatform {
         let upload = tx.clone();
         let dir: PathBuf = dir.to_path_buf();
         let packer = tokio::task::spawn_blocking(move || {
-            let writer = ChunkWriter {
-                tx,
-                buf: Vec::with_capacity(UPLOAD_CHUNK),
-            };
+            // Files are read straight into the buffer in chunk-sized reads, not a few kilobytes at a time.
+            let writer = io::BufWriter::with_capacity(
+                UPLOAD_CHUNK,
+                ChunkWriter {
+                    tx,
+                    buf: Vec::with_capacity(UPLOAD_CHUNK),
+                },
+            );
             let writer = archive::pack_dir(&dir, writer)?;
             writer
-                .done()
+                .into_inner()
+                .map_err(io::IntoInnerError::into_error)
+                .and_then(ChunkWriter::done)
                 .map_err(|e| RunnerError::io("cannot upload checkpoint", e))
         });
         let meta = SaveCheckpointChunk {
@@ -229,13 +235,15 @@ enum Piece {
     Done,
 }
 
-/// A blocking writer that ships what is written in 256 KiB chunks over a channel.
+/// A blocking writer that ships what is written in chunks of [`UPLOAD_CHUNK`] over a channel.
 struct ChunkWriter {
     tx: mpsc::Sender<Piece>,
     buf: Vec<u8>,
 }
 
-const UPLOAD_CHUNK: usize = 256 * 1024;
+/// The size of the messages a checkpoint is sent in: few enough per gigabyte that their cost does not
+/// count, and far under every gRPC message limit on the way (4 MiB by default, 64 MiB between services).
+const UPLOAD_CHUNK: usize = 1 << 20;
 
 impl ChunkWriter {
     fn ship(&mut self) -> io::Result<()> {

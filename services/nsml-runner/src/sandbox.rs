@@ -18,7 +18,8 @@
 //! with every capability dropped, after bubblewrap has made the mounts. When the runner is not root,
 //! bubblewrap's user namespace runs the process as the runner's own uid and forbids nested ones.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -595,14 +596,19 @@ impl SandboxSpec {
     }
 }
 
-/// Copies a directory participant code names (a checkpoint to save) out of its reach before the
+/// Takes a directory participant code names (a checkpoint to save) out of its reach before the
 /// runner reads it.
 ///
 /// The runner runs as root: reading a path the session can change meanwhile (a directory swapped for
-/// a symlink between the check and the read) could reach any file of the host. So the copy is made
-/// by the session's own user inside its own sandbox, where nothing but the session's view exists,
-/// into a directory that only the runner and that copy see; the runner then packs the copy, which
-/// nothing else can touch. Symlinks are copied as links, never followed.
+/// a symlink between the check and the read) could reach any file of the host. So a directory the
+/// session names is copied by the session's own user inside its own sandbox, where nothing but the
+/// session's view exists, into a directory that only the runner and that copy see; the runner then
+/// packs the copy, which nothing else can touch. Symlinks are copied as links, never followed.
+///
+/// The directories the SDK makes for `nsml.save` are handed over instead ([`Self::hand_over`]):
+/// renamed, on the same file system, into the staging area, so that a checkpoint is not written twice
+/// (in the session's cgroup, whose memory its page cache counts against). What the session may still
+/// hold open of it, the packer reads by descriptor, never following a link.
 #[derive(Debug, Clone)]
 pub struct CheckpointStager {
     sandbox: SandboxSpec,
@@ -634,6 +640,62 @@ impl CheckpointStager {
             cwd,
             staging,
         }
+    }
+
+    /// Takes the directory `name` out of `parent` (a directory of the session's, by its canonical path) by
+    /// renaming it into a fresh staging directory: the SDK's own saved directories are handed over this
+    /// way, not copied. `None` when it cannot be renamed there (another file system): copy it then.
+    ///
+    /// The session is not trusted to leave the names alone meanwhile: `parent` is opened without
+    /// following a link, the rename is made relative to it, and what arrives must be a real directory.
+    /// A process of the session may still hold the directory open and change it; the packer reads it by
+    /// descriptor, never through a link ([`nsml_archive::pack_dir`]), so it reads only what the session
+    /// wrote itself, as it would read a copy.
+    pub async fn hand_over(&self, parent: &Path, name: &OsStr) -> Result<Option<StagedDir>> {
+        use rustix::fs::{CWD, Mode, OFlags};
+        let refuse = |why: &str| {
+            RunnerError::Refused(format!(
+                "cannot save `{}`: {why}",
+                parent.join(name).display()
+            ))
+        };
+        if name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&b'/') {
+            return Err(refuse("not a directory"));
+        }
+        let root = self.staging.join(uuid::Uuid::new_v4().simple().to_string());
+        std::fs::create_dir_all(&root)
+            .map_err(|e| RunnerError::io(format!("cannot create {}", root.display()), e))?;
+        let staged = StagedDir {
+            path: root.join("ckpt"),
+            root: root.clone(),
+        };
+        let dir_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let moved = rustix::fs::openat(CWD, parent, dir_flags, Mode::empty()).and_then(|from| {
+            let to = rustix::fs::openat(CWD, &root, dir_flags, Mode::empty())?;
+            rustix::fs::renameat(&from, name, &to, "ckpt")
+        });
+        match moved {
+            Ok(()) => {}
+            Err(rustix::io::Errno::XDEV) => {
+                staged.remove().await;
+                return Ok(None);
+            }
+            Err(e) => {
+                staged.remove().await;
+                return Err(match e {
+                    rustix::io::Errno::NOENT
+                    | rustix::io::Errno::NOTDIR
+                    | rustix::io::Errno::LOOP => refuse("no such directory"),
+                    e => RunnerError::io("cannot take the saved directory", e.into()),
+                });
+            }
+        }
+        // Only a real directory is packed: a link or file swapped in for it is not.
+        if !std::fs::symlink_metadata(&staged.path).is_ok_and(|m| m.is_dir()) {
+            staged.remove().await;
+            return Err(refuse("not a directory"));
+        }
+        Ok(Some(staged))
     }
 
     /// Copies `src` (a path as the session sees it) and, when `consume`, removes `src` afterwards

@@ -13,7 +13,8 @@
 //! A refusal is `{"ok":false,"error":"..."}` (a service's own message where a service refused). The
 //! socket acts for its own session only: nothing in a request names the session it acts for.
 //! `save` takes a directory inside the session directory only (checked after resolving symlinks),
-//! read through a copy the session's own user makes in its sandbox (see [`CheckpointStager`]), and
+//! read through a copy the session's own user makes in its sandbox, or, for the directories the SDK
+//! makes itself, renamed out of the session's reach and read by descriptor (see [`CheckpointStager`]), and
 //! is refused in submit sessions, which must not carry test inputs out; `load` reaches the checkpoints
 //! of the session's own team only; `predictions` is accepted from submit sessions only.
 
@@ -331,7 +332,8 @@ async fn report(
     Ok(Value::Null)
 }
 
-/// `save`: stores a directory of the session as checkpoint `checkpoint`, read through a staged copy.
+/// `save`: stores a directory of the session as checkpoint `checkpoint`, read once it is staged out of
+/// the session's reach.
 async fn save(ctx: &SdkContext, checkpoint: &str, path: &str) -> Result<Value> {
     if ctx.is_submit() {
         return Err(RunnerError::Refused(
@@ -340,10 +342,21 @@ async fn save(ctx: &SdkContext, checkpoint: &str, path: &str) -> Result<Value> {
     }
     check_checkpoint(checkpoint)?;
     let dir = save_dir(ctx, path)?;
-    // The SDK hands its own directories over once saved: they go, so sessions do not fill
-    // the disk (removed by the copy, as the session's user).
-    let consume = dir.starts_with(ctx.session_dir.join("ckpt-tmp"));
-    let staged = ctx.stager.stage(&dir, consume).await?;
+    // The SDK hands its own directories over once saved: they go, so sessions do not fill the
+    // disk. One made directly in `ckpt-tmp` is renamed out of the session's reach, not copied;
+    // anything else is copied as the session's user (and removed by the copy when it is the SDK's).
+    let sdk_tmp = ctx.session_dir.join("ckpt-tmp");
+    let consume = dir.starts_with(&sdk_tmp);
+    let handed = match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) if parent == sdk_tmp => {
+            ctx.stager.hand_over(parent, name).await?
+        }
+        _ => None,
+    };
+    let staged = match handed {
+        Some(staged) => staged,
+        None => ctx.stager.stage(&dir, consume).await?,
+    };
     let saved = ctx
         .platform
         .save_checkpoint(checkpoint, &ctx.last_summary(), &staged.path)

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
-use nsml_runner::archive::{ExtractLimits, extract_tar_gz, pack_dir};
+use nsml_runner::archive::{ExtractLimits, extract_archive, pack_dir};
 use tar::{EntryType, Header};
 
 /// One raw tar entry; names are written byte for byte, bypassing `tar`'s own path checks.
@@ -76,7 +76,7 @@ fn extract_with(entries: &[Raw], limits: ExtractLimits) -> (tempfile::TempDir, R
     fs::create_dir(root.path().join("dest")).unwrap();
     fs::create_dir(root.path().join("outside")).unwrap();
     let bytes = tar_gz(entries);
-    let res = extract_tar_gz(&bytes[..], &root.path().join("dest"), limits)
+    let res = extract_archive(&bytes[..], &root.path().join("dest"), limits)
         .map(|_| ())
         .map_err(|e| e.to_string());
     let outside: Vec<_> = fs::read_dir(root.path().join("outside")).unwrap().collect();
@@ -265,7 +265,7 @@ fn packs_without_following_symlinks_and_round_trips() {
 
     let packed = pack_dir(src.path(), Vec::new()).unwrap();
     let mut names = Vec::new();
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&packed[..]));
+    let mut ar = tar::Archive::new(&packed[..]);
     for e in ar.entries().unwrap() {
         let mut e = e.unwrap();
         let mut body = String::new();
@@ -278,12 +278,12 @@ fn packs_without_following_symlinks_and_round_trips() {
 
     // Unpacking refuses the link that points outside, and accepts the rest.
     let dest = tempfile::tempdir().unwrap();
-    let err = extract_tar_gz(&packed[..], dest.path(), ExtractLimits::CHECKPOINT).unwrap_err();
+    let err = extract_archive(&packed[..], dest.path(), ExtractLimits::CHECKPOINT).unwrap_err();
     assert!(err.to_string().contains("absolute target"), "{err}");
     fs::remove_file(src.path().join("leak")).unwrap();
     let packed = pack_dir(src.path(), Vec::new()).unwrap();
     let dest = tempfile::tempdir().unwrap();
-    extract_tar_gz(&packed[..], dest.path(), ExtractLimits::CHECKPOINT).unwrap();
+    extract_archive(&packed[..], dest.path(), ExtractLimits::CHECKPOINT).unwrap();
     assert_eq!(fs::read(dest.path().join("alias")).unwrap(), [1, 2, 3]);
     let mode = fs::metadata(dest.path().join("run.sh"))
         .unwrap()

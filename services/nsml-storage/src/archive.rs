@@ -1,5 +1,5 @@
-//! Reading uploaded gzip'd tars safely: checking code and checkpoint archives, and splitting a dataset
-//! archive into its stored parts.
+//! Reading uploaded tars safely: checking code and checkpoint archives (plain or gzip'd, told apart by
+//! their first bytes), and splitting a (gzip'd) dataset archive into its stored parts.
 //!
 //! Archives come from participants (code, checkpoints written by their programs) and hosts (datasets), and
 //! are unpacked later by the runner and the scorer, so every entry must stay inside the directory it is
@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
 use flate2::Compression;
@@ -102,8 +102,8 @@ pub struct TreeSize {
     pub bytes: u64,
 }
 
-/// [`check_tree`] that also counts what the archive expands to, decompressing it as a stream (nothing
-/// but names is kept), and stops at the first entry that takes the total past `limits.max_bytes`, with
+/// [`check_tree`] that also counts what a gzip'd archive (as code is uploaded) expands to, decompressing
+/// it as a stream (nothing but names is kept), and stops at the first entry that takes the total past `limits.max_bytes`, with
 /// the error `over` makes of the total so far. A gzip bomb is refused after reading as much of it as
 /// the cap allows, never expanded in full.
 pub fn measure_tree(
@@ -112,22 +112,66 @@ pub fn measure_tree(
     limits: &TreeLimits<'_>,
     over: impl FnOnce(u64) -> StorageError,
 ) -> Result<TreeSize, StorageError> {
+    // Code is uploaded gzip'd, as the CLI packs it; only checkpoints come as plain tars.
+    let mut reader = open_file(path)?;
+    let head = reader
+        .fill_buf()
+        .map_err(|e| StorageError::io("reading a staged upload", e))?;
+    if !head.starts_with(&[0x1f, 0x8b]) {
+        return Err(Refuse(what).unreadable(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "invalid gzip header",
+        )));
+    }
+    measure(reader, what, limits, over).map_err(|e| match e {
+        Unreadable::Tar(e) => Refuse(what).unreadable(e),
+        Unreadable::No(e) => e,
+    })
+}
+
+/// An archive refused, or one that could not be read as a tar at all.
+enum Unreadable {
+    Tar(io::Error),
+    No(StorageError),
+}
+
+/// [`measure_tree`] of an archive read from `reader`, a plain tar or a gzip'd one, as it arrives: every
+/// byte is read, and whatever follows the archive's end is refused.
+pub fn measure_reader(
+    reader: impl Read,
+    what: &str,
+    limits: &TreeLimits<'_>,
+    over: impl FnOnce(u64) -> StorageError,
+) -> Result<TreeSize, StorageError> {
+    measure(reader, what, limits, over).map_err(|e| match e {
+        Unreadable::Tar(e) => Refuse(what).because(format!("it is not a readable tar ({e})")),
+        Unreadable::No(e) => e,
+    })
+}
+
+fn measure(
+    reader: impl Read,
+    what: &str,
+    limits: &TreeLimits<'_>,
+    over: impl FnOnce(u64) -> StorageError,
+) -> Result<TreeSize, Unreadable> {
     let refuse = Refuse(what);
     let caps = Limits {
         max_entries: u64::try_from(limits.max_entries).unwrap_or(u64::MAX),
         max_bytes: limits.max_bytes,
     };
-    match nsml_archive::measure(open_file(path)?, caps) {
+    match nsml_archive::measure(reader, caps) {
         Ok(size) => Ok(TreeSize {
             entries: usize::try_from(size.entries).unwrap_or(usize::MAX),
             bytes: size.bytes,
         }),
-        Err(ArchiveError::TooLarge { reached, .. }) => Err(over(reached)),
-        Err(ArchiveError::TooManyEntries { .. }) => Err(refuse.because(format!(
+        Err(ArchiveError::TooLarge { reached, .. }) => Err(Unreadable::No(over(reached))),
+        Err(ArchiveError::TooManyEntries { .. }) => Err(Unreadable::No(refuse.because(format!(
             "it has more than {} entries{}",
             limits.max_entries, limits.too_many_hint
-        ))),
-        Err(e) => Err(refuse.archive(e)),
+        )))),
+        Err(ArchiveError::Unreadable(e)) => Err(Unreadable::Tar(e)),
+        Err(e) => Err(Unreadable::No(refuse.archive(e))),
     }
 }
 

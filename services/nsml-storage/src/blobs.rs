@@ -13,8 +13,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::StorageError;
 
-/// Size of the chunks downloads are streamed in.
-pub const CHUNK_BYTES: usize = 256 * 1024;
+/// Size of the chunks downloads are streamed in: few enough per gigabyte that their cost does not count,
+/// and far under every gRPC message limit on the way (4 MiB by default, 64 MiB between services).
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// Chunks of an upload queued for each reader of it before the upload waits.
+const QUEUED_CHUNKS: usize = 8;
+
+/// How much of a spooled upload may be waiting to be written to disk before its writeback is started:
+/// a large upload is on disk by the time it ends, and the final sync waits for little.
+const WRITEBACK_EVERY: u64 = 64 << 20;
 
 /// A blob's content, in chunks of [`CHUNK_BYTES`] (the last one shorter).
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, StorageError>> + Send>>;
@@ -131,6 +139,157 @@ impl Staging {
             size,
         })
     }
+}
+
+/// A chunk of an upload for a blocking reader, or the news that the upload ended early.
+type Fed = Result<bytes::Bytes, io::Error>;
+
+/// A blocking reader of the chunks an upload task feeds it.
+struct FedReader {
+    rx: tokio::sync::mpsc::Receiver<Fed>,
+    chunk: bytes::Bytes,
+}
+
+impl io::Read for FedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.chunk = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        bytes::Buf::advance(&mut self.chunk, n);
+        Ok(n)
+    }
+}
+
+impl Staging {
+    /// Writes an upload's data chunks to a staged file, hashing them as they arrive, while `check` reads
+    /// the same bytes as they arrive (an archive's entries, say): one pass over the upload, and nothing
+    /// read back from disk. The file, its hash and the check's answer come back once all three are done.
+    ///
+    /// More than `limit` bytes fail with `too_large(n)` as soon as the limit is passed. A check that fails
+    /// stops the upload there, with its error; whatever failed, nothing is left staged.
+    pub async fn spool_checked<S, T>(
+        &self,
+        mut data: S,
+        limit: u64,
+        too_large: impl FnOnce(u64) -> StorageError,
+        check: impl FnOnce(&mut dyn io::Read) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<(Staged, T), StorageError>
+    where
+        S: Stream<Item = Result<Vec<u8>, StorageError>> + Unpin,
+        T: Send + 'static,
+    {
+        let file = tempfile::NamedTempFile::new_in(&self.dir)
+            .map_err(|e| StorageError::io("creating a staging file", e))?;
+        let (file, path) = file.into_parts();
+        let (to_check, rx) = tokio::sync::mpsc::channel::<Fed>(QUEUED_CHUNKS);
+        let checker = tokio::task::spawn_blocking(move || {
+            let mut reader = FedReader {
+                rx,
+                chunk: bytes::Bytes::new(),
+            };
+            check(&mut reader)
+        });
+        let (to_disk, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(QUEUED_CHUNKS);
+        let writer = tokio::task::spawn_blocking(move || write_hashed(file, rx));
+        let mut size = 0u64;
+        let mut checking = Some(to_check);
+        let fed: Result<(), StorageError> = async {
+            while let Some(chunk) = data.next().await {
+                let chunk = bytes::Bytes::from(chunk?);
+                size += chunk.len() as u64;
+                if size > limit {
+                    return Err(too_large(size));
+                }
+                if let Some(tx) = &checking
+                    && tx.send(Ok(chunk.clone())).await.is_err()
+                {
+                    // The check ended before the upload did: it refused what it read.
+                    checking = None;
+                    break;
+                }
+                if to_disk.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match fed {
+            Ok(()) => drop(checking),
+            Err(e) => {
+                // Neither reader takes what was sent for the end of the upload.
+                if let Some(tx) = checking {
+                    let _ = tx.send(Err(io::Error::other("the upload broke off"))).await;
+                }
+                drop(to_disk);
+                let _ = checker.await;
+                let _ = writer.await;
+                return Err(e);
+            }
+        }
+        let checked = checker
+            .await
+            .map_err(|e| StorageError::io("checking an upload", io::Error::other(e)))?;
+        let checked = match checked {
+            Ok(checked) => checked,
+            Err(e) => {
+                drop(to_disk);
+                let _ = writer.await;
+                return Err(e);
+            }
+        };
+        drop(to_disk);
+        let (sha256, written) = writer
+            .await
+            .map_err(|e| StorageError::io("writing an upload to staging", io::Error::other(e)))?
+            .map_err(|e| StorageError::io("writing an upload to staging", e))?;
+        if written != size {
+            return Err(StorageError::io(
+                "writing an upload to staging",
+                io::Error::other(format!("{written} of {size} bytes written")),
+            ));
+        }
+        Ok((Staged { path, sha256, size }, checked))
+    }
+}
+
+/// Writes the chunks received to `file`, hashing them, and syncs it; returns the hex SHA-256 and the bytes
+/// written. Writeback is started every [`WRITEBACK_EVERY`] bytes by a thread of its own, so that the disk
+/// works while the upload still arrives.
+fn write_hashed(
+    mut file: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) -> io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut written = 0u64;
+    let mut since_sync = 0u64;
+    let mut syncing: Option<std::thread::JoinHandle<io::Result<()>>> = None;
+    while let Some(chunk) = rx.blocking_recv() {
+        file.write_all(&chunk)?;
+        hasher.update(&chunk);
+        written += chunk.len() as u64;
+        since_sync += chunk.len() as u64;
+        if since_sync >= WRITEBACK_EVERY && syncing.as_ref().is_none_or(|t| t.is_finished()) {
+            if let Some(done) = syncing.take() {
+                done.join()
+                    .map_err(|_| io::Error::other("writeback stopped"))??;
+            }
+            let handle = file.try_clone()?;
+            syncing = Some(std::thread::spawn(move || handle.sync_data()));
+            since_sync = 0;
+        }
+    }
+    if let Some(done) = syncing.take() {
+        done.join()
+            .map_err(|_| io::Error::other("writeback stopped"))??;
+    }
+    file.sync_all()?;
+    Ok((hex::encode(hasher.finalize()), written))
 }
 
 /// A staged file being written synchronously, hashed as it goes.

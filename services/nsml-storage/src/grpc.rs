@@ -496,22 +496,6 @@ impl StorageInternal for StorageApi {
             .into());
         }
         self.core.ready().await?;
-        // Nothing larger than the team's whole quota can fit: stop reading there.
-        let limit = self.core.storage_limit(&session);
-        let used = self.core.read(|v| v.usage(&session.team).0);
-        let team = session.team.clone();
-        let archive = self
-            .core
-            .staging()
-            .spool(data_of(stream), limit, |adding| {
-                StorageError::QuotaExceeded {
-                    team,
-                    used,
-                    limit,
-                    adding,
-                }
-            })
-            .await?;
         let checkpoint = self
             .core
             .save_checkpoint(
@@ -519,7 +503,7 @@ impl StorageInternal for StorageApi {
                 &meta.checkpoint,
                 meta.summary_json,
                 &caller.actor(),
-                archive,
+                data_of(stream),
             )
             .await?;
         Ok(Response::new(checkpoint))

@@ -262,17 +262,26 @@ impl Storage {
         self.read(|v| v.storage_limit(v.competition_of(&session.dataset)))
     }
 
-    /// Saves (or overwrites) a checkpoint of a session from its staged archive, within the team's quota.
-    pub async fn save_checkpoint(
+    /// Saves (or overwrites) a checkpoint of a session from its archive as it is uploaded, within the team's
+    /// quota.
+    ///
+    /// The upload is read once: its bytes are hashed and written to a staged file while its entries are
+    /// checked and counted, so nothing is read back or inflated twice. The team's room (counting the
+    /// checkpoint this save overwrites as freed) bounds how far the entries are counted: a checkpoint is
+    /// charged what it expands to, and one past the room stops the upload where it is found out, leaving
+    /// nothing stored.
+    pub async fn save_checkpoint<S>(
         &self,
         session: &SessionName,
         name: &str,
         summary_json: String,
         actor: &str,
-        archive: Staged,
-    ) -> Result<Checkpoint, StorageError> {
+        upload: S,
+    ) -> Result<Checkpoint, StorageError>
+    where
+        S: futures::Stream<Item = Result<Vec<u8>, StorageError>> + Unpin,
+    {
         self.catch_up().await?;
-        let now = now_ms();
         let (limit, started) = self.read(|v| {
             (
                 v.storage_limit(v.competition_of(&session.dataset)),
@@ -282,8 +291,9 @@ impl Storage {
         let stream = checkpoints_stream(&session.team);
         let (state, _) = self.checkpoints.load(&stream).await?;
         let (archive, size_bytes) = self
-            .measure_checkpoint(session, name, archive, &state, limit)
+            .spool_checkpoint(session, name, upload, &state, limit)
             .await?;
+        let now = now_ms();
         let mut cmd = SaveCheckpoint {
             team: session.team.clone(),
             checkpoint: Checkpoint {
@@ -309,32 +319,34 @@ impl Storage {
         Ok(cmd.checkpoint)
     }
 
-    /// Measures what a checkpoint's archive expands to, handing the archive back with that size.
-    ///
-    /// The team's room, counting the checkpoint this save overwrites as freed, bounds how far the archive is
-    /// unpacked: a checkpoint is counted (and charged) by what it expands to.
-    async fn measure_checkpoint(
+    /// Spools a checkpoint's upload to staging while checking its entries and measuring what it expands to;
+    /// hands the staged archive back with that size.
+    async fn spool_checkpoint<S>(
         &self,
         session: &SessionName,
         name: &str,
-        archive: Staged,
+        upload: S,
         state: &TeamCheckpoints,
         limit: u64,
-    ) -> Result<(Staged, u64), StorageError> {
+    ) -> Result<(Staged, u64), StorageError>
+    where
+        S: futures::Stream<Item = Result<Vec<u8>, StorageError>> + Unpin,
+    {
         let what = format!("checkpoint `{session}/{name}`");
         let used = state.used();
         let replacing = state
             .get(&session.to_string(), name)
             .map_or(0, |p| p.checkpoint.size_bytes);
         let room = limit.saturating_sub(used.saturating_sub(replacing));
-        let limits = archive::TreeLimits {
-            max_entries: self.limits.checkpoint_entries,
-            too_many_hint: "",
-            max_bytes: room.min(MAX_CHECKPOINT_EXPANDED_BYTES),
-        };
+        let max_entries = self.limits.checkpoint_entries;
         let team = session.team.clone();
-        let (archive, tree) = blocking(archive, move |a| {
-            archive::measure_tree(a.path(), &what, &limits, |at_least| {
+        let check = move |reader: &mut dyn std::io::Read| {
+            let limits = archive::TreeLimits {
+                max_entries,
+                too_many_hint: "",
+                max_bytes: room.min(MAX_CHECKPOINT_EXPANDED_BYTES),
+            };
+            archive::measure_reader(reader, &what, &limits, |at_least| {
                 if room < MAX_CHECKPOINT_EXPANDED_BYTES {
                     StorageError::QuotaExceededUnpacked {
                         team,
@@ -351,8 +363,20 @@ impl Storage {
                     }
                 }
             })
-        })
-        .await?;
+        };
+        // Nothing larger than the team's whole quota can fit: stop reading there. (The archive is at least
+        // as large as what it holds, unless gzip'd, as checkpoints saved before were.)
+        let team = session.team.clone();
+        let too_large = |adding| StorageError::QuotaExceeded {
+            team,
+            used,
+            limit,
+            adding,
+        };
+        let (archive, tree) = self
+            .staging
+            .spool_checked(upload, limit, too_large, check)
+            .await?;
         Ok((archive, tree.bytes))
     }
 

@@ -1253,3 +1253,232 @@ async fn a_checkpoint_saved_twice_alike_is_one_save() -> Result<()> {
     svc.stop().await;
     Ok(())
 }
+
+// --- checkpoints as plain tars ------------------------------------------------------------------------
+
+/// A plain tar of the given files, as the runner packs a checkpoint.
+fn plain_checkpoint(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A plain tar written with raw names, as a hostile runner or session could send it.
+fn plain_raw(entries: &[E]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        let (name, ty, data, link): (&str, tar::EntryType, &[u8], Option<&str>) = match e {
+            E::File(n, d) => (n, tar::EntryType::Regular, d, None),
+            E::Symlink(n, t) => (n, tar::EntryType::Symlink, b"", Some(t)),
+        };
+        h.set_entry_type(ty);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(t) = link {
+            gnu.linkname[..t.len()].copy_from_slice(t.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Sends `archive` as checkpoint `name` of `demo/t1-cls/1` in chunks of `chunk` bytes.
+async fn save_plain(
+    svc: &mut Service,
+    name: &str,
+    archive: &[u8],
+    chunk: usize,
+) -> Result<nsml_proto::v1::Checkpoint, Status> {
+    let mut chunks = vec![SaveCheckpointChunk {
+        kind: Some(save_checkpoint_chunk::Kind::Meta(CheckpointMeta {
+            session: "demo/t1-cls/1".into(),
+            checkpoint: name.into(),
+            summary_json: String::new(),
+        })),
+    }];
+    chunks.extend(archive.chunks(chunk).map(|c| SaveCheckpointChunk {
+        kind: Some(save_checkpoint_chunk::Kind::Data(c.to_vec())),
+    }));
+    let req = svc.runner(futures::stream::iter(chunks));
+    svc.internal
+        .save_checkpoint(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn pull(svc: &Service, name: &str) -> Result<Vec<u8>> {
+    let stream = svc
+        .client
+        .clone()
+        .pull_checkpoint(svc.user(
+            &alice(),
+            PullCheckpointRequest {
+                session: "demo/t1-cls/1".into(),
+                checkpoint: name.into(),
+            },
+        ))
+        .await?
+        .into_inner();
+    collect(stream).await
+}
+
+/// Files left in the staging area of uploads in flight.
+fn staged_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("storage/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_plain_checkpoint_is_stored_as_sent_under_the_sha256_of_its_bytes() -> Result<()> {
+    use sha2::Digest;
+    let dir = tempfile::tempdir()?;
+    let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
+    register_demo_dataset(&mut svc).await?;
+
+    // Several megabytes of weights that do not compress, sent in chunks that cut entries anywhere.
+    let weights = noise(3 << 20, 7);
+    let archive = plain_checkpoint(&[("model.pt", &weights), ("config.json", b"{\"lr\":0.1}")]);
+    let saved = save_plain(&mut svc, "plain", &archive, 777_777).await?;
+    assert_eq!(
+        saved.size_bytes,
+        weights.len() as u64 + 10,
+        "charged what it unpacks to"
+    );
+    let pulled = pull(&svc, "plain").await?;
+    assert!(pulled == archive, "pulled back byte for byte");
+    // The blob's name is the SHA-256 of the bytes stored, which are the bytes sent.
+    let id = hex::encode(sha2::Sha256::digest(&archive));
+    let blob = dir.path().join("storage/blobs").join(&id[..2]).join(&id);
+    assert!(std::fs::read(&blob)? == archive, "stored under its sha256");
+    let mut entries = tar::Archive::new(&pulled[..]);
+    let names: Vec<String> = entries
+        .entries()?
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(names, ["model.pt", "config.json"]);
+
+    // A checkpoint saved gzip'd, as every checkpoint was before, is still taken, and pulled back as stored.
+    let old = checkpoint_archive(&noise(5000, 8));
+    let saved = save_plain(&mut svc, "old", &old, 7000).await?;
+    assert_eq!(saved.size_bytes, 5000);
+    assert!(pull(&svc, "old").await? == old);
+    assert_eq!(staged_files(dir.path()), 0, "nothing is left staged");
+    svc.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hostile_plain_checkpoint_is_refused_while_it_streams_and_nothing_is_stored() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
+    register_demo_dataset(&mut svc).await?;
+    let blobs_before = stored_blobs(dir.path());
+    let padding = noise(2 << 20, 9);
+    let cases: [(Vec<u8>, &str); 4] = [
+        (
+            plain_raw(&[
+                E::File("model.pt", &padding),
+                E::File("../../etc/cron.d/x", b"x"),
+            ]),
+            "leaves the archive through `..`",
+        ),
+        (
+            plain_raw(&[E::File("/etc/passwd", b"x")]),
+            "has an absolute path",
+        ),
+        (
+            plain_raw(&[
+                E::Symlink("weights", "../../../etc/shadow"),
+                E::File("model.pt", &padding),
+            ]),
+            "points outside the archive",
+        ),
+        (
+            // Data after the end of the archive is not smuggled into the blob.
+            [plain_checkpoint(&[("model.pt", b"w")]), padding.clone()].concat(),
+            "not a readable tar",
+        ),
+    ];
+    for (archive, needle) in cases {
+        assert_refused(
+            save_plain(&mut svc, "bad", &archive, 1 << 20).await,
+            Code::InvalidArgument,
+            needle,
+        );
+    }
+    assert_eq!(stored_blobs(dir.path()), blobs_before, "nothing is stored");
+    assert_eq!(staged_files(dir.path()), 0, "nothing is left staged");
+    let listed = svc
+        .client
+        .list_checkpoints(svc.runner(ListCheckpointsRequest {
+            session: "demo/t1-cls/1".into(),
+        }))
+        .await?
+        .into_inner();
+    assert!(listed.checkpoints.is_empty());
+    svc.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_plain_checkpoint_over_the_quota_is_refused_and_leaves_nothing_stored() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
+    register_demo_dataset(&mut svc).await?;
+    svc.record(
+        "competition-demo",
+        &CompetitionApplied {
+            competition: Some(Competition {
+                id: "demo".into(),
+                policy: Some(Policy {
+                    team_storage_bytes: 1 << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        },
+    )
+    .await?;
+    let kept = plain_checkpoint(&[("model.pt", &noise(600 << 10, 10))]);
+    save_plain(&mut svc, "0", &kept, 1 << 20).await?;
+    let blobs_before = stored_blobs(dir.path());
+
+    // Over the room left, found out from the entry's header.
+    let over = plain_checkpoint(&[("model.pt", &noise(500 << 10, 11))]);
+    assert_refused(
+        save_plain(&mut svc, "1", &over, 64 << 10).await,
+        Code::FailedPrecondition,
+        "storage quota exceeded for team `demo`",
+    );
+    // Over the whole quota in bytes sent, cut off while it is read.
+    let huge = plain_checkpoint(&[("a", &noise(900 << 10, 12)), ("b", &noise(900 << 10, 13))]);
+    assert_refused(
+        save_plain(&mut svc, "2", &huge, 64 << 10).await,
+        Code::FailedPrecondition,
+        "storage quota exceeded for team `demo`",
+    );
+    assert_eq!(stored_blobs(dir.path()), blobs_before, "nothing is stored");
+    assert_eq!(staged_files(dir.path()), 0, "nothing is left staged");
+    assert!(pull(&svc, "0").await? == kept, "what was stored stays");
+    let usage = svc
+        .client
+        .usage(svc.runner(UsageRequest {
+            team: "demo".into(),
+        }))
+        .await?
+        .into_inner();
+    assert_eq!(usage.checkpoint_bytes, 600 << 10);
+    svc.stop().await;
+    Ok(())
+}
