@@ -179,6 +179,7 @@ bounded! {
         submission_id: MAX_NAME_BYTES,
         reason: MAX_TEXT_BYTES,
         command_id: MAX_NAME_BYTES,
+        round: MAX_NAME_BYTES,
     }
     ReplayRequest { competition: MAX_NAME_BYTES, team: MAX_NAME_BYTES }
     ExplainRequest { id: MAX_NAME_BYTES }
@@ -239,6 +240,14 @@ impl Bounded for Competition {
             text("environment name", &e.name, MAX_NAME_BYTES)?;
             text("environment python", &e.python, MAX_TEXT_BYTES)?;
             text("environment description", &e.description, MAX_TEXT_BYTES)?;
+        }
+        if let Some(p) = &self.policy {
+            entries("rounds", p.rounds.len(), MAX_LIST_ENTRIES)?;
+            for r in &p.rounds {
+                text("round name", &r.name, MAX_NAME_BYTES)?;
+                entries("a round's datasets", r.datasets.len(), MAX_LIST_ENTRIES)?;
+                texts("round datasets", &r.datasets, MAX_NAME_BYTES)?;
+            }
         }
         texts("hosts", &self.hosts, MAX_USERNAME_BYTES)
     }

@@ -3,7 +3,7 @@
 
 use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
-use nsml_proto::v1::Policy;
+use nsml_proto::v1::{Competition, Policy};
 use sha2::{Digest, Sha256};
 
 use crate::error::AuthError;
@@ -228,9 +228,110 @@ impl Throttle {
     }
 }
 
+/// Refuses rounds a competition cannot hold, whoever sent them (the manifest loader says the same in the
+/// manifest's words): each round named once, over at least one of the competition's datasets, no dataset in
+/// two rounds, and closing after it opens.
+pub fn check_rounds(c: &Competition) -> Result<(), AuthError> {
+    let Some(policy) = &c.policy else {
+        return Ok(());
+    };
+    let bad = |why: String| AuthError::BadRound {
+        competition: c.id.clone(),
+        why,
+    };
+    let mut names = std::collections::HashSet::new();
+    let mut placed = std::collections::HashMap::new();
+    for r in &policy.rounds {
+        if r.name.trim().is_empty() {
+            return Err(bad("a round has no name".into()));
+        }
+        if !names.insert(r.name.as_str()) {
+            return Err(bad(format!("round `{}` is named twice", r.name)));
+        }
+        if r.datasets.is_empty() {
+            return Err(bad(format!("round `{}` lists no datasets", r.name)));
+        }
+        for d in &r.datasets {
+            if !c.datasets.iter().any(|known| known.name == *d) {
+                return Err(bad(format!(
+                    "round `{}` lists dataset `{d}`, which the competition does not",
+                    r.name
+                )));
+            }
+            if let Some(first) = placed.insert(d.as_str(), r.name.as_str()) {
+                return Err(bad(format!(
+                    "dataset `{d}` is in rounds `{first}` and `{}`; a dataset belongs to one round",
+                    r.name
+                )));
+            }
+        }
+        if r.opens_at_ms > 0 && r.closes_at_ms > 0 && r.closes_at_ms <= r.opens_at_ms {
+            return Err(bad(format!("round `{}` closes before it opens", r.name)));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nsml_proto::v1::{DatasetRef, Round};
+
+    fn with_rounds(rounds: Vec<Round>) -> Competition {
+        Competition {
+            id: "demo".into(),
+            datasets: ["a", "b"]
+                .map(|name| DatasetRef {
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .to_vec(),
+            policy: Some(Policy {
+                rounds,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn round(name: &str, datasets: &[&str], opens_at_ms: i64, closes_at_ms: i64) -> Round {
+        Round {
+            name: name.into(),
+            datasets: datasets.iter().map(|d| d.to_string()).collect(),
+            opens_at_ms,
+            closes_at_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn given_rounds_sent_to_the_api_when_checked_then_only_well_formed_ones_pass() {
+        let ok = with_rounds(vec![
+            round("pre", &["a"], 1, 2),
+            round("final", &["b"], 2, 3),
+        ]);
+        assert!(check_rounds(&ok).is_ok());
+        let cases = [
+            (vec![round("", &["a"], 0, 0)], "no name"),
+            (
+                vec![round("pre", &["a"], 0, 0), round("pre", &["b"], 0, 0)],
+                "named twice",
+            ),
+            (vec![round("pre", &[], 0, 0)], "lists no datasets"),
+            (vec![round("pre", &["zzz"], 0, 0)], "does not"),
+            (
+                vec![round("pre", &["a"], 0, 0), round("final", &["a"], 0, 0)],
+                "one round",
+            ),
+            (vec![round("pre", &["a"], 5, 5)], "closes before it opens"),
+        ];
+        for (rounds, why) in cases {
+            let err = check_rounds(&with_rounds(rounds))
+                .expect_err(why)
+                .to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
 
     #[test]
     fn given_a_manifest_without_limits_when_defaulted_then_the_platform_defaults_apply() {

@@ -42,6 +42,10 @@ pub enum AuthError {
     #[error("competition `{competition}` lists no datasets")]
     NoDatasets { competition: String },
 
+    /// A round the competition's policy cannot hold (see `domain::check_rounds`).
+    #[error("competition `{competition}`: {why}; fix the manifest's [[rounds]] and apply it again")]
+    BadRound { competition: String, why: String },
+
     /// A manifest lists one user in two teams.
     #[error(
         "user `{user}` is listed in teams `{first}` and `{second}`; a user is in at most one team per competition"
@@ -130,6 +134,7 @@ impl AuthError {
             | PasswordRequired
             | NoCompetition
             | NoDatasets { .. }
+            | BadRound { .. }
             | ListedTwice { .. } => ErrorCode::BadRequest,
             InAnotherTeam { .. } | NoCompetitionOfTeam { .. } => ErrorCode::WrongState,
             CompetitionNotFound { .. } => ErrorCode::NotFound,

@@ -425,6 +425,7 @@ impl Auth {
                 competition: c.id.clone(),
             });
         }
+        crate::domain::check_rounds(&c)?;
         let existing = self.read(|s| s.competitions.get(&c.id).cloned());
         self.check_may_apply(caller, &c, existing.as_ref(), &r)?;
         c.policy = Some(policy_defaults(c.policy));

@@ -78,14 +78,15 @@ impl Supervisor {
         }
     }
 
-    /// The time limit a queued session runs under: none for training, the competition's for a submit.
+    /// The time limit a queued session runs under: none for training; for a submit, its dataset's (the
+    /// round's where the dataset is in a round that sets one, else the competition's).
     fn time_limit(&self, e: &Entry) -> u64 {
         match e.session.kind() {
             SessionKind::Train => 0,
             _ => self.launcher.handler.read(|s| {
-                s.policies
-                    .get(&e.session.competition)
-                    .map_or(3600, |p| p.submit_time_limit_secs)
+                s.policies.get(&e.session.competition).map_or(3600, |p| {
+                    p.rules_for(&e.session.dataset).submit_time_limit_secs
+                })
             }),
         }
     }
