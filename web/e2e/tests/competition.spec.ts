@@ -2,7 +2,7 @@
 // then the host's pages and the reveal of the private board. One `nsmld up` for the whole file; the tests run
 // in order and build on each other (the run, then its submit, then the boards).
 import { test, expect, type Browser, type BrowserContext, type Page } from "@playwright/test";
-import { copyFileSync, existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { FIXTURES, Platform, REPO } from "../lib/platform.mjs";
 import { go, logTexts, plotPoints, recordStatuses, shot, signIn, statusesSeen, stillSameDocument } from "./helpers";
@@ -265,4 +265,57 @@ test("a host sees the private board, uses the host pages, and reveals the board;
   await shot(page, "board-private-revealed");
   const cli = await p.cli("alice", ["dataset", "board", "t1-cls", "--private"]);
   expect(cli.code, cli.all).toBe(0);
+});
+
+test("the quota page shows the competition's rounds, and a team's extension of one", async () => {
+  const day = 86_400_000;
+  const at = (ms: number) => new Date(ms).toISOString().replace(/\.\d{3}Z$/, "Z");
+  const now = Date.now();
+  // The example competition, its datasets read from the checkout, in a preliminary (open) and a final (not yet).
+  const example = readFileSync(path.join(REPO, "examples", "competition.toml"), "utf8").replaceAll(
+    'path = "datasets/',
+    `path = "${path.join(REPO, "examples", "datasets")}/`,
+  );
+  const manifest = path.join(p.tmp, "rounds.toml");
+  writeFileSync(
+    manifest,
+    `${example}
+[[rounds]]
+name = "preliminary"
+datasets = ["t1-cls"]
+opens = "${at(now - day)}"
+closes = "${at(now + 30 * day)}"
+submit_interval = "30m"
+
+[[rounds]]
+name = "final"
+datasets = ["t2-reg"]
+opens = "${at(now + 31 * day)}"
+closes = "${at(now + 60 * day)}"
+`,
+  );
+  await p.ok("admin", ["admin", "competition", "apply", manifest]);
+  await p.ok("admin", [
+    "admin", "override", "deadline", "--team", "demo", "--round", "preliminary",
+    "--until", at(now + 40 * day), "--reason", "e2e: the team lost a day", "--competition", "demo",
+  ]);
+
+  await page.goto(`${p.url}/#/quota`);
+  await page.reload();
+  const pre = page.locator("[data-testid=round-row][data-round=preliminary]");
+  const fin = page.locator("[data-testid=round-row][data-round=final]");
+  await expect(pre).toHaveAttribute("data-state", "open");
+  await expect(pre).toContainText("t1-cls");
+  await expect(pre).toContainText("one every 30m");
+  await expect(pre.getByTestId("round-extended")).toContainText("extended for the team");
+  await expect(fin).toHaveAttribute("data-state", "upcoming");
+  await expect(fin).toContainText("t2-reg");
+  await expect(fin.getByTestId("round-extended")).toHaveCount(0);
+  await expect(page.getByTestId("overrides")).toContainText("extended deadline");
+  await shot(page, "quota-rounds");
+
+  // The CLI refuses a run on the final's dataset, naming the round.
+  const refused = await p.cli("alice", ["run", "-d", "t2-reg", "-g", "0"], { cwd: path.join(REPO, "examples", "baseline") });
+  expect(refused.code, refused.all).not.toBe(0);
+  expect(refused.all).toContain("final");
 });

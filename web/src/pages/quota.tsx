@@ -4,10 +4,11 @@ import { useMemo, useState } from "preact/hooks";
 import { useApp } from "../app";
 import { quota } from "../quota-api";
 import { OverrideKind, type DatasetSubmitState, type Override, type QuotaUsage } from "../gen/nsml/v1/quota_pb";
+import type { Policy, Round } from "../gen/nsml/v1/auth_pb";
 import { bytes, dateTime, duration, num } from "../format";
 import { useLive, useNow } from "../live";
 import { to } from "../router";
-import { Badge, Empty, ErrorNote, Loading, PageHead, Section, TimeAgo, kindText } from "../components/ui";
+import { Badge, Empty, ErrorNote, Loading, PageHead, Section, TimeAgo, kindText, type Tone } from "../components/ui";
 
 export function QuotaPage() {
   const app = useApp();
@@ -90,6 +91,8 @@ function Usage(p: { u: QuotaUsage }) {
           must finish within {duration(num(u.submitTimeLimitSecs) * 1000)}.
         </p>
       </Section>
+
+      <Schedule pol={pol} overrides={u.overrides} now={serverNow} />
 
       <Section title="Held by">
         {u.holdings.length === 0 ? (
@@ -228,6 +231,103 @@ function SubmitRow(p: { d: DatasetSubmitState; serverNow: number }) {
   );
 }
 
+/** Where a window stands at `now`: before it opens, open, or closed (at the team's own deadline when extended). */
+function windowState(opens: number, deadline: number, now: number): ["upcoming" | "open" | "closed", Tone] {
+  if (opens && now < opens) return ["upcoming", "amber"];
+  if (deadline && now >= deadline) return ["closed", "red"];
+  return ["open", "green"];
+}
+
+/** The team's extension of the deadline named `round` ("" for the competition's), if one is in force. */
+function extension(overrides: Override[], round: string): Override | undefined {
+  return overrides.find((o) => o.kind === OverrideKind.EXTEND_DEADLINE && o.round === round);
+}
+
+/** The competition's schedule and its rounds, each with its dates, its state for the team and its submit rules. */
+function Schedule(p: { pol: Policy | undefined; overrides: Override[]; now: number }) {
+  const pol = p.pol;
+  if (!pol || (!num(pol.opensAtMs) && !num(pol.closesAtMs) && pol.rounds.length === 0)) return null;
+  const own = extension(p.overrides, "");
+  const closes = Math.max(num(pol.closesAtMs), own ? num(own.untilMs) : 0);
+  const [state, tone] = windowState(num(pol.opensAtMs), num(pol.closesAtMs) ? closes : 0, p.now);
+  return (
+    <Section title="Schedule">
+      <p class="hint" data-testid="schedule-competition">
+        The competition <Badge tone={tone}>{state}</Badge>
+        {num(pol.opensAtMs) ? <> · opens {dateTime(pol.opensAtMs)}</> : null}
+        {num(pol.closesAtMs) ? <> · closes {dateTime(pol.closesAtMs)}</> : <> · no closing time</>}
+        {own && num(pol.closesAtMs) ? <> · extended for the team to {dateTime(own.untilMs)}</> : null}
+      </p>
+      <p class="hint">
+        A submit admitted before its deadline is scored and counts even when it finishes after it; from the deadline
+        the boards show what they showed then, and that is the final ranking.
+      </p>
+      {pol.rounds.length > 0 && (
+        <div class="table-wrap">
+          <table class="table" data-testid="rounds-table">
+            <thead>
+              <tr>
+                <th>Round</th>
+                <th>Datasets</th>
+                <th>Opens</th>
+                <th>Closes</th>
+                <th>State</th>
+                <th>Submit rules</th>
+              </tr>
+            </thead>
+            <tbody>
+              {pol.rounds.map((r) => (
+                <RoundRow r={r} pol={pol} overrides={p.overrides} now={p.now} key={r.name} />
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
+    </Section>
+  );
+}
+
+function RoundRow(p: { r: Round; pol: Policy; overrides: Override[]; now: number }) {
+  const r = p.r;
+  const opens = num(r.opensAtMs) || num(p.pol.opensAtMs);
+  const closes = num(r.closesAtMs) || num(p.pol.closesAtMs);
+  // A round without a closing time of its own closes with the competition, and moves with its extension.
+  const ext = extension(p.overrides, r.name) ?? (num(r.closesAtMs) ? undefined : extension(p.overrides, ""));
+  const deadline = closes ? Math.max(closes, ext ? num(ext.untilMs) : 0) : 0;
+  const [state, tone] = windowState(opens, deadline, p.now);
+  const interval = r.submitIntervalSecs ?? p.pol.submitIntervalSecs;
+  const limit = r.submitTimeLimitSecs ?? p.pol.submitTimeLimitSecs;
+  const cpus = r.submitMaxCpus ?? p.pol.submitMaxCpus;
+  return (
+    <tr data-testid="round-row" data-round={r.name} data-state={state}>
+      <td class="strong">{r.name}</td>
+      <td>
+        {r.datasets.map((d, i) => (
+          <span key={d}>
+            {i > 0 && ", "}
+            <a href={to.board(d)}>{d}</a>
+          </span>
+        ))}
+      </td>
+      <td class="nowrap">{opens ? dateTime(opens) : <span class="muted">with the competition</span>}</td>
+      <td class="nowrap">
+        {closes ? dateTime(closes) : <span class="muted">no closing time</span>}
+        {ext && closes ? (
+          <div class="muted small" data-testid="round-extended">
+            extended for the team to {dateTime(ext.untilMs)}
+          </div>
+        ) : null}
+      </td>
+      <td>
+        <Badge tone={tone}>{state}</Badge>
+      </td>
+      <td class="small">
+        one every {duration(num(interval) * 1000)}, within {duration(num(limit) * 1000)}, at most {cpus} CPUs
+      </td>
+    </tr>
+  );
+}
+
 export function overrideKind(k: OverrideKind): string {
   switch (k) {
     case OverrideKind.EXTRA_SUBMIT:
@@ -236,6 +336,8 @@ export function overrideKind(k: OverrideKind): string {
       return "raised quota";
     case OverrideKind.REOPEN_SUBMIT:
       return "re-opened submit";
+    case OverrideKind.EXTEND_DEADLINE:
+      return "extended deadline";
     default:
       return "override";
   }
