@@ -29,7 +29,7 @@ pub use overrides::{
 };
 pub use release::{SessionEnd, SubmitOutcome, release, submit_outcome};
 pub use rule::Rule;
-pub use submits::next_submit;
+pub use submits::{next_submit, on_schedule};
 
 #[cfg(test)]
 mod tests;

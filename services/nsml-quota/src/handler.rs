@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use crate::audit;
 use crate::domain::{
     Granting, Ledger, LedgerEvent, Placement, SessionEnd, SubmitOutcome, adopt, check_placement,
-    check_round, decide, failed_submit, ledger_stream, new_override, next_submit,
+    check_round, decide, failed_submit, ledger_stream, new_override, next_submit, on_schedule,
     override_competition, release, reopen_dataset, submit_outcome,
 };
 use crate::error::QuotaError;
@@ -240,7 +240,10 @@ impl Quota {
                 .collect(),
             submits: datasets
                 .iter()
-                .map(|d| next_submit(&ledger, &policy, d, now))
+                .map(|d| {
+                    let state = next_submit(&ledger, &policy, d, now);
+                    on_schedule(state, &ledger, &policy, &competition, now)
+                })
                 .collect(),
             policy_version,
             limit_gpus: limits.gpus,

@@ -311,6 +311,9 @@ closes = "${at(now + 60 * day)}"
   await expect(fin).toHaveAttribute("data-state", "upcoming");
   await expect(fin).toContainText("t2-reg");
   await expect(fin.getByTestId("round-extended")).toHaveCount(0);
+  // The final's dataset takes submits only once the round opens.
+  await expect(page.locator("[data-testid=submit-row][data-dataset=t2-reg] [data-testid=quota-next-submit]")).toContainText("when it opens");
+  await expect(page.locator("[data-testid=submit-row][data-dataset=t2-reg] [data-testid=quota-why]")).toContainText("round `final` opens");
   await expect(page.getByTestId("overrides")).toContainText("extended deadline");
   await shot(page, "quota-rounds");
 

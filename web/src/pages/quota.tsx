@@ -135,8 +135,8 @@ function Usage(p: { u: QuotaUsage }) {
 
       <Section title="Real submits">
         <p class="hint">
-          One real submit per dataset every {duration(num(u.submitIntervalSecs) * 1000)}, counted from the last successful one. A
-          failed or timed-out submit does not start the wait.
+          One real submit per dataset every {duration(num(u.submitIntervalSecs) * 1000)} (or its round's interval), counted from the
+          last successful one. A failed or timed-out submit does not start the wait.
         </p>
         {u.submits.length === 0 ? (
           <Empty title="No datasets to submit to." testid="submits-empty">
@@ -183,7 +183,15 @@ function SubmitRow(p: { d: DatasetSubmitState; serverNow: number }) {
   const next = num(d.nextAllowedMs);
   const wait = next - p.serverNow;
   let cell;
-  if (d.inFlight) cell = <Badge tone="blue">after the one in flight</Badge>;
+  if (d.closed) cell = <Badge tone="red">never: closed</Badge>;
+  else if (d.notOpen)
+    cell = (
+      <span title={dateTime(next)}>
+        <Badge tone="amber">when it opens, in {duration(wait)}</Badge>
+        <div class="muted small">at {dateTime(next)}</div>
+      </span>
+    );
+  else if (d.inFlight) cell = <Badge tone="blue">after the one in flight</Badge>;
   else if (!next || wait <= 0) cell = <Badge tone="green">now</Badge>;
   else if (d.extraSubmits > 0)
     cell = (

@@ -187,7 +187,15 @@ fn holdings_table(u: &pb::QuotaUsage) -> String {
 
 /// When the next real submit of a dataset may start.
 fn next_submit(s: &pb::DatasetSubmitState, now_ms: i64) -> String {
-    if s.in_flight {
+    if s.closed {
+        "never: closed".to_string()
+    } else if s.not_open {
+        format!(
+            "{} ({}), when it opens",
+            datetime(s.next_allowed_ms),
+            in_time(s.next_allowed_ms, now_ms)
+        )
+    } else if s.in_flight {
         "after the submit in flight".to_string()
     } else if s.next_allowed_ms > now_ms && s.extra_submits == 0 {
         format!(
@@ -426,6 +434,23 @@ pub fn usage_json(u: &pb::QuotaUsage) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dataset_not_open_yet_or_closed_says_so_whatever_the_extra_submits() {
+        let not_open = pb::DatasetSubmitState {
+            not_open: true,
+            next_allowed_ms: 7_200_000,
+            extra_submits: 1,
+            ..Default::default()
+        };
+        assert!(next_submit(&not_open, 3_600_000).ends_with("(in 1h 0m), when it opens"));
+        let closed = pb::DatasetSubmitState {
+            closed: true,
+            extra_submits: 1,
+            ..Default::default()
+        };
+        assert_eq!(next_submit(&closed, 3_600_000), "never: closed");
+    }
 
     #[test]
     fn usage_shows_every_limit_the_holders_and_the_next_submit() {

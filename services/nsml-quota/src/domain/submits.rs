@@ -56,7 +56,52 @@ pub fn next_submit(
             .cloned()
             .chain(st.reopened_successes.values().map(|(s, _)| s.clone()))
             .collect(),
+        // The schedule's word is `on_schedule`'s.
+        not_open: false,
+        closed: false,
     }
+}
+
+/// `state` (the interval's word on `dataset`) under the competition's schedule: before the dataset opens (its
+/// round's opening, or the competition's), the next submit is at its opening; from its deadline (the team's, where
+/// a host extended it for the dataset's round or the competition), never.
+pub fn on_schedule(
+    mut state: DatasetSubmitState,
+    ledger: &Ledger,
+    policy: &Policy,
+    competition: &str,
+    now: i64,
+) -> DatasetSubmitState {
+    let rules = policy.rules_for(&state.dataset);
+    let whose = rules.round.map_or_else(
+        || "the competition".to_string(),
+        |r| format!("round `{}`", r.name),
+    );
+    if rules.opens_at_ms > now {
+        state.not_open = true;
+        state.next_allowed_ms = state.next_allowed_ms.max(rules.opens_at_ms);
+        state.why = format!(
+            "not before {}, when {whose} opens: runs and submits on it are refused until then",
+            fmt_time(rules.opens_at_ms)
+        );
+        return state;
+    }
+    if rules.closes_at_ms <= 0 {
+        return state;
+    }
+    let extended = ledger.extended_deadline(competition, |round| rules.extended_by(round));
+    let deadline = extended.map_or(rules.closes_at_ms, |(_, until)| {
+        until.max(rules.closes_at_ms)
+    });
+    if now >= deadline {
+        state.closed = true;
+        state.next_allowed_ms = 0;
+        state.why = format!(
+            "never: {whose} closed at {}; the boards show what they showed then",
+            fmt_time(deadline)
+        );
+    }
+    state
 }
 
 /// What the explanation of a dataset's next submit rests on.
@@ -154,6 +199,41 @@ mod tests {
 
     use super::*;
     use crate::domain::tests::{HOUR, extra_submit, given, granted, req, seed_policy, success};
+
+    #[test]
+    fn given_a_round_not_yet_open_or_closed_then_the_next_submit_follows_its_schedule() {
+        // Given t1-cls in a round open from 2 h to 4 h, and a ledger with no submit,
+        let mut policy = seed_policy();
+        policy.rounds.push(nsml_proto::v1::Round {
+            name: "final".into(),
+            datasets: vec!["t1-cls".into()],
+            opens_at_ms: 2 * HOUR,
+            closes_at_ms: 4 * HOUR,
+            ..Default::default()
+        });
+        let l = Ledger::default();
+        let at = |now| {
+            let st = next_submit(&l, &policy, "t1-cls", now);
+            on_schedule(st, &l, &policy, "c1", now)
+        };
+        // when asked before it opens, then the next submit is at the opening, naming the round;
+        let before = at(HOUR);
+        assert!(before.not_open && !before.closed);
+        assert_eq!(before.next_allowed_ms, 2 * HOUR);
+        assert!(before.why.contains("round `final` opens"), "{}", before.why);
+        // while it is open, then now;
+        let open = at(3 * HOUR);
+        assert!(!open.not_open && !open.closed);
+        assert_eq!(open.next_allowed_ms, 0);
+        // from its deadline, then never.
+        let after = at(4 * HOUR);
+        assert!(after.closed);
+        assert!(
+            after.why.starts_with("never: round `final` closed"),
+            "{}",
+            after.why
+        );
+    }
 
     #[test]
     fn the_next_submit_is_allowed_an_interval_after_the_last_success() {
