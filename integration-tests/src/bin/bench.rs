@@ -22,9 +22,14 @@
 //!
 //! With `--tracing-cost` it measures only what tracing costs admissions (see [`tracing_cost`]).
 //!
+//! With `--checkpoints` it measures only checkpoints (see [`checkpoints`]): `nsml.save` and `nsml.load` timed
+//! inside a real session, `nsml model pull` through the CLI, each against `cp FILE DIR; sync` of the same size
+//! in the same run.
+//!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
 //! [--admissions N] [--clients N] [--rate N] [--embedded-only]`, or `target/release/nsml-bench --soak 240`, or
-//! `target/release/nsml-bench --tracing-cost [--rounds N] [--admissions N] [--clients N]`.
+//! `target/release/nsml-bench --tracing-cost [--rounds N] [--admissions N] [--clients N]`, or
+//! `target/release/nsml-bench --checkpoints [--runs N] [--sizes 200,1024]`.
 
 use std::time::{Duration, Instant};
 
@@ -91,6 +96,17 @@ async fn main() -> anyhow::Result<()> {
     let refused = get("--refused", 0);
     if refused > 0 {
         return refused_admissions(refused).await;
+    }
+    if args.iter().any(|a| a == "--checkpoints") {
+        let sizes = args
+            .iter()
+            .position(|a| a == "--sizes")
+            .and_then(|i| args.get(i + 1))
+            .map_or_else(
+                || vec![200, 1024],
+                |v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
+            );
+        return checkpoints(&sizes, get("--runs", 3)).await;
     }
     if args.iter().any(|a| a == "--tracing-cost") {
         return tracing_cost(get("--rounds", 5), get("--admissions", 3000), clients).await;
@@ -610,6 +626,237 @@ async fn tracing_cost(rounds: usize, n: usize, clients: usize) -> anyhow::Result
     println!("spans received by the local OTLP receiver: {spans}");
     println!(
         "(rate: decisions/s against no tracing, higher is better; CPU: nsmld's CPU per decision against no tracing)"
+    );
+    Ok(())
+}
+
+/// The entry of a `--checkpoints` session: for `MB` megabytes and `RUNS` runs (its arguments), saves a
+/// checkpoint of one file of that many incompressible bytes `RUNS` times and loads each back, printing the
+/// seconds each step took as seen by the program.
+const CHECKPOINT_ENTRY: &str = r#"
+import os, sys, time
+import nsml
+
+mb, runs = int(sys.argv[1]), int(sys.argv[2])
+size = mb << 20
+# Random blocks repeated: incompressible to gzip, whose window is 32 KiB, and quick to make.
+block = os.urandom(64 << 20)
+view = memoryview(block)
+took = {}
+
+def save(path, **kwargs):
+    t = time.perf_counter()
+    with open(os.path.join(path, "model.bin"), "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, len(block))
+            f.write(view[:n])
+            left -= n
+    took["write"] = time.perf_counter() - t
+
+def load(path, **kwargs):
+    got = os.path.getsize(os.path.join(path, "model.bin"))
+    assert got == size, (got, size)
+
+nsml.bind(save=save, load=load)
+for i in range(runs):
+    t = time.perf_counter()
+    nsml.save("ckpt-%d" % i)
+    total = time.perf_counter() - t
+    print("BENCH save %d %.6f %.6f" % (i, total, took["write"]), flush=True)
+    t = time.perf_counter()
+    nsml.load("ckpt-%d" % i)
+    print("BENCH load %d %.6f" % (i, time.perf_counter() - t), flush=True)
+"#;
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+/// Checkpoints on `nsmld up`: for each size (MB), one session whose entry writes that many random bytes and
+/// calls `nsml.save` `runs` times (timed inside the session: the whole call, and the write its bound function
+/// makes) and `nsml.load` (timed inside, extraction included); `nsml model pull` of each through the CLI
+/// (the whole process); and, as the anchor, `cp FILE DIR; sync` of a file of the same size, on the same file
+/// system as the deployment's data, between the same runs. Prints medians as MB/s and the ratio to the anchor.
+async fn checkpoints(sizes_mb: &[usize], runs: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        runs > 0 && !sizes_mb.is_empty(),
+        "--checkpoints needs runs and sizes"
+    );
+    let dep = Deployment::embedded_env(&[], UNLIMITED)?;
+    let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+    let cli = nsml_integration_tests::scenario::login(&dep, "alice", "alice-pass")?;
+    let snap = alice
+        .upload("t1-cls", &[("main.py", CHECKPOINT_ENTRY)])
+        .await?;
+    let work = dep
+        .data_dir
+        .parent()
+        .context("the deployment's directory")?
+        .join("bench-checkpoints");
+    std::fs::create_dir_all(&work)?;
+    let mut sessions = SessionServiceClient::new(alice.channel.clone());
+
+    println!(
+        "nsml-bench --checkpoints (embedded, `nsmld up`, {runs} runs per size, medians; one file of random bytes)"
+    );
+    println!(
+        "{:>7} | {:>16} | {:>16} | {:>11} | {:>16} | {:>16} | {:>10}",
+        "size", "nsml.save", "of it: write", "cp; sync", "nsml.load", "model pull", "save/cp"
+    );
+    for &mb in sizes_mb {
+        let bytes = (mb as f64) * 1024.0 * 1024.0;
+        let rate = |secs: f64| bytes / secs / 1e6;
+
+        // The anchor: the same bytes copied on the same file system and synced, timed as one command.
+        let source = work.join(format!("source-{mb}"));
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c {} /dev/urandom > '{}'",
+                mb << 20,
+                source.display()
+            ))
+            .status()?;
+        anyhow::ensure!(status.success(), "cannot write the anchor's source");
+        let mut cp = Vec::new();
+        for i in 0..runs {
+            let dest = work.join(format!("cp-{mb}-{i}"));
+            std::fs::create_dir_all(&dest)?;
+            let status = std::process::Command::new("sync").status()?;
+            anyhow::ensure!(status.success(), "sync failed");
+            let t = Instant::now();
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "cp '{}' '{}'; sync",
+                    source.display(),
+                    dest.display()
+                ))
+                .status()?;
+            cp.push(t.elapsed().as_secs_f64());
+            anyhow::ensure!(status.success(), "cp; sync failed");
+            std::fs::remove_dir_all(&dest)?;
+        }
+        std::fs::remove_file(&source)?;
+
+        // The session: memory for the program's block, the file's page cache and room to spare.
+        let resources = nsml_proto::v1::Resources {
+            gpus: 0,
+            cpus: 2,
+            memory_bytes: ((mb as u64) << 20) + (2 << 30),
+            shm_bytes: 64 << 20,
+        };
+        let s = alice
+            .run("t1-cls", &snap, &format!("{mb} {runs}"), resources)
+            .await?;
+        // Saves at the speeds measured before take minutes: wait longer than `wait_session` does.
+        let done = loop {
+            let got = sessions
+                .get(authed(
+                    GetSessionRequest {
+                        name: s.name.clone(),
+                    },
+                    &alice.token,
+                )?)
+                .await?
+                .into_inner();
+            if matches!(
+                got.status(),
+                nsml_proto::v1::SessionStatus::Exited
+                    | nsml_proto::v1::SessionStatus::Failed
+                    | nsml_proto::v1::SessionStatus::Stopped
+            ) {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let mut logs = sessions
+            .logs(authed(
+                LogsRequest {
+                    name: s.name.clone(),
+                    follow: false,
+                },
+                &alice.token,
+            )?)
+            .await?
+            .into_inner();
+        let (mut save, mut write, mut load) = (Vec::new(), Vec::new(), Vec::new());
+        let mut printed = Vec::new();
+        while let Some(l) = logs.next().await {
+            let l = l?;
+            let words: Vec<&str> = l.text.split_whitespace().collect();
+            match words.as_slice() {
+                ["BENCH", "save", _, total, w] => {
+                    save.push(total.parse::<f64>()?);
+                    write.push(w.parse::<f64>()?);
+                }
+                ["BENCH", "load", _, total] => load.push(total.parse::<f64>()?),
+                _ => printed.push(l.text.clone()),
+            }
+        }
+        if let Err(e) = exited(&done) {
+            anyhow::bail!("{e}; the session printed:\n{}", printed.join("\n"));
+        }
+        anyhow::ensure!(
+            save.len() == runs && load.len() == runs,
+            "the session printed {printed:?}"
+        );
+
+        // `nsml model pull` through the CLI, the whole process timed.
+        let mut pull = Vec::new();
+        for i in 0..runs {
+            let dest = work.join(format!("pull-{mb}-{i}"));
+            let t = Instant::now();
+            let out = cli.nsml_in(
+                &work,
+                &[
+                    "model",
+                    "pull",
+                    &s.name,
+                    &format!("ckpt-{i}"),
+                    &dest.display().to_string(),
+                ],
+                "",
+            )?;
+            pull.push(t.elapsed().as_secs_f64());
+            out.ok()?;
+            let got = std::fs::metadata(dest.join("model.bin"))?.len();
+            anyhow::ensure!(got == (mb as u64) << 20, "pulled {got} bytes");
+            std::fs::remove_dir_all(&dest)?;
+        }
+        let (save, write, load, pull, cp) = (
+            median(&mut save),
+            median(&mut write),
+            median(&mut load),
+            median(&mut pull),
+            median(&mut cp),
+        );
+        let shown = |secs: f64| format!("{:>6.0} MB/s {:>5.2}s", rate(secs), secs);
+        println!(
+            "{:>4} MB | {} | {} | {:>6.0} MB/s | {} | {} | {:>9.2}×",
+            mb,
+            shown(save),
+            shown(write),
+            rate(cp),
+            shown(load),
+            shown(pull),
+            cp / save
+        );
+        println!(
+            "{:>7}   the platform's part of nsml.save (the call less the write): {:.0} MB/s, {:.2}× cp; sync",
+            "",
+            rate(save - write),
+            cp / (save - write)
+        );
+    }
+    println!(
+        "MB = 10^6 bytes per second; sizes in MiB. save/cp: the time of cp; sync over that of nsml.save."
     );
     Ok(())
 }
