@@ -413,8 +413,8 @@ pub enum AdminOverrideCommand {
         /// Why: recorded in the team's ledger and shown by `admin audit explain`
         #[arg(long, value_name = "TEXT")]
         reason: String,
-        /// The round whose deadline to extend, as the manifest's [[rounds]] name it [default: the
-        /// competition's deadline]
+        /// The round whose deadline to extend, by its name in the manifest [default: the competition's
+        /// deadline]
         #[arg(long, value_name = "NAME")]
         round: Option<String>,
         /// Competition id [default: the team's only competition]
