@@ -934,20 +934,7 @@ async fn a_checkpoint_over_the_quota_is_refused_and_the_others_stay() -> Result<
     let dir = tempfile::tempdir()?;
     let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
     register_demo_dataset(&mut svc).await?;
-    svc.record(
-        "competition-demo",
-        &CompetitionApplied {
-            competition: Some(Competition {
-                id: "demo".into(),
-                policy: Some(Policy {
-                    team_storage_bytes: 20_000,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        },
-    )
-    .await?;
+    limit_demo_storage(&svc, 20_000).await?;
 
     let kept = checkpoint_archive(&noise(12_000, 1));
     svc.internal
@@ -1111,25 +1098,30 @@ fn stored_blobs(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[tokio::test]
-async fn a_checkpoint_is_charged_what_it_unpacks_to_and_a_bomb_is_refused_unstored() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
-    register_demo_dataset(&mut svc).await?;
+/// Applies the demo competition with a team storage quota of `bytes`.
+async fn limit_demo_storage(svc: &Service, bytes: u64) -> Result<()> {
     svc.record(
         "competition-demo",
         &CompetitionApplied {
             competition: Some(Competition {
                 id: "demo".into(),
                 policy: Some(Policy {
-                    team_storage_bytes: 4 << 20,
+                    team_storage_bytes: bytes,
                     ..Default::default()
                 }),
                 ..Default::default()
             }),
         },
     )
-    .await?;
+    .await
+}
+
+#[tokio::test]
+async fn a_checkpoint_is_charged_what_it_unpacks_to_and_a_bomb_is_refused_unstored() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
+    register_demo_dataset(&mut svc).await?;
+    limit_demo_storage(&svc, 4 << 20).await?;
     let blobs_before = stored_blobs(dir.path());
 
     // 64 MiB of zeros: far under the quota compressed, sixteen times over it unpacked.
@@ -1436,20 +1428,7 @@ async fn a_plain_checkpoint_over_the_quota_is_refused_and_leaves_nothing_stored(
     let dir = tempfile::tempdir()?;
     let mut svc = Service::fresh(dir.path(), Limits::default()).await?;
     register_demo_dataset(&mut svc).await?;
-    svc.record(
-        "competition-demo",
-        &CompetitionApplied {
-            competition: Some(Competition {
-                id: "demo".into(),
-                policy: Some(Policy {
-                    team_storage_bytes: 1 << 20,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        },
-    )
-    .await?;
+    limit_demo_storage(&svc, 1 << 20).await?;
     let kept = plain_checkpoint(&[("model.pt", &noise(600 << 10, 10))]);
     save_plain(&mut svc, "0", &kept, 1 << 20).await?;
     let blobs_before = stored_blobs(dir.path());
