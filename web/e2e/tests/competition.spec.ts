@@ -317,6 +317,12 @@ closes = "${at(now + 60 * day)}"
   await expect(page.getByTestId("overrides")).toContainText("extended deadline");
   await shot(page, "quota-rounds");
 
+  // Each board names its round and where the round stands.
+  await page.goto(`${p.url}/#/board/t2-reg`);
+  await expect(page.getByTestId("board-round")).toContainText("round final, opens");
+  await page.goto(`${p.url}/#/board/t1-cls`);
+  await expect(page.getByTestId("board-round")).toContainText("round preliminary, open until");
+
   // The CLI refuses a run on the final's dataset, naming the round.
   const refused = await p.cli("alice", ["run", "-d", "t2-reg", "-g", "0"], { cwd: path.join(REPO, "examples", "baseline") });
   expect(refused.code, refused.all).not.toBe(0);

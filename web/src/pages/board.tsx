@@ -3,6 +3,7 @@ import { useRef } from "preact/hooks";
 import { useApp } from "../app";
 import { boards } from "../api";
 import type { BoardResponse, BoardRow } from "../gen/nsml/v1/leaderboard_pb";
+import type { Competition } from "../gen/nsml/v1/auth_pb";
 import { dateTime, metricLine, score } from "../format";
 import { useLive, useNow } from "../live";
 import { navigate, to } from "../router";
@@ -15,6 +16,26 @@ const ROW = 40;
 /** The key of a board's live view (see `startEarly`). */
 export function boardKey(dataset: string, priv: boolean): string {
   return `board:${dataset}:${priv}`;
+}
+
+/** The round a dataset's board belongs to and where it stands: upcoming, open until its deadline, or frozen at it. */
+function RoundNote(p: { comp: Competition | undefined; dataset: string; now: number }) {
+  const pol = p.comp?.policy;
+  const round = pol?.rounds.find((r) => r.datasets.includes(p.dataset));
+  if (!pol || !round) return null;
+  const opens = Number(round.opensAtMs) || Number(pol.opensAtMs);
+  const closes = Number(round.closesAtMs) || Number(pol.closesAtMs);
+  let state;
+  if (opens && p.now < opens) state = <>opens {dateTime(opens)}</>;
+  else if (closes && p.now >= closes)
+    state = <>closed {dateTime(closes)}: the board shows what it showed then (a team's extended deadline still counts)</>;
+  else state = closes ? <>open until {dateTime(closes)}</> : <>open</>;
+  return (
+    <span data-testid="board-round">
+      {" "}
+      · round <strong>{round.name}</strong>, {state}
+    </span>
+  );
 }
 
 export function Board(p: { dataset: string; priv: boolean }) {
@@ -65,6 +86,7 @@ export function Board(p: { dataset: string; priv: boolean }) {
         sub={
           <>
             {metric && <span data-testid="board-metric">{metric}</span>}
+            <RoundNote comp={comp} dataset={p.dataset} now={now} />
             {p.priv && (
               <>
                 {" "}
