@@ -662,6 +662,12 @@ impl CheckpointStager {
         if name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&b'/') {
             return Err(refuse("not a directory"));
         }
+        // The runner reads what is handed over itself. A session may hard-link into it only files it may
+        // read and write itself where the kernel protects hard links; elsewhere, the copy the session's own
+        // user makes reads only what that user can.
+        if !hard_links_protected() {
+            return Ok(None);
+        }
         let root = self.staging.join(uuid::Uuid::new_v4().simple().to_string());
         std::fs::create_dir_all(&root)
             .map_err(|e| RunnerError::io(format!("cannot create {}", root.display()), e))?;
@@ -750,6 +756,12 @@ impl CheckpointStager {
         }
         Ok(staged)
     }
+}
+
+/// Whether the kernel lets a user hard-link only files it owns or may read and write
+/// (`fs.protected_hardlinks`).
+fn hard_links_protected() -> bool {
+    std::fs::read_to_string("/proc/sys/fs/protected_hardlinks").is_ok_and(|v| v.trim() == "1")
 }
 
 #[cfg(test)]
