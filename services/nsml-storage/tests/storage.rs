@@ -181,25 +181,9 @@ enum E<'a> {
 
 /// A gzip'd tar written with raw names, so that tests can send what a careful archiver would refuse.
 fn targz(entries: &[E]) -> Vec<u8> {
-    let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        let (name, ty, data, link): (&str, tar::EntryType, &[u8], Option<&str>) = match e {
-            E::File(n, d) => (n, tar::EntryType::Regular, d, None),
-            E::Symlink(n, t) => (n, tar::EntryType::Symlink, b"", Some(t)),
-        };
-        h.set_entry_type(ty);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        let gnu = h.as_gnu_mut().unwrap();
-        gnu.name[..name.len()].copy_from_slice(name.as_bytes());
-        if let Some(t) = link {
-            gnu.linkname[..t.len()].copy_from_slice(t.as_bytes());
-        }
-        h.set_cksum();
-        b.append(&h, data).unwrap();
-    }
-    b.into_inner().unwrap().finish().unwrap()
+    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+    gz.write_all(&plain_raw(entries)).unwrap();
+    gz.finish().unwrap()
 }
 
 /// The entries of a gzip'd tar, as (path, content).
