@@ -44,7 +44,11 @@ pub fn decode<P: EventPayload>(event: &StoredEvent) -> Option<P> {
         return None;
     }
     match P::decode(event.payload.as_slice()) {
-        Ok(p) => Some(p),
+        Ok(p) => {
+            // The consumer decoding this event uses it: its trace shows that it applied it.
+            telemetry::note_decoded();
+            Some(p)
+        }
         Err(err) => {
             tracing::error!(position = event.position, event_type = %event.event_type, %err, "undecodable event payload");
             None

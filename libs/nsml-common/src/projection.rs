@@ -120,15 +120,17 @@ impl<S: ReadModel> Projection<S> {
         let mut state = self.state.write();
         let applied = *self.watermark.borrow();
         let mut last = applied;
-        // Once caught up, each event applied is a span of the trace that appended it (when that trace is
-        // exported); the catch-up at start-up replays old traces and is not.
+        // Once caught up, each event the read model uses is a span of the trace that appended it (when that
+        // trace is exported); the catch-up at start-up replays old traces and is not.
         let live = *self.ready.borrow();
         for ev in events.iter().filter(|ev| ev.position > applied) {
-            let span = live
-                .then(|| crate::telemetry::event_span(name, ev))
+            let applying = live
+                .then(|| crate::telemetry::Applying::start(name, ev))
                 .flatten();
-            let _entered = span.as_ref().map(tracing::Span::enter);
             state.apply(ev);
+            if let Some(applying) = applying {
+                applying.done(ev);
+            }
             last = ev.position;
         }
         if last != applied {

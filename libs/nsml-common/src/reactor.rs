@@ -82,8 +82,14 @@ pub async fn run<F, Fut, E>(
                     // What the handler appends continues the trace of the event it handles.
                     let span =
                         crate::telemetry::event_span(name, &ev).unwrap_or_else(tracing::Span::none);
+                    let mut used = false;
                     for attempt in 1..=ATTEMPTS {
-                        match handle(ev.clone()).instrument(span.clone()).await {
+                        let (done, decoded) = crate::telemetry::noting_use(
+                            handle(ev.clone()).instrument(span.clone()),
+                        )
+                        .await;
+                        used |= decoded;
+                        match done {
                             Ok(()) => break,
                             Err(err) if attempt == ATTEMPTS => {
                                 tracing::error!(reactor = name, position = at, %err, "giving up on an event");
@@ -95,6 +101,8 @@ pub async fn run<F, Fut, E>(
                             }
                         }
                     }
+                    // An event the handler had no use for leaves no span.
+                    crate::telemetry::discard_unused(&span, used);
                     pos = pos.max(at);
                 }
                 Some(Ok(Delivery::CaughtUp)) => live = true,

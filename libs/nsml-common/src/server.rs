@@ -94,8 +94,10 @@ where
                 .into_http();
             return Box::pin(async move { Ok(resp) });
         }
-        let span = tracing::info_span!("grpc", path = %path);
-        telemetry::set_parent_from_headers(&span, req.headers());
+        let span = telemetry::span_from_headers(
+            req.headers(),
+            || tracing::info_span!("grpc", otel.kind = "server", path = %path),
+        );
         let fut = self.inner.call(req);
         Box::pin(fut.instrument(span))
     }

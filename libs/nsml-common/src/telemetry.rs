@@ -6,32 +6,29 @@
 //! the default `http://localhost:4317`) turns it on; `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`
 //! keep it off. Spans go over OTLP/gRPC; `OTEL_EXPORTER_OTLP_PROTOCOL` may say `grpc`, any other protocol is
 //! refused with a warning. `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` (with
-//! `OTEL_TRACES_SAMPLER_ARG`), `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT` and the `OTEL_BSP_*`
-//! batching variables are read by the SDK as documented there.
+//! `OTEL_TRACES_SAMPLER_ARG`), `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`,
+//! `OTEL_EXPORTER_OTLP_CERTIFICATE` (with the client certificate and key, for an `https` endpoint) and the
+//! `OTEL_BSP_*` batching variables mean what the specification says.
 //!
-//! Read models and reactors open a span per event they apply, in the trace that appended it, when that trace
-//! is sampled; `NSML_TRACE_EVENTS=off` leaves those spans out (they are most of a trace's spans).
+//! The platform's own layer ([`TraceLayer`]) makes the spans' contexts and records the sampled ones; the
+//! exporter ([`export`]) batches them off the request path. Read models and reactors record a span for each
+//! event they use (decode), in the trace that appended it, when that trace is sampled; `NSML_TRACE_EVENTS=off`
+//! leaves those spans out.
 //!
 //! With export off and JSON logs, spans still get trace ids (log lines carry them, calls and events pass them
-//! on) but none is sampled, so nothing is recorded. With export off and text logs, which show no trace ids,
-//! no OpenTelemetry layer is installed at all: a trace context a caller sends still reaches the service the
-//! gateway forwards to, and nothing else is spent on traces. `NSML_TRACING=off` installs no OpenTelemetry
-//! layer whatever else is set (the baseline the tracing-cost bench compares with).
+//! on) but nothing is recorded. With export off and text logs, which show no trace ids, no tracing layer is
+//! installed at all: a trace context a caller sends still reaches the service the gateway forwards to, and
+//! nothing else is spent on traces. `NSML_TRACING=off` installs no tracing layer whatever else is set (the
+//! baseline the tracing-cost bench compares with).
 
+use std::cell::Cell;
 use std::io::IsTerminal as _;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use nsml_eventstore::StoredEvent;
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::{TraceContextExt as _, TraceFlags, TracerProvider as _};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Subscriber;
-use tracing::dispatcher::{Dispatch, WeakDispatch};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::Layer as _;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
@@ -39,14 +36,25 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
+pub mod export;
+pub mod spans;
+
+use export::{Config, Exporter, Queue};
+use spans::{Finished, Recording, SpanState, Value};
+pub use spans::{Sampler, TraceContext, TraceLayer};
+
 /// Whether consumers of the log open a span per applied event: only when this process exports spans (and
 /// `NSML_TRACE_EVENTS=off` does not say otherwise).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
+/// The sampler and queue of an exporting process, for the spans recorded without a `tracing` span (a read
+/// model applying an event).
+static RECORDER: OnceLock<(Sampler, std::sync::Arc<Queue>)> = OnceLock::new();
+
 /// What the environment asks of span export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Export {
-    /// No OpenTelemetry layer at all (`NSML_TRACING=off`).
+    /// No tracing layer at all (`NSML_TRACING=off`).
     NoTracing,
     /// Trace ids are made and passed on, nothing is recorded; the reason is for the start-up log.
     Off(Option<String>),
@@ -99,113 +107,88 @@ impl Export {
     }
 }
 
-/// The installed tracing: call [`Telemetry::shutdown`] before the process exits, or the spans still batched
+/// The installed tracing: call [`Telemetry::shutdown`] before the process exits, or the spans still queued
 /// are lost.
-#[must_use = "spans batched for export are lost unless `shutdown` is called before exit"]
+#[must_use = "spans queued for export are lost unless `shutdown` is called before exit"]
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
+    exporter: Option<Exporter>,
 }
 
 impl Telemetry {
     /// Whether spans are exported.
     pub fn exporting(&self) -> bool {
-        self.provider.is_some()
+        self.exporter.is_some()
     }
 
-    /// Exports the spans still batched and stops the exporter. The export runs on a blocking thread while
-    /// this runtime drives the gRPC connection it uses.
+    /// Sends the spans still queued and stops the exporter.
     pub async fn shutdown(mut self) {
-        let Some(provider) = self.provider.take() else {
+        let Some(exporter) = self.exporter.take() else {
             return;
         };
         EXPORTING.store(false, Ordering::Relaxed);
-        let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => eprintln!("cannot export the last spans: {err}"),
-            Err(err) => eprintln!("cannot export the last spans: {err}"),
-        }
+        exporter.shutdown().await;
     }
 }
 
 /// Installs the global subscriber: human-readable (or JSON lines with `NSML_LOG_FORMAT=json`) logs on stderr
-/// filtered by `NSML_LOG` (default `info`), coloured only when stderr is a terminal, and OpenTelemetry spans
-/// exported as the `OTEL_*` variables say (see the module's documentation). `service` is the service name
-/// spans are exported under unless `OTEL_SERVICE_NAME` names one. Call from within a Tokio runtime: the
-/// exporter's connection lives on it.
+/// filtered by `NSML_LOG` (default `info`), coloured only when stderr is a terminal, and spans exported as the
+/// `OTEL_*` variables say (see the module's documentation). `service` is the service name spans are exported
+/// under unless `OTEL_SERVICE_NAME` names one. Call from within a Tokio runtime: the exporter runs on it.
 pub fn init(service: &str) -> Telemetry {
     let (level, filter) = log_filter(std::env::var("NSML_LOG").ok().as_deref());
-    let export = Export::from_vars(|k| std::env::var(k).ok());
+    let var = |k: &str| std::env::var(k).ok();
+    let export = Export::from_vars(var);
     let json = std::env::var("NSML_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let (provider, note) = match &export {
+    let mut notes = Vec::new();
+    let (layer, exporter) = match &export {
         Export::NoTracing => (None, None),
         // Trace ids only for the log lines that show them.
-        Export::Off(note) => (json.then(unsampled), note.clone()),
-        Export::Otlp => match exporting(service) {
-            Ok(p) => (Some(p), None),
-            Err(err) => (
-                Some(unsampled()),
-                Some(format!("cannot export spans: {err}")),
-            ),
-        },
+        Export::Off(note) => {
+            notes.extend(note.clone());
+            (json.then(TraceLayer::ids_only), None)
+        }
+        Export::Otlp => {
+            let (sampler, note) = Sampler::from_vars(
+                var("OTEL_TRACES_SAMPLER").as_deref(),
+                var("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+            );
+            notes.extend(note);
+            match Config::from_vars(var, service).and_then(Exporter::start) {
+                Ok(exporter) => (
+                    Some(TraceLayer::recording(sampler, exporter.queue.clone())),
+                    Some((exporter, sampler)),
+                ),
+                Err(err) => {
+                    notes.push(format!("cannot export spans: {err}"));
+                    (Some(TraceLayer::ids_only()), None)
+                }
+            }
+        }
     };
-    let exported = matches!(export, Export::Otlp) && note.is_none();
-    let otel = provider.as_ref().map(|p| {
-        // Busy/idle timings, thread attributes and source locations would cost a clock read on every poll of
-        // every instrumented future and an allocation per span; activating each span's context in
-        // OpenTelemetry's own thread-local on every entry is not needed either, as trace context is read
-        // from the span (see `current_traceparent`).
-        tracing_opentelemetry::layer()
-            .with_tracked_inactivity(false)
-            .with_threads(false)
-            .with_location(false)
-            .with_context_activation(false)
-            .with_tracer(p.tracer(service.to_string()))
-    });
     let ansi = std::io::stderr().is_terminal();
     let result = tracing_subscriber::registry()
         .with(level)
         .with(filter)
-        .with(otel)
+        .with(layer)
         .with(log_layer(json, std::io::stderr, ansi))
         .try_init();
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     if result.is_err() {
         // A second init in one process (tests) keeps the first subscriber and its exporter.
-        return Telemetry { provider: None };
+        return Telemetry { exporter: None };
     }
-    if let Some(note) = note {
+    for note in notes {
         tracing::warn!("{note}");
     }
-    // Consumers of the log open a span per event they apply: most of the spans of a trace, since every read
-    // model and reactor of a process applies every event. `NSML_TRACE_EVENTS=off` leaves them out.
+    let Some((exporter, sampler)) = exporter else {
+        return Telemetry { exporter: None };
+    };
+    // Consumers of the log record a span per event they use: `NSML_TRACE_EVENTS=off` leaves them out.
     let events = !std::env::var("NSML_TRACE_EVENTS").is_ok_and(|v| v.eq_ignore_ascii_case("off"));
-    EXPORTING.store(exported && events, Ordering::Relaxed);
+    let _ = RECORDER.set((sampler, exporter.queue.clone()));
+    EXPORTING.store(events, Ordering::Relaxed);
     Telemetry {
-        provider: provider.filter(|_| exported),
+        exporter: Some(exporter),
     }
-}
-
-/// A provider that makes trace ids and records nothing.
-fn unsampled() -> SdkTracerProvider {
-    SdkTracerProvider::builder()
-        .with_sampler(Sampler::AlwaysOff)
-        .build()
-}
-
-/// A provider that batches spans to the OTLP/gRPC endpoint the environment names.
-fn exporting(service: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()?;
-    let mut resource = opentelemetry_sdk::Resource::builder();
-    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
-        resource = resource.with_service_name(service.to_string());
-    }
-    Ok(SdkTracerProvider::builder()
-        .with_resource(resource.build())
-        .with_batch_exporter(exporter)
-        .build())
 }
 
 /// The log lines' layer: JSON lines (with the current span's `trace_id` and `span_id`) or text, ANSI colours
@@ -220,18 +203,12 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     if json {
-        let dispatch = Arc::new(OnceLock::new());
         Box::new(
-            KeepDispatch(dispatch.clone()).and_then(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(ansi)
-                    .fmt_fields(JsonFields::new())
-                    .event_format(TracedJson {
-                        format: tracing_subscriber::fmt::format().json(),
-                        dispatch,
-                    })
-                    .with_writer(writer),
-            ),
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .fmt_fields(JsonFields::new())
+                .event_format(TracedJson(tracing_subscriber::fmt::format().json()))
+                .with_writer(writer),
         )
     } else {
         Box::new(
@@ -242,22 +219,8 @@ where
     }
 }
 
-/// Keeps the dispatcher the layers are registered with: while an event is formatted, the thread's current
-/// dispatcher is not reachable (tracing guards against re-entry), and the span's OpenTelemetry context is read
-/// through it.
-struct KeepDispatch(Arc<OnceLock<WeakDispatch>>);
-
-impl<S: Subscriber> tracing_subscriber::Layer<S> for KeepDispatch {
-    fn on_register_dispatch(&self, dispatch: &Dispatch) {
-        let _ = self.0.set(dispatch.downgrade());
-    }
-}
-
 /// The JSON line format of `tracing_subscriber`, with the trace and span ids of the event's span added.
-struct TracedJson {
-    format: Format<Json>,
-    dispatch: Arc<OnceLock<WeakDispatch>>,
-}
+struct TracedJson(Format<Json>);
 
 impl<S, N> FormatEvent<S, N> for TracedJson
 where
@@ -271,20 +234,15 @@ where
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
         let mut line = String::new();
-        self.format
-            .format_event(ctx, Writer::new(&mut line), event)?;
-        let ids = ctx.parent_span().and_then(|span| {
-            let dispatch = self.dispatch.get()?.upgrade()?;
-            let cx =
-                tracing_opentelemetry::get_otel_context(&mut span.extensions_mut(), &dispatch)?;
-            let span = cx.span();
-            let sc = span.span_context();
-            sc.is_valid().then(|| (sc.trace_id(), sc.span_id()))
-        });
-        match (ids, line.strip_suffix("}\n")) {
-            (Some((trace_id, span_id)), Some(head)) => writeln!(
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        let cx = ctx
+            .parent_span()
+            .and_then(|span| span.extensions().get::<SpanState>().map(|s| s.cx));
+        match (cx, line.strip_suffix("}\n")) {
+            (Some(cx), Some(head)) => writeln!(
                 writer,
-                "{head},\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}"
+                "{head},\"trace_id\":\"{:032x}\",\"span_id\":\"{:016x}\"}}",
+                cx.trace_id, cx.span_id
             ),
             _ => writer.write_str(&line),
         }
@@ -312,90 +270,144 @@ fn log_filter(spec: Option<&str>) -> (Option<LevelFilter>, Option<EnvFilter>) {
     }
 }
 
-struct HeaderCarrier<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderCarrier<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-/// A lone `traceparent` value, as events carry it.
-struct TraceparentCarrier<'a>(&'a str);
-
-impl Extractor for TraceparentCarrier<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        (key == "traceparent").then_some(self.0)
-    }
-    fn keys(&self) -> Vec<&str> {
-        vec!["traceparent"]
-    }
-}
-
-/// The current span's W3C `traceparent`, or empty when there is none. Every event and every call between
-/// services takes one, so it is written directly rather than through [`TraceContextPropagator`], which also
-/// builds the `tracestate` header and a map to carry both (this function took about 3% of `nsmld up`'s CPU under
-/// the admissions bench that way).
+/// The current span's W3C `traceparent`, or empty when there is none (or no tracing layer). Every event and
+/// every call between services takes one.
 pub fn current_traceparent() -> String {
-    let cx = tracing::Span::current().context();
-    let span = cx.span();
-    let span = span.span_context();
-    if !span.is_valid() {
-        return String::new();
-    }
-    let flags = span.trace_flags() & TraceFlags::SAMPLED;
-    format!(
-        "00-{}-{}-{:02x}",
-        span.trace_id(),
-        span.span_id(),
-        flags.to_u8()
-    )
+    spans::current().map_or_else(String::new, |cx| cx.traceparent())
 }
 
-/// Makes `span` a child of the trace context carried in `headers`, if any.
-pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
-    if headers.contains_key("traceparent") {
-        let cx = TraceContextPropagator::new().extract(&HeaderCarrier(headers));
-        let _ = span.set_parent(cx);
-    }
+/// The span `make` returns, as a child of the W3C `traceparent` value (a call's, a session's, an event's)
+/// when it holds one, rather than of the current span.
+pub fn span_in(traceparent: &str, make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    spans::with_remote_parent(TraceContext::parse(traceparent), make)
 }
 
-/// Makes `span` a child of a W3C `traceparent` value (a session's, an event's), if it holds one.
-pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
-    if !traceparent.is_empty() {
-        let cx = TraceContextPropagator::new().extract(&TraceparentCarrier(traceparent));
-        let _ = span.set_parent(cx);
-    }
+/// The span `make` returns, as a child of the trace context carried in `headers`, if any.
+pub fn span_from_headers(
+    headers: &http::HeaderMap,
+    make: impl FnOnce() -> tracing::Span,
+) -> tracing::Span {
+    let tp = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    spans::with_remote_parent(tp.and_then(TraceContext::parse), make)
 }
 
 /// Whether a `traceparent` says its trace is sampled (`…-01`).
 fn sampled(traceparent: &str) -> bool {
-    traceparent.len() == 55
-        && traceparent
-            .get(53..)
-            .and_then(|flags| u8::from_str_radix(flags, 16).ok())
-            .is_some_and(|flags| flags & 1 == 1)
+    TraceContext::parse(traceparent).is_some_and(|cx| cx.sampled)
 }
 
-/// A span for a consumer of the log (`consumer`: a projection's or reactor's name) applying `event`, parented
-/// to the trace the event was appended in; `None` unless this process exports spans and that trace is
-/// sampled, so that following the log costs nothing more otherwise.
+thread_local! {
+    /// Set when an event is decoded on this thread: a consumer of the log that decoded the event it was
+    /// handed used it.
+    static DECODED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Notes that an event was decoded (see [`crate::event::decode`]).
+pub(crate) fn note_decoded() {
+    DECODED.with(|d| d.set(true));
+}
+
+/// A span for a reactor (`consumer`) handling `event`, parented to the trace the event was appended in;
+/// `None` unless this process exports spans and that trace is sampled, so that following the log costs
+/// nothing more otherwise. Run the handler through [`noting_use`] and pass the answer to
+/// [`discard_unused`]: a handler that neither decoded the event nor passed the span on leaves no span.
 pub fn event_span(consumer: &'static str, event: &StoredEvent) -> Option<tracing::Span> {
     if !EXPORTING.load(Ordering::Relaxed) || !sampled(&event.metadata.traceparent) {
         return None;
     }
-    let span = tracing::info_span!(
-        parent: None,
-        "apply",
-        consumer,
-        event = %event.event_type,
-        position = event.position
-    );
-    set_parent_from_traceparent(&span, &event.metadata.traceparent);
-    Some(span)
+    Some(span_in(&event.metadata.traceparent, || {
+        tracing::info_span!(
+            parent: None,
+            "apply",
+            consumer,
+            event = %event.event_type,
+            position = event.position
+        )
+    }))
+}
+
+/// Runs `fut`, and says whether it decoded an event along the way.
+pub async fn noting_use<F: Future>(fut: F) -> (F::Output, bool) {
+    let mut fut = std::pin::pin!(fut);
+    let mut used = false;
+    let out = std::future::poll_fn(|cx| {
+        let before = DECODED.with(|d| d.replace(false));
+        let polled = fut.as_mut().poll(cx);
+        used |= DECODED.with(|d| d.replace(before));
+        polled
+    })
+    .await;
+    (out, used)
+}
+
+/// Drops the recording of `span` unless it was `used` or its context was passed on (a child names it).
+pub fn discard_unused(span: &tracing::Span, used: bool) {
+    if used {
+        return;
+    }
+    span.with_subscriber(|(id, dispatch)| {
+        spans::with_state(dispatch, id, |s| {
+            if !s.referenced.load(Ordering::Relaxed) {
+                s.recording = None;
+            }
+        })
+    });
+}
+
+/// A read model (`consumer`) applying one event: recorded as an `apply` span of the event's trace, without
+/// a `tracing` span, when the read model decoded the event. Only an exporting process with the event's trace
+/// sampled makes one.
+pub struct Applying {
+    consumer: &'static str,
+    parent: TraceContext,
+    start: u64,
+    before: bool,
+}
+
+impl Applying {
+    /// Starts timing `event`'s application, when it would be recorded.
+    pub fn start(consumer: &'static str, event: &StoredEvent) -> Option<Self> {
+        if !EXPORTING.load(Ordering::Relaxed) {
+            return None;
+        }
+        let parent = TraceContext::parse(&event.metadata.traceparent)?;
+        let (sampler, _) = RECORDER.get()?;
+        if !sampler.decide(Some(parent.sampled), parent.trace_id) {
+            return None;
+        }
+        Some(Self {
+            consumer,
+            parent,
+            start: spans::now_ns(),
+            before: DECODED.with(|d| d.replace(false)),
+        })
+    }
+
+    /// Ends it: queues the span when the read model decoded `event`.
+    pub fn done(self, event: &StoredEvent) {
+        let used = DECODED.with(|d| d.replace(self.before));
+        let Some((_, queue)) = RECORDER.get().filter(|_| used) else {
+            return;
+        };
+        let mut recording = Recording::new("apply", self.start);
+        recording.set("consumer", Value::Str(self.consumer.to_string()));
+        recording.set("event", Value::Str(event.event_type.clone()));
+        recording.set(
+            "position",
+            Value::Int(i64::try_from(event.position).unwrap_or(i64::MAX)),
+        );
+        queue.push(Finished {
+            cx: TraceContext {
+                trace_id: self.parent.trace_id,
+                span_id: spans::new_span_id(),
+                sampled: true,
+            },
+            parent: self.parent.span_id,
+            remote_parent: true,
+            end: spans::now_ns(),
+            recording: Box::new(recording),
+        });
+    }
 }
 
 #[cfg(test)]
@@ -403,29 +415,16 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
-    use opentelemetry::propagation::{Injector, TextMapPropagator};
-    use opentelemetry::trace::TracerProvider as _;
-    use opentelemetry_sdk::propagation::TraceContextPropagator;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
     use tracing_subscriber::layer::SubscriberExt;
 
-    use super::{Export, current_traceparent, log_layer, sampled, set_parent_from_headers};
+    use super::export::{Config, Queue, to_otlp};
+    use super::spans::{Finished, Root, Value};
+    use super::{
+        Export, Sampler, TraceContext, TraceLayer, current_traceparent, discard_unused, log_layer,
+        sampled, span_from_headers, span_in,
+    };
 
-    struct MapCarrier<'a>(&'a mut HashMap<String, String>);
-
-    impl Injector for MapCarrier<'_> {
-        fn set(&mut self, key: &str, value: String) {
-            self.0.insert(key.to_string(), value);
-        }
-    }
-
-    /// What the propagator writes for the current span.
-    fn propagated() -> String {
-        let cx = tracing::Span::current().context();
-        let mut map = HashMap::new();
-        TraceContextPropagator::new().inject_context(&cx, &mut MapCarrier(&mut map));
-        map.remove("traceparent").unwrap_or_default()
-    }
+    const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     /// Log output kept in memory.
     #[derive(Clone, Default)]
@@ -453,6 +452,26 @@ mod tests {
             self.clone()
         }
     }
+
+    fn headers(traceparent: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", traceparent.parse().expect("header"));
+        headers
+    }
+
+    /// Runs `f` under a layer recording what `sampler` samples; returns the spans closed, in order.
+    fn recorded(sampler: Sampler, f: impl FnOnce()) -> Vec<Finished> {
+        let queue = Arc::new(Queue::new(1000, 1000));
+        let subscriber =
+            tracing_subscriber::registry().with(TraceLayer::recording(sampler, queue.clone()));
+        tracing::subscriber::with_default(subscriber, f);
+        queue.take()
+    }
+
+    const ALWAYS_ON: Sampler = Sampler {
+        parent_based: true,
+        root: Root::On,
+    };
 
     #[test]
     fn a_plain_level_needs_no_env_filter() {
@@ -521,65 +540,310 @@ mod tests {
     }
 
     #[test]
-    fn sampled_reads_the_flags() {
-        assert!(sampled(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        ));
-        assert!(!sampled(
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-        ));
-        assert!(!sampled(""));
-        assert!(!sampled("00-4bf9-01"));
+    fn the_exporter_reads_the_standard_variables() {
+        let with = |pairs: &[(&str, &str)]| {
+            let vars: HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_vars(|k| vars.get(k).cloned(), "nsml-quota")
+        };
+        let c = with(&[]).expect("the defaults");
+        assert_eq!(c.endpoint, "http://localhost:4317");
+        assert_eq!((c.queue, c.batch), (2048, 512));
+        assert_eq!(c.delay, std::time::Duration::from_secs(5));
+        assert_eq!(c.resource[0], ("service.name".into(), "nsml-quota".into()));
+        let c = with(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://b:4317"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=s%3Dcret, x-team = t1",
+            ),
+            ("OTEL_SERVICE_NAME", "quota-eu"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "service.name=ignored,deployment.environment=prod",
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "500"),
+        ])
+        .expect("a full configuration");
+        assert_eq!(c.endpoint, "http://b:4317", "the traces endpoint wins");
+        assert_eq!(
+            c.headers,
+            vec![
+                ("api-key".into(), "s=cret".into()),
+                ("x-team".into(), "t1".into())
+            ]
+        );
+        assert_eq!(c.resource[0], ("service.name".into(), "quota-eu".into()));
+        assert!(
+            c.resource
+                .contains(&("deployment.environment".into(), "prod".into()))
+        );
+        assert_eq!(
+            c.resource
+                .iter()
+                .filter(|(k, _)| k == "service.name")
+                .count(),
+            1
+        );
+        assert_eq!(
+            (c.queue, c.batch),
+            (100, 100),
+            "a batch is at most the queue"
+        );
+        assert_eq!(c.delay, std::time::Duration::from_millis(200));
+        for (bad, says) in [
+            (
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"),
+                "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            ),
+            (("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317"), "neither http"),
+            (("OTEL_BSP_MAX_QUEUE_SIZE", "0"), "OTEL_BSP_MAX_QUEUE_SIZE"),
+            (("OTEL_BSP_SCHEDULE_DELAY", "soon"), "milliseconds"),
+            (("OTEL_EXPORTER_OTLP_HEADERS", "novalue"), "key=value"),
+        ] {
+            let err = with(&[bad])
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} is refused"));
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 
     #[test]
-    fn traceparent_is_what_the_propagator_writes() {
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        tracing::subscriber::with_default(subscriber, || {
+    fn traceparent_round_trips_and_malformed_ones_are_ignored() {
+        let cx = TraceContext::parse(INCOMING).expect("a valid traceparent");
+        assert_eq!(cx.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(cx.span_id, 0x00f067aa0ba902b7);
+        assert!(cx.sampled);
+        assert_eq!(cx.traceparent(), INCOMING);
+        let unsampled = INCOMING.replace("-01", "-00");
+        assert!(!TraceContext::parse(&unsampled).expect("valid").sampled);
+        for bad in [
+            "",
+            "00-4bf9-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad}");
+        }
+        assert!(
+            TraceContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later")
+                .is_some(),
+            "a later version's extra fields are skipped"
+        );
+        assert!(sampled(INCOMING));
+        assert!(!sampled(&unsampled));
+        assert!(!sampled(""));
+    }
+
+    #[test]
+    fn samplers_are_read_as_the_specification_names_them() {
+        let read = |s: Option<&str>, a: Option<&str>| Sampler::from_vars(s, a);
+        assert_eq!(read(None, None), (ALWAYS_ON, None));
+        let (s, note) = read(Some("traceidratio"), Some("0.25"));
+        assert_eq!(
+            (s.parent_based, s.root, note),
+            (false, Root::Ratio(0.25), None)
+        );
+        let (s, _) = read(Some("parentbased_always_off"), None);
+        assert!(s.parent_based && s.root == Root::Off);
+        let (s, note) = read(Some("parentbased_traceidratio"), Some("2"));
+        assert_eq!(s, ALWAYS_ON, "a bad ratio falls back to the default");
+        assert!(note.is_some_and(|n| n.contains("OTEL_TRACES_SAMPLER_ARG")));
+        let (s, note) = read(Some("jaeger_remote"), None);
+        assert_eq!(s, ALWAYS_ON);
+        assert!(note.is_some_and(|n| n.contains("jaeger_remote")));
+        // Decisions: a parent-based sampler follows the parent; a ratio samples about its share of traces.
+        let ratio = Sampler {
+            parent_based: true,
+            root: Root::Ratio(0.1),
+        };
+        assert!(ratio.decide(Some(true), 7));
+        assert!(!ratio.decide(Some(false), 7));
+        let hits = (0..10_000u128)
+            .filter(|i| {
+                ratio.decide(
+                    None,
+                    i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+                )
+            })
+            .count();
+        assert!(
+            (700..1300).contains(&hits),
+            "{hits} of 10,000 sampled at 0.1"
+        );
+        let always = Sampler {
+            parent_based: false,
+            root: Root::On,
+        };
+        assert!(
+            always.decide(Some(false), 7),
+            "always_on ignores the parent"
+        );
+    }
+
+    #[test]
+    fn spans_continue_the_callers_trace_and_record_what_is_exported() {
+        let mut seen = String::new();
+        let spans = recorded(ALWAYS_ON, || {
             assert_eq!(current_traceparent(), "", "no span, no trace");
-            let mut headers = http::HeaderMap::new();
-            let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-            headers.insert("traceparent", incoming.parse().expect("header"));
-            let span = tracing::info_span!("call");
-            set_parent_from_headers(&span, &headers);
-            let _entered = span.enter();
-            let ours = current_traceparent();
-            assert_eq!(ours, propagated());
-            assert!(
-                ours.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && ours.ends_with("-01"),
-                "the span continues the incoming trace: {ours}"
-            );
-            let child = tracing::info_span!("child");
+            let call = span_from_headers(&headers(INCOMING), || {
+                tracing::info_span!(
+                    "call",
+                    otel.kind = "server",
+                    path = "/x",
+                    op = tracing::field::Empty
+                )
+            });
+            let _call = call.enter();
+            seen = current_traceparent();
+            call.record("op", "save");
+            let child = tracing::info_span!("child", n = 3u64);
             let _child = child.enter();
-            assert_eq!(current_traceparent(), propagated());
-            assert_ne!(
-                current_traceparent(),
-                ours,
-                "a child span has an id of its own"
-            );
+            tracing::error!(code = 7, "it broke");
         });
+        assert!(
+            seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && seen.ends_with("-01"),
+            "the span continues the incoming trace: {seen}"
+        );
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        let (child, call) = (&spans[0], &spans[1]);
+        assert_eq!(call.recording.name, "call");
+        assert_eq!(call.cx.traceparent(), seen);
+        assert_eq!(
+            call.parent, 0x00f067aa0ba902b7,
+            "the caller's span is the parent"
+        );
+        assert!(call.remote_parent);
+        assert_eq!(call.recording.kind, 2, "otel.kind sets a server span");
+        let attrs: HashMap<&str, &Value> = call
+            .recording
+            .attributes
+            .iter()
+            .map(|(k, v)| (*k, v))
+            .collect();
+        assert_eq!(attrs["path"], &Value::Str("/x".into()));
+        assert_eq!(
+            attrs["op"],
+            &Value::Str("save".into()),
+            "recorded after it was made"
+        );
+        assert_eq!(child.cx.trace_id, call.cx.trace_id);
+        assert_eq!(child.parent, call.cx.span_id);
+        assert!(!child.remote_parent);
+        assert_ne!(child.cx.span_id, call.cx.span_id);
+        assert_eq!(child.recording.attributes, vec![("n", Value::Int(3))]);
+        assert_eq!(child.recording.events.len(), 1);
+        assert_eq!(child.recording.events[0].message, "it broke");
+        assert_eq!(child.recording.error.as_deref(), Some("it broke"));
+        assert!(child.end >= child.recording.start);
+
+        let otlp = to_otlp(spans.into_iter().next().expect("the child"));
+        assert_eq!(
+            otlp.trace_id,
+            0x4bf92f3577b34da6a3ce929d0e0e4736u128.to_be_bytes()
+        );
+        assert_eq!(otlp.span_id.len(), 8);
+        assert_eq!(otlp.parent_span_id.len(), 8);
+        assert_eq!(otlp.flags & 0xff, 1, "sampled");
+        assert_eq!(otlp.status.map(|s| s.code), Some(2));
+        assert_eq!(otlp.events[0].name, "it broke");
+    }
+
+    #[test]
+    fn what_is_not_sampled_is_passed_on_and_not_recorded() {
+        let unsampled = INCOMING.replace("-01", "-00");
+        let mut seen = String::new();
+        let spans = recorded(ALWAYS_ON, || {
+            let span = span_in(&unsampled, || tracing::info_span!("call"));
+            let _in = span.enter();
+            seen = current_traceparent();
+        });
+        assert!(spans.is_empty(), "{spans:?}");
+        assert!(seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && seen.ends_with("-00"));
+        let spans = recorded(
+            Sampler {
+                parent_based: true,
+                root: Root::Off,
+            },
+            || {
+                let _root = tracing::info_span!("root").entered();
+                assert!(
+                    current_traceparent().ends_with("-00"),
+                    "a new trace, not sampled"
+                );
+            },
+        );
+        assert!(spans.is_empty());
+        // Ids only: the flag of the caller is passed on, nothing is recorded.
+        let subscriber = tracing_subscriber::registry().with(TraceLayer::ids_only());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = span_in(INCOMING, || tracing::info_span!("call"));
+            let _in = span.enter();
+            assert!(current_traceparent().ends_with("-01"));
+        });
+    }
+
+    #[test]
+    fn a_span_with_no_use_is_dropped_unless_it_was_passed_on() {
+        let spans = recorded(ALWAYS_ON, || {
+            let unused = span_in(INCOMING, || {
+                tracing::info_span!("apply", consumer = "unused")
+            });
+            discard_unused(&unused, false);
+            let used = span_in(INCOMING, || tracing::info_span!("apply", consumer = "used"));
+            discard_unused(&used, true);
+            let passed_on = span_in(INCOMING, || {
+                tracing::info_span!("apply", consumer = "passed")
+            });
+            passed_on.in_scope(|| assert!(!current_traceparent().is_empty()));
+            discard_unused(&passed_on, false);
+        });
+        let mut consumers: Vec<String> = spans
+            .iter()
+            .map(|s| format!("{:?}", s.recording.attributes[0].1))
+            .collect();
+        consumers.sort();
+        assert_eq!(consumers, ["Str(\"passed\")", "Str(\"used\")"]);
+    }
+
+    #[test]
+    fn a_handler_that_decodes_is_noted_as_using_the_event() {
+        use nsml_proto::v1::SessionExited;
+        let ev = crate::event::stored("session-t", 1, &SessionExited::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let (_, used) = rt.block_on(super::noting_use(async {
+            tokio::task::yield_now().await;
+            crate::event::decode::<SessionExited>(&ev)
+        }));
+        assert!(used, "decoded after a yield");
+        let (_, used) = rt.block_on(super::noting_use(async {
+            crate::event::decode::<nsml_proto::v1::SessionFailed>(&ev)
+        }));
+        assert!(!used, "another type is not decoded");
     }
 
     #[test]
     fn json_lines_carry_the_trace_and_span_ids_of_the_current_span() {
         let out = Captured::default();
-        let provider = super::unsampled();
         let subscriber = tracing_subscriber::registry()
-            .with(
-                tracing_opentelemetry::layer()
-                    .with_context_activation(false)
-                    .with_tracer(provider.tracer("test")),
-            )
+            .with(TraceLayer::ids_only())
             .with(log_layer(true, out.clone(), false));
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!("outside any span");
-            let mut headers = http::HeaderMap::new();
-            let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-            headers.insert("traceparent", incoming.parse().expect("header"));
-            let span = tracing::info_span!("call", path = "/x");
-            set_parent_from_headers(&span, &headers);
+            let span = span_from_headers(&headers(INCOMING), || {
+                tracing::info_span!("call", path = "/x")
+            });
             let _entered = span.enter();
             tracing::info!(answer = 42, "inside a span");
         });

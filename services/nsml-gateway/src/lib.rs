@@ -246,8 +246,10 @@ async fn entry(
         return web::asset(req.uri().path(), req.headers());
     }
     // A span per call, in the client's trace when it sent one; the services' spans are its children.
-    let span = tracing::info_span!("gateway", path = %req.uri().path());
-    nsml_common::telemetry::set_parent_from_headers(&span, req.headers());
+    let span = nsml_common::telemetry::span_from_headers(
+        req.headers(),
+        || tracing::info_span!("gateway", otel.kind = "server", path = %req.uri().path()),
+    );
     let call = calls::Call::start(req.uri().path());
     call.answered(proxy(state, peer, req).instrument(span).await)
 }

@@ -1084,8 +1084,10 @@ impl Executor for LocalExecutor {
             .unwrap_or_else(|e| e.into_inner())
             .insert(session.name.clone());
         // A child of the call that asked for the session, in this process or (`nsmld runner`) another one.
-        let span = tracing::info_span!("session", name = %session.name, kind = ?session.kind());
-        nsml_common::telemetry::set_parent_from_traceparent(&span, &session.traceparent);
+        let span = nsml_common::telemetry::span_in(
+            &session.traceparent,
+            || tracing::info_span!("session", name = %session.name, kind = ?session.kind()),
+        );
         tokio::spawn(
             me.run_session(session, time_limit_secs, stop)
                 .instrument(span),

@@ -72,8 +72,10 @@ pub async fn run(
             jobs.spawn(async move {
                 // The semaphore is never closed, so a permit always comes.
                 let _slot = slots.acquire_owned().await;
-                let span = tracing::info_span!(parent: None, "score", submission = %id);
-                nsml_common::telemetry::set_parent_from_traceparent(&span, &from);
+                let span = nsml_common::telemetry::span_in(
+                    &from,
+                    || tracing::info_span!(parent: None, "score", submission = %id),
+                );
                 score_one(&handler, &id).instrument(span).await;
                 busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             });
