@@ -1,6 +1,8 @@
 //! Replay speed over a generated ledger of 1,000,000 events (`NSML_BENCH_EVENTS` to change it): first pure
-//! (decode, re-derive every decision, fold; no IO), then through a SQLite store read the way `audit replay`
-//! reads it (the whole log in pages, and the team's stream alone). Prints each run and the median.
+//! (decode, re-derive every decision, fold; no IO), then through a SQLite store: the read alone (the whole log
+//! in pages, nothing replayed), and the replay read the way `audit replay` reads it (the whole log in pages, and
+//! the team's stream alone). Prints each run and the median, with events per CPU-second of the process (every
+//! thread), which a busy machine changes less than the wall-clock rate.
 //!
 //! `cargo bench -p nsml-quota --bench replay` (add `-- --memory-only` to skip the store).
 
@@ -23,6 +25,21 @@ fn thread_cpu_secs() -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / 100.0)
+}
+
+/// CPU time the whole process has used (every thread: the replay and the store's readers), as above.
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Events per CPU-second of the process between `before` and now, when both are known.
+fn per_process_cpu(n: usize, before: Option<f64>) -> Option<f64> {
+    let cpu = process_cpu_secs().zip(before).map(|(b, a)| b - a)?;
+    (cpu > 0.0).then(|| n as f64 / cpu)
 }
 
 fn median(mut rates: Vec<f64>) -> f64 {
@@ -111,21 +128,68 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "stored the ledger in SQLite in {:.2}s",
             started.elapsed().as_secs_f64()
         );
+        // The read alone, page by page as the replay reads the whole log, without replaying anything.
+        let mut rates = Vec::new();
+        let mut cpu_rates = Vec::new();
+        for run in 1..=3 {
+            let cpu = process_cpu_secs();
+            let started = Instant::now();
+            let (mut read, mut after) = (0, 0);
+            loop {
+                let page = store.read_all(after, 10_000).await?;
+                read += page.len();
+                match page.last() {
+                    Some(last) if page.len() == 10_000 => after = last.position,
+                    _ => break,
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            assert_eq!(read, n, "every event read");
+            let rate = n as f64 / secs;
+            let per_cpu = per_process_cpu(n, cpu);
+            println!(
+                "SQLite, read only, run {run}: {secs:.3}s = {rate:.0} events/s{}",
+                per_cpu.map_or(String::new(), |r| format!(" ({r:.0} per CPU-second)"))
+            );
+            rates.push(rate);
+            cpu_rates.extend(per_cpu);
+        }
+        println!(
+            "read from SQLite, no replay: median {:.0} events/s over 3 runs{}",
+            median(rates),
+            if cpu_rates.is_empty() {
+                String::new()
+            } else {
+                format!(", {:.0} per CPU-second", median(cpu_rates))
+            }
+        );
         for (label, team) in [("whole log", None), ("team stream", Some("bench"))] {
             let mut rates = Vec::new();
+            let mut cpu_rates = Vec::new();
             for run in 1..=3 {
+                let cpu = process_cpu_secs();
                 let started = Instant::now();
                 let report =
                     audit::replay(&store as &dyn EventStore, &Scope::default(), team).await?;
                 let secs = started.elapsed().as_secs_f64();
+                let per_cpu = per_process_cpu(n, cpu);
                 check(&report, n);
                 let rate = n as f64 / secs;
-                println!("SQLite, {label}, run {run}: {secs:.3}s = {rate:.0} events/s");
+                println!(
+                    "SQLite, {label}, run {run}: {secs:.3}s = {rate:.0} events/s{}",
+                    per_cpu.map_or(String::new(), |r| format!(" ({r:.0} per CPU-second)"))
+                );
                 rates.push(rate);
+                cpu_rates.extend(per_cpu);
             }
             println!(
-                "replay from SQLite ({label}): median {:.0} events/s over 3 runs",
-                median(rates)
+                "replay from SQLite ({label}): median {:.0} events/s over 3 runs{}",
+                median(rates),
+                if cpu_rates.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {:.0} per CPU-second", median(cpu_rates))
+                }
             );
         }
         Ok::<_, Box<dyn std::error::Error>>(())
