@@ -9,7 +9,6 @@ use futures::StreamExt;
 use nsml_bus::{Bus, Delivery};
 use nsml_eventstore::{EventStore, StoredEvent};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 /// How often a reactor saves how far it got.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
@@ -80,29 +79,22 @@ pub async fn run<F, Fut, E>(
                         crate::projection::record_lag(&delivery_lag, std::slice::from_ref(&ev));
                     }
                     // What the handler appends continues the trace of the event it handles.
-                    let span =
-                        crate::telemetry::event_span(name, &ev).unwrap_or_else(tracing::Span::none);
-                    let mut used = false;
-                    for attempt in 1..=ATTEMPTS {
-                        let (done, decoded) = crate::telemetry::noting_use(
-                            handle(ev.clone()).instrument(span.clone()),
-                        )
-                        .await;
-                        used |= decoded;
-                        match done {
-                            Ok(()) => break,
-                            Err(err) if attempt == ATTEMPTS => {
-                                tracing::error!(reactor = name, position = at, %err, "giving up on an event");
-                            }
-                            Err(err) => {
-                                tracing::warn!(reactor = name, position = at, %err, "retrying an event");
-                                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt)))
-                                    .await;
+                    crate::telemetry::handling(name, &ev, async {
+                        for attempt in 1..=ATTEMPTS {
+                            match handle(ev.clone()).await {
+                                Ok(()) => break,
+                                Err(err) if attempt == ATTEMPTS => {
+                                    tracing::error!(reactor = name, position = at, %err, "giving up on an event");
+                                }
+                                Err(err) => {
+                                    tracing::warn!(reactor = name, position = at, %err, "retrying an event");
+                                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt)))
+                                        .await;
+                                }
                             }
                         }
-                    }
-                    // An event the handler had no use for leaves no span.
-                    crate::telemetry::discard_unused(&span, used);
+                    })
+                    .await;
                     pos = pos.max(at);
                 }
                 Some(Ok(Delivery::CaughtUp)) => live = true,

@@ -96,7 +96,7 @@ where
         }
         let span = telemetry::span_from_headers(
             req.headers(),
-            || tracing::info_span!("grpc", otel.kind = "server", path = %path),
+            || tracing::info_span!("grpc", path = %path),
         );
         let fut = self.inner.call(req);
         Box::pin(fut.instrument(span))

@@ -270,10 +270,19 @@ fn log_filter(spec: Option<&str>) -> (Option<LevelFilter>, Option<EnvFilter>) {
     }
 }
 
-/// The current span's W3C `traceparent`, or empty when there is none (or no tracing layer). Every event and
-/// every call between services takes one.
+/// The current span's W3C `traceparent` (or, outside any span, that of the reactor handling an event; see
+/// [`handling`]), or empty when there is none. Every event and every call between services takes one.
 pub fn current_traceparent() -> String {
-    spans::current().map_or_else(String::new, |cx| cx.traceparent())
+    spans::current()
+        .or_else(|| {
+            HANDLING
+                .try_with(|h| {
+                    h.referenced.set(true);
+                    h.cx
+                })
+                .ok()
+        })
+        .map_or_else(String::new, |cx| cx.traceparent())
 }
 
 /// The span `make` returns, as a child of the W3C `traceparent` value (a call's, a session's, an event's)
@@ -291,11 +300,6 @@ pub fn span_from_headers(
     spans::with_remote_parent(tp.and_then(TraceContext::parse), make)
 }
 
-/// Whether a `traceparent` says its trace is sampled (`…-01`).
-fn sampled(traceparent: &str) -> bool {
-    TraceContext::parse(traceparent).is_some_and(|cx| cx.sampled)
-}
-
 thread_local! {
     /// Set when an event is decoded on this thread: a consumer of the log that decoded the event it was
     /// handed used it.
@@ -307,27 +311,20 @@ pub(crate) fn note_decoded() {
     DECODED.with(|d| d.set(true));
 }
 
-/// A span for a reactor (`consumer`) handling `event`, parented to the trace the event was appended in;
-/// `None` unless this process exports spans and that trace is sampled, so that following the log costs
-/// nothing more otherwise. Run the handler through [`noting_use`] and pass the answer to
-/// [`discard_unused`]: a handler that neither decoded the event nor passed the span on leaves no span.
-pub fn event_span(consumer: &'static str, event: &StoredEvent) -> Option<tracing::Span> {
-    if !EXPORTING.load(Ordering::Relaxed) || !sampled(&event.metadata.traceparent) {
-        return None;
-    }
-    Some(span_in(&event.metadata.traceparent, || {
-        tracing::info_span!(
-            parent: None,
-            "apply",
-            consumer,
-            event = %event.event_type,
-            position = event.position
-        )
-    }))
+tokio::task_local! {
+    /// The span a reactor's handling of an event stands for, while the handler runs: what it appends and
+    /// calls continues the trace through it.
+    static HANDLING: Handling;
+}
+
+struct Handling {
+    cx: TraceContext,
+    /// Whether the context was handed on (an append, a call): the span is then recorded, as their parent.
+    referenced: Cell<bool>,
 }
 
 /// Runs `fut`, and says whether it decoded an event along the way.
-pub async fn noting_use<F: Future>(fut: F) -> (F::Output, bool) {
+async fn noting_use<F: Future>(fut: F) -> (F::Output, bool) {
     let mut fut = std::pin::pin!(fut);
     let mut used = false;
     let out = std::future::poll_fn(|cx| {
@@ -340,18 +337,73 @@ pub async fn noting_use<F: Future>(fut: F) -> (F::Output, bool) {
     (out, used)
 }
 
-/// Drops the recording of `span` unless it was `used` or its context was passed on (a child names it).
-pub fn discard_unused(span: &tracing::Span, used: bool) {
-    if used {
-        return;
+/// Runs a reactor's (`consumer`) handling of `event` as an `apply` span of the trace the event was appended
+/// in, when this process exports spans and that trace is sampled: what the handler appends and calls is its
+/// child. The span is recorded only when the handler decoded the event or handed the span on; no `tracing`
+/// span is made, so an event the reactor skips costs nothing more.
+pub async fn handling<F: Future>(consumer: &'static str, event: &StoredEvent, fut: F) -> F::Output {
+    let recorder = RECORDER.get().filter(|_| EXPORTING.load(Ordering::Relaxed));
+    handling_for(recorder, consumer, event, fut).await
+}
+
+async fn handling_for<F: Future>(
+    recorder: Option<&(Sampler, std::sync::Arc<Queue>)>,
+    consumer: &'static str,
+    event: &StoredEvent,
+    fut: F,
+) -> F::Output {
+    let Some(((sampler, queue), parent)) =
+        recorder.zip(TraceContext::parse(&event.metadata.traceparent))
+    else {
+        return fut.await;
+    };
+    if !sampler.decide(Some(parent.sampled), parent.trace_id) {
+        return fut.await;
     }
-    span.with_subscriber(|(id, dispatch)| {
-        spans::with_state(dispatch, id, |s| {
-            if !s.referenced.load(Ordering::Relaxed) {
-                s.recording = None;
-            }
+    let cx = TraceContext {
+        trace_id: parent.trace_id,
+        span_id: spans::new_span_id(),
+        sampled: true,
+    };
+    let start = spans::now_ns();
+    let handling = Handling {
+        cx,
+        referenced: Cell::new(false),
+    };
+    let (out, used, referenced) = HANDLING
+        .scope(handling, async {
+            let (out, used) = noting_use(fut).await;
+            (out, used, HANDLING.with(|h| h.referenced.get()))
         })
-    });
+        .await;
+    if used || referenced {
+        queue.push(applied(consumer, event, parent, cx, start));
+    }
+    out
+}
+
+/// The `apply` span of `consumer` for `event`.
+fn applied(
+    consumer: &'static str,
+    event: &StoredEvent,
+    parent: TraceContext,
+    cx: TraceContext,
+    start: u64,
+) -> Finished {
+    let mut recording = Recording::new("apply", start);
+    recording.set("consumer", Value::Str(consumer.to_string()));
+    recording.set("event", Value::Str(event.event_type.clone()));
+    recording.set(
+        "position",
+        Value::Int(i64::try_from(event.position).unwrap_or(i64::MAX)),
+    );
+    Finished {
+        cx,
+        parent: parent.span_id,
+        remote_parent: true,
+        end: spans::now_ns(),
+        recording: Box::new(recording),
+    }
 }
 
 /// A read model (`consumer`) applying one event: recorded as an `apply` span of the event's trace, without
@@ -389,24 +441,12 @@ impl Applying {
         let Some((_, queue)) = RECORDER.get().filter(|_| used) else {
             return;
         };
-        let mut recording = Recording::new("apply", self.start);
-        recording.set("consumer", Value::Str(self.consumer.to_string()));
-        recording.set("event", Value::Str(event.event_type.clone()));
-        recording.set(
-            "position",
-            Value::Int(i64::try_from(event.position).unwrap_or(i64::MAX)),
-        );
-        queue.push(Finished {
-            cx: TraceContext {
-                trace_id: self.parent.trace_id,
-                span_id: spans::new_span_id(),
-                sampled: true,
-            },
-            parent: self.parent.span_id,
-            remote_parent: true,
-            end: spans::now_ns(),
-            recording: Box::new(recording),
-        });
+        let cx = TraceContext {
+            trace_id: self.parent.trace_id,
+            span_id: spans::new_span_id(),
+            sampled: true,
+        };
+        queue.push(applied(self.consumer, event, self.parent, cx, self.start));
     }
 }
 
@@ -420,8 +460,8 @@ mod tests {
     use super::export::{Config, Queue, to_otlp};
     use super::spans::{Finished, Root, Value};
     use super::{
-        Export, Sampler, TraceContext, TraceLayer, current_traceparent, discard_unused, log_layer,
-        sampled, span_from_headers, span_in,
+        Export, Sampler, TraceContext, TraceLayer, current_traceparent, log_layer,
+        span_from_headers, span_in,
     };
 
     const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -639,9 +679,6 @@ mod tests {
                 .is_some(),
             "a later version's extra fields are skipped"
         );
-        assert!(sampled(INCOMING));
-        assert!(!sampled(&unsampled));
-        assert!(!sampled(""));
     }
 
     #[test]
@@ -793,44 +830,54 @@ mod tests {
     }
 
     #[test]
-    fn a_span_with_no_use_is_dropped_unless_it_was_passed_on() {
-        let spans = recorded(ALWAYS_ON, || {
-            let unused = span_in(INCOMING, || {
-                tracing::info_span!("apply", consumer = "unused")
-            });
-            discard_unused(&unused, false);
-            let used = span_in(INCOMING, || tracing::info_span!("apply", consumer = "used"));
-            discard_unused(&used, true);
-            let passed_on = span_in(INCOMING, || {
-                tracing::info_span!("apply", consumer = "passed")
-            });
-            passed_on.in_scope(|| assert!(!current_traceparent().is_empty()));
-            discard_unused(&passed_on, false);
-        });
-        let mut consumers: Vec<String> = spans
-            .iter()
-            .map(|s| format!("{:?}", s.recording.attributes[0].1))
-            .collect();
-        consumers.sort();
-        assert_eq!(consumers, ["Str(\"passed\")", "Str(\"used\")"]);
-    }
-
-    #[test]
-    fn a_handler_that_decodes_is_noted_as_using_the_event() {
-        use nsml_proto::v1::SessionExited;
-        let ev = crate::event::stored("session-t", 1, &SessionExited::default());
+    fn a_reactor_records_a_span_only_for_an_event_it_uses_or_passes_on() {
+        use nsml_eventstore::StoredEvent;
+        use nsml_proto::v1::{SessionExited, SessionFailed};
+        let queue = Arc::new(Queue::new(100, 100));
+        let recorder = (ALWAYS_ON, queue.clone());
+        let mut ev = crate::event::stored("session-t", 1, &SessionExited::default());
+        ev.metadata.traceparent = INCOMING.to_string();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("a runtime");
-        let (_, used) = rt.block_on(super::noting_use(async {
-            tokio::task::yield_now().await;
-            crate::event::decode::<SessionExited>(&ev)
+        let handle = |consumer, f: fn(&StoredEvent) -> String| {
+            rt.block_on(super::handling_for(Some(&recorder), consumer, &ev, async {
+                tokio::task::yield_now().await;
+                f(&ev)
+            }))
+        };
+        handle("skips", |ev| {
+            assert!(crate::event::decode::<SessionFailed>(ev).is_none());
+            String::new()
+        });
+        handle("decodes", |ev| {
+            assert!(crate::event::decode::<SessionExited>(ev).is_some());
+            String::new()
+        });
+        let passed = handle("appends", |_| current_traceparent());
+        let spans = queue.take();
+        let consumers: Vec<String> = spans
+            .iter()
+            .map(|s| format!("{:?}", s.recording.attributes[0].1))
+            .collect();
+        assert_eq!(consumers, ["Str(\"decodes\")", "Str(\"appends\")"]);
+        for s in &spans {
+            assert_eq!(s.cx.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+            assert_eq!(
+                s.parent, 0x00f067aa0ba902b7,
+                "the event's span is the parent"
+            );
+        }
+        assert_eq!(
+            passed,
+            spans[1].cx.traceparent(),
+            "what the handler appends names its span as parent"
+        );
+        // Without a recorder (export off) the handler runs and nothing is made.
+        let out = rt.block_on(super::handling_for(None, "off", &ev, async {
+            current_traceparent()
         }));
-        assert!(used, "decoded after a yield");
-        let (_, used) = rt.block_on(super::noting_use(async {
-            crate::event::decode::<nsml_proto::v1::SessionFailed>(&ev)
-        }));
-        assert!(!used, "another type is not decoded");
+        assert_eq!(out, "");
     }
 
     #[test]

@@ -248,7 +248,7 @@ async fn entry(
     // A span per call, in the client's trace when it sent one; the services' spans are its children.
     let span = nsml_common::telemetry::span_from_headers(
         req.headers(),
-        || tracing::info_span!("gateway", otel.kind = "server", path = %req.uri().path()),
+        || tracing::info_span!("gateway", path = %req.uri().path()),
     );
     let call = calls::Call::start(req.uri().path());
     call.answered(proxy(state, peer, req).instrument(span).await)

@@ -9,7 +9,6 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::Rng as _;
@@ -38,27 +37,21 @@ impl TraceContext {
     /// Reads a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`); `None` for anything malformed, an
     /// all-zero id, or version `ff`.
     pub fn parse(traceparent: &str) -> Option<Self> {
-        let tp = traceparent.trim();
-        let version = tp.get(..2)?;
+        // Read on every event every consumer of the log handles: bytes, no allocation, no second pass.
+        let tp = traceparent.trim().as_bytes();
+        let version = u8::try_from(hex(tp.get(..2)?)?).ok()?;
         // Version 00 is exactly 55 characters; a later version may append fields after a dash.
         let fits = match version {
-            "00" => tp.len() == 55,
-            "ff" => false,
-            _ => tp.len() == 55 || tp.as_bytes().get(55) == Some(&b'-'),
+            0 => tp.len() == 55,
+            0xff => false,
+            _ => tp.len() == 55 || tp.get(55) == Some(&b'-'),
         };
-        if !fits || !version.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !fits || tp[2] != b'-' || tp[35] != b'-' || tp[52] != b'-' {
             return None;
         }
-        let bytes = tp.as_bytes();
-        if bytes[2] != b'-' || bytes[35] != b'-' || bytes[52] != b'-' {
-            return None;
-        }
-        fn hex(s: &str) -> Option<&str> {
-            s.bytes().all(|b| b.is_ascii_hexdigit()).then_some(s)
-        }
-        let trace_id = u128::from_str_radix(hex(&tp[3..35])?, 16).ok()?;
-        let span_id = u64::from_str_radix(hex(&tp[36..52])?, 16).ok()?;
-        let flags = u8::from_str_radix(hex(&tp[53..55])?, 16).ok()?;
+        let trace_id = (hex(&tp[3..19])? << 64) | hex(&tp[19..35])?;
+        let span_id = u64::try_from(hex(&tp[36..52])?).ok()?;
+        let flags = hex(&tp[53..55])?;
         (trace_id != 0 && span_id != 0).then_some(Self {
             trace_id,
             span_id,
@@ -75,6 +68,19 @@ impl TraceContext {
             u8::from(self.sampled)
         )
     }
+}
+
+/// The value of at most 16 hex digits.
+fn hex(digits: &[u8]) -> Option<u128> {
+    digits.iter().try_fold(0u128, |acc, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            b'A'..=b'F' => d - b'A' + 10,
+            _ => return None,
+        };
+        Some((acc << 4) | u128::from(v))
+    })
 }
 
 /// A new trace id: random and never zero.
@@ -261,9 +267,6 @@ pub(super) struct SpanState {
     pub(super) cx: TraceContext,
     parent: u64,
     remote_parent: bool,
-    /// Whether the span's context was handed on (to a call, an event): a span others name as parent is
-    /// exported even when the work it stands for turns out not to matter (see [`super::discard_unused`]).
-    pub(super) referenced: AtomicBool,
     pub(super) recording: Option<Box<Recording>>,
 }
 
@@ -348,7 +351,6 @@ where
             },
             parent: parent.map_or(0, |p| p.span_id),
             remote_parent,
-            referenced: AtomicBool::new(false),
             recording,
         });
     }
@@ -485,19 +487,7 @@ fn int_or_text(value: u64) -> Value {
     i64::try_from(value).map_or_else(|_| Value::Str(value.to_string()), Value::Int)
 }
 
-/// Reads the state of the span `id` through `dispatch`, when the tracing layer is installed there.
-pub(super) fn with_state<R>(
-    dispatch: &tracing::Dispatch,
-    id: &Id,
-    f: impl FnOnce(&mut SpanState) -> R,
-) -> Option<R> {
-    let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
-    let span = registry.span(id)?;
-    let mut ext = span.extensions_mut();
-    ext.get_mut::<SpanState>().map(f)
-}
-
-/// The context of the span the thread is in, marking it as handed on.
+/// The context of the span the thread is in.
 pub(super) fn current() -> Option<TraceContext> {
     tracing::dispatcher::get_default(|dispatch| {
         let current = dispatch.current_span();
@@ -505,8 +495,6 @@ pub(super) fn current() -> Option<TraceContext> {
         let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
         let span = registry.span(id)?;
         let ext = span.extensions();
-        let state = ext.get::<SpanState>()?;
-        state.referenced.store(true, Ordering::Relaxed);
-        Some(state.cx)
+        ext.get::<SpanState>().map(|s| s.cx)
     })
 }
