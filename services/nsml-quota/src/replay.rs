@@ -3,7 +3,9 @@
 //! before the decision. Pure: the caller feeds the events (from the store, or generated for a bench).
 
 use nsml_eventstore::StoredEvent;
-use nsml_proto::v1::{AdmitRequest, Decision};
+use nsml_proto::v1::{AdmissionDenied, AdmitRequest, Decision, EventPayload};
+use prost::Message;
+use prost::encoding::{DecodeContext, decode_key, message, skip_field};
 
 use crate::domain::{Ledger, LedgerEvent, decide};
 
@@ -62,6 +64,8 @@ pub struct LedgerReplay {
     team: String,
     ledger: Ledger,
     stopped: bool,
+    /// The refusal decoded last, whose strings the next refusal is decoded into.
+    denied: AdmissionDenied,
 }
 
 impl LedgerReplay {
@@ -86,32 +90,95 @@ impl LedgerReplay {
             return;
         }
         report.events += 1;
+        if ev.event_type == AdmissionDenied::TYPE {
+            self.step_denial(ev, scope, report);
+            return;
+        }
         let Some(event) = LedgerEvent::decode(ev) else {
             return;
         };
-        if let Some((req, recorded)) = event.decision()
-            && scope.covers(&req.competition)
-        {
-            report.decisions += 1;
-            let (replayed, differences) = rederive(&self.ledger, req, recorded, ev.version);
-            if differences.is_empty() {
-                report.matched += 1;
-            } else {
-                let mut replayed = replayed;
-                replayed.id = recorded.id.clone();
-                report.mismatches.push(Mismatch {
-                    team: self.team.clone(),
-                    position: ev.position,
-                    version: ev.version,
-                    request: req.clone(),
-                    recorded: recorded.clone(),
-                    replayed,
-                    differences,
-                });
-            }
+        if let Some((req, recorded)) = event.decision() {
+            check(&self.ledger, &self.team, req, recorded, ev, scope, report);
         }
         self.ledger.apply_event(event, ev.version);
     }
+
+    /// Takes a refusal, as [`LedgerEvent::decode`] and [`Ledger::apply_event`] would. Refusals are most of a
+    /// busy ledger and the ledger keeps only their command id, so each is decoded into the strings of the one
+    /// before instead of into new ones (the in-memory replay bench ran 5-10 % faster).
+    fn step_denial(&mut self, ev: &StoredEvent, scope: &Scope, report: &mut Report) {
+        if let Err(err) = decode_reusing(&mut self.denied, &ev.payload) {
+            tracing::error!(position = ev.position, event_type = %ev.event_type, %err, "undecodable event payload");
+            return;
+        }
+        if let AdmissionDenied {
+            request: Some(req),
+            decision: Some(recorded),
+        } = &self.denied
+        {
+            check(&self.ledger, &self.team, req, recorded, ev, scope, report);
+            self.ledger
+                .apply_denial(req.command_id.clone(), recorded.decided_at_ms, ev.version);
+        }
+    }
+}
+
+/// Re-derives the decision `ev` records when it is in scope, and counts it as matched or as a mismatch.
+fn check(
+    ledger: &Ledger,
+    team: &str,
+    req: &AdmitRequest,
+    recorded: &Decision,
+    ev: &StoredEvent,
+    scope: &Scope,
+    report: &mut Report,
+) {
+    if !scope.covers(&req.competition) {
+        return;
+    }
+    report.decisions += 1;
+    let (mut replayed, differences) = rederive(ledger, req, recorded, ev.version);
+    if differences.is_empty() {
+        report.matched += 1;
+    } else {
+        replayed.id = recorded.id.clone();
+        report.mismatches.push(Mismatch {
+            team: team.to_string(),
+            position: ev.position,
+            version: ev.version,
+            request: req.clone(),
+            recorded: recorded.clone(),
+            replayed,
+            differences,
+        });
+    }
+}
+
+/// Decodes an `AdmissionDenied` payload into `into` as `AdmissionDenied::decode` would (a field the payload
+/// leaves out is `None`), but into the strings `into` already holds, which keep their capacity.
+fn decode_reusing(into: &mut AdmissionDenied, mut buf: &[u8]) -> Result<(), prost::DecodeError> {
+    let mut request = into.request.take().unwrap_or_default();
+    let mut decision = into.decision.take().unwrap_or_default();
+    request.clear();
+    decision.clear();
+    let (mut has_request, mut has_decision) = (false, false);
+    while !buf.is_empty() {
+        let (tag, wire_type) = decode_key(&mut buf)?;
+        match tag {
+            1 => {
+                has_request = true;
+                message::merge(wire_type, &mut request, &mut buf, DecodeContext::default())?;
+            }
+            2 => {
+                has_decision = true;
+                message::merge(wire_type, &mut decision, &mut buf, DecodeContext::default())?;
+            }
+            _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default())?,
+        }
+    }
+    into.request = has_request.then_some(request);
+    into.decision = has_decision.then_some(decision);
+    Ok(())
 }
 
 /// Replays one ledger's events (in version order) into `report`.
@@ -479,6 +546,37 @@ mod tests {
             "{:?}",
             first.differences
         );
+    }
+
+    #[test]
+    fn a_refusal_decoded_into_the_one_before_is_the_refusal_decoded_afresh() {
+        let events = synthetic::ledger("demo", 3_000, 9);
+        let mut payloads: Vec<Vec<u8>> = events
+            .iter()
+            .filter(|e| e.event_type == AdmissionDenied::TYPE)
+            .map(|e| e.payload.clone())
+            .collect();
+        assert!(payloads.len() > 100, "{}", payloads.len());
+        // Payloads that leave out the request, the decision, or both, and one with a field of a later schema.
+        let full = AdmissionDenied::decode(payloads[0].as_slice()).unwrap();
+        for (request, decision) in [(true, false), (false, true), (false, false)] {
+            let e = AdmissionDenied {
+                request: full.request.clone().filter(|_| request),
+                decision: full.decision.clone().filter(|_| decision),
+            };
+            payloads.insert(payloads.len() / 2, e.encode_to_vec());
+        }
+        let mut unknown = payloads[1].clone();
+        unknown.extend_from_slice(&[0x18, 0x2a]);
+        payloads.push(unknown);
+        let mut into = AdmissionDenied::default();
+        for p in &payloads {
+            decode_reusing(&mut into, p).unwrap();
+            assert_eq!(into, AdmissionDenied::decode(p.as_slice()).unwrap());
+        }
+        let truncated = &payloads[0][..payloads[0].len() - 1];
+        assert!(decode_reusing(&mut into, truncated).is_err());
+        assert!(AdmissionDenied::decode(truncated).is_err());
     }
 
     #[test]

@@ -613,8 +613,7 @@ impl Ledger {
             }
             LedgerEvent::Denied(e) => {
                 if let (Some(req), Some(d)) = (e.request, e.decision) {
-                    self.advance(d.decided_at_ms);
-                    self.decisions.insert(req.command_id, version);
+                    self.apply_denial(req.command_id, d.decided_at_ms, version);
                 }
             }
             LedgerEvent::Released(e) => {
@@ -638,6 +637,13 @@ impl Ledger {
                 }
             }
         }
+    }
+
+    /// A refusal of command `command_id`, decided at `decided_at_ms` and recorded at `version`: the ledger
+    /// keeps only that the command was decided.
+    pub fn apply_denial(&mut self, command_id: String, decided_at_ms: i64, version: u64) {
+        self.advance(decided_at_ms);
+        self.decisions.insert(command_id, version);
     }
 
     /// A grant: the session holds its resources; a real submit is in flight and uses the extra submit its
