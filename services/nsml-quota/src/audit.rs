@@ -81,7 +81,10 @@ where
             return Ok(events);
         };
         let (read, ()) = futures::join!(next, step_page);
-        page = read?;
+        let stepped = std::mem::replace(&mut page, read?);
+        // Freeing a page's events costs about a sixth of stepping through them: a blocking thread frees them
+        // while the next page is stepped through.
+        tokio::task::spawn_blocking(move || drop(stepped));
     }
 }
 
