@@ -93,6 +93,7 @@ macro_rules! conformance_suite {
             append_and_read_stream,
             read_all_in_position_order,
             read_all_stream_pages_through_the_log,
+            read_all_with_prefix_reads_only_the_streams_named,
             stream_version_and_head_position,
             expected_version_rules,
             conflict_message_names_stream_and_versions,
@@ -380,6 +381,79 @@ pub async fn read_all_in_position_order<S: Tamper>(store: Arc<S>) {
         assert_eq!(e.version, (i / 3) as u64 + 1);
         assert_eq!(e.payload, format!("payload-{i}").into_bytes());
     }
+}
+
+/// `read_all_with_prefix` reads what `read_all` reads of the streams whose names start with the prefix, in
+/// pages as `read_all` does; so does the trait's default.
+pub async fn read_all_with_prefix_reads_only_the_streams_named<S: Tamper>(store: Arc<S>) {
+    let streams = [
+        "quota-a",
+        "sessions-a",
+        "quota-b",
+        "quota",
+        "quota-a",
+        "xquota-a",
+        "quota-é",
+        "quota-a",
+    ];
+    for (i, stream) in streams.into_iter().enumerate() {
+        store
+            .append(
+                stream,
+                ExpectedVersion::Any,
+                new_events(&format!("e{i}"), 2),
+            )
+            .await
+            .expect("append");
+    }
+    let all = store.read_all(0, 100).await.expect("read");
+    assert_eq!(all.len(), 16);
+    let by_default = |prefix: &'static str, after, limit| {
+        let store = store.clone();
+        async move { crate::read_all_filtered(&*store, prefix, after, limit).await }
+    };
+    for prefix in ["quota-", "quota", "", "sessions-a", "quota-é", "nothing"] {
+        let expected: Vec<StoredEvent> = all
+            .iter()
+            .filter(|e| e.stream.starts_with(prefix))
+            .cloned()
+            .collect();
+        let read = store
+            .read_all_with_prefix(prefix, 0, 100)
+            .await
+            .expect("read");
+        assert_eq!(read, expected, "prefix `{prefix}`");
+        assert_eq!(by_default(prefix, 0, 100).await.expect("read"), expected);
+        for limit in [1, 3] {
+            let (mut paged, mut by_default_paged) = (Vec::new(), Vec::new());
+            for (pages, backend) in [(&mut paged, true), (&mut by_default_paged, false)] {
+                loop {
+                    let after = pages.last().map_or(0, |e: &StoredEvent| e.position);
+                    let page = if backend {
+                        store.read_all_with_prefix(prefix, after, limit).await
+                    } else {
+                        by_default(prefix, after, limit).await
+                    }
+                    .expect("read");
+                    assert!(page.len() <= limit);
+                    let last = page.len() < limit;
+                    pages.extend(page);
+                    if last {
+                        break;
+                    }
+                }
+            }
+            assert_eq!(paged, expected, "prefix `{prefix}`, pages of {limit}");
+            assert_eq!(by_default_paged, expected);
+        }
+    }
+    assert!(
+        store
+            .read_all_with_prefix("quota-", 0, 0)
+            .await
+            .expect("read")
+            .is_empty()
+    );
 }
 
 /// `read_all_stream` goes across page boundaries and stops at the head.

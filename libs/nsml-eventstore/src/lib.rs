@@ -257,6 +257,20 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// Reads up to `limit` events with position > `after_position` of the streams whose names start with
+    /// `prefix`, in position order: what [`EventStore::read_all`] reads, without the other streams' events.
+    /// The default pages through `read_all` and keeps the matching events; the backends leave the others
+    /// unread, so a reader of one kind of stream (the quota audit reads the team ledgers) does not pay for
+    /// the rest of the log.
+    async fn read_all_with_prefix(
+        &self,
+        prefix: &str,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        read_all_filtered(self, prefix, after_position, limit).await
+    }
+
     /// The current stream version (0 when the stream has no events).
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError>;
 
@@ -281,6 +295,37 @@ pub trait EventStore: Send + Sync + 'static {
 
 /// How many events [`read_all_stream`] reads per page.
 pub const READ_PAGE: usize = 1000;
+
+/// [`EventStore::read_all_with_prefix`] through [`EventStore::read_all`]: pages of `limit` events, keeping those
+/// of the streams named.
+pub(crate) async fn read_all_filtered<S: EventStore + ?Sized>(
+    store: &S,
+    prefix: &str,
+    after_position: u64,
+    limit: usize,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let mut events = Vec::new();
+    let mut after = after_position;
+    while events.len() < limit {
+        let page = store.read_all(after, limit).await?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        after = last.position;
+        let full = page.len() == limit;
+        let room = limit - events.len();
+        // The caller reads on after the last event returned, so events of a page beyond `room` are read again.
+        events.extend(
+            page.into_iter()
+                .filter(|e| e.stream.starts_with(prefix))
+                .take(room),
+        );
+        if !full {
+            break;
+        }
+    }
+    Ok(events)
+}
 
 /// Streams the whole log from `after_position` in pages, ending at the head as of each page read.
 ///

@@ -464,6 +464,24 @@ impl EventStore for PostgresStore {
         into_events(rows)
     }
 
+    async fn read_all_with_prefix(
+        &self,
+        prefix: &str,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, stream, version, event_type, payload, metadata, hash \
+             FROM events WHERE position > $1 AND starts_with(stream, $2) ORDER BY position LIMIT $3",
+        )
+        .bind(to_i64(after_position))
+        .bind(prefix)
+        .bind(to_i64(limit as u64))
+        .fetch_all(&self.pool)
+        .await?;
+        into_events(rows)
+    }
+
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         Ok(version_of(&self.pool, stream).await?)
     }

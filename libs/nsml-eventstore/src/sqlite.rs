@@ -1098,6 +1098,35 @@ impl EventStore for SqliteStore {
         .await
     }
 
+    async fn read_all_with_prefix(
+        &self,
+        prefix: &str,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        // `substr` counts characters of text, as `chars` does; the other streams' rows are skipped after reading
+        // their stream name alone.
+        let length = prefix.chars().count() as u64;
+        let prefix = prefix.to_owned();
+        self.read(move |connection| {
+            query_events(
+                connection,
+                select_events!(
+                    "FROM events WHERE position > ?1 AND substr(stream, 1, ?2) = ?3 \
+                     ORDER BY position LIMIT ?4"
+                ),
+                params![
+                    to_i64(after_position),
+                    to_i64(length),
+                    prefix,
+                    to_i64(limit as u64)
+                ],
+                limit.min(crate::READ_PAGE * 10),
+            )
+        })
+        .await
+    }
+
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         let stream = stream.to_owned();
         self.read(move |connection| to_u64(stream_version_of(connection, &stream)?, "version"))
