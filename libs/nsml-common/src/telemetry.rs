@@ -881,6 +881,31 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_spans_and_counts_them() {
+        let queue = Queue::new(3, 2);
+        let span = |n: u64| Finished {
+            cx: TraceContext {
+                trace_id: 1,
+                span_id: n,
+                sampled: true,
+            },
+            parent: 0,
+            remote_parent: false,
+            end: n,
+            recording: Box::new(super::spans::Recording::new("s", 0)),
+        };
+        for n in 1..=5 {
+            queue.push(span(n));
+        }
+        assert_eq!(queue.dropped(), 2);
+        let first: Vec<u64> = queue.take().iter().map(|s| s.cx.span_id).collect();
+        assert_eq!(first, [1, 2], "a batch at a time, oldest first");
+        let rest: Vec<u64> = queue.take().iter().map(|s| s.cx.span_id).collect();
+        assert_eq!(rest, [3]);
+        assert!(queue.take().is_empty());
+    }
+
+    #[test]
     fn json_lines_carry_the_trace_and_span_ids_of_the_current_span() {
         let out = Captured::default();
         let subscriber = tracing_subscriber::registry()

@@ -192,7 +192,8 @@ impl Config {
                 })
                 .transpose()?
                 .unwrap_or(Duration::from_secs(10)),
-            delay: millis("OTEL_BSP_SCHEDULE_DELAY", 5000)?,
+            // Zero would be a busy loop: a millisecond is as soon as a batch can sensibly go.
+            delay: millis("OTEL_BSP_SCHEDULE_DELAY", 5000)?.max(Duration::from_millis(1)),
             queue,
             batch: count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?.min(queue),
             resource,
