@@ -4,7 +4,9 @@
 //! the team's stream alone). Prints each run and the median, with events per CPU-second of the process (every
 //! thread), which a busy machine changes less than the wall-clock rate.
 //!
-//! `cargo bench -p nsml-quota --bench replay` (add `-- --memory-only` to skip the store).
+//! `cargo bench -p nsml-quota --bench replay` (add `-- --memory-only` to skip the store). With
+//! `NSML_BENCH_LOG=PATH` it replays a copy of a platform's SQLite log instead (`nsml.db` of a stopped
+//! `nsmld up`), as `nsml admin audit replay` does.
 
 use std::time::Instant;
 
@@ -13,6 +15,9 @@ use nsml_quota::replay::{Report, Scope, replay_ledger};
 use nsml_quota::{audit, synthetic};
 
 const RUNS: usize = 5;
+
+/// Replays of a given log (`NSML_BENCH_LOG`): short, so more of them.
+const LOG_RUNS: usize = 21;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -56,7 +61,55 @@ fn check(report: &Report, n: usize) {
     );
 }
 
+/// Replays every ledger of a copy of the SQLite log at `path` (a platform's `nsml.db`) as `audit replay`
+/// does, `LOG_RUNS` times, and prints the median rate in ledger events per second, the figure `nsml admin audit
+/// replay` prints, without the RPC around it.
+fn replay_log(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let copy = dir.path().join("nsml.db");
+    std::fs::copy(path, &copy)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let store = SqliteStore::open(&copy).await?;
+        let logged = store.head_position().await?;
+        let (mut rates, mut cpu_rates) = (Vec::new(), Vec::new());
+        for run in 1..=LOG_RUNS {
+            let cpu = process_cpu_secs();
+            let started = Instant::now();
+            let report = audit::replay(&store as &dyn EventStore, &Scope::default(), None).await?;
+            let secs = started.elapsed().as_secs_f64();
+            let per_cpu = per_process_cpu(report.events as usize, cpu);
+            let rate = report.events as f64 / secs;
+            println!(
+                "{}, run {run}: {} ledger events of {logged} in the log, {} ledgers, {} mismatches, in {:.1} ms = {rate:.0} events/s{}",
+                path.display(),
+                report.events,
+                report.ledgers,
+                report.mismatches.len(),
+                secs * 1e3,
+                per_cpu.map_or(String::new(), |r| format!(" ({r:.0} per CPU-second)"))
+            );
+            rates.push(rate);
+            cpu_rates.extend(per_cpu);
+        }
+        println!(
+            "replay of {}: median {:.0} events/s over {LOG_RUNS} runs{}",
+            path.display(),
+            median(rates),
+            if cpu_rates.is_empty() {
+                String::new()
+            } else {
+                format!(", {:.0} per CPU-second", median(cpu_rates))
+            }
+        );
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(path) = std::env::var_os("NSML_BENCH_LOG") {
+        return replay_log(path.as_ref());
+    }
     let n: usize = std::env::var("NSML_BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
