@@ -304,7 +304,7 @@ pub(crate) async fn read_all_filtered<S: EventStore + ?Sized>(
     after_position: u64,
     limit: usize,
 ) -> Result<Vec<StoredEvent>, StoreError> {
-    let mut events = Vec::new();
+    let mut events = Vec::with_capacity(limit.min(READ_PAGE * 10));
     let mut after = after_position;
     while events.len() < limit {
         let page = store.read_all(after, limit).await?;
