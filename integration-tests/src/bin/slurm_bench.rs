@@ -6,7 +6,11 @@
 //! - dispatch rate: sessions handed to the Slurm executor and submitted (`sbatch --hold`, so none runs), from 16
 //!   at a time, against raw `sbatch --hold` from 16 at a time.
 //!
-//! Usage: `cargo build --release --workspace --bins && target/release/slurm-bench [--runs N] [--dispatch N]`.
+//! - the CLI against the command line: `nsml run` of an unchanged directory on `nsmld up` as a whole process,
+//!   against `sbatch --hold` as a whole process, alternated (p50, p90, and the sequential rate).
+//!
+//! Usage: `cargo build --release --workspace --bins && target/release/slurm-bench [--runs N] [--dispatch N]
+//! [--cli N] [--cli-only]`.
 //! Needs `slurm-wlm` and `munge` (it starts its own cluster from `deploy/slurm/`), Postgres and NATS.
 
 use std::path::Path;
@@ -20,7 +24,7 @@ use nsml_common::executor::Executor as _;
 use nsml_integration_tests::figures::{now_ms, pct};
 use nsml_integration_tests::grpc::{Client, authed};
 use nsml_integration_tests::slurm::SlurmCluster;
-use nsml_integration_tests::{FreshDb, drop_stream};
+use nsml_integration_tests::{Deployment, FreshDb, drop_stream, scenario};
 use nsml_proto::v1::session_service_client::SessionServiceClient;
 use nsml_proto::v1::{LogsRequest, Resources, Session};
 
@@ -47,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let runs = get("--runs", 10);
     let dispatch_n = get("--dispatch", 200);
+    let cli_n = get("--cli", 20);
     let cluster = SlurmCluster::start()?;
     for (k, v) in cluster.env() {
         // SAFETY: set before any other thread of this process exists (a current-thread runtime, nothing
@@ -55,6 +60,31 @@ async fn main() -> anyhow::Result<()> {
         unsafe {
             std::env::set_var(k, v)
         };
+    }
+    let (cli_ours, cli_raw) = cli_pairs(&cluster, cli_n)?;
+    let cli_rows = || {
+        for (what, p) in [("p50", 0.5), ("p90", 0.9)] {
+            let (raw, ours) = (pct(cli_raw.clone(), p), pct(cli_ours.clone(), p));
+            println!(
+                "| `nsml run` (unchanged directory, `nsmld up`) against `sbatch --hold`, whole process, {what} | \
+                 {raw:.0} ms | {ours:.0} ms | {:.2}× |",
+                ours / raw
+            );
+        }
+        let rate = |v: &Vec<f64>| 1000.0 * v.len() as f64 / v.iter().sum::<f64>();
+        println!(
+            "| the same, one after another | {:.1}/s | {:.1}/s | {:.2}× |",
+            rate(&cli_raw),
+            rate(&cli_ours),
+            rate(&cli_ours) / rate(&cli_raw)
+        );
+    };
+    if args.iter().any(|a| a == "--cli-only") {
+        println!("slurm-bench (this machine, {cli_n} pairs)");
+        println!("| measure | raw sbatch | platform | platform / sbatch |");
+        println!("| --- | --- | --- | --- |");
+        cli_rows();
+        return Ok(());
     }
 
     let raw_start = raw_starts(&cluster, runs).await?;
@@ -78,7 +108,70 @@ async fn main() -> anyhow::Result<()> {
         "| dispatched (sbatch --hold), {CONCURRENCY} at a time | {raw_rate:.0}/s | {exec_rate:.0}/s | {:.2}× |",
         exec_rate / raw_rate
     );
+    cli_rows();
     Ok(())
+}
+
+/// `nsml run` of an unchanged directory as a whole process (the CLI's start, the snapshot's hash, `FindCode`,
+/// `Run`: admission and start) on `nsmld up`, against `sbatch --hold` as a whole process on the cluster, `n`
+/// pairs, alternating which goes first: the wall times (ms), ours then sbatch's. The first run, which uploads
+/// the directory, is not counted; every counted run must say it uploaded nothing. Each session is waited for
+/// (not timed) before the next pair, so that none waits for another's slot.
+fn cli_pairs(cluster: &SlurmCluster, n: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let dep = Deployment::embedded_env(&[], &[("NSML_RATE_LIMIT", "1000000")])?;
+    let alice = scenario::login(&dep, "alice", "alice-pass")?;
+    let work = tempfile::tempdir()?;
+    std::fs::write(work.path().join("main.py"), "print('ok')\n")?;
+    let args = [
+        &["run", "-d", "t1-cls", "-e", "main.py"][..],
+        &scenario::SMALL_RUN,
+    ]
+    .concat();
+    let run = |counted: bool| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let out = alice.nsml_in(work.path(), &args, "")?.ok()?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        anyhow::ensure!(
+            !counted || out.stdout.contains("nothing to upload"),
+            "an unchanged directory was uploaded again: {}",
+            out.all()
+        );
+        let session = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Session ")?.strip_suffix(" is started"))
+            .with_context(|| format!("no session started: {}", out.all()))?
+            .to_string();
+        scenario::wait_ended(&alice, &session)?;
+        Ok(ms)
+    };
+    let sbatch = || -> anyhow::Result<f64> {
+        let t = Instant::now();
+        cluster.command(
+            "sbatch",
+            &[
+                "--hold",
+                "--parsable",
+                "--partition=nsml",
+                "--output=/dev/null",
+                "--wrap=true",
+            ],
+        )?;
+        Ok(t.elapsed().as_secs_f64() * 1000.0)
+    };
+    run(false)?;
+    let (mut ours, mut raw) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        if i % 2 == 0 {
+            raw.push(sbatch()?);
+            ours.push(run(true)?);
+        } else {
+            ours.push(run(true)?);
+            raw.push(sbatch()?);
+        }
+    }
+    cluster.command("scancel", &["--partition=nsml"])?;
+    Ok((ours, raw))
 }
 
 /// Raw `sbatch` → the job's first statement (a timestamp written by the job), sequential runs.
