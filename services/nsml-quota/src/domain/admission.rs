@@ -63,6 +63,25 @@ fn with_reopened(mut d: Decision, reopened: Vec<(String, String)>) -> Decision {
     d
 }
 
+/// The sessions holding resources, as a refusal names them: `a, b (trial)`. Written straight into the reason,
+/// which replay re-derives for every refusal.
+struct SessionNames<'a>(&'a Ledger);
+
+impl std::fmt::Display for SessionNames<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, h)) in self.0.holdings.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(name)?;
+            if h.kind == SessionKind::TrialSubmit {
+                f.write_str(" (trial)")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The team-wide limits a request must fit under with what the team already holds: concurrent sessions,
 /// GPUs, CPUs and memory including shared memory. `None` when it fits.
 fn team_refusal(
@@ -89,17 +108,6 @@ fn team_refusal(
         "stop or remove a session (`nsml stop`, `nsml rm -f`) to free them"
     };
     if ledger.holdings.len() >= limits.sessions as usize {
-        let names: Vec<String> = ledger
-            .holdings
-            .iter()
-            .map(|(name, h)| {
-                if h.kind == SessionKind::TrialSubmit {
-                    format!("{name} (trial)")
-                } else {
-                    name.clone()
-                }
-            })
-            .collect();
         return Some(deny(
             Rule::TeamSessions,
             reason!(
@@ -107,7 +115,7 @@ fn team_refusal(
                 ledger.holdings.len(),
                 limits.sessions,
                 limits.note("sessions", policy.team_sessions.to_string()),
-                names.join(", ")
+                SessionNames(ledger)
             ),
             0,
             limits,
