@@ -86,6 +86,17 @@ impl EventStore for WakingStore {
         self.inner.read_all(after_position, limit).await
     }
 
+    async fn read_all_with_prefix(
+        &self,
+        prefix: &str,
+        after_position: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.inner
+            .read_all_with_prefix(prefix, after_position, limit)
+            .await
+    }
+
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         self.inner.stream_version(stream).await
     }
