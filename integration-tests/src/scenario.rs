@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
 
-use crate::{Deployment, User, eventually, repo_root};
+use crate::{Deployment, Output, User, eventually, repo_root};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -69,16 +69,16 @@ pub fn run(u: &User, dir: &Path, dataset: &str, extra: &[&str]) -> anyhow::Resul
 pub fn run_with(u: &User, dir: &Path, dataset: &str, args: &[&str]) -> anyhow::Result<String> {
     let mut args = [&["run", "-d", dataset, "-e", "main.py"][..], args].concat();
     args.retain(|a| !a.is_empty());
-    let out = u.nsml_in(dir, &args, "")?.ok()?;
-    let line = out
-        .stdout
+    started(&u.nsml_in(dir, &args, "")?.ok()?)
+}
+
+/// The session `nsml run` says it started (`Session NAME is started`).
+pub fn started(out: &Output) -> anyhow::Result<String> {
+    out.stdout
         .lines()
-        .find(|l| l.starts_with("Session ") && l.ends_with(" is started"))
-        .with_context(|| format!("no `Session … is started` line in {}", out.all()))?;
-    Ok(line
-        .trim_start_matches("Session ")
-        .trim_end_matches(" is started")
-        .to_string())
+        .find_map(|l| l.strip_prefix("Session ")?.strip_suffix(" is started"))
+        .map(str::to_string)
+        .with_context(|| format!("no `Session … is started` line in {}", out.all()))
 }
 
 /// Parses `Score: X` from a submit's output.

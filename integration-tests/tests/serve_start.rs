@@ -312,12 +312,7 @@ fn a_copied_binary_runs_a_session_with_the_sdk_it_carries() -> anyhow::Result<()
             "",
         )?
         .ok()?;
-    let session = out
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("Session ")?.strip_suffix(" is started"))
-        .with_context(|| format!("no `Session … is started` line in {}", out.all()))?
-        .to_string();
+    let session = nsml_integration_tests::scenario::started(&out)?;
     let ended = eventually(LONG, || {
         let ps = alice
             .nsml_in(&work, &["ps", "-a", "-j"], "")?

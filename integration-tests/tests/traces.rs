@@ -125,12 +125,7 @@ fn a_run_and_a_submit_each_arrive_as_one_trace() -> anyhow::Result<()> {
         ]
         .concat();
         let out = alice.nsml_env(work.path(), &args, "", &env)?.ok()?;
-        let session = out
-            .stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Session ")?.strip_suffix(" is started"))
-            .with_context(|| format!("no session started: {}", out.all()))?
-            .to_string();
+        let session = scenario::started(&out)?;
         let ended = scenario::wait_ended(&alice, &session)?;
         ensure!(ended["status"] == "exited", "the session ended as {ended}");
         let run = whole_trace(

@@ -136,13 +136,7 @@ fn cli_pairs(cluster: &SlurmCluster, n: usize) -> anyhow::Result<(Vec<f64>, Vec<
             "an unchanged directory was uploaded again: {}",
             out.all()
         );
-        let session = out
-            .stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Session ")?.strip_suffix(" is started"))
-            .with_context(|| format!("no session started: {}", out.all()))?
-            .to_string();
-        scenario::wait_ended(&alice, &session)?;
+        scenario::wait_ended(&alice, &scenario::started(&out)?)?;
         Ok(ms)
     };
     let sbatch = || -> anyhow::Result<f64> {

@@ -52,6 +52,15 @@ fn median(mut rates: Vec<f64>) -> f64 {
     rates[rates.len() / 2]
 }
 
+/// `, N per CPU-second` (the median), or nothing when the CPU time could not be read.
+fn per_cpu_second(cpu_rates: Vec<f64>) -> String {
+    if cpu_rates.is_empty() {
+        String::new()
+    } else {
+        format!(", {:.0} per CPU-second", median(cpu_rates))
+    }
+}
+
 fn check(report: &Report, n: usize) {
     assert_eq!(report.events, n as u64, "every event replayed");
     assert!(
@@ -96,11 +105,7 @@ fn replay_log(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> 
             "replay of {}: median {:.0} events/s over {LOG_RUNS} runs{}",
             path.display(),
             median(rates),
-            if cpu_rates.is_empty() {
-                String::new()
-            } else {
-                format!(", {:.0} per CPU-second", median(cpu_rates))
-            }
+            per_cpu_second(cpu_rates)
         );
         Ok::<_, Box<dyn std::error::Error>>(())
     })
@@ -146,11 +151,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "replay in memory: median {:.0} events/s over {RUNS} runs{}",
         median(rates),
-        if cpu_rates.is_empty() {
-            String::new()
-        } else {
-            format!(", {:.0} per CPU-second", median(cpu_rates))
-        }
+        per_cpu_second(cpu_rates)
     );
     if memory_only {
         return Ok(());
@@ -210,11 +211,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "read from SQLite, no replay: median {:.0} events/s over 3 runs{}",
             median(rates),
-            if cpu_rates.is_empty() {
-                String::new()
-            } else {
-                format!(", {:.0} per CPU-second", median(cpu_rates))
-            }
+            per_cpu_second(cpu_rates)
         );
         for (label, team) in [("whole log", None), ("team stream", Some("bench"))] {
             let mut rates = Vec::new();
@@ -238,11 +235,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "replay from SQLite ({label}): median {:.0} events/s over 3 runs{}",
                 median(rates),
-                if cpu_rates.is_empty() {
-                    String::new()
-                } else {
-                    format!(", {:.0} per CPU-second", median(cpu_rates))
-                }
+                per_cpu_second(cpu_rates)
             );
         }
         Ok::<_, Box<dyn std::error::Error>>(())
