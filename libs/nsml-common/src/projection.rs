@@ -125,7 +125,7 @@ impl<S: ReadModel> Projection<S> {
         let live = *self.ready.borrow();
         for ev in events.iter().filter(|ev| ev.position > applied) {
             let applying = live
-                .then(|| crate::telemetry::Applying::start(name, ev))
+                .then(|| crate::telemetry::Applying::start(name))
                 .flatten();
             state.apply(ev);
             if let Some(applying) = applying {

@@ -174,6 +174,9 @@ pub fn init(service: &str) -> Telemetry {
         .try_init();
     if result.is_err() {
         // A second init in one process (tests) keeps the first subscriber and its exporter.
+        if let Some((exporter, _)) = exporter {
+            exporter.abandon();
+        }
         return Telemetry { exporter: None };
     }
     for note in notes {
@@ -408,45 +411,43 @@ fn applied(
 
 /// A read model (`consumer`) applying one event: recorded as an `apply` span of the event's trace, without
 /// a `tracing` span, when the read model decoded the event. Only an exporting process with the event's trace
-/// sampled makes one.
+/// sampled records one; whether it is, is read only for the events a read model used (most it skips).
 pub struct Applying {
     consumer: &'static str,
-    parent: TraceContext,
     start: u64,
     before: bool,
 }
 
 impl Applying {
-    /// Starts timing `event`'s application, when it would be recorded.
-    pub fn start(consumer: &'static str, event: &StoredEvent) -> Option<Self> {
+    /// Starts timing an event's application, when this process records spans of events.
+    pub fn start(consumer: &'static str) -> Option<Self> {
         if !EXPORTING.load(Ordering::Relaxed) {
-            return None;
-        }
-        let parent = TraceContext::parse(&event.metadata.traceparent)?;
-        let (sampler, _) = RECORDER.get()?;
-        if !sampler.decide(Some(parent.sampled), parent.trace_id) {
             return None;
         }
         Some(Self {
             consumer,
-            parent,
             start: spans::now_ns(),
             before: DECODED.with(|d| d.replace(false)),
         })
     }
 
-    /// Ends it: queues the span when the read model decoded `event`.
+    /// Ends it: queues the span when the read model decoded `event` and the event's trace is sampled.
     pub fn done(self, event: &StoredEvent) {
         let used = DECODED.with(|d| d.replace(self.before));
-        let Some((_, queue)) = RECORDER.get().filter(|_| used) else {
+        let Some((sampler, queue)) = RECORDER.get().filter(|_| used) else {
+            return;
+        };
+        let Some(parent) = TraceContext::parse(&event.metadata.traceparent)
+            .filter(|p| sampler.decide(Some(p.sampled), p.trace_id))
+        else {
             return;
         };
         let cx = TraceContext {
-            trace_id: self.parent.trace_id,
+            trace_id: parent.trace_id,
             span_id: spans::new_span_id(),
             sampled: true,
         };
-        queue.push(applied(self.consumer, event, self.parent, cx, self.start));
+        queue.push(applied(self.consumer, event, parent, cx, self.start));
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use nsml_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteStore};
+use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
 use nsml_quota::replay::{Report, Scope, replay_ledger};
 use nsml_quota::{audit, synthetic};
 
@@ -168,15 +168,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 ExpectedVersion::Exact((i * 1000) as u64)
             };
-            let batch = chunk
-                .iter()
-                .map(|e| NewEvent {
-                    event_type: e.event_type.clone(),
-                    payload: e.payload.clone(),
-                    metadata: e.metadata.clone(),
-                })
-                .collect();
-            store.append("quota-bench", expected, batch).await?;
+            store
+                .append("quota-bench", expected, synthetic::to_append(chunk))
+                .await?;
         }
         println!(
             "stored the ledger in SQLite in {:.2}s",

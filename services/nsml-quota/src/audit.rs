@@ -413,7 +413,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_whole_log_replays_every_ledger_among_other_streams() {
-        use nsml_eventstore::{ExpectedVersion, NewEvent, SqliteStore};
+        use nsml_eventstore::{ExpectedVersion, SqliteStore};
         let store = SqliteStore::in_memory().await.unwrap();
         let mut a = synthetic::ledger("a", 3_000, 1);
         let b = synthetic::ledger("b", 1_500, 2);
@@ -427,16 +427,6 @@ mod tests {
         let mut denied = AdmissionDenied::decode(a[at].payload.as_slice()).unwrap();
         denied.decision.as_mut().unwrap().retry_after_ms -= 1;
         a[at].payload = denied.encode_to_vec();
-        let new = |events: &[StoredEvent]| -> Vec<NewEvent> {
-            events
-                .iter()
-                .map(|e| NewEvent {
-                    event_type: e.event_type.clone(),
-                    payload: e.payload.clone(),
-                    metadata: e.metadata.clone(),
-                })
-                .collect()
-        };
         // Interleaved with other streams, one of them holding ledger events under another name.
         for i in 0..6 {
             for (stream, events) in [
@@ -446,7 +436,7 @@ mod tests {
                 ("quotas-b", &b[..100]),
             ] {
                 store
-                    .append(stream, ExpectedVersion::Any, new(events))
+                    .append(stream, ExpectedVersion::Any, synthetic::to_append(events))
                     .await
                     .unwrap();
             }

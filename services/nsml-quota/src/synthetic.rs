@@ -2,7 +2,7 @@
 //! ledger as it stood), for replay's tests and bench: trainings, trial and real submits that succeed or fail,
 //! releases, a policy change halfway and hosts' overrides (extra submits, raised quotas, re-opened submit slots).
 
-use nsml_eventstore::{Metadata, StoredEvent};
+use nsml_eventstore::{Metadata, NewEvent, StoredEvent};
 use nsml_proto::v1::{
     AdmissionDenied, AdmitRequest, EventPayload, Override, OverrideGranted, OverrideKind, Policy,
     PolicyChanged, QuotaRaise, Resources, ResourcesGranted, ResourcesReleased, SessionKind,
@@ -32,6 +32,18 @@ pub fn seed_policy() -> Policy {
         closes_at_ms: 0,
         rounds: Vec::new(),
     }
+}
+
+/// `events` as they would be appended again, to a store that replays them (tests, the replay bench).
+pub fn to_append(events: &[StoredEvent]) -> Vec<NewEvent> {
+    events
+        .iter()
+        .map(|e| NewEvent {
+            event_type: e.event_type.clone(),
+            payload: e.payload.clone(),
+            metadata: e.metadata.clone(),
+        })
+        .collect()
 }
 
 /// Generates `n` events of `team`'s ledger; the same seed gives the same ledger.

@@ -116,8 +116,9 @@ impl Config {
             get(&format!("OTEL_EXPORTER_OTLP_TRACES_{k}"))
                 .or_else(|| get(&format!("OTEL_EXPORTER_OTLP_{k}")))
         };
-        let millis = |k: &str, default: u64| -> Result<Duration, String> {
-            match get(k) {
+        // A duration in milliseconds: `value` of the variable `k`, or `default`.
+        let millis = |k: &str, value: Option<String>, default: u64| -> Result<Duration, String> {
+            match value {
                 None => Ok(Duration::from_millis(default)),
                 Some(v) => v
                     .parse()
@@ -184,16 +185,14 @@ impl Config {
         Ok(Self {
             endpoint,
             headers,
-            timeout: traces("TIMEOUT")
-                .map(|t| {
-                    t.parse().map(Duration::from_millis).map_err(|_| {
-                        format!("OTEL_EXPORTER_OTLP_TIMEOUT=`{t}` is not a number of milliseconds")
-                    })
-                })
-                .transpose()?
-                .unwrap_or(Duration::from_secs(10)),
+            timeout: millis("OTEL_EXPORTER_OTLP_TIMEOUT", traces("TIMEOUT"), 10_000)?,
             // Zero would be a busy loop: a millisecond is as soon as a batch can sensibly go.
-            delay: millis("OTEL_BSP_SCHEDULE_DELAY", 5000)?.max(Duration::from_millis(1)),
+            delay: millis(
+                "OTEL_BSP_SCHEDULE_DELAY",
+                get("OTEL_BSP_SCHEDULE_DELAY"),
+                5000,
+            )?
+            .max(Duration::from_millis(1)),
             queue,
             batch: count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?.min(queue),
             resource,
@@ -296,6 +295,11 @@ impl Exporter {
             task,
             timeout: config.timeout,
         })
+    }
+
+    /// Stops without sending anything (an exporter whose layer was never installed).
+    pub fn abandon(self) {
+        self.stop.cancel();
     }
 
     /// Sends what is queued and stops; spans closed after this are dropped.
