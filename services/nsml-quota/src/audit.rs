@@ -19,8 +19,7 @@ use crate::replay::{LedgerReplay, Report, Scope, rederive};
 
 /// How many events one read of the log takes. The first page is read before any replay can start, and the last
 /// is replayed after every read has ended, so short pages let the two overlap over more of a small log: a
-/// ledger of 15,000 events fits in fewer than two pages of 10,000. A read costs a few tens of microseconds on
-/// top of its events, about 1 % of a page this long.
+/// ledger of 15,000 events fits in fewer than two pages of 10,000.
 const PAGE: usize = 2_000;
 
 /// Replays `team`'s ledger, or every ledger in the log (read once, in position order, without the other
