@@ -122,14 +122,13 @@ impl<S: ReadModel> Projection<S> {
         let mut last = applied;
         // Once caught up, each event the read model uses is a span of the trace that appended it (when that
         // trace is exported); the catch-up at start-up replays old traces and is not.
-        let live = *self.ready.borrow();
+        let mut applying = (*self.ready.borrow())
+            .then(|| crate::telemetry::Applying::start(name))
+            .flatten();
         for ev in events.iter().filter(|ev| ev.position > applied) {
-            let applying = live
-                .then(|| crate::telemetry::Applying::start(name))
-                .flatten();
-            state.apply(ev);
-            if let Some(applying) = applying {
-                applying.done(ev);
+            match &mut applying {
+                Some(applying) => applying.one(ev, || state.apply(ev)),
+                None => state.apply(ev),
             }
             last = ev.position;
         }

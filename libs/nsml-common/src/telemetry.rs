@@ -23,8 +23,8 @@
 
 use std::cell::Cell;
 use std::io::IsTerminal as _;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use nsml_eventstore::StoredEvent;
 use tracing::Subscriber;
@@ -40,7 +40,7 @@ pub mod export;
 pub mod spans;
 
 use export::{Config, Exporter, Queue};
-use spans::{Finished, Recording, SpanState, Value};
+use spans::{Body, Finished, SpanState};
 pub use spans::{Sampler, TraceContext, TraceLayer};
 
 /// Whether consumers of the log open a span per applied event: only when this process exports spans (and
@@ -49,7 +49,7 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// The sampler and queue of an exporting process, for the spans recorded without a `tracing` span (a read
 /// model applying an event).
-static RECORDER: OnceLock<(Sampler, std::sync::Arc<Queue>)> = OnceLock::new();
+static RECORDER: OnceLock<(Sampler, Arc<Queue>)> = OnceLock::new();
 
 /// What the environment asks of span export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,14 +277,7 @@ fn log_filter(spec: Option<&str>) -> (Option<LevelFilter>, Option<EnvFilter>) {
 /// [`handling`]), or empty when there is none. Every event and every call between services takes one.
 pub fn current_traceparent() -> String {
     spans::current()
-        .or_else(|| {
-            HANDLING
-                .try_with(|h| {
-                    h.referenced.set(true);
-                    h.cx
-                })
-                .ok()
-        })
+        .or_else(|| HANDLING.try_with(Handling::handed_on).ok().flatten())
         .map_or_else(String::new, |cx| cx.traceparent())
 }
 
@@ -320,10 +313,49 @@ tokio::task_local! {
     static HANDLING: Handling;
 }
 
+/// A reactor's handling of one event. The event's trace context is read only when the handler hands it on or
+/// used the event: most events a reactor is given, it skips.
 struct Handling {
-    cx: TraceContext,
-    /// Whether the context was handed on (an append, a call): the span is then recorded, as their parent.
-    referenced: Cell<bool>,
+    event: Arc<StoredEvent>,
+    sampler: Sampler,
+    /// The event's context and the handling span's, once read: `Some(None)` when the event carries none.
+    read: Cell<Option<Option<(TraceContext, TraceContext)>>>,
+    /// Whether the handler handed the context on (an append, a call): the span is then recorded, as their
+    /// parent.
+    handed_on: Cell<bool>,
+}
+
+impl Handling {
+    /// The event's context, and the handling span's: a new span of the event's trace when the sampler samples
+    /// it, the event's own context (passed on as it came) when not.
+    fn contexts(&self) -> Option<(TraceContext, TraceContext)> {
+        if let Some(read) = self.read.get() {
+            return read;
+        }
+        let read = TraceContext::parse(&self.event.metadata.traceparent).map(|parent| {
+            let own = if self.sampler.decide(Some(parent.sampled), parent.trace_id) {
+                TraceContext {
+                    trace_id: parent.trace_id,
+                    span_id: spans::new_span_id(),
+                    sampled: true,
+                }
+            } else {
+                TraceContext {
+                    sampled: false,
+                    ..parent
+                }
+            };
+            (parent, own)
+        });
+        self.read.set(Some(read));
+        read
+    }
+
+    /// The context the handler hands on.
+    fn handed_on(&self) -> Option<TraceContext> {
+        self.handed_on.set(true);
+        self.contexts().map(|(_, own)| own)
+    }
 }
 
 /// Runs `fut`, and says whether it decoded an event along the way.
@@ -344,43 +376,45 @@ async fn noting_use<F: Future>(fut: F) -> (F::Output, bool) {
 /// in, when this process exports spans and that trace is sampled: what the handler appends and calls is its
 /// child. The span is recorded only when the handler decoded the event or handed the span on; no `tracing`
 /// span is made, so an event the reactor skips costs nothing more.
-pub async fn handling<F: Future>(consumer: &'static str, event: &StoredEvent, fut: F) -> F::Output {
+pub async fn handling<F: Future>(
+    consumer: &'static str,
+    event: &Arc<StoredEvent>,
+    fut: F,
+) -> F::Output {
     let recorder = RECORDER.get().filter(|_| EXPORTING.load(Ordering::Relaxed));
     handling_for(recorder, consumer, event, fut).await
 }
 
 async fn handling_for<F: Future>(
-    recorder: Option<&(Sampler, std::sync::Arc<Queue>)>,
+    recorder: Option<&(Sampler, Arc<Queue>)>,
     consumer: &'static str,
-    event: &StoredEvent,
+    event: &Arc<StoredEvent>,
     fut: F,
 ) -> F::Output {
-    let Some(((sampler, queue), parent)) =
-        recorder.zip(TraceContext::parse(&event.metadata.traceparent))
-    else {
+    let Some((sampler, queue)) = recorder.filter(|_| !event.metadata.traceparent.is_empty()) else {
         return fut.await;
-    };
-    if !sampler.decide(Some(parent.sampled), parent.trace_id) {
-        return fut.await;
-    }
-    let cx = TraceContext {
-        trace_id: parent.trace_id,
-        span_id: spans::new_span_id(),
-        sampled: true,
     };
     let start = spans::now_ns();
     let handling = Handling {
-        cx,
-        referenced: Cell::new(false),
+        event: event.clone(),
+        sampler: *sampler,
+        read: Cell::new(None),
+        handed_on: Cell::new(false),
     };
-    let (out, used, referenced) = HANDLING
+    let (out, recorded) = HANDLING
         .scope(handling, async {
             let (out, used) = noting_use(fut).await;
-            (out, used, HANDLING.with(|h| h.referenced.get()))
+            let recorded = HANDLING.with(|h| {
+                (used || h.handed_on.get())
+                    .then(|| h.contexts())
+                    .flatten()
+                    .filter(|(_, own)| own.sampled)
+            });
+            (out, recorded)
         })
         .await;
-    if used || referenced {
-        queue.push(applied(consumer, event, parent, cx, start));
+    if let Some((parent, own)) = recorded {
+        queue.push(applied(consumer, event, parent, own, start));
     }
     out
 }
@@ -388,66 +422,69 @@ async fn handling_for<F: Future>(
 /// The `apply` span of `consumer` for `event`.
 fn applied(
     consumer: &'static str,
-    event: &StoredEvent,
+    event: &Arc<StoredEvent>,
     parent: TraceContext,
     cx: TraceContext,
     start: u64,
 ) -> Finished {
-    let mut recording = Recording::new("apply", start);
-    recording.set("consumer", Value::Str(consumer.to_string()));
-    recording.set("event", Value::Str(event.event_type.clone()));
-    recording.set(
-        "position",
-        Value::Int(i64::try_from(event.position).unwrap_or(i64::MAX)),
-    );
     Finished {
         cx,
         parent: parent.span_id,
         remote_parent: true,
         end: spans::now_ns(),
-        recording: Box::new(recording),
+        body: Body::Applied {
+            consumer,
+            event: event.clone(),
+            start,
+        },
     }
 }
 
-/// A read model (`consumer`) applying one event: recorded as an `apply` span of the event's trace, without
-/// a `tracing` span, when the read model decoded the event. Only an exporting process with the event's trace
-/// sampled records one; whether it is, is read only for the events a read model used (most it skips).
+/// A read model (`consumer`) applying events: each one it decoded is recorded as an `apply` span of the
+/// event's trace, without a `tracing` span. Only an exporting process with the event's trace sampled records
+/// one; whether it is, is read only for the events a read model used (most it skips). The span of an event
+/// starts where the last one recorded (or the batch) ended, so that the clock is read only for events used.
 pub struct Applying {
     consumer: &'static str,
-    start: u64,
-    before: bool,
+    /// When the last recorded span ended, or the batch started.
+    since: u64,
 }
 
 impl Applying {
-    /// Starts timing an event's application, when this process records spans of events.
+    /// Starts a batch of events, when this process records spans of events.
     pub fn start(consumer: &'static str) -> Option<Self> {
         if !EXPORTING.load(Ordering::Relaxed) {
             return None;
         }
         Some(Self {
             consumer,
-            start: spans::now_ns(),
-            before: DECODED.with(|d| d.replace(false)),
+            since: spans::now_ns(),
         })
     }
 
-    /// Ends it: queues the span when the read model decoded `event` and the event's trace is sampled.
-    pub fn done(self, event: &StoredEvent) {
-        let used = DECODED.with(|d| d.replace(self.before));
+    /// Applies one `event` with `apply`, and queues its span when `apply` decoded the event and the event's
+    /// trace is sampled.
+    pub fn one<R>(&mut self, event: &Arc<StoredEvent>, apply: impl FnOnce() -> R) -> R {
+        let before = DECODED.with(|d| d.replace(false));
+        let out = apply();
+        let used = DECODED.with(|d| d.replace(before));
         let Some((sampler, queue)) = RECORDER.get().filter(|_| used) else {
-            return;
+            return out;
         };
         let Some(parent) = TraceContext::parse(&event.metadata.traceparent)
             .filter(|p| sampler.decide(Some(p.sampled), p.trace_id))
         else {
-            return;
+            return out;
         };
         let cx = TraceContext {
             trace_id: parent.trace_id,
             span_id: spans::new_span_id(),
             sampled: true,
         };
-        queue.push(applied(self.consumer, event, parent, cx, self.start));
+        let span = applied(self.consumer, event, parent, cx, self.since);
+        self.since = span.end;
+        queue.push(span);
+        out
     }
 }
 
@@ -456,10 +493,16 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{
+        AnyValue, InstrumentationScope, KeyValue, any_value,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use prost::Message as _;
     use tracing_subscriber::layer::SubscriberExt;
 
-    use super::export::{Config, Queue, to_otlp};
-    use super::spans::{Finished, Root, Value};
+    use super::export::{Config, Encoding, Queue};
+    use super::spans::{Body, Finished, Recording, Root, Value};
     use super::{
         Export, Sampler, TraceContext, TraceLayer, current_traceparent, log_layer,
         span_from_headers, span_in,
@@ -754,20 +797,19 @@ mod tests {
         );
         assert_eq!(spans.len(), 2, "{spans:?}");
         let (child, call) = (&spans[0], &spans[1]);
-        assert_eq!(call.recording.name, "call");
+        let (Some(child_rec), Some(call_rec)) = (child.recording(), call.recording()) else {
+            panic!("both are recorded tracing spans: {spans:?}");
+        };
+        assert_eq!(call.name(), "call");
         assert_eq!(call.cx.traceparent(), seen);
         assert_eq!(
             call.parent, 0x00f067aa0ba902b7,
             "the caller's span is the parent"
         );
         assert!(call.remote_parent);
-        assert_eq!(call.recording.kind, 2, "otel.kind sets a server span");
-        let attrs: HashMap<&str, &Value> = call
-            .recording
-            .attributes
-            .iter()
-            .map(|(k, v)| (*k, v))
-            .collect();
+        assert_eq!(call_rec.kind, 2, "otel.kind sets a server span");
+        let attrs: HashMap<&str, &Value> =
+            call_rec.attributes.iter().map(|(k, v)| (*k, v)).collect();
         assert_eq!(attrs["path"], &Value::Str("/x".into()));
         assert_eq!(
             attrs["op"],
@@ -778,22 +820,160 @@ mod tests {
         assert_eq!(child.parent, call.cx.span_id);
         assert!(!child.remote_parent);
         assert_ne!(child.cx.span_id, call.cx.span_id);
-        assert_eq!(child.recording.attributes, vec![("n", Value::Int(3))]);
-        assert_eq!(child.recording.events.len(), 1);
-        assert_eq!(child.recording.events[0].message, "it broke");
-        assert_eq!(child.recording.error.as_deref(), Some("it broke"));
-        assert!(child.end >= child.recording.start);
+        assert_eq!(child_rec.attributes, vec![("n", Value::Int(3))]);
+        assert_eq!(child_rec.events.len(), 1);
+        assert_eq!(child_rec.events[0].message, "it broke");
+        assert_eq!(child_rec.error.as_deref(), Some("it broke"));
+        assert!(child.end >= child.start());
 
-        let otlp = to_otlp(spans.into_iter().next().expect("the child"));
+        // As OTLP sends them, read back with the protocol's own message types.
+        let request = exported(&spans);
+        let [resource_spans] = &request.resource_spans[..] else {
+            panic!("one resource: {request:?}");
+        };
+        let attribute = |attrs: &[KeyValue], key: &str| {
+            attrs
+                .iter()
+                .find(|kv| kv.key == key)
+                .and_then(|kv| kv.value.clone())
+                .and_then(|v| v.value)
+        };
         assert_eq!(
-            otlp.trace_id,
+            attribute(
+                &resource_spans
+                    .resource
+                    .as_ref()
+                    .expect("resource")
+                    .attributes,
+                "service.name"
+            ),
+            Some(any_value::Value::StringValue("svc".into()))
+        );
+        let scope_spans = &resource_spans.scope_spans[0];
+        assert_eq!(
+            scope_spans.scope.as_ref().map(|s| s.name.as_str()),
+            Some("svc")
+        );
+        let (child, call) = (&scope_spans.spans[0], &scope_spans.spans[1]);
+        assert_eq!(
+            child.trace_id,
             0x4bf92f3577b34da6a3ce929d0e0e4736u128.to_be_bytes()
         );
-        assert_eq!(otlp.span_id.len(), 8);
-        assert_eq!(otlp.parent_span_id.len(), 8);
-        assert_eq!(otlp.flags & 0xff, 1, "sampled");
-        assert_eq!(otlp.status.map(|s| s.code), Some(2));
-        assert_eq!(otlp.events[0].name, "it broke");
+        assert_eq!(child.span_id, spans[0].cx.span_id.to_be_bytes());
+        assert_eq!(child.parent_span_id, call.span_id);
+        assert_eq!(call.parent_span_id, 0x00f067aa0ba902b7u64.to_be_bytes());
+        assert_eq!(child.flags, 0x101, "sampled, parent in this process");
+        assert_eq!(call.flags, 0x301, "sampled, parent in another process");
+        assert_eq!(child.name, "child");
+        assert_eq!((call.name.as_str(), call.kind, child.kind), ("call", 2, 1));
+        assert_eq!(child.start_time_unix_nano, spans[0].start());
+        assert_eq!(child.end_time_unix_nano, spans[0].end);
+        assert_eq!(
+            attribute(&child.attributes, "n"),
+            Some(any_value::Value::IntValue(3))
+        );
+        assert_eq!(
+            attribute(&call.attributes, "op"),
+            Some(any_value::Value::StringValue("save".into()))
+        );
+        assert_eq!(
+            child.status.as_ref().map(|s| (s.code, s.message.as_str())),
+            Some((2, "it broke"))
+        );
+        assert!(call.status.is_none());
+        let [event] = &child.events[..] else {
+            panic!("one event: {child:?}");
+        };
+        assert_eq!(event.name, "it broke");
+        assert_eq!(
+            attribute(&event.attributes, "code"),
+            Some(any_value::Value::IntValue(7))
+        );
+        assert_eq!(
+            attribute(&event.attributes, "level"),
+            Some(any_value::Value::StringValue("ERROR".into()))
+        );
+    }
+
+    /// `spans` as the exporter encodes them, decoded with OTLP's message types.
+    fn exported(spans: &[Finished]) -> ExportTraceServiceRequest {
+        let resource = Resource {
+            attributes: vec![KeyValue {
+                key: "service.name".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("svc".into())),
+                }),
+            }],
+            ..Default::default()
+        };
+        let scope = InstrumentationScope {
+            name: "svc".into(),
+            ..Default::default()
+        };
+        let bytes = Encoding::new(&resource, &scope).request(spans);
+        ExportTraceServiceRequest::decode(&bytes[..]).expect("a valid ExportTraceServiceRequest")
+    }
+
+    #[test]
+    fn every_kind_of_attribute_value_is_encoded_as_otlp_reads_it() {
+        let mut recording = Recording::new("s", 5);
+        let values = [
+            Value::Str("é and 128 more: ".to_string() + &"x".repeat(128)),
+            Value::Str(String::new()),
+            Value::Int(0),
+            Value::Int(-1),
+            Value::Int(i64::MAX),
+            Value::Int(i64::MIN),
+            Value::Float(-2.5),
+            Value::Bool(true),
+            Value::Bool(false),
+        ];
+        const KEYS: [&str; 9] = ["s", "empty", "zero", "minus", "max", "min", "f", "t", "no"];
+        for (k, v) in KEYS.iter().zip(&values) {
+            recording.set(k, v.clone());
+        }
+        recording.dropped_events = 300;
+        let span = Finished {
+            cx: TraceContext {
+                trace_id: u128::MAX,
+                span_id: u64::MAX,
+                sampled: true,
+            },
+            parent: 0,
+            remote_parent: false,
+            end: 3,
+            body: Body::Recorded(recording),
+        };
+        let request = exported(std::slice::from_ref(&span));
+        let got = &request.resource_spans[0].scope_spans[0].spans[0];
+        assert!(got.parent_span_id.is_empty(), "a root has no parent");
+        assert_eq!(got.trace_id, [0xff; 16]);
+        assert_eq!(got.dropped_events_count, 300);
+        assert_eq!(
+            (got.start_time_unix_nano, got.end_time_unix_nano),
+            (5, 5),
+            "an end before the start is the start"
+        );
+        let want: Vec<any_value::Value> = values
+            .iter()
+            .map(|v| match v {
+                Value::Str(s) => any_value::Value::StringValue(s.clone()),
+                Value::Int(i) => any_value::Value::IntValue(*i),
+                Value::Float(f) => any_value::Value::DoubleValue(*f),
+                Value::Bool(b) => any_value::Value::BoolValue(*b),
+            })
+            .collect();
+        let got: Vec<(&str, any_value::Value)> = got
+            .attributes
+            .iter()
+            .map(|kv| {
+                (
+                    kv.key.as_str(),
+                    kv.value.clone().and_then(|v| v.value).expect("a value"),
+                )
+            })
+            .collect();
+        assert_eq!(got, KEYS.into_iter().zip(want).collect::<Vec<_>>());
     }
 
     #[test]
@@ -838,6 +1018,7 @@ mod tests {
         let recorder = (ALWAYS_ON, queue.clone());
         let mut ev = crate::event::stored("session-t", 1, &SessionExited::default());
         ev.metadata.traceparent = INCOMING.to_string();
+        let ev = Arc::new(ev);
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("a runtime");
@@ -857,11 +1038,14 @@ mod tests {
         });
         let passed = handle("appends", |_| current_traceparent());
         let spans = queue.take();
-        let consumers: Vec<String> = spans
+        let consumers: Vec<&str> = spans
             .iter()
-            .map(|s| format!("{:?}", s.recording.attributes[0].1))
+            .map(|s| match &s.body {
+                Body::Applied { consumer, .. } => *consumer,
+                Body::Recorded(r) => panic!("a tracing span: {r:?}"),
+            })
             .collect();
-        assert_eq!(consumers, ["Str(\"decodes\")", "Str(\"appends\")"]);
+        assert_eq!(consumers, ["decodes", "appends"]);
         for s in &spans {
             assert_eq!(s.cx.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
             assert_eq!(
@@ -874,6 +1058,40 @@ mod tests {
             spans[1].cx.traceparent(),
             "what the handler appends names its span as parent"
         );
+        let exported = exported(&spans);
+        let otlp = &exported.resource_spans[0].scope_spans[0].spans[0];
+        assert_eq!(otlp.name, "apply");
+        let attrs: Vec<(&str, Option<any_value::Value>)> = otlp
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.as_str(), kv.value.clone().and_then(|v| v.value)))
+            .collect();
+        assert_eq!(
+            attrs,
+            [
+                (
+                    "consumer",
+                    Some(any_value::Value::StringValue("decodes".into()))
+                ),
+                (
+                    "event",
+                    Some(any_value::Value::StringValue(ev.event_type.clone()))
+                ),
+                ("position", Some(any_value::Value::IntValue(1))),
+            ]
+        );
+        // An unsampled trace is passed on as it came, and nothing is recorded.
+        let mut unsampled = (*ev).clone();
+        unsampled.metadata.traceparent = INCOMING.replace("-01", "-00");
+        let unsampled = Arc::new(unsampled);
+        let passed = rt.block_on(super::handling_for(
+            Some(&recorder),
+            "appends",
+            &unsampled,
+            async { current_traceparent() },
+        ));
+        assert_eq!(passed, unsampled.metadata.traceparent);
+        assert!(queue.take().is_empty());
         // Without a recorder (export off) the handler runs and nothing is made.
         let out = rt.block_on(super::handling_for(None, "off", &ev, async {
             current_traceparent()
@@ -893,7 +1111,7 @@ mod tests {
             parent: 0,
             remote_parent: false,
             end: n,
-            recording: Box::new(super::spans::Recording::new("s", 0)),
+            body: Body::Recorded(Recording::new("s", 0)),
         };
         for n in 1..=5 {
             queue.push(span(n));

@@ -10,18 +10,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use bytes::{Buf as _, BufMut as _};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span};
 use parking_lot::Mutex;
+use prost::Message as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::spans::{Finished, Logged, Value};
+use super::spans::{Body, Finished, Logged, Recording, Value};
 
 /// Spans closed and not yet sent.
 pub struct Queue {
@@ -266,22 +267,28 @@ impl Exporter {
         }
         let queue = Arc::new(Queue::new(config.queue, config.batch));
         let stop = CancellationToken::new();
+        let resource = Resource {
+            attributes: config
+                .resource
+                .iter()
+                .map(|(k, v)| KeyValue {
+                    key: k.clone(),
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::StringValue(v.clone())),
+                    }),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let scope = InstrumentationScope {
+            name: config.scope.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        };
         let sender = Sender {
-            client: TraceServiceClient::new(endpoint.connect_lazy()),
+            client: tonic::client::Grpc::new(endpoint.connect_lazy()),
             metadata,
-            resource: Resource {
-                attributes: config
-                    .resource
-                    .iter()
-                    .map(|(k, v)| key_value(k, Value::Str(v.clone())))
-                    .collect(),
-                ..Default::default()
-            },
-            scope: InstrumentationScope {
-                name: config.scope.clone(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                ..Default::default()
-            },
+            encoder: Encoding::new(&resource, &scope),
             timeout: config.timeout,
             failures: 0,
             warned: None,
@@ -321,10 +328,9 @@ impl Exporter {
 }
 
 struct Sender {
-    client: TraceServiceClient<Channel>,
+    client: tonic::client::Grpc<Channel>,
     metadata: MetadataMap,
-    resource: Resource,
-    scope: InstrumentationScope,
+    encoder: Encoding,
     timeout: Duration,
     failures: u64,
     warned: Option<Instant>,
@@ -357,22 +363,10 @@ impl Sender {
 
     async fn send(&mut self, batch: Vec<Finished>) {
         let n = batch.len();
-        let body = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(self.resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(self.scope.clone()),
-                    spans: batch.into_iter().map(to_otlp).collect(),
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
-        };
-        let mut req = tonic::Request::new(body);
-        *req.metadata_mut() = self.metadata.clone();
-        let sent = tokio::time::timeout(self.timeout, self.client.export(req)).await;
-        let err = match sent {
-            Ok(Ok(_)) => return,
+        let body = self.encoder.request(&batch);
+        drop(batch);
+        let err = match tokio::time::timeout(self.timeout, self.export(body)).await {
+            Ok(Ok(())) => return,
             Ok(Err(status)) => status.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
@@ -390,74 +384,274 @@ impl Sender {
             );
         }
     }
-}
 
-fn any(value: Value) -> AnyValue {
-    AnyValue {
-        value: Some(match value {
-            Value::Str(s) => any_value::Value::StringValue(s),
-            Value::Int(i) => any_value::Value::IntValue(i),
-            Value::Float(f) => any_value::Value::DoubleValue(f),
-            Value::Bool(b) => any_value::Value::BoolValue(b),
-        }),
+    /// `TraceService.Export` of an encoded `ExportTraceServiceRequest`.
+    async fn export(&mut self, body: Vec<u8>) -> Result<(), tonic::Status> {
+        self.client.ready().await.map_err(|e| {
+            tonic::Status::unavailable(format!("the collector is not reachable: {e}"))
+        })?;
+        let mut req = tonic::Request::new(body);
+        *req.metadata_mut() = self.metadata.clone();
+        let path = http::uri::PathAndQuery::from_static(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        );
+        let answer = self.client.unary(req, path, Encoded).await?.into_inner();
+        match answer.partial_success {
+            Some(p) if p.rejected_spans > 0 => Err(tonic::Status::invalid_argument(format!(
+                "the collector rejected {} spans: {}",
+                p.rejected_spans, p.error_message
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
-fn key_value(key: &str, value: Value) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(any(value)),
+/// The codec of an export: the request goes as the bytes [`Encoding::request`] made, the answer is decoded.
+#[derive(Clone, Copy)]
+struct Encoded;
+
+impl Codec for Encoded {
+    type Encode = Vec<u8>;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        Self
+    }
+
+    fn decoder(&mut self) -> Self {
+        Self
     }
 }
+
+impl Encoder for Encoded {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Encoded {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        let answer = ExportTraceServiceResponse::decode(&mut *src)
+            .map_err(|e| tonic::Status::internal(format!("the collector's answer: {e}")))?;
+        src.advance(src.remaining());
+        Ok(Some(answer))
+    }
+}
+
+/// Writes OTLP's `ExportTraceServiceRequest` straight from the closed spans, field by field, with no message
+/// structs built in between. The resource and the scope, the same in every request, are encoded once.
+pub struct Encoding {
+    resource: Vec<u8>,
+    scope: Vec<u8>,
+    /// Reused buffers: one span's encoding, and a nested message's inside it.
+    span: Vec<u8>,
+    nested: Vec<u8>,
+}
+
+// Protobuf wire types.
+const VARINT: u32 = 0;
+const I64: u32 = 1;
+const LEN: u32 = 2;
+const I32: u32 = 5;
 
 /// OTLP's flags: the sampled bit, and whether the parent is in another process.
 const HAS_IS_REMOTE: u32 = 0x100;
 const IS_REMOTE: u32 = 0x200;
 
-/// A closed span as OTLP sends it.
-pub fn to_otlp(f: Finished) -> Span {
-    let r = *f.recording;
-    Span {
-        trace_id: f.cx.trace_id.to_be_bytes().to_vec(),
-        span_id: f.cx.span_id.to_be_bytes().to_vec(),
-        parent_span_id: if f.parent == 0 {
-            Vec::new()
-        } else {
-            f.parent.to_be_bytes().to_vec()
-        },
-        flags: u32::from(f.cx.sampled)
-            | HAS_IS_REMOTE
-            | if f.remote_parent { IS_REMOTE } else { 0 },
-        name: r.name.to_string(),
-        kind: r.kind,
-        start_time_unix_nano: r.start,
-        end_time_unix_nano: f.end.max(r.start),
-        attributes: r
-            .attributes
-            .into_iter()
-            .map(|(k, v)| key_value(k, v))
-            .collect(),
-        events: r.events.into_iter().map(event).collect(),
-        dropped_events_count: r.dropped_events,
-        status: r.error.map(|message| Status {
-            message,
-            code: 2, // STATUS_CODE_ERROR
-        }),
-        ..Default::default()
+fn key(out: &mut Vec<u8>, field: u32, wire: u32) {
+    varint(out, u64::from((field << 3) | wire));
+}
+
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn bytes_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    key(out, field, LEN);
+    varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
+    key(out, field, I64);
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// An attribute's value, borrowed.
+#[derive(Clone, Copy)]
+enum Attr<'a> {
+    Str(&'a str),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl<'a> From<&'a Value> for Attr<'a> {
+    fn from(value: &'a Value) -> Self {
+        match value {
+            Value::Str(s) => Self::Str(s),
+            Value::Int(i) => Self::Int(*i),
+            Value::Float(f) => Self::Float(*f),
+            Value::Bool(b) => Self::Bool(*b),
+        }
     }
 }
 
-fn event(e: Logged) -> span::Event {
-    let mut attributes: Vec<KeyValue> = e
-        .attributes
-        .into_iter()
-        .map(|(k, v)| key_value(k, v))
-        .collect();
-    attributes.push(key_value("level", Value::Str(e.level.to_string())));
-    span::Event {
-        time_unix_nano: e.at,
-        name: e.message,
-        attributes,
-        dropped_attributes_count: 0,
+/// A `KeyValue` (field `field` of its message) of `name` and `value`.
+fn attribute(out: &mut Vec<u8>, field: u32, name: &str, value: Attr<'_>) {
+    // AnyValue { string_value = 1; bool_value = 2; int_value = 3; double_value = 4 }
+    let any_len = match value {
+        Attr::Str(s) => 1 + varint_len(s.len() as u64) + s.len(),
+        Attr::Int(i) => 1 + varint_len(i as u64),
+        Attr::Float(_) => 9,
+        Attr::Bool(_) => 2,
+    };
+    // KeyValue { key = 1; value = 2 }
+    let kv_len =
+        1 + varint_len(name.len() as u64) + name.len() + 1 + varint_len(any_len as u64) + any_len;
+    key(out, field, LEN);
+    varint(out, kv_len as u64);
+    bytes_field(out, 1, name.as_bytes());
+    key(out, 2, LEN);
+    varint(out, any_len as u64);
+    match value {
+        Attr::Str(s) => bytes_field(out, 1, s.as_bytes()),
+        Attr::Bool(b) => {
+            key(out, 2, VARINT);
+            out.push(u8::from(b));
+        }
+        Attr::Int(i) => {
+            key(out, 3, VARINT);
+            // int64 is written as its two's complement, as a 64-bit varint.
+            varint(out, i as u64);
+        }
+        Attr::Float(f) => fixed64(out, 4, f.to_bits()),
+    }
+}
+
+fn varint_len(v: u64) -> usize {
+    // One byte per started 7 bits, at least one.
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+impl Encoding {
+    /// An encoding of requests from `resource` and `scope`.
+    pub fn new(resource: &Resource, scope: &InstrumentationScope) -> Self {
+        Self {
+            resource: resource.encode_to_vec(),
+            scope: scope.encode_to_vec(),
+            span: Vec::new(),
+            nested: Vec::new(),
+        }
+    }
+
+    /// The `ExportTraceServiceRequest` of `spans`: one resource, one scope.
+    pub fn request(&mut self, spans: &[Finished]) -> Vec<u8> {
+        let mut body = Vec::with_capacity(spans.len() * 160);
+        for f in spans {
+            self.span.clear();
+            self.encode_span(f);
+            bytes_field(&mut body, 2, &self.span);
+        }
+        // ScopeSpans { scope = 1; spans = 2 }, inside ResourceSpans { resource = 1; scope_spans = 2 }, inside
+        // the request's resource_spans = 1.
+        let scope_spans = 1 + varint_len(self.scope.len() as u64) + self.scope.len() + body.len();
+        let resource_spans = 1
+            + varint_len(self.resource.len() as u64)
+            + self.resource.len()
+            + 1
+            + varint_len(scope_spans as u64)
+            + scope_spans;
+        let mut out = Vec::with_capacity(resource_spans + 16);
+        key(&mut out, 1, LEN);
+        varint(&mut out, resource_spans as u64);
+        bytes_field(&mut out, 1, &self.resource);
+        key(&mut out, 2, LEN);
+        varint(&mut out, scope_spans as u64);
+        bytes_field(&mut out, 1, &self.scope);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// One `Span` into `self.span`.
+    fn encode_span(&mut self, f: &Finished) {
+        let out = &mut self.span;
+        bytes_field(out, 1, &f.cx.trace_id.to_be_bytes());
+        bytes_field(out, 2, &f.cx.span_id.to_be_bytes());
+        if f.parent != 0 {
+            bytes_field(out, 4, &f.parent.to_be_bytes());
+        }
+        bytes_field(out, 5, f.name().as_bytes());
+        let start = f.start();
+        fixed64(out, 7, start);
+        fixed64(out, 8, f.end.max(start));
+        match &f.body {
+            Body::Recorded(r) => {
+                key(out, 6, VARINT);
+                varint(out, r.kind as u64);
+                Self::recorded(out, &mut self.nested, r);
+            }
+            Body::Applied {
+                consumer, event, ..
+            } => {
+                key(out, 6, VARINT);
+                varint(out, 1);
+                attribute(out, 9, "consumer", Attr::Str(consumer));
+                attribute(out, 9, "event", Attr::Str(&event.event_type));
+                let position = i64::try_from(event.position).unwrap_or(i64::MAX);
+                attribute(out, 9, "position", Attr::Int(position));
+            }
+        }
+        key(out, 16, I32);
+        let flags =
+            u32::from(f.cx.sampled) | HAS_IS_REMOTE | if f.remote_parent { IS_REMOTE } else { 0 };
+        out.extend_from_slice(&flags.to_le_bytes());
+    }
+
+    fn recorded(out: &mut Vec<u8>, nested: &mut Vec<u8>, r: &Recording) {
+        for (k, v) in &r.attributes {
+            attribute(out, 9, k, v.into());
+        }
+        for e in &r.events {
+            nested.clear();
+            Self::event(nested, e);
+            bytes_field(out, 11, nested);
+        }
+        if r.dropped_events > 0 {
+            key(out, 12, VARINT);
+            varint(out, u64::from(r.dropped_events));
+        }
+        if let Some(message) = &r.error {
+            // Status { message = 2; code = 3 (STATUS_CODE_ERROR = 2) }
+            let len = 1 + varint_len(message.len() as u64) + message.len() + 2;
+            key(out, 15, LEN);
+            varint(out, len as u64);
+            bytes_field(out, 2, message.as_bytes());
+            key(out, 3, VARINT);
+            varint(out, 2);
+        }
+    }
+
+    /// A log event as a span `Event`: its message is the name, its level an attribute.
+    fn event(out: &mut Vec<u8>, e: &Logged) {
+        fixed64(out, 1, e.at);
+        bytes_field(out, 2, e.message.as_bytes());
+        for (k, v) in &e.attributes {
+            attribute(out, 3, k, v.into());
+        }
+        attribute(out, 3, "level", Attr::Str(e.level.as_str()));
     }
 }

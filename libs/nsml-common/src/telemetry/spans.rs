@@ -18,6 +18,8 @@ use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
+use nsml_eventstore::StoredEvent;
+
 use super::export::Queue;
 
 /// The most log events kept per span; later ones are counted as dropped.
@@ -215,11 +217,16 @@ pub struct Recording {
 
 impl Recording {
     pub fn new(name: &'static str, start: u64) -> Self {
+        Self::with_room(name, start, 0)
+    }
+
+    /// A recording with room for `fields` attributes, so that recording them allocates once.
+    pub fn with_room(name: &'static str, start: u64, fields: usize) -> Self {
         Self {
             name,
             kind: 1,
             start,
-            attributes: Vec::new(),
+            attributes: Vec::with_capacity(fields.min(MAX_ATTRIBUTES)),
             events: Vec::new(),
             dropped_events: 0,
             error: None,
@@ -229,12 +236,17 @@ impl Recording {
     pub fn set(&mut self, key: &'static str, value: Value) {
         if key == "otel.kind" {
             if let Value::Str(kind) = &value {
-                self.kind = match kind.to_ascii_lowercase().as_str() {
-                    "server" => 2,
-                    "client" => 3,
-                    "producer" => 4,
-                    "consumer" => 5,
-                    _ => 1,
+                let is = |k: &str| kind.eq_ignore_ascii_case(k);
+                self.kind = if is("server") {
+                    2
+                } else if is("client") {
+                    3
+                } else if is("producer") {
+                    4
+                } else if is("consumer") {
+                    5
+                } else {
+                    1
                 };
             }
             return;
@@ -259,7 +271,47 @@ pub struct Finished {
     pub parent: u64,
     pub remote_parent: bool,
     pub end: u64,
-    pub recording: Box<Recording>,
+    pub body: Body,
+}
+
+/// What a closed span holds besides its place in the trace.
+#[derive(Debug)]
+pub enum Body {
+    /// A `tracing` span the layer recorded.
+    Recorded(Recording),
+    /// A consumer of the log (a read model, a reactor) applying one event, recorded without a `tracing` span:
+    /// its attributes (the consumer, the event's type and position) are read off the event when it is sent.
+    Applied {
+        consumer: &'static str,
+        event: Arc<StoredEvent>,
+        start: u64,
+    },
+}
+
+impl Finished {
+    /// The span's name.
+    pub fn name(&self) -> &'static str {
+        match &self.body {
+            Body::Recorded(r) => r.name,
+            Body::Applied { .. } => "apply",
+        }
+    }
+
+    /// When the span started (ns since the Unix epoch).
+    pub fn start(&self) -> u64 {
+        match &self.body {
+            Body::Recorded(r) => r.start,
+            Body::Applied { start, .. } => *start,
+        }
+    }
+
+    /// The recording of a `tracing` span.
+    pub fn recording(&self) -> Option<&Recording> {
+        match &self.body {
+            Body::Recorded(r) => Some(r),
+            Body::Applied { .. } => None,
+        }
+    }
 }
 
 /// What a span keeps in its extensions.
@@ -267,7 +319,7 @@ pub(super) struct SpanState {
     pub(super) cx: TraceContext,
     parent: u64,
     remote_parent: bool,
-    pub(super) recording: Option<Box<Recording>>,
+    pub(super) recording: Option<Recording>,
 }
 
 thread_local! {
@@ -339,9 +391,10 @@ where
         let sampled = self.sampler.decide(parent.map(|p| p.sampled), trace_id);
         let recording =
             (sampled && self.queue.is_some() && !super::export::suppressed()).then(|| {
-                let mut r = Recording::new(attrs.metadata().name(), now_ns());
+                let fields = attrs.metadata().fields();
+                let mut r = Recording::with_room(attrs.metadata().name(), now_ns(), fields.len());
                 attrs.record(&mut Fields(&mut r));
-                Box::new(r)
+                r
             });
         span.extensions_mut().insert(SpanState {
             cx: TraceContext {
@@ -362,7 +415,7 @@ where
         let mut ext = span.extensions_mut();
         if let Some(r) = ext
             .get_mut::<SpanState>()
-            .and_then(|s| s.recording.as_deref_mut())
+            .and_then(|s| s.recording.as_mut())
         {
             values.record(&mut Fields(r));
         }
@@ -378,7 +431,7 @@ where
         let mut ext = span.extensions_mut();
         let Some(r) = ext
             .get_mut::<SpanState>()
-            .and_then(|s| s.recording.as_deref_mut())
+            .and_then(|s| s.recording.as_mut())
         else {
             return;
         };
@@ -416,7 +469,7 @@ where
                 parent: state.parent,
                 remote_parent: state.remote_parent,
                 end: now_ns(),
-                recording,
+                body: Body::Recorded(recording),
             });
         }
     }
