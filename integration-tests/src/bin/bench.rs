@@ -22,12 +22,15 @@
 //!
 //! With `--tracing-cost` it measures only what tracing costs admissions (see [`tracing_cost`]).
 //!
+//! With `--admissions-only` it measures only the admissions from concurrent clients and from one, embedded and
+//! then distributed (unless `--embedded-only`), each deployment started fresh: the quick way to compare the two.
+//!
 //! With `--checkpoints` it measures only checkpoints (see [`checkpoints`]): `nsml.save` and `nsml.load` timed
 //! inside a real session, `nsml model pull` through the CLI, each against `cp FILE DIR; sync` of the same size
 //! in the same run.
 //!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
-//! [--admissions N] [--clients N] [--rate N] [--embedded-only]`, or `target/release/nsml-bench --soak 240`, or
+//! [--admissions N] [--clients N] [--rate N] [--embedded-only] [--admissions-only]`, or `target/release/nsml-bench --soak 240`, or
 //! `target/release/nsml-bench --tracing-cost [--rounds N] [--admissions N] [--clients N]`, or
 //! `target/release/nsml-bench --checkpoints [--runs N] [--sizes 200,1024]`.
 
@@ -110,6 +113,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.iter().any(|a| a == "--tracing-cost") {
         return tracing_cost(get("--rounds", 5), get("--admissions", 3000), clients).await;
+    }
+    if args.iter().any(|a| a == "--admissions-only") {
+        return admissions_only(admissions_n, clients, skip_distributed).await;
     }
     if soak_secs > 0 {
         let duration = Duration::from_secs(soak_secs as u64);
@@ -409,6 +415,44 @@ async fn distributed_admissions(n: usize, clients: usize) -> anyhow::Result<(Fig
     drop_stream(&stream).await;
     db.drop_db().await;
     figures
+}
+
+/// Admissions alone (see [`admissions`]): from `clients` clients and from one, in a fresh embedded deployment,
+/// then (unless `skip_distributed`) in a fresh distributed one.
+async fn admissions_only(n: usize, clients: usize, skip_distributed: bool) -> anyhow::Result<()> {
+    let embedded = {
+        let dep = Deployment::embedded_env(&[], UNLIMITED)?;
+        let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+        let many = admissions(&alice, n, clients).await?;
+        let one = admissions(&alice, n.min(2000), 1).await?;
+        (many, one)
+    };
+    let distributed = if skip_distributed {
+        None
+    } else {
+        Some(distributed_admissions(n.min(DISTRIBUTED_ADMISSIONS), clients).await?)
+    };
+    println!("nsml-bench --admissions-only ({n} admissions from {clients} clients, 2000 from one)");
+    println!("{:<44} {:>10} {:>10}", "measure", "p50", "p99");
+    let row = |label: &str, (ms, rate): &Figures| {
+        println!(
+            "{:<44} {:>8.2}ms {:>8.2}ms   {:.0}/s",
+            label,
+            pct(ms.to_vec(), 0.5),
+            pct(ms.to_vec(), 0.99),
+            rate
+        );
+    };
+    let deployments =
+        std::iter::once(("embedded", embedded)).chain(distributed.map(|d| ("distributed", d)));
+    for (deployment, (many, one)) in deployments {
+        row(
+            &format!("admissions, {}, {deployment}", count(clients)),
+            &many,
+        );
+        row(&format!("admissions, 1 client, {deployment}"), &one);
+    }
+    Ok(())
 }
 
 /// Resident memory of `nsmld up` after 50 ended sessions and after `n` (none removed): the growth per session
