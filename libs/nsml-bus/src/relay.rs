@@ -14,8 +14,7 @@ use crate::Bus;
 const BATCH: usize = 500;
 /// How long the relay waits before polling an empty outbox again (unless woken).
 const IDLE_POLL: Duration = Duration::from_millis(5);
-/// How long a relay without the outbox lease waits (unless woken by an append of its own process) before it
-/// looks at the outbox and the lease again.
+/// How long a relay without the outbox lease waits before it looks at the lease again.
 const UNLEASED_POLL: Duration = Duration::from_secs(1);
 /// First wait after a failure; doubles on each consecutive failure.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -26,8 +25,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 ///
 /// Several relays (in several processes) over one store may publish the same event twice; consumers drop
 /// duplicates. An event leaves the outbox only after the bus accepted it. Where processes share the store, an
-/// [`OutboxLease`] keeps all but one of them from polling it: the others look only when woken by an append of
-/// their own (and once a second).
+/// [`OutboxLease`] leaves the outbox to one of them, which publishes every process's appends in position
+/// order; the others only look at the lease, once a second, to take over from a holder that died.
 #[derive(Debug)]
 pub struct Relay {
     wake: Arc<Notify>,
@@ -44,8 +43,8 @@ impl Relay {
         Self::spawn_leased(store, bus, cancel, None)
     }
 
-    /// Like [`Relay::spawn`], for a store other processes share: the relay polls the outbox only while it
-    /// holds `lease`.
+    /// Like [`Relay::spawn`], for a store other processes share: the relay reads and publishes the outbox
+    /// only while it holds `lease`.
     pub fn spawn_leased(
         store: Arc<dyn EventStore>,
         bus: Arc<dyn Bus>,
@@ -101,23 +100,31 @@ async fn run(
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let round = tokio::select! {
-            biased;
-            () = cancel.cancelled() => return,
-            round = relay_once(&*store, &*bus) => round,
+        let leased = match &lease {
+            None => true,
+            Some(lease) => tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                held = lease.held() => held,
+            },
+        };
+        // Only the holder of the lease publishes: one publisher puts events on the bus in position order, once
+        // each, where a relay in every appending process published each event up to three times and out of
+        // order, so that every subscriber saw gaps and read the store to fill them.
+        let round = if leased {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                round = relay_once(&*store, &*bus) => round,
+            }
+        } else {
+            Round::Idle
         };
         match round {
             Round::Relayed => backoff = FIRST_BACKOFF,
             Round::Idle => {
                 backoff = FIRST_BACKOFF;
-                let poll = match &lease {
-                    None => IDLE_POLL,
-                    Some(lease) => tokio::select! {
-                        biased;
-                        () = cancel.cancelled() => return,
-                        held = lease.held() => if held { IDLE_POLL } else { UNLEASED_POLL },
-                    },
-                };
+                let poll = if leased { IDLE_POLL } else { UNLEASED_POLL };
                 tokio::select! {
                     biased;
                     () = cancel.cancelled() => return,

@@ -6,10 +6,10 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::Mutex;
 
-/// Whether this process sweeps the outbox. Where several processes append to one log, each publishes what it
-/// appended itself as soon as it is committed, and the one holding the lease also publishes whatever else is
-/// waiting (the appends of a process that died before publishing them). Without a lease every process would
-/// poll the whole outbox and publish every event.
+/// Whether this process sweeps the outbox. Where several processes append to one log, the one holding the
+/// lease publishes every process's appends, in position order; the others wait to take the lease over. Were
+/// each to publish its own appends as well, subscribers would get the events of two processes out of order
+/// and read the store to fill each gap.
 ///
 /// The lease only saves work: should two processes both believe they hold it for a moment, events are
 /// published twice, which consumers drop as duplicates.

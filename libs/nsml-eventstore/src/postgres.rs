@@ -9,11 +9,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
 use crate::error::is_stream_version_violation;
-use crate::hash::{ChainBreak, event_hash};
+use crate::hash::ChainBreak;
 use crate::lease::PostgresLease;
-use crate::row::{
-    ChainRow, EventRow, advance_watermark, into_events, metadata_json, to_i64, to_u64,
-};
+use crate::row::{ChainRow, EventRow, into_events, metadata_json, to_i64, to_u64};
 use crate::{
     Appended, Chain, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError, StoredEvent,
 };
@@ -33,8 +31,9 @@ const MAX_BATCH: usize = 256;
 /// see a position before the ones below it.
 ///
 /// Within one process, appends are queued to one task, which commits every append queued at that moment (up to
-/// `MAX_BATCH`) in one transaction: one lock of the head row and one commit (one flush of Postgres's log) for
-/// them all rather than one each. Every append is checked against its stream's version in turn,
+/// `MAX_BATCH`) in one statement, a call of the `nsml_append` function (its own transaction): one round trip,
+/// one lock of the head row and one commit (one flush of Postgres's log) for them all rather than several
+/// round trips each, with the head locked across them. Every append is checked against its stream's version in turn,
 /// seeing the ones before it in the batch; one that does not match is refused alone. Nobody is answered before
 /// the commit; if it fails, every append of the batch fails and none is stored. Appends queued on a [`Chain`]
 /// commit in queue order, and once one fails the later ones fail, so a writer may queue its next append before
@@ -201,155 +200,141 @@ async fn run_appender(pool: PgPool, mut queue: mpsc::UnboundedReceiver<Queued>) 
     }
 }
 
-/// Commits `batch` in one transaction and answers each append. An append whose statement fails (which the head
-/// lock leaves to the unexpected: a lost connection, a constraint) is answered with that error, and the others
-/// are tried again in a new transaction, as nothing of the failed one was committed.
-async fn commit_batch(pool: &PgPool, mut batch: Vec<Queued>) {
-    while !batch.is_empty() {
-        match try_batch(pool, &batch).await {
-            Ok(outcomes) => {
-                for (queued, outcome) in batch.into_iter().zip(outcomes) {
-                    queued.answer(outcome);
-                }
-                return;
+/// Commits `batch` in one statement and answers each append. When the statement fails, nothing of it was
+/// committed. An error that belongs to one append's rows (a constraint, bad data) is found by committing the
+/// batch again one append at a time, so that it goes to that append and the others are stored; any other (a
+/// lost connection, a database out of reach) fails every append of the batch.
+async fn commit_batch(pool: &PgPool, batch: Vec<Queued>) {
+    match try_batch(pool, &batch).await {
+        Ok(outcomes) => {
+            for (queued, outcome) in batch.into_iter().zip(outcomes) {
+                queued.answer(outcome);
             }
-            Err((Some(failed), err)) => {
-                let queued = batch.remove(failed);
+        }
+        Err(err) if batch.len() > 1 && is_about_the_rows(&err) => {
+            for queued in batch {
+                Box::pin(commit_batch(pool, vec![queued])).await;
+            }
+        }
+        Err(err) if batch.len() == 1 => {
+            if let Some(queued) = batch.into_iter().next() {
                 let err = map_insert_error(pool, err, &queued.stream, queued.expected).await;
                 queued.answer(Err(err));
             }
-            Err((None, err)) => {
-                // The transaction itself failed (begin, the head, its update, the commit): nothing is stored.
-                let err = Arc::new(err);
-                for queued in batch {
-                    queued.answer(Err(StoreError::Postgres(err.clone())));
-                }
-                return;
+        }
+        Err(err) => {
+            let err = Arc::new(err);
+            for queued in batch {
+                queued.answer(Err(StoreError::Postgres(err.clone())));
             }
         }
     }
 }
 
-/// What a batch's transaction did for each of its appends, or the index of the append whose statement failed
-/// (`None`: the transaction's own), with the error; on error nothing is committed.
-type BatchResult = Result<Vec<Result<Appended, StoreError>>, (Option<usize>, sqlx::Error)>;
-
-async fn try_batch(pool: &PgPool, batch: &[Queued]) -> BatchResult {
-    let whole = |err| (None, err);
-    let mut tx = pool.begin().await.map_err(whole)?;
-    let (head_position, head_hash): (i64, String) =
-        sqlx::query_as("SELECT position, hash FROM log_head WHERE id = 1 FOR UPDATE")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(whole)?;
-    let head_position = u64::try_from(head_position).map_err(|_| {
-        whole(sqlx::Error::Decode(
-            format!("negative log head position {head_position}").into(),
-        ))
-    })?;
-    let mut head = (head_position, head_hash);
-    let start = head.0;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (i, queued) in batch.iter().enumerate() {
-        let outcome = append_in(&mut tx, queued, &mut head)
-            .await
-            .map_err(|err| (Some(i), err))?;
-        if outcome.is_err()
-            && let Some(chain) = &queued.chain
-        {
-            chain.fail();
-        }
-        outcomes.push(outcome);
-    }
-    if head.0 > start {
-        sqlx::query("UPDATE log_head SET position = $1, hash = $2 WHERE id = 1")
-            .bind(to_i64(head.0))
-            .bind(&head.1)
-            .execute(&mut *tx)
-            .await
-            .map_err(whole)?;
-    }
-    tx.commit().await.map_err(whole)?;
-    Ok(outcomes)
+/// Whether a failed append statement was refused for what it wrote: an integrity constraint (SQLSTATE class
+/// 23) or a data exception (class 22), rather than for the connection or the server.
+fn is_about_the_rows(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db)
+        if db.code().is_some_and(|code| code.starts_with("23") || code.starts_with("22")))
 }
 
-/// Appends `queued` in the batch's transaction after `head` (the log's last position and hash so far), which
-/// it advances. `Ok(Err(conflict))`, with nothing written, when the stream's version does not match or when its
-/// chain is broken (an earlier append of it failed: this one was decided on a state that did not happen).
-async fn append_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    queued: &Queued,
-    head: &mut (u64, String),
-) -> Result<Result<Appended, StoreError>, sqlx::Error> {
-    let stream = queued.stream.as_str();
-    let current = version_of(&mut **tx, stream).await?;
-    if let Err(conflict) = queued
-        .expected
-        .check_queued(stream, current, queued.chain.as_ref())
-    {
-        return Ok(Err(conflict));
+/// How `nsml_append` reads an expected version: its kind, and the version for `Exact`.
+fn expected_args(expected: ExpectedVersion) -> (i16, i64) {
+    match expected {
+        ExpectedVersion::Any => (0, 0),
+        ExpectedVersion::NoStream => (1, 0),
+        ExpectedVersion::Exact(v) => (2, to_i64(v)),
     }
-    let head_position = head.0;
-    if queued.events.is_empty() {
-        return Ok(Ok(Appended {
-            version: current,
-            first_position: head_position + 1,
-            last_position: head_position,
-        }));
+}
+
+/// One row of `nsml_append`: whether the append was stored, the stream's version after it (or, refused, as it
+/// stands), and its first and last positions.
+type AppendRow = (bool, i64, i64, i64);
+
+/// Commits `batch` with one call of `nsml_append` (migrations/postgres/0003_append_and_ack_functions.sql),
+/// which holds the head lock only for that statement: what each append did, in order, or the statement's error,
+/// in which case nothing was committed.
+async fn try_batch(
+    pool: &PgPool,
+    batch: &[Queued],
+) -> Result<Vec<Result<Appended, StoreError>>, sqlx::Error> {
+    let events = batch.iter().map(|q| q.events.len()).sum();
+    let mut streams = Vec::with_capacity(batch.len());
+    let mut kinds = Vec::with_capacity(batch.len());
+    let mut versions = Vec::with_capacity(batch.len());
+    let mut chains = Vec::with_capacity(batch.len());
+    let mut broken = Vec::with_capacity(batch.len());
+    let mut counts = Vec::with_capacity(batch.len());
+    let mut types = Vec::with_capacity(events);
+    let mut payloads = Vec::with_capacity(events);
+    let mut metadatas = Vec::with_capacity(events);
+    // Appends of one chain share a number, so that the statement refuses those after one it refused.
+    let mut chain_numbers: Vec<&Arc<Chain>> = Vec::new();
+    for queued in batch {
+        let (kind, version) = expected_args(queued.expected);
+        streams.push(queued.stream.as_str());
+        kinds.push(kind);
+        versions.push(version);
+        let chain = queued.chain.as_ref().map_or(0, |chain| {
+            let index = chain_numbers
+                .iter()
+                .position(|c| Arc::ptr_eq(c, chain))
+                .unwrap_or_else(|| {
+                    chain_numbers.push(chain);
+                    chain_numbers.len() - 1
+                });
+            i32::try_from(index + 1).unwrap_or(i32::MAX)
+        });
+        chains.push(chain);
+        broken.push(queued.chain.as_ref().is_some_and(|c| c.is_broken()));
+        counts.push(i32::try_from(queued.events.len()).unwrap_or(i32::MAX));
+        for event in &queued.events {
+            types.push(event.event_type.as_str());
+            payloads.push(event.payload.as_slice());
+            metadatas.push(metadata_json(&event.metadata));
+        }
     }
-    let count = queued.events.len();
-    let mut positions = Vec::with_capacity(count);
-    let mut versions = Vec::with_capacity(count);
-    let mut types = Vec::with_capacity(count);
-    let mut payloads = Vec::with_capacity(count);
-    let mut metadatas = Vec::with_capacity(count);
-    let mut prev_hashes = Vec::with_capacity(count);
-    let mut hashes = Vec::with_capacity(count);
-    let mut prev_hash = head.1.clone();
-    for (i, event) in queued.events.iter().enumerate() {
-        let position = head_position + 1 + i as u64;
-        let version = current + 1 + i as u64;
-        let metadata = metadata_json(&event.metadata);
-        let hash = event_hash(
-            &prev_hash,
-            position,
-            stream,
-            version,
-            &event.event_type,
-            &event.payload,
-            &metadata,
-        );
-        positions.push(to_i64(position));
-        versions.push(to_i64(version));
-        types.push(event.event_type.as_str());
-        payloads.push(event.payload.as_slice());
-        metadatas.push(metadata);
-        prev_hashes.push(std::mem::replace(&mut prev_hash, hash.clone()));
-        hashes.push(hash);
-    }
-    sqlx::query(
-        "INSERT INTO events (position, stream, version, event_type, payload, metadata, prev_hash, hash) \
-         SELECT t.position, $2, t.version, t.event_type, t.payload, t.metadata, t.prev_hash, t.hash \
-         FROM UNNEST($1::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::BYTEA[], $6::TEXT[], $7::TEXT[], $8::TEXT[]) \
-         AS t(position, version, event_type, payload, metadata, prev_hash, hash)",
+    let rows: Vec<AppendRow> = sqlx::query_as(
+        "SELECT appended, stream_version, first_at, last_at \
+         FROM nsml_append($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
-    .bind(&positions)
-    .bind(stream)
+    .bind(&streams)
+    .bind(&kinds)
     .bind(&versions)
+    .bind(&chains)
+    .bind(&broken)
+    .bind(&counts)
     .bind(&types)
     .bind(&payloads)
     .bind(&metadatas)
-    .bind(&prev_hashes)
-    .bind(&hashes)
-    .execute(&mut **tx)
+    .fetch_all(pool)
     .await?;
-    let last_position = head_position + count as u64;
-    *head = (last_position, prev_hash);
-    Ok(Ok(Appended {
-        version: current + count as u64,
-        first_position: head_position + 1,
-        last_position,
-    }))
+    if rows.len() != batch.len() {
+        return Err(sqlx::Error::Protocol(format!(
+            "nsml_append answered {} appends of {}",
+            rows.len(),
+            batch.len()
+        )));
+    }
+    Ok(batch
+        .iter()
+        .zip(rows)
+        .map(|(queued, (appended, version, first, last))| {
+            let version = to_u64(version, "version")?;
+            if !appended {
+                return Err(StoreError::Conflict {
+                    stream: queued.stream.clone(),
+                    expected: queued.expected,
+                    actual: version,
+                });
+            }
+            Ok(Appended {
+                version,
+                first_position: to_u64(first, "position")?,
+                last_position: to_u64(last, "position")?,
+            })
+        })
+        .collect())
 }
 
 /// A stream's version: that of its last event, 0 when it has none.
@@ -513,34 +498,13 @@ impl EventStore for PostgresStore {
         if positions.is_empty() {
             return Ok(());
         }
-        // The watermark row is locked for the acknowledgement, never by appends, so relays of several
-        // processes acknowledging at once wait only for each other.
-        let mut tx = self.pool.begin().await?;
-        let (relayed, beyond, head): (i64, Vec<i64>, i64) = sqlx::query_as(
-            "SELECT w.relayed, w.relayed_beyond, (SELECT position FROM log_head WHERE id = 1) \
-             FROM outbox_watermark w WHERE w.id = 1 FOR UPDATE",
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        let beyond = beyond
-            .into_iter()
-            .map(|p| to_u64(p, "acknowledged position"))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (relayed, head) = (
-            to_u64(relayed, "relay watermark")?,
-            to_u64(head, "position")?,
-        );
-        if let Some((relayed, beyond)) = advance_watermark(relayed, beyond, head, positions) {
-            let beyond: Vec<i64> = beyond.into_iter().map(to_i64).collect();
-            sqlx::query(
-                "UPDATE outbox_watermark SET relayed = $1, relayed_beyond = $2 WHERE id = 1",
-            )
-            .bind(to_i64(relayed))
-            .bind(&beyond)
-            .execute(&mut *tx)
+        // One statement (migrations/postgres/0003_append_and_ack_functions.sql): it locks the watermark row,
+        // never taken by appends, so relays of several processes acknowledging at once wait only for each other.
+        let positions: Vec<i64> = positions.iter().copied().map(to_i64).collect();
+        sqlx::query("SELECT nsml_outbox_ack($1)")
+            .bind(&positions)
+            .execute(&self.pool)
             .await?;
-        }
-        tx.commit().await?;
         Ok(())
     }
 

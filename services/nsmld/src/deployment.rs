@@ -400,8 +400,8 @@ impl Deployment {
                 config.bus
             );
         };
-        // One relay per process moves this process's appends from the outbox to the bus as they commit; the
-        // one holding the lease (if the log is shared) also sweeps up what other processes left.
+        // One relay per process moves appends from the outbox to the bus as they commit; where the log is
+        // shared, only the one holding the lease does, for every process.
         let cancel = CancellationToken::new();
         let relay =
             nsml_bus::Relay::spawn_leased(store.clone(), bus.clone(), cancel.clone(), lease);
