@@ -21,6 +21,9 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 /// Connections per store.
 const POOL_SIZE: u32 = 10;
 
+/// How long a pooled connection may sit idle and still be handed out without a ping.
+const PING_IF_IDLE: Duration = Duration::from_secs(1);
+
 /// The most appends one transaction commits.
 const MAX_BATCH: usize = 256;
 
@@ -75,6 +78,20 @@ impl PostgresStore {
             // While the database is out of reach, a call is answered UNAVAILABLE (which callers retry) after
             // this long rather than hanging on for sqlx's default 30 s.
             .acquire_timeout(Duration::from_secs(5))
+            // sqlx would ping every connection it hands out: a round trip before every statement, as many
+            // as the statements themselves. Only a connection that sat idle is pinged (and replaced if the
+            // server went away meanwhile); one in use a moment ago is trusted, and should it have broken
+            // since, its statement fails as it would have an instant after a ping.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE {
+                        use sqlx::Connection as _;
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect(url)
             .await?;
         MIGRATOR.run(&pool).await?;
