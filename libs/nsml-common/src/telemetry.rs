@@ -1117,11 +1117,21 @@ mod tests {
             queue.push(span(n));
         }
         assert_eq!(queue.dropped(), 2);
-        let first: Vec<u64> = queue.take().iter().map(|s| s.cx.span_id).collect();
-        assert_eq!(first, [1, 2], "a batch at a time, oldest first");
-        let rest: Vec<u64> = queue.take().iter().map(|s| s.cx.span_id).collect();
-        assert_eq!(rest, [3]);
+        let ids = |batch: &Vec<Finished>| batch.iter().map(|s| s.cx.span_id).collect::<Vec<_>>();
+        let first = queue.take();
+        assert_eq!(ids(&first), [1, 2], "a batch at a time, oldest first");
+        // A sent batch's buffer comes back empty and is filled again.
+        queue.recycle(first);
+        let rest = queue.take();
+        assert_eq!(ids(&rest), [3]);
+        queue.recycle(rest);
         assert!(queue.take().is_empty());
+        for n in 6..=9 {
+            queue.push(span(n));
+        }
+        assert_eq!(ids(&queue.take()), [6, 7]);
+        assert_eq!(ids(&queue.take()), [8]);
+        assert_eq!(queue.dropped(), 3);
     }
 
     #[test]

@@ -27,6 +27,9 @@ use super::spans::{Body, Finished, Logged, Recording, Value};
 /// Spans closed and not yet sent.
 pub struct Queue {
     spans: Mutex<Vec<Finished>>,
+    /// A batch's buffer the exporter has sent and emptied, kept for the next batch to fill (so that a
+    /// busy exporter allocates no new buffer per batch).
+    spare: Mutex<Vec<Finished>>,
     limit: usize,
     batch: usize,
     /// Woken when a batch is full.
@@ -38,6 +41,7 @@ impl Queue {
     pub fn new(limit: usize, batch: usize) -> Self {
         Self {
             spans: Mutex::new(Vec::with_capacity(batch)),
+            spare: Mutex::new(Vec::new()),
             limit: limit.max(1),
             batch: batch.clamp(1, limit.max(1)),
             full: Notify::new(),
@@ -63,11 +67,23 @@ impl Queue {
 
     /// Up to one batch of the oldest spans.
     pub fn take(&self) -> Vec<Finished> {
+        let mut next = std::mem::take(&mut *self.spare.lock());
+        next.reserve(self.batch);
         let mut q = self.spans.lock();
         if q.len() <= self.batch {
-            std::mem::replace(&mut *q, Vec::with_capacity(self.batch))
+            std::mem::replace(&mut *q, next)
         } else {
-            q.drain(..self.batch).collect()
+            next.extend(q.drain(..self.batch));
+            next
+        }
+    }
+
+    /// Gives back a batch's buffer once its spans are sent, for a later batch.
+    pub fn recycle(&self, mut buffer: Vec<Finished>) {
+        buffer.clear();
+        let mut spare = self.spare.lock();
+        if buffer.capacity() > spare.capacity() {
+            *spare = buffer;
         }
     }
 
@@ -349,7 +365,7 @@ impl Sender {
                 let batch = queue.take();
                 let whole = batch.len() == queue.batch;
                 if !batch.is_empty() {
-                    self.send(batch).await;
+                    queue.recycle(self.send(batch).await);
                 }
                 if !whole {
                     break;
@@ -361,12 +377,13 @@ impl Sender {
         }
     }
 
-    async fn send(&mut self, batch: Vec<Finished>) {
+    /// Sends `batch`, and gives back its emptied buffer.
+    async fn send(&mut self, mut batch: Vec<Finished>) -> Vec<Finished> {
         let n = batch.len();
         let body = self.encoder.request(&batch);
-        drop(batch);
+        batch.clear();
         let err = match tokio::time::timeout(self.timeout, self.export(body)).await {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => return batch,
             Ok(Err(status)) => status.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
@@ -383,6 +400,7 @@ impl Sender {
                 "cannot export spans: {err}"
             );
         }
+        batch
     }
 
     /// `TraceService.Export` of an encoded `ExportTraceServiceRequest`.

@@ -41,7 +41,7 @@ impl TraceContext {
     pub fn parse(traceparent: &str) -> Option<Self> {
         // Read on every event every consumer of the log handles: bytes, no allocation, no second pass.
         let tp = traceparent.trim().as_bytes();
-        let version = u8::try_from(hex(tp.get(..2)?)?).ok()?;
+        let version = hex(tp.get(..2)?)?;
         // Version 00 is exactly 55 characters; a later version may append fields after a dash.
         let fits = match version {
             0 => tp.len() == 55,
@@ -51,8 +51,8 @@ impl TraceContext {
         if !fits || tp[2] != b'-' || tp[35] != b'-' || tp[52] != b'-' {
             return None;
         }
-        let trace_id = (hex(&tp[3..19])? << 64) | hex(&tp[19..35])?;
-        let span_id = u64::try_from(hex(&tp[36..52])?).ok()?;
+        let trace_id = (u128::from(hex(&tp[3..19])?) << 64) | u128::from(hex(&tp[19..35])?);
+        let span_id = hex(&tp[36..52])?;
         let flags = hex(&tp[53..55])?;
         (trace_id != 0 && span_id != 0).then_some(Self {
             trace_id,
@@ -72,17 +72,35 @@ impl TraceContext {
     }
 }
 
-/// The value of at most 16 hex digits.
-fn hex(digits: &[u8]) -> Option<u128> {
-    digits.iter().try_fold(0u128, |acc, &d| {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            b'A'..=b'F' => d - b'A' + 10,
-            _ => return None,
-        };
-        Some((acc << 4) | u128::from(v))
-    })
+/// Each byte's value as a hex digit, or `INVALID`.
+const HEX: [u8; 256] = {
+    let mut table = [INVALID; 256];
+    let mut i = 0;
+    while i < 10 {
+        table[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        table[b'a' as usize + i] = 10 + i as u8;
+        table[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    table
+};
+const INVALID: u8 = 0x80;
+
+/// The value of at most 16 hex digits: a table lookup per digit, one check at the end (every consumer of the
+/// log reads the context of the events it uses).
+fn hex(digits: &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    let mut seen = 0u8;
+    for &d in digits {
+        let v = HEX[usize::from(d)];
+        seen |= v;
+        value = (value << 4) | u64::from(v & 0x0f);
+    }
+    (seen & INVALID == 0).then_some(value)
 }
 
 /// A new trace id: random and never zero.
