@@ -30,7 +30,8 @@
 //! in the same run.
 //!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
-//! [--admissions N] [--clients N] [--rate N] [--embedded-only] [--admissions-only]`, or `target/release/nsml-bench --soak 240`, or
+//! [--admissions N] [--clients N] [--rate N] [--embedded-only] [--admissions-only]`, or
+//! `target/release/nsml-bench --soak 240`, or
 //! `target/release/nsml-bench --tracing-cost [--rounds N] [--admissions N] [--clients N]`, or
 //! `target/release/nsml-bench --checkpoints [--runs N] [--sizes 200,1024]`.
 
@@ -240,15 +241,7 @@ async fn main() -> anyhow::Result<()> {
         pct(line_ms.clone(), 0.5),
         pct(line_ms, 0.99)
     );
-    let row = |label: &str, ms: &[f64], rate: f64| {
-        println!(
-            "{:<44} {:>8.2}ms {:>8.2}ms   {:.0}/s",
-            label,
-            pct(ms.to_vec(), 0.5),
-            pct(ms.to_vec(), 0.99),
-            rate
-        );
-    };
+    let row = admission_row;
     row(
         &format!("admissions, {}, embedded", count(clients)),
         &adm_ms,
@@ -289,6 +282,17 @@ async fn main() -> anyhow::Result<()> {
 }
 
 type Figures = (Vec<f64>, f64);
+
+/// One line of admission figures: p50 and p99 latency, and the rate.
+fn admission_row(label: &str, ms: &[f64], rate: f64) {
+    println!(
+        "{:<44} {:>8.2}ms {:>8.2}ms   {:.0}/s",
+        label,
+        pct(ms.to_vec(), 0.5),
+        pct(ms.to_vec(), 0.99),
+        rate
+    );
+}
 
 /// The bench is one caller making thousands of calls: it lifts the gateway's per-caller rate limit (500/s,
 /// which the distributed deployment's admissions also exceed).
@@ -434,15 +438,7 @@ async fn admissions_only(n: usize, clients: usize, skip_distributed: bool) -> an
     };
     println!("nsml-bench --admissions-only ({n} admissions from {clients} clients, 2000 from one)");
     println!("{:<44} {:>10} {:>10}", "measure", "p50", "p99");
-    let row = |label: &str, (ms, rate): &Figures| {
-        println!(
-            "{:<44} {:>8.2}ms {:>8.2}ms   {:.0}/s",
-            label,
-            pct(ms.to_vec(), 0.5),
-            pct(ms.to_vec(), 0.99),
-            rate
-        );
-    };
+    let row = |label: &str, (ms, rate): &Figures| admission_row(label, ms, *rate);
     let deployments =
         std::iter::once(("embedded", embedded)).chain(distributed.map(|d| ("distributed", d)));
     for (deployment, (many, one)) in deployments {

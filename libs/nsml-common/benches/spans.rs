@@ -14,8 +14,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nsml_common::telemetry::export::{Encoding, Queue};
-use nsml_common::telemetry::spans::{Body, Finished, Root};
-use nsml_common::telemetry::{Sampler, TraceContext, TraceLayer, current_traceparent, span_in};
+use nsml_common::telemetry::spans::{Root, now_ns};
+use nsml_common::telemetry::{
+    Sampler, TraceContext, TraceLayer, apply_span, current_traceparent, span_in,
+};
 use nsml_eventstore::{Metadata, StoredEvent};
 use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -24,6 +26,10 @@ use tracing_subscriber::layer::SubscriberExt;
 const ADMISSIONS: usize = 20_000;
 const ROUNDS: usize = 9;
 const BATCH: usize = 512;
+const ALWAYS: Sampler = Sampler {
+    parent_based: true,
+    root: Root::On,
+};
 
 fn event() -> Arc<StoredEvent> {
     Arc::new(StoredEvent {
@@ -63,37 +69,20 @@ fn admission(incoming: &str, ev: &Arc<StoredEvent>, queue: Option<&Queue>) {
         let Some(parent) = TraceContext::parse(&ev.metadata.traceparent) else {
             continue;
         };
-        queue.push(Finished {
-            cx: TraceContext {
-                span_id: rand::random::<u64>() | 1,
-                ..parent
-            },
-            parent: parent.span_id,
-            remote_parent: true,
-            end: now_ns(),
-            body: Body::Applied {
-                consumer,
-                event: ev.clone(),
-                start,
-            },
-        });
+        queue.push(apply_span(
+            consumer,
+            ev,
+            parent,
+            ALWAYS.child_of(parent),
+            start,
+        ));
     }
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn main() {
     let ev = event();
     let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let mut encoding = Encoding::new(&Resource::default(), &InstrumentationScope::default());
-    let always = Sampler {
-        parent_based: true,
-        root: Root::On,
-    };
     let names = ["no layer", "ids only", "100% recorded + encoded"];
     let mut figures: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut bytes = 0usize;
@@ -118,7 +107,7 @@ fn main() {
                 ),
                 _ => tracing::subscriber::with_default(
                     tracing_subscriber::registry()
-                        .with(TraceLayer::recording(always, queue.clone())),
+                        .with(TraceLayer::recording(ALWAYS, queue.clone())),
                     || {
                         for n in 0..ADMISSIONS {
                             admission(incoming, &ev, Some(&queue));

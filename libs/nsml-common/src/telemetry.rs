@@ -332,21 +332,8 @@ impl Handling {
         if let Some(read) = self.read.get() {
             return read;
         }
-        let read = TraceContext::parse(&self.event.metadata.traceparent).map(|parent| {
-            let own = if self.sampler.decide(Some(parent.sampled), parent.trace_id) {
-                TraceContext {
-                    trace_id: parent.trace_id,
-                    span_id: spans::new_span_id(),
-                    sampled: true,
-                }
-            } else {
-                TraceContext {
-                    sampled: false,
-                    ..parent
-                }
-            };
-            (parent, own)
-        });
+        let read = TraceContext::parse(&self.event.metadata.traceparent)
+            .map(|parent| (parent, self.sampler.child_of(parent)));
         self.read.set(Some(read));
         read
     }
@@ -414,13 +401,14 @@ async fn handling_for<F: Future>(
         })
         .await;
     if let Some((parent, own)) = recorded {
-        queue.push(applied(consumer, event, parent, own, start));
+        queue.push(apply_span(consumer, event, parent, own, start));
     }
     out
 }
 
-/// The `apply` span of `consumer` for `event`.
-fn applied(
+/// The `apply` span of `consumer` for `event`, a child of the event's context `parent`, as `cx`, from `start`
+/// to now.
+pub fn apply_span(
     consumer: &'static str,
     event: &Arc<StoredEvent>,
     parent: TraceContext,
@@ -471,17 +459,13 @@ impl Applying {
         let Some((sampler, queue)) = RECORDER.get().filter(|_| used) else {
             return out;
         };
-        let Some(parent) = TraceContext::parse(&event.metadata.traceparent)
-            .filter(|p| sampler.decide(Some(p.sampled), p.trace_id))
+        let Some((parent, cx)) = TraceContext::parse(&event.metadata.traceparent)
+            .map(|parent| (parent, sampler.child_of(parent)))
+            .filter(|(_, cx)| cx.sampled)
         else {
             return out;
         };
-        let cx = TraceContext {
-            trace_id: parent.trace_id,
-            span_id: spans::new_span_id(),
-            sampled: true,
-        };
-        let span = applied(self.consumer, event, parent, cx, self.since);
+        let span = apply_span(self.consumer, event, parent, cx, self.since);
         self.since = span.end;
         queue.push(span);
         out

@@ -114,7 +114,7 @@ pub(super) fn new_span_id() -> u64 {
 }
 
 /// Nanoseconds since the Unix epoch.
-pub(super) fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
@@ -153,6 +153,23 @@ impl Sampler {
                 }
                 Root::Ratio(_) => false,
             },
+        }
+    }
+
+    /// The context of a span made as a child of `parent` (an event's, a call's): a new sampled span of the
+    /// parent's trace when this sampler samples it, else the parent's context, passed on unsampled.
+    pub fn child_of(&self, parent: TraceContext) -> TraceContext {
+        if self.decide(Some(parent.sampled), parent.trace_id) {
+            TraceContext {
+                span_id: new_span_id(),
+                sampled: true,
+                ..parent
+            }
+        } else {
+            TraceContext {
+                sampled: false,
+                ..parent
+            }
         }
     }
 
