@@ -559,6 +559,19 @@ fn before_reveal(w: &World) -> anyhow::Result<Vec<Row>> {
             }),
             [SKIP, DENIED, SKIP, SKIP, SKIP, SKIP],
         ),
+        // Named by a client that does not know whether its team uploaded it: unknown, as `FindCode` says.
+        Row::new(
+            "SessionService/Run",
+            "another team's code, unconfirmed",
+            msg(RunRequest {
+                dataset: "t1-cls".into(),
+                code_snapshot: w.snapshot.clone(),
+                resources: Some(small()),
+                code_unconfirmed: true,
+                ..Default::default()
+            }),
+            [SKIP, NOT_FOUND, SKIP, SKIP, SKIP, SKIP],
+        ),
         Row::new(
             "SessionService/List",
             "all",

@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
-use nsml_archive::{ArchiveError, Limits, Links, Refusal};
+use nsml_archive::{ArchiveError, Encoding, Limits, Links, Refusal};
 
 use crate::ignore::IgnoreRules;
 
@@ -21,6 +21,15 @@ pub fn collect(root: &Path, rules: &IgnoreRules) -> Result<Collected> {
 /// Packs the collected entries of `root` into a gzip'd tar, keeping modes and modification times.
 pub fn pack(root: &Path, collected: &Collected) -> Result<Vec<u8>> {
     nsml_archive::pack_collected(root, collected).context("cannot pack the upload")
+}
+
+/// Returns the SHA-256 (hex) of the plain tar that [`pack`] compresses, computed without compressing it or
+/// holding it in memory.
+pub fn digest(root: &Path, collected: &Collected) -> Result<String> {
+    use sha2::{Digest as _, Sha256};
+    let hasher = nsml_archive::write_collected(root, collected, Sha256::new(), Encoding::Plain)
+        .context("cannot pack the upload")?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// What an extraction wrote.

@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,11 @@ impl CredentialStore {
     /// Returns the store in `dir`.
     pub fn in_dir(dir: PathBuf) -> Self {
         Self { dir }
+    }
+
+    /// Returns the directory the store keeps its files in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Returns the path of `credentials.json`.
@@ -96,7 +101,7 @@ impl CredentialStore {
 }
 
 #[cfg(unix)]
-fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(true)
@@ -105,7 +110,7 @@ fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     fs::create_dir_all(dir)
 }
 

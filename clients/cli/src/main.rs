@@ -11,6 +11,7 @@ mod commands;
 mod config;
 mod ignore;
 mod json;
+mod known_code;
 mod output;
 mod retry;
 mod trace;
@@ -56,8 +57,9 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     let name = matches.subcommand_name().unwrap_or("nsml").to_string();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: a command is a few calls in a row, and the thread that reads an answer goes on with it
+    // rather than waking another (no worker threads to start, hand work to, or join at exit).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

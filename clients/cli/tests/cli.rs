@@ -35,6 +35,8 @@ struct State {
     /// How many uploads came, and the snapshot ids (content hashes) they stored.
     uploads: usize,
     snapshots: Vec<String>,
+    /// How many `FindCode` calls came.
+    finds: usize,
     runs: Vec<pb::RunRequest>,
     removes: Vec<pb::RemoveRequest>,
     registered: Vec<(pb::DatasetMeta, Vec<u8>)>,
@@ -258,6 +260,7 @@ impl StorageService for Mock {
     async fn find_code(&self, request: Request<pb::FindCodeRequest>) -> Rpc<pb::CodeSnapshot> {
         authorized(&request)?;
         let id = request.into_inner().id;
+        self.state().finds += 1;
         if !self.state().snapshots.contains(&id) {
             return Err(Status::not_found(format!("code snapshot `{id}` not found")));
         }
@@ -327,6 +330,13 @@ impl SessionService for Mock {
         authorized(&request)?;
         let run = request.into_inner();
         let name = format!("demo/{}/1", run.dataset);
+        // As the session service answers a client that does not know whether it uploaded the code.
+        if run.code_unconfirmed && !self.state().snapshots.contains(&run.code_snapshot) {
+            return Err(Status::not_found(format!(
+                "code snapshot `{}` not found",
+                run.code_snapshot
+            )));
+        }
         self.state().runs.push(run);
         Ok(Response::new(session(
             &name,
@@ -784,15 +794,48 @@ async fn run_of_unchanged_code_uploads_nothing() {
         let state = h.mock.state();
         assert_eq!(state.uploads, 1, "unchanged code is not uploaded again");
         assert_eq!(state.runs[1].code_snapshot, state.runs[0].code_snapshot);
+        // Named from what this machine packed before, checked and started in one call.
+        assert!(!state.runs[0].code_unconfirmed);
+        assert!(state.runs[1].code_unconfirmed);
+        assert_eq!(state.finds, 1, "only the first run looked for its code");
     }
 
-    // A changed file is uploaded as new code.
-    std::fs::write(work.path().join("main.py"), "print('changed')\n").unwrap();
-    let changed = h.nsml_in(work.path(), &run, "").await;
-    assert_eq!(code(&changed), 0, "{}", stderr(&changed));
+    // Whatever the archive records of a file is part of the code: its content, its mode, its name.
+    let mut expected_uploads = 1;
+    let mut snapshots = vec![h.mock.state().runs[0].code_snapshot.clone()];
+    let changes: [&dyn Fn(&Path); 3] = [
+        &|dir| std::fs::write(dir.join("main.py"), "print('changed')\n").unwrap(),
+        &|dir| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let file = dir.join("main.py");
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+        },
+        &|dir| std::fs::rename(dir.join("main.py"), dir.join("train.py")).unwrap(),
+    ];
+    let run_train = ["run", "-d", "t1-cls", "-g", "0", "-e", "train.py"];
+    for (i, change) in changes.iter().enumerate() {
+        change(work.path());
+        let args: &[&str] = if i == 2 { &run_train } else { &run };
+        let changed = h.nsml_in(work.path(), args, "").await;
+        assert_eq!(code(&changed), 0, "{}", stderr(&changed));
+        expected_uploads += 1;
+        let state = h.mock.state();
+        assert_eq!(state.uploads, expected_uploads, "change {i} is uploaded");
+        let snapshot = state.runs.last().unwrap().code_snapshot.clone();
+        assert!(!snapshots.contains(&snapshot), "change {i} is new code");
+        snapshots.push(snapshot);
+    }
+
+    // A snapshot this machine remembers but the server does not have (another server, say) is uploaded.
+    h.mock.state().snapshots.clear();
+    let elsewhere = h.nsml_in(work.path(), &run_train, "").await;
+    assert_eq!(code(&elsewhere), 0, "{}", stderr(&elsewhere));
+    assert!(!stdout(&elsewhere).contains("nothing to upload"));
     let state = h.mock.state();
-    assert_eq!(state.uploads, 2);
-    assert_ne!(state.runs[2].code_snapshot, state.runs[0].code_snapshot);
+    assert_eq!(state.uploads, expected_uploads + 1);
+    let last = state.runs.last().unwrap();
+    assert_eq!(&last.code_snapshot, snapshots.last().unwrap());
+    assert!(!last.code_unconfirmed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

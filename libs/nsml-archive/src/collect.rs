@@ -1,12 +1,14 @@
 //! Uploads of a directory: collecting what `.nsmlignore` leaves in, and packing it.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
 
 use crate::error::ArchiveError;
+use crate::format::Encoding;
 use crate::ignore::IgnoreRules;
 
 /// What an upload holds: directories and regular files, relative to the uploaded directory, sorted.
@@ -94,7 +96,41 @@ fn walk(
 
 /// Packs the collected entries of `root` into a gzip'd tar, keeping modes and modification times.
 pub fn pack_collected(root: &Path, collected: &Collected) -> Result<Vec<u8>, ArchiveError> {
-    let mut builder = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::default()));
+    write_collected(root, collected, Vec::new(), Encoding::Gzip)
+}
+
+/// Writes the collected entries of `root` as a tar encoded as `encoding` into `writer`, and returns the
+/// writer. The tar's bytes are the same whatever the writer, so a plain tar written into a hasher names the
+/// tar that [`pack_collected`] compresses, without compressing anything.
+pub fn write_collected<W: Write>(
+    root: &Path,
+    collected: &Collected,
+    writer: W,
+    encoding: Encoding,
+) -> Result<W, ArchiveError> {
+    let fail = |e| ArchiveError::io("cannot pack", root, e);
+    match encoding {
+        Encoding::Plain => {
+            let mut builder = tar::Builder::new(writer);
+            append_collected(&mut builder, root, collected)?;
+            builder.into_inner().map_err(fail)
+        }
+        Encoding::Gzip => {
+            let mut builder = tar::Builder::new(GzEncoder::new(writer, Compression::default()));
+            append_collected(&mut builder, root, collected)?;
+            builder
+                .into_inner()
+                .and_then(GzEncoder::finish)
+                .map_err(fail)
+        }
+    }
+}
+
+fn append_collected<W: Write>(
+    builder: &mut tar::Builder<W>,
+    root: &Path,
+    collected: &Collected,
+) -> Result<(), ArchiveError> {
     builder.follow_symlinks(false);
     for entry in &collected.entries {
         let source = root.join(&entry.path);
@@ -105,7 +141,5 @@ pub fn pack_collected(root: &Path, collected: &Collected) -> Result<Vec<u8>, Arc
         }
         .map_err(|e| ArchiveError::io("cannot pack", &source, e))?;
     }
-    let fail = |e| ArchiveError::io("cannot pack", root, e);
-    let encoder = builder.into_inner().map_err(fail)?;
-    encoder.finish().map_err(fail)
+    Ok(())
 }

@@ -11,7 +11,8 @@
 //!   [`first_file`] reads the one file a small archive holds.
 //! - Readers take plain and gzip'd tars alike, told apart by their first bytes ([`Decoded`]).
 //! - [`pack_dir`] packs a tree as it is; [`collect()`] and [`pack_collected`] pack an upload under
-//!   [`IgnoreRules`] (`.nsmlignore`); [`Reproducible`] packs the same files into the same bytes.
+//!   [`IgnoreRules`] (`.nsmlignore`), and [`write_collected`] writes that tar, plain or gzip'd, into any
+//!   writer; [`Reproducible`] packs the same files into the same bytes.
 //!
 //! Everything here blocks: run it on a blocking thread. Errors are one closed enum, [`ArchiveError`].
 
@@ -23,7 +24,7 @@ pub mod pack;
 pub mod rules;
 pub mod unpack;
 
-pub use collect::{Collected, CollectedEntry, collect, pack_collected};
+pub use collect::{Collected, CollectedEntry, collect, pack_collected, write_collected};
 pub use error::{ArchiveError, PathFault, Refusal, Special};
 pub use format::{Decoded, Encoding};
 pub use ignore::IgnoreRules;

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use nsml_archive::{
     Encoding, IgnoreRules, Limits, Links, Reproducible, collect, pack_collected, pack_dir, unpack,
+    write_collected,
 };
 
 fn tree(root: &Path, files: &[&str]) {
@@ -74,6 +75,28 @@ fn uploads_honour_nsmlignore_and_skip_git_and_symlinks() {
     let names: Vec<_> = files.keys().map(String::as_str).collect();
     assert_eq!(names, [".nsmlignore", "main.py", "model/net.py"]);
     assert_eq!(files["model/net.py"], "contents of model/net.py");
+}
+
+#[test]
+fn the_plain_collected_tar_is_the_one_the_gzip_pack_holds() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    fs::create_dir(root.join("model")).unwrap();
+    fs::write(root.join("main.py"), "print('hi')\n").unwrap();
+    fs::write(root.join("model/net.py"), [b'x'; 3000]).unwrap();
+    let collected = collect(root, &IgnoreRules::default()).unwrap();
+
+    let plain = write_collected(root, &collected, Vec::new(), Encoding::Plain).unwrap();
+    let gzip = pack_collected(root, &collected).unwrap();
+    assert_eq!(&gzip[..2], [0x1f, 0x8b]);
+    let mut inflated = Vec::new();
+    flate2::read::GzDecoder::new(&gzip[..])
+        .read_to_end(&mut inflated)
+        .unwrap();
+    assert_eq!(plain, inflated);
+    // The same tree packs to the same bytes, so either names the snapshot.
+    assert_eq!(gzip, pack_collected(root, &collected).unwrap());
 }
 
 #[test]

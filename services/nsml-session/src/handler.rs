@@ -199,6 +199,21 @@ impl Handler {
         Ok(())
     }
 
+    /// Requires `snapshot` to be code that `team` uploaded, as the read model has it now, for a client that
+    /// named its code by its hash without knowing whether it was uploaded (`RunRequest.code_unconfirmed`) and
+    /// uploads it when refused: nothing is waited for, and a snapshot only another team uploaded is refused as
+    /// unknown, as `FindCode` refuses it (the caller is not to learn that another team has that code).
+    pub fn check_code_now(&self, team: &str, snapshot: &str) -> Result<(), SessionError> {
+        let known = self.read(|s| s.code.get(snapshot).is_some_and(|t| t.contains(team)));
+        if known {
+            Ok(())
+        } else {
+            Err(SessionError::CodeNotFound {
+                snapshot: snapshot.to_string(),
+            })
+        }
+    }
+
     /// Requires `snapshot` to be code that `team` uploaded: another team's snapshot id must not run in this
     /// team's session, whose checkpoints and logs would hand that code over. The upload's event may reach this
     /// service's read model a moment after the upload returned, so a snapshot not known yet, or known only as

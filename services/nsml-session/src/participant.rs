@@ -174,7 +174,11 @@ impl Participants {
         let resources = with_defaults(r.resources);
         check_resources(&resources)?;
         check_capacity(self.launcher.executor.capacity(), &resources)?;
-        handler.check_code(team, &r.code_snapshot).await?;
+        if r.code_unconfirmed {
+            handler.check_code_now(team, &r.code_snapshot)?;
+        } else {
+            handler.check_code(team, &r.code_snapshot).await?;
+        }
         let environment_python = handler.read(|s| {
             let envs = s.environments.get(&competition).map(Vec::as_slice);
             environment_python(envs.unwrap_or_default(), &competition, &r.environment)

@@ -343,17 +343,22 @@ impl Harness {
     }
 }
 
-#[tokio::test]
-async fn code_another_team_uploaded_too_runs_once_this_team_s_upload_is_recorded() {
-    let p = Platform::new().await;
-    let code_of = |team: &str| CodeUploaded {
+/// A team's upload of code as storage records it.
+fn code_uploaded(id: &str, team: &str) -> CodeUploaded {
+    CodeUploaded {
         snapshot: Some(CodeSnapshot {
-            id: "code-shared".into(),
+            id: id.into(),
             team: team.into(),
             size_bytes: 10,
         }),
         uploaded_by: "someone".into(),
-    };
+    }
+}
+
+#[tokio::test]
+async fn code_another_team_uploaded_too_runs_once_this_team_s_upload_is_recorded() {
+    let p = Platform::new().await;
+    let code_of = |team: &str| code_uploaded("code-shared", team);
     // Two teams upload the same code; the other team's upload is recorded first.
     p.append("code-code-shared", &code_of("bees")).await;
     let h = p.serve(Arc::new(FakeExecutor::default())).await;
@@ -382,14 +387,7 @@ async fn code_another_team_uploaded_too_runs_once_this_team_s_upload_is_recorded
     req.code_snapshot = "code-bees-only".into();
     p.append(
         "code-code-bees-only",
-        &CodeUploaded {
-            snapshot: Some(CodeSnapshot {
-                id: "code-bees-only".into(),
-                team: "bees".into(),
-                size_bytes: 10,
-            }),
-            uploaded_by: "someone".into(),
-        },
+        &code_uploaded("code-bees-only", "bees"),
     )
     .await;
     let err = h
@@ -399,6 +397,49 @@ async fn code_another_team_uploaded_too_runs_once_this_team_s_upload_is_recorded
         .await
         .expect_err("another team's code");
     assert!(err.message().contains("another team"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_run_of_unconfirmed_code_starts_only_on_this_team_s_upload_and_hides_another_team_s() {
+    let p = Platform::new().await;
+    p.append(
+        "code-code-bees-only",
+        &code_uploaded("code-bees-only", "bees"),
+    )
+    .await;
+    let executor = FakeExecutor::with(&[], Capacity::default());
+    let h = p.serve(executor.clone()).await;
+    let run = |snapshot: &str| RunRequest {
+        dataset: "mnist".into(),
+        code_snapshot: snapshot.into(),
+        resources: Some(Resources::default()),
+        code_unconfirmed: true,
+        ..Default::default()
+    };
+
+    // Code the team never uploaded, and code only another team did, are alike unknown to the caller.
+    for snapshot in ["code-never-uploaded", "code-bees-only"] {
+        let err = h
+            .client
+            .clone()
+            .run(h.as_alice(run(snapshot)))
+            .await
+            .expect_err(snapshot);
+        assert_eq!(err.code(), tonic::Code::NotFound, "{snapshot}: {err:?}");
+        assert!(err.message().contains("not found"), "{snapshot}: {err:?}");
+    }
+    assert!(executor.started().is_empty());
+
+    // The team's own upload runs in the same call.
+    let s = h
+        .client
+        .clone()
+        .run(h.as_alice(run("code-ants")))
+        .await
+        .expect("the team's code runs")
+        .into_inner();
+    assert_eq!(s.code_snapshot, "code-ants");
+    assert_eq!(executor.started(), [s.name.as_str()]);
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ use crate::api::Api;
 use crate::archive;
 use crate::cli::RunArgs;
 use crate::ignore::IgnoreRules;
+use crate::known_code::KnownCode;
 use crate::output::{session_ended, session_status};
 use crate::{Exit, UsageError};
 
@@ -60,48 +61,48 @@ pub async fn run(ctx: &Context, args: RunArgs) -> Result<()> {
         bail!("entry file {} not found in {}", args.entry, dir.display());
     }
     let environment = entry_environment(&dir.join(&args.entry))?;
-    let pack_dir = dir.clone();
-    let upload = tokio::task::spawn_blocking(move || archive::pack(&pack_dir, &collected))
-        .await
-        .context("packing the upload stopped")??;
+    // On the runtime's one thread, which has nothing else to do yet (the connection is made by the first
+    // call): for an unchanged tree this reads the files and hashes them, which costs less than a thread.
+    let packed = name_code(&dir, collected, &KnownCode::in_dir(ctx.store.dir()))?;
     let api = ctx.api()?;
-    // The archive's bytes depend on the files' contents only, so its hash names the snapshot the platform
-    // keeps of it: code the team uploaded before is not uploaded again.
-    let id = hex::encode(Sha256::digest(&upload));
-    let snapshot = match find_code(&api, &args.dataset, &id).await? {
-        Some(snapshot) => {
+    let request = RunRequest {
+        dataset: args.dataset.clone(),
+        entry: args.entry.clone(),
+        args: args.args.clone(),
+        resources: Some(Resources {
+            gpus: args.gpus,
+            cpus: args.cpus,
+            memory_bytes: args.memory,
+            shm_bytes: args.shm,
+        }),
+        memo: args.memo.clone(),
+        code_snapshot: packed.id.clone(),
+        interactive: args.interactive,
+        environment,
+        code_unconfirmed: false,
+    };
+    // Code this machine packed before is likely uploaded: one call checks that and starts the session.
+    let started = if packed.upload.is_none() {
+        run_if_code_known(&api, &request).await?
+    } else {
+        None
+    };
+    let session = match started {
+        Some(session) => {
             println!("Code unchanged since it was last uploaded: nothing to upload");
-            snapshot
+            session
         }
         None => {
-            if upload.len() > LARGE_UPLOAD {
-                eprintln!(
-                    "Warning: the upload is {}, over 10 MB; consider .nsmlignore",
-                    format_size(upload.len() as u64)
-                );
-            }
-            upload_code(&api, &args.dataset, upload).await?
+            let snapshot = stored_snapshot(ctx, &api, &args.dataset, &dir, packed).await?;
+            api.session()
+                .run(RunRequest {
+                    code_snapshot: snapshot.id,
+                    ..request
+                })
+                .await?
+                .into_inner()
         }
     };
-    let session = api
-        .session()
-        .run(RunRequest {
-            dataset: args.dataset.clone(),
-            entry: args.entry.clone(),
-            args: args.args.clone(),
-            resources: Some(Resources {
-                gpus: args.gpus,
-                cpus: args.cpus,
-                memory_bytes: args.memory,
-                shm_bytes: args.shm,
-            }),
-            memo: args.memo.clone(),
-            code_snapshot: snapshot.id,
-            interactive: args.interactive,
-            environment,
-        })
-        .await?
-        .into_inner();
     println!("Session {} is started", session.name);
     if args.interactive {
         return interact(&api, &session.name).await;
@@ -116,6 +117,90 @@ fn load_rules(dir: &Path) -> Result<IgnoreRules> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(IgnoreRules::default()),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+/// The code of a directory as `run` names it: the snapshot id it uploads as, and the gzip'd archive when it
+/// had to be packed to learn that id.
+struct Packed {
+    /// SHA-256 of the plain tar (see [`archive::digest`]).
+    digest: String,
+    /// SHA-256 of the gzip'd tar: the snapshot's id.
+    id: String,
+    upload: Option<Vec<u8>>,
+    collected: archive::Collected,
+}
+
+/// Names the collected code of `dir`. The snapshot id is the SHA-256 of the gzip'd archive, whose bytes depend on
+/// the plain tar's bytes alone (names, modes, modification times and contents); an id remembered for the plain
+/// tar's digest is that id without compressing anything. Blocks: it reads every file.
+fn name_code(dir: &Path, collected: archive::Collected, known: &KnownCode) -> Result<Packed> {
+    let digest = archive::digest(dir, &collected)?;
+    if let Some(id) = known.get(&digest) {
+        return Ok(Packed {
+            digest,
+            id,
+            upload: None,
+            collected,
+        });
+    }
+    let upload = archive::pack(dir, &collected)?;
+    let id = hex::encode(Sha256::digest(&upload));
+    known.remember(&digest, &id);
+    Ok(Packed {
+        digest,
+        id,
+        upload: Some(upload),
+        collected,
+    })
+}
+
+/// Starts the session if the team has the code `request` names, checked by the same call
+/// (`RunRequest.code_unconfirmed`); `None` when it has not, or may not have (the server says NOT_FOUND): the
+/// code is then looked for and uploaded as for code packed for the first time, and whatever the refusal was
+/// about (a dataset that does not exist) is said by those calls, as it was before.
+async fn run_if_code_known(api: &Api, request: &RunRequest) -> Result<Option<Session>> {
+    let request = RunRequest {
+        code_unconfirmed: true,
+        ..request.clone()
+    };
+    match api.session().run(request).await {
+        Ok(session) => Ok(Some(session.into_inner())),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
+        Err(status) => Err(status.into()),
+    }
+}
+
+/// The team's snapshot of the packed code: found when the team uploaded it before, uploaded otherwise.
+async fn stored_snapshot(
+    ctx: &Context,
+    api: &Api,
+    dataset: &str,
+    dir: &Path,
+    packed: Packed,
+) -> Result<CodeSnapshot> {
+    if let Some(snapshot) = find_code(api, dataset, &packed.id).await? {
+        println!("Code unchanged since it was last uploaded: nothing to upload");
+        return Ok(snapshot);
+    }
+    let upload = match packed.upload {
+        Some(upload) => upload,
+        None => {
+            let (dir, collected) = (dir.to_path_buf(), packed.collected);
+            tokio::task::spawn_blocking(move || archive::pack(&dir, &collected))
+                .await
+                .context("packing the upload stopped")??
+        }
+    };
+    if upload.len() > LARGE_UPLOAD {
+        eprintln!(
+            "Warning: the upload is {}, over 10 MB; consider .nsmlignore",
+            format_size(upload.len() as u64)
+        );
+    }
+    let snapshot = upload_code(api, dataset, upload).await?;
+    // Storage names the snapshot by the bytes it received; that is the id to remember.
+    KnownCode::in_dir(ctx.store.dir()).remember(&packed.digest, &snapshot.id);
+    Ok(snapshot)
 }
 
 /// The team's snapshot `id` of code for `dataset`, if it uploaded that code before; `None` also from a server
