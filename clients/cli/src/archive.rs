@@ -18,9 +18,13 @@ pub fn collect(root: &Path, rules: &IgnoreRules) -> Result<Collected> {
     Ok(nsml_archive::collect(root, rules.inner())?)
 }
 
-/// Packs the collected entries of `root` into a gzip'd tar, keeping modes and modification times.
-pub fn pack(root: &Path, collected: &Collected) -> Result<Vec<u8>> {
-    nsml_archive::pack_collected(root, collected).context("cannot pack the upload")
+/// Packs the collected entries of `root` into a gzip'd tar, keeping modes and modification times, and returns
+/// it with the [`digest`] of the plain tar it holds, taken of the same bytes.
+pub fn pack(root: &Path, collected: &Collected) -> Result<(String, Vec<u8>)> {
+    use sha2::{Digest as _, Sha256};
+    let (archive, hasher) = nsml_archive::pack_collected_teed(root, collected, Sha256::new())
+        .context("cannot pack the upload")?;
+    Ok((hex::encode(hasher.finalize()), archive))
 }
 
 /// Returns the SHA-256 (hex) of the plain tar that [`pack`] compresses, computed without compressing it or

@@ -99,6 +99,44 @@ pub fn pack_collected(root: &Path, collected: &Collected) -> Result<Vec<u8>, Arc
     write_collected(root, collected, Vec::new(), Encoding::Gzip)
 }
 
+/// Packs as [`pack_collected`] does, and writes the plain tar it compresses into `plain` too (a hasher, say):
+/// both come of the same reading of the files, so they agree even when a file changes meanwhile.
+pub fn pack_collected_teed<T: Write>(
+    root: &Path,
+    collected: &Collected,
+    plain: T,
+) -> Result<(Vec<u8>, T), ArchiveError> {
+    let tee = Tee {
+        plain,
+        gzip: GzEncoder::new(Vec::new(), Compression::default()),
+    };
+    let tee = write_collected(root, collected, tee, Encoding::Plain)?;
+    let archive = tee
+        .gzip
+        .finish()
+        .map_err(|e| ArchiveError::io("cannot pack", root, e))?;
+    Ok((archive, tee.plain))
+}
+
+/// The same bytes to a writer as they are and to a gzip encoder.
+struct Tee<T: Write> {
+    plain: T,
+    gzip: GzEncoder<Vec<u8>>,
+}
+
+impl<T: Write> Write for Tee<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.gzip.write(buf)?;
+        self.plain.write_all(&buf[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.gzip.flush()?;
+        self.plain.flush()
+    }
+}
+
 /// Writes the collected entries of `root` as a tar encoded as `encoding` into `writer`, and returns the
 /// writer. The tar's bytes are the same whatever the writer, so a plain tar written into a hasher names the
 /// tar that [`pack_collected`] compresses, without compressing anything.

@@ -24,7 +24,9 @@ pub mod pack;
 pub mod rules;
 pub mod unpack;
 
-pub use collect::{Collected, CollectedEntry, collect, pack_collected, write_collected};
+pub use collect::{
+    Collected, CollectedEntry, collect, pack_collected, pack_collected_teed, write_collected,
+};
 pub use error::{ArchiveError, PathFault, Refusal, Special};
 pub use format::{Decoded, Encoding};
 pub use ignore::IgnoreRules;

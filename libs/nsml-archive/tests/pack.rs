@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use nsml_archive::{
-    Encoding, IgnoreRules, Limits, Links, Reproducible, collect, pack_collected, pack_dir, unpack,
-    write_collected,
+    Encoding, IgnoreRules, Limits, Links, Reproducible, collect, pack_collected,
+    pack_collected_teed, pack_dir, unpack, write_collected,
 };
 
 fn tree(root: &Path, files: &[&str]) {
@@ -97,6 +97,10 @@ fn the_plain_collected_tar_is_the_one_the_gzip_pack_holds() {
     assert_eq!(plain, inflated);
     // The same tree packs to the same bytes, so either names the snapshot.
     assert_eq!(gzip, pack_collected(root, &collected).unwrap());
+    // Packed with its plain tar alongside: the same archive, and the tar it holds.
+    let (teed, tar) = pack_collected_teed(root, &collected, Vec::new()).unwrap();
+    assert_eq!(teed, gzip);
+    assert_eq!(tar, plain);
 }
 
 #[test]

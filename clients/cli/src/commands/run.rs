@@ -143,7 +143,9 @@ fn name_code(dir: &Path, collected: archive::Collected, known: &KnownCode) -> Re
             collected,
         });
     }
-    let upload = archive::pack(dir, &collected)?;
+    // The digest remembered is the one of the tar compressed: a file changed since it was hashed above must not
+    // lend its old content's digest to the new content's id.
+    let (digest, upload) = archive::pack(dir, &collected)?;
     let id = hex::encode(Sha256::digest(&upload));
     known.remember(&digest, &id);
     Ok(Packed {
@@ -182,8 +184,8 @@ async fn stored_snapshot(
         println!("Code unchanged since it was last uploaded: nothing to upload");
         return Ok(snapshot);
     }
-    let upload = match packed.upload {
-        Some(upload) => upload,
+    let (digest, upload) = match packed.upload {
+        Some(upload) => (packed.digest, upload),
         None => {
             let (dir, collected) = (dir.to_path_buf(), packed.collected);
             tokio::task::spawn_blocking(move || archive::pack(&dir, &collected))
@@ -199,7 +201,7 @@ async fn stored_snapshot(
     }
     let snapshot = upload_code(api, dataset, upload).await?;
     // Storage names the snapshot by the bytes it received; that is the id to remember.
-    KnownCode::in_dir(ctx.store.dir()).remember(&packed.digest, &snapshot.id);
+    KnownCode::in_dir(ctx.store.dir()).remember(&digest, &snapshot.id);
     Ok(snapshot)
 }
 
