@@ -5,8 +5,8 @@
 //! the gateway's span, the session service's and the quota service's (each made from the caller's
 //! `traceparent`, as the call's metadata carries it), two `traceparent`s taken for the events appended, and
 //! four `apply` spans of read models decoding those events. Each setting runs the same loop: no tracing
-//! layer; the layer making ids only (export off, JSON logs); the layer recording every span, with the
-//! exporter's encoding of each full batch (the sending is not included). Rounds alternate the settings; the
+//! layer; the layer making ids only (export off, JSON logs); the layer recording every span, encoded as it
+//! closes, with the exporter's request made of each batch (the sending is not included). Rounds alternate the settings; the
 //! medians of ns per admission are printed, and the difference from no layer.
 
 use std::hint::black_box;
@@ -82,7 +82,7 @@ fn admission(incoming: &str, ev: &Arc<StoredEvent>, queue: Option<&Queue>) {
 fn main() {
     let ev = event();
     let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let mut encoding = Encoding::new(&Resource::default(), &InstrumentationScope::default());
+    let encoding = Encoding::new(&Resource::default(), &InstrumentationScope::default());
     let names = ["no layer", "ids only", "100% recorded + encoded"];
     let mut figures: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut bytes = 0usize;
@@ -114,6 +114,7 @@ fn main() {
                             if n % 64 == 63 {
                                 let batch = queue.take();
                                 bytes += encoding.request(&batch).len();
+                                queue.recycle(batch.bytes);
                             }
                         }
                     },

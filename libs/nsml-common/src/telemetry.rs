@@ -482,10 +482,11 @@ mod tests {
         AnyValue, InstrumentationScope, KeyValue, any_value,
     };
     use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::Span;
     use prost::Message as _;
     use tracing_subscriber::layer::SubscriberExt;
 
-    use super::export::{Config, Encoding, Queue};
+    use super::export::{Batch, Config, Encoding, Queue};
     use super::spans::{Body, Finished, Recording, Root, Value};
     use super::{
         Export, Sampler, TraceContext, TraceLayer, current_traceparent, log_layer,
@@ -527,13 +528,74 @@ mod tests {
         headers
     }
 
-    /// Runs `f` under a layer recording what `sampler` samples; returns the spans closed, in order.
-    fn recorded(sampler: Sampler, f: impl FnOnce()) -> Vec<Finished> {
+    /// Runs `f` under a layer recording what `sampler` samples; returns the spans closed, in order, as the
+    /// exporter sends them.
+    fn recorded(sampler: Sampler, f: impl FnOnce()) -> Vec<Span> {
         let queue = Arc::new(Queue::new(1000, 1000));
         let subscriber =
             tracing_subscriber::registry().with(TraceLayer::recording(sampler, queue.clone()));
         tracing::subscriber::with_default(subscriber, f);
-        queue.take()
+        spans_of(&request_of(&queue.take()))
+    }
+
+    /// The request the exporter sends for `batch`, decoded with OTLP's message types.
+    fn request_of(batch: &Batch) -> ExportTraceServiceRequest {
+        let resource = Resource {
+            attributes: vec![KeyValue {
+                key: "service.name".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("svc".into())),
+                }),
+            }],
+            ..Default::default()
+        };
+        let scope = InstrumentationScope {
+            name: "svc".into(),
+            ..Default::default()
+        };
+        let bytes = Encoding::new(&resource, &scope).request(batch);
+        ExportTraceServiceRequest::decode(&bytes[..]).expect("a valid ExportTraceServiceRequest")
+    }
+
+    /// The spans of a request with one resource and one scope.
+    fn spans_of(request: &ExportTraceServiceRequest) -> Vec<Span> {
+        match &request.resource_spans[..] {
+            [] => Vec::new(),
+            [rs] => rs.scope_spans[0].spans.clone(),
+            more => panic!("one resource: {more:?}"),
+        }
+    }
+
+    /// `spans` as the exporter sends them, decoded.
+    fn exported(spans: Vec<Finished>) -> ExportTraceServiceRequest {
+        let queue = Queue::new(1000, 1000);
+        for span in spans {
+            queue.push(span);
+        }
+        request_of(&queue.take())
+    }
+
+    /// A decoded span's attributes.
+    fn attributes(attrs: &[KeyValue]) -> Vec<(&str, any_value::Value)> {
+        attrs
+            .iter()
+            .map(|kv| {
+                (
+                    kv.key.as_str(),
+                    kv.value.clone().and_then(|v| v.value).expect("a value"),
+                )
+            })
+            .collect()
+    }
+
+    /// The `traceparent` of a decoded span.
+    fn traceparent_of(span: &Span) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            hex::encode(&span.trace_id),
+            hex::encode(&span.span_id),
+            span.flags & 0xff
+        )
     }
 
     const ALWAYS_ON: Sampler = Sampler {
@@ -779,42 +841,47 @@ mod tests {
             seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && seen.ends_with("-01"),
             "the span continues the incoming trace: {seen}"
         );
-        assert_eq!(spans.len(), 2, "{spans:?}");
-        let (child, call) = (&spans[0], &spans[1]);
-        let (Some(child_rec), Some(call_rec)) = (child.recording(), call.recording()) else {
-            panic!("both are recorded tracing spans: {spans:?}");
+        // As OTLP sends them, read back with the protocol's own message types.
+        let [child, call] = &spans[..] else {
+            panic!("two spans: {spans:?}");
         };
-        assert_eq!(call.name(), "call");
-        assert_eq!(call.cx.traceparent(), seen);
+        assert_eq!(traceparent_of(call), seen);
         assert_eq!(
-            call.parent, 0x00f067aa0ba902b7,
+            child.trace_id,
+            0x4bf92f3577b34da6a3ce929d0e0e4736u128.to_be_bytes()
+        );
+        assert_eq!(child.trace_id, call.trace_id);
+        assert_ne!(child.span_id, call.span_id);
+        assert_eq!(child.parent_span_id, call.span_id);
+        assert_eq!(
+            call.parent_span_id,
+            0x00f067aa0ba902b7u64.to_be_bytes(),
             "the caller's span is the parent"
         );
-        assert!(call.remote_parent);
-        assert_eq!(call_rec.kind, 2, "otel.kind sets a server span");
-        let attrs: HashMap<&str, &Value> =
-            call_rec.attributes.iter().map(|(k, v)| (*k, v)).collect();
-        assert_eq!(attrs["path"], &Value::Str("/x".into()));
+        assert_eq!(child.flags, 0x101, "sampled, parent in this process");
+        assert_eq!(call.flags, 0x301, "sampled, parent in another process");
+        assert_eq!(child.name, "child");
         assert_eq!(
-            attrs["op"],
-            &Value::Str("save".into()),
-            "recorded after it was made"
+            (call.name.as_str(), call.kind, child.kind),
+            ("call", 2, 1),
+            "otel.kind sets a server span"
         );
-        assert_eq!(child.cx.trace_id, call.cx.trace_id);
-        assert_eq!(child.parent, call.cx.span_id);
-        assert!(!child.remote_parent);
-        assert_ne!(child.cx.span_id, call.cx.span_id);
-        assert_eq!(child_rec.attributes, vec![("n", Value::Int(3))]);
-        assert_eq!(child_rec.events.len(), 1);
-        assert_eq!(child_rec.events[0].message, "it broke");
-        assert_eq!(child_rec.error.as_deref(), Some("it broke"));
-        assert!(child.end >= child.start());
-
-        // As OTLP sends them, read back with the protocol's own message types.
-        let request = exported(&spans);
-        let [resource_spans] = &request.resource_spans[..] else {
-            panic!("one resource: {request:?}");
-        };
+        assert!(child.start_time_unix_nano > 0);
+        assert!(child.end_time_unix_nano >= child.start_time_unix_nano);
+        assert!(call.start_time_unix_nano <= child.start_time_unix_nano);
+        assert!(call.end_time_unix_nano >= child.end_time_unix_nano);
+        assert_eq!(
+            attributes(&child.attributes),
+            [("n", any_value::Value::IntValue(3))]
+        );
+        assert_eq!(
+            attributes(&call.attributes),
+            [
+                ("path", any_value::Value::StringValue("/x".into())),
+                ("op", any_value::Value::StringValue("save".into())),
+            ],
+            "a field recorded after the span was made is kept"
+        );
         let attribute = |attrs: &[KeyValue], key: &str| {
             attrs
                 .iter()
@@ -822,44 +889,6 @@ mod tests {
                 .and_then(|kv| kv.value.clone())
                 .and_then(|v| v.value)
         };
-        assert_eq!(
-            attribute(
-                &resource_spans
-                    .resource
-                    .as_ref()
-                    .expect("resource")
-                    .attributes,
-                "service.name"
-            ),
-            Some(any_value::Value::StringValue("svc".into()))
-        );
-        let scope_spans = &resource_spans.scope_spans[0];
-        assert_eq!(
-            scope_spans.scope.as_ref().map(|s| s.name.as_str()),
-            Some("svc")
-        );
-        let (child, call) = (&scope_spans.spans[0], &scope_spans.spans[1]);
-        assert_eq!(
-            child.trace_id,
-            0x4bf92f3577b34da6a3ce929d0e0e4736u128.to_be_bytes()
-        );
-        assert_eq!(child.span_id, spans[0].cx.span_id.to_be_bytes());
-        assert_eq!(child.parent_span_id, call.span_id);
-        assert_eq!(call.parent_span_id, 0x00f067aa0ba902b7u64.to_be_bytes());
-        assert_eq!(child.flags, 0x101, "sampled, parent in this process");
-        assert_eq!(call.flags, 0x301, "sampled, parent in another process");
-        assert_eq!(child.name, "child");
-        assert_eq!((call.name.as_str(), call.kind, child.kind), ("call", 2, 1));
-        assert_eq!(child.start_time_unix_nano, spans[0].start());
-        assert_eq!(child.end_time_unix_nano, spans[0].end);
-        assert_eq!(
-            attribute(&child.attributes, "n"),
-            Some(any_value::Value::IntValue(3))
-        );
-        assert_eq!(
-            attribute(&call.attributes, "op"),
-            Some(any_value::Value::StringValue("save".into()))
-        );
         assert_eq!(
             child.status.as_ref().map(|s| (s.code, s.message.as_str())),
             Some((2, "it broke"))
@@ -877,25 +906,6 @@ mod tests {
             attribute(&event.attributes, "level"),
             Some(any_value::Value::StringValue("ERROR".into()))
         );
-    }
-
-    /// `spans` as the exporter encodes them, decoded with OTLP's message types.
-    fn exported(spans: &[Finished]) -> ExportTraceServiceRequest {
-        let resource = Resource {
-            attributes: vec![KeyValue {
-                key: "service.name".into(),
-                value: Some(AnyValue {
-                    value: Some(any_value::Value::StringValue("svc".into())),
-                }),
-            }],
-            ..Default::default()
-        };
-        let scope = InstrumentationScope {
-            name: "svc".into(),
-            ..Default::default()
-        };
-        let bytes = Encoding::new(&resource, &scope).request(spans);
-        ExportTraceServiceRequest::decode(&bytes[..]).expect("a valid ExportTraceServiceRequest")
     }
 
     #[test]
@@ -928,8 +938,26 @@ mod tests {
             end: 3,
             body: Body::Recorded(recording),
         };
-        let request = exported(std::slice::from_ref(&span));
-        let got = &request.resource_spans[0].scope_spans[0].spans[0];
+        let request = exported(vec![span]);
+        let [resource_spans] = &request.resource_spans[..] else {
+            panic!("one resource: {request:?}");
+        };
+        assert_eq!(
+            attributes(
+                &resource_spans
+                    .resource
+                    .as_ref()
+                    .expect("resource")
+                    .attributes
+            ),
+            [("service.name", any_value::Value::StringValue("svc".into()))]
+        );
+        let scope_spans = &resource_spans.scope_spans[0];
+        assert_eq!(
+            scope_spans.scope.as_ref().map(|s| s.name.as_str()),
+            Some("svc")
+        );
+        let got = &scope_spans.spans[0];
         assert!(got.parent_span_id.is_empty(), "a root has no parent");
         assert_eq!(got.trace_id, [0xff; 16]);
         assert_eq!(got.dropped_events_count, 300);
@@ -1021,47 +1049,47 @@ mod tests {
             String::new()
         });
         let passed = handle("appends", |_| current_traceparent());
-        let spans = queue.take();
-        let consumers: Vec<&str> = spans
+        let spans = spans_of(&request_of(&queue.take()));
+        let consumers: Vec<any_value::Value> = spans
             .iter()
-            .map(|s| match &s.body {
-                Body::Applied { consumer, .. } => *consumer,
-                Body::Recorded(r) => panic!("a tracing span: {r:?}"),
+            .map(|s| {
+                assert_eq!(s.name, "apply");
+                attributes(&s.attributes)[0].1.clone()
             })
             .collect();
-        assert_eq!(consumers, ["decodes", "appends"]);
+        assert_eq!(
+            consumers,
+            [
+                any_value::Value::StringValue("decodes".into()),
+                any_value::Value::StringValue("appends".into())
+            ]
+        );
         for s in &spans {
-            assert_eq!(s.cx.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
             assert_eq!(
-                s.parent, 0x00f067aa0ba902b7,
+                s.trace_id,
+                0x4bf92f3577b34da6a3ce929d0e0e4736u128.to_be_bytes()
+            );
+            assert_eq!(
+                s.parent_span_id,
+                0x00f067aa0ba902b7u64.to_be_bytes(),
                 "the event's span is the parent"
             );
+            assert_eq!(s.flags, 0x301, "sampled, parent in another process");
         }
         assert_eq!(
             passed,
-            spans[1].cx.traceparent(),
+            traceparent_of(&spans[1]),
             "what the handler appends names its span as parent"
         );
-        let exported = exported(&spans);
-        let otlp = &exported.resource_spans[0].scope_spans[0].spans[0];
-        assert_eq!(otlp.name, "apply");
-        let attrs: Vec<(&str, Option<any_value::Value>)> = otlp
-            .attributes
-            .iter()
-            .map(|kv| (kv.key.as_str(), kv.value.clone().and_then(|v| v.value)))
-            .collect();
         assert_eq!(
-            attrs,
+            attributes(&spans[0].attributes),
             [
-                (
-                    "consumer",
-                    Some(any_value::Value::StringValue("decodes".into()))
-                ),
+                ("consumer", any_value::Value::StringValue("decodes".into())),
                 (
                     "event",
-                    Some(any_value::Value::StringValue(ev.event_type.clone()))
+                    any_value::Value::StringValue(ev.event_type.clone())
                 ),
-                ("position", Some(any_value::Value::IntValue(1))),
+                ("position", any_value::Value::IntValue(1)),
             ]
         );
         // An unsampled trace is passed on as it came, and nothing is recorded.
@@ -1101,21 +1129,30 @@ mod tests {
             queue.push(span(n));
         }
         assert_eq!(queue.dropped(), 2);
-        let ids = |batch: &Vec<Finished>| batch.iter().map(|s| s.cx.span_id).collect::<Vec<_>>();
+        assert_eq!(queue.len(), 3);
+        let ids = |batch: &Batch| {
+            spans_of(&request_of(batch))
+                .iter()
+                .map(|s| u64::from_be_bytes(s.span_id[..].try_into().expect("8 bytes")))
+                .collect::<Vec<_>>()
+        };
         let first = queue.take();
+        assert_eq!(first.spans, 2);
         assert_eq!(ids(&first), [1, 2], "a batch at a time, oldest first");
         // A sent batch's buffer comes back empty and is filled again.
-        queue.recycle(first);
+        queue.recycle(first.bytes);
         let rest = queue.take();
         assert_eq!(ids(&rest), [3]);
-        queue.recycle(rest);
+        queue.recycle(rest.bytes);
         assert!(queue.take().is_empty());
+        assert!(queue.is_empty());
         for n in 6..=9 {
             queue.push(span(n));
         }
         assert_eq!(ids(&queue.take()), [6, 7]);
         assert_eq!(ids(&queue.take()), [8]);
         assert_eq!(queue.dropped(), 3);
+        assert!(queue.take().is_empty());
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The exporter: closed spans wait in a bounded queue and go out in batches over OTLP/gRPC, from a task of
 //! their own, as the `OTEL_EXPORTER_OTLP_*` and `OTEL_BSP_*` variables say.
 //!
-//! A span's only cost on the path that made it is moving its recording into the queue; turning it into OTLP
+//! A span is encoded as OTLP when it closes, on the thread that closed it, into the batch being filled: what
+//! it held is freed where it was made, and a queued span is its bytes alone. Wrapping a batch into a request
 //! and sending it happens here. A full queue drops spans (counted, reported at shutdown) rather than slow the
 //! platform down or grow without bound.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +27,14 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use super::spans::{Body, Finished, Logged, Recording, Value};
 
-/// Spans closed and not yet sent.
+/// Closed spans not yet sent, already in the form they are sent in: each span is encoded as it is queued,
+/// on the thread that closed it, so that what it held is freed where it was made and the exporter only moves
+/// bytes.
 pub struct Queue {
-    spans: Mutex<Vec<Finished>>,
-    /// A batch's buffer the exporter has sent and emptied, kept for the next batch to fill (so that a
-    /// busy exporter allocates no new buffer per batch).
-    spare: Mutex<Vec<Finished>>,
+    pending: Mutex<Pending>,
+    /// Buffers of batches the exporter has sent, kept for later batches to fill (so that a busy exporter
+    /// allocates no buffer per batch).
+    spare: Mutex<Vec<Vec<u8>>>,
     limit: usize,
     batch: usize,
     /// Woken when a batch is full.
@@ -37,10 +42,58 @@ pub struct Queue {
     dropped: AtomicU64,
 }
 
+/// Encoded spans: full batches, oldest first, and the batch being filled.
+struct Pending {
+    full: VecDeque<Batch>,
+    open: Batch,
+    /// Spans in all of them.
+    queued: usize,
+}
+
+/// Spans encoded one after another as the `spans` field of OTLP's `ScopeSpans` ([`Encoding::request`] wraps
+/// them into a request).
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub bytes: Vec<u8>,
+    pub spans: usize,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.spans == 0
+    }
+}
+
+thread_local! {
+    /// A span's encoding, and a nested message's inside it, reused by every span this thread closes.
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with the thread's scratch buffers emptied (new ones while the thread's are in use or gone).
+fn with_scratch(f: impl FnOnce(&mut Vec<u8>, &mut Vec<u8>)) {
+    let mut f = Some(f);
+    let _ = SCRATCH.try_with(|scratch| {
+        if let Ok(mut scratch) = scratch.try_borrow_mut()
+            && let Some(f) = f.take()
+        {
+            let (encoded, nested) = &mut *scratch;
+            encoded.clear();
+            f(encoded, nested);
+        }
+    });
+    if let Some(f) = f {
+        f(&mut Vec::new(), &mut Vec::new());
+    }
+}
+
 impl Queue {
     pub fn new(limit: usize, batch: usize) -> Self {
         Self {
-            spans: Mutex::new(Vec::with_capacity(batch)),
+            pending: Mutex::new(Pending {
+                full: VecDeque::new(),
+                open: Batch::default(),
+                queued: 0,
+            }),
             spare: Mutex::new(Vec::new()),
             limit: limit.max(1),
             batch: batch.clamp(1, limit.max(1)),
@@ -49,42 +102,73 @@ impl Queue {
         }
     }
 
-    /// Queues a closed span, or counts it as dropped when the queue is full.
+    /// Queues a closed span, encoded, or counts it as dropped when the queue is full.
     pub fn push(&self, span: Finished) {
-        let mut q = self.spans.lock();
-        if q.len() >= self.limit {
-            drop(q);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        q.push(span);
-        let filled = q.len() == self.batch;
-        drop(q);
-        if filled {
+        with_scratch(|encoded, nested| {
+            encode_span(encoded, nested, &span);
+            // What the span held is freed here, on the thread that made it, before the lock is taken.
+            drop(span);
+            let mut p = self.pending.lock();
+            if p.queued >= self.limit {
+                drop(p);
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            p.queued += 1;
+            bytes_field(&mut p.open.bytes, 2, encoded);
+            p.open.spans += 1;
+            if p.open.spans < self.batch {
+                return;
+            }
+            let next = self.fresh();
+            let filled = std::mem::replace(&mut p.open, next);
+            p.full.push_back(filled);
+            drop(p);
             self.full.notify_one();
+        });
+    }
+
+    /// An empty batch, in a sent batch's buffer when there is one.
+    fn fresh(&self) -> Batch {
+        Batch {
+            bytes: self.spare.lock().pop().unwrap_or_default(),
+            spans: 0,
         }
     }
 
-    /// Up to one batch of the oldest spans.
-    pub fn take(&self) -> Vec<Finished> {
-        let mut next = std::mem::take(&mut *self.spare.lock());
-        next.reserve(self.batch);
-        let mut q = self.spans.lock();
-        if q.len() <= self.batch {
-            std::mem::replace(&mut *q, next)
-        } else {
-            next.extend(q.drain(..self.batch));
-            next
-        }
+    /// The oldest batch: a full one, or else what the open one holds.
+    pub fn take(&self) -> Batch {
+        let mut p = self.pending.lock();
+        let batch = match p.full.pop_front() {
+            Some(full) => full,
+            None if p.open.is_empty() => return Batch::default(),
+            None => {
+                let next = self.fresh();
+                std::mem::replace(&mut p.open, next)
+            }
+        };
+        p.queued -= batch.spans;
+        batch
     }
 
-    /// Gives back a batch's buffer once its spans are sent, for a later batch.
-    pub fn recycle(&self, mut buffer: Vec<Finished>) {
+    /// Gives back a batch's buffer once it is sent, for a later batch.
+    pub fn recycle(&self, mut buffer: Vec<u8>) {
         buffer.clear();
         let mut spare = self.spare.lock();
-        if buffer.capacity() > spare.capacity() {
-            *spare = buffer;
+        // As many as the queue holds batches at most; a buffer never filled is not worth keeping.
+        if buffer.capacity() > 0 && spare.len() <= self.limit / self.batch {
+            spare.push(buffer);
         }
+    }
+
+    /// Spans queued and not yet taken.
+    pub fn len(&self) -> usize {
+        self.pending.lock().queued
+    }
+
+    /// Whether no span waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Spans dropped because the queue was full.
@@ -329,7 +413,7 @@ impl Exporter {
     pub async fn shutdown(self) {
         self.stop.cancel();
         // Every batch still queued gets its own timeout.
-        let batches = self.queue.spans.lock().len() / self.queue.batch + 1;
+        let batches = self.queue.len() / self.queue.batch + 1;
         let bound = self.timeout * u32::try_from(batches).unwrap_or(u32::MAX).min(10);
         if tokio::time::timeout(bound, self.task).await.is_err() {
             eprintln!("gave up exporting the last spans after {bound:?}");
@@ -363,7 +447,7 @@ impl Sender {
             // Send until what is left is less than a batch (or nothing, when stopping).
             loop {
                 let batch = queue.take();
-                let whole = batch.len() == queue.batch;
+                let whole = batch.spans == queue.batch;
                 if !batch.is_empty() {
                     queue.recycle(self.send(batch).await);
                 }
@@ -377,13 +461,12 @@ impl Sender {
         }
     }
 
-    /// Sends `batch`, and gives back its emptied buffer.
-    async fn send(&mut self, mut batch: Vec<Finished>) -> Vec<Finished> {
-        let n = batch.len();
+    /// Sends `batch`, and gives back its buffer.
+    async fn send(&mut self, batch: Batch) -> Vec<u8> {
+        let n = batch.spans;
         let body = self.encoder.request(&batch);
-        batch.clear();
         let err = match tokio::time::timeout(self.timeout, self.export(body)).await {
-            Ok(Ok(())) => return batch,
+            Ok(Ok(())) => return batch.bytes,
             Ok(Err(status)) => status.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
@@ -400,7 +483,7 @@ impl Sender {
                 "cannot export spans: {err}"
             );
         }
-        batch
+        batch.bytes
     }
 
     /// `TraceService.Export` of an encoded `ExportTraceServiceRequest`.
@@ -465,14 +548,12 @@ impl Decoder for Encoded {
     }
 }
 
-/// Writes OTLP's `ExportTraceServiceRequest` straight from the closed spans, field by field, with no message
-/// structs built in between. The resource and the scope, the same in every request, are encoded once.
+/// Writes OTLP's `ExportTraceServiceRequest` around a batch of spans, which [`Queue::push`] wrote straight
+/// from the closed spans, field by field, with no message structs built in between. The resource and the
+/// scope, the same in every request, are encoded once.
 pub struct Encoding {
     resource: Vec<u8>,
     scope: Vec<u8>,
-    /// Reused buffers: one span's encoding, and a nested message's inside it.
-    span: Vec<u8>,
-    nested: Vec<u8>,
 }
 
 // Protobuf wire types.
@@ -571,19 +652,12 @@ impl Encoding {
         Self {
             resource: resource.encode_to_vec(),
             scope: scope.encode_to_vec(),
-            span: Vec::new(),
-            nested: Vec::new(),
         }
     }
 
-    /// The `ExportTraceServiceRequest` of `spans`: one resource, one scope.
-    pub fn request(&mut self, spans: &[Finished]) -> Vec<u8> {
-        let mut body = Vec::with_capacity(spans.len() * 160);
-        for f in spans {
-            self.span.clear();
-            self.encode_span(f);
-            bytes_field(&mut body, 2, &self.span);
-        }
+    /// The `ExportTraceServiceRequest` of `batch`: one resource, one scope.
+    pub fn request(&self, batch: &Batch) -> Vec<u8> {
+        let body = &batch.bytes;
         // ScopeSpans { scope = 1; spans = 2 }, inside ResourceSpans { resource = 1; scope_spans = 2 }, inside
         // the request's resource_spans = 1.
         let scope_spans = 1 + varint_len(self.scope.len() as u64) + self.scope.len() + body.len();
@@ -600,76 +674,75 @@ impl Encoding {
         key(&mut out, 2, LEN);
         varint(&mut out, scope_spans as u64);
         bytes_field(&mut out, 1, &self.scope);
-        out.extend_from_slice(&body);
+        out.extend_from_slice(body);
         out
     }
+}
 
-    /// One `Span` into `self.span`.
-    fn encode_span(&mut self, f: &Finished) {
-        let out = &mut self.span;
-        bytes_field(out, 1, &f.cx.trace_id.to_be_bytes());
-        bytes_field(out, 2, &f.cx.span_id.to_be_bytes());
-        if f.parent != 0 {
-            bytes_field(out, 4, &f.parent.to_be_bytes());
-        }
-        bytes_field(out, 5, f.name().as_bytes());
-        let start = f.start();
-        fixed64(out, 7, start);
-        fixed64(out, 8, f.end.max(start));
-        match &f.body {
-            Body::Recorded(r) => {
-                key(out, 6, VARINT);
-                varint(out, r.kind as u64);
-                Self::recorded(out, &mut self.nested, r);
-            }
-            Body::Applied {
-                consumer, event, ..
-            } => {
-                key(out, 6, VARINT);
-                varint(out, 1);
-                attribute(out, 9, "consumer", Attr::Str(consumer));
-                attribute(out, 9, "event", Attr::Str(&event.event_type));
-                let position = i64::try_from(event.position).unwrap_or(i64::MAX);
-                attribute(out, 9, "position", Attr::Int(position));
-            }
-        }
-        key(out, 16, I32);
-        let flags =
-            u32::from(f.cx.sampled) | HAS_IS_REMOTE | if f.remote_parent { IS_REMOTE } else { 0 };
-        out.extend_from_slice(&flags.to_le_bytes());
+/// One `Span` into `out`, with `nested` for the messages inside it.
+fn encode_span(out: &mut Vec<u8>, nested: &mut Vec<u8>, f: &Finished) {
+    bytes_field(out, 1, &f.cx.trace_id.to_be_bytes());
+    bytes_field(out, 2, &f.cx.span_id.to_be_bytes());
+    if f.parent != 0 {
+        bytes_field(out, 4, &f.parent.to_be_bytes());
     }
-
-    fn recorded(out: &mut Vec<u8>, nested: &mut Vec<u8>, r: &Recording) {
-        for (k, v) in &r.attributes {
-            attribute(out, 9, k, v.into());
+    bytes_field(out, 5, f.name().as_bytes());
+    let start = f.start();
+    fixed64(out, 7, start);
+    fixed64(out, 8, f.end.max(start));
+    match &f.body {
+        Body::Recorded(r) => {
+            key(out, 6, VARINT);
+            varint(out, r.kind as u64);
+            recorded(out, nested, r);
         }
-        for e in &r.events {
-            nested.clear();
-            Self::event(nested, e);
-            bytes_field(out, 11, nested);
-        }
-        if r.dropped_events > 0 {
-            key(out, 12, VARINT);
-            varint(out, u64::from(r.dropped_events));
-        }
-        if let Some(message) = &r.error {
-            // Status { message = 2; code = 3 (STATUS_CODE_ERROR = 2) }
-            let len = 1 + varint_len(message.len() as u64) + message.len() + 2;
-            key(out, 15, LEN);
-            varint(out, len as u64);
-            bytes_field(out, 2, message.as_bytes());
-            key(out, 3, VARINT);
-            varint(out, 2);
+        Body::Applied {
+            consumer, event, ..
+        } => {
+            key(out, 6, VARINT);
+            varint(out, 1);
+            attribute(out, 9, "consumer", Attr::Str(consumer));
+            attribute(out, 9, "event", Attr::Str(&event.event_type));
+            let position = i64::try_from(event.position).unwrap_or(i64::MAX);
+            attribute(out, 9, "position", Attr::Int(position));
         }
     }
+    key(out, 16, I32);
+    let flags =
+        u32::from(f.cx.sampled) | HAS_IS_REMOTE | if f.remote_parent { IS_REMOTE } else { 0 };
+    out.extend_from_slice(&flags.to_le_bytes());
+}
 
-    /// A log event as a span `Event`: its message is the name, its level an attribute.
-    fn event(out: &mut Vec<u8>, e: &Logged) {
-        fixed64(out, 1, e.at);
-        bytes_field(out, 2, e.message.as_bytes());
-        for (k, v) in &e.attributes {
-            attribute(out, 3, k, v.into());
-        }
-        attribute(out, 3, "level", Attr::Str(e.level.as_str()));
+fn recorded(out: &mut Vec<u8>, nested: &mut Vec<u8>, r: &Recording) {
+    for (k, v) in &r.attributes {
+        attribute(out, 9, k, v.into());
     }
+    for e in &r.events {
+        nested.clear();
+        event(nested, e);
+        bytes_field(out, 11, nested);
+    }
+    if r.dropped_events > 0 {
+        key(out, 12, VARINT);
+        varint(out, u64::from(r.dropped_events));
+    }
+    if let Some(message) = &r.error {
+        // Status { message = 2; code = 3 (STATUS_CODE_ERROR = 2) }
+        let len = 1 + varint_len(message.len() as u64) + message.len() + 2;
+        key(out, 15, LEN);
+        varint(out, len as u64);
+        bytes_field(out, 2, message.as_bytes());
+        key(out, 3, VARINT);
+        varint(out, 2);
+    }
+}
+
+/// A log event as a span `Event`: its message is the name, its level an attribute.
+fn event(out: &mut Vec<u8>, e: &Logged) {
+    fixed64(out, 1, e.at);
+    bytes_field(out, 2, e.message.as_bytes());
+    for (k, v) in &e.attributes {
+        attribute(out, 3, k, v.into());
+    }
+    attribute(out, 3, "level", Attr::Str(e.level.as_str()));
 }

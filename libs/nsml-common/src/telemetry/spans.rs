@@ -298,7 +298,7 @@ fn set_attribute(attrs: &mut Vec<(&'static str, Value)>, key: &'static str, valu
     }
 }
 
-/// A closed span on its way to the exporter.
+/// A closed span, as the exporter's queue takes it (and encodes it at once).
 #[derive(Debug)]
 pub struct Finished {
     pub cx: TraceContext,
@@ -315,7 +315,7 @@ pub enum Body {
     /// A `tracing` span the layer recorded.
     Recorded(Recording),
     /// A consumer of the log (a read model, a reactor) applying one event, recorded without a `tracing` span:
-    /// its attributes (the consumer, the event's type and position) are read off the event when it is sent.
+    /// its attributes (the consumer, the event's type and position) are read off the event when it is encoded.
     Applied {
         consumer: &'static str,
         event: Arc<StoredEvent>,
