@@ -137,7 +137,7 @@ async fn main() -> Result<()> {
                 devices: vec![],
                 shm_bytes: RESOURCES.shm_bytes,
                 tmp_bytes: RESOURCES.memory_bytes,
-                cgroup_procs: cgroup.procs_files(),
+                cgroup_join: cgroup.join_files(),
             },
         };
         boxed.push(first_line_ms(build_command(&launch), began).await?);

@@ -9,8 +9,9 @@
 //! - **v1** (a hierarchy per controller under `/sys/fs/cgroup/`): one directory per session in each of
 //!   the `memory`, `cpu`, `cpuacct` and `pids` hierarchies, under the runner's own cgroup there.
 //!
-//! A process joins by writing its pid to every `cgroup.procs` of its session before it runs anything
-//! (see [`crate::launch::build_command`]); everything it starts afterwards is held there too.
+//! A process joins by writing `0` (itself) to every join file of its session before it runs anything
+//! (see [`crate::launch::build_command`] and [`SessionCgroup::join_files`]); everything it starts
+//! afterwards is held there too.
 //!
 //! Each runner keeps its sessions under `nsml/runner-PID/`, and at start-up kills what runners no
 //! longer alive left running there and removes their cgroups (a runner killed outright cannot remove
@@ -273,12 +274,21 @@ impl SessionCgroup {
         dirs
     }
 
-    /// The `cgroup.procs` files a process writes its pid to, to join.
-    pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs()
-            .into_iter()
-            .map(|d| d.join("cgroup.procs"))
-            .collect()
+    /// The files a single-threaded process writes `0` to, to join with itself: `tasks` on v1,
+    /// `cgroup.procs` on v2.
+    ///
+    /// On v1, moving a whole thread group (`cgroup.procs`) write-locks the kernel's global
+    /// threadgroup lock, and taking it while nothing else holds it waits out an RCU grace period:
+    /// 5 to 25 ms per session on an otherwise idle machine. A task moving only itself through
+    /// `tasks` skips that lock; a process with one thread (the `/bin/sh` that joins, before it
+    /// `exec`s anything) is then entirely in the cgroup, as with `cgroup.procs`. v2 moves threads
+    /// only within a threaded subtree, so there the join stays on `cgroup.procs`.
+    pub fn join_files(&self) -> Vec<PathBuf> {
+        let file = match self.version {
+            CgroupVersion::V1 => "tasks",
+            CgroupVersion::V2 => "cgroup.procs",
+        };
+        self.dirs().into_iter().map(|d| d.join(file)).collect()
     }
 
     fn apply(&self, limits: CgroupLimits) -> Result<()> {
@@ -578,8 +588,10 @@ mod tests {
                 },
             )
             .unwrap();
-        let procs = cg.procs_files();
+        let procs = cg.join_files();
         assert_eq!(procs.len(), 4);
+        // A v1 join moves the joining task itself, never a thread group.
+        assert!(procs.iter().all(|p| p.file_name().unwrap() == "tasks"));
         let mem = procs
             .iter()
             .find(|p| p.starts_with(root.join("memory/svc/nsml")))
@@ -715,8 +727,9 @@ mod tests {
                 },
             )
             .unwrap();
-        let procs = cg.procs_files();
+        let procs = cg.join_files();
         assert_eq!(procs.len(), 1);
+        assert_eq!(procs[0].file_name().unwrap(), "cgroup.procs");
         let d = procs[0].parent().unwrap().to_path_buf();
         assert!(d.starts_with(own.join("nsml")));
         assert_eq!(r(d.join("memory.max")), (24u64 << 30).to_string());

@@ -237,7 +237,7 @@ impl SessionDirs {
             devices: gpu_device_nodes(&dev_entries(), lease.ids()),
             shm_bytes: resources.shm_bytes,
             tmp_bytes: resources.memory_bytes,
-            cgroup_procs: cgroup.procs_files(),
+            cgroup_join: cgroup.join_files(),
         }
     }
 }

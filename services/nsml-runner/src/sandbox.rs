@@ -51,8 +51,9 @@ const ETC_PATHS: [&str; 7] = [
     "/etc/alternatives",
     "/etc/hosts",
 ];
-/// Writes the shell's pid into each `cgroup.procs` given (their count first), then runs the rest.
-const JOIN_CGROUP: &str = "n=$1; shift; while [ \"$n\" -gt 0 ]; do echo $$ > \"$1\" || exit 125; shift; n=$((n-1)); done; exec \"$@\"";
+/// Writes `0` (the shell itself, which has one thread) into each join file given (their count
+/// first), then runs the rest.
+const JOIN_CGROUP: &str = "n=$1; shift; while [ \"$n\" -gt 0 ]; do echo 0 > \"$1\" || exit 125; shift; n=$((n-1)); done; exec \"$@\"";
 /// GPU device nodes every CUDA process needs besides its own `/dev/nvidiaN`.
 const GPU_SHARED_NODES: [&str; 3] = ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"];
 
@@ -398,8 +399,9 @@ pub struct SandboxSpec {
     pub shm_bytes: u64,
     /// Size of `/tmp`; 0 leaves it to the memory limit.
     pub tmp_bytes: u64,
-    /// The `cgroup.procs` files the process joins before the sandbox starts.
-    pub cgroup_procs: Vec<PathBuf>,
+    /// The files the process joins its cgroup through before the sandbox starts
+    /// ([`crate::cgroup::SessionCgroup::join_files`]).
+    pub cgroup_join: Vec<PathBuf>,
 }
 
 /// How a path is mounted in [`SandboxSpec::bwrap_args`].
@@ -459,8 +461,8 @@ impl SandboxSpec {
         cmd.arg("-c")
             .arg(JOIN_CGROUP)
             .arg("nsml-sandbox")
-            .arg(self.cgroup_procs.len().to_string())
-            .args(&self.cgroup_procs)
+            .arg(self.cgroup_join.len().to_string())
+            .args(&self.cgroup_join)
             .arg(self.bwrap())
             .args(self.bwrap_args(cwd))
             .args(self.privilege_drop())
@@ -811,7 +813,7 @@ mod tests {
             devices: vec!["/dev/nvidia1".into(), "/dev/nvidiactl".into()],
             shm_bytes: 256 << 20,
             tmp_bytes: 2 << 30,
-            cgroup_procs: vec![],
+            cgroup_join: vec![],
         }
     }
 

@@ -284,7 +284,7 @@ fn launch(
         devices: vec![],
         shm_bytes: resources.shm_bytes,
         tmp_bytes: resources.memory_bytes,
-        cgroup_procs: cgroup.procs_files(),
+        cgroup_join: cgroup.join_files(),
     };
     LaunchSpec {
         python: python(),
