@@ -42,6 +42,9 @@ fn entry_environment(entry: &Path) -> Result<String> {
         .unwrap_or_default())
 }
 
+/// What `run` says when the team has the code already.
+const UNCHANGED: &str = "Code unchanged since it was last uploaded: nothing to upload";
+
 /// Uploads above this size get a warning: they are usually data or checkpoints that belong in `.nsmlignore`.
 const LARGE_UPLOAD: usize = 10 * 1024 * 1024;
 
@@ -89,7 +92,7 @@ pub async fn run(ctx: &Context, args: RunArgs) -> Result<()> {
     };
     let session = match started {
         Some(session) => {
-            println!("Code unchanged since it was last uploaded: nothing to upload");
+            println!("{UNCHANGED}");
             session
         }
         None => {
@@ -181,7 +184,7 @@ async fn stored_snapshot(
     packed: Packed,
 ) -> Result<CodeSnapshot> {
     if let Some(snapshot) = find_code(api, dataset, &packed.id).await? {
-        println!("Code unchanged since it was last uploaded: nothing to upload");
+        println!("{UNCHANGED}");
         return Ok(snapshot);
     }
     let (digest, upload) = match packed.upload {
