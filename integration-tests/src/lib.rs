@@ -12,6 +12,7 @@ pub mod faults;
 pub mod figures;
 pub mod grpc;
 pub mod hostile;
+pub mod large_log;
 pub mod otlp;
 pub mod scenario;
 pub mod slurm;
@@ -169,6 +170,9 @@ pub fn services() -> impl Iterator<Item = &'static str> {
         .chain(["gateway"])
 }
 
+/// How long `nsmld up` may take to print that it is ready, unless a caller allows longer.
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// A running deployment.
 pub struct Deployment {
     pub url: String,
@@ -179,6 +183,8 @@ pub struct Deployment {
     env: Vec<(String, String)>,
     competitions: Vec<PathBuf>,
     store: String,
+    /// How long `nsmld up` may take to print that it is ready.
+    ready_timeout: Duration,
 }
 
 fn wait_ready(child: &mut Child, timeout: Duration) -> anyhow::Result<String> {
@@ -222,6 +228,7 @@ impl Deployment {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             competitions: competitions.to_vec(),
+            ready_timeout: READY_TIMEOUT,
         };
         d.start_embedded()?;
         Ok(d)
@@ -254,7 +261,7 @@ impl Deployment {
             .stderr(Stdio::inherit())
             .spawn()
             .context("cannot start nsmld (is the workspace built?)")?;
-        self.url = wait_ready(&mut child, Duration::from_secs(90))?;
+        self.url = wait_ready(&mut child, self.ready_timeout)?;
         self.procs.push((args, child));
         Ok(())
     }
@@ -338,6 +345,7 @@ gpus = "0"
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             competitions: vec![],
+            ready_timeout: READY_TIMEOUT,
         };
         d.start_distributed()?;
         Ok(d)
@@ -440,6 +448,11 @@ gpus = "0"
     /// The deployment's event store: `sqlite:PATH` or a Postgres URL.
     pub fn store_url(&self) -> &str {
         &self.store
+    }
+
+    /// Lets a later start of `nsmld up` take up to `timeout` to print that it is ready (a large log's boot).
+    pub fn allow_ready_within(&mut self, timeout: Duration) {
+        self.ready_timeout = timeout;
     }
 
     /// Kills every process (SIGKILL: no graceful shutdown) and starts them again on the same data.

@@ -29,11 +29,18 @@
 //! inside a real session, `nsml model pull` through the CLI, each against `cp FILE DIR; sync` of the same size
 //! in the same run.
 //!
+//! With `--large-log` it measures only what a large competition's log costs (see
+//! [`nsml_integration_tests::large_log`]): a log of `--submissions` scored submissions (default 1,000,000) from
+//! `--teams` teams (10,000) over `--datasets` datasets (20), plus `--decisions` refused admissions (1,000,000),
+//! seeded with the events the services append; then `nsmld up`'s boot from it, its resident memory, and
+//! `Board`, `Overall` and `History` through the gateway (`--queries` of each, 300).
+//!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
 //! [--admissions N] [--clients N] [--rate N] [--embedded-only] [--admissions-only]`, or
 //! `target/release/nsml-bench --soak 240`, or
 //! `target/release/nsml-bench --tracing-cost [--rounds N] [--admissions N] [--clients N]`, or
-//! `target/release/nsml-bench --checkpoints [--runs N] [--sizes 200,1024]`.
+//! `target/release/nsml-bench --checkpoints [--runs N] [--sizes 200,1024]`, or
+//! `target/release/nsml-bench --large-log [--submissions N] [--teams N] [--datasets N] [--decisions N]`.
 
 use std::time::{Duration, Instant};
 
@@ -96,6 +103,16 @@ async fn main() -> anyhow::Result<()> {
     let kept = get("--kept", 0);
     if kept > 0 {
         return kept_sessions(kept).await;
+    }
+    if args.iter().any(|a| a == "--large-log") {
+        let sizes = nsml_integration_tests::large_log::Sizes {
+            submissions: get("--submissions", 1_000_000),
+            teams: get("--teams", 10_000),
+            datasets: get("--datasets", 20),
+            decisions: get("--decisions", 1_000_000),
+            queries: get("--queries", 300),
+        };
+        return nsml_integration_tests::large_log::run(sizes, UNLIMITED).await;
     }
     let refused = get("--refused", 0);
     if refused > 0 {

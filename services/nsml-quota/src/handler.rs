@@ -34,7 +34,7 @@ use crate::projection::Catalog;
 use crate::replay::{Report, Scope};
 
 /// Who records the outside facts in a ledger.
-const SERVICE_ACTOR: &str = "service:quota";
+pub(crate) const SERVICE_ACTOR: &str = "service:quota";
 
 /// The quota service's state and command handlers, shared by every call and the reactor.
 pub struct Quota {
@@ -49,7 +49,7 @@ pub struct Quota {
 
 /// What an admission's decision step found: a decision taken now, or the ledger version of the one recorded
 /// for the same command before.
-enum Admission {
+pub(crate) enum Admission {
     Made(Decision),
     Repeated(u64),
 }
@@ -549,7 +549,7 @@ fn count_admission(r: &AdmitRequest, d: &Decision) {
 
 /// The decision step of an admission on the ledger at `version`: the decision recorded for the command
 /// before, or a new one, with the events to append (the policy the ledger adopts first, then the decision).
-fn admission(
+pub(crate) fn admission(
     ledger: &Ledger,
     version: u64,
     r: &AdmitRequest,

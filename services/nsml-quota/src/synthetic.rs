@@ -493,3 +493,104 @@ impl Generator {
         });
     }
 }
+
+/// A team's ledger recorded admission by admission through the service's own admission step (the one
+/// `admit` takes: the newer policy adopted first, then `decide`), for the bench that seeds a large log: each
+/// admission returns the events the service appends for it, to append to [`LedgerSeed::stream`] in order.
+pub struct LedgerSeed {
+    stream: String,
+    ledger: Ledger,
+    version: u64,
+}
+
+impl LedgerSeed {
+    /// A team's ledger with nothing recorded yet.
+    pub fn new(team: &str) -> Self {
+        Self {
+            stream: crate::domain::ledger_stream(team),
+            ledger: Ledger::default(),
+            version: 0,
+        }
+    }
+
+    /// The ledger's stream, `quota-TEAM`.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Decides `r` under the competition's `current` policy (and its version) as `actor` asks it, and returns
+    /// the decision with the events that record it; the ledger folds them, as its stream will hold them.
+    pub fn admit(
+        &mut self,
+        r: &AdmitRequest,
+        current: (&Policy, u64),
+        actor: &str,
+    ) -> Result<(nsml_proto::v1::Decision, Vec<NewEvent>), crate::QuotaError> {
+        let (admission, events) =
+            crate::handler::admission(&self.ledger, self.version, r, Some(current), actor)?;
+        for e in &events {
+            self.version += 1;
+            nsml_common::aggregate::Aggregate::apply(
+                &mut self.ledger,
+                &StoredEvent {
+                    position: self.version,
+                    stream: self.stream.clone(),
+                    version: self.version,
+                    event_type: e.event_type.clone(),
+                    payload: e.payload.clone(),
+                    metadata: e.metadata.clone(),
+                    hash: String::new(),
+                },
+            );
+        }
+        match admission {
+            crate::handler::Admission::Made(d) => Ok((d, events)),
+            crate::handler::Admission::Repeated(_) => Err(crate::QuotaError::Internal {
+                context: "seeding an admission",
+                detail: "the command was decided before",
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nsml_proto::v1::{EventPayload, PolicyChanged as Changed};
+
+    use super::*;
+
+    #[test]
+    fn a_seeded_ledger_adopts_the_policy_once_and_records_each_refusal() {
+        let mut seed = LedgerSeed::new("ants");
+        let policy = seed_policy();
+        let ask = |n: u64| AdmitRequest {
+            team: "ants".into(),
+            competition: COMPETITION.into(),
+            kind: SessionKind::Train as i32,
+            session: format!("ants/t1-cls/{n}"),
+            dataset: "t1-cls".into(),
+            resources: Some(Resources {
+                memory_bytes: policy.team_memory_bytes + 1,
+                ..Default::default()
+            }),
+            command_id: format!("ants/t1-cls/{n}"),
+            ..Default::default()
+        };
+        let (first, events) = seed
+            .admit(&ask(1), (&policy, 3), "service:session")
+            .unwrap();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, [Changed::TYPE, AdmissionDenied::TYPE]);
+        assert!(!first.granted);
+        let (second, events) = seed
+            .admit(&ask(2), (&policy, 3), "service:session")
+            .unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!((second.granted, second.ledger_version), (false, 2));
+        assert_eq!(seed.stream(), "quota-ants");
+        assert!(
+            seed.admit(&ask(2), (&policy, 3), "service:session")
+                .is_err()
+        );
+    }
+}

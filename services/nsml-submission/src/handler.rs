@@ -37,7 +37,7 @@ use crate::projection::Submissions;
 /// How long a write waits for the read model to show it before answering anyway.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The actor of what the service records on its own.
-const SERVICE_ACTOR: &str = "service:submission";
+pub(crate) const SERVICE_ACTOR: &str = "service:submission";
 
 fn stream_of(id: &str) -> String {
     format!("submission-{id}")
@@ -297,20 +297,8 @@ impl Handler {
         } else {
             rules.submit_time_limit_secs
         };
-        let sub = Submission {
-            id: uuid::Uuid::now_v7().to_string(),
-            team: src.team.clone(),
-            dataset: src.dataset.clone(),
-            competition: src.competition.clone(),
-            source_session: r.session.clone(),
-            checkpoint: r.checkpoint.clone(),
-            trial: r.trial,
-            status: SubmissionStatus::Running as i32,
-            submitted_at_ms: now_ms(),
-            time_limit_secs: time_limit,
-            metric: ds.meta.map(|m| m.metric).unwrap_or_default(),
-            ..Default::default()
-        };
+        let metric = ds.meta.map(|m| m.metric).unwrap_or_default();
+        let sub = submission_of(src, r, metric, time_limit, now_ms());
         (sub, resources)
     }
 
@@ -403,7 +391,31 @@ impl Handler {
     }
 }
 
-fn admitted(sub: Submission, actor: &str) -> NewEvent {
+/// A new submission of `r`'s checkpoint of `src`, running, as `submit` records it when asked at `at_ms`.
+pub(crate) fn submission_of(
+    src: &Session,
+    r: &SubmitRequest,
+    metric: String,
+    time_limit_secs: u64,
+    at_ms: i64,
+) -> Submission {
+    Submission {
+        id: uuid::Uuid::now_v7().to_string(),
+        team: src.team.clone(),
+        dataset: src.dataset.clone(),
+        competition: src.competition.clone(),
+        source_session: r.session.clone(),
+        checkpoint: r.checkpoint.clone(),
+        trial: r.trial,
+        status: SubmissionStatus::Running as i32,
+        submitted_at_ms: at_ms,
+        time_limit_secs,
+        metric,
+        ..Default::default()
+    }
+}
+
+pub(crate) fn admitted(sub: Submission, actor: &str) -> NewEvent {
     new_event(
         &SubmissionAdmitted {
             submission: Some(sub),
@@ -415,7 +427,7 @@ fn admitted(sub: Submission, actor: &str) -> NewEvent {
 }
 
 /// The event recording a submission's outcome, by the status it ended in.
-fn ended(sub: Submission) -> NewEvent {
+pub(crate) fn ended(sub: Submission) -> NewEvent {
     let submission = Some(sub);
     match submission.as_ref().map(Submission::status) {
         Some(SubmissionStatus::Scored) => {

@@ -15,6 +15,7 @@ mod projection;
 mod reactor;
 mod scorer;
 pub mod scoring;
+pub mod seed;
 
 use std::sync::Arc;
 
