@@ -8,8 +8,10 @@
 //!   ranks are distinct, 1..n, even for equal scores;
 //! - the private board chooses and ranks by the private score alone.
 
+use std::borrow::Borrow;
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use nsml_common::caller::Caller;
 use nsml_proto::v1::Direction;
@@ -19,10 +21,12 @@ use crate::LeaderboardError;
 /// One scored real submit, as the boards see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
-    pub id: String,
-    pub team: String,
-    pub dataset: String,
-    pub competition: String,
+    /// The ids, teams, datasets and competitions of a board's submits are shared with the read model's
+    /// indexes (and the names among all of a team's submits), not copied into each.
+    pub id: Arc<str>,
+    pub team: Arc<str>,
+    pub dataset: Arc<str>,
+    pub competition: Arc<str>,
     /// `TEAM/DATASET/N/CHECKPOINT`.
     pub model: String,
     /// Score on the public part of the test set.
@@ -34,7 +38,7 @@ pub struct Scored {
 }
 
 /// Which part of the test set a board ranks by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Side {
     Public,
     Private,
@@ -118,9 +122,10 @@ pub fn board<'a>(
         count: u32,
         last_submit_ms: i64,
     }
-    let mut teams: BTreeMap<&str, Team<'a>> = BTreeMap::new();
+    // Ranks follow `compare`, a total order: the order teams are gathered in does not matter.
+    let mut teams: HashMap<&str, Team<'a>> = HashMap::new();
     for s in submits {
-        let t = teams.entry(s.team.as_str()).or_insert(Team {
+        let t = teams.entry(&*s.team).or_insert(Team {
             best: None,
             count: 0,
             last_submit_ms: i64::MIN,
@@ -146,10 +151,10 @@ pub fn board<'a>(
         .enumerate()
         .map(|(i, (score, s, count, last_submit_ms))| Standing {
             rank: i as u32 + 1,
-            team: s.team.clone(),
+            team: s.team.to_string(),
             score,
             model: s.model.clone(),
-            submission_id: s.id.clone(),
+            submission_id: s.id.to_string(),
             count,
             last_submit_ms,
             best_at_ms: if s.finished_at_ms > 0 {
@@ -179,23 +184,32 @@ pub struct OverallStanding {
 /// taking-part teams (all teams missing from it share that rank). Teams are ordered by mean rank; equal means
 /// go to the team with the better best rank, then the better second-best and so on (its ranks sorted), and
 /// as a last resort to the team name in alphabetical order. Overall ranks are distinct, 1..n.
-pub fn overall(boards: &[Vec<Standing>]) -> Vec<OverallStanding> {
+pub fn overall<B: Borrow<Vec<Standing>>>(boards: &[B]) -> Vec<OverallStanding> {
     if boards.is_empty() {
         return Vec::new();
     }
     let teams: BTreeSet<&str> = boards
         .iter()
-        .flatten()
+        .flat_map(|b| b.borrow())
         .map(|row| row.team.as_str())
         .collect();
     let last = teams.len() as u32;
+    // Each board's rank by team, looked up once per team and board rather than searched for.
+    let ranks_on: Vec<HashMap<&str, u32>> = boards
+        .iter()
+        .map(|b| {
+            let b = b.borrow();
+            let mut ranks = HashMap::with_capacity(b.len());
+            for row in b {
+                ranks.entry(row.team.as_str()).or_insert(row.rank);
+            }
+            ranks
+        })
+        .collect();
     let mut rows: Vec<(u64, Vec<u32>, OverallStanding)> = teams
         .into_iter()
         .map(|team| {
-            let found: Vec<Option<u32>> = boards
-                .iter()
-                .map(|b| b.iter().find(|row| row.team == team).map(|row| row.rank))
-                .collect();
+            let found: Vec<Option<u32>> = ranks_on.iter().map(|b| b.get(team).copied()).collect();
             let ranks: Vec<u32> = found.iter().map(|r| r.unwrap_or(last)).collect();
             let submitted = found.iter().map(Option::is_some).collect();
             let sum: u64 = ranks.iter().map(|r| u64::from(*r)).sum();
@@ -281,6 +295,24 @@ pub fn history_scope(caller: &Caller, competition: &str, hosts: &[String]) -> Hi
         HistoryScope::Team(team.to_string())
     } else {
         HistoryScope::Nothing
+    }
+}
+
+/// The teams whose submits `caller`'s history can show, when that is only its own teams' (a participant who
+/// hosts none of the competitions, by appointment or as `hosts` of each competition name them); `None` when it
+/// may see every team's somewhere.
+pub fn teams_seen<'a>(
+    caller: &Caller,
+    mut hosts: impl Iterator<Item = &'a [String]>,
+) -> Option<BTreeSet<String>> {
+    match caller {
+        Caller::Anonymous => Some(BTreeSet::new()),
+        Caller::Service(_) => None,
+        Caller::User(id) => {
+            let hosting =
+                id.admin || !id.hosts.is_empty() || hosts.any(|h| h.contains(&id.username));
+            (!hosting).then(|| id.memberships.iter().map(|m| m.team.clone()).collect())
+        }
     }
 }
 
@@ -593,8 +625,62 @@ mod tests {
     }
 
     #[test]
+    fn a_participants_history_is_of_its_teams_unless_it_hosts() {
+        let user = |admin: bool, hosts: Vec<String>| {
+            Caller::User(Identity {
+                username: "alice".into(),
+                admin,
+                hosts,
+                memberships: vec![Membership {
+                    competition: "demo".into(),
+                    team: "ants".into(),
+                }],
+            })
+        };
+        let none: [&[String]; 1] = [&[]];
+        assert_eq!(
+            teams_seen(&user(false, vec![]), none.into_iter()),
+            Some(BTreeSet::from(["ants".to_string()]))
+        );
+        assert_eq!(teams_seen(&user(true, vec![]), none.into_iter()), None);
+        assert_eq!(
+            teams_seen(&user(false, vec!["demo".into()]), none.into_iter()),
+            None
+        );
+        let named = ["alice".to_string()];
+        let hosts: [&[String]; 2] = [&[], &named];
+        assert_eq!(teams_seen(&user(false, vec![]), hosts.into_iter()), None);
+        assert_eq!(
+            teams_seen(&Caller::Anonymous, none.into_iter()),
+            Some(BTreeSet::new())
+        );
+    }
+
+    #[test]
+    fn a_team_listed_on_many_boards_gets_each_boards_rank() {
+        let boards: Vec<Vec<Standing>> = (0..3)
+            .map(|b| {
+                let teams = ["a", "b", "c", "d"];
+                board(
+                    &teams
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| submit(&format!("{t}{b}"), t, ((i + b) % 4) as f64, 1))
+                        .collect::<Vec<_>>(),
+                    Direction::Descending,
+                    Side::Public,
+                )
+            })
+            .collect();
+        let rows = overall(&boards);
+        let d = rows.iter().find(|r| r.team == "d").unwrap();
+        assert_eq!(d.ranks, [1, 4, 3]);
+        assert_eq!(d.submitted, [true, true, true]);
+    }
+
+    #[test]
     fn given_no_datasets_then_the_overall_ranking_is_empty() {
-        assert!(overall(&[]).is_empty());
+        assert!(overall::<Vec<Standing>>(&[]).is_empty());
         assert!(overall(&[vec![], vec![]]).is_empty());
     }
 

@@ -136,7 +136,7 @@ fn board(
         let (hosts, revealed) = s.privacy(&dataset.competition);
         domain::check_private(caller, &dataset.competition, hosts, revealed)?;
     }
-    let rows = s.board(name, Side::of(req.private))?;
+    let rows = s.board_shared(name, Side::of(req.private))?;
     Ok(BoardResponse {
         dataset: name.to_string(),
         competition: dataset.competition.clone(),
@@ -144,12 +144,12 @@ fn board(
         direction: dataset.ranking_direction() as i32,
         private: req.private,
         rows: rows
-            .into_iter()
+            .iter()
             .map(|r| BoardRow {
                 rank: r.rank,
-                team: r.team,
+                team: r.team.clone(),
                 score: r.score,
-                model: r.model,
+                model: r.model.clone(),
                 count: r.count,
                 last_submit_ms: r.last_submit_ms,
                 best_at_ms: r.best_at_ms,
@@ -177,23 +177,19 @@ fn overall(
         )?;
     }
     let datasets = s.competition_datasets(&id);
-    let side = Side::of(req.private);
-    let boards = datasets
-        .iter()
-        .map(|d| s.board(d, side))
-        .collect::<Result<Vec<_>, _>>()?;
+    let overall = s.overall_shared(&id, Side::of(req.private))?;
     Ok(OverallResponse {
         competition: id,
         datasets,
         private: req.private,
-        rows: domain::overall(&boards)
-            .into_iter()
+        rows: overall
+            .iter()
             .map(|r| OverallRow {
                 rank: r.rank,
-                team: r.team,
+                team: r.team.clone(),
                 mean_rank: r.mean_rank,
-                ranks: r.ranks,
-                submitted: r.submitted,
+                ranks: r.ranks.clone(),
+                submitted: r.submitted.clone(),
             })
             .collect(),
     })
@@ -206,7 +202,11 @@ fn history(
 ) -> Result<HistoryResponse, LeaderboardError> {
     let dataset = req.dataset.trim();
     let submits: Vec<_> = if dataset.is_empty() {
-        s.all_submits().collect()
+        match domain::teams_seen(caller, s.competitions.values().map(|c| &c.hosts[..])) {
+            // A participant sees their teams' submits only: those are all there is to filter.
+            Some(teams) => teams.iter().flat_map(|t| s.submits_of(t)).collect(),
+            None => s.all_submits().collect(),
+        }
     } else {
         let d = s.dataset(dataset)?;
         let (hosts, _) = s.privacy(&d.competition);
@@ -219,7 +219,7 @@ fn history(
     let mut rights: HashMap<&str, (HistoryScope, bool)> = HashMap::new();
     let mut entries: Vec<(&crate::domain::Scored, bool)> = Vec::new();
     for sub in submits {
-        let (scope, private) = rights.entry(sub.competition.as_str()).or_insert_with(|| {
+        let (scope, private) = rights.entry(&*sub.competition).or_insert_with(|| {
             let (hosts, revealed) = s.privacy(&sub.competition);
             (
                 domain::history_scope(caller, &sub.competition, hosts),
@@ -228,7 +228,7 @@ fn history(
         });
         let visible = match scope {
             HistoryScope::AllTeams => true,
-            HistoryScope::Team(team) => *team == sub.team,
+            HistoryScope::Team(team) => **team == *sub.team,
             HistoryScope::Nothing => false,
         };
         if visible {
@@ -244,13 +244,13 @@ fn history(
         entries: entries
             .into_iter()
             .map(|(sub, private)| HistoryEntry {
-                submission_id: sub.id.clone(),
-                dataset: sub.dataset.clone(),
+                submission_id: sub.id.to_string(),
+                dataset: sub.dataset.to_string(),
                 model: sub.model.clone(),
                 score: sub.score,
                 private_score: if private { sub.private_score } else { None },
                 at_ms: sub.submitted_at_ms,
-                team: sub.team.clone(),
+                team: sub.team.to_string(),
             })
             .collect(),
     })

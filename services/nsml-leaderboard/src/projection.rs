@@ -4,7 +4,8 @@
 //! Applying is idempotent per submission id: a redelivered or repeated `SubmissionScored` replaces the submit it
 //! names instead of counting twice. Trial submits never reach a board.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
@@ -68,6 +69,15 @@ impl DatasetView {
     }
 }
 
+/// Where a scored submit is kept: its dataset and its id.
+type SubmitKey = (Arc<str>, Arc<str>);
+
+/// A board computed once, shared by the answers that read it.
+type SharedBoard = Arc<Vec<Standing>>;
+
+/// An overall ranking computed once, shared by the answers that read it.
+type SharedOverall = Arc<Vec<domain::OverallStanding>>;
+
 /// The leaderboard's state.
 #[derive(Debug, Default)]
 pub struct LeaderboardState {
@@ -76,7 +86,17 @@ pub struct LeaderboardState {
     /// Datasets in the order the log first named them, to list a competition's datasets that its manifest does not.
     dataset_order: Vec<String>,
     /// dataset → submission id → the scored real submit.
-    submits: HashMap<String, BTreeMap<String, Scored>>,
+    submits: HashMap<String, BTreeMap<Arc<str>, Scored>>,
+    /// Team → its scored real submits, as (dataset, submission id): a team's history without reading every
+    /// team's submits.
+    by_team: HashMap<Arc<str>, Vec<SubmitKey>>,
+    /// The teams, datasets and competitions named by submits, each kept once and shared by them.
+    names: HashSet<Arc<str>>,
+    /// Boards as last computed, by dataset and side, until an event changes what they show; computing one
+    /// reads every submit on its dataset.
+    boards: parking_lot::Mutex<HashMap<(String, Side), SharedBoard>>,
+    /// Overall rankings as last computed, by competition and side, until any board changes.
+    overalls: parking_lot::Mutex<HashMap<(String, Side), SharedOverall>>,
 }
 
 impl LeaderboardState {
@@ -129,6 +149,61 @@ impl LeaderboardState {
     /// Every scored real submit.
     pub fn all_submits(&self) -> impl Iterator<Item = &Scored> {
         self.submits.values().flat_map(|m| m.values())
+    }
+
+    /// The scored real submits of `team`, on every dataset.
+    pub fn submits_of(&self, team: &str) -> impl Iterator<Item = &Scored> {
+        self.by_team
+            .get(team)
+            .into_iter()
+            .flatten()
+            .filter_map(|(dataset, id)| self.submits.get(&**dataset)?.get(id))
+    }
+
+    /// The board of `dataset` on `side`, computed once and then shared until an event changes it.
+    pub fn board_shared(
+        &self,
+        dataset: &str,
+        side: Side,
+    ) -> Result<Arc<Vec<Standing>>, LeaderboardError> {
+        let key = (dataset.to_string(), side);
+        if let Some(board) = self.boards.lock().get(&key) {
+            return Ok(board.clone());
+        }
+        let board = Arc::new(self.board(dataset, side)?);
+        self.boards.lock().insert(key, board.clone());
+        Ok(board)
+    }
+
+    /// The overall ranking of `competition` on `side` over its datasets' boards, computed once and then shared
+    /// until an event changes any board.
+    pub fn overall_shared(
+        &self,
+        competition: &str,
+        side: Side,
+    ) -> Result<SharedOverall, LeaderboardError> {
+        let key = (competition.to_string(), side);
+        if let Some(overall) = self.overalls.lock().get(&key) {
+            return Ok(overall.clone());
+        }
+        let boards = self
+            .competition_datasets(competition)
+            .iter()
+            .map(|d| self.board_shared(d, side))
+            .collect::<Result<Vec<_>, _>>()?;
+        let overall = Arc::new(domain::overall(&boards));
+        self.overalls.lock().insert(key, overall.clone());
+        Ok(overall)
+    }
+
+    /// `name`, shared with the submits that already name it.
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.names.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.names.insert(name.clone());
+        name
     }
 
     /// The board of `dataset` on `side`.
@@ -205,29 +280,57 @@ impl LeaderboardState {
         } else {
             s.competition.clone()
         };
+        let id: Arc<str> = s.id.as_str().into();
+        let team = self.intern(&s.team);
+        let dataset = self.intern(&s.dataset);
         let scored = Scored {
             model: format!("{}/{}", s.source_session, s.checkpoint),
-            id: s.id.clone(),
-            team: s.team,
-            dataset: s.dataset.clone(),
-            competition,
+            id: id.clone(),
+            team: team.clone(),
+            dataset: dataset.clone(),
+            competition: self.intern(&competition),
             score: s.score,
             private_score: s.private_score,
             submitted_at_ms: s.submitted_at_ms,
             finished_at_ms: s.finished_at_ms,
         };
-        self.submits
-            .entry(s.dataset)
-            .or_default()
-            .insert(s.id, scored);
+        let on_dataset = self.submits.entry(s.dataset).or_default();
+        let id = match on_dataset.get_key_value(&id) {
+            // A repeat replaces the submit under the key it has.
+            Some((known, _)) => known.clone(),
+            None => {
+                self.by_team
+                    .entry(team)
+                    .or_default()
+                    .push((dataset.clone(), id.clone()));
+                id
+            }
+        };
+        on_dataset.insert(id, scored);
+        self.boards.get_mut().retain(|(d, _), _| **d != *dataset);
+        self.overalls.get_mut().clear();
     }
 }
 
 impl ReadModel for LeaderboardState {
     fn apply(&mut self, ev: &StoredEvent) {
         if let Some(e) = decode::<SubmissionScored>(ev) {
+            // Forgets the boards of the submit's dataset only.
             self.apply_scored(e);
-        } else if let Some(e) = decode::<CompetitionApplied>(ev) {
+            return;
+        }
+        if self.apply_other(ev) {
+            // Deadlines, extensions, metrics and reveals change what any board shows.
+            self.boards.get_mut().clear();
+            self.overalls.get_mut().clear();
+        }
+    }
+}
+
+impl LeaderboardState {
+    /// Applies an event other than a scored submit; returns whether it was one the boards depend on.
+    fn apply_other(&mut self, ev: &StoredEvent) -> bool {
+        if let Some(e) = decode::<CompetitionApplied>(ev) {
             self.apply_competition(e);
         } else if let Some(e) = decode::<DatasetRegistered>(ev) {
             self.apply_dataset(e);
@@ -249,7 +352,10 @@ impl ReadModel for LeaderboardState {
                 .entry(e.competition)
                 .or_default()
                 .private_revealed = true;
+        } else {
+            return false;
         }
+        true
     }
 }
 
@@ -499,6 +605,87 @@ mod tests {
             Err(LeaderboardError::DatasetNotFound(_))
         ));
         assert_eq!(s.privacy("demo"), (&["hal".to_string()][..], false));
+    }
+
+    #[test]
+    fn given_a_board_read_then_a_later_submit_or_extension_shows_on_it() {
+        let mut s = LeaderboardState::default();
+        let mut c = competition(&[("cls", "accuracy", Direction::Descending)]);
+        if let Some(comp) = c.competition.as_mut() {
+            comp.policy = Some(nsml_proto::v1::Policy {
+                closes_at_ms: 1500,
+                ..Default::default()
+            });
+        }
+        s.apply(&stored(1, &c));
+        s.apply(&stored(2, &scored("s1", "ants", "cls", 0.5, false)));
+        let teams = |s: &LeaderboardState| -> Vec<(String, u32)> {
+            s.board_shared("cls", Side::Public)
+                .unwrap()
+                .iter()
+                .map(|r| (r.team.clone(), r.count))
+                .collect()
+        };
+        assert_eq!(teams(&s), [("ants".to_string(), 1)]);
+        // A new submit on the dataset shows at the next read;
+        s.apply(&stored(3, &scored("s2", "ants", "cls", 0.7, false)));
+        assert_eq!(teams(&s), [("ants".to_string(), 2)]);
+        // one submitted after the deadline does not, until a host extends the team's deadline.
+        let mut late = scored("s3", "bees", "cls", 0.9, false);
+        if let Some(sub) = late.submission.as_mut() {
+            sub.submitted_at_ms = 2000;
+        }
+        s.apply(&stored(4, &late));
+        assert_eq!(teams(&s).len(), 1);
+        s.apply(&stored(
+            5,
+            &OverrideGranted {
+                grant: Some(nsml_proto::v1::Override {
+                    id: "o-1".into(),
+                    competition: "demo".into(),
+                    team: "bees".into(),
+                    kind: OverrideKind::ExtendDeadline as i32,
+                    until_ms: 3000,
+                    ..Default::default()
+                }),
+            },
+        ));
+        assert_eq!(
+            teams(&s),
+            [("bees".to_string(), 1), ("ants".to_string(), 2)]
+        );
+        assert_eq!(
+            *s.board_shared("cls", Side::Public).unwrap(),
+            s.board("cls", Side::Public).unwrap()
+        );
+        // The overall ranking follows its boards.
+        let overall = |s: &LeaderboardState| -> Vec<String> {
+            s.overall_shared("demo", Side::Public)
+                .unwrap()
+                .iter()
+                .map(|r| r.team.clone())
+                .collect()
+        };
+        assert_eq!(overall(&s), ["bees", "ants"]);
+        s.apply(&stored(6, &scored("s4", "ants", "cls", 0.95, false)));
+        assert_eq!(overall(&s), ["ants", "bees"]);
+    }
+
+    #[test]
+    fn given_submits_of_several_teams_then_a_teams_are_found_once_each() {
+        let mut s = LeaderboardState::default();
+        s.apply(&stored(1, &scored("s1", "ants", "cls", 0.5, false)));
+        s.apply(&stored(2, &scored("s2", "bees", "cls", 0.6, false)));
+        s.apply(&stored(3, &scored("s3", "ants", "reg", 0.7, false)));
+        s.apply(&stored(4, &scored("s1", "ants", "cls", 0.5, false)));
+        s.apply(&stored(5, &scored("t1", "ants", "cls", 0.9, true)));
+        let mut ids: Vec<&str> = s.submits_of("ants").map(|x| &*x.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, ["s1", "s3"]);
+        assert_eq!(s.submits_of("wasps").count(), 0);
+        // The names are shared between a team's submits.
+        let ants: Vec<&Scored> = s.submits_of("ants").collect();
+        assert!(Arc::ptr_eq(&ants[0].team, &ants[1].team));
     }
 
     #[test]
