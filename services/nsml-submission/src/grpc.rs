@@ -44,12 +44,10 @@ impl SubmissionService {
     /// The submissions `caller` may see that `r` asks for, as they may see them.
     fn listed(&self, caller: &Caller, r: &ListSubmissionsRequest) -> ListSubmissionsResponse {
         let subs: Vec<Submission> = self.handler.read(|p| {
-            p.by_id
-                .values()
-                .filter(|s| caller.may_access_team(&s.team, &s.competition))
-                .filter(|s| r.dataset.is_empty() || s.dataset == r.dataset)
-                .cloned()
-                .collect()
+            p.listed(
+                |team, competition| caller.may_access_team(team, competition),
+                &r.dataset,
+            )
         });
         let submissions = subs.into_iter().map(|s| self.visible(caller, s)).collect();
         ListSubmissionsResponse { submissions }
@@ -83,7 +81,7 @@ impl SubmissionApi for SubmissionService {
         let id = req.into_inner().id;
         let s = self
             .handler
-            .read(|p| p.by_id.get(&id).cloned())
+            .read(|p| p.get(&id))
             .ok_or_else(|| SubmissionError::NotFound { id: id.clone() })?;
         if !caller.may_access_team(&s.team, &s.competition) {
             return Err(SubmissionError::OtherTeamSubmission { id }.into());

@@ -1,6 +1,7 @@
 //! The submission read model: submissions by id and by submit session, and who may see private scores.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
@@ -8,12 +9,109 @@ use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     CompetitionApplied, Policy, PrivateRevealed, SessionRequested, Submission, SubmissionAdmitted,
     SubmissionFailed, SubmissionPredictionsTaken, SubmissionRejected, SubmissionRequested,
-    SubmissionScored, SubmissionTimedOut,
+    SubmissionScored, SubmissionStatus, SubmissionTimedOut,
 };
+use prost::Message;
+
+/// An ended submission as the read model keeps it.
+#[derive(Debug)]
+struct Kept {
+    team: Arc<str>,
+    competition: Arc<str>,
+    dataset: Arc<str>,
+    /// The submission, protobuf-encoded.
+    encoded: Box<[u8]>,
+}
+
+impl Kept {
+    fn decode(&self) -> Option<Submission> {
+        Submission::decode(&*self.encoded).ok()
+    }
+}
+
+impl Submissions {
+    /// The submission `id` as last recorded.
+    pub fn get(&self, id: &str) -> Option<Submission> {
+        match self.open.get(id) {
+            Some(s) => Some(s.clone()),
+            None => self.ended.get(id)?.decode(),
+        }
+    }
+
+    /// The submission `id` if it has not ended yet.
+    pub fn open_one(&self, id: &str) -> Option<&Submission> {
+        self.open.get(id)
+    }
+
+    /// The submissions not ended yet (Running or Scoring).
+    pub fn open(&self) -> impl Iterator<Item = &Submission> {
+        self.open.values()
+    }
+
+    /// The submissions of the teams `team` accepts (by team and competition), on `dataset` (every dataset when
+    /// empty), in id order.
+    pub fn listed(
+        &self,
+        mut team: impl FnMut(&str, &str) -> bool,
+        dataset: &str,
+    ) -> Vec<Submission> {
+        let on = |d: &str| dataset.is_empty() || d == dataset;
+        let mut out: Vec<Submission> = self
+            .open
+            .values()
+            .filter(|s| on(&s.dataset) && team(&s.team, &s.competition))
+            .cloned()
+            .collect();
+        out.extend(
+            self.ended
+                .values()
+                .filter(|k| on(&k.dataset) && team(&k.team, &k.competition))
+                .filter_map(Kept::decode),
+        );
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.names.get(name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.names.insert(name.clone());
+        name
+    }
+
+    fn record(&mut self, s: Submission) {
+        let ended = matches!(
+            s.status(),
+            SubmissionStatus::Scored | SubmissionStatus::Failed | SubmissionStatus::TimedOut
+        );
+        if !ended {
+            self.ended.remove(&s.id);
+            self.open.insert(s.id.clone(), s);
+            return;
+        }
+        self.open.remove(&s.id);
+        let kept = Kept {
+            team: self.intern(&s.team),
+            competition: self.intern(&s.competition),
+            dataset: self.intern(&s.dataset),
+            encoded: s.encode_to_vec().into_boxed_slice(),
+        };
+        self.ended.insert(s.id, kept);
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Submissions {
-    pub by_id: BTreeMap<String, Submission>,
+    /// Submission id → the submission as last recorded. Ended ones are read rarely (a `Get`, a team's
+    /// `List`) and kept for ever, so they are kept encoded, at the size the log stores them, with what a
+    /// listing filters on beside.
+    ended: BTreeMap<String, Kept>,
+    /// Submissions not ended yet (Running or Scoring): the ones the watchdog, the scorer and the reactor look at.
+    open: BTreeMap<String, Submission>,
+    /// The teams and datasets that submissions name, each kept once.
+    names: HashSet<Arc<str>>,
     /// Submit session name → submission id.
     pub by_session: HashMap<String, String>,
     pub revealed: HashMap<String, bool>,
@@ -58,7 +156,97 @@ impl ReadModel for Submissions {
             if !s.session.is_empty() {
                 self.by_session.insert(s.session.clone(), s.id.clone());
             }
-            self.by_id.insert(s.id.clone(), s);
+            self.record(s);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nsml_common::event::stored;
+
+    use super::*;
+
+    fn sub(id: &str, team: &str, dataset: &str, status: SubmissionStatus) -> Submission {
+        Submission {
+            id: id.into(),
+            team: team.into(),
+            dataset: dataset.into(),
+            competition: "demo".into(),
+            session: format!("{team}/{dataset}/9"),
+            status: status as i32,
+            score: 0.5,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ended_submissions_read_back_whole_and_only_unended_ones_are_open() {
+        let mut p = Submissions::default();
+        let running = sub("s1", "ants", "cls", SubmissionStatus::Running);
+        p.apply(&stored(
+            "submission-s1",
+            1,
+            &SubmissionAdmitted {
+                submission: Some(running.clone()),
+                decision_id: String::new(),
+            },
+        ));
+        let scored = sub("s2", "bees", "cls", SubmissionStatus::Scored);
+        p.apply(&stored(
+            "submission-s2",
+            2,
+            &SubmissionScored {
+                submission: Some(scored.clone()),
+            },
+        ));
+        let ids: Vec<&str> = p.open().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["s1"]);
+        assert_eq!(p.get("s2"), Some(scored.clone()));
+        assert_eq!(p.open_one("s2"), None);
+        // The running one ends: it leaves the open ones and reads back as it ended.
+        let mut ended = running.clone();
+        ended.set_status(SubmissionStatus::Scored);
+        p.apply(&stored(
+            "submission-s1",
+            3,
+            &SubmissionScored {
+                submission: Some(ended.clone()),
+            },
+        ));
+        assert_eq!(p.open().count(), 0);
+        assert_eq!(p.get("s1"), Some(ended));
+        assert_eq!(
+            p.by_session.get("ants/cls/9").map(String::as_str),
+            Some("s1")
+        );
+        assert_eq!(p.get("nope"), None);
+    }
+
+    #[test]
+    fn a_listing_keeps_the_teams_and_dataset_asked_for_in_id_order() {
+        let mut p = Submissions::default();
+        let events = [
+            sub("s3", "ants", "cls", SubmissionStatus::Scored),
+            sub("s1", "ants", "reg", SubmissionStatus::Failed),
+            sub("s2", "bees", "cls", SubmissionStatus::Scored),
+            sub("s4", "ants", "cls", SubmissionStatus::Running),
+        ];
+        for (i, s) in events.into_iter().enumerate() {
+            p.apply(&stored(
+                "submission",
+                i as u64 + 1,
+                &SubmissionRequested {
+                    submission: Some(s),
+                },
+            ));
+        }
+        let ids = |v: Vec<Submission>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(p.listed(|team, c| team == "ants" && c == "demo", "")),
+            ["s1", "s3", "s4"]
+        );
+        assert_eq!(ids(p.listed(|team, _| team == "ants", "cls")), ["s3", "s4"]);
+        assert_eq!(ids(p.listed(|_, c| c == "other", "")), Vec::<String>::new());
     }
 }

@@ -73,7 +73,7 @@ async fn handle(svc: &Handler, ev: &StoredEvent) {
     let running = svc.read(|p| {
         p.by_session
             .get(&session)
-            .and_then(|id| p.by_id.get(id))
+            .and_then(|id| p.open_one(id))
             .filter(|s| s.status() == SubmissionStatus::Running)
             .map(|s| s.id.clone())
     });
@@ -87,8 +87,7 @@ async fn handle(svc: &Handler, ev: &StoredEvent) {
 async fn watchdog(svc: &Handler) {
     let now = now_ms();
     let overdue: Vec<(String, u64)> = svc.read(|p| {
-        p.by_id
-            .values()
+        p.open()
             .filter(|s| s.status() == SubmissionStatus::Running)
             .filter(|s| s.submitted_at_ms + s.time_limit_secs as i64 * 1000 + GRACE_MS < now)
             .map(|s| (s.id.clone(), s.time_limit_secs))

@@ -89,8 +89,7 @@ pub async fn run(
 /// The submissions left Scoring; spooled predictions of submissions that ended are removed on the way.
 async fn left_scoring(handler: &Handler) -> Vec<String> {
     let scoring: Vec<String> = handler.read(|p| {
-        p.by_id
-            .values()
+        p.open()
             .filter(|s| s.status() == SubmissionStatus::Scoring)
             .map(|s| s.id.clone())
             .collect()
@@ -98,7 +97,7 @@ async fn left_scoring(handler: &Handler) -> Vec<String> {
     for id in handler.spool().ids().await {
         // Only ended ones: a Running submission's predictions may be spooled just before it turns Scoring.
         let ended = handler.read(|p| {
-            p.by_id.get(&id).is_some_and(|s| {
+            p.get(&id).is_some_and(|s| {
                 matches!(
                     s.status(),
                     SubmissionStatus::Scored
