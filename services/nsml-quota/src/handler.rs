@@ -457,9 +457,20 @@ impl Quota {
     pub async fn explain(&self, id: &str) -> Result<Explanation, QuotaError> {
         let teams: Vec<String> = match SessionName::parse(id) {
             Ok(name) => vec![name.team],
-            Err(_) => self.proj.read(|c| match c.recorded_in.get(id) {
-                Some(team) => vec![team.clone()],
-                None => c.ledgers.iter().cloned().collect(),
+            // The ledger the index names first; the others only if it does not hold the decision (an id the
+            // index does not know, or one whose fingerprint another id shares).
+            Err(_) => self.proj.read(|c| {
+                let first = c.recorded_in.get(id);
+                first
+                    .map(str::to_string)
+                    .into_iter()
+                    .chain(
+                        c.ledgers
+                            .iter()
+                            .filter(|t| Some(t.as_str()) != first)
+                            .cloned(),
+                    )
+                    .collect()
             }),
         };
         for team in teams {
