@@ -12,6 +12,8 @@ pub mod error;
 pub mod grpc;
 pub mod projection;
 
+use std::sync::Arc;
+
 use nsml_common::ServiceContext;
 use nsml_common::projection::Projection;
 use nsml_common::server::Started;
@@ -30,6 +32,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
         ctx.cancel.clone(),
     );
     let readiness = proj.readiness();
+    tokio::spawn(warm(proj.clone()));
     let svc = LeaderboardService::new(proj);
     Ok(Started {
         routes: Box::new(move |r: tonic::service::Routes| {
@@ -39,4 +42,21 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
         tasks: vec![task],
         ready: vec![readiness],
     })
+}
+
+/// Once the read model has caught up with the log, computes every board and overall ranking, so that the first
+/// query of each does not pay for reading all of its dataset's submits. One at a time, each under its own read
+/// of the model, so that events keep being applied in between.
+async fn warm(proj: Arc<Projection<projection::LeaderboardState>>) {
+    proj.wait_ready().await;
+    let (boards, overalls) = proj.read(|s| s.rankings());
+    let _ = tokio::task::spawn_blocking(move || {
+        for (dataset, side) in boards {
+            let _ = proj.read(|s| s.board_shared(&dataset, side).map(|_| ()));
+        }
+        for (competition, side) in overalls {
+            let _ = proj.read(|s| s.overall_shared(&competition, side).map(|_| ()));
+        }
+    })
+    .await;
 }

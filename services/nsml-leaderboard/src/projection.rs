@@ -75,6 +75,9 @@ type SubmitKey = (Arc<str>, Arc<str>);
 /// A board computed once, shared by the answers that read it.
 type SharedBoard = Arc<Vec<Standing>>;
 
+/// A board (by dataset) or an overall ranking (by competition) on one side.
+pub type Ranking = (String, Side);
+
 /// An overall ranking computed once, shared by the answers that read it.
 type SharedOverall = Arc<Vec<domain::OverallStanding>>;
 
@@ -194,6 +197,21 @@ impl LeaderboardState {
         let overall = Arc::new(domain::overall(&boards));
         self.overalls.lock().insert(key, overall.clone());
         Ok(overall)
+    }
+
+    /// The boards and overall rankings there are to compute: every dataset's and competition's, on both sides.
+    pub fn rankings(&self) -> (Vec<Ranking>, Vec<Ranking>) {
+        let sides = [Side::Public, Side::Private];
+        let each = |names: Vec<&String>| -> Vec<Ranking> {
+            names
+                .into_iter()
+                .flat_map(|n| sides.map(|side| (n.clone(), side)))
+                .collect()
+        };
+        (
+            each(self.datasets.keys().collect()),
+            each(self.competitions.keys().collect()),
+        )
     }
 
     /// `name`, shared with the submits that already name it.
@@ -669,6 +687,22 @@ mod tests {
         assert_eq!(overall(&s), ["bees", "ants"]);
         s.apply(&stored(6, &scored("s4", "ants", "cls", 0.95, false)));
         assert_eq!(overall(&s), ["ants", "bees"]);
+        // Every board and ranking there is to warm, on both sides.
+        let (boards, overalls) = s.rankings();
+        assert_eq!(
+            boards,
+            [
+                ("cls".to_string(), Side::Public),
+                ("cls".to_string(), Side::Private)
+            ]
+        );
+        assert_eq!(
+            overalls,
+            [
+                ("demo".to_string(), Side::Public),
+                ("demo".to_string(), Side::Private)
+            ]
+        );
     }
 
     #[test]
