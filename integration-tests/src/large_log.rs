@@ -329,6 +329,14 @@ fn mib(kib: Option<u64>) -> String {
     kib.map_or_else(|| "?".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0))
 }
 
+/// Resident memory as the process's own (anonymous) plus the log's pages mapped by the store's readers.
+fn split(pid: u32) -> String {
+    match crate::soak::rss_split_kib(pid) {
+        Some((anon, file)) => format!("{} + {}", mib(Some(anon)), mib(Some(file))),
+        None => "?".into(),
+    }
+}
+
 /// Seeds a log of `sizes`, boots `nsmld up` from it and prints the figures.
 pub async fn run(sizes: Sizes, env: &[(&str, &str)]) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -366,6 +374,7 @@ pub async fn run(sizes: Sizes, env: &[(&str, &str)]) -> anyhow::Result<()> {
     let seeded = seeded.context("nothing seeded")?;
     let pid = dep.pids().first().copied().context("no nsmld")?;
     let rss_boot = crate::soak::rss_kib(pid);
+    let split_boot = split(pid);
     let db_mib = std::fs::metadata(&db).map_or(0.0, |m| m.len() as f64 / 1024.0 / 1024.0);
 
     let member = Client::login(&dep.url, MEMBER.0, MEMBER.1).await?;
@@ -444,6 +453,7 @@ pub async fn run(sizes: Sizes, env: &[(&str, &str)]) -> anyhow::Result<()> {
         .await?
         .into_inner();
     let rss_after = crate::soak::rss_kib(pid);
+    let split_after = split(pid);
 
     println!(
         "nsml-bench --large-log: {} scored submissions from {} teams over {} datasets, {} refused admissions",
@@ -475,6 +485,10 @@ pub async fn run(sizes: Sizes, env: &[(&str, &str)]) -> anyhow::Result<()> {
         "nsmld RSS after boot / after queries",
         mib(rss_boot),
         mib(rss_after)
+    );
+    println!(
+        "{:<44} {:>10} / {}",
+        "  of which own (anon) + log file mapped", split_boot, split_after
     );
     for (label, ms) in [
         (
