@@ -501,11 +501,20 @@ pub async fn run(sizes: Sizes, env: &[(&str, &str)]) -> anyhow::Result<()> {
             history_ms,
         ),
     ] {
+        // The slowest calls, by their place in the run: the first ones, or spread out.
+        let mut slowest: Vec<(usize, f64)> = ms.iter().copied().enumerate().collect();
+        slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let slowest: Vec<String> = slowest
+            .iter()
+            .take(4)
+            .map(|(i, t)| format!("#{i} {t:.1}ms"))
+            .collect();
         println!(
-            "{:<44} {:>8.2}ms {:>8.2}ms",
+            "{:<44} {:>8.2}ms {:>8.2}ms   slowest: {}",
             label,
             pct(ms.clone(), 0.5),
-            pct(ms, 0.99)
+            pct(ms, 0.99),
+            slowest.join(", ")
         );
     }
     drop(dep);

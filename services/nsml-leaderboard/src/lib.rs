@@ -32,7 +32,13 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
         ctx.cancel.clone(),
     );
     let readiness = proj.readiness();
-    tokio::spawn(warm(proj.clone()));
+    let proj_for_warm = proj.clone();
+    // SERVING once the boards are computed too: the first answers come at the speed of the ones after.
+    let (warmed, warm_readiness) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        warm(proj_for_warm).await;
+        warmed.send_replace(true);
+    });
     let svc = LeaderboardService::new(proj);
     Ok(Started {
         routes: Box::new(move |r: tonic::service::Routes| {
@@ -40,7 +46,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
         }),
         names: vec!["nsml.v1.LeaderboardService"],
         tasks: vec![task],
-        ready: vec![readiness],
+        ready: vec![readiness, warm_readiness],
     })
 }
 

@@ -11,8 +11,8 @@ use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    CompetitionApplied, DatasetRegistered, Direction, OverrideGranted, OverrideKind, Policy,
-    PrivateRevealed, SubmissionScored,
+    CompetitionApplied, DatasetRegistered, Direction, EventPayload, OverrideGranted, OverrideKind,
+    Policy, PrivateRevealed, SubmissionScored,
 };
 
 use crate::LeaderboardError;
@@ -337,8 +337,20 @@ impl ReadModel for LeaderboardState {
             self.apply_scored(e);
             return;
         }
-        if self.apply_other(ev) {
-            // Deadlines, extensions, metrics and reveals change what any board shows.
+        let boards_read_it = [
+            CompetitionApplied::TYPE,
+            DatasetRegistered::TYPE,
+            OverrideGranted::TYPE,
+            PrivateRevealed::TYPE,
+        ]
+        .contains(&ev.event_type.as_str());
+        if !boards_read_it {
+            return;
+        }
+        // Deadlines, extensions, metrics and reveals change what any board shows; a manifest applied again
+        // as it was (at every start) changes nothing, and the boards stay computed.
+        let before = (self.competitions.clone(), self.datasets.clone());
+        if self.apply_other(ev) && (&self.competitions, &self.datasets) != (&before.0, &before.1) {
             self.boards.get_mut().clear();
             self.overalls.get_mut().clear();
         }
@@ -687,6 +699,22 @@ mod tests {
         assert_eq!(overall(&s), ["bees", "ants"]);
         s.apply(&stored(6, &scored("s4", "ants", "cls", 0.95, false)));
         assert_eq!(overall(&s), ["ants", "bees"]);
+        // The manifest applied again as it was keeps the boards computed; a new deadline does not.
+        let kept = s.board_shared("cls", Side::Public).unwrap();
+        s.apply(&stored(7, &c));
+        assert!(Arc::ptr_eq(
+            &kept,
+            &s.board_shared("cls", Side::Public).unwrap()
+        ));
+        let mut later = c.clone();
+        if let Some(p) = later.competition.as_mut().and_then(|c| c.policy.as_mut()) {
+            p.closes_at_ms = 1200;
+        }
+        s.apply(&stored(8, &later));
+        assert!(!Arc::ptr_eq(
+            &kept,
+            &s.board_shared("cls", Side::Public).unwrap()
+        ));
         // Every board and ranking there is to warm, on both sides.
         let (boards, overalls) = s.rankings();
         assert_eq!(
