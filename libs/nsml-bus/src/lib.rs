@@ -24,7 +24,7 @@ pub use error::BusError;
 pub use in_process::InProcessBus;
 pub use nats::NatsBus;
 pub use relay::{Relay, spawn_relay};
-pub use subscription::{Delivery, STORE_POLL, subscribe_log};
+pub use subscription::{Delivery, STORE_POLL, subscribe_log, subscribe_log_of_types};
 pub use waking::WakingStore;
 
 /// A publish/subscribe channel for stored events.

@@ -24,6 +24,10 @@ pub enum Delivery {
     Event(Arc<StoredEvent>),
     /// Every event stored when the subscription started has been delivered; live events follow. Sent once.
     CaughtUp,
+    /// Of a subscription to some types only: every event of those types up to this position has been
+    /// delivered, and the others up to it were passed over. A subscriber that counts how far it has read the log
+    /// counts this far.
+    Passed(u64),
 }
 
 /// Subscribes to the log after `after_position`.
@@ -48,6 +52,28 @@ pub async fn subscribe_log(
     bus: Arc<dyn Bus>,
     after_position: u64,
 ) -> Result<BoxStream<'static, Result<Delivery, BusError>>, BusError> {
+    subscribe(store, bus, after_position, None).await
+}
+
+/// As [`subscribe_log`], for a subscriber that uses only events of `types`: the catch-up reads only those from
+/// the store ([`EventStore::read_all_of_types`]) and says how far it has passed over the rest
+/// ([`Delivery::Passed`]), so that a long log of other events costs it little. Live events are delivered
+/// whatever their type, as they come.
+pub async fn subscribe_log_of_types(
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn Bus>,
+    after_position: u64,
+    types: &'static [&'static str],
+) -> Result<BoxStream<'static, Result<Delivery, BusError>>, BusError> {
+    subscribe(store, bus, after_position, Some(types)).await
+}
+
+async fn subscribe(
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn Bus>,
+    after_position: u64,
+    types: Option<&'static [&'static str]>,
+) -> Result<BoxStream<'static, Result<Delivery, BusError>>, BusError> {
     let subscribed_at_ms = now_ms();
     let live = bus.subscribe().await?;
     let subscription = LogSubscription {
@@ -58,6 +84,7 @@ pub async fn subscribe_log(
         subscribed_at_ms,
         next_resubscribe: Instant::now(),
         delivered: Delivered::after(after_position),
+        types,
         ready: VecDeque::new(),
         phase: Phase::CatchingUp,
         next_poll: Box::pin(tokio::time::sleep(STORE_POLL)),
@@ -133,6 +160,18 @@ impl Delivered {
         }
         true
     }
+
+    /// Counts every position up to `position` as delivered.
+    fn pass_through(&mut self, position: u64) {
+        if position <= self.watermark {
+            return;
+        }
+        self.watermark = position;
+        self.above = self.above.split_off(&(position + 1));
+        while self.above.remove(&(self.watermark + 1)) {
+            self.watermark += 1;
+        }
+    }
 }
 
 struct LogSubscription {
@@ -149,7 +188,9 @@ struct LogSubscription {
     /// The earliest time the bus may be subscribed to again.
     next_resubscribe: Instant,
     delivered: Delivered,
-    ready: VecDeque<Arc<StoredEvent>>,
+    /// The types the catch-up reads; `None` for all.
+    types: Option<&'static [&'static str]>,
+    ready: VecDeque<Delivery>,
     phase: Phase,
     /// When the store is next read while live. One timer for the whole subscription, moved only when a poll
     /// happens: every live event would otherwise set up and tear down a timer of its own.
@@ -168,8 +209,8 @@ enum Wake {
 impl LogSubscription {
     async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
         loop {
-            if let Some(event) = self.ready.pop_front() {
-                return Some(Ok(Delivery::Event(event)));
+            if let Some(delivery) = self.ready.pop_front() {
+                return Some(Ok(delivery));
             }
             if std::mem::take(&mut self.failed) {
                 tokio::time::sleep(RETRY_PAUSE).await;
@@ -191,7 +232,11 @@ impl LogSubscription {
 
     /// Reads the next page of stored events; moves on to `CaughtUp` after the last one.
     async fn catch_up_page(&mut self) -> Result<(), BusError> {
-        if self.read_store_page().await? < PAGE {
+        let read = match self.types {
+            Some(types) => self.read_typed_page(types).await?,
+            None => self.read_store_page().await?,
+        };
+        if read < PAGE {
             self.phase = Phase::CaughtUp;
         }
         Ok(())
@@ -279,6 +324,27 @@ impl LogSubscription {
         }
     }
 
+    /// Queues the next page of stored events of `types` after the watermark, and then how far the store looked
+    /// for them; returns how many events the page held.
+    async fn read_typed_page(&mut self, types: &'static [&'static str]) -> Result<usize, BusError> {
+        let page = self
+            .store
+            .read_all_of_types(types, self.delivered.watermark, PAGE)
+            .await?;
+        let len = page.events.len();
+        for event in page.events {
+            if !self.delivered.contains(event.position) {
+                self.delivered.pass_through(event.position);
+                self.ready.push_back(Delivery::Event(Arc::new(event)));
+            }
+        }
+        if page.through > self.delivered.watermark {
+            self.delivered.pass_through(page.through);
+            self.ready.push_back(Delivery::Passed(page.through));
+        }
+        Ok(len)
+    }
+
     /// Queues the next page of stored events after the watermark that were not delivered yet; returns the page
     /// size.
     async fn read_store_page(&mut self) -> Result<usize, BusError> {
@@ -296,7 +362,7 @@ impl LogSubscription {
             if self.delivered.insert(event.position) {
                 let at = event.metadata.recorded_at_ms;
                 missed |= at > self.subscribed_at_ms && at < overdue;
-                self.ready.push_back(Arc::new(event));
+                self.ready.push_back(Delivery::Event(Arc::new(event)));
             }
         }
         Ok((len, missed))
@@ -314,7 +380,7 @@ impl LogSubscription {
             self.fill_gap_below(position).await?;
         }
         if self.delivered.insert(position) {
-            self.ready.push_back(event);
+            self.ready.push_back(Delivery::Event(event));
         }
         Ok(())
     }
@@ -332,7 +398,7 @@ impl LogSubscription {
                 }
                 after = stored.position;
                 if self.delivered.insert(stored.position) {
-                    self.ready.push_back(Arc::new(stored));
+                    self.ready.push_back(Delivery::Event(Arc::new(stored)));
                 }
             }
             if short {
@@ -359,5 +425,19 @@ mod tests {
         assert!(d.insert(4));
         assert_eq!(d.watermark, 6);
         assert!(d.above.is_empty());
+    }
+
+    #[test]
+    fn passing_through_a_position_counts_everything_below_it() {
+        let mut d = Delivered::after(3);
+        assert!(d.insert(6) && d.insert(9) && d.insert(12));
+        d.pass_through(8);
+        assert_eq!(d.watermark, 9, "9 was delivered already, right above 8");
+        assert_eq!(d.above.iter().copied().collect::<Vec<_>>(), [12]);
+        d.pass_through(2);
+        assert_eq!(d.watermark, 9);
+        assert!(d.contains(7) && !d.contains(10));
+        d.pass_through(20);
+        assert!(d.above.is_empty() && d.watermark == 20);
     }
 }

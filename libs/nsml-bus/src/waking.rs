@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use nsml_eventstore::{
     Appended, Chain, ChainBreak, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError,
-    StoredEvent,
+    StoredEvent, TypedPage,
 };
 use tokio::sync::Notify;
 
@@ -94,6 +94,17 @@ impl EventStore for WakingStore {
     ) -> Result<Vec<StoredEvent>, StoreError> {
         self.inner
             .read_all_with_prefix(prefix, after_position, limit)
+            .await
+    }
+
+    async fn read_all_of_types(
+        &self,
+        types: &[&str],
+        after_position: u64,
+        limit: usize,
+    ) -> Result<TypedPage, StoreError> {
+        self.inner
+            .read_all_of_types(types, after_position, limit)
             .await
     }
 

@@ -14,8 +14,13 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
-use nsml_bus::{Bus, BusError, Delivery, InProcessBus, NatsBus, Relay, spawn_relay, subscribe_log};
-use nsml_eventstore::conformance::{new_events, postgres_admin_url, with_fresh_postgres};
+use nsml_bus::{
+    Bus, BusError, Delivery, InProcessBus, NatsBus, Relay, spawn_relay, subscribe_log,
+    subscribe_log_of_types,
+};
+use nsml_eventstore::conformance::{
+    new_event, new_events, postgres_admin_url, with_fresh_postgres,
+};
 use nsml_eventstore::{EventStore, ExpectedVersion, PostgresStore, SqliteStore, StoredEvent};
 use tokio_util::sync::CancellationToken;
 
@@ -125,6 +130,7 @@ scenarios!(
     subscribe_after_position,
     duplicates_and_gaps_are_delivered_once_in_order,
     two_relays_racing_lose_nothing,
+    a_typed_catch_up_reads_its_types_and_passes_over_the_rest,
 );
 
 async fn next_delivery(log: &mut Log) -> Delivery {
@@ -143,6 +149,7 @@ async fn catch_up(log: &mut Log) -> Vec<StoredEvent> {
         match next_delivery(log).await {
             Delivery::Event(e) => events.push(Arc::unwrap_or_clone(e)),
             Delivery::CaughtUp => return events,
+            Delivery::Passed(p) => panic!("a subscription to every type passed over {p}"),
         }
     }
 }
@@ -154,6 +161,7 @@ async fn live(log: &mut Log, n: usize) -> Vec<StoredEvent> {
         match next_delivery(log).await {
             Delivery::Event(e) => events.push(Arc::unwrap_or_clone(e)),
             Delivery::CaughtUp => panic!("a second CaughtUp"),
+            Delivery::Passed(p) => panic!("passed over {p} while live"),
         }
     }
     events
@@ -218,6 +226,60 @@ async fn catch_up_then_live_exactly_once(f: Fixture) {
     outbox_drained(&*f.store).await;
     cancel.cancel();
     relay.await.expect("relay task");
+}
+
+/// A subscription to some types catches up with those alone, says how far it passed over the rest, and then
+/// delivers live events of every type.
+async fn a_typed_catch_up_reads_its_types_and_passes_over_the_rest(f: Fixture) {
+    const TYPES: &[&str] = &["nsml.v1.Wanted"];
+    let events = (0..2500)
+        .map(|i| {
+            let wanted = i % 1000 == 7 || i == 2499;
+            new_event(if wanted { TYPES[0] } else { "nsml.v1.Other" }, b"x")
+        })
+        .collect();
+    let appended = f
+        .store
+        .append("s", ExpectedVersion::Any, events)
+        .await
+        .expect("append");
+    assert_eq!(appended.last_position, 2500);
+    let mut log = subscribe_log_of_types(f.store.clone(), f.bus.clone(), 5, TYPES)
+        .await
+        .expect("subscribe");
+    let mut deliveries = Vec::new();
+    loop {
+        match next_delivery(&mut log).await {
+            Delivery::Event(e) => {
+                assert_eq!(e.event_type, "nsml.v1.Wanted");
+                deliveries.push(format!("event {}", e.position));
+            }
+            Delivery::Passed(p) => deliveries.push(format!("passed {p}")),
+            Delivery::CaughtUp => break,
+        }
+    }
+    assert_eq!(
+        deliveries,
+        ["event 8", "event 1008", "event 2008", "event 2500"],
+        "the last page ends on a wanted event at the head, so nothing is passed over after it"
+    );
+
+    // Past the head, only other events: the catch-up passes over them.
+    let more = append(&*f.store, "s", 3).await;
+    let mut log = subscribe_log_of_types(f.store.clone(), f.bus.clone(), 2500, TYPES)
+        .await
+        .expect("subscribe");
+    assert!(matches!(
+        next_delivery(&mut log).await,
+        Delivery::Passed(2503)
+    ));
+    assert!(matches!(next_delivery(&mut log).await, Delivery::CaughtUp));
+    // Live, every type arrives.
+    let live_events = append(&*f.store, "t", 2).await;
+    f.bus.publish(live_events.clone()).await.expect("publish");
+    assert_eq!(live(&mut log, 2).await, live_events);
+    nothing_more(&mut log).await;
+    assert_eq!(positions(&more), [2501, 2502, 2503]);
 }
 
 async fn subscribe_after_position(f: Fixture) {

@@ -55,7 +55,7 @@ async fn events(log: &mut BoxStream<'static, Result<Delivery, BusError>>, n: usi
     while got.len() < n {
         match tokio::time::timeout(PATIENCE, log.next()).await {
             Ok(Some(Ok(Delivery::Event(e)))) => got.push(e.position),
-            Ok(Some(Ok(Delivery::CaughtUp))) => {}
+            Ok(Some(Ok(Delivery::CaughtUp | Delivery::Passed(_)))) => {}
             Ok(Some(Err(e))) => panic!("subscription failed: {e}"),
             Ok(None) => panic!("subscription ended"),
             Err(_) => panic!("no delivery within {PATIENCE:?}; got {got:?}"),

@@ -98,6 +98,7 @@ pub async fn run<F, Fut, E>(
                     pos = pos.max(at);
                 }
                 Some(Ok(Delivery::CaughtUp)) => live = true,
+                Some(Ok(Delivery::Passed(at))) => pos = pos.max(at),
                 Some(Err(err)) => tracing::warn!(reactor = name, %err, "log subscription error"),
                 None => break,
             }

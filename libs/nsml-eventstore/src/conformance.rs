@@ -94,6 +94,7 @@ macro_rules! conformance_suite {
             read_all_in_position_order,
             read_all_stream_pages_through_the_log,
             read_all_with_prefix_reads_only_the_streams_named,
+            read_all_of_types_reads_only_the_types_named,
             stream_version_and_head_position,
             expected_version_rules,
             conflict_message_names_stream_and_versions,
@@ -454,6 +455,87 @@ pub async fn read_all_with_prefix_reads_only_the_streams_named<S: Tamper>(store:
             .expect("read")
             .is_empty()
     );
+}
+
+/// `read_all_of_types` reads what `read_all` reads of the types named, in pages, and says how far it looked:
+/// through the last event of a full page, through the head otherwise; so does the trait's default.
+pub async fn read_all_of_types_reads_only_the_types_named<S: Tamper>(store: Arc<S>) {
+    let types = [
+        "nsml.v1.A",
+        "nsml.v1.B",
+        "nsml.v1.A",
+        "nsml.v1.C",
+        "nsml.v1.AA",
+        "nsml.v1.B",
+        "nsml.v1.A",
+        "nsml.v1.C",
+    ];
+    for (i, event_type) in types.into_iter().enumerate() {
+        store
+            .append(
+                &format!("s-{}", i % 3),
+                ExpectedVersion::Any,
+                vec![new_event(event_type, format!("e{i}").as_bytes())],
+            )
+            .await
+            .expect("append");
+    }
+    let all = store.read_all(0, 100).await.expect("read");
+    let head = store.head_position().await.expect("head");
+    assert_eq!((all.len(), head), (8, 8));
+    let wanted: [&[&str]; 5] = [
+        &["nsml.v1.A"],
+        &["nsml.v1.B", "nsml.v1.C"],
+        &["nsml.v1.A", "nsml.v1.B", "nsml.v1.C", "nsml.v1.AA"],
+        &["nsml.v1.Z"],
+        &[],
+    ];
+    for names in wanted {
+        let expected: Vec<StoredEvent> = all
+            .iter()
+            .filter(|e| names.contains(&e.event_type.as_str()))
+            .cloned()
+            .collect();
+        for limit in [1, 2, 100] {
+            for backend in [true, false] {
+                let (mut read, mut after) = (Vec::new(), 0);
+                loop {
+                    let page = if backend {
+                        store.read_all_of_types(names, after, limit).await
+                    } else {
+                        crate::read_types_filtered(&*store, names, after, limit).await
+                    }
+                    .expect("read");
+                    assert!(page.events.len() <= limit);
+                    assert!(page.through >= after && page.through <= head);
+                    assert!(page.events.iter().all(|e| e.position <= page.through));
+                    if page.events.len() == limit {
+                        assert_eq!(page.through, page.events[limit - 1].position);
+                    } else {
+                        assert_eq!(
+                            page.through, head,
+                            "{names:?}, pages of {limit}: a short page reads to the head"
+                        );
+                    }
+                    after = page.through;
+                    let last = page.events.len() < limit;
+                    read.extend(page.events);
+                    if last {
+                        break;
+                    }
+                }
+                assert_eq!(
+                    read, expected,
+                    "{names:?}, pages of {limit}, backend {backend}"
+                );
+            }
+        }
+    }
+    let past = store
+        .read_all_of_types(&["nsml.v1.A"], head + 5, 10)
+        .await
+        .expect("read past the head");
+    assert_eq!((past.events.len(), past.through), (0, head + 5));
 }
 
 /// `read_all_stream` goes across page boundaries and stops at the head.

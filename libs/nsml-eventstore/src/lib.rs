@@ -271,6 +271,20 @@ pub trait EventStore: Send + Sync + 'static {
         read_all_filtered(self, prefix, after_position, limit).await
     }
 
+    /// Reads up to `limit` of the events with position > `after_position` whose type is one of `types`, in
+    /// position order, and says how far the log was looked through for them (see [`TypedPage`]): what a reader
+    /// that uses a few kinds of events (a read model catching up at start-up) reads instead of the whole log.
+    /// The default pages through `read_all` and keeps the matching events; SQLite leaves the other rows
+    /// undecoded.
+    async fn read_all_of_types(
+        &self,
+        types: &[&str],
+        after_position: u64,
+        limit: usize,
+    ) -> Result<TypedPage, StoreError> {
+        read_types_filtered(self, types, after_position, limit).await
+    }
+
     /// The current stream version (0 when the stream has no events).
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError>;
 
@@ -325,6 +339,48 @@ pub(crate) async fn read_all_filtered<S: EventStore + ?Sized>(
         }
     }
     Ok(events)
+}
+
+/// What [`EventStore::read_all_of_types`] returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TypedPage {
+    /// The events of the types asked for, in position order.
+    pub events: Vec<StoredEvent>,
+    /// How far the log was looked through: every event of those types with a position above the one read after
+    /// and at most this one is in `events`. With fewer events than the limit, this was the log's head when read.
+    pub through: u64,
+}
+
+/// [`EventStore::read_all_of_types`] through [`EventStore::read_all`]: pages of `limit` events, keeping those of
+/// the types named.
+pub(crate) async fn read_types_filtered<S: EventStore + ?Sized>(
+    store: &S,
+    types: &[&str],
+    after_position: u64,
+    limit: usize,
+) -> Result<TypedPage, StoreError> {
+    let mut page = TypedPage {
+        events: Vec::new(),
+        through: after_position,
+    };
+    while page.events.len() < limit {
+        let read = store.read_all(page.through, limit).await?;
+        let full = read.len() == limit;
+        for event in read {
+            if page.events.len() == limit {
+                // The rest of this page is read again by the next call, which starts after `through`.
+                return Ok(page);
+            }
+            page.through = event.position;
+            if types.contains(&event.event_type.as_str()) {
+                page.events.push(event);
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(page)
 }
 
 /// Streams the whole log from `after_position` in pages, ending at the head as of each page read.

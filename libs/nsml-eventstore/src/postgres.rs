@@ -14,6 +14,7 @@ use crate::lease::PostgresLease;
 use crate::row::{ChainRow, EventRow, into_events, metadata_json, to_i64, to_u64};
 use crate::{
     Appended, Chain, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError, StoredEvent,
+    TypedPage,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -482,6 +483,34 @@ impl EventStore for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         into_events(rows)
+    }
+
+    /// Reads the head first, then the rows up to it: appends are serialized on `log_head`, so every event at or
+    /// below that head is committed, and the later statement sees it.
+    async fn read_all_of_types(
+        &self,
+        types: &[&str],
+        after_position: u64,
+        limit: usize,
+    ) -> Result<TypedPage, StoreError> {
+        let head = self.head_position().await?;
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, stream, version, event_type, payload, metadata, hash \
+             FROM events WHERE position > $1 AND position <= $2 AND event_type = ANY($3) \
+             ORDER BY position LIMIT $4",
+        )
+        .bind(to_i64(after_position))
+        .bind(to_i64(head))
+        .bind(types)
+        .bind(to_i64(limit as u64))
+        .fetch_all(&self.pool)
+        .await?;
+        let events = into_events(rows)?;
+        let through = match events.last() {
+            Some(last) if events.len() == limit => last.position,
+            _ => head.max(after_position),
+        };
+        Ok(TypedPage { events, through })
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {

@@ -23,7 +23,7 @@ use crate::row::{ChainRow, advance_watermark, decode_metadata, metadata_json, to
 use crate::tail::OutboxTail;
 use crate::{
     Appended, Chain, EventStore, ExpectedVersion, Metadata, NewEvent, PendingAppend, StoreError,
-    StoredEvent,
+    StoredEvent, TypedPage,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -255,6 +255,15 @@ impl SqliteStore {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         lock(&self.shared.readers).clear();
+    }
+
+    /// Closes the idle read connections; the next reads open new ones. Each connection keeps the pages of the
+    /// log it has read through its map (up to [`READER_MMAP_BYTES`]) counted in the process's resident memory
+    /// until it closes: after a long scan of the log (the read models catching up at start-up) this gives them
+    /// back.
+    pub fn close_idle_readers(&self) {
+        let idle = std::mem::take(&mut *lock(&self.shared.readers));
+        drop(idle);
     }
 
     /// Runs `work` on the writer thread, between append batches, with the write connection.
@@ -1127,6 +1136,55 @@ impl EventStore for SqliteStore {
         .await
     }
 
+    /// Reads the head first, then the rows up to it: positions are handed out in commit order, so every event
+    /// at or below that head is committed and seen. The other types' rows are skipped after reading their type
+    /// alone.
+    async fn read_all_of_types(
+        &self,
+        types: &[&str],
+        after_position: u64,
+        limit: usize,
+    ) -> Result<TypedPage, StoreError> {
+        if types.is_empty() {
+            let through = self.head_position().await?.max(after_position);
+            return Ok(TypedPage {
+                events: Vec::new(),
+                through,
+            });
+        }
+        let types: Vec<String> = types.iter().map(|t| (*t).to_owned()).collect();
+        self.read(move |connection| {
+            let head = head_position(connection)?;
+            let sql = format!(
+                select_events!(
+                    "FROM events WHERE position > ?1 AND position <= ?2 AND event_type IN ({}) \
+                     ORDER BY position LIMIT ?3"
+                ),
+                (4..4 + types.len())
+                    .map(|i| format!("?{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let bounds = [to_i64(after_position), to_i64(head), to_i64(limit as u64)];
+            let params = bounds
+                .iter()
+                .map(|b| b as &dyn rusqlite::ToSql)
+                .chain(types.iter().map(|t| t as &dyn rusqlite::ToSql));
+            let events = query_events(
+                connection,
+                &sql,
+                rusqlite::params_from_iter(params),
+                limit.min(crate::READ_PAGE * 10),
+            )?;
+            let through = match events.last() {
+                Some(last) if events.len() == limit => last.position,
+                _ => head.max(after_position),
+            };
+            Ok(TypedPage { events, through })
+        })
+        .await
+    }
+
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
         let stream = stream.to_owned();
         self.read(move |connection| to_u64(stream_version_of(connection, &stream)?, "version"))
@@ -1487,6 +1545,28 @@ mod tests {
 
     fn positions(events: &[StoredEvent]) -> Vec<u64> {
         events.iter().map(|e| e.position).collect()
+    }
+
+    #[tokio::test]
+    async fn closing_the_idle_readers_leaves_the_store_readable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(&dir.path().join("log.db"))
+            .await
+            .expect("open");
+        store
+            .append("a", ExpectedVersion::NoStream, new_events("a", 3))
+            .await
+            .expect("append");
+        assert_eq!(store.read_all(0, 10).await.expect("read").len(), 3);
+        assert_eq!(
+            lock(&store.shared.readers).len(),
+            1,
+            "the reader is kept idle"
+        );
+        store.close_idle_readers();
+        assert!(lock(&store.shared.readers).is_empty());
+        assert_eq!(store.read_all(1, 10).await.expect("read again").len(), 2);
+        store.close().await;
     }
 
     #[tokio::test]

@@ -6,8 +6,9 @@ use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    Competition, CompetitionApplied, DatasetRegistered, Identity, MemberAdded, Membership,
-    PasswordChanged, PrivateRevealed, TeamCreated, TokenIssued, TokenRevoked, UserRegistered,
+    Competition, CompetitionApplied, DatasetRegistered, EventPayload, Identity, MemberAdded,
+    Membership, PasswordChanged, PrivateRevealed, TeamCreated, TokenIssued, TokenRevoked,
+    UserRegistered,
 };
 
 #[derive(Debug, Clone)]
@@ -107,6 +108,18 @@ impl AuthState {
 }
 
 impl ReadModel for AuthState {
+    const TYPES: Option<&'static [&'static str]> = Some(&[
+        UserRegistered::TYPE,
+        PasswordChanged::TYPE,
+        TeamCreated::TYPE,
+        MemberAdded::TYPE,
+        CompetitionApplied::TYPE,
+        PrivateRevealed::TYPE,
+        TokenIssued::TYPE,
+        TokenRevoked::TYPE,
+        DatasetRegistered::TYPE,
+    ]);
+
     fn apply(&mut self, ev: &StoredEvent) {
         if let Some(e) = decode::<UserRegistered>(ev) {
             self.users.insert(

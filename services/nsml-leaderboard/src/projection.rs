@@ -331,6 +331,14 @@ impl LeaderboardState {
 }
 
 impl ReadModel for LeaderboardState {
+    const TYPES: Option<&'static [&'static str]> = Some(&[
+        SubmissionScored::TYPE,
+        CompetitionApplied::TYPE,
+        DatasetRegistered::TYPE,
+        OverrideGranted::TYPE,
+        PrivateRevealed::TYPE,
+    ]);
+
     fn apply(&mut self, ev: &StoredEvent) {
         if let Some(e) = decode::<SubmissionScored>(ev) {
             // Forgets the boards of the submit's dataset only.

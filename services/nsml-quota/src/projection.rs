@@ -7,7 +7,10 @@ use std::collections::{BTreeSet, HashMap};
 use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
-use nsml_proto::v1::{CompetitionApplied, MemberAdded, Policy};
+use nsml_proto::v1::{
+    AdmissionDenied, CompetitionApplied, EventPayload, MemberAdded, OverrideGranted, Policy,
+    PolicyChanged, ResourcesGranted, ResourcesReleased, SubmitEnded, SubmitSucceeded,
+};
 
 use crate::domain::{LEDGER_PREFIX, LedgerEvent};
 
@@ -96,7 +99,22 @@ impl Catalog {
     }
 }
 
+/// What the catalog reads: the ledgers' events, competitions and team members.
+const CATALOG_TYPES: &[&str] = &[
+    ResourcesGranted::TYPE,
+    AdmissionDenied::TYPE,
+    ResourcesReleased::TYPE,
+    SubmitSucceeded::TYPE,
+    SubmitEnded::TYPE,
+    PolicyChanged::TYPE,
+    OverrideGranted::TYPE,
+    CompetitionApplied::TYPE,
+    MemberAdded::TYPE,
+];
+
 impl ReadModel for Catalog {
+    const TYPES: Option<&'static [&'static str]> = Some(CATALOG_TYPES);
+
     fn apply(&mut self, ev: &StoredEvent) {
         if let Some(team) = ev.stream.strip_prefix(LEDGER_PREFIX) {
             if !self.ledgers.contains(team) {
@@ -139,6 +157,16 @@ impl ReadModel for Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_catalog_reads_every_type_a_ledger_holds() {
+        for t in LedgerEvent::TYPES {
+            assert!(
+                CATALOG_TYPES.contains(t),
+                "the catalog's catch-up skips {t}"
+            );
+        }
+    }
 
     #[test]
     fn recorded_ids_name_their_teams_ledger_without_keeping_the_ids() {

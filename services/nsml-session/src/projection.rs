@@ -9,9 +9,9 @@ use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     AdmissionDenied, CheckpointDeleted, CheckpointSaved, CodeUploaded, CompetitionApplied,
-    DatasetRegistered, MemoChanged, MetricPoint, MetricsReported, Policy, Session, SessionAdmitted,
-    SessionExited, SessionFailed, SessionRejected, SessionRemoved, SessionRequested,
-    SessionStarted, SessionStatus, SessionStopRequested, SessionStopped,
+    DatasetRegistered, EventPayload, MemoChanged, MetricPoint, MetricsReported, Policy, Session,
+    SessionAdmitted, SessionExited, SessionFailed, SessionRejected, SessionRemoved,
+    SessionRequested, SessionStarted, SessionStatus, SessionStopRequested, SessionStopped,
 };
 
 /// A session as listed, with what only the read model tracks.
@@ -51,6 +51,26 @@ impl Sessions {
 }
 
 impl ReadModel for Sessions {
+    const TYPES: Option<&'static [&'static str]> = Some(&[
+        SessionRequested::TYPE,
+        SessionRejected::TYPE,
+        AdmissionDenied::TYPE,
+        SessionAdmitted::TYPE,
+        SessionStarted::TYPE,
+        MetricsReported::TYPE,
+        SessionStopRequested::TYPE,
+        SessionExited::TYPE,
+        SessionFailed::TYPE,
+        SessionStopped::TYPE,
+        SessionRemoved::TYPE,
+        MemoChanged::TYPE,
+        CheckpointSaved::TYPE,
+        CheckpointDeleted::TYPE,
+        CodeUploaded::TYPE,
+        DatasetRegistered::TYPE,
+        CompetitionApplied::TYPE,
+    ]);
+
     fn apply(&mut self, ev: &StoredEvent) {
         if !self.apply_lifecycle(ev) {
             self.apply_outside(ev);

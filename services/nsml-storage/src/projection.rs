@@ -9,7 +9,7 @@ use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     CheckpointDeleted, CheckpointSaved, CodeUploaded, CompetitionApplied, Dataset,
-    DatasetRegistered, Direction, MemberAdded, SessionStarted, SubmissionScored,
+    DatasetRegistered, Direction, EventPayload, MemberAdded, SessionStarted, SubmissionScored,
 };
 
 use crate::domain::{DEFAULT_TEAM_STORAGE_BYTES, DatasetBlobs, StoredCheckpoint, TeamCheckpoints};
@@ -218,6 +218,17 @@ impl StorageView {
 }
 
 impl ReadModel for StorageView {
+    const TYPES: Option<&'static [&'static str]> = Some(&[
+        CheckpointSaved::TYPE,
+        CheckpointDeleted::TYPE,
+        SessionStarted::TYPE,
+        CodeUploaded::TYPE,
+        SubmissionScored::TYPE,
+        DatasetRegistered::TYPE,
+        CompetitionApplied::TYPE,
+        MemberAdded::TYPE,
+    ]);
+
     fn apply(&mut self, event: &StoredEvent) {
         // `decode` compares the type name first, so trying each payload type in turn is cheap.
         if let Some(ev) = decode::<CheckpointSaved>(event) {

@@ -7,9 +7,9 @@ use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
-    CompetitionApplied, Policy, PrivateRevealed, SessionRequested, Submission, SubmissionAdmitted,
-    SubmissionFailed, SubmissionPredictionsTaken, SubmissionRejected, SubmissionRequested,
-    SubmissionScored, SubmissionStatus, SubmissionTimedOut,
+    CompetitionApplied, EventPayload, Policy, PrivateRevealed, SessionRequested, Submission,
+    SubmissionAdmitted, SubmissionFailed, SubmissionPredictionsTaken, SubmissionRejected,
+    SubmissionRequested, SubmissionScored, SubmissionStatus, SubmissionTimedOut,
 };
 use prost::Message;
 
@@ -119,6 +119,19 @@ pub struct Submissions {
 }
 
 impl ReadModel for Submissions {
+    const TYPES: Option<&'static [&'static str]> = Some(&[
+        SubmissionRequested::TYPE,
+        SubmissionAdmitted::TYPE,
+        SubmissionPredictionsTaken::TYPE,
+        SubmissionRejected::TYPE,
+        SubmissionScored::TYPE,
+        SubmissionFailed::TYPE,
+        SubmissionTimedOut::TYPE,
+        SessionRequested::TYPE,
+        CompetitionApplied::TYPE,
+        PrivateRevealed::TYPE,
+    ]);
+
     fn apply(&mut self, ev: &StoredEvent) {
         let sub = if let Some(e) = decode::<SubmissionRequested>(ev) {
             e.submission

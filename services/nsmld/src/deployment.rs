@@ -316,6 +316,8 @@ pub struct Deployment {
     config: Config,
     /// The log as services see it: appends wake the relay.
     store: Arc<dyn EventStore>,
+    /// The same log when it is a SQLite file, for what only SQLite needs.
+    sqlite: Option<nsml_eventstore::SqliteStore>,
     bus: Arc<dyn Bus>,
     cancel: CancellationToken,
     relay: tokio::task::JoinHandle<()>,
@@ -355,11 +357,13 @@ impl Deployment {
     /// Opens the store and the bus named by the configuration.
     pub async fn open(config: Config) -> anyhow::Result<Self> {
         // A Postgres log is shared by every process of the deployment: one at a time sweeps its outbox.
+        let mut sqlite = None;
         let (store, lease): (Arc<dyn EventStore>, Option<Arc<dyn OutboxLease>>) =
             if let Some(path) = config.store.strip_prefix("sqlite:") {
                 let store = nsml_eventstore::SqliteStore::open(Path::new(path))
                     .await
                     .with_context(|| format!("cannot open the SQLite log {path}"))?;
+                sqlite = Some(store.clone());
                 (Arc::new(store), None)
             } else if config.store.starts_with("postgres") {
                 // Every process of a fresh deployment may get here at once: one creates the database.
@@ -409,10 +413,29 @@ impl Deployment {
         Ok(Self {
             config,
             store,
+            sqlite,
             bus,
             cancel,
             relay: relay.into_handle(),
         })
+    }
+
+    /// Once every read model of `ready` has caught up with the log, closes the SQLite log's idle read
+    /// connections: the catch-up read the whole log through them, and each keeps what it mapped of the file
+    /// counted in this process's resident memory while it stays open.
+    fn after_catch_up(&self, ready: &[tokio::sync::watch::Receiver<bool>]) {
+        let Some(sqlite) = self.sqlite.clone() else {
+            return;
+        };
+        let ready = ready.to_vec();
+        tokio::spawn(async move {
+            for mut r in ready {
+                if r.wait_for(|ready| *ready).await.is_err() {
+                    return;
+                }
+            }
+            sqlite.close_idle_readers();
+        });
     }
 
     fn context(&self, addrs: &ServiceAddrs, executor: Option<Arc<dyn Executor>>) -> ServiceContext {
@@ -521,6 +544,7 @@ impl Deployment {
             routes.clone().add_service(port.health_service()),
             secret.clone(),
         );
+        self.after_catch_up(&ready);
         port.started(routes, &names, ready).await;
         let gw_cancel = self.cancel.clone();
         let gw_addrs = addrs.clone();
@@ -637,6 +661,7 @@ impl Deployment {
             let started = self.start(service, self.context(&addrs, exec)).await?;
             tasks.extend(started.tasks);
             let routes = (started.routes)(tonic::service::Routes::default());
+            self.after_catch_up(&started.ready);
             port.started(routes, &started.names, started.ready).await;
             println!(
                 "nsmld serving {service} at {}",

@@ -323,6 +323,17 @@ pub enum LedgerEvent {
 }
 
 impl LedgerEvent {
+    /// Every type a ledger stream holds: those [`LedgerEvent::decode`] reads.
+    pub const TYPES: &'static [&'static str] = &[
+        ResourcesGranted::TYPE,
+        AdmissionDenied::TYPE,
+        ResourcesReleased::TYPE,
+        SubmitSucceeded::TYPE,
+        SubmitEnded::TYPE,
+        PolicyChanged::TYPE,
+        OverrideGranted::TYPE,
+    ];
+
     /// Decodes a stored event of a ledger stream; `None` for other types.
     pub fn decode(ev: &StoredEvent) -> Option<Self> {
         Some(match ev.event_type.as_str() {
