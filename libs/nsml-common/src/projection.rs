@@ -73,6 +73,7 @@ impl<S: ReadModel> Projection<S> {
                     }
                 };
                 let mut stream = stream;
+                let (began, mut applied) = (std::time::Instant::now(), 0_u64);
                 // What ended the last burst, to be handled next.
                 let mut held = None;
                 let mut burst = Vec::with_capacity(BURST);
@@ -89,9 +90,13 @@ impl<S: ReadModel> Projection<S> {
                             // The events that are ready already are applied with it, under one lock and one
                             // wake-up of those waiting on the watermark.
                             burst.push(ev);
+                            applied += 1;
                             while burst.len() < BURST {
                                 match stream.next().now_or_never() {
-                                    Some(Some(Ok(Delivery::Event(ev)))) => burst.push(ev),
+                                    Some(Some(Ok(Delivery::Event(ev)))) => {
+                                        burst.push(ev);
+                                        applied += 1;
+                                    }
                                     Some(other) => {
                                         held = Some(other);
                                         break;
@@ -106,7 +111,13 @@ impl<S: ReadModel> Projection<S> {
                             burst.clear();
                         }
                         Some(Ok(Delivery::CaughtUp)) => {
-                            tracing::debug!(projection = name, "caught up with the log");
+                            tracing::info!(
+                                projection = name,
+                                events = applied,
+                                position = me.position(),
+                                "caught up with the log in {:.1?}",
+                                began.elapsed()
+                            );
                             me.ready.send_replace(true);
                         }
                         Some(Ok(Delivery::Passed(position))) => me.pass(position),

@@ -53,7 +53,7 @@ const STATEMENT_CACHE: usize = 32;
 /// How much of the database file a read connection maps into memory. Pages are then read in place instead of
 /// being copied through SQLite's page cache one system call each, which makes a scan of the log (`read_all`,
 /// `verify_chain`) about 1.6 times as fast.
-const READER_MMAP_BYTES: i64 = 1 << 30;
+const READER_MMAP_BYTES: i64 = 0x7fff_0000;
 
 /// The name of the writer thread (15 bytes, the most Linux keeps).
 const WRITER_THREAD: &str = "nsml-log-writer";

@@ -421,12 +421,10 @@ impl Deployment {
     }
 
     /// Once every read model of `ready` has caught up with the log, closes the SQLite log's idle read
-    /// connections: the catch-up read the whole log through them, and each keeps what it mapped of the file
-    /// counted in this process's resident memory while it stays open.
+    /// connections (the catch-up read the whole log through them, and each keeps what it mapped of the file
+    /// counted in this process's resident memory while it stays open) and settles the allocator.
     fn after_catch_up(&self, ready: &[tokio::sync::watch::Receiver<bool>]) {
-        let Some(sqlite) = self.sqlite.clone() else {
-            return;
-        };
+        let sqlite = self.sqlite.clone();
         let ready = ready.to_vec();
         tokio::spawn(async move {
             for mut r in ready {
@@ -434,7 +432,10 @@ impl Deployment {
                     return;
                 }
             }
-            sqlite.close_idle_readers();
+            if let Some(sqlite) = sqlite {
+                sqlite.close_idle_readers();
+            }
+            crate::settle_allocator();
         });
     }
 
@@ -531,9 +532,13 @@ impl Deployment {
         let mut names = Vec::new();
         let mut tasks = Vec::new();
         let mut ready = Vec::new();
-        for service in Service::ALL {
+        // The services start together: each catches up with the log on its own (what a long log costs at
+        // start-up), and none needs another to have started first.
+        let starting = Service::ALL.map(|service| {
             let exec = (service == Service::Session).then(|| executor.clone());
-            let started = self.start(service, self.context(&addrs, exec)).await?;
+            self.start(service, self.context(&addrs, exec))
+        });
+        for started in futures::future::try_join_all(starting).await? {
             routes = (started.routes)(routes);
             names.extend(started.names);
             tasks.extend(started.tasks);
