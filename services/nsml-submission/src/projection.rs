@@ -19,13 +19,18 @@ struct Kept {
     team: Arc<str>,
     competition: Arc<str>,
     dataset: Arc<str>,
-    /// The submission, protobuf-encoded.
+    /// The submission, protobuf-encoded, without its id, team, competition and dataset (kept once, beside).
     encoded: Box<[u8]>,
 }
 
 impl Kept {
-    fn decode(&self) -> Option<Submission> {
-        Submission::decode(&*self.encoded).ok()
+    fn decode(&self, id: &str) -> Option<Submission> {
+        let mut s = Submission::decode(&*self.encoded).ok()?;
+        s.id = id.to_owned();
+        s.team = self.team.to_string();
+        s.competition = self.competition.to_string();
+        s.dataset = self.dataset.to_string();
+        Some(s)
     }
 }
 
@@ -34,7 +39,7 @@ impl Submissions {
     pub fn get(&self, id: &str) -> Option<Submission> {
         match self.open.get(id) {
             Some(s) => Some(s.clone()),
-            None => self.ended.get(id)?.decode(),
+            None => self.ended.get(id)?.decode(id),
         }
     }
 
@@ -64,9 +69,9 @@ impl Submissions {
             .collect();
         out.extend(
             self.ended
-                .values()
-                .filter(|k| on(&k.dataset) && team(&k.team, &k.competition))
-                .filter_map(Kept::decode),
+                .iter()
+                .filter(|(_, k)| on(&k.dataset) && team(&k.team, &k.competition))
+                .filter_map(|(id, k)| k.decode(id)),
         );
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
@@ -81,7 +86,7 @@ impl Submissions {
         name
     }
 
-    fn record(&mut self, s: Submission) {
+    fn record(&mut self, mut s: Submission) {
         let ended = matches!(
             s.status(),
             SubmissionStatus::Scored | SubmissionStatus::Failed | SubmissionStatus::TimedOut
@@ -92,13 +97,17 @@ impl Submissions {
             return;
         }
         self.open.remove(&s.id);
+        let id = std::mem::take(&mut s.id);
+        let team = self.intern(&std::mem::take(&mut s.team));
+        let competition = self.intern(&std::mem::take(&mut s.competition));
+        let dataset = self.intern(&std::mem::take(&mut s.dataset));
         let kept = Kept {
-            team: self.intern(&s.team),
-            competition: self.intern(&s.competition),
-            dataset: self.intern(&s.dataset),
+            team,
+            competition,
+            dataset,
             encoded: s.encode_to_vec().into_boxed_slice(),
         };
-        self.ended.insert(s.id, kept);
+        self.ended.insert(id, kept);
     }
 }
 

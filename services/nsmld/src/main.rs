@@ -135,7 +135,11 @@ pub(crate) fn settle_allocator() {
 fn tune_allocator() {
     for (option, env, value) in [
         (ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT", 0),
-        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY", PURGE_DELAY_CATCHING_UP_MS),
+        (
+            PURGE_DELAY,
+            "MIMALLOC_PURGE_DELAY",
+            PURGE_DELAY_CATCHING_UP_MS,
+        ),
         (ALLOW_THP, "MIMALLOC_ALLOW_THP", 0),
     ] {
         if std::env::var_os(env).is_none() {
