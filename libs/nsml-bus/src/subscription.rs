@@ -9,7 +9,7 @@ use tokio::time::{Instant, Sleep};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use nsml_eventstore::{EventStore, StoredEvent};
+use nsml_eventstore::{EventStore, StoreError, StoredEvent, TypedPage};
 
 use crate::{Bus, BusError};
 
@@ -85,6 +85,7 @@ async fn subscribe(
         next_resubscribe: Instant::now(),
         delivered: Delivered::after(after_position),
         types,
+        prefetched: None,
         ready: VecDeque::new(),
         phase: Phase::CatchingUp,
         next_poll: Box::pin(tokio::time::sleep(STORE_POLL)),
@@ -190,6 +191,8 @@ struct LogSubscription {
     delivered: Delivered,
     /// The types the catch-up reads; `None` for all.
     types: Option<&'static [&'static str]>,
+    /// The catch-up's next page, read while the one before it is delivered.
+    prefetched: Option<tokio::task::JoinHandle<Result<TypedPage, StoreError>>>,
     ready: VecDeque<Delivery>,
     phase: Phase,
     /// When the store is next read while live. One timer for the whole subscription, moved only when a poll
@@ -230,13 +233,34 @@ impl LogSubscription {
         }
     }
 
-    /// Reads the next page of stored events; moves on to `CaughtUp` after the last one.
+    /// Queues the next page of stored events (of the subscription's types) and moves on to `CaughtUp` after
+    /// the last one. While a full page is delivered, the one after it is read: the subscriber's work and the
+    /// store's overlap.
     async fn catch_up_page(&mut self) -> Result<(), BusError> {
-        let read = match self.types {
-            Some(types) => self.read_typed_page(types).await?,
-            None => self.read_store_page().await?,
+        let after = self.delivered.watermark;
+        let page = match self.prefetched.take() {
+            Some(ahead) => match ahead.await {
+                Ok(page) => page?,
+                // The read ahead panicked or was cancelled: read the page again.
+                Err(_) => read_page(self.store.clone(), self.types, after).await?,
+            },
+            None => read_page(self.store.clone(), self.types, after).await?,
         };
-        if read < PAGE {
+        let full = page.events.len() == PAGE;
+        match self.types {
+            Some(_) => self.queue_typed(page),
+            None => {
+                for event in page.events {
+                    if self.delivered.insert(event.position) {
+                        self.ready.push_back(Delivery::Event(Arc::new(event)));
+                    }
+                }
+            }
+        }
+        if full {
+            let (store, types, after) = (self.store.clone(), self.types, self.delivered.watermark);
+            self.prefetched = Some(tokio::spawn(read_page(store, types, after)));
+        } else {
             self.phase = Phase::CaughtUp;
         }
         Ok(())
@@ -324,14 +348,8 @@ impl LogSubscription {
         }
     }
 
-    /// Queues the next page of stored events of `types` after the watermark, and then how far the store looked
-    /// for them; returns how many events the page held.
-    async fn read_typed_page(&mut self, types: &'static [&'static str]) -> Result<usize, BusError> {
-        let page = self
-            .store
-            .read_all_of_types(types, self.delivered.watermark, PAGE)
-            .await?;
-        let len = page.events.len();
+    /// Queues a page of stored events of the subscription's types, and then how far the store looked for them.
+    fn queue_typed(&mut self, page: TypedPage) {
         for event in page.events {
             if !self.delivered.contains(event.position) {
                 self.delivered.pass_through(event.position);
@@ -342,17 +360,11 @@ impl LogSubscription {
             self.delivered.pass_through(page.through);
             self.ready.push_back(Delivery::Passed(page.through));
         }
-        Ok(len)
     }
 
     /// Queues the next page of stored events after the watermark that were not delivered yet; returns the page
-    /// size.
-    async fn read_store_page(&mut self) -> Result<usize, BusError> {
-        Ok(self.poll_store_page().await?.0)
-    }
-
-    /// As [`Self::read_store_page`], and says whether the page held an event that the bus should have
-    /// delivered by now: stored after the bus was subscribed to, over [`BUS_MISS_AGE`] ago, and not yet delivered.
+    /// size, and whether the page held an event that the bus should have delivered by now: stored after the bus
+    /// was subscribed to, over [`BUS_MISS_AGE`] ago, and not yet delivered.
     async fn poll_store_page(&mut self) -> Result<(usize, bool), BusError> {
         let page = self.store.read_all(self.delivered.watermark, PAGE).await?;
         let len = page.len();
@@ -406,6 +418,30 @@ impl LogSubscription {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for LogSubscription {
+    fn drop(&mut self) {
+        if let Some(ahead) = self.prefetched.take() {
+            ahead.abort();
+        }
+    }
+}
+
+/// Up to [`PAGE`] events after `after`: of `types` (with how far the store looked for them), or of every type.
+async fn read_page(
+    store: Arc<dyn EventStore>,
+    types: Option<&'static [&'static str]>,
+    after: u64,
+) -> Result<TypedPage, StoreError> {
+    match types {
+        Some(types) => store.read_all_of_types(types, after, PAGE).await,
+        None => {
+            let events = store.read_all(after, PAGE).await?;
+            let through = events.last().map_or(after, |e| e.position);
+            Ok(TypedPage { events, through })
+        }
     }
 }
 

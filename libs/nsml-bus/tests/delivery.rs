@@ -244,6 +244,15 @@ async fn a_typed_catch_up_reads_its_types_and_passes_over_the_rest(f: Fixture) {
         .await
         .expect("append");
     assert_eq!(appended.last_position, 2500);
+    // Every type, over pages each read while the one before is delivered: each event once, in order.
+    let mut all = subscribe_log(f.store.clone(), f.bus.clone(), 0)
+        .await
+        .expect("subscribe");
+    assert_eq!(
+        positions(&catch_up(&mut all).await),
+        (1..=2500).collect::<Vec<_>>()
+    );
+    drop(all);
     let mut log = subscribe_log_of_types(f.store.clone(), f.bus.clone(), 5, TYPES)
         .await
         .expect("subscribe");
