@@ -219,7 +219,9 @@ mod tests {
             let err = decide_take_predictions(&st, session, team).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                format!("session `{session}` is not a submit session")
+                format!(
+                    "session `{session}` runs no submission that is waiting for its predictions"
+                )
             );
         }
         // Nothing recorded yet: no submission to hand predictions to.

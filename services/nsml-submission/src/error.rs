@@ -39,8 +39,8 @@ pub enum SubmissionError {
     #[error("submission `{id}` belongs to another team")]
     OtherTeamSubmission { id: String },
 
-    /// Predictions from a session that runs no submission (or not this one).
-    #[error("session `{session}` is not a submit session")]
+    /// Predictions from a session that runs no submission waiting for them (or not this one).
+    #[error("session `{session}` runs no submission that is waiting for its predictions")]
     NotSubmitSession { session: String },
 
     /// Predictions for a submission that already took some, or ended.

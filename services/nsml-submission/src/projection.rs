@@ -92,11 +92,17 @@ impl Submissions {
             SubmissionStatus::Scored | SubmissionStatus::Failed | SubmissionStatus::TimedOut
         );
         if !ended {
+            if !s.session.is_empty() {
+                self.by_session.insert(s.session.clone(), s.id.clone());
+            }
             self.ended.remove(&s.id);
             self.open.insert(s.id.clone(), s);
             return;
         }
         self.open.remove(&s.id);
+        if self.by_session.get(&s.session) == Some(&s.id) {
+            self.by_session.remove(&s.session);
+        }
         let id = std::mem::take(&mut s.id);
         let team = self.intern(&std::mem::take(&mut s.team));
         let competition = self.intern(&std::mem::take(&mut s.competition));
@@ -121,7 +127,8 @@ pub struct Submissions {
     open: BTreeMap<String, Submission>,
     /// The teams and datasets that submissions name, each kept once.
     names: HashSet<Arc<str>>,
-    /// Submit session name → submission id.
+    /// Submit session name → the id of the submission it runs, while that submission has not ended: what
+    /// the session's end and its predictions are matched to.
     pub by_session: HashMap<String, String>,
     pub revealed: HashMap<String, bool>,
     pub policies: HashMap<String, Policy>,
@@ -159,7 +166,9 @@ impl ReadModel for Submissions {
         } else {
             if let Some(e) = decode::<SessionRequested>(ev) {
                 // A submit session is named before it starts, so its end always finds its submission.
-                if let Some(s) = e.session.filter(|s| !s.submission_id.is_empty()) {
+                if let Some(s) = e.session.filter(|s| !s.submission_id.is_empty())
+                    && !self.ended.contains_key(&s.submission_id)
+                {
                     self.by_session.insert(s.name, s.submission_id);
                 }
             } else if let Some(e) = decode::<CompetitionApplied>(ev) {
@@ -175,9 +184,6 @@ impl ReadModel for Submissions {
             None
         };
         if let Some(s) = sub {
-            if !s.session.is_empty() {
-                self.by_session.insert(s.session.clone(), s.id.clone());
-            }
             self.record(s);
         }
     }
@@ -226,6 +232,11 @@ mod tests {
         assert_eq!(ids, ["s1"]);
         assert_eq!(p.get("s2"), Some(scored.clone()));
         assert_eq!(p.open_one("s2"), None);
+        assert_eq!(
+            p.by_session.get("ants/cls/9").map(String::as_str),
+            Some("s1")
+        );
+        assert_eq!(p.by_session.get("bees/cls/9"), None);
         // The running one ends: it leaves the open ones and reads back as it ended.
         let mut ended = running.clone();
         ended.set_status(SubmissionStatus::Scored);
@@ -239,8 +250,9 @@ mod tests {
         assert_eq!(p.open().count(), 0);
         assert_eq!(p.get("s1"), Some(ended));
         assert_eq!(
-            p.by_session.get("ants/cls/9").map(String::as_str),
-            Some("s1")
+            p.by_session.get("ants/cls/9"),
+            None,
+            "an ended submission's session is forgotten"
         );
         assert_eq!(p.get("nope"), None);
     }
