@@ -22,7 +22,8 @@ pub enum Delivery {
     /// The next event for the subscriber (each event once per subscription), shared with the process's other
     /// subscribers.
     Event(Arc<StoredEvent>),
-    /// Every event stored when the subscription started has been delivered; live events follow. Sent once.
+    /// Every event stored when the subscription started (of its types, for a subscription to some) has been
+    /// delivered; live events follow. Sent once.
     CaughtUp,
     /// Of a subscription to some types only: every event of those types up to this position has been
     /// delivered, and the others up to it were passed over. A subscriber that counts how far it has read the log

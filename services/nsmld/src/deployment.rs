@@ -421,10 +421,12 @@ impl Deployment {
     }
 
     /// Once every read model of `ready` has caught up with the log, closes the SQLite log's idle read
-    /// connections (the catch-up read the whole log through them, and each keeps what it mapped of the file
-    /// counted in this process's resident memory while it stays open) and settles the allocator.
+    /// connections: the catch-up read the whole log through them, and each keeps what it mapped of the file
+    /// counted in this process's resident memory while it stays open.
     fn after_catch_up(&self, ready: &[tokio::sync::watch::Receiver<bool>]) {
-        let sqlite = self.sqlite.clone();
+        let Some(sqlite) = self.sqlite.clone() else {
+            return;
+        };
         let ready = ready.to_vec();
         tokio::spawn(async move {
             for mut r in ready {
@@ -432,10 +434,7 @@ impl Deployment {
                     return;
                 }
             }
-            if let Some(sqlite) = sqlite {
-                sqlite.close_idle_readers();
-            }
-            crate::settle_allocator();
+            sqlite.close_idle_readers();
         });
     }
 

@@ -111,26 +111,7 @@ const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
-/// How long the allocator keeps freed memory before giving it back while the services catch up with the log
-/// at start-up: reading the log allocates and frees much, and memory given back at once is zeroed again by the
-/// kernel when it is next used.
-const PURGE_DELAY_CATCHING_UP_MS: std::ffi::c_long = 1000;
-
-/// Once the services have caught up with the log, makes the allocator give freed memory back at once again
-/// (see [`tune_allocator`]), unless `MIMALLOC_PURGE_DELAY` says otherwise.
-#[allow(unsafe_code)]
-pub(crate) fn settle_allocator() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: as in `tune_allocator`.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
-    }
-    // What was freed while catching up is given back now rather than when each thread next allocates.
-    // SAFETY: collecting is allowed at any time, from any thread.
-    unsafe { libmimalloc_sys::mi_collect(true) };
-}
-
-/// Makes the allocator give freed memory back to the system at once (after [`PURGE_DELAY_CATCHING_UP_MS`]
-/// while the services catch up with the log, until [`settle_allocator`]), commit its arenas only as they are used
+/// Makes the allocator give freed memory back to the system at once, commit its arenas only as they are used
 /// (so an idle server stays small) and keep to 4 KiB pages (see [`keep_to_small_pages`]), unless mimalloc's
 /// own environment variables (`MIMALLOC_PURGE_DELAY`, `MIMALLOC_ARENA_EAGER_COMMIT`, `MIMALLOC_ALLOW_THP`) say
 /// otherwise. Set before the runtime starts its threads.
@@ -138,11 +119,7 @@ pub(crate) fn settle_allocator() {
 fn tune_allocator() {
     for (option, env, value) in [
         (ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT", 0),
-        (
-            PURGE_DELAY,
-            "MIMALLOC_PURGE_DELAY",
-            PURGE_DELAY_CATCHING_UP_MS,
-        ),
+        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 0),
         (ALLOW_THP, "MIMALLOC_ALLOW_THP", 0),
     ] {
         if std::env::var_os(env).is_none() {
@@ -240,11 +217,7 @@ async fn run() -> anyhow::Result<()> {
             session,
             time_limit,
             gpus,
-        } => {
-            // A runner reads no log at start-up.
-            settle_allocator();
-            runner::run(&config, &session, time_limit, gpus.as_deref()).await
-        }
+        } => runner::run(&config, &session, time_limit, gpus.as_deref()).await,
     };
     // After a signal or the runner's end: the spans still batched go out before the process does.
     telemetry.shutdown().await;
