@@ -323,6 +323,9 @@ pub struct Deployment {
     relay: tokio::task::JoinHandle<()>,
 }
 
+/// How many events make a log long at start-up (see [`Deployment::before_catch_up`]).
+const LONG_LOG: u64 = 100_000;
+
 fn http(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
@@ -420,13 +423,22 @@ impl Deployment {
         })
     }
 
+    /// Whether the log is long enough for the allocator to be told so while the services catch up with it
+    /// (see [`crate::reading_long_log`]).
+    async fn before_catch_up(&self) -> bool {
+        let long = matches!(self.store.head_position().await, Ok(head) if head >= LONG_LOG);
+        if long {
+            crate::reading_long_log(true);
+        }
+        long
+    }
+
     /// Once every read model of `ready` has caught up with the log, closes the SQLite log's idle read
-    /// connections: the catch-up read the whole log through them, and each keeps what it mapped of the file
-    /// counted in this process's resident memory while it stays open.
-    fn after_catch_up(&self, ready: &[tokio::sync::watch::Receiver<bool>]) {
-        let Some(sqlite) = self.sqlite.clone() else {
-            return;
-        };
+    /// connections (the catch-up read the whole log through them, and each keeps what it mapped of the file
+    /// counted in this process's resident memory while it stays open), and tells the allocator a `long` read is
+    /// over.
+    fn after_catch_up(&self, ready: &[tokio::sync::watch::Receiver<bool>], long: bool) {
+        let sqlite = self.sqlite.clone();
         let ready = ready.to_vec();
         tokio::spawn(async move {
             for mut r in ready {
@@ -434,7 +446,12 @@ impl Deployment {
                     return;
                 }
             }
-            sqlite.close_idle_readers();
+            if let Some(sqlite) = sqlite {
+                sqlite.close_idle_readers();
+            }
+            if long {
+                crate::reading_long_log(false);
+            }
         });
     }
 
@@ -533,6 +550,7 @@ impl Deployment {
         let mut ready = Vec::new();
         // The services start together: each catches up with the log on its own (what a long log costs at
         // start-up), and none needs another to have started first.
+        let long = self.before_catch_up().await;
         let starting = Service::ALL.map(|service| {
             let exec = (service == Service::Session).then(|| executor.clone());
             self.start(service, self.context(&addrs, exec))
@@ -548,7 +566,7 @@ impl Deployment {
             routes.clone().add_service(port.health_service()),
             secret.clone(),
         );
-        self.after_catch_up(&ready);
+        self.after_catch_up(&ready, long);
         port.started(routes, &names, ready).await;
         let gw_cancel = self.cancel.clone();
         let gw_addrs = addrs.clone();
@@ -665,7 +683,7 @@ impl Deployment {
             let started = self.start(service, self.context(&addrs, exec)).await?;
             tasks.extend(started.tasks);
             let routes = (started.routes)(tonic::service::Routes::default());
-            self.after_catch_up(&started.ready);
+            self.after_catch_up(&started.ready, false);
             port.started(routes, &started.names, started.ready).await;
             println!(
                 "nsmld serving {service} at {}",
