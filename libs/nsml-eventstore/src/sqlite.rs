@@ -258,7 +258,7 @@ impl SqliteStore {
     }
 
     /// Closes the idle read connections; the next reads open new ones. Each connection keeps the pages of the
-    /// log it has read through its map (up to [`READER_MMAP_BYTES`]) counted in the process's resident memory
+    /// log it has read through its map (up to 2 GiB) counted in the process's resident memory
     /// until it closes: after a long scan of the log (the read models catching up at start-up) this gives them
     /// back.
     pub fn close_idle_readers(&self) {
