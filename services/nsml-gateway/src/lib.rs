@@ -6,7 +6,8 @@
 //! `ratelimit`: by address until the caller is known to be a user), resolving the bearer token (or a browser's
 //! cookie, see `web`) to an identity through the auth service (kept for a moment: see `identities`), and
 //! stamping the call with the deployment's internal secret and the address it came from. Services then decide
-//! what the identity may do. The same port serves the web UI's files at `/`, gRPC reflection and health.
+//! what the identity may do. A call that a service refuses because it is still starting (catching up with the
+//! log after a restart) is held and sent again once it has started, for up to 40 s. The same port serves the web UI's files at `/`, gRPC reflection and health.
 
 mod calls;
 mod error;
@@ -23,6 +24,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use nsml_common::caller::{IDENTITY_KEY, INTERNAL_SECRET_KEY};
+use nsml_common::clients::retry::{Backoff, Retrying};
 use nsml_common::clients::{Clients, ServiceAddrs, Transport};
 use nsml_common::service::Service;
 
@@ -76,9 +78,19 @@ pub async fn serve(
     secret: &str,
     cancel: CancellationToken,
 ) -> Result<(), GatewayError> {
+    let mut upstream = Vec::new();
     let mut routes = HashMap::new();
     for service in Service::ALL {
-        routes.insert(service.grpc_name(), addrs.transport(service)?);
+        let transport = addrs.transport(service)?;
+        // A call reaching a service that is still starting (catching up with the log after a restart) is held
+        // until it has started, rather than refused: the service did nothing with it. What else to retry is the
+        // client's to decide. Health is asked without it, so that it tells a starting service as it is.
+        let held = Transport::new(Retrying::until_started(
+            transport.clone(),
+            Backoff::THROUGH_RESTART,
+        ));
+        routes.insert(service.grpc_name(), held);
+        upstream.push((service, transport));
     }
     let inner = Arc::new(Inner {
         clients: Clients::new(addrs, secret, "gateway")?,
@@ -88,10 +100,6 @@ pub async fn serve(
         limiter: ratelimit::Limiter::from_env(),
         identities: identities::Identities::default(),
     });
-    let upstream: Vec<(Service, Transport)> = Service::ALL
-        .into_iter()
-        .filter_map(|s| inner.routes.get(s.grpc_name()).map(|t| (s, t.clone())))
-        .collect();
     let routes = axum::Router::new()
         .route("/web/login", axum::routing::post(web::login))
         .route("/web/logout", axum::routing::post(web::logout))

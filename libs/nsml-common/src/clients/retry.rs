@@ -10,6 +10,8 @@
 //!   command carrying an idempotency key that the service honours (`Admit`'s `command_id`).
 //!
 //! Other calls (`Submit`, `Run`, `RunnerReport`, …) are not sent twice once sent: their caller decides.
+//! The gateway, a proxy, retries only the first case's refusals ([`Retrying::until_started`]); its clients
+//! decide the rest.
 //! Client-streaming calls (uploads, log shipping) pass through unretried, as their body cannot be replayed
 //! here; their callers send the whole stream again (the runner's checkpoint upload does).
 //!
@@ -209,12 +211,29 @@ fn header_code(response: &http::Response<tonic::body::Body>) -> Option<tonic::Co
 pub struct Retrying {
     inner: Transport,
     backoff: Backoff,
+    /// Only calls the service refused as not started yet are sent again.
+    until_started: bool,
 }
 
 impl Retrying {
     /// Retries calls over `inner` with `backoff`.
     pub fn new(inner: Transport, backoff: Backoff) -> Self {
-        Self { inner, backoff }
+        Self {
+            inner,
+            backoff,
+            until_started: false,
+        }
+    }
+
+    /// Sends a unary call over `inner` again only while the service refuses it as not started yet (a process
+    /// that is up and still catching up with the log), with `backoff`; every other answer or failure goes back
+    /// to the caller at once. For a proxy, whose own callers decide what else to retry.
+    pub fn until_started(inner: Transport, backoff: Backoff) -> Self {
+        Self {
+            inner,
+            backoff,
+            until_started: true,
+        }
     }
 }
 
@@ -231,6 +250,7 @@ impl Service<http::Request<tonic::body::Body>> for Retrying {
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let inner = self.inner.clone();
         let backoff = self.backoff;
+        let until_started = self.until_started;
         let repeat = repeat_of(req.uri().path());
         if repeat == Repeat::Stream {
             return Box::pin(inner.oneshot(req));
@@ -261,6 +281,7 @@ impl Service<http::Request<tonic::body::Body>> for Retrying {
                 let retry = match &result {
                     // Refused before the service started: nothing was done, whatever the call.
                     Ok(response) if response.headers().contains_key(NOT_STARTED_KEY) => true,
+                    _ if until_started => false,
                     Ok(response) => {
                         repeat == Repeat::Idempotent
                             && header_code(response) == Some(tonic::Code::Unavailable)
@@ -350,14 +371,30 @@ mod tests {
         calls: std::sync::Arc<std::sync::atomic::AtomicU32>,
         answer: fn() -> Result<http::Response<tonic::body::Body>, TransportError>,
     ) -> Retrying {
+        answering_with(Retrying::new, calls, answer)
+    }
+
+    /// As [`answering`], retrying as `retrying` builds it.
+    fn answering_with(
+        retrying: fn(Transport, Backoff) -> Retrying,
+        calls: std::sync::Arc<std::sync::atomic::AtomicU32>,
+        answer: fn() -> Result<http::Response<tonic::body::Body>, TransportError>,
+    ) -> Retrying {
         let inner = tower::service_fn(move |_req: http::Request<tonic::body::Body>| {
             calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async move { answer() }
         });
-        Retrying::new(
+        retrying(
             tower::util::BoxCloneSyncService::new(inner),
             Backoff::THROUGH_RESTART,
         )
+    }
+
+    fn not_started() -> Result<http::Response<tonic::body::Body>, TransportError> {
+        let mut resp = tonic::Status::unavailable("starting").into_http();
+        resp.headers_mut()
+            .insert(NOT_STARTED_KEY, http::HeaderValue::from_static("true"));
+        Ok(resp)
     }
 
     fn unavailable() -> Result<http::Response<tonic::body::Body>, TransportError> {
@@ -414,6 +451,31 @@ mod tests {
             count(refused, submit).await > 20,
             "a submit never sent is sent again"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_proxy_repeats_only_what_a_starting_service_refused() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let count = |answer, path: &'static str| async move {
+            let calls = Arc::new(AtomicU32::new(0));
+            send(
+                answering_with(Retrying::until_started, calls.clone(), answer),
+                path,
+            )
+            .await;
+            calls.load(Ordering::SeqCst)
+        };
+        let get = "/nsml.v1.SubmissionService/Get";
+        let submit = "/nsml.v1.SubmissionService/Submit";
+        assert!(count(not_started, get).await > 20);
+        assert!(
+            count(not_started, submit).await > 20,
+            "a submit refused before the service started is sent again"
+        );
+        for answer in [unavailable, reset, refused] {
+            assert_eq!(count(answer, get).await, 1, "left to the proxy's caller");
+        }
     }
 
     #[tokio::test(start_paused = true)]
