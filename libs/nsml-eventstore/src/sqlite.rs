@@ -1703,16 +1703,10 @@ mod tests {
             "the log started again {} times in {appends} appends",
             after.saturating_sub(before)
         );
-        // Never started again, the file would hold three frames of 4 KiB for every append at least (12,000
-        // frames, 48 MiB, for the first 4,000); started again, it is reused from its start. On a busy machine the
-        // checkpointer may lag long enough for the file to pass its limit before the first restart: a restart
-        // then cuts it back to exactly the limit, which is reuse too.
-        let unrestarted = appends as u64 * 3 * 4096;
-        let size = std::fs::metadata(&wal).expect("wal").len();
-        assert!(
-            size < unrestarted || size == WAL_SIZE_LIMIT as u64,
-            "the log's file grew to {size} bytes in {appends} appends: it is not being reused"
-        );
+        // A restart is the writer going back to the start of the file: the file is reused, whatever its size.
+        // How large it got first depends on how long a busy machine's checkpointer lagged before the first
+        // restart (up to the whole run), so its size tells nothing here; `journal_size_limit` cuts it back at
+        // a restart.
         assert_eq!(store.verify_chain().await.expect("verify"), None);
         store.close().await;
 
