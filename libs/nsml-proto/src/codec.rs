@@ -9,7 +9,7 @@ use std::marker::PhantomData;
 
 use prost::Message;
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// Encodes answers as tonic's prost codec does and decodes requests, refusing an undecodable one with
@@ -64,6 +64,62 @@ impl<U: Message + Default> Decoder for RequestDecoder<U> {
 
     fn buffer_settings(&self) -> BufferSettings {
         self.0.buffer_settings()
+    }
+}
+
+/// An answer encoded once and sent as it is to every caller it suits: a message's protobuf encoding.
+#[derive(Debug, Clone)]
+pub struct Encoded(pub prost::bytes::Bytes);
+
+impl Encoded {
+    /// `message`'s encoding.
+    pub fn of(message: &impl Message) -> Self {
+        Encoded(message.encode_to_vec().into())
+    }
+}
+
+/// As [`RequestCodec`], for a method whose answer is already [`Encoded`]: its bytes are sent as they are.
+#[derive(Debug, Clone)]
+pub struct EncodedAnswerCodec<U> {
+    _pd: PhantomData<U>,
+}
+
+impl<U> Default for EncodedAnswerCodec<U> {
+    fn default() -> Self {
+        Self { _pd: PhantomData }
+    }
+}
+
+impl<U> Codec for EncodedAnswerCodec<U>
+where
+    U: Message + Default + Send + 'static,
+{
+    type Encode = Encoded;
+    type Decode = U;
+    type Encoder = EncodedEncoder;
+    type Decoder = RequestDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EncodedEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(ProstDecoder::default())
+    }
+}
+
+/// Writes an [`Encoded`] answer's bytes.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedEncoder;
+
+impl Encoder for EncodedEncoder {
+    type Item = Encoded;
+    type Error = Status;
+
+    fn encode(&mut self, item: Encoded, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        use prost::bytes::BufMut;
+        buf.put_slice(&item.0);
+        Ok(())
     }
 }
 

@@ -2,22 +2,31 @@
 //! [`LeaderboardError`] to gRPC statuses.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use nsml_common::bounds::Bounded;
 use nsml_common::caller::Caller;
 use nsml_common::live::{self, LiveStream};
 use nsml_common::projection::Projection;
-use nsml_proto::v1::leaderboard_service_server::LeaderboardService as LeaderboardApi;
+use nsml_proto::codec::{Encoded, EncodedAnswerCodec};
+use nsml_proto::v1::leaderboard_service_server::{
+    LeaderboardService as LeaderboardApi, LeaderboardServiceServer,
+};
 use nsml_proto::v1::{
     BoardRequest, BoardResponse, BoardRow, HistoryEntry, HistoryRequest, HistoryResponse,
     OverallRequest, OverallResponse, OverallRow,
 };
+use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
+use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use crate::LeaderboardError;
 use crate::domain::{self, HistoryScope, Side};
-use crate::projection::LeaderboardState;
+use crate::projection::{DatasetView, LeaderboardState};
 
 /// How long a call waits for the projection to catch up with the log at boot before answering `UNAVAILABLE`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +53,34 @@ impl LeaderboardService {
         Ok(caller)
     }
 
+    /// `Board`, answered with the encoding kept for the dataset and side (see [`Server`]).
+    #[tracing::instrument(skip_all, fields(dataset = %req.get_ref().dataset, private = req.get_ref().private))]
+    async fn board_encoded(&self, req: Request<BoardRequest>) -> Result<Response<Encoded>, Status> {
+        self.answer(req, board_encoded).await
+    }
+
+    /// `Overall`, answered with the encoding kept for the competition and side (see [`Server`]).
+    #[tracing::instrument(skip_all, fields(competition = %req.get_ref().competition, private = req.get_ref().private))]
+    async fn overall_encoded(
+        &self,
+        req: Request<OverallRequest>,
+    ) -> Result<Response<Encoded>, Status> {
+        self.answer(req, overall_encoded).await
+    }
+
+    /// The answer `read` makes to `req` from the read model, for its authenticated caller.
+    async fn answer<R: Bounded, T>(
+        &self,
+        req: Request<R>,
+        read: impl FnOnce(&LeaderboardState, &Caller, &R) -> Result<T, LeaderboardError>,
+    ) -> Result<Response<T>, Status> {
+        nsml_common::bounds::check(&req)?;
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let answer = self.proj.read(|s| read(s, &caller, &req))?;
+        Ok(Response::new(answer))
+    }
+
     /// What `answer` reads from the boards, now and on every change.
     fn follow<T>(
         &self,
@@ -64,11 +101,7 @@ impl LeaderboardService {
 impl LeaderboardApi for LeaderboardService {
     #[tracing::instrument(skip_all, fields(dataset = %req.get_ref().dataset, private = req.get_ref().private))]
     async fn board(&self, req: Request<BoardRequest>) -> Result<Response<BoardResponse>, Status> {
-        nsml_common::bounds::check(&req)?;
-        let caller = self.caller(&req).await?;
-        let req = req.into_inner();
-        let resp = self.proj.read(|s| board(s, &caller, &req))?;
-        Ok(Response::new(resp))
+        self.answer(req, board).await
     }
 
     #[tracing::instrument(skip_all, fields(competition = %req.get_ref().competition, private = req.get_ref().private))]
@@ -76,11 +109,7 @@ impl LeaderboardApi for LeaderboardService {
         &self,
         req: Request<OverallRequest>,
     ) -> Result<Response<OverallResponse>, Status> {
-        nsml_common::bounds::check(&req)?;
-        let caller = self.caller(&req).await?;
-        let req = req.into_inner();
-        let resp = self.proj.read(|s| overall(s, &caller, &req))?;
-        Ok(Response::new(resp))
+        self.answer(req, overall).await
     }
 
     type WatchBoardStream = LiveStream<BoardResponse>;
@@ -114,19 +143,16 @@ impl LeaderboardApi for LeaderboardService {
         &self,
         req: Request<HistoryRequest>,
     ) -> Result<Response<HistoryResponse>, Status> {
-        nsml_common::bounds::check(&req)?;
-        let caller = self.caller(&req).await?;
-        let req = req.into_inner();
-        let resp = self.proj.read(|s| history(s, &caller, &req))?;
-        Ok(Response::new(resp))
+        self.answer(req, history).await
     }
 }
 
-fn board(
-    s: &LeaderboardState,
+/// The dataset whose board `req` asks for, once the caller may see it on the side asked.
+fn board_dataset<'a>(
+    s: &'a LeaderboardState,
     caller: &Caller,
-    req: &BoardRequest,
-) -> Result<BoardResponse, LeaderboardError> {
+    req: &'a BoardRequest,
+) -> Result<(&'a str, &'a DatasetView), LeaderboardError> {
     let name = req.dataset.trim();
     if name.is_empty() {
         return Err(LeaderboardError::NoDataset);
@@ -136,13 +162,44 @@ fn board(
         let (hosts, revealed) = s.privacy(&dataset.competition);
         domain::check_private(caller, &dataset.competition, hosts, revealed)?;
     }
-    let rows = s.board_shared(name, Side::of(req.private))?;
+    Ok((name, dataset))
+}
+
+fn board(
+    s: &LeaderboardState,
+    caller: &Caller,
+    req: &BoardRequest,
+) -> Result<BoardResponse, LeaderboardError> {
+    let (name, dataset) = board_dataset(s, caller, req)?;
+    board_of(s, name, dataset, req.private)
+}
+
+/// As [`board`], encoded once per dataset and side and then shared until the board changes.
+fn board_encoded(
+    s: &LeaderboardState,
+    caller: &Caller,
+    req: &BoardRequest,
+) -> Result<Encoded, LeaderboardError> {
+    let (name, dataset) = board_dataset(s, caller, req)?;
+    s.board_answer(name, Side::of(req.private), || {
+        board_of(s, name, dataset, req.private).map(|answer| Encoded::of(&answer))
+    })
+}
+
+/// The board of dataset `name`, public or `private`.
+fn board_of(
+    s: &LeaderboardState,
+    name: &str,
+    dataset: &DatasetView,
+    private: bool,
+) -> Result<BoardResponse, LeaderboardError> {
+    let rows = s.board_shared(name, Side::of(private))?;
     Ok(BoardResponse {
         dataset: name.to_string(),
         competition: dataset.competition.clone(),
         metric: dataset.metric.clone(),
         direction: dataset.ranking_direction() as i32,
-        private: req.private,
+        private,
         rows: rows
             .iter()
             .map(|r| BoardRow {
@@ -158,11 +215,12 @@ fn board(
     })
 }
 
-fn overall(
+/// The competition whose overall ranking `req` asks for, once the caller may see it on the side asked.
+fn overall_competition(
     s: &LeaderboardState,
     caller: &Caller,
     req: &OverallRequest,
-) -> Result<OverallResponse, LeaderboardError> {
+) -> Result<String, LeaderboardError> {
     let id = match req.competition.trim() {
         "" => domain::resolve_competition(caller, s.competitions.keys().cloned())?,
         named => named.to_string(),
@@ -176,12 +234,42 @@ fn overall(
             competition.private_revealed,
         )?;
     }
+    Ok(id)
+}
+
+fn overall(
+    s: &LeaderboardState,
+    caller: &Caller,
+    req: &OverallRequest,
+) -> Result<OverallResponse, LeaderboardError> {
+    let id = overall_competition(s, caller, req)?;
+    overall_of(s, id, req.private)
+}
+
+/// As [`overall`], encoded once per competition and side and then shared until a board changes.
+fn overall_encoded(
+    s: &LeaderboardState,
+    caller: &Caller,
+    req: &OverallRequest,
+) -> Result<Encoded, LeaderboardError> {
+    let id = overall_competition(s, caller, req)?;
+    s.overall_answer(&id, Side::of(req.private), || {
+        overall_of(s, id.clone(), req.private).map(|answer| Encoded::of(&answer))
+    })
+}
+
+/// The overall ranking of competition `id`, public or `private`.
+fn overall_of(
+    s: &LeaderboardState,
+    id: String,
+    private: bool,
+) -> Result<OverallResponse, LeaderboardError> {
     let datasets = s.competition_datasets(&id);
-    let overall = s.overall_shared(&id, Side::of(req.private))?;
+    let overall = s.overall_shared(&id, Side::of(private))?;
     Ok(OverallResponse {
         competition: id,
         datasets,
-        private: req.private,
+        private,
         rows: overall
             .iter()
             .map(|r| OverallRow {
@@ -254,4 +342,86 @@ fn history(
             })
             .collect(),
     })
+}
+
+/// The service's gRPC server: the generated one, except that `Board` and `Overall` are answered with the
+/// encoding kept for their dataset or competition and side ([`LeaderboardState::board_answer`],
+/// [`LeaderboardState::overall_answer`]) rather than built and encoded again for every caller. Everything
+/// else, the live `Watch…` streams included, goes to the generated server.
+#[derive(Clone)]
+pub struct Server {
+    svc: LeaderboardService,
+    generated: LeaderboardServiceServer<LeaderboardService>,
+}
+
+impl Server {
+    /// Serves `svc`.
+    pub fn new(svc: LeaderboardService) -> Self {
+        Self {
+            generated: LeaderboardServiceServer::new(svc.clone()),
+            svc,
+        }
+    }
+}
+
+/// The paths of `Board` and `Overall`, answered from their kept encodings.
+const BOARD: &str = "/nsml.v1.LeaderboardService/Board";
+const OVERALL: &str = "/nsml.v1.LeaderboardService/Overall";
+
+impl NamedService for Server {
+    const NAME: &'static str = <LeaderboardServiceServer<LeaderboardService> as NamedService>::NAME;
+}
+
+impl<B> Service<http::Request<B>> for Server
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = self.svc.clone();
+        match req.uri().path() {
+            BOARD => Box::pin(async move {
+                let mut grpc =
+                    tonic::server::Grpc::new(EncodedAnswerCodec::<BoardRequest>::default());
+                Ok(grpc.unary(Kept(svc, PhantomData), req).await)
+            }),
+            OVERALL => Box::pin(async move {
+                let mut grpc =
+                    tonic::server::Grpc::new(EncodedAnswerCodec::<OverallRequest>::default());
+                Ok(grpc.unary(Kept(svc, PhantomData), req).await)
+            }),
+            _ => self.generated.call(req),
+        }
+    }
+}
+
+/// A method answered with a kept encoding, as a unary method answering [`Encoded`] to requests `R`.
+struct Kept<R>(LeaderboardService, PhantomData<fn(R)>);
+
+impl UnaryService<BoardRequest> for Kept<BoardRequest> {
+    type Response = Encoded;
+    type Future = BoxFuture<Response<Encoded>, Status>;
+
+    fn call(&mut self, req: Request<BoardRequest>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move { svc.board_encoded(req).await })
+    }
+}
+
+impl UnaryService<OverallRequest> for Kept<OverallRequest> {
+    type Response = Encoded;
+    type Future = BoxFuture<Response<Encoded>, Status>;
+
+    fn call(&mut self, req: Request<OverallRequest>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move { svc.overall_encoded(req).await })
+    }
 }

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use nsml_common::ServiceContext;
 use nsml_common::projection::Projection;
 use nsml_common::server::Started;
-use nsml_proto::v1::leaderboard_service_server::LeaderboardServiceServer;
 
 pub use error::LeaderboardError;
 pub use grpc::LeaderboardService;
@@ -41,9 +40,7 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
     });
     let svc = LeaderboardService::new(proj);
     Ok(Started {
-        routes: Box::new(move |r: tonic::service::Routes| {
-            r.add_service(LeaderboardServiceServer::new(svc))
-        }),
+        routes: Box::new(move |r: tonic::service::Routes| r.add_service(grpc::Server::new(svc))),
         names: vec!["nsml.v1.LeaderboardService"],
         tasks: vec![task],
         ready: vec![readiness, warm_readiness],

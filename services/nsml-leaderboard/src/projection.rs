@@ -10,6 +10,7 @@ use std::sync::Arc;
 use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
+use nsml_proto::codec::Encoded;
 use nsml_proto::v1::{
     CompetitionApplied, DatasetRegistered, Direction, EventPayload, OverrideGranted, OverrideKind,
     Policy, PrivateRevealed, SubmissionScored,
@@ -81,6 +82,20 @@ pub type Ranking = (String, Side);
 /// An overall ranking computed once, shared by the answers that read it.
 type SharedOverall = Arc<Vec<domain::OverallStanding>>;
 
+/// The answer kept in `answers` under `key`, or the one `encode` makes, kept from now on.
+fn kept(
+    answers: &parking_lot::Mutex<HashMap<(String, Side), Encoded>>,
+    key: (String, Side),
+    encode: impl FnOnce() -> Result<Encoded, LeaderboardError>,
+) -> Result<Encoded, LeaderboardError> {
+    if let Some(answer) = answers.lock().get(&key) {
+        return Ok(answer.clone());
+    }
+    let answer = encode()?;
+    answers.lock().insert(key, answer.clone());
+    Ok(answer)
+}
+
 /// The leaderboard's state.
 #[derive(Debug, Default)]
 pub struct LeaderboardState {
@@ -100,6 +115,13 @@ pub struct LeaderboardState {
     boards: parking_lot::Mutex<HashMap<(String, Side), SharedBoard>>,
     /// Overall rankings as last computed, by competition and side, until any board changes.
     overalls: parking_lot::Mutex<HashMap<(String, Side), SharedOverall>>,
+    /// The `Board` answers as last encoded, by dataset and side, forgotten with the boards: the same for every
+    /// caller allowed to see them.
+    board_answers: parking_lot::Mutex<HashMap<(String, Side), Encoded>>,
+    /// The `Overall` answers as last encoded, by competition and side, forgotten with the overall rankings:
+    /// the same for every caller allowed to see them, and the costliest answer to build (a row per team, with
+    /// a rank per dataset).
+    overall_answers: parking_lot::Mutex<HashMap<(String, Side), Encoded>>,
 }
 
 impl LeaderboardState {
@@ -197,6 +219,46 @@ impl LeaderboardState {
         let overall = Arc::new(domain::overall(&boards));
         self.overalls.lock().insert(key, overall.clone());
         Ok(overall)
+    }
+
+    /// The `Board` answer for `dataset` on `side`, encoded by `encode` once and then shared until an event
+    /// changes that board.
+    pub fn board_answer(
+        &self,
+        dataset: &str,
+        side: Side,
+        encode: impl FnOnce() -> Result<Encoded, LeaderboardError>,
+    ) -> Result<Encoded, LeaderboardError> {
+        kept(&self.board_answers, (dataset.to_string(), side), encode)
+    }
+
+    /// The `Overall` answer for `competition` on `side`, encoded by `encode` once and then shared until an
+    /// event changes any board.
+    pub fn overall_answer(
+        &self,
+        competition: &str,
+        side: Side,
+        encode: impl FnOnce() -> Result<Encoded, LeaderboardError>,
+    ) -> Result<Encoded, LeaderboardError> {
+        kept(
+            &self.overall_answers,
+            (competition.to_string(), side),
+            encode,
+        )
+    }
+
+    /// Forgets the boards of `dataset` and their answers: a submit on it was scored.
+    fn forget_boards_of(&mut self, dataset: &str) {
+        self.boards.get_mut().retain(|(d, _), _| d != dataset);
+        self.board_answers
+            .get_mut()
+            .retain(|(d, _), _| d != dataset);
+    }
+
+    /// Forgets every overall ranking and its answers: a board changed.
+    fn forget_overalls(&mut self) {
+        self.overalls.get_mut().clear();
+        self.overall_answers.get_mut().clear();
     }
 
     /// The boards and overall rankings there are to compute: every dataset's and competition's, on both sides.
@@ -325,8 +387,8 @@ impl LeaderboardState {
             }
         };
         on_dataset.insert(id, scored);
-        self.boards.get_mut().retain(|(d, _), _| **d != *dataset);
-        self.overalls.get_mut().clear();
+        self.forget_boards_of(&dataset);
+        self.forget_overalls();
     }
 }
 
@@ -360,7 +422,8 @@ impl ReadModel for LeaderboardState {
         let before = (self.competitions.clone(), self.datasets.clone());
         if self.apply_other(ev) && (&self.competitions, &self.datasets) != (&before.0, &before.1) {
             self.boards.get_mut().clear();
-            self.overalls.get_mut().clear();
+            self.board_answers.get_mut().clear();
+            self.forget_overalls();
         }
     }
 }

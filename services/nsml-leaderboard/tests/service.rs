@@ -462,6 +462,68 @@ async fn the_overall_ranking_puts_a_team_missing_a_dataset_last_there() {
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
+/// `Board` and `Overall` are answered from encodings kept per dataset or competition and side: a new score
+/// changes them, and the private ones, kept once a host has read them, are still refused to a participant.
+#[tokio::test]
+async fn the_kept_answers_follow_new_scores_and_keep_the_private_ones_hidden() {
+    let h = seeded().await;
+    let ann = participant("ann", "ants");
+    let board_before = h.board("t2-asr", false, &ann).await.expect("board");
+    assert_eq!(board_before.rows[0].team, "cats");
+    h.board("t2-asr", true, &host())
+        .await
+        .expect("the host's private board");
+    let err = h.board("t2-asr", true, &ann).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let overall = |who: &Identity, private: bool| {
+        let req = h.request(
+            OverallRequest {
+                competition: "demo".into(),
+                private,
+            },
+            Some(who),
+        );
+        let mut client = h.client.clone();
+        async move { client.overall(req).await.map(|r| r.into_inner()) }
+    };
+    let ranks = |o: &nsml_proto::v1::OverallResponse| -> Vec<(String, Vec<u32>)> {
+        o.rows
+            .iter()
+            .map(|r| (r.team.clone(), r.ranks.clone()))
+            .collect()
+    };
+    let before = overall(&ann, false).await.expect("overall");
+    assert_eq!(before, overall(&ann, false).await.expect("again"), "kept");
+    assert_eq!(ranks(&before)[0], ("ants".to_string(), vec![1, 3]));
+
+    // The host reads the private ranking, which is then kept; a participant is still refused it.
+    let private = overall(&host(), true).await.expect("the host's private");
+    assert!(private.private);
+    let err = overall(&ann, true).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // ants go first on t2-asr too: the next answer shows it.
+    h.scored(real("s7", "ants", "t2-asr", 0.01, 0.01, 4_000))
+        .await;
+    let (ann_ref, overall_ref) = (&ann, &overall);
+    let after = eventually("the new score in the overall ranking", move || async move {
+        let o = overall_ref(ann_ref, false).await.ok()?;
+        (o.rows[0].ranks == [1, 1]).then_some(o)
+    })
+    .await;
+    assert_eq!(after.rows[0].team, "ants");
+    assert_ne!(ranks(&after), ranks(&before));
+    let board = h.board("t2-asr", false, &ann).await.expect("board");
+    assert_eq!(board.rows[0].team, "ants", "{board:?}");
+    assert_eq!(board.rows.len(), board_before.rows.len() + 1);
+    let private = overall(&host(), true).await.expect("the host's private");
+    assert_eq!(
+        private.rows[0].ranks,
+        [2, 1],
+        "ants on the private side: 0.65 < 0.85, 0.01 first"
+    );
+}
+
 #[tokio::test]
 async fn history_shows_a_participant_their_own_team_and_a_host_every_team() {
     let h = seeded().await;
