@@ -206,6 +206,10 @@ fn header_code(response: &http::Response<tonic::body::Body>) -> Option<tonic::Co
     value.parse::<i32>().ok().map(tonic::Code::from_i32)
 }
 
+/// The most a unary call's body holds: one message of the largest size a service takes, and its 5-byte frame
+/// header.
+const MAX_UNARY_BODY_BYTES: usize = super::MAX_MESSAGE_BYTES + 5;
+
 /// A transport that sends a call again, as the module describes, while the service called is away.
 #[derive(Clone)]
 pub struct Retrying {
@@ -257,12 +261,22 @@ impl Service<http::Request<tonic::body::Body>> for Retrying {
         }
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            // A unary request's body is one encoded message, already in memory.
-            let body: Bytes = body
+            // A unary request's body is one message, kept to be sent again: no more than a call may carry
+            // (a proxy's callers are not trusted to stop there).
+            let body: Bytes = match http_body_util::Limited::new(body, MAX_UNARY_BODY_BYTES)
                 .collect()
                 .await
-                .map_err(|e| TransportError(Box::new(e)))?
-                .to_bytes();
+            {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Ok(nsml_proto::error::ErrorCode::TooLarge
+                        .status(format!(
+                            "the request is larger than the {MAX_UNARY_BODY_BYTES} bytes a call may carry"
+                        ))
+                        .into_http());
+                }
+                Err(e) => return Err(TransportError(e)),
+            };
             let deadline = Instant::now() + backoff.budget;
             let mut waits = backoff.waits();
             let mut attempt = 1u32;
@@ -476,6 +490,29 @@ mod tests {
         for answer in [unavailable, reset, refused] {
             assert_eq!(count(answer, get).await, 1, "left to the proxy's caller");
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_a_call_may_carry_is_refused_unsent() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let calls = Arc::new(AtomicU32::new(0));
+        let transport = answering_with(Retrying::until_started, calls.clone(), not_started);
+        let req = http::Request::builder()
+            .uri("http://service/nsml.v1.SessionService/List")
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                Bytes::from(vec![0u8; MAX_UNARY_BODY_BYTES + 1]),
+            )))
+            .expect("a request");
+        let response = transport.oneshot(req).await.expect("an answer");
+        assert_eq!(header_code(&response), Some(tonic::Code::InvalidArgument));
+        let status = tonic::Status::from_header_map(response.headers()).expect("a status");
+        assert_eq!(
+            nsml_proto::error::ErrorCode::of(&status),
+            Some(nsml_proto::error::ErrorCode::TooLarge),
+            "{status:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "never sent");
     }
 
     #[tokio::test(start_paused = true)]
