@@ -6,8 +6,9 @@
 //! `ratelimit`: by address until the caller is known to be a user), resolving the bearer token (or a browser's
 //! cookie, see `web`) to an identity through the auth service (kept for a moment: see `identities`), and
 //! stamping the call with the deployment's internal secret and the address it came from. Services then decide
-//! what the identity may do. A call that a service refuses because it is still starting (catching up with the
-//! log after a restart) is held and sent again once it has started, for up to 40 s. The same port serves the web UI's files at `/`, gRPC reflection and health.
+//! what the identity may do. A call that a service in another process refuses because it is still starting
+//! (catching up with the log after a restart) is held and sent again once it has started, for up to 40 s.
+//! The same port serves the web UI's files at `/`, gRPC reflection and health.
 
 mod calls;
 mod error;
@@ -82,14 +83,19 @@ pub async fn serve(
     let mut routes = HashMap::new();
     for service in Service::ALL {
         let transport = addrs.transport(service)?;
-        // A call reaching a service that is still starting (catching up with the log after a restart) is held
-        // until it has started, rather than refused: the service did nothing with it. What else to retry is the
-        // client's to decide. Health is asked without it, so that it tells a starting service as it is.
-        let held = Transport::new(Retrying::until_started(
-            transport.clone(),
-            Backoff::THROUGH_RESTART,
-        ));
-        routes.insert(service.grpc_name(), held);
+        // A call reaching a service in another process that is still starting (catching up with the log after
+        // a restart) is held until it has started, rather than refused: the service did nothing with it. What
+        // else to retry is the client's to decide. Health is asked without it, so that it tells a starting
+        // service as it is. In this process (the embedded deployment) every service has started before the
+        // gateway serves.
+        let forward = match addrs.local {
+            Some(_) => transport.clone(),
+            None => Transport::new(Retrying::until_started(
+                transport.clone(),
+                Backoff::THROUGH_RESTART,
+            )),
+        };
+        routes.insert(service.grpc_name(), forward);
         upstream.push((service, transport));
     }
     let inner = Arc::new(Inner {
