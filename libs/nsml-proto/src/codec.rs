@@ -69,7 +69,7 @@ impl<U: Message + Default> Decoder for RequestDecoder<U> {
 
 /// An answer encoded once and sent as it is to every caller it suits: a message's protobuf encoding.
 #[derive(Debug, Clone)]
-pub struct Encoded(pub prost::bytes::Bytes);
+pub struct Encoded(prost::bytes::Bytes);
 
 impl Encoded {
     /// `message`'s encoding.

@@ -25,7 +25,7 @@ use tonic::server::{NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use crate::LeaderboardError;
-use crate::domain::{self, HistoryScope, Side};
+use crate::domain::{self, HistoryScope, OverallStanding, Side, Standing};
 use crate::projection::{DatasetView, LeaderboardState};
 
 /// How long a call waits for the projection to catch up with the log at boot before answering `UNAVAILABLE`.
@@ -171,7 +171,8 @@ fn board(
     req: &BoardRequest,
 ) -> Result<BoardResponse, LeaderboardError> {
     let (name, dataset) = board_dataset(s, caller, req)?;
-    board_of(s, name, dataset, req.private)
+    let rows = s.board_shared(name, Side::of(req.private))?;
+    Ok(board_of(name, dataset, req.private, &rows))
 }
 
 /// As [`board`], encoded once per dataset and side and then shared until the board changes.
@@ -181,20 +182,13 @@ fn board_encoded(
     req: &BoardRequest,
 ) -> Result<Encoded, LeaderboardError> {
     let (name, dataset) = board_dataset(s, caller, req)?;
-    s.board_answer(name, Side::of(req.private), || {
-        board_of(s, name, dataset, req.private).map(|answer| Encoded::of(&answer))
-    })
+    let rows = s.board_shared(name, Side::of(req.private))?;
+    Ok(rows.answer(|rows| Encoded::of(&board_of(name, dataset, req.private, rows))))
 }
 
-/// The board of dataset `name`, public or `private`.
-fn board_of(
-    s: &LeaderboardState,
-    name: &str,
-    dataset: &DatasetView,
-    private: bool,
-) -> Result<BoardResponse, LeaderboardError> {
-    let rows = s.board_shared(name, Side::of(private))?;
-    Ok(BoardResponse {
+/// The answer showing `rows`, the board of dataset `name`, public or `private`.
+fn board_of(name: &str, dataset: &DatasetView, private: bool, rows: &[Standing]) -> BoardResponse {
+    BoardResponse {
         dataset: name.to_string(),
         competition: dataset.competition.clone(),
         metric: dataset.metric.clone(),
@@ -212,7 +206,7 @@ fn board_of(
                 best_at_ms: r.best_at_ms,
             })
             .collect(),
-    })
+    }
 }
 
 /// The competition whose overall ranking `req` asks for, once the caller may see it on the side asked.
@@ -243,7 +237,8 @@ fn overall(
     req: &OverallRequest,
 ) -> Result<OverallResponse, LeaderboardError> {
     let id = overall_competition(s, caller, req)?;
-    overall_of(s, id, req.private)
+    let rows = s.overall_shared(&id, Side::of(req.private))?;
+    Ok(overall_of(s, id, req.private, &rows))
 }
 
 /// As [`overall`], encoded once per competition and side and then shared until a board changes.
@@ -253,24 +248,22 @@ fn overall_encoded(
     req: &OverallRequest,
 ) -> Result<Encoded, LeaderboardError> {
     let id = overall_competition(s, caller, req)?;
-    s.overall_answer(&id, Side::of(req.private), || {
-        overall_of(s, id.clone(), req.private).map(|answer| Encoded::of(&answer))
-    })
+    let rows = s.overall_shared(&id, Side::of(req.private))?;
+    Ok(rows.answer(|rows| Encoded::of(&overall_of(s, id, req.private, rows))))
 }
 
-/// The overall ranking of competition `id`, public or `private`.
+/// The answer showing `rows`, the overall ranking of competition `id`, public or `private`.
 fn overall_of(
     s: &LeaderboardState,
     id: String,
     private: bool,
-) -> Result<OverallResponse, LeaderboardError> {
-    let datasets = s.competition_datasets(&id);
-    let overall = s.overall_shared(&id, Side::of(private))?;
-    Ok(OverallResponse {
+    rows: &[OverallStanding],
+) -> OverallResponse {
+    OverallResponse {
+        datasets: s.competition_datasets(&id),
         competition: id,
-        datasets,
         private,
-        rows: overall
+        rows: rows
             .iter()
             .map(|r| OverallRow {
                 rank: r.rank,
@@ -280,7 +273,7 @@ fn overall_of(
                 submitted: r.submitted.clone(),
             })
             .collect(),
-    })
+    }
 }
 
 fn history(
@@ -345,9 +338,8 @@ fn history(
 }
 
 /// The service's gRPC server: the generated one, except that `Board` and `Overall` are answered with the
-/// encoding kept for their dataset or competition and side ([`LeaderboardState::board_answer`],
-/// [`LeaderboardState::overall_answer`]) rather than built and encoded again for every caller. Everything
-/// else, the live `Watch…` streams included, goes to the generated server.
+/// encoding kept with their board or ranking ([`crate::projection::Shared::answer`]) rather than built and encoded again for
+/// every caller. Everything else, the live `Watch…` streams included, goes to the generated server.
 #[derive(Clone)]
 pub struct Server {
     svc: LeaderboardService,

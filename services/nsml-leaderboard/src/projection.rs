@@ -5,7 +5,7 @@
 //! names instead of counting twice. Trial submits never reach a board.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nsml_common::event::decode;
 use nsml_common::projection::ReadModel;
@@ -73,28 +73,45 @@ impl DatasetView {
 /// Where a scored submit is kept: its dataset and its id.
 type SubmitKey = (Arc<str>, Arc<str>);
 
+/// A board or an overall ranking computed once and shared by the answers that read it until an event changes
+/// it, with the `Board` or `Overall` answer made of it once encoded: the same for every caller allowed to see
+/// it, and forgotten with it.
+#[derive(Debug)]
+pub struct Shared<T> {
+    rows: T,
+    answer: OnceLock<Encoded>,
+}
+
+impl<T> Shared<T> {
+    fn new(rows: T) -> Arc<Self> {
+        Arc::new(Self {
+            rows,
+            answer: OnceLock::new(),
+        })
+    }
+
+    /// The answer made of these rows, encoded by `encode` the first time it is asked for.
+    pub fn answer(&self, encode: impl FnOnce(&T) -> Encoded) -> Encoded {
+        self.answer.get_or_init(|| encode(&self.rows)).clone()
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.rows
+    }
+}
+
 /// A board computed once, shared by the answers that read it.
-type SharedBoard = Arc<Vec<Standing>>;
+pub type SharedBoard = Arc<Shared<Vec<Standing>>>;
 
 /// A board (by dataset) or an overall ranking (by competition) on one side.
 pub type Ranking = (String, Side);
 
 /// An overall ranking computed once, shared by the answers that read it.
-type SharedOverall = Arc<Vec<domain::OverallStanding>>;
-
-/// The answer kept in `answers` under `key`, or the one `encode` makes, kept from now on.
-fn kept(
-    answers: &parking_lot::Mutex<HashMap<(String, Side), Encoded>>,
-    key: (String, Side),
-    encode: impl FnOnce() -> Result<Encoded, LeaderboardError>,
-) -> Result<Encoded, LeaderboardError> {
-    if let Some(answer) = answers.lock().get(&key) {
-        return Ok(answer.clone());
-    }
-    let answer = encode()?;
-    answers.lock().insert(key, answer.clone());
-    Ok(answer)
-}
+pub type SharedOverall = Arc<Shared<Vec<domain::OverallStanding>>>;
 
 /// The leaderboard's state.
 #[derive(Debug, Default)]
@@ -115,13 +132,6 @@ pub struct LeaderboardState {
     boards: parking_lot::Mutex<HashMap<(String, Side), SharedBoard>>,
     /// Overall rankings as last computed, by competition and side, until any board changes.
     overalls: parking_lot::Mutex<HashMap<(String, Side), SharedOverall>>,
-    /// The `Board` answers as last encoded, by dataset and side, forgotten with the boards: the same for every
-    /// caller allowed to see them.
-    board_answers: parking_lot::Mutex<HashMap<(String, Side), Encoded>>,
-    /// The `Overall` answers as last encoded, by competition and side, forgotten with the overall rankings:
-    /// the same for every caller allowed to see them, and the costliest answer to build (a row per team, with
-    /// a rank per dataset).
-    overall_answers: parking_lot::Mutex<HashMap<(String, Side), Encoded>>,
 }
 
 impl LeaderboardState {
@@ -186,16 +196,12 @@ impl LeaderboardState {
     }
 
     /// The board of `dataset` on `side`, computed once and then shared until an event changes it.
-    pub fn board_shared(
-        &self,
-        dataset: &str,
-        side: Side,
-    ) -> Result<Arc<Vec<Standing>>, LeaderboardError> {
+    pub fn board_shared(&self, dataset: &str, side: Side) -> Result<SharedBoard, LeaderboardError> {
         let key = (dataset.to_string(), side);
         if let Some(board) = self.boards.lock().get(&key) {
             return Ok(board.clone());
         }
-        let board = Arc::new(self.board(dataset, side)?);
+        let board = Shared::new(self.board(dataset, side)?);
         self.boards.lock().insert(key, board.clone());
         Ok(board)
     }
@@ -216,49 +222,10 @@ impl LeaderboardState {
             .iter()
             .map(|d| self.board_shared(d, side))
             .collect::<Result<Vec<_>, _>>()?;
-        let overall = Arc::new(domain::overall(&boards));
+        let rows: Vec<&Vec<Standing>> = boards.iter().map(|b| &b.rows).collect();
+        let overall = Shared::new(domain::overall(&rows));
         self.overalls.lock().insert(key, overall.clone());
         Ok(overall)
-    }
-
-    /// The `Board` answer for `dataset` on `side`, encoded by `encode` once and then shared until an event
-    /// changes that board.
-    pub fn board_answer(
-        &self,
-        dataset: &str,
-        side: Side,
-        encode: impl FnOnce() -> Result<Encoded, LeaderboardError>,
-    ) -> Result<Encoded, LeaderboardError> {
-        kept(&self.board_answers, (dataset.to_string(), side), encode)
-    }
-
-    /// The `Overall` answer for `competition` on `side`, encoded by `encode` once and then shared until an
-    /// event changes any board.
-    pub fn overall_answer(
-        &self,
-        competition: &str,
-        side: Side,
-        encode: impl FnOnce() -> Result<Encoded, LeaderboardError>,
-    ) -> Result<Encoded, LeaderboardError> {
-        kept(
-            &self.overall_answers,
-            (competition.to_string(), side),
-            encode,
-        )
-    }
-
-    /// Forgets the boards of `dataset` and their answers: a submit on it was scored.
-    fn forget_boards_of(&mut self, dataset: &str) {
-        self.boards.get_mut().retain(|(d, _), _| d != dataset);
-        self.board_answers
-            .get_mut()
-            .retain(|(d, _), _| d != dataset);
-    }
-
-    /// Forgets every overall ranking and its answers: a board changed.
-    fn forget_overalls(&mut self) {
-        self.overalls.get_mut().clear();
-        self.overall_answers.get_mut().clear();
     }
 
     /// The boards and overall rankings there are to compute: every dataset's and competition's, on both sides.
@@ -387,8 +354,8 @@ impl LeaderboardState {
             }
         };
         on_dataset.insert(id, scored);
-        self.forget_boards_of(&dataset);
-        self.forget_overalls();
+        self.boards.get_mut().retain(|(d, _), _| **d != *dataset);
+        self.overalls.get_mut().clear();
     }
 }
 
@@ -422,8 +389,7 @@ impl ReadModel for LeaderboardState {
         let before = (self.competitions.clone(), self.datasets.clone());
         if self.apply_other(ev) && (&self.competitions, &self.datasets) != (&before.0, &before.1) {
             self.boards.get_mut().clear();
-            self.board_answers.get_mut().clear();
-            self.forget_overalls();
+            self.overalls.get_mut().clear();
         }
     }
 }
@@ -756,7 +722,7 @@ mod tests {
             [("bees".to_string(), 1), ("ants".to_string(), 2)]
         );
         assert_eq!(
-            *s.board_shared("cls", Side::Public).unwrap(),
+            **s.board_shared("cls", Side::Public).unwrap(),
             s.board("cls", Side::Public).unwrap()
         );
         // The overall ranking follows its boards.
