@@ -23,7 +23,9 @@ mod waking;
 pub use error::BusError;
 pub use in_process::InProcessBus;
 pub use nats::NatsBus;
-pub use relay::{Relay, spawn_relay};
+pub use relay::{
+    IDLE_POLL as RELAY_IDLE_POLL, Relay, WOKEN_IDLE_POLL as RELAY_WOKEN_IDLE_POLL, spawn_relay,
+};
 pub use subscription::{Delivery, STORE_POLL, subscribe_log, subscribe_log_of_types};
 pub use waking::WakingStore;
 

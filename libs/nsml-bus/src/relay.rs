@@ -12,8 +12,14 @@ use crate::Bus;
 
 /// How many outbox events one round publishes.
 const BATCH: usize = 500;
-/// How long the relay waits before polling an empty outbox again (unless woken).
-const IDLE_POLL: Duration = Duration::from_millis(5);
+/// How long the relay waits before polling an empty outbox again (unless woken), where appends it is not told of
+/// may reach the outbox: those of other processes sharing the store.
+pub const IDLE_POLL: Duration = Duration::from_millis(5);
+/// How long the relay waits before polling an empty outbox again (unless woken), where every append wakes it
+/// ([`Relay::waker`]): only a check that nothing was missed. An idle platform polling every 5 ms woke a thread
+/// of its runtime and read the log's outbox about 200 times a second, and kept five threads of its blocking pool
+/// (and what each had allocated) from ever going idle.
+pub const WOKEN_IDLE_POLL: Duration = Duration::from_secs(1);
 /// How long a relay without the outbox lease waits before it looks at the lease again.
 const UNLEASED_POLL: Duration = Duration::from_secs(1);
 /// First wait after a failure; doubles on each consecutive failure.
@@ -34,25 +40,28 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts relaying from `store`'s outbox to `bus` until `cancel` is cancelled.
+    /// Starts relaying from `store`'s outbox to `bus` until `cancel` is cancelled, polling an empty outbox
+    /// every [`IDLE_POLL`].
     pub fn spawn(
         store: Arc<dyn EventStore>,
         bus: Arc<dyn Bus>,
         cancel: CancellationToken,
     ) -> Relay {
-        Self::spawn_leased(store, bus, cancel, None)
+        Self::spawn_leased(store, bus, cancel, None, IDLE_POLL)
     }
 
-    /// Like [`Relay::spawn`], for a store other processes share: the relay reads and publishes the outbox
-    /// only while it holds `lease`.
+    /// Like [`Relay::spawn`], for a store other processes may share: the relay reads and publishes the outbox
+    /// only while it holds `lease` (if any), and polls an empty outbox every `idle_poll` unless woken
+    /// ([`IDLE_POLL`] where appends it is not told of reach the outbox, [`WOKEN_IDLE_POLL`] where each wakes it).
     pub fn spawn_leased(
         store: Arc<dyn EventStore>,
         bus: Arc<dyn Bus>,
         cancel: CancellationToken,
         lease: Option<Arc<dyn OutboxLease>>,
+        idle_poll: Duration,
     ) -> Relay {
         let wake = Arc::new(Notify::new());
-        let handle = tokio::spawn(run(store, bus, cancel, wake.clone(), lease));
+        let handle = tokio::spawn(run(store, bus, cancel, wake.clone(), lease, idle_poll));
         Relay { wake, handle }
     }
 
@@ -97,6 +106,7 @@ async fn run(
     cancel: CancellationToken,
     wake: Arc<Notify>,
     lease: Option<Arc<dyn OutboxLease>>,
+    idle_poll: Duration,
 ) {
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -124,7 +134,7 @@ async fn run(
             Round::Relayed => backoff = FIRST_BACKOFF,
             Round::Idle => {
                 backoff = FIRST_BACKOFF;
-                let poll = if leased { IDLE_POLL } else { UNLEASED_POLL };
+                let poll = if leased { idle_poll } else { UNLEASED_POLL };
                 tokio::select! {
                     biased;
                     () = cancel.cancelled() => return,

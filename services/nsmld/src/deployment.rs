@@ -408,10 +408,22 @@ impl Deployment {
             );
         };
         // One relay per process moves appends from the outbox to the bus as they commit; where the log is
-        // shared, only the one holding the lease does, for every process.
+        // shared, only the one holding the lease does, for every process. Every append of this process wakes
+        // it; on the in-process bus, whose subscribers are all in this process, nothing else needs publishing
+        // soon, so the relay polls an empty outbox only as a check.
         let cancel = CancellationToken::new();
-        let relay =
-            nsml_bus::Relay::spawn_leased(store.clone(), bus.clone(), cancel.clone(), lease);
+        let idle_poll = if config.bus == "inprocess" {
+            nsml_bus::RELAY_WOKEN_IDLE_POLL
+        } else {
+            nsml_bus::RELAY_IDLE_POLL
+        };
+        let relay = nsml_bus::Relay::spawn_leased(
+            store.clone(),
+            bus.clone(),
+            cancel.clone(),
+            lease,
+            idle_poll,
+        );
         let store = nsml_bus::WakingStore::new(store, relay.waker());
         Ok(Self {
             config,

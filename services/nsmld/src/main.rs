@@ -104,12 +104,10 @@ fn main() -> anyhow::Result<()> {
         .block_on(run())
 }
 
-/// Option numbers of the bundled mimalloc 3 (`mi_option_arena_eager_commit`, `mi_option_purge_delay`,
-/// `mi_option_allow_thp` in mimalloc.h); the crate names none. A test checks their defaults, so a renumbering
-/// shows up on upgrade.
+/// Option numbers of the bundled mimalloc 3 (`mi_option_arena_eager_commit`, `mi_option_purge_delay` in
+/// mimalloc.h); the crate names none. A test checks their defaults, so a renumbering shows up on upgrade.
 const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-const ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 
 /// How long the allocator keeps freed memory before giving it back while a long log is read at start-up.
 const PURGE_DELAY_CATCHING_UP_MS: std::ffi::c_long = 1000;
@@ -138,16 +136,22 @@ pub(crate) fn reading_long_log(reading: bool) {
     }
 }
 
-/// Makes the allocator give freed memory back to the system at once, commit its arenas only as they are used
-/// (so an idle server stays small) and keep to 4 KiB pages (see [`keep_to_small_pages`]), unless mimalloc's
-/// own environment variables (`MIMALLOC_PURGE_DELAY`, `MIMALLOC_ARENA_EAGER_COMMIT`, `MIMALLOC_ALLOW_THP`) say
-/// otherwise. Set before the runtime starts its threads.
+/// Makes the allocator give freed memory back to the system at once and commit its arenas only as they are used
+/// (so an idle server stays small), unless mimalloc's own environment variables (`MIMALLOC_PURGE_DELAY`,
+/// `MIMALLOC_ARENA_EAGER_COMMIT`) say otherwise. Set before the runtime starts its threads.
+///
+/// It never asks for transparent huge pages: mimalloc is built without that request (its `no_thp` feature,
+/// set in the workspace). Asked for, the kernel backed the first arena, mapped before `main`, with a 2 MiB page
+/// at its first touch, 3 MB of an idle server's 33; and it zeroes 2 MiB at each first touch, a pause of one to
+/// several milliseconds for the thread that touches it and every request waiting on that thread: with them,
+/// the p99 of admissions through the gateway was 5.2–5.8 ms against 3.6–4.0 ms without (16 clients, 2-core
+/// machine). mimalloc's run-time switch, `PR_SET_THP_DISABLE`, is not used: it holds for the whole process and
+/// is inherited by every process the runner starts, participants' code included.
 #[allow(unsafe_code)]
 fn tune_allocator() {
     for (option, env, value) in [
         (ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT", 0),
         (PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 0),
-        (ALLOW_THP, "MIMALLOC_ALLOW_THP", 0),
     ] {
         if std::env::var_os(env).is_none() {
             // SAFETY: mimalloc's options are plain values it reads on later allocations and frees; setting one
@@ -155,57 +159,7 @@ fn tune_allocator() {
             unsafe { libmimalloc_sys::mi_option_set(option, value) };
         }
     }
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-        keep_to_small_pages();
-    }
 }
-
-/// Takes back the allocator's request for transparent huge pages on the memory it has mapped so far (its first
-/// arena, mapped before `main`); with `mi_option_allow_thp` off it makes no such request again.
-///
-/// On a huge page the kernel zeroes 2 MiB at the first touch, a pause of one to several milliseconds for the
-/// thread that touches it, and for every request waiting on that thread: with them, the p99 of admissions
-/// through the gateway was 5.2–5.8 ms against 3.6–4.0 ms without (16 clients, 2-core machine). mimalloc's own
-/// switch, `PR_SET_THP_DISABLE`, is not used: it holds for the whole process and is inherited by every process
-/// the runner starts, participants' code included.
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn keep_to_small_pages() {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
-        return;
-    };
-    let mut mapping = None;
-    for line in smaps.lines() {
-        if let Some(flags) = line.strip_prefix("VmFlags:") {
-            // `hg`: advised to use huge pages.
-            if let Some((start, end)) = mapping.take()
-                && flags.split_whitespace().any(|flag| flag == "hg")
-            {
-                // SAFETY: the range was a whole mapping of this process, and advice on page size changes no
-                // contents: were it unmapped or mapped anew since smaps was read (nothing else runs yet in
-                // `main`), the call fails or advises the new mapping, equally harmless.
-                unsafe {
-                    libc::madvise(
-                        start as *mut libc::c_void,
-                        end - start,
-                        libc::MADV_NOHUGEPAGE,
-                    )
-                };
-            }
-        } else if let Some((range, _)) = line.split_once(' ')
-            && let Some((start, end)) = range.split_once('-')
-            && let (Ok(start), Ok(end)) = (
-                usize::from_str_radix(start, 16),
-                usize::from_str_radix(end, 16),
-            )
-        {
-            mapping = Some((start, end));
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn keep_to_small_pages() {}
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -271,37 +225,35 @@ fn service_name(command: &Command) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{ALLOW_THP, ARENA_EAGER_COMMIT, PURGE_DELAY};
+    use super::{ARENA_EAGER_COMMIT, PURGE_DELAY};
 
     #[test]
     #[allow(unsafe_code)]
     fn the_tuned_options_are_the_ones_mimalloc_documents() {
         // SAFETY: reading an option has no preconditions.
-        let (eager, purge, thp) = unsafe {
+        let (eager, purge) = unsafe {
             (
                 libmimalloc_sys::mi_option_get(ARENA_EAGER_COMMIT),
                 libmimalloc_sys::mi_option_get(PURGE_DELAY),
-                libmimalloc_sys::mi_option_get(ALLOW_THP),
             )
         };
         // Their defaults in mimalloc 3's options.c: commit arenas eagerly where the system overcommits; purge
-        // freed memory after a second; allow transparent huge pages (Linux).
-        assert_eq!((eager, purge, thp), (2, 1000, 1));
+        // freed memory after a second.
+        assert_eq!((eager, purge), (2, 1000));
     }
 
-    /// No mapping of the process is left advised to use huge pages (where the system offers them, mimalloc
-    /// advises its first arena so before `main`). Options are left alone: tests share the process.
+    /// No mapping of the process is advised to use huge pages: the allocator, built without that request,
+    /// makes none, not even for the arena it maps before `main`.
     #[cfg(target_os = "linux")]
     #[test]
-    fn no_memory_is_left_advised_to_use_huge_pages() {
-        let advised = || {
-            std::fs::read_to_string("/proc/self/smaps")
-                .expect("smaps")
-                .lines()
-                .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "hg"))
-                .count()
-        };
-        super::keep_to_small_pages();
-        assert_eq!(advised(), 0);
+    fn no_memory_is_advised_to_use_huge_pages() {
+        let held = vec![1u8; 8 << 20];
+        let advised = std::fs::read_to_string("/proc/self/smaps")
+            .expect("smaps")
+            .lines()
+            .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "hg"))
+            .count();
+        assert_eq!(advised, 0);
+        drop(held);
     }
 }
