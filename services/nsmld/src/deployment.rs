@@ -409,10 +409,10 @@ impl Deployment {
         };
         // One relay per process moves appends from the outbox to the bus as they commit; where the log is
         // shared, only the one holding the lease does, for every process. Every append of this process wakes
-        // it; on the in-process bus, whose subscribers are all in this process, nothing else needs publishing
-        // soon, so the relay polls an empty outbox only as a check.
+        // it; with a log no other process appends to (no lease) and the in-process bus, whose subscribers are all
+        // in this process, nothing else needs publishing soon, so the relay polls an empty outbox only as a check.
         let cancel = CancellationToken::new();
-        let idle_poll = if config.bus == "inprocess" {
+        let idle_poll = if lease.is_none() && config.bus == "inprocess" {
             nsml_bus::RELAY_WOKEN_IDLE_POLL
         } else {
             nsml_bus::RELAY_IDLE_POLL
