@@ -16,9 +16,8 @@ const BATCH: usize = 500;
 /// may reach the outbox: those of other processes sharing the store.
 pub const IDLE_POLL: Duration = Duration::from_millis(5);
 /// How long the relay waits before polling an empty outbox again (unless woken), where every append wakes it
-/// ([`Relay::waker`]): only a check that nothing was missed. An idle platform polling every 5 ms woke a thread
-/// of its runtime and read the log's outbox about 200 times a second, and kept five threads of its blocking pool
-/// (and what each had allocated) from ever going idle.
+/// ([`Relay::waker`]): only a check that nothing was missed. Polling every 5 ms, an idle `nsmld up` woke a thread
+/// of its runtime about 160 times a second to find the outbox empty.
 pub const WOKEN_IDLE_POLL: Duration = Duration::from_secs(1);
 /// How long a relay without the outbox lease waits before it looks at the lease again.
 const UNLEASED_POLL: Duration = Duration::from_secs(1);

@@ -264,9 +264,8 @@ impl SqliteStore {
     /// Closes the read connections open now: the idle ones at once, the busy ones when their reads end; the next
     /// reads open new ones. Each connection keeps the pages of the log it has read through its map (up to
     /// 2 GiB) counted in the process's resident memory until it closes: after a long scan of the log (the read
-    /// models catching up at start-up) this gives them back. (A read still running then, such as a catch-up
-    /// page read ahead, once brought its connection back afterwards and kept half a gigabyte of a 6 M-event log
-    /// mapped.)
+    /// models catching up at start-up) this gives them back. A read still running then (a catch-up page read
+    /// ahead, a store poll) would otherwise bring its connection back afterwards, with all it had mapped.
     pub fn close_idle_readers(&self) {
         let idle = {
             let mut readers = lock(&self.shared.readers);

@@ -76,6 +76,11 @@ impl Encoded {
     pub fn of(message: &impl Message) -> Self {
         Encoded(message.encode_to_vec().into())
     }
+
+    /// The message encoded.
+    pub fn decode<M: Message + Default>(&self) -> Result<M, prost::DecodeError> {
+        M::decode(self.0.clone())
+    }
 }
 
 /// As [`RequestCodec`], for a method whose answer is already [`Encoded`]: its bytes are sent as they are.

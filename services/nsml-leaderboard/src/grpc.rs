@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -97,19 +96,29 @@ impl LeaderboardService {
     }
 }
 
+/// A kept answer as the message it encodes, for the generated server's own `Board` and `Overall`, which
+/// [`Server`] answers before them with the bytes.
+fn decoded<M: prost::Message + Default>(
+    answer: Result<Response<Encoded>, Status>,
+) -> Result<Response<M>, Status> {
+    let (metadata, encoded, extensions) = answer?.into_parts();
+    let message = encoded
+        .decode()
+        .map_err(|e| Status::internal(format!("a kept answer does not decode: {e}")))?;
+    Ok(Response::from_parts(metadata, message, extensions))
+}
+
 #[tonic::async_trait]
 impl LeaderboardApi for LeaderboardService {
-    #[tracing::instrument(skip_all, fields(dataset = %req.get_ref().dataset, private = req.get_ref().private))]
     async fn board(&self, req: Request<BoardRequest>) -> Result<Response<BoardResponse>, Status> {
-        self.answer(req, board).await
+        decoded(self.board_encoded(req).await)
     }
 
-    #[tracing::instrument(skip_all, fields(competition = %req.get_ref().competition, private = req.get_ref().private))]
     async fn overall(
         &self,
         req: Request<OverallRequest>,
     ) -> Result<Response<OverallResponse>, Status> {
-        self.answer(req, overall).await
+        decoded(self.overall_encoded(req).await)
     }
 
     type WatchBoardStream = LiveStream<BoardResponse>;
@@ -380,40 +389,49 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let svc = self.svc.clone();
         match req.uri().path() {
-            BOARD => Box::pin(async move {
-                let mut grpc =
-                    tonic::server::Grpc::new(EncodedAnswerCodec::<BoardRequest>::default());
-                Ok(grpc.unary(Kept(svc, PhantomData), req).await)
+            BOARD => kept(req, move |r| {
+                let svc = svc.clone();
+                Box::pin(async move { svc.board_encoded(r).await })
             }),
-            OVERALL => Box::pin(async move {
-                let mut grpc =
-                    tonic::server::Grpc::new(EncodedAnswerCodec::<OverallRequest>::default());
-                Ok(grpc.unary(Kept(svc, PhantomData), req).await)
+            OVERALL => kept(req, move |r| {
+                let svc = svc.clone();
+                Box::pin(async move { svc.overall_encoded(r).await })
             }),
             _ => self.generated.call(req),
         }
     }
 }
 
-/// A method answered with a kept encoding, as a unary method answering [`Encoded`] to requests `R`.
-struct Kept<R>(LeaderboardService, PhantomData<fn(R)>);
+/// What a unary method answered with a kept encoding gives the request `R` it decodes.
+type KeptAnswer = BoxFuture<Response<Encoded>, Status>;
 
-impl UnaryService<BoardRequest> for Kept<BoardRequest> {
-    type Response = Encoded;
-    type Future = BoxFuture<Response<Encoded>, Status>;
-
-    fn call(&mut self, req: Request<BoardRequest>) -> Self::Future {
-        let svc = self.0.clone();
-        Box::pin(async move { svc.board_encoded(req).await })
-    }
+/// Answers `req`, a call of a unary method taking `R`, with the encoding `answer` gives, sent as it is.
+fn kept<R, B>(
+    req: http::Request<B>,
+    answer: impl FnMut(Request<R>) -> KeptAnswer + Send + 'static,
+) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+where
+    R: prost::Message + Default + Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    Box::pin(async move {
+        let mut grpc = tonic::server::Grpc::new(EncodedAnswerCodec::<R>::default());
+        Ok(grpc.unary(Kept(answer), req).await)
+    })
 }
 
-impl UnaryService<OverallRequest> for Kept<OverallRequest> {
-    type Response = Encoded;
-    type Future = BoxFuture<Response<Encoded>, Status>;
+/// A unary method of requests `R` answered with kept encodings by the function it holds.
+struct Kept<F>(F);
 
-    fn call(&mut self, req: Request<OverallRequest>) -> Self::Future {
-        let svc = self.0.clone();
-        Box::pin(async move { svc.overall_encoded(req).await })
+impl<R, F> UnaryService<R> for Kept<F>
+where
+    F: FnMut(Request<R>) -> KeptAnswer,
+{
+    type Response = Encoded;
+    type Future = KeptAnswer;
+
+    fn call(&mut self, req: Request<R>) -> Self::Future {
+        (self.0)(req)
     }
 }
