@@ -9,16 +9,34 @@ use nsml_eventstore::{
 };
 use tokio::sync::Notify;
 
+use crate::shared_scan::SharedScan;
+
 /// Wraps a store; appends through it wake `relay` (see [`crate::Relay::waker`]).
 pub struct WakingStore {
     inner: Arc<dyn EventStore>,
     relay: Arc<Notify>,
+    /// Where the catch-ups of several read models share one read of the log.
+    scan: Option<SharedScan>,
 }
 
 impl WakingStore {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn EventStore>, relay: Arc<Notify>) -> Arc<Self> {
-        Arc::new(Self { inner, relay })
+        Arc::new(Self {
+            inner,
+            relay,
+            scan: None,
+        })
+    }
+
+    /// Wraps `inner`, and has the typed reads of read models catching up at the same time share one read of
+    /// the log (see [`crate::shared_scan`]): for a process whose read models all read one local log.
+    pub fn sharing_catch_ups(inner: Arc<dyn EventStore>, relay: Arc<Notify>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            relay,
+            scan: Some(SharedScan::default()),
+        })
     }
 }
 
@@ -103,9 +121,17 @@ impl EventStore for WakingStore {
         after_position: u64,
         limit: usize,
     ) -> Result<TypedPage, StoreError> {
-        self.inner
-            .read_all_of_types(types, after_position, limit)
-            .await
+        match &self.scan {
+            Some(scan) => {
+                scan.read_all_of_types(self.inner.as_ref(), types, after_position, limit)
+                    .await
+            }
+            None => {
+                self.inner
+                    .read_all_of_types(types, after_position, limit)
+                    .await
+            }
+        }
     }
 
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::domain::status_after_start;
-use nsml_common::event::decode;
+use nsml_common::event::{decode, decode_part};
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
@@ -48,6 +48,21 @@ impl Sessions {
             f(e);
         }
     }
+}
+
+/// What the read model reads of a refusal (`AdmissionDenied`), most of a busy log: the session refused, under
+/// the tags of `AdmissionDenied.request` and `AdmitRequest.session`; the rest of the request and the decision
+/// are skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+struct AdmissionDeniedPart {
+    #[prost(message, optional, tag = "1")]
+    request: Option<AdmitRequestPart>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct AdmitRequestPart {
+    #[prost(string, tag = "4")]
+    session: String,
 }
 
 impl ReadModel for Sessions {
@@ -98,7 +113,7 @@ impl Sessions {
             // A rejected session is never shown and holds nothing: it leaves the read model (its number stays
             // taken in its stream). Refused requests cost no memory however many come.
             self.sessions.remove(&e.name);
-        } else if let Some(e) = decode::<AdmissionDenied>(ev) {
+        } else if let Some(e) = decode_part::<AdmissionDenied, AdmissionDeniedPart>(ev) {
             // The quota service's refusal is the session's rejection; the session service records none of
             // its own for it.
             if let Some(r) = e.request {

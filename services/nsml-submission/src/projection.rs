@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use nsml_common::event::decode;
+use nsml_common::event::{decode, decode_part};
 use nsml_common::projection::ReadModel;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
@@ -12,6 +12,22 @@ use nsml_proto::v1::{
     SubmissionRequested, SubmissionScored, SubmissionStatus, SubmissionTimedOut,
 };
 use prost::Message;
+
+/// What the read model reads of a `SessionRequested` (most of a busy log's are training runs): the session's
+/// name and the submission it runs, under `Session`'s tags; the rest of the session is skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SessionRequestedPart {
+    #[prost(message, optional, tag = "1")]
+    session: Option<SessionPart>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SessionPart {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "20")]
+    submission_id: String,
+}
 
 /// An ended submission as the read model keeps it.
 #[derive(Debug)]
@@ -92,11 +108,17 @@ impl Submissions {
             SubmissionStatus::Scored | SubmissionStatus::Failed | SubmissionStatus::TimedOut
         );
         if !ended {
-            if !s.session.is_empty() {
+            if !s.session.is_empty() && self.by_session.get(&s.session) != Some(&s.id) {
                 self.by_session.insert(s.session.clone(), s.id.clone());
             }
-            self.ended.remove(&s.id);
-            self.open.insert(s.id.clone(), s);
+            // A submission is in `open` or in `ended`, never both: one found open is not looked for among the
+            // ended, the larger map by far.
+            if let Some(open) = self.open.get_mut(&s.id) {
+                *open = s;
+            } else {
+                self.ended.remove(&s.id);
+                self.open.insert(s.id.clone(), s);
+            }
             return;
         }
         self.open.remove(&s.id);
@@ -164,7 +186,7 @@ impl ReadModel for Submissions {
         } else if let Some(e) = decode::<SubmissionTimedOut>(ev) {
             e.submission
         } else {
-            if let Some(e) = decode::<SessionRequested>(ev) {
+            if let Some(e) = decode_part::<SessionRequested, SessionRequestedPart>(ev) {
                 // A submit session is named before it starts, so its end always finds its submission.
                 if let Some(s) = e.session.filter(|s| !s.submission_id.is_empty())
                     && !self.ended.contains_key(&s.submission_id)
@@ -282,5 +304,55 @@ mod tests {
         );
         assert_eq!(ids(p.listed(|team, _| team == "ants", "cls")), ["s3", "s4"]);
         assert_eq!(ids(p.listed(|_, c| c == "other", "")), Vec::<String>::new());
+    }
+
+    /// The part of a `SessionRequested` the model decodes reads the same name and submission as the whole
+    /// message (its tags are `Session`'s), and a submit session requested before its submission ends is matched.
+    #[test]
+    fn a_requested_submit_session_is_read_by_its_name_and_submission() {
+        let session = nsml_proto::v1::Session {
+            name: "ants/cls/12".into(),
+            team: "ants".into(),
+            dataset: "cls".into(),
+            competition: "demo".into(),
+            submission_id: "s7".into(),
+            args: "--epochs 3".into(),
+            kind: nsml_proto::v1::SessionKind::Submit as i32,
+            ..Default::default()
+        };
+        let requested = SessionRequested {
+            session: Some(session.clone()),
+        };
+        let part = SessionRequestedPart::decode(requested.encode_to_vec().as_slice())
+            .expect("decodes")
+            .session
+            .expect("a session");
+        assert_eq!(
+            (part.name.as_str(), part.submission_id.as_str()),
+            (session.name.as_str(), session.submission_id.as_str())
+        );
+        let mut p = Submissions::default();
+        p.apply(&stored("sessions", 1, &requested));
+        let training = nsml_proto::v1::Session {
+            name: "ants/cls/13".into(),
+            submission_id: String::new(),
+            ..session
+        };
+        p.apply(&stored(
+            "sessions",
+            2,
+            &SessionRequested {
+                session: Some(training),
+            },
+        ));
+        assert_eq!(
+            p.by_session.get("ants/cls/12").map(String::as_str),
+            Some("s7")
+        );
+        assert_eq!(
+            p.by_session.len(),
+            1,
+            "a training session names no submission"
+        );
     }
 }

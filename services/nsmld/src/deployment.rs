@@ -424,7 +424,14 @@ impl Deployment {
             lease,
             idle_poll,
         );
-        let store = nsml_bus::WakingStore::new(store, relay.waker());
+        // Over a SQLite log every service's read models are in this process and read the one log at start-up:
+        // they share one read of it. Over Postgres each process has its own few, and each reads its types where
+        // the log is.
+        let store = if sqlite.is_some() {
+            nsml_bus::WakingStore::sharing_catch_ups(store, relay.waker())
+        } else {
+            nsml_bus::WakingStore::new(store, relay.waker())
+        };
         Ok(Self {
             config,
             store,
@@ -448,12 +455,18 @@ impl Deployment {
     /// Once every read model of `ready` has caught up with the log, closes the SQLite log's idle read
     /// connections (the catch-up read the whole log through them, and each keeps what it mapped of the file
     /// counted in this process's resident memory while it stays open), and tells the allocator a `long` read is
-    /// over.
-    fn after_catch_up(&self, ready: &[tokio::sync::watch::Receiver<bool>], long: bool) {
+    /// over. Returns `ready` with one more receiver, ready once that is done: the process reports itself serving
+    /// only at the size it will stay at.
+    fn after_catch_up(
+        &self,
+        ready: Vec<tokio::sync::watch::Receiver<bool>>,
+        long: bool,
+    ) -> Vec<tokio::sync::watch::Receiver<bool>> {
         let sqlite = self.sqlite.clone();
-        let ready = ready.to_vec();
+        let (settled, settled_rx) = tokio::sync::watch::channel(false);
+        let caught_up = ready.clone();
         tokio::spawn(async move {
-            for mut r in ready {
+            for mut r in caught_up {
                 if r.wait_for(|ready| *ready).await.is_err() {
                     return;
                 }
@@ -464,7 +477,9 @@ impl Deployment {
             if long {
                 crate::reading_long_log(false);
             }
+            settled.send_replace(true);
         });
+        ready.into_iter().chain([settled_rx]).collect()
     }
 
     fn context(&self, addrs: &ServiceAddrs, executor: Option<Arc<dyn Executor>>) -> ServiceContext {
@@ -578,7 +593,7 @@ impl Deployment {
             routes.clone().add_service(port.health_service()),
             secret.clone(),
         );
-        self.after_catch_up(&ready, long);
+        let ready = self.after_catch_up(ready, long);
         port.started(routes, &names, ready).await;
         let gw_cancel = self.cancel.clone();
         let gw_addrs = addrs.clone();
@@ -695,8 +710,8 @@ impl Deployment {
             let started = self.start(service, self.context(&addrs, exec)).await?;
             tasks.extend(started.tasks);
             let routes = (started.routes)(tonic::service::Routes::default());
-            self.after_catch_up(&started.ready, false);
-            port.started(routes, &started.names, started.ready).await;
+            let ready = self.after_catch_up(started.ready, false);
+            port.started(routes, &started.names, ready).await;
             println!(
                 "nsmld serving {service} at {}",
                 self.config.internal_url(addr)
