@@ -17,7 +17,7 @@ mod error;
 mod in_process;
 mod nats;
 mod relay;
-pub mod shared_scan;
+mod shared_scan;
 mod subscription;
 mod waking;
 

@@ -30,7 +30,8 @@ impl WakingStore {
     }
 
     /// Wraps `inner`, and has the typed reads of read models catching up at the same time share one read of
-    /// the log (see [`crate::shared_scan`]): for a process whose read models all read one local log.
+    /// the log (chunks read once and handed to every reader, the readers paced by the slowest): for a process
+    /// whose read models all read one local log.
     pub fn sharing_catch_ups(inner: Arc<dyn EventStore>, relay: Arc<Notify>) -> Arc<Self> {
         Arc::new(Self {
             inner,
