@@ -195,6 +195,35 @@ fn board_encoded(
     Ok(rows.answer(|rows| Encoded::of(&board_of(name, dataset, req.private, rows))))
 }
 
+/// Computes the board of dataset `name` on `side`, and on the public side encodes its answer too, as the first
+/// `Board` asking for it would; both are kept until the board changes. Private boards are asked for by hosts
+/// alone until revealed: their answers are encoded when first asked for.
+pub(crate) fn warm_board(
+    s: &LeaderboardState,
+    name: &str,
+    side: Side,
+) -> Result<(), LeaderboardError> {
+    let rows = s.board_shared(name, side)?;
+    if side == Side::Public {
+        let dataset = s.dataset(name)?;
+        rows.answer(|rows| Encoded::of(&board_of(name, dataset, false, rows)));
+    }
+    Ok(())
+}
+
+/// As [`warm_board`], for the overall ranking of competition `id`.
+pub(crate) fn warm_overall(
+    s: &LeaderboardState,
+    id: &str,
+    side: Side,
+) -> Result<(), LeaderboardError> {
+    let rows = s.overall_shared(id, side)?;
+    if side == Side::Public {
+        rows.answer(|rows| Encoded::of(&overall_of(s, id.to_string(), false, rows)));
+    }
+    Ok(())
+}
+
 /// The answer showing `rows`, the board of dataset `name`, public or `private`.
 fn board_of(name: &str, dataset: &DatasetView, private: bool, rows: &[Standing]) -> BoardResponse {
     BoardResponse {

@@ -47,19 +47,35 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
     })
 }
 
-/// Once the read model has caught up with the log, computes every board and overall ranking, so that the first
-/// query of each does not pay for reading all of its dataset's submits. One at a time, each under its own read
-/// of the model, so that events keep being applied in between.
+/// Once the read model has caught up with the log, computes every board and overall ranking, and encodes the
+/// public ones' answers, so that the first query of each does not pay for reading all of its dataset's submits
+/// nor for encoding thousands of rows. The boards first, then the overall rankings made of them; each on two threads
+/// (the catch-up has left the cores idle), one at a time under its own read of the model, so that events keep
+/// being applied in between.
 async fn warm(proj: Arc<Projection<projection::LeaderboardState>>) {
     proj.wait_ready().await;
     let (boards, overalls) = proj.read(|s| s.rankings());
-    let _ = tokio::task::spawn_blocking(move || {
-        for (dataset, side) in boards {
-            let _ = proj.read(|s| s.board_shared(&dataset, side).map(|_| ()));
-        }
-        for (competition, side) in overalls {
-            let _ = proj.read(|s| s.overall_shared(&competition, side).map(|_| ()));
-        }
-    })
-    .await;
+    on_two_threads(&proj, boards, grpc::warm_board).await;
+    on_two_threads(&proj, overalls, grpc::warm_overall).await;
+}
+
+/// Runs `warm` on every ranking of `rankings`, half of them on each of two blocking threads.
+async fn on_two_threads(
+    proj: &Arc<Projection<projection::LeaderboardState>>,
+    mut rankings: Vec<projection::Ranking>,
+    warm: fn(&projection::LeaderboardState, &str, domain::Side) -> Result<(), LeaderboardError>,
+) {
+    let second = rankings.split_off(rankings.len() / 2);
+    let halves = [rankings, second].map(|half| {
+        let proj = proj.clone();
+        tokio::task::spawn_blocking(move || {
+            for (name, side) in half {
+                // A ranking that cannot be made now (its dataset just removed) is made when asked for.
+                let _ = proj.read(|s| warm(s, &name, side));
+            }
+        })
+    });
+    for half in halves {
+        let _ = half.await;
+    }
 }

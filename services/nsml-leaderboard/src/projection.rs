@@ -474,6 +474,44 @@ mod tests {
         }
     }
 
+    /// Warming leaves the public boards' and overall rankings' answers encoded, and the private ones computed
+    /// but encoded only when a host asks.
+    #[test]
+    fn warming_keeps_the_public_answers_encoded() {
+        let mut s = LeaderboardState::default();
+        s.apply(&stored(
+            1,
+            &competition(&[("cls", "accuracy", Direction::Descending)]),
+        ));
+        s.apply(&stored(2, &scored("s1", "ants", "cls", 0.9, false)));
+        for side in [Side::Public, Side::Private] {
+            crate::grpc::warm_board(&s, "cls", side).unwrap();
+            crate::grpc::warm_overall(&s, "demo", side).unwrap();
+        }
+        s.board_shared("cls", Side::Public)
+            .unwrap()
+            .answer(|_| panic!("the public board was encoded again"));
+        s.overall_shared("demo", Side::Public)
+            .unwrap()
+            .answer(|_| panic!("the public overall ranking was encoded again"));
+        let mut encoded = 0;
+        let board = s.board_shared("cls", Side::Private).unwrap();
+        assert_eq!(board.len(), 1, "the private board was computed");
+        let empty = || Encoded::of(&nsml_proto::v1::BoardResponse::default());
+        board.answer(|_| {
+            encoded += 1;
+            empty()
+        });
+        s.overall_shared("demo", Side::Private)
+            .unwrap()
+            .answer(|_| {
+                encoded += 1;
+                empty()
+            });
+        assert_eq!(encoded, 2, "private answers are encoded when asked for");
+        assert!(crate::grpc::warm_board(&s, "gone", Side::Public).is_err());
+    }
+
     #[test]
     fn given_a_deadline_then_the_boards_show_what_was_submitted_before_it() {
         let mut s = LeaderboardState::default();

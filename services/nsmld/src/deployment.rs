@@ -471,12 +471,19 @@ impl Deployment {
                     return;
                 }
             }
+            let began = std::time::Instant::now();
             if let Some(sqlite) = sqlite {
                 sqlite.close_idle_readers();
             }
+            let closed = began.elapsed();
             if long {
                 crate::reading_long_log(false);
             }
+            tracing::info!(
+                readers_closed = ?closed,
+                memory_returned = ?began.elapsed() - closed,
+                "caught up: closed the log's read connections, returned freed memory"
+            );
             settled.send_replace(true);
         });
         ready.into_iter().chain([settled_rx]).collect()
