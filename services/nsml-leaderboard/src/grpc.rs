@@ -195,19 +195,16 @@ fn board_encoded(
     Ok(rows.answer(|rows| Encoded::of(&board_of(name, dataset, req.private, rows))))
 }
 
-/// Computes the board of dataset `name` on `side`, and on the public side encodes its answer too, as the first
-/// `Board` asking for it would; both are kept until the board changes. Private boards are asked for by hosts
-/// alone until revealed: their answers are encoded when first asked for.
+/// Computes the board of dataset `name` on `side` and encodes its answer, as the first `Board` asking for it
+/// would; both are kept until the board changes.
 pub(crate) fn warm_board(
     s: &LeaderboardState,
     name: &str,
     side: Side,
 ) -> Result<(), LeaderboardError> {
+    let dataset = s.dataset(name)?;
     let rows = s.board_shared(name, side)?;
-    if side == Side::Public {
-        let dataset = s.dataset(name)?;
-        rows.answer(|rows| Encoded::of(&board_of(name, dataset, false, rows)));
-    }
+    rows.answer(|rows| Encoded::of(&board_of(name, dataset, side == Side::Private, rows)));
     Ok(())
 }
 
@@ -218,9 +215,7 @@ pub(crate) fn warm_overall(
     side: Side,
 ) -> Result<(), LeaderboardError> {
     let rows = s.overall_shared(id, side)?;
-    if side == Side::Public {
-        rows.answer(|rows| Encoded::of(&overall_of(s, id.to_string(), false, rows)));
-    }
+    rows.answer(|rows| Encoded::of(&overall_of(s, id.to_string(), side == Side::Private, rows)));
     Ok(())
 }
 

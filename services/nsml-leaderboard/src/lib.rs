@@ -47,11 +47,11 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
     })
 }
 
-/// Once the read model has caught up with the log, computes every board and overall ranking, and encodes the
-/// public ones' answers, so that the first query of each does not pay for reading all of its dataset's submits
-/// nor for encoding thousands of rows. The boards first, then the overall rankings made of them; each on two threads
-/// (the catch-up has left the cores idle), one at a time under its own read of the model, so that events keep
-/// being applied in between.
+/// Once the read model has caught up with the log, computes every board and overall ranking participants see
+/// (the public ones; the private ones once revealed) and encodes its answer, so that the first query of each does
+/// not pay for reading all of its dataset's submits nor for encoding thousands of rows. The boards first, then
+/// the overall rankings made of them; each on two threads (the catch-up has left the cores idle), one at a time
+/// under its own read of the model, so that events keep being applied in between.
 async fn warm(proj: Arc<Projection<projection::LeaderboardState>>) {
     proj.wait_ready().await;
     let (boards, overalls) = proj.read(|s| s.rankings());

@@ -228,19 +228,27 @@ impl LeaderboardState {
         Ok(overall)
     }
 
-    /// The boards and overall rankings there are to compute: every dataset's and competition's, on both sides.
+    /// The boards and overall rankings participants see, to compute before they ask: every dataset's and
+    /// competition's public one, and its private one once revealed. Until then only hosts see a private one, and
+    /// it is computed when asked for.
     pub fn rankings(&self) -> (Vec<Ranking>, Vec<Ranking>) {
-        let sides = [Side::Public, Side::Private];
-        let each = |names: Vec<&String>| -> Vec<Ranking> {
-            names
+        let sides = |competition: &str| {
+            let revealed = self.privacy(competition).1;
+            [Some(Side::Public), revealed.then_some(Side::Private)]
                 .into_iter()
-                .flat_map(|n| sides.map(|side| (n.clone(), side)))
-                .collect()
+                .flatten()
         };
-        (
-            each(self.datasets.keys().collect()),
-            each(self.competitions.keys().collect()),
-        )
+        let boards = self
+            .datasets
+            .iter()
+            .flat_map(|(name, d)| sides(&d.competition).map(|side| (name.clone(), side)))
+            .collect();
+        let overalls = self
+            .competitions
+            .keys()
+            .flat_map(|id| sides(id).map(|side| (id.clone(), side)))
+            .collect();
+        (boards, overalls)
     }
 
     /// `name`, shared with the submits that already name it.
@@ -474,41 +482,28 @@ mod tests {
         }
     }
 
-    /// Warming leaves the public boards' and overall rankings' answers encoded, and the private ones computed
-    /// but encoded only when a host asks.
+    /// Warming a board or an overall ranking leaves its answer encoded: the first query finds it.
     #[test]
-    fn warming_keeps_the_public_answers_encoded() {
+    fn warming_keeps_the_answers_encoded() {
         let mut s = LeaderboardState::default();
         s.apply(&stored(
             1,
             &competition(&[("cls", "accuracy", Direction::Descending)]),
         ));
         s.apply(&stored(2, &scored("s1", "ants", "cls", 0.9, false)));
-        for side in [Side::Public, Side::Private] {
-            crate::grpc::warm_board(&s, "cls", side).unwrap();
-            crate::grpc::warm_overall(&s, "demo", side).unwrap();
+        let (boards, overalls) = s.rankings();
+        for (name, side) in boards {
+            crate::grpc::warm_board(&s, &name, side).unwrap();
+        }
+        for (id, side) in overalls {
+            crate::grpc::warm_overall(&s, &id, side).unwrap();
         }
         s.board_shared("cls", Side::Public)
             .unwrap()
-            .answer(|_| panic!("the public board was encoded again"));
+            .answer(|_| panic!("the board was encoded again"));
         s.overall_shared("demo", Side::Public)
             .unwrap()
-            .answer(|_| panic!("the public overall ranking was encoded again"));
-        let mut encoded = 0;
-        let board = s.board_shared("cls", Side::Private).unwrap();
-        assert_eq!(board.len(), 1, "the private board was computed");
-        let empty = || Encoded::of(&nsml_proto::v1::BoardResponse::default());
-        board.answer(|_| {
-            encoded += 1;
-            empty()
-        });
-        s.overall_shared("demo", Side::Private)
-            .unwrap()
-            .answer(|_| {
-                encoded += 1;
-                empty()
-            });
-        assert_eq!(encoded, 2, "private answers are encoded when asked for");
+            .answer(|_| panic!("the overall ranking was encoded again"));
         assert!(crate::grpc::warm_board(&s, "gone", Side::Public).is_err());
     }
 
@@ -790,7 +785,18 @@ mod tests {
             &kept,
             &s.board_shared("cls", Side::Public).unwrap()
         ));
-        // Every board and ranking there is to warm, on both sides.
+        // Every board and ranking participants see is warmed: the public ones, and the private ones once revealed.
+        let public = (
+            vec![("cls".to_string(), Side::Public)],
+            vec![("demo".to_string(), Side::Public)],
+        );
+        assert_eq!(s.rankings(), public);
+        s.apply(&stored(
+            9,
+            &PrivateRevealed {
+                competition: "demo".into(),
+            },
+        ));
         let (boards, overalls) = s.rankings();
         assert_eq!(
             boards,
