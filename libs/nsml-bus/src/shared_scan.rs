@@ -271,20 +271,21 @@ mod tests {
         store
     }
 
-    /// Reads every page of `types` after `after` as a subscription does; returns the events' positions and the
-    /// `through` of every page.
+    /// Reads every page of `types` as a subscription does, through `scan` (or from `store` itself when `None`);
+    /// returns the events' positions and the `through` of every page.
     async fn catch_up(
-        scan: &SharedScan,
+        scan: Option<&SharedScan>,
         store: &dyn EventStore,
         types: &[&str],
         limit: usize,
     ) -> (Vec<u64>, Vec<u64>) {
         let (mut positions, mut throughs, mut after) = (Vec::new(), Vec::new(), 0);
         loop {
-            let page = scan
-                .read_all_of_types(store, types, after, limit)
-                .await
-                .expect("read");
+            let page = match scan {
+                Some(scan) => scan.read_all_of_types(store, types, after, limit).await,
+                None => store.read_all_of_types(types, after, limit).await,
+            }
+            .expect("read");
             positions.extend(page.events.iter().map(|e| e.position));
             throughs.push(page.through);
             if page.events.len() < limit {
@@ -301,25 +302,10 @@ mod tests {
         let n = 7 * CHUNK + 123;
         let store = log(n).await;
         for (types, limit) in [(A, 1000), (B, 1000), (A, 7), (B, 333), (NONE, 1000)] {
-            let (want, want_through) = {
-                let (mut positions, mut throughs, mut after) = (Vec::new(), Vec::new(), 0);
-                loop {
-                    let page = store
-                        .read_all_of_types(types, after, limit)
-                        .await
-                        .expect("read");
-                    positions.extend(page.events.iter().map(|e| e.position));
-                    throughs.push(page.through);
-                    if page.events.len() < limit {
-                        break;
-                    }
-                    after = page.through;
-                }
-                (positions, throughs)
-            };
+            let want = catch_up(None, store.as_ref(), types, limit).await;
             let scan = SharedScan::default();
-            let got = catch_up(&scan, store.as_ref(), types, limit).await;
-            assert_eq!(got, (want, want_through), "{types:?} by {limit}");
+            let got = catch_up(Some(&scan), store.as_ref(), types, limit).await;
+            assert_eq!(got, want, "{types:?} by {limit}");
         }
         // Together: three readers at once over one scan.
         let scan = Arc::new(SharedScan::default());
@@ -327,7 +313,9 @@ mod tests {
             .into_iter()
             .map(|types| {
                 let (scan, store) = (scan.clone(), store.clone());
-                tokio::spawn(async move { catch_up(&scan, store.as_ref(), types, 1000).await })
+                tokio::spawn(
+                    async move { catch_up(Some(&scan), store.as_ref(), types, 1000).await },
+                )
             })
             .collect();
         let mut got = Vec::new();
@@ -358,7 +346,7 @@ mod tests {
             .expect("read");
         assert_eq!(first.events.len(), 10);
         let started = std::time::Instant::now();
-        let (positions, _) = catch_up(&scan, store.as_ref(), A, 1000).await;
+        let (positions, _) = catch_up(Some(&scan), store.as_ref(), A, 1000).await;
         assert_eq!(
             positions,
             (1..=3 * super::WINDOW * CHUNK)

@@ -47,6 +47,7 @@ pub fn decode_part<P: EventPayload, V: prost::Message + Default>(event: &StoredE
     }
     match V::decode(event.payload.as_slice()) {
         Ok(v) => {
+            // The consumer decoding this event uses it: its trace shows that it applied it.
             telemetry::note_decoded();
             Some(v)
         }
@@ -59,18 +60,5 @@ pub fn decode_part<P: EventPayload, V: prost::Message + Default>(event: &StoredE
 
 /// Decodes a stored event's payload if it is of type `P`.
 pub fn decode<P: EventPayload>(event: &StoredEvent) -> Option<P> {
-    if event.event_type != P::TYPE {
-        return None;
-    }
-    match P::decode(event.payload.as_slice()) {
-        Ok(p) => {
-            // The consumer decoding this event uses it: its trace shows that it applied it.
-            telemetry::note_decoded();
-            Some(p)
-        }
-        Err(err) => {
-            tracing::error!(position = event.position, event_type = %event.event_type, %err, "undecodable event payload");
-            None
-        }
-    }
+    decode_part::<P, P>(event)
 }

@@ -190,33 +190,34 @@ fn board_encoded(
     caller: &Caller,
     req: &BoardRequest,
 ) -> Result<Encoded, LeaderboardError> {
-    let (name, dataset) = board_dataset(s, caller, req)?;
-    let rows = s.board_shared(name, Side::of(req.private))?;
-    Ok(rows.answer(|rows| Encoded::of(&board_of(name, dataset, req.private, rows))))
+    let (name, _) = board_dataset(s, caller, req)?;
+    board_answer(s, name, Side::of(req.private))
 }
 
-/// Computes the board of dataset `name` on `side` and encodes its answer, as the first `Board` asking for it
-/// would; both are kept until the board changes.
-pub(crate) fn warm_board(
+/// The encoded answer of the board of dataset `name` on `side`: computed and encoded by the first caller (a
+/// `Board`, or the warm-up before SERVING), then kept until the board changes. No access check: callers check.
+pub(crate) fn board_answer(
     s: &LeaderboardState,
     name: &str,
     side: Side,
-) -> Result<(), LeaderboardError> {
+) -> Result<Encoded, LeaderboardError> {
     let dataset = s.dataset(name)?;
     let rows = s.board_shared(name, side)?;
-    rows.answer(|rows| Encoded::of(&board_of(name, dataset, side == Side::Private, rows)));
-    Ok(())
+    Ok(rows.answer(|rows| Encoded::of(&board_of(name, dataset, side == Side::Private, rows))))
 }
 
-/// As [`warm_board`], for the overall ranking of competition `id`.
-pub(crate) fn warm_overall(
+/// As [`board_answer`], for the overall ranking of competition `id`.
+pub(crate) fn overall_answer(
     s: &LeaderboardState,
     id: &str,
     side: Side,
-) -> Result<(), LeaderboardError> {
+) -> Result<Encoded, LeaderboardError> {
     let rows = s.overall_shared(id, side)?;
-    rows.answer(|rows| Encoded::of(&overall_of(s, id.to_string(), side == Side::Private, rows)));
-    Ok(())
+    Ok(
+        rows.answer(|rows| {
+            Encoded::of(&overall_of(s, id.to_string(), side == Side::Private, rows))
+        }),
+    )
 }
 
 /// The answer showing `rows`, the board of dataset `name`, public or `private`.
@@ -281,8 +282,7 @@ fn overall_encoded(
     req: &OverallRequest,
 ) -> Result<Encoded, LeaderboardError> {
     let id = overall_competition(s, caller, req)?;
-    let rows = s.overall_shared(&id, Side::of(req.private))?;
-    Ok(rows.answer(|rows| Encoded::of(&overall_of(s, id, req.private, rows))))
+    overall_answer(s, &id, Side::of(req.private))
 }
 
 /// The answer showing `rows`, the overall ranking of competition `id`, public or `private`.

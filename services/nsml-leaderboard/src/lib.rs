@@ -17,6 +17,7 @@ use std::sync::Arc;
 use nsml_common::ServiceContext;
 use nsml_common::projection::Projection;
 use nsml_common::server::Started;
+use nsml_proto::codec::Encoded;
 
 pub use error::LeaderboardError;
 pub use grpc::LeaderboardService;
@@ -55,15 +56,19 @@ pub async fn start(ctx: ServiceContext) -> Result<Started, LeaderboardError> {
 async fn warm(proj: Arc<Projection<projection::LeaderboardState>>) {
     proj.wait_ready().await;
     let (boards, overalls) = proj.read(|s| s.rankings());
-    on_two_threads(&proj, boards, grpc::warm_board).await;
-    on_two_threads(&proj, overalls, grpc::warm_overall).await;
+    on_two_threads(&proj, boards, grpc::board_answer).await;
+    on_two_threads(&proj, overalls, grpc::overall_answer).await;
 }
 
 /// Runs `warm` on every ranking of `rankings`, half of them on each of two blocking threads.
 async fn on_two_threads(
     proj: &Arc<Projection<projection::LeaderboardState>>,
     mut rankings: Vec<projection::Ranking>,
-    warm: fn(&projection::LeaderboardState, &str, domain::Side) -> Result<(), LeaderboardError>,
+    warm: fn(
+        &projection::LeaderboardState,
+        &str,
+        domain::Side,
+    ) -> Result<Encoded, LeaderboardError>,
 ) {
     let second = rankings.split_off(rankings.len() / 2);
     let halves = [rankings, second].map(|half| {

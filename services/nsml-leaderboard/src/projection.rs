@@ -493,10 +493,10 @@ mod tests {
         s.apply(&stored(2, &scored("s1", "ants", "cls", 0.9, false)));
         let (boards, overalls) = s.rankings();
         for (name, side) in boards {
-            crate::grpc::warm_board(&s, &name, side).unwrap();
+            crate::grpc::board_answer(&s, &name, side).unwrap();
         }
         for (id, side) in overalls {
-            crate::grpc::warm_overall(&s, &id, side).unwrap();
+            crate::grpc::overall_answer(&s, &id, side).unwrap();
         }
         s.board_shared("cls", Side::Public)
             .unwrap()
@@ -504,7 +504,7 @@ mod tests {
         s.overall_shared("demo", Side::Public)
             .unwrap()
             .answer(|_| panic!("the overall ranking was encoded again"));
-        assert!(crate::grpc::warm_board(&s, "gone", Side::Public).is_err());
+        assert!(crate::grpc::board_answer(&s, "gone", Side::Public).is_err());
     }
 
     #[test]
