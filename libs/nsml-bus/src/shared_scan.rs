@@ -1,9 +1,13 @@
 //! Catch-ups that read the log at the same time share one read of it.
 //!
 //! At start-up every read model of a process reads the whole log, each the types it folds
-//! ([`EventStore::read_all_of_types`]). Over SQLite each of those reads walks every row of the log, and events
+//! ([`EventStore::read_all_of_types_shared`]). Over SQLite each of those reads walks every row of the log, and events
 //! that several read models fold are read and decoded once for each. A [`SharedScan`] reads the log once, in
-//! chunks of [`CHUNK`] positions, and hands every reader the events of its types from the chunks it passes.
+//! chunks of [`CHUNK`] positions, and hands every reader the events of its types from the chunks it passes: the
+//! same events, each behind one `Arc`, never a copy per reader.
+//!
+//! While a reader reads a chunk, the next one is read from the store too (when the log has filled it), so that
+//! two reads of the log run at once beside the readers' own work.
 //!
 //! Readers are paced: none reads more than [`WINDOW`] chunks ahead of the slowest one still reading, so the
 //! chunks held in memory are only those between the slowest and the fastest (a few tens of megabytes). A reader
@@ -18,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use nsml_eventstore::{EventStore, StoreError, StoredEvent, TypedPage};
+use nsml_eventstore::{EventStore, SharedPage, StoreError, StoredEvent};
 use tokio::sync::{Notify, OnceCell};
 
 /// Positions per chunk: the subscriptions' page, so that a page of a reader's types rarely spans many chunks.
@@ -35,13 +39,13 @@ const PACE_POLL: Duration = Duration::from_millis(5);
 
 /// A chunk of the log: its events in position order, each with the index of its type in `types`.
 struct Chunk {
-    events: Vec<StoredEvent>,
+    events: Vec<Arc<StoredEvent>>,
     kinds: Vec<u16>,
     types: Vec<String>,
 }
 
 impl Chunk {
-    fn new(events: Vec<StoredEvent>) -> Self {
+    fn new(events: Vec<Arc<StoredEvent>>) -> Self {
         let mut types: Vec<String> = Vec::new();
         let kinds = events
             .iter()
@@ -69,7 +73,7 @@ impl Chunk {
         &self,
         wanted: &[&str],
         after: u64,
-        out: &mut Vec<StoredEvent>,
+        out: &mut Vec<Arc<StoredEvent>>,
         limit: usize,
     ) -> Option<u64> {
         let wanted: Vec<bool> = self
@@ -79,7 +83,7 @@ impl Chunk {
             .collect();
         for (event, kind) in self.events.iter().zip(&self.kinds) {
             if event.position > after && wanted.get(usize::from(*kind)) == Some(&true) {
-                out.push(event.clone());
+                out.push(Arc::clone(event));
                 if out.len() >= limit {
                     return Some(event.position);
                 }
@@ -87,6 +91,18 @@ impl Chunk {
         }
         None
     }
+}
+
+/// Reads chunk `index` from the store: the log's positions `index * CHUNK + 1 ..= (index + 1) * CHUNK`.
+async fn read_chunk(inner: &Arc<dyn EventStore>, index: u64) -> Result<Arc<Chunk>, StoreError> {
+    let end = (index + 1) * CHUNK;
+    let events = inner.read_all(index * CHUNK, CHUNK as usize).await?;
+    let events = events
+        .into_iter()
+        .filter(|e| e.position <= end)
+        .map(Arc::new)
+        .collect();
+    Ok(Arc::new(Chunk::new(events)))
 }
 
 type Slot = Arc<OnceCell<Arc<Chunk>>>;
@@ -136,19 +152,22 @@ impl SharedScan {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// [`EventStore::read_all_of_types`] on `inner`, from the shared chunks wherever the log has filled them.
+    /// [`EventStore::read_all_of_types_shared`] on `inner`, from the shared chunks wherever the log has filled
+    /// them.
     pub(crate) async fn read_all_of_types(
         &self,
-        inner: &dyn EventStore,
+        inner: &Arc<dyn EventStore>,
         types: &[&str],
         after_position: u64,
         limit: usize,
-    ) -> Result<TypedPage, StoreError> {
+    ) -> Result<SharedPage, StoreError> {
         if limit == 0 || types.is_empty() {
-            return inner.read_all_of_types(types, after_position, limit).await;
+            return inner
+                .read_all_of_types_shared(types, after_position, limit)
+                .await;
         }
         let reader = types.as_ptr() as usize;
-        let mut events = Vec::new();
+        let mut events = Vec::with_capacity(limit.min(CHUNK as usize));
         let mut after = after_position;
         loop {
             let index = after / CHUNK;
@@ -156,25 +175,26 @@ impl SharedScan {
                 // The head's chunk: the rest from the store, as without the scan.
                 self.leave(reader);
                 let rest = inner
-                    .read_all_of_types(types, after, limit - events.len())
+                    .read_all_of_types_shared(types, after, limit - events.len())
                     .await?;
                 events.extend(rest.events);
-                return Ok(TypedPage {
+                return Ok(SharedPage {
                     events,
                     through: rest.through,
                 });
             };
             if let Some(through) = chunk.take(types, after, &mut events, limit) {
-                return Ok(TypedPage { events, through });
+                return Ok(SharedPage { events, through });
             }
             after = (index + 1) * CHUNK;
         }
     }
 
-    /// Chunk `index` once `reader` may read it (see [`WINDOW`]); `None` when the log has not filled it yet.
+    /// Chunk `index` once `reader` may read it (see [`WINDOW`]); `None` when the log has not filled it yet. The
+    /// chunk after it starts being read as well, when the log has filled it.
     async fn chunk(
         &self,
-        inner: &dyn EventStore,
+        inner: &Arc<dyn EventStore>,
         reader: usize,
         index: u64,
     ) -> Result<Option<Arc<Chunk>>, StoreError> {
@@ -189,13 +209,24 @@ impl SharedScan {
             }
         }
         self.pace(reader, index).await;
-        let slot = self.state().chunks.entry(index).or_default().clone();
+        let (slot, next) = {
+            let mut state = self.state();
+            let slot = state.chunks.entry(index).or_default().clone();
+            let next = (state.head >= end + CHUNK && !state.chunks.contains_key(&(index + 1)))
+                .then(|| state.chunks.entry(index + 1).or_default().clone());
+            (slot, next)
+        };
+        if let Some(next) = next {
+            let inner = inner.clone();
+            // A failed read here is read again by the reader that gets to the chunk.
+            tokio::spawn(async move {
+                next.get_or_try_init(|| read_chunk(&inner, index + 1))
+                    .await
+                    .map(drop)
+            });
+        }
         let chunk = slot
-            .get_or_try_init(|| async {
-                let events = inner.read_all(index * CHUNK, CHUNK as usize).await?;
-                let events = events.into_iter().filter(|e| e.position <= end).collect();
-                Ok::<_, StoreError>(Arc::new(Chunk::new(events)))
-            })
+            .get_or_try_init(|| read_chunk(inner, index))
             .await?
             .clone();
         Ok(Some(chunk))
@@ -275,7 +306,7 @@ mod tests {
     /// returns the events' positions and the `through` of every page.
     async fn catch_up(
         scan: Option<&SharedScan>,
-        store: &dyn EventStore,
+        store: &Arc<dyn EventStore>,
         types: &[&str],
         limit: usize,
     ) -> (Vec<u64>, Vec<u64>) {
@@ -283,7 +314,7 @@ mod tests {
         loop {
             let page = match scan {
                 Some(scan) => scan.read_all_of_types(store, types, after, limit).await,
-                None => store.read_all_of_types(types, after, limit).await,
+                None => store.read_all_of_types_shared(types, after, limit).await,
             }
             .expect("read");
             positions.extend(page.events.iter().map(|e| e.position));
@@ -302,9 +333,9 @@ mod tests {
         let n = 7 * CHUNK + 123;
         let store = log(n).await;
         for (types, limit) in [(A, 1000), (B, 1000), (A, 7), (B, 333), (NONE, 1000)] {
-            let want = catch_up(None, store.as_ref(), types, limit).await;
+            let want = catch_up(None, &store, types, limit).await;
             let scan = SharedScan::default();
-            let got = catch_up(Some(&scan), store.as_ref(), types, limit).await;
+            let got = catch_up(Some(&scan), &store, types, limit).await;
             assert_eq!(got, want, "{types:?} by {limit}");
         }
         // Together: three readers at once over one scan.
@@ -313,9 +344,7 @@ mod tests {
             .into_iter()
             .map(|types| {
                 let (scan, store) = (scan.clone(), store.clone());
-                tokio::spawn(
-                    async move { catch_up(Some(&scan), store.as_ref(), types, 1000).await },
-                )
+                tokio::spawn(async move { catch_up(Some(&scan), &store, types, 1000).await })
             })
             .collect();
         let mut got = Vec::new();
@@ -334,6 +363,64 @@ mod tests {
         );
     }
 
+    /// Readers of the same events get the same ones: the chunk's, not a copy each.
+    #[tokio::test]
+    async fn readers_share_the_events_they_both_read() {
+        const B_ONLY: &[&str] = &["test.B"];
+        let store = log(3 * CHUNK).await;
+        let scan = SharedScan::default();
+        let b_or_c = scan
+            .read_all_of_types(&store, B, 0, 100)
+            .await
+            .expect("read");
+        let b = scan
+            .read_all_of_types(&store, B_ONLY, 0, 100)
+            .await
+            .expect("read");
+        let b_of_first: Vec<_> = b_or_c
+            .events
+            .iter()
+            .filter(|e| e.event_type == "test.B")
+            .collect();
+        assert!(b_of_first.len() > 10);
+        for (first, second) in b_of_first.into_iter().zip(&b.events) {
+            assert!(
+                Arc::ptr_eq(first, second),
+                "event {} was copied",
+                first.position
+            );
+        }
+    }
+
+    /// Reading a chunk starts reading the next one when the log has filled it, and never the head's.
+    #[tokio::test]
+    async fn the_next_chunk_is_read_ahead() {
+        let store = log(2 * CHUNK + 10).await;
+        let scan = SharedScan::default();
+        let first = scan
+            .read_all_of_types(&store, A, 0, 10)
+            .await
+            .expect("read");
+        assert_eq!(first.events.len(), 10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !scan
+            .state()
+            .chunks
+            .get(&1)
+            .is_some_and(|chunk| chunk.initialized())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "chunk 1 was not read ahead"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            !scan.state().chunks.contains_key(&2),
+            "the head's chunk is left to the store"
+        );
+    }
+
     /// A reader far ahead waits for the slowest, unless the slowest stops asking: then it goes on alone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_ahead_waits_only_for_readers_still_reading() {
@@ -341,12 +428,12 @@ mod tests {
         let scan = Arc::new(SharedScan::default());
         // The slow reader reads its first page and stops there.
         let first = scan
-            .read_all_of_types(store.as_ref(), B, 0, 10)
+            .read_all_of_types(&store, B, 0, 10)
             .await
             .expect("read");
         assert_eq!(first.events.len(), 10);
         let started = std::time::Instant::now();
-        let (positions, _) = catch_up(Some(&scan), store.as_ref(), A, 1000).await;
+        let (positions, _) = catch_up(Some(&scan), &store, A, 1000).await;
         assert_eq!(
             positions,
             (1..=3 * super::WINDOW * CHUNK)

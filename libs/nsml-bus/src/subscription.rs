@@ -9,7 +9,7 @@ use tokio::time::{Instant, Sleep};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use nsml_eventstore::{EventStore, StoreError, StoredEvent, TypedPage};
+use nsml_eventstore::{EventStore, SharedPage, StoreError, StoredEvent};
 
 use crate::{Bus, BusError};
 
@@ -57,7 +57,7 @@ pub async fn subscribe_log(
 }
 
 /// As [`subscribe_log`], for a subscriber that uses only events of `types`: the catch-up reads only those from
-/// the store ([`EventStore::read_all_of_types`]) and says how far it has passed over the rest
+/// the store ([`EventStore::read_all_of_types_shared`]) and says how far it has passed over the rest
 /// ([`Delivery::Passed`]), so that a long log of other events costs it little. Live events are delivered
 /// whatever their type, as they come.
 pub async fn subscribe_log_of_types(
@@ -193,7 +193,7 @@ struct LogSubscription {
     /// The types the catch-up reads; `None` for all.
     types: Option<&'static [&'static str]>,
     /// The catch-up's next page, read while the one before it is delivered.
-    prefetched: Option<tokio::task::JoinHandle<Result<TypedPage, StoreError>>>,
+    prefetched: Option<tokio::task::JoinHandle<Result<SharedPage, StoreError>>>,
     ready: VecDeque<Delivery>,
     phase: Phase,
     /// When the store is next read while live. One timer for the whole subscription, moved only when a poll
@@ -253,7 +253,7 @@ impl LogSubscription {
             None => {
                 for event in page.events {
                     if self.delivered.insert(event.position) {
-                        self.ready.push_back(Delivery::Event(Arc::new(event)));
+                        self.ready.push_back(Delivery::Event(event));
                     }
                 }
             }
@@ -350,11 +350,11 @@ impl LogSubscription {
     }
 
     /// Queues a page of stored events of the subscription's types, and then how far the store looked for them.
-    fn queue_typed(&mut self, page: TypedPage) {
+    fn queue_typed(&mut self, page: SharedPage) {
         for event in page.events {
             if !self.delivered.contains(event.position) {
                 self.delivered.pass_through(event.position);
-                self.ready.push_back(Delivery::Event(Arc::new(event)));
+                self.ready.push_back(Delivery::Event(event));
             }
         }
         if page.through > self.delivered.watermark {
@@ -435,13 +435,16 @@ async fn read_page(
     store: Arc<dyn EventStore>,
     types: Option<&'static [&'static str]>,
     after: u64,
-) -> Result<TypedPage, StoreError> {
+) -> Result<SharedPage, StoreError> {
     match types {
-        Some(types) => store.read_all_of_types(types, after, PAGE).await,
+        Some(types) => store.read_all_of_types_shared(types, after, PAGE).await,
         None => {
             let events = store.read_all(after, PAGE).await?;
             let through = events.last().map_or(after, |e| e.position);
-            Ok(TypedPage { events, through })
+            Ok(SharedPage {
+                events: events.into_iter().map(Arc::new).collect(),
+                through,
+            })
         }
     }
 }

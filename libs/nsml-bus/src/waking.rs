@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use nsml_eventstore::{
-    Appended, Chain, ChainBreak, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError,
-    StoredEvent, TypedPage,
+    Appended, Chain, ChainBreak, EventStore, ExpectedVersion, NewEvent, PendingAppend, SharedPage,
+    StoreError, StoredEvent, TypedPage,
 };
 use tokio::sync::Notify;
 
@@ -124,12 +124,36 @@ impl EventStore for WakingStore {
     ) -> Result<TypedPage, StoreError> {
         match &self.scan {
             Some(scan) => {
-                scan.read_all_of_types(self.inner.as_ref(), types, after_position, limit)
-                    .await
+                let page = scan
+                    .read_all_of_types(&self.inner, types, after_position, limit)
+                    .await?;
+                Ok(TypedPage {
+                    events: page.events.into_iter().map(Arc::unwrap_or_clone).collect(),
+                    through: page.through,
+                })
             }
             None => {
                 self.inner
                     .read_all_of_types(types, after_position, limit)
+                    .await
+            }
+        }
+    }
+
+    async fn read_all_of_types_shared(
+        &self,
+        types: &[&str],
+        after_position: u64,
+        limit: usize,
+    ) -> Result<SharedPage, StoreError> {
+        match &self.scan {
+            Some(scan) => {
+                scan.read_all_of_types(&self.inner, types, after_position, limit)
+                    .await
+            }
+            None => {
+                self.inner
+                    .read_all_of_types_shared(types, after_position, limit)
                     .await
             }
         }

@@ -285,6 +285,23 @@ pub trait EventStore: Send + Sync + 'static {
         read_types_filtered(self, types, after_position, limit).await
     }
 
+    /// [`EventStore::read_all_of_types`], each event behind an [`Arc`]: for a reader that hands the events on
+    /// to be shared (a read model's subscription). The default reads them as `read_all_of_types` does and puts
+    /// each behind its own `Arc`; a store that already holds them shared (several catch-ups reading the log
+    /// once) hands out its own, without copying them.
+    async fn read_all_of_types_shared(
+        &self,
+        types: &[&str],
+        after_position: u64,
+        limit: usize,
+    ) -> Result<SharedPage, StoreError> {
+        let page = self.read_all_of_types(types, after_position, limit).await?;
+        Ok(SharedPage {
+            events: page.events.into_iter().map(Arc::new).collect(),
+            through: page.through,
+        })
+    }
+
     /// The current stream version (0 when the stream has no events).
     async fn stream_version(&self, stream: &str) -> Result<u64, StoreError>;
 
@@ -348,6 +365,15 @@ pub struct TypedPage {
     pub events: Vec<StoredEvent>,
     /// How far the log was looked through: every event of those types with a position above the one read after
     /// and at most this one is in `events`. With fewer events than the limit, this was the log's head when read.
+    pub through: u64,
+}
+
+/// What [`EventStore::read_all_of_types_shared`] returns: a [`TypedPage`] whose events are shared.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedPage {
+    /// The events of the types asked for, in position order.
+    pub events: Vec<Arc<StoredEvent>>,
+    /// How far the log was looked through, as [`TypedPage::through`].
     pub through: u64,
 }
 
