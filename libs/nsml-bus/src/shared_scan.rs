@@ -6,8 +6,8 @@
 //! chunks of [`CHUNK`] positions, and hands every reader the events of its types from the chunks it passes: the
 //! same events, each behind one `Arc`, never a copy per reader.
 //!
-//! While a reader reads a chunk, the next one is read from the store too (when the log has filled it), so that
-//! two reads of the log run at once beside the readers' own work.
+//! While a reader reads a chunk, the next [`READ_AHEAD`] are read from the store too (when the log has filled
+//! them), so that the reads of the log run beside the readers' own work rather than between their pages.
 //!
 //! Readers are paced: none reads more than [`WINDOW`] chunks ahead of the slowest one still reading, so the
 //! chunks held in memory are only those between the slowest and the fastest (a few tens of megabytes). A reader
@@ -30,6 +30,11 @@ pub(crate) const CHUNK: u64 = 1000;
 
 /// How many chunks a reader may read ahead of the slowest reader.
 pub(crate) const WINDOW: u64 = 32;
+
+/// How many chunks past the one a reader reads are read at the same time (when the log has filled them). With
+/// one, a 6 M-event log booted in 0.96× the time it took without read-ahead (median of four alternated runs on
+/// the 2-core machine); with two, 0.86×; with three, 0.90×.
+pub(crate) const READ_AHEAD: u64 = 2;
 
 /// How long a reader may go without asking before the others stop waiting for it.
 pub(crate) const STALE: Duration = Duration::from_secs(1);
@@ -191,7 +196,7 @@ impl SharedScan {
     }
 
     /// Chunk `index` once `reader` may read it (see [`WINDOW`]); `None` when the log has not filled it yet. The
-    /// chunk after it starts being read as well, when the log has filled it.
+    /// [`READ_AHEAD`] chunks after it start being read as well, those the log has filled.
     async fn chunk(
         &self,
         inner: &Arc<dyn EventStore>,
@@ -209,18 +214,25 @@ impl SharedScan {
             }
         }
         self.pace(reader, index).await;
-        let (slot, next) = {
+        let (slot, ahead) = {
             let mut state = self.state();
             let slot = state.chunks.entry(index).or_default().clone();
-            let next = (state.head >= end + CHUNK && !state.chunks.contains_key(&(index + 1)))
-                .then(|| state.chunks.entry(index + 1).or_default().clone());
-            (slot, next)
+            let head = state.head;
+            let mut ahead = Vec::new();
+            for next in
+                (index + 1..=index + READ_AHEAD).take_while(|next| head >= (next + 1) * CHUNK)
+            {
+                if let std::collections::btree_map::Entry::Vacant(e) = state.chunks.entry(next) {
+                    ahead.push((next, e.insert(Slot::default()).clone()));
+                }
+            }
+            (slot, ahead)
         };
-        if let Some(next) = next {
+        for (next, slot) in ahead {
             let inner = inner.clone();
             // A failed read here is read again by the reader that gets to the chunk.
             tokio::spawn(async move {
-                next.get_or_try_init(|| read_chunk(&inner, index + 1))
+                slot.get_or_try_init(|| read_chunk(&inner, next))
                     .await
                     .map(drop)
             });
@@ -271,7 +283,7 @@ mod tests {
 
     use nsml_eventstore::{EventStore, ExpectedVersion, Metadata, NewEvent, SqliteStore};
 
-    use super::{CHUNK, SharedScan};
+    use super::{CHUNK, READ_AHEAD, SharedScan};
 
     const A: &[&str] = &["test.A"];
     const B: &[&str] = &["test.B", "test.C"];
@@ -392,10 +404,10 @@ mod tests {
         }
     }
 
-    /// Reading a chunk starts reading the next one when the log has filled it, and never the head's.
+    /// Reading a chunk starts reading the next [`READ_AHEAD`] ones the log has filled, and never the head's.
     #[tokio::test]
-    async fn the_next_chunk_is_read_ahead() {
-        let store = log(2 * CHUNK + 10).await;
+    async fn the_next_chunks_are_read_ahead() {
+        let store = log((READ_AHEAD + 1) * CHUNK + 10).await;
         let scan = SharedScan::default();
         let first = scan
             .read_all_of_types(&store, A, 0, 10)
@@ -403,20 +415,20 @@ mod tests {
             .expect("read");
         assert_eq!(first.events.len(), 10);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !scan
-            .state()
-            .chunks
-            .get(&1)
-            .is_some_and(|chunk| chunk.initialized())
-        {
+        while !(1..=READ_AHEAD).all(|i| {
+            scan.state()
+                .chunks
+                .get(&i)
+                .is_some_and(|chunk| chunk.initialized())
+        }) {
             assert!(
                 std::time::Instant::now() < deadline,
-                "chunk 1 was not read ahead"
+                "chunks 1..={READ_AHEAD} were not read ahead"
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(
-            !scan.state().chunks.contains_key(&2),
+            !scan.state().chunks.contains_key(&(READ_AHEAD + 1)),
             "the head's chunk is left to the store"
         );
     }
