@@ -9,7 +9,7 @@ use tokio::time::{Instant, Sleep};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use nsml_eventstore::{EventStore, SharedPage, StoreError, StoredEvent};
+use nsml_eventstore::{EventStore, SharedPage, StoreError, StoredEvent, TypedPage};
 
 use crate::{Bus, BusError};
 
@@ -441,10 +441,7 @@ async fn read_page(
         None => {
             let events = store.read_all(after, PAGE).await?;
             let through = events.last().map_or(after, |e| e.position);
-            Ok(SharedPage {
-                events: events.into_iter().map(Arc::new).collect(),
-                through,
-            })
+            Ok(TypedPage { events, through }.into())
         }
     }
 }

@@ -123,15 +123,10 @@ impl EventStore for WakingStore {
         limit: usize,
     ) -> Result<TypedPage, StoreError> {
         match &self.scan {
-            Some(scan) => {
-                let page = scan
-                    .read_all_of_types(&self.inner, types, after_position, limit)
-                    .await?;
-                Ok(TypedPage {
-                    events: page.events.into_iter().map(Arc::unwrap_or_clone).collect(),
-                    through: page.through,
-                })
-            }
+            Some(_) => Ok(self
+                .read_all_of_types_shared(types, after_position, limit)
+                .await?
+                .into()),
             None => {
                 self.inner
                     .read_all_of_types(types, after_position, limit)
@@ -148,7 +143,7 @@ impl EventStore for WakingStore {
     ) -> Result<SharedPage, StoreError> {
         match &self.scan {
             Some(scan) => {
-                scan.read_all_of_types(&self.inner, types, after_position, limit)
+                scan.read_all_of_types_shared(&self.inner, types, after_position, limit)
                     .await
             }
             None => {

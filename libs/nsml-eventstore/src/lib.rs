@@ -295,11 +295,10 @@ pub trait EventStore: Send + Sync + 'static {
         after_position: u64,
         limit: usize,
     ) -> Result<SharedPage, StoreError> {
-        let page = self.read_all_of_types(types, after_position, limit).await?;
-        Ok(SharedPage {
-            events: page.events.into_iter().map(Arc::new).collect(),
-            through: page.through,
-        })
+        Ok(self
+            .read_all_of_types(types, after_position, limit)
+            .await?
+            .into())
     }
 
     /// The current stream version (0 when the stream has no events).
@@ -375,6 +374,26 @@ pub struct SharedPage {
     pub events: Vec<Arc<StoredEvent>>,
     /// How far the log was looked through, as [`TypedPage::through`].
     pub through: u64,
+}
+
+impl From<TypedPage> for SharedPage {
+    /// Puts each event behind an `Arc` of its own.
+    fn from(page: TypedPage) -> Self {
+        SharedPage {
+            events: page.events.into_iter().map(Arc::new).collect(),
+            through: page.through,
+        }
+    }
+}
+
+impl From<SharedPage> for TypedPage {
+    /// Takes each event out of its `Arc`, or copies it where the `Arc` is shared.
+    fn from(page: SharedPage) -> Self {
+        TypedPage {
+            events: page.events.into_iter().map(Arc::unwrap_or_clone).collect(),
+            through: page.through,
+        }
+    }
 }
 
 /// [`EventStore::read_all_of_types`] through [`EventStore::read_all`]: pages of `limit` events, keeping those of
