@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use nsml_eventstore::{
-    Appended, Chain, ChainBreak, EventStore, ExpectedVersion, NewEvent, PendingAppend, SharedPage,
-    StoreError, StoredEvent, TypedPage,
+    Appended, Chain, ChainBreak, EventStore, ExpectedVersion, NewEvent, PendingAppend,
+    ScannedEvent, SharedPage, StoreError, StoredEvent, TypedPage,
 };
 use tokio::sync::Notify;
 
@@ -105,15 +105,13 @@ impl EventStore for WakingStore {
         self.inner.read_all(after_position, limit).await
     }
 
-    async fn read_all_with_prefix(
+    async fn scan_streams(
         &self,
         prefix: &str,
-        after_position: u64,
+        after: Option<(&str, u64)>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner
-            .read_all_with_prefix(prefix, after_position, limit)
-            .await
+    ) -> Result<Vec<ScannedEvent>, StoreError> {
+        self.inner.scan_streams(prefix, after, limit).await
     }
 
     async fn read_all_of_types(

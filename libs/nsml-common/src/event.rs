@@ -42,17 +42,27 @@ pub fn stored<P: EventPayload>(stream: &str, position: u64, payload: &P) -> Stor
 /// uses, under the same tags, so the rest of the payload is skipped instead of copied into strings. Read models
 /// that fold a long log at start-up use it for events of which they read a field or two.
 pub fn decode_part<P: EventPayload, V: prost::Message + Default>(event: &StoredEvent) -> Option<V> {
-    if event.event_type != P::TYPE {
+    decode_bytes::<P, V>(&event.event_type, event.position, &event.payload)
+}
+
+/// [`decode_part`] of an event given by its type, position and payload, as a scan of the log reads them
+/// ([`nsml_eventstore::ScannedEvent`]).
+pub fn decode_bytes<P: EventPayload, V: prost::Message + Default>(
+    event_type: &str,
+    position: u64,
+    payload: &[u8],
+) -> Option<V> {
+    if event_type != P::TYPE {
         return None;
     }
-    match V::decode(event.payload.as_slice()) {
+    match V::decode(payload) {
         Ok(v) => {
             // The consumer decoding this event uses it: its trace shows that it applied it.
             telemetry::note_decoded();
             Some(v)
         }
         Err(err) => {
-            tracing::error!(position = event.position, event_type = %event.event_type, %err, "undecodable event payload");
+            tracing::error!(position, event_type, %err, "undecodable event payload");
             None
         }
     }

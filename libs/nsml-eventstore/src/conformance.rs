@@ -28,8 +28,8 @@ use futures::{FutureExt, StreamExt};
 use crate::hash::{ChainBreakKind, event_hash};
 use crate::row::{metadata_json, to_i64};
 use crate::{
-    Chain, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresStore, SqliteStore, StoreError,
-    StoredEvent, read_all_stream,
+    Chain, EventStore, ExpectedVersion, Metadata, NewEvent, PostgresStore, ScannedEvent,
+    SqliteStore, StoreError, StoredEvent, read_all_stream,
 };
 
 /// Direct access to a store's tables, bypassing the log's rules; only for tests that tamper with the log.
@@ -93,7 +93,7 @@ macro_rules! conformance_suite {
             append_and_read_stream,
             read_all_in_position_order,
             read_all_stream_pages_through_the_log,
-            read_all_with_prefix_reads_only_the_streams_named,
+            scan_streams_reads_only_the_streams_named,
             read_all_of_types_reads_only_the_types_named,
             stream_version_and_head_position,
             expected_version_rules,
@@ -384,9 +384,9 @@ pub async fn read_all_in_position_order<S: Tamper>(store: Arc<S>) {
     }
 }
 
-/// `read_all_with_prefix` reads what `read_all` reads of the streams whose names start with the prefix, in
-/// pages as `read_all` does; so does the trait's default.
-pub async fn read_all_with_prefix_reads_only_the_streams_named<S: Tamper>(store: Arc<S>) {
+/// `scan_streams` reads what `read_all` reads of the streams whose names start with the prefix, stream by
+/// stream (each stream's events together, in version order), and the same in pages of any size.
+pub async fn scan_streams_reads_only_the_streams_named<S: Tamper>(store: Arc<S>) {
     let streams = [
         "quota-a",
         "sessions-a",
@@ -396,6 +396,9 @@ pub async fn read_all_with_prefix_reads_only_the_streams_named<S: Tamper>(store:
         "xquota-a",
         "quota-é",
         "quota-a",
+        "quota.",
+        "quotb-a",
+        "quota-\u{10FFFF}",
     ];
     for (i, stream) in streams.into_iter().enumerate() {
         store
@@ -408,49 +411,59 @@ pub async fn read_all_with_prefix_reads_only_the_streams_named<S: Tamper>(store:
             .expect("append");
     }
     let all = store.read_all(0, 100).await.expect("read");
-    assert_eq!(all.len(), 16);
-    let by_default = |prefix: &'static str, after, limit| {
-        let store = store.clone();
-        async move { crate::read_all_filtered(&*store, prefix, after, limit).await }
-    };
-    for prefix in ["quota-", "quota", "", "sessions-a", "quota-é", "nothing"] {
-        let expected: Vec<StoredEvent> = all
+    assert_eq!(all.len(), 22);
+    for prefix in [
+        "quota-",
+        "quota",
+        "",
+        "sessions-a",
+        "quota-é",
+        "quota-\u{10FFFF}",
+        "\u{10FFFF}",
+        "nothing",
+    ] {
+        let mut expected: Vec<ScannedEvent> = all
             .iter()
             .filter(|e| e.stream.starts_with(prefix))
-            .cloned()
+            .map(ScannedEvent::from)
             .collect();
-        let read = store
-            .read_all_with_prefix(prefix, 0, 100)
-            .await
-            .expect("read");
-        assert_eq!(read, expected, "prefix `{prefix}`");
-        assert_eq!(by_default(prefix, 0, 100).await.expect("read"), expected);
+        let read = store.scan_streams(prefix, None, 100).await.expect("read");
+        // Stream by stream: a stream's events follow one another, in version order, each stream once.
+        let mut seen = Vec::<&str>::new();
+        for (i, e) in read.iter().enumerate() {
+            if i == 0 || read[i - 1].stream != e.stream {
+                assert!(!seen.contains(&&*e.stream), "prefix `{prefix}`: {read:?}");
+                seen.push(&e.stream);
+                assert_eq!(e.version, 1, "prefix `{prefix}`: {read:?}");
+            } else {
+                assert_eq!(e.version, read[i - 1].version + 1, "prefix `{prefix}`");
+            }
+        }
+        let mut sorted = read.clone();
+        sorted.sort_by_key(|e| e.position);
+        expected.sort_by_key(|e| e.position);
+        assert_eq!(sorted, expected, "prefix `{prefix}`");
         for limit in [1, 3] {
-            let (mut paged, mut by_default_paged) = (Vec::new(), Vec::new());
-            for (pages, backend) in [(&mut paged, true), (&mut by_default_paged, false)] {
-                loop {
-                    let after = pages.last().map_or(0, |e: &StoredEvent| e.position);
-                    let page = if backend {
-                        store.read_all_with_prefix(prefix, after, limit).await
-                    } else {
-                        by_default(prefix, after, limit).await
-                    }
+            let mut paged: Vec<ScannedEvent> = Vec::new();
+            loop {
+                let after = paged.last().map(|e| (&*e.stream, e.version));
+                let page = store
+                    .scan_streams(prefix, after, limit)
+                    .await
                     .expect("read");
-                    assert!(page.len() <= limit);
-                    let last = page.len() < limit;
-                    pages.extend(page);
-                    if last {
-                        break;
-                    }
+                assert!(page.len() <= limit);
+                let last = page.len() < limit;
+                paged.extend(page);
+                if last {
+                    break;
                 }
             }
-            assert_eq!(paged, expected, "prefix `{prefix}`, pages of {limit}");
-            assert_eq!(by_default_paged, expected);
+            assert_eq!(paged, read, "prefix `{prefix}`, pages of {limit}");
         }
     }
     assert!(
         store
-            .read_all_with_prefix("quota-", 0, 0)
+            .scan_streams("quota-", None, 0)
             .await
             .expect("read")
             .is_empty()

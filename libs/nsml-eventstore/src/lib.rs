@@ -156,6 +156,33 @@ pub struct StoredEvent {
     pub hash: String,
 }
 
+/// An event as a scan of whole streams reads it ([`EventStore::scan_streams`]): where it sits, its type, its
+/// payload and when it was recorded; not the envelope's ids nor the hash, which a replay of the streams does not
+/// read. Events of a page that carry the same stream name or type share one copy of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScannedEvent {
+    pub position: u64,
+    pub stream: Arc<str>,
+    pub version: u64,
+    pub event_type: Arc<str>,
+    pub payload: Vec<u8>,
+    /// The envelope's recording time ([`Metadata::recorded_at_ms`]).
+    pub recorded_at_ms: i64,
+}
+
+impl From<&StoredEvent> for ScannedEvent {
+    fn from(e: &StoredEvent) -> Self {
+        Self {
+            position: e.position,
+            stream: Arc::from(e.stream.as_str()),
+            version: e.version,
+            event_type: Arc::from(e.event_type.as_str()),
+            payload: e.payload.clone(),
+            recorded_at_ms: e.metadata.recorded_at_ms,
+        }
+    }
+}
+
 /// What a successful append returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -257,19 +284,17 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError>;
 
-    /// Reads up to `limit` events with position > `after_position` of the streams whose names start with
-    /// `prefix`, in position order: what [`EventStore::read_all`] reads, without the other streams' events.
-    /// The default pages through `read_all` and keeps the matching events; the backends leave the others
-    /// unread, so a reader of one kind of stream (the quota audit reads the team ledgers) does not pay for
-    /// the rest of the log.
-    async fn read_all_with_prefix(
+    /// Reads up to `limit` events of the streams whose names start with `prefix`, stream by stream: each
+    /// stream's events together and in version order, the streams in the order the store sorts their names
+    /// in. `after` is the stream and version of the last event read (`None`: from the first); the next page
+    /// starts after it. What a replay of whole streams reads (the quota audit replays every team's ledger):
+    /// the other streams' rows are left unread, and so is what the replay does not use of each event.
+    async fn scan_streams(
         &self,
         prefix: &str,
-        after_position: u64,
+        after: Option<(&str, u64)>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        read_all_filtered(self, prefix, after_position, limit).await
-    }
+    ) -> Result<Vec<ScannedEvent>, StoreError>;
 
     /// Reads up to `limit` of the events with position > `after_position` whose type is one of `types`, in
     /// position order, and says how far the log was looked through for them (see [`TypedPage`]): what a reader
@@ -325,37 +350,6 @@ pub trait EventStore: Send + Sync + 'static {
 
 /// How many events [`read_all_stream`] reads per page.
 pub const READ_PAGE: usize = 1000;
-
-/// [`EventStore::read_all_with_prefix`] through [`EventStore::read_all`]: pages of `limit` events, keeping those
-/// of the streams named.
-pub(crate) async fn read_all_filtered<S: EventStore + ?Sized>(
-    store: &S,
-    prefix: &str,
-    after_position: u64,
-    limit: usize,
-) -> Result<Vec<StoredEvent>, StoreError> {
-    let mut events = Vec::with_capacity(limit.min(READ_PAGE * 10));
-    let mut after = after_position;
-    while events.len() < limit {
-        let page = store.read_all(after, limit).await?;
-        let Some(last) = page.last() else {
-            break;
-        };
-        after = last.position;
-        let full = page.len() == limit;
-        let room = limit - events.len();
-        // The caller reads on after the last event returned, so events of a page beyond `room` are read again.
-        events.extend(
-            page.into_iter()
-                .filter(|e| e.stream.starts_with(prefix))
-                .take(room),
-        );
-        if !full {
-            break;
-        }
-    }
-    Ok(events)
-}
 
 /// What [`EventStore::read_all_of_types`] returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

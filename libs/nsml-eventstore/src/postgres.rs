@@ -11,10 +11,10 @@ use crate::chain::{ChainWalker, VERIFY_PAGE, beyond_head};
 use crate::error::is_stream_version_violation;
 use crate::hash::ChainBreak;
 use crate::lease::PostgresLease;
-use crate::row::{ChainRow, EventRow, into_events, metadata_json, to_i64, to_u64};
+use crate::row::{ChainRow, EventRow, Names, into_events, metadata_json, scanned, to_i64, to_u64};
 use crate::{
-    Appended, Chain, EventStore, ExpectedVersion, NewEvent, PendingAppend, StoreError, StoredEvent,
-    TypedPage,
+    Appended, Chain, EventStore, ExpectedVersion, NewEvent, PendingAppend, ScannedEvent,
+    StoreError, StoredEvent, TypedPage,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -467,22 +467,42 @@ impl EventStore for PostgresStore {
         into_events(rows)
     }
 
-    async fn read_all_with_prefix(
+    /// Walks the `(stream, version)` index from `after`, keeping the names that start with the prefix: in a
+    /// collation other than byte order those need not sort together, so no range of names bounds the walk.
+    async fn scan_streams(
         &self,
         prefix: &str,
-        after_position: u64,
+        after: Option<(&str, u64)>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT position, stream, version, event_type, payload, metadata, hash \
-             FROM events WHERE position > $1 AND starts_with(stream, $2) ORDER BY position LIMIT $3",
+    ) -> Result<Vec<ScannedEvent>, StoreError> {
+        let (after_stream, after_version) = after.unwrap_or(("", 0));
+        let rows: Vec<(i64, String, i64, String, Vec<u8>, String)> = sqlx::query_as(
+            "SELECT position, stream, version, event_type, payload, metadata \
+             FROM events WHERE (stream, version) > ($1, $2) AND starts_with(stream, $3) \
+             ORDER BY stream, version LIMIT $4",
         )
-        .bind(to_i64(after_position))
+        .bind(after_stream)
+        .bind(to_i64(after_version))
         .bind(prefix)
         .bind(to_i64(limit as u64))
         .fetch_all(&self.pool)
         .await?;
-        into_events(rows)
+        let mut names = Names::default();
+        rows.into_iter()
+            .map(
+                |(position, stream, version, event_type, payload, metadata)| {
+                    scanned(
+                        &mut names,
+                        position,
+                        &stream,
+                        version,
+                        &event_type,
+                        payload,
+                        &metadata,
+                    )
+                },
+            )
+            .collect()
     }
 
     /// Reads the head first, then the rows up to it: appends are serialized on `log_head`, so every event at or

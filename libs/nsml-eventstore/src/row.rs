@@ -2,7 +2,9 @@
 
 use std::collections::BTreeSet;
 
-use crate::{Metadata, StoreError, StoredEvent};
+use std::sync::Arc;
+
+use crate::{Metadata, ScannedEvent, StoreError, StoredEvent};
 
 /// Columns selected for an event read: position, stream, version, event_type, payload, metadata, hash.
 pub(crate) type EventRow = (i64, String, i64, String, Vec<u8>, String, String);
@@ -46,6 +48,33 @@ pub(crate) fn decode_metadata(position: u64, json: &str) -> Result<Metadata, Sto
 /// Parses metadata in exactly the form [`metadata_json`] writes (fields in declaration order, no whitespace,
 /// strings without escapes, integers in plain decimal); `None` for anything else.
 fn parse_written(json: &str) -> Option<Metadata> {
+    let m = parse_written_ref(json)?;
+    Some(Metadata {
+        event_id: m.event_id.to_owned(),
+        command_id: m.command_id.to_owned(),
+        correlation_id: m.correlation_id.to_owned(),
+        causation_id: m.causation_id.to_owned(),
+        actor: m.actor.to_owned(),
+        traceparent: m.traceparent.to_owned(),
+        recorded_at_ms: m.recorded_at_ms,
+        schema_version: m.schema_version,
+    })
+}
+
+/// Metadata in the written form, its strings borrowed from the text.
+struct MetadataRef<'a> {
+    event_id: &'a str,
+    command_id: &'a str,
+    correlation_id: &'a str,
+    causation_id: &'a str,
+    actor: &'a str,
+    traceparent: &'a str,
+    recorded_at_ms: i64,
+    schema_version: u32,
+}
+
+/// [`parse_written`] without copying the strings.
+fn parse_written_ref(json: &str) -> Option<MetadataRef<'_>> {
     let mut text = Written { rest: json };
     let event_id = text.string_field("{\"event_id\":")?;
     let command_id = text.string_field(",\"command_id\":")?;
@@ -58,7 +87,7 @@ fn parse_written(json: &str) -> Option<Metadata> {
     text.literal(",\"schema_version\":")?;
     let schema_version = u32::try_from(text.integer()?).ok()?;
     text.literal("}")?;
-    text.rest.is_empty().then_some(Metadata {
+    text.rest.is_empty().then_some(MetadataRef {
         event_id,
         command_id,
         correlation_id,
@@ -70,12 +99,83 @@ fn parse_written(json: &str) -> Option<Metadata> {
     })
 }
 
+/// When an event was recorded, from its stored metadata: what [`decode_metadata`] reads of it, without copying
+/// the ids out of metadata in the written form.
+pub(crate) fn recorded_at_ms(position: u64, json: &str) -> Result<i64, StoreError> {
+    match parse_written_ref(json) {
+        Some(m) => Ok(m.recorded_at_ms),
+        None => Ok(decode_metadata(position, json)?.recorded_at_ms),
+    }
+}
+
+/// A scanned event from the columns read: position, stream, version, type, payload, metadata.
+pub(crate) fn scanned(
+    names: &mut Names,
+    position: i64,
+    stream: &str,
+    version: i64,
+    event_type: &str,
+    payload: Vec<u8>,
+    metadata: &str,
+) -> Result<ScannedEvent, StoreError> {
+    let position = to_u64(position, "position")?;
+    Ok(ScannedEvent {
+        position,
+        stream: names.stream(stream),
+        version: to_u64(version, "version")?,
+        event_type: names.event_type(event_type),
+        payload,
+        recorded_at_ms: recorded_at_ms(position, metadata)?,
+    })
+}
+
+/// The least name above every name that starts with `prefix`, in the order of their UTF-8 bytes (SQLite's
+/// text order): the prefix with its last character that has a successor replaced by that successor, and what
+/// followed it dropped. `None` when no character has one (the empty prefix, or only U+10FFFF).
+pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// The names of a page of [`ScannedEvent`]s, each made once: a stream's name is shared by its events that
+/// follow one another, a type's by every event of the page of that type.
+#[derive(Default)]
+pub(crate) struct Names {
+    stream: Option<Arc<str>>,
+    types: Vec<Arc<str>>,
+}
+
+impl Names {
+    pub(crate) fn stream(&mut self, name: &str) -> Arc<str> {
+        match &self.stream {
+            Some(last) if **last == *name => last.clone(),
+            _ => self.stream.insert(Arc::from(name)).clone(),
+        }
+    }
+
+    pub(crate) fn event_type(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.types.iter().find(|t| ***t == *name) {
+            return known.clone();
+        }
+        let made: Arc<str> = Arc::from(name);
+        self.types.push(made.clone());
+        made
+    }
+}
+
 /// What is left to read of metadata text in the written form.
 struct Written<'a> {
     rest: &'a str,
 }
 
-impl Written<'_> {
+impl<'a> Written<'a> {
     fn literal(&mut self, expected: &str) -> Option<()> {
         self.rest = self.rest.strip_prefix(expected)?;
         Some(())
@@ -83,7 +183,7 @@ impl Written<'_> {
 
     /// A field's name (as `expected`) and its string value. Escapes and control characters (which JSON refuses
     /// unescaped) are left to serde_json.
-    fn string_field(&mut self, expected: &str) -> Option<String> {
+    fn string_field(&mut self, expected: &str) -> Option<&'a str> {
         self.literal(expected)?;
         let body = self.rest.strip_prefix('"')?;
         let end = body
@@ -95,7 +195,7 @@ impl Written<'_> {
         // Invariant: `end` is the index of an ASCII quote, so both slices fall on character boundaries.
         let (value, rest) = (&body[..end], &body[end + 1..]);
         self.rest = rest;
-        Some(value.to_owned())
+        Some(value)
     }
 
     /// An integer as JSON writes it: an optional minus, then `0` or digits without a leading zero; at most 18

@@ -19,11 +19,14 @@ use tokio::sync::oneshot;
 use crate::chain::{ChainWalker, beyond_head};
 use crate::error::is_sqlite_stream_version_violation;
 use crate::hash::{ChainBreak, event_hash};
-use crate::row::{ChainRow, advance_watermark, decode_metadata, metadata_json, to_i64, to_u64};
+use crate::row::{
+    ChainRow, Names, advance_watermark, decode_metadata, metadata_json, prefix_end, scanned,
+    to_i64, to_u64,
+};
 use crate::tail::OutboxTail;
 use crate::{
-    Appended, Chain, EventStore, ExpectedVersion, Metadata, NewEvent, PendingAppend, StoreError,
-    StoredEvent, TypedPage,
+    Appended, Chain, EventStore, ExpectedVersion, Metadata, NewEvent, PendingAppend, ScannedEvent,
+    StoreError, StoredEvent, TypedPage,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -978,6 +981,34 @@ fn event_from_row(row: &Row<'_>) -> Result<StoredEvent, StoreError> {
     })
 }
 
+/// Runs a scan's query and reads every row (position, stream, version, type, payload, metadata).
+fn scan_rows<P: rusqlite::Params>(
+    connection: &Connection,
+    sql: &str,
+    params: P,
+) -> Result<Vec<ScannedEvent>, StoreError> {
+    let mut statement = connection.prepare_cached(sql)?;
+    let mut rows = statement.query(params)?;
+    let (mut names, mut events) = (Names::default(), Vec::new());
+    while let Some(row) = rows.next()? {
+        let text = |i| {
+            row.get_ref(i)?.as_str().map_err(|e| {
+                StoreError::Corrupt(format!("column {i} of an event row is not text: {e}"))
+            })
+        };
+        events.push(scanned(
+            &mut names,
+            row.get(0)?,
+            text(1)?,
+            row.get(2)?,
+            text(3)?,
+            row.get(4)?,
+            text(5)?,
+        )?);
+    }
+    Ok(events)
+}
+
 /// Runs an event query and reads every row.
 fn query_events<P: rusqlite::Params>(
     connection: &Connection,
@@ -1122,31 +1153,36 @@ impl EventStore for SqliteStore {
         .await
     }
 
-    async fn read_all_with_prefix(
+    /// Walks the `(stream, version)` index from `after` to the first name past the prefix (`prefix_end`),
+    /// so the other streams' rows are never read.
+    async fn scan_streams(
         &self,
         prefix: &str,
-        after_position: u64,
+        after: Option<(&str, u64)>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
-        // `substr` counts characters of text, as `chars` does; the other streams' rows are skipped after reading
-        // their stream name alone.
-        let length = prefix.chars().count() as u64;
-        let prefix = prefix.to_owned();
+    ) -> Result<Vec<ScannedEvent>, StoreError> {
+        let (after_stream, after_version) = after.unwrap_or((prefix, 0));
+        let (after_stream, after_version) = (after_stream.to_owned(), to_i64(after_version));
+        let (prefix, end) = (prefix.to_owned(), prefix_end(prefix));
+        let length = prefix.chars().count() as i64;
+        let limit = to_i64(limit as u64);
         self.read(move |connection| {
-            query_events(
-                connection,
-                select_events!(
-                    "FROM events WHERE position > ?1 AND substr(stream, 1, ?2) = ?3 \
-                     ORDER BY position LIMIT ?4"
+            const COLUMNS: &str = "SELECT position, stream, version, event_type, payload, metadata \
+                                   FROM events WHERE (stream, version) > (?1, ?2)";
+            match end {
+                Some(end) => scan_rows(
+                    connection,
+                    &format!("{COLUMNS} AND stream < ?3 ORDER BY stream, version LIMIT ?4"),
+                    params![after_stream, after_version, end, limit],
                 ),
-                params![
-                    to_i64(after_position),
-                    to_i64(length),
-                    prefix,
-                    to_i64(limit as u64)
-                ],
-                limit.min(crate::READ_PAGE * 10),
-            )
+                None => scan_rows(
+                    connection,
+                    &format!(
+                        "{COLUMNS} AND substr(stream, 1, ?3) = ?4 ORDER BY stream, version LIMIT ?5"
+                    ),
+                    params![after_stream, after_version, length, prefix, limit],
+                ),
+            }
         })
         .await
     }

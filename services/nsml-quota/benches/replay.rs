@@ -1,6 +1,6 @@
 //! Replay speed over a generated ledger of 1,000,000 events (`NSML_BENCH_EVENTS` to change it): first pure
-//! (decode, re-derive every decision, fold; no IO), then through a SQLite store: the read alone (the whole log
-//! in pages, nothing replayed), and the replay read the way `audit replay` reads it (the whole log in pages, and
+//! (decode, re-derive every decision, fold; no IO), then through a SQLite store: the read alone (the ledgers
+//! scanned in pages, nothing replayed), and the replay read the way `audit replay` reads it (every ledger, and
 //! the team's stream alone). Prints each run and the median, with events per CPU-second of the process (every
 //! thread), which a busy machine changes less than the wall-clock rate.
 //!
@@ -176,18 +176,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "stored the ledger in SQLite in {:.2}s",
             started.elapsed().as_secs_f64()
         );
-        // The read alone, page by page as the replay reads the whole log, without replaying anything.
+        // The read alone, page by page as the replay scans the ledgers, without replaying anything.
         let mut rates = Vec::new();
         let mut cpu_rates = Vec::new();
         for run in 1..=3 {
             let cpu = process_cpu_secs();
             let started = Instant::now();
-            let (mut read, mut after) = (0, 0);
+            let mut read = 0;
+            let mut after: Option<(std::sync::Arc<str>, u64)> = None;
             loop {
-                let page = store.read_all(after, 10_000).await?;
+                let from = after.as_ref().map(|(s, v)| (&**s, *v));
+                let page = store.scan_streams("quota-", from, 10_000).await?;
                 read += page.len();
                 match page.last() {
-                    Some(last) if page.len() == 10_000 => after = last.position,
+                    Some(last) if page.len() == 10_000 => {
+                        after = Some((last.stream.clone(), last.version));
+                    }
                     _ => break,
                 }
             }

@@ -1,8 +1,10 @@
 //! Maps keyed by the ids the platform mints (session names, UUIDs), which a ledger keeps one of per decision
 //! ever taken. They never shrink and are read on every admission, so they must grow without a pause.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry as Slot;
 
 /// A fast hash for ids, in the manner of rustc's FxHash. The keys are ids the platform mints, so SipHash's
 /// defence against chosen keys buys nothing, and replay spends its time in these maps.
@@ -33,6 +35,15 @@ type Hash = BuildHasherDefault<IdHasher>;
 /// How many tables an [`IdMap`] spreads its entries over.
 const SHARDS: usize = 64;
 
+/// One entry: the key's hash is kept with it, so a table that grows moves entries without reading their keys
+/// again, and a lookup compares keys only when the whole hash matches.
+#[derive(Debug, Clone)]
+struct Entry<V> {
+    hash: u64,
+    key: String,
+    value: V,
+}
+
 /// A hash map from ids to `V` that grows in small steps.
 ///
 /// A single hash table doubles when full, moving every entry at once: at 100,000 decisions that took 20–40 ms,
@@ -40,23 +51,42 @@ const SHARDS: usize = 64;
 /// their hash, so each doubling moves about one 64th of them. The shard is picked by bits of the hash that a
 /// table under 2^32 buckets never uses for the bucket nor for its tag (the top 7 bits), so entries stay as
 /// well spread inside each table as in one. The tables are allocated on the first insert.
-#[derive(Debug, Clone, Default)]
+///
+/// Each key is hashed once per call, and each entry keeps its hash: a table growing re-reads no key (in a
+/// ledger of a million decisions each key is a cache miss away), and a lookup reads a key only for an entry
+/// whose whole hash is the one looked up, not for every entry whose 7-bit tag matches.
+#[derive(Debug, Clone)]
 pub struct IdMap<V> {
-    shards: Vec<HashMap<String, V, Hash>>,
+    shards: Vec<HashTable<Entry<V>>>,
+}
+
+impl<V> Default for IdMap<V> {
+    fn default() -> Self {
+        Self { shards: Vec::new() }
+    }
+}
+
+/// The hash a key is stored and looked up under, and the shard it is in (bits 32..38 of the hash).
+fn hash_of(key: &str) -> (u64, usize) {
+    let hash = Hash::default().hash_one(key);
+    (hash, (hash >> 32) as usize % SHARDS)
 }
 
 impl<V> IdMap<V> {
-    fn shard_of(key: &str) -> usize {
-        // Bits 32..38 of the hash.
-        (Hash::default().hash_one(key) >> 32) as usize % SHARDS
-    }
-
     pub fn get(&self, key: &str) -> Option<&V> {
-        self.shards.get(Self::shard_of(key))?.get(key)
+        let (hash, shard) = hash_of(key);
+        self.shards
+            .get(shard)?
+            .find(hash, |e| e.hash == hash && e.key == key)
+            .map(|e| &e.value)
     }
 
     pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
-        self.shards.get_mut(Self::shard_of(key))?.get_mut(key)
+        let (hash, shard) = hash_of(key);
+        self.shards
+            .get_mut(shard)?
+            .find_mut(hash, |e| e.hash == hash && e.key == key)
+            .map(|e| &mut e.value)
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -66,21 +96,34 @@ impl<V> IdMap<V> {
     /// Inserts `value` under `key`; returns the value it replaced.
     pub fn insert(&mut self, key: String, value: V) -> Option<V> {
         if self.shards.is_empty() {
-            self.shards.resize_with(SHARDS, HashMap::default);
+            self.shards.resize_with(SHARDS, HashTable::new);
         }
-        self.shards[Self::shard_of(&key)].insert(key, value)
+        let (hash, shard) = hash_of(&key);
+        match self.shards[shard].entry(hash, |e| e.hash == hash && e.key == key, |e| e.hash) {
+            Slot::Occupied(mut o) => Some(std::mem::replace(&mut o.get_mut().value, value)),
+            Slot::Vacant(v) => {
+                v.insert(Entry { hash, key, value });
+                None
+            }
+        }
     }
 
     pub fn remove(&mut self, key: &str) -> Option<V> {
-        self.shards.get_mut(Self::shard_of(key))?.remove(key)
+        let (hash, shard) = hash_of(key);
+        let found = self
+            .shards
+            .get_mut(shard)?
+            .find_entry(hash, |e| e.hash == hash && e.key == key)
+            .ok()?;
+        Some(found.remove().0.value)
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(HashMap::len).sum()
+        self.shards.iter().map(HashTable::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.shards.iter().all(HashMap::is_empty)
+        self.shards.iter().all(HashTable::is_empty)
     }
 }
 
@@ -124,7 +167,7 @@ mod tests {
             map.insert(uuid::Uuid::now_v7().to_string(), i);
             map.insert(format!("demo/t{}-cls/{i}", i % 3), i);
         }
-        let sizes: Vec<usize> = map.shards.iter().map(HashMap::len).collect();
+        let sizes: Vec<usize> = map.shards.iter().map(HashTable::len).collect();
         let share = map.len() / SHARDS;
         assert!(
             sizes.iter().all(|&n| n > share / 2 && n < share * 2),

@@ -2,7 +2,7 @@
 //! recorded request, its recorded time, the policy the ledger itself adopted and the ledger state just
 //! before the decision. Pure: the caller feeds the events (from the store, or generated for a bench).
 
-use nsml_eventstore::StoredEvent;
+use nsml_eventstore::{ScannedEvent, StoredEvent};
 use nsml_proto::v1::{AdmissionDenied, AdmitRequest, Decision, EventPayload};
 use prost::Message;
 use prost::encoding::{DecodeContext, decode_key, message, skip_field};
@@ -58,6 +58,52 @@ pub struct Report {
     pub mismatches: Vec<Mismatch>,
 }
 
+/// A ledger event as replay reads it: whole from the store ([`StoredEvent`]), or as a scan of the ledgers reads
+/// it ([`ScannedEvent`]).
+pub trait Recorded {
+    fn position(&self) -> u64;
+    fn version(&self) -> u64;
+    fn event_type(&self) -> &str;
+    fn payload(&self) -> &[u8];
+    fn recorded_at_ms(&self) -> i64;
+}
+
+impl Recorded for StoredEvent {
+    fn position(&self) -> u64 {
+        self.position
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    fn recorded_at_ms(&self) -> i64 {
+        self.metadata.recorded_at_ms
+    }
+}
+
+impl Recorded for ScannedEvent {
+    fn position(&self) -> u64 {
+        self.position
+    }
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    fn recorded_at_ms(&self) -> i64 {
+        self.recorded_at_ms
+    }
+}
+
 /// One ledger being replayed, event by event.
 #[derive(Debug, Default)]
 pub struct LedgerReplay {
@@ -78,37 +124,36 @@ impl LedgerReplay {
     }
 
     /// Takes the ledger's next event: re-derives it when it is a decision in scope, then folds it.
-    pub fn step(&mut self, ev: &StoredEvent, scope: &Scope, report: &mut Report) {
+    pub fn step(&mut self, ev: &impl Recorded, scope: &Scope, report: &mut Report) {
         if self.stopped {
             return;
         }
-        if scope
-            .until_ms
-            .is_some_and(|u| ev.metadata.recorded_at_ms > u)
-        {
+        if scope.until_ms.is_some_and(|u| ev.recorded_at_ms() > u) {
             self.stopped = true;
             return;
         }
         report.events += 1;
-        if ev.event_type == AdmissionDenied::TYPE {
+        if ev.event_type() == AdmissionDenied::TYPE {
             self.step_denial(ev, scope, report);
             return;
         }
-        let Some(event) = LedgerEvent::decode(ev) else {
+        let Some(event) = LedgerEvent::decode_bytes(ev.event_type(), ev.position(), ev.payload())
+        else {
             return;
         };
         if let Some((req, recorded)) = event.decision() {
-            check(&self.ledger, &self.team, req, recorded, ev, scope, report);
+            let repeated = self.ledger.decisions.contains_key(&req.command_id);
+            self.check(req, recorded, repeated, ev, scope, report);
         }
-        self.ledger.apply_event(event, ev.version);
+        self.ledger.apply_event(event, ev.version());
     }
 
     /// Takes a refusal, as [`LedgerEvent::decode`] and [`Ledger::apply_event`] would. Refusals are most of a
     /// busy ledger and the ledger keeps only their command id, so each is decoded into the strings of the one
     /// before instead of into new ones (the in-memory replay bench ran 5-10 % faster).
-    fn step_denial(&mut self, ev: &StoredEvent, scope: &Scope, report: &mut Report) {
-        if let Err(err) = decode_reusing(&mut self.denied, &ev.payload) {
-            tracing::error!(position = ev.position, event_type = %ev.event_type, %err, "undecodable event payload");
+    fn step_denial(&mut self, ev: &impl Recorded, scope: &Scope, report: &mut Report) {
+        if let Err(err) = decode_reusing(&mut self.denied, ev.payload()) {
+            tracing::error!(position = ev.position(), event_type = ev.event_type(), %err, "undecodable event payload");
             return;
         }
         if let AdmissionDenied {
@@ -116,41 +161,45 @@ impl LedgerReplay {
             decision: Some(recorded),
         } = &self.denied
         {
-            check(&self.ledger, &self.team, req, recorded, ev, scope, report);
-            self.ledger
-                .apply_denial(req.command_id.clone(), recorded.decided_at_ms, ev.version);
+            let repeated = self
+                .ledger
+                .note_decided(req.command_id.clone(), ev.version());
+            self.check(req, recorded, repeated, ev, scope, report);
+            self.ledger.advance(recorded.decided_at_ms);
         }
     }
-}
 
-/// Re-derives the decision `ev` records when it is in scope, and counts it as matched or as a mismatch.
-fn check(
-    ledger: &Ledger,
-    team: &str,
-    req: &AdmitRequest,
-    recorded: &Decision,
-    ev: &StoredEvent,
-    scope: &Scope,
-    report: &mut Report,
-) {
-    if !scope.covers(&req.competition) {
-        return;
-    }
-    report.decisions += 1;
-    let (mut replayed, differences) = rederive(ledger, req, recorded, ev.version);
-    if differences.is_empty() {
-        report.matched += 1;
-    } else {
-        replayed.id = recorded.id.clone();
-        report.mismatches.push(Mismatch {
-            team: team.to_string(),
-            position: ev.position,
-            version: ev.version,
-            request: req.clone(),
-            recorded: recorded.clone(),
-            replayed,
-            differences,
-        });
+    /// Re-derives the decision `ev` records when it is in scope, and counts it as matched or as a mismatch;
+    /// `repeated`: whether the ledger had decided the request's command before.
+    fn check(
+        &self,
+        req: &AdmitRequest,
+        recorded: &Decision,
+        repeated: bool,
+        ev: &impl Recorded,
+        scope: &Scope,
+        report: &mut Report,
+    ) {
+        if !scope.covers(&req.competition) {
+            return;
+        }
+        report.decisions += 1;
+        let (mut replayed, differences) =
+            rederive_noted(&self.ledger, req, recorded, ev.version(), repeated);
+        if differences.is_empty() {
+            report.matched += 1;
+        } else {
+            replayed.id = recorded.id.clone();
+            report.mismatches.push(Mismatch {
+                team: self.team.clone(),
+                position: ev.position(),
+                version: ev.version(),
+                request: req.clone(),
+                recorded: recorded.clone(),
+                replayed,
+                differences,
+            });
+        }
     }
 }
 
@@ -198,8 +247,21 @@ pub fn rederive(
     recorded: &Decision,
     version: u64,
 ) -> (Decision, Vec<String>) {
+    let repeated = ledger.decisions.contains_key(&req.command_id);
+    rederive_noted(ledger, req, recorded, version, repeated)
+}
+
+/// [`rederive`], told whether the ledger had decided the request's command before (`repeated`) rather than
+/// looking it up: for a replay that noted the command already.
+fn rederive_noted(
+    ledger: &Ledger,
+    req: &AdmitRequest,
+    recorded: &Decision,
+    version: u64,
+    repeated: bool,
+) -> (Decision, Vec<String>) {
     let mut differences = Vec::new();
-    if ledger.decisions.contains_key(&req.command_id) {
+    if repeated {
         differences.push(format!(
             "command `{}` was already decided: a repeated request gets the first decision, not a new one",
             req.command_id

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use nsml_common::aggregate::Aggregate;
-use nsml_common::event::decode;
+use nsml_common::event::decode_bytes;
 use nsml_eventstore::StoredEvent;
 use nsml_proto::v1::{
     AdmissionDenied, AdmitRequest, Decision, EventPayload, Override, OverrideGranted, OverrideKind,
@@ -336,14 +336,23 @@ impl LedgerEvent {
 
     /// Decodes a stored event of a ledger stream; `None` for other types.
     pub fn decode(ev: &StoredEvent) -> Option<Self> {
-        Some(match ev.event_type.as_str() {
-            ResourcesGranted::TYPE => Self::Granted(decode(ev)?),
-            AdmissionDenied::TYPE => Self::Denied(decode(ev)?),
-            ResourcesReleased::TYPE => Self::Released(decode(ev)?),
-            SubmitSucceeded::TYPE => Self::Succeeded(decode(ev)?),
-            SubmitEnded::TYPE => Self::Ended(decode(ev)?),
-            PolicyChanged::TYPE => Self::PolicyChanged(decode(ev)?),
-            OverrideGranted::TYPE => Self::Override(decode(ev)?),
+        Self::decode_bytes(&ev.event_type, ev.position, &ev.payload)
+    }
+
+    /// [`LedgerEvent::decode`] of an event given by its type, position and payload.
+    pub fn decode_bytes(event_type: &str, position: u64, payload: &[u8]) -> Option<Self> {
+        fn of<P: EventPayload>((event_type, position, payload): (&str, u64, &[u8])) -> Option<P> {
+            decode_bytes::<P, P>(event_type, position, payload)
+        }
+        let ev = (event_type, position, payload);
+        Some(match event_type {
+            ResourcesGranted::TYPE => Self::Granted(of(ev)?),
+            AdmissionDenied::TYPE => Self::Denied(of(ev)?),
+            ResourcesReleased::TYPE => Self::Released(of(ev)?),
+            SubmitSucceeded::TYPE => Self::Succeeded(of(ev)?),
+            SubmitEnded::TYPE => Self::Ended(of(ev)?),
+            PolicyChanged::TYPE => Self::PolicyChanged(of(ev)?),
+            OverrideGranted::TYPE => Self::Override(of(ev)?),
             _ => return None,
         })
     }
@@ -580,7 +589,7 @@ impl Ledger {
     }
 
     /// Advances the ledger's clock to a decision's time, retiring the raises that ended before it.
-    fn advance(&mut self, decided_at_ms: i64) {
+    pub(crate) fn advance(&mut self, decided_at_ms: i64) {
         if decided_at_ms <= self.index.clock_ms {
             return;
         }
@@ -653,8 +662,15 @@ impl Ledger {
     /// A refusal of command `command_id`, decided at `decided_at_ms` and recorded at `version`: the ledger
     /// keeps only that the command was decided.
     pub fn apply_denial(&mut self, command_id: String, decided_at_ms: i64, version: u64) {
+        self.note_decided(command_id, version);
         self.advance(decided_at_ms);
-        self.decisions.insert(command_id, version);
+    }
+
+    /// Notes that command `command_id` was decided at ledger `version`; says whether it had been decided
+    /// before. `decide` does not read which commands were decided, so replay notes a refusal's command before
+    /// re-deriving it: one lookup of the command serves both the check for a repeat and the fold.
+    pub fn note_decided(&mut self, command_id: String, version: u64) -> bool {
+        self.decisions.insert(command_id, version).is_some()
     }
 
     /// A grant: the session holds its resources; a real submit is in flight and uses the extra submit its
