@@ -468,6 +468,17 @@ pub async fn scan_streams_reads_only_the_streams_named<S: Tamper>(store: Arc<S>)
             .expect("read")
             .is_empty()
     );
+    // Read on from a name outside the prefix's, it still reads only the prefix's streams.
+    let quota_b = store
+        .scan_streams("quota-b", None, 100)
+        .await
+        .expect("read");
+    assert_eq!(quota_b.len(), 2);
+    let from_before = store
+        .scan_streams("quota-b", Some(("quota-a", 1)), 100)
+        .await
+        .expect("read");
+    assert_eq!(from_before, quota_b);
 }
 
 /// `read_all_of_types` reads what `read_all` reads of the types named, in pages, and says how far it looked:

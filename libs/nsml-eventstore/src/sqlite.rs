@@ -1161,7 +1161,11 @@ impl EventStore for SqliteStore {
         after: Option<(&str, u64)>,
         limit: usize,
     ) -> Result<Vec<ScannedEvent>, StoreError> {
-        let (after_stream, after_version) = after.unwrap_or((prefix, 0));
+        // From the prefix itself at the earliest (versions start at 1): byte order is SQLite's text order.
+        let (after_stream, after_version) = match after {
+            Some((stream, version)) if stream >= prefix => (stream, version),
+            _ => (prefix, 0),
+        };
         let (after_stream, after_version) = (after_stream.to_owned(), to_i64(after_version));
         let (prefix, end) = (prefix.to_owned(), prefix_end(prefix));
         let length = prefix.chars().count() as i64;

@@ -23,9 +23,9 @@ use crate::replay::{LedgerReplay, Report, Scope, rederive};
 /// 8,000; the machine's noise hid any order among 250, 500 and 1,000.
 const PAGE: usize = 1_000;
 
-/// How many replayed events a queue of one replaying thread holds (in runs of one ledger's events): enough
-/// that the log is read on while the threads replay, few enough that a log read faster than it replays does
-/// not pile up in memory.
+/// How many runs of one ledger's events (each at most a page) wait for one replaying thread: enough that the
+/// log is read on while the threads replay, few enough that a log read faster than it replays does not pile
+/// up in memory.
 const QUEUED_RUNS: usize = 16;
 
 /// Replays `team`'s ledger, or every ledger in the log: scanned ledger by ledger, and replayed on a few
