@@ -567,6 +567,72 @@ mod tests {
         assert_eq!(all.mismatches[0].version, at as u64 + 1);
     }
 
+    /// Many ledgers, small and large, some across pages: the replay of every ledger (on several threads)
+    /// reports what the replays of each team report, with the tampered decisions in log order.
+    #[tokio::test]
+    async fn many_ledgers_replay_as_each_alone() {
+        use nsml_eventstore::{ExpectedVersion, SqliteStore};
+        use nsml_proto::v1::{AdmissionDenied, EventPayload};
+        use prost::Message;
+        let store = SqliteStore::in_memory().await.unwrap();
+        let teams: Vec<String> = (0..37).map(|i| format!("t{:02}", 36 - i)).collect();
+        let mut tampered = Vec::new();
+        for (i, team) in teams.iter().enumerate() {
+            let size = [3, 40, 250, 1_700][i % 4];
+            let mut events = synthetic::ledger(team, size, i as u64);
+            if i % 5 == 0
+                && let Some(at) = events
+                    .iter()
+                    .rposition(|e| e.event_type == AdmissionDenied::TYPE)
+            {
+                let mut denied = AdmissionDenied::decode(events[at].payload.as_slice()).unwrap();
+                denied.decision.as_mut().unwrap().retry_after_ms += 1;
+                events[at].payload = denied.encode_to_vec();
+                tampered.push(team.clone());
+            }
+            // Each ledger in two appends, between other teams' appends, so positions interleave.
+            let half = events.len() / 2;
+            for part in [&events[..half], &events[half..]] {
+                store
+                    .append(
+                        &ledger_stream(team),
+                        ExpectedVersion::Any,
+                        synthetic::to_append(part),
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .append(
+                        &format!("sessions-{team}"),
+                        ExpectedVersion::Any,
+                        synthetic::to_append(&events[..1]),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        let all = replay(&store, &Scope::default(), None).await.unwrap();
+        let mut each = Report::default();
+        for team in &teams {
+            let r = replay(&store, &Scope::default(), Some(team)).await.unwrap();
+            each.ledgers += r.ledgers;
+            each.events += r.events;
+            each.decisions += r.decisions;
+            each.matched += r.matched;
+            each.mismatches.extend(r.mismatches);
+        }
+        each.mismatches.sort_by_key(|m| m.position);
+        assert_eq!(all, each);
+        assert_eq!(all.ledgers, 37);
+        assert!(!tampered.is_empty());
+        let mut found: Vec<String> = all.mismatches.iter().map(|m| m.team.clone()).collect();
+        found.dedup();
+        found.sort();
+        tampered.sort();
+        assert_eq!(found, tampered);
+        assert!(all.mismatches.is_sorted_by_key(|m| m.position));
+    }
+
     #[test]
     fn a_refused_submit_is_explained_by_the_earlier_success() {
         let events = synthetic::ledger("demo", 3_000, 11);
