@@ -111,14 +111,11 @@ async fn replay_all(store: &dyn EventStore, scope: &Scope) -> Result<Report, Sto
     drop(queues);
     let mut report = Report::default();
     for thread in replaying {
-        let part = thread
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        report.ledgers += part.ledgers;
-        report.events += part.events;
-        report.decisions += part.decisions;
-        report.matched += part.matched;
-        report.mismatches.extend(part.mismatches);
+        report.add(
+            thread
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())),
+        );
     }
     report.mismatches.sort_by_key(|m| m.position);
     Ok(report)
@@ -614,12 +611,7 @@ mod tests {
         let all = replay(&store, &Scope::default(), None).await.unwrap();
         let mut each = Report::default();
         for team in &teams {
-            let r = replay(&store, &Scope::default(), Some(team)).await.unwrap();
-            each.ledgers += r.ledgers;
-            each.events += r.events;
-            each.decisions += r.decisions;
-            each.matched += r.matched;
-            each.mismatches.extend(r.mismatches);
+            each.add(replay(&store, &Scope::default(), Some(team)).await.unwrap());
         }
         each.mismatches.sort_by_key(|m| m.position);
         assert_eq!(all, each);

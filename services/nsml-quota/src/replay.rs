@@ -58,6 +58,17 @@ pub struct Report {
     pub mismatches: Vec<Mismatch>,
 }
 
+impl Report {
+    /// Adds what another replay found (of other ledgers) to this report.
+    pub fn add(&mut self, other: Report) {
+        self.ledgers += other.ledgers;
+        self.events += other.events;
+        self.decisions += other.decisions;
+        self.matched += other.matched;
+        self.mismatches.extend(other.mismatches);
+    }
+}
+
 /// A ledger event as replay reads it: whole from the store ([`StoredEvent`]), or as a scan of the ledgers reads
 /// it ([`ScannedEvent`]).
 pub trait Recorded {
