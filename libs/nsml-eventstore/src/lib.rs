@@ -161,10 +161,15 @@ pub struct StoredEvent {
 /// read. Events of a page that carry the same stream name or type share one copy of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScannedEvent {
+    /// Position in the whole log.
     pub position: u64,
+    /// The stream the event belongs to.
     pub stream: Arc<str>,
+    /// Version within the stream.
     pub version: u64,
+    /// Full type name of the payload.
     pub event_type: Arc<str>,
+    /// Protobuf-encoded payload.
     pub payload: Vec<u8>,
     /// The envelope's recording time ([`Metadata::recorded_at_ms`]).
     pub recorded_at_ms: i64,

@@ -1,7 +1,6 @@
 //! Rows as both backends read them, and their conversion to [`StoredEvent`]s.
 
 use std::collections::BTreeSet;
-
 use std::sync::Arc;
 
 use crate::{Metadata, ScannedEvent, StoreError, StoredEvent};
