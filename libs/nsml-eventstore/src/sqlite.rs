@@ -1170,23 +1170,28 @@ impl EventStore for SqliteStore {
         let (prefix, end) = (prefix.to_owned(), prefix_end(prefix));
         let length = prefix.chars().count() as i64;
         let limit = to_i64(limit as u64);
-        self.read(move |connection| {
-            const COLUMNS: &str = "SELECT position, stream, version, event_type, payload, metadata \
-                                   FROM events WHERE (stream, version) > (?1, ?2)";
-            match end {
-                Some(end) => scan_rows(
-                    connection,
-                    &format!("{COLUMNS} AND stream < ?3 ORDER BY stream, version LIMIT ?4"),
-                    params![after_stream, after_version, end, limit],
-                ),
-                None => scan_rows(
-                    connection,
-                    &format!(
-                        "{COLUMNS} AND substr(stream, 1, ?3) = ?4 ORDER BY stream, version LIMIT ?5"
-                    ),
-                    params![after_stream, after_version, length, prefix, limit],
-                ),
-            }
+        macro_rules! scan {
+            ($bound:literal, $limit:literal) => {
+                concat!(
+                    "SELECT position, stream, version, event_type, payload, metadata FROM events \
+                     WHERE (stream, version) > (?1, ?2) AND ",
+                    $bound,
+                    " ORDER BY stream, version LIMIT ",
+                    $limit
+                )
+            };
+        }
+        self.read(move |connection| match end {
+            Some(end) => scan_rows(
+                connection,
+                scan!("stream < ?3", "?4"),
+                params![after_stream, after_version, end, limit],
+            ),
+            None => scan_rows(
+                connection,
+                scan!("substr(stream, 1, ?3) = ?4", "?5"),
+                params![after_stream, after_version, length, prefix, limit],
+            ),
         })
         .await
     }

@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use nsml_eventstore::{EventStore, ExpectedVersion, SqliteStore};
+use nsml_quota::domain::LEDGER_PREFIX;
 use nsml_quota::replay::{Report, Scope, replay_ledger};
 use nsml_quota::{audit, synthetic};
 
@@ -186,7 +187,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut after: Option<(std::sync::Arc<str>, u64)> = None;
             loop {
                 let from = after.as_ref().map(|(s, v)| (&**s, *v));
-                let page = store.scan_streams("quota-", from, 10_000).await?;
+                let page = store.scan_streams(LEDGER_PREFIX, from, 10_000).await?;
                 read += page.len();
                 match page.last() {
                     Some(last) if page.len() == 10_000 => {
