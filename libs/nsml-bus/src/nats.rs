@@ -1,13 +1,19 @@
-//! The NATS JetStream bus: one JetStream stream holds every published event, deduplicated by event id.
+//! The NATS JetStream bus: one JetStream stream holds every published event, deduplicated by event id; each
+//! process receives them live through one plain NATS subscription to the stream's subjects, shared by its
+//! subscribers.
 
 use std::sync::Arc;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use nsml_eventstore::{Metadata, StoredEvent};
+use tokio::sync::{Mutex, broadcast, watch};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_util::sync::CancellationToken;
 
 use crate::{Bus, BusError};
 
@@ -31,21 +37,45 @@ const METADATA: &str = "Nsml-Metadata";
 /// Header carrying the W3C trace context of the span that appended the event.
 const TRACEPARENT: &str = "traceparent";
 
+/// How many events a subscriber of the process may fall behind the process's live subscription. Beyond it, it
+/// misses the oldest: the gap in positions shows, and [`subscribe_log`](crate::subscribe_log) reads it from
+/// the store.
+const LIVE_CAPACITY: usize = 4096;
+
 /// A bus on a NATS JetStream stream.
 ///
 /// The stream `<name>` (file storage) takes subjects `<name>.>`; each event is published to
-/// `<name>.<event type, '.' replaced by '_'>` with the protobuf payload as body and the envelope in headers.
+/// `<name>.<event type, '.' replaced by '_'>` with the protobuf payload as body and the envelope in headers, and
+/// the publish waits for JetStream's acknowledgement.
 ///
-/// The stream is created at connect, and again whenever a publish or a subscribe fails while it is missing (a
-/// NATS server restarted on an empty store): the outbox still holds every event not yet published, and
-/// subscribers catch up from the event store, so a lost stream loses no event.
+/// Live events come to a process through one plain subscription to `<name>.>`, not a JetStream consumer: the
+/// process's subscribers share it, each event decoded once. NATS delivers such a subscription every message
+/// published after it, once, without keeping a consumer's state or acknowledgements for it; what it does not
+/// deliver (the process was disconnected, or fell behind) shows as a gap in positions, which the subscribers
+/// read from the event store, as they read everything stored before they subscribed. The JetStream stream keeps
+/// the events for other readers of the bus.
+///
+/// The stream is created at connect, and again whenever a publish fails while it is missing (a NATS server
+/// restarted on an empty store): the outbox still holds every event not yet published, and subscribers catch
+/// up from the event store, so a lost stream loses no event.
 #[derive(Debug)]
 pub struct NatsBus {
     /// How many times the connection was lost: live subscriptions end when it grows.
-    disconnects: tokio::sync::watch::Receiver<u64>,
+    disconnects: watch::Receiver<u64>,
+    client: async_nats::Client,
     jetstream: jetstream::Context,
     config: stream::Config,
     stream_name: String,
+    /// The process's live subscription, while it runs.
+    live: Arc<Mutex<Option<Live>>>,
+}
+
+/// A live subscription to the stream's subjects, shared by the process's subscribers.
+#[derive(Debug)]
+struct Live {
+    events: broadcast::Sender<Arc<StoredEvent>>,
+    /// Cancelled when the subscription ends: the connection was lost, or NATS ended it.
+    ended: CancellationToken,
 }
 
 impl NatsBus {
@@ -63,7 +93,7 @@ impl NatsBus {
             .connect(url)
             .await
             .map_err(|e| BusError::nats("connect", e))?;
-        let jetstream = jetstream::new(client);
+        let jetstream = jetstream::new(client.clone());
         let config = stream::Config {
             name: stream_name.to_owned(),
             subjects: vec![format!("{stream_name}.>")],
@@ -75,9 +105,11 @@ impl NatsBus {
         // then, and the next lookup finds it.
         let bus = NatsBus {
             disconnects,
+            client,
             jetstream,
             config,
             stream_name: stream_name.to_owned(),
+            live: Arc::default(),
         };
         bus.stream().await?;
         Ok(Arc::new(bus))
@@ -200,50 +232,119 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe(&self) -> Result<BoxStream<'static, Arc<StoredEvent>>, BusError> {
-        let config = consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::New,
-            ..Default::default()
+        let (events, ended) = {
+            let mut live = self.live.lock().await;
+            match live.as_ref().filter(|l| !l.ended.is_cancelled()) {
+                Some(l) => (l.events.subscribe(), l.ended.clone()),
+                None => {
+                    let started = self.start_live().await?;
+                    let joined = (started.events.subscribe(), started.ended.clone());
+                    *live = Some(started);
+                    joined
+                }
+            }
         };
-        let consumer = self
-            .stream()
-            .await?
-            .create_consumer(config)
+        let events = BroadcastStream::new(events)
+            .filter_map(|item| async move {
+                match item {
+                    Ok(event) => Some(event),
+                    Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "a subscriber fell behind the live subscription");
+                        None
+                    }
+                }
+            })
+            // The subscription's end ends every subscriber's stream, so that each follows the store at once
+            // and subscribes again.
+            .take_until(ended.cancelled_owned());
+        Ok(events.boxed())
+    }
+}
+
+impl NatsBus {
+    /// Subscribes the process to the stream's subjects, and starts handing what arrives to its subscribers.
+    async fn start_live(&self) -> Result<Live, BusError> {
+        let subject = format!("{}.>", self.stream_name);
+        let messages = self
+            .client
+            .subscribe(subject)
             .await
-            .map_err(|e| BusError::nats("create consumer", e))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| BusError::nats("consume", e))?;
-        let stream_name = self.stream_name.clone();
-        // A consumer that fails ends the live subscription rather than going silent, so that its subscriber
-        // follows the store at once and subscribes again: on an error it yields, and as soon as the connection
-        // is lost (the ordered consumer itself only waits, recreating itself, until the server is back).
+            .map_err(|e| BusError::nats("subscribe", e))?;
+        // A request on the same connection after the subscription: the server handles a connection's commands in
+        // order, so once it answers, every message published from then on reaches the subscription.
+        self.stream().await?;
+        let live = Live {
+            events: broadcast::channel(LIVE_CAPACITY).0,
+            ended: CancellationToken::new(),
+        };
+        let (events, ended) = (live.events.clone(), live.ended.clone());
         let mut disconnects = self.disconnects.clone();
         disconnects.mark_unchanged();
-        let disconnected = async move {
+        let (shared, stream_name) = (self.live.clone(), self.stream_name.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = hand_out(messages, &events, &mut disconnects, &shared, &stream_name) => {}
+                // The bus was dropped.
+                () = ended.cancelled() => {}
+            }
+            ended.cancel();
+        });
+        Ok(live)
+    }
+}
+
+impl Drop for NatsBus {
+    /// Ends the live subscription, which would otherwise keep the connection open.
+    fn drop(&mut self) {
+        if let Ok(live) = self.live.try_lock()
+            && let Some(l) = live.as_ref()
+        {
+            l.ended.cancel();
+        }
+    }
+}
+
+/// Decodes each message of the process's live subscription once and hands it to every subscriber, until the
+/// connection is lost, NATS ends the subscription, or no subscriber is left (then the subscription is dropped,
+/// and the next subscriber starts another).
+async fn hand_out(
+    mut messages: async_nats::Subscriber,
+    events: &broadcast::Sender<Arc<StoredEvent>>,
+    disconnects: &mut watch::Receiver<u64>,
+    shared: &Mutex<Option<Live>>,
+    stream_name: &str,
+) {
+    loop {
+        let message = tokio::select! {
+            message = messages.next() => message,
             // An error means the bus itself is gone: end as well.
-            let _ = disconnects.changed().await;
-            tracing::warn!("nats connection lost; ending the live subscription");
+            _ = disconnects.changed() => {
+                tracing::warn!("nats connection lost; ending the live subscription");
+                return;
+            }
         };
-        let events = messages
-            .take_until(Box::pin(disconnected))
-            .take_while(move |message| {
-                if let Err(e) = message {
-                    tracing::warn!(error = %e, "nats consumer failed; ending the live subscription");
+        let Some(message) = message else {
+            tracing::warn!("nats ended the live subscription");
+            return;
+        };
+        let event = match decode(message.headers.as_ref(), &message.payload) {
+            Ok(event) => Arc::new(event),
+            Err(error) => {
+                tracing::warn!(stream = %stream_name, subject = %message.subject, %error, "skipping a bus message");
+                continue;
+            }
+        };
+        if events.send(event).is_err() {
+            // Nobody listens: end, unless a subscriber joined meanwhile (it joins under the same lock).
+            let mut live = shared.lock().await;
+            if events.receiver_count() == 0 {
+                if let Some(l) = live.as_ref().filter(|l| l.events.same_channel(events)) {
+                    l.ended.cancel();
+                    *live = None;
                 }
-                futures::future::ready(message.is_ok())
-            })
-            .filter_map(move |message| {
-                let event = message.ok().and_then(|message| {
-                    decode(message.headers.as_ref(), &message.payload)
-                        .map_err(|e| {
-                            tracing::warn!(stream = %stream_name, subject = %message.subject, error = %e, "skipping a bus message");
-                        })
-                        .ok()
-                });
-                async move { event.map(Arc::new) }
-            });
-        Ok(events.boxed())
+                return;
+            }
+        }
     }
 }
 

@@ -131,6 +131,7 @@ scenarios!(
     duplicates_and_gaps_are_delivered_once_in_order,
     two_relays_racing_lose_nothing,
     a_typed_catch_up_reads_its_types_and_passes_over_the_rest,
+    a_process_receives_each_live_event_once_for_all_its_subscribers,
 );
 
 async fn next_delivery(log: &mut Log) -> Delivery {
@@ -226,6 +227,57 @@ async fn catch_up_then_live_exactly_once(f: Fixture) {
     outbox_drained(&*f.store).await;
     cancel.cancel();
     relay.await.expect("relay task");
+}
+
+/// The next `n` events of a bus subscription.
+async fn bus_events(
+    live: &mut BoxStream<'static, Arc<StoredEvent>>,
+    n: usize,
+) -> Vec<Arc<StoredEvent>> {
+    let mut events = Vec::new();
+    while events.len() < n {
+        match tokio::time::timeout(PATIENCE, live.next()).await {
+            Ok(Some(event)) => events.push(event),
+            Ok(None) => panic!("the bus subscription ended"),
+            Err(_) => panic!("no bus event within {PATIENCE:?}"),
+        }
+    }
+    events
+}
+
+/// Every subscriber of a process gets each live event, published by another process, as one shared copy; once
+/// they have all gone, a new subscriber gets live events again.
+async fn a_process_receives_each_live_event_once_for_all_its_subscribers(f: Fixture) {
+    let mut first = f.bus.subscribe().await.expect("subscribe");
+    let mut second = f.bus.subscribe().await.expect("subscribe");
+    let stored = append(&*f.store, "quota-acme", 3).await;
+    f.other_bus.publish(stored.clone()).await.expect("publish");
+    let (a, b) = (
+        bus_events(&mut first, 3).await,
+        bus_events(&mut second, 3).await,
+    );
+    let a_events: Vec<StoredEvent> = a.iter().map(|e| StoredEvent::clone(e)).collect();
+    assert_eq!(a_events, stored);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            Arc::ptr_eq(x, y),
+            "event {} was received apart by each subscriber",
+            x.position
+        );
+    }
+    drop((first, second));
+    // Published with nobody subscribed in this process: the process may stop listening.
+    let unheard = append(&*f.store, "quota-acme", 1).await;
+    f.other_bus.publish(unheard).await.expect("publish");
+    let mut third = f.bus.subscribe().await.expect("subscribe");
+    let later = append(&*f.store, "quota-acme", 2).await;
+    f.other_bus.publish(later.clone()).await.expect("publish");
+    let got: Vec<StoredEvent> = bus_events(&mut third, 2)
+        .await
+        .iter()
+        .map(|e| StoredEvent::clone(e))
+        .collect();
+    assert_eq!(got, later);
 }
 
 /// A subscription to some types catches up with those alone, says how far it passed over the rest, and then

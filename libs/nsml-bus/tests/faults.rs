@@ -269,16 +269,16 @@ async fn a_nats_server_back_on_an_empty_store_gets_its_stream_again_and_delivers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nats_consumer_that_fails_ends_the_live_subscription() {
+async fn a_lost_nats_connection_ends_the_live_subscription() {
     let Some(mut nats) = OwnNats::start() else {
         eprintln!("NSML_TEST_NATS is skip: not running NATS tests");
         return;
     };
-    let bus = NatsBus::connect(&nats.url(), "NSML_CONSUMER_FAILS")
+    let bus = NatsBus::connect(&nats.url(), "NSML_CONNECTION_LOST")
         .await
         .expect("nats");
     let mut live = bus.subscribe().await.expect("subscribe");
-    // Gone, and back on an empty store: the consumer cannot go on, and says so.
+    // Gone, and back on an empty store: the live subscription ends rather than wait for the connection.
     nats.restart_empty();
     let ended = tokio::time::timeout(Duration::from_secs(120), async {
         while live.next().await.is_some() {}
@@ -286,6 +286,6 @@ async fn a_nats_consumer_that_fails_ends_the_live_subscription() {
     .await;
     assert!(
         ended.is_ok(),
-        "the live subscription went on after its consumer failed, so its subscriber never fell back to the store"
+        "the live subscription went on after the connection was lost, so its subscriber never fell back to the store"
     );
 }
