@@ -604,6 +604,27 @@ impl FreshDb {
         })
     }
 
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process ids of the server's backends connected to the database now.
+    pub async fn backends(&self) -> anyhow::Result<Vec<u32>> {
+        use sqlx::Connection;
+        let mut c =
+            sqlx::PgConnection::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+        let pids: Vec<i32> =
+            sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE datname = $1")
+                .bind(&self.name)
+                .fetch_all(&mut c)
+                .await?;
+        Ok(pids
+            .into_iter()
+            .filter_map(|p| u32::try_from(p).ok())
+            .collect())
+    }
+
     /// Drops the database.
     pub async fn drop_db(self) {
         use sqlx::Connection;

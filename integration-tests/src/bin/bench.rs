@@ -9,6 +9,9 @@
 //!   deployment and then in the distributed one (every service its own process, Postgres, NATS JetStream);
 //!   and, embedded, offered at a fixed rate (open loop: each request is sent when it is due, whether or not the
 //!   ones before have been answered, and its latency counts from when it was due);
+//! - where the CPU of the distributed admissions from concurrent clients went, per admission: each service's
+//!   process, the Postgres backends serving the deployment's database, the NATS servers, the bench's clients and
+//!   the rest of the machine (read from `/proc`, so for a deployment on the bench's own machine);
 //! - idle `nsmld up` resident memory.
 //!
 //! With `--kept N` it measures only what each ended session kept costs: `nsmld up`'s resident memory after 50
@@ -279,13 +282,17 @@ async fn main() -> anyhow::Result<()> {
         &paced_ms,
         paced_rate,
     );
-    if let Some(((ms, rate), (one, one_rate))) = &distributed {
+    if let Some(((ms, rate), (one, one_rate), shares)) = &distributed {
         row(
             &format!("admissions, {}, distributed", count(clients)),
             ms,
             *rate,
         );
         row("admissions, 1 client, distributed", one, *one_rate);
+        cpu_row(
+            &format!("  CPU per admission, {}, distributed", count(clients)),
+            shares,
+        );
     }
     match idle_rss {
         Some(k) => println!(
@@ -417,9 +424,13 @@ async fn take_slots(alice: &Client) -> anyhow::Result<String> {
     Ok(sleeper)
 }
 
+/// The figures of the distributed deployment: admissions from many clients and from one, and where the CPU of
+/// the many went.
+type DistributedFigures = (Figures, Figures, CpuShares);
+
 /// The same admissions against the distributed deployment: every service its own process, the log in a
 /// fresh Postgres database, events over NATS JetStream.
-async fn distributed_admissions(n: usize, clients: usize) -> anyhow::Result<(Figures, Figures)> {
+async fn distributed_admissions(n: usize, clients: usize) -> anyhow::Result<DistributedFigures> {
     let db = FreshDb::create().await?;
     let stream = format!("NSML_BENCH_{}", uuid::Uuid::new_v4().simple());
     let figures = async {
@@ -428,14 +439,143 @@ async fn distributed_admissions(n: usize, clients: usize) -> anyhow::Result<(Fig
         host.nsml(&["admin", "competition", "apply", "examples/competition.toml"])?
             .ok()?;
         let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+        let processes: Vec<(String, u32)> = nsml_integration_tests::services()
+            .map(str::to_string)
+            .zip(dep.pids())
+            .collect();
+        let before = CpuSample::take(&processes, &db.backends().await?);
         let many = admissions(&alice, n, clients).await?;
+        let after = CpuSample::take(&processes, &db.backends().await?);
+        let shares = before.shares_until(&after, many.0.len());
         let one = admissions(&alice, n.min(2000), 1).await?;
-        anyhow::Ok((many, one))
+        anyhow::Ok((many, one, shares))
     }
     .await;
     drop_stream(&stream).await;
     db.drop_db().await;
     figures
+}
+
+/// The CPU time (seconds) used so far by each process an admission goes through, and the machine's busy and
+/// total time (`/proc/stat`, in clock ticks).
+struct CpuSample {
+    processes: Vec<(String, f64)>,
+    machine: Option<(u64, u64)>,
+}
+
+/// Where the CPU of a phase went, in µs per admission: by process, and the machine's whole busy time with the
+/// share of it that was busy.
+struct CpuShares {
+    processes: Vec<(String, f64)>,
+    machine: Option<(f64, f64)>,
+}
+
+impl CpuSample {
+    /// Samples the deployment's `processes`, the Postgres backends serving its database, the NATS servers on this
+    /// machine, this bench (the clients) and the machine.
+    fn take(processes: &[(String, u32)], backends: &[u32]) -> Self {
+        let mut sampled: Vec<(String, f64)> = processes
+            .iter()
+            .map(|(name, pid)| (name.clone(), cpu_secs(&pid.to_string()).unwrap_or(0.0)))
+            .collect();
+        // Backends that ended meanwhile are not counted: the pool keeps its connections through the phase.
+        sampled.extend(backends.iter().map(|pid| {
+            (
+                format!("postgres:{pid}"),
+                cpu_secs(&pid.to_string()).unwrap_or(0.0),
+            )
+        }));
+        sampled.extend(processes_named("nats-server").into_iter().map(|pid| {
+            (
+                format!("nats-server:{pid}"),
+                cpu_secs(&pid.to_string()).unwrap_or(0.0),
+            )
+        }));
+        sampled.push(("bench clients".into(), cpu_secs("self").unwrap_or(0.0)));
+        CpuSample {
+            processes: sampled,
+            machine: machine_ticks(),
+        }
+    }
+
+    /// The CPU each process used from this sample to `later`, per admission of `n`; the Postgres backends and the
+    /// NATS servers each added up under one name.
+    fn shares_until(&self, later: &CpuSample, n: usize) -> CpuShares {
+        let per = |secs: f64| secs / n.max(1) as f64 * 1e6;
+        let mut processes: Vec<(String, f64)> = Vec::new();
+        for (name, after) in &later.processes {
+            let before = self
+                .processes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0.0, |(_, b)| *b);
+            let group = name.split(':').next().unwrap_or(name).to_string();
+            let used = per((after - before).max(0.0));
+            match processes.iter_mut().find(|(g, _)| *g == group) {
+                Some((_, sum)) => *sum += used,
+                None => processes.push((group, used)),
+            }
+        }
+        // SAFETY: sysconf only reads a configuration value.
+        #[allow(unsafe_code)]
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let machine = match (self.machine, later.machine) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 && ticks > 0.0 => Some((
+                per((b1 - b0) as f64 / ticks),
+                (b1 - b0) as f64 / (t1 - t0) as f64,
+            )),
+            _ => None,
+        };
+        CpuShares { processes, machine }
+    }
+}
+
+/// The ids of this machine's processes whose command is `name`.
+fn processes_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
+}
+
+/// The machine's busy and total CPU time so far, in clock ticks (`/proc/stat`'s first line; idle and I/O wait
+/// are not busy).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some((total - idle, total))
+}
+
+/// One line of where the CPU went.
+fn cpu_row(label: &str, shares: &CpuShares) {
+    let processes: Vec<String> = shares
+        .processes
+        .iter()
+        .map(|(name, us)| format!("{name} {us:.0}"))
+        .collect();
+    let counted: f64 = shares.processes.iter().map(|(_, us)| us).sum();
+    match shares.machine {
+        Some((busy, share)) => println!(
+            "{label}: {busy:.0} µs of the machine's CPU ({:.0}% of it busy); by process, µs: {}; the rest \
+             (kernel, other processes) {:.0}",
+            share * 100.0,
+            processes.join(", "),
+            (busy - counted).max(0.0)
+        ),
+        None => println!("{label}: by process, µs: {}", processes.join(", ")),
+    }
 }
 
 /// Admissions alone (see [`admissions`]): from `clients` clients and from one, in a fresh embedded deployment,
@@ -456,6 +596,10 @@ async fn admissions_only(n: usize, clients: usize, skip_distributed: bool) -> an
     println!("nsml-bench --admissions-only ({n} admissions from {clients} clients, 2000 from one)");
     println!("{:<44} {:>10} {:>10}", "measure", "p50", "p99");
     let row = |label: &str, (ms, rate): &Figures| admission_row(label, ms, *rate);
+    let (distributed, shares) = match distributed {
+        Some((many, one, shares)) => (Some((many, one)), Some(shares)),
+        None => (None, None),
+    };
     let deployments =
         std::iter::once(("embedded", embedded)).chain(distributed.map(|d| ("distributed", d)));
     for (deployment, (many, one)) in deployments {
@@ -464,6 +608,12 @@ async fn admissions_only(n: usize, clients: usize, skip_distributed: bool) -> an
             &many,
         );
         row(&format!("admissions, 1 client, {deployment}"), &one);
+    }
+    if let Some(shares) = shares {
+        cpu_row(
+            &format!("CPU per admission, {}, distributed", count(clients)),
+            &shares,
+        );
     }
     Ok(())
 }
