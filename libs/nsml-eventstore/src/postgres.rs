@@ -42,10 +42,43 @@ const MAX_BATCH: usize = 256;
 /// the commit; if it fails, every append of the batch fails and none is stored. Appends queued on a [`Chain`]
 /// commit in queue order, and once one fails the later ones fail, so a writer may queue its next append before
 /// the last has committed ([`EventStore::append_chained`]).
+///
+/// The outbox's acknowledgements are written a little later, several together ([`ACK_DELAY`]); until then this
+/// handle's `outbox_peek` passes over them.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pub(crate) pool: PgPool,
     appends: mpsc::UnboundedSender<Queued>,
+    acks: Arc<std::sync::Mutex<Acks>>,
+}
+
+/// How long an outbox acknowledgement waits to be written with the ones after it. The relay acknowledged
+/// each batch it published in a statement of its own, 40 % of the statements an admission cost the log; an
+/// acknowledgement lost with its process only has its events published again (consumers drop duplicates), by
+/// whichever process relays next.
+pub const ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// Acknowledged positions not yet in the log's watermark.
+#[derive(Debug, Default)]
+struct Acks {
+    /// Waiting to be written.
+    pending: Vec<u64>,
+    /// Being written now.
+    writing: Vec<u64>,
+    /// A write is scheduled or running.
+    scheduled: bool,
+}
+
+impl Acks {
+    /// Every position acknowledged here and not yet written, which `outbox_peek` passes over.
+    fn unwritten(&self) -> Vec<i64> {
+        self.pending
+            .iter()
+            .chain(&self.writing)
+            .copied()
+            .map(to_i64)
+            .collect()
+    }
 }
 
 /// An append waiting for the appender task.
@@ -98,7 +131,11 @@ impl PostgresStore {
         MIGRATOR.run(&pool).await?;
         let (appends, queue) = mpsc::unbounded_channel();
         tokio::spawn(run_appender(pool.clone(), queue));
-        Ok(PostgresStore { pool, appends })
+        Ok(PostgresStore {
+            pool,
+            appends,
+            acks: Arc::default(),
+        })
     }
 
     /// Creates the database `url` names when the server reports that it does not exist, and says whether this
@@ -169,10 +206,71 @@ impl PostgresStore {
         PostgresLease::new(self.pool.clone())
     }
 
-    /// Closes every connection; later calls fail.
+    /// Writes the acknowledgements waiting, then closes every connection; later calls fail.
     pub async fn close(&self) {
+        if let Err(error) = self.write_acks().await {
+            tracing::warn!(%error, "could not write the outbox's last acknowledgements; their events will be relayed again");
+        }
         self.pool.close().await;
     }
+
+    /// Writes every acknowledgement waiting in one statement. On failure they wait again, for the next write.
+    async fn write_acks(&self) -> Result<(), StoreError> {
+        let positions: Vec<i64> = {
+            let mut acks = lock(&self.acks);
+            let pending = std::mem::take(&mut acks.pending);
+            acks.writing.extend(pending);
+            acks.writing.iter().copied().map(to_i64).collect()
+        };
+        if positions.is_empty() {
+            return Ok(());
+        }
+        // One statement (migrations/postgres/0003_append_and_ack_functions.sql): it locks the watermark row,
+        // never taken by appends, so relays of several processes acknowledging at once wait only for each other.
+        let written = sqlx::query("SELECT nsml_outbox_ack($1)")
+            .bind(&positions)
+            .execute(&self.pool)
+            .await;
+        let mut acks = lock(&self.acks);
+        let writing = std::mem::take(&mut acks.writing);
+        if written.is_err() {
+            acks.pending.extend(writing);
+        }
+        written.map(|_| ()).map_err(StoreError::from)
+    }
+
+    /// Has the acknowledgements waiting written after [`ACK_DELAY`], unless that is arranged already; retried
+    /// while they fail.
+    fn schedule_acks(&self) {
+        {
+            let mut acks = lock(&self.acks);
+            if acks.scheduled {
+                return;
+            }
+            acks.scheduled = true;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ACK_DELAY).await;
+                let written = store.write_acks().await;
+                let mut acks = lock(&store.acks);
+                if written.is_ok() && acks.pending.is_empty() || store.pool.is_closed() {
+                    acks.scheduled = false;
+                    return;
+                }
+                if let Err(error) = written {
+                    tracing::warn!(%error, "could not acknowledge relayed events; retrying");
+                }
+            }
+        });
+    }
+}
+
+/// The acknowledgements' state; a panic while it was held leaves nothing half-done that matters.
+fn lock(acks: &std::sync::Mutex<Acks>) -> std::sync::MutexGuard<'_, Acks> {
+    acks.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The database every Postgres server has, through which another database is created.
@@ -546,15 +644,19 @@ impl EventStore for PostgresStore {
 
     async fn outbox_peek(&self, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         // Positions commit in order (appends are serialized on `log_head`), so the events waiting are those
-        // above the watermark, less those acknowledged out of order. The watermark is read in subqueries of
-        // their own so that the planner scans `events` from it on; as a join it walked the whole log.
+        // above the watermark, less those acknowledged out of order, and less those this handle acknowledged and
+        // has not written yet. The watermark is read in subqueries of their own so that the planner scans
+        // `events` from it on; as a join it walked the whole log.
+        let unwritten = lock(&self.acks).unwritten();
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT position, stream, version, event_type, payload, metadata, hash FROM events \
              WHERE position > (SELECT relayed FROM outbox_watermark WHERE id = 1) \
              AND position <> ALL (ARRAY(SELECT unnest(relayed_beyond) FROM outbox_watermark WHERE id = 1)) \
+             AND position <> ALL ($2) \
              ORDER BY position LIMIT $1",
         )
         .bind(to_i64(limit as u64))
+        .bind(&unwritten)
         .fetch_all(&self.pool)
         .await?;
         into_events(rows)
@@ -564,13 +666,11 @@ impl EventStore for PostgresStore {
         if positions.is_empty() {
             return Ok(());
         }
-        // One statement (migrations/postgres/0003_append_and_ack_functions.sql): it locks the watermark row,
-        // never taken by appends, so relays of several processes acknowledging at once wait only for each other.
-        let positions: Vec<i64> = positions.iter().copied().map(to_i64).collect();
-        sqlx::query("SELECT nsml_outbox_ack($1)")
-            .bind(&positions)
-            .execute(&self.pool)
-            .await?;
+        if self.pool.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        lock(&self.acks).pending.extend_from_slice(positions);
+        self.schedule_acks();
         Ok(())
     }
 

@@ -169,3 +169,44 @@ async fn the_upgrade_keeps_what_was_waiting() {
     })
     .await;
 }
+
+/// The relay's acknowledgements reach the log together, a little after they were made: the handle that made
+/// them passes over their events at once, another handle (another process) once they are written, and closing
+/// the handle writes what is still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_reach_the_log_a_little_later() {
+    on_fresh_database(|url| async move {
+        let relay = PostgresStore::connect(&url).await.expect("connect");
+        let other = PostgresStore::connect(&url).await.expect("connect");
+        relay
+            .append("acks", ExpectedVersion::Any, new_events("a", 6))
+            .await
+            .expect("append");
+        let waiting = |store: &PostgresStore| {
+            let store = store.clone();
+            async move {
+                let events = store.outbox_peek(100).await.expect("peek");
+                events.iter().map(|e| e.position).collect::<Vec<u64>>()
+            }
+        };
+        relay.outbox_ack(&[1, 2, 3]).await.expect("ack");
+        assert_eq!(waiting(&relay).await, [4, 5, 6], "the relay's own handle");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while waiting(&other).await != [4, 5, 6] {
+            assert!(
+                Instant::now() < deadline,
+                "the acknowledgements were not written"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Out of order, then closed before the delay is up: what is waiting is written by the close.
+        relay.outbox_ack(&[6]).await.expect("ack");
+        relay.outbox_ack(&[4]).await.expect("ack");
+        assert_eq!(waiting(&relay).await, [5]);
+        relay.close().await;
+        assert_eq!(waiting(&other).await, [5], "written when the handle closed");
+        assert!(relay.outbox_ack(&[5]).await.is_err(), "a closed handle");
+        other.close().await;
+    })
+    .await;
+}
