@@ -53,10 +53,13 @@ pub struct PostgresStore {
 }
 
 /// How long an outbox acknowledgement waits to be written with the ones after it. The relay acknowledged
-/// each batch it published in a statement of its own, 40 % of the statements an admission cost the log; an
+/// each batch it published in a statement of its own, a fifth of the statements admissions cost the log; an
 /// acknowledgement lost with its process only has its events published again (consumers drop duplicates), by
 /// whichever process relays next.
 pub const ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// The longest wait between two tries at writing acknowledgements while the database refuses them.
+const ACK_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Acknowledged positions not yet in the log's watermark.
 #[derive(Debug, Default)]
@@ -239,8 +242,8 @@ impl PostgresStore {
         written.map(|_| ()).map_err(StoreError::from)
     }
 
-    /// Has the acknowledgements waiting written after [`ACK_DELAY`], unless that is arranged already; retried
-    /// while they fail.
+    /// Has the acknowledgements waiting written after [`ACK_DELAY`], unless that is arranged already; retried,
+    /// less and less often up to [`ACK_RETRY_MAX`], while they fail.
     fn schedule_acks(&self) {
         {
             let mut acks = lock(&self.acks);
@@ -251,16 +254,23 @@ impl PostgresStore {
         }
         let store = self.clone();
         tokio::spawn(async move {
+            let mut wait = ACK_DELAY;
             loop {
-                tokio::time::sleep(ACK_DELAY).await;
+                tokio::time::sleep(wait).await;
                 let written = store.write_acks().await;
                 let mut acks = lock(&store.acks);
                 if written.is_ok() && acks.pending.is_empty() || store.pool.is_closed() {
                     acks.scheduled = false;
                     return;
                 }
-                if let Err(error) = written {
-                    tracing::warn!(%error, "could not acknowledge relayed events; retrying");
+                match written {
+                    Ok(()) => wait = ACK_DELAY,
+                    Err(error) => {
+                        if wait == ACK_DELAY {
+                            tracing::warn!(%error, "could not acknowledge relayed events; retrying");
+                        }
+                        wait = (wait * 2).min(ACK_RETRY_MAX);
+                    }
                 }
             }
         });
