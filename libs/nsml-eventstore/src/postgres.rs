@@ -43,7 +43,7 @@ const MAX_BATCH: usize = 256;
 /// commit in queue order, and once one fails the later ones fail, so a writer may queue its next append before
 /// the last has committed ([`EventStore::append_chained`]).
 ///
-/// The outbox's acknowledgements are written a little later, several together ([`ACK_DELAY`]); until then this
+/// The outbox's acknowledgements are written a little later, several together (within 20 ms); until then this
 /// handle's `outbox_peek` passes over them.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -56,7 +56,7 @@ pub struct PostgresStore {
 /// each batch it published in a statement of its own, a fifth of the statements admissions cost the log; an
 /// acknowledgement lost with its process only has its events published again (consumers drop duplicates), by
 /// whichever process relays next.
-pub const ACK_DELAY: Duration = Duration::from_millis(20);
+const ACK_DELAY: Duration = Duration::from_millis(20);
 
 /// The longest wait between two tries at writing acknowledgements while the database refuses them.
 const ACK_RETRY_MAX: Duration = Duration::from_secs(1);
