@@ -266,17 +266,28 @@ async fn a_process_receives_each_live_event_once_for_all_its_subscribers(f: Fixt
         );
     }
     drop((first, second));
-    // Published with nobody subscribed in this process: the process may stop listening.
+    // Published with nobody subscribed in this process: the process may stop listening. (A subscriber that
+    // comes while the event is still on its way may get it too: a bus may deliver what it was handed just
+    // before the subscription.)
     let unheard = append(&*f.store, "quota-acme", 1).await;
-    f.other_bus.publish(unheard).await.expect("publish");
+    f.other_bus.publish(unheard.clone()).await.expect("publish");
     let mut third = f.bus.subscribe().await.expect("subscribe");
     let later = append(&*f.store, "quota-acme", 2).await;
     f.other_bus.publish(later.clone()).await.expect("publish");
-    let got: Vec<StoredEvent> = bus_events(&mut third, 2)
+    let mut got: Vec<StoredEvent> = bus_events(&mut third, 2)
         .await
         .iter()
         .map(|e| StoredEvent::clone(e))
         .collect();
+    if got.first() == unheard.first() {
+        got.remove(0);
+        got.extend(
+            bus_events(&mut third, 1)
+                .await
+                .iter()
+                .map(|e| StoredEvent::clone(e)),
+        );
+    }
     assert_eq!(got, later);
 }
 
