@@ -604,11 +604,6 @@ impl FreshDb {
         })
     }
 
-    /// The database's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The process ids of the server's backends connected to the database now.
     pub async fn backends(&self) -> anyhow::Result<Vec<u32>> {
         use sqlx::Connection;

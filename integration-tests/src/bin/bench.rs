@@ -62,10 +62,15 @@ fn cpu_secs(pid: &str) -> Option<f64> {
     // utime the 12th and stime the 13th.
     let mut rest = s.rsplit_once(')')?.1.split_whitespace().skip(11);
     let (user, system): (f64, f64) = (rest.next()?.parse().ok()?, rest.next()?.parse().ok()?);
+    clock_ticks().map(|ticks| (user + system) / ticks)
+}
+
+/// Clock ticks per second, the unit of `/proc`'s CPU times.
+fn clock_ticks() -> Option<f64> {
     // SAFETY: sysconf only reads a configuration value.
     #[allow(unsafe_code)]
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (ticks > 0).then(|| (user + system) / ticks as f64)
+    (ticks > 0).then_some(ticks as f64)
 }
 
 /// CPU time used by `nsmld` and by this bench (its clients) while `f` runs, per item `f` returns the count of.
@@ -516,11 +521,8 @@ impl CpuSample {
                 None => processes.push((group, used)),
             }
         }
-        // SAFETY: sysconf only reads a configuration value.
-        #[allow(unsafe_code)]
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let machine = match (self.machine, later.machine) {
-            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 && ticks > 0.0 => Some((
+        let machine = match (self.machine, later.machine, clock_ticks()) {
+            (Some((b0, t0)), Some((b1, t1)), Some(ticks)) if t1 > t0 => Some((
                 per((b1 - b0) as f64 / ticks),
                 (b1 - b0) as f64 / (t1 - t0) as f64,
             )),
