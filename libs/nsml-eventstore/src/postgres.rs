@@ -218,26 +218,29 @@ impl PostgresStore {
     }
 
     /// Writes every acknowledgement waiting in one statement. On failure they wait again, for the next write.
+    /// Writes may overlap (`close` beside the scheduled one): each takes and gives back only its own.
     async fn write_acks(&self) -> Result<(), StoreError> {
-        let positions: Vec<i64> = {
+        let mut batch = {
             let mut acks = lock(&self.acks);
-            let pending = std::mem::take(&mut acks.pending);
-            acks.writing.extend(pending);
-            acks.writing.iter().copied().map(to_i64).collect()
+            let batch = std::mem::take(&mut acks.pending);
+            acks.writing.extend_from_slice(&batch);
+            batch
         };
-        if positions.is_empty() {
+        if batch.is_empty() {
             return Ok(());
         }
+        let positions: Vec<i64> = batch.iter().copied().map(to_i64).collect();
         // One statement (migrations/postgres/0003_append_and_ack_functions.sql): it locks the watermark row,
         // never taken by appends, so relays of several processes acknowledging at once wait only for each other.
         let written = sqlx::query("SELECT nsml_outbox_ack($1)")
             .bind(&positions)
             .execute(&self.pool)
             .await;
+        batch.sort_unstable();
         let mut acks = lock(&self.acks);
-        let writing = std::mem::take(&mut acks.writing);
+        acks.writing.retain(|p| batch.binary_search(p).is_err());
         if written.is_err() {
-            acks.pending.extend(writing);
+            acks.pending.extend(batch);
         }
         written.map(|_| ()).map_err(StoreError::from)
     }
