@@ -1058,6 +1058,21 @@ async fn checkpoints(sizes_mb: &[usize], runs: usize) -> anyhow::Result<()> {
             anyhow::ensure!(got == (mb as u64) << 20, "pulled {got} bytes");
             std::fs::remove_dir_all(&dest)?;
         }
+        let each = |xs: &[f64]| {
+            xs.iter()
+                .map(|s| format!("{s:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "{:>7}   each run, s: save {} | write {} | cp; sync {} | load {} | pull {}",
+            "",
+            each(&save),
+            each(&write),
+            each(&cp),
+            each(&load),
+            each(&pull)
+        );
         let (save, write, load, pull, cp) = (
             median(&mut save),
             median(&mut write),

@@ -122,8 +122,7 @@ fn pack_tree<W: Write>(
                     left: meta.len(),
                     path: &path,
                 };
-                builder
-                    .append_data(&mut header, &name_rel, body)
+                append_file(builder, &mut header, &name_rel, body)
                     .map_err(|e| ArchiveError::io("cannot pack", &path, e))?;
             }
             FileType::Symlink => {
@@ -144,6 +143,37 @@ fn pack_tree<W: Write>(
             // Sockets, FIFOs and devices are not part of a tree that is saved.
             _ => {}
         }
+    }
+    Ok(())
+}
+
+/// The most file content read at once: a checkpoint of weights is read in few calls (`tar` copies an entry's
+/// data 8 KiB at a time).
+const READ_BUF: usize = 1 << 20;
+
+/// Appends a regular file: its header (and the long-name entries its path needs) through `tar`, then its
+/// content in reads of up to [`READ_BUF`], then the zeros that fill its last 512-byte block.
+fn append_file<W: Write>(
+    builder: &mut tar::Builder<W>,
+    header: &mut tar::Header,
+    name: &Path,
+    mut body: Exact<'_>,
+) -> io::Result<()> {
+    let size = body.left;
+    // The header says `size`; `tar` writes it with no data and no padding, which follow here.
+    builder.append_data(header, name, io::empty())?;
+    let out = builder.get_mut();
+    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(READ_BUF).clamp(1, READ_BUF)];
+    loop {
+        let n = body.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+    }
+    let tail = (size % 512) as usize;
+    if tail > 0 {
+        out.write_all(&[0u8; 512][tail..])?;
     }
     Ok(())
 }

@@ -123,6 +123,50 @@ fn a_plain_pack_is_a_tar_as_it_is_and_a_gzip_one_is_gzip() {
     assert_eq!(files_of(&plain), files_of(&gz));
 }
 
+/// Files of every size around a tar block and around the packer's reads, one with a name longer than a tar
+/// header holds, come back whole, in an archive `tar` itself reads.
+#[test]
+fn files_of_every_size_pack_and_come_back_whole() {
+    let src = tempfile::tempdir().unwrap();
+    let sizes = [
+        0usize,
+        1,
+        511,
+        512,
+        513,
+        5_000,
+        (1 << 20) - 1,
+        1 << 20,
+        (3 << 20) + 7,
+    ];
+    let content = |size: usize| -> Vec<u8> { (0..size).map(|i| (i % 253) as u8).collect() };
+    for size in sizes {
+        fs::write(src.path().join(format!("f{size}")), content(size)).unwrap();
+    }
+    let long = format!("{}.bin", "n".repeat(150));
+    fs::write(src.path().join(&long), content(700)).unwrap();
+    for encoding in [Encoding::Plain, Encoding::Gzip] {
+        let packed = pack_dir(src.path(), Vec::new(), encoding).unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        unpack(&packed[..], dest.path(), Limits::NONE, Links::Keep).unwrap();
+        for size in sizes {
+            let got = fs::read(dest.path().join(format!("f{size}"))).unwrap();
+            assert!(got == content(size), "{size} bytes, {encoding:?}");
+        }
+        assert_eq!(fs::read(dest.path().join(&long)).unwrap(), content(700));
+    }
+    let plain = pack_dir(src.path(), Vec::new(), Encoding::Plain).unwrap();
+    let mut read = 0;
+    for entry in tar::Archive::new(&plain[..]).entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut body).unwrap();
+        assert_eq!(body.len() as u64, entry.header().size().unwrap());
+        read += 1;
+    }
+    assert_eq!(read, sizes.len() + 1);
+}
+
 fn packs_without_following_symlinks_and_round_trips_as(encoding: Encoding) {
     let src = tempfile::tempdir().unwrap();
     let secret = tempfile::tempdir().unwrap();

@@ -146,19 +146,13 @@ impl GrpcPlatform {
         let upload = tx.clone();
         let dir: PathBuf = dir.to_path_buf();
         let packer = tokio::task::spawn_blocking(move || {
-            // Files are read straight into the buffer in chunk-sized reads, not a few kilobytes at a time.
-            let writer = io::BufWriter::with_capacity(
-                UPLOAD_CHUNK,
-                ChunkWriter {
-                    tx,
-                    buf: Vec::with_capacity(UPLOAD_CHUNK),
-                },
-            );
-            let writer = archive::pack_dir(&dir, writer)?;
-            writer
-                .into_inner()
-                .map_err(io::IntoInnerError::into_error)
-                .and_then(ChunkWriter::done)
+            // The packer reads files in large pieces; the writer gathers what it writes into chunks.
+            let writer = ChunkWriter {
+                tx,
+                buf: Vec::with_capacity(UPLOAD_CHUNK),
+            };
+            archive::pack_dir(&dir, writer)?
+                .done()
                 .map_err(|e| RunnerError::io("cannot upload checkpoint", e))
         });
         let meta = SaveCheckpointChunk {
@@ -265,12 +259,15 @@ impl ChunkWriter {
 }
 
 impl Write for ChunkWriter {
+    /// Takes what fits in the chunk being gathered, and ships the chunk once full: every chunk but the
+    /// last is [`UPLOAD_CHUNK`] bytes, and the buffer never grows.
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= UPLOAD_CHUNK {
+        let n = data.len().min(UPLOAD_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == UPLOAD_CHUNK {
             self.ship()?;
         }
-        Ok(data.len())
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {

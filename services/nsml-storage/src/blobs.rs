@@ -259,37 +259,244 @@ impl Staging {
 }
 
 /// Writes the chunks received to `file`, hashing them, and syncs it; returns the hex SHA-256 and the bytes
-/// written. Writeback is started every [`WRITEBACK_EVERY`] bytes by a thread of its own, so that the disk
-/// works while the upload still arrives.
+/// written. The chunks are hashed by a thread of their own while they are written (on a 2-core machine,
+/// hashing took about a third of the time the writer spent on a checkpoint). Writeback is started every
+/// [`WRITEBACK_EVERY`] bytes by a thread of its own, so that the disk works while the upload still arrives.
 fn write_hashed(
-    mut file: std::fs::File,
-    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    file: std::fs::File,
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
 ) -> io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
+    let (to_hash, hash) = std::sync::mpsc::sync_channel::<bytes::Bytes>(QUEUED_CHUNKS);
+    let hashing = std::thread::spawn(move || {
+        let mut hasher = Sha256::new();
+        for chunk in hash {
+            hasher.update(&chunk);
+        }
+        hex::encode(hasher.finalize())
+    });
+    let written = write_synced(file, rx, &to_hash);
+    drop(to_hash);
+    let sha256 = hashing
+        .join()
+        .map_err(|_| io::Error::other("hashing stopped"))?;
+    Ok((sha256, written?))
+}
+
+/// Writes the chunks received to `file`, passing each on to `hashed` once written, and syncs the file;
+/// returns the bytes written.
+///
+/// Where the file system allows it, the content goes to the disk straight from a buffer of this thread
+/// (`O_DIRECT`), not through the page cache: a blob is written once and read seldom, and filling the cache
+/// with it costs a fresh page of memory per 4 KiB written. On the 2-core development machine (a VM whose
+/// freed memory goes back to its host), 1 GiB written through the cache and synced took 1.4–2.8 s, written
+/// directly 0.4–0.6 s. Elsewhere (tmpfs, say) it is written through the cache, its writeback started every
+/// [`WRITEBACK_EVERY`] bytes by a thread of its own so that the disk works while the upload still arrives.
+fn write_synced(
+    file: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    hashed: &std::sync::mpsc::SyncSender<bytes::Bytes>,
+) -> io::Result<u64> {
+    let mut out = match Direct::new(file) {
+        Ok(direct) => Out::Direct(direct),
+        Err(file) => Out::Cached(Cached::new(file)),
+    };
     let mut written = 0u64;
-    let mut since_sync = 0u64;
-    let mut syncing: Option<std::thread::JoinHandle<io::Result<()>>> = None;
     while let Some(chunk) = rx.blocking_recv() {
-        file.write_all(&chunk)?;
-        hasher.update(&chunk);
+        out = out.write(&chunk)?;
         written += chunk.len() as u64;
-        since_sync += chunk.len() as u64;
-        if since_sync >= WRITEBACK_EVERY && syncing.as_ref().is_none_or(|t| t.is_finished()) {
-            if let Some(done) = syncing.take() {
-                done.join()
-                    .map_err(|_| io::Error::other("writeback stopped"))??;
+        hashed
+            .send(chunk)
+            .map_err(|_| io::Error::other("hashing stopped"))?;
+    }
+    out.finish()?;
+    Ok(written)
+}
+
+/// The size of the buffer a direct write goes from: a few upload chunks, so that a write waits on the disk
+/// seldom while chunks keep arriving.
+const DIRECT_BUF: usize = 4 << 20;
+
+/// What the file offset and length of a direct write must be a multiple of, and its buffer aligned to.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Where a staged file is being written.
+enum Out {
+    Direct(Direct),
+    Cached(Cached),
+}
+
+impl Out {
+    /// Writes `data`; a file that refuses a direct write is written through the cache from there on.
+    fn write(self, data: &[u8]) -> io::Result<Out> {
+        match self {
+            Out::Direct(direct) => direct.write(data),
+            Out::Cached(mut cached) => {
+                cached.write(data)?;
+                Ok(Out::Cached(cached))
             }
-            let handle = file.try_clone()?;
-            syncing = Some(std::thread::spawn(move || handle.sync_data()));
-            since_sync = 0;
         }
     }
-    if let Some(done) = syncing.take() {
-        done.join()
-            .map_err(|_| io::Error::other("writeback stopped"))??;
+
+    /// Writes what is still buffered and syncs the file.
+    fn finish(self) -> io::Result<()> {
+        match self {
+            Out::Direct(direct) => direct.finish(),
+            Out::Cached(cached) => cached.finish(),
+        }
     }
-    file.sync_all()?;
-    Ok((hex::encode(hasher.finalize()), written))
+}
+
+/// Whether a write failed because the file system does not take direct writes.
+fn refused_direct(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
+}
+
+/// A file written with `O_DIRECT` from an aligned buffer, in whole blocks; the last partial block goes
+/// through the cache.
+struct Direct {
+    file: std::fs::File,
+    /// The buffer's allocation: [`DIRECT_BUF`] bytes from `start` on are aligned to [`DIRECT_ALIGN`].
+    buf: Vec<u8>,
+    start: usize,
+    filled: usize,
+    /// Bytes on disk before the buffer's.
+    flushed: u64,
+}
+
+impl Direct {
+    /// Switches `file` (empty, just created) to direct writes; gives it back where that is refused.
+    fn new(file: std::fs::File) -> Result<Direct, std::fs::File> {
+        // Zeroed lazily by the allocator: only what is written into is touched.
+        let buf = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        if start >= DIRECT_ALIGN || set_direct(&file, true).is_err() {
+            return Err(file);
+        }
+        Ok(Direct {
+            file,
+            buf,
+            start,
+            filled: 0,
+            flushed: 0,
+        })
+    }
+
+    /// Copies `data` into the buffer, writing each full buffer to the disk.
+    fn write(mut self, mut data: &[u8]) -> io::Result<Out> {
+        while !data.is_empty() {
+            let n = data.len().min(DIRECT_BUF - self.filled);
+            let at = self.start + self.filled;
+            self.buf[at..at + n].copy_from_slice(&data[..n]);
+            self.filled += n;
+            data = &data[n..];
+            if self.filled == DIRECT_BUF {
+                match (&self.file).write_all(&self.buf[self.start..self.start + DIRECT_BUF]) {
+                    Ok(()) => {
+                        self.flushed += DIRECT_BUF as u64;
+                        self.filled = 0;
+                    }
+                    Err(e) if refused_direct(&e) => {
+                        let mut cached = self.fall_back()?;
+                        cached.write(data)?;
+                        return Ok(Out::Cached(cached));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(Out::Direct(self))
+    }
+
+    /// Goes on through the cache after a refused direct write: from the end of what is on disk, with what
+    /// is buffered.
+    fn fall_back(self) -> io::Result<Cached> {
+        use std::io::Seek;
+        let mut file = self.file;
+        set_direct(&file, false)?;
+        file.set_len(self.flushed)?;
+        file.seek(io::SeekFrom::Start(self.flushed))?;
+        let mut cached = Cached::new(file);
+        cached.write(&self.buf[self.start..self.start + self.filled])?;
+        Ok(cached)
+    }
+
+    /// Writes the whole blocks buffered directly and the last partial one through the cache, then syncs.
+    fn finish(mut self) -> io::Result<()> {
+        let whole = self.filled / DIRECT_ALIGN * DIRECT_ALIGN;
+        if whole > 0 {
+            match (&self.file).write_all(&self.buf[self.start..self.start + whole]) {
+                Ok(()) => {
+                    self.flushed += whole as u64;
+                    self.buf
+                        .copy_within(self.start + whole..self.start + self.filled, self.start);
+                    self.filled -= whole;
+                }
+                Err(e) if refused_direct(&e) => return self.fall_back()?.finish(),
+                Err(e) => return Err(e),
+            }
+        }
+        set_direct(&self.file, false)?;
+        (&self.file).write_all(&self.buf[self.start..self.start + self.filled])?;
+        self.file.sync_all()
+    }
+}
+
+/// Turns direct writes on or off for `file`.
+fn set_direct(file: &std::fs::File, on: bool) -> io::Result<()> {
+    use rustix::fs::OFlags;
+    let flags = rustix::fs::fcntl_getfl(file)?;
+    let flags = if on {
+        flags | OFlags::DIRECT
+    } else {
+        flags - OFlags::DIRECT
+    };
+    rustix::fs::fcntl_setfl(file, flags)?;
+    Ok(())
+}
+
+/// A file written through the page cache, its writeback started every [`WRITEBACK_EVERY`] bytes.
+struct Cached {
+    file: std::fs::File,
+    since_sync: u64,
+    syncing: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl Cached {
+    fn new(file: std::fs::File) -> Cached {
+        Cached {
+            file,
+            since_sync: 0,
+            syncing: None,
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.since_sync += data.len() as u64;
+        if self.since_sync >= WRITEBACK_EVERY
+            && self.syncing.as_ref().is_none_or(|t| t.is_finished())
+        {
+            self.wait_writeback()?;
+            let handle = self.file.try_clone()?;
+            self.syncing = Some(std::thread::spawn(move || handle.sync_data()));
+            self.since_sync = 0;
+        }
+        Ok(())
+    }
+
+    fn wait_writeback(&mut self) -> io::Result<()> {
+        match self.syncing.take() {
+            Some(done) => done
+                .join()
+                .map_err(|_| io::Error::other("writeback stopped"))?,
+            None => Ok(()),
+        }
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        self.wait_writeback()?;
+        self.file.sync_all()
+    }
 }
 
 /// A staged file being written synchronously, hashed as it goes.
@@ -459,6 +666,74 @@ mod tests {
             store.get("../../etc/passwd").await,
             Err(StorageError::BlobMissing { .. })
         ));
+    }
+
+    /// Bytes that differ from block to block, so that a block written twice or out of place shows.
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect()
+    }
+
+    /// Writes `data` as `write_hashed` receives an upload, in chunks of `chunk` bytes; returns what it
+    /// answered.
+    fn write_in_chunks(file: std::fs::File, data: &[u8], chunk: usize) -> (String, u64) {
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUED_CHUNKS);
+        let chunks: Vec<bytes::Bytes> = data
+            .chunks(chunk)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect();
+        let feeding = std::thread::spawn(move || {
+            for c in chunks {
+                tx.blocking_send(c).unwrap();
+            }
+        });
+        let answer = write_hashed(file, rx).unwrap();
+        feeding.join().unwrap();
+        answer
+    }
+
+    #[test]
+    fn staged_files_of_every_size_are_written_whole_and_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [
+            0,
+            1,
+            DIRECT_ALIGN - 1,
+            DIRECT_ALIGN,
+            DIRECT_ALIGN + 1,
+            DIRECT_BUF - 1,
+            DIRECT_BUF,
+            2 * DIRECT_BUF + 12_345,
+        ];
+        for (i, size) in sizes.into_iter().enumerate() {
+            let data = pattern(size);
+            let path = dir.path().join(format!("staged-{i}"));
+            let file = std::fs::File::create(&path).unwrap();
+            // Chunks that do not divide the buffer, as an upload's need not.
+            let (sha256, written) = write_in_chunks(file, &data, 1_000_003);
+            assert_eq!(written, size as u64);
+            assert_eq!(sha256, hex::encode(Sha256::digest(&data)), "size {size}");
+            assert!(std::fs::read(&path).unwrap() == data, "size {size}");
+        }
+    }
+
+    #[test]
+    fn a_file_system_that_refuses_direct_writes_gets_the_rest_through_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("staged");
+        let Ok(direct) = Direct::new(std::fs::File::create(&path).unwrap()) else {
+            // This file system takes no direct writes at all: the cache is all there is.
+            return;
+        };
+        let data = pattern(DIRECT_BUF + 3 * DIRECT_ALIGN + 17);
+        let Out::Direct(direct) = direct.write(&data[..DIRECT_BUF + 5_000]).unwrap() else {
+            panic!("the direct write was refused");
+        };
+        assert_eq!(direct.flushed, DIRECT_BUF as u64);
+        // As a refused write goes on: from what is on disk, with what is buffered.
+        let mut cached = direct.fall_back().unwrap();
+        cached.write(&data[DIRECT_BUF + 5_000..]).unwrap();
+        cached.finish().unwrap();
+        assert!(std::fs::read(&path).unwrap() == data);
     }
 
     #[tokio::test]
