@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod bounds;
+pub mod bulk;
 pub mod caller;
 pub mod clients;
 pub mod context;

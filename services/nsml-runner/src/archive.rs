@@ -198,12 +198,16 @@ where
         };
         extract_archive(reader, &target, limits)
     });
+    // A large download is announced as a bulk transfer until it is extracted.
+    let mut metered = nsml_common::bulk::Meter::default();
+    let meter = &mut metered;
     // Errors of the download itself are kept here: the reader sees them only as a broken stream.
     let feed = async move {
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
             match item {
                 Ok(chunk) => {
+                    meter.moved(chunk.len());
                     if tx.send(Ok(chunk)).await.is_err() {
                         return Ok(());
                     }
@@ -227,6 +231,7 @@ where
             io::Error::other(join),
         )),
     };
+    drop(metered);
     if result.is_err() {
         remove_tree(dest).await;
     }

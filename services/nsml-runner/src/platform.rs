@@ -150,6 +150,7 @@ impl GrpcPlatform {
             let writer = ChunkWriter {
                 tx,
                 buf: Vec::with_capacity(UPLOAD_CHUNK),
+                meter: nsml_common::bulk::Meter::default(),
             };
             archive::pack_dir(&dir, writer)?
                 .done()
@@ -233,6 +234,8 @@ enum Piece {
 struct ChunkWriter {
     tx: mpsc::Sender<Piece>,
     buf: Vec<u8>,
+    /// Announces a large checkpoint as a bulk transfer until the writer is dropped.
+    meter: nsml_common::bulk::Meter,
 }
 
 /// The size of the messages a checkpoint is sent in: few enough per gigabyte that their cost does not
@@ -244,6 +247,7 @@ impl ChunkWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
+        self.meter.moved(self.buf.len());
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(UPLOAD_CHUNK));
         self.tx
             .blocking_send(Piece::Data(chunk))

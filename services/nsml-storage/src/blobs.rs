@@ -115,9 +115,11 @@ impl Staging {
             tokio::io::BufWriter::with_capacity(CHUNK_BYTES, tokio::fs::File::from_std(file));
         let mut hasher = Sha256::new();
         let mut size = 0u64;
+        let mut meter = nsml_common::bulk::Meter::default();
         while let Some(chunk) = data.next().await {
             let chunk = chunk?;
             size += chunk.len() as u64;
+            meter.moved(chunk.len());
             if size > limit {
                 return Err(too_large(size));
             }
@@ -198,10 +200,13 @@ impl Staging {
         let writer = tokio::task::spawn_blocking(move || write_hashed(file, rx));
         let mut size = 0u64;
         let mut checking = Some(to_check);
+        // Announced as a bulk transfer once large, until every part of the spool has ended.
+        let mut meter = nsml_common::bulk::Meter::default();
         let fed: Result<(), StorageError> = async {
             while let Some(chunk) = data.next().await {
                 let chunk = bytes::Bytes::from(chunk?);
                 size += chunk.len() as u64;
+                meter.moved(chunk.len());
                 if size > limit {
                     return Err(too_large(size));
                 }
@@ -254,6 +259,7 @@ impl Staging {
                 io::Error::other(format!("{written} of {size} bytes written")),
             ));
         }
+        drop(meter);
         Ok((Staged { path, sha256, size }, checked))
     }
 }
@@ -594,12 +600,13 @@ impl BlobStore for LocalBlobStore {
     }
 }
 
-/// Reads a file in full chunks of [`CHUNK_BYTES`].
+/// Reads a file in full chunks of [`CHUNK_BYTES`], announced as a bulk transfer once large.
 fn chunks(file: tokio::fs::File, id: String) -> ByteStream {
-    Box::pin(futures::stream::try_unfold(Some(file), move |file| {
+    let reading = Some((file, nsml_common::bulk::Meter::default()));
+    Box::pin(futures::stream::try_unfold(reading, move |reading| {
         let id = id.clone();
         async move {
-            let Some(mut file) = file else {
+            let Some((mut file, mut meter)) = reading else {
                 return Ok(None);
             };
             let mut buf = vec![0u8; CHUNK_BYTES];
@@ -615,10 +622,11 @@ fn chunks(file: tokio::fs::File, id: String) -> ByteStream {
                 filled += n;
             }
             buf.truncate(filled);
+            meter.moved(filled);
             match filled {
                 0 => Ok(None),
                 n if n < CHUNK_BYTES => Ok(Some((buf, None))),
-                _ => Ok(Some((buf, Some(file)))),
+                _ => Ok(Some((buf, Some((file, meter))))),
             }
         }
     }))
