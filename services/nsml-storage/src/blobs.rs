@@ -264,10 +264,9 @@ impl Staging {
     }
 }
 
-/// Writes the chunks received to `file`, hashing them, and syncs it; returns the hex SHA-256 and the bytes
-/// written. The chunks are hashed by a thread of their own while they are written (on a 2-core machine,
-/// hashing took about a third of the time the writer spent on a checkpoint). Writeback is started every
-/// [`WRITEBACK_EVERY`] bytes by a thread of its own, so that the disk works while the upload still arrives.
+/// Writes the chunks received to `file` ([`write_synced`]), hashing them, and syncs it; returns the hex SHA-256
+/// and the bytes written. The chunks are hashed by a thread of their own while they are written, so that the
+/// two passes over a large upload run on two cores.
 fn write_hashed(
     file: std::fs::File,
     rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
@@ -294,7 +293,7 @@ fn write_hashed(
 /// Where the file system allows it, the content goes to the disk straight from a buffer of this thread
 /// (`O_DIRECT`), not through the page cache: a blob is written once and read seldom, and filling the cache
 /// with it costs a fresh page of memory per 4 KiB written. On the 2-core development machine (a VM whose
-/// freed memory goes back to its host), 1 GiB written through the cache and synced took 1.4–2.8 s, written
+/// freed memory goes back to its host), `dd` of 1 GiB through the cache and synced took 1.4–2.8 s, written
 /// directly 0.4–0.6 s. Elsewhere (tmpfs, say) it is written through the cache, its writeback started every
 /// [`WRITEBACK_EVERY`] bytes by a thread of its own so that the disk works while the upload still arrives.
 fn write_synced(

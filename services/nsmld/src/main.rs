@@ -116,8 +116,9 @@ const PURGE_DELAY_CATCHING_UP_MS: std::ffi::c_long = 1000;
 /// How long the allocator keeps freed memory before giving it back while a bulk transfer is in flight
 /// ([`nsml_common::bulk`]). A checkpoint moves through 1 MiB chunks, each allocated, filled and freed; given
 /// back at once, each is faulted in and zeroed again for the next. On the 2-core development machine (a VM,
-/// where a fresh page is dearer still), `nsml.load` of 1 GiB took 0.37–0.63 s with a delay of 100 ms against
-/// 1.0–1.6 s without, and `model pull` 0.6 s against 1.15 s (`nsml-bench --checkpoints`, two rounds each).
+/// where a fresh page is dearer still), with this delay for the whole process, `nsml.load` of 1 GiB took a
+/// median 0.37 and 0.63 s against 1.33 and 1.11 s without, and `model pull` 0.63 and 0.61 s against 1.17 and
+/// 1.15 s (`nsml-bench --checkpoints`, two rounds of three runs).
 const PURGE_DELAY_TRANSFERRING_MS: std::ffi::c_long = 100;
 
 /// What the allocator's purge delay is set from: a long log being read at start-up, and bulk transfers in
