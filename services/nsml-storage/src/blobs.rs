@@ -371,7 +371,6 @@ struct Direct {
 impl Direct {
     /// Switches `file` (empty, just created) to direct writes; gives it back where that is refused.
     fn new(file: std::fs::File) -> Result<Direct, std::fs::File> {
-        // Zeroed lazily by the allocator: only what is written into is touched.
         let buf = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
         let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
         if start >= DIRECT_ALIGN || set_direct(&file, true).is_err() {
@@ -431,7 +430,6 @@ impl Direct {
         if whole > 0 {
             match (&self.file).write_all(&self.buf[self.start..self.start + whole]) {
                 Ok(()) => {
-                    self.flushed += whole as u64;
                     self.buf
                         .copy_within(self.start + whole..self.start + self.filled, self.start);
                     self.filled -= whole;
