@@ -2,7 +2,7 @@
 // a free port chosen by the kernel, the `nsml` CLI with one configuration directory per user, and a stop that
 // ends the server's whole process group.
 import { spawn } from "node:child_process";
-import { createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { copyFileSync, createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -68,20 +68,24 @@ export async function waitUntil(fn, { timeout = 60_000, interval = 250, what = "
 }
 
 export class Platform {
-  constructor(child, url, tmp, dataDir, logPath) {
+  constructor(child, url, tmp, dataDir, log, logPath, label) {
     this.child = child;
     this.url = url;
     this.tmp = tmp;
     this.dataDir = dataDir;
+    this.log = log; // the stream the server's output goes to
     this.logPath = logPath;
+    this.label = label;
     this.logins = new Map();
   }
 
   /**
    * Starts `nsmld up` on a fresh data directory and waits (up to 120 s) for it to print its address.
-   * `competitions`: manifests to apply instead of the example; `env`: extra environment for the server.
+   * `competitions`: manifests to apply instead of the example; `env`: extra environment for the server;
+   * `label`: `stop()` leaves a copy of the server's log at out/nsmld-LABEL.log (the test files pass their name,
+   * and the run's failure summary prints the tail of a failed file's log).
    */
-  static async start({ competitions = [], env = {}, args = [] } = {}) {
+  static async start({ competitions = [], env = {}, args = [], label = "" } = {}) {
     const tmp = mkdtempSync(path.join(os.tmpdir(), "nsml-e2e-"));
     const dataDir = path.join(tmp, "data");
     const logPath = path.join(tmp, "nsmld.log");
@@ -121,7 +125,7 @@ export class Platform {
       running.delete(child.pid);
       throw e;
     });
-    return new Platform(child, url, tmp, dataDir, logPath);
+    return new Platform(child, url, tmp, dataDir, log, logPath, label);
   }
 
   /** The host token `nsmld up` wrote. */
@@ -230,6 +234,16 @@ export class Platform {
       // none left
     }
     running.delete(child.pid);
+    if (this.label) {
+      // The server's output is all in once the log stream has finished (its stderr pipe ends it).
+      await new Promise((r) => {
+        if (this.log.writableFinished) return r();
+        this.log.once("finish", r);
+        setTimeout(r, 5_000);
+      });
+      mkdirSync(OUT_DIR, { recursive: true });
+      copyFileSync(this.logPath, path.join(OUT_DIR, `nsmld-${this.label}.log`));
+    }
     if (!process.env.NSML_E2E_KEEP) rmSync(this.tmp, { recursive: true, force: true });
   }
 }

@@ -19,7 +19,7 @@ let cliScore = 0;
 let bobRun = "";
 
 test.beforeAll(async ({ browser }: { browser: Browser }) => {
-  p = await Platform.start();
+  p = await Platform.start({ label: "competition" });
   await p.login("alice");
   await p.login("bob");
   alice = await browser.newContext();

@@ -8,7 +8,7 @@ test.describe.configure({ mode: "serial" });
 let p: Platform;
 
 test.beforeAll(async () => {
-  p = await Platform.start();
+  p = await Platform.start({ label: "signin" });
 });
 
 test.afterAll(async () => {

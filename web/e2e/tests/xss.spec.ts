@@ -16,7 +16,7 @@ let p: Platform;
 let run = "";
 
 test.beforeAll(async () => {
-  p = await Platform.start();
+  p = await Platform.start({ label: "xss" });
   await p.login("alice");
   run = await p.run("alice", path.join(FIXTURES, "xss"), ["-d", "t1-cls", "-g", "0", "-m", MEMO]);
   await p.waitEnded("alice", run);
