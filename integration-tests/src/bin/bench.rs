@@ -32,6 +32,9 @@
 //! inside a real session, `nsml model pull` through the CLI, each against `cp FILE DIR; sync` of the same size
 //! in the same run.
 //!
+//! With `--reports` it measures only metric reports from inside a real session (see [`reports`]): `--calls`
+//! `nsml.report` calls of one metric each (default 5,000), then `--batches` calls of 1,000 metrics each (200).
+//!
 //! With `--large-log` it measures only what a large competition's log costs (see
 //! [`nsml_integration_tests::large_log`]): a log of `--submissions` scored submissions (default 1,000,000) from
 //! `--teams` teams (10,000) over `--datasets` datasets (20), plus `--decisions` refused admissions (1,000,000),
@@ -43,6 +46,7 @@
 //! `target/release/nsml-bench --soak 240`, or
 //! `target/release/nsml-bench --tracing-cost [--rounds N] [--admissions N] [--clients N]`, or
 //! `target/release/nsml-bench --checkpoints [--runs N] [--sizes 200,1024]`, or
+//! `target/release/nsml-bench --reports [--calls N] [--batches N]`, or
 //! `target/release/nsml-bench --large-log [--submissions N] [--teams N] [--datasets N] [--decisions N]`.
 
 use std::time::{Duration, Instant};
@@ -136,6 +140,9 @@ async fn main() -> anyhow::Result<()> {
                 |v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
             );
         return checkpoints(&sizes, get("--runs", 3)).await;
+    }
+    if args.iter().any(|a| a == "--reports") {
+        return reports(get("--calls", 5000), get("--batches", 200)).await;
     }
     if args.iter().any(|a| a == "--tracing-cost") {
         return tracing_cost(get("--rounds", 5), get("--admissions", 3000), clients).await;
@@ -897,6 +904,132 @@ for i in range(runs):
     print("BENCH load %d %.6f" % (i, time.perf_counter() - t), flush=True)
 "#;
 
+/// The entry `--reports` runs: `calls` reports of one metric each, then `batches` reports of 1,000 metrics
+/// each, every one answered by the runner before the next is made; prints the time each series took.
+const REPORTS_ENTRY: &str = r#"
+import sys, time
+import nsml
+
+calls, batches = int(sys.argv[1]), int(sys.argv[2])
+t = time.perf_counter()
+for i in range(calls):
+    nsml.report(step=i, train__loss=1.0 / (i + 1))
+print("BENCH one %d %.6f" % (calls, time.perf_counter() - t), flush=True)
+names = ["m%04d" % k for k in range(1000)]
+t = time.perf_counter()
+for i in range(batches):
+    nsml.report(step=calls + i, **{n: i + k / 1000.0 for k, n in enumerate(names)})
+print("BENCH bulk %d %.6f" % (batches * len(names), time.perf_counter() - t), flush=True)
+"#;
+
+/// Metric reports from inside a real session on `nsmld up`: the rate of `nsml.report` calls of one metric
+/// each, and of metrics reported 1,000 to a call; then checks that the session's metric history holds every
+/// point reported.
+async fn reports(calls: usize, batches: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        calls > 0 && batches > 0,
+        "--reports needs calls and batches"
+    );
+    let dep = Deployment::embedded_env(&[], UNLIMITED)?;
+    let alice = Client::login(&dep.url, "alice", "alice-pass").await?;
+    let snap = alice
+        .upload("t1-cls", &[("main.py", REPORTS_ENTRY)])
+        .await?;
+    let mut sessions = SessionServiceClient::new(alice.channel.clone());
+    let s = alice
+        .run("t1-cls", &snap, &format!("{calls} {batches}"), small())
+        .await?;
+    let (done, lines) = session_output(&mut sessions, &alice, &s.name).await?;
+    if let Err(e) = exited(&done) {
+        anyhow::bail!("{e}; the session printed:\n{}", lines.join("\n"));
+    }
+    let (mut one, mut bulk) = (None, None);
+    for l in &lines {
+        match l.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["BENCH", "one", n, secs] => one = Some((n.parse::<f64>()?, secs.parse::<f64>()?)),
+            ["BENCH", "bulk", n, secs] => bulk = Some((n.parse::<f64>()?, secs.parse::<f64>()?)),
+            _ => {}
+        }
+    }
+    let ((calls_done, one_secs), (metrics, bulk_secs)) = one
+        .zip(bulk)
+        .with_context(|| format!("the session printed {lines:?}"))?;
+    // The history of 1,000-metric reports is larger than a client takes by default, as the CLI's is.
+    let points = SessionServiceClient::new(alice.channel.clone())
+        .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
+        .metrics(authed(
+            nsml_proto::v1::MetricsRequest {
+                name: s.name.clone(),
+            },
+            &alice.token,
+        )?)
+        .await?
+        .into_inner()
+        .points
+        .len();
+    anyhow::ensure!(
+        points == calls + batches,
+        "the session's history holds {points} points of the {} reported",
+        calls + batches
+    );
+    println!(
+        "nsml-bench --reports (embedded, `nsmld up`, from inside one session; each call answered before the next)"
+    );
+    println!(
+        "reports, one metric per call          {:>8.0} calls/s   ({calls_done:.0} calls in {one_secs:.2} s)",
+        calls_done / one_secs
+    );
+    println!(
+        "reports, 1,000 metrics per call       {:>8.0} metrics/s ({metrics:.0} metrics in {bulk_secs:.2} s)",
+        metrics / bulk_secs
+    );
+    Ok(())
+}
+
+/// Waits (without a bound: a slow save is what a bench may be measuring) until session `name` has ended;
+/// returns it as it ended and every line it printed.
+async fn session_output(
+    sessions: &mut SessionServiceClient<tonic::transport::Channel>,
+    user: &Client,
+    name: &str,
+) -> anyhow::Result<(nsml_proto::v1::Session, Vec<String>)> {
+    let done = loop {
+        let got = sessions
+            .get(authed(
+                GetSessionRequest {
+                    name: name.to_string(),
+                },
+                &user.token,
+            )?)
+            .await?
+            .into_inner();
+        if matches!(
+            got.status(),
+            nsml_proto::v1::SessionStatus::Exited
+                | nsml_proto::v1::SessionStatus::Failed
+                | nsml_proto::v1::SessionStatus::Stopped
+        ) {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut logs = sessions
+        .logs(authed(
+            LogsRequest {
+                name: name.to_string(),
+                follow: false,
+            },
+            &user.token,
+        )?)
+        .await?
+        .into_inner();
+    let mut lines = Vec::new();
+    while let Some(l) = logs.next().await {
+        lines.push(l?.text);
+    }
+    Ok((done, lines))
+}
+
 fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(f64::total_cmp);
     match xs.len() {
@@ -984,48 +1117,18 @@ async fn checkpoints(sizes_mb: &[usize], runs: usize) -> anyhow::Result<()> {
             .run("t1-cls", &snap, &format!("{mb} {runs}"), resources)
             .await?;
         // Saves at the speeds measured before take minutes: wait longer than `wait_session` does.
-        let done = loop {
-            let got = sessions
-                .get(authed(
-                    GetSessionRequest {
-                        name: s.name.clone(),
-                    },
-                    &alice.token,
-                )?)
-                .await?
-                .into_inner();
-            if matches!(
-                got.status(),
-                nsml_proto::v1::SessionStatus::Exited
-                    | nsml_proto::v1::SessionStatus::Failed
-                    | nsml_proto::v1::SessionStatus::Stopped
-            ) {
-                break got;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        let mut logs = sessions
-            .logs(authed(
-                LogsRequest {
-                    name: s.name.clone(),
-                    follow: false,
-                },
-                &alice.token,
-            )?)
-            .await?
-            .into_inner();
+        let (done, lines) = session_output(&mut sessions, &alice, &s.name).await?;
         let (mut save, mut write, mut load) = (Vec::new(), Vec::new(), Vec::new());
         let mut printed = Vec::new();
-        while let Some(l) = logs.next().await {
-            let l = l?;
-            let words: Vec<&str> = l.text.split_whitespace().collect();
+        for l in lines {
+            let words: Vec<&str> = l.split_whitespace().collect();
             match words.as_slice() {
                 ["BENCH", "save", _, total, w] => {
                     save.push(total.parse::<f64>()?);
                     write.push(w.parse::<f64>()?);
                 }
                 ["BENCH", "load", _, total] => load.push(total.parse::<f64>()?),
-                _ => printed.push(l.text.clone()),
+                _ => printed.push(l.clone()),
             }
         }
         if let Err(e) = exited(&done) {

@@ -1,0 +1,158 @@
+"""MLflow's figures for the anchors `scripts/bench-mlflow` sets beside the platform's: metric logging and
+artifact upload and download, against an MLflow tracking server on this machine (SQLite backend, artifacts
+served by the server, as `mlflow server` sets them up).
+
+Run by `scripts/bench-mlflow` with the MLflow venv's Python:
+    bench_mlflow.py measure URI --calls N --batches N --sizes 200,1024 --runs N --dir DIR
+    bench_mlflow.py compare MLFLOW_OUT REPORTS_OUT CHECKPOINTS_OUT
+
+`measure` prints one line per figure, in the form `compare` reads back.
+"""
+import argparse
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+
+
+def measure(args):
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=args.uri)
+    experiment = client.create_experiment("bench-%d" % int(time.time() * 1000))
+    run_id = client.create_run(experiment).info.run_id
+
+    # One metric per call, each call answered before the next: `nsml.report(step=i, train__loss=…)`'s match.
+    t = time.perf_counter()
+    for i in range(args.calls):
+        client.log_metric(run_id, "train_loss", 1.0 / (i + 1), step=i)
+    one = time.perf_counter() - t
+    got = len(client.get_metric_history(run_id, "train_loss"))
+    if got != args.calls:
+        sys.exit("MLflow holds %d of the %d points logged" % (got, args.calls))
+    print("FIGURE mlflow log_metric calls/s %.1f (%d calls in %.2f s)" % (args.calls / one, args.calls, one))
+
+    # 1,000 metrics per call (log_batch's most).
+    names = ["m%04d" % k for k in range(1000)]
+    t = time.perf_counter()
+    for i in range(args.batches):
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(n, i + k / 1000.0, now, args.calls + i) for k, n in enumerate(names)])
+    bulk = time.perf_counter() - t
+    metrics = args.batches * len(names)
+    print("FIGURE mlflow log_batch metrics/s %.1f (%d metrics in %.2f s)" % (metrics / bulk, metrics, bulk))
+
+    # Artifacts: a file of random blocks (as the platform's bench writes), written, then uploaded with
+    # log_artifact and downloaded with download_artifacts, each run under a path of its own.
+    block = os.urandom(64 << 20)
+    view = memoryview(block)
+    for mb in args.sizes:
+        size = mb << 20
+        writes, uploads, downloads = [], [], []
+        for r in range(args.runs):
+            src = os.path.join(args.dir, "model-%d-%d" % (mb, r))
+            os.makedirs(src)
+            path = os.path.join(src, "model.bin")
+            t = time.perf_counter()
+            with open(path, "wb") as f:
+                left = size
+                while left > 0:
+                    n = min(left, len(block))
+                    f.write(view[:n])
+                    left -= n
+            writes.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            client.log_artifact(run_id, path, artifact_path="ckpt-%d-%d" % (mb, r))
+            uploads.append(time.perf_counter() - t)
+            shutil.rmtree(src)
+            dst = os.path.join(args.dir, "pull-%d-%d" % (mb, r))
+            os.makedirs(dst)
+            t = time.perf_counter()
+            got = client.download_artifacts(run_id, "ckpt-%d-%d" % (mb, r), dst)
+            downloads.append(time.perf_counter() - t)
+            pulled = os.path.getsize(os.path.join(got, "model.bin"))
+            if pulled != size:
+                sys.exit("downloaded %d bytes of %d" % (pulled, size))
+            shutil.rmtree(dst)
+        rate = lambda secs: size / secs / 1e6  # noqa: E731
+        up, down = statistics.median(uploads), statistics.median(downloads)
+        both = statistics.median(w + u for w, u in zip(writes, uploads))
+        print("FIGURE mlflow log_artifact %d MB/s %.1f (median of %d, s: %s)"
+              % (mb, rate(up), args.runs, " ".join("%.2f" % u for u in uploads)))
+        print("FIGURE mlflow write+log_artifact %d MB/s %.1f" % (mb, rate(both)))
+        print("FIGURE mlflow download_artifacts %d MB/s %.1f (median of %d, s: %s)"
+              % (mb, rate(down), args.runs, " ".join("%.2f" % d for d in downloads)))
+
+
+FIGURE = re.compile(r"^FIGURE mlflow (\S+) (?:(\d+) )?(\S+) ([0-9.]+)")
+REPORTS = re.compile(r"^reports, (one metric per call|1,000 metrics per call) +([0-9.]+) ")
+CHECKPOINT = re.compile(
+    r"^ *(\d+) MB \| +(\d+) MB/s +[0-9.]+s \| +\d+ MB/s +[0-9.]+s \| +(\d+) MB/s \| +(\d+) MB/s +[0-9.]+s \| "
+    r"+(\d+) MB/s"
+)
+
+
+def compare(args):
+    ours, theirs = {}, {}
+    for line in open(args.mlflow):
+        m = FIGURE.match(line)
+        if m:
+            what, mb, _unit, value = m.groups()
+            theirs[(what, int(mb) if mb else None)] = float(value)
+    for line in open(args.reports):
+        m = REPORTS.match(line)
+        if m:
+            ours[("one" if m.group(1).startswith("one") else "bulk", None)] = float(m.group(2))
+    for line in open(args.checkpoints):
+        m = CHECKPOINT.match(line)
+        if m:
+            mb, save, cp, load, pull = (int(g) for g in m.groups())
+            ours[("save", mb)], ours[("cp", mb)], ours[("load", mb)], ours[("pull", mb)] = save, cp, load, pull
+
+    rows = [
+        ("metric reports, one metric per call (calls/s)", ("one", None), ("log_metric", None)),
+        ("metrics, 1,000 per call (metrics/s)", ("bulk", None), ("log_batch", None)),
+    ]
+    for mb in sorted({k[1] for k in theirs if k[1] is not None}):
+        rows += [
+            ("%d MB checkpoint: `nsml.save` (with the session's own write) against write + `log_artifact` (MB/s)" % mb,
+             ("save", mb), ("write+log_artifact", mb)),
+            ("%d MB checkpoint: `nsml.save` against `log_artifact` of a file already written (MB/s)" % mb,
+             ("save", mb), ("log_artifact", mb)),
+            ("%d MB checkpoint: `nsml.load` against `download_artifacts` (MB/s)" % mb, ("load", mb),
+             ("download_artifacts", mb)),
+            ("%d MB checkpoint: `nsml model pull` against `download_artifacts` (MB/s)" % mb, ("pull", mb),
+             ("download_artifacts", mb)),
+        ]
+    print("| measure | this platform | MLflow | ratio |")
+    print("| --- | --- | --- | --- |")
+    for what, o, t in rows:
+        if o in ours and t in theirs:
+            print("| %s | %.0f | %.0f | %.1f× |" % (what, ours[o], theirs[t], ours[o] / theirs[t]))
+        else:
+            print("| %s | %s | %s | |" % (what, ours.get(o, "—"), theirs.get(t, "—")))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("uri")
+    m.add_argument("--calls", type=int, default=500)
+    m.add_argument("--batches", type=int, default=50)
+    m.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[200, 1024])
+    m.add_argument("--runs", type=int, default=3)
+    m.add_argument("--dir", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("mlflow")
+    c.add_argument("reports")
+    c.add_argument("checkpoints")
+    args = p.parse_args()
+    measure(args) if args.cmd == "measure" else compare(args)
+
+
+if __name__ == "__main__":
+    main()
