@@ -1,13 +1,13 @@
-// Prints what failed in the last browser run, from Playwright's JSON report (out/results.json): each failed or
-// timed-out test with the first lines of its errors, errors outside any test, and the tail of the server log
-// (out/nsmld-FILE.log) of each test file with a failure. `run` prints it last, so that it is what the end of a
-// CI log shows. Prints nothing when every test passed.
+// Prints what failed in the last browser run, from Playwright's JSON report (out/results.json): the tail of the
+// server log (out/nsmld-FILE.log) of each test file with a failure, then errors outside any test, then each
+// failed or timed-out test with the first lines of its errors. `run` prints it last, so that the failures are
+// what the end of a CI log shows. Prints nothing when every test passed.
 import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { OUT_DIR } from "./platform.mjs";
 
-const ERROR_LINES = 25;
-const LOG_LINES = 30;
+const ERROR_LINES = 15;
+const LOG_LINES = 20;
 
 const reportPath = path.join(OUT_DIR, "results.json");
 if (!existsSync(reportPath)) {
@@ -39,16 +39,7 @@ for (const s of report.suites ?? []) walk(s, []);
 const loose = report.errors ?? [];
 if (failed.length === 0 && loose.length === 0) process.exit(0);
 
-console.log(`\n=== what failed (${failed.length} test(s)${loose.length ? `, ${loose.length} error(s) outside tests` : ""}) ===`);
-for (const f of failed) {
-  console.log(`\n--- ${f.file}:${f.line} › ${f.title}`);
-  for (const r of f.results) {
-    console.log(`status ${r.status} after ${(r.duration / 1000).toFixed(1)} s`);
-    for (const e of r.errors ?? []) console.log(head(e.message ?? e.stack, ERROR_LINES));
-  }
-}
-for (const e of loose) console.log(`\n--- outside any test\n${head(e.message ?? e.stack, ERROR_LINES)}`);
-
+// The servers' logs first and the errors last: the end of the output is what a CI log's tail shows.
 for (const file of new Set(failed.map((f) => f.file))) {
   const label = path.basename(file).replace(/\.spec\.ts$/, "");
   const log = path.join(OUT_DIR, `nsmld-${label}.log`);
@@ -56,4 +47,14 @@ for (const file of new Set(failed.map((f) => f.file))) {
   const lines = readFileSync(log, "utf8").trimEnd().split("\n");
   console.log(`\n--- the last ${Math.min(LOG_LINES, lines.length)} lines of ${file}'s server log (${log})`);
   console.log(lines.slice(-LOG_LINES).join("\n"));
+}
+
+console.log(`\n=== what failed (${failed.length} test(s)${loose.length ? `, ${loose.length} error(s) outside tests` : ""}) ===`);
+for (const e of loose) console.log(`\n--- outside any test\n${head(e.message ?? e.stack, ERROR_LINES)}`);
+for (const f of failed) {
+  console.log(`\n--- ${f.file}:${f.line} › ${f.title}`);
+  for (const r of f.results) {
+    console.log(`status ${r.status} after ${(r.duration / 1000).toFixed(1)} s`);
+    for (const e of r.errors ?? []) console.log(head(e.message ?? e.stack, ERROR_LINES));
+  }
 }
