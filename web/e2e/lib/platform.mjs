@@ -238,8 +238,11 @@ export class Platform {
       // The server's output is all in once the log stream has finished (its stderr pipe ends it).
       await new Promise((r) => {
         if (this.log.writableFinished) return r();
-        this.log.once("finish", r);
-        setTimeout(r, 5_000);
+        const t = setTimeout(r, 5_000);
+        this.log.once("finish", () => {
+          clearTimeout(t);
+          r();
+        });
       });
       mkdirSync(OUT_DIR, { recursive: true });
       copyFileSync(this.logPath, path.join(OUT_DIR, `nsmld-${this.label}.log`));
