@@ -1,10 +1,11 @@
-"""MLflow's figures for the anchors `scripts/bench-mlflow` sets beside the platform's: metric logging and
-artifact upload and download, against an MLflow tracking server on this machine (SQLite backend, artifacts
-served by the server, as `mlflow server` sets them up).
+"""MLflow's figures for the anchors `scripts/bench-mlflow` sets beside the platform's: metric logging, artifact
+upload and download, and (with `--search-runs`) a search of runs ordered by a metric, against an MLflow tracking
+server on this machine (SQLite backend, artifacts served by the server, as `mlflow server` sets them up).
 
 Run by `scripts/bench-mlflow` with the MLflow venv's Python:
     bench_mlflow.py measure URI --calls N --batches N --sizes 200,1024 --runs N --dir DIR
-    bench_mlflow.py compare MLFLOW_OUT REPORTS_OUT CHECKPOINTS_OUT
+        [--search-runs N --backend STORE_URI --artifacts DIR]
+    bench_mlflow.py compare MLFLOW_OUT REPORTS_OUT CHECKPOINTS_OUT [--board LARGE_LOG_OUT]
 
 `measure` prints one line per figure, in the form `compare` reads back.
 """
@@ -44,6 +45,9 @@ def measure(args):
     bulk = time.perf_counter() - t
     metrics = args.batches * len(names)
     print("FIGURE mlflow log_batch metrics/s %.1f (%d metrics in %.2f s)" % (metrics / bulk, metrics, bulk))
+
+    if args.search_runs > 0:
+        search_runs(client, args)
 
     # Artifacts: a file of random blocks (as the platform's bench writes), written, then uploaded with
     # log_artifact and downloaded with download_artifacts, each run under a path of its own.
@@ -87,6 +91,33 @@ def measure(args):
               % (mb, rate(down), args.runs, " ".join("%.2f" % d for d in downloads)))
 
 
+def search_runs(client, args):
+    """`search_runs` over `args.search_runs` runs of one experiment, each with a `score`, ordered by it (a board
+    of that many teams), through the server. The runs are seeded straight into the server's store with MLflow's
+    own `SqlAlchemyStore`, as the server itself would write them: seeding them over HTTP takes minutes."""
+    from mlflow.entities import Metric
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(args.backend, args.artifacts)
+    experiment = store.create_experiment("board-%d" % int(time.time() * 1000))
+    t = time.perf_counter()
+    for i in range(args.search_runs):
+        now = int(time.time() * 1000)
+        run_id = store.create_run(experiment, user_id="bench", start_time=now, tags=[], run_name="team-%d" % i).info.run_id
+        # Scores spread over [0, 1) in an order unrelated to the runs' (10,007 is prime).
+        store.log_batch(run_id, metrics=[Metric("score", (i * 7919 % 10007) / 10007.0, now, 0)], params=[], tags=[])
+    seeded = time.perf_counter() - t
+    took = []
+    for _ in range(args.queries):
+        t = time.perf_counter()
+        runs = client.search_runs([experiment], order_by=["metrics.score DESC"], max_results=args.search_runs)
+        took.append(time.perf_counter() - t)
+        if len(runs) != args.search_runs:
+            sys.exit("search_runs answered %d runs of %d" % (len(runs), args.search_runs))
+    print("FIGURE mlflow search_runs %d ms %.1f (p50 of %d, each s: %s; seeded in %.0f s)"
+          % (args.search_runs, 1000 * statistics.median(took), args.queries, " ".join("%.2f" % x for x in took), seeded))
+
+
 FIGURE = re.compile(r"^FIGURE mlflow (\S+) (?:(\d+) )?(\S+) ([0-9.]+)")
 REPORTS = re.compile(r"^reports, (one metric per call|1,000 metrics per call) +([0-9.]+) ")
 CHECKPOINT = re.compile(
@@ -94,6 +125,7 @@ CHECKPOINT = re.compile(
     r"+(\d+) MB/s"
 )
 
+BOARD = re.compile(r"^Board \((\d+) rows\) +([0-9.]+)ms")
 PLATFORMS_PART = re.compile(r"the platform's part of nsml\.save \(the call less the write\): (\d+) MB/s")
 
 
@@ -108,6 +140,11 @@ def compare(args):
         m = REPORTS.match(line)
         if m:
             ours[("one" if m.group(1).startswith("one") else "bulk", None)] = float(m.group(2))
+    if args.board:
+        for line in open(args.board):
+            m = BOARD.match(line)
+            if m:
+                ours[("board", int(m.group(1)))] = float(m.group(2))
     size = None
     for line in open(args.checkpoints):
         m = CHECKPOINT.match(line)
@@ -123,7 +160,10 @@ def compare(args):
         ("metric reports, one metric per call (calls/s)", ("one", None), ("log_metric", None)),
         ("metrics, 1,000 per call (metrics/s)", ("bulk", None), ("log_batch", None)),
     ]
-    for mb in sorted({k[1] for k in theirs if k[1] is not None}):
+    for n in sorted(k[1] for k in theirs if k[0] == "search_runs"):
+        rows.append(("a board of %d teams: `Board` p50 against `search_runs` ordered by the score, p50 (ms; lower "
+                     "is better, the ratio is MLflow's time over the platform's)" % n, ("board", n), ("search_runs", n)))
+    for mb in sorted({k[1] for k in theirs if k[1] is not None and k[0] != "search_runs"}):
         rows += [
             ("%d MB checkpoint: `nsml.save` (with the session's own write) against write + `log_artifact` (MB/s)" % mb,
              ("save", mb), ("write+log_artifact", mb)),
@@ -139,7 +179,9 @@ def compare(args):
     print("| measure | this platform | MLflow | ratio |")
     print("| --- | --- | --- | --- |")
     for what, o, t in rows:
-        if o in ours and t in theirs:
+        if o in ours and t in theirs and o[0] == "board":
+            print("| %s | %.2f | %.0f | %.0f× |" % (what, ours[o], theirs[t], theirs[t] / ours[o]))
+        elif o in ours and t in theirs:
             print("| %s | %.0f | %.0f | %.1f× |" % (what, ours[o], theirs[t], ours[o] / theirs[t]))
         else:
             print("| %s | %s | %s | |" % (what, ours.get(o, "—"), theirs.get(t, "—")))
@@ -155,10 +197,15 @@ def main():
     m.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",") if x.strip()], default=[200, 1024])
     m.add_argument("--runs", type=int, default=3)
     m.add_argument("--dir", required=True)
+    m.add_argument("--search-runs", type=int, default=0)
+    m.add_argument("--queries", type=int, default=5)
+    m.add_argument("--backend", help="the server's backend store URI (for seeding the runs search_runs reads)")
+    m.add_argument("--artifacts", help="the server's artifact destination")
     c = sub.add_parser("compare")
     c.add_argument("mlflow")
     c.add_argument("reports")
     c.add_argument("checkpoints")
+    c.add_argument("--board", help="nsml-bench --large-log's output, for the board row")
     args = p.parse_args()
     measure(args) if args.cmd == "measure" else compare(args)
 
