@@ -94,7 +94,8 @@ def measure(args):
 def search_runs(client, args):
     """`search_runs` over `args.search_runs` runs of one experiment, each with a `score`, ordered by it (a board
     of that many teams), through the server. The runs are seeded straight into the server's store with MLflow's
-    own `SqlAlchemyStore`, as the server itself would write them: seeding them over HTTP takes minutes."""
+    own `SqlAlchemyStore`, as the server itself would write them: over HTTP, 400 runs took 13.6 s from 8 threads
+    (10,000 would take about 6 minutes)."""
     from mlflow.entities import Metric
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -121,7 +122,7 @@ def search_runs(client, args):
 FIGURE = re.compile(r"^FIGURE mlflow (\S+) (?:(\d+) )?(\S+) ([0-9.]+)")
 REPORTS = re.compile(r"^reports, (one metric per call|1,000 metrics per call) +([0-9.]+) ")
 CHECKPOINT = re.compile(
-    r"^ *(\d+) MB \| +(\d+) MB/s +[0-9.]+s \| +\d+ MB/s +[0-9.]+s \| +(\d+) MB/s \| +(\d+) MB/s +[0-9.]+s \| "
+    r"^ *(\d+) MB \| +(\d+) MB/s +[0-9.]+s \| +\d+ MB/s +[0-9.]+s \| +\d+ MB/s \| +(\d+) MB/s +[0-9.]+s \| "
     r"+(\d+) MB/s"
 )
 
@@ -149,9 +150,8 @@ def compare(args):
     for line in open(args.checkpoints):
         m = CHECKPOINT.match(line)
         if m:
-            size, save, cp, load, pull = (int(g) for g in m.groups())
-            ours[("save", size)], ours[("cp", size)] = save, cp
-            ours[("load", size)], ours[("pull", size)] = load, pull
+            size, save, load, pull = (int(g) for g in m.groups())
+            ours[("save", size)], ours[("load", size)], ours[("pull", size)] = save, load, pull
         m = PLATFORMS_PART.search(line)
         if m and size is not None:
             ours[("part", size)] = int(m.group(1))

@@ -9,10 +9,11 @@ use nsml_proto::v1::session_service_client::SessionServiceClient;
 use nsml_proto::v1::storage_service_client::StorageServiceClient;
 use nsml_proto::v1::submission_service_client::SubmissionServiceClient;
 use nsml_proto::v1::{
-    GetSessionRequest, GetSubmissionRequest, LoginRequest, Resources, RunRequest, Session,
-    SessionStatus, StopRequest, Submission, SubmissionStatus, SubmitRequest, UploadCodeChunk,
-    UploadCodeMeta, auth_service_client::AuthServiceClient, upload_code_chunk,
+    GetSessionRequest, GetSubmissionRequest, LoginRequest, LogsRequest, Resources, RunRequest,
+    Session, SessionStatus, StopRequest, Submission, SubmissionStatus, SubmitRequest,
+    UploadCodeChunk, UploadCodeMeta, auth_service_client::AuthServiceClient, upload_code_chunk,
 };
+use tokio_stream::StreamExt as _;
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -133,7 +134,13 @@ impl Client {
 
     /// Waits for a session to end.
     pub async fn wait_session(&self, name: &str) -> anyhow::Result<Session> {
-        for _ in 0..600 {
+        self.wait_ended(name, Some(600)).await
+    }
+
+    /// Polls a session every 100 ms until it has ended, at most `polls` times (`None`: for as long as it takes,
+    /// for a bench whose session's slowness is what it measures).
+    pub async fn wait_ended(&self, name: &str, polls: Option<usize>) -> anyhow::Result<Session> {
+        for _ in 0..polls.unwrap_or(usize::MAX) {
             let s = SessionServiceClient::new(self.channel.clone())
                 .get(authed(
                     GetSessionRequest { name: name.into() },
@@ -150,6 +157,25 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         anyhow::bail!("session {name} did not end")
+    }
+
+    /// Every line a session has printed so far.
+    pub async fn log_lines(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        let mut logs = SessionServiceClient::new(self.channel.clone())
+            .logs(authed(
+                LogsRequest {
+                    name: name.into(),
+                    follow: false,
+                },
+                &self.token,
+            )?)
+            .await?
+            .into_inner();
+        let mut lines = Vec::new();
+        while let Some(line) = logs.next().await {
+            lines.push(line?.text);
+        }
+        Ok(lines)
     }
 
     /// Waits for a session to be running.

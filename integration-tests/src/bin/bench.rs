@@ -914,12 +914,12 @@ calls, batches = int(sys.argv[1]), int(sys.argv[2])
 t = time.perf_counter()
 for i in range(calls):
     nsml.report(step=i, train__loss=1.0 / (i + 1))
-print("BENCH one %d %.6f" % (calls, time.perf_counter() - t), flush=True)
+print("BENCH one %.6f" % (time.perf_counter() - t), flush=True)
 names = ["m%04d" % k for k in range(1000)]
 t = time.perf_counter()
 for i in range(batches):
     nsml.report(step=calls + i, **{n: i + k / 1000.0 for k, n in enumerate(names)})
-print("BENCH bulk %d %.6f" % (batches * len(names), time.perf_counter() - t), flush=True)
+print("BENCH bulk %.6f" % (time.perf_counter() - t), flush=True)
 "#;
 
 /// Metric reports from inside a real session on `nsmld up`: the rate of `nsml.report` calls of one metric
@@ -935,25 +935,26 @@ async fn reports(calls: usize, batches: usize) -> anyhow::Result<()> {
     let snap = alice
         .upload("t1-cls", &[("main.py", REPORTS_ENTRY)])
         .await?;
-    let mut sessions = SessionServiceClient::new(alice.channel.clone());
     let s = alice
         .run("t1-cls", &snap, &format!("{calls} {batches}"), small())
         .await?;
-    let (done, lines) = session_output(&mut sessions, &alice, &s.name).await?;
+    let done = alice.wait_ended(&s.name, None).await?;
+    let lines = alice.log_lines(&s.name).await?;
     if let Err(e) = exited(&done) {
         anyhow::bail!("{e}; the session printed:\n{}", lines.join("\n"));
     }
-    let (mut one, mut bulk) = (None, None);
+    let (mut one_secs, mut bulk_secs) = (None, None);
     for l in &lines {
         match l.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["BENCH", "one", n, secs] => one = Some((n.parse::<f64>()?, secs.parse::<f64>()?)),
-            ["BENCH", "bulk", n, secs] => bulk = Some((n.parse::<f64>()?, secs.parse::<f64>()?)),
+            ["BENCH", "one", secs] => one_secs = Some(secs.parse::<f64>()?),
+            ["BENCH", "bulk", secs] => bulk_secs = Some(secs.parse::<f64>()?),
             _ => {}
         }
     }
-    let ((calls_done, one_secs), (metrics, bulk_secs)) = one
-        .zip(bulk)
+    let (one_secs, bulk_secs) = one_secs
+        .zip(bulk_secs)
         .with_context(|| format!("the session printed {lines:?}"))?;
+    let metrics = batches * 1000;
     // The history of 1,000-metric reports is larger than a client takes by default, as the CLI's is.
     let points = SessionServiceClient::new(alice.channel.clone())
         .max_decoding_message_size(nsml_common::clients::MAX_MESSAGE_BYTES)
@@ -976,58 +977,14 @@ async fn reports(calls: usize, batches: usize) -> anyhow::Result<()> {
         "nsml-bench --reports (embedded, `nsmld up`, from inside one session; each call answered before the next)"
     );
     println!(
-        "reports, one metric per call          {:>8.0} calls/s   ({calls_done:.0} calls in {one_secs:.2} s)",
-        calls_done / one_secs
+        "reports, one metric per call          {:>8.0} calls/s   ({calls} calls in {one_secs:.2} s)",
+        calls as f64 / one_secs
     );
     println!(
-        "reports, 1,000 metrics per call       {:>8.0} metrics/s ({metrics:.0} metrics in {bulk_secs:.2} s)",
-        metrics / bulk_secs
+        "reports, 1,000 metrics per call       {:>8.0} metrics/s ({metrics} metrics in {bulk_secs:.2} s)",
+        metrics as f64 / bulk_secs
     );
     Ok(())
-}
-
-/// Waits (without a bound: a slow save is what a bench may be measuring) until session `name` has ended;
-/// returns it as it ended and every line it printed.
-async fn session_output(
-    sessions: &mut SessionServiceClient<tonic::transport::Channel>,
-    user: &Client,
-    name: &str,
-) -> anyhow::Result<(nsml_proto::v1::Session, Vec<String>)> {
-    let done = loop {
-        let got = sessions
-            .get(authed(
-                GetSessionRequest {
-                    name: name.to_string(),
-                },
-                &user.token,
-            )?)
-            .await?
-            .into_inner();
-        if matches!(
-            got.status(),
-            nsml_proto::v1::SessionStatus::Exited
-                | nsml_proto::v1::SessionStatus::Failed
-                | nsml_proto::v1::SessionStatus::Stopped
-        ) {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let mut logs = sessions
-        .logs(authed(
-            LogsRequest {
-                name: name.to_string(),
-                follow: false,
-            },
-            &user.token,
-        )?)
-        .await?
-        .into_inner();
-    let mut lines = Vec::new();
-    while let Some(l) = logs.next().await {
-        lines.push(l?.text);
-    }
-    Ok((done, lines))
 }
 
 fn median(xs: &mut [f64]) -> f64 {
@@ -1061,7 +1018,6 @@ async fn checkpoints(sizes_mb: &[usize], runs: usize) -> anyhow::Result<()> {
         .context("the deployment's directory")?
         .join("bench-checkpoints");
     std::fs::create_dir_all(&work)?;
-    let mut sessions = SessionServiceClient::new(alice.channel.clone());
 
     println!(
         "nsml-bench --checkpoints (embedded, `nsmld up`, {runs} runs per size, medians; one file of random bytes)"
@@ -1117,7 +1073,8 @@ async fn checkpoints(sizes_mb: &[usize], runs: usize) -> anyhow::Result<()> {
             .run("t1-cls", &snap, &format!("{mb} {runs}"), resources)
             .await?;
         // Saves at the speeds measured before take minutes: wait longer than `wait_session` does.
-        let (done, lines) = session_output(&mut sessions, &alice, &s.name).await?;
+        let done = alice.wait_ended(&s.name, None).await?;
+        let lines = alice.log_lines(&s.name).await?;
         let (mut save, mut write, mut load) = (Vec::new(), Vec::new(), Vec::new());
         let mut printed = Vec::new();
         for l in lines {
@@ -1128,7 +1085,7 @@ async fn checkpoints(sizes_mb: &[usize], runs: usize) -> anyhow::Result<()> {
                     write.push(w.parse::<f64>()?);
                 }
                 ["BENCH", "load", _, total] => load.push(total.parse::<f64>()?),
-                _ => printed.push(l.clone()),
+                _ => printed.push(l),
             }
         }
         if let Err(e) = exited(&done) {
