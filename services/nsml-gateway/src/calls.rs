@@ -12,6 +12,7 @@ use std::time::Instant;
 use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use nsml_common::bulk::Meter;
 use tonic::Code;
 
 /// `/package.Service/Method` of every method the public API declares.
@@ -81,9 +82,20 @@ impl Call {
             Body::new(Observed {
                 inner,
                 call: Some(self),
+                meter: Meter::default(),
             })
         })
     }
+}
+
+/// A request's body as the gateway passes it on, its bytes counted so that an upload announces itself as a bulk
+/// transfer (`nsml_common::bulk`) in the gateway's process, as the service's own process does.
+pub(crate) fn metered(body: Body) -> Body {
+    Body::new(Observed {
+        inner: body,
+        call: None,
+        meter: Meter::default(),
+    })
 }
 
 fn grpc_code(headers: &http::HeaderMap) -> Option<Code> {
@@ -114,11 +126,13 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// An answer's body that ends its call when the trailers pass, or when it is dropped unfinished (the client
-/// left: CANCELLED).
+/// A body passing through the gateway: an answer's ends its call when the trailers pass, or when it is dropped
+/// unfinished (the client left: CANCELLED). Its bytes are counted, so that a checkpoint or a dataset streamed
+/// through announces itself as a bulk transfer (`nsml_common::bulk`), as it does where it is stored or read.
 struct Observed {
     inner: Body,
     call: Option<Call>,
+    meter: Meter,
 }
 
 impl http_body::Body for Observed {
@@ -132,9 +146,14 @@ impl http_body::Body for Observed {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         let ended = match &polled {
-            Poll::Ready(Some(Ok(frame))) => frame
-                .trailers_ref()
-                .map(|t| grpc_code(t).unwrap_or(Code::Unknown)),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.meter.moved(data.len());
+                }
+                frame
+                    .trailers_ref()
+                    .map(|t| grpc_code(t).unwrap_or(Code::Unknown))
+            }
             Poll::Ready(Some(Err(_))) => Some(Code::Unknown),
             // A body that ends without trailers ended without a status.
             Poll::Ready(None) => Some(Code::Unknown),
@@ -167,6 +186,8 @@ impl Drop for Observed {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use http_body_util::BodyExt as _;
 
     use super::method_label;
@@ -206,5 +227,40 @@ mod tests {
             ),
             "the call is counted once, when its trailers pass: {text}"
         );
+    }
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    static ENDED: AtomicUsize = AtomicUsize::new(0);
+
+    fn told(active: bool) {
+        let counter = if active { &STARTED } else { &ENDED };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn a_body_past_the_bulk_size_is_a_transfer_until_it_is_gone() {
+        nsml_common::bulk::on_transfers(told);
+        let mib = usize::try_from(nsml_common::bulk::BULK_BYTES >> 20).expect("MiB");
+        let chunks = (0..mib + 2).map(|_| {
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(vec![
+                0u8;
+                1 << 20
+            ])))
+        });
+        let mut body = super::metered(axum::body::Body::new(http_body_util::StreamBody::new(
+            futures::stream::iter(chunks),
+        )));
+        let heard = || (STARTED.load(Ordering::SeqCst), ENDED.load(Ordering::SeqCst));
+        futures::executor::block_on(async {
+            for _ in 0..mib - 1 {
+                body.frame().await.expect("a frame").expect("data");
+            }
+            assert_eq!(heard(), (0, 0), "short of the bulk size, nothing is told");
+            body.frame().await.expect("a frame").expect("data");
+            assert_eq!(heard(), (1, 0), "at the bulk size, the transfer starts");
+            body.frame().await.expect("a frame").expect("data");
+        });
+        assert_eq!(heard(), (1, 0), "it lasts while the body is read");
+        drop(body);
+        assert_eq!(heard(), (1, 1), "a body dropped unfinished ends it");
     }
 }

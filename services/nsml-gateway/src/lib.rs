@@ -433,7 +433,7 @@ async fn forward(
     if changes_identities {
         gw.identities.forget_all();
     }
-    let mut req = req.map(tonic::body::Body::new);
+    let mut req = req.map(|body| tonic::body::Body::new(calls::metered(body)));
     // The service continues the gateway's span, not the client's.
     let traceparent = nsml_common::telemetry::current_traceparent();
     if let Ok(v) = http::HeaderValue::from_str(&traceparent)
