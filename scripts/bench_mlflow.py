@@ -122,7 +122,7 @@ def search_runs(client, args):
 FIGURE = re.compile(r"^FIGURE mlflow (\S+) (?:(\d+) )?(\S+) ([0-9.]+)")
 REPORTS = re.compile(r"^reports, (one metric per call|1,000 metrics per call) +([0-9.]+) ")
 CHECKPOINT = re.compile(
-    r"^ *(\d+) MB \| +(\d+) MB/s +[0-9.]+s \| +\d+ MB/s +[0-9.]+s \| +\d+ MB/s \| +(\d+) MB/s +[0-9.]+s \| "
+    r"^ *(\d+) MB \| +(\d+) MB/s +[0-9.]+s \| +\d+ MB/s +[0-9.]+s \| +(\d+) MB/s \| +(\d+) MB/s +[0-9.]+s \| "
     r"+(\d+) MB/s"
 )
 
@@ -130,31 +130,39 @@ BOARD = re.compile(r"^Board \((\d+) rows\) +([0-9.]+)ms")
 PLATFORMS_PART = re.compile(r"the platform's part of nsml\.save \(the call less the write\): (\d+) MB/s")
 
 
-def compare(args):
+def figures(mlflow, reports, checkpoints, board=None):
+    """Both sides' figures, read back from the outputs: (ours, theirs), each keyed by (measure, size in MiB or
+    a count, or None)."""
     ours, theirs = {}, {}
-    for line in open(args.mlflow):
+    for line in open(mlflow):
         m = FIGURE.match(line)
         if m:
             what, mb, _unit, value = m.groups()
             theirs[(what, int(mb) if mb else None)] = float(value)
-    for line in open(args.reports):
+    for line in open(reports):
         m = REPORTS.match(line)
         if m:
             ours[("one" if m.group(1).startswith("one") else "bulk", None)] = float(m.group(2))
-    if args.board:
-        for line in open(args.board):
+    if board:
+        for line in open(board):
             m = BOARD.match(line)
             if m:
                 ours[("board", int(m.group(1)))] = float(m.group(2))
     size = None
-    for line in open(args.checkpoints):
+    for line in open(checkpoints):
         m = CHECKPOINT.match(line)
         if m:
-            size, save, load, pull = (int(g) for g in m.groups())
+            size, save, cp, load, pull = (int(g) for g in m.groups())
             ours[("save", size)], ours[("load", size)], ours[("pull", size)] = save, load, pull
+            ours[("cp", size)] = cp
         m = PLATFORMS_PART.search(line)
         if m and size is not None:
             ours[("part", size)] = int(m.group(1))
+    return ours, theirs
+
+
+def compare(args):
+    ours, theirs = figures(args.mlflow, args.reports, args.checkpoints, args.board)
 
     rows = [
         ("metric reports, one metric per call (calls/s)", ("one", None), ("log_metric", None)),

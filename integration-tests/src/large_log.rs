@@ -18,9 +18,10 @@ use futures::StreamExt;
 use nsml_common::event::{decode, new_event};
 use nsml_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteStore};
 use nsml_proto::v1::leaderboard_service_client::LeaderboardServiceClient;
+use nsml_proto::v1::quota_service_client::QuotaServiceClient;
 use nsml_proto::v1::{
     AdmitRequest, BoardRequest, CompetitionApplied, HistoryRequest, OverallRequest, Policy,
-    Resources, Session, SessionKind, SessionRequested, SessionStatus,
+    ReplayRequest, Resources, Session, SessionKind, SessionRequested, SessionStatus,
 };
 use nsml_quota::synthetic::LedgerSeed;
 use nsml_submission::seed::{ScoredSubmit, scored_submission};
@@ -48,6 +49,8 @@ pub struct Sizes {
     pub datasets: usize,
     pub decisions: usize,
     pub queries: usize,
+    /// Audit replays of every ledger to time (`Replay` as the host, as `nsml admin audit replay` calls it).
+    pub replays: usize,
 }
 
 /// The member of the first team, who asks for its history.
@@ -517,6 +520,48 @@ pub async fn run(sizes: Sizes, env: &[(&str, &str)]) -> anyhow::Result<()> {
             slowest.join(", ")
         );
     }
+    if sizes.replays > 0 {
+        audit_replays(&dep, &member, sizes.replays).await?;
+    }
     drop(dep);
+    Ok(())
+}
+
+/// Times `n` audit replays of every ledger in the log, as the host asks for them (`Replay` with no competition
+/// and no team: what `nsml admin audit replay` calls), and prints the median rate: by the service's own time
+/// for the replay (what the CLI prints) and by the caller's. Every replay must match every recorded decision.
+async fn audit_replays(dep: &Deployment, member: &Client, n: usize) -> anyhow::Result<()> {
+    let token = dep.admin_token()?;
+    let mut quota = QuotaServiceClient::new(member.channel.clone());
+    let (mut service, mut caller) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut last = None;
+    for _ in 0..n {
+        let t = Instant::now();
+        let report = quota
+            .replay(authed(ReplayRequest::default(), &token)?)
+            .await?
+            .into_inner();
+        let wall = t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            report.mismatches.is_empty() && report.events > 0,
+            "the audit replay found {} mismatches in {} ledger events",
+            report.mismatches.len(),
+            report.events
+        );
+        service.push(report.events as f64 / (report.elapsed_micros.max(1) as f64 / 1e6));
+        caller.push(report.events as f64 / wall.max(1e-9));
+        last = Some(report);
+    }
+    let report = last.context("no replay")?;
+    println!(
+        "audit replay of every ledger (`Replay` as the host): {} ledger events of {} ledgers, {} decisions, 0 \
+         mismatches; median {:.0} events/s in the service (what `nsml admin audit replay` prints), {:.0} events/s \
+         as the caller sees it, over {n} replays",
+        report.events,
+        report.ledgers,
+        report.decisions,
+        pct(service, 0.5),
+        pct(caller, 0.5)
+    );
     Ok(())
 }

@@ -39,7 +39,9 @@
 //! [`nsml_integration_tests::large_log`]): a log of `--submissions` scored submissions (default 1,000,000) from
 //! `--teams` teams (10,000) over `--datasets` datasets (20), plus `--decisions` refused admissions (1,000,000),
 //! seeded with the events the services append; then `nsmld up`'s boot from it, its resident memory, and
-//! `Board`, `Overall` and `History` through the gateway (`--queries` of each, 300).
+//! `Board`, `Overall` and `History` through the gateway (`--queries` of each, 300); with `--audit-replays N`,
+//! also the host's audit replay of every ledger in that log (`Replay`, as `nsml admin audit replay` calls it), N
+//! times.
 //!
 //! Usage: `cargo build --release --workspace --bins && target/release/nsml-bench [--runs N] [--ps N]
 //! [--admissions N] [--clients N] [--rate N] [--embedded-only] [--admissions-only]`, or
@@ -47,7 +49,8 @@
 //! `target/release/nsml-bench --tracing-cost [--rounds N] [--admissions N] [--clients N]`, or
 //! `target/release/nsml-bench --checkpoints [--runs N] [--sizes 200,1024]`, or
 //! `target/release/nsml-bench --reports [--calls N] [--batches N]`, or
-//! `target/release/nsml-bench --large-log [--submissions N] [--teams N] [--datasets N] [--decisions N]`.
+//! `target/release/nsml-bench --large-log [--submissions N] [--teams N] [--datasets N] [--decisions N]
+//! [--queries N] [--audit-replays N]`.
 
 use std::time::{Duration, Instant};
 
@@ -123,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
             datasets: get("--datasets", 20),
             decisions: get("--decisions", 1_000_000),
             queries: get("--queries", 300),
+            replays: get("--audit-replays", 0),
         };
         return nsml_integration_tests::large_log::run(sizes, UNLIMITED).await;
     }
