@@ -67,8 +67,8 @@ def admissions(text, who):
     return tuple(num(g) for g in m.groups()) if m else (None, None, None)
 
 
-def main():
-    out = sys.argv[1]
+def table(out):
+    """The table of the parts' outputs in `out`."""
     t = Table()
     default, kept, refused = read(out, "default"), read(out, "kept"), read(out, "refused")
     large, audit, replay, slurm = read(out, "large"), read(out, "audit"), read(out, "replay"), read(out, "slurm")
@@ -163,8 +163,8 @@ def main():
                "MLflow `search_runs` over %s runs %s ms" % (n(runs), n(theirs[("search_runs", runs)])))
     t.row("idle `nsmld up` resident memory ≤ 30 MB", find(default, r"^idle nsmld up resident memory +%s ?MB" % NUM),
           "{:.1f} MB", lambda v: v <= 30)
-    t.print()
+    return t
 
 
 if __name__ == "__main__":
-    main()
+    table(sys.argv[1]).print()
